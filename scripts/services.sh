@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Brings up the PostgreSQL and Redis this project needs, reusing them when they already run.
+#
+#   scripts/services.sh up      install what is missing, start what is not running, print env
+#   scripts/services.sh env     print the environment (ICMP__DATABASE__URL, ...) for the running services
+#   scripts/services.sh down    stop the services this script started
+#
+# Data lives under .local/ (ignored by git). Ports: ICMP_PG_PORT (54329), ICMP_REDIS_PORT (63799).
+# Local PostgreSQL trusts loopback connections; real deployments pass a password through
+# ICMP__DATABASE__PASSWORD instead.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+local_dir="${ICMP_LOCAL_DIR:-$root/.local}"
+pg_port="${ICMP_PG_PORT:-54329}"
+redis_port="${ICMP_REDIS_PORT:-63799}"
+pg_dir="$local_dir/pg"
+redis_dir="$local_dir/redis"
+log_dir="$local_dir/logs"
+
+log() { echo "services: $*" >&2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  log "installing $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+pg_bin() {
+  local b
+  for b in /usr/lib/postgresql/*/bin; do [ -x "$b/initdb" ] && { echo "$b"; return; }; done
+  command -v initdb >/dev/null && dirname "$(command -v initdb)" && return
+  return 1
+}
+
+# PostgreSQL refuses to run as root; run its binaries as the `postgres` user then.
+pg_run() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+ensure_packages() {
+  local missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  pg_bin >/dev/null || missing+=(postgresql)
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+pg_up() {
+  local bin; bin="$(pg_bin)"
+  if "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"; then log "postgres already running on $pg_port"; return; fi
+  mkdir -p "$local_dir" "$log_dir"
+  if [ "$(id -u)" = 0 ]; then id postgres >/dev/null 2>&1 || useradd -r -m postgres; fi
+  if [ ! -s "$pg_dir/PG_VERSION" ]; then
+    log "initialising a PostgreSQL cluster in $pg_dir"
+    mkdir -p "$pg_dir"
+    [ "$(id -u)" = 0 ] && chown postgres "$pg_dir"
+    chmod 700 "$pg_dir"
+    pg_run "$bin/initdb" -D "$pg_dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+  fi
+  [ "$(id -u)" = 0 ] && chown postgres "$log_dir"
+  # A stale pid file from a killed session must not stop the start.
+  if [ -f "$pg_dir/postmaster.pid" ]; then rm -f "$pg_dir/postmaster.pid"; fi
+  pg_run "$bin/pg_ctl" -D "$pg_dir" -l "$log_dir/postgres.log" -w -t 60 \
+    -o "-p $pg_port -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=400 -c shared_buffers=256MB" start >/dev/null
+  log "postgres started on $pg_port"
+}
+
+pg_bootstrap() {
+  local q="psql -h 127.0.0.1 -p $pg_port -U postgres -v ON_ERROR_STOP=1 -qtA"
+  if [ "$($q -d postgres -c "select 1 from pg_roles where rolname='icmp'")" != 1 ]; then
+    $q -d postgres -c "create role icmp login createdb" >/dev/null
+  fi
+  if [ "$($q -d postgres -c "select 1 from pg_database where datname='icmp'")" != 1 ]; then
+    $q -d postgres -c "create database icmp owner icmp" >/dev/null
+  fi
+}
+
+redis_up() {
+  if redis-cli -p "$redis_port" ping >/dev/null 2>&1; then log "redis already running on $redis_port"; return; fi
+  mkdir -p "$redis_dir" "$log_dir"
+  redis-server --port "$redis_port" --bind 127.0.0.1 --daemonize yes --dir "$redis_dir" \
+    --pidfile "$redis_dir/redis.pid" --logfile "$log_dir/redis.log" \
+    --appendonly yes --save "" --maxmemory-policy noeviction >/dev/null
+  for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -p "$redis_port" ping >/dev/null
+  log "redis started on $redis_port"
+}
+
+print_env() {
+  cat <<ENV
+export ICMP__DATABASE__URL=postgres://icmp@127.0.0.1:$pg_port/icmp
+export ICMP__REDIS__URL=redis://127.0.0.1:$redis_port/
+export ICMP_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$pg_port/postgres
+export ICMP_TEST_REDIS_URL=redis://127.0.0.1:$redis_port/
+ENV
+}
+
+case "${1:-up}" in
+  up)
+    # One caller at a time: parallel test processes may all ask for the services.
+    mkdir -p "$local_dir"
+    exec 9>"$local_dir/services.lock"
+    flock 9
+    ensure_packages
+    pg_up
+    pg_bootstrap
+    redis_up
+    print_env
+    ;;
+  env) print_env ;;
+  down)
+    bin="$(pg_bin)"
+    [ -s "$pg_dir/PG_VERSION" ] && pg_run "$bin/pg_ctl" -D "$pg_dir" -m fast stop >/dev/null 2>&1 || true
+    redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+    log "stopped"
+    ;;
+  *) echo "usage: $0 up|env|down" >&2; exit 2 ;;
+esac

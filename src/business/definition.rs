@@ -1,0 +1,217 @@
+//! The business definition file (TOML): a business, its stages and templates.
+//!
+//! ```toml
+//! [business]
+//! id = "…uuid…"
+//! name = "Sunny Dental"
+//! initial_stage = "welcome"
+//!
+//! [[stages]]
+//! name = "welcome"
+//! description = "…"
+//! selection_template = "select_stage"   # optional
+//! extraction_template = "extract_booking" # optional
+//! response_template = "welcome_reply"
+//! fallback_template = "fallback"         # optional
+//!
+//! [[templates]]
+//! name = "welcome_reply"
+//! kind = "response"        # selection | extraction | response | fallback
+//! system = "…"             # optional, a template too
+//! body = "…"
+//! model = "gpt-4o-mini"    # optional; temperature, max_tokens too
+//! output_schema = { … }    # extraction templates: JSON Schema of the output
+//! ```
+//!
+//! [`Definition::load`] rejects a file unless every reference resolves, every template
+//! compiles with `upon` and renders against a sample context (so unknown variables are caught),
+//! and every output schema is a valid JSON Schema.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::model::{TemplateKind, TemplateRecord};
+use crate::pipeline::context::{Context, StageVars};
+use crate::pipeline::template;
+
+/// Why a definition file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("cannot read: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid TOML: {0}")]
+    Toml(String),
+    #[error("{} problem(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// A whole definition file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    pub business: BusinessDef,
+    pub stages: Vec<StageDef>,
+    pub templates: Vec<TemplateDef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusinessDef {
+    pub id: Uuid,
+    pub name: String,
+    pub initial_stage: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageDef {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub selection_template: Option<String>,
+    pub extraction_template: Option<String>,
+    pub response_template: String,
+    pub fallback_template: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateDef {
+    pub name: String,
+    pub kind: TemplateKind,
+    #[serde(default)]
+    pub system: String,
+    pub body: String,
+    pub model: Option<String>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<i32>,
+    pub output_schema: Option<serde_json::Value>,
+}
+
+impl Definition {
+    /// Reads and validates a file.
+    ///
+    /// # Errors
+    /// Unreadable file, invalid TOML, or every problem found by [`Definition::validate`].
+    pub fn load(path: &Path) -> Result<Definition, DefinitionError> {
+        let text = std::fs::read_to_string(path)?;
+        Definition::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    ///
+    /// # Errors
+    /// As [`Definition::load`].
+    pub fn parse(text: &str) -> Result<Definition, DefinitionError> {
+        let def: Definition = toml::from_str(text).map_err(|e| DefinitionError::Toml(e.to_string()))?;
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// Field names declared by the extraction templates' schemas.
+    pub fn extraction_fields(&self) -> Vec<String> {
+        let mut fields: Vec<String> = self
+            .templates
+            .iter()
+            .filter(|t| t.kind == TemplateKind::Extraction)
+            .filter_map(|t| t.output_schema.as_ref()?.get("properties")?.as_object())
+            .flat_map(|p| p.keys().cloned())
+            .collect();
+        fields.sort();
+        fields.dedup();
+        fields
+    }
+
+    /// Checks references, kinds, schemas and every template against a sample context.
+    ///
+    /// # Errors
+    /// All problems found, each naming the stage or template concerned.
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        let mut problems = Vec::new();
+        let mut templates: HashMap<&str, &TemplateDef> = HashMap::new();
+        for t in &self.templates {
+            if templates.insert(t.name.as_str(), t).is_some() {
+                problems.push(format!("template `{}` is defined twice", t.name));
+            }
+            if t.name.trim().is_empty() {
+                problems.push("a template has an empty name".into());
+            }
+            match (t.kind, &t.output_schema) {
+                (TemplateKind::Extraction, None) => {
+                    problems.push(format!("extraction template `{}` needs an output_schema", t.name));
+                }
+                (TemplateKind::Extraction, Some(_)) | (_, None) => {}
+                (_, Some(_)) => problems.push(format!(
+                    "template `{}`: output_schema is only for extraction templates",
+                    t.name
+                )),
+            }
+        }
+        let mut stage_names = HashSet::new();
+        for s in &self.stages {
+            if !stage_names.insert(s.name.as_str()) {
+                problems.push(format!("stage `{}` is defined twice", s.name));
+            }
+            let refs = [
+                (&s.selection_template, TemplateKind::Selection),
+                (&s.extraction_template, TemplateKind::Extraction),
+                (&Some(s.response_template.clone()), TemplateKind::Response),
+                (&s.fallback_template, TemplateKind::Fallback),
+            ];
+            for (name, kind) in refs {
+                let Some(name) = name else { continue };
+                match templates.get(name.as_str()) {
+                    None => problems.push(format!("stage `{}`: unknown template `{name}`", s.name)),
+                    Some(t) if t.kind != kind => problems.push(format!(
+                        "stage `{}`: template `{name}` is a {} template, expected {}",
+                        s.name,
+                        t.kind.as_str(),
+                        kind.as_str()
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        if self.stages.is_empty() {
+            problems.push("a business needs at least one stage".into());
+        }
+        if !stage_names.contains(self.business.initial_stage.as_str()) {
+            problems.push(format!("initial_stage `{}` is not a stage", self.business.initial_stage));
+        }
+
+        let stages: Vec<StageVars> = self
+            .stages
+            .iter()
+            .map(|s| StageVars { name: s.name.clone(), description: s.description.clone() })
+            .collect();
+        let sample = Context::sample(&self.business.name, &stages, &self.extraction_fields());
+        let engine = template::engine();
+        for t in &self.templates {
+            let record = TemplateRecord {
+                id: Uuid::nil(),
+                business_id: self.business.id,
+                name: t.name.clone(),
+                kind: t.kind,
+                system: t.system.clone(),
+                body: t.body.clone(),
+                model: t.model.clone(),
+                temperature: t.temperature,
+                max_tokens: t.max_tokens,
+                output_schema: t.output_schema.clone(),
+                version: 1,
+            };
+            match template::compile(&engine, record) {
+                Ok(compiled) => {
+                    if let Err(e) = template::render(&engine, &compiled, &sample) {
+                        problems.push(e.to_string());
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(DefinitionError::Invalid(problems)) }
+    }
+}

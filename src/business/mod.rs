@@ -1,0 +1,56 @@
+//! Business definitions: the TOML format (`definition`) and `icmp import`.
+
+pub mod definition;
+
+use std::path::Path;
+
+use crate::cache::Cache;
+use crate::store::Store;
+use crate::store::import::ImportReport;
+pub use definition::{Definition, DefinitionError};
+
+/// Why an import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{path}: {source}")]
+    Definition { path: String, source: DefinitionError },
+    #[error("{path}: could not be written: {source}")]
+    Store { path: String, source: crate::error::StoreError },
+}
+
+/// Validates every file first, then writes each business in its own transaction. A file with
+/// any problem writes nothing. Cached definitions of the imported businesses are dropped.
+///
+/// # Errors
+/// The first file that is invalid (with all its problems) or cannot be written.
+pub async fn import_files(
+    store: &Store,
+    cache: Option<&Cache>,
+    paths: &[impl AsRef<Path>],
+) -> Result<Vec<ImportReport>, ImportError> {
+    let mut defs = Vec::with_capacity(paths.len());
+    for p in paths {
+        let path = p.as_ref().display().to_string();
+        let def = Definition::load(p.as_ref())
+            .map_err(|source| ImportError::Definition { path: path.clone(), source })?;
+        defs.push((path, def));
+    }
+    let mut reports = Vec::with_capacity(defs.len());
+    for (path, def) in defs {
+        let report = store
+            .save_definition(&def)
+            .await
+            .map_err(|source| ImportError::Store { path: path.clone(), source })?;
+        if let Some(cache) = cache {
+            if let Err(e) = cache
+                .invalidate_definitions(report.business_id, &report.stage_ids, &report.template_ids)
+                .await
+            {
+                // Entries expire after cache.definition_ttl_secs anyway.
+                tracing::warn!(error = %e, "could not drop cached definitions");
+            }
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}

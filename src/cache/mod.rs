@@ -1,0 +1,195 @@
+//! The Redis cache (the seed's keys): `business:{id}`, `stage:{id}` (hash of template ids),
+//! `tmpl:{id}` (template source), `conv:{id}` (conversation state), `data:{id}` (extracted
+//! data). PostgreSQL is the source of truth; every key has a TTL, conversation keys are written
+//! only after COMMIT and deleted on rollback, definition keys are deleted by `icmp import`.
+//!
+//! All keys carry `redis.key_prefix`, so several deployments or tests can share one server.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::config::{CacheConfig, RedisConfig};
+pub use crate::error::CacheError;
+use crate::model::{Business, Conversation, Extracted, StageTemplates, TemplateRecord};
+
+/// A handle to the cache; cheap to clone.
+#[derive(Clone)]
+pub struct Cache {
+    conn: ConnectionManager,
+    prefix: String,
+    definition_ttl: u64,
+    conversation_ttl: u64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// Opens a reconnecting Redis connection (used by the cache and the streams).
+///
+/// # Errors
+/// An invalid URL or a server that cannot be reached at start-up.
+pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, CacheError> {
+    let client = redis::Client::open(config.url.expose())?;
+    let timeout = Duration::from_millis(config.response_timeout_ms);
+    let mgr_config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_with_config(client, mgr_config).await?)
+}
+
+impl Cache {
+    pub fn new(conn: ConnectionManager, redis: &RedisConfig, config: &CacheConfig) -> Cache {
+        Cache {
+            conn,
+            prefix: redis.key_prefix.clone(),
+            definition_ttl: config.definition_ttl_secs.max(1),
+            conversation_ttl: config.conversation_ttl_secs.max(1),
+        }
+    }
+
+    /// The full key for `kind:{id}`.
+    pub fn key(&self, kind: &str, id: Uuid) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, key: String) -> Result<Option<T>, CacheError> {
+        let raw: Option<Vec<u8>> = self.conn.clone().get(&key).await?;
+        match raw {
+            None => Ok(None),
+            Some(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) => {
+                    // A value we cannot read is dropped, not trusted.
+                    let _: Result<(), _> = self.conn.clone().del(&key).await;
+                    Err(CacheError::Decode(format!("{key}: {e}")))
+                }
+            },
+        }
+    }
+
+    async fn set_json<T: Serialize>(&self, key: String, value: &T, ttl: u64) -> Result<(), CacheError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| CacheError::Decode(e.to_string()))?;
+        let _: () = self.conn.clone().set_ex(key, bytes, ttl).await?;
+        Ok(())
+    }
+
+    pub async fn get_business(&self, id: Uuid) -> Result<Option<Business>, CacheError> {
+        self.get_json(self.key("business", id)).await
+    }
+
+    pub async fn set_business(&self, b: &Business) -> Result<(), CacheError> {
+        self.set_json(self.key("business", b.id), b, self.definition_ttl).await
+    }
+
+    /// The seed's `stage:{id}` hash: `selection_template`, `extraction_template`,
+    /// `response_template`, `fallback_template` (empty when the stage has none).
+    pub async fn get_stage(&self, stage_id: Uuid) -> Result<Option<StageTemplates>, CacheError> {
+        let key = self.key("stage", stage_id);
+        let map: std::collections::HashMap<String, String> = self.conn.clone().hgetall(&key).await?;
+        if map.is_empty() {
+            return Ok(None);
+        }
+        let field = |name: &str| -> Result<Option<Uuid>, CacheError> {
+            match map.get(name).map(String::as_str) {
+                None | Some("") => Ok(None),
+                Some(s) => Uuid::parse_str(s)
+                    .map(Some)
+                    .map_err(|e| CacheError::Decode(format!("{key}.{name}: {e}"))),
+            }
+        };
+        let response = field("response_template")?
+            .ok_or_else(|| CacheError::Decode(format!("{key}: no response_template")))?;
+        Ok(Some(StageTemplates {
+            selection: field("selection_template")?,
+            extraction: field("extraction_template")?,
+            response,
+            fallback: field("fallback_template")?,
+        }))
+    }
+
+    pub async fn set_stage(&self, stage_id: Uuid, t: &StageTemplates) -> Result<(), CacheError> {
+        let key = self.key("stage", stage_id);
+        let s = |id: Option<Uuid>| id.map(|i| i.to_string()).unwrap_or_default();
+        let fields = [
+            ("selection_template", s(t.selection)),
+            ("extraction_template", s(t.extraction)),
+            ("response_template", t.response.to_string()),
+            ("fallback_template", s(t.fallback)),
+        ];
+        let _: () = redis::pipe()
+            .atomic()
+            .hset_multiple(&key, &fields)
+            .ignore()
+            .expire(&key, self.definition_ttl as i64)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_template(&self, id: Uuid) -> Result<Option<TemplateRecord>, CacheError> {
+        self.get_json(self.key("tmpl", id)).await
+    }
+
+    pub async fn set_template(&self, t: &TemplateRecord) -> Result<(), CacheError> {
+        self.set_json(self.key("tmpl", t.id), t, self.definition_ttl).await
+    }
+
+    pub async fn get_conversation(&self, id: Uuid) -> Result<Option<Conversation>, CacheError> {
+        self.get_json(self.key("conv", id)).await
+    }
+
+    /// Writes conversation state and extracted data (after COMMIT only).
+    pub async fn set_conversation(&self, c: &Conversation, data: &Extracted) -> Result<(), CacheError> {
+        let conv = serde_json::to_vec(c).map_err(|e| CacheError::Decode(e.to_string()))?;
+        let data = serde_json::to_vec(data).map_err(|e| CacheError::Decode(e.to_string()))?;
+        let _: () = redis::pipe()
+            .set_ex(self.key("conv", c.id), conv, self.conversation_ttl)
+            .ignore()
+            .set_ex(self.key("data", c.id), data, self.conversation_ttl)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_data(&self, conversation_id: Uuid) -> Result<Option<Extracted>, CacheError> {
+        self.get_json(self.key("data", conversation_id)).await
+    }
+
+    /// Drops a conversation's keys (the seed's step 14, on rollback).
+    pub async fn invalidate_conversation(&self, id: Uuid) -> Result<(), CacheError> {
+        let _: () = self.conn.clone().del(&[self.key("conv", id), self.key("data", id)]).await?;
+        Ok(())
+    }
+
+    /// Drops cached definitions after an import.
+    pub async fn invalidate_definitions(
+        &self,
+        business_id: Uuid,
+        stage_ids: &[Uuid],
+        template_ids: &[Uuid],
+    ) -> Result<(), CacheError> {
+        let mut keys = vec![self.key("business", business_id)];
+        keys.extend(stage_ids.iter().map(|id| self.key("stage", *id)));
+        keys.extend(template_ids.iter().map(|id| self.key("tmpl", *id)));
+        let _: () = self.conn.clone().del(keys).await?;
+        Ok(())
+    }
+
+    /// `PING`, for readiness probes.
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let _: String = redis::cmd("PING").query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! Subcommands of `icmp` (DESIGN §11). The only place that uses `anyhow`.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use icmp::cache::{self, Cache};
+use icmp::client::{self, Outgoing};
+use icmp::config::Config;
+use icmp::llm::mock::{self, MockOptions};
+use icmp::store::{self, Store};
+use icmp::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(name = "icmp", version, about = "LLM conversation worker over Redis Streams")]
+struct Cli {
+    /// Configuration file; `config/<profile>.toml` next to it is layered on top when
+    /// `--profile` or ICMP_PROFILE is given, then ICMP__SECTION__KEY variables.
+    #[arg(long, global = true, default_value = "config/default.toml")]
+    config: PathBuf,
+    /// Configuration profile.
+    #[arg(long, global = true)]
+    profile: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the SQL migrations (idempotent).
+    Migrate,
+    /// Import business definitions (business, stages, templates) from TOML files.
+    Import {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run one worker process in the consumer group.
+    Worker,
+    /// Serve the OpenAI-compatible mock LLM.
+    MockLlm(MockArgs),
+    /// Send one message and print its reply.
+    Send {
+        #[command(flatten)]
+        target: Target,
+        /// Idempotency key of the message.
+        #[arg(long)]
+        message_id: Option<String>,
+        /// The message text.
+        text: String,
+    },
+    /// Talk to the worker interactively (one line per message).
+    Chat {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// Business id (the demo business: 7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001).
+    #[arg(long, default_value = "7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001")]
+    business: String,
+    #[arg(long, default_value = "alice")]
+    user: String,
+    /// Continue this conversation (default: the user's latest, or a new one).
+    #[arg(long)]
+    conversation: Option<String>,
+    /// Seconds to wait for a reply.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct MockArgs {
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: SocketAddr,
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Share of calls answered 500 (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Share of calls answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    rate_limit_rate: f64,
+    #[arg(long, default_value_t = 1)]
+    retry_after_secs: u64,
+    /// Share of calls that hang for --hang-ms.
+    #[arg(long, default_value_t = 0.0)]
+    timeout_rate: f64,
+    #[arg(long, default_value_t = 60_000)]
+    hang_ms: u64,
+    /// Share of calls answered with truncated JSON.
+    #[arg(long, default_value_t = 0.0)]
+    malformed_rate: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(&cli.config, cli.profile.as_deref())
+        .with_context(|| format!("loading {}", cli.config.display()))?;
+    match cli.command {
+        Command::Migrate => {
+            let applied = store::migrate(&config.database).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            } else {
+                println!("applied migrations: {applied:?}");
+            }
+        }
+        Command::Import { files } => {
+            let store = Store::connect(&config.database)?;
+            let cache = match cache::connect(&config.redis).await {
+                Ok(conn) => Some(Cache::new(conn, &config.redis, &config.cache)),
+                Err(e) => {
+                    eprintln!("warning: redis unreachable ({e}); cached definitions expire by TTL");
+                    None
+                }
+            };
+            let reports = icmp::business::import_files(&store, cache.as_ref(), &files).await?;
+            for r in reports {
+                println!("business {}:", r.business_id);
+                for (name, change, version) in r.templates {
+                    println!("  template {name}: {change:?} (version {version})");
+                }
+                println!("  stages: {}", r.stage_ids.len());
+            }
+        }
+        Command::Worker => {
+            telemetry::init_logging(&config.telemetry, std::io::stderr);
+            icmp::worker::run_until_stopped(config, shutdown_signal()).await?;
+        }
+        Command::MockLlm(a) => {
+            telemetry::init_logging(&config.telemetry, std::io::stderr);
+            let listener = tokio::net::TcpListener::bind(a.listen).await?;
+            eprintln!("mock LLM listening on http://{}/v1", listener.local_addr()?);
+            let options = MockOptions {
+                latency_ms: a.latency_ms,
+                jitter_ms: a.jitter_ms,
+                error_rate: a.error_rate,
+                rate_limit_rate: a.rate_limit_rate,
+                retry_after_secs: a.retry_after_secs,
+                timeout_rate: a.timeout_rate,
+                hang_ms: a.hang_ms,
+                malformed_rate: a.malformed_rate,
+                seed: a.seed,
+            };
+            mock::serve(listener, options, shutdown_signal()).await?;
+        }
+        Command::Send { target, message_id, text } => {
+            let conn = cache::connect(&config.redis).await?;
+            let reply = client::send_and_wait(
+                &conn,
+                &config.streams,
+                &outgoing(&target, None, message_id, text),
+                Duration::from_secs(target.timeout_secs),
+            )
+            .await?;
+            print_reply(&reply);
+        }
+        Command::Chat { target } => chat(&config, target).await?,
+    }
+    Ok(())
+}
+
+fn outgoing(target: &Target, conversation: Option<String>, message_id: Option<String>, text: String) -> Outgoing {
+    Outgoing {
+        business_id: target.business.clone(),
+        user_id: target.user.clone(),
+        content: text,
+        conversation_id: conversation.or_else(|| target.conversation.clone()),
+        message_id,
+        metadata: None,
+    }
+}
+
+fn print_reply(reply: &std::collections::HashMap<String, String>) {
+    let get = |k: &str| reply.get(k).map(String::as_str).unwrap_or("");
+    match get("status") {
+        "error" => println!("[error {} {}] {}", get("status_code"), get("error_code"), get("error")),
+        status => println!("[{status} · stage {}] {}", get("stage"), get("content")),
+    }
+    println!("  conversation {}  log {}", get("conversation_id"), get("log_id"));
+}
+
+async fn chat(config: &Config, target: Target) -> Result<()> {
+    let conn = cache::connect(&config.redis).await?;
+    let mut conversation = target.conversation.clone();
+    println!("Talking to business {} as {} (Ctrl-D to quit).", target.business, target.user);
+    let stdin = std::io::stdin();
+    loop {
+        print!("you> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        let text = line.trim_end_matches(['\n', '\r']).to_owned();
+        if text.trim().is_empty() {
+            continue;
+        }
+        let reply = client::send_and_wait(
+            &conn,
+            &config.streams,
+            &outgoing(&target, conversation.clone(), None, text),
+            Duration::from_secs(target.timeout_secs),
+        )
+        .await?;
+        if let Some(c) = reply.get("conversation_id").filter(|c| !c.is_empty()) {
+            conversation = Some(c.clone());
+        }
+        print_reply(&reply);
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

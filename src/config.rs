@@ -1,0 +1,310 @@
+//! Typed configuration (DESIGN §11): `config/default.toml`, an optional profile file, then
+//! `ICMP__SECTION__KEY` environment variables. Unknown keys are rejected; secrets (the database
+//! password, the LLM API key) are accepted from the environment only and never printed.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Keys that hold secrets: they may come from the environment only.
+const SECRET_KEYS: [&str; 2] = ["database.password", "llm.api_key"];
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration is invalid: {0}")]
+    Invalid(String),
+    #[error("`{0}` is a secret and may only be set from the environment ({1})")]
+    SecretInFile(&'static str, String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        // figment's Display names the key and where its value came from.
+        let all: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        ConfigError::Invalid(all.join("; "))
+    }
+}
+
+/// The whole configuration, one section per concern.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub llm: LlmConfig,
+    pub streams: StreamsConfig,
+    pub worker: WorkerConfig,
+    pub limits: LimitsConfig,
+    pub cache: CacheConfig,
+    pub retry: RetryConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL (`postgres://user@host:port/db`); a password belongs in `password`.
+    pub url: RedactedUrl,
+    /// From `ICMP__DATABASE__PASSWORD` only.
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    pub pool_wait_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: RedactedUrl,
+    /// Prefix of every cache and queue key; lets several deployments (or tests) share a server.
+    pub key_prefix: String,
+    pub response_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// `http://host:port/v1`; the client appends `/chat/completions`.
+    pub base_url: String,
+    /// From `ICMP__LLM__API_KEY` only.
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    pub default_model: String,
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    pub inbound: String,
+    pub outbound: String,
+    pub dead_letter: String,
+    pub group: String,
+    /// Consumer name in the group; empty means `<host>-<pid>`.
+    pub consumer: String,
+    pub reply_prefix: String,
+    pub read_count: usize,
+    pub block_ms: u64,
+    pub claim_idle_ms: u64,
+    pub max_deliveries: u64,
+    pub outbound_maxlen: usize,
+}
+
+impl StreamsConfig {
+    /// The consumer name this process uses.
+    pub fn consumer_name(&self) -> String {
+        if self.consumer.is_empty() {
+            let host = gethostname::gethostname().to_string_lossy().into_owned();
+            format!("{host}-{}", std::process::id())
+        } else {
+            self.consumer.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub concurrency: usize,
+    pub shutdown_grace_ms: u64,
+    pub max_conflict_retries: u32,
+    pub history_turns: usize,
+    pub last_resort_reply: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_content_bytes: usize,
+    pub max_metadata_bytes: usize,
+    pub max_message_id_chars: usize,
+    pub max_user_id_chars: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub definition_ttl_secs: u64,
+    pub conversation_ttl_secs: u64,
+}
+
+/// Exponential backoff with jitter for transient faults (see `retry`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    pub initial_interval_ms: u64,
+    pub multiplier: f64,
+    pub randomization_factor: f64,
+    pub max_interval_ms: u64,
+    pub max_elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address of the /metrics, /healthz, /readyz endpoint; empty disables it.
+    pub listen: String,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// A URL whose `Debug` hides any password it carries.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct RedactedUrl(String);
+
+impl RedactedUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedactedUrl(url.into())
+    }
+    /// The URL itself; do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        let Some(scheme_end) = s.find("://") else {
+            return s.clone();
+        };
+        let rest = &s[scheme_end + 3..];
+        let auth_end = rest.find('/').unwrap_or(rest.len());
+        match rest[..auth_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                match userinfo.find(':') {
+                    Some(colon) => format!(
+                        "{}://{}:***{}",
+                        &s[..scheme_end],
+                        &userinfo[..colon],
+                        &rest[at..]
+                    ),
+                    None => s.clone(),
+                }
+            }
+            None => s.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedactedUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl Config {
+    /// Loads `path`, then `config/<profile>.toml` next to it when a profile is given (or
+    /// `ICMP_PROFILE` is set), then the `ICMP__` environment.
+    pub fn load(path: &Path, profile: Option<&str>) -> Result<Config, ConfigError> {
+        let profile = profile
+            .map(str::to_owned)
+            .or_else(|| std::env::var("ICMP_PROFILE").ok().filter(|p| !p.is_empty()));
+        let mut files = Figment::new().merge(Toml::file_exact(path));
+        if let Some(profile) = profile {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(PathBuf::new);
+            files = files.merge(Toml::file_exact(dir.join(format!("{profile}.toml"))));
+        }
+        Self::from_layers(files, Env::prefixed("ICMP__").split("__"))
+    }
+
+    /// Builds the configuration from file layers plus an environment layer, enforcing that
+    /// secrets come from the environment layer only.
+    pub fn from_layers(files: Figment, env: Env) -> Result<Config, ConfigError> {
+        for key in SECRET_KEYS {
+            if files.find_value(key).is_ok() {
+                let source = files
+                    .find_metadata(key)
+                    .map(|m| m.name.to_string())
+                    .unwrap_or_default();
+                return Err(ConfigError::SecretInFile(key, source));
+            }
+        }
+        Ok(files.merge(env).extract()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+    use secrecy::ExposeSecret;
+
+    const DEFAULT: &str = include_str!("../config/default.toml");
+
+    fn load_in(jail: &mut Jail, profile: Option<&str>) -> Result<Config, ConfigError> {
+        jail.create_file("default.toml", DEFAULT).expect("write");
+        Config::load(Path::new("default.toml"), profile)
+    }
+
+    #[test]
+    fn environment_overrides_file_and_profile() {
+        Jail::expect_with(|jail| {
+            jail.create_file("ci.toml", "[worker]\nconcurrency = 7\n[streams]\ngroup = \"g1\"")?;
+            jail.set_env("ICMP__STREAMS__GROUP", "from-env");
+            let c = load_in(jail, Some("ci")).expect("config");
+            assert_eq!(c.worker.concurrency, 7);
+            assert_eq!(c.streams.group, "from-env");
+            assert_eq!(c.streams.inbound, "icmp:inbound");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ICMP__WORKER__CONCURENCY", "3");
+            let err = load_in(jail, None).expect_err("must fail").to_string();
+            assert!(err.contains("concurency"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_never_print() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ICMP__LLM__API_KEY", "sk-very-secret");
+            jail.set_env("ICMP__DATABASE__PASSWORD", "hunter2");
+            jail.set_env("ICMP__REDIS__URL", "redis://:redispass@127.0.0.1:1/");
+            let c = load_in(jail, None).expect("config");
+            let key = c.llm.api_key.as_ref().expect("key");
+            assert_eq!(key.expose_secret(), "sk-very-secret");
+            let debug = format!("{c:?}");
+            for secret in ["sk-very-secret", "hunter2", "redispass"] {
+                assert!(!debug.contains(secret), "{secret} leaked in {debug}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_secret_in_a_file_is_refused() {
+        Jail::expect_with(|jail| {
+            jail.create_file("leaky.toml", "[llm]\napi_key = \"sk-in-file\"")?;
+            let err = load_in(jail, Some("leaky")).expect_err("must fail").to_string();
+            assert!(err.contains("llm.api_key"), "{err}");
+            assert!(!err.contains("sk-in-file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redacted_url_hides_the_password_only() {
+        let u = RedactedUrl::new("postgres://icmp:pw@db:5432/icmp");
+        assert_eq!(u.redacted(), "postgres://icmp:***@db:5432/icmp");
+        assert_eq!(RedactedUrl::new("redis://127.0.0.1/").redacted(), "redis://127.0.0.1/");
+    }
+}

@@ -1,0 +1,482 @@
+//! The error taxonomy (DESIGN §8): categories, stable codes, HTTP-like statuses and retryability.
+//!
+//! Every layer has its own `thiserror` enum (`LlmError`, `StoreError`, `CacheError`,
+//! `TemplateError`, `ValidationError`); they all implement [`Classify`], so the worker, the
+//! metrics and the error replies treat them alike. `is_retryable()` is written out per variant
+//! (no catch-all arm) so that adding a variant forces a decision.
+
+use std::fmt;
+
+/// The seed's three error categories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Category {
+    /// Input, template, stage transition or extraction output that is not acceptable.
+    Validation,
+    /// A dependency failed while processing: LLM, rendering, database, Redis, rate limit.
+    Processing,
+    /// Connections, resources, timeouts, configuration, cache consistency.
+    System,
+}
+
+impl Category {
+    /// Label value used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Validation => "validation",
+            Category::Processing => "processing",
+            Category::System => "system",
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What every error of this crate can say about itself.
+pub trait Classify: std::error::Error {
+    /// Stable dotted code, e.g. `validation.missing_field`; part of the wire protocol.
+    fn code(&self) -> &'static str;
+    /// The seed's category.
+    fn category(&self) -> Category;
+    /// HTTP-like status carried in error replies (400/404/409/422/429/500/502/503/504).
+    fn status_code(&self) -> u16;
+    /// Whether trying the same operation again may succeed.
+    fn is_retryable(&self) -> bool;
+    /// A message that is safe to show to the end user (no internals, no secrets).
+    fn user_message(&self) -> String {
+        match self.category() {
+            Category::Validation => self.to_string(),
+            Category::Processing | Category::System => {
+                "Sorry, something went wrong on our side. Please try again shortly.".to_owned()
+            }
+        }
+    }
+}
+
+/// Bad input on the inbound stream. Never retried; answered with an error reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("the field `{0}` is required")]
+    MissingField(&'static str),
+    #[error("the field `{field}` is invalid: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("the field `{0}` is not valid UTF-8")]
+    InvalidUtf8(&'static str),
+    #[error("the message content is empty")]
+    EmptyContent,
+    #[error("the message content is {size} bytes; the limit is {limit}")]
+    ContentTooLarge { size: usize, limit: usize },
+    #[error("the metadata must be a JSON object: {0}")]
+    InvalidMetadata(String),
+    #[error("the metadata is {size} bytes; the limit is {limit}")]
+    MetadataTooLarge { size: usize, limit: usize },
+    #[error("replies may only go to streams starting with `{0}`")]
+    ReplyToNotAllowed(String),
+    #[error("unknown business")]
+    UnknownBusiness,
+    #[error("unknown conversation")]
+    UnknownConversation,
+}
+
+impl Classify for ValidationError {
+    fn code(&self) -> &'static str {
+        match self {
+            ValidationError::MissingField(_) => "validation.missing_field",
+            ValidationError::InvalidField { .. } => "validation.invalid_field",
+            ValidationError::InvalidUtf8(_) => "validation.invalid_utf8",
+            ValidationError::EmptyContent => "validation.empty_content",
+            ValidationError::ContentTooLarge { .. } => "validation.content_too_large",
+            ValidationError::InvalidMetadata(_) => "validation.invalid_metadata",
+            ValidationError::MetadataTooLarge { .. } => "validation.metadata_too_large",
+            ValidationError::ReplyToNotAllowed(_) => "validation.reply_to_not_allowed",
+            ValidationError::UnknownBusiness => "validation.unknown_business",
+            ValidationError::UnknownConversation => "validation.unknown_conversation",
+        }
+    }
+    fn category(&self) -> Category {
+        Category::Validation
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            ValidationError::UnknownBusiness | ValidationError::UnknownConversation => 404,
+            ValidationError::ContentTooLarge { .. } | ValidationError::MetadataTooLarge { .. } => {
+                422
+            }
+            ValidationError::MissingField(_)
+            | ValidationError::InvalidField { .. }
+            | ValidationError::InvalidUtf8(_)
+            | ValidationError::EmptyContent
+            | ValidationError::InvalidMetadata(_)
+            | ValidationError::ReplyToNotAllowed(_) => 400,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            ValidationError::MissingField(_)
+            | ValidationError::InvalidField { .. }
+            | ValidationError::InvalidUtf8(_)
+            | ValidationError::EmptyContent
+            | ValidationError::ContentTooLarge { .. }
+            | ValidationError::InvalidMetadata(_)
+            | ValidationError::MetadataTooLarge { .. }
+            | ValidationError::ReplyToNotAllowed(_)
+            | ValidationError::UnknownBusiness
+            | ValidationError::UnknownConversation => false,
+        }
+    }
+}
+
+/// A failed call to the LLM endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error("the LLM request timed out after {0} ms")]
+    Timeout(u64),
+    #[error("could not reach the LLM endpoint: {0}")]
+    Connect(String),
+    #[error("the LLM endpoint is rate limiting (retry after {retry_after_ms:?} ms)")]
+    RateLimited { retry_after_ms: Option<u64> },
+    #[error("the LLM endpoint answered {status}: {body}")]
+    Server { status: u16, body: String },
+    #[error("the LLM endpoint rejected the request with {status}: {body}")]
+    Rejected { status: u16, body: String },
+    #[error("the LLM answer could not be decoded: {0}")]
+    MalformedResponse(String),
+    #[error("the LLM output is not what the template asked for: {0}")]
+    InvalidOutput(String),
+    #[error("the LLM circuit is open; not calling the endpoint")]
+    CircuitOpen,
+}
+
+impl Classify for LlmError {
+    fn code(&self) -> &'static str {
+        match self {
+            LlmError::Timeout(_) => "llm.timeout",
+            LlmError::Connect(_) => "llm.unavailable",
+            LlmError::RateLimited { .. } => "llm.rate_limited",
+            LlmError::Server { .. } => "llm.server_error",
+            LlmError::Rejected { .. } => "llm.rejected",
+            LlmError::MalformedResponse(_) => "llm.malformed_response",
+            LlmError::InvalidOutput(_) => "llm.invalid_output",
+            LlmError::CircuitOpen => "llm.circuit_open",
+        }
+    }
+    fn category(&self) -> Category {
+        match self {
+            LlmError::Timeout(_) | LlmError::Connect(_) | LlmError::CircuitOpen => {
+                Category::System
+            }
+            LlmError::InvalidOutput(_) => Category::Validation,
+            LlmError::RateLimited { .. }
+            | LlmError::Server { .. }
+            | LlmError::Rejected { .. }
+            | LlmError::MalformedResponse(_) => Category::Processing,
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            LlmError::Timeout(_) => 504,
+            LlmError::RateLimited { .. } => 429,
+            LlmError::Connect(_) | LlmError::CircuitOpen => 503,
+            LlmError::Server { .. }
+            | LlmError::Rejected { .. }
+            | LlmError::MalformedResponse(_)
+            | LlmError::InvalidOutput(_) => 502,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            LlmError::Timeout(_)
+            | LlmError::Connect(_)
+            | LlmError::RateLimited { .. }
+            | LlmError::Server { .. }
+            | LlmError::MalformedResponse(_) => true,
+            LlmError::Rejected { .. } | LlmError::InvalidOutput(_) | LlmError::CircuitOpen => {
+                false
+            }
+        }
+    }
+}
+
+/// A PostgreSQL failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no database connection: {0}")]
+    Pool(String),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("the conversation changed while this message was processed")]
+    VersionConflict,
+    #[error("this message was already stored")]
+    Duplicate,
+    #[error("stored data is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("injected fault at {0}")]
+    Injected(&'static str),
+}
+
+impl StoreError {
+    fn sqlstate(&self) -> Option<&str> {
+        match self {
+            StoreError::Db(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Db(e),
+            other => StoreError::Pool(other.to_string()),
+        }
+    }
+}
+
+impl Classify for StoreError {
+    fn code(&self) -> &'static str {
+        match self {
+            StoreError::Pool(_) => "db.unavailable",
+            StoreError::Db(_) => match self.sqlstate() {
+                Some("40001") => "db.serialization_failure",
+                Some("40P01") => "db.deadlock",
+                _ if self.is_retryable() => "db.unavailable",
+                _ => "db.error",
+            },
+            StoreError::VersionConflict => "db.version_conflict",
+            StoreError::Duplicate => "db.duplicate",
+            StoreError::Inconsistent(_) => "db.inconsistent",
+            StoreError::Migration(_) => "db.migration",
+            StoreError::Injected(_) => "db.injected_fault",
+        }
+    }
+    fn category(&self) -> Category {
+        match self {
+            StoreError::Pool(_)
+            | StoreError::Inconsistent(_)
+            | StoreError::Migration(_)
+            | StoreError::Injected(_) => Category::System,
+            StoreError::Db(_) | StoreError::VersionConflict | StoreError::Duplicate => {
+                Category::Processing
+            }
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            StoreError::VersionConflict | StoreError::Duplicate => 409,
+            StoreError::Pool(_) => 503,
+            StoreError::Db(_) if self.is_retryable() => 503,
+            StoreError::Db(_)
+            | StoreError::Inconsistent(_)
+            | StoreError::Migration(_)
+            | StoreError::Injected(_) => 500,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Pool(_) | StoreError::VersionConflict => true,
+            StoreError::Db(e) => {
+                if e.is_closed() {
+                    return true;
+                }
+                match e.code().map(|c| c.code()) {
+                    // serialization failure, deadlock, connection exceptions, admin shutdown,
+                    // cannot connect now, too many connections
+                    Some(c) => {
+                        c == "40001"
+                            || c == "40P01"
+                            || c.starts_with("08")
+                            || c.starts_with("57P")
+                            || c == "53300"
+                    }
+                    // No SQLSTATE: an I/O error talking to the server.
+                    None => true,
+                }
+            }
+            StoreError::Duplicate
+            | StoreError::Inconsistent(_)
+            | StoreError::Migration(_)
+            | StoreError::Injected(_) => false,
+        }
+    }
+}
+
+/// A Redis failure (cache or streams).
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("cached value could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl Classify for CacheError {
+    fn code(&self) -> &'static str {
+        match self {
+            CacheError::Redis(_) => "redis.unavailable",
+            CacheError::Decode(_) => "cache.inconsistent",
+        }
+    }
+    fn category(&self) -> Category {
+        match self {
+            CacheError::Redis(_) => Category::Processing,
+            CacheError::Decode(_) => Category::System,
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            CacheError::Redis(_) => 503,
+            CacheError::Decode(_) => 500,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            CacheError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                    || matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading))
+            }
+            CacheError::Decode(_) => false,
+        }
+    }
+}
+
+/// A template that does not compile or render.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template `{name}` does not compile: {detail}")]
+    Compile { name: String, detail: String },
+    #[error("template `{name}` failed to render: {detail}")]
+    Render { name: String, detail: String },
+    #[error("template `{name}` is invalid: {detail}")]
+    Invalid { name: String, detail: String },
+}
+
+impl Classify for TemplateError {
+    fn code(&self) -> &'static str {
+        match self {
+            TemplateError::Compile { .. } => "template.syntax",
+            TemplateError::Render { .. } => "template.render",
+            TemplateError::Invalid { .. } => "template.invalid",
+        }
+    }
+    fn category(&self) -> Category {
+        match self {
+            TemplateError::Compile { .. } | TemplateError::Invalid { .. } => Category::Validation,
+            TemplateError::Render { .. } => Category::Processing,
+        }
+    }
+    fn status_code(&self) -> u16 {
+        500
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            TemplateError::Compile { .. }
+            | TemplateError::Render { .. }
+            | TemplateError::Invalid { .. } => false,
+        }
+    }
+    fn user_message(&self) -> String {
+        "Sorry, this assistant is misconfigured right now. Please try again later.".to_owned()
+    }
+}
+
+/// Everything that can end the processing of one message.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("the business definition is inconsistent: {0}")]
+    Definition(String),
+}
+
+impl PipelineError {
+    fn inner(&self) -> Option<&dyn Classify> {
+        match self {
+            PipelineError::Validation(e) => Some(e),
+            PipelineError::Llm(e) => Some(e),
+            PipelineError::Store(e) => Some(e),
+            PipelineError::Cache(e) => Some(e),
+            PipelineError::Template(e) => Some(e),
+            PipelineError::Definition(_) => None,
+        }
+    }
+}
+
+impl Classify for PipelineError {
+    fn code(&self) -> &'static str {
+        self.inner().map_or("config.definition", |e| e.code())
+    }
+    fn category(&self) -> Category {
+        self.inner().map_or(Category::System, |e| e.category())
+    }
+    fn status_code(&self) -> u16 {
+        self.inner().map_or(500, |e| e.status_code())
+    }
+    fn is_retryable(&self) -> bool {
+        self.inner().is_some_and(|e| e.is_retryable())
+    }
+    fn user_message(&self) -> String {
+        match self.inner() {
+            Some(e) => e.user_message(),
+            None => "Sorry, this assistant is misconfigured right now. Please try again later."
+                .to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_errors_are_never_retryable_and_carry_client_statuses() {
+        let all = [
+            ValidationError::MissingField("content"),
+            ValidationError::EmptyContent,
+            ValidationError::ContentTooLarge { size: 9, limit: 8 },
+            ValidationError::UnknownBusiness,
+        ];
+        for e in all {
+            assert!(!e.is_retryable(), "{e}");
+            assert!(e.code().starts_with("validation."));
+            assert!((400..500).contains(&e.status_code()));
+            assert_eq!(e.user_message(), e.to_string());
+        }
+    }
+
+    #[test]
+    fn llm_errors_retry_transient_faults_only() {
+        assert!(LlmError::Timeout(10).is_retryable());
+        assert!(LlmError::RateLimited { retry_after_ms: Some(1) }.is_retryable());
+        assert!(LlmError::Server { status: 500, body: String::new() }.is_retryable());
+        assert!(!LlmError::Rejected { status: 400, body: String::new() }.is_retryable());
+        assert_eq!(LlmError::Timeout(1).status_code(), 504);
+        assert_eq!(LlmError::RateLimited { retry_after_ms: None }.status_code(), 429);
+    }
+
+    #[test]
+    fn pipeline_error_takes_its_code_from_the_layer() {
+        let e = PipelineError::from(ValidationError::EmptyContent);
+        assert_eq!(e.code(), "validation.empty_content");
+        assert_eq!(e.status_code(), 400);
+        let e = PipelineError::from(StoreError::VersionConflict);
+        assert!(e.is_retryable());
+        assert!(!e.user_message().contains("conversation changed"));
+    }
+}

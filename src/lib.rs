@@ -1,0 +1,35 @@
+//! icmp answers the users of many businesses through LLM-driven conversations.
+//!
+//! Producers put user messages on a Redis Stream; worker processes in one consumer group run
+//! each message through the message pipeline (validate → conversation → stage → context →
+//! select? → extract? → respond → one PostgreSQL transaction → cache → publish → ack).
+//!
+//! # Layout
+//!
+//! - [`config`]: the typed configuration (file, profile, `ICMP__SECTION__KEY` environment).
+//! - [`error`]: the error taxonomy: categories, stable codes, statuses, retryability.
+//! - [`model`]: domain records shared by the store, the cache and the pipeline.
+//! - [`business`]: business definition files and `icmp import`.
+//! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
+//! - [`cache`]: the Redis cache of definitions and conversation state.
+//! - [`client`]: send a message to a running worker and wait for its reply.
+//! - [`llm`]: the LLM service trait, the OpenAI-compatible client and the mock server.
+//! - [`retry`]: backoff for transient faults (the one module that knows the `backoff` crate).
+//! - [`pipeline`]: the message pipeline, one module per step.
+//! - [`stream`]: Redis Streams mechanics (group, read, ack, publish, dead-letter).
+//! - [`worker`]: the run loop tying streams and pipeline together.
+//! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
+
+pub mod business;
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod llm;
+pub mod model;
+pub mod pipeline;
+pub mod retry;
+pub mod store;
+pub mod stream;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,190 @@
+//! OpenAI-compatible chat completions over reqwest.
+//!
+//! `base_url` follows the OpenAI SDK convention (`http://host:port/v1`); the client appends
+//! `/chat/completions`, so the same value works for OpenAI, vLLM, Ollama, LiteLLM and the mock.
+//! Status handling follows the usual HTTP client practice: 408, 429 and 5xx are transient, any
+//! other 4xx is the request's fault and never retried.
+
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::{ChatMessage, ChatRequest, ChatResponse, LlmError, LlmService};
+use crate::config::LlmConfig;
+
+/// Longest error body kept in an error (bodies can be large HTML pages).
+const MAX_ERROR_BODY: usize = 512;
+
+/// A client of one OpenAI-compatible endpoint.
+#[derive(Clone)]
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    url: String,
+    api_key: Option<SecretString>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiClient").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: &'a [ChatMessage],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<ResponseFormat>,
+}
+
+#[derive(Serialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Deserialize)]
+struct WireResponse {
+    #[serde(default)]
+    model: String,
+    choices: Vec<WireChoice>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    message: WireMessage,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+}
+
+impl OpenAiClient {
+    /// Builds a client from the `[llm]` configuration.
+    ///
+    /// # Errors
+    /// When the TLS backend cannot be initialised.
+    pub fn new(config: &LlmConfig) -> Result<OpenAiClient, LlmError> {
+        let timeout = Duration::from_millis(config.request_timeout_ms);
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .map_err(|e| LlmError::Connect(e.to_string()))?;
+        Ok(OpenAiClient {
+            http,
+            url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
+            api_key: config.api_key.clone(),
+            timeout,
+        })
+    }
+
+    fn classify_transport(&self, e: &reqwest::Error) -> LlmError {
+        if e.is_timeout() {
+            LlmError::Timeout(self.timeout.as_millis() as u64)
+        } else if e.is_decode() || e.is_body() {
+            LlmError::MalformedResponse(e.to_string())
+        } else {
+            // Connection refused/reset, DNS, TLS: the endpoint is unreachable.
+            LlmError::Connect(without_url(e))
+        }
+    }
+}
+
+/// reqwest errors include the URL; keep only the cause chain (the URL may carry a key in a
+/// query string with some proxies).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if !s.is_empty() {
+            s.push_str(": ");
+        }
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if s.is_empty() { "request failed".to_owned() } else { s }
+}
+
+/// Parses `Retry-After` as seconds (the HTTP-date form is treated as absent).
+fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0) as u64)
+}
+
+fn truncate(mut body: String) -> String {
+    if body.len() > MAX_ERROR_BODY {
+        let mut cut = MAX_ERROR_BODY;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+        body.push('…');
+    }
+    body
+}
+
+impl LlmService for OpenAiClient {
+    async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+        let started = Instant::now();
+        let wire = WireRequest {
+            model: &request.model,
+            messages: &request.messages,
+            temperature: request.temperature,
+            max_tokens: request.max_tokens,
+            response_format: request.json_mode.then_some(ResponseFormat { kind: "json_object" }),
+        };
+        let mut builder = self.http.post(&self.url).json(&wire);
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key.expose_secret());
+        }
+        let response = builder.send().await.map_err(|e| self.classify_transport(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = retry_after_ms(response.headers());
+            let body = truncate(response.text().await.unwrap_or_default());
+            let code = status.as_u16();
+            return Err(match code {
+                429 => LlmError::RateLimited { retry_after_ms: retry_after },
+                408 | 500..=599 => LlmError::Server { status: code, body },
+                _ => LlmError::Rejected { status: code, body },
+            });
+        }
+        let bytes = response.bytes().await.map_err(|e| self.classify_transport(&e))?;
+        let parsed: WireResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| LlmError::MalformedResponse(e.to_string()))?;
+        let choice = parsed
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| LlmError::MalformedResponse("no choices".into()))?;
+        let content = choice
+            .message
+            .content
+            .ok_or_else(|| LlmError::MalformedResponse("no message content".into()))?;
+        let usage = parsed.usage;
+        Ok(ChatResponse {
+            content,
+            model: if parsed.model.is_empty() { request.model.clone() } else { parsed.model },
+            prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
+            completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
+            latency: started.elapsed(),
+        })
+    }
+}

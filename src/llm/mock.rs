@@ -1,0 +1,434 @@
+//! A deterministic OpenAI-compatible mock LLM (`icmp mock-llm`), served over real HTTP.
+//!
+//! It answers `POST /v1/chat/completions` and `GET /v1/models` in the OpenAI wire format.
+//! Answers follow fixed rules keyed on the prompt's purpose and the user's words:
+//! - JSON mode and a prompt that speaks of *extract*ing: the fields it can find in the user's
+//!   words (`name` from "my name is …", `date` from an ISO date or a weekday, `reason` from
+//!   "for …"/"because …").
+//! - JSON mode otherwise (stage selection): `{"stage": …}` from keywords ("book" → `booking`,
+//!   "bye"/"thank" → `farewell`, "hello"/"hi" → `welcome`), else the prompt's
+//!   `Current stage: X` line.
+//! - Plain mode: a short reply that quotes the user's words.
+//!
+//! The user's words are what follows the last `User message:` marker of the last user
+//! message, or that whole message. Latency, jitter and faults (500, 429 with `Retry-After`,
+//! hangs past any client timeout, malformed JSON) are injected per call from a seeded RNG.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+/// Behaviour of the mock: latency and fault injection. Rates are shares of calls in `0..=1`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockOptions {
+    pub latency_ms: u64,
+    pub jitter_ms: u64,
+    /// Share of calls answered `500`.
+    pub error_rate: f64,
+    /// Share of calls answered `429` with `Retry-After: retry_after_secs`.
+    pub rate_limit_rate: f64,
+    pub retry_after_secs: u64,
+    /// Share of calls that hang for `hang_ms` before answering (a client timeout).
+    pub timeout_rate: f64,
+    pub hang_ms: u64,
+    /// Share of calls answered `200` with a truncated JSON body.
+    pub malformed_rate: f64,
+    /// RNG seed; the same seed and call order give the same faults.
+    pub seed: u64,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            latency_ms: 0,
+            jitter_ms: 0,
+            error_rate: 0.0,
+            rate_limit_rate: 0.0,
+            retry_after_secs: 1,
+            timeout_rate: 0.0,
+            hang_ms: 60_000,
+            malformed_rate: 0.0,
+            seed: 42,
+        }
+    }
+}
+
+/// Counters of what the mock did, readable by tests.
+#[derive(Debug, Default)]
+pub struct MockStats {
+    pub requests: AtomicU64,
+    pub faults: AtomicU64,
+}
+
+struct MockState {
+    options: MockOptions,
+    rng: Mutex<StdRng>,
+    stats: Arc<MockStats>,
+}
+
+/// A running mock server.
+#[derive(Debug)]
+pub struct MockServer {
+    pub addr: SocketAddr,
+    pub stats: Arc<MockStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    /// `http://addr/v1`, ready for `llm.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the mock on `listener` in a background task.
+pub fn spawn(listener: TcpListener, options: MockOptions) -> std::io::Result<MockServer> {
+    let addr = listener.local_addr()?;
+    let stats = Arc::new(MockStats::default());
+    let app = router(options, stats.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "mock LLM server stopped");
+        }
+    });
+    Ok(MockServer { addr, stats, task })
+}
+
+/// Serves the mock on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    options: MockOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(options, Arc::new(MockStats::default()));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+fn router(options: MockOptions, stats: Arc<MockStats>) -> Router {
+    let state = Arc::new(MockState {
+        rng: Mutex::new(StdRng::seed_from_u64(options.seed)),
+        options,
+        stats,
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .with_state(state)
+}
+
+async fn models() -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": "mock-1", "object": "model", "created": 0, "owned_by": "icmp"}]
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    messages: Vec<RequestMessage>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
+}
+
+enum Fault {
+    None,
+    ServerError,
+    RateLimited,
+    Hang,
+    Malformed,
+}
+
+async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let (delay, fault) = {
+        let o = &state.options;
+        let mut rng = state.rng.lock().await;
+        let jitter = if o.jitter_ms > 0 { rng.random_range(0..=o.jitter_ms) } else { 0 };
+        let roll: f64 = rng.random();
+        let mut edge = 0.0;
+        let mut pick = |rate: f64| {
+            edge += rate;
+            roll < edge
+        };
+        let fault = if pick(o.error_rate) {
+            Fault::ServerError
+        } else if pick(o.rate_limit_rate) {
+            Fault::RateLimited
+        } else if pick(o.timeout_rate) {
+            Fault::Hang
+        } else if pick(o.malformed_rate) {
+            Fault::Malformed
+        } else {
+            Fault::None
+        };
+        (o.latency_ms + jitter, fault)
+    };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if !matches!(fault, Fault::None) {
+        state.stats.faults.fetch_add(1, Ordering::Relaxed);
+    }
+    match fault {
+        Fault::ServerError => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": {"message": "injected failure", "type": "server_error"}})),
+            )
+                .into_response();
+        }
+        Fault::RateLimited => {
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({"error": {"message": "rate limited", "type": "rate_limit"}})),
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&state.options.retry_after_secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+        Fault::Hang => tokio::time::sleep(Duration::from_millis(state.options.hang_ms)).await,
+        Fault::Malformed => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                "{\"id\": \"x\", \"choices\": [{\"message\": ",
+            )
+                .into_response();
+        }
+        Fault::None => {}
+    }
+    let request: Request = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"message": format!("invalid request: {e}")}})),
+            )
+                .into_response();
+        }
+    };
+    let answer = answer(&request);
+    let prompt_tokens: usize = request.messages.iter().map(|m| word_count(&text_of(m))).sum();
+    let completion_tokens = word_count(&answer);
+    Json(json!({
+        "id": format!("chatcmpl-mock-{}", state.stats.requests.load(Ordering::Relaxed)),
+        "object": "chat.completion",
+        "created": 0,
+        "model": if request.model.is_empty() { "mock-1".to_owned() } else { request.model.clone() },
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": answer},
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    }))
+    .into_response()
+}
+
+fn word_count(s: &str) -> usize {
+    s.split_whitespace().count()
+}
+
+fn text_of(m: &RequestMessage) -> String {
+    match &m.content {
+        Value::String(s) => s.clone(),
+        // Content parts: [{"type": "text", "text": "..."}]
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// The deterministic answer to a request.
+fn answer(request: &Request) -> String {
+    let prompt: String =
+        request.messages.iter().map(text_of).collect::<Vec<_>>().join("\n");
+    let last_user = request
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(text_of)
+        .unwrap_or_default();
+    let words = match last_user.rfind("User message:") {
+        Some(i) => last_user[i + "User message:".len()..].trim().to_owned(),
+        None => last_user.trim().to_owned(),
+    };
+    let json_mode = request
+        .response_format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str)
+        == Some("json_object");
+    if json_mode {
+        if prompt.to_lowercase().contains("extract") {
+            Value::Object(extract(&words)).to_string()
+        } else {
+            json!({"stage": select(&words, &prompt)}).to_string()
+        }
+    } else {
+        let first_line = words.lines().next().unwrap_or("");
+        format!("Thanks for your message: \"{first_line}\". How else can I help?")
+    }
+}
+
+fn has_word(haystack: &str, words: &[&str]) -> bool {
+    haystack
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .any(|w| words.iter().any(|k| w.starts_with(k)))
+}
+
+fn select(words: &str, prompt: &str) -> Value {
+    let lower = words.to_lowercase();
+    if has_word(&lower, &["book", "appointment", "schedul", "reserv"]) {
+        return json!("booking");
+    }
+    if has_word(&lower, &["bye", "thank", "goodbye"]) {
+        return json!("farewell");
+    }
+    if has_word(&lower, &["hello", "hi", "hey"]) {
+        return json!("welcome");
+    }
+    prompt
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Current stage:"))
+        .map(|s| json!(s.trim()))
+        .unwrap_or(Value::Null)
+}
+
+const WEEKDAYS: [&str; 9] = [
+    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today",
+    "tomorrow",
+];
+
+fn extract(words: &str) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    let lower = words.to_lowercase();
+    for marker in ["my name is ", "i am ", "i'm ", "this is "] {
+        if let Some(i) = lower.find(marker) {
+            let rest = &words[i + marker.len()..];
+            let name: Vec<&str> = rest
+                .split_whitespace()
+                .take(2)
+                .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+                .take_while(|w| w.chars().next().is_some_and(char::is_uppercase))
+                .collect();
+            if !name.is_empty() {
+                out.insert("name".into(), json!(name.join(" ")));
+                break;
+            }
+        }
+    }
+    let tokens: Vec<&str> = words
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '.' || c == '!' || c == '?')
+        .filter(|t| !t.is_empty())
+        .collect();
+    if let Some(date) = tokens.iter().find(|t| is_iso_date(t)) {
+        out.insert("date".into(), json!(date));
+    } else if let Some(day) = tokens.iter().map(|t| t.to_lowercase()).find(|t| WEEKDAYS.contains(&t.as_str())) {
+        out.insert("date".into(), json!(day));
+    }
+    for marker in [" because ", " for a ", " for an ", " for my ", " for "] {
+        if let Some(i) = lower.find(marker) {
+            let reason = words[i + marker.len()..]
+                .split(['.', '!', '?', ','])
+                .next()
+                .unwrap_or("")
+                .trim();
+            if !reason.is_empty() && !WEEKDAYS.contains(&reason.to_lowercase().as_str()) {
+                out.insert("reason".into(), json!(reason));
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn is_iso_date(t: &str) -> bool {
+    let b = t.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json_mode: bool, system: &str, user: &str) -> Request {
+        Request {
+            model: "m".into(),
+            messages: vec![
+                RequestMessage { role: "system".into(), content: json!(system) },
+                RequestMessage { role: "user".into(), content: json!(user) },
+            ],
+            response_format: json_mode.then(|| json!({"type": "json_object"})),
+        }
+    }
+
+    #[test]
+    fn selection_follows_keywords_then_the_current_stage() {
+        let r = request(true, "Pick the stage", "Current stage: welcome\nUser message: I want to book a cleaning");
+        assert_eq!(answer(&r), r#"{"stage":"booking"}"#);
+        let r = request(true, "Pick the stage", "Current stage: booking\nUser message: next week maybe");
+        assert_eq!(answer(&r), r#"{"stage":"booking"}"#);
+    }
+
+    #[test]
+    fn extraction_finds_name_date_and_reason() {
+        let r = request(
+            true,
+            "Extract the details",
+            "User message: Hi, my name is Alice Smith, I'd like to come on 2026-12-03 for a cleaning.",
+        );
+        let v: Value = serde_json::from_str(&answer(&r)).expect("json");
+        assert_eq!(v["name"], "Alice Smith");
+        assert_eq!(v["date"], "2026-12-03");
+        assert_eq!(v["reason"], "cleaning");
+    }
+
+    #[test]
+    fn plain_mode_quotes_the_user() {
+        let r = request(false, "Be kind", "history...\nUser message: where are you?");
+        assert!(answer(&r).contains("where are you?"));
+    }
+}

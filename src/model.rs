@@ -1,0 +1,143 @@
+//! Domain records shared by the store, the cache and the pipeline.
+//!
+//! They are plain data (serde) so that the same value can come from PostgreSQL or from its
+//! cached copy in Redis.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A business and the stage list templates see (`stages`), cached as `business:{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Business {
+    pub id: Uuid,
+    pub name: String,
+    pub initial_stage_id: Uuid,
+    pub stages: Vec<StageInfo>,
+    /// Field names declared by the business's extraction schemas; `extracted` always has them.
+    pub extraction_fields: Vec<String>,
+}
+
+impl Business {
+    pub fn stage(&self, id: Uuid) -> Option<&StageInfo> {
+        self.stages.iter().find(|s| s.id == id)
+    }
+    pub fn stage_by_name(&self, name: &str) -> Option<&StageInfo> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// Name and description of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageInfo {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+}
+
+/// The template ids of one stage: the seed's `stage:{id}` hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTemplates {
+    pub selection: Option<Uuid>,
+    pub extraction: Option<Uuid>,
+    pub response: Uuid,
+    pub fallback: Option<Uuid>,
+}
+
+/// What a template is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateKind {
+    Selection,
+    Extraction,
+    Response,
+    Fallback,
+}
+
+impl TemplateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateKind::Selection => "selection",
+            TemplateKind::Extraction => "extraction",
+            TemplateKind::Response => "response",
+            TemplateKind::Fallback => "fallback",
+        }
+    }
+    pub fn parse(s: &str) -> Option<TemplateKind> {
+        match s {
+            "selection" => Some(TemplateKind::Selection),
+            "extraction" => Some(TemplateKind::Extraction),
+            "response" => Some(TemplateKind::Response),
+            "fallback" => Some(TemplateKind::Fallback),
+            _ => None,
+        }
+    }
+}
+
+/// A stored template: source text, model parameters and version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub id: Uuid,
+    pub business_id: Uuid,
+    pub name: String,
+    pub kind: TemplateKind,
+    /// System prompt (also a template).
+    pub system: String,
+    pub body: String,
+    pub model: Option<String>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<i32>,
+    /// JSON Schema the extraction output must satisfy.
+    pub output_schema: Option<serde_json::Value>,
+    pub version: i32,
+}
+
+/// Conversation state, cached as `conv:{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub id: Uuid,
+    pub business_id: Uuid,
+    /// The user's id inside the business (the inbound `user_id`).
+    pub user_external_id: String,
+    pub stage_id: Uuid,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One earlier message, as templates see it in `history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub role: Role,
+    pub content: String,
+}
+
+/// Extracted data of a conversation: field → JSON value.
+pub type Extracted = serde_json::Map<String, serde_json::Value>;
+
+/// The reply already committed for an idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReply {
+    pub conversation_id: Uuid,
+    pub content: String,
+    pub status: String,
+    pub stage: Option<String>,
+    pub log_id: Uuid,
+}

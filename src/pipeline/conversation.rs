@@ -1,0 +1,110 @@
+//! Step 3: the conversation. A given `conversation_id` must exist and belong to the message's
+//! business and user; without one, the user's latest conversation continues, or a new one
+//! starts (it is inserted by the write phase).
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use crate::cache::Cache;
+use crate::error::{PipelineError, ValidationError};
+use crate::model::{Conversation, Extracted};
+use crate::store::Store;
+use crate::telemetry::metrics;
+
+/// The conversation a message belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub conversation: Conversation,
+    /// Not stored yet: the write phase inserts it.
+    pub is_new: bool,
+}
+
+/// Finds or starts the conversation. `fresh` bypasses the cache (after a version conflict).
+pub async fn resolve(
+    store: &Store,
+    cache: &Cache,
+    business_id: Uuid,
+    initial_stage_id: Uuid,
+    user_id: &str,
+    requested: Option<Uuid>,
+    fresh: bool,
+) -> Result<Resolved, PipelineError> {
+    let existing = match requested {
+        Some(id) => {
+            let cached = if fresh { None } else { cached_conversation(cache, id).await };
+            let conv = match cached {
+                Some(c) => Some(c),
+                None => store.load_conversation(business_id, id).await?,
+            };
+            // Someone else's conversation is reported as unknown: its existence is not leaked.
+            match conv {
+                Some(c) if c.business_id == business_id && c.user_external_id == user_id => Some(c),
+                _ => return Err(ValidationError::UnknownConversation.into()),
+            }
+        }
+        None => store.latest_conversation(business_id, user_id).await?,
+    };
+    Ok(match existing {
+        Some(conversation) => Resolved { conversation, is_new: false },
+        None => {
+            let now = Utc::now();
+            Resolved {
+                conversation: Conversation {
+                    id: Uuid::now_v7(),
+                    business_id,
+                    user_external_id: user_id.to_owned(),
+                    stage_id: initial_stage_id,
+                    version: 0,
+                    created_at: now,
+                    updated_at: now,
+                },
+                is_new: true,
+            }
+        }
+    })
+}
+
+async fn cached_conversation(cache: &Cache, id: Uuid) -> Option<Conversation> {
+    match cache.get_conversation(id).await {
+        Ok(Some(c)) => {
+            metrics::cache("conversation", "hit");
+            Some(c)
+        }
+        Ok(None) => {
+            metrics::cache("conversation", "miss");
+            None
+        }
+        Err(e) => {
+            metrics::cache("conversation", "error");
+            metrics::record_error(&e, "conversation cache");
+            None
+        }
+    }
+}
+
+/// The conversation's extracted data (`data:{id}`, else PostgreSQL).
+pub async fn extracted(
+    store: &Store,
+    cache: &Cache,
+    resolved: &Resolved,
+    fresh: bool,
+) -> Result<Extracted, PipelineError> {
+    if resolved.is_new {
+        return Ok(Extracted::new());
+    }
+    let c = &resolved.conversation;
+    if !fresh {
+        match cache.get_data(c.id).await {
+            Ok(Some(d)) => {
+                metrics::cache("data", "hit");
+                return Ok(d);
+            }
+            Ok(None) => metrics::cache("data", "miss"),
+            Err(e) => {
+                metrics::cache("data", "error");
+                metrics::record_error(&e, "data cache");
+            }
+        }
+    }
+    Ok(store.extracted(c.business_id, c.id).await?)
+}

@@ -1,0 +1,107 @@
+//! One LLM call of the pipeline: the rendered template becomes a chat request, transient
+//! failures are retried (see `retry`), and the call is recorded for `llm_calls` and metrics.
+
+use std::time::Instant;
+
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::template::{Compiled, Rendered};
+use crate::error::{Classify, LlmError};
+use crate::llm::{ChatMessage, ChatRequest, ChatResponse, LlmService};
+use crate::retry::RetryPolicy;
+use crate::store::write_set::LlmCallRecord;
+use crate::telemetry::metrics;
+
+/// Why the pipeline calls the LLM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Selection,
+    Extraction,
+    Response,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Selection => "selection",
+            Purpose::Extraction => "extraction",
+            Purpose::Response => "response",
+        }
+    }
+}
+
+/// What the LLM steps share.
+#[derive(Debug)]
+pub struct LlmCaller<'a, L> {
+    pub llm: &'a L,
+    pub retry: &'a RetryPolicy,
+    pub default_model: &'a str,
+}
+
+impl<L: LlmService> LlmCaller<'_, L> {
+    /// Calls the LLM with a rendered template; returns the outcome and its log record.
+    pub async fn call(
+        &self,
+        purpose: Purpose,
+        template: &Compiled,
+        rendered: &Rendered,
+    ) -> (Result<ChatResponse, LlmError>, LlmCallRecord) {
+        let t = &template.record;
+        let mut messages = Vec::with_capacity(2);
+        if !rendered.system.trim().is_empty() {
+            messages.push(ChatMessage::system(rendered.system.clone()));
+        }
+        messages.push(ChatMessage::user(rendered.body.clone()));
+        let request = ChatRequest {
+            model: t.model.clone().unwrap_or_else(|| self.default_model.to_owned()),
+            messages,
+            temperature: t.temperature,
+            max_tokens: t.max_tokens.and_then(|m| u32::try_from(m).ok()),
+            json_mode: purpose != Purpose::Response,
+        };
+        let started = Instant::now();
+        let operation = match purpose {
+            Purpose::Selection => "llm.selection",
+            Purpose::Extraction => "llm.extraction",
+            Purpose::Response => "llm.response",
+        };
+        let result = self
+            .retry
+            .run(operation, || self.llm.chat(&request))
+            .instrument(tracing::info_span!("llm", purpose = purpose.as_str(), template = %t.name))
+            .await;
+        let took = started.elapsed();
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        metrics::llm_request(purpose.as_str(), outcome, took);
+        if let Ok(r) = &result {
+            metrics::llm_tokens(
+                purpose.as_str(),
+                r.prompt_tokens.unwrap_or(0),
+                r.completion_tokens.unwrap_or(0),
+            );
+        }
+        let prompt = if rendered.system.trim().is_empty() {
+            rendered.body.clone()
+        } else {
+            format!("{}\n\n{}", rendered.system, rendered.body)
+        };
+        let record = LlmCallRecord {
+            id: Uuid::now_v7(),
+            purpose: purpose.as_str(),
+            template_id: t.id,
+            template_version: t.version,
+            model: result.as_ref().map(|r| r.model.clone()).unwrap_or_else(|_| request.model.clone()),
+            prompt,
+            output: result.as_ref().ok().map(|r| r.content.clone()),
+            prompt_tokens: result.as_ref().ok().and_then(|r| r.prompt_tokens),
+            completion_tokens: result.as_ref().ok().and_then(|r| r.completion_tokens),
+            latency_ms: u32::try_from(took.as_millis()).unwrap_or(u32::MAX),
+            outcome,
+        };
+        (result, record)
+    }
+}

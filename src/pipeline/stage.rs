@@ -1,0 +1,87 @@
+//! The StageService: the business with its stages (`business:{id}`) and a stage's template ids
+//! (`stage:{id}`), read through the cache from PostgreSQL.
+
+use uuid::Uuid;
+
+use crate::cache::Cache;
+use crate::error::{PipelineError, ValidationError};
+use crate::model::{Business, StageInfo, StageTemplates};
+use crate::store::Store;
+use crate::telemetry::metrics;
+
+/// Reads stages and their templates.
+#[derive(Debug, Clone)]
+pub struct StageService {
+    store: Store,
+    cache: Cache,
+}
+
+impl StageService {
+    pub fn new(store: Store, cache: Cache) -> Self {
+        StageService { store, cache }
+    }
+
+    /// The business, or [`ValidationError::UnknownBusiness`].
+    pub async fn business(&self, business_id: Uuid) -> Result<Business, PipelineError> {
+        match self.cache.get_business(business_id).await {
+            Ok(Some(b)) => {
+                metrics::cache("business", "hit");
+                return Ok(b);
+            }
+            Ok(None) => metrics::cache("business", "miss"),
+            Err(e) => {
+                metrics::cache("business", "error");
+                metrics::record_error(&e, "business cache");
+            }
+        }
+        let business = self
+            .store
+            .load_business(business_id)
+            .await?
+            .ok_or(ValidationError::UnknownBusiness)?;
+        if let Err(e) = self.cache.set_business(&business).await {
+            metrics::record_error(&e, "business cache");
+        }
+        Ok(business)
+    }
+
+    /// The current stage of a conversation: its stored stage, else the business's initial one.
+    pub fn current<'b>(
+        &self,
+        business: &'b Business,
+        stage_id: Option<Uuid>,
+    ) -> Result<&'b StageInfo, PipelineError> {
+        let id = stage_id.unwrap_or(business.initial_stage_id);
+        business
+            .stage(id)
+            .ok_or_else(|| PipelineError::Definition(format!("stage {id} is not in business {}", business.id)))
+    }
+
+    /// The template ids of a stage.
+    pub async fn templates(
+        &self,
+        business_id: Uuid,
+        stage_id: Uuid,
+    ) -> Result<StageTemplates, PipelineError> {
+        match self.cache.get_stage(stage_id).await {
+            Ok(Some(t)) => {
+                metrics::cache("stage", "hit");
+                return Ok(t);
+            }
+            Ok(None) => metrics::cache("stage", "miss"),
+            Err(e) => {
+                metrics::cache("stage", "error");
+                metrics::record_error(&e, "stage cache");
+            }
+        }
+        let t = self
+            .store
+            .load_stage_templates(business_id, stage_id)
+            .await?
+            .ok_or_else(|| PipelineError::Definition(format!("stage {stage_id} not found")))?;
+        if let Err(e) = self.cache.set_stage(stage_id, &t).await {
+            metrics::record_error(&e, "stage cache");
+        }
+        Ok(t)
+    }
+}

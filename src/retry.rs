@@ -1,0 +1,188 @@
+//! Retries of transient faults with exponential backoff and jitter.
+//!
+//! This is the only module that knows the `backoff` crate (unmaintained, RUSTSEC-2025-0012):
+//! replacing it with `backon` changes this file alone. Errors decide for themselves whether a
+//! retry may help ([`Classify::is_retryable`]); a rate-limit answer's `Retry-After` is honoured.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backoff::ExponentialBackoffBuilder;
+
+use crate::config::RetryConfig;
+use crate::error::{Classify, LlmError};
+use crate::telemetry::metrics;
+
+/// Errors that may ask for a specific wait before the next attempt.
+pub trait RetryAfter {
+    /// The wait the remote side asked for, if any.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether repeating the same call can help. Some retryable errors need more than a
+    /// repeat (a version conflict re-runs the whole message); they say `false` here.
+    fn retry_in_place(&self) -> bool {
+        true
+    }
+}
+
+impl RetryAfter for LlmError {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LlmError::RateLimited { retry_after_ms: Some(ms) } => Some(Duration::from_millis(*ms)),
+            _ => None,
+        }
+    }
+}
+
+impl RetryAfter for crate::error::StoreError {
+    fn retry_in_place(&self) -> bool {
+        !matches!(self, crate::error::StoreError::VersionConflict)
+    }
+}
+impl RetryAfter for crate::error::CacheError {}
+impl RetryAfter for crate::error::PipelineError {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            crate::error::PipelineError::Llm(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+    fn retry_in_place(&self) -> bool {
+        match self {
+            crate::error::PipelineError::Store(e) => e.retry_in_place(),
+            _ => true,
+        }
+    }
+}
+
+/// The retry policy of one kind of operation.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    config: RetryConfig,
+}
+
+impl RetryPolicy {
+    pub fn new(config: RetryConfig) -> Self {
+        RetryPolicy { config }
+    }
+
+    /// A policy that never retries (for callers that must fail fast).
+    pub fn none() -> Self {
+        RetryPolicy {
+            config: RetryConfig {
+                initial_interval_ms: 0,
+                multiplier: 1.0,
+                randomization_factor: 0.0,
+                max_interval_ms: 0,
+                max_elapsed_ms: 0,
+            },
+        }
+    }
+
+    /// Runs `op` until it succeeds, fails with a non-retryable error, or the time budget
+    /// (`max_elapsed_ms`) is spent; every retry is counted under `operation`.
+    ///
+    /// # Errors
+    /// The last error of `op`.
+    pub async fn run<T, E, F, Fut>(&self, operation: &'static str, mut op: F) -> Result<T, E>
+    where
+        E: Classify + RetryAfter,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if self.config.max_elapsed_ms == 0 {
+            return op().await;
+        }
+        let c = &self.config;
+        let policy = ExponentialBackoffBuilder::new()
+            .with_initial_interval(Duration::from_millis(c.initial_interval_ms))
+            .with_multiplier(c.multiplier)
+            .with_randomization_factor(c.randomization_factor)
+            .with_max_interval(Duration::from_millis(c.max_interval_ms))
+            .with_max_elapsed_time(Some(Duration::from_millis(c.max_elapsed_ms)))
+            .build();
+        backoff::future::retry_notify(
+            policy,
+            || {
+                let attempt = op();
+                async move {
+                    attempt.await.map_err(|e| {
+                        if e.is_retryable() && e.retry_in_place() {
+                            let retry_after = e.retry_after();
+                            backoff::Error::Transient { err: e, retry_after }
+                        } else {
+                            backoff::Error::Permanent(e)
+                        }
+                    })
+                }
+            },
+            |e: E, wait: Duration| {
+                metrics::retry(operation);
+                tracing::debug!(operation, code = e.code(), wait_ms = wait.as_millis() as u64, "retrying");
+            },
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::StoreError;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy::new(RetryConfig {
+            initial_interval_ms: 1,
+            multiplier: 2.0,
+            randomization_factor: 0.5,
+            max_interval_ms: 5,
+            max_elapsed_ms: 2_000,
+        })
+    }
+
+    #[tokio::test]
+    async fn transient_errors_are_retried_until_success() {
+        let calls = AtomicU32::new(0);
+        let r: Result<u32, LlmError> = quick()
+            .run("test", || async {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                if n < 3 { Err(LlmError::Server { status: 500, body: String::new() }) } else { Ok(n) }
+            })
+            .await;
+        assert_eq!(r.expect("success"), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn permanent_errors_are_not_retried() {
+        let calls = AtomicU32::new(0);
+        let r: Result<(), StoreError> = quick()
+            .run("test", || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(StoreError::Duplicate)
+            })
+            .await;
+        assert!(matches!(r, Err(StoreError::Duplicate)));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_honoured() {
+        let calls = AtomicU32::new(0);
+        let started = std::time::Instant::now();
+        let r: Result<(), LlmError> = quick()
+            .run("test", || async {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(LlmError::RateLimited { retry_after_ms: Some(300) })
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+        assert!(r.is_ok());
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+}

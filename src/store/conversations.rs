@@ -1,0 +1,128 @@
+//! Reads of conversations, their history and extracted data, and of committed replies.
+
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::model::{Conversation, Extracted, Role, StoredReply, Turn};
+
+const CONVERSATION_COLUMNS: &str = "c.id, c.business_id, u.external_id, c.current_stage_id, \
+     c.version, c.created_at, c.updated_at";
+
+fn conversation_from_row(r: &Row) -> Conversation {
+    Conversation {
+        id: r.get(0),
+        business_id: r.get(1),
+        user_external_id: r.get(2),
+        stage_id: r.get(3),
+        version: r.get(4),
+        created_at: r.get(5),
+        updated_at: r.get(6),
+    }
+}
+
+impl Store {
+    /// A conversation of this business.
+    pub async fn load_conversation(
+        &self,
+        business_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<Conversation>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM conversations c \
+                 JOIN users u ON u.business_id = c.business_id AND u.id = c.user_id \
+                 WHERE c.business_id = $1 AND c.id = $2"
+            ))
+            .await?;
+        Ok(client.query_opt(&stmt, &[&business_id, &id]).await?.as_ref().map(conversation_from_row))
+    }
+
+    /// The user's most recently active conversation with this business.
+    pub async fn latest_conversation(
+        &self,
+        business_id: Uuid,
+        user_external_id: &str,
+    ) -> Result<Option<Conversation>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM users u \
+                 JOIN conversations c ON c.business_id = u.business_id AND c.user_id = u.id \
+                 WHERE u.business_id = $1 AND u.external_id = $2 \
+                 ORDER BY c.updated_at DESC, c.id DESC LIMIT 1"
+            ))
+            .await?;
+        Ok(client
+            .query_opt(&stmt, &[&business_id, &user_external_id])
+            .await?
+            .as_ref()
+            .map(conversation_from_row))
+    }
+
+    /// The last `limit` messages of a conversation, oldest first.
+    pub async fn history(
+        &self,
+        business_id: Uuid,
+        conversation_id: Uuid,
+        limit: usize,
+    ) -> Result<Vec<Turn>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT role, content FROM (SELECT role, content, seq FROM messages \
+                 WHERE business_id = $1 AND conversation_id = $2 ORDER BY seq DESC LIMIT $3) t \
+                 ORDER BY seq ASC",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&business_id, &conversation_id, &(limit as i64)]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Turn {
+                role: if r.get::<_, &str>(0) == "assistant" { Role::Assistant } else { Role::User },
+                content: r.get(1),
+            })
+            .collect())
+    }
+
+    /// The extracted data of a conversation.
+    pub async fn extracted(
+        &self,
+        business_id: Uuid,
+        conversation_id: Uuid,
+    ) -> Result<Extracted, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT field, value FROM extracted_data \
+                 WHERE business_id = $1 AND conversation_id = $2",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&business_id, &conversation_id]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The reply committed for an idempotency key, if that message was already processed.
+    pub async fn find_reply(
+        &self,
+        business_id: Uuid,
+        idempotency_key: &str,
+    ) -> Result<Option<StoredReply>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT m.conversation_id, m.content, coalesce(m.status, 'ok'), s.name, m.log_id \
+                 FROM messages m LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
+                 WHERE m.business_id = $1 AND m.idempotency_key = $2 AND m.role = 'assistant'",
+            )
+            .await?;
+        Ok(client.query_opt(&stmt, &[&business_id, &idempotency_key]).await?.map(|r| StoredReply {
+            conversation_id: r.get(0),
+            content: r.get(1),
+            status: r.get(2),
+            stage: r.get(3),
+            log_id: r.get(4),
+        }))
+    }
+}

@@ -1,0 +1,103 @@
+//! Reads of business definitions: businesses, stages, templates.
+
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::model::{Business, StageInfo, StageTemplates, TemplateKind, TemplateRecord};
+
+impl Store {
+    /// The business with its stages in order, or `None` when it does not exist.
+    pub async fn load_business(&self, business_id: Uuid) -> Result<Option<Business>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT name FROM businesses WHERE id = $1").await?;
+        let Some(row) = client.query_opt(&stmt, &[&business_id]).await? else {
+            return Ok(None);
+        };
+        let name: String = row.get(0);
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, name, description, is_initial FROM stages \
+                 WHERE business_id = $1 ORDER BY position, name",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&business_id]).await?;
+        let mut initial = None;
+        let mut stages = Vec::with_capacity(rows.len());
+        for r in rows {
+            let info = StageInfo { id: r.get(0), name: r.get(1), description: r.get(2) };
+            if r.get::<_, bool>(3) {
+                initial = Some(info.id);
+            }
+            stages.push(info);
+        }
+        let initial_stage_id = initial
+            .or_else(|| stages.first().map(|s| s.id))
+            .ok_or_else(|| StoreError::Inconsistent(format!("business {business_id} has no stages")))?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT DISTINCT jsonb_object_keys(output_schema -> 'properties') FROM templates \
+                 WHERE business_id = $1 AND kind = 'extraction' \
+                 AND jsonb_typeof(output_schema -> 'properties') = 'object' ORDER BY 1",
+            )
+            .await?;
+        let extraction_fields =
+            client.query(&stmt, &[&business_id]).await?.iter().map(|r| r.get(0)).collect();
+        Ok(Some(Business { id: business_id, name, initial_stage_id, stages, extraction_fields }))
+    }
+
+    /// The template ids of a stage of this business.
+    pub async fn load_stage_templates(
+        &self,
+        business_id: Uuid,
+        stage_id: Uuid,
+    ) -> Result<Option<StageTemplates>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT selection_template_id, extraction_template_id, response_template_id, \
+                 fallback_template_id FROM stages WHERE business_id = $1 AND id = $2",
+            )
+            .await?;
+        Ok(client.query_opt(&stmt, &[&business_id, &stage_id]).await?.map(|r| StageTemplates {
+            selection: r.get(0),
+            extraction: r.get(1),
+            response: r.get(2),
+            fallback: r.get(3),
+        }))
+    }
+
+    /// A template of this business.
+    pub async fn load_template(
+        &self,
+        business_id: Uuid,
+        template_id: Uuid,
+    ) -> Result<Option<TemplateRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, business_id, name, kind, system, body, model, temperature, max_tokens, \
+                 output_schema, version FROM templates WHERE business_id = $1 AND id = $2",
+            )
+            .await?;
+        client.query_opt(&stmt, &[&business_id, &template_id]).await?.map(template_from_row).transpose()
+    }
+}
+
+fn template_from_row(r: Row) -> Result<TemplateRecord, StoreError> {
+    let kind: String = r.get(3);
+    Ok(TemplateRecord {
+        id: r.get(0),
+        business_id: r.get(1),
+        name: r.get(2),
+        kind: TemplateKind::parse(&kind)
+            .ok_or_else(|| StoreError::Inconsistent(format!("unknown template kind {kind}")))?,
+        system: r.get(4),
+        body: r.get(5),
+        model: r.get(6),
+        temperature: r.get(7),
+        max_tokens: r.get(8),
+        output_schema: r.get(9),
+        version: r.get(10),
+    })
+}

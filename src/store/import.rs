@@ -1,0 +1,149 @@
+//! Writes a validated business definition in one transaction.
+
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::business::definition::Definition;
+
+/// What an import changed in one template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateChange {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// The result of importing one business.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    pub business_id: Uuid,
+    /// (name, change, version after the import)
+    pub templates: Vec<(String, TemplateChange, i32)>,
+    pub template_ids: Vec<Uuid>,
+    pub stage_ids: Vec<Uuid>,
+}
+
+impl Store {
+    /// Creates or updates the business, its templates and stages. A template whose content
+    /// changed gets `version + 1`; an unchanged one keeps its version. Stages and templates that
+    /// are no longer in the file are kept (conversations may still point at them).
+    pub async fn save_definition(&self, def: &Definition) -> Result<ImportReport, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let business_id = def.business.id;
+        tx.execute(
+            "INSERT INTO businesses (id, name) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, updated_at = now() \
+             WHERE businesses.name IS DISTINCT FROM EXCLUDED.name",
+            &[&business_id, &def.business.name],
+        )
+        .await?;
+
+        let upsert = tx
+            .prepare(
+                "INSERT INTO templates (business_id, name, kind, system, body, model, temperature, \
+                 max_tokens, output_schema) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (business_id, name) DO UPDATE SET kind = EXCLUDED.kind, \
+                 system = EXCLUDED.system, body = EXCLUDED.body, model = EXCLUDED.model, \
+                 temperature = EXCLUDED.temperature, max_tokens = EXCLUDED.max_tokens, \
+                 output_schema = EXCLUDED.output_schema, version = templates.version + 1, \
+                 updated_at = now() \
+                 WHERE (templates.kind, templates.system, templates.body, templates.model, \
+                 templates.temperature, templates.max_tokens, templates.output_schema) \
+                 IS DISTINCT FROM (EXCLUDED.kind, EXCLUDED.system, EXCLUDED.body, EXCLUDED.model, \
+                 EXCLUDED.temperature, EXCLUDED.max_tokens, EXCLUDED.output_schema) \
+                 RETURNING id, version, (xmax = 0) AS inserted",
+            )
+            .await?;
+        let existing = tx
+            .prepare("SELECT id, version FROM templates WHERE business_id = $1 AND name = $2")
+            .await?;
+        let mut ids = std::collections::HashMap::new();
+        let mut report = ImportReport {
+            business_id,
+            templates: Vec::new(),
+            template_ids: Vec::new(),
+            stage_ids: Vec::new(),
+        };
+        for t in &def.templates {
+            let row = tx
+                .query_opt(
+                    &upsert,
+                    &[
+                        &business_id,
+                        &t.name,
+                        &t.kind.as_str(),
+                        &t.system,
+                        &t.body,
+                        &t.model,
+                        &t.temperature,
+                        &t.max_tokens,
+                        &t.output_schema,
+                    ],
+                )
+                .await?;
+            let (id, version, change): (Uuid, i32, TemplateChange) = match row {
+                Some(r) => {
+                    let change = if r.get::<_, bool>(2) {
+                        TemplateChange::Created
+                    } else {
+                        TemplateChange::Updated
+                    };
+                    (r.get(0), r.get(1), change)
+                }
+                None => {
+                    let r = tx.query_one(&existing, &[&business_id, &t.name]).await?;
+                    (r.get(0), r.get(1), TemplateChange::Unchanged)
+                }
+            };
+            ids.insert(t.name.as_str(), id);
+            report.template_ids.push(id);
+            report.templates.push((t.name.clone(), change, version));
+        }
+
+        tx.execute(
+            "UPDATE stages SET is_initial = false WHERE business_id = $1 AND name <> $2 AND is_initial",
+            &[&business_id, &def.business.initial_stage],
+        )
+        .await?;
+        let stage_upsert = tx
+            .prepare(
+                "INSERT INTO stages (business_id, name, description, position, is_initial, \
+                 selection_template_id, extraction_template_id, response_template_id, \
+                 fallback_template_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (business_id, name) DO UPDATE SET description = EXCLUDED.description, \
+                 position = EXCLUDED.position, is_initial = EXCLUDED.is_initial, \
+                 selection_template_id = EXCLUDED.selection_template_id, \
+                 extraction_template_id = EXCLUDED.extraction_template_id, \
+                 response_template_id = EXCLUDED.response_template_id, \
+                 fallback_template_id = EXCLUDED.fallback_template_id, updated_at = now() \
+                 RETURNING id",
+            )
+            .await?;
+        let lookup = |name: &Option<String>| name.as_deref().and_then(|n| ids.get(n).copied());
+        for (position, s) in def.stages.iter().enumerate() {
+            let response = ids.get(s.response_template.as_str()).copied().ok_or_else(|| {
+                StoreError::Inconsistent(format!("unknown template {}", s.response_template))
+            })?;
+            let row = tx
+                .query_one(
+                    &stage_upsert,
+                    &[
+                        &business_id,
+                        &s.name,
+                        &s.description,
+                        &(position as i32),
+                        &(s.name == def.business.initial_stage),
+                        &lookup(&s.selection_template),
+                        &lookup(&s.extraction_template),
+                        &response,
+                        &lookup(&s.fallback_template),
+                    ],
+                )
+                .await?;
+            report.stage_ids.push(row.get(0));
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+}

@@ -1,0 +1,225 @@
+//! The write phase (DESIGN §2): everything one message changes, in ONE transaction.
+//!
+//! User upsert, conversation insert or version check-and-bump, both messages with the
+//! idempotency key, the stage transition, extracted data, the LLM call rows; then COMMIT.
+//! Either all of it is stored or none of it.
+
+use uuid::Uuid;
+
+use super::{Store, StoreError, is_unique_violation};
+use crate::model::Extracted;
+
+/// One LLM call, as logged in `llm_calls`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmCallRecord {
+    pub id: Uuid,
+    /// `selection`, `extraction` or `response`.
+    pub purpose: &'static str,
+    pub template_id: Uuid,
+    pub template_version: i32,
+    pub model: String,
+    pub prompt: String,
+    pub output: Option<String>,
+    pub prompt_tokens: Option<u32>,
+    pub completion_tokens: Option<u32>,
+    pub latency_ms: u32,
+    /// `ok` or an error code.
+    pub outcome: &'static str,
+}
+
+/// Everything the write phase stores for one message.
+#[derive(Debug, Clone)]
+pub struct WriteSet {
+    pub business_id: Uuid,
+    pub log_id: Uuid,
+    pub user_external_id: String,
+    pub conversation_id: Uuid,
+    /// `None` for a new conversation; else the version the read phase saw.
+    pub expected_version: Option<i64>,
+    /// The stage after this message.
+    pub stage_id: Uuid,
+    /// (from, to) when selection moved the stage.
+    pub transition: Option<(Uuid, Uuid)>,
+    /// Fields extracted from this message.
+    pub extracted: Extracted,
+    pub idempotency_key: String,
+    pub inbound_id: String,
+    pub user_message_id: Uuid,
+    pub user_content: String,
+    pub metadata: Option<serde_json::Value>,
+    /// Stage the user message was received in.
+    pub user_stage_id: Uuid,
+    pub assistant_message_id: Uuid,
+    pub assistant_content: String,
+    /// `ok` or `fallback`.
+    pub assistant_status: &'static str,
+    pub llm_calls: Vec<LlmCallRecord>,
+}
+
+impl Store {
+    /// Commits a write set and returns the conversation's new version.
+    ///
+    /// `before_commit` runs inside the transaction after every write (a fault-injection point);
+    /// an error from it rolls everything back.
+    ///
+    /// # Errors
+    /// [`StoreError::VersionConflict`] when the conversation changed since the read phase,
+    /// [`StoreError::Duplicate`] when the idempotency key is already committed, database errors.
+    pub async fn commit_write_set(
+        &self,
+        ws: &WriteSet,
+        before_commit: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<i64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let b = &ws.business_id;
+
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO users (business_id, external_id) VALUES ($1, $2) \
+                 ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = now() \
+                 RETURNING id",
+            )
+            .await?;
+        let user_id: Uuid = tx.query_one(&stmt, &[b, &ws.user_external_id]).await?.get(0);
+
+        let version = match ws.expected_version {
+            None => {
+                let stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO conversations (id, business_id, user_id, current_stage_id) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING RETURNING version",
+                    )
+                    .await?;
+                tx.query_opt(&stmt, &[&ws.conversation_id, b, &user_id, &ws.stage_id])
+                    .await?
+                    .ok_or(StoreError::VersionConflict)?
+                    .get(0)
+            }
+            Some(expected) => {
+                let stmt = tx
+                    .prepare_cached(
+                        "UPDATE conversations SET version = version + 1, current_stage_id = $4, \
+                         updated_at = now() \
+                         WHERE business_id = $1 AND id = $2 AND version = $3 AND user_id = $5 \
+                         RETURNING version",
+                    )
+                    .await?;
+                tx.query_opt(&stmt, &[b, &ws.conversation_id, &expected, &ws.stage_id, &user_id])
+                    .await?
+                    .ok_or(StoreError::VersionConflict)?
+                    .get(0)
+            }
+        };
+
+        let insert_message = tx
+            .prepare_cached(
+                "INSERT INTO messages (id, business_id, conversation_id, role, content, \
+                 idempotency_key, stage_id, status, metadata, inbound_id, log_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .await?;
+        let no_status: Option<&str> = None;
+        tx.execute(
+            &insert_message,
+            &[
+                &ws.user_message_id,
+                b,
+                &ws.conversation_id,
+                &"user",
+                &ws.user_content,
+                &ws.idempotency_key,
+                &ws.user_stage_id,
+                &no_status,
+                &ws.metadata,
+                &ws.inbound_id,
+                &ws.log_id,
+            ],
+        )
+        .await
+        .map_err(|e| if is_unique_violation(&e) { StoreError::Duplicate } else { e.into() })?;
+        let no_metadata: Option<serde_json::Value> = None;
+        tx.execute(
+            &insert_message,
+            &[
+                &ws.assistant_message_id,
+                b,
+                &ws.conversation_id,
+                &"assistant",
+                &ws.assistant_content,
+                &ws.idempotency_key,
+                &ws.stage_id,
+                &Some(ws.assistant_status),
+                &no_metadata,
+                &ws.inbound_id,
+                &ws.log_id,
+            ],
+        )
+        .await
+        .map_err(|e| if is_unique_violation(&e) { StoreError::Duplicate } else { e.into() })?;
+
+        if let Some((from, to)) = ws.transition {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO stage_transitions (business_id, conversation_id, from_stage_id, \
+                     to_stage_id, message_id, log_id) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .await?;
+            tx.execute(&stmt, &[b, &ws.conversation_id, &from, &to, &ws.user_message_id, &ws.log_id])
+                .await?;
+        }
+
+        if !ws.extracted.is_empty() {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO extracted_data (business_id, conversation_id, field, value, \
+                     source_message_id) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (conversation_id, field) DO UPDATE SET value = EXCLUDED.value, \
+                     source_message_id = EXCLUDED.source_message_id, updated_at = now()",
+                )
+                .await?;
+            for (field, value) in &ws.extracted {
+                tx.execute(&stmt, &[b, &ws.conversation_id, field, value, &ws.user_message_id])
+                    .await?;
+            }
+        }
+
+        if !ws.llm_calls.is_empty() {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, \
+                     template_id, template_version, model, prompt, output, prompt_tokens, \
+                     completion_tokens, latency_ms, outcome, log_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                )
+                .await?;
+            for c in &ws.llm_calls {
+                tx.execute(
+                    &stmt,
+                    &[
+                        &c.id,
+                        b,
+                        &ws.conversation_id,
+                        &ws.user_message_id,
+                        &c.purpose,
+                        &c.template_id,
+                        &c.template_version,
+                        &c.model,
+                        &c.prompt,
+                        &c.output,
+                        &c.prompt_tokens.map(|t| t as i32),
+                        &c.completion_tokens.map(|t| t as i32),
+                        &(c.latency_ms as i32),
+                        &c.outcome,
+                        &ws.log_id,
+                    ],
+                )
+                .await?;
+            }
+        }
+
+        before_commit()?;
+        tx.commit().await?;
+        Ok(version)
+    }
+}

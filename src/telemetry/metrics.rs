@@ -1,0 +1,176 @@
+//! Every metric of icmp (DESIGN §9), declared in one place: names as constants, help text at
+//! start-up, label values from fixed lists only (never user, conversation or message ids).
+//!
+//! Histogram buckets: message and LLM durations span 5 ms .. 60 s because LLM latency dominates;
+//! step durations start at 0.5 ms to show cache and database steps.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::Classify;
+
+pub const MESSAGES_TOTAL: &str = "icmp_messages_total";
+pub const MESSAGE_DURATION: &str = "icmp_message_duration_seconds";
+pub const STEP_DURATION: &str = "icmp_step_duration_seconds";
+pub const LLM_REQUESTS_TOTAL: &str = "icmp_llm_requests_total";
+pub const LLM_REQUEST_DURATION: &str = "icmp_llm_request_duration_seconds";
+pub const LLM_TOKENS_TOTAL: &str = "icmp_llm_tokens_total";
+pub const ERRORS_TOTAL: &str = "icmp_errors_total";
+pub const RETRIES_TOTAL: &str = "icmp_retries_total";
+pub const CACHE_REQUESTS_TOTAL: &str = "icmp_cache_requests_total";
+pub const STAGE_TRANSITIONS_TOTAL: &str = "icmp_stage_transitions_total";
+pub const UNKNOWN_STAGES_TOTAL: &str = "icmp_unknown_stages_total";
+pub const DEGRADED_TOTAL: &str = "icmp_degraded_total";
+pub const DEAD_LETTERS_TOTAL: &str = "icmp_dead_letters_total";
+pub const INFLIGHT_MESSAGES: &str = "icmp_inflight_messages";
+pub const STREAM_PENDING: &str = "icmp_stream_pending_messages";
+pub const STREAM_LAG: &str = "icmp_stream_lag";
+pub const DB_POOL_CONNECTIONS: &str = "icmp_db_pool_connections";
+
+const SLOW_BUCKETS: [f64; 14] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
+const STEP_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(STEP_DURATION.into()), &STEP_BUCKETS)
+                .and_then(|b| b.set_buckets(&SLOW_BUCKETS));
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed; keep ours for rendering anyway.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(MESSAGES_TOTAL, "Inbound messages finished, by outcome.");
+    describe_histogram!(MESSAGE_DURATION, metrics::Unit::Seconds, "Time from read to reply, by outcome.");
+    describe_histogram!(STEP_DURATION, metrics::Unit::Seconds, "Time per pipeline step.");
+    describe_counter!(LLM_REQUESTS_TOTAL, "LLM calls, by purpose and outcome.");
+    describe_histogram!(LLM_REQUEST_DURATION, metrics::Unit::Seconds, "LLM call latency, by purpose.");
+    describe_counter!(LLM_TOKENS_TOTAL, "LLM tokens, by purpose and kind (prompt, completion).");
+    describe_counter!(ERRORS_TOTAL, "Errors, by category and stable code.");
+    describe_counter!(RETRIES_TOTAL, "Retries of transient faults, by operation.");
+    describe_counter!(CACHE_REQUESTS_TOTAL, "Cache lookups, by cache and result (hit, miss, error).");
+    describe_counter!(STAGE_TRANSITIONS_TOTAL, "Committed stage transitions.");
+    describe_counter!(UNKNOWN_STAGES_TOTAL, "Stage selections naming a stage the business lacks.");
+    describe_counter!(DEGRADED_TOTAL, "Steps that degraded after an LLM failure, by step.");
+    describe_counter!(DEAD_LETTERS_TOTAL, "Entries moved to the dead-letter stream.");
+    describe_gauge!(INFLIGHT_MESSAGES, "Messages being processed by this worker.");
+    describe_gauge!(STREAM_PENDING, "Entries delivered to the group but not acknowledged.");
+    describe_gauge!(STREAM_LAG, "Entries in the inbound stream not yet delivered to the group.");
+    describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state (idle, busy).");
+}
+
+/// Message outcomes (label `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageOutcome {
+    Ok,
+    Fallback,
+    Error,
+    Duplicate,
+    Retry,
+    DeadLettered,
+}
+
+impl MessageOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageOutcome::Ok => "ok",
+            MessageOutcome::Fallback => "fallback",
+            MessageOutcome::Error => "error",
+            MessageOutcome::Duplicate => "duplicate",
+            MessageOutcome::Retry => "retry",
+            MessageOutcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+pub fn message(outcome: MessageOutcome, took: Duration) {
+    counter!(MESSAGES_TOTAL, "outcome" => outcome.as_str()).increment(1);
+    histogram!(MESSAGE_DURATION, "outcome" => outcome.as_str()).record(took.as_secs_f64());
+}
+
+pub fn step(step: &'static str, took: Duration) {
+    histogram!(STEP_DURATION, "step" => step).record(took.as_secs_f64());
+}
+
+pub fn llm_request(purpose: &'static str, outcome: &'static str, took: Duration) {
+    counter!(LLM_REQUESTS_TOTAL, "purpose" => purpose, "outcome" => outcome).increment(1);
+    histogram!(LLM_REQUEST_DURATION, "purpose" => purpose).record(took.as_secs_f64());
+}
+
+pub fn llm_tokens(purpose: &'static str, prompt: u32, completion: u32) {
+    counter!(LLM_TOKENS_TOTAL, "purpose" => purpose, "kind" => "prompt").increment(prompt.into());
+    counter!(LLM_TOKENS_TOTAL, "purpose" => purpose, "kind" => "completion")
+        .increment(completion.into());
+}
+
+/// Counts an error and writes its log line: one place for both.
+pub fn record_error(err: &dyn Classify, context: &'static str) {
+    counter!(ERRORS_TOTAL, "category" => err.category().as_str(), "code" => err.code())
+        .increment(1);
+    if err.is_retryable() {
+        tracing::warn!(error.code = err.code(), error.category = %err.category(), context, error = %err, "transient failure");
+    } else if err.status_code() >= 500 {
+        tracing::error!(error.code = err.code(), error.category = %err.category(), context, error = %err, "failure");
+    } else {
+        tracing::info!(error.code = err.code(), error.category = %err.category(), context, error = %err, "rejected");
+    }
+}
+
+pub fn retry(operation: &'static str) {
+    counter!(RETRIES_TOTAL, "operation" => operation).increment(1);
+}
+
+/// Cache lookups: `result` is `hit`, `miss` or `error`.
+pub fn cache(cache: &'static str, result: &'static str) {
+    counter!(CACHE_REQUESTS_TOTAL, "cache" => cache, "result" => result).increment(1);
+}
+
+pub fn stage_transition() {
+    counter!(STAGE_TRANSITIONS_TOTAL).increment(1);
+}
+
+pub fn unknown_stage() {
+    counter!(UNKNOWN_STAGES_TOTAL).increment(1);
+}
+
+pub fn degraded(step: &'static str) {
+    counter!(DEGRADED_TOTAL, "step" => step).increment(1);
+}
+
+pub fn dead_letter() {
+    counter!(DEAD_LETTERS_TOTAL).increment(1);
+}
+
+pub fn inflight(n: usize) {
+    gauge!(INFLIGHT_MESSAGES).set(n as f64);
+}
+
+pub fn stream_state(pending: u64, lag: Option<u64>) {
+    gauge!(STREAM_PENDING).set(pending as f64);
+    if let Some(lag) = lag {
+        gauge!(STREAM_LAG).set(lag as f64);
+    }
+}
+
+pub fn db_pool(idle: usize, busy: usize) {
+    gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
+    gauge!(DB_POOL_CONNECTIONS, "state" => "busy").set(busy as f64);
+}

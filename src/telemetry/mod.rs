@@ -1,0 +1,32 @@
+//! Logs (tracing, JSON or pretty), metrics (Prometheus) and the HTTP endpoint that serves
+//! `/metrics`, `/healthz` and `/readyz`.
+
+pub mod metrics;
+pub mod server;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Installs the global tracing subscriber writing to `sink`; `RUST_LOG` overrides the
+/// configured filter. A second call is a no-op (tests start many workers in one process).
+pub fn init_logging<W>(config: &TelemetryConfig, sink: W)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log_filter.clone()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(sink);
+    let result = match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+    // Already installed: keep the first one.
+    drop(result);
+}
