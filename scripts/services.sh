@@ -5,6 +5,8 @@
 #   scripts/services.sh env     print the environment (ICMP__DATABASE__URL, ...) for the running services
 #   scripts/services.sh down    stop the services this script started
 #
+# Daemons are started with stdio and the lock descriptor closed, so that a caller reading this
+# script's output (the test harness) is not kept waiting by them.
 # Data lives under .local/ (ignored by git). Ports: ICMP_PG_PORT (54329), ICMP_REDIS_PORT (63799).
 # Local PostgreSQL trusts loopback connections; real deployments pass a password through
 # ICMP__DATABASE__PASSWORD instead.
@@ -68,7 +70,8 @@ pg_up() {
   # A stale pid file from a killed session must not stop the start.
   if [ -f "$pg_dir/postmaster.pid" ]; then rm -f "$pg_dir/postmaster.pid"; fi
   pg_run "$bin/pg_ctl" -D "$pg_dir" -l "$log_dir/postgres.log" -w -t 60 \
-    -o "-p $pg_port -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=400 -c shared_buffers=256MB" start >/dev/null
+    -o "-p $pg_port -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=400 -c shared_buffers=256MB" \
+    start </dev/null >/dev/null 2>&1 9>&-
   log "postgres started on $pg_port"
 }
 
@@ -87,7 +90,7 @@ redis_up() {
   mkdir -p "$redis_dir" "$log_dir"
   redis-server --port "$redis_port" --bind 127.0.0.1 --daemonize yes --dir "$redis_dir" \
     --pidfile "$redis_dir/redis.pid" --logfile "$log_dir/redis.log" \
-    --appendonly yes --save "" --maxmemory-policy noeviction >/dev/null
+    --appendonly yes --save "" --maxmemory-policy noeviction </dev/null >/dev/null 2>&1 9>&-
   for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p "$redis_port" ping >/dev/null
   log "redis started on $redis_port"

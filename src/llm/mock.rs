@@ -305,9 +305,42 @@ fn answer(request: &Request) -> String {
             json!({"stage": select(&words, &prompt)}).to_string()
         }
     } else {
-        let first_line = words.lines().next().unwrap_or("");
-        format!("Thanks for your message: \"{first_line}\". How else can I help?")
+        respond(&words, &prompt)
     }
+}
+
+/// Plain replies. A prompt line `Known so far: a=1, b=` makes the mock ask for the missing
+/// fields (or confirm when none is missing); `Booking: …` makes it say goodbye with a summary.
+fn respond(words: &str, prompt: &str) -> String {
+    let first_line = words.lines().next().unwrap_or("").trim();
+    let known = |prefix: &str| {
+        prompt.lines().rev().find_map(|l| l.trim().strip_prefix(prefix)).map(|rest| {
+            rest.split(", ")
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect::<Vec<_>>()
+        })
+    };
+    if let Some(fields) = known("Known so far:") {
+        let missing: Vec<&str> =
+            fields.iter().filter(|(_, v)| v.is_empty()).map(|(k, _)| k.as_str()).collect();
+        return if missing.is_empty() {
+            let summary: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("Great, you're booked ({}). Anything else?", summary.join(", "))
+        } else {
+            format!("Happy to help with \"{first_line}\". Could you tell me your {}?", missing.join(" and "))
+        };
+    }
+    if let Some(fields) = known("Booking:") {
+        let set: Vec<String> =
+            fields.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("{k}: {v}")).collect();
+        return if set.is_empty() {
+            "Thanks for chatting with us. Goodbye!".to_owned()
+        } else {
+            format!("Thanks! Your booking ({}) is noted. Goodbye!", set.join(", "))
+        };
+    }
+    format!("Thanks for your message: \"{first_line}\". How else can I help?")
 }
 
 fn has_word(haystack: &str, words: &[&str]) -> bool {
@@ -424,6 +457,14 @@ mod tests {
         assert_eq!(v["name"], "Alice Smith");
         assert_eq!(v["date"], "2026-12-03");
         assert_eq!(v["reason"], "cleaning");
+    }
+
+    #[test]
+    fn plain_mode_asks_for_missing_fields() {
+        let r = request(false, "Book", "Known so far: name=Al, date=, reason=\nUser message: hi");
+        assert_eq!(answer(&r), "Happy to help with \"hi\". Could you tell me your date and reason?");
+        let r = request(false, "Book", "Known so far: name=Al, date=friday, reason=pain\nUser message: ok");
+        assert!(answer(&r).contains("you're booked (name: Al, date: friday, reason: pain)"));
     }
 
     #[test]

@@ -1,0 +1,159 @@
+//! Schema, migrations, business import and tenant isolation.
+
+use icmp::business::{self, Definition, ImportError};
+use icmp::config::RedactedUrl;
+use icmp::store::{self, Store};
+use icmp::store::import::TemplateChange;
+use uuid::Uuid;
+
+use crate::helpers::{self, DEMO_BUSINESS};
+
+const OTHER_BUSINESS: &str = "5b0e8a7c-1111-4c1d-8e2f-000000000002";
+
+fn demo_text() -> String {
+    std::fs::read_to_string(helpers::demo_file()).expect("demo file")
+}
+
+/// The demo definition as another business (same template names, other texts).
+fn other_business_text() -> String {
+    demo_text()
+        .replace(DEMO_BUSINESS, OTHER_BUSINESS)
+        .replace("Sunny Smile Dental", "Northside Vet")
+}
+
+async fn write_temp(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("icmp-def-{}.toml", Uuid::new_v4()));
+    tokio::fs::write(&path, text).await.expect("write");
+    path
+}
+
+async fn count(store: &Store, sql: &str) -> i64 {
+    store.client().await.expect("db").query_one(sql, &[]).await.expect("query").get(0)
+}
+
+#[tokio::test]
+async fn migrate_twice_is_a_no_op_the_second_time() {
+    let mut config = helpers::base_config();
+    config.database.url = RedactedUrl::new(helpers::empty_database().await);
+    let first = store::migrate(&config.database).await.expect("first");
+    assert_eq!(first, vec![1]);
+    let second = store::migrate(&config.database).await.expect("second");
+    assert!(second.is_empty(), "{second:?}");
+    let store = Store::connect(&config.database).expect("store");
+    let tables = count(
+        &store,
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' \
+         AND table_name IN ('businesses','users','stages','templates','conversations','messages',\
+         'extracted_data','stage_transitions','llm_calls')",
+    )
+    .await;
+    assert_eq!(tables, 9);
+}
+
+#[tokio::test]
+async fn a_broken_template_rejects_the_file_naming_template_and_line() {
+    let config = helpers::isolated_config().await;
+    let store = Store::connect(&config.database).expect("store");
+    let broken = demo_text().replace(
+        "User message: {{ message.content }}\"\"\"\n\n[[templates]]\nname = \"booking_reply\"",
+        "User message: {{ message.content \"\"\"\n\n[[templates]]\nname = \"booking_reply\"",
+    );
+    assert_ne!(broken, demo_text(), "the fixture must change the file");
+    let path = write_temp(&broken).await;
+    let err = business::import_files(&store, None, &[&path]).await.expect_err("must fail");
+    let text = err.to_string();
+    assert!(matches!(err, ImportError::Definition { .. }));
+    assert!(text.contains("welcome_reply"), "{text}");
+    assert!(text.contains("welcome_reply.body:2:"), "line missing: {text}");
+    assert_eq!(count(&store, "SELECT count(*) FROM businesses").await, 0);
+    assert_eq!(count(&store, "SELECT count(*) FROM templates").await, 0);
+}
+
+#[tokio::test]
+async fn an_unknown_variable_rejects_the_file_and_writes_nothing() {
+    let config = helpers::isolated_config().await;
+    let store = Store::connect(&config.database).expect("store");
+    let text = demo_text().replace(
+        "You close the conversation for {{ business.name }}",
+        "You close the conversation for {{ business.owner }}",
+    );
+    let path = write_temp(&text).await;
+    let err = business::import_files(&store, None, &[&path]).await.expect_err("must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("farewell_reply"), "{msg}");
+    assert!(msg.contains("farewell_reply.system:1:"), "{msg}");
+    assert_eq!(count(&store, "SELECT count(*) FROM templates").await, 0);
+    assert_eq!(count(&store, "SELECT count(*) FROM stages").await, 0);
+}
+
+#[test]
+fn definitions_with_bad_references_list_every_problem() {
+    let text = demo_text()
+        .replace("response_template = \"farewell_reply\"", "response_template = \"nope\"")
+        .replace("extraction_template = \"extract_booking\"", "extraction_template = \"welcome_reply\"");
+    let err = Definition::parse(&text).expect_err("invalid").to_string();
+    assert!(err.contains("unknown template `nope`"), "{err}");
+    assert!(err.contains("`welcome_reply` is a response template, expected extraction"), "{err}");
+}
+
+#[tokio::test]
+async fn reimport_bumps_only_changed_templates() {
+    let config = helpers::isolated_config().await;
+    let store = Store::connect(&config.database).expect("store");
+    let first = business::import_files(&store, None, &[helpers::demo_file()]).await.expect("import");
+    assert!(first[0].templates.iter().all(|(_, c, v)| *c == TemplateChange::Created && *v == 1));
+
+    let changed = demo_text().replace("Answer briefly and offer", "Answer in two sentences and offer");
+    let path = write_temp(&changed).await;
+    let second = business::import_files(&store, None, &[&path]).await.expect("reimport");
+    for (name, change, version) in &second[0].templates {
+        if name == "welcome_reply" {
+            assert_eq!((change, *version), (&TemplateChange::Updated, 2));
+        } else {
+            assert_eq!((change, *version), (&TemplateChange::Unchanged, 1), "{name}");
+        }
+    }
+    assert_eq!(count(&store, "SELECT count(*) FROM templates").await, 7);
+    assert_eq!(count(&store, "SELECT count(*) FROM stages").await, 3);
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM templates WHERE body LIKE '%two sentences%' OR system LIKE '%two sentences%'").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn two_businesses_never_see_each_others_stages_or_templates() {
+    let config = helpers::isolated_config().await;
+    let store = Store::connect(&config.database).expect("store");
+    let other = write_temp(&other_business_text()).await;
+    let reports = business::import_files(&store, None, &[helpers::demo_file(), other])
+        .await
+        .expect("import");
+    let (demo, vet) = (&reports[0], &reports[1]);
+    let demo_id: Uuid = DEMO_BUSINESS.parse().expect("uuid");
+    let vet_id: Uuid = OTHER_BUSINESS.parse().expect("uuid");
+
+    for t in &vet.template_ids {
+        assert!(store.load_template(demo_id, *t).await.expect("query").is_none());
+        assert!(store.load_template(vet_id, *t).await.expect("query").is_some());
+    }
+    for s in &vet.stage_ids {
+        assert!(store.load_stage_templates(demo_id, *s).await.expect("query").is_none());
+    }
+    let b = store.load_business(demo_id).await.expect("query").expect("demo");
+    assert!(b.stages.iter().all(|s| demo.stage_ids.contains(&s.id)));
+    assert_eq!(b.name, "Sunny Smile Dental");
+
+    // The schema itself refuses a stage pointing at another business's template.
+    let err = store
+        .client()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE stages SET response_template_id = $1 WHERE id = $2",
+            &[&vet.template_ids[2], &demo.stage_ids[0]],
+        )
+        .await
+        .expect_err("cross-tenant reference");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION));
+}

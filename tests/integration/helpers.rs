@@ -1,0 +1,298 @@
+//! Test harness: services, a fresh database per test, and `spawn_app()` with a worker, its
+//! streams and a mock LLM.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use icmp::cache::{self, Cache};
+use icmp::config::{Config, RedactedUrl};
+use icmp::llm::OpenAiClient;
+use icmp::llm::mock::{self, MockOptions, MockServer};
+use icmp::pipeline::{Failpoints, MessageHandler};
+use icmp::store::{self, Store};
+use icmp::stream::Streams;
+use icmp::worker::Worker;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+pub const DEMO_BUSINESS: &str = "7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001";
+
+/// Addresses of the shared services.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// A superuser URL of the `postgres` database.
+    pub admin_url: String,
+    pub redis_url: String,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The services, started by `scripts/services.sh up` unless `ICMP_TEST_DATABASE_URL` and
+/// `ICMP_TEST_REDIS_URL` are set.
+pub fn services() -> &'static Services {
+    static SERVICES: OnceLock<Services> = OnceLock::new();
+    SERVICES.get_or_init(|| {
+        if let (Ok(admin_url), Ok(redis_url)) =
+            (std::env::var("ICMP_TEST_DATABASE_URL"), std::env::var("ICMP_TEST_REDIS_URL"))
+        {
+            return Services { admin_url, redis_url };
+        }
+        let out = std::process::Command::new(root().join("scripts/services.sh"))
+            .arg("up")
+            .output()
+            .expect("run scripts/services.sh");
+        assert!(out.status.success(), "services.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        let env: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Services {
+            admin_url: env["ICMP_TEST_DATABASE_URL"].clone(),
+            redis_url: env["ICMP_TEST_REDIS_URL"].clone(),
+        }
+    })
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("url has a database");
+    format!("{base}/{db}")
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, conn) =
+        tokio_postgres::connect(&services().admin_url, NoTls).await.expect("connect admin");
+    tokio::spawn(conn);
+    client
+}
+
+fn migrations_fingerprint() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut files: Vec<_> = std::fs::read_dir(root().join("sql"))
+        .expect("sql/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        std::fs::read(&f).expect("read migration").hash(&mut h);
+    }
+    h.finish()
+}
+
+/// A new, empty database (not migrated).
+pub async fn empty_database() -> String {
+    let name = format!("icmp_test_{}", Uuid::new_v4().simple());
+    admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
+    with_db(&services().admin_url, &name)
+}
+
+/// A new database with the schema applied (cloned from a migrated template database).
+pub async fn migrated_database() -> String {
+    let template = format!("icmp_tpl_{:016x}", migrations_fingerprint());
+    let client = admin().await;
+    client.execute("SELECT pg_advisory_lock(7401)", &[]).await.expect("lock");
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
+        .await
+        .expect("query")
+        .is_some();
+    if !exists {
+        client.batch_execute(&format!("CREATE DATABASE {template}")).await.expect("create template");
+        let mut cfg = base_config();
+        cfg.database.url = RedactedUrl::new(with_db(&services().admin_url, &template));
+        store::migrate(&cfg.database).await.expect("migrate template");
+    }
+    let name = format!("icmp_test_{}", Uuid::new_v4().simple());
+    let created = client.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}")).await;
+    client.execute("SELECT pg_advisory_unlock(7401)", &[]).await.expect("unlock");
+    created.expect("create from template");
+    with_db(&services().admin_url, &name)
+}
+
+/// `config/default.toml` + `config/test.toml`, pointing at the shared services.
+pub fn base_config() -> Config {
+    let mut c = Config::load(&root().join("config/default.toml"), Some("test")).expect("config");
+    c.database.url = RedactedUrl::new(services().admin_url.clone());
+    c.database.pool_size = 8;
+    c.redis.url = RedactedUrl::new(services().redis_url.clone());
+    c.telemetry.listen = String::new();
+    c
+}
+
+/// A configuration with its own database, key prefix, streams and group.
+pub async fn isolated_config() -> Config {
+    let mut c = base_config();
+    let id = Uuid::new_v4().simple().to_string();
+    c.database.url = RedactedUrl::new(migrated_database().await);
+    c.redis.key_prefix = format!("t:{id}:");
+    c.streams.inbound = format!("t:{id}:inbound");
+    c.streams.outbound = format!("t:{id}:outbound");
+    c.streams.dead_letter = format!("t:{id}:dead");
+    c.streams.group = format!("g-{id}");
+    c.streams.consumer = format!("c-{id}");
+    c.streams.reply_prefix = format!("t:{id}:reply:");
+    c
+}
+
+pub async fn redis_conn() -> ConnectionManager {
+    cache::connect(&base_config().redis).await.expect("redis")
+}
+
+/// Imports a definition file into the database of `config`.
+pub async fn import(config: &Config, files: &[&Path]) {
+    let store = Store::connect(&config.database).expect("store");
+    icmp::business::import_files(&store, None, files).await.expect("import");
+}
+
+pub fn demo_file() -> PathBuf {
+    root().join("config/businesses/demo.toml")
+}
+
+/// A running worker with its own database, streams and mock LLM.
+pub struct TestApp {
+    pub config: Config,
+    pub store: Store,
+    pub redis: ConnectionManager,
+    pub cache: Cache,
+    pub mock: MockServer,
+    pub failpoints: Failpoints,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts a worker for the demo business with a mock LLM configured by `options`.
+pub async fn spawn_app(options: MockOptions) -> TestApp {
+    spawn_app_with(options, |_| {}).await
+}
+
+pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mock = mock::spawn(listener, options).expect("mock");
+    let mut config = isolated_config().await;
+    config.llm.base_url = mock.base_url();
+    tweak(&mut config);
+    import(&config, &[&demo_file()]).await;
+    let store = Store::connect(&config.database).expect("store");
+    let redis = cache::connect(&config.redis).await.expect("redis");
+    let reader = cache::connect(&config.redis).await.expect("redis");
+    let cache = Cache::new(redis.clone(), &config.redis, &config.cache);
+    let failpoints = Failpoints::default();
+    let llm = OpenAiClient::new(&config.llm).expect("client");
+    let handler = Arc::new(MessageHandler::new(
+        config.clone(),
+        store.clone(),
+        cache.clone(),
+        llm,
+        failpoints.clone(),
+    ));
+    let streams = Streams::new(reader, redis.clone(), config.streams.clone());
+    let worker = Arc::new(Worker::new(config.clone(), handler, streams));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(async move {
+        let _ = rx.await;
+    }));
+    TestApp { config, store, redis, cache, mock, failpoints, stop: Some(tx), task: Some(task) }
+}
+
+impl TestApp {
+    /// XADDs raw fields to the inbound stream; returns the entry id.
+    pub async fn xadd(&self, fields: &[(&str, &[u8])]) -> String {
+        self.redis.clone().xadd(&self.config.streams.inbound, "*", fields).await.expect("xadd")
+    }
+
+    /// Sends a text message to the demo business; returns the entry id.
+    pub async fn send(&self, user: &str, message_id: &str, content: &str) -> String {
+        self.xadd(&[
+            ("business_id", DEMO_BUSINESS.as_bytes()),
+            ("user_id", user.as_bytes()),
+            ("message_id", message_id.as_bytes()),
+            ("content", content.as_bytes()),
+        ])
+        .await
+    }
+
+    /// Waits for the reply whose `message_id` is `id` on `stream` (the outbound stream when
+    /// `None`).
+    pub async fn reply_on(&self, stream: &str, id: &str) -> HashMap<String, String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut conn = self.redis.clone();
+        let mut last = "0".to_owned();
+        loop {
+            let opts = StreamReadOptions::default().count(100).block(200);
+            let reply: Option<StreamReadReply> =
+                conn.xread_options(&[stream], &[&last], &opts).await.expect("xread");
+            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                for entry in key.ids {
+                    last = entry.id.clone();
+                    let fields = strings(entry.map);
+                    if fields.get("message_id").map(String::as_str) == Some(id) {
+                        return fields;
+                    }
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no reply for {id} on {stream}");
+        }
+    }
+
+    pub async fn reply(&self, id: &str) -> HashMap<String, String> {
+        let stream = self.config.streams.outbound.clone();
+        self.reply_on(&stream, id).await
+    }
+
+    /// All entries of a stream.
+    pub async fn entries(&self, stream: &str) -> Vec<HashMap<String, String>> {
+        let r: StreamRangeReply = self.redis.clone().xrange_all(stream).await.expect("xrange");
+        r.ids.into_iter().map(|e| strings(e.map)).collect()
+    }
+
+    /// A database connection for assertions.
+    pub async fn db(&self) -> deadpool_postgres::Client {
+        self.store.client().await.expect("db")
+    }
+
+    pub async fn count(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> i64 {
+        self.db().await.query_one(sql, params).await.expect("count").get(0)
+    }
+
+    pub async fn key_exists(&self, key: &str) -> bool {
+        self.redis.clone().exists(key).await.expect("exists")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+pub fn strings(map: HashMap<String, redis::Value>) -> HashMap<String, String> {
+    map.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                redis::Value::SimpleString(s) => s,
+                other => format!("{other:?}"),
+            };
+            (k, s)
+        })
+        .collect()
+}

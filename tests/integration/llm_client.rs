@@ -1,0 +1,158 @@
+//! The OpenAI-compatible client against a scripted HTTP server (wiremock).
+
+use std::time::Duration;
+
+use icmp::error::{Classify, LlmError};
+use icmp::llm::{ChatMessage, ChatRequest, LlmService, OpenAiClient};
+use secrecy::SecretString;
+use serde_json::json;
+use wiremock::matchers::{body_partial_json, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers;
+
+fn client(server: &MockServer, timeout_ms: u64) -> OpenAiClient {
+    let mut c = helpers_llm_config();
+    c.base_url = format!("{}/v1", server.uri());
+    c.request_timeout_ms = timeout_ms;
+    c.api_key = Some(SecretString::from("sk-test-key"));
+    OpenAiClient::new(&c).expect("client")
+}
+
+fn helpers_llm_config() -> icmp::config::LlmConfig {
+    // The LLM section of the test profile; no services needed.
+    let path = helpers::root().join("config/default.toml");
+    icmp::config::Config::load(&path, Some("test")).expect("config").llm
+}
+
+fn request(json_mode: bool) -> ChatRequest {
+    ChatRequest {
+        model: "gpt-test".into(),
+        messages: vec![ChatMessage::system("be brief"), ChatMessage::user("hi")],
+        temperature: Some(0.2),
+        max_tokens: Some(50),
+        json_mode,
+    }
+}
+
+fn completion(content: &str) -> serde_json::Value {
+    json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-test-0613",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    })
+}
+
+#[tokio::test]
+async fn a_200_returns_content_model_and_usage() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(header("authorization", "Bearer sk-test-key"))
+        .and(body_partial_json(json!({"model": "gpt-test", "max_tokens": 50, "messages": [{"role": "system"}, {"role": "user", "content": "hi"}]})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion("hello")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let r = client(&server, 2000).chat(&request(false)).await.expect("ok");
+    assert_eq!(r.content, "hello");
+    assert_eq!(r.model, "gpt-test-0613");
+    assert_eq!((r.prompt_tokens, r.completion_tokens), (Some(12), Some(3)));
+}
+
+#[tokio::test]
+async fn json_mode_sends_response_format_and_plain_mode_does_not() {
+    let server = MockServer::start().await;
+    Mock::given(body_partial_json(json!({"response_format": {"type": "json_object"}})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion("{\"stage\":\"a\"}")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let c = client(&server, 2000);
+    let r = c.chat(&request(true)).await.expect("json mode");
+    assert_eq!(r.content, "{\"stage\":\"a\"}");
+    // Without JSON mode the mock above does not match: wiremock answers 404, a rejection.
+    let e = c.chat(&request(false)).await.expect_err("no response_format");
+    assert!(matches!(e, LlmError::Rejected { status: 404, .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_429_is_retryable_and_carries_retry_after() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "2"))
+        .mount(&server)
+        .await;
+    let e = client(&server, 2000).chat(&request(false)).await.expect_err("429");
+    assert!(matches!(e, LlmError::RateLimited { retry_after_ms: Some(2000) }), "{e:?}");
+    assert!(e.is_retryable());
+    assert_eq!(e.status_code(), 429);
+}
+
+#[tokio::test]
+async fn a_500_is_retryable_and_a_400_is_not() {
+    let server = MockServer::start().await;
+    Mock::given(body_partial_json(json!({"model": "bad"})))
+        .respond_with(ResponseTemplate::new(400).set_body_string("invalid model"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("boom"))
+        .mount(&server)
+        .await;
+    let c = client(&server, 2000);
+    let e = c.chat(&request(false)).await.expect_err("500");
+    assert!(matches!(&e, LlmError::Server { status: 500, body } if body == "boom"), "{e:?}");
+    assert!(e.is_retryable());
+    let mut bad = request(false);
+    bad.model = "bad".into();
+    let e = c.chat(&bad).await.expect_err("400");
+    assert!(matches!(e, LlmError::Rejected { status: 400, .. }), "{e:?}");
+    assert!(!e.is_retryable());
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_times_out() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion("late")).set_delay(Duration::from_millis(1500)))
+        .mount(&server)
+        .await;
+    let started = std::time::Instant::now();
+    let e = client(&server, 300).chat(&request(false)).await.expect_err("timeout");
+    assert!(matches!(e, LlmError::Timeout(300)), "{e:?}");
+    assert!(e.is_retryable());
+    assert!(started.elapsed() < Duration::from_millis(1400));
+}
+
+#[tokio::test]
+async fn a_malformed_body_is_reported_as_such() {
+    let server = MockServer::start().await;
+    Mock::given(body_partial_json(json!({"model": "empty"})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"choices": []})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{\"choices\": [{\"mess"))
+        .mount(&server)
+        .await;
+    let c = client(&server, 2000);
+    let e = c.chat(&request(false)).await.expect_err("malformed");
+    assert!(matches!(e, LlmError::MalformedResponse(_)), "{e:?}");
+    let mut empty = request(false);
+    empty.model = "empty".into();
+    let e = c.chat(&empty).await.expect_err("no choices");
+    assert!(matches!(e, LlmError::MalformedResponse(ref m) if m == "no choices"), "{e:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_a_retryable_connection_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let mut c = helpers_llm_config();
+    c.base_url = format!("http://{addr}/v1");
+    let e = OpenAiClient::new(&c).expect("client").chat(&request(false)).await.expect_err("refused");
+    assert!(matches!(e, LlmError::Connect(_)), "{e:?}");
+    assert!(e.is_retryable());
+}

@@ -1,0 +1,9 @@
+//! Integration tests against real PostgreSQL and Redis (started by `scripts/services.sh` when
+//! not running) and the mock LLM over HTTP. Every test has its own database, key prefix,
+//! streams and consumer group, so tests run in parallel.
+
+mod foundation;
+mod helpers;
+mod llm_client;
+mod mock_llm;
+mod pipeline;
