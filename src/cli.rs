@@ -17,7 +17,11 @@ use icmp::store::{self, Store};
 use icmp::telemetry;
 
 #[derive(Debug, Parser)]
-#[command(name = "icmp", version, about = "LLM conversation worker over Redis Streams")]
+#[command(
+    name = "icmp",
+    version,
+    about = "LLM conversation worker over Redis Streams"
+)]
 struct Cli {
     /// Configuration file; `config/<profile>.toml` next to it is layered on top when
     /// `--profile` or ICMP_PROFILE is given, then ICMP__SECTION__KEY variables.
@@ -172,7 +176,11 @@ async fn run(cli: Cli) -> Result<()> {
             };
             mock::serve(listener, options, shutdown_signal()).await?;
         }
-        Command::Send { target, message_id, text } => {
+        Command::Send {
+            target,
+            message_id,
+            text,
+        } => {
             let conn = cache::connect(&config.redis).await?;
             let reply = client::send_and_wait(
                 &conn,
@@ -188,7 +196,12 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn outgoing(target: &Target, conversation: Option<String>, message_id: Option<String>, text: String) -> Outgoing {
+fn outgoing(
+    target: &Target,
+    conversation: Option<String>,
+    message_id: Option<String>,
+    text: String,
+) -> Outgoing {
     Outgoing {
         business_id: target.business.clone(),
         user_id: target.user.clone(),
@@ -202,16 +215,28 @@ fn outgoing(target: &Target, conversation: Option<String>, message_id: Option<St
 fn print_reply(reply: &std::collections::HashMap<String, String>) {
     let get = |k: &str| reply.get(k).map(String::as_str).unwrap_or("");
     match get("status") {
-        "error" => println!("[error {} {}] {}", get("status_code"), get("error_code"), get("error")),
+        "error" => println!(
+            "[error {} {}] {}",
+            get("status_code"),
+            get("error_code"),
+            get("error")
+        ),
         status => println!("[{status} · stage {}] {}", get("stage"), get("content")),
     }
-    println!("  conversation {}  log {}", get("conversation_id"), get("log_id"));
+    println!(
+        "  conversation {}  log {}",
+        get("conversation_id"),
+        get("log_id")
+    );
 }
 
 async fn chat(config: &Config, target: Target) -> Result<()> {
     let conn = cache::connect(&config.redis).await?;
     let mut conversation = target.conversation.clone();
-    println!("Talking to business {} as {} (Ctrl-D to quit).", target.business, target.user);
+    println!(
+        "Talking to business {} as {} (Ctrl-D to quit).",
+        target.business, target.user
+    );
     let stdin = std::io::stdin();
     loop {
         print!("you> ");

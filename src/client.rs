@@ -76,9 +76,14 @@ pub async fn send_and_wait(
         }
         // Short blocks keep the shared connection usable for other callers.
         let block = left.min(Duration::from_millis(500));
-        let opts = StreamReadOptions::default().count(1).block(block.as_millis() as usize);
+        let opts = StreamReadOptions::default()
+            .count(1)
+            .block(block.as_millis() as usize);
         let reply: Option<StreamReadReply> = c.xread_options(&[&reply_to], &["0"], &opts).await?;
-        if let Some(entry) = reply.and_then(|r| r.keys.into_iter().next()).and_then(|k| k.ids.into_iter().next()) {
+        if let Some(entry) = reply
+            .and_then(|r| r.keys.into_iter().next())
+            .and_then(|k| k.ids.into_iter().next())
+        {
             let _: Result<(), _> = c.del(&reply_to).await;
             return Ok(entry
                 .map

@@ -2,7 +2,7 @@
 //! `ICMP__SECTION__KEY` environment variables. Unknown keys are rejected; secrets (the database
 //! password, the LLM API key) are accepted from the environment only and never printed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -215,7 +215,10 @@ impl Config {
             .or_else(|| std::env::var("ICMP_PROFILE").ok().filter(|p| !p.is_empty()));
         let mut files = Figment::new().merge(Toml::file_exact(path));
         if let Some(profile) = profile {
-            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(PathBuf::new);
+            let dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
             files = files.merge(Toml::file_exact(dir.join(format!("{profile}.toml"))));
         }
         Self::from_layers(files, Env::prefixed("ICMP__").split("__"))
@@ -238,6 +241,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[expect(clippy::result_large_err, reason = "figment::Jail's closure signature")]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -253,7 +257,10 @@ mod tests {
     #[test]
     fn environment_overrides_file_and_profile() {
         Jail::expect_with(|jail| {
-            jail.create_file("ci.toml", "[worker]\nconcurrency = 7\n[streams]\ngroup = \"g1\"")?;
+            jail.create_file(
+                "ci.toml",
+                "[worker]\nconcurrency = 7\n[streams]\ngroup = \"g1\"",
+            )?;
             jail.set_env("ICMP__STREAMS__GROUP", "from-env");
             let c = load_in(jail, Some("ci")).expect("config");
             assert_eq!(c.worker.concurrency, 7);
@@ -294,7 +301,9 @@ mod tests {
     fn a_secret_in_a_file_is_refused() {
         Jail::expect_with(|jail| {
             jail.create_file("leaky.toml", "[llm]\napi_key = \"sk-in-file\"")?;
-            let err = load_in(jail, Some("leaky")).expect_err("must fail").to_string();
+            let err = load_in(jail, Some("leaky"))
+                .expect_err("must fail")
+                .to_string();
             assert!(err.contains("llm.api_key"), "{err}");
             assert!(!err.contains("sk-in-file"), "{err}");
             Ok(())
@@ -305,6 +314,9 @@ mod tests {
     fn redacted_url_hides_the_password_only() {
         let u = RedactedUrl::new("postgres://icmp:pw@db:5432/icmp");
         assert_eq!(u.redacted(), "postgres://icmp:***@db:5432/icmp");
-        assert_eq!(RedactedUrl::new("redis://127.0.0.1/").redacted(), "redis://127.0.0.1/");
+        assert_eq!(
+            RedactedUrl::new("redis://127.0.0.1/").redacted(),
+            "redis://127.0.0.1/"
+        );
     }
 }

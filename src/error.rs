@@ -165,9 +165,7 @@ impl Classify for LlmError {
     }
     fn category(&self) -> Category {
         match self {
-            LlmError::Timeout(_) | LlmError::Connect(_) | LlmError::CircuitOpen => {
-                Category::System
-            }
+            LlmError::Timeout(_) | LlmError::Connect(_) | LlmError::CircuitOpen => Category::System,
             LlmError::InvalidOutput(_) => Category::Validation,
             LlmError::RateLimited { .. }
             | LlmError::Server { .. }
@@ -193,9 +191,7 @@ impl Classify for LlmError {
             | LlmError::RateLimited { .. }
             | LlmError::Server { .. }
             | LlmError::MalformedResponse(_) => true,
-            LlmError::Rejected { .. } | LlmError::InvalidOutput(_) | LlmError::CircuitOpen => {
-                false
-            }
+            LlmError::Rejected { .. } | LlmError::InvalidOutput(_) | LlmError::CircuitOpen => false,
         }
     }
 }
@@ -341,7 +337,10 @@ impl Classify for CacheError {
                     || e.is_connection_refusal()
                     || e.is_timeout()
                     || e.is_unrecoverable_error()
-                    || matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading))
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                    )
             }
             CacheError::Decode(_) => false,
         }
@@ -463,11 +462,34 @@ mod tests {
     #[test]
     fn llm_errors_retry_transient_faults_only() {
         assert!(LlmError::Timeout(10).is_retryable());
-        assert!(LlmError::RateLimited { retry_after_ms: Some(1) }.is_retryable());
-        assert!(LlmError::Server { status: 500, body: String::new() }.is_retryable());
-        assert!(!LlmError::Rejected { status: 400, body: String::new() }.is_retryable());
+        assert!(
+            LlmError::RateLimited {
+                retry_after_ms: Some(1)
+            }
+            .is_retryable()
+        );
+        assert!(
+            LlmError::Server {
+                status: 500,
+                body: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !LlmError::Rejected {
+                status: 400,
+                body: String::new()
+            }
+            .is_retryable()
+        );
         assert_eq!(LlmError::Timeout(1).status_code(), 504);
-        assert_eq!(LlmError::RateLimited { retry_after_ms: None }.status_code(), 429);
+        assert_eq!(
+            LlmError::RateLimited {
+                retry_after_ms: None
+            }
+            .status_code(),
+            429
+        );
     }
 
     #[test]

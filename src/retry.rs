@@ -30,7 +30,9 @@ pub trait RetryAfter {
 impl RetryAfter for LlmError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            LlmError::RateLimited { retry_after_ms: Some(ms) } => Some(Duration::from_millis(*ms)),
+            LlmError::RateLimited {
+                retry_after_ms: Some(ms),
+            } => Some(Duration::from_millis(*ms)),
             _ => None,
         }
     }
@@ -111,7 +113,10 @@ impl RetryPolicy {
                     attempt.await.map_err(|e| {
                         if e.is_retryable() && e.retry_in_place() {
                             let retry_after = e.retry_after();
-                            backoff::Error::Transient { err: e, retry_after }
+                            backoff::Error::Transient {
+                                err: e,
+                                retry_after,
+                            }
                         } else {
                             backoff::Error::Permanent(e)
                         }
@@ -120,7 +125,12 @@ impl RetryPolicy {
             },
             |e: E, wait: Duration| {
                 metrics::retry(operation);
-                tracing::debug!(operation, code = e.code(), wait_ms = wait.as_millis() as u64, "retrying");
+                tracing::debug!(
+                    operation,
+                    code = e.code(),
+                    wait_ms = wait.as_millis() as u64,
+                    "retrying"
+                );
             },
         )
         .await
@@ -149,7 +159,14 @@ mod tests {
         let r: Result<u32, LlmError> = quick()
             .run("test", || async {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
-                if n < 3 { Err(LlmError::Server { status: 500, body: String::new() }) } else { Ok(n) }
+                if n < 3 {
+                    Err(LlmError::Server {
+                        status: 500,
+                        body: String::new(),
+                    })
+                } else {
+                    Ok(n)
+                }
             })
             .await;
         assert_eq!(r.expect("success"), 3);
@@ -176,7 +193,9 @@ mod tests {
         let r: Result<(), LlmError> = quick()
             .run("test", || async {
                 if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                    Err(LlmError::RateLimited { retry_after_ms: Some(300) })
+                    Err(LlmError::RateLimited {
+                        retry_after_ms: Some(300),
+                    })
                 } else {
                     Ok(())
                 }

@@ -61,13 +61,20 @@ pub struct Worker<L> {
 
 impl<L> std::fmt::Debug for Worker<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("streams", &self.streams).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("streams", &self.streams)
+            .finish_non_exhaustive()
     }
 }
 
 impl<L: LlmService> Worker<L> {
     pub fn new(config: Config, handler: Arc<MessageHandler<L>>, streams: Streams) -> Self {
-        Worker { publish_retry: RetryPolicy::new(config.retry.clone()), handler, streams, config }
+        Worker {
+            publish_retry: RetryPolicy::new(config.retry.clone()),
+            handler,
+            streams,
+            config,
+        }
     }
 
     /// Processes one entry and carries out what its outcome requires.
@@ -91,7 +98,11 @@ impl<L: LlmService> Worker<L> {
     async fn handle_inner(&self, entry: &StreamEntry, log_id: Uuid) -> (Outcome, MessageOutcome) {
         match self.handler.process(&entry.id, &entry.fields, log_id).await {
             Ok(Processed::Answered(reply)) => {
-                if self.handler.failpoints().is_on(failpoint::AFTER_COMMIT_CRASH) {
+                if self
+                    .handler
+                    .failpoints()
+                    .is_on(failpoint::AFTER_COMMIT_CRASH)
+                {
                     tracing::error!("failpoint: crashing after commit, before publish");
                     std::process::exit(86);
                 }
@@ -104,14 +115,20 @@ impl<L: LlmService> Worker<L> {
             }
             Ok(Processed::Duplicate(reply)) => {
                 tracing::info!("already answered; publishing the stored reply again");
-                self.publish(entry, &reply, Outcome::Duplicate, MessageOutcome::Duplicate).await
+                self.publish(entry, &reply, Outcome::Duplicate, MessageOutcome::Duplicate)
+                    .await
             }
             Err(err @ PipelineError::Validation(_)) => {
                 metrics::record_error(&err, "message");
-                let reply = self.handler.error_reply(&entry.id, &entry.fields, &err, log_id);
-                self.publish(entry, &reply, Outcome::Rejected, MessageOutcome::Error).await
+                let reply = self
+                    .handler
+                    .error_reply(&entry.id, &entry.fields, &err, log_id);
+                self.publish(entry, &reply, Outcome::Rejected, MessageOutcome::Error)
+                    .await
             }
-            Err(err) if err.is_retryable() && entry.deliveries < self.config.streams.max_deliveries => {
+            Err(err)
+                if err.is_retryable() && entry.deliveries < self.config.streams.max_deliveries =>
+            {
                 metrics::record_error(&err, "message");
                 (Outcome::RetryLater, MessageOutcome::Retry)
             }
@@ -133,7 +150,8 @@ impl<L: LlmService> Worker<L> {
         let result = self
             .publish_retry
             .run("redis.publish", || {
-                self.streams.publish_and_ack(&reply.destination, &fields, &entry.id)
+                self.streams
+                    .publish_and_ack(&reply.destination, &fields, &entry.id)
             })
             .await;
         match result {
@@ -146,8 +164,15 @@ impl<L: LlmService> Worker<L> {
         }
     }
 
-    async fn dead_letter(&self, entry: &StreamEntry, err: &PipelineError, log_id: Uuid) -> (Outcome, MessageOutcome) {
-        let reply = self.handler.error_reply(&entry.id, &entry.fields, err, log_id);
+    async fn dead_letter(
+        &self,
+        entry: &StreamEntry,
+        err: &PipelineError,
+        log_id: Uuid,
+    ) -> (Outcome, MessageOutcome) {
+        let reply = self
+            .handler
+            .error_reply(&entry.id, &entry.fields, err, log_id);
         let error_fields = [
             ("error_code", err.code().to_owned()),
             ("error_detail", err.to_string()),
@@ -159,13 +184,17 @@ impl<L: LlmService> Worker<L> {
         let result = self
             .publish_retry
             .run("redis.dead_letter", || {
-                self.streams.dead_letter(entry, &error_fields, &reply.destination, &reply_fields)
+                self.streams
+                    .dead_letter(entry, &error_fields, &reply.destination, &reply_fields)
             })
             .await;
         match result {
             Ok(()) => {
                 metrics::dead_letter();
-                tracing::warn!(error.code = err.code(), "entry moved to the dead-letter stream");
+                tracing::warn!(
+                    error.code = err.code(),
+                    "entry moved to the dead-letter stream"
+                );
                 (Outcome::DeadLettered, MessageOutcome::DeadLettered)
             }
             Err(e) => {
@@ -201,7 +230,11 @@ impl<L: LlmService> Worker<L> {
         let mut last_claim = Instant::now();
         let mut last_gauges = Instant::now();
         let mut failures = 0u32;
-        tracing::info!(consumer = self.streams.consumer(), concurrency, "worker started");
+        tracing::info!(
+            consumer = self.streams.consumer(),
+            concurrency,
+            "worker started"
+        );
 
         loop {
             while tasks.try_join_next().is_some() {}
@@ -262,11 +295,18 @@ impl<L: LlmService> Worker<L> {
             }
         }
 
-        tracing::info!(inflight = tasks.len(), "stopping: finishing in-flight messages");
+        tracing::info!(
+            inflight = tasks.len(),
+            "stopping: finishing in-flight messages"
+        );
         let grace = Duration::from_millis(self.config.worker.shutdown_grace_ms);
-        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
-            tracing::warn!(left = tasks.len(), "grace period over; unfinished messages stay pending");
+            tracing::warn!(
+                left = tasks.len(),
+                "grace period over; unfinished messages stay pending"
+            );
             tasks.abort_all();
         }
         tracing::info!("worker stopped");
@@ -332,9 +372,14 @@ pub async fn run_until_stopped(
             })
         });
         let mut rx = stop_rx.clone();
-        Some(tokio::spawn(server::serve(listener, handle, ready, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })))
+        Some(tokio::spawn(server::serve(
+            listener,
+            handle,
+            ready,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        )))
     };
     worker
         .run(async move {
@@ -349,7 +394,9 @@ pub async fn run_until_stopped(
     Ok(())
 }
 
-async fn connect_redis_patiently(config: &Config) -> Result<redis::aio::ConnectionManager, CacheError> {
+async fn connect_redis_patiently(
+    config: &Config,
+) -> Result<redis::aio::ConnectionManager, CacheError> {
     let mut attempt = 0u32;
     loop {
         match cache::connect(&config.redis).await {

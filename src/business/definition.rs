@@ -106,7 +106,8 @@ impl Definition {
     /// # Errors
     /// As [`Definition::load`].
     pub fn parse(text: &str) -> Result<Definition, DefinitionError> {
-        let def: Definition = toml::from_str(text).map_err(|e| DefinitionError::Toml(e.to_string()))?;
+        let def: Definition =
+            toml::from_str(text).map_err(|e| DefinitionError::Toml(e.to_string()))?;
         def.validate()?;
         Ok(def)
     }
@@ -141,7 +142,10 @@ impl Definition {
             }
             match (t.kind, &t.output_schema) {
                 (TemplateKind::Extraction, None) => {
-                    problems.push(format!("extraction template `{}` needs an output_schema", t.name));
+                    problems.push(format!(
+                        "extraction template `{}` needs an output_schema",
+                        t.name
+                    ));
                 }
                 (TemplateKind::Extraction, Some(_)) | (_, None) => {}
                 (_, Some(_)) => problems.push(format!(
@@ -179,13 +183,19 @@ impl Definition {
             problems.push("a business needs at least one stage".into());
         }
         if !stage_names.contains(self.business.initial_stage.as_str()) {
-            problems.push(format!("initial_stage `{}` is not a stage", self.business.initial_stage));
+            problems.push(format!(
+                "initial_stage `{}` is not a stage",
+                self.business.initial_stage
+            ));
         }
 
         let stages: Vec<StageVars> = self
             .stages
             .iter()
-            .map(|s| StageVars { name: s.name.clone(), description: s.description.clone() })
+            .map(|s| StageVars {
+                name: s.name.clone(),
+                description: s.description.clone(),
+            })
             .collect();
         let sample = Context::sample(&self.business.name, &stages, &self.extraction_fields());
         let engine = template::engine();
@@ -212,6 +222,10 @@ impl Definition {
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        if problems.is_empty() { Ok(()) } else { Err(DefinitionError::Invalid(problems)) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(DefinitionError::Invalid(problems))
+        }
     }
 }

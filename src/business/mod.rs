@@ -13,9 +13,15 @@ pub use definition::{Definition, DefinitionError};
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error("{path}: {source}")]
-    Definition { path: String, source: DefinitionError },
+    Definition {
+        path: String,
+        source: DefinitionError,
+    },
     #[error("{path}: could not be written: {source}")]
-    Store { path: String, source: crate::error::StoreError },
+    Store {
+        path: String,
+        source: crate::error::StoreError,
+    },
 }
 
 /// Validates every file first, then writes each business in its own transaction. A file with
@@ -31,8 +37,10 @@ pub async fn import_files(
     let mut defs = Vec::with_capacity(paths.len());
     for p in paths {
         let path = p.as_ref().display().to_string();
-        let def = Definition::load(p.as_ref())
-            .map_err(|source| ImportError::Definition { path: path.clone(), source })?;
+        let def = Definition::load(p.as_ref()).map_err(|source| ImportError::Definition {
+            path: path.clone(),
+            source,
+        })?;
         defs.push((path, def));
     }
     let mut reports = Vec::with_capacity(defs.len());
@@ -40,15 +48,17 @@ pub async fn import_files(
         let report = store
             .save_definition(&def)
             .await
-            .map_err(|source| ImportError::Store { path: path.clone(), source })?;
-        if let Some(cache) = cache {
-            if let Err(e) = cache
+            .map_err(|source| ImportError::Store {
+                path: path.clone(),
+                source,
+            })?;
+        if let Some(cache) = cache
+            && let Err(e) = cache
                 .invalidate_definitions(report.business_id, &report.stage_ids, &report.template_ids)
                 .await
-            {
-                // Entries expire after cache.definition_ttl_secs anyway.
-                tracing::warn!(error = %e, "could not drop cached definitions");
-            }
+        {
+            // Entries expire after cache.definition_ttl_secs anyway.
+            tracing::warn!(error = %e, "could not drop cached definitions");
         }
         reports.push(report);
     }

@@ -28,7 +28,9 @@ pub struct Cache {
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("Cache")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,7 +79,12 @@ impl Cache {
         }
     }
 
-    async fn set_json<T: Serialize>(&self, key: String, value: &T, ttl: u64) -> Result<(), CacheError> {
+    async fn set_json<T: Serialize>(
+        &self,
+        key: String,
+        value: &T,
+        ttl: u64,
+    ) -> Result<(), CacheError> {
         let bytes = serde_json::to_vec(value).map_err(|e| CacheError::Decode(e.to_string()))?;
         let _: () = self.conn.clone().set_ex(key, bytes, ttl).await?;
         Ok(())
@@ -88,14 +95,16 @@ impl Cache {
     }
 
     pub async fn set_business(&self, b: &Business) -> Result<(), CacheError> {
-        self.set_json(self.key("business", b.id), b, self.definition_ttl).await
+        self.set_json(self.key("business", b.id), b, self.definition_ttl)
+            .await
     }
 
     /// The seed's `stage:{id}` hash: `selection_template`, `extraction_template`,
     /// `response_template`, `fallback_template` (empty when the stage has none).
     pub async fn get_stage(&self, stage_id: Uuid) -> Result<Option<StageTemplates>, CacheError> {
         let key = self.key("stage", stage_id);
-        let map: std::collections::HashMap<String, String> = self.conn.clone().hgetall(&key).await?;
+        let map: std::collections::HashMap<String, String> =
+            self.conn.clone().hgetall(&key).await?;
         if map.is_empty() {
             return Ok(None);
         }
@@ -142,7 +151,8 @@ impl Cache {
     }
 
     pub async fn set_template(&self, t: &TemplateRecord) -> Result<(), CacheError> {
-        self.set_json(self.key("tmpl", t.id), t, self.definition_ttl).await
+        self.set_json(self.key("tmpl", t.id), t, self.definition_ttl)
+            .await
     }
 
     pub async fn get_conversation(&self, id: Uuid) -> Result<Option<Conversation>, CacheError> {
@@ -150,7 +160,11 @@ impl Cache {
     }
 
     /// Writes conversation state and extracted data (after COMMIT only).
-    pub async fn set_conversation(&self, c: &Conversation, data: &Extracted) -> Result<(), CacheError> {
+    pub async fn set_conversation(
+        &self,
+        c: &Conversation,
+        data: &Extracted,
+    ) -> Result<(), CacheError> {
         let conv = serde_json::to_vec(c).map_err(|e| CacheError::Decode(e.to_string()))?;
         let data = serde_json::to_vec(data).map_err(|e| CacheError::Decode(e.to_string()))?;
         let _: () = redis::pipe()
@@ -169,7 +183,11 @@ impl Cache {
 
     /// Drops a conversation's keys (the seed's step 14, on rollback).
     pub async fn invalidate_conversation(&self, id: Uuid) -> Result<(), CacheError> {
-        let _: () = self.conn.clone().del(&[self.key("conv", id), self.key("data", id)]).await?;
+        let _: () = self
+            .conn
+            .clone()
+            .del(&[self.key("conv", id), self.key("data", id)])
+            .await?;
         Ok(())
     }
 
@@ -189,7 +207,9 @@ impl Cache {
 
     /// `PING`, for readiness probes.
     pub async fn ping(&self) -> Result<(), CacheError> {
-        let _: String = redis::cmd("PING").query_async(&mut self.conn.clone()).await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 }

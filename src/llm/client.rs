@@ -27,7 +27,9 @@ pub struct OpenAiClient {
 
 impl std::fmt::Debug for OpenAiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenAiClient").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("OpenAiClient")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -118,14 +120,18 @@ fn without_url(e: &reqwest::Error) -> String {
         s.push_str(&cause.to_string());
         source = cause.source();
     }
-    if s.is_empty() { "request failed".to_owned() } else { s }
+    if s.is_empty() {
+        "request failed".to_owned()
+    } else {
+        s
+    }
 }
 
 /// Parses `Retry-After` as seconds (the HTTP-date form is treated as absent).
 fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     let secs: f64 = value.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0) as u64)
+    (secs.is_finite() && secs >= 0.0).then_some((secs * 1000.0) as u64)
 }
 
 fn truncate(mut body: String) -> String {
@@ -148,25 +154,35 @@ impl LlmService for OpenAiClient {
             messages: &request.messages,
             temperature: request.temperature,
             max_tokens: request.max_tokens,
-            response_format: request.json_mode.then_some(ResponseFormat { kind: "json_object" }),
+            response_format: request.json_mode.then_some(ResponseFormat {
+                kind: "json_object",
+            }),
         };
         let mut builder = self.http.post(&self.url).json(&wire);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let response = builder.send().await.map_err(|e| self.classify_transport(&e))?;
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| self.classify_transport(&e))?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = retry_after_ms(response.headers());
             let body = truncate(response.text().await.unwrap_or_default());
             let code = status.as_u16();
             return Err(match code {
-                429 => LlmError::RateLimited { retry_after_ms: retry_after },
+                429 => LlmError::RateLimited {
+                    retry_after_ms: retry_after,
+                },
                 408 | 500..=599 => LlmError::Server { status: code, body },
                 _ => LlmError::Rejected { status: code, body },
             });
         }
-        let bytes = response.bytes().await.map_err(|e| self.classify_transport(&e))?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.classify_transport(&e))?;
         let parsed: WireResponse = serde_json::from_slice(&bytes)
             .map_err(|e| LlmError::MalformedResponse(e.to_string()))?;
         let choice = parsed
@@ -181,7 +197,11 @@ impl LlmService for OpenAiClient {
         let usage = parsed.usage;
         Ok(ChatResponse {
             content,
-            model: if parsed.model.is_empty() { request.model.clone() } else { parsed.model },
+            model: if parsed.model.is_empty() {
+                request.model.clone()
+            } else {
+                parsed.model
+            },
             prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
             completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
             latency: started.elapsed(),

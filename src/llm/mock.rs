@@ -120,7 +120,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(options, Arc::new(MockStats::default()));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 fn router(options: MockOptions, stats: Arc<MockStats>) -> Router {
@@ -172,7 +174,11 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
     let (delay, fault) = {
         let o = &state.options;
         let mut rng = state.rng.lock().await;
-        let jitter = if o.jitter_ms > 0 { rng.random_range(0..=o.jitter_ms) } else { 0 };
+        let jitter = if o.jitter_ms > 0 {
+            rng.random_range(0..=o.jitter_ms)
+        } else {
+            0
+        };
         let roll: f64 = rng.random();
         let mut edge = 0.0;
         let mut pick = |rate: f64| {
@@ -239,7 +245,11 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
         }
     };
     let answer = answer(&request);
-    let prompt_tokens: usize = request.messages.iter().map(|m| word_count(&text_of(m))).sum();
+    let prompt_tokens: usize = request
+        .messages
+        .iter()
+        .map(|m| word_count(&text_of(m)))
+        .sum();
     let completion_tokens = word_count(&answer);
     Json(json!({
         "id": format!("chatcmpl-mock-{}", state.stats.requests.load(Ordering::Relaxed)),
@@ -279,8 +289,12 @@ fn text_of(m: &RequestMessage) -> String {
 
 /// The deterministic answer to a request.
 fn answer(request: &Request) -> String {
-    let prompt: String =
-        request.messages.iter().map(text_of).collect::<Vec<_>>().join("\n");
+    let prompt: String = request
+        .messages
+        .iter()
+        .map(text_of)
+        .collect::<Vec<_>>()
+        .join("\n");
     let last_user = request
         .messages
         .iter()
@@ -314,30 +328,49 @@ fn answer(request: &Request) -> String {
 fn respond(words: &str, prompt: &str) -> String {
     let first_line = words.lines().next().unwrap_or("").trim();
     let known = |prefix: &str| {
-        prompt.lines().rev().find_map(|l| l.trim().strip_prefix(prefix)).map(|rest| {
-            rest.split(", ")
-                .filter_map(|pair| pair.split_once('='))
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .collect::<Vec<_>>()
-        })
+        prompt
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(|rest| {
+                rest.split(", ")
+                    .filter_map(|pair| pair.split_once('='))
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .collect::<Vec<_>>()
+            })
     };
     if let Some(fields) = known("Known so far:") {
-        let missing: Vec<&str> =
-            fields.iter().filter(|(_, v)| v.is_empty()).map(|(k, _)| k.as_str()).collect();
+        let missing: Vec<&str> = fields
+            .iter()
+            .filter(|(_, v)| v.is_empty())
+            .map(|(k, _)| k.as_str())
+            .collect();
         return if missing.is_empty() {
             let summary: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-            format!("Great, you're booked ({}). Anything else?", summary.join(", "))
+            format!(
+                "Great, you're booked ({}). Anything else?",
+                summary.join(", ")
+            )
         } else {
-            format!("Happy to help with \"{first_line}\". Could you tell me your {}?", missing.join(" and "))
+            format!(
+                "Happy to help with \"{first_line}\". Could you tell me your {}?",
+                missing.join(" and ")
+            )
         };
     }
     if let Some(fields) = known("Booking:") {
-        let set: Vec<String> =
-            fields.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("{k}: {v}")).collect();
+        let set: Vec<String> = fields
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
         return if set.is_empty() {
             "Thanks for chatting with us. Goodbye!".to_owned()
         } else {
-            format!("Thanks! Your booking ({}) is noted. Goodbye!", set.join(", "))
+            format!(
+                "Thanks! Your booking ({}) is noted. Goodbye!",
+                set.join(", ")
+            )
         };
     }
     format!("Thanks for your message: \"{first_line}\". How else can I help?")
@@ -368,7 +401,14 @@ fn select(words: &str, prompt: &str) -> Value {
 }
 
 const WEEKDAYS: [&str; 9] = [
-    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "today",
     "tomorrow",
 ];
 
@@ -396,7 +436,11 @@ fn extract(words: &str) -> serde_json::Map<String, Value> {
         .collect();
     if let Some(date) = tokens.iter().find(|t| is_iso_date(t)) {
         out.insert("date".into(), json!(date));
-    } else if let Some(day) = tokens.iter().map(|t| t.to_lowercase()).find(|t| WEEKDAYS.contains(&t.as_str())) {
+    } else if let Some(day) = tokens
+        .iter()
+        .map(|t| t.to_lowercase())
+        .find(|t| WEEKDAYS.contains(&t.as_str()))
+    {
         out.insert("date".into(), json!(day));
     }
     for marker in [" because ", " for a ", " for an ", " for my ", " for "] {
@@ -420,7 +464,9 @@ fn is_iso_date(t: &str) -> bool {
     b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -431,8 +477,14 @@ mod tests {
         Request {
             model: "m".into(),
             messages: vec![
-                RequestMessage { role: "system".into(), content: json!(system) },
-                RequestMessage { role: "user".into(), content: json!(user) },
+                RequestMessage {
+                    role: "system".into(),
+                    content: json!(system),
+                },
+                RequestMessage {
+                    role: "user".into(),
+                    content: json!(user),
+                },
             ],
             response_format: json_mode.then(|| json!({"type": "json_object"})),
         }
@@ -440,9 +492,17 @@ mod tests {
 
     #[test]
     fn selection_follows_keywords_then_the_current_stage() {
-        let r = request(true, "Pick the stage", "Current stage: welcome\nUser message: I want to book a cleaning");
+        let r = request(
+            true,
+            "Pick the stage",
+            "Current stage: welcome\nUser message: I want to book a cleaning",
+        );
         assert_eq!(answer(&r), r#"{"stage":"booking"}"#);
-        let r = request(true, "Pick the stage", "Current stage: booking\nUser message: next week maybe");
+        let r = request(
+            true,
+            "Pick the stage",
+            "Current stage: booking\nUser message: next week maybe",
+        );
         assert_eq!(answer(&r), r#"{"stage":"booking"}"#);
     }
 
@@ -461,9 +521,20 @@ mod tests {
 
     #[test]
     fn plain_mode_asks_for_missing_fields() {
-        let r = request(false, "Book", "Known so far: name=Al, date=, reason=\nUser message: hi");
-        assert_eq!(answer(&r), "Happy to help with \"hi\". Could you tell me your date and reason?");
-        let r = request(false, "Book", "Known so far: name=Al, date=friday, reason=pain\nUser message: ok");
+        let r = request(
+            false,
+            "Book",
+            "Known so far: name=Al, date=, reason=\nUser message: hi",
+        );
+        assert_eq!(
+            answer(&r),
+            "Happy to help with \"hi\". Could you tell me your date and reason?"
+        );
+        let r = request(
+            false,
+            "Book",
+            "Known so far: name=Al, date=friday, reason=pain\nUser message: ok",
+        );
         assert!(answer(&r).contains("you're booked (name: Al, date: friday, reason: pain)"));
     }
 

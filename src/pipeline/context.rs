@@ -54,7 +54,10 @@ pub struct StageVars {
 
 impl From<&StageInfo> for StageVars {
     fn from(s: &StageInfo) -> Self {
-        StageVars { name: s.name.clone(), description: s.description.clone() }
+        StageVars {
+            name: s.name.clone(),
+            description: s.description.clone(),
+        }
     }
 }
 
@@ -83,8 +86,13 @@ pub struct ContextInputs<'a> {
 /// Builds the context of one message.
 pub fn build(i: ContextInputs<'_>) -> Context {
     Context {
-        business: BusinessVars { id: i.business.id.to_string(), name: i.business.name.clone() },
-        user: UserVars { id: i.user_id.to_owned() },
+        business: BusinessVars {
+            id: i.business.id.to_string(),
+            name: i.business.name.clone(),
+        },
+        user: UserVars {
+            id: i.user_id.to_owned(),
+        },
         conversation: ConversationVars {
             id: i.conversation_id.to_string(),
             is_new: i.is_new,
@@ -117,7 +125,11 @@ impl Context {
 
     /// A context with every variable filled with plausible values, used to check templates at
     /// import time so that unknown variables are caught before any message arrives.
-    pub fn sample(business_name: &str, stages: &[StageVars], extraction_fields: &[String]) -> Context {
+    pub fn sample(
+        business_name: &str,
+        stages: &[StageVars],
+        extraction_fields: &[String],
+    ) -> Context {
         let mut extracted = Map::new();
         for f in extraction_fields {
             extracted.insert(f.clone(), Value::String(format!("sample {f}")));
@@ -127,15 +139,33 @@ impl Context {
             description: "sample stage".into(),
         });
         Context {
-            business: BusinessVars { id: Uuid::nil().to_string(), name: business_name.to_owned() },
-            user: UserVars { id: "sample-user".into() },
-            conversation: ConversationVars { id: Uuid::nil().to_string(), is_new: false, turns: 2 },
+            business: BusinessVars {
+                id: Uuid::nil().to_string(),
+                name: business_name.to_owned(),
+            },
+            user: UserVars {
+                id: "sample-user".into(),
+            },
+            conversation: ConversationVars {
+                id: Uuid::nil().to_string(),
+                is_new: false,
+                turns: 2,
+            },
             stage,
             stages: stages.to_vec(),
-            message: MessageVars { content: "Hello".into(), metadata: Map::new() },
+            message: MessageVars {
+                content: "Hello".into(),
+                metadata: Map::new(),
+            },
             history: vec![
-                Turn { role: crate::model::Role::User, content: "Hi".into() },
-                Turn { role: crate::model::Role::Assistant, content: "Hello! How can I help?".into() },
+                Turn {
+                    role: crate::model::Role::User,
+                    content: "Hi".into(),
+                },
+                Turn {
+                    role: crate::model::Role::Assistant,
+                    content: "Hello! How can I help?".into(),
+                },
             ],
             extracted,
             now: Utc::now().to_rfc3339(),

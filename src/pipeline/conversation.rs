@@ -31,7 +31,11 @@ pub async fn resolve(
 ) -> Result<Resolved, PipelineError> {
     let existing = match requested {
         Some(id) => {
-            let cached = if fresh { None } else { cached_conversation(cache, id).await };
+            let cached = if fresh {
+                None
+            } else {
+                cached_conversation(cache, id).await
+            };
             let conv = match cached {
                 Some(c) => Some(c),
                 None => store.load_conversation(business_id, id).await?,
@@ -45,7 +49,10 @@ pub async fn resolve(
         None => store.latest_conversation(business_id, user_id).await?,
     };
     Ok(match existing {
-        Some(conversation) => Resolved { conversation, is_new: false },
+        Some(conversation) => Resolved {
+            conversation,
+            is_new: false,
+        },
         None => {
             let now = Utc::now();
             Resolved {

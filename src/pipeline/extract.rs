@@ -21,12 +21,16 @@ pub fn parse_output(template: &Compiled, answer: &str) -> Result<Extracted, LlmE
     let value: Value = serde_json::from_str(answer.trim())
         .map_err(|e| LlmError::InvalidOutput(format!("extraction answer is not JSON: {e}")))?;
     let Value::Object(mut map) = value else {
-        return Err(LlmError::InvalidOutput("extraction answer is not a JSON object".into()));
+        return Err(LlmError::InvalidOutput(
+            "extraction answer is not a JSON object".into(),
+        ));
     };
     map.retain(|_, v| !v.is_null());
     template
         .validate_output(&Value::Object(map.clone()))
-        .map_err(|e| LlmError::InvalidOutput(format!("extraction answer violates the schema: {e}")))?;
+        .map_err(|e| {
+            LlmError::InvalidOutput(format!("extraction answer violates the schema: {e}"))
+        })?;
     Ok(map)
 }
 

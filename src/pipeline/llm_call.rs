@@ -54,7 +54,10 @@ impl<L: LlmService> LlmCaller<'_, L> {
         }
         messages.push(ChatMessage::user(rendered.body.clone()));
         let request = ChatRequest {
-            model: t.model.clone().unwrap_or_else(|| self.default_model.to_owned()),
+            model: t
+                .model
+                .clone()
+                .unwrap_or_else(|| self.default_model.to_owned()),
             messages,
             temperature: t.temperature,
             max_tokens: t.max_tokens.and_then(|m| u32::try_from(m).ok()),
@@ -94,7 +97,10 @@ impl<L: LlmService> LlmCaller<'_, L> {
             purpose: purpose.as_str(),
             template_id: t.id,
             template_version: t.version,
-            model: result.as_ref().map(|r| r.model.clone()).unwrap_or_else(|_| request.model.clone()),
+            model: result
+                .as_ref()
+                .map(|r| r.model.clone())
+                .unwrap_or_else(|_| request.model.clone()),
             prompt,
             output: result.as_ref().ok().map(|r| r.content.clone()),
             prompt_tokens: result.as_ref().ok().and_then(|r| r.prompt_tokens),

@@ -10,8 +10,8 @@
 //! 7. template refresh after a stage change;
 //! 8. [`extract`]: optional data extraction by the LLM, checked against its JSON Schema;
 //! 9. [`respond`]: the response by the LLM, or the fallback template;
-//! 10–12, 14. [`persist`]: one transaction for every write, then the cache; on failure the
-//!    conversation's cache keys are dropped.
+//! 10. [`persist`]: one transaction for every write (steps 10–12), then the cache; on failure
+//!     the conversation's cache keys are dropped (step 14).
 //!
 //! No database connection is held while the LLM runs: the read phase uses short autocommit
 //! queries and the write phase opens its transaction after the last LLM call. A version conflict
@@ -167,14 +167,18 @@ impl<L: LlmService> MessageHandler<L> {
     }
 
     fn destination(&self, msg: &InboundMessage) -> String {
-        msg.reply_to.clone().unwrap_or_else(|| self.config.streams.outbound.clone())
+        msg.reply_to
+            .clone()
+            .unwrap_or_else(|| self.config.streams.outbound.clone())
     }
 
     async fn stored_reply(&self, msg: &InboundMessage) -> Result<Option<Reply>, PipelineError> {
         let key = msg.idempotency_key();
         let stored = self
             .retry
-            .run("db.find_reply", || self.store.find_reply(msg.business_id, key))
+            .run("db.find_reply", || {
+                self.store.find_reply(msg.business_id, key)
+            })
             .await?;
         Ok(stored.map(|s| {
             Reply::from_stored(
@@ -215,7 +219,9 @@ impl<L: LlmService> MessageHandler<L> {
         let history = if resolved.is_new {
             Vec::new()
         } else {
-            self.store.history(business.id, conv.id, self.config.worker.history_turns).await?
+            self.store
+                .history(business.id, conv.id, self.config.worker.history_turns)
+                .await?
         };
         let extracted = conversation::extracted(&self.store, &self.cache, &resolved, fresh).await?;
         let mut ctx = context::build(context::ContextInputs {
@@ -315,7 +321,9 @@ impl<L: LlmService> MessageHandler<L> {
         };
         let version = self
             .retry
-            .run("db.write_set", || persist::commit(&self.store, &self.cache, &ws, &self.failpoints))
+            .run("db.write_set", || {
+                persist::commit(&self.store, &self.cache, &ws, &self.failpoints)
+            })
             .await?;
         metrics::step("persist", t.elapsed());
         if transition.is_some() {

@@ -28,10 +28,10 @@ pub async fn commit(
             }
         })
         .await;
-    if result.is_err() {
-        if let Err(e) = cache.invalidate_conversation(ws.conversation_id).await {
-            metrics::record_error(&e, "cache invalidation");
-        }
+    if result.is_err()
+        && let Err(e) = cache.invalidate_conversation(ws.conversation_id).await
+    {
+        metrics::record_error(&e, "cache invalidation");
     }
     result
 }

@@ -88,7 +88,11 @@ impl Reply {
             business_id: business_id.to_string(),
             user_id,
             conversation_id: conversation_id.to_string(),
-            status: if fallback { ReplyStatus::Fallback } else { ReplyStatus::Ok },
+            status: if fallback {
+                ReplyStatus::Fallback
+            } else {
+                ReplyStatus::Ok
+            },
             content,
             stage,
             error_code: String::new(),
@@ -115,7 +119,11 @@ impl Reply {
             business_id: business_id.to_string(),
             user_id,
             conversation_id: stored.conversation_id.to_string(),
-            status: if stored.status == "fallback" { ReplyStatus::Fallback } else { ReplyStatus::Ok },
+            status: if stored.status == "fallback" {
+                ReplyStatus::Fallback
+            } else {
+                ReplyStatus::Ok
+            },
             content: stored.content.clone(),
             stage: stored.stage.clone().unwrap_or_default(),
             error_code: String::new(),
@@ -137,7 +145,9 @@ impl Reply {
         reply_prefix: &str,
     ) -> Reply {
         let field = |name: &str| {
-            raw.get(name).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default()
+            raw.get(name)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
         };
         let reply_to = field("reply_to");
         let destination = if super::validate::check_reply_to(&reply_to, reply_prefix).is_ok() {

@@ -34,9 +34,10 @@ pub async fn respond<L: LlmService>(
     let (result, record) = caller.call(Purpose::Response, template, &rendered).await;
     calls.push(record);
     match result {
-        Ok(answer) if !answer.content.trim().is_empty() => {
-            Ok(Response { content: answer.content, fallback: false })
-        }
+        Ok(answer) if !answer.content.trim().is_empty() => Ok(Response {
+            content: answer.content,
+            fallback: false,
+        }),
         outcome => {
             if let Err(e) = &outcome {
                 metrics::record_error(e, "response");
@@ -50,7 +51,10 @@ pub async fn respond<L: LlmService>(
                 }
                 _ => last_resort.to_owned(),
             };
-            Ok(Response { content, fallback: true })
+            Ok(Response {
+                content,
+                fallback: true,
+            })
         }
     }
 }

@@ -17,9 +17,14 @@ use crate::telemetry::metrics;
 pub fn parse_stage(answer: &str) -> Option<String> {
     let trimmed = answer.trim();
     match serde_json::from_str::<Value>(trimmed) {
-        Ok(Value::Object(o)) => o.get("stage").and_then(Value::as_str).map(|s| s.trim().to_owned()),
+        Ok(Value::Object(o)) => o
+            .get("stage")
+            .and_then(Value::as_str)
+            .map(|s| s.trim().to_owned()),
         Ok(Value::String(s)) => Some(s.trim().to_owned()),
-        _ if !trimmed.is_empty() && !trimmed.contains(char::is_whitespace) => Some(trimmed.to_owned()),
+        _ if !trimmed.is_empty() && !trimmed.contains(char::is_whitespace) => {
+            Some(trimmed.to_owned())
+        }
         _ => None,
     }
 }
@@ -70,7 +75,10 @@ mod tests {
 
     #[test]
     fn stage_names_are_read_from_common_answer_shapes() {
-        assert_eq!(parse_stage(r#"{"stage": "booking"}"#).as_deref(), Some("booking"));
+        assert_eq!(
+            parse_stage(r#"{"stage": "booking"}"#).as_deref(),
+            Some("booking")
+        );
         assert_eq!(parse_stage(r#""farewell""#).as_deref(), Some("farewell"));
         assert_eq!(parse_stage("welcome").as_deref(), Some("welcome"));
         assert_eq!(parse_stage(r#"{"stage": null}"#), None);

@@ -52,9 +52,9 @@ impl StageService {
         stage_id: Option<Uuid>,
     ) -> Result<&'b StageInfo, PipelineError> {
         let id = stage_id.unwrap_or(business.initial_stage_id);
-        business
-            .stage(id)
-            .ok_or_else(|| PipelineError::Definition(format!("stage {id} is not in business {}", business.id)))
+        business.stage(id).ok_or_else(|| {
+            PipelineError::Definition(format!("stage {id} is not in business {}", business.id))
+        })
     }
 
     /// The template ids of a stage.

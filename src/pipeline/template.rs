@@ -23,7 +23,9 @@ pub struct Compiled {
 
 impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Compiled").field("record", &self.record).finish_non_exhaustive()
+        f.debug_struct("Compiled")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
     }
 }
 
@@ -40,9 +42,15 @@ impl Compiled {
     /// # Errors
     /// The schema violations, joined.
     pub fn validate_output(&self, value: &serde_json::Value) -> Result<(), String> {
-        let Some(schema) = &self.schema else { return Ok(()) };
+        let Some(schema) = &self.schema else {
+            return Ok(());
+        };
         let errors: Vec<String> = schema.iter_errors(value).map(|e| e.to_string()).collect();
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 }
 
@@ -61,7 +69,8 @@ pub fn engine() -> upon::Engine<'static> {
 fn format_value(f: &mut upon::fmt::Formatter<'_>, v: &upon::Value) -> upon::fmt::Result {
     match v {
         upon::Value::Map(_) | upon::Value::List(_) => {
-            let json = serde_json::to_string(v).map_err(|e| upon::fmt::Error::from(e.to_string()))?;
+            let json =
+                serde_json::to_string(v).map_err(|e| upon::fmt::Error::from(e.to_string()))?;
             std::fmt::Write::write_str(f, &json)?;
             Ok(())
         }
@@ -73,39 +82,65 @@ fn format_value(f: &mut upon::fmt::Formatter<'_>, v: &upon::Value) -> upon::fmt:
 ///
 /// # Errors
 /// A syntax error (naming the template, part and line) or an invalid output schema.
-pub fn compile(engine: &upon::Engine<'static>, record: TemplateRecord) -> Result<Compiled, TemplateError> {
-    let system = engine.compile(record.system.clone()).map_err(|e| TemplateError::Compile {
-        name: record.name.clone(),
-        detail: pretty(&e, &record.name, "system"),
-    })?;
-    let body = engine.compile(record.body.clone()).map_err(|e| TemplateError::Compile {
-        name: record.name.clone(),
-        detail: pretty(&e, &record.name, "body"),
-    })?;
-    let schema = match &record.output_schema {
-        Some(s) => Some(jsonschema::validator_for(s).map_err(|e| TemplateError::Invalid {
+pub fn compile(
+    engine: &upon::Engine<'static>,
+    record: TemplateRecord,
+) -> Result<Compiled, TemplateError> {
+    let system = engine
+        .compile(record.system.clone())
+        .map_err(|e| TemplateError::Compile {
             name: record.name.clone(),
-            detail: format!("output_schema: {e}"),
-        })?),
+            detail: pretty(&e, &record.name, "system"),
+        })?;
+    let body = engine
+        .compile(record.body.clone())
+        .map_err(|e| TemplateError::Compile {
+            name: record.name.clone(),
+            detail: pretty(&e, &record.name, "body"),
+        })?;
+    let schema = match &record.output_schema {
+        Some(s) => Some(
+            jsonschema::validator_for(s).map_err(|e| TemplateError::Invalid {
+                name: record.name.clone(),
+                detail: format!("output_schema: {e}"),
+            })?,
+        ),
         None => None,
     };
-    Ok(Compiled { record, system, body, schema })
+    Ok(Compiled {
+        record,
+        system,
+        body,
+        schema,
+    })
 }
 
 /// Renders a compiled template.
 ///
 /// # Errors
 /// An unknown variable or a value that cannot be formatted, naming the template and line.
-pub fn render(engine: &upon::Engine<'static>, t: &Compiled, ctx: &Context) -> Result<Rendered, TemplateError> {
+pub fn render(
+    engine: &upon::Engine<'static>,
+    t: &Compiled,
+    ctx: &Context,
+) -> Result<Rendered, TemplateError> {
     let name = &t.record.name;
-    let system = t.system.render(engine, ctx).to_string().map_err(|e| TemplateError::Render {
-        name: name.clone(),
-        detail: pretty(&e, name, "system"),
-    })?;
-    let body = t.body.render(engine, ctx).to_string().map_err(|e| TemplateError::Render {
-        name: name.clone(),
-        detail: pretty(&e, name, "body"),
-    })?;
+    let system = t
+        .system
+        .render(engine, ctx)
+        .to_string()
+        .map_err(|e| TemplateError::Render {
+            name: name.clone(),
+            detail: pretty(&e, name, "system"),
+        })?;
+    let body = t
+        .body
+        .render(engine, ctx)
+        .to_string()
+        .map_err(|e| TemplateError::Render {
+            name: name.clone(),
+            detail: pretty(&e, name, "body"),
+        })?;
     Ok(Rendered { system, body })
 }
 
@@ -125,7 +160,12 @@ impl std::fmt::Debug for TemplateService {
 
 impl TemplateService {
     pub fn new(store: Store, cache: Cache) -> Self {
-        TemplateService { store, cache, engine: engine(), compiled: Mutex::new(HashMap::new()) }
+        TemplateService {
+            store,
+            cache,
+            engine: engine(),
+            compiled: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The current version of a template of this business, compiled.
@@ -151,9 +191,11 @@ impl TemplateService {
         let record = match record {
             Some(r) => r,
             None => {
-                let r = self.store.load_template(business_id, id).await?.ok_or_else(|| {
-                    PipelineError::Definition(format!("template {id} not found"))
-                })?;
+                let r = self
+                    .store
+                    .load_template(business_id, id)
+                    .await?
+                    .ok_or_else(|| PipelineError::Definition(format!("template {id} not found")))?;
                 if let Err(e) = self.cache.set_template(&r).await {
                     metrics::record_error(&e, "template cache");
                 }

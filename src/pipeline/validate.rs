@@ -32,7 +32,10 @@ impl InboundMessage {
     }
 }
 
-fn text(fields: &HashMap<String, Vec<u8>>, name: &'static str) -> Result<Option<String>, ValidationError> {
+fn text(
+    fields: &HashMap<String, Vec<u8>>,
+    name: &'static str,
+) -> Result<Option<String>, ValidationError> {
     match fields.get(name) {
         None => Ok(None),
         Some(bytes) => String::from_utf8(bytes.clone())
@@ -41,7 +44,10 @@ fn text(fields: &HashMap<String, Vec<u8>>, name: &'static str) -> Result<Option<
     }
 }
 
-fn required(fields: &HashMap<String, Vec<u8>>, name: &'static str) -> Result<String, ValidationError> {
+fn required(
+    fields: &HashMap<String, Vec<u8>>,
+    name: &'static str,
+) -> Result<String, ValidationError> {
     match text(fields, name)? {
         Some(s) if !s.trim().is_empty() => Ok(s),
         _ => Err(ValidationError::MissingField(name)),
@@ -49,14 +55,20 @@ fn required(fields: &HashMap<String, Vec<u8>>, name: &'static str) -> Result<Str
 }
 
 fn uuid_field(value: &str, field: &'static str) -> Result<Uuid, ValidationError> {
-    Uuid::parse_str(value.trim())
-        .map_err(|_| ValidationError::InvalidField { field, reason: "not a UUID".into() })
+    Uuid::parse_str(value.trim()).map_err(|_| ValidationError::InvalidField {
+        field,
+        reason: "not a UUID".into(),
+    })
 }
 
 /// Checks `reply_to` against the allowed prefix.
 pub fn check_reply_to(reply_to: &str, prefix: &str) -> Result<(), ValidationError> {
     let tail = reply_to.strip_prefix(prefix).unwrap_or("");
-    if prefix.is_empty() || tail.is_empty() || reply_to.len() > 256 || tail.chars().any(char::is_whitespace) {
+    if prefix.is_empty()
+        || tail.is_empty()
+        || reply_to.len() > 256
+        || tail.chars().any(char::is_whitespace)
+    {
         return Err(ValidationError::ReplyToNotAllowed(prefix.to_owned()));
     }
     Ok(())
@@ -77,13 +89,13 @@ pub fn validate(
         check_reply_to(r, reply_prefix)?;
     }
     let message_id = text(fields, "message_id")?.filter(|s| !s.is_empty());
-    if let Some(id) = &message_id {
-        if id.chars().count() > limits.max_message_id_chars {
-            return Err(ValidationError::InvalidField {
-                field: "message_id",
-                reason: format!("longer than {} characters", limits.max_message_id_chars),
-            });
-        }
+    if let Some(id) = &message_id
+        && id.chars().count() > limits.max_message_id_chars
+    {
+        return Err(ValidationError::InvalidField {
+            field: "message_id",
+            reason: format!("longer than {} characters", limits.max_message_id_chars),
+        });
     }
     let business_id = uuid_field(&required(fields, "business_id")?, "business_id")?;
     let user_id = required(fields, "user_id")?;
@@ -167,20 +179,29 @@ mod tests {
     }
 
     fn fields(pairs: &[(&str, &[u8])]) -> HashMap<String, Vec<u8>> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), v.to_vec())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+            .collect()
     }
 
     const BIZ: &[u8] = b"7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001";
 
     fn code(f: &[(&str, &[u8])]) -> &'static str {
-        validate("1-0", &fields(f), &limits(), "r:").expect_err("invalid").code()
+        validate("1-0", &fields(f), &limits(), "r:")
+            .expect_err("invalid")
+            .code()
     }
 
     #[test]
     fn a_valid_entry_keeps_content_verbatim() {
         let m = validate(
             "1-0",
-            &fields(&[("business_id", BIZ), ("user_id", b"al"), ("content", b" {{x}} ")]),
+            &fields(&[
+                ("business_id", BIZ),
+                ("user_id", b"al"),
+                ("content", b" {{x}} "),
+            ]),
             &limits(),
             "r:",
         )
@@ -191,16 +212,91 @@ mod tests {
 
     #[test]
     fn each_bad_field_has_its_code() {
-        assert_eq!(code(&[("user_id", b"a"), ("content", b"x")]), "validation.missing_field");
-        assert_eq!(code(&[("business_id", b"nope"), ("user_id", b"a"), ("content", b"x")]), "validation.invalid_field");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"  ")]), "validation.empty_content");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", &[0xff, 0xfe])]), "validation.invalid_utf8");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", &[b'x'; 17])]), "validation.content_too_large");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x"), ("metadata", b"[1]")]), "validation.invalid_metadata");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x"), ("metadata", b"{\"a\":")]), "validation.invalid_metadata");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x"), ("metadata", &[b' '; 33])]), "validation.metadata_too_large");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x"), ("reply_to", b"other:1")]), "validation.reply_to_not_allowed");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x"), ("conversation_id", b"12")]), "validation.invalid_field");
-        assert_eq!(code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x"), ("message_id", b"123456789")]), "validation.invalid_field");
+        assert_eq!(
+            code(&[("user_id", b"a"), ("content", b"x")]),
+            "validation.missing_field"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", b"nope"),
+                ("user_id", b"a"),
+                ("content", b"x")
+            ]),
+            "validation.invalid_field"
+        );
+        assert_eq!(
+            code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"  ")]),
+            "validation.empty_content"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", &[0xff, 0xfe])
+            ]),
+            "validation.invalid_utf8"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", &[b'x'; 17])
+            ]),
+            "validation.content_too_large"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                ("metadata", b"[1]")
+            ]),
+            "validation.invalid_metadata"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                ("metadata", b"{\"a\":")
+            ]),
+            "validation.invalid_metadata"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                ("metadata", &[b' '; 33])
+            ]),
+            "validation.metadata_too_large"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                ("reply_to", b"other:1")
+            ]),
+            "validation.reply_to_not_allowed"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                ("conversation_id", b"12")
+            ]),
+            "validation.invalid_field"
+        );
+        assert_eq!(
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                ("message_id", b"123456789")
+            ]),
+            "validation.invalid_field"
+        );
     }
 }

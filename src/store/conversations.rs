@@ -36,7 +36,11 @@ impl Store {
                  WHERE c.business_id = $1 AND c.id = $2"
             ))
             .await?;
-        Ok(client.query_opt(&stmt, &[&business_id, &id]).await?.as_ref().map(conversation_from_row))
+        Ok(client
+            .query_opt(&stmt, &[&business_id, &id])
+            .await?
+            .as_ref()
+            .map(conversation_from_row))
     }
 
     /// The user's most recently active conversation with this business.
@@ -76,11 +80,17 @@ impl Store {
                  ORDER BY seq ASC",
             )
             .await?;
-        let rows = client.query(&stmt, &[&business_id, &conversation_id, &(limit as i64)]).await?;
+        let rows = client
+            .query(&stmt, &[&business_id, &conversation_id, &(limit as i64)])
+            .await?;
         Ok(rows
             .iter()
             .map(|r| Turn {
-                role: if r.get::<_, &str>(0) == "assistant" { Role::Assistant } else { Role::User },
+                role: if r.get::<_, &str>(0) == "assistant" {
+                    Role::Assistant
+                } else {
+                    Role::User
+                },
                 content: r.get(1),
             })
             .collect())
@@ -99,7 +109,9 @@ impl Store {
                  WHERE business_id = $1 AND conversation_id = $2",
             )
             .await?;
-        let rows = client.query(&stmt, &[&business_id, &conversation_id]).await?;
+        let rows = client
+            .query(&stmt, &[&business_id, &conversation_id])
+            .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -117,12 +129,15 @@ impl Store {
                  WHERE m.business_id = $1 AND m.idempotency_key = $2 AND m.role = 'assistant'",
             )
             .await?;
-        Ok(client.query_opt(&stmt, &[&business_id, &idempotency_key]).await?.map(|r| StoredReply {
-            conversation_id: r.get(0),
-            content: r.get(1),
-            status: r.get(2),
-            stage: r.get(3),
-            log_id: r.get(4),
-        }))
+        Ok(client
+            .query_opt(&stmt, &[&business_id, &idempotency_key])
+            .await?
+            .map(|r| StoredReply {
+                conversation_id: r.get(0),
+                content: r.get(1),
+                status: r.get(2),
+                stage: r.get(3),
+                log_id: r.get(4),
+            }))
     }
 }

@@ -10,7 +10,9 @@ impl Store {
     /// The business with its stages in order, or `None` when it does not exist.
     pub async fn load_business(&self, business_id: Uuid) -> Result<Option<Business>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT name FROM businesses WHERE id = $1").await?;
+        let stmt = client
+            .prepare_cached("SELECT name FROM businesses WHERE id = $1")
+            .await?;
         let Some(row) = client.query_opt(&stmt, &[&business_id]).await? else {
             return Ok(None);
         };
@@ -25,7 +27,11 @@ impl Store {
         let mut initial = None;
         let mut stages = Vec::with_capacity(rows.len());
         for r in rows {
-            let info = StageInfo { id: r.get(0), name: r.get(1), description: r.get(2) };
+            let info = StageInfo {
+                id: r.get(0),
+                name: r.get(1),
+                description: r.get(2),
+            };
             if r.get::<_, bool>(3) {
                 initial = Some(info.id);
             }
@@ -33,7 +39,9 @@ impl Store {
         }
         let initial_stage_id = initial
             .or_else(|| stages.first().map(|s| s.id))
-            .ok_or_else(|| StoreError::Inconsistent(format!("business {business_id} has no stages")))?;
+            .ok_or_else(|| {
+                StoreError::Inconsistent(format!("business {business_id} has no stages"))
+            })?;
         let stmt = client
             .prepare_cached(
                 "SELECT DISTINCT jsonb_object_keys(output_schema -> 'properties') FROM templates \
@@ -41,9 +49,19 @@ impl Store {
                  AND jsonb_typeof(output_schema -> 'properties') = 'object' ORDER BY 1",
             )
             .await?;
-        let extraction_fields =
-            client.query(&stmt, &[&business_id]).await?.iter().map(|r| r.get(0)).collect();
-        Ok(Some(Business { id: business_id, name, initial_stage_id, stages, extraction_fields }))
+        let extraction_fields = client
+            .query(&stmt, &[&business_id])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(Some(Business {
+            id: business_id,
+            name,
+            initial_stage_id,
+            stages,
+            extraction_fields,
+        }))
     }
 
     /// The template ids of a stage of this business.
@@ -59,12 +77,15 @@ impl Store {
                  fallback_template_id FROM stages WHERE business_id = $1 AND id = $2",
             )
             .await?;
-        Ok(client.query_opt(&stmt, &[&business_id, &stage_id]).await?.map(|r| StageTemplates {
-            selection: r.get(0),
-            extraction: r.get(1),
-            response: r.get(2),
-            fallback: r.get(3),
-        }))
+        Ok(client
+            .query_opt(&stmt, &[&business_id, &stage_id])
+            .await?
+            .map(|r| StageTemplates {
+                selection: r.get(0),
+                extraction: r.get(1),
+                response: r.get(2),
+                fallback: r.get(3),
+            }))
     }
 
     /// A template of this business.
@@ -80,7 +101,11 @@ impl Store {
                  output_schema, version FROM templates WHERE business_id = $1 AND id = $2",
             )
             .await?;
-        client.query_opt(&stmt, &[&business_id, &template_id]).await?.map(template_from_row).transpose()
+        client
+            .query_opt(&stmt, &[&business_id, &template_id])
+            .await?
+            .map(template_from_row)
+            .transpose()
     }
 }
 

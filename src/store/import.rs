@@ -122,9 +122,12 @@ impl Store {
             .await?;
         let lookup = |name: &Option<String>| name.as_deref().and_then(|n| ids.get(n).copied());
         for (position, s) in def.stages.iter().enumerate() {
-            let response = ids.get(s.response_template.as_str()).copied().ok_or_else(|| {
-                StoreError::Inconsistent(format!("unknown template {}", s.response_template))
-            })?;
+            let response = ids
+                .get(s.response_template.as_str())
+                .copied()
+                .ok_or_else(|| {
+                    StoreError::Inconsistent(format!("unknown template {}", s.response_template))
+                })?;
             let row = tx
                 .query_one(
                     &stage_upsert,

@@ -30,7 +30,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("status", &self.pool.status()).finish()
+        f.debug_struct("Store")
+            .field("status", &self.pool.status())
+            .finish()
     }
 }
 
@@ -55,7 +57,9 @@ impl Store {
         let manager = Manager::from_config(
             pg_config(config)?,
             NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
@@ -100,7 +104,11 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<Vec<i32>, StoreError> {
         .map_err(|e| StoreError::Migration(e.to_string()))?;
     drop(client);
     let _ = driver.await;
-    Ok(report.applied_migrations().iter().map(|m| m.version()).collect())
+    Ok(report
+        .applied_migrations()
+        .iter()
+        .map(|m| m.version())
+        .collect())
 }
 
 /// True when `e` is a unique-constraint violation.

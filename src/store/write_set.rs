@@ -81,7 +81,10 @@ impl Store {
                  RETURNING id",
             )
             .await?;
-        let user_id: Uuid = tx.query_one(&stmt, &[b, &ws.user_external_id]).await?.get(0);
+        let user_id: Uuid = tx
+            .query_one(&stmt, &[b, &ws.user_external_id])
+            .await?
+            .get(0);
 
         let version = match ws.expected_version {
             None => {
@@ -105,10 +108,13 @@ impl Store {
                          RETURNING version",
                     )
                     .await?;
-                tx.query_opt(&stmt, &[b, &ws.conversation_id, &expected, &ws.stage_id, &user_id])
-                    .await?
-                    .ok_or(StoreError::VersionConflict)?
-                    .get(0)
+                tx.query_opt(
+                    &stmt,
+                    &[b, &ws.conversation_id, &expected, &ws.stage_id, &user_id],
+                )
+                .await?
+                .ok_or(StoreError::VersionConflict)?
+                .get(0)
             }
         };
 
@@ -137,7 +143,13 @@ impl Store {
             ],
         )
         .await
-        .map_err(|e| if is_unique_violation(&e) { StoreError::Duplicate } else { e.into() })?;
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Duplicate
+            } else {
+                e.into()
+            }
+        })?;
         let no_metadata: Option<serde_json::Value> = None;
         tx.execute(
             &insert_message,
@@ -156,7 +168,13 @@ impl Store {
             ],
         )
         .await
-        .map_err(|e| if is_unique_violation(&e) { StoreError::Duplicate } else { e.into() })?;
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Duplicate
+            } else {
+                e.into()
+            }
+        })?;
 
         if let Some((from, to)) = ws.transition {
             let stmt = tx
@@ -165,8 +183,18 @@ impl Store {
                      to_stage_id, message_id, log_id) VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .await?;
-            tx.execute(&stmt, &[b, &ws.conversation_id, &from, &to, &ws.user_message_id, &ws.log_id])
-                .await?;
+            tx.execute(
+                &stmt,
+                &[
+                    b,
+                    &ws.conversation_id,
+                    &from,
+                    &to,
+                    &ws.user_message_id,
+                    &ws.log_id,
+                ],
+            )
+            .await?;
         }
 
         if !ws.extracted.is_empty() {
@@ -179,8 +207,11 @@ impl Store {
                 )
                 .await?;
             for (field, value) in &ws.extracted {
-                tx.execute(&stmt, &[b, &ws.conversation_id, field, value, &ws.user_message_id])
-                    .await?;
+                tx.execute(
+                    &stmt,
+                    &[b, &ws.conversation_id, field, value, &ws.user_message_id],
+                )
+                .await?;
             }
         }
 

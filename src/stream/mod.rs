@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply,
+};
 use redis::{AsyncCommands, Value};
 
 use crate::config::StreamsConfig;
@@ -36,7 +38,9 @@ pub struct Streams {
 
 impl std::fmt::Debug for Streams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Streams").field("consumer", &self.consumer).finish_non_exhaustive()
+        f.debug_struct("Streams")
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,7 +67,12 @@ impl Streams {
     /// `reader` must be a connection of its own: blocking reads hold it.
     pub fn new(reader: ConnectionManager, conn: ConnectionManager, config: StreamsConfig) -> Self {
         let consumer = config.consumer_name();
-        Streams { reader, conn, config, consumer }
+        Streams {
+            reader,
+            conn,
+            config,
+            consumer,
+        }
     }
 
     pub fn consumer(&self) -> &str {
@@ -101,7 +110,12 @@ impl Streams {
             .xread_options(&[&self.config.inbound], &[">"], &opts)
             .await?;
         Ok(reply
-            .map(|r| r.keys.into_iter().flat_map(|k| entries_of(k.ids, 1)).collect())
+            .map(|r| {
+                r.keys
+                    .into_iter()
+                    .flat_map(|k| entries_of(k.ids, 1))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -130,7 +144,10 @@ impl Streams {
         Ok(entries)
     }
 
-    async fn delivery_counts(&self, entries: &[StreamEntry]) -> Result<HashMap<String, u64>, CacheError> {
+    async fn delivery_counts(
+        &self,
+        entries: &[StreamEntry],
+    ) -> Result<HashMap<String, u64>, CacheError> {
         let first = entries.iter().map(|e| e.id.as_str()).min().unwrap_or("-");
         let last = entries.iter().map(|e| e.id.as_str()).max().unwrap_or("+");
         let reply: redis::streams::StreamPendingCountReply = self
@@ -145,7 +162,11 @@ impl Streams {
                 &self.consumer,
             )
             .await?;
-        Ok(reply.ids.into_iter().map(|p| (p.id, p.times_delivered as u64)).collect())
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|p| (p.id, p.times_delivered as u64))
+            .collect())
     }
 
     /// Publishes `fields` on `stream` and acks `entry_id`, atomically.
@@ -158,12 +179,18 @@ impl Streams {
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.add_publish(&mut pipe, stream, fields);
-        pipe.xack(&self.config.inbound, &self.config.group, &[entry_id]).ignore();
+        pipe.xack(&self.config.inbound, &self.config.group, &[entry_id])
+            .ignore();
         let _: () = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(())
     }
 
-    fn add_publish(&self, pipe: &mut redis::Pipeline, stream: &str, fields: &[(&'static str, String)]) {
+    fn add_publish(
+        &self,
+        pipe: &mut redis::Pipeline,
+        stream: &str,
+        fields: &[(&'static str, String)],
+    ) {
         if self.config.outbound_maxlen > 0 && stream == self.config.outbound {
             pipe.xadd_maxlen(
                 stream,
@@ -189,8 +216,11 @@ impl Streams {
         reply_stream: &str,
         reply: &[(&'static str, String)],
     ) -> Result<(), CacheError> {
-        let mut dead: Vec<(String, Vec<u8>)> =
-            entry.fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut dead: Vec<(String, Vec<u8>)> = entry
+            .fields
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         dead.sort();
         dead.push(("inbound_id".into(), entry.id.clone().into_bytes()));
         for (k, v) in error_fields {
@@ -200,15 +230,19 @@ impl Streams {
         pipe.atomic();
         pipe.xadd(&self.config.dead_letter, "*", &dead).ignore();
         self.add_publish(&mut pipe, reply_stream, reply);
-        pipe.xack(&self.config.inbound, &self.config.group, &[&entry.id]).ignore();
+        pipe.xack(&self.config.inbound, &self.config.group, &[&entry.id])
+            .ignore();
         let _: () = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(())
     }
 
     /// Entries delivered to the group and not yet acked.
     pub async fn pending_count(&self) -> Result<u64, CacheError> {
-        let reply: redis::streams::StreamPendingReply =
-            self.conn.clone().xpending(&self.config.inbound, &self.config.group).await?;
+        let reply: redis::streams::StreamPendingReply = self
+            .conn
+            .clone()
+            .xpending(&self.config.inbound, &self.config.group)
+            .await?;
         Ok(reply.count() as u64)
     }
 }

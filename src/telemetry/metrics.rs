@@ -30,10 +30,12 @@ pub const STREAM_PENDING: &str = "icmp_stream_pending_messages";
 pub const STREAM_LAG: &str = "icmp_stream_lag";
 pub const DB_POOL_CONNECTIONS: &str = "icmp_db_pool_connections";
 
-const SLOW_BUCKETS: [f64; 14] =
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
-const STEP_BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const SLOW_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+const STEP_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -59,22 +61,61 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(MESSAGES_TOTAL, "Inbound messages finished, by outcome.");
-    describe_histogram!(MESSAGE_DURATION, metrics::Unit::Seconds, "Time from read to reply, by outcome.");
-    describe_histogram!(STEP_DURATION, metrics::Unit::Seconds, "Time per pipeline step.");
+    describe_histogram!(
+        MESSAGE_DURATION,
+        metrics::Unit::Seconds,
+        "Time from read to reply, by outcome."
+    );
+    describe_histogram!(
+        STEP_DURATION,
+        metrics::Unit::Seconds,
+        "Time per pipeline step."
+    );
     describe_counter!(LLM_REQUESTS_TOTAL, "LLM calls, by purpose and outcome.");
-    describe_histogram!(LLM_REQUEST_DURATION, metrics::Unit::Seconds, "LLM call latency, by purpose.");
-    describe_counter!(LLM_TOKENS_TOTAL, "LLM tokens, by purpose and kind (prompt, completion).");
+    describe_histogram!(
+        LLM_REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "LLM call latency, by purpose."
+    );
+    describe_counter!(
+        LLM_TOKENS_TOTAL,
+        "LLM tokens, by purpose and kind (prompt, completion)."
+    );
     describe_counter!(ERRORS_TOTAL, "Errors, by category and stable code.");
     describe_counter!(RETRIES_TOTAL, "Retries of transient faults, by operation.");
-    describe_counter!(CACHE_REQUESTS_TOTAL, "Cache lookups, by cache and result (hit, miss, error).");
+    describe_counter!(
+        CACHE_REQUESTS_TOTAL,
+        "Cache lookups, by cache and result (hit, miss, error)."
+    );
     describe_counter!(STAGE_TRANSITIONS_TOTAL, "Committed stage transitions.");
-    describe_counter!(UNKNOWN_STAGES_TOTAL, "Stage selections naming a stage the business lacks.");
-    describe_counter!(DEGRADED_TOTAL, "Steps that degraded after an LLM failure, by step.");
-    describe_counter!(DEAD_LETTERS_TOTAL, "Entries moved to the dead-letter stream.");
-    describe_gauge!(INFLIGHT_MESSAGES, "Messages being processed by this worker.");
-    describe_gauge!(STREAM_PENDING, "Entries delivered to the group but not acknowledged.");
-    describe_gauge!(STREAM_LAG, "Entries in the inbound stream not yet delivered to the group.");
-    describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state (idle, busy).");
+    describe_counter!(
+        UNKNOWN_STAGES_TOTAL,
+        "Stage selections naming a stage the business lacks."
+    );
+    describe_counter!(
+        DEGRADED_TOTAL,
+        "Steps that degraded after an LLM failure, by step."
+    );
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Entries moved to the dead-letter stream."
+    );
+    describe_gauge!(
+        INFLIGHT_MESSAGES,
+        "Messages being processed by this worker."
+    );
+    describe_gauge!(
+        STREAM_PENDING,
+        "Entries delivered to the group but not acknowledged."
+    );
+    describe_gauge!(
+        STREAM_LAG,
+        "Entries in the inbound stream not yet delivered to the group."
+    );
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        "Database pool connections, by state (idle, busy)."
+    );
 }
 
 /// Message outcomes (label `outcome`).

@@ -2,8 +2,8 @@
 
 use icmp::business::{self, Definition, ImportError};
 use icmp::config::RedactedUrl;
-use icmp::store::{self, Store};
 use icmp::store::import::TemplateChange;
+use icmp::store::{self, Store};
 use uuid::Uuid;
 
 use crate::helpers::{self, DEMO_BUSINESS};
@@ -28,7 +28,14 @@ async fn write_temp(text: &str) -> std::path::PathBuf {
 }
 
 async fn count(store: &Store, sql: &str) -> i64 {
-    store.client().await.expect("db").query_one(sql, &[]).await.expect("query").get(0)
+    store
+        .client()
+        .await
+        .expect("db")
+        .query_one(sql, &[])
+        .await
+        .expect("query")
+        .get(0)
 }
 
 #[tokio::test]
@@ -60,11 +67,16 @@ async fn a_broken_template_rejects_the_file_naming_template_and_line() {
     );
     assert_ne!(broken, demo_text(), "the fixture must change the file");
     let path = write_temp(&broken).await;
-    let err = business::import_files(&store, None, &[&path]).await.expect_err("must fail");
+    let err = business::import_files(&store, None, &[&path])
+        .await
+        .expect_err("must fail");
     let text = err.to_string();
     assert!(matches!(err, ImportError::Definition { .. }));
     assert!(text.contains("welcome_reply"), "{text}");
-    assert!(text.contains("welcome_reply.body:2:"), "line missing: {text}");
+    assert!(
+        text.contains("welcome_reply.body:2:"),
+        "line missing: {text}"
+    );
     assert_eq!(count(&store, "SELECT count(*) FROM businesses").await, 0);
     assert_eq!(count(&store, "SELECT count(*) FROM templates").await, 0);
 }
@@ -78,7 +90,9 @@ async fn an_unknown_variable_rejects_the_file_and_writes_nothing() {
         "You close the conversation for {{ business.owner }}",
     );
     let path = write_temp(&text).await;
-    let err = business::import_files(&store, None, &[&path]).await.expect_err("must fail");
+    let err = business::import_files(&store, None, &[&path])
+        .await
+        .expect_err("must fail");
     let msg = err.to_string();
     assert!(msg.contains("farewell_reply"), "{msg}");
     assert!(msg.contains("farewell_reply.system:1:"), "{msg}");
@@ -89,28 +103,53 @@ async fn an_unknown_variable_rejects_the_file_and_writes_nothing() {
 #[test]
 fn definitions_with_bad_references_list_every_problem() {
     let text = demo_text()
-        .replace("response_template = \"farewell_reply\"", "response_template = \"nope\"")
-        .replace("extraction_template = \"extract_booking\"", "extraction_template = \"welcome_reply\"");
+        .replace(
+            "response_template = \"farewell_reply\"",
+            "response_template = \"nope\"",
+        )
+        .replace(
+            "extraction_template = \"extract_booking\"",
+            "extraction_template = \"welcome_reply\"",
+        );
     let err = Definition::parse(&text).expect_err("invalid").to_string();
     assert!(err.contains("unknown template `nope`"), "{err}");
-    assert!(err.contains("`welcome_reply` is a response template, expected extraction"), "{err}");
+    assert!(
+        err.contains("`welcome_reply` is a response template, expected extraction"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn reimport_bumps_only_changed_templates() {
     let config = helpers::isolated_config().await;
     let store = Store::connect(&config.database).expect("store");
-    let first = business::import_files(&store, None, &[helpers::demo_file()]).await.expect("import");
-    assert!(first[0].templates.iter().all(|(_, c, v)| *c == TemplateChange::Created && *v == 1));
+    let first = business::import_files(&store, None, &[helpers::demo_file()])
+        .await
+        .expect("import");
+    assert!(
+        first[0]
+            .templates
+            .iter()
+            .all(|(_, c, v)| *c == TemplateChange::Created && *v == 1)
+    );
 
-    let changed = demo_text().replace("Answer briefly and offer", "Answer in two sentences and offer");
+    let changed = demo_text().replace(
+        "Answer briefly and offer",
+        "Answer in two sentences and offer",
+    );
     let path = write_temp(&changed).await;
-    let second = business::import_files(&store, None, &[&path]).await.expect("reimport");
+    let second = business::import_files(&store, None, &[&path])
+        .await
+        .expect("reimport");
     for (name, change, version) in &second[0].templates {
         if name == "welcome_reply" {
             assert_eq!((change, *version), (&TemplateChange::Updated, 2));
         } else {
-            assert_eq!((change, *version), (&TemplateChange::Unchanged, 1), "{name}");
+            assert_eq!(
+                (change, *version),
+                (&TemplateChange::Unchanged, 1),
+                "{name}"
+            );
         }
     }
     assert_eq!(count(&store, "SELECT count(*) FROM templates").await, 7);
@@ -134,13 +173,35 @@ async fn two_businesses_never_see_each_others_stages_or_templates() {
     let vet_id: Uuid = OTHER_BUSINESS.parse().expect("uuid");
 
     for t in &vet.template_ids {
-        assert!(store.load_template(demo_id, *t).await.expect("query").is_none());
-        assert!(store.load_template(vet_id, *t).await.expect("query").is_some());
+        assert!(
+            store
+                .load_template(demo_id, *t)
+                .await
+                .expect("query")
+                .is_none()
+        );
+        assert!(
+            store
+                .load_template(vet_id, *t)
+                .await
+                .expect("query")
+                .is_some()
+        );
     }
     for s in &vet.stage_ids {
-        assert!(store.load_stage_templates(demo_id, *s).await.expect("query").is_none());
+        assert!(
+            store
+                .load_stage_templates(demo_id, *s)
+                .await
+                .expect("query")
+                .is_none()
+        );
     }
-    let b = store.load_business(demo_id).await.expect("query").expect("demo");
+    let b = store
+        .load_business(demo_id)
+        .await
+        .expect("query")
+        .expect("demo");
     assert!(b.stages.iter().all(|s| demo.stage_ids.contains(&s.id)));
     assert_eq!(b.name, "Sunny Smile Dental");
 
@@ -155,5 +216,8 @@ async fn two_businesses_never_see_each_others_stages_or_templates() {
         )
         .await
         .expect_err("cross-tenant reference");
-    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION));
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+    );
 }

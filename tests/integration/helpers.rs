@@ -39,16 +39,24 @@ pub fn root() -> PathBuf {
 pub fn services() -> &'static Services {
     static SERVICES: OnceLock<Services> = OnceLock::new();
     SERVICES.get_or_init(|| {
-        if let (Ok(admin_url), Ok(redis_url)) =
-            (std::env::var("ICMP_TEST_DATABASE_URL"), std::env::var("ICMP_TEST_REDIS_URL"))
-        {
-            return Services { admin_url, redis_url };
+        if let (Ok(admin_url), Ok(redis_url)) = (
+            std::env::var("ICMP_TEST_DATABASE_URL"),
+            std::env::var("ICMP_TEST_REDIS_URL"),
+        ) {
+            return Services {
+                admin_url,
+                redis_url,
+            };
         }
         let out = std::process::Command::new(root().join("scripts/services.sh"))
             .arg("up")
             .output()
             .expect("run scripts/services.sh");
-        assert!(out.status.success(), "services.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "services.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let env: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
@@ -67,8 +75,9 @@ fn with_db(url: &str, db: &str) -> String {
 }
 
 async fn admin() -> tokio_postgres::Client {
-    let (client, conn) =
-        tokio_postgres::connect(&services().admin_url, NoTls).await.expect("connect admin");
+    let (client, conn) = tokio_postgres::connect(&services().admin_url, NoTls)
+        .await
+        .expect("connect admin");
     tokio::spawn(conn);
     client
 }
@@ -90,7 +99,11 @@ fn migrations_fingerprint() -> u64 {
 /// A new, empty database (not migrated).
 pub async fn empty_database() -> String {
     let name = format!("icmp_test_{}", Uuid::new_v4().simple());
-    admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
+    admin()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create db");
     with_db(&services().admin_url, &name)
 }
 
@@ -98,21 +111,34 @@ pub async fn empty_database() -> String {
 pub async fn migrated_database() -> String {
     let template = format!("icmp_tpl_{:016x}", migrations_fingerprint());
     let client = admin().await;
-    client.execute("SELECT pg_advisory_lock(7401)", &[]).await.expect("lock");
+    client
+        .execute("SELECT pg_advisory_lock(7401)", &[])
+        .await
+        .expect("lock");
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
         .await
         .expect("query")
         .is_some();
     if !exists {
-        client.batch_execute(&format!("CREATE DATABASE {template}")).await.expect("create template");
+        client
+            .batch_execute(&format!("CREATE DATABASE {template}"))
+            .await
+            .expect("create template");
         let mut cfg = base_config();
         cfg.database.url = RedactedUrl::new(with_db(&services().admin_url, &template));
-        store::migrate(&cfg.database).await.expect("migrate template");
+        store::migrate(&cfg.database)
+            .await
+            .expect("migrate template");
     }
     let name = format!("icmp_test_{}", Uuid::new_v4().simple());
-    let created = client.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}")).await;
-    client.execute("SELECT pg_advisory_unlock(7401)", &[]).await.expect("unlock");
+    let created = client
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+        .await;
+    client
+        .execute("SELECT pg_advisory_unlock(7401)", &[])
+        .await
+        .expect("unlock");
     created.expect("create from template");
     with_db(&services().admin_url, &name)
 }
@@ -142,14 +168,12 @@ pub async fn isolated_config() -> Config {
     c
 }
 
-pub async fn redis_conn() -> ConnectionManager {
-    cache::connect(&base_config().redis).await.expect("redis")
-}
-
 /// Imports a definition file into the database of `config`.
 pub async fn import(config: &Config, files: &[&Path]) {
     let store = Store::connect(&config.database).expect("store");
-    icmp::business::import_files(&store, None, files).await.expect("import");
+    icmp::business::import_files(&store, None, files)
+        .await
+        .expect("import");
 }
 
 pub fn demo_file() -> PathBuf {
@@ -174,7 +198,9 @@ pub async fn spawn_app(options: MockOptions) -> TestApp {
 }
 
 pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let mock = mock::spawn(listener, options).expect("mock");
     let mut config = isolated_config().await;
     config.llm.base_url = mock.base_url();
@@ -199,13 +225,26 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
     let task = tokio::spawn(worker.run(async move {
         let _ = rx.await;
     }));
-    TestApp { config, store, redis, cache, mock, failpoints, stop: Some(tx), task: Some(task) }
+    TestApp {
+        config,
+        store,
+        redis,
+        cache,
+        mock,
+        failpoints,
+        stop: Some(tx),
+        task: Some(task),
+    }
 }
 
 impl TestApp {
     /// XADDs raw fields to the inbound stream; returns the entry id.
     pub async fn xadd(&self, fields: &[(&str, &[u8])]) -> String {
-        self.redis.clone().xadd(&self.config.streams.inbound, "*", fields).await.expect("xadd")
+        self.redis
+            .clone()
+            .xadd(&self.config.streams.inbound, "*", fields)
+            .await
+            .expect("xadd")
     }
 
     /// Sends a text message to the demo business; returns the entry id.
@@ -227,8 +266,10 @@ impl TestApp {
         let mut last = "0".to_owned();
         loop {
             let opts = StreamReadOptions::default().count(100).block(200);
-            let reply: Option<StreamReadReply> =
-                conn.xread_options(&[stream], &[&last], &opts).await.expect("xread");
+            let reply: Option<StreamReadReply> = conn
+                .xread_options(&[stream], &[&last], &opts)
+                .await
+                .expect("xread");
             for key in reply.map(|r| r.keys).unwrap_or_default() {
                 for entry in key.ids {
                     last = entry.id.clone();
@@ -238,7 +279,10 @@ impl TestApp {
                     }
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "no reply for {id} on {stream}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reply for {id} on {stream}"
+            );
         }
     }
 
@@ -258,8 +302,17 @@ impl TestApp {
         self.store.client().await.expect("db")
     }
 
-    pub async fn count(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> i64 {
-        self.db().await.query_one(sql, params).await.expect("count").get(0)
+    pub async fn count(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> i64 {
+        self.db()
+            .await
+            .query_one(sql, params)
+            .await
+            .expect("count")
+            .get(0)
     }
 
     pub async fn key_exists(&self, key: &str) -> bool {

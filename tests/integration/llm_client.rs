@@ -22,7 +22,9 @@ fn client(server: &MockServer, timeout_ms: u64) -> OpenAiClient {
 fn helpers_llm_config() -> icmp::config::LlmConfig {
     // The LLM section of the test profile; no services needed.
     let path = helpers::root().join("config/default.toml");
-    icmp::config::Config::load(&path, Some("test")).expect("config").llm
+    icmp::config::Config::load(&path, Some("test"))
+        .expect("config")
+        .llm
 }
 
 fn request(json_mode: bool) -> ChatRequest {
@@ -54,7 +56,10 @@ async fn a_200_returns_content_model_and_usage() {
         .expect(1)
         .mount(&server)
         .await;
-    let r = client(&server, 2000).chat(&request(false)).await.expect("ok");
+    let r = client(&server, 2000)
+        .chat(&request(false))
+        .await
+        .expect("ok");
     assert_eq!(r.content, "hello");
     assert_eq!(r.model, "gpt-test-0613");
     assert_eq!((r.prompt_tokens, r.completion_tokens), (Some(12), Some(3)));
@@ -63,16 +68,21 @@ async fn a_200_returns_content_model_and_usage() {
 #[tokio::test]
 async fn json_mode_sends_response_format_and_plain_mode_does_not() {
     let server = MockServer::start().await;
-    Mock::given(body_partial_json(json!({"response_format": {"type": "json_object"}})))
-        .respond_with(ResponseTemplate::new(200).set_body_json(completion("{\"stage\":\"a\"}")))
-        .expect(1)
-        .mount(&server)
-        .await;
+    Mock::given(body_partial_json(
+        json!({"response_format": {"type": "json_object"}}),
+    ))
+    .respond_with(ResponseTemplate::new(200).set_body_json(completion("{\"stage\":\"a\"}")))
+    .expect(1)
+    .mount(&server)
+    .await;
     let c = client(&server, 2000);
     let r = c.chat(&request(true)).await.expect("json mode");
     assert_eq!(r.content, "{\"stage\":\"a\"}");
     // Without JSON mode the mock above does not match: wiremock answers 404, a rejection.
-    let e = c.chat(&request(false)).await.expect_err("no response_format");
+    let e = c
+        .chat(&request(false))
+        .await
+        .expect_err("no response_format");
     assert!(matches!(e, LlmError::Rejected { status: 404, .. }), "{e:?}");
 }
 
@@ -83,8 +93,19 @@ async fn a_429_is_retryable_and_carries_retry_after() {
         .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "2"))
         .mount(&server)
         .await;
-    let e = client(&server, 2000).chat(&request(false)).await.expect_err("429");
-    assert!(matches!(e, LlmError::RateLimited { retry_after_ms: Some(2000) }), "{e:?}");
+    let e = client(&server, 2000)
+        .chat(&request(false))
+        .await
+        .expect_err("429");
+    assert!(
+        matches!(
+            e,
+            LlmError::RateLimited {
+                retry_after_ms: Some(2000)
+            }
+        ),
+        "{e:?}"
+    );
     assert!(e.is_retryable());
     assert_eq!(e.status_code(), 429);
 }
@@ -102,7 +123,10 @@ async fn a_500_is_retryable_and_a_400_is_not() {
         .await;
     let c = client(&server, 2000);
     let e = c.chat(&request(false)).await.expect_err("500");
-    assert!(matches!(&e, LlmError::Server { status: 500, body } if body == "boom"), "{e:?}");
+    assert!(
+        matches!(&e, LlmError::Server { status: 500, body } if body == "boom"),
+        "{e:?}"
+    );
     assert!(e.is_retryable());
     let mut bad = request(false);
     bad.model = "bad".into();
@@ -115,11 +139,18 @@ async fn a_500_is_retryable_and_a_400_is_not() {
 async fn a_slow_endpoint_times_out() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(completion("late")).set_delay(Duration::from_millis(1500)))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(completion("late"))
+                .set_delay(Duration::from_millis(1500)),
+        )
         .mount(&server)
         .await;
     let started = std::time::Instant::now();
-    let e = client(&server, 300).chat(&request(false)).await.expect_err("timeout");
+    let e = client(&server, 300)
+        .chat(&request(false))
+        .await
+        .expect_err("timeout");
     assert!(matches!(e, LlmError::Timeout(300)), "{e:?}");
     assert!(e.is_retryable());
     assert!(started.elapsed() < Duration::from_millis(1400));
@@ -142,7 +173,10 @@ async fn a_malformed_body_is_reported_as_such() {
     let mut empty = request(false);
     empty.model = "empty".into();
     let e = c.chat(&empty).await.expect_err("no choices");
-    assert!(matches!(e, LlmError::MalformedResponse(ref m) if m == "no choices"), "{e:?}");
+    assert!(
+        matches!(e, LlmError::MalformedResponse(ref m) if m == "no choices"),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
@@ -152,7 +186,11 @@ async fn an_unreachable_endpoint_is_a_retryable_connection_error() {
     drop(listener);
     let mut c = helpers_llm_config();
     c.base_url = format!("http://{addr}/v1");
-    let e = OpenAiClient::new(&c).expect("client").chat(&request(false)).await.expect_err("refused");
+    let e = OpenAiClient::new(&c)
+        .expect("client")
+        .chat(&request(false))
+        .await
+        .expect_err("refused");
     assert!(matches!(e, LlmError::Connect(_)), "{e:?}");
     assert!(e.is_retryable());
 }

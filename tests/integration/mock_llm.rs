@@ -5,7 +5,9 @@ use icmp::llm::{ChatMessage, ChatRequest, LlmError, LlmService, OpenAiClient};
 use serde_json::{Value, json};
 
 async fn start(options: MockOptions) -> mock::MockServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     mock::spawn(listener, options).expect("spawn")
 }
 
@@ -29,7 +31,10 @@ async fn mock_llm_answers_a_plain_http_client_in_the_openai_format() {
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], "any");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
-    assert_eq!(body["choices"][0]["message"]["content"], "{\"stage\":\"booking\"}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "{\"stage\":\"booking\"}"
+    );
     assert!(body["usage"]["prompt_tokens"].as_u64().expect("usage") > 0);
 
     let models: Value = http
@@ -55,7 +60,9 @@ fn request() -> ChatRequest {
 
 async fn client_for(server: &mock::MockServer, timeout_ms: u64) -> OpenAiClient {
     let path = crate::helpers::root().join("config/default.toml");
-    let mut c = icmp::config::Config::load(&path, Some("test")).expect("config").llm;
+    let mut c = icmp::config::Config::load(&path, Some("test"))
+        .expect("config")
+        .llm;
     c.base_url = server.base_url();
     c.request_timeout_ms = timeout_ms;
     OpenAiClient::new(&c).expect("client")
@@ -63,26 +70,72 @@ async fn client_for(server: &mock::MockServer, timeout_ms: u64) -> OpenAiClient 
 
 #[tokio::test]
 async fn mock_llm_injects_each_fault_kind() {
-    let cases: [(MockOptions, fn(&LlmError) -> bool); 4] = [
-        (MockOptions { error_rate: 1.0, ..Default::default() }, |e| matches!(e, LlmError::Server { status: 500, .. })),
+    type Expect = fn(&LlmError) -> bool;
+    let cases: [(MockOptions, Expect); 4] = [
         (
-            MockOptions { rate_limit_rate: 1.0, retry_after_secs: 3, ..Default::default() },
-            |e| matches!(e, LlmError::RateLimited { retry_after_ms: Some(3000) }),
+            MockOptions {
+                error_rate: 1.0,
+                ..Default::default()
+            },
+            |e| matches!(e, LlmError::Server { status: 500, .. }),
         ),
-        (MockOptions { malformed_rate: 1.0, ..Default::default() }, |e| matches!(e, LlmError::MalformedResponse(_))),
-        (MockOptions { timeout_rate: 1.0, hang_ms: 5_000, ..Default::default() }, |e| matches!(e, LlmError::Timeout(_))),
+        (
+            MockOptions {
+                rate_limit_rate: 1.0,
+                retry_after_secs: 3,
+                ..Default::default()
+            },
+            |e| {
+                matches!(
+                    e,
+                    LlmError::RateLimited {
+                        retry_after_ms: Some(3000)
+                    }
+                )
+            },
+        ),
+        (
+            MockOptions {
+                malformed_rate: 1.0,
+                ..Default::default()
+            },
+            |e| matches!(e, LlmError::MalformedResponse(_)),
+        ),
+        (
+            MockOptions {
+                timeout_rate: 1.0,
+                hang_ms: 5_000,
+                ..Default::default()
+            },
+            |e| matches!(e, LlmError::Timeout(_)),
+        ),
     ];
     for (options, expected) in cases {
         let server = start(options.clone()).await;
-        let e = client_for(&server, 300).await.chat(&request()).await.expect_err("fault");
+        let e = client_for(&server, 300)
+            .await
+            .chat(&request())
+            .await
+            .expect_err("fault");
         assert!(expected(&e), "{options:?} gave {e:?}");
-        assert_eq!(server.stats.faults.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            server
+                .stats
+                .faults
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }
 
 #[tokio::test]
 async fn mock_llm_fault_shares_follow_the_rates() {
-    let server = start(MockOptions { error_rate: 0.3, seed: 7, ..Default::default() }).await;
+    let server = start(MockOptions {
+        error_rate: 0.3,
+        seed: 7,
+        ..Default::default()
+    })
+    .await;
     let client = client_for(&server, 2000).await;
     let mut failures = 0;
     for _ in 0..200 {
@@ -90,5 +143,8 @@ async fn mock_llm_fault_shares_follow_the_rates() {
             failures += 1;
         }
     }
-    assert!((35..=85).contains(&failures), "{failures} of 200 failed at a 30% rate");
+    assert!(
+        (35..=85).contains(&failures),
+        "{failures} of 200 failed at a 30% rate"
+    );
 }

@@ -11,24 +11,44 @@ fn uid() -> String {
 }
 
 async fn messages_with_key(app: &TestApp, key: &str) -> i64 {
-    app.count("SELECT count(*) FROM messages WHERE idempotency_key = $1", &[&key]).await
+    app.count(
+        "SELECT count(*) FROM messages WHERE idempotency_key = $1",
+        &[&key],
+    )
+    .await
 }
 
 #[tokio::test]
 async fn a_new_conversation_is_created_and_answered() {
     let app = spawn_app(MockOptions::default()).await;
-    app.send("alice", "m1", "Hello, are you open on Saturday?").await;
+    app.send("alice", "m1", "Hello, are you open on Saturday?")
+        .await;
     let reply = app.reply("m1").await;
     assert_eq!(reply["status"], "ok");
     assert_eq!(reply["status_code"], "200");
     assert_eq!(reply["stage"], "welcome");
     assert_eq!(reply["business_id"], DEMO_BUSINESS);
     assert_eq!(reply["user_id"], "alice");
-    assert!(reply["content"].contains("are you open on Saturday?"), "{}", reply["content"]);
+    assert!(
+        reply["content"].contains("are you open on Saturday?"),
+        "{}",
+        reply["content"]
+    );
     let conv: Uuid = reply["conversation_id"].parse().expect("conversation id");
-    assert_eq!(app.count("SELECT count(*) FROM conversations WHERE id = $1", &[&conv]).await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM conversations WHERE id = $1", &[&conv])
+            .await,
+        1
+    );
     assert_eq!(messages_with_key(&app, "m1").await, 2);
-    assert_eq!(app.count("SELECT count(*) FROM users WHERE external_id = 'alice'", &[]).await, 1);
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM users WHERE external_id = 'alice'",
+            &[]
+        )
+        .await,
+        1
+    );
     // The LLM calls are logged with their template version, tokens and latency.
     let calls = app
         .count(
@@ -68,8 +88,14 @@ async fn a_second_message_continues_with_the_first_turn_in_the_history() {
         .await
         .expect("response call")
         .get(0);
-    assert!(prompt.contains("user: What are your opening hours?"), "{prompt}");
-    assert!(prompt.contains(&format!("assistant: {}", first["content"])), "{prompt}");
+    assert!(
+        prompt.contains("user: What are your opening hours?"),
+        "{prompt}"
+    );
+    assert!(
+        prompt.contains(&format!("assistant: {}", first["content"])),
+        "{prompt}"
+    );
     let version: i64 = app
         .db()
         .await
@@ -84,7 +110,8 @@ async fn a_second_message_continues_with_the_first_turn_in_the_history() {
 #[tokio::test]
 async fn selection_moves_the_stage_and_updates_the_cache() {
     let app = spawn_app(MockOptions::default()).await;
-    app.send("carol", "c1", "I would like to book an appointment").await;
+    app.send("carol", "c1", "I would like to book an appointment")
+        .await;
     let reply = app.reply("c1").await;
     assert_eq!(reply["stage"], "booking");
     let conv: Uuid = reply["conversation_id"].parse().expect("uuid");
@@ -99,22 +126,36 @@ async fn selection_moves_the_stage_and_updates_the_cache() {
         )
         .await
         .expect("one transition");
-    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("welcome".into(), "booking".into()));
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("welcome".into(), "booking".into())
+    );
     let booking: Uuid = app
         .db()
         .await
-        .query_one("SELECT current_stage_id FROM conversations WHERE id = $1", &[&conv])
+        .query_one(
+            "SELECT current_stage_id FROM conversations WHERE id = $1",
+            &[&conv],
+        )
         .await
         .expect("conv")
         .get(0);
-    let cached = app.cache.get_conversation(conv).await.expect("redis").expect("cached");
+    let cached = app
+        .cache
+        .get_conversation(conv)
+        .await
+        .expect("redis")
+        .expect("cached");
     assert_eq!(cached.stage_id, booking);
     assert_eq!(cached.version, 1);
     // The booking stage's templates were used after the change (step 7).
     let purposes: Vec<String> = app
         .db()
         .await
-        .query("SELECT purpose FROM llm_calls WHERE conversation_id = $1 ORDER BY created_at, id", &[&conv])
+        .query(
+            "SELECT purpose FROM llm_calls WHERE conversation_id = $1 ORDER BY created_at, id",
+            &[&conv],
+        )
         .await
         .expect("calls")
         .iter()
@@ -127,13 +168,27 @@ async fn selection_moves_the_stage_and_updates_the_cache() {
 #[tokio::test]
 async fn extraction_is_stored_and_merged_across_turns() {
     let app = spawn_app(MockOptions::default()).await;
-    app.send("dave", "d1", "I want to book a visit, my name is Dave Miller").await;
+    app.send(
+        "dave",
+        "d1",
+        "I want to book a visit, my name is Dave Miller",
+    )
+    .await;
     let first = app.reply("d1").await;
-    assert!(first["content"].contains("date and reason"), "{}", first["content"]);
-    app.send("dave", "d2", "Could it be on 2026-12-03 for a cleaning?").await;
+    assert!(
+        first["content"].contains("date and reason"),
+        "{}",
+        first["content"]
+    );
+    app.send("dave", "d2", "Could it be on 2026-12-03 for a cleaning?")
+        .await;
     let second = app.reply("d2").await;
     assert_eq!(second["conversation_id"], first["conversation_id"]);
-    assert!(second["content"].contains("you're booked"), "{}", second["content"]);
+    assert!(
+        second["content"].contains("you're booked"),
+        "{}",
+        second["content"]
+    );
     let conv: Uuid = first["conversation_id"].parse().expect("uuid");
     let rows = app
         .db()
@@ -150,7 +205,12 @@ async fn extraction_is_stored_and_merged_across_turns() {
             ("reason".to_owned(), "cleaning".to_owned())
         ]
     );
-    let cached = app.cache.get_data(conv).await.expect("redis").expect("cached");
+    let cached = app
+        .cache
+        .get_data(conv)
+        .await
+        .expect("redis")
+        .expect("cached");
     assert_eq!(cached.len(), 3);
     assert_eq!(cached["name"], "Dave Miller");
     app.stop().await;
@@ -159,7 +219,8 @@ async fn extraction_is_stored_and_merged_across_turns() {
 #[tokio::test]
 async fn a_fault_inside_the_write_phase_leaves_no_row_and_no_cache_key() {
     let app = spawn_app(MockOptions::default()).await;
-    app.send("erin", "e1", "Hi! I want to book, my name is Erin Hale").await;
+    app.send("erin", "e1", "Hi! I want to book, my name is Erin Hale")
+        .await;
     let first = app.reply("e1").await;
     let conv: Uuid = first["conversation_id"].parse().expect("uuid");
     let conv_key = app.cache.key("conv", conv);
@@ -173,9 +234,27 @@ async fn a_fault_inside_the_write_phase_leaves_no_row_and_no_cache_key() {
     assert_eq!(failed["error_code"], "db.injected_fault");
     assert_eq!(failed["status_code"], "500");
     assert_eq!(messages_with_key(&app, "e2").await, 0);
-    assert_eq!(app.count("SELECT count(*) FROM extracted_data WHERE field IN ('date', 'reason')", &[]).await, 0);
-    assert_eq!(app.count("SELECT count(*) FROM llm_calls WHERE conversation_id = $1", &[&conv]).await, 3);
-    assert_eq!(app.count("SELECT version FROM conversations WHERE id = $1", &[&conv]).await, 1);
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM extracted_data WHERE field IN ('date', 'reason')",
+            &[]
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM llm_calls WHERE conversation_id = $1",
+            &[&conv]
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        app.count("SELECT version FROM conversations WHERE id = $1", &[&conv])
+            .await,
+        1
+    );
     assert!(!app.key_exists(&conv_key).await, "conv key must be cleared");
     assert!(!app.key_exists(&data_key).await, "data key must be cleared");
     let dead = app.entries(&app.config.streams.dead_letter).await;
@@ -186,7 +265,14 @@ async fn a_fault_inside_the_write_phase_leaves_no_row_and_no_cache_key() {
     app.failpoints.disable(failpoint::BEFORE_COMMIT);
     app.send("erin", "e3", "On friday for a checkup").await;
     assert_eq!(app.reply("e3").await["status"], "ok");
-    assert_eq!(app.count("SELECT count(*) FROM extracted_data WHERE conversation_id = $1", &[&conv]).await, 3);
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM extracted_data WHERE conversation_id = $1",
+            &[&conv]
+        )
+        .await,
+        3
+    );
     app.stop().await;
 }
 
@@ -198,23 +284,137 @@ async fn every_bad_input_gets_its_error_code_and_writes_nothing() {
     let owned = app.reply("own1").await["conversation_id"].clone();
     let rows_before = app.count("SELECT count(*) FROM messages", &[]).await;
     let big = vec![b'x'; app.config.limits.max_content_bytes + 1];
-    let big_meta = format!("{{\"k\": \"{}\"}}", "y".repeat(app.config.limits.max_metadata_bytes));
+    let big_meta = format!(
+        "{{\"k\": \"{}\"}}",
+        "y".repeat(app.config.limits.max_metadata_bytes)
+    );
     let unknown_business = Uuid::new_v4().to_string();
     let biz = DEMO_BUSINESS.as_bytes();
-    let cases: Vec<(&str, Vec<(&str, &[u8])>, &str, &str)> = vec![
-        ("x1", vec![("user_id", b"u"), ("content", b"hi")], "validation.missing_field", "400"),
-        ("x2", vec![("business_id", b"not-a-uuid"), ("user_id", b"u"), ("content", b"hi")], "validation.invalid_field", "400"),
-        ("x3", vec![("business_id", unknown_business.as_bytes()), ("user_id", b"u"), ("content", b"hi")], "validation.unknown_business", "404"),
-        ("x4", vec![("business_id", biz), ("user_id", b"intruder"), ("conversation_id", owned.as_bytes()), ("content", b"hi")], "validation.unknown_conversation", "404"),
-        ("x5", vec![("business_id", biz), ("user_id", b"u"), ("content", b"   ")], "validation.empty_content", "400"),
-        ("x6", vec![("business_id", biz), ("user_id", b"u"), ("content", &big)], "validation.content_too_large", "422"),
-        ("x7", vec![("business_id", biz), ("user_id", b"u"), ("content", &[0xc3, 0x28, 0xff])], "validation.invalid_utf8", "400"),
-        ("x8", vec![("business_id", biz), ("user_id", b"u"), ("content", b"hi"), ("metadata", b"{not json")], "validation.invalid_metadata", "400"),
-        ("x9", vec![("business_id", biz), ("user_id", b"u"), ("content", b"hi"), ("metadata", big_meta.as_bytes())], "validation.metadata_too_large", "422"),
-        ("x10", vec![("business_id", biz), ("user_id", b"u"), ("content", b"hi"), ("reply_to", b"somebody:else")], "validation.reply_to_not_allowed", "400"),
-        ("x11", vec![("business_id", biz), ("content", b"hi")], "validation.missing_field", "400"),
-        ("x12", vec![("business_id", biz), ("user_id", b"u"), ("content", b"hi"), ("conversation_id", b"123")], "validation.invalid_field", "400"),
-        ("x13", vec![("business_id", biz), ("user_id", b"u"), ("content", b"hi"), ("conversation_id", Uuid::new_v4().to_string().into_bytes().leak())], "validation.unknown_conversation", "404"),
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a [u8])>, &'a str, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "x1",
+            vec![("user_id", b"u"), ("content", b"hi")],
+            "validation.missing_field",
+            "400",
+        ),
+        (
+            "x2",
+            vec![
+                ("business_id", b"not-a-uuid"),
+                ("user_id", b"u"),
+                ("content", b"hi"),
+            ],
+            "validation.invalid_field",
+            "400",
+        ),
+        (
+            "x3",
+            vec![
+                ("business_id", unknown_business.as_bytes()),
+                ("user_id", b"u"),
+                ("content", b"hi"),
+            ],
+            "validation.unknown_business",
+            "404",
+        ),
+        (
+            "x4",
+            vec![
+                ("business_id", biz),
+                ("user_id", b"intruder"),
+                ("conversation_id", owned.as_bytes()),
+                ("content", b"hi"),
+            ],
+            "validation.unknown_conversation",
+            "404",
+        ),
+        (
+            "x5",
+            vec![("business_id", biz), ("user_id", b"u"), ("content", b"   ")],
+            "validation.empty_content",
+            "400",
+        ),
+        (
+            "x6",
+            vec![("business_id", biz), ("user_id", b"u"), ("content", &big)],
+            "validation.content_too_large",
+            "422",
+        ),
+        (
+            "x7",
+            vec![
+                ("business_id", biz),
+                ("user_id", b"u"),
+                ("content", &[0xc3, 0x28, 0xff]),
+            ],
+            "validation.invalid_utf8",
+            "400",
+        ),
+        (
+            "x8",
+            vec![
+                ("business_id", biz),
+                ("user_id", b"u"),
+                ("content", b"hi"),
+                ("metadata", b"{not json"),
+            ],
+            "validation.invalid_metadata",
+            "400",
+        ),
+        (
+            "x9",
+            vec![
+                ("business_id", biz),
+                ("user_id", b"u"),
+                ("content", b"hi"),
+                ("metadata", big_meta.as_bytes()),
+            ],
+            "validation.metadata_too_large",
+            "422",
+        ),
+        (
+            "x10",
+            vec![
+                ("business_id", biz),
+                ("user_id", b"u"),
+                ("content", b"hi"),
+                ("reply_to", b"somebody:else"),
+            ],
+            "validation.reply_to_not_allowed",
+            "400",
+        ),
+        (
+            "x11",
+            vec![("business_id", biz), ("content", b"hi")],
+            "validation.missing_field",
+            "400",
+        ),
+        (
+            "x12",
+            vec![
+                ("business_id", biz),
+                ("user_id", b"u"),
+                ("content", b"hi"),
+                ("conversation_id", b"123"),
+            ],
+            "validation.invalid_field",
+            "400",
+        ),
+        (
+            "x13",
+            vec![
+                ("business_id", biz),
+                ("user_id", b"u"),
+                ("content", b"hi"),
+                (
+                    "conversation_id",
+                    Uuid::new_v4().to_string().into_bytes().leak(),
+                ),
+            ],
+            "validation.unknown_conversation",
+            "404",
+        ),
     ];
     for (id, mut fields, _, _) in cases.clone() {
         fields.push(("message_id", id.as_bytes()));
@@ -228,10 +428,20 @@ async fn every_bad_input_gets_its_error_code_and_writes_nothing() {
         assert!(!reply["error"].is_empty(), "{id}: a human message");
         assert!(reply["content"].is_empty(), "{id}");
     }
-    assert_eq!(app.count("SELECT count(*) FROM messages", &[]).await, rows_before);
+    assert_eq!(
+        app.count("SELECT count(*) FROM messages", &[]).await,
+        rows_before
+    );
     assert_eq!(app.count("SELECT count(*) FROM users", &[]).await, 1);
-    assert_eq!(app.count("SELECT count(*) FROM conversations", &[]).await, 1);
-    assert!(app.entries(&app.config.streams.dead_letter).await.is_empty());
+    assert_eq!(
+        app.count("SELECT count(*) FROM conversations", &[]).await,
+        1
+    );
+    assert!(
+        app.entries(&app.config.streams.dead_letter)
+            .await
+            .is_empty()
+    );
     // Every entry was acked.
     let pending: redis::streams::StreamPendingReply = redis::AsyncCommands::xpending(
         &mut app.redis.clone(),
@@ -254,7 +464,10 @@ async fn odd_but_valid_content_is_stored_verbatim_and_never_run_as_a_template() 
     let stored: String = app
         .db()
         .await
-        .query_one("SELECT content FROM messages WHERE idempotency_key = 'f1' AND role = 'user'", &[])
+        .query_one(
+            "SELECT content FROM messages WHERE idempotency_key = 'f1' AND role = 'user'",
+            &[],
+        )
         .await
         .expect("row")
         .get(0);
@@ -262,23 +475,44 @@ async fn odd_but_valid_content_is_stored_verbatim_and_never_run_as_a_template() 
     let prompt: String = app
         .db()
         .await
-        .query_one("SELECT prompt FROM llm_calls WHERE purpose = 'response'", &[])
+        .query_one(
+            "SELECT prompt FROM llm_calls WHERE purpose = 'response'",
+            &[],
+        )
         .await
         .expect("call")
         .get(0);
-    assert!(prompt.contains(odd), "the prompt carries the raw text: {prompt}");
-    assert!(reply["content"].contains("{{ business.name }}"), "{}", reply["content"]);
+    assert!(
+        prompt.contains(odd),
+        "the prompt carries the raw text: {prompt}"
+    );
+    assert!(
+        reply["content"].contains("{{ business.name }}"),
+        "{}",
+        reply["content"]
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn a_failing_response_call_gives_the_fallback_reply() {
-    let app = spawn_app(MockOptions { error_rate: 1.0, ..Default::default() }).await;
+    let app = spawn_app(MockOptions {
+        error_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
     app.send("gina", "g1", "Hello?").await;
     let reply = app.reply("g1").await;
     assert_eq!(reply["status"], "fallback");
-    assert_eq!(reply["stage"], "welcome", "a failed selection keeps the stage");
-    assert!(reply["content"].starts_with("Thanks for writing to Sunny Smile Dental!"), "{}", reply["content"]);
+    assert_eq!(
+        reply["stage"], "welcome",
+        "a failed selection keeps the stage"
+    );
+    assert!(
+        reply["content"].starts_with("Thanks for writing to Sunny Smile Dental!"),
+        "{}",
+        reply["content"]
+    );
     let row = app
         .db()
         .await
@@ -288,10 +522,20 @@ async fn a_failing_response_call_gives_the_fallback_reply() {
     assert_eq!(row.get::<_, String>(0), reply["content"]);
     assert_eq!(row.get::<_, String>(1), "fallback");
     let outcomes = app
-        .count("SELECT count(*) FROM llm_calls WHERE outcome = 'llm.server_error'", &[])
+        .count(
+            "SELECT count(*) FROM llm_calls WHERE outcome = 'llm.server_error'",
+            &[],
+        )
         .await;
     assert_eq!(outcomes, 2, "selection and response failed and were logged");
-    assert!(app.mock.stats.requests.load(std::sync::atomic::Ordering::Relaxed) > 2, "retried");
+    assert!(
+        app.mock
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 2,
+        "retried"
+    );
     app.stop().await;
 }
 
@@ -305,7 +549,12 @@ async fn a_repeated_message_id_is_answered_once() {
     // Wait for the second publication of h1.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     let replies = loop {
-        let r: Vec<_> = app.entries(&outbound).await.into_iter().filter(|e| e["message_id"] == "h1").collect();
+        let r: Vec<_> = app
+            .entries(&outbound)
+            .await
+            .into_iter()
+            .filter(|e| e["message_id"] == "h1")
+            .collect();
         if r.len() == 2 || tokio::time::Instant::now() > deadline {
             break r;
         }
@@ -341,10 +590,18 @@ async fn another_business_never_uses_this_business_templates_or_conversations() 
         ("content", b"hello"),
     ])
     .await;
-    assert_eq!(app.reply("i2").await["error_code"], "validation.unknown_conversation");
+    assert_eq!(
+        app.reply("i2").await["error_code"],
+        "validation.unknown_conversation"
+    );
     // Without a conversation id: a conversation of its own, rendered with its own templates.
-    app.xadd(&[("business_id", other.as_bytes()), ("user_id", b"ivy"), ("message_id", b"i3"), ("content", b"hello")])
-        .await;
+    app.xadd(&[
+        ("business_id", other.as_bytes()),
+        ("user_id", b"ivy"),
+        ("message_id", b"i3"),
+        ("content", b"hello"),
+    ])
+    .await;
     let vet = app.reply("i3").await;
     assert_eq!(vet["status"], "ok");
     assert_ne!(vet["conversation_id"], demo_conv);
@@ -359,6 +616,11 @@ async fn another_business_never_uses_this_business_templates_or_conversations() 
         .map(|r| r.get(0))
         .collect();
     assert_eq!(prompts.len(), 2);
-    assert!(prompts.iter().all(|p| p.contains("Northside Vet") && !p.contains("Sunny Smile")), "{prompts:?}");
+    assert!(
+        prompts
+            .iter()
+            .all(|p| p.contains("Northside Vet") && !p.contains("Sunny Smile")),
+        "{prompts:?}"
+    );
     app.stop().await;
 }
