@@ -215,10 +215,7 @@ impl Config {
             .or_else(|| std::env::var("ICMP_PROFILE").ok().filter(|p| !p.is_empty()));
         let mut files = Figment::new().merge(Toml::file_exact(path));
         if let Some(profile) = profile {
-            let dir = path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             files = files.merge(Toml::file_exact(dir.join(format!("{profile}.toml"))));
         }
         Self::from_layers(files, Env::prefixed("ICMP__").split("__"))

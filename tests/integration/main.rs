@@ -2,7 +2,10 @@
 //! not running) and the mock LLM over HTTP. Every test has its own database, key prefix,
 //! streams and consumer group, so tests run in parallel.
 
-#![expect(unreachable_pub, reason = "helpers are shared between the test modules")]
+#![expect(
+    unreachable_pub,
+    reason = "helpers are shared between the test modules"
+)]
 
 mod foundation;
 mod helpers;
