@@ -402,6 +402,10 @@ pub enum PipelineError {
     Template(#[from] TemplateError),
     #[error("the business definition is inconsistent: {0}")]
     Definition(String),
+    #[error("processing panicked: {0}")]
+    Panicked(String),
+    #[error("delivered {0} times without success")]
+    TooManyDeliveries(u64),
 }
 
 impl PipelineError {
@@ -412,14 +416,20 @@ impl PipelineError {
             PipelineError::Store(e) => Some(e),
             PipelineError::Cache(e) => Some(e),
             PipelineError::Template(e) => Some(e),
-            PipelineError::Definition(_) => None,
+            PipelineError::Definition(_)
+            | PipelineError::Panicked(_)
+            | PipelineError::TooManyDeliveries(_) => None,
         }
     }
 }
 
 impl Classify for PipelineError {
     fn code(&self) -> &'static str {
-        self.inner().map_or("config.definition", |e| e.code())
+        match self {
+            PipelineError::Panicked(_) => "internal.panic",
+            PipelineError::TooManyDeliveries(_) => "stream.max_deliveries",
+            _ => self.inner().map_or("config.definition", |e| e.code()),
+        }
     }
     fn category(&self) -> Category {
         self.inner().map_or(Category::System, |e| e.category())
@@ -428,7 +438,11 @@ impl Classify for PipelineError {
         self.inner().map_or(500, |e| e.status_code())
     }
     fn is_retryable(&self) -> bool {
-        self.inner().is_some_and(|e| e.is_retryable())
+        match self {
+            // A panic may be a passing condition; redelivery decides (up to max_deliveries).
+            PipelineError::Panicked(_) => true,
+            _ => self.inner().is_some_and(|e| e.is_retryable()),
+        }
     }
     fn user_message(&self) -> String {
         match self.inner() {

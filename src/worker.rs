@@ -2,11 +2,14 @@
 //! consumers), runs each through the pipeline under a concurrency bound, and decides from the
 //! outcome whether to publish and ack, leave it pending for redelivery, or dead-letter it.
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, watch};
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -19,7 +22,7 @@ use crate::pipeline::failpoint::{self, Failpoints};
 use crate::pipeline::{MessageHandler, Processed, Reply};
 use crate::retry::RetryPolicy;
 use crate::store::Store;
-use crate::stream::{StreamEntry, Streams};
+use crate::stream::{StreamEntry, Streams, Turn};
 use crate::telemetry::metrics::{self, MessageOutcome};
 use crate::telemetry::server;
 
@@ -36,7 +39,12 @@ pub enum Outcome {
     RetryLater,
     /// Failed for good (or too often): moved to the dead-letter stream, error reply published.
     DeadLettered,
+    /// Another consumer finished it while it waited for its turn.
+    AlreadyDone,
 }
+
+/// How many entries a worker may hold per processing slot (the rest wait for their turn).
+const WAITING_FACTOR: usize = 4;
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,10 @@ pub struct Worker<L> {
     streams: Streams,
     config: Config,
     publish_retry: RetryPolicy,
+    /// `worker.concurrency` processing slots.
+    processing: Arc<Semaphore>,
+    /// Entries this process holds: a reclaim of one of them (it looked idle) is ignored.
+    held: Mutex<HashSet<String>>,
 }
 
 impl<L> std::fmt::Debug for Worker<L> {
@@ -71,13 +83,16 @@ impl<L: LlmService> Worker<L> {
     pub fn new(config: Config, handler: Arc<MessageHandler<L>>, streams: Streams) -> Self {
         Worker {
             publish_retry: RetryPolicy::new(config.retry.clone()),
+            processing: Arc::new(Semaphore::new(config.worker.concurrency.max(1))),
+            held: Mutex::new(HashSet::new()),
             handler,
             streams,
             config,
         }
     }
 
-    /// Processes one entry and carries out what its outcome requires.
+    /// Waits for the entry's turn in its conversation, processes it and carries out what its
+    /// outcome requires.
     pub async fn handle_entry(&self, entry: &StreamEntry) -> Outcome {
         let log_id = Uuid::now_v7();
         let span = tracing::info_span!(
@@ -89,14 +104,54 @@ impl<L: LlmService> Worker<L> {
             business.id = tracing::field::Empty,
             conversation.id = tracing::field::Empty,
         );
-        let started = Instant::now();
-        let (outcome, label) = self.handle_inner(entry, log_id).instrument(span).await;
-        metrics::message(label, started.elapsed());
-        outcome
+        async {
+            match self.streams.wait_turn(entry).await {
+                Ok(Turn::Go) => {}
+                Ok(Turn::Unqueued) => {
+                    metrics::order_fail_open();
+                    tracing::warn!("order queue missing; processing without waiting");
+                }
+                Ok(Turn::Gone) => return Outcome::AlreadyDone,
+                Err(e) => {
+                    metrics::record_error(&e, "order queue");
+                    return Outcome::RetryLater;
+                }
+            }
+            let Ok(_slot) = self.processing.acquire().await else {
+                return Outcome::RetryLater;
+            };
+            let started = Instant::now();
+            let (outcome, label) = tokio::select! {
+                done = self.handle_inner(entry, log_id) => done,
+                () = self.streams.keep_alive(&entry.id) => unreachable!("keep_alive never returns"),
+            };
+            metrics::message(label, started.elapsed());
+            outcome
+        }
+        .instrument(span)
+        .await
     }
 
     async fn handle_inner(&self, entry: &StreamEntry, log_id: Uuid) -> (Outcome, MessageOutcome) {
-        match self.handler.process(&entry.id, &entry.fields, log_id).await {
+        if entry.deliveries > self.config.streams.max_deliveries {
+            let err = PipelineError::TooManyDeliveries(entry.deliveries);
+            metrics::record_error(&err, "message");
+            return self.dead_letter(entry, &err, log_id).await;
+        }
+        // A panic in one message must not take the worker down: it becomes a retryable error,
+        // so a message that always panics ends in the dead-letter stream.
+        let processed = AssertUnwindSafe(self.handler.process(&entry.id, &entry.fields, log_id))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(PipelineError::Panicked(what))
+            });
+        match processed {
             Ok(Processed::Answered(reply)) => {
                 if self
                     .handler
@@ -151,7 +206,7 @@ impl<L: LlmService> Worker<L> {
             .publish_retry
             .run("redis.publish", || {
                 self.streams
-                    .publish_and_ack(&reply.destination, &fields, &entry.id)
+                    .publish_and_ack(&reply.destination, &fields, entry)
             })
             .await;
         match result {
@@ -209,13 +264,17 @@ impl<L: LlmService> Worker<L> {
     /// Reads and processes entries until `shutdown` completes; then stops reading, gives
     /// in-flight messages `worker.shutdown_grace_ms` to finish and returns. Entries still
     /// unfinished stay pending for other workers.
+    ///
+    /// Up to `WAITING_FACTOR × concurrency` entries may be held (most of them waiting for
+    /// their turn in their conversation); `concurrency` of them are processed at once. Stale
+    /// entries of dead consumers are claimed on a timer even when that bound is reached, so a
+    /// dead consumer's queue heads are always taken over.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) {
         let (stop_tx, mut stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let stopped = |rx: &watch::Receiver<bool>| *rx.borrow();
 
         while let Err(e) = self.streams.ensure_group().await {
             metrics::record_error(&e, "consumer group");
@@ -224,11 +283,12 @@ impl<L: LlmService> Worker<L> {
             }
         }
         let concurrency = self.config.worker.concurrency.max(1);
-        let semaphore = Arc::new(Semaphore::new(concurrency));
+        let admission = Arc::new(Semaphore::new(concurrency * WAITING_FACTOR));
         let mut tasks = JoinSet::new();
         let claim_every = Duration::from_millis((self.config.streams.claim_idle_ms / 2).max(100));
-        let mut last_claim = Instant::now();
+        let mut next_claim = tokio::time::Instant::now();
         let mut last_gauges = Instant::now();
+        let mut cursor = "0-0".to_owned();
         let mut failures = 0u32;
         tracing::info!(
             consumer = self.streams.consumer(),
@@ -238,41 +298,56 @@ impl<L: LlmService> Worker<L> {
 
         loop {
             while tasks.try_join_next().is_some() {}
-            if stopped(&stop_rx) {
+            if *stop_rx.borrow() {
                 break;
             }
             let first = tokio::select! {
-                p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                p = admission.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
+                _ = tokio::time::sleep_until(next_claim) => None,
                 _ = stop_rx.changed() => continue,
             };
-            let mut permits = vec![first];
-            while permits.len() < self.config.streams.read_count.max(1) {
-                match semaphore.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+            let mut batch: Vec<(StreamEntry, Option<OwnedSemaphorePermit>)> = Vec::new();
+            let mut result = Ok(());
+            if tokio::time::Instant::now() >= next_claim {
+                next_claim = tokio::time::Instant::now() + claim_every;
+                match self
+                    .streams
+                    .claim_stale(self.config.streams.read_count.max(1))
+                    .await
+                {
+                    Ok(stale) => batch.extend(stale.into_iter().map(|e| (e, None))),
+                    Err(e) => result = Err(e),
                 }
             }
-            let read = if last_claim.elapsed() >= claim_every {
-                last_claim = Instant::now();
-                match self.streams.claim_stale(permits.len()).await {
-                    Ok(v) if v.is_empty() => self.streams.read_new(permits.len()).await,
-                    other => other,
-                }
-            } else {
-                self.streams.read_new(permits.len()).await
-            };
-            match read {
-                Ok(entries) => {
-                    failures = 0;
-                    for entry in entries {
-                        let Some(permit) = permits.pop() else { break };
-                        let worker = self.clone();
-                        tasks.spawn(async move {
-                            let _permit = permit;
-                            worker.handle_entry(&entry).await
-                        });
+            if let (Some(first), Ok(())) = (first, &result) {
+                let mut permits = vec![first];
+                while permits.len() < self.config.streams.read_count.max(1) {
+                    match admission.clone().try_acquire_owned() {
+                        Ok(p) => permits.push(p),
+                        Err(_) => break,
                     }
                 }
+                match self.streams.read_new(permits.len(), &mut cursor).await {
+                    Ok(entries) => {
+                        batch.extend(entries.into_iter().zip(permits.into_iter().map(Some)));
+                    }
+                    Err(e) => result = Err(e),
+                }
+            }
+            for (entry, permit) in batch {
+                if !self.hold(&entry.id) {
+                    continue;
+                }
+                let worker = self.clone();
+                tasks.spawn(async move {
+                    let _admitted = permit;
+                    let outcome = worker.handle_entry(&entry).await;
+                    worker.release(&entry.id);
+                    outcome
+                });
+            }
+            match result {
+                Ok(()) => failures = 0,
                 Err(e) => {
                     metrics::record_error(&e, "stream read");
                     if is_nogroup(&e) {
@@ -280,13 +355,12 @@ impl<L: LlmService> Worker<L> {
                     }
                     failures = failures.saturating_add(1);
                     let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
-                    drop(permits);
                     if wait_or_stop(&mut stop_rx, wait).await {
                         break;
                     }
                 }
             }
-            metrics::inflight(concurrency - semaphore.available_permits());
+            metrics::inflight(concurrency - self.processing.available_permits());
             if last_gauges.elapsed() >= Duration::from_secs(5) {
                 last_gauges = Instant::now();
                 if let Ok(p) = self.streams.pending_count().await {
@@ -295,10 +369,7 @@ impl<L: LlmService> Worker<L> {
             }
         }
 
-        tracing::info!(
-            inflight = tasks.len(),
-            "stopping: finishing in-flight messages"
-        );
+        tracing::info!(held = tasks.len(), "stopping: finishing in-flight messages");
         let grace = Duration::from_millis(self.config.worker.shutdown_grace_ms);
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
@@ -310,6 +381,22 @@ impl<L: LlmService> Worker<L> {
             tasks.abort_all();
         }
         tracing::info!("worker stopped");
+    }
+}
+
+impl<L> Worker<L> {
+    /// Marks an entry as held by this process; false when it already is.
+    fn hold(&self, id: &str) -> bool {
+        self.held
+            .lock()
+            .map(|mut h| h.insert(id.to_owned()))
+            .unwrap_or(true)
+    }
+
+    fn release(&self, id: &str) {
+        if let Ok(mut h) = self.held.lock() {
+            h.remove(id);
+        }
     }
 }
 
@@ -349,7 +436,12 @@ pub async fn run_until_stopped(
         llm,
         Failpoints::from_env(),
     ));
-    let streams = Streams::new(reader, conn, config.streams.clone());
+    let streams = Streams::new(
+        reader,
+        conn,
+        config.streams.clone(),
+        &config.redis.key_prefix,
+    );
     let worker = Arc::new(Worker::new(config.clone(), handler, streams));
 
     let (stop_tx, stop_rx) = watch::channel(false);

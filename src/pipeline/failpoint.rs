@@ -10,6 +10,9 @@ pub const BEFORE_COMMIT: &str = "write.before_commit";
 /// After COMMIT, before the reply is published: the process exits (a crash).
 pub const AFTER_COMMIT_CRASH: &str = "worker.after_commit_crash";
 
+/// At the start of processing: panics (a poison message).
+pub const PANIC: &str = "pipeline.panic";
+
 const ENABLED: bool = cfg!(any(debug_assertions, feature = "failpoints"));
 
 /// The set of active failpoints.

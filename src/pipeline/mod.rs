@@ -128,6 +128,9 @@ impl<L: LlmService> MessageHandler<L> {
         fields: &HashMap<String, Vec<u8>>,
         log_id: Uuid,
     ) -> Result<Processed, PipelineError> {
+        if self.failpoints.is_on(failpoint::PANIC) {
+            panic!("failpoint {}", failpoint::PANIC);
+        }
         let started = Instant::now();
         let msg = validate::validate(
             inbound_id,

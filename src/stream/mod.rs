@@ -2,18 +2,25 @@
 //! acknowledging and dead-lettering. Knows nothing of conversations or of the pipeline.
 //!
 //! A publish and the ack of the inbound entry it answers go out in one `MULTI`, so a reply is
-//! never published without its entry being acked or the other way round.
+//! never published without its entry being acked or the other way round. The same `MULTI`
+//! removes the entry from its order queue (see [`order`]).
+
+pub mod order;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, Value};
+use tokio::sync::Notify;
 
 use crate::config::StreamsConfig;
 use crate::error::CacheError;
+use order::QueueSlot;
 
 /// How long an abandoned `reply_to` stream lives.
 const REPLY_STREAM_TTL_SECS: i64 = 3600;
@@ -27,6 +34,17 @@ pub struct StreamEntry {
     pub deliveries: u64,
 }
 
+/// Whether an entry may be processed now (see [`Streams::wait_turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// It is the head of its queue, or it has no queue: process it.
+    Go,
+    /// Its queue vanished although it is still pending: process it (fail open).
+    Unqueued,
+    /// Another consumer finished it meanwhile: nothing to do.
+    Gone,
+}
+
 /// The streams of one worker: a connection for blocking reads and one for everything else.
 #[derive(Clone)]
 pub struct Streams {
@@ -34,6 +52,11 @@ pub struct Streams {
     conn: ConnectionManager,
     config: StreamsConfig,
     consumer: String,
+    queue_prefix: String,
+    claim: Arc<redis::Script>,
+    /// Wakes this process's waiters of a queue when it finishes one of the queue's entries;
+    /// waiters of other processes poll.
+    local: Arc<Mutex<HashMap<Vec<u8>, Arc<Notify>>>>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -64,14 +87,23 @@ fn entries_of(ids: Vec<redis::streams::StreamId>, deliveries: u64) -> Vec<Stream
 }
 
 impl Streams {
-    /// `reader` must be a connection of its own: blocking reads hold it.
-    pub fn new(reader: ConnectionManager, conn: ConnectionManager, config: StreamsConfig) -> Self {
+    /// `reader` must be a connection of its own: blocking reads hold it. Queue keys take
+    /// `key_prefix` (the cache's `redis.key_prefix`).
+    pub fn new(
+        reader: ConnectionManager,
+        conn: ConnectionManager,
+        config: StreamsConfig,
+        key_prefix: &str,
+    ) -> Self {
         let consumer = config.consumer_name();
         Streams {
             reader,
             conn,
             config,
             consumer,
+            queue_prefix: format!("{key_prefix}order:"),
+            claim: Arc::new(redis::Script::new(order::CLAIM_SCRIPT)),
+            local: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -81,6 +113,10 @@ impl Streams {
 
     pub fn config(&self) -> &StreamsConfig {
         &self.config
+    }
+
+    fn slot(&self, entry: &StreamEntry) -> Option<QueueSlot> {
+        order::slot(&self.queue_prefix, &entry.id, &entry.fields)
     }
 
     /// Creates the consumer group (and the stream) if missing; the group starts at the
@@ -98,29 +134,82 @@ impl Streams {
         }
     }
 
-    /// New entries for this consumer, waiting up to `block_ms`.
-    pub async fn read_new(&self, count: usize) -> Result<Vec<StreamEntry>, CacheError> {
+    /// Delivers up to `count` new entries to this consumer and queues each behind the earlier
+    /// entries of its conversation, in one script. Returns the stream's last id too.
+    async fn claim_new(&self, count: usize) -> Result<(String, Vec<StreamEntry>), CacheError> {
+        let reply: Value = self
+            .claim
+            .key(&self.config.inbound)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(count)
+            .arg(&self.queue_prefix)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let bad = || CacheError::Decode("unexpected claim script reply".into());
+        let Value::Array(mut parts) = reply else {
+            return Err(bad());
+        };
+        if parts.len() != 2 {
+            return Err(bad());
+        }
+        let entries = parts.pop().ok_or_else(bad)?;
+        let last_id =
+            String::from_utf8(bytes_of(parts.pop().ok_or_else(bad)?)).map_err(|_| bad())?;
+        let mut out = Vec::new();
+        if let Value::Array(items) = entries {
+            for item in items {
+                let Value::Array(mut pair) = item else {
+                    return Err(bad());
+                };
+                let (Some(Value::Array(flat)), Some(id)) = (pair.pop(), pair.pop()) else {
+                    return Err(bad());
+                };
+                let id = String::from_utf8(bytes_of(id)).map_err(|_| bad())?;
+                let mut fields = HashMap::with_capacity(flat.len() / 2);
+                let mut it = flat.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    let k = String::from_utf8(bytes_of(k)).map_err(|_| bad())?;
+                    fields.insert(k, bytes_of(v));
+                }
+                out.push(StreamEntry {
+                    id,
+                    fields,
+                    deliveries: 1,
+                });
+            }
+        }
+        Ok((last_id, out))
+    }
+
+    /// New entries for this consumer. When none are waiting, blocks up to `block_ms` on a
+    /// plain `XREAD` after `cursor` (which delivers nothing to the group; scripts may not
+    /// block), then claims. `cursor` carries the stream's last id between calls.
+    pub async fn read_new(
+        &self,
+        count: usize,
+        cursor: &mut String,
+    ) -> Result<Vec<StreamEntry>, CacheError> {
+        let (last, entries) = self.claim_new(count).await?;
+        *cursor = last;
+        if !entries.is_empty() {
+            return Ok(entries);
+        }
         let opts = StreamReadOptions::default()
-            .group(&self.config.group, &self.consumer)
-            .count(count)
+            .count(1)
             .block(self.config.block_ms as usize);
-        let reply: Option<StreamReadReply> = self
+        let _: Option<StreamReadReply> = self
             .reader
             .clone()
-            .xread_options(&[&self.config.inbound], &[">"], &opts)
+            .xread_options(&[&self.config.inbound], &[cursor.as_str()], &opts)
             .await?;
-        Ok(reply
-            .map(|r| {
-                r.keys
-                    .into_iter()
-                    .flat_map(|k| entries_of(k.ids, 1))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let (last, entries) = self.claim_new(count).await?;
+        *cursor = last;
+        Ok(entries)
     }
 
     /// Takes over entries idle for `claim_idle_ms` (their consumer died), with their delivery
-    /// counts.
+    /// counts. They keep their place in their queues.
     pub async fn claim_stale(&self, count: usize) -> Result<Vec<StreamEntry>, CacheError> {
         let mut conn = self.conn.clone();
         let reply: StreamAutoClaimReply = conn
@@ -169,19 +258,105 @@ impl Streams {
             .collect())
     }
 
-    /// Publishes `fields` on `stream` and acks `entry_id`, atomically.
+    fn notifier(&self, key: &[u8]) -> Arc<Notify> {
+        match self.local.lock() {
+            Ok(mut map) => map.entry(key.to_vec()).or_default().clone(),
+            Err(_) => Arc::new(Notify::new()),
+        }
+    }
+
+    fn wake_local(&self, slot: Option<&QueueSlot>) {
+        if let Some(slot) = slot
+            && let Ok(mut map) = self.local.lock()
+            && let Some(n) = map.remove(&slot.key)
+        {
+            n.notify_waiters();
+        }
+    }
+
+    /// Resets the idle time of an entry to zero, making it ours; returns whether it is still
+    /// pending (not acked by anyone).
+    async fn refresh(&self, entry_id: &str) -> Result<bool, CacheError> {
+        let claimed: Vec<String> = redis::cmd("XCLAIM")
+            .arg(&self.config.inbound)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(entry_id)
+            .arg("JUSTID")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(!claimed.is_empty())
+    }
+
+    /// Keeps an entry that is being processed from looking idle, so that no other consumer
+    /// (nor this one's reclaim timer) takes it over; runs until dropped.
+    pub async fn keep_alive(&self, entry_id: &str) {
+        let every = Duration::from_millis((self.config.claim_idle_ms / 3).max(50));
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.refresh(entry_id).await {
+                tracing::debug!(error = %e, "could not refresh a pending entry");
+            }
+        }
+    }
+
+    /// Waits until `entry` is the head of its order queue. While it waits it keeps the entry's
+    /// idle time low, so that other workers reclaim only the entries of dead consumers.
+    pub async fn wait_turn(&self, entry: &StreamEntry) -> Result<Turn, CacheError> {
+        let Some(slot) = self.slot(entry) else {
+            return Ok(Turn::Go);
+        };
+        let refresh_every = Duration::from_millis((self.config.claim_idle_ms / 3).max(50));
+        let mut last_refresh = Instant::now();
+        let mut poll = Duration::from_millis(5);
+        loop {
+            let notify = self.notifier(&slot.key);
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (head, mine): (Vec<String>, Option<f64>) = redis::pipe()
+                .zrange(&slot.key, 0, 0)
+                .zscore(&slot.key, &slot.member)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            if mine.is_none() {
+                // Finished by another consumer, or the queue vanished (then: fail open).
+                let pending = self.refresh(&entry.id).await?;
+                return Ok(if pending { Turn::Unqueued } else { Turn::Gone });
+            }
+            if head.first() == Some(&slot.member) {
+                return Ok(Turn::Go);
+            }
+            if last_refresh.elapsed() >= refresh_every {
+                last_refresh = Instant::now();
+                if !self.refresh(&entry.id).await? {
+                    return Ok(Turn::Gone);
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            poll = (poll * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Publishes `fields` on `stream`, acks the entry and removes it from its queue, in one
+    /// `MULTI`.
     pub async fn publish_and_ack(
         &self,
         stream: &str,
         fields: &[(&'static str, String)],
-        entry_id: &str,
+        entry: &StreamEntry,
     ) -> Result<(), CacheError> {
+        let slot = self.slot(entry);
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.add_publish(&mut pipe, stream, fields);
-        pipe.xack(&self.config.inbound, &self.config.group, &[entry_id])
-            .ignore();
+        self.add_finish(&mut pipe, entry, slot.as_ref());
         let _: () = pipe.query_async(&mut self.conn.clone()).await?;
+        self.wake_local(slot.as_ref());
         Ok(())
     }
 
@@ -202,13 +377,26 @@ impl Streams {
         } else {
             pipe.xadd(stream, "*", fields).ignore();
         }
-        if stream.starts_with(&self.config.reply_prefix) && !self.config.reply_prefix.is_empty() {
+        if !self.config.reply_prefix.is_empty() && stream.starts_with(&self.config.reply_prefix) {
             pipe.expire(stream, REPLY_STREAM_TTL_SECS).ignore();
         }
     }
 
-    /// Moves an entry to the dead-letter stream, publishes its error reply and acks it, in one
-    /// `MULTI`.
+    fn add_finish(
+        &self,
+        pipe: &mut redis::Pipeline,
+        entry: &StreamEntry,
+        slot: Option<&QueueSlot>,
+    ) {
+        pipe.xack(&self.config.inbound, &self.config.group, &[&entry.id])
+            .ignore();
+        if let Some(slot) = slot {
+            pipe.zrem(&slot.key, &slot.member).ignore();
+        }
+    }
+
+    /// Moves an entry to the dead-letter stream, publishes its error reply, acks it and
+    /// removes it from its queue, in one `MULTI`.
     pub async fn dead_letter(
         &self,
         entry: &StreamEntry,
@@ -226,13 +414,14 @@ impl Streams {
         for (k, v) in error_fields {
             dead.push(((*k).to_owned(), v.clone().into_bytes()));
         }
+        let slot = self.slot(entry);
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.xadd(&self.config.dead_letter, "*", &dead).ignore();
         self.add_publish(&mut pipe, reply_stream, reply);
-        pipe.xack(&self.config.inbound, &self.config.group, &[&entry.id])
-            .ignore();
+        self.add_finish(&mut pipe, entry, slot.as_ref());
         let _: () = pipe.query_async(&mut self.conn.clone()).await?;
+        self.wake_local(slot.as_ref());
         Ok(())
     }
 

@@ -54,14 +54,21 @@ pub struct QueueSlot {
 /// The queue slot of an entry, as the claim script computed it; `None` for entries the script
 /// does not queue (no business or user: they are invalid and answered at once).
 pub fn slot(prefix: &str, entry_id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<QueueSlot> {
-    let b = fields.get("business_id").filter(|b| !b.is_empty() && b.len() <= 64)?;
-    let u = fields.get("user_id").filter(|u| !u.is_empty() && u.len() <= 1024)?;
+    let b = fields
+        .get("business_id")
+        .filter(|b| !b.is_empty() && b.len() <= 64)?;
+    let u = fields
+        .get("user_id")
+        .filter(|u| !u.is_empty() && u.len() <= 1024)?;
     let mut key = Vec::with_capacity(prefix.len() + b.len() + u.len() + 1);
     key.extend_from_slice(prefix.as_bytes());
     key.extend_from_slice(b);
     key.push(b':');
     key.extend_from_slice(u);
-    Some(QueueSlot { key, member: member(entry_id) })
+    Some(QueueSlot {
+        key,
+        member: member(entry_id),
+    })
 }
 
 #[cfg(test)]
@@ -70,12 +77,22 @@ mod tests {
 
     #[test]
     fn members_sort_like_stream_ids() {
-        let ids = ["1700000000000-2", "1700000000000-10", "1700000000001-0", "999-0"];
+        let ids = [
+            "1700000000000-2",
+            "1700000000000-10",
+            "1700000000001-0",
+            "999-0",
+        ];
         let mut members: Vec<String> = ids.iter().map(|i| member(i)).collect();
         members.sort();
         assert_eq!(
             members,
-            vec![member("999-0"), member("1700000000000-2"), member("1700000000000-10"), member("1700000000001-0")]
+            vec![
+                member("999-0"),
+                member("1700000000000-2"),
+                member("1700000000000-10"),
+                member("1700000000001-0")
+            ]
         );
     }
 

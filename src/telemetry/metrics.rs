@@ -25,6 +25,7 @@ pub const STAGE_TRANSITIONS_TOTAL: &str = "icmp_stage_transitions_total";
 pub const UNKNOWN_STAGES_TOTAL: &str = "icmp_unknown_stages_total";
 pub const DEGRADED_TOTAL: &str = "icmp_degraded_total";
 pub const DEAD_LETTERS_TOTAL: &str = "icmp_dead_letters_total";
+pub const ORDER_FAIL_OPEN_TOTAL: &str = "icmp_order_fail_open_total";
 pub const INFLIGHT_MESSAGES: &str = "icmp_inflight_messages";
 pub const STREAM_PENDING: &str = "icmp_stream_pending_messages";
 pub const STREAM_LAG: &str = "icmp_stream_lag";
@@ -99,6 +100,10 @@ fn describe() {
     describe_counter!(
         DEAD_LETTERS_TOTAL,
         "Entries moved to the dead-letter stream."
+    );
+    describe_counter!(
+        ORDER_FAIL_OPEN_TOTAL,
+        "Entries processed without their order queue (it vanished)."
     );
     describe_gauge!(
         INFLIGHT_MESSAGES,
@@ -194,6 +199,10 @@ pub fn unknown_stage() {
 
 pub fn degraded(step: &'static str) {
     counter!(DEGRADED_TOTAL, "step" => step).increment(1);
+}
+
+pub fn order_fail_open() {
+    counter!(ORDER_FAIL_OPEN_TOTAL).increment(1);
 }
 
 pub fn dead_letter() {

@@ -180,7 +180,7 @@ pub fn demo_file() -> PathBuf {
     root().join("config/businesses/demo.toml")
 }
 
-/// A running worker with its own database, streams and mock LLM.
+/// A test environment (database, streams, mock LLM) with in-process workers.
 pub struct TestApp {
     pub config: Config,
     pub store: Store,
@@ -188,8 +188,10 @@ pub struct TestApp {
     pub cache: Cache,
     pub mock: MockServer,
     pub failpoints: Failpoints,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    workers: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 /// Starts a worker for the demo business with a mock LLM configured by `options`.
@@ -197,7 +199,15 @@ pub async fn spawn_app(options: MockOptions) -> TestApp {
     spawn_app_with(options, |_| {}).await
 }
 
+/// Like [`spawn_app`], with a configuration tweak.
 pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let mut app = spawn_env(options, tweak).await;
+    app.start_worker("w0").await;
+    app
+}
+
+/// The environment without any worker.
+pub async fn spawn_env(options: MockOptions, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -208,36 +218,46 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
     import(&config, &[&demo_file()]).await;
     let store = Store::connect(&config.database).expect("store");
     let redis = cache::connect(&config.redis).await.expect("redis");
-    let reader = cache::connect(&config.redis).await.expect("redis");
     let cache = Cache::new(redis.clone(), &config.redis, &config.cache);
-    let failpoints = Failpoints::default();
-    let llm = OpenAiClient::new(&config.llm).expect("client");
-    let handler = Arc::new(MessageHandler::new(
-        config.clone(),
-        store.clone(),
-        cache.clone(),
-        llm,
-        failpoints.clone(),
-    ));
-    let streams = Streams::new(reader, redis.clone(), config.streams.clone());
-    let worker = Arc::new(Worker::new(config.clone(), handler, streams));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = rx.await;
-    }));
     TestApp {
         config,
         store,
         redis,
         cache,
         mock,
-        failpoints,
-        stop: Some(tx),
-        task: Some(task),
+        failpoints: Failpoints::default(),
+        workers: Vec::new(),
     }
 }
 
 impl TestApp {
+    /// Starts one more in-process worker (consumer `name`), sharing this app's failpoints.
+    pub async fn start_worker(&mut self, name: &str) {
+        let mut config = self.config.clone();
+        config.streams.consumer = format!("{}-{name}", self.config.streams.consumer);
+        let reader = cache::connect(&config.redis).await.expect("redis");
+        let llm = OpenAiClient::new(&config.llm).expect("client");
+        let handler = Arc::new(MessageHandler::new(
+            config.clone(),
+            self.store.clone(),
+            self.cache.clone(),
+            llm,
+            self.failpoints.clone(),
+        ));
+        let streams = Streams::new(
+            reader,
+            self.redis.clone(),
+            config.streams.clone(),
+            &config.redis.key_prefix,
+        );
+        let worker = Arc::new(Worker::new(config, handler, streams));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run(async move {
+            let _ = rx.await;
+        }));
+        self.workers.push((tx, task));
+    }
+
     /// XADDs raw fields to the inbound stream; returns the entry id.
     pub async fn xadd(&self, fields: &[(&str, &[u8])]) -> String {
         self.redis
@@ -319,20 +339,84 @@ impl TestApp {
         self.redis.clone().exists(key).await.expect("exists")
     }
 
+    /// Stops the in-process workers gracefully.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
+        for (tx, task) in self.workers.drain(..) {
             let _ = tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
         }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+    }
+
+    /// XADDs many messages in one pipeline: (user, message_id, content).
+    pub async fn send_many(&self, messages: &[(String, String, String)]) {
+        for chunk in messages.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (user, id, content) in chunk {
+                pipe.xadd(
+                    &self.config.streams.inbound,
+                    "*",
+                    &[
+                        ("business_id", DEMO_BUSINESS),
+                        ("user_id", user.as_str()),
+                        ("message_id", id.as_str()),
+                        ("content", content.as_str()),
+                    ],
+                )
+                .ignore();
+            }
+            let _: () = pipe
+                .query_async(&mut self.redis.clone())
+                .await
+                .expect("xadd");
         }
+    }
+
+    /// Reads the outbound stream until every id in `ids` has a reply; returns every reply
+    /// per id (a duplicate publication shows as a second element).
+    pub async fn wait_all(
+        &self,
+        ids: &std::collections::HashSet<String>,
+        timeout: Duration,
+    ) -> HashMap<String, Vec<HashMap<String, String>>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut conn = self.redis.clone();
+        let mut last = "0".to_owned();
+        let mut got: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
+        while ids.iter().any(|id| !got.contains_key(id)) {
+            if tokio::time::Instant::now() > deadline {
+                let missing = ids.iter().filter(|id| !got.contains_key(*id)).count();
+                panic!(
+                    "{missing} of {} messages got no reply in {timeout:?}",
+                    ids.len()
+                );
+            }
+            let opts = StreamReadOptions::default().count(1000).block(200);
+            let reply: Result<Option<StreamReadReply>, _> = conn
+                .xread_options(&[&self.config.streams.outbound], &[&last], &opts)
+                .await;
+            let Ok(reply) = reply else {
+                // Redis may be restarting in some tests.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                for entry in key.ids {
+                    last = entry.id.clone();
+                    let fields = strings(entry.map);
+                    got.entry(fields["message_id"].clone())
+                        .or_default()
+                        .push(fields);
+                }
+            }
+        }
+        got
     }
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
+        for (_, task) in &self.workers {
+            task.abort();
         }
     }
 }

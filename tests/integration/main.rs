@@ -12,3 +12,5 @@ mod helpers;
 mod llm_client;
 mod mock_llm;
 mod pipeline;
+mod processes;
+mod reliability;

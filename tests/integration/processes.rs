@@ -1,0 +1,338 @@
+//! Child processes for fault-injection tests: `icmp worker` processes, and private PostgreSQL
+//! and Redis servers that a test may stop and start without touching the shared ones.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use icmp::config::{Config, RedactedUrl};
+use uuid::Uuid;
+
+use crate::helpers::root;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false)
+}
+
+/// An `icmp worker` process configured like `config`.
+pub struct WorkerProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn spawn(config: &Config, name: &str, extra_env: &[(&str, &str)]) -> WorkerProcess {
+        let log = std::env::temp_dir().join(format!("icmp-worker-{name}-{}.log", Uuid::new_v4()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let s = &config.streams;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_icmp"));
+        cmd.arg("--config")
+            .arg(root().join("config/default.toml"))
+            .arg("--profile")
+            .arg("test")
+            .arg("worker")
+            .env("ICMP__DATABASE__URL", config.database.url.expose())
+            .env(
+                "ICMP__DATABASE__POOL_SIZE",
+                config.database.pool_size.to_string(),
+            )
+            .env("ICMP__REDIS__URL", config.redis.url.expose())
+            .env("ICMP__REDIS__KEY_PREFIX", &config.redis.key_prefix)
+            .env("ICMP__LLM__BASE_URL", &config.llm.base_url)
+            .env(
+                "ICMP__LLM__REQUEST_TIMEOUT_MS",
+                config.llm.request_timeout_ms.to_string(),
+            )
+            .env("ICMP__STREAMS__INBOUND", &s.inbound)
+            .env("ICMP__STREAMS__OUTBOUND", &s.outbound)
+            .env("ICMP__STREAMS__DEAD_LETTER", &s.dead_letter)
+            .env("ICMP__STREAMS__GROUP", &s.group)
+            .env("ICMP__STREAMS__REPLY_PREFIX", &s.reply_prefix)
+            .env("ICMP__STREAMS__CONSUMER", format!("{}-{name}", s.consumer))
+            .env("ICMP__STREAMS__CLAIM_IDLE_MS", s.claim_idle_ms.to_string())
+            .env(
+                "ICMP__STREAMS__MAX_DELIVERIES",
+                s.max_deliveries.to_string(),
+            )
+            .env(
+                "ICMP__RETRY__MAX_ELAPSED_MS",
+                config.retry.max_elapsed_ms.to_string(),
+            )
+            .env(
+                "ICMP__WORKER__CONCURRENCY",
+                config.worker.concurrency.to_string(),
+            )
+            .env(
+                "ICMP__WORKER__SHUTDOWN_GRACE_MS",
+                config.worker.shutdown_grace_ms.to_string(),
+            )
+            .env("ICMP__TELEMETRY__LISTEN", "")
+            .env("ICMP__TELEMETRY__LOG_FILTER", "info")
+            .env_remove("ICMP_FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        WorkerProcess {
+            child: cmd.spawn().expect("spawn icmp worker"),
+            log,
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.wait(Duration::from_secs(30))
+            .await
+            .expect("worker did not stop after SIGTERM")
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pg_bin() -> PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .find(|p| p.join("initdb").exists())
+        })
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg("postgres").arg("--").arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A PostgreSQL server of this test alone, on its own port and data directory.
+pub struct PrivatePg {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePg {
+    pub fn start() -> PrivatePg {
+        let dir = std::env::temp_dir().join(format!("icmp-pg-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres")
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+        }
+        let out = as_pg_user(&pg_bin().join("initdb"))
+            .args(["-D"])
+            .arg(&dir)
+            .args(["-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = PrivatePg {
+            dir,
+            port: free_port(),
+        };
+        pg.start_again();
+        pg
+    }
+
+    /// Starts the (stopped) server again on the same port and data.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k /tmp -c fsync=off -c max_connections=200",
+            self.port
+        );
+        let out = as_pg_user(&pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-l"])
+            .arg(self.dir.join("log"))
+            .args(["-w", "-o", &opts, "start"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("pg_ctl start");
+        assert!(out.success(), "pg_ctl start failed");
+    }
+
+    /// Fast shutdown: connections are dropped.
+    pub fn stop(&self) {
+        let _ = as_pg_user(&pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", "fast", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates and migrates database `icmp`; returns its URL.
+    pub async fn migrated(&self, config: &mut Config) -> String {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client
+            .batch_execute("CREATE DATABASE icmp")
+            .await
+            .expect("create db");
+        config.database.url = RedactedUrl::new(self.url("icmp"));
+        icmp::store::migrate(&config.database)
+            .await
+            .expect("migrate");
+        self.url("icmp")
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis server of this test alone, with AOF (fsync always) on its own port.
+pub struct PrivateRedis {
+    dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let dir = std::env::temp_dir().join(format!("icmp-redis-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut r = PrivateRedis {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        r.start_again().await;
+        r
+    }
+
+    pub async fn start_again(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--maxmemory-policy",
+                "noeviction",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("private redis did not start");
+    }
+
+    /// SIGTERM: Redis flushes its AOF and exits.
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = tokio::task::spawn_blocking(move || c.wait()).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
