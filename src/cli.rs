@@ -62,6 +62,22 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Measure throughput and latency of the whole pipeline (mock LLM, in-process workers).
+    Bench {
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Mock LLM latency per call.
+        #[arg(long, default_value_t = 50)]
+        llm_latency_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        llm_jitter_ms: u64,
+        #[arg(long, default_value = "config/businesses/demo.toml")]
+        definition: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -192,6 +208,32 @@ async fn run(cli: Cli) -> Result<()> {
             print_reply(&reply);
         }
         Command::Chat { target } => chat(&config, target).await?,
+        Command::Bench {
+            messages,
+            users,
+            workers,
+            llm_latency_ms,
+            llm_jitter_ms,
+            definition,
+        } => {
+            telemetry::init_logging(&config.telemetry, std::io::stderr);
+            let options = icmp::bench::BenchOptions {
+                messages,
+                users,
+                workers,
+                llm_latency_ms,
+                llm_jitter_ms,
+                definition,
+            };
+            println!(
+                "bench: {messages} messages, {users} users, {workers} worker(s) × {} slots, LLM {llm_latency_ms}±{llm_jitter_ms} ms",
+                config.worker.concurrency
+            );
+            let report = icmp::bench::run(config, &options)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            print!("{report}");
+        }
     }
     Ok(())
 }

@@ -85,18 +85,21 @@ pub async fn send_and_wait(
             .and_then(|k| k.ids.into_iter().next())
         {
             let _: Result<(), _> = c.del(&reply_to).await;
-            return Ok(entry
-                .map
-                .into_iter()
-                .map(|(k, v)| {
-                    let s = match v {
-                        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-                        redis::Value::SimpleString(s) => s,
-                        other => format!("{other:?}"),
-                    };
-                    (k, s)
-                })
-                .collect());
+            return Ok(fields_to_strings(entry.map));
         }
     }
+}
+
+/// Stream entry fields as text (invalid UTF-8 replaced).
+pub fn fields_to_strings(map: HashMap<String, redis::Value>) -> HashMap<String, String> {
+    map.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                redis::Value::SimpleString(s) => s,
+                other => format!("{other:?}"),
+            };
+            (k, s)
+        })
+        .collect()
 }

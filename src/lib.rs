@@ -10,6 +10,7 @@
 //! - [`error`]: the error taxonomy: categories, stable codes, statuses, retryability.
 //! - [`model`]: domain records shared by the store, the cache and the pipeline.
 //! - [`business`]: business definition files and `icmp import`.
+//! - [`bench`]: the end-to-end benchmark behind `icmp bench`.
 //! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
 //! - [`cache`]: the Redis cache of definitions and conversation state.
 //! - [`client`]: send a message to a running worker and wait for its reply.
@@ -20,6 +21,7 @@
 //! - [`worker`]: the run loop tying streams and pipeline together.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
 
+pub mod bench;
 pub mod business;
 pub mod cache;
 pub mod client;

@@ -16,6 +16,27 @@ use uuid::Uuid;
 use crate::config::{CacheConfig, RedisConfig};
 pub use crate::error::CacheError;
 use crate::model::{Business, Conversation, Extracted, StageTemplates, TemplateRecord};
+use crate::telemetry::metrics;
+
+/// Counts a cache lookup (`hit`, `miss`, `error`) and turns an error into a miss: a failing
+/// cache falls through to PostgreSQL.
+pub fn observed<T>(cache: &'static str, lookup: Result<Option<T>, CacheError>) -> Option<T> {
+    match lookup {
+        Ok(Some(v)) => {
+            metrics::cache(cache, "hit");
+            Some(v)
+        }
+        Ok(None) => {
+            metrics::cache(cache, "miss");
+            None
+        }
+        Err(e) => {
+            metrics::cache(cache, "error");
+            metrics::record_error(&e, cache);
+            None
+        }
+    }
+}
 
 /// A handle to the cache; cheap to clone.
 #[derive(Clone)]

@@ -5,11 +5,10 @@
 use chrono::Utc;
 use uuid::Uuid;
 
-use crate::cache::Cache;
+use crate::cache::{self, Cache};
 use crate::error::{PipelineError, ValidationError};
 use crate::model::{Conversation, Extracted};
 use crate::store::Store;
-use crate::telemetry::metrics;
 
 /// The conversation a message belongs to.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,21 +71,7 @@ pub async fn resolve(
 }
 
 async fn cached_conversation(cache: &Cache, id: Uuid) -> Option<Conversation> {
-    match cache.get_conversation(id).await {
-        Ok(Some(c)) => {
-            metrics::cache("conversation", "hit");
-            Some(c)
-        }
-        Ok(None) => {
-            metrics::cache("conversation", "miss");
-            None
-        }
-        Err(e) => {
-            metrics::cache("conversation", "error");
-            metrics::record_error(&e, "conversation cache");
-            None
-        }
-    }
+    cache::observed("conversation", cache.get_conversation(id).await)
 }
 
 /// The conversation's extracted data (`data:{id}`, else PostgreSQL).
@@ -100,18 +85,8 @@ pub async fn extracted(
         return Ok(Extracted::new());
     }
     let c = &resolved.conversation;
-    if !fresh {
-        match cache.get_data(c.id).await {
-            Ok(Some(d)) => {
-                metrics::cache("data", "hit");
-                return Ok(d);
-            }
-            Ok(None) => metrics::cache("data", "miss"),
-            Err(e) => {
-                metrics::cache("data", "error");
-                metrics::record_error(&e, "data cache");
-            }
-        }
+    if !fresh && let Some(d) = cache::observed("data", cache.get_data(c.id).await) {
+        return Ok(d);
     }
     Ok(store.extracted(c.business_id, c.id).await?)
 }

@@ -3,7 +3,7 @@
 
 use uuid::Uuid;
 
-use crate::cache::Cache;
+use crate::cache::{self, Cache};
 use crate::error::{PipelineError, ValidationError};
 use crate::model::{Business, StageInfo, StageTemplates};
 use crate::store::Store;
@@ -23,16 +23,8 @@ impl StageService {
 
     /// The business, or [`ValidationError::UnknownBusiness`].
     pub async fn business(&self, business_id: Uuid) -> Result<Business, PipelineError> {
-        match self.cache.get_business(business_id).await {
-            Ok(Some(b)) => {
-                metrics::cache("business", "hit");
-                return Ok(b);
-            }
-            Ok(None) => metrics::cache("business", "miss"),
-            Err(e) => {
-                metrics::cache("business", "error");
-                metrics::record_error(&e, "business cache");
-            }
+        if let Some(b) = cache::observed("business", self.cache.get_business(business_id).await) {
+            return Ok(b);
         }
         let business = self
             .store
@@ -63,16 +55,8 @@ impl StageService {
         business_id: Uuid,
         stage_id: Uuid,
     ) -> Result<StageTemplates, PipelineError> {
-        match self.cache.get_stage(stage_id).await {
-            Ok(Some(t)) => {
-                metrics::cache("stage", "hit");
-                return Ok(t);
-            }
-            Ok(None) => metrics::cache("stage", "miss"),
-            Err(e) => {
-                metrics::cache("stage", "error");
-                metrics::record_error(&e, "stage cache");
-            }
+        if let Some(t) = cache::observed("stage", self.cache.get_stage(stage_id).await) {
+            return Ok(t);
         }
         let t = self
             .store

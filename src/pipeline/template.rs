@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use super::context::Context;
-use crate::cache::Cache;
+use crate::cache::{self, Cache};
 use crate::error::{PipelineError, TemplateError};
 use crate::model::TemplateRecord;
 use crate::store::Store;
@@ -173,21 +173,8 @@ impl TemplateService {
     /// The record comes from Redis (`tmpl:{id}`, TTL `cache.definition_ttl_secs`, cleared by
     /// `icmp import`) or PostgreSQL; the compiled form is reused while the version matches.
     pub async fn get(&self, business_id: Uuid, id: Uuid) -> Result<Arc<Compiled>, PipelineError> {
-        let record = match self.cache.get_template(id).await {
-            Ok(Some(r)) if r.business_id == business_id => {
-                metrics::cache("template", "hit");
-                Some(r)
-            }
-            Ok(_) => {
-                metrics::cache("template", "miss");
-                None
-            }
-            Err(e) => {
-                metrics::cache("template", "error");
-                metrics::record_error(&e, "template cache");
-                None
-            }
-        };
+        let record = cache::observed("template", self.cache.get_template(id).await)
+            .filter(|r| r.business_id == business_id);
         let record = match record {
             Some(r) => r,
             None => {

@@ -208,6 +208,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
 
 /// The environment without any worker.
 pub async fn spawn_env(options: MockOptions, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    icmp::telemetry::metrics::install();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -233,6 +234,16 @@ pub async fn spawn_env(options: MockOptions, tweak: impl FnOnce(&mut Config)) ->
 impl TestApp {
     /// Starts one more in-process worker (consumer `name`), sharing this app's failpoints.
     pub async fn start_worker(&mut self, name: &str) {
+        let worker = self.worker(name).await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run(async move {
+            let _ = rx.await;
+        }));
+        self.workers.push((tx, task));
+    }
+
+    /// A worker that is not running, for driving `handle_entry` directly.
+    pub async fn worker(&self, name: &str) -> Arc<Worker<OpenAiClient>> {
         let mut config = self.config.clone();
         config.streams.consumer = format!("{}-{name}", self.config.streams.consumer);
         let reader = cache::connect(&config.redis).await.expect("redis");
@@ -250,12 +261,7 @@ impl TestApp {
             config.streams.clone(),
             &config.redis.key_prefix,
         );
-        let worker = Arc::new(Worker::new(config, handler, streams));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(worker.run(async move {
-            let _ = rx.await;
-        }));
-        self.workers.push((tx, task));
+        Arc::new(Worker::new(config, handler, streams))
     }
 
     /// XADDs raw fields to the inbound stream; returns the entry id.
@@ -421,15 +427,4 @@ impl Drop for TestApp {
     }
 }
 
-pub fn strings(map: HashMap<String, redis::Value>) -> HashMap<String, String> {
-    map.into_iter()
-        .map(|(k, v)| {
-            let s = match v {
-                redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-                redis::Value::SimpleString(s) => s,
-                other => format!("{other:?}"),
-            };
-            (k, s)
-        })
-        .collect()
-}
+pub use icmp::client::fields_to_strings as strings;

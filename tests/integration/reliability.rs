@@ -7,6 +7,8 @@ use icmp::config::{Config, RedactedUrl};
 use icmp::llm::mock::MockOptions;
 use icmp::pipeline::failpoint;
 
+use redis::AsyncCommands;
+
 use crate::helpers::{self, TestApp, spawn_env};
 use crate::processes::{PrivatePg, PrivateRedis, WorkerProcess};
 
@@ -82,6 +84,18 @@ async fn assert_stored_in_order(app: &TestApp) {
     }
 }
 
+/// Waits until `n` message rows are stored (the workers are making progress).
+async fn wait_for_rows(app: &TestApp, n: i64, log: &std::path::Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.count("SELECT count(*) FROM messages", &[]).await < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress; see {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn quick_recovery(c: &mut Config) {
     c.streams.claim_idle_ms = 1_000;
     c.streams.max_deliveries = 20;
@@ -106,15 +120,7 @@ async fn kill_9_of_one_of_two_workers_loses_and_duplicates_nothing() {
     let mut victim = WorkerProcess::spawn(&app.config, "victim", &[]);
     let mut survivor = WorkerProcess::spawn(&app.config, "survivor", &[]);
     // Let both take a share, then kill one mid-flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while app.count("SELECT count(*) FROM messages", &[]).await < 400 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no progress; see {:?}",
-            victim.log
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_rows(&app, 400, &victim.log).await;
     victim.kill9();
     let replies = app
         .wait_all(&ids(&messages), Duration::from_secs(180))
@@ -280,6 +286,14 @@ async fn a_flaky_llm_still_answers_every_message() {
         .requests
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(retried > 200, "faults were retried ({retried} requests)");
+    // Every retry is counted (the recorder is shared by the tests of this process).
+    let metrics = icmp::telemetry::metrics::install().render();
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("icmp_retries_total{operation=\"llm."))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(counted > 0.0, "retries counted: {metrics}");
     app.stop().await;
 }
 
@@ -402,15 +416,7 @@ async fn postgres_down_for_five_seconds_loses_nothing_and_needs_no_restart() {
     let messages = workload("pg", 40, 8);
     app.send_many(&messages).await;
     let mut worker = WorkerProcess::spawn(&app.config, "pg", &[]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while app.count("SELECT count(*) FROM messages", &[]).await < 100 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no progress; see {:?}",
-            worker.log
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_rows(&app, 100, &worker.log).await;
     pg.stop();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(worker.is_running(), "the worker must survive the outage");
@@ -453,15 +459,7 @@ async fn a_redis_restart_loses_nothing_and_needs_no_restart() {
     let messages = workload("rr", 40, 8);
     app.send_many(&messages).await;
     let mut worker = WorkerProcess::spawn(&app.config, "rr", &[]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while app.count("SELECT count(*) FROM messages", &[]).await < 100 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no progress; see {:?}",
-            worker.log
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_rows(&app, 100, &worker.log).await;
     redis.stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.start_again().await;
@@ -490,20 +488,10 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     app.send_many(&messages).await;
     let mut a = WorkerProcess::spawn(&app.config, "a", &[]);
     let mut b = WorkerProcess::spawn(&app.config, "b", &[]);
-    let wait_for = |n: i64| {
-        let app = &app;
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while app.count("SELECT count(*) FROM messages", &[]).await < n {
-                assert!(tokio::time::Instant::now() < deadline, "no progress");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    wait_for(200).await;
+    wait_for_rows(&app, 200, &a.log).await;
     assert_eq!(a.terminate().await.code(), Some(0), "graceful exit");
     let mut a2 = WorkerProcess::spawn(&app.config, "a2", &[]);
-    wait_for(500).await;
+    wait_for_rows(&app, 500, &b.log).await;
     assert_eq!(b.terminate().await.code(), Some(0), "graceful exit");
     let mut b2 = WorkerProcess::spawn(&app.config, "b2", &[]);
     let replies = app
@@ -514,4 +502,62 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     assert_stored_in_order(&app).await;
     a2.terminate().await;
     b2.terminate().await;
+}
+
+#[tokio::test]
+async fn an_entry_delivered_too_often_is_dead_lettered_without_processing() {
+    let app = spawn_env(MockOptions::default(), |c| c.streams.max_deliveries = 3).await;
+    let worker = app.worker("direct").await;
+    // Deliver an entry to the worker's consumer by hand, as if three earlier holders had died.
+    let s = &app.config.streams;
+    let mut conn = app.redis.clone();
+    let _: () = conn
+        .xgroup_create_mkstream(&s.inbound, &s.group, "0")
+        .await
+        .expect("group");
+    app.send("crashy", "crashy-1", "hello").await;
+    let read: redis::streams::StreamReadReply = conn
+        .xread_options(
+            &[&s.inbound],
+            &[">"],
+            &redis::streams::StreamReadOptions::default()
+                .group(&s.group, format!("{}-direct", s.consumer))
+                .count(1),
+        )
+        .await
+        .expect("xreadgroup");
+    let id = read.keys[0].ids[0].id.clone();
+    let fields = read.keys[0].ids[0]
+        .map
+        .iter()
+        .map(|(k, v)| match v {
+            redis::Value::BulkString(b) => (k.clone(), b.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let entry = icmp::stream::StreamEntry {
+        id,
+        fields,
+        deliveries: 4,
+    };
+    assert_eq!(
+        worker.handle_entry(&entry).await,
+        icmp::worker::Outcome::DeadLettered
+    );
+    let dead = app.entries(&app.config.streams.dead_letter).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["error_code"], "stream.max_deliveries");
+    assert_eq!(dead[0]["deliveries"], "4");
+    assert_eq!(
+        app.reply("crashy-1").await["error_code"],
+        "stream.max_deliveries"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM messages", &[]).await, 0);
+    assert_eq!(
+        app.mock
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
