@@ -246,21 +246,20 @@ impl TestApp {
     pub async fn worker(&self, name: &str) -> Arc<Worker<OpenAiClient>> {
         let mut config = self.config.clone();
         config.streams.consumer = format!("{}-{name}", self.config.streams.consumer);
+        // Connections of its own: the test's blocking reads on `self.redis` must not hold up
+        // the worker's commands (one connection serves its commands in order).
         let reader = cache::connect(&config.redis).await.expect("redis");
+        let conn = cache::connect(&config.redis).await.expect("redis");
+        let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
         let llm = OpenAiClient::new(&config.llm).expect("client");
         let handler = Arc::new(MessageHandler::new(
             config.clone(),
             self.store.clone(),
-            self.cache.clone(),
+            cache,
             llm,
             self.failpoints.clone(),
         ));
-        let streams = Streams::new(
-            reader,
-            self.redis.clone(),
-            config.streams.clone(),
-            &config.redis.key_prefix,
-        );
+        let streams = Streams::new(reader, conn, config.streams.clone(), &config.redis.key_prefix);
         Arc::new(Worker::new(config, handler, streams))
     }
 
