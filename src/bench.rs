@@ -150,7 +150,9 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let mut sent = HashMap::with_capacity(options.messages);
     let started = Instant::now();
     // A connection of its own: blocking reads would hold up the workers' commands.
-    let mut c = cache::connect(&config.redis).await.map_err(|e| e.to_string())?;
+    let mut c = cache::connect(&config.redis)
+        .await
+        .map_err(|e| e.to_string())?;
     for chunk_start in (0..options.messages).step_by(500) {
         let mut pipe = redis::pipe();
         let end = (chunk_start + 500).min(options.messages);

@@ -14,6 +14,7 @@ use icmp::client::{self, Outgoing};
 use icmp::config::Config;
 use icmp::llm::mock::{self, MockOptions};
 use icmp::store::{self, Store};
+use icmp::stream::dead_letter;
 use icmp::telemetry;
 
 #[derive(Debug, Parser)]
@@ -62,6 +63,11 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Inspect or replay the dead-letter stream.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Measure throughput and latency of the whole pipeline (mock LLM, in-process workers).
     Bench {
         #[arg(long, default_value_t = 2000)]
@@ -77,6 +83,20 @@ enum Command {
         llm_jitter_ms: u64,
         #[arg(long, default_value = "config/businesses/demo.toml")]
         definition: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Show the oldest dead letters with their error.
+    List {
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
+    /// Put dead letters back on the inbound stream (after fixing their cause).
+    Replay {
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -208,6 +228,30 @@ async fn run(cli: Cli) -> Result<()> {
             print_reply(&reply);
         }
         Command::Chat { target } => chat(&config, target).await?,
+        Command::Dlq { action } => {
+            let conn = cache::connect(&config.redis).await?;
+            match action {
+                DlqAction::List { count } => {
+                    for d in dead_letter::list(&conn, &config.streams, count).await? {
+                        println!(
+                            "{}  {}  business {} user {} message {}  after {} deliveries at {}",
+                            d.id,
+                            d.field("error_code"),
+                            d.field("business_id"),
+                            d.field("user_id"),
+                            d.field("message_id"),
+                            d.field("deliveries"),
+                            d.field("failed_at"),
+                        );
+                        println!("    {}", d.field("error_detail"));
+                    }
+                }
+                DlqAction::Replay { ids } => {
+                    let done = dead_letter::replay(&conn, &config.streams, &ids).await?;
+                    println!("replayed {} of {}: {done:?}", done.len(), ids.len());
+                }
+            }
+        }
         Command::Bench {
             messages,
             users,

@@ -5,6 +5,7 @@
 //! never published without its entry being acked or the other way round. The same `MULTI`
 //! removes the entry from its order queue (see [`order`]).
 
+pub mod dead_letter;
 pub mod order;
 
 use std::collections::HashMap;

@@ -259,7 +259,12 @@ impl TestApp {
             llm,
             self.failpoints.clone(),
         ));
-        let streams = Streams::new(reader, conn, config.streams.clone(), &config.redis.key_prefix);
+        let streams = Streams::new(
+            reader,
+            conn,
+            config.streams.clone(),
+            &config.redis.key_prefix,
+        );
         Arc::new(Worker::new(config, handler, streams))
     }
 
@@ -319,7 +324,14 @@ impl TestApp {
     /// All entries of a stream.
     pub async fn entries(&self, stream: &str) -> Vec<HashMap<String, String>> {
         let r: StreamRangeReply = self.redis.clone().xrange_all(stream).await.expect("xrange");
-        r.ids.into_iter().map(|e| strings(e.map)).collect()
+        r.ids
+            .into_iter()
+            .map(|e| {
+                let mut fields = strings(e.map);
+                fields.insert("__id".into(), e.id);
+                fields
+            })
+            .collect()
     }
 
     /// A database connection for assertions.

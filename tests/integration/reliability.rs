@@ -393,6 +393,52 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
         .await,
         0
     );
+
+    // Once the template is fixed (re-import drops the cached copy), the operator replays it.
+    icmp::business::import_files(&app.store, Some(&app.cache), &[&path])
+        .await
+        .expect("fix");
+    let poison_id = dead[0]["__id"].clone();
+    let conn = app.redis.clone();
+    let replayed = icmp::stream::dead_letter::replay(
+        &conn,
+        &app.config.streams,
+        std::slice::from_ref(&poison_id),
+    )
+    .await
+    .expect("replay");
+    assert_eq!(replayed, vec![poison_id]);
+    let outbound = app.config.streams.outbound.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let replies: Vec<_> = app
+            .entries(&outbound)
+            .await
+            .into_iter()
+            .filter(|e| e["message_id"] == "poison" && e["status"] == "ok")
+            .collect();
+        if !replies.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replayed message not answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.entries(&app.config.streams.dead_letter).await.len(),
+        1,
+        "only `panics` left"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM messages WHERE idempotency_key = 'poison'",
+            &[]
+        )
+        .await,
+        2
+    );
     app.stop().await;
 }
 
