@@ -221,3 +221,82 @@ async fn two_businesses_never_see_each_others_stages_or_templates() {
         Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
     );
 }
+
+#[tokio::test]
+async fn deadlocks_and_serialization_failures_are_retryable_and_constraint_errors_are_not() {
+    use icmp::error::{Classify, StoreError};
+    let config = helpers::isolated_config().await;
+    let store = Store::connect(&config.database).expect("store");
+    let setup = store.client().await.expect("db");
+    setup
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 0), (2, 0);",
+        )
+        .await
+        .expect("setup");
+
+    // Two transactions locking the same rows in opposite order: PostgreSQL kills one (40P01);
+    // the loser's transaction is dropped (rolled back) so the other can finish.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let side = |first: i32, second: i32| {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        tokio::spawn(async move {
+            let mut client = store.client().await.expect("db");
+            let tx = client.transaction().await.expect("tx");
+            tx.execute("UPDATE t SET v = 1 WHERE id = $1", &[&first])
+                .await
+                .expect("first lock");
+            barrier.wait().await;
+            tx.execute("UPDATE t SET v = 2 WHERE id = $1", &[&second])
+                .await?;
+            tx.commit().await
+        })
+    };
+    let (ra, rb) = tokio::join!(side(1, 2), side(2, 1));
+    let (ra, rb) = (ra.expect("task"), rb.expect("task"));
+    assert!(
+        ra.is_ok() != rb.is_ok(),
+        "exactly one side is chosen as the victim"
+    );
+    let err = StoreError::from(ra.err().or(rb.err()).expect("one side deadlocks"));
+    assert_eq!(err.code(), "db.deadlock");
+    assert!(err.is_retryable());
+
+    // A read-write conflict between serializable transactions (40001).
+    let mut c = store.client().await.expect("db");
+    let mut d = store.client().await.expect("db");
+    let tc = c
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::Serializable)
+        .start()
+        .await
+        .expect("c");
+    let td = d
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::Serializable)
+        .start()
+        .await
+        .expect("d");
+    tc.query("SELECT sum(v) FROM t", &[]).await.expect("c read");
+    td.query("SELECT sum(v) FROM t", &[]).await.expect("d read");
+    tc.execute("UPDATE t SET v = v + 1 WHERE id = 1", &[])
+        .await
+        .expect("c write");
+    td.execute("UPDATE t SET v = v + 1 WHERE id = 2", &[])
+        .await
+        .expect("d write");
+    tc.commit().await.expect("first commit wins");
+    let err = StoreError::from(td.commit().await.expect_err("second commit fails"));
+    assert_eq!(err.code(), "db.serialization_failure");
+    assert!(err.is_retryable());
+
+    // A constraint violation is the data's fault: never retried.
+    let err = StoreError::from(
+        setup
+            .execute("INSERT INTO t VALUES (1, 0)", &[])
+            .await
+            .expect_err("duplicate"),
+    );
+    assert_eq!(err.code(), "db.error");
+    assert!(!err.is_retryable());
+}
