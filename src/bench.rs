@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use crate::cache::{self, Cache};
 use crate::config::Config;
-use crate::llm::OpenAiClient;
 use crate::llm::mock::{self, MockOptions};
+use crate::llm::{CircuitBreaker, OpenAiClient};
 use crate::pipeline::{Failpoints, MessageHandler};
 use crate::store::Store;
 use crate::stream::Streams;
@@ -123,7 +123,10 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         .await
         .map_err(|e| e.to_string())?;
     let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-    let llm = OpenAiClient::new(&config.llm).map_err(|e| e.to_string())?;
+    let llm = CircuitBreaker::new(
+        OpenAiClient::new(&config.llm).map_err(|e| e.to_string())?,
+        &config.llm,
+    );
     let handler = Arc::new(MessageHandler::new(
         config.clone(),
         store.clone(),

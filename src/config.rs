@@ -77,6 +77,10 @@ pub struct LlmConfig {
     pub default_model: String,
     pub request_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Consecutive endpoint failures that open the circuit (0 disables the breaker).
+    pub circuit_failure_threshold: u32,
+    /// How long an open circuit refuses calls before one probe is let through.
+    pub circuit_open_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

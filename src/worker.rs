@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::error::{CacheError, Classify, PipelineError};
-use crate::llm::{LlmService, OpenAiClient};
+use crate::llm::{CircuitBreaker, LlmService, OpenAiClient};
 use crate::pipeline::failpoint::{self, Failpoints};
 use crate::pipeline::{MessageHandler, Processed, Reply};
 use crate::retry::RetryPolicy;
@@ -428,7 +428,7 @@ pub async fn run_until_stopped(
     let conn = connect_redis_patiently(&config).await?;
     let reader = connect_redis_patiently(&config).await?;
     let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-    let llm = OpenAiClient::new(&config.llm)?;
+    let llm = CircuitBreaker::new(OpenAiClient::new(&config.llm)?, &config.llm);
     let handler = Arc::new(MessageHandler::new(
         config.clone(),
         store.clone(),

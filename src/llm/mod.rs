@@ -1,6 +1,7 @@
 //! The LLM: the [`LlmService`] trait the pipeline calls, the OpenAI-compatible client, and the
 //! mock server used by tests, demos and benchmarks.
 
+pub mod circuit;
 pub mod client;
 pub mod mock;
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::LlmError;
+pub use circuit::CircuitBreaker;
 pub use client::OpenAiClient;
 
 /// One chat message of a request.

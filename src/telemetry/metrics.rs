@@ -26,6 +26,7 @@ pub const UNKNOWN_STAGES_TOTAL: &str = "icmp_unknown_stages_total";
 pub const DEGRADED_TOTAL: &str = "icmp_degraded_total";
 pub const DEAD_LETTERS_TOTAL: &str = "icmp_dead_letters_total";
 pub const ORDER_FAIL_OPEN_TOTAL: &str = "icmp_order_fail_open_total";
+pub const LLM_CIRCUIT_OPEN: &str = "icmp_llm_circuit_open";
 pub const INFLIGHT_MESSAGES: &str = "icmp_inflight_messages";
 pub const STREAM_PENDING: &str = "icmp_stream_pending_messages";
 pub const STREAM_LAG: &str = "icmp_stream_lag";
@@ -100,6 +101,10 @@ fn describe() {
     describe_counter!(
         DEAD_LETTERS_TOTAL,
         "Entries moved to the dead-letter stream."
+    );
+    describe_gauge!(
+        LLM_CIRCUIT_OPEN,
+        "1 while the LLM circuit breaker refuses calls, else 0."
     );
     describe_counter!(
         ORDER_FAIL_OPEN_TOTAL,
@@ -199,6 +204,10 @@ pub fn unknown_stage() {
 
 pub fn degraded(step: &'static str) {
     counter!(DEGRADED_TOTAL, "step" => step).increment(1);
+}
+
+pub fn llm_circuit(open: bool) {
+    gauge!(LLM_CIRCUIT_OPEN).set(if open { 1.0 } else { 0.0 });
 }
 
 pub fn order_fail_open() {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use icmp::cache::{self, Cache};
 use icmp::config::{Config, RedactedUrl};
-use icmp::llm::OpenAiClient;
 use icmp::llm::mock::{self, MockOptions, MockServer};
+use icmp::llm::{CircuitBreaker, OpenAiClient};
 use icmp::pipeline::{Failpoints, MessageHandler};
 use icmp::store::{self, Store};
 use icmp::stream::Streams;
@@ -243,7 +243,7 @@ impl TestApp {
     }
 
     /// A worker that is not running, for driving `handle_entry` directly.
-    pub async fn worker(&self, name: &str) -> Arc<Worker<OpenAiClient>> {
+    pub async fn worker(&self, name: &str) -> Arc<Worker<CircuitBreaker<OpenAiClient>>> {
         let mut config = self.config.clone();
         config.streams.consumer = format!("{}-{name}", self.config.streams.consumer);
         // Connections of its own: the test's blocking reads on `self.redis` must not hold up
@@ -251,7 +251,7 @@ impl TestApp {
         let reader = cache::connect(&config.redis).await.expect("redis");
         let conn = cache::connect(&config.redis).await.expect("redis");
         let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-        let llm = OpenAiClient::new(&config.llm).expect("client");
+        let llm = CircuitBreaker::new(OpenAiClient::new(&config.llm).expect("client"), &config.llm);
         let handler = Arc::new(MessageHandler::new(
             config.clone(),
             self.store.clone(),

@@ -319,6 +319,14 @@ async fn a_dead_llm_gives_every_message_a_fallback_reply() {
             .all(|r| r.len() == 1 && r[0]["status"] == "fallback")
     );
     assert_exactly_once(&app, 40).await;
+    // The circuit breaker stopped calling the dead endpoint after its threshold: without it,
+    // every message would spend two calls' retry budgets (dozens of requests).
+    let requests = app
+        .mock
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(requests < 40, "{requests} requests reached the dead LLM");
     app.stop().await;
 }
 

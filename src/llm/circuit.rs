@@ -1,0 +1,226 @@
+//! A circuit breaker in front of the LLM: after `circuit_failure_threshold` consecutive
+//! failures of the endpoint, calls fail at once with [`LlmError::CircuitOpen`] for
+//! `circuit_open_ms`; then one probe call is let through, and its outcome closes the circuit or
+//! opens it again. While the LLM is down, messages therefore get their fallback reply without
+//! waiting for timeouts and retry budgets, and the endpoint is not hammered.
+//!
+//! Only failures that say the endpoint is unwell count (timeouts, connection errors, 5xx, 429,
+//! malformed bodies); a rejected request (other 4xx) is the request's fault and does not.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{ChatRequest, ChatResponse, LlmError, LlmService};
+use crate::config::LlmConfig;
+use crate::error::Classify;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One probe is under way.
+    HalfOpen,
+}
+
+/// Wraps an [`LlmService`] with a circuit breaker.
+#[derive(Debug)]
+pub struct CircuitBreaker<L> {
+    inner: L,
+    threshold: u32,
+    open_for: Duration,
+    state: Mutex<State>,
+}
+
+impl<L> CircuitBreaker<L> {
+    /// A `circuit_failure_threshold` of 0 disables the breaker.
+    pub fn new(inner: L, config: &LlmConfig) -> Self {
+        CircuitBreaker {
+            inner,
+            threshold: config.circuit_failure_threshold,
+            open_for: Duration::from_millis(config.circuit_open_ms),
+            state: Mutex::new(State::Closed { failures: 0 }),
+        }
+    }
+
+    /// Whether the circuit currently refuses calls.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state.lock().map(|s| *s), Ok(State::Open { until }) if Instant::now() < until)
+    }
+
+    /// Decides whether a call may go out now.
+    fn admit(&self) -> bool {
+        if self.threshold == 0 {
+            return true;
+        }
+        let Ok(mut state) = self.state.lock() else {
+            return true;
+        };
+        match *state {
+            State::Closed { .. } => true,
+            State::Open { until } if Instant::now() >= until => {
+                *state = State::HalfOpen;
+                true
+            }
+            State::Open { .. } | State::HalfOpen => false,
+        }
+    }
+
+    fn record(&self, outcome: &Result<ChatResponse, LlmError>) {
+        if self.threshold == 0 {
+            return;
+        }
+        let unwell = match outcome {
+            Ok(_) => false,
+            Err(e) => e.is_retryable(),
+        };
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let next = match (*state, unwell) {
+            (_, false) => State::Closed { failures: 0 },
+            (State::Closed { failures }, true) if failures + 1 < self.threshold => State::Closed {
+                failures: failures + 1,
+            },
+            (State::Closed { .. } | State::HalfOpen | State::Open { .. }, true) => State::Open {
+                until: Instant::now() + self.open_for,
+            },
+        };
+        match (*state, next) {
+            (State::Closed { .. } | State::HalfOpen, State::Open { .. }) => {
+                crate::telemetry::metrics::llm_circuit(true);
+                tracing::warn!(
+                    open_ms = self.open_for.as_millis() as u64,
+                    "LLM circuit opened"
+                );
+            }
+            (State::HalfOpen | State::Open { .. }, State::Closed { .. }) => {
+                crate::telemetry::metrics::llm_circuit(false);
+                tracing::info!("LLM circuit closed");
+            }
+            _ => {}
+        }
+        *state = next;
+    }
+}
+
+impl<L: LlmService> LlmService for CircuitBreaker<L> {
+    async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+        if !self.admit() {
+            return Err(LlmError::CircuitOpen);
+        }
+        let outcome = self.inner.chat(request).await;
+        self.record(&outcome);
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    struct Flaky {
+        calls: AtomicU32,
+        healthy: AtomicBool,
+    }
+
+    impl LlmService for Flaky {
+        async fn chat(&self, _: &ChatRequest) -> Result<ChatResponse, LlmError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.healthy.load(Ordering::SeqCst) {
+                Ok(ChatResponse {
+                    content: "ok".into(),
+                    model: "m".into(),
+                    prompt_tokens: None,
+                    completion_tokens: None,
+                    latency: Duration::ZERO,
+                })
+            } else {
+                Err(LlmError::Server {
+                    status: 503,
+                    body: String::new(),
+                })
+            }
+        }
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest {
+            model: "m".into(),
+            messages: vec![],
+            temperature: None,
+            max_tokens: None,
+            json_mode: false,
+        }
+    }
+
+    fn breaker() -> CircuitBreaker<Flaky> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let mut config = crate::config::Config::load(&path, None)
+            .expect("config")
+            .llm;
+        config.circuit_failure_threshold = 3;
+        config.circuit_open_ms = 1_000;
+        CircuitBreaker::new(
+            Flaky {
+                calls: AtomicU32::new(0),
+                healthy: AtomicBool::new(false),
+            },
+            &config,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_closes_after_a_good_probe() {
+        let b = breaker();
+        for _ in 0..3 {
+            assert!(matches!(
+                b.chat(&request()).await,
+                Err(LlmError::Server { .. })
+            ));
+        }
+        assert!(b.is_open());
+        // Refused without calling the endpoint.
+        assert!(matches!(
+            b.chat(&request()).await,
+            Err(LlmError::CircuitOpen)
+        ));
+        assert_eq!(b.inner.calls.load(Ordering::SeqCst), 3);
+
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        // The probe fails: open again.
+        assert!(matches!(
+            b.chat(&request()).await,
+            Err(LlmError::Server { .. })
+        ));
+        assert!(matches!(
+            b.chat(&request()).await,
+            Err(LlmError::CircuitOpen)
+        ));
+        assert_eq!(b.inner.calls.load(Ordering::SeqCst), 4);
+
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        b.inner.healthy.store(true, Ordering::SeqCst);
+        assert!(b.chat(&request()).await.is_ok());
+        assert!(!b.is_open());
+        assert!(b.chat(&request()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn rejected_requests_do_not_trip_the_breaker() {
+        let b = breaker();
+        for _ in 0..10 {
+            b.record(&Err(LlmError::Rejected {
+                status: 400,
+                body: String::new(),
+            }));
+        }
+        assert!(!b.is_open());
+    }
+}
