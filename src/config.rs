@@ -77,8 +77,10 @@ pub struct LlmConfig {
     pub default_model: String,
     pub request_timeout_ms: u64,
     pub connect_timeout_ms: u64,
-    /// Consecutive endpoint failures that open the circuit (0 disables the breaker).
-    pub circuit_failure_threshold: u32,
+    /// Calls the circuit breaker judges the endpoint by (0 disables the breaker).
+    pub circuit_window: usize,
+    /// Share of failed calls in the window that opens the circuit.
+    pub circuit_failure_ratio: f64,
     /// How long an open circuit refuses calls before one probe is let through.
     pub circuit_open_ms: u64,
 }
