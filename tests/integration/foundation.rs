@@ -300,3 +300,97 @@ async fn deadlocks_and_serialization_failures_are_retryable_and_constraint_error
     assert_eq!(err.code(), "db.error");
     assert!(!err.is_retryable());
 }
+
+/// The demo business's prompts, rendered for a realistic turn of each stage: a template or
+/// context change shows up in review as a snapshot diff.
+#[test]
+fn demo_prompts_render_as_reviewed() {
+    use icmp::model::{Business, Role, StageInfo, TemplateRecord, Turn};
+    use icmp::pipeline::{context, template};
+
+    let def = Definition::parse(&demo_text()).expect("demo");
+    let stages: Vec<StageInfo> = def
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StageInfo {
+            id: Uuid::from_u128(i as u128 + 1),
+            name: s.name.clone(),
+            description: s.description.clone(),
+        })
+        .collect();
+    let business = Business {
+        id: def.business.id,
+        name: def.business.name.clone(),
+        initial_stage_id: stages[0].id,
+        stages: stages.clone(),
+        extraction_fields: def.extraction_fields(),
+    };
+    let mut extracted = icmp::model::Extracted::new();
+    extracted.insert("name".into(), serde_json::json!("Alice Smith"));
+    let now = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+        .expect("time")
+        .to_utc();
+    let engine = template::engine();
+    let mut out = String::new();
+    for (stage_def, stage) in def.stages.iter().zip(&stages) {
+        let ctx = context::build(context::ContextInputs {
+            business: &business,
+            user_id: "alice",
+            conversation_id: Uuid::from_u128(42),
+            is_new: false,
+            stage,
+            content: "Could I come in on friday for a cleaning?",
+            metadata: None,
+            history: vec![
+                Turn {
+                    role: Role::User,
+                    content: "Hi, I'm Alice Smith".into(),
+                },
+                Turn {
+                    role: Role::Assistant,
+                    content: "Hello Alice! How can I help?".into(),
+                },
+            ],
+            extracted: &extracted,
+            now,
+        });
+        let names = [
+            &stage_def.selection_template,
+            &stage_def.extraction_template,
+            &Some(stage_def.response_template.clone()),
+            &stage_def.fallback_template,
+        ];
+        for name in names.into_iter().flatten() {
+            let t = def
+                .templates
+                .iter()
+                .find(|t| &t.name == name)
+                .expect("template");
+            let record = TemplateRecord {
+                id: Uuid::nil(),
+                business_id: def.business.id,
+                name: t.name.clone(),
+                kind: t.kind,
+                system: t.system.clone(),
+                body: t.body.clone(),
+                model: t.model.clone(),
+                temperature: t.temperature,
+                max_tokens: t.max_tokens,
+                output_schema: t.output_schema.clone(),
+                version: 1,
+            };
+            let compiled = template::compile(&engine, record).expect("compile");
+            let r = template::render(&engine, &compiled, &ctx).expect("render");
+            out.push_str(&format!(
+                "=== stage {} · template {} ({})\n--- system\n{}\n--- body\n{}\n\n",
+                stage.name,
+                t.name,
+                t.kind.as_str(),
+                r.system,
+                r.body
+            ));
+        }
+    }
+    insta::assert_snapshot!("demo_prompts", out);
+}
