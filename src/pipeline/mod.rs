@@ -169,12 +169,6 @@ impl<L: LlmService> MessageHandler<L> {
         }
     }
 
-    fn destination(&self, msg: &InboundMessage) -> String {
-        msg.reply_to
-            .clone()
-            .unwrap_or_else(|| self.config.streams.outbound.clone())
-    }
-
     async fn stored_reply(&self, msg: &InboundMessage) -> Result<Option<Reply>, PipelineError> {
         let key = msg.idempotency_key();
         let stored = self
@@ -183,16 +177,7 @@ impl<L: LlmService> MessageHandler<L> {
                 self.store.find_reply(msg.business_id, key)
             })
             .await?;
-        Ok(stored.map(|s| {
-            Reply::from_stored(
-                &s,
-                self.destination(msg),
-                key.to_owned(),
-                msg.inbound_id.clone(),
-                msg.business_id,
-                msg.user_id.clone(),
-            )
-        }))
+        Ok(stored.map(|s| Reply::from_stored(&s, msg, &self.config.streams.outbound)))
     }
 
     /// Steps 3–12 once. `fresh` reads conversation state from PostgreSQL, not the cache.
@@ -342,11 +327,8 @@ impl<L: LlmService> MessageHandler<L> {
         persist::cache_committed(&self.cache, &committed, &all).await;
 
         Ok(Reply::answer(
-            self.destination(msg),
-            msg.idempotency_key().to_owned(),
-            msg.inbound_id.clone(),
-            business.id,
-            msg.user_id.clone(),
+            msg,
+            &self.config.streams.outbound,
             conv.id,
             response.fallback,
             response.content,

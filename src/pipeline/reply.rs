@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use chrono::Utc;
 use uuid::Uuid;
 
+use super::validate::InboundMessage;
 use crate::error::Classify;
 use crate::model::StoredReply;
 
@@ -67,14 +68,10 @@ impl Reply {
         ]
     }
 
-    /// A successful (or fallback) reply.
-    #[allow(clippy::too_many_arguments)]
+    /// A successful (or fallback) reply to `msg`, sent to its `reply_to` or to `outbound`.
     pub fn answer(
-        destination: String,
-        message_id: String,
-        inbound_id: String,
-        business_id: Uuid,
-        user_id: String,
+        msg: &InboundMessage,
+        outbound: &str,
         conversation_id: Uuid,
         fallback: bool,
         content: String,
@@ -82,11 +79,11 @@ impl Reply {
         log_id: Uuid,
     ) -> Reply {
         Reply {
-            destination,
-            message_id,
-            inbound_id,
-            business_id: business_id.to_string(),
-            user_id,
+            destination: msg.reply_to.clone().unwrap_or_else(|| outbound.to_owned()),
+            message_id: msg.idempotency_key().to_owned(),
+            inbound_id: msg.inbound_id.clone(),
+            business_id: msg.business_id.to_string(),
+            user_id: msg.user_id.clone(),
             conversation_id: conversation_id.to_string(),
             status: if fallback {
                 ReplyStatus::Fallback
@@ -103,35 +100,17 @@ impl Reply {
         }
     }
 
-    /// The reply already committed for this message, published again.
-    pub fn from_stored(
-        stored: &StoredReply,
-        destination: String,
-        message_id: String,
-        inbound_id: String,
-        business_id: Uuid,
-        user_id: String,
-    ) -> Reply {
-        Reply {
-            destination,
-            message_id,
-            inbound_id,
-            business_id: business_id.to_string(),
-            user_id,
-            conversation_id: stored.conversation_id.to_string(),
-            status: if stored.status == "fallback" {
-                ReplyStatus::Fallback
-            } else {
-                ReplyStatus::Ok
-            },
-            content: stored.content.clone(),
-            stage: stored.stage.clone().unwrap_or_default(),
-            error_code: String::new(),
-            error: String::new(),
-            status_code: 200,
-            log_id: stored.log_id,
-            processed_at: Utc::now().to_rfc3339(),
-        }
+    /// The reply already committed for `msg`, published again.
+    pub fn from_stored(stored: &StoredReply, msg: &InboundMessage, outbound: &str) -> Reply {
+        Reply::answer(
+            msg,
+            outbound,
+            stored.conversation_id,
+            stored.status == "fallback",
+            stored.content.clone(),
+            stored.stage.clone().unwrap_or_default(),
+            stored.log_id,
+        )
     }
 
     /// An error reply built from whatever the raw entry carries (it may be invalid).
