@@ -19,16 +19,23 @@ use crate::store::Store;
 use crate::stream::Streams;
 use crate::worker::Worker;
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (also the arguments of `icmp bench`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
+    #[arg(long, default_value_t = 2000)]
     pub messages: usize,
+    #[arg(long, default_value_t = 200)]
     pub users: usize,
     /// Worker instances in this process (each with `worker.concurrency` slots).
+    #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Mock LLM latency per call.
+    #[arg(long, default_value_t = 50)]
     pub llm_latency_ms: u64,
+    #[arg(long, default_value_t = 20)]
     pub llm_jitter_ms: u64,
-    /// Business definition to import and address (the demo business by default).
+    /// Business definition to import and address.
+    #[arg(long, default_value = "config/businesses/demo.toml")]
     pub definition: std::path::PathBuf,
 }
 

@@ -69,21 +69,7 @@ enum Command {
         action: DlqAction,
     },
     /// Measure throughput and latency of the whole pipeline (mock LLM, in-process workers).
-    Bench {
-        #[arg(long, default_value_t = 2000)]
-        messages: usize,
-        #[arg(long, default_value_t = 200)]
-        users: usize,
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-        /// Mock LLM latency per call.
-        #[arg(long, default_value_t = 50)]
-        llm_latency_ms: u64,
-        #[arg(long, default_value_t = 20)]
-        llm_jitter_ms: u64,
-        #[arg(long, default_value = "config/businesses/demo.toml")]
-        definition: PathBuf,
-    },
+    Bench(icmp::bench::BenchOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,26 +238,16 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Bench {
-            messages,
-            users,
-            workers,
-            llm_latency_ms,
-            llm_jitter_ms,
-            definition,
-        } => {
+        Command::Bench(options) => {
             telemetry::init_logging(&config.telemetry, std::io::stderr);
-            let options = icmp::bench::BenchOptions {
-                messages,
-                users,
-                workers,
-                llm_latency_ms,
-                llm_jitter_ms,
-                definition,
-            };
             println!(
-                "bench: {messages} messages, {users} users, {workers} worker(s) × {} slots, LLM {llm_latency_ms}±{llm_jitter_ms} ms",
-                config.worker.concurrency
+                "bench: {} messages, {} users, {} worker(s) × {} slots, LLM {}±{} ms",
+                options.messages,
+                options.users,
+                options.workers,
+                config.worker.concurrency,
+                options.llm_latency_ms,
+                options.llm_jitter_ms
             );
             let report = icmp::bench::run(config, &options)
                 .await

@@ -91,6 +91,25 @@ pub struct TemplateDef {
     pub output_schema: Option<serde_json::Value>,
 }
 
+impl TemplateDef {
+    /// The record this definition stores, as version 1 under `id`.
+    pub fn to_record(&self, id: Uuid, business_id: Uuid) -> TemplateRecord {
+        TemplateRecord {
+            id,
+            business_id,
+            name: self.name.clone(),
+            kind: self.kind,
+            system: self.system.clone(),
+            body: self.body.clone(),
+            model: self.model.clone(),
+            temperature: self.temperature,
+            max_tokens: self.max_tokens,
+            output_schema: self.output_schema.clone(),
+            version: 1,
+        }
+    }
+}
+
 impl Definition {
     /// Reads and validates a file.
     ///
@@ -200,19 +219,7 @@ impl Definition {
         let sample = Context::sample(&self.business.name, &stages, &self.extraction_fields());
         let engine = template::engine();
         for t in &self.templates {
-            let record = TemplateRecord {
-                id: Uuid::nil(),
-                business_id: self.business.id,
-                name: t.name.clone(),
-                kind: t.kind,
-                system: t.system.clone(),
-                body: t.body.clone(),
-                model: t.model.clone(),
-                temperature: t.temperature,
-                max_tokens: t.max_tokens,
-                output_schema: t.output_schema.clone(),
-                version: 1,
-            };
+            let record = t.to_record(Uuid::nil(), self.business.id);
             match template::compile(&engine, record) {
                 Ok(compiled) => {
                     if let Err(e) = template::render(&engine, &compiled, &sample) {

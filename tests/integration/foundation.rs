@@ -305,7 +305,7 @@ async fn deadlocks_and_serialization_failures_are_retryable_and_constraint_error
 /// context change shows up in review as a snapshot diff.
 #[test]
 fn demo_prompts_render_as_reviewed() {
-    use icmp::model::{Business, Role, StageInfo, TemplateRecord, Turn};
+    use icmp::model::{Business, Role, StageInfo, Turn};
     use icmp::pipeline::{context, template};
 
     let def = Definition::parse(&demo_text()).expect("demo");
@@ -367,19 +367,7 @@ fn demo_prompts_render_as_reviewed() {
                 .iter()
                 .find(|t| &t.name == name)
                 .expect("template");
-            let record = TemplateRecord {
-                id: Uuid::nil(),
-                business_id: def.business.id,
-                name: t.name.clone(),
-                kind: t.kind,
-                system: t.system.clone(),
-                body: t.body.clone(),
-                model: t.model.clone(),
-                temperature: t.temperature,
-                max_tokens: t.max_tokens,
-                output_schema: t.output_schema.clone(),
-                version: 1,
-            };
+            let record = t.to_record(Uuid::nil(), def.business.id);
             let compiled = template::compile(&engine, record).expect("compile");
             let r = template::render(&engine, &compiled, &ctx).expect("render");
             out.push_str(&format!(
