@@ -125,7 +125,13 @@ impl<L: LlmService> Worker<L> {
                 done = self.handle_inner(entry, log_id) => done,
                 () = self.streams.keep_alive(&entry.id) => unreachable!("keep_alive never returns"),
             };
-            metrics::message(label, started.elapsed());
+            let took = started.elapsed();
+            metrics::message(label, took);
+            tracing::debug!(
+                outcome = label.as_str(),
+                duration_ms = took.as_millis() as u64,
+                "message done"
+            );
             outcome
         }
         .instrument(span)
@@ -363,9 +369,11 @@ impl<L: LlmService> Worker<L> {
             metrics::inflight(concurrency - self.processing.available_permits());
             if last_gauges.elapsed() >= Duration::from_secs(5) {
                 last_gauges = Instant::now();
-                if let Ok(p) = self.streams.pending_count().await {
-                    metrics::stream_state(p, None);
+                if let Ok((pending, lag)) = self.streams.group_state().await {
+                    metrics::stream_state(pending, lag);
                 }
+                let (idle, busy) = self.handler.store().pool_usage();
+                metrics::db_pool(idle, busy);
             }
         }
 

@@ -99,6 +99,10 @@ impl<L: LlmService> MessageHandler<L> {
         &self.failpoints
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// An error reply for an entry that failed with `err`.
     pub fn error_reply(
         &self,

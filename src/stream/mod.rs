@@ -426,13 +426,24 @@ impl Streams {
         Ok(())
     }
 
-    /// Entries delivered to the group and not yet acked.
-    pub async fn pending_count(&self) -> Result<u64, CacheError> {
-        let reply: redis::streams::StreamPendingReply = self
-            .conn
-            .clone()
-            .xpending(&self.config.inbound, &self.config.group)
+    /// The group's pending count (delivered, not acked) and lag (entries not yet delivered;
+    /// `None` when Redis cannot tell).
+    pub async fn group_state(&self) -> Result<(u64, Option<u64>), CacheError> {
+        let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.config.inbound)
+            .query_async(&mut self.conn.clone())
             .await?;
-        Ok(reply.count() as u64)
+        let number = |v: Option<&Value>| match v {
+            Some(Value::Int(n)) => u64::try_from(*n).ok(),
+            _ => None,
+        };
+        let ours = groups.iter().find(|g| {
+            matches!(g.get("name"), Some(v) if bytes_of(v.clone()) == self.config.group.as_bytes())
+        });
+        Ok(match ours {
+            Some(g) => (number(g.get("pending")).unwrap_or(0), number(g.get("lag"))),
+            None => (0, None),
+        })
     }
 }

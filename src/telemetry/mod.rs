@@ -9,14 +9,34 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::{LogFormat, TelemetryConfig};
 
+/// Crates whose debug output carries data (SQL parameters, HTTP headers and bodies).
+const QUIET_CRATES: [&str; 7] = [
+    "tokio_postgres",
+    "postgres_protocol",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "h2",
+    "rustls",
+];
+
 /// Installs the global tracing subscriber writing to `sink`; `RUST_LOG` overrides the
 /// configured filter. A second call is a no-op (tests start many workers in one process).
 pub fn init_logging<W>(config: &TelemetryConfig, sink: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.log_filter.clone()));
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_filter.clone());
+    let mut filter = EnvFilter::new(&spec);
+    // Dependencies that log query parameters, bodies or headers at debug level would put
+    // message content, prompts or keys in the logs; they stay at info unless named explicitly.
+    for chatty in QUIET_CRATES {
+        if !spec.contains(chatty)
+            && let Ok(directive) = format!("{chatty}=info").parse()
+        {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(sink);

@@ -11,6 +11,7 @@ mod foundation;
 mod helpers;
 mod llm_client;
 mod mock_llm;
+mod operator;
 mod pipeline;
 mod processes;
 mod reliability;

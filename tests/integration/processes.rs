@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::helpers::root;
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()

@@ -1,0 +1,160 @@
+//! What operators and people see: the worker's HTTP endpoint, its logs, and the `icmp send` /
+//! `icmp chat` commands against a running worker.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use icmp::config::Config;
+use icmp::llm::mock::MockOptions;
+
+use crate::helpers::{root, spawn_env};
+use crate::processes::{WorkerProcess, free_port};
+
+const API_KEY: &str = "sk-live-0123456789abcdef";
+const DB_PASSWORD: &str = "pw-do-not-print-42";
+
+async fn get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.expect("http");
+    let status = r.status().as_u16();
+    (status, r.text().await.expect("body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_metrics_and_health_and_never_logs_secrets() {
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut worker = WorkerProcess::spawn(
+        &app.config,
+        "ops",
+        &[
+            ("ICMP__TELEMETRY__LISTEN", listen.as_str()),
+            ("ICMP__TELEMETRY__LOG_FILTER", "debug"),
+            ("ICMP__TELEMETRY__LOG_FORMAT", "json"),
+            ("ICMP__LLM__API_KEY", API_KEY),
+            ("ICMP__DATABASE__PASSWORD", DB_PASSWORD),
+        ],
+    );
+    app.send("opal", "op1", "Hello").await;
+    assert_eq!(app.reply("op1").await["status"], "ok");
+
+    let base = format!("http://{listen}");
+    assert_eq!(
+        get(&format!("{base}/healthz")).await,
+        (200, "ok".to_owned())
+    );
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+    let (status, metrics) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    for expected in [
+        "icmp_messages_total{outcome=\"ok\"} 1",
+        "icmp_llm_requests_total{purpose=\"response\",outcome=\"ok\"} 1",
+        "icmp_llm_tokens_total{purpose=\"response\",kind=\"prompt\"}",
+        "icmp_step_duration_seconds_bucket{step=\"persist\"",
+        "icmp_message_duration_seconds_count{outcome=\"ok\"} 1",
+        "icmp_cache_requests_total{cache=\"business\",result=\"miss\"} 1",
+        "# HELP icmp_messages_total",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected} in\n{metrics}"
+        );
+    }
+
+    assert_eq!(worker.terminate().await.code(), Some(0));
+    let log = std::fs::read_to_string(&worker.log).expect("log");
+    assert!(
+        log.contains("\"message\":\"worker started\""),
+        "JSON logs: {log}"
+    );
+    assert!(log.contains("\"log_id\""), "message span fields are logged");
+    for secret in [API_KEY, DB_PASSWORD] {
+        assert!(!log.contains(secret), "a secret leaked into the log");
+        assert!(!metrics.contains(secret));
+    }
+    assert!(!log.contains("Hello"), "message content is not logged");
+}
+
+fn cli(config: &Config) -> Command {
+    let s = &config.streams;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_icmp"));
+    cmd.arg("--config")
+        .arg(root().join("config/default.toml"))
+        .arg("--profile")
+        .arg("test")
+        .env("ICMP__REDIS__URL", config.redis.url.expose())
+        .env("ICMP__STREAMS__INBOUND", &s.inbound)
+        .env("ICMP__STREAMS__REPLY_PREFIX", &s.reply_prefix);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icmp_send_and_chat_talk_to_a_running_worker() {
+    let mut app = spawn_env(MockOptions::default(), |_| {}).await;
+    app.start_worker("w0").await;
+
+    let config = app.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        cli(&config)
+            .args([
+                "send",
+                "--user",
+                "sam",
+                "--timeout-secs",
+                "30",
+                "Hello there",
+            ])
+            .output()
+            .expect("icmp send")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("[ok · stage welcome] Thanks for your message: \"Hello there\""),
+        "{stdout}"
+    );
+
+    let config = app.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cli(&config)
+            .args(["chat", "--user", "tess", "--timeout-secs", "30"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("icmp chat");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"Hello!\nI want to book an appointment, my name is Tess Ray\n")
+            .expect("write");
+        drop(stdin);
+        child.wait_with_output().expect("chat output")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[ok · stage welcome]"), "{stdout}");
+    assert!(stdout.contains("[ok · stage booking]"), "{stdout}");
+    let conversations: std::collections::HashSet<&str> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("conversation "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        conversations.len(),
+        1,
+        "chat follows one conversation: {stdout}"
+    );
+    app.stop().await;
+}
