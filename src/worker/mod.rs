@@ -1,30 +1,35 @@
 //! The worker: takes entries from the inbound stream (new ones, and stale ones of dead
 //! consumers), runs each through the pipeline under a concurrency bound, and decides from the
 //! outcome whether to publish and ack, leave it pending for redelivery, or dead-letter it.
+//!
+//! - [`run`](Worker::run): the read loop (admission, reclaiming, shutdown);
+//! - `startup`: [`run_until_stopped`], wiring a worker from the configuration;
+//! - this module: one entry's path, from its turn in the conversation to publish, ack or
+//!   dead-letter.
+
+mod run;
+mod startup;
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::error::{CacheError, Classify, PipelineError};
-use crate::llm::{CircuitBreaker, LlmService, OpenAiClient};
-use crate::pipeline::failpoint::{self, Failpoints};
+use crate::llm::LlmService;
+use crate::pipeline::failpoint;
 use crate::pipeline::{MessageHandler, Processed, Reply};
 use crate::retry::RetryPolicy;
-use crate::store::Store;
 use crate::stream::{StreamEntry, Streams, Turn};
 use crate::telemetry::metrics::{self, MessageOutcome};
-use crate::telemetry::server;
+
+pub use startup::run_until_stopped;
 
 /// What happened to one entry (the loop and the tests match on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,132 +271,6 @@ impl<L: LlmService> Worker<L> {
     }
 }
 
-impl<L: LlmService> Worker<L> {
-    /// Reads and processes entries until `shutdown` completes; then stops reading, gives
-    /// in-flight messages `worker.shutdown_grace_ms` to finish and returns. Entries still
-    /// unfinished stay pending for other workers.
-    ///
-    /// Up to `WAITING_FACTOR × concurrency` entries may be held (most of them waiting for
-    /// their turn in their conversation); `concurrency` of them are processed at once. Stale
-    /// entries of dead consumers are claimed on a timer even when that bound is reached, so a
-    /// dead consumer's queue heads are always taken over.
-    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let (stop_tx, mut stop_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
-
-        while let Err(e) = self.streams.ensure_group().await {
-            metrics::record_error(&e, "consumer group");
-            if wait_or_stop(&mut stop_rx, Duration::from_secs(1)).await {
-                return;
-            }
-        }
-        let concurrency = self.config.worker.concurrency.max(1);
-        let admission = Arc::new(Semaphore::new(concurrency * WAITING_FACTOR));
-        let mut tasks = JoinSet::new();
-        let claim_every = Duration::from_millis((self.config.streams.claim_idle_ms / 2).max(100));
-        let mut next_claim = tokio::time::Instant::now();
-        let mut last_gauges = Instant::now();
-        let mut cursor = "0-0".to_owned();
-        let mut failures = 0u32;
-        tracing::info!(
-            consumer = self.streams.consumer(),
-            concurrency,
-            "worker started"
-        );
-
-        loop {
-            while tasks.try_join_next().is_some() {}
-            if *stop_rx.borrow() {
-                break;
-            }
-            let first = tokio::select! {
-                p = admission.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
-                _ = tokio::time::sleep_until(next_claim) => None,
-                _ = stop_rx.changed() => continue,
-            };
-            let mut batch: Vec<(StreamEntry, Option<OwnedSemaphorePermit>)> = Vec::new();
-            let mut result = Ok(());
-            if tokio::time::Instant::now() >= next_claim {
-                next_claim = tokio::time::Instant::now() + claim_every;
-                match self
-                    .streams
-                    .claim_stale(self.config.streams.read_count.max(1))
-                    .await
-                {
-                    Ok(stale) => batch.extend(stale.into_iter().map(|e| (e, None))),
-                    Err(e) => result = Err(e),
-                }
-            }
-            if let (Some(first), Ok(())) = (first, &result) {
-                let mut permits = vec![first];
-                while permits.len() < self.config.streams.read_count.max(1) {
-                    match admission.clone().try_acquire_owned() {
-                        Ok(p) => permits.push(p),
-                        Err(_) => break,
-                    }
-                }
-                match self.streams.read_new(permits.len(), &mut cursor).await {
-                    Ok(entries) => {
-                        batch.extend(entries.into_iter().zip(permits.into_iter().map(Some)));
-                    }
-                    Err(e) => result = Err(e),
-                }
-            }
-            for (entry, permit) in batch {
-                if !self.hold(&entry.id) {
-                    continue;
-                }
-                let worker = self.clone();
-                tasks.spawn(async move {
-                    let _admitted = permit;
-                    let outcome = worker.handle_entry(&entry).await;
-                    worker.release(&entry.id);
-                    outcome
-                });
-            }
-            match result {
-                Ok(()) => failures = 0,
-                Err(e) => {
-                    metrics::record_error(&e, "stream read");
-                    if is_nogroup(&e) {
-                        let _ = self.streams.ensure_group().await;
-                    }
-                    failures = failures.saturating_add(1);
-                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
-                    if wait_or_stop(&mut stop_rx, wait).await {
-                        break;
-                    }
-                }
-            }
-            metrics::inflight(concurrency - self.processing.available_permits());
-            if last_gauges.elapsed() >= Duration::from_secs(5) {
-                last_gauges = Instant::now();
-                if let Ok((pending, lag)) = self.streams.group_state().await {
-                    metrics::stream_state(pending, lag);
-                }
-                let (idle, busy) = self.handler.store().pool_usage();
-                metrics::db_pool(idle, busy);
-            }
-        }
-
-        tracing::info!(held = tasks.len(), "stopping: finishing in-flight messages");
-        let grace = Duration::from_millis(self.config.worker.shutdown_grace_ms);
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            tracing::warn!(
-                left = tasks.len(),
-                "grace period over; unfinished messages stay pending"
-            );
-            tasks.abort_all();
-        }
-        tracing::info!("worker stopped");
-    }
-}
-
 impl<L> Worker<L> {
     /// Marks an entry as held by this process; false when it already is.
     fn hold(&self, id: &str) -> bool {
@@ -404,109 +283,6 @@ impl<L> Worker<L> {
     fn release(&self, id: &str) {
         if let Ok(mut h) = self.held.lock() {
             h.remove(id);
-        }
-    }
-}
-
-fn is_nogroup(e: &CacheError) -> bool {
-    matches!(e, CacheError::Redis(r) if r.code() == Some("NOGROUP"))
-}
-
-/// Sleeps for `d` unless the stop signal comes first; returns whether to stop.
-async fn wait_or_stop(rx: &mut watch::Receiver<bool>, d: Duration) -> bool {
-    if *rx.borrow() {
-        return true;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(d) => *rx.borrow(),
-        _ = rx.changed() => true,
-    }
-}
-
-/// Connects everything the configuration names and runs one worker until `shutdown`.
-///
-/// # Errors
-/// Invalid configuration (URLs), or a telemetry address that cannot be bound.
-pub async fn run_until_stopped(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), WorkerError> {
-    let handle = metrics::install();
-    let store = Store::connect(&config.database)?;
-    let conn = connect_redis_patiently(&config).await?;
-    let reader = connect_redis_patiently(&config).await?;
-    let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-    let llm = CircuitBreaker::new(OpenAiClient::new(&config.llm)?, &config.llm);
-    let handler = Arc::new(MessageHandler::new(
-        config.clone(),
-        store.clone(),
-        cache.clone(),
-        llm,
-        Failpoints::from_env(),
-    ));
-    let streams = Streams::new(
-        reader,
-        conn,
-        config.streams.clone(),
-        &config.redis.key_prefix,
-    );
-    let worker = Arc::new(Worker::new(config.clone(), handler, streams));
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let telemetry = if config.telemetry.listen.is_empty() {
-        None
-    } else {
-        let listener = tokio::net::TcpListener::bind(&config.telemetry.listen)
-            .await
-            .map_err(WorkerError::Telemetry)?;
-        tracing::info!(addr = %config.telemetry.listen, "serving /metrics, /healthz, /readyz");
-        let (s, c) = (store.clone(), cache.clone());
-        let ready: server::ReadyCheck = Arc::new(move || {
-            let (s, c) = (s.clone(), c.clone());
-            Box::pin(async move {
-                s.ping().await.map_err(|e| format!("postgres: {e}"))?;
-                c.ping().await.map_err(|e| format!("redis: {e}"))?;
-                let (idle, busy) = s.pool_usage();
-                metrics::db_pool(idle, busy);
-                Ok(())
-            })
-        });
-        let mut rx = stop_rx.clone();
-        Some(tokio::spawn(server::serve(
-            listener,
-            handle,
-            ready,
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        )))
-    };
-    worker
-        .run(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
-    if let Some(t) = telemetry {
-        let _ = t.await;
-    }
-    drop(stop_rx);
-    Ok(())
-}
-
-async fn connect_redis_patiently(
-    config: &Config,
-) -> Result<redis::aio::ConnectionManager, CacheError> {
-    let mut attempt = 0u32;
-    loop {
-        match cache::connect(&config.redis).await {
-            Ok(c) => return Ok(c),
-            Err(e) if e.is_retryable() && attempt < 60 => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "redis not reachable yet");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e),
         }
     }
 }
