@@ -125,56 +125,52 @@ impl Store {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .await?;
-        let no_status: Option<&str> = None;
-        tx.execute(
-            &insert_message,
-            &[
-                &ws.user_message_id,
-                b,
-                &ws.conversation_id,
-                &"user",
-                &ws.user_content,
-                &ws.idempotency_key,
-                &ws.user_stage_id,
-                &no_status,
-                &ws.metadata,
-                &ws.inbound_id,
-                &ws.log_id,
-            ],
-        )
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Duplicate
-            } else {
-                e.into()
-            }
-        })?;
-        let no_metadata: Option<serde_json::Value> = None;
-        tx.execute(
-            &insert_message,
-            &[
-                &ws.assistant_message_id,
-                b,
-                &ws.conversation_id,
-                &"assistant",
-                &ws.assistant_content,
-                &ws.idempotency_key,
-                &ws.stage_id,
-                &Some(ws.assistant_status),
-                &no_metadata,
-                &ws.inbound_id,
-                &ws.log_id,
-            ],
-        )
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Duplicate
-            } else {
-                e.into()
-            }
-        })?;
+        // The user's message and the reply; the idempotency key makes a second copy of either
+        // a unique violation, reported as `Duplicate`.
+        let rows = [
+            (
+                ws.user_message_id,
+                "user",
+                ws.user_content.as_str(),
+                ws.user_stage_id,
+                None,
+                ws.metadata.as_ref(),
+            ),
+            (
+                ws.assistant_message_id,
+                "assistant",
+                ws.assistant_content.as_str(),
+                ws.stage_id,
+                Some(ws.assistant_status),
+                None,
+            ),
+        ];
+        for (id, role, content, stage, status, metadata) in rows {
+            tx.execute(
+                &insert_message,
+                &[
+                    &id,
+                    b,
+                    &ws.conversation_id,
+                    &role,
+                    &content,
+                    &ws.idempotency_key,
+                    &stage,
+                    &status,
+                    &metadata,
+                    &ws.inbound_id,
+                    &ws.log_id,
+                ],
+            )
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Duplicate
+                } else {
+                    e.into()
+                }
+            })?;
+        }
 
         if let Some((from, to)) = ws.transition {
             let stmt = tx

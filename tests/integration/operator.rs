@@ -2,13 +2,12 @@
 //! `icmp chat` commands against a running worker.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use icmp::config::Config;
 use icmp::llm::mock::MockOptions;
 
-use crate::helpers::{root, spawn_env};
-use crate::processes::{WorkerProcess, free_port};
+use crate::helpers::spawn_env;
+use crate::processes::{WorkerProcess, free_port, icmp};
 
 const API_KEY: &str = "sk-live-0123456789abcdef";
 const DB_PASSWORD: &str = "pw-do-not-print-42";
@@ -75,19 +74,6 @@ async fn a_worker_serves_metrics_and_health_and_never_logs_secrets() {
     assert!(!log.contains("Hello"), "message content is not logged");
 }
 
-fn cli(config: &Config) -> Command {
-    let s = &config.streams;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_icmp"));
-    cmd.arg("--config")
-        .arg(root().join("config/default.toml"))
-        .arg("--profile")
-        .arg("test")
-        .env("ICMP__REDIS__URL", config.redis.url.expose())
-        .env("ICMP__STREAMS__INBOUND", &s.inbound)
-        .env("ICMP__STREAMS__REPLY_PREFIX", &s.reply_prefix);
-    cmd
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn icmp_send_and_chat_talk_to_a_running_worker() {
     let mut app = spawn_env(MockOptions::default(), |_| {}).await;
@@ -95,7 +81,7 @@ async fn icmp_send_and_chat_talk_to_a_running_worker() {
 
     let config = app.config.clone();
     let out = tokio::task::spawn_blocking(move || {
-        cli(&config)
+        icmp(&config)
             .args([
                 "send",
                 "--user",
@@ -122,7 +108,7 @@ async fn icmp_send_and_chat_talk_to_a_running_worker() {
 
     let config = app.config.clone();
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = cli(&config)
+        let mut child = icmp(&config)
             .args(["chat", "--user", "tess", "--timeout-secs", "30"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

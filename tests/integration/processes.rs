@@ -27,6 +27,52 @@ fn is_root() -> bool {
             .unwrap_or(false)
 }
 
+/// The `icmp` binary with the test profile and the environment that points it at `config`'s
+/// services, streams and mock LLM.
+pub fn icmp(config: &Config) -> Command {
+    let s = &config.streams;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_icmp"));
+    cmd.arg("--config")
+        .arg(root().join("config/default.toml"))
+        .arg("--profile")
+        .arg("test")
+        .env("ICMP__DATABASE__URL", config.database.url.expose())
+        .env(
+            "ICMP__DATABASE__POOL_SIZE",
+            config.database.pool_size.to_string(),
+        )
+        .env("ICMP__REDIS__URL", config.redis.url.expose())
+        .env("ICMP__REDIS__KEY_PREFIX", &config.redis.key_prefix)
+        .env("ICMP__LLM__BASE_URL", &config.llm.base_url)
+        .env(
+            "ICMP__LLM__REQUEST_TIMEOUT_MS",
+            config.llm.request_timeout_ms.to_string(),
+        )
+        .env("ICMP__STREAMS__INBOUND", &s.inbound)
+        .env("ICMP__STREAMS__OUTBOUND", &s.outbound)
+        .env("ICMP__STREAMS__DEAD_LETTER", &s.dead_letter)
+        .env("ICMP__STREAMS__GROUP", &s.group)
+        .env("ICMP__STREAMS__REPLY_PREFIX", &s.reply_prefix)
+        .env("ICMP__STREAMS__CLAIM_IDLE_MS", s.claim_idle_ms.to_string())
+        .env(
+            "ICMP__STREAMS__MAX_DELIVERIES",
+            s.max_deliveries.to_string(),
+        )
+        .env(
+            "ICMP__RETRY__MAX_ELAPSED_MS",
+            config.retry.max_elapsed_ms.to_string(),
+        )
+        .env(
+            "ICMP__WORKER__CONCURRENCY",
+            config.worker.concurrency.to_string(),
+        )
+        .env(
+            "ICMP__WORKER__SHUTDOWN_GRACE_MS",
+            config.worker.shutdown_grace_ms.to_string(),
+        );
+    cmd
+}
+
 /// An `icmp worker` process configured like `config`.
 pub struct WorkerProcess {
     child: Child,
@@ -37,47 +83,11 @@ impl WorkerProcess {
     pub fn spawn(config: &Config, name: &str, extra_env: &[(&str, &str)]) -> WorkerProcess {
         let log = std::env::temp_dir().join(format!("icmp-worker-{name}-{}.log", Uuid::new_v4()));
         let file = std::fs::File::create(&log).expect("log file");
-        let s = &config.streams;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_icmp"));
-        cmd.arg("--config")
-            .arg(root().join("config/default.toml"))
-            .arg("--profile")
-            .arg("test")
-            .arg("worker")
-            .env("ICMP__DATABASE__URL", config.database.url.expose())
+        let mut cmd = icmp(config);
+        cmd.arg("worker")
             .env(
-                "ICMP__DATABASE__POOL_SIZE",
-                config.database.pool_size.to_string(),
-            )
-            .env("ICMP__REDIS__URL", config.redis.url.expose())
-            .env("ICMP__REDIS__KEY_PREFIX", &config.redis.key_prefix)
-            .env("ICMP__LLM__BASE_URL", &config.llm.base_url)
-            .env(
-                "ICMP__LLM__REQUEST_TIMEOUT_MS",
-                config.llm.request_timeout_ms.to_string(),
-            )
-            .env("ICMP__STREAMS__INBOUND", &s.inbound)
-            .env("ICMP__STREAMS__OUTBOUND", &s.outbound)
-            .env("ICMP__STREAMS__DEAD_LETTER", &s.dead_letter)
-            .env("ICMP__STREAMS__GROUP", &s.group)
-            .env("ICMP__STREAMS__REPLY_PREFIX", &s.reply_prefix)
-            .env("ICMP__STREAMS__CONSUMER", format!("{}-{name}", s.consumer))
-            .env("ICMP__STREAMS__CLAIM_IDLE_MS", s.claim_idle_ms.to_string())
-            .env(
-                "ICMP__STREAMS__MAX_DELIVERIES",
-                s.max_deliveries.to_string(),
-            )
-            .env(
-                "ICMP__RETRY__MAX_ELAPSED_MS",
-                config.retry.max_elapsed_ms.to_string(),
-            )
-            .env(
-                "ICMP__WORKER__CONCURRENCY",
-                config.worker.concurrency.to_string(),
-            )
-            .env(
-                "ICMP__WORKER__SHUTDOWN_GRACE_MS",
-                config.worker.shutdown_grace_ms.to_string(),
+                "ICMP__STREAMS__CONSUMER",
+                format!("{}-{name}", config.streams.consumer),
             )
             .env("ICMP__TELEMETRY__LISTEN", "")
             .env("ICMP__TELEMETRY__LOG_FILTER", "info")
