@@ -147,7 +147,9 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         let mut c = config.clone();
         c.streams.consumer = format!("bench-{run_id}-{w}");
         let reader = cache::connect(&c.redis).await.map_err(|e| e.to_string())?;
-        let streams = Streams::new(reader, conn.clone(), c.streams.clone(), &c.redis.key_prefix);
+        let wake_ups = redis::Client::open(c.redis.url.expose()).map_err(|e| e.to_string())?;
+        let streams = Streams::new(reader, conn.clone(), c.streams.clone(), &c.redis.key_prefix)
+            .with_wake_ups(wake_ups);
         let worker = Arc::new(Worker::new(c, handler.clone(), streams));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         stops.push(tx);

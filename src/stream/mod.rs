@@ -9,6 +9,7 @@ pub mod dead_letter;
 pub mod order;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,9 +56,14 @@ pub struct Streams {
     consumer: String,
     queue_prefix: String,
     claim: Arc<redis::Script>,
-    /// Wakes this process's waiters of a queue when it finishes one of the queue's entries;
-    /// waiters of other processes poll.
+    /// Wakes this process's waiters of a queue when one of the queue's entries is finished,
+    /// here or (through [`Streams::listen_for_wake_ups`]) by another worker.
     local: Arc<Mutex<HashMap<Vec<u8>, Arc<Notify>>>>,
+    /// Where finishing an entry announces its queue; `None`: waiters only poll.
+    wake_ups: Option<redis::Client>,
+    wake_channel: String,
+    /// Announcements received for queues this process waits on.
+    wakes_received: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -105,7 +111,66 @@ impl Streams {
             queue_prefix: format!("{key_prefix}order:"),
             claim: Arc::new(redis::Script::new(order::CLAIM_SCRIPT)),
             local: Arc::new(Mutex::new(HashMap::new())),
+            wake_ups: None,
+            wake_channel: format!("{key_prefix}order-wake"),
+            wakes_received: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Announces finished entries on a pub/sub channel and lets [`Streams::listen_for_wake_ups`]
+    /// subscribe through `client`, so that waiters in other processes start without waiting
+    /// for their next poll.
+    pub fn with_wake_ups(mut self, client: redis::Client) -> Self {
+        self.wake_ups = Some(client);
+        self
+    }
+
+    /// Wakes this process's waiters of the queues announced by any worker, until `stop` turns
+    /// true. Survives Redis restarts (it subscribes again); polling covers the gaps.
+    pub async fn listen_for_wake_ups(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        use futures::StreamExt;
+        let Some(client) = &self.wake_ups else { return };
+        while !*stop.borrow() {
+            let subscribed = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&self.wake_channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let mut pubsub = match subscribed.await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "wake-up subscription failed; polling meanwhile");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    msg = messages.next() => match msg {
+                        Some(msg) => self.wake_key(msg.get_payload_bytes()),
+                        None => break,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+
+    fn wake_key(&self, key: &[u8]) {
+        if let Ok(map) = self.local.lock()
+            && let Some(n) = map.get(key)
+        {
+            self.wakes_received.fetch_add(1, Ordering::Relaxed);
+            n.notify_waiters();
+        }
+    }
+
+    /// How many announcements woke waiters of this process.
+    pub fn wakes_received(&self) -> u64 {
+        self.wakes_received.load(Ordering::Relaxed)
     }
 
     pub fn consumer(&self) -> &str {
@@ -393,6 +458,9 @@ impl Streams {
             .ignore();
         if let Some(slot) = slot {
             pipe.zrem(&slot.key, &slot.member).ignore();
+            if self.wake_ups.is_some() {
+                pipe.publish(&self.wake_channel, &slot.key).ignore();
+            }
         }
     }
 

@@ -7,6 +7,10 @@
 //! order whichever worker got which entry. An entry is processed only when it is the head of
 //! its queue; finishing removes it in the same `MULTI` that publishes the reply and acks it.
 //!
+//! Finishing also publishes the queue's key on `{prefix}order-wake`; every worker subscribes and
+//! wakes its waiters of that queue at once. Waiters poll as well (5 ms doubling to 100 ms), so a
+//! lost announcement (say, during a Redis restart) costs latency, never progress.
+//!
 //! A waiter keeps its entry's idle time low (`XCLAIM … JUSTID` to itself) so that other workers
 //! reclaim only the entries of dead consumers. A queue that vanished (never expected: keys are
 //! not evicted under `noeviction`) lets its entries through at once (fail open, counted).

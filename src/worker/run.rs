@@ -30,6 +30,10 @@ impl<L: LlmService> Worker<L> {
             let _ = stop_tx.send(true);
         });
 
+        let listener = {
+            let (worker, rx) = (self.clone(), stop_rx.clone());
+            tokio::spawn(async move { worker.streams.listen_for_wake_ups(rx).await })
+        };
         while let Err(e) = self.streams.ensure_group().await {
             metrics::record_error(&e, "consumer group");
             if wait_or_stop(&mut stop_rx, Duration::from_secs(1)).await {
@@ -136,6 +140,7 @@ impl<L: LlmService> Worker<L> {
             );
             tasks.abort_all();
         }
+        listener.abort();
         tracing::info!("worker stopped");
     }
 }

@@ -44,7 +44,8 @@ pub async fn run_until_stopped(
         conn,
         config.streams.clone(),
         &config.redis.key_prefix,
-    );
+    )
+    .with_wake_ups(redis::Client::open(config.redis.url.expose()).map_err(CacheError::from)?);
     let worker = Arc::new(Worker::new(config.clone(), handler, streams));
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -264,7 +264,8 @@ impl TestApp {
             conn,
             config.streams.clone(),
             &config.redis.key_prefix,
-        );
+        )
+        .with_wake_ups(redis::Client::open(config.redis.url.expose()).expect("redis url"));
         Arc::new(Worker::new(config, handler, streams))
     }
 

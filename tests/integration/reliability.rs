@@ -619,3 +619,68 @@ async fn an_entry_delivered_too_often_is_dead_lettered_without_processing() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_waiter_is_woken_by_another_workers_finish() {
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let streams = |name: &str| {
+        let mut c = app.config.clone();
+        c.streams.consumer = format!("{}-{name}", c.streams.consumer);
+        let config = c.clone();
+        async move {
+            let reader = icmp::cache::connect(&config.redis).await.expect("redis");
+            let conn = icmp::cache::connect(&config.redis).await.expect("redis");
+            let client = redis::Client::open(config.redis.url.expose()).expect("url");
+            icmp::stream::Streams::new(
+                reader,
+                conn,
+                config.streams.clone(),
+                &config.redis.key_prefix,
+            )
+            .with_wake_ups(client)
+        }
+    };
+    let (a, b) = (streams("a").await, streams("b").await);
+    a.ensure_group().await.expect("group");
+    app.send("wendy", "w1", "first").await;
+    app.send("wendy", "w2", "second").await;
+    let mut cursor = "0-0".to_owned();
+    let entries = a.read_new(10, &mut cursor).await.expect("read");
+    assert_eq!(entries.len(), 2);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = {
+        let a = a.clone();
+        tokio::spawn(async move { a.listen_for_wake_ups(stop_rx).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await; // subscribed
+    let waiter = {
+        let (a, second) = (a.clone(), entries[1].clone());
+        tokio::spawn(async move { a.wait_turn(&second).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the second message waits behind the first"
+    );
+
+    // Another worker (its own process state) finishes the head.
+    b.publish_and_ack(
+        &app.config.streams.outbound,
+        &[("message_id", "w1".into())],
+        &entries[0],
+    )
+    .await
+    .expect("finish");
+    let turn = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken")
+        .expect("join");
+    assert_eq!(turn.expect("redis"), icmp::stream::Turn::Go);
+    assert!(
+        a.wakes_received() >= 1,
+        "the announcement reached the other worker"
+    );
+    let _ = stop_tx.send(true);
+    let _ = listener.await;
+}
