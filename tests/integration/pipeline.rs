@@ -625,3 +625,60 @@ async fn another_business_never_uses_this_business_templates_or_conversations() 
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_selection_naming_an_unknown_stage_keeps_the_current_one() {
+    // A business without a `booking` stage: the mock still answers {"stage": "booking"} to
+    // "book", a name this business does not have.
+    let app = spawn_app(MockOptions::default()).await;
+    let other = "5b0e8a7c-1111-4c1d-8e2f-000000000004";
+    let text = std::fs::read_to_string(helpers::demo_file())
+        .expect("demo")
+        .replace(DEMO_BUSINESS, other)
+        .replace("name = \"booking\"", "name = \"reservations\"");
+    let path = std::env::temp_dir().join(format!("icmp-{}.toml", uid()));
+    std::fs::write(&path, text).expect("write");
+    helpers::import(&app.config, &[&path]).await;
+    let before = unknown_stages_counted();
+
+    app.xadd(&[
+        ("business_id", other.as_bytes()),
+        ("user_id", b"uma"),
+        ("message_id", b"u1"),
+        ("content", b"I want to book an appointment"),
+    ])
+    .await;
+    let reply = app.reply("u1").await;
+    assert_eq!(reply["status"], "ok");
+    assert_eq!(reply["stage"], "welcome", "the unknown stage was not taken");
+    assert_eq!(
+        app.count("SELECT count(*) FROM stage_transitions", &[])
+            .await,
+        0
+    );
+    let output: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT output FROM llm_calls WHERE purpose = 'selection'",
+            &[],
+        )
+        .await
+        .expect("selection call")
+        .get(0);
+    assert_eq!(output, r#"{"stage":"booking"}"#);
+    assert!(
+        unknown_stages_counted() > before,
+        "counted in icmp_unknown_stages_total"
+    );
+    app.stop().await;
+}
+
+fn unknown_stages_counted() -> f64 {
+    icmp::telemetry::metrics::install()
+        .render()
+        .lines()
+        .find(|l| l.starts_with("icmp_unknown_stages_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
