@@ -16,7 +16,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 local_dir="${ICMP_LOCAL_DIR:-$root/.local}"
 pg_port="${ICMP_PG_PORT:-54329}"
 redis_port="${ICMP_REDIS_PORT:-63799}"
-pg_dir="$local_dir/pg"
+pg_home="$local_dir"
 redis_dir="$local_dir/redis"
 log_dir="$local_dir/logs"
 
@@ -46,6 +46,17 @@ pg_run() {
   fi
 }
 
+# As root, PostgreSQL runs as `postgres`, which must reach its data directory: when the checkout
+# lies below a directory it cannot enter (say /root), the cluster lives under /var/tmp instead.
+locate_pg_home() {
+  mkdir -p "$local_dir"
+  if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1 && ! runuser -u postgres -- test -x "$local_dir"; then
+    pg_home="/var/tmp/icmp-pg-$(printf %s "$root" | md5sum | cut -c1-12)"
+  fi
+  pg_dir="$pg_home/pg"
+  pg_log_dir="$pg_home/logs"
+}
+
 ensure_packages() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
@@ -57,8 +68,9 @@ ensure_packages() {
 pg_up() {
   local bin; bin="$(pg_bin)"
   if "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"; then log "postgres already running on $pg_port"; return; fi
-  mkdir -p "$local_dir" "$log_dir"
   if [ "$(id -u)" = 0 ]; then id postgres >/dev/null 2>&1 || useradd -r -m postgres; fi
+  locate_pg_home
+  mkdir -p "$pg_log_dir"
   if [ ! -s "$pg_dir/PG_VERSION" ]; then
     log "initialising a PostgreSQL cluster in $pg_dir"
     mkdir -p "$pg_dir"
@@ -66,10 +78,10 @@ pg_up() {
     chmod 700 "$pg_dir"
     pg_run "$bin/initdb" -D "$pg_dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
   fi
-  [ "$(id -u)" = 0 ] && chown postgres "$log_dir"
+  [ "$(id -u)" = 0 ] && chown postgres "$pg_log_dir"
   # A stale pid file from a killed session must not stop the start.
   if [ -f "$pg_dir/postmaster.pid" ]; then rm -f "$pg_dir/postmaster.pid"; fi
-  pg_run "$bin/pg_ctl" -D "$pg_dir" -l "$log_dir/postgres.log" -w -t 60 \
+  pg_run "$bin/pg_ctl" -D "$pg_dir" -l "$pg_log_dir/postgres.log" -w -t 60 \
     -o "-p $pg_port -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=400 -c shared_buffers=256MB" \
     start </dev/null >/dev/null 2>&1 9>&-
   log "postgres started on $pg_port"
@@ -120,6 +132,7 @@ case "${1:-up}" in
   env) print_env ;;
   down)
     bin="$(pg_bin)"
+    locate_pg_home
     [ -s "$pg_dir/PG_VERSION" ] && pg_run "$bin/pg_ctl" -D "$pg_dir" -m fast stop >/dev/null 2>&1 || true
     redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
     log "stopped"

@@ -183,13 +183,17 @@ mod tests {
     }
 
     fn breaker() -> CircuitBreaker<Flaky> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
-        let mut config = crate::config::Config::load(&path, None)
-            .expect("config")
-            .llm;
-        config.circuit_window = 3;
-        config.circuit_failure_ratio = 1.0;
-        config.circuit_open_ms = 1_000;
+        // Built here, not loaded: the environment belongs to the config tests' jails.
+        let config = LlmConfig {
+            base_url: String::new(),
+            api_key: None,
+            default_model: "m".into(),
+            request_timeout_ms: 1_000,
+            connect_timeout_ms: 1_000,
+            circuit_window: 3,
+            circuit_failure_ratio: 1.0,
+            circuit_open_ms: 1_000,
+        };
         CircuitBreaker::new(
             Flaky {
                 calls: AtomicU32::new(0),
