@@ -40,7 +40,8 @@ pg_bin() {
 # PostgreSQL refuses to run as root; run its binaries as the `postgres` user then.
 pg_run() {
   if [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- "$@"
+    # From /, which postgres can always enter (the caller's directory may be private).
+    (cd / && runuser -u postgres -- "$@")
   else
     "$@"
   fi
