@@ -51,7 +51,7 @@ pg_run() {
 # lies below a directory it cannot enter (say /root), the cluster lives under /var/tmp instead.
 locate_pg_home() {
   mkdir -p "$local_dir"
-  if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1 && ! runuser -u postgres -- test -x "$local_dir"; then
+  if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1 && ! (cd / && runuser -u postgres -- test -x "$local_dir"); then
     pg_home="/var/tmp/icmp-pg-$(printf %s "$root" | md5sum | cut -c1-12)"
   fi
   pg_dir="$pg_home/pg"
