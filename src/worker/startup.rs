@@ -62,8 +62,6 @@ pub async fn run_until_stopped(
             Box::pin(async move {
                 s.ping().await.map_err(|e| format!("postgres: {e}"))?;
                 c.ping().await.map_err(|e| format!("redis: {e}"))?;
-                let (idle, busy) = s.pool_usage();
-                metrics::db_pool(idle, busy);
                 Ok(())
             })
         });

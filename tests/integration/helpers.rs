@@ -180,6 +180,25 @@ pub fn demo_file() -> PathBuf {
     root().join("config/businesses/demo.toml")
 }
 
+/// Imports a copy of the demo business under `business_id`, with `(from, to)` text
+/// replacements; returns the file written.
+pub async fn import_demo_copy(
+    config: &Config,
+    business_id: &str,
+    edits: &[(&str, &str)],
+) -> PathBuf {
+    let mut text = std::fs::read_to_string(demo_file())
+        .expect("demo")
+        .replace(DEMO_BUSINESS, business_id);
+    for (from, to) in edits {
+        text = text.replace(from, to);
+    }
+    let path = std::env::temp_dir().join(format!("icmp-{business_id}-{}.toml", Uuid::new_v4()));
+    std::fs::write(&path, text).expect("write");
+    import(config, &[&path]).await;
+    path
+}
+
 /// A test environment (database, streams, mock LLM) with in-process workers.
 pub struct TestApp {
     pub config: Config,

@@ -74,62 +74,67 @@ async fn a_worker_serves_metrics_and_health_and_never_logs_secrets() {
     assert!(!log.contains("Hello"), "message content is not logged");
 }
 
+/// Runs `icmp ARGS` against `config`'s streams with `input` on stdin; returns its stdout after
+/// checking it succeeded.
+async fn run_icmp(config: &icmp::config::Config, args: &[&str], input: &[u8]) -> String {
+    let (config, args, input) = (
+        config.clone(),
+        args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>(),
+        input.to_vec(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = icmp(&config)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("icmp");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&input).expect("write");
+        drop(stdin);
+        child.wait_with_output().expect("output")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn icmp_send_and_chat_talk_to_a_running_worker() {
     let mut app = spawn_env(MockOptions::default(), |_| {}).await;
     app.start_worker("w0").await;
 
-    let config = app.config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        icmp(&config)
-            .args([
-                "send",
-                "--user",
-                "sam",
-                "--timeout-secs",
-                "30",
-                "Hello there",
-            ])
-            .output()
-            .expect("icmp send")
-    })
-    .await
-    .expect("join");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_icmp(
+        &app.config,
+        &[
+            "send",
+            "--user",
+            "sam",
+            "--timeout-secs",
+            "30",
+            "Hello there",
+        ],
+        b"",
+    )
+    .await;
     assert!(
         stdout.starts_with("[ok · stage welcome] Thanks for your message: \"Hello there\""),
         "{stdout}"
     );
 
-    let config = app.config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = icmp(&config)
-            .args(["chat", "--user", "tess", "--timeout-secs", "30"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("icmp chat");
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin
-            .write_all(b"Hello!\nI want to book an appointment, my name is Tess Ray\n")
-            .expect("write");
-        drop(stdin);
-        child.wait_with_output().expect("chat output")
-    })
-    .await
-    .expect("join");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_icmp(
+        &app.config,
+        &["chat", "--user", "tess", "--timeout-secs", "30"],
+        b"Hello!\nI want to book an appointment, my name is Tess Ray\n",
+    )
+    .await;
     assert!(stdout.contains("[ok · stage welcome]"), "{stdout}");
     assert!(stdout.contains("[ok · stage booking]"), "{stdout}");
     let conversations: std::collections::HashSet<&str> = stdout

@@ -6,10 +6,6 @@ use uuid::Uuid;
 
 use crate::helpers::{self, DEMO_BUSINESS, TestApp, spawn_app};
 
-fn uid() -> String {
-    Uuid::new_v4().simple().to_string()
-}
-
 async fn messages_with_key(app: &TestApp, key: &str) -> i64 {
     app.count(
         "SELECT count(*) FROM messages WHERE idempotency_key = $1",
@@ -572,13 +568,12 @@ async fn a_repeated_message_id_is_answered_once() {
 async fn another_business_never_uses_this_business_templates_or_conversations() {
     let app = spawn_app(MockOptions::default()).await;
     let other = "5b0e8a7c-1111-4c1d-8e2f-000000000003";
-    let text = std::fs::read_to_string(helpers::demo_file())
-        .expect("demo")
-        .replace(DEMO_BUSINESS, other)
-        .replace("Sunny Smile Dental", "Northside Vet");
-    let path = std::env::temp_dir().join(format!("icmp-{}.toml", uid()));
-    std::fs::write(&path, text).expect("write");
-    helpers::import(&app.config, &[&path]).await;
+    helpers::import_demo_copy(
+        &app.config,
+        other,
+        &[("Sunny Smile Dental", "Northside Vet")],
+    )
+    .await;
 
     app.send("ivy", "i1", "hello").await;
     let demo_conv = app.reply("i1").await["conversation_id"].clone();
@@ -632,13 +627,12 @@ async fn a_selection_naming_an_unknown_stage_keeps_the_current_one() {
     // "book", a name this business does not have.
     let app = spawn_app(MockOptions::default()).await;
     let other = "5b0e8a7c-1111-4c1d-8e2f-000000000004";
-    let text = std::fs::read_to_string(helpers::demo_file())
-        .expect("demo")
-        .replace(DEMO_BUSINESS, other)
-        .replace("name = \"booking\"", "name = \"reservations\"");
-    let path = std::env::temp_dir().join(format!("icmp-{}.toml", uid()));
-    std::fs::write(&path, text).expect("write");
-    helpers::import(&app.config, &[&path]).await;
+    helpers::import_demo_copy(
+        &app.config,
+        other,
+        &[("name = \"booking\"", "name = \"reservations\"")],
+    )
+    .await;
     let before = unknown_stages_counted();
 
     app.xadd(&[

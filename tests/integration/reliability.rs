@@ -343,12 +343,7 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
     .await;
     // A runtime render failure in one stage of a second business.
     let other = "5b0e8a7c-1111-4c1d-8e2f-000000000009";
-    let text = std::fs::read_to_string(helpers::demo_file())
-        .expect("demo")
-        .replace(helpers::DEMO_BUSINESS, other);
-    let path = std::env::temp_dir().join(format!("icmp-poison-{other}.toml"));
-    std::fs::write(&path, text).expect("write");
-    helpers::import(&app.config, &[&path]).await;
+    let path = helpers::import_demo_copy(&app.config, other, &[]).await;
     let other_id: uuid::Uuid = other.parse().expect("uuid");
     app.db()
         .await
