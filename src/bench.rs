@@ -3,21 +3,18 @@
 //! workers in-process. It uses streams and keys of its own and leaves the demo's alone.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use uuid::Uuid;
 
-use crate::cache::{self, Cache};
+use crate::cache;
 use crate::config::Config;
 use crate::llm::mock::{self, MockOptions};
-use crate::llm::{CircuitBreaker, OpenAiClient};
-use crate::pipeline::{Failpoints, MessageHandler};
+use crate::pipeline::Failpoints;
 use crate::store::Store;
-use crate::stream::Streams;
-use crate::worker::Worker;
+use crate::worker::Dependencies;
 
 /// What to run (also the arguments of `icmp bench`).
 #[derive(Debug, Clone, clap::Args)]
@@ -126,31 +123,18 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         .first()
         .map(|r| r.business_id)
         .ok_or("no business imported")?;
-    let conn = cache::connect(&config.redis)
+    let deps = Dependencies::connect(&config)
         .await
         .map_err(|e| e.to_string())?;
-    let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-    let llm = CircuitBreaker::new(
-        OpenAiClient::new(&config.llm).map_err(|e| e.to_string())?,
-        &config.llm,
-    );
-    let handler = Arc::new(MessageHandler::new(
-        config.clone(),
-        store.clone(),
-        cache,
-        llm,
-        Failpoints::default(),
-    ));
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     for w in 0..options.workers.max(1) {
         let mut c = config.clone();
         c.streams.consumer = format!("bench-{run_id}-{w}");
-        let reader = cache::connect(&c.redis).await.map_err(|e| e.to_string())?;
-        let wake_ups = redis::Client::open(c.redis.url.expose()).map_err(|e| e.to_string())?;
-        let streams = Streams::new(reader, conn.clone(), c.streams.clone(), &c.redis.key_prefix)
-            .with_wake_ups(wake_ups);
-        let worker = Arc::new(Worker::new(c, handler.clone(), streams));
+        let worker = deps
+            .worker(&c, Failpoints::default())
+            .await
+            .map_err(|e| e.to_string())?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         stops.push(tx);
         tasks.push(tokio::spawn(worker.run(async move {

@@ -100,6 +100,15 @@ pub struct StreamsConfig {
     pub claim_idle_ms: u64,
     pub max_deliveries: u64,
     pub outbound_maxlen: usize,
+    /// Approximate MAXLEN of the dead-letter stream.
+    pub dead_letter_maxlen: usize,
+    /// Acknowledged inbound entries are kept at least this long, then trimmed (entries
+    /// pending or not yet delivered to any group are never trimmed).
+    pub inbound_retain_ms: u64,
+    /// Consumers idle this long with nothing pending are removed from the group.
+    pub consumer_idle_ms: u64,
+    /// How often a worker trims the inbound stream and prunes idle consumers.
+    pub retention_interval_ms: u64,
 }
 
 impl StreamsConfig {
@@ -117,7 +126,13 @@ impl StreamsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
+    /// Messages processed at once (pipeline running: reads, LLM calls, the write).
     pub concurrency: usize,
+    /// Entries one worker may hold at once, most of them waiting for their turn behind an
+    /// earlier message of the same user (a waiting entry costs its id, not its fields).
+    pub max_held: usize,
+    /// Safety net for lost wake-ups: how often waiting queues are checked anyway.
+    pub queue_poll_ms: u64,
     pub shutdown_grace_ms: u64,
     pub max_conflict_retries: u32,
     pub history_turns: usize,
@@ -131,6 +146,8 @@ pub struct LimitsConfig {
     pub max_metadata_bytes: usize,
     pub max_message_id_chars: usize,
     pub max_user_id_chars: usize,
+    /// All field names and values of one inbound entry together.
+    pub max_entry_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

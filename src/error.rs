@@ -79,6 +79,14 @@ pub enum ValidationError {
     UnknownBusiness,
     #[error("unknown conversation")]
     UnknownConversation,
+    #[error("a field name is not valid UTF-8")]
+    UnreadableFieldName,
+    #[error("the field `{0}` appears more than once")]
+    DuplicateField(String),
+    #[error("the entry is {size} bytes; the limit is {limit}")]
+    EntryTooLarge { size: usize, limit: usize },
+    #[error("the entry has {count} fields; the limit is {limit}")]
+    TooManyFields { count: usize, limit: usize },
 }
 
 impl Classify for ValidationError {
@@ -94,6 +102,10 @@ impl Classify for ValidationError {
             ValidationError::ReplyToNotAllowed(_) => "validation.reply_to_not_allowed",
             ValidationError::UnknownBusiness => "validation.unknown_business",
             ValidationError::UnknownConversation => "validation.unknown_conversation",
+            ValidationError::UnreadableFieldName => "validation.unreadable_field_name",
+            ValidationError::DuplicateField(_) => "validation.duplicate_field",
+            ValidationError::EntryTooLarge { .. } => "validation.entry_too_large",
+            ValidationError::TooManyFields { .. } => "validation.too_many_fields",
         }
     }
     fn category(&self) -> Category {
@@ -102,10 +114,13 @@ impl Classify for ValidationError {
     fn status_code(&self) -> u16 {
         match self {
             ValidationError::UnknownBusiness | ValidationError::UnknownConversation => 404,
-            ValidationError::ContentTooLarge { .. } | ValidationError::MetadataTooLarge { .. } => {
-                422
-            }
-            ValidationError::MissingField(_)
+            ValidationError::ContentTooLarge { .. }
+            | ValidationError::MetadataTooLarge { .. }
+            | ValidationError::EntryTooLarge { .. }
+            | ValidationError::TooManyFields { .. } => 422,
+            ValidationError::UnreadableFieldName
+            | ValidationError::DuplicateField(_)
+            | ValidationError::MissingField(_)
             | ValidationError::InvalidField { .. }
             | ValidationError::InvalidUtf8(_)
             | ValidationError::EmptyContent
@@ -124,7 +139,11 @@ impl Classify for ValidationError {
             | ValidationError::MetadataTooLarge { .. }
             | ValidationError::ReplyToNotAllowed(_)
             | ValidationError::UnknownBusiness
-            | ValidationError::UnknownConversation => false,
+            | ValidationError::UnknownConversation
+            | ValidationError::UnreadableFieldName
+            | ValidationError::DuplicateField(_)
+            | ValidationError::EntryTooLarge { .. }
+            | ValidationError::TooManyFields { .. } => false,
         }
     }
 }
@@ -331,18 +350,69 @@ impl Classify for CacheError {
     }
     fn is_retryable(&self) -> bool {
         match self {
-            CacheError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
-                    || e.is_unrecoverable_error()
-                    || matches!(
-                        e.kind(),
-                        redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
-                    )
-            }
+            CacheError::Redis(e) => redis_is_transient(e),
             CacheError::Decode(_) => false,
+        }
+    }
+}
+
+/// Whether a Redis failure may pass: the connection, a timeout, a server still loading.
+fn redis_is_transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        )
+}
+
+/// A failure of the Redis Streams machinery (reading, queues, finishing, retention): not a
+/// cache error, since the message itself cannot move on without Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A script answered in a shape it never produces: a bug or a foreign script of that name.
+    #[error("unexpected reply from redis: {0}")]
+    UnexpectedReply(String),
+}
+
+impl StreamError {
+    /// The consumer group (or its stream) does not exist (someone destroyed it).
+    pub fn is_no_group(&self) -> bool {
+        matches!(self, StreamError::Redis(e) if e.code() == Some("NOGROUP"))
+    }
+}
+
+impl Classify for StreamError {
+    fn code(&self) -> &'static str {
+        match self {
+            StreamError::Redis(e) if redis_is_transient(e) => "redis.unavailable",
+            StreamError::Redis(_) => "redis.error",
+            StreamError::UnexpectedReply(_) => "redis.unexpected_reply",
+        }
+    }
+    fn category(&self) -> Category {
+        match self {
+            StreamError::Redis(_) => Category::Processing,
+            StreamError::UnexpectedReply(_) => Category::System,
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            StreamError::Redis(_) => 503,
+            StreamError::UnexpectedReply(_) => 500,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            // NOGROUP heals when the group is created again; OOM and the like when an operator
+            // acts. The worker keeps trying either way, so every Redis error counts as passing.
+            StreamError::Redis(_) => true,
+            StreamError::UnexpectedReply(_) => false,
         }
     }
 }

@@ -16,9 +16,12 @@
 //! - [`client`]: send a message to a running worker and wait for its reply.
 //! - [`llm`]: the LLM service trait, the OpenAI-compatible client and the mock server.
 //! - [`retry`]: backoff for transient faults (the one module that knows the `backoff` crate).
+//! - [`protocol`]: the wire format: inbound decoding and validation, reply and dead-letter fields.
 //! - [`pipeline`]: the message pipeline, one module per step.
-//! - [`stream`]: Redis Streams mechanics (group, read, ack, publish, dead-letter).
-//! - [`worker`]: the run loop tying streams and pipeline together.
+//! - [`stream`]: Redis Streams mechanics (reading and reclaiming, order queues, heartbeat, the
+//!   fenced finish, retention).
+//! - [`worker`]: holding entries from delivery to finish, the run loop, and the composition
+//!   root that builds a worker from its configuration.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
 
 pub mod bench;
@@ -30,6 +33,7 @@ pub mod error;
 pub mod llm;
 pub mod model;
 pub mod pipeline;
+pub mod protocol;
 pub mod retry;
 pub mod store;
 pub mod stream;

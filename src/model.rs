@@ -132,12 +132,16 @@ pub struct Turn {
 /// Extracted data of a conversation: field → JSON value.
 pub type Extracted = serde_json::Map<String, serde_json::Value>;
 
-/// The reply already committed for an idempotency key.
+/// The answer to one message, as committed with it (and found again for a repeat).
 #[derive(Debug, Clone, PartialEq)]
-pub struct StoredReply {
+pub struct Answer {
+    /// The stored assistant message's id.
+    pub reply_id: Uuid,
     pub conversation_id: Uuid,
+    /// Rendered from a fallback template (or the last-resort text) because the LLM failed.
+    pub fallback: bool,
     pub content: String,
-    pub status: String,
-    pub stage: Option<String>,
+    /// The conversation's stage after this message (empty when unknown).
+    pub stage: String,
     pub log_id: Uuid,
 }

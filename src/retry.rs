@@ -44,6 +44,7 @@ impl RetryAfter for crate::error::StoreError {
     }
 }
 impl RetryAfter for crate::error::CacheError {}
+impl RetryAfter for crate::error::StreamError {}
 impl RetryAfter for crate::error::PipelineError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -98,6 +99,8 @@ impl RetryPolicy {
             return op().await;
         }
         let c = &self.config;
+        let budget = Duration::from_millis(c.max_elapsed_ms);
+        let started = std::time::Instant::now();
         let policy = ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(c.initial_interval_ms))
             .with_multiplier(c.multiplier)
@@ -112,10 +115,16 @@ impl RetryPolicy {
                 async move {
                     attempt.await.map_err(|e| {
                         if e.is_retryable() && e.retry_in_place() {
-                            let retry_after = e.retry_after();
-                            backoff::Error::Transient {
-                                err: e,
-                                retry_after,
+                            // A `Retry-After` longer than what is left of the budget would
+                            // park the caller past it: wait at most what is left.
+                            // (`backoff` does not check its budget when told a wait.)
+                            let left = budget.saturating_sub(started.elapsed());
+                            match e.retry_after() {
+                                Some(_) if left.is_zero() => backoff::Error::Permanent(e),
+                                asked => backoff::Error::Transient {
+                                    err: e,
+                                    retry_after: asked.map(|w| w.min(left)),
+                                },
                             }
                         } else {
                             backoff::Error::Permanent(e)
@@ -203,5 +212,25 @@ mod tests {
             .await;
         assert!(r.is_ok());
         assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_past_the_budget_is_clamped_to_it() {
+        let calls = AtomicU32::new(0);
+        let started = std::time::Instant::now();
+        let r: Result<(), LlmError> = quick()
+            .run("test", || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(LlmError::RateLimited {
+                    retry_after_ms: Some(3_600_000),
+                })
+            })
+            .await;
+        assert!(matches!(r, Err(LlmError::RateLimited { .. })));
+        // The budget is 2 s: one clamped wait, then the budget is spent.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1_900), "{took:?}");
+        assert!(took < Duration::from_secs(10), "parked for {took:?}");
     }
 }

@@ -1,7 +1,8 @@
-//! The message pipeline: `MessageHandler::process` runs the seed's steps for one inbound entry,
-//! in this order (each step is its own module):
+//! The message pipeline: `MessageHandler::process` runs the seed's steps for one decoded inbound
+//! message, in this order (each step is its own module):
 //!
-//! 1. [`validate`] the entry (protocol fields and limits);
+//! 1. validation: the worker decodes the entry with [`crate::protocol::inbound`] (protocol fields
+//!    and limits) and hands over an [`InboundMessage`]; the pipeline never sees a stream;
 //! 2. idempotency: a message whose key is already committed returns its stored reply;
 //! 3. [`conversation`]: verify the given conversation or continue/start the user's;
 //! 4. [`stage`]: the current stage and its template ids (StageService);
@@ -23,14 +24,11 @@ pub mod extract;
 pub mod failpoint;
 pub mod llm_call;
 pub mod persist;
-pub mod reply;
 pub mod respond;
 pub mod select;
 pub mod stage;
 pub mod template;
-pub mod validate;
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -40,7 +38,8 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{PipelineError, StoreError};
 use crate::llm::LlmService;
-use crate::model::{Business, Extracted};
+use crate::model::{Answer, Business, Extracted};
+use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::store::write_set::WriteSet;
@@ -48,19 +47,17 @@ use crate::telemetry::metrics;
 
 pub use failpoint::Failpoints;
 use llm_call::LlmCaller;
-pub use reply::{Reply, ReplyStatus};
 use stage::StageService;
 use template::TemplateService;
-use validate::InboundMessage;
 
 /// What processing produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Processed {
-    /// A new reply, committed with the message.
-    Answered(Reply),
-    /// The message was committed earlier (a redelivery or a repeated `message_id`): its stored
-    /// reply, to publish again.
-    Duplicate(Reply),
+    /// A new answer, committed with the message.
+    Answered(Answer),
+    /// The message was committed earlier (a redelivery or a repeated `message_id` of the same
+    /// user): its stored answer, to publish again.
+    Duplicate(Answer),
 }
 
 /// Runs the pipeline for one message at a time (share it between tasks with `Arc`).
@@ -103,59 +100,32 @@ impl<L: LlmService> MessageHandler<L> {
         &self.store
     }
 
-    /// An error reply for an entry that failed with `err`.
-    pub fn error_reply(
-        &self,
-        inbound_id: &str,
-        fields: &HashMap<String, Vec<u8>>,
-        err: &PipelineError,
-        log_id: Uuid,
-    ) -> Reply {
-        Reply::error(
-            inbound_id,
-            fields,
-            err,
-            log_id,
-            &self.config.streams.outbound,
-            &self.config.streams.reply_prefix,
-        )
-    }
-
-    /// Processes one inbound entry.
+    /// Processes one decoded inbound message.
     ///
     /// # Errors
     /// Validation errors (answer with an error reply), and processing errors that survived
     /// their retries (the caller decides between redelivery and the dead-letter stream).
     pub async fn process(
         &self,
-        inbound_id: &str,
-        fields: &HashMap<String, Vec<u8>>,
+        msg: &InboundMessage,
         log_id: Uuid,
     ) -> Result<Processed, PipelineError> {
         if self.failpoints.is_on(failpoint::PANIC) {
             panic!("failpoint {}", failpoint::PANIC);
         }
-        let started = Instant::now();
-        let msg = validate::validate(
-            inbound_id,
-            fields,
-            &self.config.limits,
-            &self.config.streams.reply_prefix,
-        )?;
         let span = tracing::Span::current();
         span.record("business.id", tracing::field::display(msg.business_id));
         span.record("message.id", msg.idempotency_key());
-        metrics::step("validate", started.elapsed());
 
-        if let Some(reply) = self.stored_reply(&msg).await? {
-            return Ok(Processed::Duplicate(reply));
+        if let Some(answer) = self.stored_answer(msg).await? {
+            return Ok(Processed::Duplicate(answer));
         }
         let business = self.stages.business(msg.business_id).await?;
 
         let max = self.config.worker.max_conflict_retries;
         let mut attempt = 0;
         loop {
-            match self.run(&msg, &business, log_id, attempt > 0).await {
+            match self.run(msg, &business, log_id, attempt > 0).await {
                 Err(PipelineError::Store(StoreError::VersionConflict)) if attempt < max => {
                     attempt += 1;
                     metrics::retry("pipeline.version_conflict");
@@ -163,8 +133,8 @@ impl<L: LlmService> MessageHandler<L> {
                 }
                 Err(PipelineError::Store(StoreError::Duplicate)) => {
                     // A concurrent delivery of the same message committed first.
-                    return match self.stored_reply(&msg).await? {
-                        Some(reply) => Ok(Processed::Duplicate(reply)),
+                    return match self.stored_answer(msg).await? {
+                        Some(answer) => Ok(Processed::Duplicate(answer)),
                         None => Err(StoreError::Duplicate.into()),
                     };
                 }
@@ -173,15 +143,14 @@ impl<L: LlmService> MessageHandler<L> {
         }
     }
 
-    async fn stored_reply(&self, msg: &InboundMessage) -> Result<Option<Reply>, PipelineError> {
+    async fn stored_answer(&self, msg: &InboundMessage) -> Result<Option<Answer>, PipelineError> {
         let key = msg.idempotency_key();
-        let stored = self
+        Ok(self
             .retry
             .run("db.find_reply", || {
-                self.store.find_reply(msg.business_id, key)
+                self.store.find_reply(msg.business_id, &msg.user_id, key)
             })
-            .await?;
-        Ok(stored.map(|s| Reply::from_stored(&s, msg, &self.config.streams.outbound)))
+            .await?)
     }
 
     /// Steps 3–12 once. `fresh` reads conversation state from PostgreSQL, not the cache.
@@ -191,7 +160,7 @@ impl<L: LlmService> MessageHandler<L> {
         business: &Business,
         log_id: Uuid,
         fresh: bool,
-    ) -> Result<Reply, PipelineError> {
+    ) -> Result<Answer, PipelineError> {
         // Read phase.
         let t = Instant::now();
         let resolved = conversation::resolve(
@@ -330,14 +299,13 @@ impl<L: LlmService> MessageHandler<L> {
         all.extend(learned);
         persist::cache_committed(&self.cache, &committed, &all).await;
 
-        Ok(Reply::answer(
-            msg,
-            &self.config.streams.outbound,
-            conv.id,
-            response.fallback,
-            response.content,
-            current.name.clone(),
+        Ok(Answer {
+            reply_id: ws.assistant_message_id,
+            conversation_id: conv.id,
+            fallback: response.fallback,
+            content: response.content,
+            stage: current.name.clone(),
             log_id,
-        ))
+        })
     }
 }

@@ -4,7 +4,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::model::{Conversation, Extracted, Role, StoredReply, Turn};
+use crate::model::{Answer, Conversation, Extracted, Role, Turn};
 
 const CONVERSATION_COLUMNS: &str = "c.id, c.business_id, u.external_id, c.current_stage_id, \
      c.version, c.created_at, c.updated_at";
@@ -115,29 +115,36 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// The reply committed for an idempotency key, if that message was already processed.
+    /// The answer committed for a message of this user, if that message was already processed.
+    /// The key is scoped to the user: another user's `message_id` never matches.
     pub async fn find_reply(
         &self,
         business_id: Uuid,
+        user_external_id: &str,
         idempotency_key: &str,
-    ) -> Result<Option<StoredReply>, StoreError> {
+    ) -> Result<Option<Answer>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT m.conversation_id, m.content, coalesce(m.status, 'ok'), s.name, m.log_id \
-                 FROM messages m LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
-                 WHERE m.business_id = $1 AND m.idempotency_key = $2 AND m.role = 'assistant'",
+                "SELECT m.id, m.conversation_id, m.content, coalesce(m.status, 'ok'), s.name, \
+                 m.log_id \
+                 FROM messages m \
+                 JOIN users u ON u.business_id = m.business_id AND u.id = m.user_id \
+                 LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
+                 WHERE m.business_id = $1 AND u.external_id = $2 AND m.idempotency_key = $3 \
+                 AND m.role = 'assistant'",
             )
             .await?;
         Ok(client
-            .query_opt(&stmt, &[&business_id, &idempotency_key])
+            .query_opt(&stmt, &[&business_id, &user_external_id, &idempotency_key])
             .await?
-            .map(|r| StoredReply {
-                conversation_id: r.get(0),
-                content: r.get(1),
-                status: r.get(2),
-                stage: r.get(3),
-                log_id: r.get(4),
+            .map(|r| Answer {
+                reply_id: r.get(0),
+                conversation_id: r.get(1),
+                content: r.get(2),
+                fallback: r.get::<_, &str>(3) == "fallback",
+                stage: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                log_id: r.get(5),
             }))
     }
 }

@@ -121,8 +121,8 @@ impl Store {
         let insert_message = tx
             .prepare_cached(
                 "INSERT INTO messages (id, business_id, conversation_id, role, content, \
-                 idempotency_key, stage_id, status, metadata, inbound_id, log_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                 idempotency_key, stage_id, status, metadata, inbound_id, log_id, user_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .await?;
         // The user's message and the reply; the idempotency key makes a second copy of either
@@ -160,6 +160,7 @@ impl Store {
                     &metadata,
                     &ws.inbound_id,
                     &ws.log_id,
+                    &user_id,
                 ],
             )
             .await

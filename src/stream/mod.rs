@@ -1,69 +1,106 @@
-//! Redis Streams mechanics: the consumer group, reading, reclaiming stale entries, publishing,
-//! acknowledging and dead-lettering. Knows nothing of conversations or of the pipeline.
+//! Redis Streams mechanics: the consumer group, per-user order queues, keeping held entries
+//! alive, the fenced finish, and retention. Knows nothing of conversations or of the pipeline,
+//! and no field name but the two that key the order queues (through [`crate::protocol`]'s
+//! canonical forms, mirrored in the claim script).
 //!
-//! A publish and the ack of the inbound entry it answers go out in one `MULTI`, so a reply is
-//! never published without its entry being acked or the other way round. The same `MULTI`
-//! removes the entry from its order queue (see [`order`]).
+//! - [`read`]: delivering new entries (and queueing them, atomically), reclaiming entries of
+//!   dead consumers with their delivery counts;
+//! - [`order`]: order queues: the head check that heals stale heads, wake-ups;
+//! - [`heartbeat`]: one refresh of every held entry, which also detects lost ownership;
+//! - [`finish`]: the fenced finish: ack, and only if that acked, publish;
+//! - [`retention`]: trimming the inbound stream behind every group, pruning idle consumers;
+//! - [`dead_letter`]: the dead-letter stream seen from the operator's side (`icmp dlq`).
+//!
+//! Every script receives the keys it writes in `KEYS`, except the claim scripts, whose queue
+//! keys come from the entries they deliver: those keys carry the inbound stream's hash tag, so
+//! on Redis Cluster they live in the stream's slot (docs/design-notes.md).
 
 pub mod dead_letter;
+pub mod finish;
+pub mod heartbeat;
 pub mod order;
+pub mod read;
+pub mod retention;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
+use redis::Value;
 use redis::aio::ConnectionManager;
-use redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply,
-};
-use redis::{AsyncCommands, Value};
-use tokio::sync::Notify;
 
 use crate::config::StreamsConfig;
-use crate::error::CacheError;
-use order::QueueSlot;
+use crate::error::StreamError;
+pub use finish::Finish;
+pub use heartbeat::Refresh;
+pub use order::{Head, QueueSlot};
 
-/// How long an abandoned `reply_to` stream lives.
-const REPLY_STREAM_TTL_SECS: i64 = 3600;
+/// Raw field names and values of one entry, in entry order.
+pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// One inbound entry with its raw fields.
+/// One inbound entry as Redis delivered it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamEntry {
     pub id: String,
-    pub fields: HashMap<String, Vec<u8>>,
+    /// Raw field names and values, in entry order (see [`crate::protocol::RawFields`]).
+    pub fields: Fields,
     /// How many times the group delivered it (1 on first delivery).
     pub deliveries: u64,
+    /// Its place in its user's order queue; `None` for entries without a usable business and
+    /// user (they are invalid and answered at once).
+    pub slot: Option<QueueSlot>,
 }
 
-/// Whether an entry may be processed now (see [`Streams::wait_turn`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Turn {
-    /// It is the head of its queue, or it has no queue: process it.
-    Go,
-    /// Its queue vanished although it is still pending: process it (fail open).
-    Unqueued,
-    /// Another consumer finished it meanwhile: nothing to do.
-    Gone,
+/// Names derived from the configuration: queue keys, the wake-up channel.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// `{key_prefix}order:{<hash tag>}:{group}:`; a queue key appends `business:user`.
+    pub queue_prefix: String,
+    /// Where finishing an entry announces its queue key.
+    pub wake_channel: String,
 }
 
-/// The streams of one worker: a connection for blocking reads and one for everything else.
+impl Keys {
+    pub fn new(config: &StreamsConfig, key_prefix: &str) -> Self {
+        let tag = hash_tag(&config.inbound);
+        Keys {
+            queue_prefix: format!("{key_prefix}order:{{{tag}}}:{}:", config.group),
+            wake_channel: format!("{key_prefix}order-wake:{}:{}", config.inbound, config.group),
+        }
+    }
+}
+
+/// The part of a key Redis Cluster hashes: the text inside the first `{…}` when there is one
+/// and it is not empty, else the whole name. A key `{tag}…` lands in the same slot as the
+/// stream.
+pub fn hash_tag(name: &str) -> &str {
+    if let Some(open) = name.find('{')
+        && let Some(len) = name[open + 1..].find('}')
+        && len > 0
+    {
+        return &name[open + 1..open + 1 + len];
+    }
+    name
+}
+
+/// The streams of one worker: a connection for blocking reads, one for everything else, and
+/// the scripts.
 #[derive(Clone)]
 pub struct Streams {
     reader: ConnectionManager,
     conn: ConnectionManager,
     config: StreamsConfig,
     consumer: String,
-    queue_prefix: String,
-    claim: Arc<redis::Script>,
-    /// Wakes this process's waiters of a queue when one of the queue's entries is finished,
-    /// here or (through [`Streams::listen_for_wake_ups`]) by another worker.
-    local: Arc<Mutex<HashMap<Vec<u8>, Arc<Notify>>>>,
-    /// Where finishing an entry announces its queue; `None`: waiters only poll.
-    wake_ups: Option<redis::Client>,
-    wake_channel: String,
-    /// Announcements received for queues this process waits on.
-    wakes_received: Arc<AtomicU64>,
+    keys: Keys,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    claim: redis::Script,
+    reclaim: redis::Script,
+    head: redis::Script,
+    finish: redis::Script,
+    keep_alive: redis::Script,
+    trim: redis::Script,
+    prune: redis::Script,
 }
 
 impl std::fmt::Debug for Streams {
@@ -72,25 +109,6 @@ impl std::fmt::Debug for Streams {
             .field("consumer", &self.consumer)
             .finish_non_exhaustive()
     }
-}
-
-fn bytes_of(v: Value) -> Vec<u8> {
-    match v {
-        Value::BulkString(b) => b,
-        Value::SimpleString(s) => s.into_bytes(),
-        Value::Int(i) => i.to_string().into_bytes(),
-        _ => Vec::new(),
-    }
-}
-
-fn entries_of(ids: Vec<redis::streams::StreamId>, deliveries: u64) -> Vec<StreamEntry> {
-    ids.into_iter()
-        .map(|sid| StreamEntry {
-            id: sid.id,
-            fields: sid.map.into_iter().map(|(k, v)| (k, bytes_of(v))).collect(),
-            deliveries,
-        })
-        .collect()
 }
 
 impl Streams {
@@ -102,75 +120,22 @@ impl Streams {
         config: StreamsConfig,
         key_prefix: &str,
     ) -> Self {
-        let consumer = config.consumer_name();
         Streams {
             reader,
             conn,
+            consumer: config.consumer_name(),
+            keys: Keys::new(&config, key_prefix),
             config,
-            consumer,
-            queue_prefix: format!("{key_prefix}order:"),
-            claim: Arc::new(redis::Script::new(order::CLAIM_SCRIPT)),
-            local: Arc::new(Mutex::new(HashMap::new())),
-            wake_ups: None,
-            wake_channel: format!("{key_prefix}order-wake"),
-            wakes_received: Arc::new(AtomicU64::new(0)),
+            scripts: Arc::new(Scripts {
+                claim: redis::Script::new(&read::claim_script()),
+                reclaim: redis::Script::new(&read::reclaim_script()),
+                head: redis::Script::new(order::HEAD_SCRIPT),
+                finish: redis::Script::new(finish::FINISH_SCRIPT),
+                keep_alive: redis::Script::new(heartbeat::KEEP_ALIVE_SCRIPT),
+                trim: redis::Script::new(retention::TRIM_SCRIPT),
+                prune: redis::Script::new(retention::PRUNE_SCRIPT),
+            }),
         }
-    }
-
-    /// Announces finished entries on a pub/sub channel and lets [`Streams::listen_for_wake_ups`]
-    /// subscribe through `client`, so that waiters in other processes start without waiting
-    /// for their next poll.
-    pub fn with_wake_ups(mut self, client: redis::Client) -> Self {
-        self.wake_ups = Some(client);
-        self
-    }
-
-    /// Wakes this process's waiters of the queues announced by any worker, until `stop` turns
-    /// true. Survives Redis restarts (it subscribes again); polling covers the gaps.
-    pub async fn listen_for_wake_ups(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        use futures::StreamExt;
-        let Some(client) = &self.wake_ups else { return };
-        while !*stop.borrow() {
-            let subscribed = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&self.wake_channel).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let mut pubsub = match subscribed.await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::debug!(error = %e, "wake-up subscription failed; polling meanwhile");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = stop.changed() => return,
-                    }
-                }
-            };
-            let mut messages = pubsub.on_message();
-            loop {
-                tokio::select! {
-                    msg = messages.next() => match msg {
-                        Some(msg) => self.wake_key(msg.get_payload_bytes()),
-                        None => break,
-                    },
-                    _ = stop.changed() => return,
-                }
-            }
-        }
-    }
-
-    fn wake_key(&self, key: &[u8]) {
-        if let Ok(map) = self.local.lock()
-            && let Some(n) = map.get(key)
-        {
-            self.wakes_received.fetch_add(1, Ordering::Relaxed);
-            n.notify_waiters();
-        }
-    }
-
-    /// How many announcements woke waiters of this process.
-    pub fn wakes_received(&self) -> u64 {
-        self.wakes_received.load(Ordering::Relaxed)
     }
 
     pub fn consumer(&self) -> &str {
@@ -181,17 +146,24 @@ impl Streams {
         &self.config
     }
 
-    fn slot(&self, entry: &StreamEntry) -> Option<QueueSlot> {
-        order::slot(&self.queue_prefix, &entry.id, &entry.fields)
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     /// Creates the consumer group (and the stream) if missing; the group starts at the
     /// beginning of the stream so entries added before the first worker are processed.
-    pub async fn ensure_group(&self) -> Result<(), CacheError> {
-        let r: Result<(), redis::RedisError> = self
-            .conn
-            .clone()
-            .xgroup_create_mkstream(&self.config.inbound, &self.config.group, "0")
+    pub async fn ensure_group(&self) -> Result<(), StreamError> {
+        let r: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.config.inbound)
+            .arg(&self.config.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
             .await;
         match r {
             Ok(()) => Ok(()),
@@ -200,318 +172,139 @@ impl Streams {
         }
     }
 
-    /// Delivers up to `count` new entries to this consumer and queues each behind the earlier
-    /// entries of its conversation, in one script. Returns the stream's last id too.
-    async fn claim_new(&self, count: usize) -> Result<(String, Vec<StreamEntry>), CacheError> {
-        let reply: Value = self
-            .claim
-            .key(&self.config.inbound)
-            .arg(&self.config.group)
-            .arg(&self.consumer)
-            .arg(count)
-            .arg(&self.queue_prefix)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        let bad = || CacheError::Decode("unexpected claim script reply".into());
-        let Value::Array(mut parts) = reply else {
-            return Err(bad());
-        };
-        if parts.len() != 2 {
-            return Err(bad());
-        }
-        let entries = parts.pop().ok_or_else(bad)?;
-        let last_id =
-            String::from_utf8(bytes_of(parts.pop().ok_or_else(bad)?)).map_err(|_| bad())?;
-        let mut out = Vec::new();
-        if let Value::Array(items) = entries {
-            for item in items {
-                let Value::Array(mut pair) = item else {
-                    return Err(bad());
-                };
-                let (Some(Value::Array(flat)), Some(id)) = (pair.pop(), pair.pop()) else {
-                    return Err(bad());
-                };
-                let id = String::from_utf8(bytes_of(id)).map_err(|_| bad())?;
-                let mut fields = HashMap::with_capacity(flat.len() / 2);
-                let mut it = flat.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    let k = String::from_utf8(bytes_of(k)).map_err(|_| bad())?;
-                    fields.insert(k, bytes_of(v));
-                }
-                out.push(StreamEntry {
-                    id,
-                    fields,
-                    deliveries: 1,
-                });
-            }
-        }
-        Ok((last_id, out))
-    }
-
-    /// New entries for this consumer. When none are waiting, blocks up to `block_ms` on a
-    /// plain `XREAD` after `cursor` (which delivers nothing to the group; scripts may not
-    /// block), then claims. `cursor` carries the stream's last id between calls.
-    pub async fn read_new(
-        &self,
-        count: usize,
-        cursor: &mut String,
-    ) -> Result<Vec<StreamEntry>, CacheError> {
-        let (last, entries) = self.claim_new(count).await?;
-        *cursor = last;
-        if !entries.is_empty() {
-            return Ok(entries);
-        }
-        let opts = StreamReadOptions::default()
-            .count(1)
-            .block(self.config.block_ms as usize);
-        let _: Option<StreamReadReply> = self
-            .reader
-            .clone()
-            .xread_options(&[&self.config.inbound], &[cursor.as_str()], &opts)
-            .await?;
-        let (last, entries) = self.claim_new(count).await?;
-        *cursor = last;
-        Ok(entries)
-    }
-
-    /// Takes over entries idle for `claim_idle_ms` (their consumer died), with their delivery
-    /// counts. They keep their place in their queues.
-    pub async fn claim_stale(&self, count: usize) -> Result<Vec<StreamEntry>, CacheError> {
-        let mut conn = self.conn.clone();
-        let reply: StreamAutoClaimReply = conn
-            .xautoclaim_options(
-                &self.config.inbound,
-                &self.config.group,
-                &self.consumer,
-                self.config.claim_idle_ms,
-                "0-0",
-                StreamAutoClaimOptions::default().count(count),
-            )
-            .await?;
-        let mut entries = entries_of(reply.claimed, 0);
-        if entries.is_empty() {
-            return Ok(entries);
-        }
-        let counts = self.delivery_counts(&entries).await?;
-        for e in &mut entries {
-            e.deliveries = counts.get(&e.id).copied().unwrap_or(1);
-        }
-        Ok(entries)
-    }
-
-    async fn delivery_counts(
-        &self,
-        entries: &[StreamEntry],
-    ) -> Result<HashMap<String, u64>, CacheError> {
-        let first = entries.iter().map(|e| e.id.as_str()).min().unwrap_or("-");
-        let last = entries.iter().map(|e| e.id.as_str()).max().unwrap_or("+");
-        let reply: redis::streams::StreamPendingCountReply = self
-            .conn
-            .clone()
-            .xpending_consumer_count(
-                &self.config.inbound,
-                &self.config.group,
-                first,
-                last,
-                entries.len() * 2 + 10,
-                &self.consumer,
-            )
-            .await?;
-        Ok(reply
-            .ids
-            .into_iter()
-            .map(|p| (p.id, p.times_delivered as u64))
-            .collect())
-    }
-
-    fn notifier(&self, key: &[u8]) -> Arc<Notify> {
-        match self.local.lock() {
-            Ok(mut map) => map.entry(key.to_vec()).or_default().clone(),
-            Err(_) => Arc::new(Notify::new()),
-        }
-    }
-
-    fn wake_local(&self, slot: Option<&QueueSlot>) {
-        if let Some(slot) = slot
-            && let Ok(mut map) = self.local.lock()
-            && let Some(n) = map.remove(&slot.key)
-        {
-            n.notify_waiters();
-        }
-    }
-
-    /// Resets the idle time of an entry to zero, making it ours; returns whether it is still
-    /// pending (not acked by anyone).
-    async fn refresh(&self, entry_id: &str) -> Result<bool, CacheError> {
-        let claimed: Vec<String> = redis::cmd("XCLAIM")
-            .arg(&self.config.inbound)
-            .arg(&self.config.group)
-            .arg(&self.consumer)
-            .arg(0)
-            .arg(entry_id)
-            .arg("JUSTID")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(!claimed.is_empty())
-    }
-
-    /// Keeps an entry that is being processed from looking idle, so that no other consumer
-    /// (nor this one's reclaim timer) takes it over; runs until dropped.
-    pub async fn keep_alive(&self, entry_id: &str) {
-        let every = Duration::from_millis((self.config.claim_idle_ms / 3).max(50));
-        loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = self.refresh(entry_id).await {
-                tracing::debug!(error = %e, "could not refresh a pending entry");
-            }
-        }
-    }
-
-    /// Waits until `entry` is the head of its order queue. While it waits it keeps the entry's
-    /// idle time low, so that other workers reclaim only the entries of dead consumers.
-    pub async fn wait_turn(&self, entry: &StreamEntry) -> Result<Turn, CacheError> {
-        let Some(slot) = self.slot(entry) else {
-            return Ok(Turn::Go);
-        };
-        let refresh_every = Duration::from_millis((self.config.claim_idle_ms / 3).max(50));
-        let mut last_refresh = Instant::now();
-        let mut poll = Duration::from_millis(5);
-        loop {
-            let notify = self.notifier(&slot.key);
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (head, mine): (Vec<String>, Option<f64>) = redis::pipe()
-                .zrange(&slot.key, 0, 0)
-                .zscore(&slot.key, &slot.member)
-                .query_async(&mut self.conn.clone())
-                .await?;
-            if mine.is_none() {
-                // Finished by another consumer, or the queue vanished (then: fail open).
-                let pending = self.refresh(&entry.id).await?;
-                return Ok(if pending { Turn::Unqueued } else { Turn::Gone });
-            }
-            if head.first() == Some(&slot.member) {
-                return Ok(Turn::Go);
-            }
-            if last_refresh.elapsed() >= refresh_every {
-                last_refresh = Instant::now();
-                if !self.refresh(&entry.id).await? {
-                    return Ok(Turn::Gone);
-                }
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep(poll) => {}
-            }
-            poll = (poll * 2).min(Duration::from_millis(100));
-        }
-    }
-
-    /// Publishes `fields` on `stream`, acks the entry and removes it from its queue, in one
-    /// `MULTI`.
-    pub async fn publish_and_ack(
-        &self,
-        stream: &str,
-        fields: &[(&'static str, String)],
-        entry: &StreamEntry,
-    ) -> Result<(), CacheError> {
-        let slot = self.slot(entry);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        self.add_publish(&mut pipe, stream, fields);
-        self.add_finish(&mut pipe, entry, slot.as_ref());
-        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
-        self.wake_local(slot.as_ref());
-        Ok(())
-    }
-
-    fn add_publish(
-        &self,
-        pipe: &mut redis::Pipeline,
-        stream: &str,
-        fields: &[(&'static str, String)],
-    ) {
-        if self.config.outbound_maxlen > 0 && stream == self.config.outbound {
-            pipe.xadd_maxlen(
-                stream,
-                redis::streams::StreamMaxlen::Approx(self.config.outbound_maxlen),
-                "*",
-                fields,
-            )
-            .ignore();
-        } else {
-            pipe.xadd(stream, "*", fields).ignore();
-        }
-        if !self.config.reply_prefix.is_empty() && stream.starts_with(&self.config.reply_prefix) {
-            pipe.expire(stream, REPLY_STREAM_TTL_SECS).ignore();
-        }
-    }
-
-    fn add_finish(
-        &self,
-        pipe: &mut redis::Pipeline,
-        entry: &StreamEntry,
-        slot: Option<&QueueSlot>,
-    ) {
-        pipe.xack(&self.config.inbound, &self.config.group, &[&entry.id])
-            .ignore();
-        if let Some(slot) = slot {
-            pipe.zrem(&slot.key, &slot.member).ignore();
-            if self.wake_ups.is_some() {
-                pipe.publish(&self.wake_channel, &slot.key).ignore();
-            }
-        }
-    }
-
-    /// Moves an entry to the dead-letter stream, publishes its error reply, acks it and
-    /// removes it from its queue, in one `MULTI`.
-    pub async fn dead_letter(
-        &self,
-        entry: &StreamEntry,
-        error_fields: &[(&'static str, String)],
-        reply_stream: &str,
-        reply: &[(&'static str, String)],
-    ) -> Result<(), CacheError> {
-        let mut dead: Vec<(String, Vec<u8>)> = entry
-            .fields
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        dead.sort();
-        dead.push(("inbound_id".into(), entry.id.clone().into_bytes()));
-        for (k, v) in error_fields {
-            dead.push(((*k).to_owned(), v.clone().into_bytes()));
-        }
-        let slot = self.slot(entry);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.xadd(&self.config.dead_letter, "*", &dead).ignore();
-        self.add_publish(&mut pipe, reply_stream, reply);
-        self.add_finish(&mut pipe, entry, slot.as_ref());
-        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
-        self.wake_local(slot.as_ref());
-        Ok(())
-    }
-
     /// The group's pending count (delivered, not acked) and lag (entries not yet delivered;
     /// `None` when Redis cannot tell).
-    pub async fn group_state(&self) -> Result<(u64, Option<u64>), CacheError> {
-        let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+    pub async fn group_state(&self) -> Result<(u64, Option<u64>), StreamError> {
+        let groups: Value = redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.config.inbound)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?;
-        let number = |v: Option<&Value>| match v {
-            Some(Value::Int(n)) => u64::try_from(*n).ok(),
-            _ => None,
-        };
-        let ours = groups.iter().find(|g| {
-            matches!(g.get("name"), Some(v) if bytes_of(v.clone()) == self.config.group.as_bytes())
-        });
-        Ok(match ours {
-            Some(g) => (number(g.get("pending")).unwrap_or(0), number(g.get("lag"))),
-            None => (0, None),
+        for group in array(groups).unwrap_or_default() {
+            let map = pairs(group);
+            let field = |name: &str| {
+                map.iter()
+                    .find(|(k, _)| k == name.as_bytes())
+                    .map(|(_, v)| v)
+            };
+            let is_ours = field("name")
+                .and_then(|v| bytes(v.clone()))
+                .is_some_and(|n| n == self.config.group.as_bytes());
+            if is_ours {
+                let number = |name: &str| match field(name) {
+                    Some(Value::Int(n)) => u64::try_from(*n).ok(),
+                    _ => None,
+                };
+                return Ok((number("pending").unwrap_or(0), number("lag")));
+            }
+        }
+        Ok((0, None))
+    }
+}
+
+/// A bulk or simple string's bytes.
+pub(crate) fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+pub(crate) fn text(v: Value) -> Option<String> {
+    bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+pub(crate) fn array(v: Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) => Some(a),
+        _ => None,
+    }
+}
+
+/// A flat `[k1, v1, k2, v2, …]` reply (or a RESP3 map) as pairs; the key as bytes.
+fn pairs(v: Value) -> Vec<(Vec<u8>, Value)> {
+    match v {
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let Some(k) = bytes(k) {
+                    out.push((k, v));
+                }
+            }
+            out
+        }
+        Value::Map(items) => items
+            .into_iter()
+            .filter_map(|(k, v)| Some((bytes(k)?, v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// An entry's raw fields from a flat `[name, value, …]` array. `None` when the shape is not
+/// that (a deleted entry reads as nil).
+pub(crate) fn raw_fields(v: Value) -> Option<Fields> {
+    let items = array(v)?;
+    let mut out = Vec::with_capacity(items.len() / 2);
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.push((bytes(k)?, bytes(v)?));
+    }
+    Some(out)
+}
+
+/// Entries of an `XRANGE`-shaped reply: `[[id, [k, v, …]], …]`, each decoded on its own; an
+/// element that is not of that shape is skipped.
+pub(crate) fn range_entries(v: Value) -> Vec<(String, Fields)> {
+    array(v)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let mut parts = array(e)?.into_iter();
+            let id = text(parts.next()?)?;
+            let fields = raw_fields(parts.next()?)?;
+            Some((id, fields))
         })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_keys_share_the_streams_hash_slot_and_name_stream_and_group() {
+        assert_eq!(hash_tag("icmp:inbound"), "icmp:inbound");
+        assert_eq!(hash_tag("{icmp}:inbound"), "icmp");
+        assert_eq!(hash_tag("a{}b"), "a{}b");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml");
+        let mut config = crate::config::Config::load(std::path::Path::new(path), None)
+            .expect("default config")
+            .streams;
+        config.inbound = "in".into();
+        config.group = "g".into();
+        let keys = Keys::new(&config, "p:");
+        assert_eq!(keys.queue_prefix, "p:order:{in}:g:");
+        assert_eq!(keys.wake_channel, "p:order-wake:in:g");
+    }
+
+    #[test]
+    fn undecodable_elements_of_a_range_reply_are_skipped_alone() {
+        let good = Value::Array(vec![
+            Value::BulkString(b"1-0".to_vec()),
+            Value::Array(vec![
+                Value::BulkString(vec![0xff]),
+                Value::BulkString(b"v".to_vec()),
+            ]),
+        ]);
+        let deleted = Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]);
+        let entries = range_entries(Value::Array(vec![deleted, good]));
+        assert_eq!(
+            entries,
+            vec![("1-0".to_owned(), vec![(vec![0xff], b"v".to_vec())])]
+        );
     }
 }

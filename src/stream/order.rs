@@ -1,45 +1,69 @@
-//! Per-conversation order across any number of workers (DESIGN §3).
+//! Per-user order across any number of workers (DESIGN §3).
 //!
-//! The order key is `(business_id, user_id)`. Delivery and queueing are one atomic step: the
-//! claim script runs `XREADGROUP … COUNT n` (non-blocking) and, for every entry it returns,
-//! adds the entry to the sorted set `{prefix}order:{business_id}:{user_id}`. Members all have
-//! score 0 and are the zero-padded entry id, so the set's lexicographic order is the stream's
-//! order whichever worker got which entry. An entry is processed only when it is the head of
-//! its queue; finishing removes it in the same `MULTI` that publishes the reply and acks it.
+//! The order key is `(business_id, user_id)` in canonical form. The claim script adds every
+//! entry it delivers to the sorted set `{prefix}order:{tag}:{group}:{business}:{user}`; members
+//! all have score 0 and are the zero-padded entry id, so the set's lexicographic order is the
+//! stream's order. An entry is processed only when it is the head of its queue; the fenced
+//! finish removes it and announces the queue on the wake channel.
 //!
-//! Finishing also publishes the queue's key on `{prefix}order-wake`; every worker subscribes and
-//! wakes its waiters of that queue at once. Waiters poll as well (5 ms doubling to 100 ms), so a
-//! lost announcement (say, during a Redis restart) costs latency, never progress.
-//!
-//! A waiter keeps its entry's idle time low (`XCLAIM … JUSTID` to itself) so that other workers
-//! reclaim only the entries of dead consumers. A queue that vanished (never expected: keys are
-//! not evicted under `noeviction`) lets its entries through at once (fail open, counted).
+//! The head check ([`HEAD_SCRIPT`]) is also what keeps queues from sticking: a head whose entry
+//! is no longer pending in the group (its consumer was deleted, it was XDEL'd or trimmed, the
+//! group was recreated) is removed, and if the entry is still in the stream it goes to the
+//! dead-letter stream as `stream.orphaned` so that nothing is lost silently (an operator can
+//! replay it). An entry that is pending but missing from its queue (say, after a Redis restart
+//! without AOF) is put back in its place.
 
-use std::collections::HashMap;
+use redis::Value;
 
-/// `KEYS[1]` = inbound stream; `ARGV` = group, consumer, count, queue key prefix.
-/// Returns `{last_id, entries}`: the stream's last id when the script ran and the entries it
-/// delivered (as `XREADGROUP` returns them).
-pub(crate) const CLAIM_SCRIPT: &str = r"
-local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local last_id = '0-0'
-if last[1] then last_id = last[1][1] end
-if not res then return {last_id, {}} end
-local entries = res[1][2]
-for _, e in ipairs(entries) do
-  local id, f = e[1], e[2]
-  local b, u
-  for i = 1, #f, 2 do
-    if f[i] == 'business_id' then b = f[i + 1] elseif f[i] == 'user_id' then u = f[i + 1] end
-  end
-  if b and u and #b > 0 and #u > 0 and #b <= 64 and #u <= 1024 then
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    local member = string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
-    redis.call('ZADD', ARGV[4] .. b .. ':' .. u, 0, member)
+use super::{Streams, array, text};
+use crate::error::StreamError;
+
+/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue, `KEYS[3]` = dead-letter stream;
+/// `ARGV` = group, member, entry id, wake channel, dead-letter max length, now (RFC 3339).
+/// Returns `{verdict, healed}`: `go` (the entry is the head), `wait` (an earlier entry is
+/// pending) or `gone` (the entry is no longer pending), and how many stale heads it removed.
+pub(crate) const HEAD_SCRIPT: &str = r"
+local function unpad(m)
+  local ms, seq = string.match(m, '^(%d+)-(%d+)$')
+  ms = string.gsub(ms, '^0+', '')
+  seq = string.gsub(seq, '^0+', '')
+  if ms == '' then ms = '0' end
+  if seq == '' then seq = '0' end
+  return ms .. '-' .. seq
+end
+local function pending(id)
+  return redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1] ~= nil
+end
+local healed = 0
+local verdict = 'wait'
+for _ = 1, 100 do
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if head == ARGV[2] then verdict = 'go' break end
+  if (not head) or head > ARGV[2] then
+    if not pending(ARGV[3]) then verdict = 'gone' break end
+    redis.call('ZADD', KEYS[2], 0, ARGV[2])
+  else
+    local hid = unpad(head)
+    if pending(hid) then verdict = 'wait' break end
+    redis.call('ZREM', KEYS[2], head)
+    healed = healed + 1
+    local e = redis.call('XRANGE', KEYS[1], hid, hid)[1]
+    if e then
+      local f = e[2]
+      -- A hostile entry's fields could exceed what one call may carry: keep its id only.
+      if #f > 256 then f = {} end
+      for _, kv in ipairs({{'inbound_id', hid}, {'error_code', 'stream.orphaned'},
+          {'error_detail', 'the entry left the pending list unanswered (consumer deleted or group reset)'},
+          {'deliveries', '0'}, {'failed_at', ARGV[6]}, {'log_id', ''}}) do
+        f[#f + 1] = kv[1]
+        f[#f + 1] = kv[2]
+      end
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(f))
+    end
   end
 end
-return {last_id, entries}
+if healed > 0 and verdict ~= 'go' then redis.call('PUBLISH', ARGV[4], KEYS[2]) end
+return {verdict, healed}
 ";
 
 /// The queue member of a stream entry id (`ms-seq`, both parts zero-padded to 20 digits).
@@ -49,30 +73,132 @@ pub fn member(entry_id: &str) -> String {
 }
 
 /// Where an entry waits for its turn.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QueueSlot {
     pub key: Vec<u8>,
     pub member: String,
 }
 
-/// The queue slot of an entry, as the claim script computed it; `None` for entries the script
-/// does not queue (no business or user: they are invalid and answered at once).
-pub fn slot(prefix: &str, entry_id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<QueueSlot> {
-    let b = fields
-        .get("business_id")
-        .filter(|b| !b.is_empty() && b.len() <= 64)?;
-    let u = fields
-        .get("user_id")
-        .filter(|u| !u.is_empty() && u.len() <= 1024)?;
-    let mut key = Vec::with_capacity(prefix.len() + b.len() + u.len() + 1);
-    key.extend_from_slice(prefix.as_bytes());
-    key.extend_from_slice(b);
-    key.push(b':');
-    key.extend_from_slice(u);
-    Some(QueueSlot {
-        key,
-        member: member(entry_id),
-    })
+/// The head check's verdict for one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// It is the head of its queue: process it.
+    Go,
+    /// An earlier entry of the same user is pending: wait for a wake-up.
+    Wait,
+    /// It is no longer pending (another consumer finished or took it, or it was deleted).
+    Gone,
+}
+
+/// One head check's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadCheck {
+    pub head: Head,
+    /// Stale heads removed on the way (each one counted and, if still in the stream,
+    /// dead-lettered as `stream.orphaned`).
+    pub healed: u64,
+}
+
+impl Streams {
+    /// Checks, in one round trip, whether each `(slot, entry id)` is the head of its queue,
+    /// healing stale heads on the way.
+    pub async fn check_heads(
+        &self,
+        slots: &[(&QueueSlot, &str)],
+    ) -> Result<Vec<HeadCheck>, StreamError> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = chrono::Utc::now().to_rfc3339();
+        let mut pipe = redis::pipe();
+        for (slot, id) in slots {
+            let mut inv = self.scripts.head.prepare_invoke();
+            inv.key(&self.config.inbound)
+                .key(slot.key.as_slice())
+                .key(&self.config.dead_letter)
+                .arg(&self.config.group)
+                .arg(&slot.member)
+                .arg(*id)
+                .arg(&self.keys.wake_channel)
+                .arg(self.config.dead_letter_maxlen)
+                .arg(&now);
+            pipe.invoke_script(&inv);
+        }
+        let replies: Vec<Value> = match pipe.query_async(&mut self.conn()).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // A restarted Redis forgot the script: load it and ask again.
+                let mut conn = self.conn();
+                self.scripts
+                    .head
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await?;
+                pipe.query_async(&mut conn).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        replies
+            .into_iter()
+            .map(|r| {
+                let mut p = array(r).unwrap_or_default().into_iter();
+                let head = match p.next().and_then(text).as_deref() {
+                    Some("go") => Head::Go,
+                    Some("wait") => Head::Wait,
+                    Some("gone") => Head::Gone,
+                    _ => return Err(StreamError::UnexpectedReply("head check".into())),
+                };
+                let healed = match p.next() {
+                    Some(Value::Int(n)) => u64::try_from(n).unwrap_or(0),
+                    _ => 0,
+                };
+                Ok(HeadCheck { head, healed })
+            })
+            .collect()
+    }
+
+    /// Forwards the queue keys announced on the wake channel (by any worker) to `tx`, until
+    /// `stop` turns true or `tx` is closed. Subscribes again after a Redis restart; the
+    /// worker's slow poll covers what is missed meanwhile.
+    pub async fn listen_for_wake_ups(
+        &self,
+        client: redis::Client,
+        tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use futures::StreamExt;
+        while !*stop.borrow() {
+            let subscribed = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&self.keys.wake_channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let mut pubsub = match subscribed.await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "wake-up subscription failed; polling meanwhile");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    msg = messages.next() => match msg {
+                        Some(msg) => {
+                            if tx.send(msg.get_payload_bytes().to_vec()).is_err() {
+                                return;
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -98,16 +224,5 @@ mod tests {
                 member("1700000000001-0")
             ]
         );
-    }
-
-    #[test]
-    fn only_entries_with_business_and_user_are_queued() {
-        let mut f = HashMap::new();
-        f.insert("business_id".to_owned(), b"b1".to_vec());
-        assert_eq!(slot("order:", "1-0", &f), None);
-        f.insert("user_id".to_owned(), b"u1".to_vec());
-        let s = slot("order:", "1-0", &f).expect("slot");
-        assert_eq!(s.key, b"order:b1:u1".to_vec());
-        assert_eq!(s.member, format!("{:0>20}-{:0>20}", 1, 0));
     }
 }

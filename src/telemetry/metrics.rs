@@ -25,7 +25,8 @@ pub const STAGE_TRANSITIONS_TOTAL: &str = "icmp_stage_transitions_total";
 pub const UNKNOWN_STAGES_TOTAL: &str = "icmp_unknown_stages_total";
 pub const DEGRADED_TOTAL: &str = "icmp_degraded_total";
 pub const DEAD_LETTERS_TOTAL: &str = "icmp_dead_letters_total";
-pub const ORDER_FAIL_OPEN_TOTAL: &str = "icmp_order_fail_open_total";
+pub const STREAM_EVENTS_TOTAL: &str = "icmp_stream_events_total";
+pub const HELD_ENTRIES: &str = "icmp_held_entries";
 pub const LLM_CIRCUIT_OPEN: &str = "icmp_llm_circuit_open";
 pub const INFLIGHT_MESSAGES: &str = "icmp_inflight_messages";
 pub const STREAM_PENDING: &str = "icmp_stream_pending_messages";
@@ -107,8 +108,12 @@ fn describe() {
         "1 while the LLM circuit breaker refuses calls, else 0."
     );
     describe_counter!(
-        ORDER_FAIL_OPEN_TOTAL,
-        "Entries processed without their order queue (it vanished)."
+        STREAM_EVENTS_TOTAL,
+        "Stream housekeeping events, by event (see StreamEvent)."
+    );
+    describe_gauge!(
+        HELD_ENTRIES,
+        "Entries this worker holds (waiting for their turn, ready, or being processed)."
     );
     describe_gauge!(
         INFLIGHT_MESSAGES,
@@ -210,8 +215,50 @@ pub fn llm_circuit(open: bool) {
     gauge!(LLM_CIRCUIT_OPEN).set(if open { 1.0 } else { 0.0 });
 }
 
-pub fn order_fail_open() {
-    counter!(ORDER_FAIL_OPEN_TOTAL).increment(1);
+/// What the stream machinery did besides answering messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// A held entry was found owned by another consumer and dropped here.
+    LostTaken,
+    /// A held entry was found no longer pending (acked elsewhere, deleted, consumer removed).
+    LostGone,
+    /// A finish found the entry already acknowledged: nothing was published.
+    Fenced,
+    /// A stale queue head (entry no longer pending) was removed.
+    HeadHealed,
+    /// An entry that waited without its fields was gone from the stream when its turn came.
+    Vanished,
+    /// Pending entries that no longer exist in the stream, dropped by XAUTOCLAIM.
+    Deleted,
+    /// Inbound entries trimmed behind the groups.
+    Trimmed,
+    /// Idle consumers with nothing pending removed from the group.
+    ConsumerPruned,
+}
+
+impl StreamEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamEvent::LostTaken => "lost_taken",
+            StreamEvent::LostGone => "lost_gone",
+            StreamEvent::Fenced => "fenced",
+            StreamEvent::HeadHealed => "head_healed",
+            StreamEvent::Vanished => "vanished",
+            StreamEvent::Deleted => "deleted",
+            StreamEvent::Trimmed => "trimmed",
+            StreamEvent::ConsumerPruned => "consumer_pruned",
+        }
+    }
+}
+
+pub fn stream_event(event: StreamEvent, n: u64) {
+    if n > 0 {
+        counter!(STREAM_EVENTS_TOTAL, "event" => event.as_str()).increment(n);
+    }
+}
+
+pub fn held(n: usize) {
+    gauge!(HELD_ENTRIES).set(n as f64);
 }
 
 pub fn dead_letter() {

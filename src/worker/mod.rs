@@ -1,79 +1,106 @@
-//! The worker: takes entries from the inbound stream (new ones, and stale ones of dead
-//! consumers), runs each through the pipeline under a concurrency bound, and decides from the
-//! outcome whether to publish and ack, leave it pending for redelivery, or dead-letter it.
+//! The worker: holds entries from the moment the group delivers them (or it reclaims them from a
+//! dead consumer) until it finishes them, runs each through the pipeline when its turn comes,
+//! and decides from the outcome whether to publish and ack, leave it pending for redelivery, or
+//! dead-letter it.
 //!
-//! - [`run`](Worker::run): the read loop (admission, reclaiming, shutdown);
-//! - `startup`: [`run_until_stopped`], wiring a worker from the configuration;
-//! - this module: one entry's path, from its turn in the conversation to publish, ack or
-//!   dead-letter.
+//! - [`run`](Worker::run): the loop: reading, reclaiming, the heartbeat, retention, and the
+//!   waiting room that starts each user's entries in stream order;
+//! - `room`: the waiting room (which held entry waits, which is ready, which runs);
+//! - `startup`: the composition root: dependencies from the configuration, and
+//!   [`run_until_stopped`];
+//! - this module: one entry's path, from decoding to the fenced finish.
 
+mod room;
 mod run;
 mod startup;
 
-use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::FutureExt;
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::error::{CacheError, Classify, PipelineError};
+use crate::error::{Classify, PipelineError};
 use crate::llm::LlmService;
-use crate::pipeline::failpoint;
-use crate::pipeline::{MessageHandler, Processed, Reply};
+use crate::pipeline::{MessageHandler, Processed, failpoint};
+use crate::protocol::{self, Reply};
 use crate::retry::RetryPolicy;
-use crate::stream::{StreamEntry, Streams, Turn};
-use crate::telemetry::metrics::{self, MessageOutcome};
+use crate::stream::{Finish, StreamEntry, Streams};
+use crate::telemetry::metrics::{self, MessageOutcome, StreamEvent};
 
-pub use startup::run_until_stopped;
+pub use startup::{ConfiguredLlm, Dependencies, StartupError, run_until_stopped};
 
 /// What happened to one entry (the loop and the tests match on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Answered (`ok` or `fallback`), published and acked.
     Replied,
-    /// Already answered before: the stored reply was published again and the entry acked.
+    /// Already answered before: the stored answer was published again and the entry acked.
     Duplicate,
     /// Invalid input: an error reply was published and the entry acked; nothing was stored.
     Rejected,
-    /// A transient failure: left pending, to be redelivered after `claim_idle_ms`.
+    /// A transient failure: left pending, to be reclaimed after `claim_idle_ms`.
     RetryLater,
     /// Failed for good (or too often): moved to the dead-letter stream, error reply published.
     DeadLettered,
-    /// Another consumer finished it while it waited for its turn.
+    /// Another holder finished it first: this worker published nothing.
     AlreadyDone,
+    /// Another consumer took it over, or it left the pending list, while this worker held it:
+    /// its work here was dropped.
+    Lost,
+    /// It was deleted from the stream while it waited for its turn: acked, nothing to answer.
+    Vanished,
 }
 
-/// How many entries a worker may hold per processing slot (the rest wait for their turn).
-const WAITING_FACTOR: usize = 4;
+/// Counters of one worker, for its own tests and for `icmp status`-like introspection; the
+/// same events also go to the process-wide metrics.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub replied: AtomicU64,
+    pub rejected: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub retries_later: AtomicU64,
+    /// Finishes that found the entry acknowledged by another holder (published nothing).
+    pub fenced: AtomicU64,
+    /// Held entries dropped because another consumer owns them now.
+    pub lost_taken: AtomicU64,
+    /// Held entries dropped because they left the pending list.
+    pub lost_gone: AtomicU64,
+    /// Stale queue heads removed.
+    pub heads_healed: AtomicU64,
+    /// Queue keys announced by any worker that this worker waited on.
+    pub wakes: AtomicU64,
+    /// Head checks run because of the slow safety-net poll.
+    pub polled_checks: AtomicU64,
+    pub vanished: AtomicU64,
+    pub trimmed: AtomicU64,
+    pub consumers_pruned: AtomicU64,
+}
 
-/// Why the worker could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error(transparent)]
-    Store(#[from] crate::error::StoreError),
-    #[error(transparent)]
-    Redis(#[from] CacheError),
-    #[error(transparent)]
-    Llm(#[from] crate::error::LlmError),
-    #[error("telemetry endpoint: {0}")]
-    Telemetry(std::io::Error),
+impl WorkerStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// One worker process's loop over its streams and pipeline.
 pub struct Worker<L> {
     handler: Arc<MessageHandler<L>>,
     streams: Streams,
+    /// Where wake-ups are subscribed; `None`: the slow poll alone.
+    wake_ups: Option<redis::Client>,
     config: Config,
-    publish_retry: RetryPolicy,
-    /// `worker.concurrency` processing slots.
-    processing: Arc<Semaphore>,
-    /// Entries this process holds: a reclaim of one of them (it looked idle) is ignored.
-    held: Mutex<HashSet<String>>,
+    finish_retry: RetryPolicy,
+    stats: Arc<WorkerStats>,
 }
 
 impl<L> std::fmt::Debug for Worker<L> {
@@ -84,19 +111,34 @@ impl<L> std::fmt::Debug for Worker<L> {
     }
 }
 
+impl<L> Worker<L> {
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    pub fn streams(&self) -> &Streams {
+        &self.streams
+    }
+}
+
 impl<L: LlmService> Worker<L> {
-    pub fn new(config: Config, handler: Arc<MessageHandler<L>>, streams: Streams) -> Self {
+    pub fn new(
+        config: Config,
+        handler: Arc<MessageHandler<L>>,
+        streams: Streams,
+        wake_ups: Option<redis::Client>,
+    ) -> Self {
         Worker {
-            publish_retry: RetryPolicy::new(config.retry.clone()),
-            processing: Arc::new(Semaphore::new(config.worker.concurrency.max(1))),
-            held: Mutex::new(HashSet::new()),
+            finish_retry: RetryPolicy::new(config.retry.clone()),
+            stats: Arc::new(WorkerStats::default()),
             handler,
             streams,
+            wake_ups,
             config,
         }
     }
 
-    /// Waits for the entry's turn in its conversation, processes it and carries out what its
+    /// Processes one entry whose turn has come (or that has no queue) and carries out what its
     /// outcome requires.
     pub async fn handle_entry(&self, entry: &StreamEntry) -> Outcome {
         let log_id = Uuid::now_v7();
@@ -110,30 +152,26 @@ impl<L: LlmService> Worker<L> {
             conversation.id = tracing::field::Empty,
         );
         async {
-            match self.streams.wait_turn(entry).await {
-                Ok(Turn::Go) => {}
-                Ok(Turn::Unqueued) => {
-                    metrics::order_fail_open();
-                    tracing::warn!("order queue missing; processing without waiting");
-                }
-                Ok(Turn::Gone) => return Outcome::AlreadyDone,
-                Err(e) => {
-                    metrics::record_error(&e, "order queue");
-                    return Outcome::RetryLater;
-                }
-            }
-            let Ok(_slot) = self.processing.acquire().await else {
-                return Outcome::RetryLater;
-            };
             let started = Instant::now();
-            let (outcome, label) = tokio::select! {
-                done = self.handle_inner(entry, log_id) => done,
-                () = self.streams.keep_alive(&entry.id) => unreachable!("keep_alive never returns"),
-            };
+            let (outcome, label) = self.handle_inner(entry, log_id).await;
             let took = started.elapsed();
-            metrics::message(label, took);
+            if let Some(label) = label {
+                metrics::message(label, took);
+            }
+            let counter = match outcome {
+                Outcome::Replied => Some(&self.stats.replied),
+                Outcome::Duplicate => Some(&self.stats.duplicates),
+                Outcome::Rejected => Some(&self.stats.rejected),
+                Outcome::RetryLater => Some(&self.stats.retries_later),
+                Outcome::DeadLettered => Some(&self.stats.dead_lettered),
+                Outcome::AlreadyDone => Some(&self.stats.fenced),
+                Outcome::Lost | Outcome::Vanished => None,
+            };
+            if let Some(c) = counter {
+                WorkerStats::add(c, 1);
+            }
             tracing::debug!(
-                outcome = label.as_str(),
+                outcome = ?outcome,
                 duration_ms = took.as_millis() as u64,
                 "message done"
             );
@@ -143,15 +181,42 @@ impl<L: LlmService> Worker<L> {
         .await
     }
 
-    async fn handle_inner(&self, entry: &StreamEntry, log_id: Uuid) -> (Outcome, MessageOutcome) {
+    async fn handle_inner(
+        &self,
+        entry: &StreamEntry,
+        log_id: Uuid,
+    ) -> (Outcome, Option<MessageOutcome>) {
+        let decoded = protocol::inbound::decode(
+            &entry.id,
+            &entry.fields,
+            &self.config.limits,
+            &self.config.streams.reply_prefix,
+        );
         if entry.deliveries > self.config.streams.max_deliveries {
             let err = PipelineError::TooManyDeliveries(entry.deliveries);
             metrics::record_error(&err, "message");
             return self.dead_letter(entry, &err, log_id).await;
         }
+        let msg = match decoded {
+            Ok(msg) => msg,
+            Err(e) => {
+                let err = PipelineError::from(e);
+                metrics::record_error(&err, "message");
+                let reply = self.error_reply(entry, &err, log_id);
+                return self
+                    .finish(
+                        entry,
+                        &reply,
+                        None,
+                        Outcome::Rejected,
+                        MessageOutcome::Error,
+                    )
+                    .await;
+            }
+        };
         // A panic in one message must not take the worker down: it becomes a retryable error,
         // so a message that always panics ends in the dead-letter stream.
-        let processed = AssertUnwindSafe(self.handler.process(&entry.id, &entry.fields, log_id))
+        let processed = AssertUnwindSafe(self.handler.process(&msg, log_id))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
@@ -162,8 +227,9 @@ impl<L: LlmService> Worker<L> {
                     .unwrap_or_default();
                 Err(PipelineError::Panicked(what))
             });
+        let outbound = &self.config.streams.outbound;
         match processed {
-            Ok(Processed::Answered(reply)) => {
+            Ok(Processed::Answered(answer)) => {
                 if self
                     .handler
                     .failpoints()
@@ -172,31 +238,44 @@ impl<L: LlmService> Worker<L> {
                     tracing::error!("failpoint: crashing after commit, before publish");
                     std::process::exit(86);
                 }
-                let label = if reply.status == crate::pipeline::ReplyStatus::Fallback {
+                let label = if answer.fallback {
                     MessageOutcome::Fallback
                 } else {
                     MessageOutcome::Ok
                 };
-                self.publish(entry, &reply, Outcome::Replied, label).await
-            }
-            Ok(Processed::Duplicate(reply)) => {
-                tracing::info!("already answered; publishing the stored reply again");
-                self.publish(entry, &reply, Outcome::Duplicate, MessageOutcome::Duplicate)
+                let reply = Reply::answer(&msg, &answer, outbound);
+                self.finish(entry, &reply, None, Outcome::Replied, label)
                     .await
+            }
+            Ok(Processed::Duplicate(answer)) => {
+                tracing::info!("already answered; publishing the stored answer again");
+                let reply = Reply::answer(&msg, &answer, outbound);
+                self.finish(
+                    entry,
+                    &reply,
+                    None,
+                    Outcome::Duplicate,
+                    MessageOutcome::Duplicate,
+                )
+                .await
             }
             Err(err @ PipelineError::Validation(_)) => {
                 metrics::record_error(&err, "message");
-                let reply = self
-                    .handler
-                    .error_reply(&entry.id, &entry.fields, &err, log_id);
-                self.publish(entry, &reply, Outcome::Rejected, MessageOutcome::Error)
-                    .await
+                let reply = self.error_reply(entry, &err, log_id);
+                self.finish(
+                    entry,
+                    &reply,
+                    None,
+                    Outcome::Rejected,
+                    MessageOutcome::Error,
+                )
+                .await
             }
             Err(err)
                 if err.is_retryable() && entry.deliveries < self.config.streams.max_deliveries =>
             {
                 metrics::record_error(&err, "message");
-                (Outcome::RetryLater, MessageOutcome::Retry)
+                (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }
             Err(err) => {
                 metrics::record_error(&err, "message");
@@ -205,27 +284,48 @@ impl<L: LlmService> Worker<L> {
         }
     }
 
-    async fn publish(
+    fn error_reply(&self, entry: &StreamEntry, err: &PipelineError, log_id: Uuid) -> Reply {
+        Reply::error(
+            &entry.id,
+            &entry.fields,
+            err,
+            log_id,
+            &self.config.streams.outbound,
+            &self.config.streams.reply_prefix,
+        )
+    }
+
+    /// The fenced finish, retried on transient failures (safe: a finish that already took
+    /// effect publishes nothing the second time).
+    async fn finish(
         &self,
         entry: &StreamEntry,
         reply: &Reply,
+        dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
         done: Outcome,
         label: MessageOutcome,
-    ) -> (Outcome, MessageOutcome) {
-        let fields = reply.fields();
+    ) -> (Outcome, Option<MessageOutcome>) {
+        let finish = Finish {
+            reply: Some((reply.destination.as_str(), reply.fields())),
+            dead_letter,
+        };
         let result = self
-            .publish_retry
-            .run("redis.publish", || {
-                self.streams
-                    .publish_and_ack(&reply.destination, &fields, entry)
+            .finish_retry
+            .run("redis.finish", || {
+                self.streams.finish(&entry.id, entry.slot.as_ref(), &finish)
             })
             .await;
         match result {
-            Ok(()) => (done, label),
+            Ok(true) => (done, Some(label)),
+            Ok(false) => {
+                metrics::stream_event(StreamEvent::Fenced, 1);
+                tracing::info!("another holder finished this entry first; published nothing");
+                (Outcome::AlreadyDone, None)
+            }
             Err(e) => {
-                // The message stays pending; its redelivery finds the committed reply.
-                metrics::record_error(&e, "publish");
-                (Outcome::RetryLater, MessageOutcome::Retry)
+                // The entry stays pending; its redelivery finds the committed answer.
+                metrics::record_error(&e, "finish");
+                (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }
         }
     }
@@ -235,54 +335,53 @@ impl<L: LlmService> Worker<L> {
         entry: &StreamEntry,
         err: &PipelineError,
         log_id: Uuid,
-    ) -> (Outcome, MessageOutcome) {
-        let reply = self
-            .handler
-            .error_reply(&entry.id, &entry.fields, err, log_id);
-        let error_fields = [
-            ("error_code", err.code().to_owned()),
-            ("error_detail", err.to_string()),
-            ("deliveries", entry.deliveries.to_string()),
-            ("failed_at", chrono::Utc::now().to_rfc3339()),
-            ("log_id", log_id.to_string()),
-        ];
-        let reply_fields = reply.fields();
-        let result = self
-            .publish_retry
-            .run("redis.dead_letter", || {
-                self.streams
-                    .dead_letter(entry, &error_fields, &reply.destination, &reply_fields)
-            })
+    ) -> (Outcome, Option<MessageOutcome>) {
+        let reply = self.error_reply(entry, err, log_id);
+        let failure = protocol::dead_letter::Failure {
+            code: err.code(),
+            detail: err.to_string(),
+            deliveries: entry.deliveries,
+            log_id,
+        };
+        let fields = protocol::dead_letter::fields(&entry.id, &entry.fields, &failure);
+        let (outcome, label) = self
+            .finish(
+                entry,
+                &reply,
+                Some(fields),
+                Outcome::DeadLettered,
+                MessageOutcome::DeadLettered,
+            )
             .await;
-        match result {
-            Ok(()) => {
-                metrics::dead_letter();
-                tracing::warn!(
-                    error.code = err.code(),
-                    "entry moved to the dead-letter stream"
-                );
-                (Outcome::DeadLettered, MessageOutcome::DeadLettered)
-            }
-            Err(e) => {
-                metrics::record_error(&e, "dead letter");
-                (Outcome::RetryLater, MessageOutcome::Retry)
-            }
+        if outcome == Outcome::DeadLettered {
+            metrics::dead_letter();
+            tracing::warn!(
+                error.code = err.code(),
+                "entry moved to the dead-letter stream"
+            );
         }
-    }
-}
-
-impl<L> Worker<L> {
-    /// Marks an entry as held by this process; false when it already is.
-    fn hold(&self, id: &str) -> bool {
-        self.held
-            .lock()
-            .map(|mut h| h.insert(id.to_owned()))
-            .unwrap_or(true)
+        (outcome, label)
     }
 
-    fn release(&self, id: &str) {
-        if let Ok(mut h) = self.held.lock() {
-            h.remove(id);
+    /// Finishes an entry that vanished from the stream while it waited: ack and dequeue, no
+    /// reply (there is nothing to answer), counted.
+    async fn vanished(&self, entry: &StreamEntry) -> Outcome {
+        metrics::stream_event(StreamEvent::Vanished, 1);
+        WorkerStats::add(&self.stats.vanished, 1);
+        tracing::warn!(inbound.id = %entry.id, "entry deleted from the stream before its turn");
+        let finish = Finish::default();
+        match self
+            .finish_retry
+            .run("redis.finish", || {
+                self.streams.finish(&entry.id, entry.slot.as_ref(), &finish)
+            })
+            .await
+        {
+            Ok(_) => Outcome::Vanished,
+            Err(e) => {
+                metrics::record_error(&e, "finish");
+                Outcome::RetryLater
+            }
         }
     }
 }

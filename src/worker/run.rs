@@ -1,39 +1,60 @@
-//! The read loop of a worker: admission, reading new entries, reclaiming stale ones, and the
-//! graceful stop.
+//! The loop of a worker. Four helpers feed one scheduler:
+//!
+//! - the *reader* claims new entries while the worker has room (held entries below
+//!   `worker.max_held`, ready entries below a few times `worker.concurrency`);
+//! - the *reclaimer* takes over entries of dead consumers every `claim_idle_ms / 2`, following
+//!   XAUTOCLAIM's cursor, even when the worker is full (a dead consumer's heads must move);
+//! - the *heartbeat* refreshes every held entry every `claim_idle_ms / 3` and reports those
+//!   that are no longer ours;
+//! - the *wake listener* forwards queue keys announced by any worker's finish.
+//!
+//! The scheduler owns the waiting room: it checks the heads of queues that changed (in one
+//! pipelined round trip), starts ready entries on free processing slots, and drops lost ones.
+//! Retention (trimming, pruning idle consumers) runs on its own timer.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-use super::{WAITING_FACTOR, Worker};
-use crate::error::CacheError;
+use super::room::{Checked, Room};
+use super::{Outcome, Worker, WorkerStats};
 use crate::llm::LlmService;
-use crate::stream::StreamEntry;
-use crate::telemetry::metrics;
+use crate::stream::{Refresh, StreamEntry};
+use crate::telemetry::metrics::{self, StreamEvent};
+
+/// Head checks per round trip.
+const CHECKS_PER_ROUND: usize = 256;
+
+/// What the helpers tell the scheduler.
+enum Event {
+    Entries(Vec<StreamEntry>),
+    Lost(Vec<(String, Refresh)>),
+    Done(String, Outcome),
+}
+
+/// How full the worker is, shared with the reader.
+#[derive(Default)]
+struct Gate {
+    held: AtomicUsize,
+    ready: AtomicUsize,
+    changed: Notify,
+}
 
 impl<L: LlmService> Worker<L> {
     /// Reads and processes entries until `shutdown` completes; then stops reading, gives
-    /// in-flight messages `worker.shutdown_grace_ms` to finish and returns. Entries still
-    /// unfinished stay pending for other workers.
-    ///
-    /// Up to `WAITING_FACTOR × concurrency` entries may be held (most of them waiting for
-    /// their turn in their conversation); `concurrency` of them are processed at once. Stale
-    /// entries of dead consumers are claimed on a timer even when that bound is reached, so a
-    /// dead consumer's queue heads are always taken over.
+    /// running messages `worker.shutdown_grace_ms` to finish and returns. Entries not finished
+    /// stay pending for other workers.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) {
         let (stop_tx, mut stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-
-        let listener = {
-            let (worker, rx) = (self.clone(), stop_rx.clone());
-            tokio::spawn(async move { worker.streams.listen_for_wake_ups(rx).await })
-        };
         while let Err(e) = self.streams.ensure_group().await {
             metrics::record_error(&e, "consumer group");
             if wait_or_stop(&mut stop_rx, Duration::from_secs(1)).await {
@@ -41,95 +62,138 @@ impl<L: LlmService> Worker<L> {
             }
         }
         let concurrency = self.config.worker.concurrency.max(1);
-        let admission = Arc::new(Semaphore::new(concurrency * WAITING_FACTOR));
-        let mut tasks = JoinSet::new();
-        let claim_every = Duration::from_millis((self.config.streams.claim_idle_ms / 2).max(100));
-        let mut next_claim = tokio::time::Instant::now();
-        let mut last_gauges = Instant::now();
-        let mut cursor = "0-0".to_owned();
-        let mut failures = 0u32;
+        let gate = Arc::new(Gate::default());
+        let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+        let (wake_tx, mut wakes) = mpsc::unbounded_channel::<Vec<u8>>();
+        let mut room = Room::default();
+        let mut helpers = JoinSet::new();
+        helpers.spawn(
+            self.clone()
+                .read_loop(gate.clone(), events_tx.clone(), stop_rx.clone()),
+        );
+        helpers.spawn(
+            self.clone()
+                .reclaim_loop(events_tx.clone(), stop_rx.clone()),
+        );
+        helpers.spawn(self.clone().heartbeat_loop(
+            room.shared_ids(),
+            events_tx.clone(),
+            stop_rx.clone(),
+        ));
+        helpers.spawn(self.clone().retention_loop(stop_rx.clone()));
+        if let Some(client) = self.wake_ups.clone() {
+            let (worker, rx) = (self.clone(), stop_rx.clone());
+            helpers.spawn(async move {
+                worker
+                    .streams
+                    .listen_for_wake_ups(client, wake_tx, rx)
+                    .await
+            });
+        }
         tracing::info!(
             consumer = self.streams.consumer(),
             concurrency,
             "worker started"
         );
 
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = JoinSet::new();
+        let mut poll = tokio::time::interval(Duration::from_millis(
+            self.config.worker.queue_poll_ms.max(10),
+        ));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(Duration::from_secs(5));
+        let mut failures = 0u32;
+
         loop {
-            while tasks.try_join_next().is_some() {}
             if *stop_rx.borrow() {
                 break;
             }
-            let first = tokio::select! {
-                p = admission.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
-                _ = tokio::time::sleep_until(next_claim) => None,
-                _ = stop_rx.changed() => continue,
-            };
-            let mut batch: Vec<(StreamEntry, Option<OwnedSemaphorePermit>)> = Vec::new();
-            let mut result = Ok(());
-            if tokio::time::Instant::now() >= next_claim {
-                next_claim = tokio::time::Instant::now() + claim_every;
-                match self
-                    .streams
-                    .claim_stale(self.config.streams.read_count.max(1))
-                    .await
-                {
-                    Ok(stale) => batch.extend(stale.into_iter().map(|e| (e, None))),
-                    Err(e) => result = Err(e),
-                }
-            }
-            if let (Some(first), Ok(())) = (first, &result) {
-                let mut permits = vec![first];
-                while permits.len() < self.config.streams.read_count.max(1) {
-                    match admission.clone().try_acquire_owned() {
-                        Ok(p) => permits.push(p),
-                        Err(_) => break,
+            tokio::select! {
+                biased;
+                _ = stop_rx.changed() => break,
+                Some(event) = events.recv() => self.on_event(&mut room, event),
+                Some(key) = wakes.recv() => {
+                    if room.touch(&key) {
+                        WorkerStats::add(&self.stats.wakes, 1);
                     }
                 }
-                match self.streams.read_new(permits.len(), &mut cursor).await {
-                    Ok(entries) => {
-                        batch.extend(entries.into_iter().zip(permits.into_iter().map(Some)));
-                    }
-                    Err(e) => result = Err(e),
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = poll.tick() => {
+                    let n = room.touch_all();
+                    WorkerStats::add(&self.stats.polled_checks, n as u64);
+                }
+                _ = gauges.tick() => self.gauges(concurrency - slots.available_permits(), room.len()).await,
+            }
+            // Take in everything that arrived meanwhile before the next round trip.
+            while let Ok(event) = events.try_recv() {
+                self.on_event(&mut room, event);
+            }
+            while let Ok(key) = wakes.try_recv() {
+                if room.touch(&key) {
+                    WorkerStats::add(&self.stats.wakes, 1);
                 }
             }
-            for (entry, permit) in batch {
-                if !self.hold(&entry.id) {
-                    continue;
-                }
-                let worker = self.clone();
-                tasks.spawn(async move {
-                    let _admitted = permit;
-                    let outcome = worker.handle_entry(&entry).await;
-                    worker.release(&entry.id);
-                    outcome
-                });
-            }
-            match result {
-                Ok(()) => failures = 0,
-                Err(e) => {
-                    metrics::record_error(&e, "stream read");
-                    if is_nogroup(&e) {
-                        let _ = self.streams.ensure_group().await;
+            while room.has_checks() {
+                let checks = room.next_checks(CHECKS_PER_ROUND);
+                let pairs: Vec<_> = checks.iter().map(|(s, id)| (s, id.as_str())).collect();
+                match self.streams.check_heads(&pairs).await {
+                    Ok(results) => {
+                        failures = 0;
+                        for ((slot, id), check) in checks.iter().zip(results) {
+                            if check.healed > 0 {
+                                metrics::stream_event(StreamEvent::HeadHealed, check.healed);
+                                WorkerStats::add(&self.stats.heads_healed, check.healed);
+                                tracing::warn!(healed = check.healed, "removed stale queue heads");
+                            }
+                            if room.apply(slot, id, check) == Checked::Gone {
+                                self.lost(Refresh::Gone);
+                            }
+                        }
                     }
-                    failures = failures.saturating_add(1);
-                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
-                    if wait_or_stop(&mut stop_rx, wait).await {
+                    Err(e) => {
+                        metrics::record_error(&e, "order queue");
+                        for (slot, _) in &checks {
+                            room.touch(&slot.key);
+                        }
+                        failures = failures.saturating_add(1);
+                        let wait = Duration::from_millis(50 * u64::from(failures.min(20)));
+                        // A stop seen here ends the outer loop at its top.
+                        let _ = wait_or_stop(&mut stop_rx, wait).await;
                         break;
                     }
                 }
             }
-            metrics::inflight(concurrency - self.processing.available_permits());
-            if last_gauges.elapsed() >= Duration::from_secs(5) {
-                last_gauges = Instant::now();
-                if let Ok((pending, lag)) = self.streams.group_state().await {
-                    metrics::stream_state(pending, lag);
-                }
-                let (idle, busy) = self.handler.store().pool_usage();
-                metrics::db_pool(idle, busy);
+            // Start what is ready on free processing slots.
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                let token = CancellationToken::new();
+                let Some((entry, needs_fields)) = room.start_next(&token) else {
+                    drop(permit);
+                    break;
+                };
+                let worker = self.clone();
+                let events = events_tx.clone();
+                tasks.spawn(async move {
+                    let id = entry.id.clone();
+                    let outcome = tokio::select! {
+                        biased;
+                        () = token.cancelled() => Outcome::Lost,
+                        o = worker.run_entry(entry, needs_fields) => o,
+                    };
+                    drop(permit);
+                    let _ = events.send(Event::Done(id, outcome));
+                });
             }
+            gate.held.store(room.len(), Ordering::Relaxed);
+            gate.ready.store(room.ready_len(), Ordering::Relaxed);
+            gate.changed.notify_one();
         }
 
-        tracing::info!(held = tasks.len(), "stopping: finishing in-flight messages");
+        tracing::info!(
+            held = room.len(),
+            running = tasks.len(),
+            "stopping: finishing running messages"
+        );
         let grace = Duration::from_millis(self.config.worker.shutdown_grace_ms);
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
@@ -140,13 +204,228 @@ impl<L: LlmService> Worker<L> {
             );
             tasks.abort_all();
         }
-        listener.abort();
+        helpers.abort_all();
         tracing::info!("worker stopped");
     }
-}
 
-fn is_nogroup(e: &CacheError) -> bool {
-    matches!(e, CacheError::Redis(r) if r.code() == Some("NOGROUP"))
+    fn on_event(&self, room: &mut Room, event: Event) {
+        match event {
+            Event::Entries(entries) => {
+                for entry in entries {
+                    if !room.admit(entry) {
+                        tracing::debug!("reclaimed an entry this worker still holds");
+                    }
+                }
+            }
+            Event::Lost(lost) => {
+                for (id, why) in lost {
+                    if room.holds(&id) {
+                        self.lost(why);
+                        if let Some(slot) = room.remove(&id) {
+                            room.touch(&slot.key);
+                        }
+                    }
+                }
+            }
+            Event::Done(id, outcome) => {
+                if outcome == Outcome::Lost {
+                    return;
+                }
+                if let Some(slot) = room.remove(&id) {
+                    // This worker may hold the next entry of that queue.
+                    room.touch(&slot.key);
+                }
+            }
+        }
+    }
+
+    fn lost(&self, why: Refresh) {
+        let (event, counter) = match why {
+            Refresh::Taken => (StreamEvent::LostTaken, &self.stats.lost_taken),
+            Refresh::Gone | Refresh::Kept => (StreamEvent::LostGone, &self.stats.lost_gone),
+        };
+        metrics::stream_event(event, 1);
+        WorkerStats::add(counter, 1);
+    }
+
+    /// One entry whose turn has come: its fields fetched if it waited without them, then
+    /// processed.
+    async fn run_entry(&self, mut entry: StreamEntry, needs_fields: bool) -> Outcome {
+        if needs_fields {
+            match self.streams.fetch(&entry.id).await {
+                Ok(Some(fields)) => entry.fields = fields,
+                Ok(None) => return self.vanished(&entry).await,
+                Err(e) => {
+                    metrics::record_error(&e, "fetch entry");
+                    return Outcome::RetryLater;
+                }
+            }
+        }
+        self.handle_entry(&entry).await
+    }
+
+    async fn read_loop(
+        self: Arc<Self>,
+        gate: Arc<Gate>,
+        events: mpsc::UnboundedSender<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let max_held = self.config.worker.max_held.max(1);
+        let ready_limit = self.config.worker.concurrency.max(1) * 4;
+        let read_count = self.config.streams.read_count.max(1);
+        let mut cursor = "0-0".to_owned();
+        let mut failures = 0u32;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let held = gate.held.load(Ordering::Relaxed);
+            if held >= max_held || gate.ready.load(Ordering::Relaxed) >= ready_limit {
+                tokio::select! {
+                    () = gate.changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            let count = read_count.min(max_held - held);
+            match self.streams.read_new(count, &mut cursor).await {
+                Ok(entries) => {
+                    failures = 0;
+                    if !entries.is_empty() {
+                        // Counted as held at once, before the scheduler takes them in.
+                        gate.held.fetch_add(entries.len(), Ordering::Relaxed);
+                        if events.send(Event::Entries(entries)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    metrics::record_error(&e, "stream read");
+                    if e.is_no_group() {
+                        let _ = self.streams.ensure_group().await;
+                    }
+                    failures = failures.saturating_add(1);
+                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
+                    if wait_or_stop(&mut stop, wait).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reclaim_loop(
+        self: Arc<Self>,
+        events: mpsc::UnboundedSender<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let every = Duration::from_millis((self.config.streams.claim_idle_ms / 2).max(50));
+        let count = self.config.streams.read_count.max(1);
+        let mut cursor = "0-0".to_owned();
+        loop {
+            if wait_or_stop(&mut stop, every).await {
+                return;
+            }
+            match self.streams.reclaim(&cursor, count).await {
+                Ok(found) => {
+                    cursor = found.cursor;
+                    if !found.deleted.is_empty() {
+                        metrics::stream_event(StreamEvent::Deleted, found.deleted.len() as u64);
+                        tracing::warn!(
+                            count = found.deleted.len(),
+                            "pending entries no longer in the stream were dropped"
+                        );
+                    }
+                    if !found.entries.is_empty() {
+                        tracing::info!(count = found.entries.len(), "reclaimed idle entries");
+                        if events.send(Event::Entries(found.entries)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    metrics::record_error(&e, "reclaim");
+                    if e.is_no_group() {
+                        cursor = "0-0".to_owned();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn heartbeat_loop(
+        self: Arc<Self>,
+        held: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+        events: mpsc::UnboundedSender<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let every = Duration::from_millis((self.config.streams.claim_idle_ms / 3).max(50));
+        loop {
+            if wait_or_stop(&mut stop, every).await {
+                return;
+            }
+            let ids: Vec<String> = held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .cloned()
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            match self.streams.keep_alive(&ids).await {
+                Ok(lost) if lost.is_empty() => {}
+                Ok(lost) => {
+                    tracing::warn!(
+                        count = lost.len(),
+                        "held entries are no longer ours; dropping them"
+                    );
+                    if events.send(Event::Lost(lost)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => metrics::record_error(&e, "heartbeat"),
+            }
+        }
+    }
+
+    async fn retention_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let s = &self.config.streams;
+        let every = Duration::from_millis(s.retention_interval_ms.max(100));
+        loop {
+            if wait_or_stop(&mut stop, every).await {
+                return;
+            }
+            match self.streams.trim_inbound(s.inbound_retain_ms).await {
+                Ok(n) => {
+                    metrics::stream_event(StreamEvent::Trimmed, n);
+                    WorkerStats::add(&self.stats.trimmed, n);
+                }
+                Err(e) => metrics::record_error(&e, "trim inbound"),
+            }
+            match self.streams.prune_consumers(s.consumer_idle_ms).await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(count = n, "removed idle consumers with nothing pending");
+                    }
+                    metrics::stream_event(StreamEvent::ConsumerPruned, n);
+                    WorkerStats::add(&self.stats.consumers_pruned, n);
+                }
+                Err(e) => metrics::record_error(&e, "prune consumers"),
+            }
+        }
+    }
+
+    async fn gauges(&self, running: usize, held: usize) {
+        metrics::inflight(running);
+        metrics::held(held);
+        if let Ok((pending, lag)) = self.streams.group_state().await {
+            metrics::stream_state(pending, lag);
+        }
+        let (idle, busy) = self.handler.store().pool_usage();
+        metrics::db_pool(idle, busy);
+    }
 }
 
 /// Sleeps for `d` unless the stop signal comes first; returns whether to stop.

@@ -1,22 +1,143 @@
-//! Wiring a worker process from its configuration: connections, the telemetry endpoint, the
-//! pipeline and the loop.
+//! The composition root: the dependencies a configuration names, and a worker built from them.
+//! `icmp worker`, `icmp bench` and the test harness all start workers through here.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
-use super::{Worker, WorkerError};
+use super::Worker;
 use crate::cache::{self, Cache};
 use crate::config::Config;
-use crate::error::{CacheError, Classify};
+use crate::error::{CacheError, Category, Classify, LlmError, StoreError};
 use crate::llm::{CircuitBreaker, OpenAiClient};
 use crate::pipeline::{Failpoints, MessageHandler};
 use crate::store::Store;
 use crate::stream::Streams;
 use crate::telemetry::metrics;
 use crate::telemetry::server;
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Redis(#[from] CacheError),
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    #[error("telemetry endpoint: {0}")]
+    Telemetry(std::io::Error),
+}
+
+impl Classify for StartupError {
+    fn code(&self) -> &'static str {
+        match self {
+            StartupError::Store(e) => e.code(),
+            StartupError::Redis(e) => e.code(),
+            StartupError::Llm(e) => e.code(),
+            StartupError::Telemetry(_) => "config.telemetry_listen",
+        }
+    }
+    fn category(&self) -> Category {
+        match self {
+            StartupError::Store(e) => e.category(),
+            StartupError::Redis(e) => e.category(),
+            StartupError::Llm(e) => e.category(),
+            StartupError::Telemetry(_) => Category::System,
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            StartupError::Store(e) => e.status_code(),
+            StartupError::Redis(e) => e.status_code(),
+            StartupError::Llm(e) => e.status_code(),
+            StartupError::Telemetry(_) => 500,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            StartupError::Store(e) => e.is_retryable(),
+            StartupError::Redis(e) => e.is_retryable(),
+            StartupError::Llm(e) => e.is_retryable(),
+            StartupError::Telemetry(_) => false,
+        }
+    }
+}
+
+/// The LLM service a configured worker uses.
+pub type ConfiguredLlm = CircuitBreaker<OpenAiClient>;
+
+/// What every worker of a process shares: the PostgreSQL pool, a Redis connection and the
+/// cache over it.
+#[derive(Clone)]
+pub struct Dependencies {
+    pub store: Store,
+    pub redis: ConnectionManager,
+    pub cache: Cache,
+}
+
+impl std::fmt::Debug for Dependencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dependencies").finish_non_exhaustive()
+    }
+}
+
+impl Dependencies {
+    /// Connects to what `config` names, waiting up to a minute for Redis to come up.
+    ///
+    /// # Errors
+    /// Invalid URLs, or Redis unreachable for a minute.
+    pub async fn connect(config: &Config) -> Result<Self, StartupError> {
+        let store = Store::connect(&config.database)?;
+        let redis = connect_redis_patiently(config).await?;
+        let cache = Cache::new(redis.clone(), &config.redis, &config.cache);
+        Ok(Dependencies {
+            store,
+            redis,
+            cache,
+        })
+    }
+
+    /// A worker for `config` (its consumer name, streams and limits) over these dependencies,
+    /// with Redis connections of its own: its blocking reads and its commands must not wait
+    /// behind anybody else's.
+    ///
+    /// # Errors
+    /// Redis unreachable, or an invalid LLM configuration.
+    pub async fn worker(
+        &self,
+        config: &Config,
+        failpoints: Failpoints,
+    ) -> Result<Arc<Worker<ConfiguredLlm>>, StartupError> {
+        let conn = connect_redis_patiently(config).await?;
+        let reader = connect_redis_patiently(config).await?;
+        let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
+        let llm = CircuitBreaker::new(OpenAiClient::new(&config.llm)?, &config.llm);
+        let handler = Arc::new(MessageHandler::new(
+            config.clone(),
+            self.store.clone(),
+            cache,
+            llm,
+            failpoints,
+        ));
+        let streams = Streams::new(
+            reader,
+            conn,
+            config.streams.clone(),
+            &config.redis.key_prefix,
+        );
+        let wake_ups = redis::Client::open(config.redis.url.expose()).map_err(CacheError::from)?;
+        Ok(Arc::new(Worker::new(
+            config.clone(),
+            handler,
+            streams,
+            Some(wake_ups),
+        )))
+    }
+}
 
 /// Connects everything the configuration names and runs one worker until `shutdown`.
 ///
@@ -25,28 +146,10 @@ use crate::telemetry::server;
 pub async fn run_until_stopped(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), WorkerError> {
+) -> Result<(), StartupError> {
     let handle = metrics::install();
-    let store = Store::connect(&config.database)?;
-    let conn = connect_redis_patiently(&config).await?;
-    let reader = connect_redis_patiently(&config).await?;
-    let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-    let llm = CircuitBreaker::new(OpenAiClient::new(&config.llm)?, &config.llm);
-    let handler = Arc::new(MessageHandler::new(
-        config.clone(),
-        store.clone(),
-        cache.clone(),
-        llm,
-        Failpoints::from_env(),
-    ));
-    let streams = Streams::new(
-        reader,
-        conn,
-        config.streams.clone(),
-        &config.redis.key_prefix,
-    )
-    .with_wake_ups(redis::Client::open(config.redis.url.expose()).map_err(CacheError::from)?);
-    let worker = Arc::new(Worker::new(config.clone(), handler, streams));
+    let deps = Dependencies::connect(&config).await?;
+    let worker = deps.worker(&config, Failpoints::from_env()).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let telemetry = if config.telemetry.listen.is_empty() {
@@ -54,9 +157,9 @@ pub async fn run_until_stopped(
     } else {
         let listener = tokio::net::TcpListener::bind(&config.telemetry.listen)
             .await
-            .map_err(WorkerError::Telemetry)?;
+            .map_err(StartupError::Telemetry)?;
         tracing::info!(addr = %config.telemetry.listen, "serving /metrics, /healthz, /readyz");
-        let (s, c) = (store.clone(), cache.clone());
+        let (s, c) = (deps.store.clone(), deps.cache.clone());
         let ready: server::ReadyCheck = Arc::new(move || {
             let (s, c) = (s.clone(), c.clone());
             Box::pin(async move {
@@ -88,9 +191,7 @@ pub async fn run_until_stopped(
     Ok(())
 }
 
-async fn connect_redis_patiently(
-    config: &Config,
-) -> Result<redis::aio::ConnectionManager, CacheError> {
+async fn connect_redis_patiently(config: &Config) -> Result<ConnectionManager, CacheError> {
     let mut attempt = 0u32;
     loop {
         match cache::connect(&config.redis).await {

@@ -9,11 +9,10 @@ use std::time::Duration;
 use icmp::cache::{self, Cache};
 use icmp::config::{Config, RedactedUrl};
 use icmp::llm::mock::{self, MockOptions, MockServer};
-use icmp::llm::{CircuitBreaker, OpenAiClient};
-use icmp::pipeline::{Failpoints, MessageHandler};
+use icmp::pipeline::Failpoints;
 use icmp::store::{self, Store};
 use icmp::stream::Streams;
-use icmp::worker::Worker;
+use icmp::worker::{ConfiguredLlm, Dependencies, Worker};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
@@ -251,41 +250,49 @@ pub async fn spawn_env(options: MockOptions, tweak: impl FnOnce(&mut Config)) ->
 }
 
 impl TestApp {
-    /// Starts one more in-process worker (consumer `name`), sharing this app's failpoints.
-    pub async fn start_worker(&mut self, name: &str) {
+    /// Starts one more in-process worker (consumer `name`), sharing this app's failpoints;
+    /// returns it (for its stats).
+    pub async fn start_worker(&mut self, name: &str) -> Arc<Worker<ConfiguredLlm>> {
         let worker = self.worker(name).await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(worker.run(async move {
+        let task = tokio::spawn(worker.clone().run(async move {
             let _ = rx.await;
         }));
         self.workers.push((tx, task));
+        worker
     }
 
-    /// A worker that is not running, for driving `handle_entry` directly.
-    pub async fn worker(&self, name: &str) -> Arc<Worker<CircuitBreaker<OpenAiClient>>> {
+    /// This app's configuration for consumer `name`.
+    pub fn consumer_config(&self, name: &str) -> Config {
         let mut config = self.config.clone();
         config.streams.consumer = format!("{}-{name}", self.config.streams.consumer);
-        // Connections of its own: the test's blocking reads on `self.redis` must not hold up
-        // the worker's commands (one connection serves its commands in order).
+        config
+    }
+
+    /// A worker that is not running (consumer `name`), built by the composition root.
+    pub async fn worker(&self, name: &str) -> Arc<Worker<ConfiguredLlm>> {
+        let config = self.consumer_config(name);
+        let deps = Dependencies {
+            store: self.store.clone(),
+            redis: self.redis.clone(),
+            cache: self.cache.clone(),
+        };
+        deps.worker(&config, self.failpoints.clone())
+            .await
+            .expect("worker")
+    }
+
+    /// The stream mechanics alone, as consumer `name` (to play a consumer by hand).
+    pub async fn streams(&self, name: &str) -> Streams {
+        let config = self.consumer_config(name);
         let reader = cache::connect(&config.redis).await.expect("redis");
         let conn = cache::connect(&config.redis).await.expect("redis");
-        let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-        let llm = CircuitBreaker::new(OpenAiClient::new(&config.llm).expect("client"), &config.llm);
-        let handler = Arc::new(MessageHandler::new(
-            config.clone(),
-            self.store.clone(),
-            cache,
-            llm,
-            self.failpoints.clone(),
-        ));
-        let streams = Streams::new(
+        Streams::new(
             reader,
             conn,
             config.streams.clone(),
             &config.redis.key_prefix,
         )
-        .with_wake_ups(redis::Client::open(config.redis.url.expose()).expect("redis url"));
-        Arc::new(Worker::new(config, handler, streams))
     }
 
     /// XADDs raw fields to the inbound stream; returns the entry id.
@@ -378,6 +385,11 @@ impl TestApp {
 
     /// Stops the in-process workers gracefully.
     pub async fn stop(mut self) {
+        self.stop_workers().await;
+    }
+
+    /// Stops the in-process workers gracefully, keeping the app.
+    pub async fn stop_workers(&mut self) {
         for (tx, task) in self.workers.drain(..) {
             let _ = tx.send(());
             let _ = tokio::time::timeout(Duration::from_secs(15), task).await;

@@ -15,3 +15,4 @@ mod operator;
 mod pipeline;
 mod processes;
 mod reliability;
+mod stream_guarantees;

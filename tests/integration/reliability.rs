@@ -7,8 +7,6 @@ use icmp::config::{Config, RedactedUrl};
 use icmp::llm::mock::MockOptions;
 use icmp::pipeline::failpoint;
 
-use redis::AsyncCommands;
-
 use crate::helpers::{self, TestApp, spawn_env};
 use crate::processes::{PrivatePg, PrivateRedis, WorkerProcess};
 
@@ -256,13 +254,24 @@ async fn a_flaky_llm_still_answers_every_message() {
         seed: 11,
         ..Default::default()
     };
-    let mut app = spawn_env(options, |c| {
+    let app = spawn_env(options, |c| {
         c.llm.request_timeout_ms = 300;
         c.retry.max_elapsed_ms = 1_500;
         c.worker.concurrency = 64;
     })
     .await;
-    app.start_worker("w0").await;
+    // A process of its own, so that its /metrics counts its retries and nobody else's.
+    let port = crate::processes::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut worker = WorkerProcess::spawn(
+        &app.config,
+        "flaky",
+        &[
+            ("ICMP__TELEMETRY__LISTEN", &listen),
+            ("ICMP__LLM__REQUEST_TIMEOUT_MS", "300"),
+            ("ICMP__RETRY__MAX_ELAPSED_MS", "1500"),
+        ],
+    );
     let messages = workload("f", 50, 2);
     app.send_many(&messages).await;
     let replies = app
@@ -279,6 +288,7 @@ async fn a_flaky_llm_still_answers_every_message() {
         100,
         "every message answered, none with an error"
     );
+    assert!(replies.values().all(|r| r.len() == 1), "one reply each");
     assert_exactly_once(&app, 100).await;
     let requests = app
         .mock
@@ -290,15 +300,24 @@ async fn a_flaky_llm_still_answers_every_message() {
         requests > calls + 30,
         "faults were retried: {requests} HTTP requests for {calls} logical calls"
     );
-    // Every retry is counted (the recorder is shared by the tests of this process).
-    let metrics = icmp::telemetry::metrics::install().render();
+    // Every retry is counted: each is one more HTTP request than the logical calls made.
+    let metrics = reqwest::get(format!("http://{listen}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
     let counted: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("icmp_retries_total{operation=\"llm."))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(counted > 0.0, "retries counted: {metrics}");
-    app.stop().await;
+    assert_eq!(
+        counted as i64,
+        requests - calls,
+        "retries counted by this worker: {metrics}"
+    );
+    worker.terminate().await;
 }
 
 #[tokio::test]
@@ -555,127 +574,4 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     assert_stored_in_order(&app).await;
     a2.terminate().await;
     b2.terminate().await;
-}
-
-#[tokio::test]
-async fn an_entry_delivered_too_often_is_dead_lettered_without_processing() {
-    let app = spawn_env(MockOptions::default(), |c| c.streams.max_deliveries = 3).await;
-    let worker = app.worker("direct").await;
-    // Deliver an entry to the worker's consumer by hand, as if three earlier holders had died.
-    let s = &app.config.streams;
-    let mut conn = app.redis.clone();
-    let _: () = conn
-        .xgroup_create_mkstream(&s.inbound, &s.group, "0")
-        .await
-        .expect("group");
-    app.send("crashy", "crashy-1", "hello").await;
-    let read: redis::streams::StreamReadReply = conn
-        .xread_options(
-            &[&s.inbound],
-            &[">"],
-            &redis::streams::StreamReadOptions::default()
-                .group(&s.group, format!("{}-direct", s.consumer))
-                .count(1),
-        )
-        .await
-        .expect("xreadgroup");
-    let id = read.keys[0].ids[0].id.clone();
-    let fields = read.keys[0].ids[0]
-        .map
-        .iter()
-        .map(|(k, v)| match v {
-            redis::Value::BulkString(b) => (k.clone(), b.clone()),
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    let entry = icmp::stream::StreamEntry {
-        id,
-        fields,
-        deliveries: 4,
-    };
-    assert_eq!(
-        worker.handle_entry(&entry).await,
-        icmp::worker::Outcome::DeadLettered
-    );
-    let dead = app.entries(&app.config.streams.dead_letter).await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0]["error_code"], "stream.max_deliveries");
-    assert_eq!(dead[0]["deliveries"], "4");
-    assert_eq!(
-        app.reply("crashy-1").await["error_code"],
-        "stream.max_deliveries"
-    );
-    assert_eq!(app.count("SELECT count(*) FROM messages", &[]).await, 0);
-    assert_eq!(
-        app.mock
-            .stats
-            .requests
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
-}
-
-#[tokio::test]
-async fn a_waiter_is_woken_by_another_workers_finish() {
-    let app = spawn_env(MockOptions::default(), |_| {}).await;
-    let streams = |name: &str| {
-        let mut c = app.config.clone();
-        c.streams.consumer = format!("{}-{name}", c.streams.consumer);
-        let config = c.clone();
-        async move {
-            let reader = icmp::cache::connect(&config.redis).await.expect("redis");
-            let conn = icmp::cache::connect(&config.redis).await.expect("redis");
-            let client = redis::Client::open(config.redis.url.expose()).expect("url");
-            icmp::stream::Streams::new(
-                reader,
-                conn,
-                config.streams.clone(),
-                &config.redis.key_prefix,
-            )
-            .with_wake_ups(client)
-        }
-    };
-    let (a, b) = (streams("a").await, streams("b").await);
-    a.ensure_group().await.expect("group");
-    app.send("wendy", "w1", "first").await;
-    app.send("wendy", "w2", "second").await;
-    let mut cursor = "0-0".to_owned();
-    let entries = a.read_new(10, &mut cursor).await.expect("read");
-    assert_eq!(entries.len(), 2);
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let listener = {
-        let a = a.clone();
-        tokio::spawn(async move { a.listen_for_wake_ups(stop_rx).await })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await; // subscribed
-    let waiter = {
-        let (a, second) = (a.clone(), entries[1].clone());
-        tokio::spawn(async move { a.wait_turn(&second).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiter.is_finished(),
-        "the second message waits behind the first"
-    );
-
-    // Another worker (its own process state) finishes the head.
-    b.publish_and_ack(
-        &app.config.streams.outbound,
-        &[("message_id", "w1".into())],
-        &entries[0],
-    )
-    .await
-    .expect("finish");
-    let turn = tokio::time::timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("woken")
-        .expect("join");
-    assert_eq!(turn.expect("redis"), icmp::stream::Turn::Go);
-    assert!(
-        a.wakes_received() >= 1,
-        "the announcement reached the other worker"
-    );
-    let _ = stop_tx.send(true);
-    let _ = listener.await;
 }

@@ -1,23 +1,28 @@
-//! Step 1: validation of an inbound entry against the protocol (DESIGN §5, docs/protocol.md).
+//! Inbound entries: decoding from raw bytes and validation against the protocol (DESIGN §5,
+//! docs/protocol.md), and the canonical form of business and user ids.
 //!
-//! Fields arrive as raw bytes so that invalid UTF-8 is reported, not replaced. Content is kept
-//! byte for byte (no trimming, no normalisation): only emptiness is judged on its trimmed form.
+//! Every entry is decoded on its own from the bytes Redis holds, so one that cannot be read
+//! (a field name that is not UTF-8, a field given twice, an oversized entry) is reported with
+//! its own error code and never fails anything else. Content is kept byte for byte (no trimming,
+//! no normalisation): only emptiness is judged on its trimmed form.
 
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::RawFields;
 use crate::config::LimitsConfig;
 use crate::error::ValidationError;
 
-/// A validated inbound message.
+/// A validated inbound message, with canonical ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboundMessage {
     /// Stream entry id.
     pub inbound_id: String,
     pub message_id: Option<String>,
     pub business_id: Uuid,
+    /// The canonical user id ([`canonical_user`]).
     pub user_id: String,
     pub content: String,
     pub conversation_id: Option<Uuid>,
@@ -26,28 +31,53 @@ pub struct InboundMessage {
 }
 
 impl InboundMessage {
-    /// The idempotency key: the producer's `message_id`, else the stream entry id.
+    /// The idempotency key within (business, user): the producer's `message_id`, else the
+    /// stream entry id.
     pub fn idempotency_key(&self) -> &str {
         self.message_id.as_deref().unwrap_or(&self.inbound_id)
     }
 }
 
+/// The canonical business id: any spelling `uuid` accepts (hyphenated, simple, braced,
+/// `urn:uuid:`, any case), surrounded by ASCII whitespace or not, is one business. The order
+/// queues' claim script (`stream::read`) computes the same form.
+pub fn canonical_business(raw: &str) -> Option<Uuid> {
+    Uuid::parse_str(raw.trim_ascii()).ok()
+}
+
+/// The canonical user id: the producer's id without surrounding ASCII whitespace. The claim
+/// script trims the same characters.
+pub fn canonical_user(raw: &str) -> &str {
+    raw.trim_ascii()
+}
+
+/// The fields of an entry by name, once each, as UTF-8 names.
+fn by_name(fields: &RawFields) -> Result<HashMap<&str, &[u8]>, ValidationError> {
+    let mut map = HashMap::with_capacity(fields.len());
+    for (k, v) in fields {
+        let name = std::str::from_utf8(k).map_err(|_| ValidationError::UnreadableFieldName)?;
+        if map.insert(name, v.as_slice()).is_some() {
+            return Err(ValidationError::DuplicateField(
+                name.chars().take(64).collect(),
+            ));
+        }
+    }
+    Ok(map)
+}
+
 fn text(
-    fields: &HashMap<String, Vec<u8>>,
+    fields: &HashMap<&str, &[u8]>,
     name: &'static str,
 ) -> Result<Option<String>, ValidationError> {
     match fields.get(name) {
         None => Ok(None),
-        Some(bytes) => String::from_utf8(bytes.clone())
+        Some(bytes) => String::from_utf8(bytes.to_vec())
             .map(Some)
             .map_err(|_| ValidationError::InvalidUtf8(name)),
     }
 }
 
-fn required(
-    fields: &HashMap<String, Vec<u8>>,
-    name: &'static str,
-) -> Result<String, ValidationError> {
+fn required(fields: &HashMap<&str, &[u8]>, name: &'static str) -> Result<String, ValidationError> {
     match text(fields, name)? {
         Some(s) if !s.trim().is_empty() => Ok(s),
         _ => Err(ValidationError::MissingField(name)),
@@ -55,7 +85,7 @@ fn required(
 }
 
 fn uuid_field(value: &str, field: &'static str) -> Result<Uuid, ValidationError> {
-    Uuid::parse_str(value.trim()).map_err(|_| ValidationError::InvalidField {
+    canonical_business(value).ok_or_else(|| ValidationError::InvalidField {
         field,
         reason: "not a UUID".into(),
     })
@@ -74,16 +104,31 @@ pub fn check_reply_to(reply_to: &str, prefix: &str) -> Result<(), ValidationErro
     Ok(())
 }
 
-/// Validates the fields of one inbound entry.
+/// Decodes and validates the raw fields of one inbound entry.
 ///
 /// # Errors
 /// The first problem found, as a [`ValidationError`] with a stable code.
-pub fn validate(
+pub fn decode(
     inbound_id: &str,
-    fields: &HashMap<String, Vec<u8>>,
+    raw: &RawFields,
     limits: &LimitsConfig,
     reply_prefix: &str,
 ) -> Result<InboundMessage, ValidationError> {
+    let size: usize = raw.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > limits.max_entry_bytes {
+        return Err(ValidationError::EntryTooLarge {
+            size,
+            limit: limits.max_entry_bytes,
+        });
+    }
+    if raw.len() > super::MAX_FIELDS {
+        return Err(ValidationError::TooManyFields {
+            count: raw.len(),
+            limit: super::MAX_FIELDS,
+        });
+    }
+    let fields = by_name(raw)?;
+    let fields = &fields;
     let reply_to = text(fields, "reply_to")?.filter(|s| !s.is_empty());
     if let Some(r) = &reply_to {
         check_reply_to(r, reply_prefix)?;
@@ -98,7 +143,7 @@ pub fn validate(
         });
     }
     let business_id = uuid_field(&required(fields, "business_id")?, "business_id")?;
-    let user_id = required(fields, "user_id")?;
+    let user_id = canonical_user(&required(fields, "user_id")?).to_owned();
     if user_id.chars().count() > limits.max_user_id_chars {
         return Err(ValidationError::InvalidField {
             field: "user_id",
@@ -120,7 +165,8 @@ pub fn validate(
                     limit: limits.max_content_bytes,
                 });
             }
-            String::from_utf8(bytes.clone()).map_err(|_| ValidationError::InvalidUtf8("content"))?
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| ValidationError::InvalidUtf8("content"))?
         }
     };
     if content.trim().is_empty() {
@@ -175,27 +221,28 @@ mod tests {
             max_metadata_bytes: 32,
             max_message_id_chars: 8,
             max_user_id_chars: 8,
+            max_entry_bytes: 200,
         }
     }
 
-    fn fields(pairs: &[(&str, &[u8])]) -> HashMap<String, Vec<u8>> {
+    fn fields(pairs: &[(&str, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
         pairs
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
             .collect()
     }
 
     const BIZ: &[u8] = b"7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001";
 
     fn code(f: &[(&str, &[u8])]) -> &'static str {
-        validate("1-0", &fields(f), &limits(), "r:")
+        decode("1-0", &fields(f), &limits(), "r:")
             .expect_err("invalid")
             .code()
     }
 
     #[test]
     fn a_valid_entry_keeps_content_verbatim() {
-        let m = validate(
+        let m = decode(
             "1-0",
             &fields(&[
                 ("business_id", BIZ),
@@ -298,5 +345,56 @@ mod tests {
             ]),
             "validation.invalid_field"
         );
+    }
+
+    #[test]
+    fn unreadable_names_repeated_fields_and_huge_entries_have_their_codes() {
+        let mut f = fields(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x")]);
+        f.push((vec![0xff, 0xfe], b"v".to_vec()));
+        let e = decode("1-0", &f, &limits(), "r:").expect_err("invalid");
+        assert_eq!(e.code(), "validation.unreadable_field_name");
+        let f = fields(&[
+            ("business_id", BIZ),
+            ("user_id", b"a"),
+            ("user_id", b"b"),
+            ("content", b"x"),
+        ]);
+        let e = decode("1-0", &f, &limits(), "r:").expect_err("invalid");
+        assert_eq!(e.code(), "validation.duplicate_field");
+        let f = fields(&[
+            ("business_id", BIZ),
+            ("user_id", b"a"),
+            ("content", b"x"),
+            ("padding", &[b'p'; 300]),
+        ]);
+        let e = decode("1-0", &f, &limits(), "r:").expect_err("invalid");
+        assert_eq!(e.code(), "validation.entry_too_large");
+    }
+
+    #[test]
+    fn every_spelling_of_a_business_and_a_padded_user_are_one_canonical_pair() {
+        let canonical = "7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001";
+        for spelling in [
+            canonical,
+            "7D1F4C9E-2B1A-4E55-9A7C-0C0FFEE00001",
+            "{7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001}",
+            "urn:uuid:7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001",
+            "7d1f4c9e2b1a4e559a7c0c0ffee00001",
+            "  7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001\t",
+        ] {
+            let m = decode(
+                "1-0",
+                &fields(&[
+                    ("business_id", spelling.as_bytes()),
+                    ("user_id", b" al\n"),
+                    ("content", b"x"),
+                ]),
+                &limits(),
+                "r:",
+            )
+            .expect(spelling);
+            assert_eq!(m.business_id.to_string(), canonical, "{spelling}");
+            assert_eq!(m.user_id, "al");
+        }
     }
 }

@@ -1,0 +1,116 @@
+//! The fenced finish: one script acknowledges the inbound entry and, only if that acknowledged
+//! it, publishes the reply (and the dead letter). Whichever holder finishes first publishes;
+//! any other publishes nothing. A finish retried after an ambiguous failure (the script ran
+//! but its answer was lost) therefore publishes nothing the second time: at most one reply per
+//! inbound entry, by construction.
+//!
+//! The same script removes the entry from its order queue and announces the queue on the wake
+//! channel, so the next entry of that user starts at once, here or in another worker.
+
+use redis::Value;
+
+use super::Streams;
+use super::order::QueueSlot;
+use crate::error::StreamError;
+
+/// How long an abandoned `reply_to` stream lives.
+const REPLY_STREAM_TTL_SECS: u64 = 3600;
+
+/// `KEYS[1]` = inbound, `KEYS[2]` = reply stream, `KEYS[3]` = dead-letter stream,
+/// `KEYS[4]` = order queue (optional);
+/// `ARGV` = group, entry id, queue member, wake channel, reply max length (0: none), reply
+/// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, then the
+/// reply's field/value items and the dead letter's. Returns 1 when this call acknowledged the
+/// entry (and published), 0 when someone else had.
+pub(crate) const FINISH_SCRIPT: &str = r"
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+local nr, nd = tonumber(ARGV[8]), tonumber(ARGV[9])
+if acked == 1 then
+  if nd > 0 then
+    local args = {'XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*'}
+    for i = 10 + nr, 9 + nr + nd do args[#args + 1] = ARGV[i] end
+    redis.call(unpack(args))
+  end
+  if nr > 0 then
+    local args = {'XADD', KEYS[2]}
+    if tonumber(ARGV[5]) > 0 then
+      args[#args + 1] = 'MAXLEN'
+      args[#args + 1] = '~'
+      args[#args + 1] = ARGV[5]
+    end
+    args[#args + 1] = '*'
+    for i = 10, 9 + nr do args[#args + 1] = ARGV[i] end
+    redis.call(unpack(args))
+    if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
+  end
+end
+if KEYS[4] and redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
+  redis.call('PUBLISH', ARGV[4], KEYS[4])
+end
+return acked
+";
+
+/// What finishing one entry publishes.
+#[derive(Debug, Clone, Default)]
+pub struct Finish<'a> {
+    /// The reply and its stream; `None` publishes no reply (an entry that vanished).
+    pub reply: Option<(&'a str, Vec<(&'static str, String)>)>,
+    /// The dead-letter entry, if the entry is dead-lettered.
+    pub dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Streams {
+    /// Finishes entry `id` (see the module docs). Returns whether this call acknowledged it
+    /// (and so published); `false` means another holder had finished it: nothing was published.
+    pub async fn finish(
+        &self,
+        id: &str,
+        slot: Option<&QueueSlot>,
+        finish: &Finish<'_>,
+    ) -> Result<bool, StreamError> {
+        let outbound = self.config.outbound.as_str();
+        let reply_stream = finish.reply.as_ref().map_or(outbound, |(s, _)| *s);
+        let (maxlen, ttl) = if reply_stream == outbound {
+            (self.config.outbound_maxlen, 0)
+        } else if !self.config.reply_prefix.is_empty()
+            && reply_stream.starts_with(&self.config.reply_prefix)
+        {
+            (0, REPLY_STREAM_TTL_SECS)
+        } else {
+            (0, 0)
+        };
+        let reply_items = finish.reply.as_ref().map_or(0, |(_, f)| f.len() * 2);
+        let dead_items = finish.dead_letter.as_ref().map_or(0, |f| f.len() * 2);
+        let mut inv = self.scripts.finish.prepare_invoke();
+        inv.key(&self.config.inbound)
+            .key(reply_stream)
+            .key(&self.config.dead_letter);
+        if let Some(slot) = slot {
+            inv.key(slot.key.as_slice());
+        }
+        inv.arg(&self.config.group)
+            .arg(id)
+            .arg(slot.map_or("", |s| s.member.as_str()))
+            .arg(&self.keys.wake_channel)
+            .arg(maxlen)
+            .arg(ttl)
+            .arg(self.config.dead_letter_maxlen)
+            .arg(reply_items)
+            .arg(dead_items);
+        if let Some((_, fields)) = &finish.reply {
+            for (k, v) in fields {
+                inv.arg(*k).arg(v.as_str());
+            }
+        }
+        if let Some(fields) = &finish.dead_letter {
+            for (k, v) in fields {
+                inv.arg(k.as_slice()).arg(v.as_slice());
+            }
+        }
+        match inv.invoke_async(&mut self.conn()).await? {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            other => Err(StreamError::UnexpectedReply(format!("finish: {other:?}"))),
+        }
+    }
+}

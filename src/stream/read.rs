@@ -1,0 +1,261 @@
+//! Delivering entries to this consumer: new ones (queued in their user's order queue in the same
+//! script, so each queue's order is the stream's order whichever worker got which entry), and
+//! stale ones of dead consumers (with their delivery counts, following XAUTOCLAIM's cursor).
+//!
+//! Scripts may not block, so when nothing is new the reader waits with a plain `XREAD BLOCK`
+//! after the stream's last id (which delivers nothing to the group) and claims again.
+
+use redis::Value;
+use redis::streams::StreamReadOptions;
+
+use super::order::{QueueSlot, member};
+use super::{StreamEntry, Streams, array, bytes, raw_fields, text};
+use crate::error::StreamError;
+
+/// Lua helpers shared by the claim scripts: the canonical business and user ids, exactly as
+/// `protocol::inbound::canonical_business` / `canonical_user` compute them for every id they
+/// accept (the scripts accept a superset: what Rust then rejects is answered with an error and
+/// finished through the key the script reported), and the queue member of an entry id.
+const PRELUDE: &str = r"
+local function trim(s)
+  s = string.gsub(s, '^[ \t\n\f\r]+', '')
+  s = string.gsub(s, '[ \t\n\f\r]+$', '')
+  return s
+end
+local function canon_business(s)
+  if #s > 128 then return nil end
+  s = string.lower(trim(s))
+  if string.sub(s, 1, 9) == 'urn:uuid:' then s = string.sub(s, 10) end
+  if string.sub(s, 1, 1) == '{' and string.sub(s, -1) == '}' then s = string.sub(s, 2, -2) end
+  local h
+  if #s == 36 and string.match(s, '^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$') then
+    h = string.gsub(s, '%-', '')
+  elseif #s == 32 and string.match(s, '^%x+$') then
+    h = s
+  else
+    return nil
+  end
+  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16)
+    .. '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21, 32)
+end
+local function queue_key(prefix, fields)
+  local b, u
+  for i = 1, #fields, 2 do
+    if fields[i] == 'business_id' then b = fields[i + 1]
+    elseif fields[i] == 'user_id' then u = fields[i + 1] end
+  end
+  if not b or not u then return nil end
+  b = canon_business(b)
+  if #u > 2048 then return nil end
+  u = trim(u)
+  if not b or #u == 0 or #u > 1024 then return nil end
+  return prefix .. b .. ':' .. u
+end
+local function member(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
+end
+";
+
+/// `KEYS[1]` = inbound stream; `ARGV` = group, consumer, count, queue key prefix.
+/// Returns `{last_id, {{id, fields, queue_key | false}, …}}`: the stream's last id when the
+/// script ran, and the entries it delivered and queued.
+const CLAIM_BODY: &str = r"
+local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last_id = '0-0'
+if last[1] then last_id = last[1][1] end
+local out = {}
+if res then
+  for _, e in ipairs(res[1][2]) do
+    local key = queue_key(ARGV[4], e[2])
+    if key then redis.call('ZADD', key, 0, member(e[1])) end
+    out[#out + 1] = {e[1], e[2], key or false}
+  end
+end
+return {last_id, out}
+";
+
+/// `KEYS[1]` = inbound stream; `ARGV` = group, consumer, min idle ms, cursor, count, queue
+/// key prefix. Returns `{next_cursor, {{id, fields, deliveries, queue_key | false}, …},
+/// deleted_ids}`. A reclaimed entry is (re)queued: it is pending, so it belongs in its queue.
+const RECLAIM_BODY: &str = r"
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local out = {}
+for _, e in ipairs(r[2]) do
+  if e and e[2] then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    local n = 1
+    if p[1] then n = p[1][4] end
+    local key = queue_key(ARGV[6], e[2])
+    if key then redis.call('ZADD', key, 0, member(e[1])) end
+    out[#out + 1] = {e[1], e[2], n, key or false}
+  end
+end
+return {r[1], out, r[3] or {}}
+";
+
+pub(crate) fn claim_script() -> String {
+    format!("{PRELUDE}{CLAIM_BODY}")
+}
+
+pub(crate) fn reclaim_script() -> String {
+    format!("{PRELUDE}{RECLAIM_BODY}")
+}
+
+/// What one reclaim pass found.
+#[derive(Debug, Default)]
+pub struct Reclaimed {
+    pub entries: Vec<StreamEntry>,
+    /// Ids that were pending but no longer exist in the stream (XDEL, XTRIM): Redis dropped
+    /// them from the pending list.
+    pub deleted: Vec<String>,
+    /// Where the next pass starts (`0-0`: the scan is complete and starts over).
+    pub cursor: String,
+}
+
+fn unexpected(what: &str) -> StreamError {
+    StreamError::UnexpectedReply(what.to_owned())
+}
+
+fn slot_of(id: &str, key: Value) -> Option<QueueSlot> {
+    bytes(key).map(|key| QueueSlot {
+        key,
+        member: member(id),
+    })
+}
+
+impl Streams {
+    /// Delivers up to `count` new entries to this consumer and queues each behind the earlier
+    /// entries of its user, in one script. Returns the stream's last id too. Each entry is
+    /// decoded on its own: one of an unexpected shape is skipped and logged, never fails the
+    /// others.
+    pub async fn claim_new(&self, count: usize) -> Result<(String, Vec<StreamEntry>), StreamError> {
+        let reply: Value = self
+            .scripts
+            .claim
+            .key(&self.config.inbound)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(count.max(1))
+            .arg(&self.keys.queue_prefix)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let mut parts = array(reply).ok_or_else(|| unexpected("claim"))?.into_iter();
+        let last_id = parts
+            .next()
+            .and_then(text)
+            .ok_or_else(|| unexpected("claim: last id"))?;
+        let items = parts.next().and_then(array).unwrap_or_default();
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let mut p = array(item).unwrap_or_default().into_iter();
+            let (Some(id), Some(fields), Some(key)) = (p.next().and_then(text), p.next(), p.next())
+            else {
+                tracing::warn!("skipping a delivered entry of an unexpected shape");
+                continue;
+            };
+            out.push(StreamEntry {
+                slot: slot_of(&id, key),
+                fields: raw_fields(fields).unwrap_or_default(),
+                id,
+                deliveries: 1,
+            });
+        }
+        Ok((last_id, out))
+    }
+
+    /// New entries for this consumer. When none are waiting, blocks up to `block_ms` on a
+    /// plain `XREAD` after `cursor` (the stream's last id, carried between calls), then claims.
+    pub async fn read_new(
+        &self,
+        count: usize,
+        cursor: &mut String,
+    ) -> Result<Vec<StreamEntry>, StreamError> {
+        let (last, entries) = self.claim_new(count).await?;
+        *cursor = last;
+        if !entries.is_empty() {
+            return Ok(entries);
+        }
+        let opts = StreamReadOptions::default()
+            .count(1)
+            .block(self.config.block_ms as usize);
+        let _: Value = redis::cmd("XREAD")
+            .arg(&opts)
+            .arg("STREAMS")
+            .arg(&self.config.inbound)
+            .arg(cursor.as_str())
+            .query_async(&mut self.reader.clone())
+            .await?;
+        let (last, entries) = self.claim_new(count).await?;
+        *cursor = last;
+        Ok(entries)
+    }
+
+    /// Takes over up to `count` entries idle for `claim_idle_ms` (their consumer died or gave
+    /// them up), starting at `cursor`, with their delivery counts.
+    pub async fn reclaim(&self, cursor: &str, count: usize) -> Result<Reclaimed, StreamError> {
+        let reply: Value = self
+            .scripts
+            .reclaim
+            .key(&self.config.inbound)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(self.config.claim_idle_ms)
+            .arg(cursor)
+            .arg(count.max(1))
+            .arg(&self.keys.queue_prefix)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let mut parts = array(reply)
+            .ok_or_else(|| unexpected("reclaim"))?
+            .into_iter();
+        let cursor = parts
+            .next()
+            .and_then(text)
+            .ok_or_else(|| unexpected("reclaim: cursor"))?;
+        let mut entries = Vec::new();
+        for item in parts.next().and_then(array).unwrap_or_default() {
+            let mut p = array(item).unwrap_or_default().into_iter();
+            let (Some(id), Some(fields), Some(Value::Int(n)), Some(key)) =
+                (p.next().and_then(text), p.next(), p.next(), p.next())
+            else {
+                tracing::warn!("skipping a reclaimed entry of an unexpected shape");
+                continue;
+            };
+            entries.push(StreamEntry {
+                slot: slot_of(&id, key),
+                fields: raw_fields(fields).unwrap_or_default(),
+                id,
+                deliveries: u64::try_from(n).unwrap_or(1),
+            });
+        }
+        let deleted = parts
+            .next()
+            .and_then(array)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(text)
+            .collect();
+        Ok(Reclaimed {
+            entries,
+            deleted,
+            cursor,
+        })
+    }
+
+    /// The fields of an entry that waited without them (see the worker's waiting room);
+    /// `None` when the entry is no longer in the stream.
+    pub async fn fetch(&self, id: &str) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, StreamError> {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&self.config.inbound)
+            .arg(id)
+            .arg(id)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(super::range_entries(reply)
+            .into_iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, f)| f))
+    }
+}
