@@ -22,6 +22,8 @@ use crate::error::StreamError;
 /// `ARGV` = group, member, entry id, wake channel, dead-letter max length, now (RFC 3339).
 /// Returns `{verdict, healed}`: `go` (the entry is the head), `wait` (an earlier entry is
 /// pending) or `gone` (the entry is no longer pending), and how many stale heads it removed.
+/// With an empty member (the sweep of queues nobody here waits on) it only heals: `wait` when
+/// the head is pending, `gone` when the queue is empty.
 pub(crate) const HEAD_SCRIPT: &str = r"
 local function unpad(m)
   local ms, seq = string.match(m, '^(%d+)-(%d+)$')
@@ -36,10 +38,12 @@ local function pending(id)
 end
 local healed = 0
 local verdict = 'wait'
+local sweep = ARGV[2] == ''
 for _ = 1, 100 do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  if head == ARGV[2] then verdict = 'go' break end
-  if (not head) or head > ARGV[2] then
+  if not sweep and head == ARGV[2] then verdict = 'go' break end
+  if sweep and not head then verdict = 'gone' break end
+  if not sweep and ((not head) or head > ARGV[2]) then
     if not pending(ARGV[3]) then verdict = 'gone' break end
     redis.call('ZADD', KEYS[2], 0, ARGV[2])
   else
@@ -106,18 +110,42 @@ impl Streams {
         &self,
         slots: &[(&QueueSlot, &str)],
     ) -> Result<Vec<HeadCheck>, StreamError> {
-        if slots.is_empty() {
+        let checks: Vec<(&[u8], &str, &str)> = slots
+            .iter()
+            .map(|(slot, id)| (slot.key.as_slice(), slot.member.as_str(), *id))
+            .collect();
+        self.run_head_checks(&checks).await
+    }
+
+    /// Heals the heads of the given queues (whoever waits on them), in one round trip;
+    /// returns how many stale heads were removed.
+    pub async fn heal_queues(&self, keys: &[Vec<u8>]) -> Result<u64, StreamError> {
+        let checks: Vec<(&[u8], &str, &str)> =
+            keys.iter().map(|k| (k.as_slice(), "", "")).collect();
+        Ok(self
+            .run_head_checks(&checks)
+            .await?
+            .iter()
+            .map(|c| c.healed)
+            .sum())
+    }
+
+    async fn run_head_checks(
+        &self,
+        checks: &[(&[u8], &str, &str)],
+    ) -> Result<Vec<HeadCheck>, StreamError> {
+        if checks.is_empty() {
             return Ok(Vec::new());
         }
         let now = chrono::Utc::now().to_rfc3339();
         let mut pipe = redis::pipe();
-        for (slot, id) in slots {
+        for (key, member, id) in checks {
             let mut inv = self.scripts.head.prepare_invoke();
             inv.key(&self.config.inbound)
-                .key(slot.key.as_slice())
+                .key(*key)
                 .key(&self.config.dead_letter)
                 .arg(&self.config.group)
-                .arg(&slot.member)
+                .arg(*member)
                 .arg(*id)
                 .arg(&self.keys.wake_channel)
                 .arg(self.config.dead_letter_maxlen)

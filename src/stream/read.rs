@@ -44,11 +44,14 @@ local function queue_key(prefix, fields)
     if fields[i] == 'business_id' then b = fields[i + 1]
     elseif fields[i] == 'user_id' then u = fields[i + 1] end
   end
-  if not b or not u then return nil end
+  -- Entries without a usable business and user (invalid: answered at once) share one queue,
+  -- so that they too are tracked until finished (see order.rs).
+  local other = prefix .. '-'
+  if not b or not u then return other end
   b = canon_business(b)
-  if #u > 2048 then return nil end
+  if #u > 2048 then return other end
   u = trim(u)
-  if not b or #u == 0 or #u > 1024 then return nil end
+  if not b or #u == 0 or #u > 1024 then return other end
   return prefix .. b .. ':' .. u
 end
 local function member(id)
@@ -58,8 +61,8 @@ end
 ";
 
 /// `KEYS[1]` = inbound stream; `ARGV` = group, consumer, count, queue key prefix.
-/// Returns `{last_id, {{id, fields, queue_key | false}, …}}`: the stream's last id when the
-/// script ran, and the entries it delivered and queued.
+/// Returns `{last_id, {{id, fields, queue_key}, …}}`: the stream's last id when the script
+/// ran, and the entries it delivered and queued.
 const CLAIM_BODY: &str = r"
 local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -69,15 +72,15 @@ local out = {}
 if res then
   for _, e in ipairs(res[1][2]) do
     local key = queue_key(ARGV[4], e[2])
-    if key then redis.call('ZADD', key, 0, member(e[1])) end
-    out[#out + 1] = {e[1], e[2], key or false}
+    redis.call('ZADD', key, 0, member(e[1]))
+    out[#out + 1] = {e[1], e[2], key}
   end
 end
 return {last_id, out}
 ";
 
 /// `KEYS[1]` = inbound stream; `ARGV` = group, consumer, min idle ms, cursor, count, queue
-/// key prefix. Returns `{next_cursor, {{id, fields, deliveries, queue_key | false}, …},
+/// key prefix. Returns `{next_cursor, {{id, fields, deliveries, queue_key}, …},
 /// deleted_ids}`. A reclaimed entry is (re)queued: it is pending, so it belongs in its queue.
 const RECLAIM_BODY: &str = r"
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
@@ -88,8 +91,8 @@ for _, e in ipairs(r[2]) do
     local n = 1
     if p[1] then n = p[1][4] end
     local key = queue_key(ARGV[6], e[2])
-    if key then redis.call('ZADD', key, 0, member(e[1])) end
-    out[#out + 1] = {e[1], e[2], n, key or false}
+    redis.call('ZADD', key, 0, member(e[1]))
+    out[#out + 1] = {e[1], e[2], n, key}
   end
 end
 return {r[1], out, r[3] or {}}

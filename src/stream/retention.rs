@@ -1,6 +1,8 @@
 //! Retention: the inbound stream is trimmed behind every consumer group (nothing pending or
-//! undelivered is ever trimmed), and consumers that are idle with nothing pending are removed
-//! (host-pid consumer names pile up as pods come and go). The dead-letter and outbound streams
+//! undelivered is ever trimmed), consumers that are idle with nothing pending are removed
+//! (host-pid consumer names pile up as pods come and go), and every order queue's head is
+//! checked now and then, so that an orphaned entry (its consumer deleted while it held it) is
+//! found even when nobody waits behind it. The dead-letter and outbound streams
 //! are bounded by `MAXLEN ~` where they are written.
 //!
 //! Both run as scripts, so the check and the act are one atomic step: a consumer that reads
@@ -92,9 +94,53 @@ impl Streams {
     }
 }
 
+impl Streams {
+    /// Checks the heads of up to about `count` order queues of this stream and group, starting
+    /// at SCAN cursor `cursor`; returns the next cursor (0: the keyspace was covered) and how
+    /// many stale heads were healed.
+    pub async fn sweep_queues(&self, cursor: u64, count: usize) -> Result<(u64, u64), StreamError> {
+        let pattern = format!("{}*", glob_escape(&self.keys.queue_prefix));
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn())
+            .await?;
+        let healed = self.heal_queues(&keys).await?;
+        Ok((next, healed))
+    }
+}
+
+/// `text` as a literal in a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn count(reply: Value, what: &str) -> Result<u64, StreamError> {
     match reply {
         Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
         other => Err(StreamError::UnexpectedReply(format!("{what}: {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns_match_queue_prefixes_literally() {
+        assert_eq!(
+            glob_escape("p:order:{a[1]*}:g?:"),
+            "p:order:{a\\[1\\]\\*}:g\\?:"
+        );
     }
 }

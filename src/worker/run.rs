@@ -393,9 +393,21 @@ impl<L: LlmService> Worker<L> {
     async fn retention_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let s = &self.config.streams;
         let every = Duration::from_millis(s.retention_interval_ms.max(100));
+        let mut sweep_cursor = 0u64;
         loop {
             if wait_or_stop(&mut stop, every).await {
                 return;
+            }
+            match self.streams.sweep_queues(sweep_cursor, 200).await {
+                Ok((next, healed)) => {
+                    sweep_cursor = next;
+                    if healed > 0 {
+                        tracing::warn!(healed, "sweep removed stale queue heads");
+                        metrics::stream_event(StreamEvent::HeadHealed, healed);
+                        WorkerStats::add(&self.stats.heads_healed, healed);
+                    }
+                }
+                Err(e) => metrics::record_error(&e, "sweep queues"),
             }
             match self.streams.trim_inbound(s.inbound_retain_ms).await {
                 Ok(n) => {

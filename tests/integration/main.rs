@@ -15,4 +15,5 @@ mod operator;
 mod pipeline;
 mod processes;
 mod reliability;
+mod soak;
 mod stream_guarantees;

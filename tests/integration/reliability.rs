@@ -300,7 +300,8 @@ async fn a_flaky_llm_still_answers_every_message() {
         requests > calls + 30,
         "faults were retried: {requests} HTTP requests for {calls} logical calls"
     );
-    // Every retry is counted: each is one more HTTP request than the logical calls made.
+    // Every retry is counted by this worker: each HTTP request beyond the logical calls was a
+    // retry (a retry whose request timed out before the mock read it is counted too).
     let metrics = reqwest::get(format!("http://{listen}/metrics"))
         .await
         .expect("scrape")
@@ -312,10 +313,10 @@ async fn a_flaky_llm_still_answers_every_message() {
         .filter(|l| l.starts_with("icmp_retries_total{operation=\"llm."))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert_eq!(
-        counted as i64,
-        requests - calls,
-        "retries counted by this worker: {metrics}"
+    assert!(
+        counted as i64 >= requests - calls,
+        "{counted} retries counted for {} extra requests: {metrics}",
+        requests - calls
     );
     worker.terminate().await;
 }
