@@ -98,9 +98,9 @@ impl<L: LlmService> Worker<L> {
 
         let slots = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
-        let mut poll = tokio::time::interval(Duration::from_millis(
-            self.config.worker.queue_poll_ms.max(10),
-        ));
+        let poll_every = Duration::from_millis(self.config.worker.queue_poll_ms.max(10));
+        let mut poll =
+            tokio::time::interval_at(tokio::time::Instant::now() + poll_every, poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges = tokio::time::interval(Duration::from_secs(5));
         let mut failures = 0u32;

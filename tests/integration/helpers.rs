@@ -420,8 +420,44 @@ impl TestApp {
         }
     }
 
-    /// Reads the outbound stream until every id in `ids` has a reply; returns every reply
-    /// per id (a duplicate publication shows as a second element).
+    /// Entries delivered to the group and not acknowledged (`i64::MAX` while Redis cannot
+    /// tell, e.g. during a restart).
+    pub async fn pending(&self) -> i64 {
+        let s = &self.config.streams;
+        let summary: Result<redis::Value, _> = redis::cmd("XPENDING")
+            .arg(&s.inbound)
+            .arg(&s.group)
+            .query_async(&mut self.redis.clone())
+            .await;
+        match summary {
+            Ok(redis::Value::Array(items)) => match items.first() {
+                Some(redis::Value::Int(n)) => *n,
+                _ => i64::MAX,
+            },
+            _ => i64::MAX,
+        }
+    }
+
+    /// Waits until nothing is pending in the group. A reply is published only by the script
+    /// that acknowledges its entry, so once nothing is pending, no further reply can appear:
+    /// counts taken afterwards are final.
+    pub async fn settle(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let pending = self.pending().await;
+            if pending == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{pending} entries still pending"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads the outbound stream until every id in `ids` has a reply and nothing is pending;
+    /// returns every reply per id (a duplicate publication shows as a second element).
     pub async fn wait_all(
         &self,
         ids: &std::collections::HashSet<String>,
@@ -458,7 +494,14 @@ impl TestApp {
                 }
             }
         }
-        got
+        self.settle(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
+        let mut all: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
+        for mut e in self.entries(&self.config.streams.outbound).await {
+            e.remove("__id");
+            all.entry(e["message_id"].clone()).or_default().push(e);
+        }
+        all
     }
 }
 

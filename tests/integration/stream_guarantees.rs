@@ -20,7 +20,7 @@ async fn settled(app: &TestApp, expected: usize) -> HashMap<String, Vec<HashMap<
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         let replies = app.entries(&app.config.streams.outbound).await;
-        let pending = pending_count(app).await;
+        let pending = app.pending().await;
         let by_entry = group_by(&replies, "inbound_id");
         if pending == 0 && by_entry.len() >= expected {
             return by_entry;
@@ -43,23 +43,6 @@ fn group_by(
         out.entry(e[field].clone()).or_default().push(e.clone());
     }
     out
-}
-
-async fn pending_count(app: &TestApp) -> i64 {
-    let s = &app.config.streams;
-    let summary: redis::Value = redis::cmd("XPENDING")
-        .arg(&s.inbound)
-        .arg(&s.group)
-        .query_async(&mut app.redis.clone())
-        .await
-        .expect("xpending");
-    match summary {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        },
-        _ => 0,
-    }
 }
 
 /// Every order queue of this app's key prefix.
@@ -712,5 +695,53 @@ async fn retention_trims_behind_every_group_and_prunes_idle_consumers_only() {
         .map(|e| e["__id"].clone())
         .collect();
     assert!(left.contains(&later), "undelivered to `late-readers`: kept");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiter_starts_on_another_workers_wake_up_not_on_a_poll() {
+    // The safety-net poll is ten minutes: only the pub/sub announcement can start the waiter
+    // within this test's time.
+    let mut app = spawn_env(MockOptions::default(), |c| c.worker.queue_poll_ms = 600_000).await;
+    ensure_group(&app).await;
+    let first = app.send("wendy", "w1", "first").await;
+    let other = app.streams("other").await;
+    let (_, held) = other.claim_new(1).await.expect("claim");
+    assert_eq!(held[0].id, first);
+    let second = app.send("wendy", "w2", "second").await;
+    let worker = app.start_worker("w0").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !app.entries(&app.config.streams.outbound)
+            .await
+            .iter()
+            .any(|r| r["inbound_id"] == second),
+        "the second message waits behind the first"
+    );
+    // The other consumer (a process of its own, as far as the worker knows) finishes the head.
+    let out = app.config.streams.outbound.clone();
+    let finish = Finish {
+        reply: Some((out.as_str(), vec![("message_id", "w1".into())])),
+        dead_letter: None,
+    };
+    assert!(
+        other
+            .finish(&first, held[0].slot.as_ref(), &finish)
+            .await
+            .expect("finish")
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(20), app.reply("w2"))
+        .await
+        .expect("woken by the announcement");
+    assert_eq!(reply["inbound_id"], second);
+    assert!(
+        WorkerStats::get(&worker.stats().wakes) >= 1,
+        "counted as a wake-up"
+    );
+    assert_eq!(
+        WorkerStats::get(&worker.stats().polled_checks),
+        0,
+        "no poll ran"
+    );
     app.stop().await;
 }
