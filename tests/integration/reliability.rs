@@ -409,21 +409,9 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
     assert_eq!(dead[0]["message_id"], "poison");
     assert_eq!(dead[0]["error_code"], "template.render");
 
-    // A message that crashes its handler every time ends there after max_deliveries.
-    app.failpoints.enable(failpoint::PANIC);
-    app.send("q", "panics", "hello").await;
-    let reply = app.reply("panics").await;
-    assert_eq!(reply["error_code"], "internal.panic");
-    let dead = app.entries(&app.config.streams.dead_letter).await;
-    assert_eq!(dead.len(), 2);
-    assert_eq!(
-        dead[1]["deliveries"],
-        app.config.streams.max_deliveries.to_string()
-    );
-    app.failpoints.disable(failpoint::PANIC);
     assert_eq!(
         app.count(
-            "SELECT count(*) FROM messages WHERE idempotency_key IN ('poison', 'panics')",
+            "SELECT count(*) FROM messages WHERE idempotency_key = 'poison'",
             &[]
         )
         .await,
@@ -462,10 +450,11 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        app.entries(&app.config.streams.dead_letter).await.len(),
-        1,
-        "only `panics` left"
+    assert!(
+        app.entries(&app.config.streams.dead_letter)
+            .await
+            .is_empty(),
+        "the replayed entry left the dead-letter stream"
     );
     assert_eq!(
         app.count(

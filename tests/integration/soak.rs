@@ -343,7 +343,7 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let mut replayed = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let pending = pending(app).await;
+        let pending = app.pending().await;
         let lag = lag(app).await;
         let dead = app.entries(&s.dead_letter).await;
         if !dead.is_empty() && pending == 0 && lag == 0 {
@@ -482,7 +482,7 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
         }
     }
     assert_eq!(stored, expected, "per-user order");
-    assert_eq!(pending(app).await, 0);
+    assert_eq!(app.pending().await, 0);
     let queues: Vec<String> = app
         .redis
         .clone()
@@ -502,22 +502,6 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     );
     for (_, w) in &mut soak.workers {
         w.terminate().await;
-    }
-}
-
-async fn pending(app: &TestApp) -> i64 {
-    let s = &app.config.streams;
-    let v: Result<redis::Value, _> = redis::cmd("XPENDING")
-        .arg(&s.inbound)
-        .arg(&s.group)
-        .query_async(&mut app.redis.clone())
-        .await;
-    match v {
-        Ok(redis::Value::Array(items)) => match items.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        },
-        _ => i64::MAX,
     }
 }
 
