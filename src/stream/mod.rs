@@ -13,7 +13,9 @@
 //!
 //! Every script receives the keys it writes in `KEYS`, except the claim scripts, whose queue
 //! keys come from the entries they deliver: those keys carry the inbound stream's hash tag, so
-//! on Redis Cluster they live in the stream's slot (docs/design-notes.md).
+//! on Redis Cluster they live in the stream's slot (docs/design-notes.md). The queue index (a
+//! set of the queue keys that hold entries) lets the sweep visit every queue without scanning
+//! the keyspace.
 
 pub mod dead_letter;
 pub mod finish;
@@ -54,6 +56,8 @@ pub struct StreamEntry {
 pub struct Keys {
     /// `{key_prefix}order:{<hash tag>}:{group}:`; a queue key appends `business:user`.
     pub queue_prefix: String,
+    /// The set of this stream's and group's queue keys that hold entries (for the sweep).
+    pub queue_index: String,
     /// Where finishing an entry announces its queue key.
     pub wake_channel: String,
 }
@@ -63,6 +67,7 @@ impl Keys {
         let tag = hash_tag(&config.inbound);
         Keys {
             queue_prefix: format!("{key_prefix}order:{{{tag}}}:{}:", config.group),
+            queue_index: format!("{key_prefix}order-index:{{{tag}}}:{}", config.group),
             wake_channel: format!("{key_prefix}order-wake:{}:{}", config.inbound, config.group),
         }
     }
@@ -288,6 +293,7 @@ mod tests {
         config.group = "g".into();
         let keys = Keys::new(&config, "p:");
         assert_eq!(keys.queue_prefix, "p:order:{in}:g:");
+        assert_eq!(keys.queue_index, "p:order-index:{in}:g");
         assert_eq!(keys.wake_channel, "p:order-wake:in:g");
     }
 

@@ -18,7 +18,8 @@ use redis::Value;
 use super::{Streams, array, text};
 use crate::error::StreamError;
 
-/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue, `KEYS[3]` = dead-letter stream;
+/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue, `KEYS[3]` = dead-letter stream, `KEYS[4]` =
+/// queue index;
 /// `ARGV` = group, member, entry id, wake channel, dead-letter max length, now (RFC 3339).
 /// Returns `{verdict, healed}`: `go` (the entry is the head), `wait` (an earlier entry is
 /// pending) or `gone` (the entry is no longer pending), and how many stale heads it removed.
@@ -67,6 +68,7 @@ for _ = 1, 100 do
   end
 end
 if healed > 0 and verdict ~= 'go' then redis.call('PUBLISH', ARGV[4], KEYS[2]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[4], KEYS[2]) end
 return {verdict, healed}
 ";
 
@@ -144,6 +146,7 @@ impl Streams {
             inv.key(&self.config.inbound)
                 .key(*key)
                 .key(&self.config.dead_letter)
+                .key(&self.keys.queue_index)
                 .arg(&self.config.group)
                 .arg(*member)
                 .arg(*id)

@@ -95,15 +95,13 @@ impl Streams {
 }
 
 impl Streams {
-    /// Checks the heads of up to about `count` order queues of this stream and group, starting
-    /// at SCAN cursor `cursor`; returns the next cursor (0: the keyspace was covered) and how
-    /// many stale heads were healed.
+    /// Checks the heads of up to about `count` order queues of this stream and group (from the
+    /// queue index), starting at SSCAN cursor `cursor`; returns the next cursor (0: every queue
+    /// was visited) and how many stale heads were healed.
     pub async fn sweep_queues(&self, cursor: u64, count: usize) -> Result<(u64, u64), StreamError> {
-        let pattern = format!("{}*", glob_escape(&self.keys.queue_prefix));
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SSCAN")
+            .arg(&self.keys.queue_index)
             .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
             .arg("COUNT")
             .arg(count)
             .query_async(&mut self.conn())
@@ -113,34 +111,9 @@ impl Streams {
     }
 }
 
-/// `text` as a literal in a Redis glob pattern.
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn count(reply: Value, what: &str) -> Result<u64, StreamError> {
     match reply {
         Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
         other => Err(StreamError::UnexpectedReply(format!("{what}: {other:?}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn glob_patterns_match_queue_prefixes_literally() {
-        assert_eq!(
-            glob_escape("p:order:{a[1]*}:g?:"),
-            "p:order:{a\\[1\\]\\*}:g\\?:"
-        );
     }
 }

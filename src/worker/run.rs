@@ -29,6 +29,12 @@ use crate::telemetry::metrics::{self, StreamEvent};
 
 /// Head checks per round trip.
 const CHECKS_PER_ROUND: usize = 256;
+/// Queues the retention sweep visits per round trip, and per retention round at most: every
+/// `retention_interval_ms` (10 s) a worker covers 2,000 active queues, so an orphan is found
+/// well within `inbound_retain_ms` (5 min) for up to some 30,000 users with a message in
+/// flight, fewer with one worker, more with several.
+const SWEEP_BATCH: usize = 500;
+const SWEEP_PER_ROUND: usize = 2_000;
 
 /// What the helpers tell the scheduler.
 enum Event {
@@ -398,16 +404,27 @@ impl<L: LlmService> Worker<L> {
             if wait_or_stop(&mut stop, every).await {
                 return;
             }
-            match self.streams.sweep_queues(sweep_cursor, 200).await {
-                Ok((next, healed)) => {
-                    sweep_cursor = next;
-                    if healed > 0 {
-                        tracing::warn!(healed, "sweep removed stale queue heads");
-                        metrics::stream_event(StreamEvent::HeadHealed, healed);
-                        WorkerStats::add(&self.stats.heads_healed, healed);
+            // Up to SWEEP_PER_ROUND queues a round, in batches, resuming where it stopped.
+            let mut visited = 0;
+            while visited < SWEEP_PER_ROUND {
+                match self.streams.sweep_queues(sweep_cursor, SWEEP_BATCH).await {
+                    Ok((next, healed)) => {
+                        sweep_cursor = next;
+                        visited += SWEEP_BATCH;
+                        if healed > 0 {
+                            tracing::warn!(healed, "sweep removed stale queue heads");
+                            metrics::stream_event(StreamEvent::HeadHealed, healed);
+                            WorkerStats::add(&self.stats.heads_healed, healed);
+                        }
+                        if next == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        metrics::record_error(&e, "sweep queues");
+                        break;
                     }
                 }
-                Err(e) => metrics::record_error(&e, "sweep queues"),
             }
             match self.streams.trim_inbound(s.inbound_retain_ms).await {
                 Ok(n) => {

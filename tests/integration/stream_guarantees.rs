@@ -45,9 +45,9 @@ fn group_by(
     out
 }
 
-/// Every order queue of this app's key prefix.
+/// Every order queue (and queue index) of this app's key prefix.
 async fn order_keys(app: &TestApp) -> Vec<String> {
-    let pattern = format!("{}order:*", app.config.redis.key_prefix);
+    let pattern = format!("{}order*", app.config.redis.key_prefix);
     app.redis.clone().keys(pattern).await.expect("keys")
 }
 
@@ -743,5 +743,49 @@ async fn a_waiter_starts_on_another_workers_wake_up_not_on_a_poll() {
         0,
         "no poll ran"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweep_finds_an_orphan_nobody_waits_behind() {
+    let mut app = spawn_env(MockOptions::default(), |c| {
+        c.streams.retention_interval_ms = 200;
+    })
+    .await;
+    ensure_group(&app).await;
+    // A user writes once; the consumer holding it is deleted; the user never writes again.
+    let lone = app.send("lone", "l1", "anyone?").await;
+    let bad = xadd_raw(&app, &[(b"content".to_vec(), b"no business".to_vec())]).await;
+    let dead = app.streams("dead").await;
+    let (_, taken) = dead.claim_new(10).await.expect("claim");
+    assert_eq!(taken.len(), 2);
+    let s = app.config.streams.clone();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(&s.inbound)
+        .arg(&s.group)
+        .arg(dead.consumer())
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("delconsumer");
+    let worker = app.start_worker("w0").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let letters = loop {
+        let letters = app.entries(&s.dead_letter).await;
+        if letters.len() == 2 {
+            break letters;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{letters:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let orphans: HashSet<String> = letters.iter().map(|l| l["inbound_id"].clone()).collect();
+    assert_eq!(orphans, HashSet::from([lone, bad]));
+    assert!(letters.iter().all(|l| l["error_code"] == "stream.orphaned"));
+    assert_eq!(WorkerStats::get(&worker.stats().heads_healed), 2);
+    assert!(
+        app.entries(&s.outbound).await.is_empty(),
+        "orphans are not answered"
+    );
+    assert!(order_keys(&app).await.is_empty(), "queues and index gone");
     app.stop().await;
 }
