@@ -15,7 +15,7 @@ use icmp::stream::Streams;
 use icmp::worker::{ConfiguredLlm, Dependencies, Worker};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -349,13 +349,30 @@ impl TestApp {
     }
 
     /// All entries of a stream.
+    /// Names and values are read as bytes and shown lossily (a dead letter may carry a
+    /// producer's non-UTF-8 field names).
     pub async fn entries(&self, stream: &str) -> Vec<HashMap<String, String>> {
-        let r: StreamRangeReply = self.redis.clone().xrange_all(stream).await.expect("xrange");
-        r.ids
+        let reply: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("xrange");
+        reply
             .into_iter()
-            .map(|e| {
-                let mut fields = strings(e.map);
-                fields.insert("__id".into(), e.id);
+            .map(|(id, flat)| {
+                let mut fields: HashMap<String, String> = flat
+                    .chunks(2)
+                    .filter_map(|kv| match kv {
+                        [k, v] => Some((
+                            String::from_utf8_lossy(k).into_owned(),
+                            String::from_utf8_lossy(v).into_owned(),
+                        )),
+                        _ => None,
+                    })
+                    .collect();
+                fields.insert("__id".into(), id);
                 fields
             })
             .collect()
