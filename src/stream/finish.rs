@@ -17,7 +17,8 @@ use crate::error::StreamError;
 const REPLY_STREAM_TTL_SECS: u64 = 3600;
 
 /// `KEYS[1]` = inbound, `KEYS[2]` = reply stream, `KEYS[3]` = dead-letter stream,
-/// `KEYS[4]` = order queue and `KEYS[5]` = queue index (both optional);
+/// `KEYS[4]` = order queue, `KEYS[5]` = queue index, `KEYS[6]` = queued entries (all three
+/// optional);
 /// `ARGV` = group, entry id, queue member, wake channel, reply max length (0: none), reply
 /// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, then the
 /// reply's field/value items and the dead letter's. Returns 1 when this call acknowledged the
@@ -44,9 +45,12 @@ if acked == 1 then
     if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
   end
 end
-if KEYS[4] and redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
-  redis.call('PUBLISH', ARGV[4], KEYS[4])
-  if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('SREM', KEYS[5], KEYS[4]) end
+if KEYS[4] then
+  redis.call('ZREM', KEYS[6], ARGV[3])
+  if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
+    redis.call('PUBLISH', ARGV[4], KEYS[4])
+    if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('SREM', KEYS[5], KEYS[4]) end
+  end
 end
 return acked
 ";
@@ -87,7 +91,9 @@ impl Streams {
             .key(reply_stream)
             .key(&self.config.dead_letter);
         if let Some(slot) = slot {
-            inv.key(slot.key.as_slice()).key(&self.keys.queue_index);
+            inv.key(slot.key.as_slice())
+                .key(&self.keys.queue_index)
+                .key(&self.keys.queued);
         }
         inv.arg(&self.config.group)
             .arg(id)

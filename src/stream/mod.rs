@@ -58,6 +58,10 @@ pub struct Keys {
     pub queue_prefix: String,
     /// The set of this stream's and group's queue keys that hold entries (for the sweep).
     pub queue_index: String,
+    /// Every queued entry of this stream and group (members as in a queue): trimming never
+    /// passes the oldest, so an entry that left the pending list unanswered is still in the
+    /// stream when its head is healed.
+    pub queued: String,
     /// Where finishing an entry announces its queue key.
     pub wake_channel: String,
 }
@@ -68,6 +72,7 @@ impl Keys {
         Keys {
             queue_prefix: format!("{key_prefix}order:{{{tag}}}:{}:", config.group),
             queue_index: format!("{key_prefix}order-index:{{{tag}}}:{}", config.group),
+            queued: format!("{key_prefix}order-queued:{{{tag}}}:{}", config.group),
             wake_channel: format!("{key_prefix}order-wake:{}:{}", config.inbound, config.group),
         }
     }

@@ -19,7 +19,7 @@ use super::{Streams, array, text};
 use crate::error::StreamError;
 
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = queue, `KEYS[3]` = dead-letter stream, `KEYS[4]` =
-/// queue index;
+/// queue index, `KEYS[5]` = queued entries;
 /// `ARGV` = group, member, entry id, wake channel, dead-letter max length, now (RFC 3339).
 /// Returns `{verdict, healed}`: `go` (the entry is the head), `wait` (an earlier entry is
 /// pending) or `gone` (the entry is no longer pending), and how many stale heads it removed.
@@ -47,10 +47,12 @@ for _ = 1, 100 do
   if not sweep and ((not head) or head > ARGV[2]) then
     if not pending(ARGV[3]) then verdict = 'gone' break end
     redis.call('ZADD', KEYS[2], 0, ARGV[2])
+    redis.call('ZADD', KEYS[5], 0, ARGV[2])
   else
     local hid = unpad(head)
     if pending(hid) then verdict = 'wait' break end
     redis.call('ZREM', KEYS[2], head)
+    redis.call('ZREM', KEYS[5], head)
     healed = healed + 1
     local e = redis.call('XRANGE', KEYS[1], hid, hid)[1]
     if e then
@@ -147,6 +149,7 @@ impl Streams {
                 .key(*key)
                 .key(&self.config.dead_letter)
                 .key(&self.keys.queue_index)
+                .key(&self.keys.queued)
                 .arg(&self.config.group)
                 .arg(*member)
                 .arg(*id)

@@ -60,8 +60,8 @@ local function member(id)
 end
 ";
 
-/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index; `ARGV` = group, consumer, count, queue
-/// key prefix.
+/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries; `ARGV` =
+/// group, consumer, count, queue key prefix.
 /// Returns `{last_id, {{id, fields, queue_key}, …}}`: the stream's last id when the script
 /// ran, and the entries it delivered and queued.
 const CLAIM_BODY: &str = r"
@@ -73,16 +73,18 @@ local out = {}
 if res then
   for _, e in ipairs(res[1][2]) do
     local key = queue_key(ARGV[4], e[2])
-    redis.call('ZADD', key, 0, member(e[1]))
+    local m = member(e[1])
+    redis.call('ZADD', key, 0, m)
     redis.call('SADD', KEYS[2], key)
+    redis.call('ZADD', KEYS[3], 0, m)
     out[#out + 1] = {e[1], e[2], key}
   end
 end
 return {last_id, out}
 ";
 
-/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index; `ARGV` = group, consumer, min idle ms,
-/// cursor, count, queue key prefix. Returns `{next_cursor, {{id, fields, deliveries, queue_key}, …},
+/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries; `ARGV` =
+/// group, consumer, min idle ms, cursor, count, queue key prefix. Returns `{next_cursor, {{id, fields, deliveries, queue_key}, …},
 /// deleted_ids}`. A reclaimed entry is (re)queued: it is pending, so it belongs in its queue.
 const RECLAIM_BODY: &str = r"
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
@@ -93,8 +95,10 @@ for _, e in ipairs(r[2]) do
     local n = 1
     if p[1] then n = p[1][4] end
     local key = queue_key(ARGV[6], e[2])
-    redis.call('ZADD', key, 0, member(e[1]))
+    local m = member(e[1])
+    redis.call('ZADD', key, 0, m)
     redis.call('SADD', KEYS[2], key)
+    redis.call('ZADD', KEYS[3], 0, m)
     out[#out + 1] = {e[1], e[2], n, key}
   end
 end
@@ -142,6 +146,7 @@ impl Streams {
             .claim
             .key(&self.config.inbound)
             .key(&self.keys.queue_index)
+            .key(&self.keys.queued)
             .arg(&self.config.group)
             .arg(&self.consumer)
             .arg(count.max(1))
@@ -207,6 +212,7 @@ impl Streams {
             .reclaim
             .key(&self.config.inbound)
             .key(&self.keys.queue_index)
+            .key(&self.keys.queued)
             .arg(&self.config.group)
             .arg(&self.consumer)
             .arg(self.config.claim_idle_ms)

@@ -13,9 +13,11 @@ use redis::Value;
 use super::Streams;
 use crate::error::StreamError;
 
-/// `KEYS[1]` = inbound; `ARGV[1]` = the newest id the retention period allows trimming below.
-/// Trims (exactly) every entry below the oldest of: that id, each group's last delivered id
-/// and each group's oldest pending id. Returns how many entries it removed.
+/// `KEYS[1]` = inbound, `KEYS[2]` = this group's queued entries; `ARGV[1]` = the newest id the
+/// retention period allows trimming below. Trims (exactly) every entry below the oldest of: that
+/// id, each group's last delivered id, each group's oldest pending id, and this group's oldest
+/// queued entry (an entry that left the pending list unanswered stays until it is healed and
+/// dead-lettered). Returns how many entries it removed.
 pub(crate) const TRIM_SCRIPT: &str = r"
 local function older(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -28,6 +30,14 @@ end
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 if #groups == 0 then return 0 end
 local floor = ARGV[1]
+local queued = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if queued then
+  local ms, seq = string.match(queued, '^0*(%d-)-0*(%d-)$')
+  if ms == '' then ms = '0' end
+  if seq == '' then seq = '0' end
+  local oldest = ms .. '-' .. seq
+  if older(oldest, floor) then floor = oldest end
+end
 for _, g in ipairs(groups) do
   local name, last, pending
   for i = 1, #g, 2 do
@@ -73,6 +83,7 @@ impl Streams {
             .scripts
             .trim
             .key(&self.config.inbound)
+            .key(&self.keys.queued)
             .arg(below)
             .invoke_async(&mut self.conn())
             .await?;
