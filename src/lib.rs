@@ -17,6 +17,8 @@
 //! - [`llm`]: the LLM service trait, the OpenAI-compatible client and the mock server.
 //! - [`retry`]: backoff for transient faults (the one module that knows the `backoff` crate).
 //! - [`protocol`]: the wire format: inbound decoding and validation, reply and dead-letter fields.
+//! - [`template`]: templates and their context: compile once, render against a message's
+//!   variables (shared by business definitions and the pipeline).
 //! - [`pipeline`]: the message pipeline, one module per step.
 //! - [`stream`]: Redis Streams mechanics (reading and reclaiming, order queues, heartbeat, the
 //!   fenced finish, retention).
@@ -38,4 +40,5 @@ pub mod retry;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+pub mod template;
 pub mod worker;

@@ -92,6 +92,30 @@ pub struct TemplateRecord {
     pub version: i32,
 }
 
+/// A business definition as `icmp import` stores it: plain records whose references are by
+/// name (the store resolves them to ids in its transaction).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefinitionRecord {
+    pub business_id: Uuid,
+    pub name: String,
+    /// The stage new conversations start in.
+    pub initial_stage: String,
+    pub stages: Vec<StageDefinition>,
+    /// Templates (their `id` and `version` are assigned by the store).
+    pub templates: Vec<TemplateRecord>,
+}
+
+/// One stage of a [`DefinitionRecord`], naming its templates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageDefinition {
+    pub name: String,
+    pub description: String,
+    pub selection_template: Option<String>,
+    pub extraction_template: Option<String>,
+    pub response_template: String,
+    pub fallback_template: Option<String>,
+}
+
 /// Conversation state, cached as `conv:{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conversation {

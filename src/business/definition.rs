@@ -33,9 +33,8 @@ use std::path::Path;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::model::{TemplateKind, TemplateRecord};
-use crate::pipeline::context::{Context, StageVars};
-use crate::pipeline::template;
+use crate::model::{DefinitionRecord, StageDefinition, TemplateKind, TemplateRecord};
+use crate::template::{self, Context, context::StageVars};
 
 /// Why a definition file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +110,32 @@ impl TemplateDef {
 }
 
 impl Definition {
+    /// The records the store writes.
+    pub fn to_records(&self) -> DefinitionRecord {
+        DefinitionRecord {
+            business_id: self.business.id,
+            name: self.business.name.clone(),
+            initial_stage: self.business.initial_stage.clone(),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| StageDefinition {
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    selection_template: s.selection_template.clone(),
+                    extraction_template: s.extraction_template.clone(),
+                    response_template: s.response_template.clone(),
+                    fallback_template: s.fallback_template.clone(),
+                })
+                .collect(),
+            templates: self
+                .templates
+                .iter()
+                .map(|t| t.to_record(Uuid::nil(), self.business.id))
+                .collect(),
+        }
+    }
+
     /// Reads and validates a file.
     ///
     /// # Errors

@@ -46,7 +46,7 @@ pub async fn import_files(
     let mut reports = Vec::with_capacity(defs.len());
     for (path, def) in defs {
         let report = store
-            .save_definition(&def)
+            .save_definition(&def.to_records())
             .await
             .map_err(|source| ImportError::Store {
                 path: path.clone(),

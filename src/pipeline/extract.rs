@@ -4,14 +4,15 @@
 
 use serde_json::Value;
 
-use super::context::Context;
 use super::llm_call::{LlmCaller, Purpose};
-use super::template::{Compiled, TemplateService};
+use super::template::TemplateService;
 use crate::error::{Classify, LlmError, PipelineError};
 use crate::llm::LlmService;
 use crate::model::Extracted;
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
+use crate::template::Compiled;
+use crate::template::Context;
 
 /// Parses and checks an extraction answer; `null` values are dropped (nothing learned).
 ///

@@ -6,12 +6,12 @@ use std::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::template::{Compiled, Rendered};
 use crate::error::{Classify, LlmError};
 use crate::llm::{ChatMessage, ChatRequest, ChatResponse, LlmService};
 use crate::retry::RetryPolicy;
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
+use crate::template::{Compiled, Rendered};
 
 /// Why the pipeline calls the LLM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,13 +2,14 @@
 //! call fails (after retries) the reply is rendered from the stage's fallback template, else
 //! the configured last-resort text, and marked `fallback`.
 
-use super::context::Context;
 use super::llm_call::{LlmCaller, Purpose};
-use super::template::{Compiled, TemplateService};
+use super::template::TemplateService;
 use crate::error::PipelineError;
 use crate::llm::LlmService;
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
+use crate::template::Compiled;
+use crate::template::Context;
 
 /// The reply text and whether it came from the LLM.
 #[derive(Debug, Clone, PartialEq, Eq)]

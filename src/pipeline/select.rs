@@ -3,14 +3,15 @@
 
 use serde_json::Value;
 
-use super::context::Context;
 use super::llm_call::{LlmCaller, Purpose};
-use super::template::{Compiled, TemplateService};
+use super::template::TemplateService;
 use crate::error::{Classify, LlmError, PipelineError};
 use crate::llm::LlmService;
 use crate::model::{Business, StageInfo};
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
+use crate::template::Compiled;
+use crate::template::Context;
 
 /// Reads the stage name out of a selection answer: `{"stage": "name"}` (a bare string or a
 /// JSON string is accepted too).

@@ -3,7 +3,7 @@
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::business::definition::Definition;
+use crate::model::DefinitionRecord;
 
 /// What an import changed in one template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,15 +27,18 @@ impl Store {
     /// Creates or updates the business, its templates and stages. A template whose content
     /// changed gets `version + 1`; an unchanged one keeps its version. Stages and templates that
     /// are no longer in the file are kept (conversations may still point at them).
-    pub async fn save_definition(&self, def: &Definition) -> Result<ImportReport, StoreError> {
+    pub async fn save_definition(
+        &self,
+        def: &DefinitionRecord,
+    ) -> Result<ImportReport, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let business_id = def.business.id;
+        let business_id = def.business_id;
         tx.execute(
             "INSERT INTO businesses (id, name) VALUES ($1, $2) \
              ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, updated_at = now() \
              WHERE businesses.name IS DISTINCT FROM EXCLUDED.name",
-            &[&business_id, &def.business.name],
+            &[&business_id, &def.name],
         )
         .await?;
 
@@ -103,7 +106,7 @@ impl Store {
 
         tx.execute(
             "UPDATE stages SET is_initial = false WHERE business_id = $1 AND name <> $2 AND is_initial",
-            &[&business_id, &def.business.initial_stage],
+            &[&business_id, &def.initial_stage],
         )
         .await?;
         let stage_upsert = tx
@@ -136,7 +139,7 @@ impl Store {
                         &s.name,
                         &s.description,
                         &(position as i32),
-                        &(s.name == def.business.initial_stage),
+                        &(s.name == def.initial_stage),
                         &lookup(&s.selection_template),
                         &lookup(&s.extraction_template),
                         &response,

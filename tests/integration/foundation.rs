@@ -306,7 +306,8 @@ async fn deadlocks_and_serialization_failures_are_retryable_and_constraint_error
 #[test]
 fn demo_prompts_render_as_reviewed() {
     use icmp::model::{Business, Role, StageInfo, Turn};
-    use icmp::pipeline::{context, template};
+    use icmp::pipeline::context;
+    use icmp::template;
 
     let def = Definition::parse(&demo_text()).expect("demo");
     let stages: Vec<StageInfo> = def
