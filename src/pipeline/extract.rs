@@ -35,14 +35,16 @@ pub fn parse_output(template: &Compiled, answer: &str) -> Result<Extracted, LlmE
     Ok(map)
 }
 
-/// Runs extraction; returns the fields learned from this message.
+/// Runs extraction; returns the fields learned from this message and the call's record.
+///
+/// # Errors
+/// Only when the template cannot be rendered (a definition problem).
 pub async fn extract<L: LlmService>(
     caller: &LlmCaller<'_, L>,
     templates: &TemplateService,
     template: &Compiled,
     ctx: &Context,
-    calls: &mut Vec<LlmCallRecord>,
-) -> Result<Extracted, PipelineError> {
+) -> Result<(Extracted, LlmCallRecord), PipelineError> {
     let rendered = templates.render(template, ctx)?;
     let (result, mut record) = caller.call(Purpose::Extraction, template, &rendered).await;
     let fields = match result.and_then(|answer| parse_output(template, &answer.content)) {
@@ -56,6 +58,5 @@ pub async fn extract<L: LlmService>(
             Extracted::new()
         }
     };
-    calls.push(record);
-    Ok(fields)
+    Ok((fields, record))
 }

@@ -1,29 +1,34 @@
 //! The message pipeline: `MessageHandler::process` runs the seed's steps for one decoded inbound
-//! message, in this order (each step is its own module):
+//! message. Three phases, each a type and a module, and this file orders them:
 //!
-//! 1. validation: the worker decodes the entry with [`crate::protocol::inbound`] (protocol fields
-//!    and limits) and hands over an [`InboundMessage`]; the pipeline never sees a stream;
-//! 2. idempotency: a message whose key is already committed returns its stored reply;
-//! 3. [`conversation`]: verify the given conversation or continue/start the user's;
-//! 4. [`stage`]: the current stage and its template ids (StageService);
-//! 5. [`context`]: the template variables (TemplateVariableProvider);
-//! 6. [`select`]: optional stage selection by the LLM;
-//! 7. template refresh after a stage change;
-//! 8. [`extract`]: optional data extraction by the LLM, checked against its JSON Schema;
-//! 9. [`respond`]: the response by the LLM, or the fallback template;
-//! 10. [`persist`]: one transaction for every write (steps 10–12), then the cache; on failure
-//!     the conversation's cache keys are dropped (step 14).
+//! - step 1, validation: the worker decodes the entry with [`crate::protocol::inbound`] (fields,
+//!   limits, canonical ids) and hands over an [`InboundMessage`]; the pipeline never sees a
+//!   stream;
+//! - step 2, idempotency: a message whose (business, user, key) is already committed returns its
+//!   stored answer;
+//! - steps 3–5, the **read phase** ([`read`]): the [`conversation`] (given, the user's latest,
+//!   or a new one), its [`stage`] and that stage's templates, and the template variables
+//!   ([`context`], the TemplateVariableProvider): short autocommit reads, most from Redis;
+//! - steps 6–9, the **LLM phase** ([`decide`]): optional stage selection ([`select`]) and the
+//!   new stage's templates (step 7), optional data extraction ([`extract`]), the response
+//!   ([`respond`]) or the fallback template; no database connection is held;
+//! - steps 10–12, the **write phase** ([`persist`]): both messages, the conversation's stage and
+//!   version, the transition, extracted data and the LLM call log in one transaction;
+//! - step 13, the committed state is cached (after COMMIT); step 14, on failure the
+//!   conversation's cache keys are dropped.
 //!
-//! No database connection is held while the LLM runs: the read phase uses short autocommit
-//! queries and the write phase opens its transaction after the last LLM call. A version conflict
-//! (another message of the conversation committed meanwhile) re-runs the message from step 3.
+//! The worker then publishes the answer and acknowledges the entry (15) in one script. A version
+//! conflict (another message of the conversation committed meanwhile) re-runs the message from
+//! the read phase.
 
 pub mod context;
 pub mod conversation;
+pub mod decide;
 pub mod extract;
 pub mod failpoint;
 pub mod llm_call;
 pub mod persist;
+pub mod read;
 pub mod respond;
 pub mod select;
 pub mod stage;
@@ -31,18 +36,16 @@ pub mod template;
 
 use std::time::Instant;
 
-use chrono::Utc;
 use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{PipelineError, StoreError};
 use crate::llm::LlmService;
-use crate::model::{Answer, Business, Extracted};
+use crate::model::{Answer, Business};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
-use crate::store::write_set::WriteSet;
 use crate::telemetry::metrics;
 
 pub use failpoint::Failpoints;
@@ -153,7 +156,7 @@ impl<L: LlmService> MessageHandler<L> {
             .await?)
     }
 
-    /// Steps 3–12 once. `fresh` reads conversation state from PostgreSQL, not the cache.
+    /// Steps 3–14 once. `fresh` reads conversation state from PostgreSQL, not the cache.
     async fn run(
         &self,
         msg: &InboundMessage,
@@ -161,150 +164,54 @@ impl<L: LlmService> MessageHandler<L> {
         log_id: Uuid,
         fresh: bool,
     ) -> Result<Answer, PipelineError> {
-        // Read phase.
+        // Steps 3–5: the read phase.
         let t = Instant::now();
-        let resolved = conversation::resolve(
-            &self.store,
-            &self.cache,
-            business.id,
-            business.initial_stage_id,
-            &msg.user_id,
-            msg.conversation_id,
-            fresh,
-        )
-        .await?;
-        let conv = &resolved.conversation;
-        tracing::Span::current().record("conversation.id", tracing::field::display(conv.id));
-        let stage = self.stages.current(business, Some(conv.stage_id))?;
-        let stage_templates = self.stages.templates(business.id, stage.id).await?;
-        let history = if resolved.is_new {
-            Vec::new()
-        } else {
-            self.store
-                .history(business.id, conv.id, self.config.worker.history_turns)
-                .await?
+        let sources = read::Sources {
+            store: &self.store,
+            cache: &self.cache,
+            stages: &self.stages,
+            history_turns: self.config.worker.history_turns,
         };
-        let extracted = conversation::extracted(&self.store, &self.cache, &resolved, fresh).await?;
-        let mut ctx = context::build(context::ContextInputs {
-            business,
-            user_id: &msg.user_id,
-            conversation_id: conv.id,
-            is_new: resolved.is_new,
-            stage,
-            content: &msg.content,
-            metadata: msg.metadata.as_ref(),
-            history,
-            extracted: &extracted,
-            now: Utc::now(),
-        });
+        let mut read = read::read(sources, msg, business, fresh).await?;
+        tracing::Span::current().record(
+            "conversation.id",
+            tracing::field::display(read.conversation.id),
+        );
         metrics::step("read", t.elapsed());
 
-        // LLM phase: no database connection is held from here to the write phase.
-        let caller = LlmCaller {
-            llm: &self.llm,
+        // Steps 6–9: the LLM phase; no database connection is held.
+        let deciders = decide::Deciders {
+            caller: LlmCaller {
+                llm: &self.llm,
+                retry: &self.retry,
+                default_model: &self.config.llm.default_model,
+            },
+            templates: &self.templates,
+            stages: &self.stages,
+            last_resort: &self.config.worker.last_resort_reply,
+        };
+        let decisions = decide::decide(&deciders, business, &mut read).await?;
+
+        // Steps 10–12: the write phase, one transaction (14: cache keys dropped on failure).
+        let t = Instant::now();
+        let sinks = persist::Sinks {
+            store: &self.store,
+            cache: &self.cache,
             retry: &self.retry,
-            default_model: &self.config.llm.default_model,
+            failpoints: &self.failpoints,
         };
-        let mut calls = Vec::new();
-        let mut current = stage;
-        let mut templates = stage_templates;
-        let mut transition = None;
-        if let Some(id) = stage_templates.selection {
-            let t = Instant::now();
-            let selection = self.templates.get(business.id, id).await?;
-            let chosen = select::select(
-                &caller,
-                &self.templates,
-                &selection,
-                &ctx,
-                business,
-                stage,
-                &mut calls,
-            )
-            .await?;
-            if let Some(next) = chosen {
-                transition = Some((stage.id, next.id));
-                current = next;
-                // Step 7: the new stage's templates.
-                templates = self.stages.templates(business.id, next.id).await?;
-                ctx.set_stage(next);
-            }
-            metrics::step("select", t.elapsed());
-        }
-        let mut learned = Extracted::new();
-        if let Some(id) = templates.extraction {
-            let t = Instant::now();
-            let extraction = self.templates.get(business.id, id).await?;
-            learned =
-                extract::extract(&caller, &self.templates, &extraction, &ctx, &mut calls).await?;
-            ctx.merge_extracted(&learned);
-            metrics::step("extract", t.elapsed());
-        }
-        let t = Instant::now();
-        let response_template = self.templates.get(business.id, templates.response).await?;
-        let fallback_template = match templates.fallback {
-            Some(id) => Some(self.templates.get(business.id, id).await?),
-            None => None,
-        };
-        let response = respond::respond(
-            &caller,
-            &self.templates,
-            &response_template,
-            fallback_template.as_deref(),
-            &self.config.worker.last_resort_reply,
-            &ctx,
-            &mut calls,
-        )
-        .await?;
-        metrics::step("respond", t.elapsed());
-
-        // Write phase.
-        let t = Instant::now();
-        let ws = WriteSet {
-            business_id: business.id,
-            log_id,
-            user_external_id: msg.user_id.clone(),
-            conversation_id: conv.id,
-            expected_version: (!resolved.is_new).then_some(conv.version),
-            stage_id: current.id,
-            transition,
-            extracted: learned.clone(),
-            idempotency_key: msg.idempotency_key().to_owned(),
-            inbound_id: msg.inbound_id.clone(),
-            user_message_id: Uuid::now_v7(),
-            user_content: msg.content.clone(),
-            metadata: msg.metadata.clone().map(serde_json::Value::Object),
-            user_stage_id: stage.id,
-            assistant_message_id: Uuid::now_v7(),
-            assistant_content: response.content.clone(),
-            assistant_status: if response.fallback { "fallback" } else { "ok" },
-            llm_calls: calls,
-        };
-        let version = self
-            .retry
-            .run("db.write_set", || {
-                persist::commit(&self.store, &self.cache, &ws, &self.failpoints)
-            })
-            .await?;
+        let committed = persist::write(sinks, msg, &read, &decisions, log_id).await?;
         metrics::step("persist", t.elapsed());
-        if transition.is_some() {
-            metrics::stage_transition();
-        }
 
-        let mut committed = conv.clone();
-        committed.version = version;
-        committed.stage_id = current.id;
-        committed.updated_at = Utc::now();
-        let mut all = extracted;
-        all.extend(learned);
-        persist::cache_committed(&self.cache, &committed, &all).await;
+        // Step 13: the committed state, cached for the next message.
+        persist::cache_committed(&self.cache, &committed).await;
 
         Ok(Answer {
-            reply_id: ws.assistant_message_id,
-            conversation_id: conv.id,
-            fallback: response.fallback,
-            content: response.content,
-            stage: current.name.clone(),
+            reply_id: committed.reply_id,
+            conversation_id: committed.conversation.id,
+            fallback: decisions.response.fallback,
+            content: decisions.response.content,
+            stage: decisions.stage.name.clone(),
             log_id,
         })
     }

@@ -1,44 +1,141 @@
-//! Steps 10–12 and 14: the write phase and its side effects. One transaction stores everything
-//! the message changed; the cache is written only after COMMIT and the conversation's keys are
-//! dropped when the transaction fails.
+//! Steps 10–14, the write phase and its side effects: the write set (both messages, the
+//! conversation's new stage and version, the transition, extracted data, the LLM call log) is
+//! assembled from what the read phase found and the LLM phase decided, and committed in one
+//! transaction; the committed state is written to the cache after COMMIT, and the
+//! conversation's keys are dropped when the transaction fails.
 
+use uuid::Uuid;
+
+use super::decide::Decisions;
+use super::failpoint::{self, Failpoints};
+use super::read::Read;
 use crate::cache::Cache;
-use crate::error::StoreError;
+use crate::error::{PipelineError, StoreError};
 use crate::model::{Conversation, Extracted};
+use crate::protocol::InboundMessage;
+use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::store::write_set::WriteSet;
 use crate::telemetry::metrics;
 
-use super::failpoint::{self, Failpoints};
-
-/// Commits the write set; on failure the conversation's cache keys are cleared.
-/// Returns the conversation's new version.
-pub async fn commit(
-    store: &Store,
-    cache: &Cache,
-    ws: &WriteSet,
-    failpoints: &Failpoints,
-) -> Result<i64, StoreError> {
-    let result = store
-        .commit_write_set(ws, || {
-            if failpoints.is_on(failpoint::BEFORE_COMMIT) {
-                Err(StoreError::Injected(failpoint::BEFORE_COMMIT))
-            } else {
-                Ok(())
-            }
-        })
-        .await;
-    if result.is_err()
-        && let Err(e) = cache.invalidate_conversation(ws.conversation_id).await
-    {
-        metrics::record_error(&e, "cache invalidation");
-    }
-    result
+/// The state the write phase committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    pub conversation: Conversation,
+    /// Every field extracted so far, this message's included.
+    pub extracted: Extracted,
+    /// The stored reply's id.
+    pub reply_id: Uuid,
 }
 
-/// Writes the committed conversation state and extracted data to the cache.
-pub async fn cache_committed(cache: &Cache, conversation: &Conversation, extracted: &Extracted) {
-    if let Err(e) = cache.set_conversation(conversation, extracted).await {
+/// Where the write phase writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Sinks<'a> {
+    pub store: &'a Store,
+    pub cache: &'a Cache,
+    pub retry: &'a RetryPolicy,
+    pub failpoints: &'a Failpoints,
+}
+
+/// The write set of one message.
+pub fn write_set(
+    msg: &InboundMessage,
+    read: &Read<'_>,
+    decisions: &Decisions<'_>,
+    log_id: Uuid,
+) -> WriteSet {
+    let conv = &read.conversation;
+    WriteSet {
+        business_id: conv.business_id,
+        log_id,
+        user_external_id: msg.user_id.clone(),
+        conversation_id: conv.id,
+        expected_version: (!read.is_new).then_some(conv.version),
+        stage_id: decisions.stage.id,
+        transition: decisions.transition,
+        extracted: decisions.learned.clone(),
+        idempotency_key: msg.idempotency_key().to_owned(),
+        inbound_id: msg.inbound_id.clone(),
+        user_message_id: Uuid::now_v7(),
+        user_content: msg.content.clone(),
+        metadata: msg.metadata.clone().map(serde_json::Value::Object),
+        user_stage_id: read.stage.id,
+        assistant_message_id: Uuid::now_v7(),
+        assistant_content: decisions.response.content.clone(),
+        assistant_status: if decisions.response.fallback {
+            "fallback"
+        } else {
+            "ok"
+        },
+        fallback_template: decisions.response.fallback_template,
+        llm_calls: decisions.calls.clone(),
+    }
+}
+
+/// Steps 10–12: commits everything the message changed in one transaction (retried in place
+/// on transient faults); on failure the conversation's cache keys are cleared (step 14).
+///
+/// # Errors
+/// [`StoreError::VersionConflict`] (the caller re-runs from the read phase),
+/// [`StoreError::Duplicate`] (committed by a concurrent delivery), database failures.
+pub async fn write(
+    sinks: Sinks<'_>,
+    msg: &InboundMessage,
+    read: &Read<'_>,
+    decisions: &Decisions<'_>,
+    log_id: Uuid,
+) -> Result<Committed, PipelineError> {
+    let ws = write_set(msg, read, decisions, log_id);
+    let result = sinks
+        .retry
+        .run("db.write_set", || {
+            sinks.store.commit_write_set(&ws, || {
+                if sinks.failpoints.is_on(failpoint::BEFORE_COMMIT) {
+                    Err(StoreError::Injected(failpoint::BEFORE_COMMIT))
+                } else {
+                    Ok(())
+                }
+            })
+        })
+        .await;
+    let row = match result {
+        Ok(row) => row,
+        Err(e) => {
+            if let Err(c) = sinks
+                .cache
+                .invalidate_conversation(ws.conversation_id)
+                .await
+            {
+                metrics::record_error(&c, "cache invalidation");
+            }
+            return Err(e.into());
+        }
+    };
+    if decisions.transition.is_some() {
+        metrics::stage_transition();
+    }
+    let mut extracted = read.extracted.clone();
+    extracted.extend(decisions.learned.clone());
+    Ok(Committed {
+        conversation: Conversation {
+            stage_id: decisions.stage.id,
+            version: row.version,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            ..read.conversation.clone()
+        },
+        extracted,
+        reply_id: ws.assistant_message_id,
+    })
+}
+
+/// Step 13: writes the committed conversation state and extracted data to the cache.
+pub async fn cache_committed(cache: &Cache, committed: &Committed) {
+    let conversation = &committed.conversation;
+    if let Err(e) = cache
+        .set_conversation(conversation, &committed.extracted)
+        .await
+    {
         // The next read falls through to PostgreSQL; drop what may be stale.
         metrics::record_error(&e, "cache write");
         let _ = cache.invalidate_conversation(conversation.id).await;

@@ -11,14 +11,18 @@ use crate::telemetry::metrics;
 use crate::template::Compiled;
 use crate::template::Context;
 
-/// The reply text and whether it came from the LLM.
+/// The reply text and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub content: String,
+    /// Not from the LLM: from the fallback template, or the last-resort text.
     pub fallback: bool,
+    /// The fallback template (id, version) the content was rendered from, if any; stored with
+    /// the reply so that a fallback reply can be explained from the database alone.
+    pub fallback_template: Option<(uuid::Uuid, i32)>,
 }
 
-/// Generates the reply.
+/// Generates the reply; returns it with the call's record.
 ///
 /// # Errors
 /// Only when the response template itself cannot be rendered (a definition problem).
@@ -29,33 +33,37 @@ pub async fn respond<L: LlmService>(
     fallback: Option<&Compiled>,
     last_resort: &str,
     ctx: &Context,
-    calls: &mut Vec<LlmCallRecord>,
-) -> Result<Response, PipelineError> {
+) -> Result<(Response, LlmCallRecord), PipelineError> {
     let rendered = templates.render(template, ctx)?;
     let (result, record) = caller.call(Purpose::Response, template, &rendered).await;
-    calls.push(record);
-    match result {
-        Ok(answer) if !answer.content.trim().is_empty() => Ok(Response {
+    let response = match result {
+        Ok(answer) if !answer.content.trim().is_empty() => Response {
             content: answer.content,
             fallback: false,
-        }),
+            fallback_template: None,
+        },
         outcome => {
             if let Err(e) = &outcome {
                 metrics::record_error(e, "response");
             }
             metrics::degraded("response");
-            let content = match fallback.map(|f| templates.render(f, ctx)) {
-                Some(Ok(r)) if !r.body.trim().is_empty() => r.body,
-                Some(Err(e)) => {
-                    metrics::record_error(&e, "fallback");
-                    last_resort.to_owned()
+            let rendered = fallback.map(|f| (f, templates.render(f, ctx)));
+            let (content, fallback_template) = match rendered {
+                Some((f, Ok(r))) if !r.body.trim().is_empty() => {
+                    (r.body, Some((f.record.id, f.record.version)))
                 }
-                _ => last_resort.to_owned(),
+                Some((_, Err(e))) => {
+                    metrics::record_error(&e, "fallback");
+                    (last_resort.to_owned(), None)
+                }
+                _ => (last_resort.to_owned(), None),
             };
-            Ok(Response {
+            Response {
                 content,
                 fallback: true,
-            })
+                fallback_template,
+            }
         }
-    }
+    };
+    Ok((response, record))
 }

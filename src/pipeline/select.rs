@@ -30,7 +30,11 @@ pub fn parse_stage(answer: &str) -> Option<String> {
     }
 }
 
-/// Runs selection; returns the chosen stage when it differs from the current one.
+/// Runs selection; returns the chosen stage when it differs from the current one, and the
+/// call's record.
+///
+/// # Errors
+/// Only when the template cannot be rendered (a definition problem).
 pub async fn select<'b, L: LlmService>(
     caller: &LlmCaller<'_, L>,
     templates: &TemplateService,
@@ -38,8 +42,7 @@ pub async fn select<'b, L: LlmService>(
     ctx: &Context,
     business: &'b Business,
     current: &StageInfo,
-    calls: &mut Vec<LlmCallRecord>,
-) -> Result<Option<&'b StageInfo>, PipelineError> {
+) -> Result<(Option<&'b StageInfo>, LlmCallRecord), PipelineError> {
     let rendered = templates.render(template, ctx)?;
     let (result, mut record) = caller.call(Purpose::Selection, template, &rendered).await;
     let chosen = match result {
@@ -66,8 +69,7 @@ pub async fn select<'b, L: LlmService>(
             None
         }
     };
-    calls.push(record);
-    Ok(chosen.filter(|s| s.id != current.id))
+    Ok((chosen.filter(|s| s.id != current.id), record))
 }
 
 #[cfg(test)]

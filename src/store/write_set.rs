@@ -27,6 +27,14 @@ pub struct LlmCallRecord {
     pub outcome: &'static str,
 }
 
+/// The conversation's state as the write phase committed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommittedConversation {
+    pub version: i64,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Everything the write phase stores for one message.
 #[derive(Debug, Clone)]
 pub struct WriteSet {
@@ -53,11 +61,13 @@ pub struct WriteSet {
     pub assistant_content: String,
     /// `ok` or `fallback`.
     pub assistant_status: &'static str,
+    /// The fallback template (id, version) a fallback reply was rendered from.
+    pub fallback_template: Option<(Uuid, i32)>,
     pub llm_calls: Vec<LlmCallRecord>,
 }
 
 impl Store {
-    /// Commits a write set and returns the conversation's new version.
+    /// Commits a write set and returns the conversation as committed.
     ///
     /// `before_commit` runs inside the transaction after every write (a fault-injection point);
     /// an error from it rolls everything back.
@@ -69,7 +79,7 @@ impl Store {
         &self,
         ws: &WriteSet,
         before_commit: impl FnOnce() -> Result<(), StoreError>,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<CommittedConversation, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let b = &ws.business_id;
@@ -86,18 +96,18 @@ impl Store {
             .await?
             .get(0);
 
-        let version = match ws.expected_version {
+        let row = match ws.expected_version {
             None => {
                 let stmt = tx
                     .prepare_cached(
                         "INSERT INTO conversations (id, business_id, user_id, current_stage_id) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING RETURNING version",
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING \
+                         RETURNING version, created_at, updated_at",
                     )
                     .await?;
                 tx.query_opt(&stmt, &[&ws.conversation_id, b, &user_id, &ws.stage_id])
                     .await?
                     .ok_or(StoreError::VersionConflict)?
-                    .get(0)
             }
             Some(expected) => {
                 let stmt = tx
@@ -105,7 +115,7 @@ impl Store {
                         "UPDATE conversations SET version = version + 1, current_stage_id = $4, \
                          updated_at = now() \
                          WHERE business_id = $1 AND id = $2 AND version = $3 AND user_id = $5 \
-                         RETURNING version",
+                         RETURNING version, created_at, updated_at",
                     )
                     .await?;
                 tx.query_opt(
@@ -114,15 +124,20 @@ impl Store {
                 )
                 .await?
                 .ok_or(StoreError::VersionConflict)?
-                .get(0)
             }
+        };
+        let committed = CommittedConversation {
+            version: row.get(0),
+            created_at: row.get(1),
+            updated_at: row.get(2),
         };
 
         let insert_message = tx
             .prepare_cached(
                 "INSERT INTO messages (id, business_id, conversation_id, role, content, \
-                 idempotency_key, stage_id, status, metadata, inbound_id, log_id, user_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 idempotency_key, stage_id, status, metadata, inbound_id, log_id, user_id, \
+                 fallback_template_id, fallback_template_version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             )
             .await?;
         // The user's message and the reply; the idempotency key makes a second copy of either
@@ -135,6 +150,7 @@ impl Store {
                 ws.user_stage_id,
                 None,
                 ws.metadata.as_ref(),
+                None,
             ),
             (
                 ws.assistant_message_id,
@@ -143,9 +159,10 @@ impl Store {
                 ws.stage_id,
                 Some(ws.assistant_status),
                 None,
+                ws.fallback_template,
             ),
         ];
-        for (id, role, content, stage, status, metadata) in rows {
+        for (id, role, content, stage, status, metadata, fallback) in rows {
             tx.execute(
                 &insert_message,
                 &[
@@ -161,6 +178,8 @@ impl Store {
                     &ws.inbound_id,
                     &ws.log_id,
                     &user_id,
+                    &fallback.map(|(id, _)| id),
+                    &fallback.map(|(_, version)| version),
                 ],
             )
             .await
@@ -248,6 +267,6 @@ impl Store {
 
         before_commit()?;
         tx.commit().await?;
-        Ok(version)
+        Ok(committed)
     }
 }

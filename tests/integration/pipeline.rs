@@ -517,6 +517,17 @@ async fn a_failing_response_call_gives_the_fallback_reply() {
         .expect("assistant row");
     assert_eq!(row.get::<_, String>(0), reply["content"]);
     assert_eq!(row.get::<_, String>(1), "fallback");
+    // The stored reply names the fallback template and version it was rendered from.
+    let explained = app
+        .count(
+            "SELECT count(*) FROM messages m JOIN stages s ON s.id = m.stage_id \
+             JOIN templates t ON t.id = s.fallback_template_id \
+             WHERE m.idempotency_key = 'g1' AND m.role = 'assistant' \
+             AND m.fallback_template_id = t.id AND m.fallback_template_version = t.version",
+            &[],
+        )
+        .await;
+    assert_eq!(explained, 1, "fallback template recorded on the reply");
     let outcomes = app
         .count(
             // The breaker may open during the retries of the second call.

@@ -1,0 +1,126 @@
+//! Steps 6–9, the LLM phase: the decisions the message leads to — the stage after it (selection,
+//! step 6, and the new stage's templates, step 7), the fields learned from it (extraction, step
+//! 8) and the reply (step 9) — each step returning its own LLM call record. No database
+//! connection is held here: the write phase opens its transaction after the last call.
+
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::llm_call::LlmCaller;
+use super::read::Read;
+use super::respond::{self, Response};
+use super::stage::StageService;
+use super::template::TemplateService;
+use super::{extract, select};
+use crate::error::PipelineError;
+use crate::llm::LlmService;
+use crate::model::{Business, Extracted, StageInfo};
+use crate::store::write_set::LlmCallRecord;
+use crate::telemetry::metrics;
+
+/// What the LLM phase decided.
+#[derive(Debug)]
+pub struct Decisions<'b> {
+    /// The stage after this message.
+    pub stage: &'b StageInfo,
+    /// (from, to) when selection moved the stage.
+    pub transition: Option<(Uuid, Uuid)>,
+    /// Fields extracted from this message.
+    pub learned: Extracted,
+    pub response: Response,
+    /// Every LLM call made, in order (for `llm_calls`).
+    pub calls: Vec<LlmCallRecord>,
+}
+
+/// What the LLM phase uses.
+#[derive(Debug)]
+pub struct Deciders<'a, L> {
+    pub caller: LlmCaller<'a, L>,
+    pub templates: &'a TemplateService,
+    pub stages: &'a StageService,
+    /// Sent when the response call failed and the stage has no fallback template.
+    pub last_resort: &'a str,
+}
+
+/// Runs steps 6–9. The context in `read` follows the decisions (the new stage, the learned
+/// fields), so the response sees them.
+///
+/// # Errors
+/// A template that cannot be found or rendered (a definition problem), a database failure
+/// while reading the new stage's templates. LLM failures degrade instead (keep the stage, skip
+/// extraction, fall back).
+pub async fn decide<'b, L: LlmService>(
+    d: &Deciders<'_, L>,
+    business: &'b Business,
+    read: &mut Read<'b>,
+) -> Result<Decisions<'b>, PipelineError> {
+    let mut calls = Vec::with_capacity(3);
+    let mut stage = read.stage;
+    let mut templates = read.templates;
+    let mut transition = None;
+
+    // Step 6: stage selection, when the stage has a selection template.
+    if let Some(id) = templates.selection {
+        let t = Instant::now();
+        let template = d.templates.get(business.id, id).await?;
+        let (chosen, call) = select::select(
+            &d.caller,
+            d.templates,
+            &template,
+            &read.context,
+            business,
+            stage,
+        )
+        .await?;
+        calls.push(call);
+        if let Some(next) = chosen {
+            transition = Some((stage.id, next.id));
+            stage = next;
+            // Step 7: the new stage's templates.
+            templates = d.stages.templates(business.id, next.id).await?;
+            read.context.set_stage(next);
+        }
+        metrics::step("select", t.elapsed());
+    }
+
+    // Step 8: data extraction, when the (new) stage has an extraction template.
+    let mut learned = Extracted::new();
+    if let Some(id) = templates.extraction {
+        let t = Instant::now();
+        let template = d.templates.get(business.id, id).await?;
+        let (fields, call) =
+            extract::extract(&d.caller, d.templates, &template, &read.context).await?;
+        calls.push(call);
+        read.context.merge_extracted(&fields);
+        learned = fields;
+        metrics::step("extract", t.elapsed());
+    }
+
+    // Step 9: the response, or the fallback template's text.
+    let t = Instant::now();
+    let template = d.templates.get(business.id, templates.response).await?;
+    let fallback = match templates.fallback {
+        Some(id) => Some(d.templates.get(business.id, id).await?),
+        None => None,
+    };
+    let (response, call) = respond::respond(
+        &d.caller,
+        d.templates,
+        &template,
+        fallback.as_deref(),
+        d.last_resort,
+        &read.context,
+    )
+    .await?;
+    calls.push(call);
+    metrics::step("respond", t.elapsed());
+
+    Ok(Decisions {
+        stage,
+        transition,
+        learned,
+        response,
+        calls,
+    })
+}

@@ -1,0 +1,99 @@
+//! Steps 3–5, the read phase: what the message's processing needs to know, read with short
+//! autocommit queries (most served from Redis): the conversation (step 3), its current stage and
+//! that stage's template ids (step 4), the history window and the extracted data, and the
+//! template context built from all of it (step 5).
+
+use chrono::Utc;
+
+use super::context::{self, ContextInputs};
+use super::conversation;
+use super::stage::StageService;
+use crate::cache::Cache;
+use crate::error::PipelineError;
+use crate::model::{Business, Conversation, Extracted, StageInfo, StageTemplates};
+use crate::protocol::InboundMessage;
+use crate::store::Store;
+use crate::template::Context;
+
+/// What the read phase found.
+#[derive(Debug)]
+pub struct Read<'b> {
+    /// The conversation as read (not stored yet when `is_new`).
+    pub conversation: Conversation,
+    pub is_new: bool,
+    /// The stage before this message.
+    pub stage: &'b StageInfo,
+    /// That stage's template ids.
+    pub templates: StageTemplates,
+    /// The data extracted from earlier messages.
+    pub extracted: Extracted,
+    /// The template context (step 5).
+    pub context: Context,
+}
+
+/// What the read phase reads from.
+#[derive(Debug, Clone, Copy)]
+pub struct Sources<'a> {
+    pub store: &'a Store,
+    pub cache: &'a Cache,
+    pub stages: &'a StageService,
+    /// Turns of history given to templates.
+    pub history_turns: usize,
+}
+
+/// Runs the read phase. `fresh` reads conversation state from PostgreSQL, not the cache (after
+/// a version conflict).
+///
+/// # Errors
+/// An unknown conversation (validation), database failures, an inconsistent definition.
+pub async fn read<'b>(
+    src: Sources<'_>,
+    msg: &InboundMessage,
+    business: &'b Business,
+    fresh: bool,
+) -> Result<Read<'b>, PipelineError> {
+    // Step 3: the conversation.
+    let resolved = conversation::resolve(
+        src.store,
+        src.cache,
+        business.id,
+        business.initial_stage_id,
+        &msg.user_id,
+        msg.conversation_id,
+        fresh,
+    )
+    .await?;
+    let conv = resolved.conversation.clone();
+    // Step 4: the current stage and its templates.
+    let stage = src.stages.current(business, Some(conv.stage_id))?;
+    let templates = src.stages.templates(business.id, stage.id).await?;
+    // Step 5: the variables.
+    let history = if resolved.is_new {
+        Vec::new()
+    } else {
+        src.store
+            .history(business.id, conv.id, src.history_turns)
+            .await?
+    };
+    let extracted = conversation::extracted(src.store, src.cache, &resolved, fresh).await?;
+    let context = context::build(ContextInputs {
+        business,
+        user_id: &msg.user_id,
+        conversation_id: conv.id,
+        is_new: resolved.is_new,
+        stage,
+        content: &msg.content,
+        metadata: msg.metadata.as_ref(),
+        history,
+        extracted: &extracted,
+        now: Utc::now(),
+    });
+    Ok(Read {
+        conversation: conv,
+        is_new: resolved.is_new,
+        stage,
+        templates,
+        extracted,
+        context,
+    })
+}
