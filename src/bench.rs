@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::cache;
 use crate::config::Config;
+use crate::error::{Category, Classify};
 use crate::llm::mock::{self, MockOptions};
 use crate::pipeline::Failpoints;
 use crate::store::Store;
@@ -91,12 +92,77 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the benchmark.
 ///
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("mock LLM: {0}")]
+    Mock(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::error::StoreError),
+    #[error(transparent)]
+    Import(#[from] crate::business::ImportError),
+    #[error("the definition file holds no business")]
+    NoBusiness,
+    #[error(transparent)]
+    Startup(#[from] crate::worker::StartupError),
+    #[error(transparent)]
+    Redis(#[from] crate::error::CacheError),
+}
+
+impl From<redis::RedisError> for BenchError {
+    fn from(e: redis::RedisError) -> Self {
+        BenchError::Redis(e.into())
+    }
+}
+
+impl Classify for BenchError {
+    fn code(&self) -> &'static str {
+        match self {
+            BenchError::Mock(_) => "bench.mock_llm",
+            BenchError::Store(e) => e.code(),
+            BenchError::Import(e) => e.code(),
+            BenchError::NoBusiness => "bench.no_business",
+            BenchError::Startup(e) => e.code(),
+            BenchError::Redis(e) => e.code(),
+        }
+    }
+    fn category(&self) -> Category {
+        match self {
+            BenchError::Mock(_) => Category::System,
+            BenchError::Store(e) => e.category(),
+            BenchError::Import(e) => e.category(),
+            BenchError::NoBusiness => Category::Validation,
+            BenchError::Startup(e) => e.category(),
+            BenchError::Redis(e) => e.category(),
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            BenchError::Mock(_) => 500,
+            BenchError::Store(e) => e.status_code(),
+            BenchError::Import(e) => e.status_code(),
+            BenchError::NoBusiness => 422,
+            BenchError::Startup(e) => e.status_code(),
+            BenchError::Redis(e) => e.status_code(),
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            BenchError::Mock(_) | BenchError::NoBusiness => false,
+            BenchError::Store(e) => e.is_retryable(),
+            BenchError::Import(e) => e.is_retryable(),
+            BenchError::Startup(e) => e.is_retryable(),
+            BenchError::Redis(e) => e.is_retryable(),
+        }
+    }
+}
+
 /// # Errors
-/// Any failure to reach the services or to import the definition, as text.
-pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchReport, String> {
+/// Any failure to reach the services or to import the definition.
+pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(BenchError::Mock)?;
     let llm_mock = mock::spawn(
         listener,
         MockOptions {
@@ -105,7 +171,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
             ..MockOptions::default()
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(BenchError::Mock)?;
     let run_id = Uuid::new_v4().simple().to_string();
     config.llm.base_url = llm_mock.base_url();
     config.redis.key_prefix = format!("bench:{run_id}:");
@@ -115,26 +181,19 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     config.streams.group = format!("bench-{run_id}");
     config.telemetry.listen = String::new();
 
-    let store = Store::connect(&config.database).map_err(|e| e.to_string())?;
-    let reports = crate::business::import_files(&store, None, &[&options.definition])
-        .await
-        .map_err(|e| e.to_string())?;
+    let store = Store::connect(&config.database)?;
+    let reports = crate::business::import_files(&store, None, &[&options.definition]).await?;
     let business = reports
         .first()
         .map(|r| r.business_id)
-        .ok_or("no business imported")?;
-    let deps = Dependencies::connect(&config)
-        .await
-        .map_err(|e| e.to_string())?;
+        .ok_or(BenchError::NoBusiness)?;
+    let deps = Dependencies::connect(&config).await?;
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     for w in 0..options.workers.max(1) {
         let mut c = config.clone();
         c.streams.consumer = format!("bench-{run_id}-{w}");
-        let worker = deps
-            .worker(&c, Failpoints::default())
-            .await
-            .map_err(|e| e.to_string())?;
+        let worker = deps.worker(&c, Failpoints::default()).await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         stops.push(tx);
         tasks.push(tokio::spawn(worker.run(async move {
@@ -146,9 +205,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let mut sent = HashMap::with_capacity(options.messages);
     let started = Instant::now();
     // A connection of its own: blocking reads would hold up the workers' commands.
-    let mut c = cache::connect(&config.redis)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut c = cache::connect(&config.redis).await?;
     for chunk_start in (0..options.messages).step_by(500) {
         let mut pipe = redis::pipe();
         let end = (chunk_start + 500).min(options.messages);
@@ -173,7 +230,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
             .ignore();
             sent.insert(id, Instant::now());
         }
-        let _: () = pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
+        let _: () = pipe.query_async(&mut c).await?;
     }
 
     let mut latencies = Vec::with_capacity(options.messages);
@@ -184,8 +241,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         let opts = StreamReadOptions::default().count(1000).block(500);
         let reply: Option<StreamReadReply> = c
             .xread_options(&[&config.streams.outbound], &[&last], &opts)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let now = Instant::now();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {

@@ -249,9 +249,7 @@ async fn run(cli: Cli) -> Result<()> {
                 options.llm_latency_ms,
                 options.llm_jitter_ms
             );
-            let report = icmp::bench::run(config, &options)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let report = icmp::bench::run(config, &options).await?;
             print!("{report}");
         }
     }

@@ -32,6 +32,33 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+impl crate::error::Classify for ClientError {
+    fn code(&self) -> &'static str {
+        match self {
+            ClientError::Redis(e) => e.code(),
+            ClientError::Timeout(_) => "client.no_reply",
+        }
+    }
+    fn category(&self) -> crate::error::Category {
+        match self {
+            ClientError::Redis(e) => e.category(),
+            ClientError::Timeout(_) => crate::error::Category::System,
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            ClientError::Redis(e) => e.status_code(),
+            ClientError::Timeout(_) => 504,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Redis(e) => e.is_retryable(),
+            ClientError::Timeout(_) => true,
+        }
+    }
+}
+
 impl From<redis::RedisError> for ClientError {
     fn from(e: redis::RedisError) -> Self {
         ClientError::Redis(e.into())

@@ -21,6 +21,26 @@ pub enum ConfigError {
     SecretInFile(&'static str, String),
 }
 
+impl crate::error::Classify for ConfigError {
+    fn code(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid(_) => "config.invalid",
+            ConfigError::SecretInFile(..) => "config.secret_in_file",
+        }
+    }
+    fn category(&self) -> crate::error::Category {
+        crate::error::Category::System
+    }
+    fn status_code(&self) -> u16 {
+        500
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            ConfigError::Invalid(_) | ConfigError::SecretInFile(..) => false,
+        }
+    }
+}
+
 impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
         // figment's Display names the key and where its value came from.

@@ -238,7 +238,12 @@ impl StoreError {
     fn sqlstate(&self) -> Option<&str> {
         match self {
             StoreError::Db(e) => e.code().map(|c| c.code()),
-            _ => None,
+            StoreError::Pool(_)
+            | StoreError::VersionConflict
+            | StoreError::Duplicate
+            | StoreError::Inconsistent(_)
+            | StoreError::Migration(_)
+            | StoreError::Injected(_) => None,
         }
     }
 }
@@ -498,7 +503,12 @@ impl Classify for PipelineError {
         match self {
             PipelineError::Panicked(_) => "internal.panic",
             PipelineError::TooManyDeliveries(_) => "stream.max_deliveries",
-            _ => self.inner().map_or("config.definition", |e| e.code()),
+            PipelineError::Definition(_) => "config.definition",
+            PipelineError::Validation(_)
+            | PipelineError::Llm(_)
+            | PipelineError::Store(_)
+            | PipelineError::Cache(_)
+            | PipelineError::Template(_) => self.inner().map_or("config.definition", |e| e.code()),
         }
     }
     fn category(&self) -> Category {
@@ -511,7 +521,12 @@ impl Classify for PipelineError {
         match self {
             // A panic may be a passing condition; redelivery decides (up to max_deliveries).
             PipelineError::Panicked(_) => true,
-            _ => self.inner().is_some_and(|e| e.is_retryable()),
+            PipelineError::TooManyDeliveries(_) | PipelineError::Definition(_) => false,
+            PipelineError::Validation(_)
+            | PipelineError::Llm(_)
+            | PipelineError::Store(_)
+            | PipelineError::Cache(_)
+            | PipelineError::Template(_) => self.inner().is_some_and(|e| e.is_retryable()),
         }
     }
     fn user_message(&self) -> String {

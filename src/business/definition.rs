@@ -47,6 +47,32 @@ pub enum DefinitionError {
     Invalid(Vec<String>),
 }
 
+impl crate::error::Classify for DefinitionError {
+    fn code(&self) -> &'static str {
+        match self {
+            DefinitionError::Io(_) => "definition.unreadable",
+            DefinitionError::Toml(_) => "definition.toml",
+            DefinitionError::Invalid(_) => "definition.invalid",
+        }
+    }
+    fn category(&self) -> crate::error::Category {
+        crate::error::Category::Validation
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            DefinitionError::Io(_) => 500,
+            DefinitionError::Toml(_) | DefinitionError::Invalid(_) => 422,
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            DefinitionError::Io(_) | DefinitionError::Toml(_) | DefinitionError::Invalid(_) => {
+                false
+            }
+        }
+    }
+}
+
 /// A whole definition file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

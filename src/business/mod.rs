@@ -24,6 +24,33 @@ pub enum ImportError {
     },
 }
 
+impl crate::error::Classify for ImportError {
+    fn code(&self) -> &'static str {
+        match self {
+            ImportError::Definition { source, .. } => source.code(),
+            ImportError::Store { source, .. } => source.code(),
+        }
+    }
+    fn category(&self) -> crate::error::Category {
+        match self {
+            ImportError::Definition { source, .. } => source.category(),
+            ImportError::Store { source, .. } => source.category(),
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            ImportError::Definition { source, .. } => source.status_code(),
+            ImportError::Store { source, .. } => source.status_code(),
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            ImportError::Definition { source, .. } => source.is_retryable(),
+            ImportError::Store { source, .. } => source.is_retryable(),
+        }
+    }
+}
+
 /// Validates every file first, then writes each business in its own transaction. A file with
 /// any problem writes nothing. Cached definitions of the imported businesses are dropped.
 ///

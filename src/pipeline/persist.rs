@@ -141,3 +141,88 @@ pub async fn cache_committed(cache: &Cache, committed: &Committed) {
         let _ = cache.invalidate_conversation(conversation.id).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{StageInfo, StageTemplates};
+    use crate::pipeline::respond::Response;
+    use crate::template::Context;
+
+    fn stage(n: u128, name: &str) -> StageInfo {
+        StageInfo {
+            id: Uuid::from_u128(n),
+            name: name.into(),
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_write_set_holds_what_was_read_and_what_was_decided() {
+        let (welcome, booking) = (stage(1, "welcome"), stage(2, "booking"));
+        let now = chrono::Utc::now();
+        let msg = InboundMessage {
+            inbound_id: "7-0".into(),
+            message_id: None,
+            business_id: Uuid::from_u128(9),
+            user_id: "ann".into(),
+            content: "hello".into(),
+            conversation_id: None,
+            metadata: None,
+            reply_to: None,
+        };
+        let mut stored = Extracted::new();
+        stored.insert("name".into(), serde_json::json!("Ann"));
+        let read = Read {
+            conversation: Conversation {
+                id: Uuid::from_u128(5),
+                business_id: msg.business_id,
+                user_external_id: "ann".into(),
+                stage_id: welcome.id,
+                version: 3,
+                created_at: now,
+                updated_at: now,
+            },
+            is_new: false,
+            stage: &welcome,
+            templates: StageTemplates {
+                selection: None,
+                extraction: None,
+                response: Uuid::from_u128(20),
+                fallback: None,
+            },
+            extracted: stored,
+            context: Context::sample("b", &[], &[]),
+        };
+        let mut learned = Extracted::new();
+        learned.insert("date".into(), serde_json::json!("2026-12-01"));
+        let decisions = Decisions {
+            stage: &booking,
+            transition: Some((welcome.id, booking.id)),
+            learned,
+            response: Response {
+                content: "Sorry".into(),
+                fallback: true,
+                fallback_template: Some((Uuid::from_u128(30), 4)),
+            },
+            calls: Vec::new(),
+        };
+        let ws = write_set(&msg, &read, &decisions, Uuid::from_u128(77));
+        assert_eq!(
+            ws.expected_version,
+            Some(3),
+            "the version the read phase saw"
+        );
+        assert_eq!(ws.idempotency_key, "7-0", "no message_id: the entry id");
+        assert_eq!(
+            ws.user_stage_id, welcome.id,
+            "the user wrote in the old stage"
+        );
+        assert_eq!(ws.stage_id, booking.id);
+        assert_eq!(ws.transition, Some((welcome.id, booking.id)));
+        assert_eq!(ws.extracted.len(), 1, "only what this message taught");
+        assert_eq!(ws.assistant_status, "fallback");
+        assert_eq!(ws.fallback_template, Some((Uuid::from_u128(30), 4)));
+        assert_ne!(ws.user_message_id, ws.assistant_message_id);
+    }
+}
