@@ -22,10 +22,16 @@ const REPLY_STREAM_TTL_SECS: u64 = 3600;
 /// `ARGV` = group, entry id, queue member, wake channel, reply max length (0: none), reply
 /// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, then the
 /// reply's field/value items and the dead letter's. Returns 1 when this call acknowledged the
-/// entry (and published), 0 when someone else had.
+/// entry (and published), 0 when it was no longer pending (someone else had finished it, or it
+/// left the pending list), -1 (and does nothing) when the reply stream's key holds another type.
 pub(crate) const FINISH_SCRIPT: &str = r"
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 local nr, nd = tonumber(ARGV[8]), tonumber(ARGV[9])
+if nr > 0 then
+  -- A reply stream that is not a stream would fail the XADD after the XACK took effect.
+  local t = redis.call('TYPE', KEYS[2])['ok']
+  if t ~= 'stream' and t ~= 'none' then return -1 end
+end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   if nd > 0 then
     local args = {'XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*'}
@@ -45,7 +51,10 @@ if acked == 1 then
     if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
   end
 end
-if KEYS[4] then
+-- Only the holder that acknowledged dequeues: an entry that left the pending list unanswered
+-- (its consumer deleted) stays at its queue's head, where the head check or the sweep finds it
+-- and dead-letters it as an orphan; one another holder finished was dequeued by that holder.
+if KEYS[4] and acked == 1 then
   redis.call('ZREM', KEYS[6], ARGV[3])
   if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
     redis.call('PUBLISH', ARGV[4], KEYS[4])
@@ -117,6 +126,15 @@ impl Streams {
         match inv.invoke_async(&mut self.conn()).await? {
             Value::Int(1) => Ok(true),
             Value::Int(0) => Ok(false),
+            Value::Int(-1) if reply_stream != outbound => {
+                // A `reply_to` key that is not a stream: answer on the outbound stream instead.
+                tracing::warn!("the reply_to key is not a stream; replying on the outbound stream");
+                let mut to_outbound = finish.clone();
+                if let Some((stream, _)) = &mut to_outbound.reply {
+                    *stream = outbound;
+                }
+                Box::pin(self.finish(id, slot, &to_outbound)).await
+            }
             other => Err(StreamError::UnexpectedReply(format!("finish: {other:?}"))),
         }
     }

@@ -40,9 +40,31 @@ end
 local healed = 0
 local verdict = 'wait'
 local sweep = ARGV[2] == ''
+local function heal(head, hid)
+  redis.call('ZREM', KEYS[2], head)
+  redis.call('ZREM', KEYS[5], head)
+  healed = healed + 1
+  local e = redis.call('XRANGE', KEYS[1], hid, hid)[1]
+  if e then
+    local f = e[2]
+    -- A hostile entry's fields could exceed what one call may carry: keep its id only.
+    if #f > 256 then f = {} end
+    for _, kv in ipairs({{'inbound_id', hid}, {'error_code', 'stream.orphaned'},
+        {'error_detail', 'the entry left the pending list unanswered (consumer deleted or group reset)'},
+        {'deliveries', '0'}, {'failed_at', ARGV[6]}, {'log_id', ''}}) do
+      f[#f + 1] = kv[1]
+      f[#f + 1] = kv[2]
+    end
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(f))
+  end
+end
 for _ = 1, 100 do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  if not sweep and head == ARGV[2] then verdict = 'go' break end
+  if not sweep and head == ARGV[2] then
+    -- Our own entry may have left the pending list (its consumer was deleted): an orphan too.
+    if pending(ARGV[3]) then verdict = 'go' else heal(head, ARGV[3]) verdict = 'gone' end
+    break
+  end
   if sweep and not head then verdict = 'gone' break end
   if not sweep and ((not head) or head > ARGV[2]) then
     if not pending(ARGV[3]) then verdict = 'gone' break end
@@ -51,22 +73,7 @@ for _ = 1, 100 do
   else
     local hid = unpad(head)
     if pending(hid) then verdict = 'wait' break end
-    redis.call('ZREM', KEYS[2], head)
-    redis.call('ZREM', KEYS[5], head)
-    healed = healed + 1
-    local e = redis.call('XRANGE', KEYS[1], hid, hid)[1]
-    if e then
-      local f = e[2]
-      -- A hostile entry's fields could exceed what one call may carry: keep its id only.
-      if #f > 256 then f = {} end
-      for _, kv in ipairs({{'inbound_id', hid}, {'error_code', 'stream.orphaned'},
-          {'error_detail', 'the entry left the pending list unanswered (consumer deleted or group reset)'},
-          {'deliveries', '0'}, {'failed_at', ARGV[6]}, {'log_id', ''}}) do
-        f[#f + 1] = kv[1]
-        f[#f + 1] = kv[2]
-      end
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(f))
-    end
+    heal(head, hid)
   end
 end
 if healed > 0 and verdict ~= 'go' then redis.call('PUBLISH', ARGV[4], KEYS[2]) end

@@ -18,13 +18,21 @@ use crate::error::StreamError;
 /// finished through the key the script reported), and the queue member of an entry id.
 const PRELUDE: &str = r"
 local function trim(s)
-  s = string.gsub(s, '^[ \t\n\f\r]+', '')
-  s = string.gsub(s, '[ \t\n\f\r]+$', '')
-  return s
+  -- Linear: find the first and the last byte that is not ASCII whitespace (a pattern anchored
+  -- at the end backtracks over every run of spaces).
+  local first = string.find(s, '[^ \t\n\f\r]')
+  if not first then return '' end
+  local last = #s
+  while true do
+    local b = string.byte(s, last)
+    if b ~= 32 and b ~= 9 and b ~= 10 and b ~= 12 and b ~= 13 then break end
+    last = last - 1
+  end
+  return string.sub(s, first, last)
 end
 local function canon_business(s)
-  if #s > 128 then return nil end
   s = string.lower(trim(s))
+  if #s > 64 then return nil end
   if string.sub(s, 1, 9) == 'urn:uuid:' then s = string.sub(s, 10) end
   if string.sub(s, 1, 1) == '{' and string.sub(s, -1) == '}' then s = string.sub(s, 2, -2) end
   local h
@@ -49,9 +57,8 @@ local function queue_key(prefix, fields)
   local other = prefix .. '-'
   if not b or not u then return other end
   b = canon_business(b)
-  if #u > 2048 then return other end
   u = trim(u)
-  if not b or #u == 0 or #u > 1024 then return other end
+  if not b or #u == 0 then return other end
   return prefix .. b .. ':' .. u
 end
 local function member(id)

@@ -36,12 +36,22 @@ impl Compiled {
     /// Checks `value` against the template's output schema (extraction templates).
     ///
     /// # Errors
-    /// The schema violations, joined.
+    /// The schema violations, joined: the location in the value and the schema rule that
+    /// failed, without the value itself.
     pub fn validate_output(&self, value: &serde_json::Value) -> Result<(), String> {
         let Some(schema) = &self.schema else {
             return Ok(());
         };
-        let errors: Vec<String> = schema.iter_errors(value).map(|e| e.to_string()).collect();
+        // Where and which rule failed, never the offending value: these texts reach the logs,
+        // and the values are user data.
+        let errors: Vec<String> = schema
+            .iter_errors(value)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() { "/".to_owned() } else { at };
+                format!("{at} fails {}", e.schema_path())
+            })
+            .collect();
         if errors.is_empty() {
             Ok(())
         } else {
@@ -138,4 +148,36 @@ pub fn render(
             detail: pretty(&e, name, "body"),
         })?;
     Ok(Rendered { system, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TemplateKind;
+
+    #[test]
+    fn schema_violations_name_the_place_and_rule_but_not_the_value() {
+        let record = TemplateRecord {
+            id: uuid::Uuid::nil(),
+            business_id: uuid::Uuid::nil(),
+            name: "extract".into(),
+            kind: TemplateKind::Extraction,
+            system: String::new(),
+            body: "x".into(),
+            model: None,
+            temperature: None,
+            max_tokens: None,
+            output_schema: Some(serde_json::json!({
+                "type": "object",
+                "properties": {"age": {"type": "integer"}}
+            })),
+            version: 1,
+        };
+        let compiled = compile(&engine(), record).expect("compile");
+        let err = compiled
+            .validate_output(&serde_json::json!({"age": "Walter White, 555-0100"}))
+            .expect_err("invalid");
+        assert!(err.contains("/age"), "{err}");
+        assert!(!err.contains("Walter"), "the value leaked: {err}");
+    }
 }

@@ -13,7 +13,10 @@
 //! Retention (trimming, pruning idle consumers) runs on its own timer.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -27,8 +30,13 @@ use crate::llm::LlmService;
 use crate::stream::{Refresh, StreamEntry};
 use crate::telemetry::metrics::{self, StreamEvent};
 
-/// Head checks per round trip.
+/// Head checks per round trip, and round trips before the loop starts ready entries and takes
+/// in events again.
 const CHECKS_PER_ROUND: usize = 256;
+const CHECK_ROUNDS_PER_TURN: usize = 4;
+/// XAUTOCLAIM calls in one reclaim pass before pausing (each scans up to 10 × `read_count`
+/// pending entries).
+const RECLAIM_CALLS_PER_ROUND: usize = 100;
 /// Queues the retention sweep visits per round trip, and per retention round at most: every
 /// `retention_interval_ms` (10 s) a worker covers 2,000 active queues, so an orphan is found
 /// well within `inbound_retain_ms` (5 min) for up to some 30,000 users with a message in
@@ -129,7 +137,13 @@ impl<L: LlmService> Worker<L> {
                     let n = room.touch_all();
                     WorkerStats::add(&self.stats.polled_checks, n as u64);
                 }
-                _ = gauges.tick() => self.gauges(concurrency - slots.available_permits(), room.len()).await,
+                _ = gauges.tick() => {
+                    let worker = self.clone();
+                    let (running, held) = (concurrency - slots.available_permits(), room.len());
+                    tokio::spawn(async move { worker.gauges(running, held).await });
+                }
+                // Checks left over from the last turn: continue once events are taken in.
+                () = tokio::task::yield_now(), if room.has_checks() => {}
             }
             // Take in everything that arrived meanwhile before the next round trip.
             while let Ok(event) = events.try_recv() {
@@ -140,7 +154,9 @@ impl<L: LlmService> Worker<L> {
                     WorkerStats::add(&self.stats.wakes, 1);
                 }
             }
-            while room.has_checks() {
+            let mut rounds = 0;
+            while room.has_checks() && rounds < CHECK_ROUNDS_PER_TURN {
+                rounds += 1;
                 let checks = room.next_checks(CHECKS_PER_ROUND);
                 let pairs: Vec<_> = checks.iter().map(|(s, id)| (s, id.as_str())).collect();
                 match self.streams.check_heads(&pairs).await {
@@ -181,10 +197,20 @@ impl<L: LlmService> Worker<L> {
                 let events = events_tx.clone();
                 tasks.spawn(async move {
                     let id = entry.id.clone();
+                    // A panic outside the pipeline (decoding, finishing) must not leave the
+                    // entry held forever: it is given up like a transient failure.
+                    let work = AssertUnwindSafe(worker.run_entry(entry, needs_fields))
+                        .catch_unwind()
+                        .map(|r| {
+                            r.unwrap_or_else(|_| {
+                                tracing::error!("an entry's task panicked; it will be redelivered");
+                                Outcome::RetryLater
+                            })
+                        });
                     let outcome = tokio::select! {
                         biased;
                         () = token.cancelled() => Outcome::Lost,
-                        o = worker.run_entry(entry, needs_fields) => o,
+                        o = work => o,
                     };
                     drop(permit);
                     let _ = events.send(Event::Done(id, outcome));
@@ -329,10 +355,21 @@ impl<L: LlmService> Worker<L> {
         let every = Duration::from_millis((self.config.streams.claim_idle_ms / 2).max(50));
         let count = self.config.streams.read_count.max(1);
         let mut cursor = "0-0".to_owned();
+        let mut calls_this_round = 0;
         loop {
-            if wait_or_stop(&mut stop, every).await {
+            // One XAUTOCLAIM looks at no more than 10 × COUNT pending entries: a pass over a
+            // long pending list (live workers hold many) continues at once, up to
+            // RECLAIM_CALLS_PER_ROUND calls, and resumes after the pause.
+            let mid_scan = cursor != "0-0" && calls_this_round < RECLAIM_CALLS_PER_ROUND;
+            if !mid_scan {
+                calls_this_round = 0;
+                if wait_or_stop(&mut stop, every).await {
+                    return;
+                }
+            } else if *stop.borrow() {
                 return;
             }
+            calls_this_round += 1;
             match self.streams.reclaim(&cursor, count).await {
                 Ok(found) => {
                     cursor = found.cursor;

@@ -554,6 +554,7 @@ async fn every_spelling_of_a_business_reaches_one_queue_and_one_user() {
         format!("urn:uuid:{DEMO_BUSINESS}"),
         DEMO_BUSINESS.replace('-', ""),
         format!("  {DEMO_BUSINESS}\t"),
+        format!("{DEMO_BUSINESS}{}", " ".repeat(100)),
     ];
     let probe = app.streams("probe").await;
     let mut keys = HashSet::new();
@@ -819,5 +820,109 @@ async fn the_sweep_finds_an_orphan_nobody_waits_behind() {
         "orphans are not answered"
     );
     assert!(order_keys(&app).await.is_empty(), "queues and index gone");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_orphaned_while_its_worker_processes_it_is_dead_lettered_not_lost() {
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 1_500,
+            ..Default::default()
+        },
+        |c| {
+            c.streams.retention_interval_ms = 200;
+            c.llm.request_timeout_ms = 5_000;
+        },
+    )
+    .await;
+    let worker = app.start_worker("w0").await;
+    let first = app.send("olga", "o1", "Hello").await;
+    // Once its first LLM call is under way, an operator deletes the worker's consumer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app
+        .mock
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no LLM call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = app.config.streams.clone();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(&s.inbound)
+        .arg(&s.group)
+        .arg(worker.streams().consumer())
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("delconsumer");
+    let second = app.send("olga", "o2", "Are you there?").await;
+    let replies = settled(&app, 1).await;
+    assert_eq!(
+        replies[&second].len(),
+        1,
+        "the user's next message is answered"
+    );
+    assert!(
+        !replies.contains_key(&first),
+        "the orphan is not answered behind the fence"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let letters = app.entries(&s.dead_letter).await;
+        if letters.iter().any(|l| l["inbound_id"] == first) {
+            assert_eq!(letters.len(), 1);
+            assert_eq!(letters[0]["error_code"], "stream.orphaned");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "orphan lost: {letters:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Replayed, it is answered: with the answer committed before the consumer was deleted, if
+    // the first processing got that far, else a new one.
+    let letters = app.entries(&s.dead_letter).await;
+    icmp::stream::dead_letter::replay(&app.redis, &s, &[letters[0]["__id"].clone()])
+        .await
+        .expect("replay");
+    let reply = app.reply("o1").await;
+    assert_ne!(reply["status"], "error");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM messages WHERE idempotency_key = 'o1'",
+            &[]
+        )
+        .await,
+        2,
+        "stored once"
+    );
+    assert!(order_keys(&app).await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_to_key_that_is_not_a_stream_gets_the_reply_on_the_outbound_stream() {
+    let mut app = spawn_env(MockOptions::default(), |_| {}).await;
+    let reply_to = format!("{}taken", app.config.streams.reply_prefix);
+    let _: () = app
+        .redis
+        .clone()
+        .set(&reply_to, "a string")
+        .await
+        .expect("set");
+    let mut fields = message("rita", "r1", "Hello");
+    fields.push((b"reply_to".to_vec(), reply_to.clone().into_bytes()));
+    let id = xadd_raw(&app, &fields).await;
+    app.start_worker("w0").await;
+    let replies = settled(&app, 1).await;
+    assert_eq!(replies[&id].len(), 1);
+    assert_eq!(replies[&id][0]["status"], "ok");
+    let kept: String = app.redis.clone().get(&reply_to).await.expect("get");
+    assert_eq!(kept, "a string");
     app.stop().await;
 }
