@@ -23,9 +23,9 @@
 //! output_schema = { … }    # extraction templates: JSON Schema of the output
 //! ```
 //!
-//! [`Definition::load`] rejects a file unless every reference resolves, every template
-//! compiles with `upon` and renders against a sample context (so unknown variables are caught),
-//! and every output schema is a valid JSON Schema.
+//! [`Definition::load`] rejects a file unless every reference resolves, every variable of every
+//! template (in every branch) exists in the context, every template compiles with `upon` and
+//! renders against a sample context, and every output schema is a valid JSON Schema.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -268,6 +268,23 @@ impl Definition {
             })
             .collect();
         let sample = Context::sample(&self.business.name, &stages, &self.extraction_fields());
+        // Every variable of every branch, checked against the context's shape...
+        match serde_json::to_value(&sample) {
+            Ok(shape) => {
+                for t in &self.templates {
+                    for (part, source) in [("system", &t.system), ("body", &t.body)] {
+                        for u in template::variables::unknown_variables(source, &shape) {
+                            problems.push(format!(
+                                "template `{}` {part} line {}: unknown variable `{}`",
+                                t.name, u.line, u.path
+                            ));
+                        }
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("the sample context does not serialise: {e}")),
+        }
+        // ...and every template compiled and rendered against the sample.
         let engine = template::engine();
         for t in &self.templates {
             let record = t.to_record(Uuid::nil(), self.business.id);

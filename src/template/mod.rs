@@ -4,6 +4,7 @@
 //! template source. Knows no store, cache or pipeline step.
 
 pub mod context;
+pub mod variables;
 
 use crate::error::TemplateError;
 use crate::model::TemplateRecord;

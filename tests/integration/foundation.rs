@@ -101,6 +101,22 @@ async fn an_unknown_variable_rejects_the_file_and_writes_nothing() {
 }
 
 #[test]
+fn an_unknown_variable_in_a_branch_the_sample_never_takes_is_reported_with_its_line() {
+    // The sample context has every extracted field set, so rendering it never enters this
+    // branch: only the static check sees the typo.
+    let text = demo_text().replace(
+        "We could not confirm",
+        "{% if not extracted.name %}{{ user.nmae }}{% endif %}We could not confirm",
+    );
+    let err = Definition::parse(&text).expect_err("invalid").to_string();
+    assert!(
+        err.contains("body line 1: unknown variable `user.nmae`"),
+        "{err}"
+    );
+    assert!(err.contains("`fallback_booking` body"), "{err}");
+}
+
+#[test]
 fn definitions_with_bad_references_list_every_problem() {
     let text = demo_text()
         .replace(
