@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::config::{CacheConfig, RedisConfig};
 pub use crate::error::CacheError;
-use crate::model::{Business, Conversation, Extracted, StageTemplates, TemplateRecord};
+use crate::model::{Business, Conversation, Extracted, StageTemplates, TemplateRecord, Turn};
 use crate::telemetry::metrics;
 
 /// Counts a cache lookup (`hit`, `miss`, `error`) and turns an error into a miss: a failing
@@ -180,26 +180,67 @@ impl Cache {
         self.get_json(self.key("conv", id)).await
     }
 
-    /// Writes conversation state and extracted data (after COMMIT only).
+    /// Writes a conversation's committed state (after COMMIT only), in one `MULTI`: the
+    /// conversation (`conv:`), its extracted data (`data:`), its recent history (`hist:`, the
+    /// window templates see) and the user's latest conversation (`latest:{business}:{user}`), so
+    /// that the user's next message reads nothing from PostgreSQL.
     pub async fn set_conversation(
         &self,
         c: &Conversation,
         data: &Extracted,
+        history: &[Turn],
     ) -> Result<(), CacheError> {
-        let conv = serde_json::to_vec(c).map_err(|e| CacheError::Decode(e.to_string()))?;
-        let data = serde_json::to_vec(data).map_err(|e| CacheError::Decode(e.to_string()))?;
+        let conv = encode(c)?;
+        let data = encode(data)?;
+        let history = encode(&history)?;
         let _: () = redis::pipe()
+            .atomic()
             .set_ex(self.key("conv", c.id), conv, self.conversation_ttl)
             .ignore()
             .set_ex(self.key("data", c.id), data, self.conversation_ttl)
+            .ignore()
+            .set_ex(self.key("hist", c.id), history, self.conversation_ttl)
+            .ignore()
+            .set_ex(
+                self.latest_key(c.business_id, &c.user_external_id),
+                c.id.to_string(),
+                self.conversation_ttl,
+            )
             .ignore()
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
     }
 
+    fn latest_key(&self, business_id: Uuid, user: &str) -> String {
+        format!("{}latest:{business_id}:{user}", self.prefix)
+    }
+
+    /// The user's most recently active conversation, as the last commit left it.
+    pub async fn get_latest(
+        &self,
+        business_id: Uuid,
+        user: &str,
+    ) -> Result<Option<Uuid>, CacheError> {
+        let id: Option<String> = self
+            .conn
+            .clone()
+            .get(self.latest_key(business_id, user))
+            .await?;
+        id.map(|id| Uuid::parse_str(&id).map_err(|e| CacheError::Decode(format!("latest: {e}"))))
+            .transpose()
+    }
+
     pub async fn get_data(&self, conversation_id: Uuid) -> Result<Option<Extracted>, CacheError> {
         self.get_json(self.key("data", conversation_id)).await
+    }
+
+    /// The conversation's recent history as the last commit left it.
+    pub async fn get_history(
+        &self,
+        conversation_id: Uuid,
+    ) -> Result<Option<Vec<Turn>>, CacheError> {
+        self.get_json(self.key("hist", conversation_id)).await
     }
 
     /// Drops a conversation's keys (the seed's step 14, on rollback).
@@ -207,7 +248,11 @@ impl Cache {
         let _: () = self
             .conn
             .clone()
-            .del(&[self.key("conv", id), self.key("data", id)])
+            .del(&[
+                self.key("conv", id),
+                self.key("data", id),
+                self.key("hist", id),
+            ])
             .await?;
         Ok(())
     }
@@ -233,4 +278,8 @@ impl Cache {
             .await?;
         Ok(())
     }
+}
+
+fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CacheError> {
+    serde_json::to_vec(value).map_err(|e| CacheError::Decode(e.to_string()))
 }

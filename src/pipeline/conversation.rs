@@ -45,7 +45,17 @@ pub async fn resolve(
                 _ => return Err(ValidationError::UnknownConversation.into()),
             }
         }
-        None => store.latest_conversation(business_id, user_id).await?,
+        None => {
+            let cached = if fresh {
+                None
+            } else {
+                latest_cached(cache, business_id, user_id).await
+            };
+            match cached {
+                Some(c) => Some(c),
+                None => store.latest_conversation(business_id, user_id).await?,
+            }
+        }
     };
     Ok(match existing {
         Some(conversation) => Resolved {
@@ -68,6 +78,15 @@ pub async fn resolve(
             }
         }
     })
+}
+
+/// The user's latest conversation as the last commit cached it (the pointer and the
+/// conversation both), when it belongs to this business and user.
+async fn latest_cached(cache: &Cache, business_id: Uuid, user_id: &str) -> Option<Conversation> {
+    let id = cache::observed("latest", cache.get_latest(business_id, user_id).await)?;
+    cached_conversation(cache, id)
+        .await
+        .filter(|c| c.business_id == business_id && c.user_external_id == user_id)
 }
 
 async fn cached_conversation(cache: &Cache, id: Uuid) -> Option<Conversation> {

@@ -199,6 +199,7 @@ impl<L: LlmService> MessageHandler<L> {
             cache: &self.cache,
             retry: &self.retry,
             failpoints: &self.failpoints,
+            history_turns: self.config.worker.history_turns,
         };
         let committed = persist::write(sinks, msg, &read, &decisions, log_id).await?;
         metrics::step("persist", t.elapsed());

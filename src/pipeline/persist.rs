@@ -11,7 +11,7 @@ use super::failpoint::{self, Failpoints};
 use super::read::Read;
 use crate::cache::Cache;
 use crate::error::{PipelineError, StoreError};
-use crate::model::{Conversation, Extracted};
+use crate::model::{Conversation, Extracted, Role, Turn};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
@@ -24,6 +24,8 @@ pub struct Committed {
     pub conversation: Conversation,
     /// Every field extracted so far, this message's included.
     pub extracted: Extracted,
+    /// The history window the next message sees: the last turns, these two included.
+    pub history: Vec<Turn>,
     /// The stored reply's id.
     pub reply_id: Uuid,
 }
@@ -35,6 +37,8 @@ pub struct Sinks<'a> {
     pub cache: &'a Cache,
     pub retry: &'a RetryPolicy,
     pub failpoints: &'a Failpoints,
+    /// Turns of history given to templates (the cached window's length).
+    pub history_turns: usize,
 }
 
 /// The write set of one message.
@@ -116,6 +120,17 @@ pub async fn write(
     }
     let mut extracted = read.extracted.clone();
     extracted.extend(decisions.learned.clone());
+    let mut history = read.context.history.clone();
+    history.push(Turn {
+        role: Role::User,
+        content: msg.content.clone(),
+    });
+    history.push(Turn {
+        role: Role::Assistant,
+        content: decisions.response.content.clone(),
+    });
+    let excess = history.len().saturating_sub(sinks.history_turns);
+    history.drain(..excess);
     Ok(Committed {
         conversation: Conversation {
             stage_id: decisions.stage.id,
@@ -125,6 +140,7 @@ pub async fn write(
             ..read.conversation.clone()
         },
         extracted,
+        history,
         reply_id: ws.assistant_message_id,
     })
 }
@@ -133,7 +149,7 @@ pub async fn write(
 pub async fn cache_committed(cache: &Cache, committed: &Committed) {
     let conversation = &committed.conversation;
     if let Err(e) = cache
-        .set_conversation(conversation, &committed.extracted)
+        .set_conversation(conversation, &committed.extracted, &committed.history)
         .await
     {
         // The next read falls through to PostgreSQL; drop what may be stale.

@@ -1,14 +1,16 @@
 //! Steps 3–5, the read phase: what the message's processing needs to know, read with short
 //! autocommit queries (most served from Redis): the conversation (step 3), its current stage and
 //! that stage's template ids (step 4), the history window and the extracted data, and the
-//! template context built from all of it (step 5).
+//! template context built from all of it (step 5). A continuing conversation's state (the
+//! user's latest conversation, the conversation, its history window and extracted data) comes
+//! from the cache the last commit wrote, so its read phase needs no PostgreSQL query.
 
 use chrono::Utc;
 
 use super::context::{self, ContextInputs};
 use super::conversation;
 use super::stage::StageService;
-use crate::cache::Cache;
+use crate::cache::{self, Cache};
 use crate::error::PipelineError;
 use crate::model::{Business, Conversation, Extracted, StageInfo, StageTemplates};
 use crate::protocol::InboundMessage;
@@ -71,9 +73,19 @@ pub async fn read<'b>(
     let history = if resolved.is_new {
         Vec::new()
     } else {
-        src.store
-            .history(business.id, conv.id, src.history_turns)
-            .await?
+        let cached = if fresh {
+            None
+        } else {
+            cache::observed("history", src.cache.get_history(conv.id).await)
+        };
+        match cached {
+            Some(turns) => turns,
+            None => {
+                src.store
+                    .history(business.id, conv.id, src.history_turns)
+                    .await?
+            }
+        }
     };
     let extracted = conversation::extracted(src.store, src.cache, &resolved, fresh).await?;
     let context = context::build(ContextInputs {

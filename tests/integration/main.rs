@@ -12,6 +12,7 @@ mod helpers;
 mod llm_client;
 mod mock_llm;
 mod operator;
+mod phases;
 mod pipeline;
 mod processes;
 mod reliability;

@@ -1,0 +1,163 @@
+//! The pipeline's three phases, each run alone: the read phase (and that a continuing
+//! conversation's needs no PostgreSQL), the LLM phase's decisions with their call records, and
+//! the write phase's committed state.
+
+use icmp::config::RedactedUrl;
+use icmp::llm::mock::MockOptions;
+use icmp::llm::{CircuitBreaker, OpenAiClient};
+use icmp::model::Role;
+use icmp::pipeline::llm_call::LlmCaller;
+use icmp::pipeline::stage::StageService;
+use icmp::pipeline::template::TemplateService;
+use icmp::pipeline::{Failpoints, decide, persist, read};
+use icmp::protocol::InboundMessage;
+use icmp::retry::RetryPolicy;
+use icmp::store::Store;
+use uuid::Uuid;
+
+use crate::helpers::{DEMO_BUSINESS, spawn_app, spawn_env};
+
+fn message(user: &str, id: &str, content: &str) -> InboundMessage {
+    InboundMessage {
+        inbound_id: format!("{id}-entry"),
+        message_id: Some(id.to_owned()),
+        business_id: DEMO_BUSINESS.parse().expect("uuid"),
+        user_id: user.to_owned(),
+        content: content.to_owned(),
+        conversation_id: None,
+        metadata: None,
+        reply_to: None,
+    }
+}
+
+#[tokio::test]
+async fn a_continuing_conversations_read_phase_needs_no_postgres() {
+    let app = spawn_app(MockOptions::default()).await;
+    app.send("rhea", "r1", "Hello there").await;
+    let first = app.reply("r1").await;
+    // A store whose server does not exist: any query would fail.
+    let mut config = app.config.clone();
+    config.database.url = RedactedUrl::new("postgres://nobody@127.0.0.1:9/nowhere".to_owned());
+    config.database.connect_timeout_ms = 200;
+    config.database.pool_wait_timeout_ms = 200;
+    let unreachable = Store::connect(&config.database).expect("store");
+    let stages = StageService::new(unreachable.clone(), app.cache.clone());
+    let business = stages
+        .business(DEMO_BUSINESS.parse().expect("uuid"))
+        .await
+        .expect("business from the cache");
+    let sources = read::Sources {
+        store: &unreachable,
+        cache: &app.cache,
+        stages: &stages,
+        history_turns: app.config.worker.history_turns,
+    };
+    let msg = message("rhea", "r2", "And on Saturday?");
+    let read = read::read(sources, &msg, &business, false)
+        .await
+        .expect("served from Redis alone");
+    assert_eq!(read.conversation.id.to_string(), first["conversation_id"]);
+    assert!(!read.is_new);
+    let history = &read.context.history;
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].role, Role::User);
+    assert_eq!(history[0].content, "Hello there");
+    assert_eq!(history[1].content, first["content"]);
+    // After a conflict the phase reads PostgreSQL (here: fails), never the cache.
+    assert!(read::read(sources, &msg, &business, true).await.is_err());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_three_phases_run_alone_and_hand_over_typed_results() {
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let stages = StageService::new(app.store.clone(), app.cache.clone());
+    let templates = TemplateService::new(app.store.clone(), app.cache.clone());
+    let business = stages
+        .business(DEMO_BUSINESS.parse().expect("uuid"))
+        .await
+        .expect("business");
+    let msg = message(
+        "sam",
+        "s1",
+        "I'd like to book a cleaning, my name is Sam Stone",
+    );
+
+    // Read: a new conversation in the initial stage.
+    let sources = read::Sources {
+        store: &app.store,
+        cache: &app.cache,
+        stages: &stages,
+        history_turns: 20,
+    };
+    let mut read = read::read(sources, &msg, &business, false)
+        .await
+        .expect("read");
+    assert!(read.is_new);
+    assert_eq!(read.stage.name, "welcome");
+
+    // Decide: selection moves to booking, extraction learns the name, the response is
+    // written; one call record per step, in order.
+    let llm = CircuitBreaker::new(
+        OpenAiClient::new(&app.config.llm).expect("client"),
+        &app.config.llm,
+    );
+    let retry = RetryPolicy::new(app.config.retry.clone());
+    let deciders = decide::Deciders {
+        caller: LlmCaller {
+            llm: &llm,
+            retry: &retry,
+            default_model: &app.config.llm.default_model,
+        },
+        templates: &templates,
+        stages: &stages,
+        last_resort: "sorry",
+    };
+    let decisions = decide::decide(&deciders, &business, &mut read)
+        .await
+        .expect("decide");
+    assert_eq!(decisions.stage.name, "booking");
+    assert_eq!(
+        decisions.transition,
+        Some((read.stage.id, decisions.stage.id))
+    );
+    assert_eq!(decisions.learned["name"], "Sam Stone");
+    assert!(!decisions.response.fallback);
+    let purposes: Vec<&str> = decisions.calls.iter().map(|c| c.purpose).collect();
+    assert_eq!(purposes, ["selection", "extraction", "response"]);
+    assert_eq!(
+        read.context.extracted["name"], "Sam Stone",
+        "the context follows"
+    );
+
+    // Write: one transaction; the committed state comes back from the database.
+    let failpoints = Failpoints::default();
+    let sinks = persist::Sinks {
+        store: &app.store,
+        cache: &app.cache,
+        retry: &retry,
+        failpoints: &failpoints,
+        history_turns: 20,
+    };
+    let committed = persist::write(sinks, &msg, &read, &decisions, Uuid::now_v7())
+        .await
+        .expect("write");
+    assert_eq!(committed.conversation.version, 1);
+    assert_eq!(committed.conversation.stage_id, decisions.stage.id);
+    assert_eq!(committed.history.len(), 2);
+    assert_eq!(committed.extracted["name"], "Sam Stone");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM messages WHERE idempotency_key = 's1'",
+            &[]
+        )
+        .await,
+        2
+    );
+    assert_eq!(app.count("SELECT count(*) FROM llm_calls", &[]).await, 3);
+    assert_eq!(
+        app.count("SELECT count(*) FROM stage_transitions", &[])
+            .await,
+        1
+    );
+}
