@@ -1,5 +1,8 @@
 //! Writes a validated business definition in one transaction.
 
+use std::collections::HashMap;
+
+use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
@@ -42,114 +45,136 @@ impl Store {
         )
         .await?;
 
-        let upsert = tx
-            .prepare(
-                "INSERT INTO templates (business_id, name, kind, system, body, model, temperature, \
-                 max_tokens, output_schema) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (business_id, name) DO UPDATE SET kind = EXCLUDED.kind, \
-                 system = EXCLUDED.system, body = EXCLUDED.body, model = EXCLUDED.model, \
-                 temperature = EXCLUDED.temperature, max_tokens = EXCLUDED.max_tokens, \
-                 output_schema = EXCLUDED.output_schema, version = templates.version + 1, \
-                 updated_at = now() \
-                 WHERE (templates.kind, templates.system, templates.body, templates.model, \
-                 templates.temperature, templates.max_tokens, templates.output_schema) \
-                 IS DISTINCT FROM (EXCLUDED.kind, EXCLUDED.system, EXCLUDED.body, EXCLUDED.model, \
-                 EXCLUDED.temperature, EXCLUDED.max_tokens, EXCLUDED.output_schema) \
-                 RETURNING id, version, (xmax = 0) AS inserted",
-            )
-            .await?;
-        let existing = tx
-            .prepare("SELECT id, version FROM templates WHERE business_id = $1 AND name = $2")
-            .await?;
-        let mut ids = std::collections::HashMap::new();
         let mut report = ImportReport {
             business_id,
             templates: Vec::new(),
             template_ids: Vec::new(),
             stage_ids: Vec::new(),
         };
-        for t in &def.templates {
-            let row = tx
-                .query_opt(
-                    &upsert,
-                    &[
-                        &business_id,
-                        &t.name,
-                        &t.kind.as_str(),
-                        &t.system,
-                        &t.body,
-                        &t.model,
-                        &t.temperature,
-                        &t.max_tokens,
-                        &t.output_schema,
-                    ],
-                )
-                .await?;
-            let (id, version, change): (Uuid, i32, TemplateChange) = match row {
-                Some(r) => {
-                    let change = if r.get::<_, bool>(2) {
-                        TemplateChange::Created
-                    } else {
-                        TemplateChange::Updated
-                    };
-                    (r.get(0), r.get(1), change)
-                }
-                None => {
-                    let r = tx.query_one(&existing, &[&business_id, &t.name]).await?;
-                    (r.get(0), r.get(1), TemplateChange::Unchanged)
-                }
-            };
-            ids.insert(t.name.as_str(), id);
-            report.template_ids.push(id);
-            report.templates.push((t.name.clone(), change, version));
-        }
-
-        tx.execute(
-            "UPDATE stages SET is_initial = false WHERE business_id = $1 AND name <> $2 AND is_initial",
-            &[&business_id, &def.initial_stage],
-        )
-        .await?;
-        let stage_upsert = tx
-            .prepare(
-                "INSERT INTO stages (business_id, name, description, position, is_initial, \
-                 selection_template_id, extraction_template_id, response_template_id, \
-                 fallback_template_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (business_id, name) DO UPDATE SET description = EXCLUDED.description, \
-                 position = EXCLUDED.position, is_initial = EXCLUDED.is_initial, \
-                 selection_template_id = EXCLUDED.selection_template_id, \
-                 extraction_template_id = EXCLUDED.extraction_template_id, \
-                 response_template_id = EXCLUDED.response_template_id, \
-                 fallback_template_id = EXCLUDED.fallback_template_id, updated_at = now() \
-                 RETURNING id",
-            )
-            .await?;
-        let lookup = |name: &Option<String>| name.as_deref().and_then(|n| ids.get(n).copied());
-        for (position, s) in def.stages.iter().enumerate() {
-            let response = ids
-                .get(s.response_template.as_str())
-                .copied()
-                .ok_or_else(|| {
-                    StoreError::Inconsistent(format!("unknown template {}", s.response_template))
-                })?;
-            let row = tx
-                .query_one(
-                    &stage_upsert,
-                    &[
-                        &business_id,
-                        &s.name,
-                        &s.description,
-                        &(position as i32),
-                        &(s.name == def.initial_stage),
-                        &lookup(&s.selection_template),
-                        &lookup(&s.extraction_template),
-                        &response,
-                        &lookup(&s.fallback_template),
-                    ],
-                )
-                .await?;
-            report.stage_ids.push(row.get(0));
-        }
+        let ids = upsert_templates(&tx, def, &mut report).await?;
+        upsert_stages(&tx, def, &ids, &mut report).await?;
         tx.commit().await?;
         Ok(report)
     }
+}
+
+/// Upserts every template (a changed one gets `version + 1`); returns their ids by name.
+async fn upsert_templates(
+    tx: &Transaction<'_>,
+    def: &DefinitionRecord,
+    report: &mut ImportReport,
+) -> Result<HashMap<String, Uuid>, StoreError> {
+    let business_id = def.business_id;
+    let upsert = tx
+        .prepare(
+            "INSERT INTO templates (business_id, name, kind, system, body, model, temperature, \
+             max_tokens, output_schema) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (business_id, name) DO UPDATE SET kind = EXCLUDED.kind, \
+             system = EXCLUDED.system, body = EXCLUDED.body, model = EXCLUDED.model, \
+             temperature = EXCLUDED.temperature, max_tokens = EXCLUDED.max_tokens, \
+             output_schema = EXCLUDED.output_schema, version = templates.version + 1, \
+             updated_at = now() \
+             WHERE (templates.kind, templates.system, templates.body, templates.model, \
+             templates.temperature, templates.max_tokens, templates.output_schema) \
+             IS DISTINCT FROM (EXCLUDED.kind, EXCLUDED.system, EXCLUDED.body, EXCLUDED.model, \
+             EXCLUDED.temperature, EXCLUDED.max_tokens, EXCLUDED.output_schema) \
+             RETURNING id, version, (xmax = 0) AS inserted",
+        )
+        .await?;
+    let existing = tx
+        .prepare("SELECT id, version FROM templates WHERE business_id = $1 AND name = $2")
+        .await?;
+    let mut ids = HashMap::new();
+    for t in &def.templates {
+        let row = tx
+            .query_opt(
+                &upsert,
+                &[
+                    &business_id,
+                    &t.name,
+                    &t.kind.as_str(),
+                    &t.system,
+                    &t.body,
+                    &t.model,
+                    &t.temperature,
+                    &t.max_tokens,
+                    &t.output_schema,
+                ],
+            )
+            .await?;
+        let (id, version, change): (Uuid, i32, TemplateChange) = match row {
+            Some(r) => {
+                let change = if r.get::<_, bool>(2) {
+                    TemplateChange::Created
+                } else {
+                    TemplateChange::Updated
+                };
+                (r.get(0), r.get(1), change)
+            }
+            None => {
+                let r = tx.query_one(&existing, &[&business_id, &t.name]).await?;
+                (r.get(0), r.get(1), TemplateChange::Unchanged)
+            }
+        };
+        ids.insert(t.name.clone(), id);
+        report.template_ids.push(id);
+        report.templates.push((t.name.clone(), change, version));
+    }
+    Ok(ids)
+}
+
+/// Upserts every stage with its templates' ids and marks the initial one.
+async fn upsert_stages(
+    tx: &Transaction<'_>,
+    def: &DefinitionRecord,
+    ids: &HashMap<String, Uuid>,
+    report: &mut ImportReport,
+) -> Result<(), StoreError> {
+    let business_id = def.business_id;
+    tx.execute(
+        "UPDATE stages SET is_initial = false WHERE business_id = $1 AND name <> $2 AND is_initial",
+        &[&business_id, &def.initial_stage],
+    )
+    .await?;
+    let stage_upsert = tx
+        .prepare(
+            "INSERT INTO stages (business_id, name, description, position, is_initial, \
+             selection_template_id, extraction_template_id, response_template_id, \
+             fallback_template_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (business_id, name) DO UPDATE SET description = EXCLUDED.description, \
+             position = EXCLUDED.position, is_initial = EXCLUDED.is_initial, \
+             selection_template_id = EXCLUDED.selection_template_id, \
+             extraction_template_id = EXCLUDED.extraction_template_id, \
+             response_template_id = EXCLUDED.response_template_id, \
+             fallback_template_id = EXCLUDED.fallback_template_id, updated_at = now() \
+             RETURNING id",
+        )
+        .await?;
+    let lookup = |name: &Option<String>| name.as_deref().and_then(|n| ids.get(n).copied());
+    for (position, s) in def.stages.iter().enumerate() {
+        let response = ids
+            .get(s.response_template.as_str())
+            .copied()
+            .ok_or_else(|| {
+                StoreError::Inconsistent(format!("unknown template {}", s.response_template))
+            })?;
+        let row = tx
+            .query_one(
+                &stage_upsert,
+                &[
+                    &business_id,
+                    &s.name,
+                    &s.description,
+                    &(position as i32),
+                    &(s.name == def.initial_stage),
+                    &lookup(&s.selection_template),
+                    &lookup(&s.extraction_template),
+                    &response,
+                    &lookup(&s.fallback_template),
+                ],
+            )
+            .await?;
+        report.stage_ids.push(row.get(0));
+    }
+    Ok(())
 }

@@ -154,68 +154,12 @@ impl<L: LlmService> Worker<L> {
                     WorkerStats::add(&self.stats.wakes, 1);
                 }
             }
-            let mut rounds = 0;
-            while room.has_checks() && rounds < CHECK_ROUNDS_PER_TURN {
-                rounds += 1;
-                let checks = room.next_checks(CHECKS_PER_ROUND);
-                let pairs: Vec<_> = checks.iter().map(|(s, id)| (s, id.as_str())).collect();
-                match self.streams.check_heads(&pairs).await {
-                    Ok(results) => {
-                        failures = 0;
-                        for ((slot, id), check) in checks.iter().zip(results) {
-                            if check.healed > 0 {
-                                metrics::stream_event(StreamEvent::HeadHealed, check.healed);
-                                WorkerStats::add(&self.stats.heads_healed, check.healed);
-                                tracing::warn!(healed = check.healed, "removed stale queue heads");
-                            }
-                            if room.apply(slot, id, check) == Checked::Gone {
-                                self.lost(Refresh::Gone);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        metrics::record_error(&e, "order queue");
-                        for (slot, _) in &checks {
-                            room.touch(&slot.key);
-                        }
-                        failures = failures.saturating_add(1);
-                        let wait = Duration::from_millis(50 * u64::from(failures.min(20)));
-                        // A stop seen here ends the outer loop at its top.
-                        let _ = wait_or_stop(&mut stop_rx, wait).await;
-                        break;
-                    }
-                }
+            if !self.check_heads(&mut room, &mut failures).await {
+                // Redis failed: back off (a stop seen here ends the loop at its top).
+                let wait = Duration::from_millis(50 * u64::from(failures.min(20)));
+                let _ = wait_or_stop(&mut stop_rx, wait).await;
             }
-            // Start what is ready on free processing slots.
-            while let Ok(permit) = slots.clone().try_acquire_owned() {
-                let token = CancellationToken::new();
-                let Some((entry, needs_fields)) = room.start_next(&token) else {
-                    drop(permit);
-                    break;
-                };
-                let worker = self.clone();
-                let events = events_tx.clone();
-                tasks.spawn(async move {
-                    let id = entry.id.clone();
-                    // A panic outside the pipeline (decoding, finishing) must not leave the
-                    // entry held forever: it is given up like a transient failure.
-                    let work = AssertUnwindSafe(worker.run_entry(entry, needs_fields))
-                        .catch_unwind()
-                        .map(|r| {
-                            r.unwrap_or_else(|_| {
-                                tracing::error!("an entry's task panicked; it will be redelivered");
-                                Outcome::RetryLater
-                            })
-                        });
-                    let outcome = tokio::select! {
-                        biased;
-                        () = token.cancelled() => Outcome::Lost,
-                        o = work => o,
-                    };
-                    drop(permit);
-                    let _ = events.send(Event::Done(id, outcome));
-                });
-            }
+            self.start_ready(&mut room, &slots, &mut tasks, &events_tx);
             gate.held.store(room.len(), Ordering::Relaxed);
             gate.ready.store(room.ready_len(), Ordering::Relaxed);
             gate.changed.notify_one();
@@ -238,6 +182,81 @@ impl<L: LlmService> Worker<L> {
         }
         helpers.abort_all();
         tracing::info!("worker stopped");
+    }
+
+    /// Checks the heads of the queues that changed, a few round trips at most per turn;
+    /// returns false when Redis failed (the checks stay due).
+    async fn check_heads(&self, room: &mut Room, failures: &mut u32) -> bool {
+        let mut rounds = 0;
+        while room.has_checks() && rounds < CHECK_ROUNDS_PER_TURN {
+            rounds += 1;
+            let checks = room.next_checks(CHECKS_PER_ROUND);
+            let pairs: Vec<_> = checks.iter().map(|(s, id)| (s, id.as_str())).collect();
+            match self.streams.check_heads(&pairs).await {
+                Ok(results) => {
+                    *failures = 0;
+                    for ((slot, id), check) in checks.iter().zip(results) {
+                        if check.healed > 0 {
+                            metrics::stream_event(StreamEvent::HeadHealed, check.healed);
+                            WorkerStats::add(&self.stats.heads_healed, check.healed);
+                            tracing::warn!(healed = check.healed, "removed stale queue heads");
+                        }
+                        if room.apply(slot, id, check) == Checked::Gone {
+                            self.lost(Refresh::Gone);
+                        }
+                    }
+                }
+                Err(e) => {
+                    metrics::record_error(&e, "order queue");
+                    for (slot, _) in &checks {
+                        room.touch(&slot.key);
+                    }
+                    *failures = failures.saturating_add(1);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Starts ready entries on free processing slots, each in a task of its own that reports
+    /// its outcome (or `Lost` when the heartbeat cancels it).
+    fn start_ready(
+        self: &Arc<Self>,
+        room: &mut Room,
+        slots: &Arc<Semaphore>,
+        tasks: &mut JoinSet<()>,
+        events: &mpsc::UnboundedSender<Event>,
+    ) {
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            let token = CancellationToken::new();
+            let Some((entry, needs_fields)) = room.start_next(&token) else {
+                drop(permit);
+                break;
+            };
+            let worker = self.clone();
+            let events = events.clone();
+            tasks.spawn(async move {
+                let id = entry.id.clone();
+                // A panic outside the pipeline (decoding, finishing) must not leave the entry
+                // held forever: it is given up like a transient failure.
+                let work = AssertUnwindSafe(worker.run_entry(entry, needs_fields))
+                    .catch_unwind()
+                    .map(|r| {
+                        r.unwrap_or_else(|_| {
+                            tracing::error!("an entry's task panicked; it will be redelivered");
+                            Outcome::RetryLater
+                        })
+                    });
+                let outcome = tokio::select! {
+                    biased;
+                    () = token.cancelled() => Outcome::Lost,
+                    o = work => o,
+                };
+                drop(permit);
+                let _ = events.send(Event::Done(id, outcome));
+            });
+        }
     }
 
     fn on_event(&self, room: &mut Room, event: Event) {
