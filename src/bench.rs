@@ -157,6 +157,81 @@ impl Classify for BenchError {
     }
 }
 
+/// XADDs every message at once (each user's messages interleaved, as many producers would);
+/// returns when each was sent, by message id.
+async fn flood(
+    c: &mut redis::aio::ConnectionManager,
+    config: &Config,
+    options: &BenchOptions,
+    run_id: &str,
+    business: &str,
+) -> Result<HashMap<String, Instant>, BenchError> {
+    let mut sent = HashMap::with_capacity(options.messages);
+    for chunk_start in (0..options.messages).step_by(500) {
+        let mut pipe = redis::pipe();
+        let end = (chunk_start + 500).min(options.messages);
+        for i in chunk_start..end {
+            let user = format!("bench-{run_id}-u{}", i % options.users.max(1));
+            let id = format!("bench-{run_id}-{i}");
+            let content = match (i / options.users.max(1)) % 3 {
+                0 => "Hello, are you open on Saturday?",
+                1 => "I'd like to book an appointment, my name is Ada Lovelace",
+                _ => "On 2026-12-03 for a cleaning, please",
+            };
+            pipe.xadd(
+                &config.streams.inbound,
+                "*",
+                &[
+                    ("business_id", business),
+                    ("user_id", &user),
+                    ("message_id", &id),
+                    ("content", content),
+                ],
+            )
+            .ignore();
+            sent.insert(id, Instant::now());
+        }
+        let _: () = pipe.query_async(c).await?;
+    }
+    Ok(sent)
+}
+
+/// Reads replies until every sent message has one (or ten minutes passed); returns the sorted
+/// latencies and the count per status.
+async fn collect(
+    c: &mut redis::aio::ConnectionManager,
+    config: &Config,
+    expected: usize,
+    sent: &mut HashMap<String, Instant>,
+) -> Result<(Vec<Duration>, HashMap<String, usize>), BenchError> {
+    let mut latencies = Vec::with_capacity(expected);
+    let mut statuses: HashMap<String, usize> = HashMap::new();
+    let mut last = "0".to_owned();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while latencies.len() < expected && Instant::now() < deadline {
+        let opts = StreamReadOptions::default().count(1000).block(500);
+        let reply: Option<StreamReadReply> = c
+            .xread_options(&[&config.streams.outbound], &[&last], &opts)
+            .await?;
+        let now = Instant::now();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                last = entry.id.clone();
+                let field = |name: &str| match entry.map.get(name) {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                };
+                if let Some(t) = sent.remove(&field("message_id")) {
+                    latencies.push(now - t);
+                    *statuses.entry(field("status")).or_default() += 1;
+                }
+            }
+        }
+    }
+    latencies.sort();
+    Ok((latencies, statuses))
+}
+
 /// # Errors
 /// Any failure to reach the services or to import the definition.
 pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchReport, BenchError> {
@@ -201,62 +276,11 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         })));
     }
 
-    let business = business.to_string();
-    let mut sent = HashMap::with_capacity(options.messages);
     let started = Instant::now();
     // A connection of its own: blocking reads would hold up the workers' commands.
     let mut c = cache::connect(&config.redis).await?;
-    for chunk_start in (0..options.messages).step_by(500) {
-        let mut pipe = redis::pipe();
-        let end = (chunk_start + 500).min(options.messages);
-        for i in chunk_start..end {
-            let user = format!("bench-{run_id}-u{}", i % options.users.max(1));
-            let id = format!("bench-{run_id}-{i}");
-            let content = match (i / options.users.max(1)) % 3 {
-                0 => "Hello, are you open on Saturday?",
-                1 => "I'd like to book an appointment, my name is Ada Lovelace",
-                _ => "On 2026-12-03 for a cleaning, please",
-            };
-            pipe.xadd(
-                &config.streams.inbound,
-                "*",
-                &[
-                    ("business_id", business.as_str()),
-                    ("user_id", &user),
-                    ("message_id", &id),
-                    ("content", content),
-                ],
-            )
-            .ignore();
-            sent.insert(id, Instant::now());
-        }
-        let _: () = pipe.query_async(&mut c).await?;
-    }
-
-    let mut latencies = Vec::with_capacity(options.messages);
-    let mut statuses: HashMap<String, usize> = HashMap::new();
-    let mut last = "0".to_owned();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while latencies.len() < options.messages && Instant::now() < deadline {
-        let opts = StreamReadOptions::default().count(1000).block(500);
-        let reply: Option<StreamReadReply> = c
-            .xread_options(&[&config.streams.outbound], &[&last], &opts)
-            .await?;
-        let now = Instant::now();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for entry in key.ids {
-                last = entry.id.clone();
-                let field = |name: &str| match entry.map.get(name) {
-                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                    _ => String::new(),
-                };
-                if let Some(t) = sent.remove(&field("message_id")) {
-                    latencies.push(now - t);
-                    *statuses.entry(field("status")).or_default() += 1;
-                }
-            }
-        }
-    }
+    let mut sent = flood(&mut c, &config, options, &run_id, &business.to_string()).await?;
+    let (latencies, statuses) = collect(&mut c, &config, options.messages, &mut sent).await?;
     let elapsed = started.elapsed();
     for tx in stops {
         let _ = tx.send(());
@@ -271,7 +295,6 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
             &config.streams.dead_letter,
         ])
         .await;
-    latencies.sort();
     Ok(BenchReport {
         messages: latencies.len(),
         elapsed,
