@@ -1,6 +1,13 @@
 //! `icmp bench`: a throughput and latency benchmark of the whole pipeline against the
-//! configured PostgreSQL and Redis, with the mock LLM (fixed latency) in-process and one or more
-//! workers in-process. It uses streams and keys of its own and leaves the demo's alone.
+//! configured PostgreSQL and Redis, with the mock LLM (fixed latency) in a child process and one
+//! or more workers in this process. It uses streams and keys of its own and leaves the demo's
+//! alone. Besides throughput and latency it reports what the run cost: this process's CPU per
+//! 1,000 messages, Redis commands per message (`INFO commandstats`, the producer's and reader's
+//! own subtracted), Redis's CPU, and the same-run ceiling: `pgbench` running an equivalent
+//! write-set transaction ([`ceiling`]), with the ratio of the two.
+
+pub mod ceiling;
+pub mod probe;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,7 +19,6 @@ use uuid::Uuid;
 use crate::cache;
 use crate::config::Config;
 use crate::error::{Category, Classify};
-use crate::llm::mock::{self, MockOptions};
 use crate::pipeline::Failpoints;
 use crate::store::Store;
 use crate::worker::Dependencies;
@@ -35,6 +41,12 @@ pub struct BenchOptions {
     /// Business definition to import and address.
     #[arg(long, default_value = "config/businesses/demo.toml")]
     pub definition: std::path::PathBuf,
+    /// How long `pgbench` runs the equivalent write set after the run (0: skip the ceiling).
+    #[arg(long, default_value_t = 10)]
+    pub pgbench_seconds: u64,
+    /// `pgbench` connections.
+    #[arg(long, default_value_t = 16)]
+    pub pgbench_clients: usize,
 }
 
 /// The figures of one run.
@@ -51,6 +63,60 @@ pub struct BenchReport {
     pub statuses: HashMap<String, usize>,
     /// Peak resident memory of this process, in KiB.
     pub peak_rss_kib: Option<u64>,
+    /// CPU seconds this process (workers, producer, reader) used during the run.
+    pub cpu_secs: Option<f64>,
+    /// Redis commands the workers caused, by command (script-internal calls included).
+    pub redis_commands: std::collections::BTreeMap<String, u64>,
+    /// Redis's CPU seconds during the run.
+    pub redis_cpu_secs: f64,
+    /// `pgbench` transactions per second of the equivalent write set, right after the run.
+    pub ceiling_tps: Option<f64>,
+    /// Why the ceiling is missing, if it is.
+    pub ceiling_error: Option<String>,
+}
+
+impl BenchReport {
+    /// Redis commands per message.
+    pub fn redis_per_message(&self) -> f64 {
+        self.redis_commands.values().sum::<u64>() as f64 / self.messages.max(1) as f64
+    }
+
+    /// CPU seconds per 1,000 messages.
+    pub fn cpu_per_1000(&self) -> Option<f64> {
+        self.cpu_secs
+            .map(|c| c * 1000.0 / self.messages.max(1) as f64)
+    }
+
+    /// Throughput as a share of the ceiling.
+    pub fn ratio(&self) -> Option<f64> {
+        self.ceiling_tps
+            .filter(|t| *t > 0.0)
+            .map(|t| self.per_second / t)
+    }
+
+    /// Every figure as one JSON object (for scripts).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "messages": self.messages,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "throughput_per_s": self.per_second,
+            "latency_ms": {
+                "p50": self.p50.as_millis() as u64,
+                "p95": self.p95.as_millis() as u64,
+                "p99": self.p99.as_millis() as u64,
+                "max": self.max.as_millis() as u64,
+            },
+            "statuses": self.statuses,
+            "peak_rss_mib": self.peak_rss_kib.map(|k| k / 1024),
+            "cpu_s": self.cpu_secs,
+            "cpu_s_per_1000_messages": self.cpu_per_1000(),
+            "redis_commands_per_message": self.redis_per_message(),
+            "redis_commands": self.redis_commands,
+            "redis_cpu_s": self.redis_cpu_secs,
+            "ceiling_tps": self.ceiling_tps,
+            "ratio_to_ceiling": self.ratio(),
+        })
+    }
 }
 
 impl std::fmt::Display for BenchReport {
@@ -72,6 +138,33 @@ impl std::fmt::Display for BenchReport {
         if let Some(kib) = self.peak_rss_kib {
             writeln!(f, "peak RSS       {} MiB", kib / 1024)?;
         }
+        if let Some(per) = self.cpu_per_1000() {
+            writeln!(f, "worker CPU     {per:.3} s per 1,000 messages")?;
+        }
+        let mut top: Vec<_> = self.redis_commands.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        let top: Vec<String> = top
+            .iter()
+            .take(6)
+            .map(|(k, v)| format!("{k} {:.1}", **v as f64 / self.messages.max(1) as f64))
+            .collect();
+        writeln!(
+            f,
+            "redis          {:.1} commands per message ({}), {:.2} CPU-s",
+            self.redis_per_message(),
+            top.join(", "),
+            self.redis_cpu_secs
+        )?;
+        match (self.ceiling_tps, &self.ceiling_error) {
+            (Some(tps), _) => writeln!(
+                f,
+                "ceiling        pgbench {tps:.0} write sets/s; throughput is {:.2} of it",
+                self.ratio().unwrap_or(0.0)
+            )?,
+            (None, Some(e)) => writeln!(f, "ceiling        not measured: {e}")?,
+            (None, None) => writeln!(f, "ceiling        not measured")?,
+        }
+        writeln!(f, "json           {}", self.json())?;
         Ok(())
     }
 }
@@ -197,18 +290,20 @@ async fn flood(
 }
 
 /// Reads replies until every sent message has one (or ten minutes passed); returns the sorted
-/// latencies and the count per status.
+/// latencies, the count per status and how many reads it made.
 async fn collect(
     c: &mut redis::aio::ConnectionManager,
     config: &Config,
     expected: usize,
     sent: &mut HashMap<String, Instant>,
-) -> Result<(Vec<Duration>, HashMap<String, usize>), BenchError> {
+) -> Result<(Vec<Duration>, HashMap<String, usize>, u64), BenchError> {
     let mut latencies = Vec::with_capacity(expected);
     let mut statuses: HashMap<String, usize> = HashMap::new();
     let mut last = "0".to_owned();
+    let mut reads = 0u64;
     let deadline = Instant::now() + Duration::from_secs(600);
     while latencies.len() < expected && Instant::now() < deadline {
+        reads += 1;
         let opts = StreamReadOptions::default().count(1000).block(500);
         let reply: Option<StreamReadReply> = c
             .xread_options(&[&config.streams.outbound], &[&last], &opts)
@@ -229,26 +324,15 @@ async fn collect(
         }
     }
     latencies.sort();
-    Ok((latencies, statuses))
+    Ok((latencies, statuses, reads))
 }
 
 /// # Errors
 /// Any failure to reach the services or to import the definition.
 pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchReport, BenchError> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(BenchError::Mock)?;
-    let llm_mock = mock::spawn(
-        listener,
-        MockOptions {
-            latency_ms: options.llm_latency_ms,
-            jitter_ms: options.llm_jitter_ms,
-            ..MockOptions::default()
-        },
-    )
-    .map_err(BenchError::Mock)?;
+    let mock = MockProcess::start(options.llm_latency_ms, options.llm_jitter_ms).await?;
     let run_id = Uuid::new_v4().simple().to_string();
-    config.llm.base_url = llm_mock.base_url();
+    config.llm.base_url = mock.base_url();
     config.redis.key_prefix = format!("bench:{run_id}:");
     config.streams.inbound = format!("bench:{run_id}:inbound");
     config.streams.outbound = format!("bench:{run_id}:outbound");
@@ -276,12 +360,27 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         })));
     }
 
-    let started = Instant::now();
     // A connection of its own: blocking reads would hold up the workers' commands.
     let mut c = cache::connect(&config.redis).await?;
+    let redis_before = probe::RedisCounters::read(&c).await?;
+    let cpu_before = probe::process_cpu_secs();
+    let started = Instant::now();
     let mut sent = flood(&mut c, &config, options, &run_id, &business.to_string()).await?;
-    let (latencies, statuses) = collect(&mut c, &config, options.messages, &mut sent).await?;
+    let (latencies, statuses, reads) =
+        collect(&mut c, &config, options.messages, &mut sent).await?;
     let elapsed = started.elapsed();
+    let cpu_secs = cpu_before
+        .zip(probe::process_cpu_secs())
+        .map(|(a, b)| b - a);
+    let redis_after = probe::RedisCounters::read(&c).await?;
+    let (mut redis_commands, redis_cpu_secs) = redis_before.delta(&redis_after);
+    // The producer's XADDs, the reader's XREADs and the probes' INFOs are not the workers'.
+    for (command, own) in [("xadd", options.messages as u64), ("xread", reads)] {
+        if let Some(n) = redis_commands.get_mut(command) {
+            *n = n.saturating_sub(own);
+        }
+    }
+    redis_commands.remove("info");
     for tx in stops {
         let _ = tx.send(());
     }
@@ -295,6 +394,25 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
             &config.streams.dead_letter,
         ])
         .await;
+    drop(mock);
+    let (ceiling_tps, ceiling_error) = if options.pgbench_seconds == 0 {
+        (None, None)
+    } else {
+        let refs = ceiling_refs(&store, business).await?;
+        let (database, clients, secs) = (
+            config.database.clone(),
+            options.pgbench_clients,
+            options.pgbench_seconds,
+        );
+        let result =
+            tokio::task::spawn_blocking(move || ceiling::run(&database, &refs, clients, secs))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        match result {
+            Ok(tps) => (Some(tps), None),
+            Err(e) => (None, Some(e)),
+        }
+    };
     Ok(BenchReport {
         messages: latencies.len(),
         elapsed,
@@ -305,5 +423,82 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         max: latencies.last().copied().unwrap_or_default(),
         statuses,
         peak_rss_kib: peak_rss_kib(),
+        cpu_secs,
+        redis_commands,
+        redis_cpu_secs,
+        ceiling_tps,
+        ceiling_error,
     })
+}
+
+/// The business's initial stage and its response template, for the ceiling's rows.
+async fn ceiling_refs(store: &Store, business_id: Uuid) -> Result<ceiling::Refs, BenchError> {
+    let business = store
+        .load_business(business_id)
+        .await?
+        .ok_or(BenchError::NoBusiness)?;
+    let stage_id = business.initial_stage_id;
+    let templates = store
+        .load_stage_templates(business_id, stage_id)
+        .await?
+        .ok_or(BenchError::NoBusiness)?;
+    Ok(ceiling::Refs {
+        business_id,
+        stage_id,
+        template_id: templates.response,
+    })
+}
+
+/// The mock LLM as a child process (`icmp mock-llm`), so that its CPU is not counted as the
+/// workers'. Killed on drop.
+struct MockProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl MockProcess {
+    async fn start(latency_ms: u64, jitter_ms: u64) -> Result<MockProcess, BenchError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(BenchError::Mock)?
+            .port();
+        let exe = std::env::current_exe().map_err(BenchError::Mock)?;
+        let child = std::process::Command::new(exe)
+            .arg("mock-llm")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--latency-ms")
+            .arg(latency_ms.to_string())
+            .arg("--jitter-ms")
+            .arg(jitter_ms.to_string())
+            .env("ICMP__TELEMETRY__LOG_FILTER", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(BenchError::Mock)?;
+        let mock = MockProcess { child, port };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(mock);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(BenchError::Mock(std::io::Error::other(
+            "the mock LLM did not start",
+        )))
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

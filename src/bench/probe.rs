@@ -1,0 +1,95 @@
+//! What the benchmark reads around a run: this process's CPU time, Redis's command counts
+//! (`INFO commandstats`) and CPU (`INFO cpu`).
+
+use std::collections::BTreeMap;
+
+use redis::aio::ConnectionManager;
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat` (clock
+/// ticks of 1/100 s, Linux's `USER_HZ`).
+pub fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Calls per Redis command so far (`INFO commandstats`), and Redis's own CPU seconds.
+#[derive(Debug, Clone, Default)]
+pub struct RedisCounters {
+    pub calls: BTreeMap<String, u64>,
+    pub cpu_secs: f64,
+}
+
+impl RedisCounters {
+    /// Reads the counters now.
+    pub async fn read(conn: &ConnectionManager) -> Result<RedisCounters, redis::RedisError> {
+        let mut c = conn.clone();
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await?;
+        let cpu: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await?;
+        Ok(RedisCounters {
+            calls: parse_commandstats(&stats),
+            cpu_secs: parse_cpu(&cpu),
+        })
+    }
+
+    /// What happened between `self` and `later`, per command (only those that changed).
+    pub fn delta(&self, later: &RedisCounters) -> (BTreeMap<String, u64>, f64) {
+        let calls = later
+            .calls
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v.saturating_sub(self.calls.get(k).copied().unwrap_or(0));
+                (d > 0).then(|| (k.clone(), d))
+            })
+            .collect();
+        (calls, later.cpu_secs - self.cpu_secs)
+    }
+}
+
+fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+fn parse_cpu(info: &str) -> f64 {
+    info.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            matches!(k, "used_cpu_sys" | "used_cpu_user")
+                .then(|| v.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commandstats_and_cpu_are_read_from_info_text() {
+        let stats = "# Commandstats\r\ncmdstat_xadd:calls=12,usec=40,usec_per_call=3.33,rejected_calls=0,failed_calls=0\r\ncmdstat_evalsha:calls=7,usec=1\r\n";
+        let calls = parse_commandstats(stats);
+        assert_eq!(calls.get("xadd"), Some(&12));
+        assert_eq!(calls.get("evalsha"), Some(&7));
+        let cpu = "# CPU\r\nused_cpu_sys:1.50\r\nused_cpu_user:2.25\r\nused_cpu_sys_children:9\r\n";
+        assert!((parse_cpu(cpu) - 3.75).abs() < 1e-9);
+        assert!(process_cpu_secs().is_some());
+    }
+}
