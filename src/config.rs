@@ -12,6 +12,12 @@ use serde::Deserialize;
 /// Keys that hold secrets: they may come from the environment only.
 const SECRET_KEYS: [&str; 2] = ["database.password", "llm.api_key"];
 
+/// Every key with its default, compiled in.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Where `--config` points unless told otherwise.
+pub const DEFAULT_PATH: &str = "config/default.toml";
+
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -250,13 +256,18 @@ impl std::fmt::Debug for RedactedUrl {
 }
 
 impl Config {
-    /// Loads `path`, then `config/<profile>.toml` next to it when a profile is given (or
-    /// `ICMP_PROFILE` is set), then the `ICMP__` environment.
+    /// Loads the defaults compiled into the binary (`config/default.toml` as built), then
+    /// `path`, then `<profile>.toml` next to it when a profile is given (or `ICMP_PROFILE` is
+    /// set), then the `ICMP__` environment. `path` may be missing when it is the default path,
+    /// so the binary runs with no configuration file and only `ICMP__…` variables.
     pub fn load(path: &Path, profile: Option<&str>) -> Result<Config, ConfigError> {
         let profile = profile
             .map(str::to_owned)
             .or_else(|| std::env::var("ICMP_PROFILE").ok().filter(|p| !p.is_empty()));
-        let mut files = Figment::new().merge(Toml::file_exact(path));
+        let mut files = Figment::new().merge(Toml::string(DEFAULTS));
+        if path.exists() || path != Path::new(DEFAULT_PATH) {
+            files = files.merge(Toml::file_exact(path));
+        }
         if let Some(profile) = profile {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             files = files.merge(Toml::file_exact(dir.join(format!("{profile}.toml"))));
@@ -292,6 +303,21 @@ mod tests {
     fn load_in(jail: &mut Jail, profile: Option<&str>) -> Result<Config, ConfigError> {
         jail.create_file("default.toml", DEFAULT).expect("write");
         Config::load(Path::new("default.toml"), profile)
+    }
+
+    #[test]
+    fn the_compiled_in_defaults_serve_when_there_is_no_file() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ICMP__WORKER__CONCURRENCY", "7");
+            let c = Config::load(Path::new(DEFAULT_PATH), None).expect("defaults");
+            assert_eq!(c.worker.concurrency, 7);
+            assert_eq!(c.streams.inbound, "icmp:inbound");
+            assert!(
+                Config::load(Path::new("elsewhere.toml"), None).is_err(),
+                "a file named explicitly must exist"
+            );
+            Ok(())
+        });
     }
 
     #[test]
