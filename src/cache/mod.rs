@@ -181,18 +181,28 @@ impl Cache {
     }
 
     /// Writes a conversation's committed state (after COMMIT only), in one `MULTI`: the
-    /// conversation (`conv:`), its extracted data (`data:`), its recent history (`hist:`, the
-    /// window templates see) and the user's latest conversation (`latest:{business}:{user}`), so
-    /// that the user's next message reads nothing from PostgreSQL.
+    /// conversation (`conv:`), its extracted data (`data:`) and its history window (`hist:`, the
+    /// last `window` turns), both stamped with the conversation's version, and the user's latest
+    /// conversation (`latest:{business}:{user}`), so that the user's next message reads nothing
+    /// from PostgreSQL.
     pub async fn set_conversation(
         &self,
         c: &Conversation,
         data: &Extracted,
         history: &[Turn],
+        window: usize,
     ) -> Result<(), CacheError> {
         let conv = encode(c)?;
-        let data = encode(data)?;
-        let history = encode(&history)?;
+        let data = encode(&Stamped {
+            version: c.version,
+            window: 0,
+            value: data,
+        })?;
+        let history = encode(&Stamped {
+            version: c.version,
+            window,
+            value: history,
+        })?;
         let _: () = redis::pipe()
             .atomic()
             .set_ex(self.key("conv", c.id), conv, self.conversation_ttl)
@@ -231,20 +241,40 @@ impl Cache {
             .transpose()
     }
 
-    pub async fn get_data(&self, conversation_id: Uuid) -> Result<Option<Extracted>, CacheError> {
-        self.get_json(self.key("data", conversation_id)).await
+    /// The conversation's extracted data, if cached at `version` (the conversation's version
+    /// the caller is working from; any other is stale or ahead).
+    pub async fn get_data(
+        &self,
+        conversation_id: Uuid,
+        version: i64,
+    ) -> Result<Option<Extracted>, CacheError> {
+        let stamped: Option<Stamped<Extracted>> =
+            self.get_json(self.key("data", conversation_id)).await?;
+        Ok(stamped.filter(|s| s.version == version).map(|s| s.value))
     }
 
-    /// The conversation's recent history as the last commit left it.
+    /// The conversation's history window, if cached at `version` with `window` turns at most.
     pub async fn get_history(
         &self,
         conversation_id: Uuid,
+        version: i64,
+        window: usize,
     ) -> Result<Option<Vec<Turn>>, CacheError> {
-        self.get_json(self.key("hist", conversation_id)).await
+        let stamped: Option<Stamped<Vec<Turn>>> =
+            self.get_json(self.key("hist", conversation_id)).await?;
+        Ok(stamped
+            .filter(|s| s.version == version && s.window == window)
+            .map(|s| s.value))
     }
 
-    /// Drops a conversation's keys (the seed's step 14, on rollback).
-    pub async fn invalidate_conversation(&self, id: Uuid) -> Result<(), CacheError> {
+    /// Drops a conversation's keys and the user's latest-conversation pointer (the seed's
+    /// step 14, on rollback; also whenever a commit may have happened without its cache write).
+    pub async fn invalidate_conversation(
+        &self,
+        id: Uuid,
+        business_id: Uuid,
+        user: &str,
+    ) -> Result<(), CacheError> {
         let _: () = self
             .conn
             .clone()
@@ -252,6 +282,7 @@ impl Cache {
                 self.key("conv", id),
                 self.key("data", id),
                 self.key("hist", id),
+                self.latest_key(business_id, user),
             ])
             .await?;
         Ok(())
@@ -282,4 +313,14 @@ impl Cache {
 
 fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CacheError> {
     serde_json::to_vec(value).map_err(|e| CacheError::Decode(e.to_string()))
+}
+
+/// A cached value of a conversation, valid only for the conversation version it was written at.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stamped<T> {
+    version: i64,
+    /// For a history window: how many turns it was cut to.
+    #[serde(default)]
+    window: usize,
+    value: T,
 }

@@ -104,7 +104,7 @@ pub async fn extracted(
         return Ok(Extracted::new());
     }
     let c = &resolved.conversation;
-    if !fresh && let Some(d) = cache::observed("data", cache.get_data(c.id).await) {
+    if !fresh && let Some(d) = cache::observed("data", cache.get_data(c.id, c.version).await) {
         return Ok(d);
     }
     Ok(store.extracted(c.business_id, c.id).await?)

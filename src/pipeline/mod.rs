@@ -121,6 +121,7 @@ impl<L: LlmService> MessageHandler<L> {
         span.record("message.id", msg.idempotency_key());
 
         if let Some(answer) = self.stored_answer(msg).await? {
+            self.forget_cached(msg, &answer).await;
             return Ok(Processed::Duplicate(answer));
         }
         let business = self.stages.business(msg.business_id).await?;
@@ -137,12 +138,28 @@ impl<L: LlmService> MessageHandler<L> {
                 Err(PipelineError::Store(StoreError::Duplicate)) => {
                     // A concurrent delivery of the same message committed first.
                     return match self.stored_answer(msg).await? {
-                        Some(answer) => Ok(Processed::Duplicate(answer)),
+                        Some(answer) => {
+                            self.forget_cached(msg, &answer).await;
+                            Ok(Processed::Duplicate(answer))
+                        }
                         None => Err(StoreError::Duplicate.into()),
                     };
                 }
                 other => return other.map(Processed::Answered),
             }
+        }
+    }
+
+    /// A stored answer means a commit whose cache write may never have happened (a crash
+    /// between COMMIT and the cache, a lost COMMIT acknowledgement): drop what may be stale,
+    /// the conversation's keys and the user's latest-conversation pointer.
+    async fn forget_cached(&self, msg: &InboundMessage, answer: &Answer) {
+        if let Err(e) = self
+            .cache
+            .invalidate_conversation(answer.conversation_id, msg.business_id, &msg.user_id)
+            .await
+        {
+            metrics::record_error(&e, "cache invalidation");
         }
     }
 

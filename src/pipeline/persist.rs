@@ -26,6 +26,8 @@ pub struct Committed {
     pub extracted: Extracted,
     /// The history window the next message sees: the last turns, these two included.
     pub history: Vec<Turn>,
+    /// The window's length limit (`worker.history_turns`).
+    pub window: usize,
     /// The stored reply's id.
     pub reply_id: Uuid,
 }
@@ -107,7 +109,7 @@ pub async fn write(
         Err(e) => {
             if let Err(c) = sinks
                 .cache
-                .invalidate_conversation(ws.conversation_id)
+                .invalidate_conversation(ws.conversation_id, ws.business_id, &ws.user_external_id)
                 .await
             {
                 metrics::record_error(&c, "cache invalidation");
@@ -141,6 +143,7 @@ pub async fn write(
         },
         extracted,
         history,
+        window: sinks.history_turns,
         reply_id: ws.assistant_message_id,
     })
 }
@@ -149,12 +152,23 @@ pub async fn write(
 pub async fn cache_committed(cache: &Cache, committed: &Committed) {
     let conversation = &committed.conversation;
     if let Err(e) = cache
-        .set_conversation(conversation, &committed.extracted, &committed.history)
+        .set_conversation(
+            conversation,
+            &committed.extracted,
+            &committed.history,
+            committed.window,
+        )
         .await
     {
         // The next read falls through to PostgreSQL; drop what may be stale.
         metrics::record_error(&e, "cache write");
-        let _ = cache.invalidate_conversation(conversation.id).await;
+        let _ = cache
+            .invalidate_conversation(
+                conversation.id,
+                conversation.business_id,
+                &conversation.user_external_id,
+            )
+            .await;
     }
 }
 

@@ -76,7 +76,12 @@ pub async fn read<'b>(
         let cached = if fresh {
             None
         } else {
-            cache::observed("history", src.cache.get_history(conv.id).await)
+            cache::observed(
+                "history",
+                src.cache
+                    .get_history(conv.id, conv.version, src.history_turns)
+                    .await,
+            )
         };
         match cached {
             Some(turns) => turns,

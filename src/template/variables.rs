@@ -6,7 +6,9 @@
 //! It follows `upon`'s syntax: `{{ expr }}`, `{% if [not] expr %}`, `{% else if … %}`,
 //! `{% for a[, b] in expr %}` (binding `a`, `b` and `loop`), `{% with expr as name %}`,
 //! `{% include "t" [with expr] %}` and `{# comments #}`; an expression is a variable path or a
-//! literal followed by `| filter[: args]`. `?.` marks a member that may be missing.
+//! literal followed by `| filter[: args]`. `?.` marks a member that may be missing. Names bound
+//! by `for` and `with` are known inside their block; their members are not checked (their
+//! shape is the iterated value's).
 
 use serde_json::Value;
 
@@ -92,6 +94,11 @@ fn paths(toks: &[Tok]) -> Vec<Vec<String>> {
             continue;
         };
         let prev = i.checked_sub(1).map(|p| &toks[p]);
+        // `.user.name` where an expression starts is a root path written with a leading dot.
+        let before_dot = i.checked_sub(2).map(|p| &toks[p]);
+        let leading_dot = matches!(prev, Some(Tok::Dot))
+            && matches!(before_dot, None | Some(Tok::Colon | Tok::OpenParen));
+        let prev = if leading_dot { None } else { prev };
         let next = toks.get(i + 1);
         let is_member = matches!(prev, Some(Tok::Dot | Tok::OptionalDot));
         let is_filter = matches!(prev, Some(Tok::Pipe));
@@ -114,11 +121,15 @@ fn paths(toks: &[Tok]) -> Vec<Vec<String>> {
 }
 
 /// Whether `path` exists in `shape` (the sample context as JSON). Lists are looked into through
-/// their first element; the members of `message.metadata` are the producer's, never checked.
+/// their first element; the members of `message.metadata` (the producer's) and of an extracted
+/// field's value (its schema's) are not checked.
 fn known(shape: &Value, path: &[String]) -> bool {
     let mut at = shape;
     for (depth, key) in path.iter().enumerate() {
-        if depth == 2 && path[0] == "message" && path[1] == "metadata" {
+        // The producer's metadata and an extracted field's own structure are not known ahead.
+        let open = (depth == 2 && path[0] == "message" && path[1] == "metadata")
+            || (depth == 2 && path[0] == "extracted");
+        if open {
             return true;
         }
         at = match at {
@@ -138,6 +149,23 @@ fn known(shape: &Value, path: &[String]) -> bool {
         };
     }
     true
+}
+
+/// Where `close` ends a tag's inside, skipping string literals (which may hold `}}`).
+fn find_close(inside: &str, close: &str) -> Option<usize> {
+    let bytes = inside.as_bytes();
+    let mut in_string = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if in_string => i += 1,
+            b'"' => in_string = !in_string,
+            _ if !in_string && inside[i..].starts_with(close) => return Some(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// The variables of `source` that `shape` (a sample context serialised to JSON) lacks, in every
@@ -161,7 +189,7 @@ pub fn unknown_variables(source: &str, shape: &Value) -> Vec<Unknown> {
             rest = &rest[open + 1..];
             continue;
         };
-        let Some(end) = tag[2..].find(close) else {
+        let Some(end) = find_close(&tag[2..], close) else {
             break;
         };
         let inner = tag[2..2 + end].trim_matches(|c: char| c == '-' || c.is_whitespace());
@@ -273,6 +301,13 @@ mod tests {
 {{ "literal {{ not a tag }}" }} {{ true }} {{ 42 }} {# {{ comment.only }} #} {{ user?.nickname }}
 {% for s in stages %}{{ s.name }}{% endfor %}{{ extracted.date }}"#;
         assert_eq!(unknown(source), Vec::<String>::new());
+    }
+
+    #[test]
+    fn leading_dots_strings_holding_braces_and_extracted_structures_are_understood() {
+        let source = r#"{{ .user.nmae }} {{ "a }} b" | replace: "}}", user.bogus }}
+{{ extracted.name.first }}"#;
+        assert_eq!(unknown(source), vec!["user.nmae@1", "user.bogus@1"]);
     }
 
     #[test]

@@ -161,3 +161,65 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         1
     );
 }
+
+#[tokio::test]
+async fn cached_state_serves_only_its_own_version_and_window_and_a_repeat_drops_it() {
+    let app = spawn_app(MockOptions::default()).await;
+    app.send("cora", "c1", "Hello there").await;
+    let first = app.reply("c1").await;
+    let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
+    let conv: Uuid = first["conversation_id"].parse().expect("conversation id");
+    let cached = app
+        .cache
+        .get_conversation(conv)
+        .await
+        .expect("redis")
+        .expect("cached");
+    let v = cached.version;
+    let window = app.config.worker.history_turns;
+    let cache = &app.cache;
+    assert!(cache.get_data(conv, v).await.expect("redis").is_some());
+    assert!(
+        cache.get_data(conv, v + 1).await.expect("redis").is_none(),
+        "another version"
+    );
+    assert!(
+        cache
+            .get_history(conv, v, window)
+            .await
+            .expect("redis")
+            .is_some()
+    );
+    assert!(
+        cache
+            .get_history(conv, v, window + 1)
+            .await
+            .expect("redis")
+            .is_none(),
+        "another window length"
+    );
+    assert_eq!(
+        cache.get_latest(business, "cora").await.expect("redis"),
+        Some(conv)
+    );
+    // A repeated message id is answered from the database: its commit may not have been
+    // cached, so the conversation's keys and the latest pointer are dropped.
+    app.send("cora", "c1", "Hello there").await;
+    app.settle(std::time::Duration::from_secs(30)).await;
+    assert_eq!(
+        cache.get_latest(business, "cora").await.expect("redis"),
+        None
+    );
+    assert!(cache.get_conversation(conv).await.expect("redis").is_none());
+    // The next message reads PostgreSQL and continues the same conversation.
+    app.send("cora", "c2", "And Saturday?").await;
+    assert_eq!(
+        app.reply("c2").await["conversation_id"],
+        first["conversation_id"]
+    );
+    assert_eq!(
+        cache.get_latest(business, "cora").await.expect("redis"),
+        Some(conv)
+    );
+    app.stop().await;
+}

@@ -201,9 +201,16 @@ async fn extraction_is_stored_and_merged_across_turns() {
             ("reason".to_owned(), "cleaning".to_owned())
         ]
     );
+    let version = app
+        .cache
+        .get_conversation(conv)
+        .await
+        .expect("redis")
+        .expect("cached conversation")
+        .version;
     let cached = app
         .cache
-        .get_data(conv)
+        .get_data(conv, version)
         .await
         .expect("redis")
         .expect("cached");
