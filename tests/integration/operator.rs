@@ -149,3 +149,30 @@ async fn icmp_send_and_chat_talk_to_a_running_worker() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_python_client_sends_a_message_and_reads_its_reply() {
+    let mut app = spawn_env(MockOptions::default(), |_| {}).await;
+    app.start_worker("w0").await;
+    let s = &app.config.streams;
+    let out = tokio::process::Command::new("python3")
+        .arg(crate::helpers::root().join("examples/python/icmp_client.py"))
+        .args(["--redis", app.config.redis.url.expose()])
+        .args(["--inbound", &s.inbound, "--outbound", &s.outbound])
+        .args(["--user", "pia", "--timeout", "30", "Hello from Python"])
+        .output()
+        .await
+        .expect("python3 (the test command installs redis-py)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON reply");
+    assert_eq!(reply["status"], "ok");
+    assert_eq!(reply["user_id"], "pia");
+    assert!(
+        reply["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("Hello from Python")),
+        "{reply}"
+    );
+    app.stop().await;
+}
