@@ -69,8 +69,8 @@ end
 
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries; `ARGV` =
 /// group, consumer, count, queue key prefix.
-/// Returns `{last_id, {{id, fields, queue_key}, …}}`: the stream's last id when the script
-/// ran, and the entries it delivered and queued.
+/// Returns `{last_id, {{id, fields, 1, queue_key}, …}}`: the stream's last id when the script
+/// ran, and the entries it delivered (first delivery) and queued.
 const CLAIM_BODY: &str = r"
 local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -84,7 +84,7 @@ if res then
     redis.call('ZADD', key, 0, m)
     redis.call('SADD', KEYS[2], key)
     redis.call('ZADD', KEYS[3], 0, m)
-    out[#out + 1] = {e[1], e[2], key}
+    out[#out + 1] = {e[1], e[2], 1, key}
   end
 end
 return {last_id, out}
@@ -135,6 +135,29 @@ fn unexpected(what: &str) -> StreamError {
     StreamError::UnexpectedReply(what.to_owned())
 }
 
+/// The entries of a claim script's reply, `{{id, fields, deliveries, queue_key}, …}`, each
+/// decoded on its own: one of an unexpected shape is skipped and logged, never fails the others.
+fn delivered(items: Option<Value>, script: &str) -> Vec<StreamEntry> {
+    let items = items.and_then(array).unwrap_or_default();
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let mut p = array(item).unwrap_or_default().into_iter();
+        let (Some(id), Some(fields), Some(Value::Int(n)), Some(key)) =
+            (p.next().and_then(text), p.next(), p.next(), p.next())
+        else {
+            tracing::warn!(script, "skipping an entry of an unexpected shape");
+            continue;
+        };
+        out.push(StreamEntry {
+            slot: slot_of(&id, key),
+            fields: raw_fields(fields).unwrap_or_default(),
+            id,
+            deliveries: u64::try_from(n).unwrap_or(1),
+        });
+    }
+    out
+}
+
 fn slot_of(id: &str, key: Value) -> Option<QueueSlot> {
     bytes(key).map(|key| QueueSlot {
         key,
@@ -144,9 +167,7 @@ fn slot_of(id: &str, key: Value) -> Option<QueueSlot> {
 
 impl Streams {
     /// Delivers up to `count` new entries to this consumer and queues each behind the earlier
-    /// entries of its user, in one script. Returns the stream's last id too. Each entry is
-    /// decoded on its own: one of an unexpected shape is skipped and logged, never fails the
-    /// others.
+    /// entries of its user, in one script. Returns the stream's last id too.
     pub async fn claim_new(&self, count: usize) -> Result<(String, Vec<StreamEntry>), StreamError> {
         let reply: Value = self
             .scripts
@@ -165,22 +186,7 @@ impl Streams {
             .next()
             .and_then(text)
             .ok_or_else(|| unexpected("claim: last id"))?;
-        let items = parts.next().and_then(array).unwrap_or_default();
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            let mut p = array(item).unwrap_or_default().into_iter();
-            let (Some(id), Some(fields), Some(key)) = (p.next().and_then(text), p.next(), p.next())
-            else {
-                tracing::warn!("skipping a delivered entry of an unexpected shape");
-                continue;
-            };
-            out.push(StreamEntry {
-                slot: slot_of(&id, key),
-                fields: raw_fields(fields).unwrap_or_default(),
-                id,
-                deliveries: 1,
-            });
-        }
+        let out = delivered(parts.next(), "claim");
         Ok((last_id, out))
     }
 
@@ -235,22 +241,7 @@ impl Streams {
             .next()
             .and_then(text)
             .ok_or_else(|| unexpected("reclaim: cursor"))?;
-        let mut entries = Vec::new();
-        for item in parts.next().and_then(array).unwrap_or_default() {
-            let mut p = array(item).unwrap_or_default().into_iter();
-            let (Some(id), Some(fields), Some(Value::Int(n)), Some(key)) =
-                (p.next().and_then(text), p.next(), p.next(), p.next())
-            else {
-                tracing::warn!("skipping a reclaimed entry of an unexpected shape");
-                continue;
-            };
-            entries.push(StreamEntry {
-                slot: slot_of(&id, key),
-                fields: raw_fields(fields).unwrap_or_default(),
-                id,
-                deliveries: u64::try_from(n).unwrap_or(1),
-            });
-        }
+        let entries = delivered(parts.next(), "reclaim");
         let deleted = parts
             .next()
             .and_then(array)
