@@ -36,6 +36,7 @@ impl Store {
                  WHERE c.business_id = $1 AND c.id = $2"
             ))
             .await?;
+        self.count_round_trip();
         Ok(client
             .query_opt(&stmt, &[&business_id, &id])
             .await?
@@ -58,6 +59,7 @@ impl Store {
                  ORDER BY c.updated_at DESC, c.id DESC LIMIT 1"
             ))
             .await?;
+        self.count_round_trip();
         Ok(client
             .query_opt(&stmt, &[&business_id, &user_external_id])
             .await?
@@ -80,6 +82,7 @@ impl Store {
                  ORDER BY seq ASC",
             )
             .await?;
+        self.count_round_trip();
         let rows = client
             .query(&stmt, &[&business_id, &conversation_id, &(limit as i64)])
             .await?;
@@ -109,6 +112,7 @@ impl Store {
                  WHERE business_id = $1 AND conversation_id = $2",
             )
             .await?;
+        self.count_round_trip();
         let rows = client
             .query(&stmt, &[&business_id, &conversation_id])
             .await?;
@@ -135,6 +139,7 @@ impl Store {
                  AND m.role = 'assistant'",
             )
             .await?;
+        self.count_round_trip();
         Ok(client
             .query_opt(&stmt, &[&business_id, &user_external_id, &idempotency_key])
             .await?

@@ -13,6 +13,7 @@ impl Store {
         let stmt = client
             .prepare_cached("SELECT name FROM businesses WHERE id = $1")
             .await?;
+        self.count_round_trip();
         let Some(row) = client.query_opt(&stmt, &[&business_id]).await? else {
             return Ok(None);
         };
@@ -23,6 +24,7 @@ impl Store {
                  WHERE business_id = $1 ORDER BY position, name",
             )
             .await?;
+        self.count_round_trip();
         let rows = client.query(&stmt, &[&business_id]).await?;
         let mut initial = None;
         let mut stages = Vec::with_capacity(rows.len());
@@ -49,6 +51,7 @@ impl Store {
                  AND jsonb_typeof(output_schema -> 'properties') = 'object' ORDER BY 1",
             )
             .await?;
+        self.count_round_trip();
         let extraction_fields = client
             .query(&stmt, &[&business_id])
             .await?
@@ -77,6 +80,7 @@ impl Store {
                  fallback_template_id FROM stages WHERE business_id = $1 AND id = $2",
             )
             .await?;
+        self.count_round_trip();
         Ok(client
             .query_opt(&stmt, &[&business_id, &stage_id])
             .await?
@@ -101,6 +105,7 @@ impl Store {
                  output_schema, version FROM templates WHERE business_id = $1 AND id = $2",
             )
             .await?;
+        self.count_round_trip();
         client
             .query_opt(&stmt, &[&business_id, &template_id])
             .await?

@@ -9,6 +9,8 @@ pub mod import;
 pub mod write_set;
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -26,6 +28,8 @@ mod embedded {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Statements sent by this handle and its clones (each one round trip), for the bench.
+    round_trips: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -69,12 +73,25 @@ impl Store {
             .recycle_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            round_trips: Arc::default(),
+        })
     }
 
     /// A pooled connection.
     pub async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Statements sent so far by this store and its clones (preparing a statement, once per
+    /// connection, is not counted).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_round_trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Pool occupancy: (idle, busy).

@@ -1,10 +1,14 @@
-//! The write phase (DESIGN §2): everything one message changes, in ONE transaction.
+//! The write phase (DESIGN §2): everything one message changes, in ONE statement.
 //!
 //! User upsert, conversation insert or version check-and-bump, both messages with the
-//! idempotency key, the stage transition, extracted data, the LLM call rows; then COMMIT.
-//! Either all of it is stored or none of it.
+//! idempotency key, the stage transition, extracted data, the LLM call rows: one `INSERT …`
+//! with data-modifying CTEs, so the whole write set is one round trip and one (implicit)
+//! transaction. Every write hangs off the conversation CTE: when the version check finds another
+//! version, the statement writes nothing and returns no row. Either all of it is stored or none
+//! of it.
 
-use deadpool_postgres::Transaction;
+use serde_json::json;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Store, StoreError, is_unique_violation};
@@ -67,246 +71,194 @@ pub struct WriteSet {
     pub llm_calls: Vec<LlmCallRecord>,
 }
 
+/// The conversation of a continuing conversation: the version the read phase saw is bumped;
+/// the user must own it. `$1` business, `$2` conversation, `$3` new stage, `$4` user external id,
+/// `$5` expected version.
+const CONTINUE_CONVERSATION: &str = "\
+c AS (
+  UPDATE conversations AS c SET version = c.version + 1, current_stage_id = $3, updated_at = now()
+    FROM users AS u
+   WHERE c.business_id = $1 AND c.id = $2 AND c.version = $5
+     AND u.business_id = $1 AND u.external_id = $4 AND c.user_id = u.id
+  RETURNING c.id, c.user_id, c.version, c.created_at, c.updated_at
+),
+seen AS (
+  UPDATE users SET last_seen_at = now() FROM c WHERE users.business_id = $1 AND users.id = c.user_id
+),";
+
+/// The conversation of a new conversation, and its user (created on first contact). A
+/// conversation id that exists already is a unique violation of `conversations_pkey`.
+/// `$5` is unused (NULL) so that both forms take the same parameters.
+const NEW_CONVERSATION: &str = "\
+u AS (
+  INSERT INTO users (business_id, external_id) VALUES ($1, $4)
+  ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = now()
+  RETURNING id
+),
+c AS (
+  INSERT INTO conversations (id, business_id, user_id, current_stage_id)
+  SELECT $2, $1, u.id, $3 FROM u WHERE $5::bigint IS NULL
+  RETURNING id, user_id, version, created_at, updated_at
+),";
+
+/// Everything else, each row joined to `c`. `$6` idempotency key, `$7` inbound id, `$8` log id,
+/// `$9` user message id, `$10` user content, `$11` user stage, `$12` metadata, `$13` assistant
+/// message id, `$14` assistant content, `$15` status, `$16`/`$17` fallback template and version,
+/// `$18`/`$19` transition from/to, `$20` extracted fields (object), `$21` LLM calls (array).
+const WRITES: &str = "\
+m AS (
+  INSERT INTO messages (id, business_id, conversation_id, role, content, idempotency_key,
+                        stage_id, status, metadata, inbound_id, log_id, user_id,
+                        fallback_template_id, fallback_template_version)
+  SELECT v.id, $1, c.id, v.role, v.content, $6, v.stage, v.status, v.metadata, $7, $8, c.user_id,
+         v.fb_id, v.fb_version
+    FROM c, (VALUES (1, $9::uuid, 'user', $10::text, $11::uuid, NULL::text, $12::jsonb,
+                     NULL::uuid, NULL::integer),
+                    (2, $13::uuid, 'assistant', $14::text, $3::uuid, $15::text, NULL::jsonb,
+                     $16::uuid, $17::integer))
+         AS v(ord, id, role, content, stage, status, metadata, fb_id, fb_version)
+   ORDER BY v.ord
+),
+t AS (
+  INSERT INTO stage_transitions (business_id, conversation_id, from_stage_id, to_stage_id,
+                                 message_id, log_id)
+  SELECT $1, c.id, $18, $19, $9, $8 FROM c WHERE $18::uuid IS NOT NULL
+),
+x AS (
+  INSERT INTO extracted_data (business_id, conversation_id, field, value, source_message_id)
+  SELECT $1, c.id, f.key, f.value, $9 FROM c, jsonb_each($20::jsonb) AS f
+  ON CONFLICT (conversation_id, field) DO UPDATE SET value = EXCLUDED.value,
+     source_message_id = EXCLUDED.source_message_id, updated_at = now()
+),
+l AS (
+  INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, template_id,
+                         template_version, model, prompt, output, prompt_tokens,
+                         completion_tokens, latency_ms, outcome, log_id)
+  SELECT k.id, $1, c.id, $9, k.purpose, k.template_id, k.template_version, k.model, k.prompt,
+         k.output, k.prompt_tokens, k.completion_tokens, k.latency_ms, k.outcome, $8
+    FROM c, jsonb_to_recordset($21::jsonb) AS k(id uuid, purpose text, template_id uuid,
+         template_version integer, model text, prompt text, output text, prompt_tokens integer,
+         completion_tokens integer, latency_ms integer, outcome text)
+)
+SELECT version, created_at, updated_at FROM c";
+
+/// The write-set statement for a new or a continuing conversation.
+pub(crate) fn statement(new_conversation: bool) -> String {
+    let conversation = if new_conversation {
+        NEW_CONVERSATION
+    } else {
+        CONTINUE_CONVERSATION
+    };
+    format!("WITH {conversation}\n{WRITES}")
+}
+
+impl WriteSet {
+    /// The LLM calls as the statement's JSON array.
+    fn calls_json(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.llm_calls
+                .iter()
+                .map(|c| {
+                    json!({
+                        "id": c.id,
+                        "purpose": c.purpose,
+                        "template_id": c.template_id,
+                        "template_version": c.template_version,
+                        "model": c.model,
+                        "prompt": c.prompt,
+                        "output": c.output,
+                        "prompt_tokens": c.prompt_tokens,
+                        "completion_tokens": c.completion_tokens,
+                        "latency_ms": c.latency_ms,
+                        "outcome": c.outcome,
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
 impl Store {
-    /// Commits a write set and returns the conversation as committed.
+    /// Commits a write set (one statement, one round trip) and returns the conversation as
+    /// committed.
     ///
-    /// `before_commit` runs inside the transaction after every write (a fault-injection point);
-    /// an error from it rolls everything back.
+    /// `before_commit` is a fault-injection point: when it fails, the statement runs inside an
+    /// explicit transaction that is then rolled back, and its error is returned.
     ///
     /// # Errors
-    /// [`StoreError::VersionConflict`] when the conversation changed since the read phase,
-    /// [`StoreError::Duplicate`] when the idempotency key is already committed, database errors.
+    /// [`StoreError::VersionConflict`] when the conversation changed since the read phase (or a
+    /// new conversation's id exists), [`StoreError::Duplicate`] when the idempotency key is
+    /// already committed, database errors.
     pub async fn commit_write_set(
         &self,
         ws: &WriteSet,
         before_commit: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<CommittedConversation, StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let user_id = upsert_user(&tx, ws).await?;
-        let committed = advance_conversation(&tx, ws, user_id).await?;
-        insert_messages(&tx, ws, user_id).await?;
-        insert_transition(&tx, ws).await?;
-        upsert_extracted(&tx, ws).await?;
-        insert_llm_calls(&tx, ws).await?;
-        before_commit()?;
-        tx.commit().await?;
-        Ok(committed)
-    }
-}
-
-/// The user (created on first contact); returns its id.
-async fn upsert_user(tx: &Transaction<'_>, ws: &WriteSet) -> Result<Uuid, StoreError> {
-    let b = &ws.business_id;
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO users (business_id, external_id) VALUES ($1, $2) \
-             ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = now() \
-             RETURNING id",
-        )
-        .await?;
-    let user_id: Uuid = tx
-        .query_one(&stmt, &[b, &ws.user_external_id])
-        .await?
-        .get(0);
-    Ok(user_id)
-}
-
-/// Inserts a new conversation or bumps the version the read phase saw (a different version is
-/// a [`StoreError::VersionConflict`]); returns the committed state.
-async fn advance_conversation(
-    tx: &Transaction<'_>,
-    ws: &WriteSet,
-    user_id: Uuid,
-) -> Result<CommittedConversation, StoreError> {
-    let b = &ws.business_id;
-    let row = match ws.expected_version {
-        None => {
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO conversations (id, business_id, user_id, current_stage_id) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING \
-                     RETURNING version, created_at, updated_at",
-                )
-                .await?;
-            tx.query_opt(&stmt, &[&ws.conversation_id, b, &user_id, &ws.stage_id])
-                .await?
-                .ok_or(StoreError::VersionConflict)?
-        }
-        Some(expected) => {
-            let stmt = tx
-                .prepare_cached(
-                    "UPDATE conversations SET version = version + 1, current_stage_id = $4, \
-                     updated_at = now() \
-                     WHERE business_id = $1 AND id = $2 AND version = $3 AND user_id = $5 \
-                     RETURNING version, created_at, updated_at",
-                )
-                .await?;
-            tx.query_opt(
-                &stmt,
-                &[b, &ws.conversation_id, &expected, &ws.stage_id, &user_id],
-            )
-            .await?
-            .ok_or(StoreError::VersionConflict)?
-        }
-    };
-    let committed = CommittedConversation {
-        version: row.get(0),
-        created_at: row.get(1),
-        updated_at: row.get(2),
-    };
-    Ok(committed)
-}
-
-/// The user's message and the reply; the idempotency key makes a second copy of either a
-/// unique violation, reported as [`StoreError::Duplicate`].
-async fn insert_messages(
-    tx: &Transaction<'_>,
-    ws: &WriteSet,
-    user_id: Uuid,
-) -> Result<(), StoreError> {
-    let b = &ws.business_id;
-    let insert_message = tx
-        .prepare_cached(
-            "INSERT INTO messages (id, business_id, conversation_id, role, content, \
-             idempotency_key, stage_id, status, metadata, inbound_id, log_id, user_id, \
-             fallback_template_id, fallback_template_version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .await?;
-    let rows = [
-        (
-            ws.user_message_id,
-            "user",
-            ws.user_content.as_str(),
-            ws.user_stage_id,
-            None,
-            ws.metadata.as_ref(),
-            None,
-        ),
-        (
-            ws.assistant_message_id,
-            "assistant",
-            ws.assistant_content.as_str(),
-            ws.stage_id,
-            Some(ws.assistant_status),
-            None,
-            ws.fallback_template,
-        ),
-    ];
-    for (id, role, content, stage, status, metadata, fallback) in rows {
-        tx.execute(
-            &insert_message,
-            &[
-                &id,
-                b,
-                &ws.conversation_id,
-                &role,
-                &content,
-                &ws.idempotency_key,
-                &stage,
-                &status,
-                &metadata,
-                &ws.inbound_id,
-                &ws.log_id,
-                &user_id,
-                &fallback.map(|(id, _)| id),
-                &fallback.map(|(_, version)| version),
-            ],
-        )
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Duplicate
-            } else {
-                e.into()
+        let stmt = client
+            .prepare_cached(&statement(ws.expected_version.is_none()))
+            .await?;
+        let extracted = serde_json::Value::Object(
+            ws.extracted
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        );
+        let calls = ws.calls_json();
+        let (transition_from, transition_to) = ws.transition.unzip();
+        let (fallback_id, fallback_version) = ws.fallback_template.unzip();
+        let params: [&(dyn ToSql + Sync); 21] = [
+            &ws.business_id,
+            &ws.conversation_id,
+            &ws.stage_id,
+            &ws.user_external_id,
+            &ws.expected_version,
+            &ws.idempotency_key,
+            &ws.inbound_id,
+            &ws.log_id,
+            &ws.user_message_id,
+            &ws.user_content,
+            &ws.user_stage_id,
+            &ws.metadata,
+            &ws.assistant_message_id,
+            &ws.assistant_content,
+            &ws.assistant_status,
+            &fallback_id,
+            &fallback_version,
+            &transition_from,
+            &transition_to,
+            &extracted,
+            &calls,
+        ];
+        self.count_round_trip();
+        let row = match before_commit() {
+            Ok(()) => client.query_opt(&stmt, &params).await,
+            Err(injected) => {
+                let tx = client.transaction().await?;
+                tx.query_opt(&stmt, &params).await.map_err(classify)?;
+                tx.rollback().await?;
+                return Err(injected);
             }
-        })?;
+        };
+        let row = row.map_err(classify)?.ok_or(StoreError::VersionConflict)?;
+        Ok(CommittedConversation {
+            version: row.get(0),
+            created_at: row.get(1),
+            updated_at: row.get(2),
+        })
     }
-    Ok(())
 }
 
-async fn insert_transition(tx: &Transaction<'_>, ws: &WriteSet) -> Result<(), StoreError> {
-    let b = &ws.business_id;
-    if let Some((from, to)) = ws.transition {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO stage_transitions (business_id, conversation_id, from_stage_id, \
-                 to_stage_id, message_id, log_id) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .await?;
-        tx.execute(
-            &stmt,
-            &[
-                b,
-                &ws.conversation_id,
-                &from,
-                &to,
-                &ws.user_message_id,
-                &ws.log_id,
-            ],
-        )
-        .await?;
+/// A unique violation is a new conversation whose id exists (a version conflict) or a message
+/// whose idempotency key is committed (a duplicate).
+fn classify(e: tokio_postgres::Error) -> StoreError {
+    if !is_unique_violation(&e) {
+        return e.into();
     }
-    Ok(())
-}
-
-async fn upsert_extracted(tx: &Transaction<'_>, ws: &WriteSet) -> Result<(), StoreError> {
-    let b = &ws.business_id;
-    if !ws.extracted.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO extracted_data (business_id, conversation_id, field, value, \
-                 source_message_id) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (conversation_id, field) DO UPDATE SET value = EXCLUDED.value, \
-                 source_message_id = EXCLUDED.source_message_id, updated_at = now()",
-            )
-            .await?;
-        for (field, value) in &ws.extracted {
-            tx.execute(
-                &stmt,
-                &[b, &ws.conversation_id, field, value, &ws.user_message_id],
-            )
-            .await?;
-        }
+    let constraint = e.as_db_error().and_then(|d| d.constraint());
+    if constraint == Some("conversations_pkey") {
+        StoreError::VersionConflict
+    } else {
+        StoreError::Duplicate
     }
-    Ok(())
-}
-
-async fn insert_llm_calls(tx: &Transaction<'_>, ws: &WriteSet) -> Result<(), StoreError> {
-    let b = &ws.business_id;
-    if !ws.llm_calls.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, \
-                 template_id, template_version, model, prompt, output, prompt_tokens, \
-                 completion_tokens, latency_ms, outcome, log_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            )
-            .await?;
-        for c in &ws.llm_calls {
-            tx.execute(
-                &stmt,
-                &[
-                    &c.id,
-                    b,
-                    &ws.conversation_id,
-                    &ws.user_message_id,
-                    &c.purpose,
-                    &c.template_id,
-                    &c.template_version,
-                    &c.model,
-                    &c.prompt,
-                    &c.output,
-                    &c.prompt_tokens.map(|t| t as i32),
-                    &c.completion_tokens.map(|t| t as i32),
-                    &(c.latency_ms as i32),
-                    &c.outcome,
-                    &ws.log_id,
-                ],
-            )
-            .await?;
-        }
-    }
-    Ok(())
 }
