@@ -116,7 +116,7 @@ pub struct StageDefinition {
     pub fallback_template: Option<String>,
 }
 
-/// Conversation state, cached as `conv:{id}`.
+/// A conversation's row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conversation {
     pub id: Uuid,
@@ -127,6 +127,20 @@ pub struct Conversation {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// What the next message of a user needs of their current conversation, as the last commit
+/// left it: cached as one value (`conv:{business}:{user}`), so a continuing conversation's read
+/// phase is one Redis `GET`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConversationState {
+    pub conversation: Conversation,
+    /// Every field extracted so far.
+    pub extracted: Extracted,
+    /// The last `window` turns, oldest first.
+    pub history: Vec<Turn>,
+    /// The history window's length limit it was cut to (`worker.history_turns`).
+    pub window: usize,
 }
 
 /// Who wrote a message.

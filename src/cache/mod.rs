@@ -1,7 +1,9 @@
 //! The Redis cache (the seed's keys): `business:{id}`, `stage:{id}` (hash of template ids),
-//! `tmpl:{id}` (template source), `conv:{id}` (conversation state), `data:{id}` (extracted
-//! data). PostgreSQL is the source of truth; every key has a TTL, conversation keys are written
-//! only after COMMIT and deleted on rollback, definition keys are deleted by `icmp import`.
+//! `tmpl:{id}` (template source), and `conv:{business}:{user}`, the user's current
+//! conversation state (the conversation, its extracted data and history window in one value, so
+//! reading it is one `GET` and writing it one `SET`). PostgreSQL is the source of truth; every
+//! key has a TTL, conversation state is written only after COMMIT and deleted on rollback,
+//! definition keys are deleted when definitions change.
 //!
 //! All keys carry `redis.key_prefix`, so several deployments or tests can share one server.
 
@@ -15,7 +17,7 @@ use uuid::Uuid;
 
 use crate::config::{CacheConfig, RedisConfig};
 pub use crate::error::CacheError;
-use crate::model::{Business, Conversation, Extracted, StageTemplates, TemplateRecord, Turn};
+use crate::model::{Business, ConversationState, StageTemplates, TemplateRecord};
 use crate::telemetry::metrics;
 
 /// Counts a cache lookup (`hit`, `miss`, `error`) and turns an error into a miss: a failing
@@ -176,114 +178,43 @@ impl Cache {
             .await
     }
 
-    pub async fn get_conversation(&self, id: Uuid) -> Result<Option<Conversation>, CacheError> {
-        self.get_json(self.key("conv", id)).await
+    /// The key of a user's current conversation state.
+    pub fn state_key(&self, business_id: Uuid, user: &str) -> String {
+        format!("{}conv:{business_id}:{user}", self.prefix)
     }
 
-    /// Writes a conversation's committed state (after COMMIT only), in one `MULTI`: the
-    /// conversation (`conv:`), its extracted data (`data:`) and its history window (`hist:`, the
-    /// last `window` turns), both stamped with the conversation's version, and the user's latest
-    /// conversation (`latest:{business}:{user}`), so that the user's next message reads nothing
-    /// from PostgreSQL.
-    pub async fn set_conversation(
-        &self,
-        c: &Conversation,
-        data: &Extracted,
-        history: &[Turn],
-        window: usize,
-    ) -> Result<(), CacheError> {
-        let conv = encode(c)?;
-        let data = encode(&Stamped {
-            version: c.version,
-            window: 0,
-            value: data,
-        })?;
-        let history = encode(&Stamped {
-            version: c.version,
-            window,
-            value: history,
-        })?;
-        let _: () = redis::pipe()
-            .atomic()
-            .set_ex(self.key("conv", c.id), conv, self.conversation_ttl)
-            .ignore()
-            .set_ex(self.key("data", c.id), data, self.conversation_ttl)
-            .ignore()
-            .set_ex(self.key("hist", c.id), history, self.conversation_ttl)
-            .ignore()
-            .set_ex(
-                self.latest_key(c.business_id, &c.user_external_id),
-                c.id.to_string(),
-                self.conversation_ttl,
-            )
-            .ignore()
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
-    }
-
-    fn latest_key(&self, business_id: Uuid, user: &str) -> String {
-        format!("{}latest:{business_id}:{user}", self.prefix)
-    }
-
-    /// The user's most recently active conversation, as the last commit left it.
-    pub async fn get_latest(
+    /// The user's current conversation state, as the last commit left it.
+    pub async fn get_state(
         &self,
         business_id: Uuid,
         user: &str,
-    ) -> Result<Option<Uuid>, CacheError> {
-        let id: Option<String> = self
-            .conn
-            .clone()
-            .get(self.latest_key(business_id, user))
-            .await?;
-        id.map(|id| Uuid::parse_str(&id).map_err(|e| CacheError::Decode(format!("latest: {e}"))))
-            .transpose()
+    ) -> Result<Option<ConversationState>, CacheError> {
+        self.get_json(self.state_key(business_id, user)).await
     }
 
-    /// The conversation's extracted data, if cached at `version` (the conversation's version
-    /// the caller is working from; any other is stale or ahead).
-    pub async fn get_data(
-        &self,
-        conversation_id: Uuid,
-        version: i64,
-    ) -> Result<Option<Extracted>, CacheError> {
-        let stamped: Option<Stamped<Extracted>> =
-            self.get_json(self.key("data", conversation_id)).await?;
-        Ok(stamped.filter(|s| s.version == version).map(|s| s.value))
+    /// Writes a conversation's committed state (after COMMIT only) as the user's current one:
+    /// one `SET … EX`.
+    pub async fn set_state(&self, state: &ConversationState) -> Result<(), CacheError> {
+        let c = &state.conversation;
+        self.set_json(
+            self.state_key(c.business_id, &c.user_external_id),
+            state,
+            self.conversation_ttl,
+        )
+        .await
     }
 
-    /// The conversation's history window, if cached at `version` with `window` turns at most.
-    pub async fn get_history(
-        &self,
-        conversation_id: Uuid,
-        version: i64,
-        window: usize,
-    ) -> Result<Option<Vec<Turn>>, CacheError> {
-        let stamped: Option<Stamped<Vec<Turn>>> =
-            self.get_json(self.key("hist", conversation_id)).await?;
-        Ok(stamped
-            .filter(|s| s.version == version && s.window == window)
-            .map(|s| s.value))
-    }
-
-    /// Drops a conversation's keys and the user's latest-conversation pointer (the seed's
-    /// step 14, on rollback; also whenever a commit may have happened without its cache write).
+    /// Drops a user's conversation state (the seed's step 14, on rollback; also whenever a
+    /// commit may have happened without its cache write).
     pub async fn invalidate_conversation(
         &self,
-        id: Uuid,
         business_id: Uuid,
         user: &str,
     ) -> Result<(), CacheError> {
         let _: () = self
             .conn
             .clone()
-            .del(&[
-                self.key("conv", id),
-                self.key("data", id),
-                self.key("hist", id),
-                self.latest_key(business_id, user),
-            ])
+            .del(self.state_key(business_id, user))
             .await?;
         Ok(())
     }
@@ -309,18 +240,4 @@ impl Cache {
             .await?;
         Ok(())
     }
-}
-
-fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CacheError> {
-    serde_json::to_vec(value).map_err(|e| CacheError::Decode(e.to_string()))
-}
-
-/// A cached value of a conversation, valid only for the conversation version it was written at.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Stamped<T> {
-    version: i64,
-    /// For a history window: how many turns it was cut to.
-    #[serde(default)]
-    window: usize,
-    value: T,
 }

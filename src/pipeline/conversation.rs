@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::cache::{self, Cache};
 use crate::error::{PipelineError, ValidationError};
-use crate::model::{Conversation, Extracted};
+use crate::model::{Conversation, ConversationState, Extracted, Turn};
 use crate::store::Store;
 
 /// The conversation a message belongs to.
@@ -16,9 +16,15 @@ pub struct Resolved {
     pub conversation: Conversation,
     /// Not stored yet: the write phase inserts it.
     pub is_new: bool,
+    /// The conversation's history window and extracted data, when its state came from the
+    /// cache (else they are read from PostgreSQL).
+    pub cached: Option<(Vec<Turn>, Extracted)>,
 }
 
 /// Finds or starts the conversation. `fresh` bypasses the cache (after a version conflict).
+/// The user's cached state serves a message that names no conversation, or names the one the
+/// state holds; a cached history window of another length than `window` is not used.
+#[allow(clippy::too_many_arguments)]
 pub async fn resolve(
     store: &Store,
     cache: &Cache,
@@ -26,41 +32,37 @@ pub async fn resolve(
     initial_stage_id: Uuid,
     user_id: &str,
     requested: Option<Uuid>,
+    window: usize,
     fresh: bool,
 ) -> Result<Resolved, PipelineError> {
+    let state = if fresh {
+        None
+    } else {
+        cached_state(cache, business_id, user_id).await
+    };
+    if let Some(state) = state.filter(|s| requested.is_none_or(|id| id == s.conversation.id)) {
+        let cached = (state.window == window).then_some((state.history, state.extracted));
+        return Ok(Resolved {
+            conversation: state.conversation,
+            is_new: false,
+            cached,
+        });
+    }
     let existing = match requested {
         Some(id) => {
-            let cached = if fresh {
-                None
-            } else {
-                cached_conversation(cache, id).await
-            };
-            let conv = match cached {
-                Some(c) => Some(c),
-                None => store.load_conversation(business_id, id).await?,
-            };
             // Someone else's conversation is reported as unknown: its existence is not leaked.
-            match conv {
+            match store.load_conversation(business_id, id).await? {
                 Some(c) if c.business_id == business_id && c.user_external_id == user_id => Some(c),
                 _ => return Err(ValidationError::UnknownConversation.into()),
             }
         }
-        None => {
-            let cached = if fresh {
-                None
-            } else {
-                latest_cached(cache, business_id, user_id).await
-            };
-            match cached {
-                Some(c) => Some(c),
-                None => store.latest_conversation(business_id, user_id).await?,
-            }
-        }
+        None => store.latest_conversation(business_id, user_id).await?,
     };
     Ok(match existing {
         Some(conversation) => Resolved {
             conversation,
             is_new: false,
+            cached: None,
         },
         None => {
             let now = Utc::now();
@@ -75,37 +77,15 @@ pub async fn resolve(
                     updated_at: now,
                 },
                 is_new: true,
+                cached: None,
             }
         }
     })
 }
 
-/// The user's latest conversation as the last commit cached it (the pointer and the
-/// conversation both), when it belongs to this business and user.
-async fn latest_cached(cache: &Cache, business_id: Uuid, user_id: &str) -> Option<Conversation> {
-    let id = cache::observed("latest", cache.get_latest(business_id, user_id).await)?;
-    cached_conversation(cache, id)
-        .await
-        .filter(|c| c.business_id == business_id && c.user_external_id == user_id)
-}
-
-async fn cached_conversation(cache: &Cache, id: Uuid) -> Option<Conversation> {
-    cache::observed("conversation", cache.get_conversation(id).await)
-}
-
-/// The conversation's extracted data (`data:{id}`, else PostgreSQL).
-pub async fn extracted(
-    store: &Store,
-    cache: &Cache,
-    resolved: &Resolved,
-    fresh: bool,
-) -> Result<Extracted, PipelineError> {
-    if resolved.is_new {
-        return Ok(Extracted::new());
-    }
-    let c = &resolved.conversation;
-    if !fresh && let Some(d) = cache::observed("data", cache.get_data(c.id, c.version).await) {
-        return Ok(d);
-    }
-    Ok(store.extracted(c.business_id, c.id).await?)
+/// The user's state as the last commit cached it, when it belongs to this business and user.
+async fn cached_state(cache: &Cache, business_id: Uuid, user_id: &str) -> Option<ConversationState> {
+    cache::observed("conversation", cache.get_state(business_id, user_id).await).filter(|s| {
+        s.conversation.business_id == business_id && s.conversation.user_external_id == user_id
+    })
 }

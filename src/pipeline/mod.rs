@@ -121,7 +121,7 @@ impl<L: LlmService> MessageHandler<L> {
         span.record("message.id", msg.idempotency_key());
 
         if let Some(answer) = self.stored_answer(msg).await? {
-            self.forget_cached(msg, &answer).await;
+            self.forget_cached(msg).await;
             return Ok(Processed::Duplicate(answer));
         }
         let business = self.stages.business(msg.business_id).await?;
@@ -139,7 +139,7 @@ impl<L: LlmService> MessageHandler<L> {
                     // A concurrent delivery of the same message committed first.
                     return match self.stored_answer(msg).await? {
                         Some(answer) => {
-                            self.forget_cached(msg, &answer).await;
+                            self.forget_cached(msg).await;
                             Ok(Processed::Duplicate(answer))
                         }
                         None => Err(StoreError::Duplicate.into()),
@@ -151,12 +151,12 @@ impl<L: LlmService> MessageHandler<L> {
     }
 
     /// A stored answer means a commit whose cache write may never have happened (a crash
-    /// between COMMIT and the cache, a lost COMMIT acknowledgement): drop what may be stale,
-    /// the conversation's keys and the user's latest-conversation pointer.
-    async fn forget_cached(&self, msg: &InboundMessage, answer: &Answer) {
+    /// between COMMIT and the cache, a lost COMMIT acknowledgement): drop the user's
+    /// conversation state, which may be stale.
+    async fn forget_cached(&self, msg: &InboundMessage) {
         if let Err(e) = self
             .cache
-            .invalidate_conversation(answer.conversation_id, msg.business_id, &msg.user_id)
+            .invalidate_conversation(msg.business_id, &msg.user_id)
             .await
         {
             metrics::record_error(&e, "cache invalidation");
@@ -226,7 +226,7 @@ impl<L: LlmService> MessageHandler<L> {
 
         Ok(Answer {
             reply_id: committed.reply_id,
-            conversation_id: committed.conversation.id,
+            conversation_id: committed.state.conversation.id,
             fallback: decisions.response.fallback,
             content: decisions.response.content,
             stage: decisions.stage.name.clone(),

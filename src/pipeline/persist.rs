@@ -11,7 +11,7 @@ use super::failpoint::{self, Failpoints};
 use super::read::Read;
 use crate::cache::Cache;
 use crate::error::{PipelineError, StoreError};
-use crate::model::{Conversation, Extracted, Role, Turn};
+use crate::model::{Conversation, ConversationState, Role, Turn};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
@@ -21,13 +21,9 @@ use crate::telemetry::metrics;
 /// The state the write phase committed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Committed {
-    pub conversation: Conversation,
-    /// Every field extracted so far, this message's included.
-    pub extracted: Extracted,
-    /// The history window the next message sees: the last turns, these two included.
-    pub history: Vec<Turn>,
-    /// The window's length limit (`worker.history_turns`).
-    pub window: usize,
+    /// The conversation as committed, every field extracted so far (this message's included)
+    /// and the history window the next message sees (these two turns included).
+    pub state: ConversationState,
     /// The stored reply's id.
     pub reply_id: Uuid,
 }
@@ -109,7 +105,7 @@ pub async fn write(
         Err(e) => {
             if let Err(c) = sinks
                 .cache
-                .invalidate_conversation(ws.conversation_id, ws.business_id, &ws.user_external_id)
+                .invalidate_conversation(ws.business_id, &ws.user_external_id)
                 .await
             {
                 metrics::record_error(&c, "cache invalidation");
@@ -134,40 +130,30 @@ pub async fn write(
     let excess = history.len().saturating_sub(sinks.history_turns);
     history.drain(..excess);
     Ok(Committed {
-        conversation: Conversation {
-            stage_id: decisions.stage.id,
-            version: row.version,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            ..read.conversation.clone()
+        state: ConversationState {
+            conversation: Conversation {
+                stage_id: decisions.stage.id,
+                version: row.version,
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+                ..read.conversation.clone()
+            },
+            extracted,
+            history,
+            window: sinks.history_turns,
         },
-        extracted,
-        history,
-        window: sinks.history_turns,
         reply_id: ws.assistant_message_id,
     })
 }
 
-/// Step 13: writes the committed conversation state and extracted data to the cache.
+/// Step 13: writes the committed conversation state to the cache.
 pub async fn cache_committed(cache: &Cache, committed: &Committed) {
-    let conversation = &committed.conversation;
-    if let Err(e) = cache
-        .set_conversation(
-            conversation,
-            &committed.extracted,
-            &committed.history,
-            committed.window,
-        )
-        .await
-    {
+    if let Err(e) = cache.set_state(&committed.state).await {
         // The next read falls through to PostgreSQL; drop what may be stale.
         metrics::record_error(&e, "cache write");
+        let conversation = &committed.state.conversation;
         let _ = cache
-            .invalidate_conversation(
-                conversation.id,
-                conversation.business_id,
-                &conversation.user_external_id,
-            )
+            .invalidate_conversation(conversation.business_id, &conversation.user_external_id)
             .await;
     }
 }
@@ -175,7 +161,7 @@ pub async fn cache_committed(cache: &Cache, committed: &Committed) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{StageInfo, StageTemplates};
+    use crate::model::{Extracted, StageInfo, StageTemplates};
     use crate::pipeline::respond::Response;
     use crate::template::Context;
 

@@ -10,7 +10,7 @@ use chrono::Utc;
 use super::context::{self, ContextInputs};
 use super::conversation;
 use super::stage::StageService;
-use crate::cache::{self, Cache};
+use crate::cache::Cache;
 use crate::error::PipelineError;
 use crate::model::{Business, Conversation, Extracted, StageInfo, StageTemplates};
 use crate::protocol::InboundMessage;
@@ -54,7 +54,7 @@ pub async fn read<'b>(
     business: &'b Business,
     fresh: bool,
 ) -> Result<Read<'b>, PipelineError> {
-    // Step 3: the conversation.
+    // Step 3: the conversation (with its history and extracted data when cached).
     let resolved = conversation::resolve(
         src.store,
         src.cache,
@@ -62,37 +62,25 @@ pub async fn read<'b>(
         business.initial_stage_id,
         &msg.user_id,
         msg.conversation_id,
+        src.history_turns,
         fresh,
     )
     .await?;
-    let conv = resolved.conversation.clone();
+    let conv = resolved.conversation;
     // Step 4: the current stage and its templates.
     let stage = src.stages.current(business, Some(conv.stage_id))?;
     let templates = src.stages.templates(business.id, stage.id).await?;
     // Step 5: the variables.
-    let history = if resolved.is_new {
-        Vec::new()
-    } else {
-        let cached = if fresh {
-            None
-        } else {
-            cache::observed(
-                "history",
-                src.cache
-                    .get_history(conv.id, conv.version, src.history_turns)
-                    .await,
-            )
-        };
-        match cached {
-            Some(turns) => turns,
-            None => {
-                src.store
-                    .history(business.id, conv.id, src.history_turns)
-                    .await?
-            }
-        }
+    let (history, extracted) = match resolved.cached {
+        Some(cached) => cached,
+        None if resolved.is_new => (Vec::new(), Extracted::new()),
+        None => (
+            src.store
+                .history(business.id, conv.id, src.history_turns)
+                .await?,
+            src.store.extracted(business.id, conv.id).await?,
+        ),
     };
-    let extracted = conversation::extracted(src.store, src.cache, &resolved, fresh).await?;
     let context = context::build(ContextInputs {
         business,
         user_id: &msg.user_id,

@@ -142,10 +142,10 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
     let committed = persist::write(sinks, &msg, &read, &decisions, Uuid::now_v7())
         .await
         .expect("write");
-    assert_eq!(committed.conversation.version, 1);
-    assert_eq!(committed.conversation.stage_id, decisions.stage.id);
-    assert_eq!(committed.history.len(), 2);
-    assert_eq!(committed.extracted["name"], "Sam Stone");
+    assert_eq!(committed.state.conversation.version, 1);
+    assert_eq!(committed.state.conversation.stage_id, decisions.stage.id);
+    assert_eq!(committed.state.history.len(), 2);
+    assert_eq!(committed.state.extracted["name"], "Sam Stone");
     assert_eq!(
         app.count(
             "SELECT count(*) FROM messages WHERE idempotency_key = 's1'",
@@ -163,63 +163,65 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
 }
 
 #[tokio::test]
-async fn cached_state_serves_only_its_own_version_and_window_and_a_repeat_drops_it() {
+async fn cached_state_is_one_value_used_only_at_its_window_and_a_repeat_drops_it() {
     let app = spawn_app(MockOptions::default()).await;
     app.send("cora", "c1", "Hello there").await;
     let first = app.reply("c1").await;
     let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
     let conv: Uuid = first["conversation_id"].parse().expect("conversation id");
-    let cached = app
-        .cache
-        .get_conversation(conv)
+    let cache = &app.cache;
+    let state = cache
+        .get_state(business, "cora")
         .await
         .expect("redis")
         .expect("cached");
-    let v = cached.version;
-    let window = app.config.worker.history_turns;
-    let cache = &app.cache;
-    assert!(cache.get_data(conv, v).await.expect("redis").is_some());
-    assert!(
-        cache.get_data(conv, v + 1).await.expect("redis").is_none(),
-        "another version"
-    );
-    assert!(
-        cache
-            .get_history(conv, v, window)
-            .await
-            .expect("redis")
-            .is_some()
-    );
-    assert!(
-        cache
-            .get_history(conv, v, window + 1)
-            .await
-            .expect("redis")
-            .is_none(),
-        "another window length"
-    );
-    assert_eq!(
-        cache.get_latest(business, "cora").await.expect("redis"),
-        Some(conv)
-    );
+    assert_eq!(state.conversation.id, conv);
+    assert_eq!(state.conversation.version, 1);
+    assert_eq!(state.window, app.config.worker.history_turns);
+    assert_eq!(state.history.len(), 2, "the user's turn and the reply");
+
+    // The cached window is what the next prompt sees: a marker planted in it shows up.
+    let mut planted = state.clone();
+    planted.history[0].content = "MARKER-CACHED-WINDOW".into();
+    cache.set_state(&planted).await.expect("redis");
+    app.send("cora", "c2", "And Saturday?").await;
+    assert_eq!(app.reply("c2").await["conversation_id"], first["conversation_id"]);
+    assert!(prompts_containing(&app, "MARKER-CACHED-WINDOW").await > 0);
+
+    // A window cut to another length is not used: the history comes from PostgreSQL.
+    let mut other = cache
+        .get_state(business, "cora")
+        .await
+        .expect("redis")
+        .expect("cached");
+    other.history[0].content = "MARKER-OTHER-WINDOW".into();
+    other.window += 1;
+    cache.set_state(&other).await.expect("redis");
+    app.send("cora", "c3", "Or Sunday?").await;
+    assert_eq!(app.reply("c3").await["conversation_id"], first["conversation_id"]);
+    assert_eq!(prompts_containing(&app, "MARKER-OTHER-WINDOW").await, 0);
+
     // A repeated message id is answered from the database: its commit may not have been
-    // cached, so the conversation's keys and the latest pointer are dropped.
+    // cached, so the user's state is dropped.
     app.send("cora", "c1", "Hello there").await;
     app.settle(std::time::Duration::from_secs(30)).await;
-    assert_eq!(
-        cache.get_latest(business, "cora").await.expect("redis"),
-        None
-    );
-    assert!(cache.get_conversation(conv).await.expect("redis").is_none());
+    assert!(cache.get_state(business, "cora").await.expect("redis").is_none());
     // The next message reads PostgreSQL and continues the same conversation.
-    app.send("cora", "c2", "And Saturday?").await;
-    assert_eq!(
-        app.reply("c2").await["conversation_id"],
-        first["conversation_id"]
-    );
-    assert_eq!(
-        cache.get_latest(business, "cora").await.expect("redis"),
-        Some(conv)
-    );
+    app.send("cora", "c4", "Monday then").await;
+    assert_eq!(app.reply("c4").await["conversation_id"], first["conversation_id"]);
+    let state = cache
+        .get_state(business, "cora")
+        .await
+        .expect("redis")
+        .expect("cached again");
+    assert_eq!((state.conversation.id, state.conversation.version), (conv, 4));
     app.stop().await;
+}
+
+async fn prompts_containing(app: &crate::helpers::TestApp, marker: &str) -> i64 {
+    app.count(
+        "SELECT count(*) FROM llm_calls WHERE position($1 in prompt) > 0",
+        &[&marker],
+    )
+    .await
 }

@@ -136,12 +136,14 @@ async fn selection_moves_the_stage_and_updates_the_cache() {
         .await
         .expect("conv")
         .get(0);
+    let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
     let cached = app
         .cache
-        .get_conversation(conv)
+        .get_state(business, "carol")
         .await
         .expect("redis")
-        .expect("cached");
+        .expect("cached")
+        .conversation;
     assert_eq!(cached.stage_id, booking);
     assert_eq!(cached.version, 1);
     // The booking stage's templates were used after the change (step 7).
@@ -201,19 +203,15 @@ async fn extraction_is_stored_and_merged_across_turns() {
             ("reason".to_owned(), "cleaning".to_owned())
         ]
     );
-    let version = app
+    let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
+    let state = app
         .cache
-        .get_conversation(conv)
+        .get_state(business, "dave")
         .await
         .expect("redis")
-        .expect("cached conversation")
-        .version;
-    let cached = app
-        .cache
-        .get_data(conv, version)
-        .await
-        .expect("redis")
-        .expect("cached");
+        .expect("cached state");
+    assert_eq!(state.conversation.id, conv);
+    let cached = state.extracted;
     assert_eq!(cached.len(), 3);
     assert_eq!(cached["name"], "Dave Miller");
     app.stop().await;
@@ -226,9 +224,9 @@ async fn a_fault_inside_the_write_phase_leaves_no_row_and_no_cache_key() {
         .await;
     let first = app.reply("e1").await;
     let conv: Uuid = first["conversation_id"].parse().expect("uuid");
-    let conv_key = app.cache.key("conv", conv);
-    let data_key = app.cache.key("data", conv);
-    assert!(app.key_exists(&conv_key).await && app.key_exists(&data_key).await);
+    let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
+    let state_key = app.cache.state_key(business, "erin");
+    assert!(app.key_exists(&state_key).await);
 
     app.failpoints.enable(failpoint::BEFORE_COMMIT);
     app.send("erin", "e2", "On friday for a checkup").await;
@@ -258,8 +256,7 @@ async fn a_fault_inside_the_write_phase_leaves_no_row_and_no_cache_key() {
             .await,
         1
     );
-    assert!(!app.key_exists(&conv_key).await, "conv key must be cleared");
-    assert!(!app.key_exists(&data_key).await, "data key must be cleared");
+    assert!(!app.key_exists(&state_key).await, "the state must be cleared");
     let dead = app.entries(&app.config.streams.dead_letter).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["message_id"], "e2");
