@@ -7,6 +7,10 @@
 //!
 //! All keys carry `redis.key_prefix`, so several deployments or tests can share one server.
 
+pub mod live;
+pub mod local;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
@@ -17,6 +21,7 @@ use uuid::Uuid;
 
 use crate::config::{CacheConfig, RedisConfig};
 pub use crate::error::CacheError;
+use local::{Generation, LocalDefinitions};
 use crate::model::{Business, ConversationState, StageTemplates, TemplateRecord};
 use crate::telemetry::metrics;
 
@@ -47,6 +52,7 @@ pub struct Cache {
     prefix: String,
     definition_ttl: u64,
     conversation_ttl: u64,
+    local: Arc<LocalDefinitions>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -79,7 +85,24 @@ impl Cache {
             prefix: redis.key_prefix.clone(),
             definition_ttl: config.definition_ttl_secs.max(1),
             conversation_ttl: config.conversation_ttl_secs.max(1),
+            local: Arc::new(LocalDefinitions::new(Duration::from_secs(
+                config.definition_ttl_secs.max(1),
+            ))),
         }
+    }
+
+    /// The in-process tier of the definitions (off until a definitions watch runs).
+    pub fn local(&self) -> &LocalDefinitions {
+        &self.local
+    }
+
+    /// After storing a definition loaded at `at` in Redis: if a change arrived meanwhile, the
+    /// stored copy may predate it, so it is dropped again.
+    async fn undo_if_overtaken(&self, at: Generation, key: String) -> Result<(), CacheError> {
+        if self.local.generation() != at {
+            let _: () = self.conn.clone().del(key).await?;
+        }
+        Ok(())
     }
 
     /// The full key for `kind:{id}`.
@@ -117,9 +140,11 @@ impl Cache {
         self.get_json(self.key("business", id)).await
     }
 
-    pub async fn set_business(&self, b: &Business) -> Result<(), CacheError> {
-        self.set_json(self.key("business", b.id), b, self.definition_ttl)
-            .await
+    /// Stores a business loaded from PostgreSQL at generation `at`.
+    pub async fn set_business(&self, b: &Business, at: Generation) -> Result<(), CacheError> {
+        let key = self.key("business", b.id);
+        self.set_json(key.clone(), b, self.definition_ttl).await?;
+        self.undo_if_overtaken(at, key).await
     }
 
     /// The seed's `stage:{id}` hash: `selection_template`, `extraction_template`,
@@ -149,7 +174,13 @@ impl Cache {
         }))
     }
 
-    pub async fn set_stage(&self, stage_id: Uuid, t: &StageTemplates) -> Result<(), CacheError> {
+    /// Stores a stage's template ids loaded from PostgreSQL at generation `at`.
+    pub async fn set_stage(
+        &self,
+        stage_id: Uuid,
+        t: &StageTemplates,
+        at: Generation,
+    ) -> Result<(), CacheError> {
         let key = self.key("stage", stage_id);
         let s = |id: Option<Uuid>| id.map(|i| i.to_string()).unwrap_or_default();
         let fields = [
@@ -166,16 +197,18 @@ impl Cache {
             .ignore()
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok(())
+        self.undo_if_overtaken(at, key).await
     }
 
     pub async fn get_template(&self, id: Uuid) -> Result<Option<TemplateRecord>, CacheError> {
         self.get_json(self.key("tmpl", id)).await
     }
 
-    pub async fn set_template(&self, t: &TemplateRecord) -> Result<(), CacheError> {
-        self.set_json(self.key("tmpl", t.id), t, self.definition_ttl)
-            .await
+    /// Stores a template loaded from PostgreSQL at generation `at`.
+    pub async fn set_template(&self, t: &TemplateRecord, at: Generation) -> Result<(), CacheError> {
+        let key = self.key("tmpl", t.id);
+        self.set_json(key.clone(), t, self.definition_ttl).await?;
+        self.undo_if_overtaken(at, key).await
     }
 
     /// The key of a user's current conversation state.
@@ -219,13 +252,15 @@ impl Cache {
         Ok(())
     }
 
-    /// Drops cached definitions after an import.
+    /// Drops a business's cached definitions, in this process and in Redis (after an import,
+    /// or on a change notification).
     pub async fn invalidate_definitions(
         &self,
         business_id: Uuid,
         stage_ids: &[Uuid],
         template_ids: &[Uuid],
     ) -> Result<(), CacheError> {
+        self.local.forget_business(business_id);
         let mut keys = vec![self.key("business", business_id)];
         keys.extend(stage_ids.iter().map(|id| self.key("stage", *id)));
         keys.extend(template_ids.iter().map(|id| self.key("tmpl", *id)));

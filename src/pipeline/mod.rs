@@ -103,6 +103,10 @@ impl<L: LlmService> MessageHandler<L> {
         &self.store
     }
 
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
     /// Processes one decoded inbound message.
     ///
     /// # Errors

@@ -1,5 +1,5 @@
 //! The StageService: the business with its stages (`business:{id}`) and a stage's template ids
-//! (`stage:{id}`), read through the cache from PostgreSQL.
+//! (`stage:{id}`), read through the cache (in-process, then Redis) from PostgreSQL.
 
 use uuid::Uuid;
 
@@ -23,7 +23,14 @@ impl StageService {
 
     /// The business, or [`ValidationError::UnknownBusiness`].
     pub async fn business(&self, business_id: Uuid) -> Result<Business, PipelineError> {
+        let local = self.cache.local();
+        if let Some(b) = local.business(business_id) {
+            metrics::cache("business", "local");
+            return Ok(b);
+        }
+        let at = local.generation();
         if let Some(b) = cache::observed("business", self.cache.get_business(business_id).await) {
+            local.put_business(at, &b);
             return Ok(b);
         }
         let business = self
@@ -31,9 +38,10 @@ impl StageService {
             .load_business(business_id)
             .await?
             .ok_or(ValidationError::UnknownBusiness)?;
-        if let Err(e) = self.cache.set_business(&business).await {
+        if let Err(e) = self.cache.set_business(&business, at).await {
             metrics::record_error(&e, "business cache");
         }
+        local.put_business(at, &business);
         Ok(business)
     }
 
@@ -55,7 +63,14 @@ impl StageService {
         business_id: Uuid,
         stage_id: Uuid,
     ) -> Result<StageTemplates, PipelineError> {
+        let local = self.cache.local();
+        if let Some(t) = local.stage(business_id, stage_id) {
+            metrics::cache("stage", "local");
+            return Ok(t);
+        }
+        let at = local.generation();
         if let Some(t) = cache::observed("stage", self.cache.get_stage(stage_id).await) {
+            local.put_stage(at, business_id, stage_id, &t);
             return Ok(t);
         }
         let t = self
@@ -63,9 +78,10 @@ impl StageService {
             .load_stage_templates(business_id, stage_id)
             .await?
             .ok_or_else(|| PipelineError::Definition(format!("stage {stage_id} not found")))?;
-        if let Err(e) = self.cache.set_stage(stage_id, &t).await {
+        if let Err(e) = self.cache.set_stage(stage_id, &t, at).await {
             metrics::record_error(&e, "stage cache");
         }
+        local.put_stage(at, business_id, stage_id, &t);
         Ok(t)
     }
 }

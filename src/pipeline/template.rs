@@ -38,9 +38,16 @@ impl TemplateService {
 
     /// The current version of a template of this business, compiled.
     ///
-    /// The record comes from Redis (`tmpl:{id}`, TTL `cache.definition_ttl_secs`, cleared by
-    /// `icmp import`) or PostgreSQL; the compiled form is reused while the version matches.
+    /// The compiled template comes from the in-process tier, else its record from Redis
+    /// (`tmpl:{id}`, TTL `cache.definition_ttl_secs`, dropped on every change) or PostgreSQL;
+    /// the compiled form is reused while the record matches.
     pub async fn get(&self, business_id: Uuid, id: Uuid) -> Result<Arc<Compiled>, PipelineError> {
+        let local = self.cache.local();
+        if let Some(c) = local.template(business_id, id) {
+            metrics::cache("template", "local");
+            return Ok(c);
+        }
+        let at = local.generation();
         let record = cache::observed("template", self.cache.get_template(id).await)
             .filter(|r| r.business_id == business_id);
         let record = match record {
@@ -51,19 +58,21 @@ impl TemplateService {
                     .load_template(business_id, id)
                     .await?
                     .ok_or_else(|| PipelineError::Definition(format!("template {id} not found")))?;
-                if let Err(e) = self.cache.set_template(&r).await {
+                if let Err(e) = self.cache.set_template(&r, at).await {
                     metrics::record_error(&e, "template cache");
                 }
                 r
             }
         };
         if let Some(c) = self.lookup(id).filter(|c| c.record == record) {
+            local.put_template(at, &c);
             return Ok(c);
         }
         let compiled = Arc::new(compile(&self.engine, record)?);
         if let Ok(mut map) = self.compiled.lock() {
             map.insert(id, compiled.clone());
         }
+        local.put_template(at, &compiled);
         Ok(compiled)
     }
 

@@ -131,3 +131,30 @@ fn template_from_row(r: Row) -> Result<TemplateRecord, StoreError> {
         version: r.get(10),
     })
 }
+
+impl Store {
+    /// The ids of a business's stages and templates (to drop their cached copies).
+    pub async fn definition_ids(
+        &self,
+        business_id: Uuid,
+    ) -> Result<(Vec<Uuid>, Vec<Uuid>), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT 's', id FROM stages WHERE business_id = $1 \
+                 UNION ALL SELECT 't', id FROM templates WHERE business_id = $1",
+            )
+            .await?;
+        self.count_round_trip();
+        let rows = client.query(&stmt, &[&business_id]).await?;
+        let (mut stages, mut templates) = (Vec::new(), Vec::new());
+        for r in rows {
+            if r.get::<_, &str>(0) == "s" {
+                stages.push(r.get(1));
+            } else {
+                templates.push(r.get(1));
+            }
+        }
+        Ok((stages, templates))
+    }
+}

@@ -6,6 +6,7 @@
 pub mod conversations;
 pub mod definitions;
 pub mod import;
+pub mod listen;
 pub mod write_set;
 
 use std::str::FromStr;
@@ -30,6 +31,8 @@ pub struct Store {
     pool: Pool,
     /// Statements sent by this handle and its clones (each one round trip), for the bench.
     round_trips: Arc<AtomicU64>,
+    /// For connections outside the pool (`LISTEN`).
+    pg: Arc<tokio_postgres::Config>,
 }
 
 impl std::fmt::Debug for Store {
@@ -58,8 +61,9 @@ impl Store {
     /// # Errors
     /// An invalid URL.
     pub fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
+        let pg = pg_config(config)?;
         let manager = Manager::from_config(
-            pg_config(config)?,
+            pg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -76,6 +80,7 @@ impl Store {
         Ok(Store {
             pool,
             round_trips: Arc::default(),
+            pg: Arc::new(pg),
         })
     }
 

@@ -22,6 +22,7 @@ pub const ERRORS_TOTAL: &str = "icmp_errors_total";
 pub const RETRIES_TOTAL: &str = "icmp_retries_total";
 pub const CACHE_REQUESTS_TOTAL: &str = "icmp_cache_requests_total";
 pub const STAGE_TRANSITIONS_TOTAL: &str = "icmp_stage_transitions_total";
+pub const DEFINITION_CHANGES_TOTAL: &str = "icmp_definition_changes_total";
 pub const UNKNOWN_STAGES_TOTAL: &str = "icmp_unknown_stages_total";
 pub const DEGRADED_TOTAL: &str = "icmp_degraded_total";
 pub const DEAD_LETTERS_TOTAL: &str = "icmp_dead_letters_total";
@@ -91,6 +92,10 @@ fn describe() {
         "Cache lookups, by cache and result (hit, miss, error)."
     );
     describe_counter!(STAGE_TRANSITIONS_TOTAL, "Committed stage transitions.");
+    describe_counter!(
+        DEFINITION_CHANGES_TOTAL,
+        "Definition change notifications received (each drops a business's cached definitions)."
+    );
     describe_counter!(
         UNKNOWN_STAGES_TOTAL,
         "Stage selections naming a stage the business lacks."
@@ -197,6 +202,10 @@ pub fn retry(operation: &'static str) {
 /// Cache lookups: `result` is `hit`, `miss` or `error`.
 pub fn cache(cache: &'static str, result: &'static str) {
     counter!(CACHE_REQUESTS_TOTAL, "cache" => cache, "result" => result).increment(1);
+}
+
+pub fn definitions_changed() {
+    counter!(DEFINITION_CHANGES_TOTAL).increment(1);
 }
 
 pub fn stage_transition() {

@@ -95,6 +95,11 @@ impl<L: LlmService> Worker<L> {
             stop_rx.clone(),
         ));
         helpers.spawn(self.clone().retention_loop(stop_rx.clone()));
+        helpers.spawn(crate::cache::live::watch_definitions(
+            self.handler.store().clone(),
+            self.handler.cache().clone(),
+            stop_rx.clone(),
+        ));
         if let Some(client) = self.wake_ups.clone() {
             let (worker, rx) = (self.clone(), stop_rx.clone());
             helpers.spawn(async move {

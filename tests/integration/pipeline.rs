@@ -691,3 +691,64 @@ fn unknown_stages_counted() -> f64 {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+#[tokio::test]
+async fn a_template_edited_in_sql_is_used_by_the_next_message_within_a_second() {
+    let app = spawn_app(MockOptions::default()).await;
+    let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
+    app.send("gail", "g1", "Hello there").await;
+    assert_eq!(app.reply("g1").await["status"], "ok");
+    let (template, version) = response_template_of(&app, "g1").await;
+    let key = app.cache.key("tmpl", template);
+    assert!(app.key_exists(&key).await, "the template is cached in Redis");
+
+    // A direct SQL edit: no import, no cache command. The trigger's notification reaches the
+    // worker, which drops its in-process copy and the Redis key.
+    let edited = app
+        .db()
+        .await
+        .execute(
+            "UPDATE templates SET body = body || ' EDITED-IN-SQL', version = version + 1 \
+             WHERE business_id = $1 AND id = $2",
+            &[&business, &template],
+        )
+        .await
+        .expect("update");
+    assert_eq!(edited, 1);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(!app.key_exists(&key).await, "the Redis copy was dropped");
+
+    app.send("hank", "h1", "Hello there").await;
+    assert_eq!(app.reply("h1").await["status"], "ok");
+    assert_eq!(
+        response_template_of(&app, "h1").await,
+        (template, version + 1)
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM llm_calls c JOIN messages m ON m.id = c.message_id \
+             WHERE m.idempotency_key = 'h1' AND c.purpose = 'response' \
+             AND position('EDITED-IN-SQL' in c.prompt) > 0",
+            &[]
+        )
+        .await,
+        1
+    );
+    app.stop().await;
+}
+
+/// The response template (id, version) the message with this key was answered with.
+async fn response_template_of(app: &TestApp, key: &str) -> (Uuid, i32) {
+    let row = app
+        .db()
+        .await
+        .query_one(
+            "SELECT c.template_id, c.template_version FROM llm_calls c \
+             JOIN messages m ON m.id = c.message_id \
+             WHERE m.idempotency_key = $1 AND m.role = 'user' AND c.purpose = 'response'",
+            &[&key],
+        )
+        .await
+        .expect("one response call");
+    (row.get(0), row.get(1))
+}
