@@ -20,13 +20,17 @@ const REPLY_STREAM_TTL_SECS: u64 = 3600;
 /// `KEYS[4]` = order queue, `KEYS[5]` = queue index, `KEYS[6]` = queued entries (all three
 /// optional);
 /// `ARGV` = group, entry id, queue member, wake channel, reply max length (0: none), reply
-/// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, then the
-/// reply's field/value items and the dead letter's. Returns 1 when this call acknowledged the
-/// entry (and published), 0 when it was no longer pending (someone else had finished it, or it
-/// left the pending list), -1 (and does nothing) when the reply stream's key holds another type.
+/// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, `1` when the
+/// reply stream's type must be checked (a `reply_to` stream), then the reply's field/value items
+/// and the dead letter's. Returns 1 when this call acknowledged the entry (and published), 0
+/// when it was no longer pending (someone else had finished it, or it left the pending list),
+/// -1 (and does nothing) when the reply stream's key holds another type.
+///
+/// Dequeuing announces the queue's next head on the wake channel as `member .. queue key`, so
+/// the worker holding it starts it without a head check; an emptied queue leaves the index.
 pub(crate) const FINISH_SCRIPT: &str = r"
 local nr, nd = tonumber(ARGV[8]), tonumber(ARGV[9])
-if nr > 0 then
+if nr > 0 and ARGV[10] == '1' then
   -- A reply stream that is not a stream would fail the XADD after the XACK took effect.
   local t = redis.call('TYPE', KEYS[2])['ok']
   if t ~= 'stream' and t ~= 'none' then return -1 end
@@ -35,7 +39,7 @@ local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   if nd > 0 then
     local args = {'XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*'}
-    for i = 10 + nr, 9 + nr + nd do args[#args + 1] = ARGV[i] end
+    for i = 11 + nr, 10 + nr + nd do args[#args + 1] = ARGV[i] end
     redis.call(unpack(args))
   end
   if nr > 0 then
@@ -46,7 +50,7 @@ if acked == 1 then
       args[#args + 1] = ARGV[5]
     end
     args[#args + 1] = '*'
-    for i = 10, 9 + nr do args[#args + 1] = ARGV[i] end
+    for i = 11, 10 + nr do args[#args + 1] = ARGV[i] end
     redis.call(unpack(args))
     if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
   end
@@ -57,8 +61,12 @@ end
 if KEYS[4] and acked == 1 then
   redis.call('ZREM', KEYS[6], ARGV[3])
   if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
-    redis.call('PUBLISH', ARGV[4], KEYS[4])
-    if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('SREM', KEYS[5], KEYS[4]) end
+    local nxt = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
+    if nxt then
+      redis.call('PUBLISH', ARGV[4], nxt .. KEYS[4])
+    else
+      redis.call('SREM', KEYS[5], KEYS[4])
+    end
   end
 end
 return acked
@@ -112,7 +120,8 @@ impl Streams {
             .arg(ttl)
             .arg(self.config.dead_letter_maxlen)
             .arg(reply_items)
-            .arg(dead_items);
+            .arg(dead_items)
+            .arg(if reply_stream == outbound { "0" } else { "1" });
         if let Some((_, fields)) = &finish.reply {
             for (k, v) in fields {
                 inv.arg(*k).arg(v.as_str());

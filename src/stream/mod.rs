@@ -49,6 +49,9 @@ pub struct StreamEntry {
     /// Its place in its user's order queue; `None` for entries without a usable business and
     /// user (they are invalid and answered at once).
     pub slot: Option<QueueSlot>,
+    /// The claim found it at its queue's head as it delivered it (so it is pending to this
+    /// consumer): it may start without a head check.
+    pub at_head: bool,
 }
 
 /// Names derived from the configuration: queue keys, the wake-up channel.

@@ -77,9 +77,45 @@ for _ = 1, 100 do
   end
 end
 if healed > 0 and verdict ~= 'go' then redis.call('PUBLISH', ARGV[4], KEYS[2]) end
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[4], KEYS[2]) end
+-- A queue that is not empty stays indexed; one this check emptied leaves the index.
+if (sweep or verdict == 'gone') and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SREM', KEYS[4], KEYS[2])
+end
 return {verdict, healed}
 ";
+
+/// A wake-up: a queue changed; with the member of its new head when the finish that dequeued
+/// its old head announced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wake {
+    pub key: Vec<u8>,
+    pub head: Option<String>,
+}
+
+/// Length of a queue member: 20 digits, `-`, 20 digits.
+const MEMBER_LEN: usize = 41;
+
+impl Wake {
+    /// Decodes a wake channel payload: `member .. key` from the finish, or a bare key.
+    pub fn decode(payload: &[u8]) -> Wake {
+        let is_member = |m: &[u8]| {
+            m.len() == MEMBER_LEN
+                && m.iter()
+                    .enumerate()
+                    .all(|(i, b)| if i == 20 { *b == b'-' } else { b.is_ascii_digit() })
+        };
+        match payload.split_at_checked(MEMBER_LEN) {
+            Some((m, key)) if is_member(m) && !key.is_empty() => Wake {
+                key: key.to_vec(),
+                head: Some(String::from_utf8_lossy(m).into_owned()),
+            },
+            _ => Wake {
+                key: payload.to_vec(),
+                head: None,
+            },
+        }
+    }
+}
 
 /// The queue member of a stream entry id (`ms-seq`, both parts zero-padded to 20 digits).
 pub fn member(entry_id: &str) -> String {
@@ -245,6 +281,22 @@ impl Streams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wake_carries_the_next_head_or_only_the_key() {
+        let m = member("1700000000000-3");
+        let mut payload = m.clone().into_bytes();
+        payload.extend_from_slice(b"order:{in}:g:b:u");
+        assert_eq!(
+            Wake::decode(&payload),
+            Wake {
+                key: b"order:{in}:g:b:u".to_vec(),
+                head: Some(m)
+            }
+        );
+        assert_eq!(Wake::decode(b"order:{in}:g:b:u").head, None);
+        assert_eq!(Wake::decode(b"short").key, b"short".to_vec());
+    }
 
     #[test]
     fn members_sort_like_stream_ids() {

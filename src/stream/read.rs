@@ -69,24 +69,34 @@ end
 
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries; `ARGV` =
 /// group, consumer, count, queue key prefix.
-/// Returns `{last_id, {{id, fields, 1, queue_key}, …}}`: the stream's last id when the script
-/// ran, and the entries it delivered (first delivery) and queued.
+/// Returns `{last_id, {{id, fields, 1, queue_key, at_head}, …}}`: the stream's last id when the
+/// script ran, and the entries it delivered (first delivery) and queued. `at_head` is 1 when the
+/// entry is its queue's head: it was just delivered to this consumer, so it is pending here and
+/// may start without a head check. A queue is added to the index when it gets its head (a
+/// queue that is not empty is always indexed; the sweep removes empty ones).
 const CLAIM_BODY: &str = r"
 local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local last_id = '0-0'
 if last[1] then last_id = last[1][1] end
 local out = {}
+local queued = {'ZADD', KEYS[3]}
 if res then
   for _, e in ipairs(res[1][2]) do
     local key = queue_key(ARGV[4], e[2])
     local m = member(e[1])
     redis.call('ZADD', key, 0, m)
-    redis.call('SADD', KEYS[2], key)
-    redis.call('ZADD', KEYS[3], 0, m)
-    out[#out + 1] = {e[1], e[2], 1, key}
+    local at_head = 0
+    if redis.call('ZRANGE', key, 0, 0)[1] == m then
+      at_head = 1
+      redis.call('SADD', KEYS[2], key)
+    end
+    queued[#queued + 1] = 0
+    queued[#queued + 1] = m
+    out[#out + 1] = {e[1], e[2], 1, key, at_head}
   end
 end
+if #queued > 2 then redis.call(unpack(queued)) end
 return {last_id, out}
 ";
 
@@ -148,11 +158,13 @@ fn delivered(items: Option<Value>, script: &str) -> Vec<StreamEntry> {
             tracing::warn!(script, "skipping an entry of an unexpected shape");
             continue;
         };
+        let at_head = matches!(p.next(), Some(Value::Int(1)));
         out.push(StreamEntry {
             slot: slot_of(&id, key),
             fields: raw_fields(fields).unwrap_or_default(),
             id,
             deliveries: u64::try_from(n).unwrap_or(1),
+            at_head,
         });
     }
     out

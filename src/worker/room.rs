@@ -8,11 +8,24 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::stream::StreamEntry;
-use crate::stream::order::{Head, HeadCheck, QueueSlot};
+use crate::stream::order::{Head, HeadCheck, QueueSlot, Wake};
+
+/// Waiting entries keep their fields (saving a fetch when their turn comes) while all the kept
+/// fields together stay under this many bytes; beyond it they keep their ids only.
+const KEPT_FIELDS_BUDGET: usize = 32 << 20;
+
+fn fields_size(entry: &StreamEntry) -> usize {
+    entry
+        .fields
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 48)
+        .sum()
+}
 
 enum State {
     Waiting,
@@ -22,8 +35,10 @@ enum State {
 
 struct Held {
     entry: StreamEntry,
-    /// Whether `entry.fields` holds the fields (a waiting entry drops them).
+    /// Whether `entry.fields` holds the fields (a waiting entry beyond the budget drops them).
     has_fields: bool,
+    /// Bytes of its fields counted in the room's kept bytes.
+    kept: usize,
     state: State,
 }
 
@@ -43,6 +58,11 @@ pub(super) struct Room {
     held: HashMap<String, Held>,
     /// Waiting entries per queue key: member → entry id, in stream order.
     queues: HashMap<Vec<u8>, BTreeMap<String, String>>,
+    /// When each queue with waiting entries was last checked or woken (for the safety-net
+    /// poll, which checks only queues quiet for a whole poll interval).
+    heard: HashMap<Vec<u8>, Instant>,
+    /// Bytes of fields kept by waiting entries.
+    kept_bytes: usize,
     /// Queues whose first waiting entry must be checked.
     dirty: HashSet<Vec<u8>>,
     ready: VecDeque<String>,
@@ -82,12 +102,23 @@ impl Room {
             .insert(id.clone());
         let mut has_fields = true;
         let state = match &entry.slot {
+            // Its queue's head as delivered, and nothing of its queue waits here: its turn.
+            Some(slot) if entry.at_head && !self.queues.contains_key(&slot.key) => {
+                self.ready.push_back(id.clone());
+                self.ready_count += 1;
+                State::Ready
+            }
             Some(slot) => {
                 let queue = self.queues.entry(slot.key.clone()).or_default();
                 queue.insert(slot.member.clone(), id.clone());
-                // Behind another waiting entry of the same user: it will wait, so it keeps its
-                // id only (the fields are fetched when its turn comes).
-                has_fields = queue.len() == 1;
+                self.heard.entry(slot.key.clone()).or_insert_with(Instant::now);
+                // It may wait long: it keeps its fields only within the budget (else they are
+                // fetched when its turn comes).
+                let size = fields_size(&entry);
+                has_fields = self.kept_bytes + size <= KEPT_FIELDS_BUDGET;
+                if has_fields {
+                    self.kept_bytes += size;
+                }
                 self.dirty.insert(slot.key.clone());
                 State::Waiting
             }
@@ -98,6 +129,11 @@ impl Room {
             }
         };
         let mut entry = entry;
+        let kept = if matches!(state, State::Waiting) && has_fields {
+            fields_size(&entry)
+        } else {
+            0
+        };
         if !has_fields {
             entry.fields = Vec::new();
         }
@@ -106,6 +142,7 @@ impl Room {
             Held {
                 entry,
                 has_fields,
+                kept,
                 state,
             },
         );
@@ -123,18 +160,60 @@ impl Room {
         }
     }
 
-    /// Marks every queue with waiting entries for a check (the safety-net poll).
-    pub(super) fn touch_all(&mut self) -> usize {
-        self.dirty.extend(self.queues.keys().cloned());
-        self.dirty.len()
+    /// A wake-up from the wake channel. When it names the queue's new head and that is the
+    /// first entry waiting here, the entry is ready at once (the finish that dequeued its
+    /// predecessor saw it at the head); otherwise the queue is checked. Returns whether this
+    /// worker waits on the queue.
+    pub(super) fn wake(&mut self, wake: &Wake) -> bool {
+        let Some(queue) = self.queues.get(&wake.key) else {
+            return false;
+        };
+        let first = queue.first_key_value().map(|(m, id)| (m.clone(), id.clone()));
+        match (first, &wake.head) {
+            (Some((member, id)), Some(head)) if &member == head => {
+                let slot = QueueSlot {
+                    key: wake.key.clone(),
+                    member,
+                };
+                let go = HeadCheck {
+                    head: Head::Go,
+                    healed: 0,
+                };
+                self.apply(&slot, &id, go);
+                self.dirty.remove(&wake.key);
+            }
+            _ => {
+                self.heard.insert(wake.key.clone(), Instant::now());
+                self.dirty.insert(wake.key.clone());
+            }
+        }
+        true
+    }
+
+    /// Marks for a check every queue with waiting entries that nothing was heard of for
+    /// `quiet` (the safety net for lost wake-ups); returns how many.
+    pub(super) fn touch_quiet(&mut self, quiet: Duration) -> usize {
+        let now = Instant::now();
+        let mut n = 0;
+        for key in self.queues.keys() {
+            let last = self.heard.get(key).copied().unwrap_or(now);
+            if now.duration_since(last) >= quiet && self.dirty.insert(key.clone()) {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The first waiting entry of each queue marked for a check (up to `max`).
     pub(super) fn next_checks(&mut self, max: usize) -> Vec<(QueueSlot, String)> {
         let keys: Vec<Vec<u8>> = self.dirty.iter().take(max).cloned().collect();
         let mut out = Vec::with_capacity(keys.len());
+        let now = Instant::now();
         for key in keys {
             self.dirty.remove(&key);
+            if self.queues.contains_key(&key) {
+                self.heard.insert(key.clone(), now);
+            }
             if let Some((member, id)) = self.queues.get(&key).and_then(|q| q.first_key_value()) {
                 out.push((
                     QueueSlot {
@@ -170,13 +249,7 @@ impl Room {
                 self.ready_count += 1;
                 Checked::Ready
             }
-            Head::Wait => {
-                if held.has_fields {
-                    held.entry.fields = Vec::new();
-                    held.has_fields = false;
-                }
-                Checked::Waiting
-            }
+            Head::Wait => Checked::Waiting,
             Head::Gone => {
                 self.remove(id);
                 // The next waiting entry of this queue may be the head now.
@@ -191,6 +264,7 @@ impl Room {
             q.remove(&slot.member);
             if q.is_empty() {
                 self.queues.remove(&slot.key);
+                self.heard.remove(&slot.key);
                 self.dirty.remove(&slot.key);
             }
         }
@@ -207,6 +281,7 @@ impl Room {
                 continue;
             }
             self.ready_count = self.ready_count.saturating_sub(1);
+            self.kept_bytes = self.kept_bytes.saturating_sub(std::mem::take(&mut held.kept));
             held.state = State::Running(token.clone());
             let needs_fields = !held.has_fields;
             return Some((held.entry.clone(), needs_fields));
@@ -218,6 +293,7 @@ impl Room {
     /// its queue slot, if it had one.
     pub(super) fn remove(&mut self, id: &str) -> Option<QueueSlot> {
         let held = self.held.remove(id)?;
+        self.kept_bytes = self.kept_bytes.saturating_sub(held.kept);
         self.ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -248,7 +324,26 @@ mod tests {
                 key: k.as_bytes().to_vec(),
                 member: crate::stream::order::member(id),
             }),
+            at_head: false,
         }
+    }
+
+    #[test]
+    fn an_entry_delivered_at_its_queues_head_is_ready_without_a_check() {
+        let mut room = Room::default();
+        let mut first = entry("1-0", Some("q"));
+        first.at_head = true;
+        assert!(room.admit(first));
+        assert_eq!(room.ready_len(), 1);
+        assert!(!room.has_checks(), "no head check for it");
+        // Behind an entry of the same queue that waits here, the flag is not trusted.
+        let mut room = Room::default();
+        assert!(room.admit(entry("1-0", Some("q"))));
+        let mut later = entry("2-0", Some("q"));
+        later.at_head = true;
+        assert!(room.admit(later));
+        assert_eq!(room.ready_len(), 0);
+        assert_eq!(room.next_checks(10).len(), 1, "only the first is checked");
     }
 
     fn verdict(head: Head) -> HeadCheck {
@@ -256,7 +351,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_first_waiting_entry_of_a_queue_is_checked_and_waiters_keep_ids_only() {
+    fn only_the_first_waiting_entry_of_a_queue_is_checked() {
         let mut room = Room::default();
         for i in 1..=1000 {
             assert!(room.admit(entry(&format!("{i}-0"), Some("busy"))));
@@ -284,7 +379,7 @@ mod tests {
             room.start_next(&token).is_none(),
             "the busy user's entries wait"
         );
-        // The waiting head dropped its fields; it fetches them when its turn comes.
+        // Small entries keep their fields while they wait: no fetch when their turn comes.
         assert!(room.touch(b"busy"));
         let checks = room.next_checks(10);
         assert_eq!(
@@ -293,7 +388,65 @@ mod tests {
         );
         let (started, fetch) = room.start_next(&token).expect("head");
         assert_eq!(started.id, "1-0");
-        assert!(fetch);
+        assert!(!fetch);
+    }
+
+    #[test]
+    fn waiting_entries_beyond_the_fields_budget_keep_their_ids_only() {
+        let mut room = Room::default();
+        let big = |id: &str| {
+            let mut e = entry(id, Some("q"));
+            e.fields = vec![(b"content".to_vec(), vec![b'x'; 1 << 20])];
+            e
+        };
+        for i in 1..=40 {
+            assert!(room.admit(big(&format!("{i}-0"))));
+        }
+        let kept = room.held.values().filter(|h| h.has_fields).count();
+        assert_eq!(kept, 31, "32 MiB of 1 MiB entries (and their overhead)");
+        assert!(room.kept_bytes <= KEPT_FIELDS_BUDGET);
+        // Started or removed entries give their bytes back.
+        for i in 1..=40 {
+            room.remove(&format!("{i}-0"));
+        }
+        assert_eq!(room.kept_bytes, 0);
+    }
+
+    #[test]
+    fn a_wake_naming_the_first_waiting_entry_makes_it_ready_without_a_check() {
+        let mut room = Room::default();
+        assert!(room.admit(entry("1-0", Some("q"))));
+        assert!(room.admit(entry("2-0", Some("q"))));
+        let _ = room.next_checks(10);
+        // A wake naming another head (say, an entry another worker holds) means a check.
+        let other = Wake {
+            key: b"q".to_vec(),
+            head: Some(crate::stream::order::member("0-5")),
+        };
+        assert!(room.wake(&other));
+        assert_eq!(room.ready_len(), 0);
+        assert!(room.has_checks());
+        let _ = room.next_checks(10);
+        let ours = Wake {
+            key: b"q".to_vec(),
+            head: Some(crate::stream::order::member("1-0")),
+        };
+        assert!(room.wake(&ours));
+        assert_eq!(room.ready_len(), 1);
+        assert!(!room.has_checks());
+        assert!(!room.wake(&Wake {
+            key: b"elsewhere".to_vec(),
+            head: None
+        }));
+    }
+
+    #[test]
+    fn the_safety_net_checks_only_queues_quiet_for_a_whole_interval() {
+        let mut room = Room::default();
+        assert!(room.admit(entry("1-0", Some("a"))));
+        let _ = room.next_checks(10);
+        assert_eq!(room.touch_quiet(Duration::from_secs(60)), 0, "just checked");
+        assert_eq!(room.touch_quiet(Duration::ZERO), 1);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::room::{Checked, Room};
 use super::{Outcome, Worker, WorkerStats};
 use crate::llm::LlmService;
+use crate::stream::order::Wake;
 use crate::stream::{Refresh, StreamEntry};
 use crate::telemetry::metrics::{self, StreamEvent};
 
@@ -132,14 +133,14 @@ impl<L: LlmService> Worker<L> {
                 biased;
                 _ = stop_rx.changed() => break,
                 Some(event) = events.recv() => self.on_event(&mut room, event),
-                Some(key) = wakes.recv() => {
-                    if room.touch(&key) {
+                Some(payload) = wakes.recv() => {
+                    if room.wake(&Wake::decode(&payload)) {
                         WorkerStats::add(&self.stats.wakes, 1);
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = poll.tick() => {
-                    let n = room.touch_all();
+                    let n = room.touch_quiet(poll_every);
                     WorkerStats::add(&self.stats.polled_checks, n as u64);
                 }
                 _ = gauges.tick() => {
@@ -154,8 +155,8 @@ impl<L: LlmService> Worker<L> {
             while let Ok(event) = events.try_recv() {
                 self.on_event(&mut room, event);
             }
-            while let Ok(key) = wakes.try_recv() {
-                if room.touch(&key) {
+            while let Ok(payload) = wakes.try_recv() {
+                if room.wake(&Wake::decode(&payload)) {
                     WorkerStats::add(&self.stats.wakes, 1);
                 }
             }
@@ -287,8 +288,11 @@ impl<L: LlmService> Worker<L> {
                 if outcome == Outcome::Lost {
                     return;
                 }
-                if let Some(slot) = room.remove(&id) {
-                    // This worker may hold the next entry of that queue.
+                if let Some(slot) = room.remove(&id)
+                    && matches!(outcome, Outcome::RetryLater | Outcome::AlreadyDone)
+                {
+                    // Not dequeued here, so no wake-up names the next head: this worker may
+                    // hold the next entry of that queue (the check tells).
                     room.touch(&slot.key);
                 }
             }
