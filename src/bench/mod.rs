@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::error::{Category, Classify};
 use crate::pipeline::Failpoints;
 use crate::store::Store;
-use crate::worker::Dependencies;
+use crate::worker::{Dependencies, WorkerStats};
 
 /// What to run (also the arguments of `icmp bench`).
 #[derive(Debug, Clone, clap::Args)]
@@ -47,6 +47,9 @@ pub struct BenchOptions {
     /// `pgbench` connections.
     #[arg(long, default_value_t = 16)]
     pub pgbench_clients: usize,
+    /// Paced mode: send this many messages per second (0: send them all at once, a flood).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 /// The figures of one run.
@@ -73,6 +76,15 @@ pub struct BenchReport {
     pub ceiling_tps: Option<f64>,
     /// Why the ceiling is missing, if it is.
     pub ceiling_error: Option<String>,
+    /// PostgreSQL statements (round trips) the workers sent, per message.
+    pub db_round_trips_per_message: f64,
+    /// The most messages processed at once (all workers together).
+    pub peak_in_flight: u64,
+    /// Overhead latency: end to end minus the time inside LLM calls (p50, p99).
+    pub overhead_p50: Duration,
+    pub overhead_p99: Duration,
+    /// The send rate in paced mode.
+    pub rate: Option<f64>,
 }
 
 impl BenchReport {
@@ -115,6 +127,13 @@ impl BenchReport {
             "redis_cpu_s": self.redis_cpu_secs,
             "ceiling_tps": self.ceiling_tps,
             "ratio_to_ceiling": self.ratio(),
+            "db_round_trips_per_message": self.db_round_trips_per_message,
+            "peak_in_flight": self.peak_in_flight,
+            "overhead_ms": {
+                "p50": self.overhead_p50.as_secs_f64() * 1000.0,
+                "p99": self.overhead_p99.as_secs_f64() * 1000.0,
+            },
+            "rate_per_s": self.rate,
         })
     }
 }
@@ -132,6 +151,16 @@ impl std::fmt::Display for BenchReport {
             self.p99.as_millis(),
             self.max.as_millis()
         )?;
+        writeln!(
+            f,
+            "overhead       p50 {:.1} ms · p99 {:.1} ms (end to end minus time in LLM calls)",
+            self.overhead_p50.as_secs_f64() * 1000.0,
+            self.overhead_p99.as_secs_f64() * 1000.0
+        )?;
+        if let Some(rate) = self.rate {
+            writeln!(f, "paced          {rate:.0} messages/s sent")?;
+        }
+        writeln!(f, "in flight      {} at most", self.peak_in_flight)?;
         let mut s: Vec<_> = self.statuses.iter().collect();
         s.sort();
         writeln!(f, "statuses       {s:?}")?;
@@ -148,6 +177,11 @@ impl std::fmt::Display for BenchReport {
             .take(6)
             .map(|(k, v)| format!("{k} {:.1}", **v as f64 / self.messages.max(1) as f64))
             .collect();
+        writeln!(
+            f,
+            "postgres       {:.2} round trips per message",
+            self.db_round_trips_per_message
+        )?;
         writeln!(
             f,
             "redis          {:.1} commands per message ({}), {:.2} CPU-s",
@@ -250,43 +284,81 @@ impl Classify for BenchError {
     }
 }
 
-/// XADDs every message at once (each user's messages interleaved, as many producers would);
-/// returns when each was sent, by message id.
-async fn flood(
-    c: &mut redis::aio::ConnectionManager,
-    config: &Config,
-    options: &BenchOptions,
-    run_id: &str,
-    business: &str,
-) -> Result<HashMap<String, Instant>, BenchError> {
-    let mut sent = HashMap::with_capacity(options.messages);
-    for chunk_start in (0..options.messages).step_by(500) {
-        let mut pipe = redis::pipe();
-        let end = (chunk_start + 500).min(options.messages);
-        for i in chunk_start..end {
-            let user = format!("bench-{run_id}-u{}", i % options.users.max(1));
-            let id = format!("bench-{run_id}-{i}");
-            let content = match (i / options.users.max(1)) % 3 {
-                0 => "Hello, are you open on Saturday?",
-                1 => "I'd like to book an appointment, my name is Ada Lovelace",
-                _ => "On 2026-12-03 for a cleaning, please",
-            };
-            pipe.xadd(
-                &config.streams.inbound,
-                "*",
-                &[
-                    ("business_id", business),
-                    ("user_id", &user),
-                    ("message_id", &id),
-                    ("content", content),
-                ],
-            )
-            .ignore();
-            sent.insert(id, Instant::now());
+/// The `i`th message of a run: (user, message id, content). Each user's messages are
+/// interleaved with everyone else's, as many producers would send them.
+fn message(options: &BenchOptions, run_id: &str, i: usize) -> (String, String, &'static str) {
+    let users = options.users.max(1);
+    let content = match (i / users) % 3 {
+        0 => "Hello, are you open on Saturday?",
+        1 => "I'd like to book an appointment, my name is Ada Lovelace",
+        _ => "On 2026-12-03 for a cleaning, please",
+    };
+    (
+        format!("bench-{run_id}-u{}", i % users),
+        format!("bench-{run_id}-{i}"),
+        content,
+    )
+}
+
+type SentAt = std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>>;
+
+/// XADDs the messages: all at once (in pipelines of 500), or `options.rate` a second in
+/// 10 ms ticks; records when each was sent.
+async fn send(
+    mut c: redis::aio::ConnectionManager,
+    config: Config,
+    options: BenchOptions,
+    run_id: String,
+    business: String,
+    sent: SentAt,
+) -> Result<(), BenchError> {
+    let per_tick = if options.rate > 0.0 {
+        (options.rate / 100.0).max(0.01)
+    } else {
+        500.0
+    };
+    let started = Instant::now();
+    let mut i = 0;
+    let mut tick = 0u64;
+    while i < options.messages {
+        let due = if options.rate > 0.0 {
+            ((tick + 1) as f64 * per_tick).floor() as usize
+        } else {
+            i + 500
+        };
+        let end = due.min(options.messages);
+        if end > i {
+            let mut pipe = redis::pipe();
+            let mut ids = Vec::with_capacity(end - i);
+            for n in i..end {
+                let (user, id, content) = message(&options, &run_id, n);
+                pipe.xadd(
+                    &config.streams.inbound,
+                    "*",
+                    &[
+                        ("business_id", business.as_str()),
+                        ("user_id", &user),
+                        ("message_id", &id),
+                        ("content", content),
+                    ],
+                )
+                .ignore();
+                ids.push(id);
+            }
+            let now = Instant::now();
+            if let Ok(mut map) = sent.lock() {
+                map.extend(ids.into_iter().map(|id| (id, now)));
+            }
+            let _: () = pipe.query_async(&mut c).await?;
+            i = end;
         }
-        let _: () = pipe.query_async(c).await?;
+        tick += 1;
+        if options.rate > 0.0 {
+            let next = started + Duration::from_millis(10 * tick);
+            tokio::time::sleep_until(next.into()).await;
+        }
     }
-    Ok(sent)
+    Ok(())
 }
 
 /// Reads replies until every sent message has one (or ten minutes passed); returns the sorted
@@ -295,8 +367,8 @@ async fn collect(
     c: &mut redis::aio::ConnectionManager,
     config: &Config,
     expected: usize,
-    sent: &mut HashMap<String, Instant>,
-) -> Result<(Vec<Duration>, HashMap<String, usize>, u64), BenchError> {
+    sent: &SentAt,
+) -> Result<(Vec<(String, Duration)>, HashMap<String, usize>, u64), BenchError> {
     let mut latencies = Vec::with_capacity(expected);
     let mut statuses: HashMap<String, usize> = HashMap::new();
     let mut last = "0".to_owned();
@@ -316,14 +388,15 @@ async fn collect(
                     Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
                     _ => String::new(),
                 };
-                if let Some(t) = sent.remove(&field("message_id")) {
-                    latencies.push(now - t);
+                let id = field("message_id");
+                let at = sent.lock().ok().and_then(|mut m| m.remove(&id));
+                if let Some(t) = at {
+                    latencies.push((id, now - t));
                     *statuses.entry(field("status")).or_default() += 1;
                 }
             }
         }
     }
-    latencies.sort();
     Ok((latencies, statuses, reads))
 }
 
@@ -349,10 +422,12 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let deps = Dependencies::connect(&config).await?;
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
+    let mut stats = Vec::new();
     for w in 0..options.workers.max(1) {
         let mut c = config.clone();
         c.streams.consumer = format!("bench-{run_id}-{w}");
         let worker = deps.worker(&c, Failpoints::default()).await?;
+        stats.push(worker.stats().clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         stops.push(tx);
         tasks.push(tokio::spawn(worker.run(async move {
@@ -364,11 +439,28 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let mut c = cache::connect(&config.redis).await?;
     let redis_before = probe::RedisCounters::read(&c).await?;
     let cpu_before = probe::process_cpu_secs();
+    let trips_before = deps.store.round_trips();
     let started = Instant::now();
-    let mut sent = flood(&mut c, &config, options, &run_id, &business.to_string()).await?;
-    let (latencies, statuses, reads) =
-        collect(&mut c, &config, options.messages, &mut sent).await?;
+    let sent = SentAt::default();
+    let sender = tokio::spawn(send(
+        cache::connect(&config.redis).await?,
+        config.clone(),
+        options.clone(),
+        run_id.clone(),
+        business.to_string(),
+        sent.clone(),
+    ));
+    let (per_message, statuses, reads) = collect(&mut c, &config, options.messages, &sent).await?;
     let elapsed = started.elapsed();
+    let db_round_trips = deps.store.round_trips() - trips_before;
+    match sender.await {
+        Ok(result) => result?,
+        Err(e) => tracing::warn!(error = %e, "the sender task failed"),
+    }
+    let mut latencies: Vec<Duration> = per_message.iter().map(|(_, d)| *d).collect();
+    latencies.sort();
+    let mut overheads = overheads(&store, business, &per_message).await?;
+    overheads.sort();
     let cpu_secs = cpu_before
         .zip(probe::process_cpu_secs())
         .map(|(a, b)| b - a);
@@ -428,7 +520,32 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         redis_cpu_secs,
         ceiling_tps,
         ceiling_error,
+        db_round_trips_per_message: db_round_trips as f64 / latencies.len().max(1) as f64,
+        peak_in_flight: stats
+            .iter()
+            .map(|s| WorkerStats::get(&s.peak_running))
+            .sum(),
+        overhead_p50: percentile(&overheads, 0.50),
+        overhead_p99: percentile(&overheads, 0.99),
+        rate: (options.rate > 0.0).then_some(options.rate),
     })
+}
+
+/// Each message's end-to-end latency minus the time its LLM calls took (from `llm_calls`).
+async fn overheads(
+    store: &Store,
+    business: Uuid,
+    per_message: &[(String, Duration)],
+) -> Result<Vec<Duration>, BenchError> {
+    let keys: Vec<&str> = per_message.iter().map(|(id, _)| id.as_str()).collect();
+    let in_llm: HashMap<String, i64> = store.llm_time_by_key(business, &keys).await?;
+    Ok(per_message
+        .iter()
+        .map(|(id, e2e)| {
+            let llm = in_llm.get(id).copied().unwrap_or(0).max(0) as u64;
+            e2e.saturating_sub(Duration::from_millis(llm))
+        })
+        .collect())
 }
 
 /// The business's initial stage and its response template, for the ceiling's rows.

@@ -152,4 +152,24 @@ impl Store {
                 log_id: r.get(5),
             }))
     }
+
+    /// Milliseconds spent in LLM calls per user message, by idempotency key (the benchmark's
+    /// overhead figure).
+    pub async fn llm_time_by_key(
+        &self,
+        business_id: Uuid,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT m.idempotency_key, sum(c.latency_ms)::bigint FROM messages m \
+                 JOIN llm_calls c ON c.business_id = m.business_id AND c.message_id = m.id \
+                 WHERE m.business_id = $1 AND m.role = 'user' AND m.idempotency_key = ANY($2) \
+                 GROUP BY 1",
+                &[&business_id, &keys],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
 }

@@ -80,6 +80,9 @@ pub struct WorkerStats {
     pub vanished: AtomicU64,
     pub trimmed: AtomicU64,
     pub consumers_pruned: AtomicU64,
+    /// Messages being processed now, and the most at once so far.
+    pub running: AtomicU64,
+    pub peak_running: AtomicU64,
 }
 
 impl WorkerStats {
@@ -89,6 +92,15 @@ impl WorkerStats {
 
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn started(&self) {
+        let now = self.running.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_running.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn ended(&self) {
+        self.running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -242,6 +242,7 @@ impl<L: LlmService> Worker<L> {
             };
             let worker = self.clone();
             let events = events.clone();
+            worker.stats.started();
             tasks.spawn(async move {
                 let id = entry.id.clone();
                 // A panic outside the pipeline (decoding, finishing) must not leave the entry
@@ -260,6 +261,7 @@ impl<L: LlmService> Worker<L> {
                     o = work => o,
                 };
                 drop(permit);
+                worker.stats.ended();
                 let _ = events.send(Event::Done(id, outcome));
             });
         }
