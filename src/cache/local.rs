@@ -42,6 +42,9 @@ struct Tiers {
 pub struct LocalDefinitions {
     ttl: Duration,
     inner: RwLock<Tiers>,
+    /// One load at a time per business, so that a cold start (or a change) under load costs
+    /// one read of each definition, not one per message in flight.
+    loading: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl LocalDefinitions {
@@ -50,7 +53,25 @@ impl LocalDefinitions {
         LocalDefinitions {
             ttl,
             inner: RwLock::new(Tiers::default()),
+            loading: std::sync::Mutex::default(),
         }
+    }
+
+    /// Waits for the business's load lock while the tier serves (`None` when it is off: then
+    /// nothing would be kept, so loads need not wait for each other). Look the value up again
+    /// once it is held: the previous holder may have loaded it.
+    pub async fn load_lock(&self, business_id: Uuid) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if !self.is_enabled() {
+            return None;
+        }
+        let lock = self
+            .loading
+            .lock()
+            .ok()?
+            .entry(business_id)
+            .or_default()
+            .clone();
+        Some(lock.lock_owned().await)
     }
 
     /// The current generation.

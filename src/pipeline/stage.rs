@@ -28,6 +28,11 @@ impl StageService {
             metrics::cache("business", "local");
             return Ok(b);
         }
+        let _loading = local.load_lock(business_id).await;
+        if let Some(b) = local.business(business_id) {
+            metrics::cache("business", "local");
+            return Ok(b);
+        }
         let at = local.generation();
         if let Some(b) = cache::observed("business", self.cache.get_business(business_id).await) {
             local.put_business(at, &b);
@@ -64,6 +69,11 @@ impl StageService {
         stage_id: Uuid,
     ) -> Result<StageTemplates, PipelineError> {
         let local = self.cache.local();
+        if let Some(t) = local.stage(business_id, stage_id) {
+            metrics::cache("stage", "local");
+            return Ok(t);
+        }
+        let _loading = local.load_lock(business_id).await;
         if let Some(t) = local.stage(business_id, stage_id) {
             metrics::cache("stage", "local");
             return Ok(t);

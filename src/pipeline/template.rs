@@ -47,6 +47,11 @@ impl TemplateService {
             metrics::cache("template", "local");
             return Ok(c);
         }
+        let _loading = local.load_lock(business_id).await;
+        if let Some(c) = local.template(business_id, id) {
+            metrics::cache("template", "local");
+            return Ok(c);
+        }
         let at = local.generation();
         let record = cache::observed("template", self.cache.get_template(id).await)
             .filter(|r| r.business_id == business_id);

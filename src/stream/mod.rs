@@ -49,9 +49,10 @@ pub struct StreamEntry {
     /// Its place in its user's order queue; `None` for entries without a usable business and
     /// user (they are invalid and answered at once).
     pub slot: Option<QueueSlot>,
-    /// The claim found it at its queue's head as it delivered it (so it is pending to this
-    /// consumer): it may start without a head check.
-    pub at_head: bool,
+    /// What the claim saw as it delivered it: `Some(true)` at its queue's head (so it is pending
+    /// to this consumer and may start without a head check), `Some(false)` behind an earlier
+    /// entry (it waits for the wake-up naming it), `None` unknown (a reclaimed entry: checked).
+    pub at_head: Option<bool>,
 }
 
 /// Names derived from the configuration: queue keys, the wake-up channel.

@@ -158,7 +158,10 @@ fn delivered(items: Option<Value>, script: &str) -> Vec<StreamEntry> {
             tracing::warn!(script, "skipping an entry of an unexpected shape");
             continue;
         };
-        let at_head = matches!(p.next(), Some(Value::Int(1)));
+        let at_head = match p.next() {
+            Some(Value::Int(n)) => Some(n == 1),
+            _ => None,
+        };
         out.push(StreamEntry {
             slot: slot_of(&id, key),
             fields: raw_fields(fields).unwrap_or_default(),

@@ -63,6 +63,9 @@ pub(super) struct Room {
     heard: HashMap<Vec<u8>, Instant>,
     /// Bytes of fields kept by waiting entries.
     kept_bytes: usize,
+    /// Wake-ups for queues nothing waits on here yet, by key: the head they named and when
+    /// (an entry whose claim raced its predecessor's finish is admitted after the wake-up).
+    early_wakes: HashMap<Vec<u8>, (String, Instant)>,
     /// Queues whose first waiting entry must be checked.
     dirty: HashSet<Vec<u8>>,
     ready: VecDeque<String>,
@@ -101,9 +104,18 @@ impl Room {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.clone());
         let mut has_fields = true;
+        let woken = entry.slot.as_ref().is_some_and(|slot| {
+            self.early_wakes
+                .remove(&slot.key)
+                .is_some_and(|(head, _)| head == slot.member)
+        });
         let state = match &entry.slot {
-            // Its queue's head as delivered, and nothing of its queue waits here: its turn.
-            Some(slot) if entry.at_head && !self.queues.contains_key(&slot.key) => {
+            // Its queue's head as delivered (or named by a wake-up already), and nothing of its
+            // queue waits here: its turn.
+            Some(slot)
+                if (entry.at_head == Some(true) || woken)
+                    && !self.queues.contains_key(&slot.key) =>
+            {
                 self.ready.push_back(id.clone());
                 self.ready_count += 1;
                 State::Ready
@@ -119,7 +131,11 @@ impl Room {
                 if has_fields {
                     self.kept_bytes += size;
                 }
-                self.dirty.insert(slot.key.clone());
+                // Behind an earlier entry as delivered: the wake-up naming it (or the
+                // safety-net poll) brings its turn; else it is checked now.
+                if entry.at_head != Some(false) {
+                    self.dirty.insert(slot.key.clone());
+                }
                 State::Waiting
             }
             None => {
@@ -166,6 +182,10 @@ impl Room {
     /// worker waits on the queue.
     pub(super) fn wake(&mut self, wake: &Wake) -> bool {
         let Some(queue) = self.queues.get(&wake.key) else {
+            if let Some(head) = &wake.head {
+                self.early_wakes
+                    .insert(wake.key.clone(), (head.clone(), Instant::now()));
+            }
             return false;
         };
         let first = queue.first_key_value().map(|(m, id)| (m.clone(), id.clone()));
@@ -194,6 +214,8 @@ impl Room {
     /// `quiet` (the safety net for lost wake-ups); returns how many.
     pub(super) fn touch_quiet(&mut self, quiet: Duration) -> usize {
         let now = Instant::now();
+        self.early_wakes
+            .retain(|_, (_, at)| now.duration_since(*at) < quiet);
         let mut n = 0;
         for key in self.queues.keys() {
             let last = self.heard.get(key).copied().unwrap_or(now);
@@ -324,7 +346,7 @@ mod tests {
                 key: k.as_bytes().to_vec(),
                 member: crate::stream::order::member(id),
             }),
-            at_head: false,
+            at_head: None,
         }
     }
 
@@ -332,7 +354,7 @@ mod tests {
     fn an_entry_delivered_at_its_queues_head_is_ready_without_a_check() {
         let mut room = Room::default();
         let mut first = entry("1-0", Some("q"));
-        first.at_head = true;
+        first.at_head = Some(true);
         assert!(room.admit(first));
         assert_eq!(room.ready_len(), 1);
         assert!(!room.has_checks(), "no head check for it");
@@ -340,7 +362,7 @@ mod tests {
         let mut room = Room::default();
         assert!(room.admit(entry("1-0", Some("q"))));
         let mut later = entry("2-0", Some("q"));
-        later.at_head = true;
+        later.at_head = Some(true);
         assert!(room.admit(later));
         assert_eq!(room.ready_len(), 0);
         assert_eq!(room.next_checks(10).len(), 1, "only the first is checked");
@@ -438,6 +460,25 @@ mod tests {
             key: b"elsewhere".to_vec(),
             head: None
         }));
+    }
+
+    #[test]
+    fn an_entry_behind_another_waits_for_its_wake_up_even_one_that_came_first() {
+        let mut room = Room::default();
+        let mut behind = entry("2-0", Some("q"));
+        behind.at_head = Some(false);
+        assert!(room.admit(behind));
+        assert!(!room.has_checks(), "no check: the claim saw an earlier entry");
+        // The wake-up for an entry admitted later is remembered.
+        let early = Wake {
+            key: b"r".to_vec(),
+            head: Some(crate::stream::order::member("3-0")),
+        };
+        assert!(!room.wake(&early));
+        let mut late = entry("3-0", Some("r"));
+        late.at_head = Some(false);
+        assert!(room.admit(late));
+        assert_eq!(room.ready_len(), 1, "its wake-up came before it");
     }
 
     #[test]
