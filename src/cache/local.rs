@@ -118,7 +118,11 @@ impl LocalDefinitions {
     pub fn stage(&self, business_id: Uuid, id: Uuid) -> Option<StageTemplates> {
         self.read(|t| {
             fresh(t, &t.stages, id, self.ttl)
-                .filter(|_| t.stages.get(&id).is_some_and(|e| e.business_id == business_id))
+                .filter(|_| {
+                    t.stages
+                        .get(&id)
+                        .is_some_and(|e| e.business_id == business_id)
+                })
                 .cloned()
         })
         .flatten()
@@ -135,20 +139,23 @@ impl LocalDefinitions {
 
     pub fn put_business(&self, at: Generation, value: &Business) {
         self.put(at, |t| {
-            t.businesses.insert(value.id, entry(value.id, value.clone()));
+            t.businesses
+                .insert(value.id, entry(value.id, value.clone()));
         });
     }
 
     pub fn put_stage(&self, at: Generation, business_id: Uuid, id: Uuid, value: &StageTemplates) {
         self.put(at, |t| {
-            t.stages.insert(id, entry(business_id, value.clone()));
+            t.stages.insert(id, entry(business_id, *value));
         });
     }
 
     pub fn put_template(&self, at: Generation, value: &Arc<Compiled>) {
         self.put(at, |t| {
-            t.templates
-                .insert(value.record.id, entry(value.record.business_id, value.clone()));
+            t.templates.insert(
+                value.record.id,
+                entry(value.record.business_id, value.clone()),
+            );
         });
     }
 

@@ -21,9 +21,9 @@ use uuid::Uuid;
 
 use crate::config::{CacheConfig, RedisConfig};
 pub use crate::error::CacheError;
-use local::{Generation, LocalDefinitions};
 use crate::model::{Business, ConversationState, StageTemplates, TemplateRecord};
 use crate::telemetry::metrics;
+use local::{Generation, LocalDefinitions};
 
 /// Counts a cache lookup (`hit`, `miss`, `error`) and turns an error into a miss: a failing
 /// cache falls through to PostgreSQL.

@@ -84,7 +84,11 @@ pub async fn resolve(
 }
 
 /// The user's state as the last commit cached it, when it belongs to this business and user.
-async fn cached_state(cache: &Cache, business_id: Uuid, user_id: &str) -> Option<ConversationState> {
+async fn cached_state(
+    cache: &Cache,
+    business_id: Uuid,
+    user_id: &str,
+) -> Option<ConversationState> {
     cache::observed("conversation", cache.get_state(business_id, user_id).await).filter(|s| {
         s.conversation.business_id == business_id && s.conversation.user_external_id == user_id
     })

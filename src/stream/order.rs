@@ -100,9 +100,13 @@ impl Wake {
     pub fn decode(payload: &[u8]) -> Wake {
         let is_member = |m: &[u8]| {
             m.len() == MEMBER_LEN
-                && m.iter()
-                    .enumerate()
-                    .all(|(i, b)| if i == 20 { *b == b'-' } else { b.is_ascii_digit() })
+                && m.iter().enumerate().all(|(i, b)| {
+                    if i == 20 {
+                        *b == b'-'
+                    } else {
+                        b.is_ascii_digit()
+                    }
+                })
         };
         match payload.split_at_checked(MEMBER_LEN) {
             Some((m, key)) if is_member(m) && !key.is_empty() => Wake {

@@ -123,7 +123,9 @@ impl Room {
             Some(slot) => {
                 let queue = self.queues.entry(slot.key.clone()).or_default();
                 queue.insert(slot.member.clone(), id.clone());
-                self.heard.entry(slot.key.clone()).or_insert_with(Instant::now);
+                self.heard
+                    .entry(slot.key.clone())
+                    .or_insert_with(Instant::now);
                 // It may wait long: it keeps its fields only within the budget (else they are
                 // fetched when its turn comes).
                 let size = fields_size(&entry);
@@ -188,7 +190,9 @@ impl Room {
             }
             return false;
         };
-        let first = queue.first_key_value().map(|(m, id)| (m.clone(), id.clone()));
+        let first = queue
+            .first_key_value()
+            .map(|(m, id)| (m.clone(), id.clone()));
         match (first, &wake.head) {
             (Some((member, id)), Some(head)) if &member == head => {
                 let slot = QueueSlot {
@@ -303,7 +307,9 @@ impl Room {
                 continue;
             }
             self.ready_count = self.ready_count.saturating_sub(1);
-            self.kept_bytes = self.kept_bytes.saturating_sub(std::mem::take(&mut held.kept));
+            self.kept_bytes = self
+                .kept_bytes
+                .saturating_sub(std::mem::take(&mut held.kept));
             held.state = State::Running(token.clone());
             let needs_fields = !held.has_fields;
             return Some((held.entry.clone(), needs_fields));
@@ -468,7 +474,10 @@ mod tests {
         let mut behind = entry("2-0", Some("q"));
         behind.at_head = Some(false);
         assert!(room.admit(behind));
-        assert!(!room.has_checks(), "no check: the claim saw an earlier entry");
+        assert!(
+            !room.has_checks(),
+            "no check: the claim saw an earlier entry"
+        );
         // The wake-up for an entry admitted later is remembered.
         let early = Wake {
             key: b"r".to_vec(),

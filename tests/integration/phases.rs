@@ -185,7 +185,10 @@ async fn cached_state_is_one_value_used_only_at_its_window_and_a_repeat_drops_it
     planted.history[0].content = "MARKER-CACHED-WINDOW".into();
     cache.set_state(&planted).await.expect("redis");
     app.send("cora", "c2", "And Saturday?").await;
-    assert_eq!(app.reply("c2").await["conversation_id"], first["conversation_id"]);
+    assert_eq!(
+        app.reply("c2").await["conversation_id"],
+        first["conversation_id"]
+    );
     assert!(prompts_containing(&app, "MARKER-CACHED-WINDOW").await > 0);
 
     // A window cut to another length is not used: the history comes from PostgreSQL.
@@ -198,23 +201,38 @@ async fn cached_state_is_one_value_used_only_at_its_window_and_a_repeat_drops_it
     other.window += 1;
     cache.set_state(&other).await.expect("redis");
     app.send("cora", "c3", "Or Sunday?").await;
-    assert_eq!(app.reply("c3").await["conversation_id"], first["conversation_id"]);
+    assert_eq!(
+        app.reply("c3").await["conversation_id"],
+        first["conversation_id"]
+    );
     assert_eq!(prompts_containing(&app, "MARKER-OTHER-WINDOW").await, 0);
 
     // A repeated message id is answered from the database: its commit may not have been
     // cached, so the user's state is dropped.
     app.send("cora", "c1", "Hello there").await;
     app.settle(std::time::Duration::from_secs(30)).await;
-    assert!(cache.get_state(business, "cora").await.expect("redis").is_none());
+    assert!(
+        cache
+            .get_state(business, "cora")
+            .await
+            .expect("redis")
+            .is_none()
+    );
     // The next message reads PostgreSQL and continues the same conversation.
     app.send("cora", "c4", "Monday then").await;
-    assert_eq!(app.reply("c4").await["conversation_id"], first["conversation_id"]);
+    assert_eq!(
+        app.reply("c4").await["conversation_id"],
+        first["conversation_id"]
+    );
     let state = cache
         .get_state(business, "cora")
         .await
         .expect("redis")
         .expect("cached again");
-    assert_eq!((state.conversation.id, state.conversation.version), (conv, 4));
+    assert_eq!(
+        (state.conversation.id, state.conversation.version),
+        (conv, 4)
+    );
     app.stop().await;
 }
 

@@ -256,7 +256,10 @@ async fn a_fault_inside_the_write_phase_leaves_no_row_and_no_cache_key() {
             .await,
         1
     );
-    assert!(!app.key_exists(&state_key).await, "the state must be cleared");
+    assert!(
+        !app.key_exists(&state_key).await,
+        "the state must be cleared"
+    );
     let dead = app.entries(&app.config.streams.dead_letter).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["message_id"], "e2");
@@ -700,7 +703,10 @@ async fn a_template_edited_in_sql_is_used_by_the_next_message_within_a_second() 
     assert_eq!(app.reply("g1").await["status"], "ok");
     let (template, version) = response_template_of(&app, "g1").await;
     let key = app.cache.key("tmpl", template);
-    assert!(app.key_exists(&key).await, "the template is cached in Redis");
+    assert!(
+        app.key_exists(&key).await,
+        "the template is cached in Redis"
+    );
 
     // A direct SQL edit: no import, no cache command. The trigger's notification reaches the
     // worker, which drops its in-process copy and the Redis key.
