@@ -1,6 +1,6 @@
-//! The same-run ceiling: `pgbench` runs a transaction equivalent to one message's write set
-//! (the same statements on the same tables, rows of the same sizes, the same indexes and foreign
-//! keys) against the same database, so the pipeline's throughput can be read as a share of what
+//! The same-run ceiling: `pgbench` runs one message's write set (the worker's own statement on
+//! the same tables, rows of the same sizes, the same indexes and foreign keys) against the same
+//! database, so the pipeline's throughput can be read as a share of what
 //! PostgreSQL on this machine can commit at that moment.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::process::Command;
 use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
+use crate::store::write_set;
 
 /// The ids the write set refers to (the benchmark's business).
 #[derive(Debug, Clone, Copy)]
@@ -18,58 +19,78 @@ pub struct Refs {
     pub template_id: Uuid,
 }
 
-/// One message's write set as a pgbench script (variables go in as parameters: pgbench's
-/// prepared mode binds them, so they are cast, never quoted): the user upsert, a new conversation, both
-/// messages, two LLM call rows (selection and response; extraction adds a third on a third of
-/// the messages) with prompts of the demo's size, in one transaction.
+/// One message's write set as a pgbench script: the worker's own statement for a new
+/// conversation ([`write_set::statement`]), its parameters bound to SQL expressions: a random
+/// user, both messages (ids derived from the random number, so the LLM call rows can refer to
+/// the user message), and two LLM call rows (selection and response; extraction adds a third on a
+/// third of the messages) with prompts of the demo's size. One statement, one round trip, as the
+/// worker sends it.
 pub fn script(r: &Refs) -> String {
     let prompt =
         "You route messages for a dental clinic. Stages: welcome, booking, farewell. ".repeat(12);
     let (b, s, t) = (r.business_id, r.stage_id, r.template_id);
     let call = |purpose: &str| {
         format!(
-            "INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, \
-             template_id, template_version, model, prompt, output, prompt_tokens, \
-             completion_tokens, latency_ms, outcome, log_id) VALUES (gen_random_uuid(), '{b}', \
-             CAST(:cid AS uuid), CAST(:mid AS uuid), '{purpose}', '{t}', 1, 'mock-1', '{prompt}', \
-             'Thanks for your message, how else can I help?', 180, 12, 50, 'ok', \
-             gen_random_uuid());\n"
+            "jsonb_build_object('id', gen_random_uuid(), 'purpose', '{purpose}', \
+             'template_id', '{t}', 'template_version', 1, 'model', 'mock-1', 'prompt', '{prompt}', \
+             'output', 'Thanks for your message, how else can I help?', 'prompt_tokens', 180, \
+             'completion_tokens', 12, 'latency_ms', 50, 'outcome', 'ok')"
         )
     };
-    let message = |role: &str, content: &str, status: &str, returning: &str| {
-        format!(
-            "INSERT INTO messages (id, business_id, conversation_id, role, content, \
-             idempotency_key, stage_id, status, metadata, inbound_id, log_id, user_id) VALUES \
-             (gen_random_uuid(), '{b}', CAST(:cid AS uuid), '{role}', '{content}', \
-             'pgbench-' || :n, '{s}', {status}, NULL, '1795000000000-0', gen_random_uuid(), \
-             CAST(:uid AS uuid)){returning}\n"
-        )
-    };
-    let mut out = String::from("\\set n random(1, 2000000000)\nBEGIN;\n");
-    out.push_str(&format!(
-        "INSERT INTO users (business_id, external_id) VALUES ('{b}', 'pgbench-' || :n) \
-         ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = now() \
-         RETURNING id AS uid \\gset\n"
-    ));
-    out.push_str(&format!(
-        "INSERT INTO conversations (id, business_id, user_id, current_stage_id) VALUES \
-         (gen_random_uuid(), '{b}', CAST(:uid AS uuid), '{s}') RETURNING id AS cid \\gset\n"
-    ));
-    out.push_str(&message(
-        "user",
-        "I would like to book an appointment, my name is Ada Lovelace",
-        "NULL",
-        " RETURNING id AS mid \\gset",
-    ));
-    out.push_str(&message(
-        "assistant",
-        "Thanks for your message: how else can I help you with your booking today?",
-        "'ok'",
-        ";",
-    ));
-    out.push_str(&call("selection"));
-    out.push_str(&call("response"));
-    out.push_str("END;\n");
+    let calls = format!("jsonb_build_array({}, {})", call("selection"), call("response"));
+    let statement = bind(&write_set::statement(true), |n| match n {
+        1 => format!("'{b}'::uuid"),
+        2 => "gen_random_uuid()".into(),
+        3 | 11 => format!("'{s}'::uuid"),
+        4 | 6 => "('pgbench-' || :n)".into(),
+        5 => "NULL::bigint".into(),
+        7 => "'1795000000000-0'".into(),
+        8 => "gen_random_uuid()".into(),
+        9 => "md5('u' || :n)::uuid".into(),
+        10 => "'I would like to book an appointment, my name is Ada Lovelace'".into(),
+        12 | 20 => "'{}'::jsonb".into(),
+        13 => "md5('a' || :n)::uuid".into(),
+        14 => "'Thanks for your message: how else can I help you with your booking today?'".into(),
+        15 => "'ok'".into(),
+        16 | 18 | 19 => "NULL::uuid".into(),
+        17 => "NULL::integer".into(),
+        _ => calls.clone(),
+    });
+    // pgbench reads one statement per line.
+    let one_line: Vec<&str> = statement.split_whitespace().collect();
+    format!(
+        "\\set n random(1, 9000000000000000)\n{};\n",
+        one_line.join(" ")
+    )
+}
+
+/// Replaces each `$n` of `sql` by `value(n)`.
+fn bind(sql: &str, value: impl Fn(usize) -> String) -> String {
+    let mut out = String::with_capacity(sql.len() * 2);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let mut n = 0usize;
+        let mut digits = 0;
+        while let Some((_, d)) = chars.peek().copied() {
+            match d.to_digit(10) {
+                Some(v) => {
+                    n = n * 10 + v as usize;
+                    digits += 1;
+                    chars.next();
+                }
+                None => break,
+            }
+        }
+        if digits == 0 {
+            out.push('$');
+        } else {
+            out.push_str(&value(n));
+        }
+    }
     out
 }
 
@@ -138,6 +159,22 @@ fn pgbench() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_script_is_the_workers_statement_with_every_parameter_bound() {
+        let refs = Refs {
+            business_id: Uuid::from_u128(1),
+            stage_id: Uuid::from_u128(2),
+            template_id: Uuid::from_u128(3),
+        };
+        let script = script(&refs);
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines.len(), 2, "the variable and one statement line");
+        assert!(!lines[1].contains('$'), "{}", lines[1]);
+        assert!(lines[1].starts_with("WITH u AS ( INSERT INTO users"));
+        assert!(lines[1].contains("INSERT INTO llm_calls"));
+        assert_eq!(bind("$1, $10, $2$", |n| format!("<{n}>")), "<1>, <10>, <2>$");
+    }
 
     #[test]
     fn tps_is_read_from_pgbench_output() {
