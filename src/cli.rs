@@ -240,11 +240,15 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(options) => {
             telemetry::init_logging(&config.telemetry, std::io::stderr);
+            let workers = if options.processes > 0 {
+                format!("{} worker process(es)", options.processes)
+            } else {
+                format!("{} in-process worker(s)", options.workers)
+            };
             println!(
-                "bench: {} messages, {} users, {} worker(s) × {} slots, LLM {}±{} ms",
+                "bench: {} messages, {} users, {workers} × {} slots, LLM {}±{} ms",
                 options.messages,
                 options.users,
-                options.workers,
                 config.worker.concurrency,
                 options.llm_latency_ms,
                 options.llm_jitter_ms

@@ -8,6 +8,7 @@
 
 pub mod ceiling;
 pub mod probe;
+pub mod processes;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -50,6 +51,10 @@ pub struct BenchOptions {
     /// Paced mode: send this many messages per second (0: send them all at once, a flood).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Scale-out mode: run the workers as this many `icmp worker` processes instead of inside
+    /// the benchmark (0: in-process, `--workers` of them).
+    #[arg(long, default_value_t = 0)]
+    pub processes: usize,
 }
 
 /// The figures of one run.
@@ -85,6 +90,48 @@ pub struct BenchReport {
     pub overhead_p99: Duration,
     /// The send rate in paced mode.
     pub rate: Option<f64>,
+    /// Scale-out mode: each worker process's CPU seconds.
+    pub process_cpu_secs: Vec<f64>,
+    /// CPU seconds of PostgreSQL's processes and of the mock LLM during the run.
+    pub postgres_cpu_secs: f64,
+    pub mock_cpu_secs: f64,
+    /// The machine's busy share of all its cores during the run, and how many cores it has.
+    pub machine_busy: Option<f64>,
+    pub cores: usize,
+}
+
+impl BenchReport {
+    /// CPU seconds the workers used: the worker processes', else this process's.
+    pub fn worker_cpu_secs(&self) -> Option<f64> {
+        if self.process_cpu_secs.is_empty() {
+            self.cpu_secs
+        } else {
+            Some(self.process_cpu_secs.iter().sum())
+        }
+    }
+
+    /// Which resource ran out: the machine's CPU (and who used most of it), else none.
+    pub fn saturation(&self) -> String {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let mut users = [
+            ("workers", self.worker_cpu_secs().unwrap_or(0.0)),
+            ("postgres", self.postgres_cpu_secs),
+            ("redis", self.redis_cpu_secs),
+            ("mock LLM", self.mock_cpu_secs),
+        ];
+        users.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let shares: Vec<String> = users
+            .iter()
+            .map(|(who, cpu)| format!("{who} {:.2} cores", cpu / secs))
+            .collect();
+        let busy = self.machine_busy.unwrap_or(0.0);
+        let verdict = if busy >= 0.9 {
+            format!("the machine's CPU ({} cores, {:.0} % busy)", self.cores, busy * 100.0)
+        } else {
+            format!("nothing saturated ({:.0} % busy)", busy * 100.0)
+        };
+        format!("{verdict}; {}", shares.join(", "))
+    }
 }
 
 impl BenchReport {
@@ -93,9 +140,9 @@ impl BenchReport {
         self.redis_commands.values().sum::<u64>() as f64 / self.messages.max(1) as f64
     }
 
-    /// CPU seconds per 1,000 messages.
+    /// Worker CPU seconds per 1,000 messages.
     pub fn cpu_per_1000(&self) -> Option<f64> {
-        self.cpu_secs
+        self.worker_cpu_secs()
             .map(|c| c * 1000.0 / self.messages.max(1) as f64)
     }
 
@@ -134,6 +181,12 @@ impl BenchReport {
                 "p99": self.overhead_p99.as_secs_f64() * 1000.0,
             },
             "rate_per_s": self.rate,
+            "process_cpu_s": self.process_cpu_secs,
+            "postgres_cpu_s": self.postgres_cpu_secs,
+            "mock_cpu_s": self.mock_cpu_secs,
+            "machine_busy": self.machine_busy,
+            "cores": self.cores,
+            "saturation": self.saturation(),
         })
     }
 }
@@ -170,6 +223,15 @@ impl std::fmt::Display for BenchReport {
         if let Some(per) = self.cpu_per_1000() {
             writeln!(f, "worker CPU     {per:.3} s per 1,000 messages")?;
         }
+        if !self.process_cpu_secs.is_empty() {
+            let each: Vec<String> = self
+                .process_cpu_secs
+                .iter()
+                .map(|c| format!("{c:.2}"))
+                .collect();
+            writeln!(f, "processes      {} (CPU-s each: {})", each.len(), each.join(", "))?;
+        }
+        writeln!(f, "saturation     {}", self.saturation())?;
         let mut top: Vec<_> = self.redis_commands.iter().collect();
         top.sort_by(|a, b| b.1.cmp(a.1));
         let top: Vec<String> = top
@@ -177,11 +239,13 @@ impl std::fmt::Display for BenchReport {
             .take(6)
             .map(|(k, v)| format!("{k} {:.1}", **v as f64 / self.messages.max(1) as f64))
             .collect();
-        writeln!(
-            f,
-            "postgres       {:.2} round trips per message",
-            self.db_round_trips_per_message
-        )?;
+        if self.process_cpu_secs.is_empty() {
+            writeln!(
+                f,
+                "postgres       {:.2} round trips per message",
+                self.db_round_trips_per_message
+            )?;
+        }
         writeln!(
             f,
             "redis          {:.1} commands per message ({}), {:.2} CPU-s",
@@ -423,7 +487,18 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     let mut stats = Vec::new();
-    for w in 0..options.workers.max(1) {
+    let mut children = None;
+    if options.processes > 0 {
+        let mut procs = processes::WorkerProcesses::start(&config, options.processes, &run_id)?;
+        procs.wait_ready(&deps.redis, &config).await?;
+        children = Some(procs);
+    }
+    let in_process = if options.processes > 0 {
+        0
+    } else {
+        options.workers.max(1)
+    };
+    for w in 0..in_process {
         let mut c = config.clone();
         c.streams.consumer = format!("bench-{run_id}-{w}");
         let worker = deps.worker(&c, Failpoints::default()).await?;
@@ -439,6 +514,10 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let mut c = cache::connect(&config.redis).await?;
     let redis_before = probe::RedisCounters::read(&c).await?;
     let cpu_before = probe::process_cpu_secs();
+    let children_before = children.as_ref().map(|c| c.cpu_secs()).unwrap_or_default();
+    let postgres_before = probe::postgres_cpu();
+    let mock_before = mock.cpu_secs();
+    let machine_before = probe::machine_ticks();
     let trips_before = deps.store.round_trips();
     let started = Instant::now();
     let sent = SentAt::default();
@@ -453,6 +532,19 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let (per_message, statuses, reads) = collect(&mut c, &config, options.messages, &sent).await?;
     let elapsed = started.elapsed();
     let db_round_trips = deps.store.round_trips() - trips_before;
+    let process_cpu_secs: Vec<f64> = children
+        .as_ref()
+        .map(|c| c.cpu_secs())
+        .unwrap_or_default()
+        .iter()
+        .zip(children_before.iter())
+        .map(|(after, before)| after - before)
+        .collect();
+    let postgres_cpu_secs = probe::postgres_delta(&postgres_before, &probe::postgres_cpu());
+    let mock_cpu_secs = mock.cpu_secs() - mock_before;
+    let machine_busy = machine_before
+        .zip(probe::machine_ticks())
+        .map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
     match sender.await {
         Ok(result) => result?,
         Err(e) => tracing::warn!(error = %e, "the sender task failed"),
@@ -479,6 +571,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     for t in tasks {
         let _ = t.await;
     }
+    drop(children);
     let _: Result<(), _> = c
         .del(&[
             &config.streams.inbound,
@@ -528,6 +621,11 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         overhead_p50: percentile(&overheads, 0.50),
         overhead_p99: percentile(&overheads, 0.99),
         rate: (options.rate > 0.0).then_some(options.rate),
+        process_cpu_secs,
+        postgres_cpu_secs,
+        mock_cpu_secs,
+        machine_busy,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
 
@@ -610,6 +708,13 @@ impl MockProcess {
 
     fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl MockProcess {
+    /// The mock's CPU seconds so far.
+    fn cpu_secs(&self) -> f64 {
+        probe::cpu_secs_of(&self.child.id().to_string()).unwrap_or(0.0)
     }
 }
 

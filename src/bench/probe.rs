@@ -8,13 +8,56 @@ use redis::aio::ConnectionManager;
 /// CPU seconds (user + system) this process has used so far, from `/proc/self/stat` (clock
 /// ticks of 1/100 s, Linux's `USER_HZ`).
 pub fn process_cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_secs_of("self")
+}
+
+/// CPU seconds a process (by pid, or `self`) has used so far.
+pub fn cpu_secs_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / 100.0)
+}
+
+/// CPU seconds of every running PostgreSQL server process, by pid.
+pub fn postgres_cpu() -> BTreeMap<u32, f64> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return BTreeMap::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end() == "postgres")
+        })
+        .filter_map(|pid| Some((pid, cpu_secs_of(&pid.to_string())?)))
+        .collect()
+}
+
+/// CPU seconds PostgreSQL used between two [`postgres_cpu`] readings (a process that started
+/// meanwhile counts from zero).
+pub fn postgres_delta(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, t)| t - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
+}
+
+/// The machine's busy and total CPU time so far (`/proc/stat`, all cores), in clock ticks.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
 }
 
 /// Calls per Redis command so far (`INFO commandstats`), and Redis's own CPU seconds.
@@ -91,5 +134,13 @@ mod tests {
         let cpu = "# CPU\r\nused_cpu_sys:1.50\r\nused_cpu_user:2.25\r\nused_cpu_sys_children:9\r\n";
         assert!((parse_cpu(cpu) - 3.75).abs() < 1e-9);
         assert!(process_cpu_secs().is_some());
+        let (busy, total) = machine_ticks().expect("/proc/stat");
+        assert!(busy <= total && total > 0);
+        let mut before = BTreeMap::new();
+        before.insert(1, 2.0);
+        let mut after = before.clone();
+        after.insert(1, 2.5);
+        after.insert(2, 1.0);
+        assert!((postgres_delta(&before, &after) - 1.5).abs() < 1e-9);
     }
 }

@@ -1,0 +1,100 @@
+//! Worker processes for the scale-out runs: `icmp worker` children in the benchmark's consumer
+//! group, configured through `ICMP__…` variables, killed on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+use crate::config::Config;
+
+/// Running `icmp worker` children.
+#[derive(Debug)]
+pub struct WorkerProcesses {
+    children: Vec<Child>,
+}
+
+impl WorkerProcesses {
+    /// Starts `n` workers on the benchmark's streams, keys and mock LLM.
+    ///
+    /// # Errors
+    /// The executable cannot be started.
+    pub fn start(config: &Config, n: usize, run_id: &str) -> Result<WorkerProcesses, BenchError> {
+        let exe = std::env::current_exe().map_err(BenchError::Mock)?;
+        let mut children = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = &config.streams;
+            let child = Command::new(&exe)
+                .arg("worker")
+                .env("ICMP__DATABASE__URL", config.database.url.expose())
+                .env("ICMP__REDIS__URL", config.redis.url.expose())
+                .env("ICMP__REDIS__KEY_PREFIX", &config.redis.key_prefix)
+                .env("ICMP__LLM__BASE_URL", &config.llm.base_url)
+                .env("ICMP__STREAMS__INBOUND", &s.inbound)
+                .env("ICMP__STREAMS__OUTBOUND", &s.outbound)
+                .env("ICMP__STREAMS__DEAD_LETTER", &s.dead_letter)
+                .env("ICMP__STREAMS__GROUP", &s.group)
+                .env("ICMP__STREAMS__CONSUMER", format!("bench-{run_id}-p{i}"))
+                .env("ICMP__TELEMETRY__LISTEN", "")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(BenchError::Mock)?;
+            children.push(child);
+        }
+        Ok(WorkerProcesses { children })
+    }
+
+    /// Waits until the workers are up: the consumer group exists (the first worker creates
+    /// it) and every process has had a moment to connect (a consumer shows up in the group only
+    /// at its first delivery).
+    ///
+    /// # Errors
+    /// A worker that exits at start; no group within 30 s.
+    pub async fn wait_ready(
+        &mut self,
+        conn: &redis::aio::ConnectionManager,
+        config: &Config,
+    ) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&config.streams.inbound)
+                .query_async(&mut conn.clone())
+                .await;
+            if let Some(status) = self.children.iter_mut().find_map(|c| c.try_wait().ok()?) {
+                return Err(BenchError::Mock(std::io::Error::other(format!(
+                    "a worker process exited at start: {status}"
+                ))));
+            }
+            if groups.is_ok_and(|g| !g.is_empty()) {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Mock(std::io::Error::other(
+                    "the worker processes created no consumer group within 30 s",
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Each worker's CPU seconds so far.
+    pub fn cpu_secs(&self) -> Vec<f64> {
+        self.children
+            .iter()
+            .map(|c| super::probe::cpu_secs_of(&c.id().to_string()).unwrap_or(0.0))
+            .collect()
+    }
+}
+
+impl Drop for WorkerProcesses {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
