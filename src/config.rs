@@ -81,6 +81,10 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     pub connect_timeout_ms: u64,
     pub pool_wait_timeout_ms: u64,
+    /// PEM file of the certificate authorities a TLS server certificate is checked against
+    /// (empty: the system's roots). TLS itself follows `sslmode` in the URL (see `tls`).
+    #[serde(default)]
+    pub ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +94,10 @@ pub struct RedisConfig {
     /// Prefix of every cache and queue key; lets several deployments (or tests) share a server.
     pub key_prefix: String,
     pub response_timeout_ms: u64,
+    /// PEM file of the certificate authorities a `rediss://` server is checked against (empty:
+    /// the system's roots).
+    #[serde(default)]
+    pub ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

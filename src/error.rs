@@ -220,7 +220,7 @@ impl Classify for LlmError {
 pub enum StoreError {
     #[error("no database connection: {0}")]
     Pool(String),
-    #[error("database error: {0}")]
+    #[error("database error: {}", pg_error_text(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("the conversation changed while this message was processed")]
     VersionConflict,
@@ -232,6 +232,23 @@ pub enum StoreError {
     Migration(String),
     #[error("injected fault at {0}")]
     Injected(&'static str),
+}
+
+/// A PostgreSQL error with what its `Display` leaves out: the server's SQLSTATE and message
+/// (never its detail, which may quote row values), or the chain of causes (a TLS handshake's
+/// reason, an I/O error).
+fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {}", db.code().code(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 impl StoreError {
@@ -264,6 +281,8 @@ impl Classify for StoreError {
             StoreError::Db(_) => match self.sqlstate() {
                 Some("40001") => "db.serialization_failure",
                 Some("40P01") => "db.deadlock",
+                // invalid authorization: a pg_hba.conf rule (say, TLS only) or credentials.
+                Some(c) if c.starts_with("28") => "db.auth_rejected",
                 _ if self.is_retryable() => "db.unavailable",
                 _ => "db.error",
             },
@@ -275,6 +294,9 @@ impl Classify for StoreError {
         }
     }
     fn category(&self) -> Category {
+        if self.sqlstate().is_some_and(|c| c.starts_with("28")) {
+            return Category::System;
+        }
         match self {
             StoreError::Pool(_)
             | StoreError::Inconsistent(_)

@@ -37,7 +37,11 @@ pub fn script(r: &Refs) -> String {
              'completion_tokens', 12, 'latency_ms', 50, 'outcome', 'ok')"
         )
     };
-    let calls = format!("jsonb_build_array({}, {})", call("selection"), call("response"));
+    let calls = format!(
+        "jsonb_build_array({}, {})",
+        call("selection"),
+        call("response")
+    );
     let statement = bind(&write_set::statement(true), |n| match n {
         1 => format!("'{b}'::uuid"),
         2 => "gen_random_uuid()".into(),
@@ -173,7 +177,10 @@ mod tests {
         assert!(!lines[1].contains('$'), "{}", lines[1]);
         assert!(lines[1].starts_with("WITH u AS ( INSERT INTO users"));
         assert!(lines[1].contains("INSERT INTO llm_calls"));
-        assert_eq!(bind("$1, $10, $2$", |n| format!("<{n}>")), "<1>, <10>, <2>$");
+        assert_eq!(
+            bind("$1, $10, $2$", |n| format!("<{n}>")),
+            "<1>, <10>, <2>$"
+        );
     }
 
     #[test]

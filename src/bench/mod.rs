@@ -126,7 +126,11 @@ impl BenchReport {
             .collect();
         let busy = self.machine_busy.unwrap_or(0.0);
         let verdict = if busy >= 0.9 {
-            format!("the machine's CPU ({} cores, {:.0} % busy)", self.cores, busy * 100.0)
+            format!(
+                "the machine's CPU ({} cores, {:.0} % busy)",
+                self.cores,
+                busy * 100.0
+            )
         } else {
             format!("nothing saturated ({:.0} % busy)", busy * 100.0)
         };
@@ -229,7 +233,12 @@ impl std::fmt::Display for BenchReport {
                 .iter()
                 .map(|c| format!("{c:.2}"))
                 .collect();
-            writeln!(f, "processes      {} (CPU-s each: {})", each.len(), each.join(", "))?;
+            writeln!(
+                f,
+                "processes      {} (CPU-s each: {})",
+                each.len(),
+                each.join(", ")
+            )?;
         }
         writeln!(f, "saturation     {}", self.saturation())?;
         let mut top: Vec<_> = self.redis_commands.iter().collect();

@@ -68,7 +68,7 @@ impl std::fmt::Debug for Cache {
 /// # Errors
 /// An invalid URL or a server that cannot be reached at start-up.
 pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, CacheError> {
-    let client = redis::Client::open(config.url.expose())?;
+    let client = crate::tls::redis_client(config.url.expose(), &config.ca_file)?;
     let timeout = Duration::from_millis(config.response_timeout_ms);
     let mgr_config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(timeout))

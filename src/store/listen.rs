@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{Store, StoreError};
 
@@ -36,7 +36,7 @@ impl Store {
     /// # Errors
     /// Connection failures.
     pub async fn listen(&self, channel: &str) -> Result<Notifications, StoreError> {
-        let (client, mut connection) = self.pg.connect(NoTls).await?;
+        let (client, mut connection) = self.pg.connect(self.tls.clone()).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

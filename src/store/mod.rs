@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use secrecy::ExposeSecret;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseConfig;
 pub use crate::error::StoreError;
@@ -33,6 +33,7 @@ pub struct Store {
     round_trips: Arc<AtomicU64>,
     /// For connections outside the pool (`LISTEN`).
     pg: Arc<tokio_postgres::Config>,
+    tls: MakeRustlsConnect,
 }
 
 impl std::fmt::Debug for Store {
@@ -44,7 +45,7 @@ impl std::fmt::Debug for Store {
 }
 
 fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, StoreError> {
-    let mut pg = tokio_postgres::Config::from_str(config.url.expose())
+    let mut pg = tokio_postgres::Config::from_str(&crate::tls::postgres_url(config.url.expose()))
         .map_err(|e| StoreError::Pool(format!("invalid database.url: {e}")))?;
     if let Some(password) = &config.password {
         pg.password(password.expose_secret());
@@ -62,9 +63,10 @@ impl Store {
     /// An invalid URL.
     pub fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
         let pg = pg_config(config)?;
+        let tls = connector(config)?;
         let manager = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -81,6 +83,7 @@ impl Store {
             pool,
             round_trips: Arc::default(),
             pg: Arc::new(pg),
+            tls,
         })
     }
 
@@ -118,7 +121,7 @@ impl Store {
 /// # Errors
 /// Connection failures and migration errors.
 pub async fn migrate(config: &DatabaseConfig) -> Result<Vec<i32>, StoreError> {
-    let (mut client, connection) = pg_config(config)?.connect(NoTls).await?;
+    let (mut client, connection) = pg_config(config)?.connect(connector(config)?).await?;
     let driver = tokio::spawn(connection);
     let report = embedded::migrations::runner()
         .run_async(&mut client)
@@ -131,6 +134,10 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<Vec<i32>, StoreError> {
         .iter()
         .map(|m| m.version())
         .collect())
+}
+
+fn connector(config: &DatabaseConfig) -> Result<MakeRustlsConnect, StoreError> {
+    crate::tls::postgres_connector(&config.ca_file).map_err(|e| StoreError::Pool(e.to_string()))
 }
 
 /// True when `e` is a unique-constraint violation.

@@ -129,7 +129,8 @@ impl Dependencies {
             config.streams.clone(),
             &config.redis.key_prefix,
         );
-        let wake_ups = redis::Client::open(config.redis.url.expose()).map_err(CacheError::from)?;
+        let wake_ups = crate::tls::redis_client(config.redis.url.expose(), &config.redis.ca_file)
+            .map_err(CacheError::from)?;
         Ok(Arc::new(Worker::new(
             config.clone(),
             handler,

@@ -18,3 +18,4 @@ mod processes;
 mod reliability;
 mod soak;
 mod stream_guarantees;
+mod tls;

@@ -172,10 +172,39 @@ fn as_pg_user(program: &Path) -> Command {
 pub struct PrivatePg {
     dir: PathBuf,
     pub port: u16,
+    /// Extra server options (TLS).
+    opts: String,
 }
 
 impl PrivatePg {
     pub fn start() -> PrivatePg {
+        let pg = PrivatePg::init();
+        pg.start_again();
+        pg
+    }
+
+    /// A server that accepts TLS connections only, with `certs`' server certificate.
+    pub fn start_tls(certs: &TestCerts) -> PrivatePg {
+        let mut pg = PrivatePg::init();
+        for (from, to) in [
+            (&certs.server_cert, "server.pem"),
+            (&certs.server_key, "server.key"),
+        ] {
+            let dest = pg.dir.join(to);
+            std::fs::copy(from, &dest).expect("copy certificate");
+            chmod_600_for_postgres(&dest);
+        }
+        std::fs::write(
+            pg.dir.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .expect("pg_hba.conf");
+        pg.opts = "-c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key".into();
+        pg.start_again();
+        pg
+    }
+
+    fn init() -> PrivatePg {
         let dir = std::env::temp_dir().join(format!("icmp-pg-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("pg dir");
         if is_root() {
@@ -198,19 +227,18 @@ impl PrivatePg {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let pg = PrivatePg {
+        PrivatePg {
             dir,
             port: free_port(),
-        };
-        pg.start_again();
-        pg
+            opts: String::new(),
+        }
     }
 
     /// Starts the (stopped) server again on the same port and data.
     pub fn start_again(&self) {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k /tmp -c fsync=off -c max_connections=200",
-            self.port
+            "-p {} -c listen_addresses=127.0.0.1 -k /tmp -c fsync=off -c max_connections=200 {}",
+            self.port, self.opts
         );
         let out = as_pg_user(&pg_bin().join("pg_ctl"))
             .arg("-D")
@@ -271,31 +299,59 @@ pub struct PrivateRedis {
     dir: PathBuf,
     pub port: u16,
     child: Option<Child>,
+    /// TLS only, with these certificates.
+    tls: Option<TestCerts>,
 }
 
 impl PrivateRedis {
     pub async fn start() -> PrivateRedis {
+        PrivateRedis::start_with(None).await
+    }
+
+    /// A server that accepts TLS connections only, with `certs`' server certificate.
+    pub async fn start_tls(certs: &TestCerts) -> PrivateRedis {
+        PrivateRedis::start_with(Some(certs.clone())).await
+    }
+
+    async fn start_with(tls: Option<TestCerts>) -> PrivateRedis {
         let dir = std::env::temp_dir().join(format!("icmp-redis-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("redis dir");
         let mut r = PrivateRedis {
             dir,
             port: free_port(),
             child: None,
+            tls,
         };
         r.start_again().await;
         r
     }
 
     pub async fn start_again(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
+        let port = self.port.to_string();
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => {
+                cmd.args(["--port", &port]);
+            }
+            Some(certs) => {
+                cmd.args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(&certs.server_cert)
+                .arg("--tls-key-file")
+                .arg(&certs.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&certs.ca_cert);
+            }
+        }
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", ""])
             .args([
                 "--appendonly",
                 "yes",
@@ -333,7 +389,12 @@ impl PrivateRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 }
 
@@ -344,5 +405,117 @@ impl Drop for PrivateRedis {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A certificate authority and a server certificate for `localhost` and `127.0.0.1`, made with
+/// the `openssl` command for one test.
+#[derive(Debug, Clone)]
+pub struct TestCerts {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestCerts {
+    pub fn generate() -> TestCerts {
+        let dir = std::env::temp_dir().join(format!("icmp-certs-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("certs dir");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=icmp test CA",
+        ]);
+        run(&ca);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        run(&csr);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        for f in ["server.key", "server.pem", "ca.pem"] {
+            make_readable(&dir.join(f));
+        }
+        make_readable(&dir);
+        TestCerts {
+            ca_cert: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+        }
+    }
+}
+
+/// Other users (the `postgres` user that runs private servers as root) may read it.
+fn make_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if path.is_dir() { 0o755 } else { 0o644 };
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+}
+
+/// PostgreSQL refuses a key file others can read, or one it does not own.
+fn chmod_600_for_postgres(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    if is_root() {
+        let ok = Command::new("chown")
+            .arg("postgres")
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(ok.success());
     }
 }
