@@ -238,6 +238,11 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Bench(options) if options.suite => {
+            telemetry::init_logging(&config.telemetry, std::io::stderr);
+            let report = icmp::bench::suite::run_suite(config, &options).await?;
+            print!("{report}");
+        }
         Command::Bench(options) => {
             telemetry::init_logging(&config.telemetry, std::io::stderr);
             let workers = if options.processes > 0 {

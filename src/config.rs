@@ -111,6 +111,10 @@ pub struct LlmConfig {
     pub default_model: String,
     pub request_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Calls to the endpoint at once from one process (each HTTP/1.1 call holds a connection
+    /// and its buffers); further calls wait for one to end. 0: no limit.
+    #[serde(default)]
+    pub max_concurrent_calls: usize,
     /// Calls the circuit breaker judges the endpoint by (0 disables the breaker).
     pub circuit_window: usize,
     /// Share of failed calls in the window that opens the circuit.

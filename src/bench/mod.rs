@@ -9,6 +9,7 @@
 pub mod ceiling;
 pub mod probe;
 pub mod processes;
+pub mod suite;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -55,6 +56,11 @@ pub struct BenchOptions {
     /// the benchmark (0: in-process, `--workers` of them).
     #[arg(long, default_value_t = 0)]
     pub processes: usize,
+    /// Run every scenario of the performance targets (flood with ceiling, 4,000 in flight at
+    /// 300 ms, paced at half the flood's throughput, 1/2/4 processes) and print the targets
+    /// table; the other options are ignored.
+    #[arg(long)]
+    pub suite: bool,
 }
 
 /// The figures of one run.
@@ -276,6 +282,11 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
+/// Resets this process's peak RSS (`VmHWM`), so that each run reports its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -476,6 +487,7 @@ async fn collect(
 /// # Errors
 /// Any failure to reach the services or to import the definition.
 pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchReport, BenchError> {
+    reset_peak_rss();
     let mock = MockProcess::start(options.llm_latency_ms, options.llm_jitter_ms).await?;
     let run_id = Uuid::new_v4().simple().to_string();
     config.llm.base_url = mock.base_url();

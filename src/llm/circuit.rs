@@ -190,6 +190,7 @@ mod tests {
             default_model: "m".into(),
             request_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,
+            max_concurrent_calls: 0,
             circuit_window: 3,
             circuit_failure_ratio: 1.0,
             circuit_open_ms: 1_000,

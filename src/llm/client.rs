@@ -20,6 +20,8 @@ const MAX_ERROR_BODY: usize = 512;
 #[derive(Clone)]
 pub struct OpenAiClient {
     http: reqwest::Client,
+    /// Bounds the calls in flight (`llm.max_concurrent_calls`).
+    calls: std::sync::Arc<tokio::sync::Semaphore>,
     url: String,
     api_key: Option<SecretString>,
     timeout: Duration,
@@ -88,7 +90,12 @@ impl OpenAiClient {
             .pool_max_idle_per_host(1024)
             .build()
             .map_err(|e| LlmError::Connect(e.to_string()))?;
+        let permits = match config.max_concurrent_calls {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n,
+        };
         Ok(OpenAiClient {
+            calls: std::sync::Arc::new(tokio::sync::Semaphore::new(permits)),
             http,
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
             api_key: config.api_key.clone(),
@@ -148,6 +155,8 @@ fn truncate(mut body: String) -> String {
 
 impl LlmService for OpenAiClient {
     async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+        // The semaphore is never closed; a failure here would only mean "no limit".
+        let _permit = self.calls.acquire().await.ok();
         let started = Instant::now();
         let wire = WireRequest {
             model: &request.model,

@@ -71,6 +71,26 @@ impl Default for MockOptions {
 pub struct MockStats {
     pub requests: AtomicU64,
     pub faults: AtomicU64,
+    /// Requests being answered now, and the most at once so far.
+    pub in_flight: AtomicU64,
+    pub peak_in_flight: AtomicU64,
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight<'a>(&'a MockStats);
+
+impl<'a> InFlight<'a> {
+    fn enter(stats: &'a MockStats) -> Self {
+        let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct MockState {
@@ -171,6 +191,7 @@ enum Fault {
 
 async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> Response {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight::enter(&state.stats);
     let (delay, fault) = {
         let o = &state.options;
         let mut rng = state.rng.lock().await;

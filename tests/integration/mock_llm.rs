@@ -148,3 +148,35 @@ async fn mock_llm_fault_shares_follow_the_rates() {
         "{failures} of 200 failed at a 30% rate"
     );
 }
+
+#[tokio::test]
+async fn the_client_keeps_at_most_max_concurrent_calls_in_flight() {
+    let peak = |cap: usize| async move {
+        let server = start(MockOptions {
+            latency_ms: 200,
+            ..Default::default()
+        })
+        .await;
+        let mut config = crate::helpers::base_config().llm;
+        config.base_url = server.base_url();
+        config.max_concurrent_calls = cap;
+        let client = OpenAiClient::new(&config).expect("client");
+        let request = ChatRequest {
+            model: "any".into(),
+            messages: vec![ChatMessage::user("hello")],
+            temperature: None,
+            max_tokens: None,
+            json_mode: false,
+        };
+        let calls = (0..6).map(|_| client.chat(&request));
+        for result in futures::future::join_all(calls).await {
+            result.expect("answered");
+        }
+        server
+            .stats
+            .peak_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(peak(2).await, 2, "the cap holds");
+    assert_eq!(peak(0).await, 6, "0: no limit, all six at once");
+}

@@ -1,0 +1,217 @@
+//! `icmp bench --suite`: every scenario the performance targets name, run one after the other
+//! on the same machine, and one table of each figure against its target (plus a JSON line).
+
+use super::{BenchError, BenchOptions, BenchReport, run};
+use crate::config::Config;
+
+/// The figures of a suite run.
+#[derive(Debug)]
+pub struct SuiteReport {
+    /// LLM latency 0, all messages at once, with the pgbench ceiling.
+    pub flood: BenchReport,
+    /// LLM latency 300 ms, enough users for 4,000 messages in flight.
+    pub in_flight: BenchReport,
+    /// LLM latency 0, paced at half the flood's throughput.
+    pub paced: BenchReport,
+    /// The flood again with 1, 2 and 4 worker processes.
+    pub scale: Vec<BenchReport>,
+}
+
+/// Lets the database finish what the last scenario left (autovacuum, checkpoint writes), so
+/// that it does not weigh on the next one.
+async fn settle() {
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+}
+
+fn scenario(base: &BenchOptions) -> BenchOptions {
+    BenchOptions {
+        suite: false,
+        llm_jitter_ms: 0,
+        workers: 1,
+        processes: 0,
+        rate: 0.0,
+        pgbench_seconds: 0,
+        ..base.clone()
+    }
+}
+
+/// Runs the suite.
+///
+/// # Errors
+/// Any scenario's failure.
+pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteReport, BenchError> {
+    let flood_options = BenchOptions {
+        messages: 6000,
+        users: 1200,
+        llm_latency_ms: 0,
+        pgbench_seconds: options.pgbench_seconds.max(1),
+        ..scenario(options)
+    };
+    eprintln!("suite: flood, LLM 0 ms, with the pgbench ceiling");
+    let flood = run(config.clone(), &flood_options).await?;
+    settle().await;
+    eprintln!("suite: 4,000 in flight, LLM 300 ms");
+    let in_flight = run(
+        config.clone(),
+        &BenchOptions {
+            messages: 8000,
+            users: 4000,
+            llm_latency_ms: 300,
+            ..scenario(options)
+        },
+    )
+    .await?;
+    let rate = (flood.per_second / 2.0).max(1.0);
+    settle().await;
+    eprintln!("suite: paced at {rate:.0} messages/s, LLM 0 ms");
+    let paced = run(
+        config.clone(),
+        &BenchOptions {
+            messages: ((rate * 8.0) as usize).max(200),
+            users: 800,
+            llm_latency_ms: 0,
+            rate,
+            ..scenario(options)
+        },
+    )
+    .await?;
+    let mut scale = Vec::new();
+    for processes in [1, 2, 4] {
+        settle().await;
+        eprintln!("suite: {processes} worker process(es), LLM 0 ms");
+        scale.push(
+            run(
+                config.clone(),
+                &BenchOptions {
+                    processes,
+                    ..flood_options.clone()
+                },
+            )
+            .await
+            .map(|mut r| {
+                // The ceiling is the flood's; scale-out runs skip it.
+                r.ceiling_tps = None;
+                r
+            })?,
+        );
+    }
+    Ok(SuiteReport {
+        flood,
+        in_flight,
+        paced,
+        scale,
+    })
+}
+
+/// One target: what was measured, the bound, and whether it was met.
+struct Row {
+    target: &'static str,
+    measured: String,
+    met: bool,
+}
+
+impl SuiteReport {
+    fn rows(&self) -> Vec<Row> {
+        let f = &self.flood;
+        let ratio = f.ratio().unwrap_or(0.0);
+        let cpu = f.cpu_per_1000().unwrap_or(f64::INFINITY);
+        let held = self.in_flight.per_second / f.per_second.max(1e-9);
+        let rss_mb = self.in_flight.peak_rss_kib.unwrap_or(u64::MAX) as f64 * 1024.0 / 1e6;
+        let overhead_p99 = self.paced.overhead_p99.as_secs_f64() * 1000.0;
+        vec![
+            Row {
+                target: "throughput >= 0.6 of the same-run pgbench ceiling (LLM 0 ms)",
+                measured: format!(
+                    "{:.0} msg/s, {ratio:.2} of {:.0} tx/s",
+                    f.per_second,
+                    f.ceiling_tps.unwrap_or(0.0)
+                ),
+                met: ratio >= 0.6,
+            },
+            Row {
+                target: "worker CPU <= 0.25 s per 1,000 messages",
+                measured: format!("{cpu:.3} s"),
+                met: cpu <= 0.25,
+            },
+            Row {
+                target: "Redis commands per message <= 12",
+                measured: format!("{:.1}", f.redis_per_message()),
+                met: f.redis_per_message() <= 12.0,
+            },
+            Row {
+                target: "PostgreSQL round trips per message <= 4",
+                measured: format!("{:.2}", f.db_round_trips_per_message),
+                met: f.db_round_trips_per_message <= 4.0,
+            },
+            Row {
+                target: "LLM 300 ms: throughput >= 0.85 of the 0 ms figure",
+                measured: format!(
+                    "{:.0} msg/s = {held:.2}, {} in flight",
+                    self.in_flight.per_second, self.in_flight.peak_in_flight
+                ),
+                met: held >= 0.85,
+            },
+            Row {
+                target: "RSS <= 150 MB at 4,000 in flight",
+                measured: format!(
+                    "{rss_mb:.0} MB at {} in flight",
+                    self.in_flight.peak_in_flight
+                ),
+                met: rss_mb <= 150.0 && self.in_flight.peak_in_flight >= 4000,
+            },
+            Row {
+                target: "overhead p99 <= 15 ms at half the maximum throughput",
+                measured: format!(
+                    "p99 {overhead_p99:.1} ms (p50 {:.1}) at {:.0} msg/s",
+                    self.paced.overhead_p50.as_secs_f64() * 1000.0,
+                    self.paced.rate.unwrap_or(0.0)
+                ),
+                met: overhead_p99 <= 15.0,
+            },
+        ]
+    }
+
+    /// Every figure as one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        let targets: Vec<serde_json::Value> = self
+            .rows()
+            .iter()
+            .map(|r| serde_json::json!({"target": r.target, "measured": r.measured, "met": r.met}))
+            .collect();
+        serde_json::json!({
+            "targets": targets,
+            "flood": self.flood.json(),
+            "in_flight": self.in_flight.json(),
+            "paced": self.paced.json(),
+            "scale_out": self.scale.iter().map(BenchReport::json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl std::fmt::Display for SuiteReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{:<62} {:<44} met", "target", "measured")?;
+        for r in self.rows() {
+            let met = if r.met { "yes" } else { "no" };
+            writeln!(f, "{:<62} {:<44} {met}", r.target, r.measured)?;
+        }
+        writeln!(f)?;
+        writeln!(f, "scale-out (LLM 0 ms):")?;
+        for r in &self.scale {
+            let each: Vec<String> = r
+                .process_cpu_secs
+                .iter()
+                .map(|c| format!("{c:.2}"))
+                .collect();
+            writeln!(
+                f,
+                "  {} process(es): {:.0} msg/s, CPU-s each [{}]; saturation: {}",
+                r.process_cpu_secs.len(),
+                r.per_second,
+                each.join(", "),
+                r.saturation()
+            )?;
+        }
+        writeln!(f, "json {}", self.json())
+    }
+}
