@@ -111,6 +111,9 @@ pub struct LlmConfig {
     pub default_model: String,
     pub request_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// The largest response body read from the endpoint; a larger one is an error
+    /// (`llm.response_too_large`) and the message degrades as for any failed call.
+    pub max_response_bytes: usize,
     /// Calls to the endpoint at once from one process (each HTTP/1.1 call holds a connection
     /// and its buffers); further calls wait for one to end. 0: no limit.
     #[serde(default)]
@@ -186,6 +189,9 @@ pub struct LimitsConfig {
     pub max_user_id_chars: usize,
     /// All field names and values of one inbound entry together.
     pub max_entry_bytes: usize,
+    /// Fields one extraction answer may set, and the size of each value (its JSON text).
+    pub max_extracted_fields: usize,
+    pub max_extracted_value_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -167,6 +167,10 @@ pub enum LlmError {
     InvalidOutput(String),
     #[error("the LLM circuit is open; not calling the endpoint")]
     CircuitOpen,
+    #[error("the LLM answer is larger than {limit} bytes")]
+    ResponseTooLarge { limit: usize },
+    #[error("the LLM output is larger than allowed: {0}")]
+    OutputTooLarge(String),
 }
 
 impl Classify for LlmError {
@@ -180,13 +184,16 @@ impl Classify for LlmError {
             LlmError::MalformedResponse(_) => "llm.malformed_response",
             LlmError::InvalidOutput(_) => "llm.invalid_output",
             LlmError::CircuitOpen => "llm.circuit_open",
+            LlmError::ResponseTooLarge { .. } => "llm.response_too_large",
+            LlmError::OutputTooLarge(_) => "llm.output_too_large",
         }
     }
     fn category(&self) -> Category {
         match self {
             LlmError::Timeout(_) | LlmError::Connect(_) | LlmError::CircuitOpen => Category::System,
-            LlmError::InvalidOutput(_) => Category::Validation,
-            LlmError::RateLimited { .. }
+            LlmError::InvalidOutput(_) | LlmError::OutputTooLarge(_) => Category::Validation,
+            LlmError::ResponseTooLarge { .. }
+            | LlmError::RateLimited { .. }
             | LlmError::Server { .. }
             | LlmError::Rejected { .. }
             | LlmError::MalformedResponse(_) => Category::Processing,
@@ -200,7 +207,9 @@ impl Classify for LlmError {
             LlmError::Server { .. }
             | LlmError::Rejected { .. }
             | LlmError::MalformedResponse(_)
-            | LlmError::InvalidOutput(_) => 502,
+            | LlmError::InvalidOutput(_)
+            | LlmError::ResponseTooLarge { .. }
+            | LlmError::OutputTooLarge(_) => 502,
         }
     }
     fn is_retryable(&self) -> bool {
@@ -210,7 +219,11 @@ impl Classify for LlmError {
             | LlmError::RateLimited { .. }
             | LlmError::Server { .. }
             | LlmError::MalformedResponse(_) => true,
-            LlmError::Rejected { .. } | LlmError::InvalidOutput(_) | LlmError::CircuitOpen => false,
+            LlmError::Rejected { .. }
+            | LlmError::InvalidOutput(_)
+            | LlmError::CircuitOpen
+            | LlmError::ResponseTooLarge { .. }
+            | LlmError::OutputTooLarge(_) => false,
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct OpenAiClient {
     http: reqwest::Client,
     /// Bounds the calls in flight (`llm.max_concurrent_calls`).
     calls: std::sync::Arc<tokio::sync::Semaphore>,
+    /// `llm.max_response_bytes`.
+    max_response_bytes: usize,
     url: String,
     api_key: Option<SecretString>,
     timeout: Duration,
@@ -95,6 +97,7 @@ impl OpenAiClient {
             n => n,
         };
         Ok(OpenAiClient {
+            max_response_bytes: config.max_response_bytes,
             calls: std::sync::Arc::new(tokio::sync::Semaphore::new(permits)),
             http,
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
@@ -107,7 +110,7 @@ impl OpenAiClient {
         if e.is_timeout() {
             LlmError::Timeout(self.timeout.as_millis() as u64)
         } else if e.is_decode() || e.is_body() {
-            LlmError::MalformedResponse(e.to_string())
+            LlmError::MalformedResponse(without_url(e))
         } else {
             // Connection refused/reset, DNS, TLS: the endpoint is unreachable.
             LlmError::Connect(without_url(e))
@@ -132,6 +135,34 @@ fn without_url(e: &reqwest::Error) -> String {
     } else {
         s
     }
+}
+
+/// How much of an error body is read.
+const ERROR_BODY_READ: usize = 2048;
+
+/// A body read up to a limit.
+enum Body {
+    Whole(Vec<u8>),
+    /// The first `limit` bytes of a longer body (the rest was not read).
+    Cut(Vec<u8>),
+}
+
+/// Reads at most `limit` bytes of a response body: a declared or actual length beyond it stops
+/// the read, so a hostile or broken endpoint cannot make the worker buffer without bound.
+async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Body, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(Body::Cut(Vec::new()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(Body::Cut(body));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Body::Whole(body))
 }
 
 /// Parses `Retry-After` as seconds (the HTTP-date form is treated as absent).
@@ -178,7 +209,11 @@ impl LlmService for OpenAiClient {
         let status = response.status();
         if !status.is_success() {
             let retry_after = retry_after_ms(response.headers());
-            let body = truncate(response.text().await.unwrap_or_default());
+            // Only the start of an error body is read: the rest is dropped with the connection.
+            let body = match read_body(response, ERROR_BODY_READ).await {
+                Ok(Body::Whole(b) | Body::Cut(b)) => truncate(String::from_utf8_lossy(&b).into()),
+                Err(_) => String::new(),
+            };
             let code = status.as_u16();
             return Err(match code {
                 429 => LlmError::RateLimited {
@@ -188,10 +223,17 @@ impl LlmService for OpenAiClient {
                 _ => LlmError::Rejected { status: code, body },
             });
         }
-        let bytes = response
-            .bytes()
+        let bytes = match read_body(response, self.max_response_bytes)
             .await
-            .map_err(|e| self.classify_transport(&e))?;
+            .map_err(|e| self.classify_transport(&e))?
+        {
+            Body::Whole(b) => b,
+            Body::Cut(_) => {
+                return Err(LlmError::ResponseTooLarge {
+                    limit: self.max_response_bytes,
+                });
+            }
+        };
         let parsed: WireResponse = serde_json::from_slice(&bytes)
             .map_err(|e| LlmError::MalformedResponse(e.to_string()))?;
         let choice = parsed

@@ -41,6 +41,8 @@ pub struct Deciders<'a, L> {
     pub stages: &'a StageService,
     /// Sent when the response call failed and the stage has no fallback template.
     pub last_resort: &'a str,
+    /// What one extraction answer may set.
+    pub extraction_limits: super::extract::Limits,
 }
 
 /// Runs steps 6–9. The context in `read` follows the decisions (the new stage, the learned
@@ -89,8 +91,14 @@ pub async fn decide<'b, L: LlmService>(
     if let Some(id) = templates.extraction {
         let t = Instant::now();
         let template = d.templates.get(business.id, id).await?;
-        let (fields, call) =
-            extract::extract(&d.caller, d.templates, &template, &read.context).await?;
+        let (fields, call) = extract::extract(
+            &d.caller,
+            d.templates,
+            &template,
+            &read.context,
+            &d.extraction_limits,
+        )
+        .await?;
         calls.push(call);
         read.context.merge_extracted(&fields);
         learned = fields;

@@ -14,11 +14,52 @@ use crate::telemetry::metrics;
 use crate::template::Compiled;
 use crate::template::Context;
 
+/// How much one extraction answer may set (`limits.max_extracted_*`): a schema that allows
+/// additional properties must not let a model write without bound into the conversation's data.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_fields: usize,
+    pub max_value_bytes: usize,
+}
+
+impl Limits {
+    pub fn from_config(c: &crate::config::LimitsConfig) -> Limits {
+        Limits {
+            max_fields: c.max_extracted_fields,
+            max_value_bytes: c.max_extracted_value_bytes,
+        }
+    }
+
+    fn check(&self, map: &Extracted) -> Result<(), LlmError> {
+        if map.len() > self.max_fields {
+            return Err(LlmError::OutputTooLarge(format!(
+                "{} fields, at most {}",
+                map.len(),
+                self.max_fields
+            )));
+        }
+        for (field, value) in map {
+            let size = field.len() + value.to_string().len();
+            if size > self.max_value_bytes {
+                return Err(LlmError::OutputTooLarge(format!(
+                    "field {field:?} takes {size} bytes, at most {}",
+                    self.max_value_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Parses and checks an extraction answer; `null` values are dropped (nothing learned).
 ///
 /// # Errors
-/// Not a JSON object, or a schema violation.
-pub fn parse_output(template: &Compiled, answer: &str) -> Result<Extracted, LlmError> {
+/// Not a JSON object, a schema violation, or more than `limits` allow.
+pub fn parse_output(
+    template: &Compiled,
+    answer: &str,
+    limits: &Limits,
+) -> Result<Extracted, LlmError> {
     let value: Value = serde_json::from_str(answer.trim())
         .map_err(|e| LlmError::InvalidOutput(format!("extraction answer is not JSON: {e}")))?;
     let Value::Object(mut map) = value else {
@@ -27,6 +68,7 @@ pub fn parse_output(template: &Compiled, answer: &str) -> Result<Extracted, LlmE
         ));
     };
     map.retain(|_, v| !v.is_null());
+    limits.check(&map)?;
     template
         .validate_output(&Value::Object(map.clone()))
         .map_err(|e| {
@@ -44,10 +86,11 @@ pub async fn extract<L: LlmService>(
     templates: &TemplateService,
     template: &Compiled,
     ctx: &Context,
+    limits: &Limits,
 ) -> Result<(Extracted, LlmCallRecord), PipelineError> {
     let rendered = templates.render(template, ctx)?;
     let (result, mut record) = caller.call(Purpose::Extraction, template, &rendered).await;
-    let fields = match result.and_then(|answer| parse_output(template, &answer.content)) {
+    let fields = match result.and_then(|answer| parse_output(template, &answer.content, limits)) {
         Ok(fields) => fields,
         Err(e) => {
             if record.outcome == "ok" {
@@ -59,4 +102,36 @@ pub async fn extract<L: LlmService>(
         }
     };
     Ok((fields, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, Value)]) -> Extracted {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_beyond_the_limits_is_refused_with_its_own_code() {
+        let limits = Limits {
+            max_fields: 2,
+            max_value_bytes: 16,
+        };
+        let small = map(&[("name", "Ann".into()), ("day", "friday".into())]);
+        assert!(limits.check(&small).is_ok());
+        let many = map(&[("a", 1.into()), ("b", 2.into()), ("c", 3.into())]);
+        let e = limits.check(&many).expect_err("three fields");
+        assert_eq!(e.code(), "llm.output_too_large");
+        assert!(!e.is_retryable());
+        let long = map(&[("note", "x".repeat(100).into())]);
+        let e = limits.check(&long).expect_err("a long value");
+        assert!(e.to_string().contains("\"note\""), "{e}");
+        // Nested values count with their JSON text.
+        let nested = map(&[("n", serde_json::json!({"deep": ["x", "y", "z", "w"]}))]);
+        assert!(limits.check(&nested).is_err());
+    }
 }

@@ -210,6 +210,7 @@ impl<L: LlmService> MessageHandler<L> {
             templates: &self.templates,
             stages: &self.stages,
             last_resort: &self.config.worker.last_resort_reply,
+            extraction_limits: extract::Limits::from_config(&self.config.limits),
         };
         let decisions = decide::decide(&deciders, business, &mut read).await?;
 

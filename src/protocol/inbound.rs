@@ -222,6 +222,8 @@ mod tests {
             max_message_id_chars: 8,
             max_user_id_chars: 8,
             max_entry_bytes: 200,
+            max_extracted_fields: 32,
+            max_extracted_value_bytes: 4096,
         }
     }
 

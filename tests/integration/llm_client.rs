@@ -194,3 +194,36 @@ async fn an_unreachable_endpoint_is_a_retryable_connection_error() {
     assert!(matches!(e, LlmError::Connect(_)), "{e:?}");
     assert!(e.is_retryable());
 }
+
+#[tokio::test]
+async fn an_oversized_answer_is_refused_and_an_error_body_is_read_only_in_part() {
+    let server = MockServer::start().await;
+    let huge = "x".repeat(3 << 20);
+    Mock::given(body_partial_json(json!({"model": "big"})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(&huge)))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_string(huge.clone()))
+        .mount(&server)
+        .await;
+    let c = client(&server, 5000);
+    let mut big = request(false);
+    big.model = "big".into();
+    let e = c.chat(&big).await.expect_err("too large");
+    assert!(
+        matches!(e, LlmError::ResponseTooLarge { limit } if limit == 1 << 20),
+        "{e:?}"
+    );
+    assert_eq!(e.code(), "llm.response_too_large");
+    assert!(!e.is_retryable());
+    let e = c.chat(&request(false)).await.expect_err("500");
+    let LlmError::Server { status: 500, body } = &e else {
+        panic!("{e:?}");
+    };
+    assert!(
+        body.len() < 1024,
+        "the error body is cut: {} bytes",
+        body.len()
+    );
+}
