@@ -12,6 +12,9 @@ use serde::Deserialize;
 /// Keys that hold secrets: they may come from the environment only.
 const SECRET_KEYS: [&str; 2] = ["database.password", "llm.api_key"];
 
+/// Keys that hold URLs: a URL with a secret in it may come from the environment only.
+const URL_KEYS: [&str; 3] = ["database.url", "redis.url", "llm.base_url"];
+
 /// Every key with its default, compiled in.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -25,13 +28,17 @@ pub enum ConfigError {
     Invalid(String),
     #[error("`{0}` is a secret and may only be set from the environment ({1})")]
     SecretInFile(&'static str, String),
+    #[error(
+        "`{0}` carries a secret (a password or key in the URL) and may only be set from the environment ({1})"
+    )]
+    SecretInUrl(&'static str, String),
 }
 
 impl crate::error::Classify for ConfigError {
     fn code(&self) -> &'static str {
         match self {
             ConfigError::Invalid(_) => "config.invalid",
-            ConfigError::SecretInFile(..) => "config.secret_in_file",
+            ConfigError::SecretInFile(..) | ConfigError::SecretInUrl(..) => "config.secret_in_file",
         }
     }
     fn category(&self) -> crate::error::Category {
@@ -42,7 +49,9 @@ impl crate::error::Classify for ConfigError {
     }
     fn is_retryable(&self) -> bool {
         match self {
-            ConfigError::Invalid(_) | ConfigError::SecretInFile(..) => false,
+            ConfigError::Invalid(_)
+            | ConfigError::SecretInFile(..)
+            | ConfigError::SecretInUrl(..) => false,
         }
     }
 }
@@ -241,29 +250,70 @@ impl RedactedUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// The URL with any password replaced by `***`.
+    /// The URL with every secret replaced by `***`: the password of its user info, and the
+    /// value of any query parameter (or key=value pair of a libpq DSN) whose name says secret.
     pub fn redacted(&self) -> String {
-        let s = &self.0;
-        let Some(scheme_end) = s.find("://") else {
-            return s.clone();
-        };
-        let rest = &s[scheme_end + 3..];
-        let auth_end = rest.find('/').unwrap_or(rest.len());
-        match rest[..auth_end].rfind('@') {
-            Some(at) => {
-                let userinfo = &rest[..at];
-                match userinfo.find(':') {
-                    Some(colon) => format!(
-                        "{}://{}:***{}",
-                        &s[..scheme_end],
-                        &userinfo[..colon],
-                        &rest[at..]
-                    ),
-                    None => s.clone(),
-                }
+        redact_url(&self.0)
+    }
+
+    /// Whether the URL carries a secret (see [`RedactedUrl::redacted`]).
+    pub fn has_secret(&self) -> bool {
+        redact_url(&self.0) != self.0
+    }
+}
+
+/// Query parameter or DSN key names whose values are secrets.
+fn is_secret_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n == "key"
+        || n == "pass"
+        || [
+            "password",
+            "passwd",
+            "pwd",
+            "secret",
+            "token",
+            "apikey",
+            "api_key",
+            "api-key",
+            "access_key",
+            "auth",
+            "credential",
+        ]
+        .iter()
+        .any(|s| n.contains(s))
+}
+
+fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.has_host() || u.password().is_some() => {
+            let mut changed = false;
+            if u.password().is_some() && u.set_password(Some("***")).is_ok() {
+                changed = true;
             }
-            None => s.clone(),
+            let pairs: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+            if pairs.iter().any(|(k, _)| is_secret_name(k)) {
+                let redacted: Vec<(String, String)> = pairs
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v = if is_secret_name(&k) { "***".into() } else { v };
+                        (k, v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(redacted);
+                changed = true;
+            }
+            if changed { u.to_string() } else { s.to_owned() }
         }
+        // A libpq key=value DSN (`host=db password=…`), or no URL at all.
+        _ => s
+            .split(' ')
+            .map(|token| match token.split_once('=') {
+                Some((k, _)) if is_secret_name(k) => format!("{k}=***"),
+                _ => token.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 
@@ -296,6 +346,20 @@ impl Config {
     /// Builds the configuration from file layers plus an environment layer, enforcing that
     /// secrets come from the environment layer only.
     pub fn from_layers(files: Figment, env: Env) -> Result<Config, ConfigError> {
+        for key in URL_KEYS {
+            let in_file = files
+                .find_value(key)
+                .ok()
+                .and_then(|v| v.into_string())
+                .is_some_and(|url| RedactedUrl::new(url).has_secret());
+            if in_file {
+                let source = files
+                    .find_metadata(key)
+                    .map(|m| m.name.to_string())
+                    .unwrap_or_default();
+                return Err(ConfigError::SecretInUrl(key, source));
+            }
+        }
         for key in SECRET_KEYS {
             if files.find_value(key).is_ok() {
                 let source = files
@@ -392,6 +456,62 @@ mod tests {
             assert!(!err.contains("sk-in-file"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_password_inside_a_url_in_a_file_is_refused_naming_the_key() {
+        for (section, url) in [
+            ("database", "postgres://icmp:hunter2@db:5432/icmp"),
+            ("database", "postgres://icmp@db:5432/icmp?password=hunter2"),
+            ("redis", "redis://:hunter2@cache:6379/"),
+            ("llm", "https://llm.example/v1?api_key=hunter2"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("leaky.toml", &format!("[{section}]\nurl = \"{url}\""))?;
+                if section == "llm" {
+                    jail.create_file("leaky.toml", &format!("[llm]\nbase_url = \"{url}\""))?;
+                }
+                let err = load_in(jail, Some("leaky")).expect_err(url);
+                let key = if section == "llm" {
+                    "llm.base_url"
+                } else {
+                    &format!("{section}.url")
+                };
+                let text = err.to_string();
+                assert!(text.contains(key), "{text}");
+                assert!(!text.contains("hunter2"), "{text}");
+                assert_eq!(crate::error::Classify::code(&err), "config.secret_in_file");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn urls_are_redacted_by_a_real_parser() {
+        let r = |u: &str| RedactedUrl::new(u).redacted();
+        assert_eq!(
+            r("postgres://icmp:p%40ss@db/icmp"),
+            "postgres://icmp:***@db/icmp"
+        );
+        assert_eq!(
+            r("postgres://icmp@db/icmp?sslmode=require&password=x"),
+            "postgres://icmp@db/icmp?sslmode=require&password=***"
+        );
+        assert_eq!(r("redis://:pw@cache:6379/0"), "redis://:***@cache:6379/0");
+        assert_eq!(
+            r("host=db user=icmp password=x dbname=icmp"),
+            "host=db user=icmp password=*** dbname=icmp"
+        );
+        assert_eq!(
+            r("https://llm/v1?api_key=sk-1&model=m"),
+            "https://llm/v1?api_key=***&model=m"
+        );
+        assert_eq!(r("postgres://icmp@db/icmp"), "postgres://icmp@db/icmp");
+        assert!(!RedactedUrl::new("redis://127.0.0.1:6379/").has_secret());
+        // File paths of client certificates are no secrets.
+        assert!(
+            !RedactedUrl::new("postgres://icmp@db/icmp?sslkey=/k.pem&sslcert=/c.pem").has_secret()
+        );
     }
 
     #[test]

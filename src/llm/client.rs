@@ -106,6 +106,16 @@ impl OpenAiClient {
         })
     }
 
+    /// An endpoint may echo the request's key in an error body: it never reaches an error text.
+    fn scrub(&self, body: String) -> String {
+        match &self.api_key {
+            Some(key) if !key.expose_secret().is_empty() => {
+                body.replace(key.expose_secret(), "***")
+            }
+            _ => body,
+        }
+    }
+
     fn classify_transport(&self, e: &reqwest::Error) -> LlmError {
         if e.is_timeout() {
             LlmError::Timeout(self.timeout.as_millis() as u64)
@@ -211,7 +221,9 @@ impl LlmService for OpenAiClient {
             let retry_after = retry_after_ms(response.headers());
             // Only the start of an error body is read: the rest is dropped with the connection.
             let body = match read_body(response, ERROR_BODY_READ).await {
-                Ok(Body::Whole(b) | Body::Cut(b)) => truncate(String::from_utf8_lossy(&b).into()),
+                Ok(Body::Whole(b) | Body::Cut(b)) => {
+                    truncate(self.scrub(String::from_utf8_lossy(&b).into()))
+                }
                 Err(_) => String::new(),
             };
             let code = status.as_u16();

@@ -227,3 +227,22 @@ async fn an_oversized_answer_is_refused_and_an_error_body_is_read_only_in_part()
         body.len()
     );
 }
+
+#[tokio::test]
+async fn an_error_body_echoing_the_key_never_carries_it_on() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_string("invalid key: Bearer sk-test-key (check your account)"),
+        )
+        .mount(&server)
+        .await;
+    let e = client(&server, 2000)
+        .chat(&request(false))
+        .await
+        .expect_err("401");
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("sk-test-key"), "{text}");
+    assert!(text.contains("invalid key: Bearer ***"), "{text}");
+}

@@ -16,6 +16,7 @@ mod phases;
 mod pipeline;
 mod processes;
 mod reliability;
+mod secrets;
 mod soak;
 mod stream_guarantees;
 mod tls;
