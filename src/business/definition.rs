@@ -304,3 +304,51 @@ impl Definition {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Classify;
+    use proptest::prelude::*;
+
+    const DEMO: &str = include_str!("../../config/businesses/demo.toml");
+
+    /// The demo definition with one edit: a stretch replaced by arbitrary text (template
+    /// syntax, TOML punctuation, unicode), as a careless editor would leave it.
+    fn edited_demo() -> impl Strategy<Value = String> {
+        let len = DEMO.len();
+        (0..len, 0..64usize, any::<String>()).prop_map(move |(at, cut, insert)| {
+            let mut at = at;
+            while !DEMO.is_char_boundary(at) {
+                at -= 1;
+            }
+            let mut end = (at + cut).min(len);
+            while !DEMO.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}{}{}", &DEMO[..at], insert, &DEMO[end..])
+        })
+    }
+
+    #[test]
+    fn the_demo_definition_is_valid() {
+        assert!(Definition::parse(DEMO).is_ok());
+    }
+
+    proptest! {
+        /// Any text imports as a valid definition or fails with a named error; never a panic.
+        #[test]
+        fn any_definition_text_is_valid_or_a_named_error(text in prop_oneof![
+            edited_demo(),
+            any::<String>(),
+        ]) {
+            match Definition::parse(&text) {
+                Ok(def) => prop_assert!(def.validate().is_ok()),
+                Err(e) => {
+                    prop_assert!(e.code().starts_with("definition."), "{}", e.code());
+                    prop_assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+    }
+}

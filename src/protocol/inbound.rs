@@ -399,4 +399,67 @@ mod tests {
             assert_eq!(m.user_id, "al");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NAMES: [&str; 9] = [
+            "business_id",
+            "user_id",
+            "content",
+            "message_id",
+            "conversation_id",
+            "metadata",
+            "reply_to",
+            "extra",
+            "",
+        ];
+
+        /// Entries as a careless or hostile producer writes them: known and unknown names
+        /// (repeated, empty), any bytes as values, sometimes valid ones.
+        fn entry() -> impl Strategy<Value = Vec<(Vec<u8>, Vec<u8>)>> {
+            let name = prop_oneof![
+                proptest::sample::select(NAMES.to_vec()).prop_map(|n| n.as_bytes().to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..12),
+            ];
+            let value = prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                Just(BIZ.to_vec()),
+                Just(b" ann ".to_vec()),
+                Just(b"{\"a\": [1, {\"b\": null}]}".to_vec()),
+                any::<String>().prop_map(String::into_bytes),
+            ];
+            proptest::collection::vec((name, value), 0..12)
+        }
+
+        proptest! {
+            /// Any entry decodes to a valid message or to a coded error; never a panic, and a
+            /// decoded message keeps the invariants the pipeline relies on.
+            #[test]
+            fn any_entry_is_a_valid_message_or_a_coded_error(raw in entry()) {
+                let mut l = limits();
+                l.max_content_bytes = 64;
+                l.max_user_id_chars = 64;
+                l.max_message_id_chars = 64;
+                l.max_metadata_bytes = 64;
+                l.max_entry_bytes = 4096;
+                match decode("1-0", &raw, &l, "icmp:reply:") {
+                    Ok(m) => {
+                        prop_assert!(!m.user_id.is_empty());
+                        prop_assert_eq!(m.user_id.trim(), m.user_id.as_str());
+                        prop_assert!(m.content.len() <= l.max_content_bytes);
+                        prop_assert!(!m.content.trim().is_empty());
+                        if let Some(r) = &m.reply_to {
+                            prop_assert!(r.starts_with("icmp:reply:"));
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert!(e.code().starts_with("validation."), "{}", e.code());
+                        prop_assert!(!e.to_string().is_empty());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -141,10 +141,140 @@ impl Reply {
     }
 }
 
+/// Why reply fields could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("reply field `{field}`: {problem}")]
+pub struct ReplyDecodeError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+impl Reply {
+    /// Reads a reply back from its stream fields (what a consumer does); `destination` is the
+    /// stream it was read from.
+    ///
+    /// # Errors
+    /// A missing field, or one that is not what the protocol says.
+    pub fn decode(
+        destination: &str,
+        fields: &std::collections::HashMap<String, String>,
+    ) -> Result<Reply, ReplyDecodeError> {
+        let get = |name: &'static str| {
+            fields.get(name).cloned().ok_or(ReplyDecodeError {
+                field: name,
+                problem: "missing".into(),
+            })
+        };
+        let bad = |name: &'static str, problem: String| ReplyDecodeError {
+            field: name,
+            problem,
+        };
+        let uuid = |name: &'static str| {
+            let v = get(name)?;
+            Uuid::parse_str(&v).map_err(|e| bad(name, e.to_string()))
+        };
+        let status = match get("status")?.as_str() {
+            "ok" => ReplyStatus::Ok,
+            "fallback" => ReplyStatus::Fallback,
+            "error" => ReplyStatus::Error,
+            other => return Err(bad("status", format!("unknown status {other:?}"))),
+        };
+        Ok(Reply {
+            destination: destination.to_owned(),
+            reply_id: uuid("reply_id")?,
+            message_id: get("message_id")?,
+            inbound_id: get("inbound_id")?,
+            business_id: get("business_id")?,
+            user_id: get("user_id")?,
+            conversation_id: get("conversation_id")?,
+            status,
+            content: get("content")?,
+            stage: get("stage")?,
+            error_code: get("error_code")?,
+            error: get("error")?,
+            status_code: get("status_code")?
+                .parse()
+                .map_err(|e: std::num::ParseIntError| bad("status_code", e.to_string()))?,
+            log_id: uuid("log_id")?,
+            processed_at: get("processed_at")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ValidationError;
+    use proptest::prelude::*;
+
+    fn reply() -> impl Strategy<Value = Reply> {
+        let status = proptest::sample::select(vec![
+            ReplyStatus::Ok,
+            ReplyStatus::Fallback,
+            ReplyStatus::Error,
+        ]);
+        (
+            (any::<u128>(), any::<u128>(), status, any::<u16>()),
+            proptest::collection::vec(any::<String>(), 10),
+        )
+            .prop_map(|((reply_id, log_id, status, code), s)| Reply {
+                destination: "out".into(),
+                reply_id: Uuid::from_u128(reply_id),
+                message_id: s[0].clone(),
+                inbound_id: s[1].clone(),
+                business_id: s[2].clone(),
+                user_id: s[3].clone(),
+                conversation_id: s[4].clone(),
+                status,
+                content: s[5].clone(),
+                stage: s[6].clone(),
+                error_code: s[7].clone(),
+                error: s[8].clone(),
+                status_code: code,
+                log_id: Uuid::from_u128(log_id),
+                processed_at: s[9].clone(),
+            })
+    }
+
+    proptest! {
+        /// Whatever a reply carries (any text in any field), a consumer reads back exactly
+        /// what was published.
+        #[test]
+        fn a_reply_reads_back_as_published(r in reply()) {
+            let fields: std::collections::HashMap<String, String> = r
+                .fields()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            prop_assert_eq!(fields.len(), 14, "every field once");
+            prop_assert_eq!(Reply::decode("out", &fields), Ok(r));
+        }
+    }
+
+    #[test]
+    fn a_reply_missing_a_field_or_with_a_bad_one_is_named() {
+        let mut fields: std::collections::HashMap<String, String> = Reply::error(
+            "1-0",
+            &[],
+            &ValidationError::UnreadableFieldName,
+            Uuid::nil(),
+            "out",
+            "r:",
+        )
+        .fields()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        fields.insert("status".into(), "maybe".into());
+        let e = Reply::decode("out", &fields).expect_err("bad status");
+        assert_eq!(e.field, "status");
+        fields.remove("log_id");
+        fields.insert("status".into(), "ok".into());
+        assert_eq!(
+            Reply::decode("out", &fields).expect_err("missing").field,
+            "log_id"
+        );
+    }
 
     #[test]
     fn an_error_reply_reads_what_it_can_of_a_broken_entry() {

@@ -160,7 +160,8 @@ fn find_close(inside: &str, close: &str) -> Option<usize> {
         match bytes[i] {
             b'\\' if in_string => i += 1,
             b'"' => in_string = !in_string,
-            _ if !in_string && inside[i..].starts_with(close) => return Some(i),
+            // Bytes, not `str` slices: `i` may sit inside a multi-byte character.
+            _ if !in_string && bytes[i..].starts_with(close.as_bytes()) => return Some(i),
             _ => {}
         }
         i += 1;
@@ -278,6 +279,14 @@ mod tests {
             "stages": [{"name": "s", "description": "d"}],
             "now": "t"
         })
+    }
+
+    #[test]
+    fn multi_byte_characters_inside_tags_are_no_problem() {
+        assert_eq!(
+            unknown("{{ e🇽%2 }} {{ user.id }}é{% if x🇽 %}{% endif %}").len(),
+            2
+        );
     }
 
     fn unknown(source: &str) -> Vec<String> {
