@@ -93,6 +93,12 @@ pg_bootstrap() {
   if [ "$($q -d postgres -c "select 1 from pg_roles where rolname='icmp'")" != 1 ]; then
     $q -d postgres -c "create role icmp login createdb" >/dev/null
   fi
+  # The role workers switch to (row-level security applies to it; migration V5 grants it the
+  # tables). Created here because the owner role may not create roles.
+  if [ "$($q -d postgres -c "select 1 from pg_roles where rolname='icmp_worker'")" != 1 ]; then
+    $q -d postgres -c "create role icmp_worker nologin" >/dev/null
+  fi
+  $q -d postgres -c "grant icmp_worker to icmp" >/dev/null
   if [ "$($q -d postgres -c "select 1 from pg_database where datname='icmp'")" != 1 ]; then
     $q -d postgres -c "create database icmp owner icmp" >/dev/null
   fi

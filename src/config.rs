@@ -94,6 +94,11 @@ pub struct DatabaseConfig {
     /// (empty: the system's roots). TLS itself follows `sslmode` in the URL (see `tls`).
     #[serde(default)]
     pub ca_file: String,
+    /// The role workers switch to after connecting, so that row-level security applies to them
+    /// (`icmp migrate` creates `icmp_worker` and grants it to its user). Empty: workers run as
+    /// the connecting user, which, as the tables' owner, row-level security does not restrict.
+    #[serde(default)]
+    pub worker_role: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

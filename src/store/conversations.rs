@@ -36,10 +36,11 @@ impl Store {
                  WHERE c.business_id = $1 AND c.id = $2"
             ))
             .await?;
-        self.count_round_trip();
-        Ok(client
-            .query_opt(&stmt, &[&business_id, &id])
+        Ok(self
+            .scoped(&client, business_id, &stmt, &[&business_id, &id])
             .await?
+            .into_iter()
+            .next()
             .as_ref()
             .map(conversation_from_row))
     }
@@ -59,10 +60,16 @@ impl Store {
                  ORDER BY c.updated_at DESC, c.id DESC LIMIT 1"
             ))
             .await?;
-        self.count_round_trip();
-        Ok(client
-            .query_opt(&stmt, &[&business_id, &user_external_id])
+        Ok(self
+            .scoped(
+                &client,
+                business_id,
+                &stmt,
+                &[&business_id, &user_external_id],
+            )
             .await?
+            .into_iter()
+            .next()
             .as_ref()
             .map(conversation_from_row))
     }
@@ -82,9 +89,13 @@ impl Store {
                  ORDER BY seq ASC",
             )
             .await?;
-        self.count_round_trip();
-        let rows = client
-            .query(&stmt, &[&business_id, &conversation_id, &(limit as i64)])
+        let rows = self
+            .scoped(
+                &client,
+                business_id,
+                &stmt,
+                &[&business_id, &conversation_id, &(limit as i64)],
+            )
             .await?;
         Ok(rows
             .iter()
@@ -112,9 +123,13 @@ impl Store {
                  WHERE business_id = $1 AND conversation_id = $2",
             )
             .await?;
-        self.count_round_trip();
-        let rows = client
-            .query(&stmt, &[&business_id, &conversation_id])
+        let rows = self
+            .scoped(
+                &client,
+                business_id,
+                &stmt,
+                &[&business_id, &conversation_id],
+            )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
@@ -139,10 +154,16 @@ impl Store {
                  AND m.role = 'assistant'",
             )
             .await?;
-        self.count_round_trip();
-        Ok(client
-            .query_opt(&stmt, &[&business_id, &user_external_id, &idempotency_key])
+        Ok(self
+            .scoped(
+                &client,
+                business_id,
+                &stmt,
+                &[&business_id, &user_external_id, &idempotency_key],
+            )
             .await?
+            .into_iter()
+            .next()
             .map(|r| Answer {
                 reply_id: r.get(0),
                 conversation_id: r.get(1),
@@ -161,14 +182,16 @@ impl Store {
         keys: &[&str],
     ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
+        let stmt = client
+            .prepare_cached(
                 "SELECT m.idempotency_key, sum(c.latency_ms)::bigint FROM messages m \
                  JOIN llm_calls c ON c.business_id = m.business_id AND c.message_id = m.id \
                  WHERE m.business_id = $1 AND m.role = 'user' AND m.idempotency_key = ANY($2) \
                  GROUP BY 1",
-                &[&business_id, &keys],
             )
+            .await?;
+        let rows = self
+            .scoped(&client, business_id, &stmt, &[&business_id, &keys])
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }

@@ -13,8 +13,12 @@ impl Store {
         let stmt = client
             .prepare_cached("SELECT name FROM businesses WHERE id = $1")
             .await?;
-        self.count_round_trip();
-        let Some(row) = client.query_opt(&stmt, &[&business_id]).await? else {
+        let Some(row) = self
+            .scoped(&client, business_id, &stmt, &[&business_id])
+            .await?
+            .into_iter()
+            .next()
+        else {
             return Ok(None);
         };
         let name: String = row.get(0);
@@ -24,8 +28,9 @@ impl Store {
                  WHERE business_id = $1 ORDER BY position, name",
             )
             .await?;
-        self.count_round_trip();
-        let rows = client.query(&stmt, &[&business_id]).await?;
+        let rows = self
+            .scoped(&client, business_id, &stmt, &[&business_id])
+            .await?;
         let mut initial = None;
         let mut stages = Vec::with_capacity(rows.len());
         for r in rows {
@@ -51,9 +56,8 @@ impl Store {
                  AND jsonb_typeof(output_schema -> 'properties') = 'object' ORDER BY 1",
             )
             .await?;
-        self.count_round_trip();
-        let extraction_fields = client
-            .query(&stmt, &[&business_id])
+        let extraction_fields = self
+            .scoped(&client, business_id, &stmt, &[&business_id])
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -80,10 +84,11 @@ impl Store {
                  fallback_template_id FROM stages WHERE business_id = $1 AND id = $2",
             )
             .await?;
-        self.count_round_trip();
-        Ok(client
-            .query_opt(&stmt, &[&business_id, &stage_id])
+        Ok(self
+            .scoped(&client, business_id, &stmt, &[&business_id, &stage_id])
             .await?
+            .into_iter()
+            .next()
             .map(|r| StageTemplates {
                 selection: r.get(0),
                 extraction: r.get(1),
@@ -105,10 +110,10 @@ impl Store {
                  output_schema, version FROM templates WHERE business_id = $1 AND id = $2",
             )
             .await?;
-        self.count_round_trip();
-        client
-            .query_opt(&stmt, &[&business_id, &template_id])
+        self.scoped(&client, business_id, &stmt, &[&business_id, &template_id])
             .await?
+            .into_iter()
+            .next()
             .map(template_from_row)
             .transpose()
     }
@@ -145,8 +150,9 @@ impl Store {
                  UNION ALL SELECT 't', id FROM templates WHERE business_id = $1",
             )
             .await?;
-        self.count_round_trip();
-        let rows = client.query(&stmt, &[&business_id]).await?;
+        let rows = self
+            .scoped(&client, business_id, &stmt, &[&business_id])
+            .await?;
         let (mut stages, mut templates) = (Vec::new(), Vec::new());
         for r in rows {
             if r.get::<_, &str>(0) == "s" {

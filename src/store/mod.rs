@@ -16,7 +16,13 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use secrecy::ExposeSecret;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
+use uuid::Uuid;
+
+/// Sets the business a transaction may see (row-level security, migration V5).
+const SCOPE: &str = "SELECT set_config('icmp.business_id', $1, true)";
 
 use crate::config::DatabaseConfig;
 pub use crate::error::StoreError;
@@ -62,7 +68,32 @@ impl Store {
     /// # Errors
     /// An invalid URL.
     pub fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
-        let pg = pg_config(config)?;
+        Store::build(config, pg_config(config)?)
+    }
+
+    /// Like [`Store::connect`], for workers: every connection switches to
+    /// `database.worker_role`, so row-level security applies (see migration V5).
+    ///
+    /// # Errors
+    /// An invalid URL or role name.
+    pub fn connect_worker(config: &DatabaseConfig) -> Result<Store, StoreError> {
+        let mut pg = pg_config(config)?;
+        let role = &config.worker_role;
+        if !role.is_empty() {
+            if !role
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(StoreError::Pool(format!(
+                    "database.worker_role {role:?} is not a plain role name"
+                )));
+            }
+            pg.options(format!("-c role={role}"));
+        }
+        Store::build(config, pg)
+    }
+
+    fn build(config: &DatabaseConfig, pg: tokio_postgres::Config) -> Result<Store, StoreError> {
         let tls = connector(config)?;
         let manager = Manager::from_config(
             pg.clone(),
@@ -102,6 +133,47 @@ impl Store {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Runs one prepared statement in a transaction scoped to `business`: row-level security
+    /// (migration V5) lets the worker's role see and write that business's rows only. `BEGIN`,
+    /// the scope, the statement and `end` (`COMMIT`, or `ROLLBACK`) are pipelined: one round
+    /// trip. A statement that fails turns the `COMMIT` into a rollback.
+    pub(crate) async fn scoped_with_end(
+        &self,
+        client: &deadpool_postgres::Client,
+        business_id: Uuid,
+        stmt: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+        end: &str,
+    ) -> Result<Vec<Row>, StoreError> {
+        let scope = client.prepare_cached(SCOPE).await?;
+        self.count_round_trip();
+        let business = business_id.to_string();
+        let scope_params: [&(dyn ToSql + Sync); 1] = [&business];
+        let (begin, set, rows, end) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.query(&scope, &scope_params),
+            client.query(stmt, params),
+            client.batch_execute(end),
+        );
+        begin?;
+        set?;
+        let rows = rows?;
+        end?;
+        Ok(rows)
+    }
+
+    /// [`Store::scoped_with_end`], committing.
+    pub(crate) async fn scoped(
+        &self,
+        client: &deadpool_postgres::Client,
+        business_id: Uuid,
+        stmt: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        self.scoped_with_end(client, business_id, stmt, params, "COMMIT")
+            .await
+    }
+
     /// Pool occupancy: (idle, busy).
     pub fn pool_usage(&self) -> (usize, usize) {
         let s = self.pool.status();
@@ -123,6 +195,7 @@ impl Store {
 pub async fn migrate(config: &DatabaseConfig) -> Result<Vec<i32>, StoreError> {
     let (mut client, connection) = pg_config(config)?.connect(connector(config)?).await?;
     let driver = tokio::spawn(connection);
+    ensure_worker_role(&client).await;
     let report = embedded::migrations::runner()
         .run_async(&mut client)
         .await
@@ -134,6 +207,37 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<Vec<i32>, StoreError> {
         .iter()
         .map(|m| m.version())
         .collect())
+}
+
+/// Creates the role `icmp_worker` (NOLOGIN) if it is missing and grants it to the migrating
+/// user, so that migration V5 can grant it the tables and workers can switch to it. Without the
+/// privilege to do so it only warns: an operator then creates the role by hand (see
+/// docs/operations.md). Concurrent migrations (tests) may race on it, so it is retried.
+async fn ensure_worker_role(client: &tokio_postgres::Client) {
+    const SQL: &str = "DO $$ BEGIN \
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'icmp_worker') THEN \
+          CREATE ROLE icmp_worker NOLOGIN; \
+        END IF; \
+        IF NOT pg_has_role(current_user, 'icmp_worker', 'MEMBER') THEN \
+          EXECUTE format('GRANT icmp_worker TO %I', current_user); \
+        END IF; \
+      END $$";
+    let mut last = None;
+    for attempt in 0..5u64 {
+        match client.batch_execute(SQL).await {
+            Ok(()) => return,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+            }
+        }
+    }
+    if let Some(e) = last {
+        tracing::warn!(
+            error = %StoreError::from(e),
+            "could not create or grant the role icmp_worker; create it by hand or set database.worker_role to empty"
+        );
+    }
 }
 
 fn connector(config: &DatabaseConfig) -> Result<MakeRustlsConnect, StoreError> {

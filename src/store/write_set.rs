@@ -179,7 +179,7 @@ impl WriteSet {
 }
 
 impl Store {
-    /// Commits a write set (one statement, one round trip) and returns the conversation as
+    /// Commits a write set (one statement in a scoped transaction, one round trip) and returns the conversation as
     /// committed.
     ///
     /// `before_commit` is a fault-injection point: when it fails, the statement runs inside an
@@ -194,7 +194,7 @@ impl Store {
         ws: &WriteSet,
         before_commit: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<CommittedConversation, StoreError> {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let stmt = client
             .prepare_cached(&statement(ws.expected_version.is_none()))
             .await?;
@@ -230,17 +230,19 @@ impl Store {
             &extracted,
             &calls,
         ];
-        self.count_round_trip();
-        let row = match before_commit() {
-            Ok(()) => client.query_opt(&stmt, &params).await,
-            Err(injected) => {
-                let tx = client.transaction().await?;
-                tx.query_opt(&stmt, &params).await.map_err(classify)?;
-                tx.rollback().await?;
-                return Err(injected);
-            }
+        // The fault-injection point decides the end: its error rolls the statement back.
+        let (end, injected) = match before_commit() {
+            Ok(()) => ("COMMIT", None),
+            Err(e) => ("ROLLBACK", Some(e)),
         };
-        let row = row.map_err(classify)?.ok_or(StoreError::VersionConflict)?;
+        let rows = self
+            .scoped_with_end(&client, ws.business_id, &stmt, &params, end)
+            .await
+            .map_err(classify)?;
+        if let Some(e) = injected {
+            return Err(e);
+        }
+        let row = rows.into_iter().next().ok_or(StoreError::VersionConflict)?;
         Ok(CommittedConversation {
             version: row.get(0),
             created_at: row.get(1),
@@ -251,9 +253,12 @@ impl Store {
 
 /// A unique violation is a new conversation whose id exists (a version conflict) or a message
 /// whose idempotency key is committed (a duplicate).
-fn classify(e: tokio_postgres::Error) -> StoreError {
+fn classify(e: StoreError) -> StoreError {
+    let StoreError::Db(e) = e else {
+        return e;
+    };
     if !is_unique_violation(&e) {
-        return e.into();
+        return StoreError::Db(e);
     }
     let constraint = e.as_db_error().and_then(|d| d.constraint());
     if constraint == Some("conversations_pkey") {

@@ -91,7 +91,7 @@ impl Dependencies {
     /// # Errors
     /// Invalid URLs, or Redis unreachable for a minute.
     pub async fn connect(config: &Config) -> Result<Self, StartupError> {
-        let store = Store::connect(&config.database)?;
+        let store = Store::connect_worker(&config.database)?;
         let redis = connect_redis_patiently(config).await?;
         let cache = Cache::new(redis.clone(), &config.redis, &config.cache);
         Ok(Dependencies {
