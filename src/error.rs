@@ -171,6 +171,8 @@ pub enum LlmError {
     ResponseTooLarge { limit: usize },
     #[error("the LLM output is larger than allowed: {0}")]
     OutputTooLarge(String),
+    #[error("selection chose stage `{to}`, which stage `{from}` may not move to")]
+    TransitionNotAllowed { from: String, to: String },
 }
 
 impl Classify for LlmError {
@@ -186,12 +188,15 @@ impl Classify for LlmError {
             LlmError::CircuitOpen => "llm.circuit_open",
             LlmError::ResponseTooLarge { .. } => "llm.response_too_large",
             LlmError::OutputTooLarge(_) => "llm.output_too_large",
+            LlmError::TransitionNotAllowed { .. } => "validation.stage_transition",
         }
     }
     fn category(&self) -> Category {
         match self {
             LlmError::Timeout(_) | LlmError::Connect(_) | LlmError::CircuitOpen => Category::System,
-            LlmError::InvalidOutput(_) | LlmError::OutputTooLarge(_) => Category::Validation,
+            LlmError::InvalidOutput(_)
+            | LlmError::OutputTooLarge(_)
+            | LlmError::TransitionNotAllowed { .. } => Category::Validation,
             LlmError::ResponseTooLarge { .. }
             | LlmError::RateLimited { .. }
             | LlmError::Server { .. }
@@ -210,6 +215,7 @@ impl Classify for LlmError {
             | LlmError::InvalidOutput(_)
             | LlmError::ResponseTooLarge { .. }
             | LlmError::OutputTooLarge(_) => 502,
+            LlmError::TransitionNotAllowed { .. } => 422,
         }
     }
     fn is_retryable(&self) -> bool {
@@ -223,7 +229,8 @@ impl Classify for LlmError {
             | LlmError::InvalidOutput(_)
             | LlmError::CircuitOpen
             | LlmError::ResponseTooLarge { .. }
-            | LlmError::OutputTooLarge(_) => false,
+            | LlmError::OutputTooLarge(_)
+            | LlmError::TransitionNotAllowed { .. } => false,
         }
     }
 }

@@ -33,6 +33,16 @@ pub struct StageInfo {
     pub id: Uuid,
     pub name: String,
     pub description: String,
+    /// The stages selection may move to from this one; `None`: any.
+    #[serde(default)]
+    pub next: Option<Vec<Uuid>>,
+}
+
+impl StageInfo {
+    /// Whether selection may move a conversation from this stage to `to`.
+    pub fn may_move_to(&self, to: Uuid) -> bool {
+        to == self.id || self.next.as_ref().is_none_or(|next| next.contains(&to))
+    }
 }
 
 /// The template ids of one stage: the seed's `stage:{id}` hash.
@@ -114,6 +124,8 @@ pub struct StageDefinition {
     pub extraction_template: Option<String>,
     pub response_template: String,
     pub fallback_template: Option<String>,
+    /// Stage names selection may move to (`None`: any).
+    pub transitions: Option<Vec<String>>,
 }
 
 /// A conversation's row.
@@ -182,4 +194,30 @@ pub struct Answer {
     /// The conversation's stage after this message (empty when unknown).
     pub stage: String,
     pub log_id: Uuid,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_moves_only_where_its_transitions_allow() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let mut stage = StageInfo {
+            id: a,
+            name: "a".into(),
+            description: String::new(),
+            next: None,
+        };
+        assert!(
+            stage.may_move_to(b) && stage.may_move_to(c),
+            "no rules: anywhere"
+        );
+        stage.next = Some(vec![b]);
+        assert!(stage.may_move_to(b));
+        assert!(!stage.may_move_to(c));
+        assert!(stage.may_move_to(a), "staying is always allowed");
+        stage.next = Some(Vec::new());
+        assert!(!stage.may_move_to(b), "an empty list: nowhere");
+    }
 }

@@ -100,6 +100,11 @@ pub struct StageDef {
     pub extraction_template: Option<String>,
     pub response_template: String,
     pub fallback_template: Option<String>,
+    /// The stages selection may move a conversation to from this one (absent: any stage).
+    /// A selection naming another stage keeps the current one
+    /// (`validation.stage_transition`), whatever the user wrote.
+    #[serde(default)]
+    pub transitions: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +157,7 @@ impl Definition {
                     extraction_template: s.extraction_template.clone(),
                     response_template: s.response_template.clone(),
                     fallback_template: s.fallback_template.clone(),
+                    transitions: s.transitions.clone(),
                 })
                 .collect(),
             templates: self
@@ -249,6 +255,16 @@ impl Definition {
                 }
             }
         }
+        for s in &self.stages {
+            for to in s.transitions.iter().flatten() {
+                if !stage_names.contains(to.as_str()) {
+                    problems.push(format!(
+                        "stage `{}`: transitions names an unknown stage `{to}`",
+                        s.name
+                    ));
+                }
+            }
+        }
         if self.stages.is_empty() {
             problems.push("a business needs at least one stage".into());
         }
@@ -333,6 +349,21 @@ mod tests {
     #[test]
     fn the_demo_definition_is_valid() {
         assert!(Definition::parse(DEMO).is_ok());
+    }
+
+    #[test]
+    fn a_transition_to_an_unknown_stage_is_refused_by_name() {
+        let text = DEMO.replacen(
+            "transitions = [\"booking\", \"farewell\"]",
+            "transitions = [\"booking\", \"admin\"]",
+            1,
+        );
+        let err = Definition::parse(&text).expect_err("unknown stage");
+        assert!(
+            err.to_string()
+                .contains("stage `welcome`: transitions names an unknown stage `admin`"),
+            "{err}"
+        );
     }
 
     proptest! {

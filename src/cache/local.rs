@@ -230,6 +230,7 @@ mod tests {
                 id: Uuid::from_u128(100 + n),
                 name: "welcome".into(),
                 description: String::new(),
+                next: None,
             }],
             extraction_fields: Vec::new(),
         }

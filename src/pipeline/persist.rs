@@ -170,6 +170,7 @@ mod tests {
             id: Uuid::from_u128(n),
             name: name.into(),
             description: String::new(),
+            next: None,
         }
     }
 

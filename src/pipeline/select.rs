@@ -1,5 +1,8 @@
-//! Step 6: stage selection by the LLM (optional). The answer must name a stage of the business;
-//! an unknown stage, an unreadable answer or a failed call keeps the current stage (counted).
+//! Step 6: stage selection by the LLM (optional). The answer must name a stage of the business
+//! that the current stage may move to (its `transitions`); an unknown or disallowed stage, an
+//! unreadable answer or a failed call keeps the current stage (counted). The transition rules
+//! are also the containment of prompt injection: whatever a user writes, a conversation only
+//! moves where its business allows.
 
 use serde_json::Value;
 
@@ -69,7 +72,20 @@ pub async fn select<'b, L: LlmService>(
             None
         }
     };
-    Ok((chosen.filter(|s| s.id != current.id), record))
+    let chosen = chosen.filter(|s| s.id != current.id);
+    if let Some(next) = chosen
+        && !current.may_move_to(next.id)
+    {
+        let e = LlmError::TransitionNotAllowed {
+            from: current.name.clone(),
+            to: next.name.clone(),
+        };
+        record.outcome = e.code();
+        metrics::record_error(&e, "selection");
+        metrics::degraded("selection");
+        return Ok((None, record));
+    }
+    Ok((chosen, record))
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ impl Store {
         let name: String = row.get(0);
         let stmt = client
             .prepare_cached(
-                "SELECT id, name, description, is_initial FROM stages \
+                "SELECT id, name, description, is_initial, next_stages FROM stages \
                  WHERE business_id = $1 ORDER BY position, name",
             )
             .await?;
@@ -33,16 +33,30 @@ impl Store {
             .await?;
         let mut initial = None;
         let mut stages = Vec::with_capacity(rows.len());
+        let mut next_names = Vec::with_capacity(rows.len());
         for r in rows {
             let info = StageInfo {
                 id: r.get(0),
                 name: r.get(1),
                 description: r.get(2),
+                next: None,
             };
             if r.get::<_, bool>(3) {
                 initial = Some(info.id);
             }
+            next_names.push(r.get::<_, Option<Vec<String>>>(4));
             stages.push(info);
+        }
+        // Transitions are stored by stage name; a name no longer among the stages allows nothing.
+        let by_name: std::collections::HashMap<String, Uuid> =
+            stages.iter().map(|s| (s.name.clone(), s.id)).collect();
+        for (stage, names) in stages.iter_mut().zip(next_names) {
+            stage.next = names.map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| by_name.get(n).copied())
+                    .collect()
+            });
         }
         let initial_stage_id = initial
             .or_else(|| stages.first().map(|s| s.id))

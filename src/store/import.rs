@@ -140,13 +140,14 @@ async fn upsert_stages(
         .prepare(
             "INSERT INTO stages (business_id, name, description, position, is_initial, \
              selection_template_id, extraction_template_id, response_template_id, \
-             fallback_template_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             fallback_template_id, next_stages) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (business_id, name) DO UPDATE SET description = EXCLUDED.description, \
              position = EXCLUDED.position, is_initial = EXCLUDED.is_initial, \
              selection_template_id = EXCLUDED.selection_template_id, \
              extraction_template_id = EXCLUDED.extraction_template_id, \
              response_template_id = EXCLUDED.response_template_id, \
-             fallback_template_id = EXCLUDED.fallback_template_id, updated_at = now() \
+             fallback_template_id = EXCLUDED.fallback_template_id, \
+             next_stages = EXCLUDED.next_stages, updated_at = now() \
              RETURNING id",
         )
         .await?;
@@ -171,6 +172,7 @@ async fn upsert_stages(
                     &lookup(&s.extraction_template),
                     &response,
                     &lookup(&s.fallback_template),
+                    &s.transitions,
                 ],
             )
             .await?;

@@ -9,6 +9,7 @@
 
 mod foundation;
 mod helpers;
+mod injection;
 mod isolation;
 mod llm_client;
 mod mock_llm;

@@ -648,7 +648,17 @@ async fn a_selection_naming_an_unknown_stage_keeps_the_current_one() {
     helpers::import_demo_copy(
         &app.config,
         other,
-        &[("name = \"booking\"", "name = \"reservations\"")],
+        &[
+            ("name = \"booking\"", "name = \"reservations\""),
+            (
+                "transitions = [\"booking\", \"farewell\"]",
+                "transitions = [\"reservations\", \"farewell\"]",
+            ),
+            (
+                "transitions = [\"welcome\", \"booking\"]",
+                "transitions = [\"welcome\", \"reservations\"]",
+            ),
+        ],
     )
     .await;
     let before = unknown_stages_counted();
