@@ -98,7 +98,9 @@ pg_bootstrap() {
   if [ "$($q -d postgres -c "select 1 from pg_roles where rolname='icmp_worker'")" != 1 ]; then
     $q -d postgres -c "create role icmp_worker nologin" >/dev/null
   fi
-  $q -d postgres -c "grant icmp_worker to icmp" >/dev/null
+  if [ "$($q -d postgres -c "select pg_has_role('icmp', 'icmp_worker', 'MEMBER')")" != t ]; then
+    $q -d postgres -c "grant icmp_worker to icmp" >/dev/null
+  fi
   if [ "$($q -d postgres -c "select 1 from pg_database where datname='icmp'")" != 1 ]; then
     $q -d postgres -c "create database icmp owner icmp" >/dev/null
   fi

@@ -768,3 +768,40 @@ async fn response_template_of(app: &TestApp, key: &str) -> (Uuid, i32) {
         .expect("one response call");
     (row.get(0), row.get(1))
 }
+
+#[tokio::test]
+async fn an_extraction_answer_beyond_the_limits_teaches_nothing_and_is_logged_with_its_code() {
+    // The demo's extraction answers name and reason here: two fields, one more than allowed.
+    let app = helpers::spawn_app_with(MockOptions::default(), |c| {
+        c.limits.max_extracted_fields = 1;
+    })
+    .await;
+    app.send(
+        "xena",
+        "x1",
+        "I want to book a visit, my name is Xena Park, for a cleaning",
+    )
+    .await;
+    let reply = app.reply("x1").await;
+    assert_eq!(reply["status"], "ok", "the message is still answered");
+    let conv: Uuid = reply["conversation_id"].parse().expect("uuid");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM extracted_data WHERE conversation_id = $1",
+            &[&conv]
+        )
+        .await,
+        0,
+        "nothing learned from an oversized answer"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM llm_calls WHERE conversation_id = $1 \
+             AND purpose = 'extraction' AND outcome = 'llm.output_too_large'",
+            &[&conv]
+        )
+        .await,
+        1
+    );
+    app.stop().await;
+}
