@@ -5,6 +5,8 @@
 //! - JSON mode and a prompt that speaks of *extract*ing: the fields it can find in the user's
 //!   words (`name` from "my name is …", `date` from an ISO date or a weekday, `reason` from
 //!   "for …"/"because …").
+//! - A user message containing `MALFORMED-ONCE` gets prose instead of JSON in JSON mode, and a
+//!   proper answer to the repair prompt that follows; `MALFORMED-ALWAYS` gets prose every time.
 //! - JSON mode otherwise (stage selection): `{"stage": …}` from keywords ("book" → `booking`,
 //!   "bye"/"thank" → `farewell`, "hello"/"hi" → `welcome`), else the prompt's
 //!   `Current stage: X` line.
@@ -316,13 +318,20 @@ fn answer(request: &Request) -> String {
         .map(text_of)
         .collect::<Vec<_>>()
         .join("\n");
-    let last_user = request
+    let users: Vec<String> = request
         .messages
         .iter()
-        .rev()
-        .find(|m| m.role == "user")
+        .filter(|m| m.role == "user")
         .map(text_of)
-        .unwrap_or_default();
+        .collect();
+    let last = users.last().cloned().unwrap_or_default();
+    // A repair turn: answer the original request again (the message before the repair prompt).
+    let repairing = last.starts_with(crate::pipeline::llm_call::REPAIR_PREFIX);
+    let last_user = if repairing {
+        users.first().cloned().unwrap_or_default()
+    } else {
+        last
+    };
     let words = match last_user.rfind("User message:") {
         Some(i) => last_user[i + "User message:".len()..].trim().to_owned(),
         None => last_user.trim().to_owned(),
@@ -334,6 +343,10 @@ fn answer(request: &Request) -> String {
         .and_then(Value::as_str)
         == Some("json_object");
     if json_mode {
+        // Scripted structured-output failures: malformed once (the repair succeeds) or always.
+        if words.contains("MALFORMED-ALWAYS") || (words.contains("MALFORMED-ONCE") && !repairing) {
+            return "Sure! Here is what I found, in prose rather than JSON.".to_owned();
+        }
         if prompt.to_lowercase().contains("extract") {
             Value::Object(extract(&words)).to_string()
         } else {

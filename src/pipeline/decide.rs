@@ -57,7 +57,7 @@ pub async fn decide<'b, L: LlmService>(
     business: &'b Business,
     read: &mut Read<'b>,
 ) -> Result<Decisions<'b>, PipelineError> {
-    let mut calls = Vec::with_capacity(3);
+    let mut calls = Vec::with_capacity(5);
     let mut stage = read.stage;
     let mut templates = read.templates;
     let mut transition = None;
@@ -66,7 +66,7 @@ pub async fn decide<'b, L: LlmService>(
     if let Some(id) = templates.selection {
         let t = Instant::now();
         let template = d.templates.get(business.id, id).await?;
-        let (chosen, call) = select::select(
+        let (chosen, records) = select::select(
             &d.caller,
             d.templates,
             &template,
@@ -75,7 +75,7 @@ pub async fn decide<'b, L: LlmService>(
             stage,
         )
         .await?;
-        calls.push(call);
+        calls.extend(records);
         if let Some(next) = chosen {
             transition = Some((stage.id, next.id));
             stage = next;
@@ -91,7 +91,7 @@ pub async fn decide<'b, L: LlmService>(
     if let Some(id) = templates.extraction {
         let t = Instant::now();
         let template = d.templates.get(business.id, id).await?;
-        let (fields, call) = extract::extract(
+        let (fields, records) = extract::extract(
             &d.caller,
             d.templates,
             &template,
@@ -99,7 +99,7 @@ pub async fn decide<'b, L: LlmService>(
             &d.extraction_limits,
         )
         .await?;
-        calls.push(call);
+        calls.extend(records);
         read.context.merge_extracted(&fields);
         learned = fields;
         metrics::step("extract", t.elapsed());

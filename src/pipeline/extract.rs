@@ -1,10 +1,11 @@
 //! Step 8: data extraction by the LLM (optional), the DataExtractionService. The answer must be
-//! a JSON object satisfying the template's output schema; otherwise the step is skipped
-//! (counted) and nothing is merged.
+//! a JSON object satisfying the template's output schema (and the size limits); otherwise one
+//! repair prompt carries the problem back to the model, and if that answer fails too the step
+//! is skipped (counted) and nothing is merged.
 
 use serde_json::Value;
 
-use super::llm_call::{LlmCaller, Purpose};
+use super::llm_call::{LlmCaller, Purpose, Repair};
 use super::template::TemplateService;
 use crate::error::{Classify, LlmError, PipelineError};
 use crate::llm::LlmService;
@@ -77,7 +78,9 @@ pub fn parse_output(
     Ok(map)
 }
 
-/// Runs extraction; returns the fields learned from this message and the call's record.
+/// Runs extraction; returns the fields learned from this message and the calls' records. An
+/// answer that does not parse or validate gets one repair prompt carrying the problem; if that
+/// fails too, nothing is learned (the step degrades).
 ///
 /// # Errors
 /// Only when the template cannot be rendered (a definition problem).
@@ -87,21 +90,49 @@ pub async fn extract<L: LlmService>(
     template: &Compiled,
     ctx: &Context,
     limits: &Limits,
-) -> Result<(Extracted, LlmCallRecord), PipelineError> {
+) -> Result<(Extracted, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
     let (result, mut record) = caller.call(Purpose::Extraction, template, &rendered).await;
-    let fields = match result.and_then(|answer| parse_output(template, &answer.content, limits)) {
+    let mut records = Vec::with_capacity(2);
+    let parsed = match result {
+        Ok(answer) => match parse_output(template, &answer.content, limits) {
+            Ok(fields) => Ok(fields),
+            Err(problem) => {
+                record.outcome = problem.code();
+                records.push(record);
+                let repair = Repair {
+                    answer: &answer.content,
+                    problem: &problem.to_string(),
+                };
+                let (again, mut second) = caller
+                    .repair(Purpose::Extraction, template, &rendered, repair)
+                    .await;
+                let fixed = again.and_then(|a| parse_output(template, &a.content, limits));
+                metrics::output_repair(
+                    "extraction",
+                    if fixed.is_ok() { "repaired" } else { "failed" },
+                );
+                if let Err(e) = &fixed
+                    && second.outcome == "ok"
+                {
+                    second.outcome = e.code();
+                }
+                record = second;
+                fixed
+            }
+        },
+        Err(e) => Err(e),
+    };
+    records.push(record);
+    let fields = match parsed {
         Ok(fields) => fields,
         Err(e) => {
-            if record.outcome == "ok" {
-                record.outcome = e.code();
-            }
             metrics::record_error(&e, "extraction");
             metrics::degraded("extraction");
             Extracted::new()
         }
     };
-    Ok((fields, record))
+    Ok((fields, records))
 }
 
 #[cfg(test)]

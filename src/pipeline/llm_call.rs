@@ -39,6 +39,25 @@ pub struct LlmCaller<'a, L> {
     pub default_model: &'a str,
 }
 
+/// The start of the repair prompt (the mock LLM recognises it).
+pub const REPAIR_PREFIX: &str = "Your previous answer was not valid";
+
+/// A second chance for structured output: the answer that failed and why.
+#[derive(Debug, Clone, Copy)]
+pub struct Repair<'a> {
+    pub answer: &'a str,
+    pub problem: &'a str,
+}
+
+impl Repair<'_> {
+    fn instruction(&self) -> String {
+        format!(
+            "{REPAIR_PREFIX}: {}. Answer again with only the corrected JSON.",
+            self.problem
+        )
+    }
+}
+
 impl<L: LlmService> LlmCaller<'_, L> {
     /// Calls the LLM with a rendered template; returns the outcome and its log record.
     pub async fn call(
@@ -47,12 +66,39 @@ impl<L: LlmService> LlmCaller<'_, L> {
         template: &Compiled,
         rendered: &Rendered,
     ) -> (Result<ChatResponse, LlmError>, LlmCallRecord) {
+        self.call_with(purpose, template, rendered, None).await
+    }
+
+    /// Calls the LLM again with the failed answer and the problem found in it (one repair
+    /// turn); recorded like any call, its prompt ending with the repair turn.
+    pub async fn repair(
+        &self,
+        purpose: Purpose,
+        template: &Compiled,
+        rendered: &Rendered,
+        repair: Repair<'_>,
+    ) -> (Result<ChatResponse, LlmError>, LlmCallRecord) {
+        self.call_with(purpose, template, rendered, Some(repair))
+            .await
+    }
+
+    async fn call_with(
+        &self,
+        purpose: Purpose,
+        template: &Compiled,
+        rendered: &Rendered,
+        repair: Option<Repair<'_>>,
+    ) -> (Result<ChatResponse, LlmError>, LlmCallRecord) {
         let t = &template.record;
-        let mut messages = Vec::with_capacity(2);
+        let mut messages = Vec::with_capacity(4);
         if !rendered.system.trim().is_empty() {
             messages.push(ChatMessage::system(rendered.system.clone()));
         }
         messages.push(ChatMessage::user(rendered.body.clone()));
+        if let Some(r) = &repair {
+            messages.push(ChatMessage::assistant(r.answer));
+            messages.push(ChatMessage::user(r.instruction()));
+        }
         let request = ChatRequest {
             model: t
                 .model
@@ -87,11 +133,18 @@ impl<L: LlmService> LlmCaller<'_, L> {
                 r.completion_tokens.unwrap_or(0),
             );
         }
-        let prompt = if rendered.system.trim().is_empty() {
+        let mut prompt = if rendered.system.trim().is_empty() {
             rendered.body.clone()
         } else {
             format!("{}\n\n{}", rendered.system, rendered.body)
         };
+        if let Some(r) = &repair {
+            prompt.push_str(&format!(
+                "\n\n[assistant]\n{}\n\n[user]\n{}",
+                r.answer,
+                r.instruction()
+            ));
+        }
         let record = LlmCallRecord {
             id: Uuid::now_v7(),
             purpose: purpose.as_str(),

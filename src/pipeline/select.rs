@@ -1,12 +1,13 @@
 //! Step 6: stage selection by the LLM (optional). The answer must name a stage of the business
-//! that the current stage may move to (its `transitions`); an unknown or disallowed stage, an
-//! unreadable answer or a failed call keeps the current stage (counted). The transition rules
+//! that the current stage may move to (its `transitions`). An unreadable answer or an unknown
+//! stage gets one repair prompt; what still fails, a disallowed stage or a failed call keeps the
+//! current stage (counted). The transition rules
 //! are also the containment of prompt injection: whatever a user writes, a conversation only
 //! moves where its business allows.
 
 use serde_json::Value;
 
-use super::llm_call::{LlmCaller, Purpose};
+use super::llm_call::{LlmCaller, Purpose, Repair};
 use super::template::TemplateService;
 use crate::error::{Classify, LlmError, PipelineError};
 use crate::llm::LlmService;
@@ -33,8 +34,24 @@ pub fn parse_stage(answer: &str) -> Option<String> {
     }
 }
 
+/// The stage a selection answer names, or what is wrong with it.
+fn chosen_stage<'b>(business: &'b Business, answer: &str) -> Result<&'b StageInfo, LlmError> {
+    let name = parse_stage(answer)
+        .ok_or_else(|| LlmError::InvalidOutput("the answer names no stage".into()))?;
+    business.stage_by_name(&name).ok_or_else(|| {
+        metrics::unknown_stage();
+        let known: Vec<&str> = business.stages.iter().map(|s| s.name.as_str()).collect();
+        LlmError::InvalidOutput(format!(
+            "`{name}` is not a stage; the stages are {}",
+            known.join(", ")
+        ))
+    })
+}
+
 /// Runs selection; returns the chosen stage when it differs from the current one, and the
-/// call's record.
+/// calls' records. An answer that names no stage, or an unknown one, gets one repair prompt
+/// carrying the problem; a stage the current one may not move to is refused outright (no
+/// repair: that is policy, not a malformed answer).
 ///
 /// # Errors
 /// Only when the template cannot be rendered (a definition problem).
@@ -45,34 +62,48 @@ pub async fn select<'b, L: LlmService>(
     ctx: &Context,
     business: &'b Business,
     current: &StageInfo,
-) -> Result<(Option<&'b StageInfo>, LlmCallRecord), PipelineError> {
+) -> Result<(Option<&'b StageInfo>, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
     let (result, mut record) = caller.call(Purpose::Selection, template, &rendered).await;
+    let mut records = Vec::with_capacity(2);
     let chosen = match result {
-        Ok(answer) => match parse_stage(&answer.content) {
-            Some(name) => match business.stage_by_name(&name) {
-                Some(stage) => Some(stage),
-                None => {
-                    metrics::unknown_stage();
-                    tracing::warn!(stage = %name, "selection named an unknown stage; keeping the current one");
-                    None
+        Ok(answer) => match chosen_stage(business, &answer.content) {
+            Ok(stage) => Ok(stage),
+            Err(problem) => {
+                record.outcome = problem.code();
+                records.push(record);
+                let repair = Repair {
+                    answer: &answer.content,
+                    problem: &problem.to_string(),
+                };
+                let (again, mut second) = caller
+                    .repair(Purpose::Selection, template, &rendered, repair)
+                    .await;
+                let fixed = again.and_then(|a| chosen_stage(business, &a.content));
+                metrics::output_repair(
+                    "selection",
+                    if fixed.is_ok() { "repaired" } else { "failed" },
+                );
+                if let Err(e) = &fixed
+                    && second.outcome == "ok"
+                {
+                    second.outcome = e.code();
                 }
-            },
-            None => {
-                let e = LlmError::InvalidOutput("selection answer names no stage".into());
-                record.outcome = e.code();
-                metrics::record_error(&e, "selection");
-                metrics::degraded("selection");
-                None
+                record = second;
+                fixed
             }
         },
+        Err(e) => Err(e),
+    };
+    let chosen = match chosen {
+        Ok(stage) => Some(stage).filter(|s| s.id != current.id),
         Err(e) => {
+            tracing::warn!(error = %e, "selection gave no usable stage; keeping the current one");
             metrics::record_error(&e, "selection");
             metrics::degraded("selection");
             None
         }
     };
-    let chosen = chosen.filter(|s| s.id != current.id);
     if let Some(next) = chosen
         && !current.may_move_to(next.id)
     {
@@ -83,9 +114,11 @@ pub async fn select<'b, L: LlmService>(
         record.outcome = e.code();
         metrics::record_error(&e, "selection");
         metrics::degraded("selection");
-        return Ok((None, record));
+        records.push(record);
+        return Ok((None, records));
     }
-    Ok((chosen, record))
+    records.push(record);
+    Ok((chosen, records))
 }
 
 #[cfg(test)]

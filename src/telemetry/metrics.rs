@@ -25,6 +25,7 @@ pub const STAGE_TRANSITIONS_TOTAL: &str = "icmp_stage_transitions_total";
 pub const DEFINITION_CHANGES_TOTAL: &str = "icmp_definition_changes_total";
 pub const UNKNOWN_STAGES_TOTAL: &str = "icmp_unknown_stages_total";
 pub const DEGRADED_TOTAL: &str = "icmp_degraded_total";
+pub const OUTPUT_REPAIRS_TOTAL: &str = "icmp_output_repairs_total";
 pub const DEAD_LETTERS_TOTAL: &str = "icmp_dead_letters_total";
 pub const STREAM_EVENTS_TOTAL: &str = "icmp_stream_events_total";
 pub const HELD_ENTRIES: &str = "icmp_held_entries";
@@ -99,6 +100,10 @@ fn describe() {
     describe_counter!(
         UNKNOWN_STAGES_TOTAL,
         "Stage selections naming a stage the business lacks."
+    );
+    describe_counter!(
+        OUTPUT_REPAIRS_TOTAL,
+        "Repair prompts sent after unparseable or invalid structured output, by step and outcome."
     );
     describe_counter!(
         DEGRADED_TOTAL,
@@ -214,6 +219,11 @@ pub fn stage_transition() {
 
 pub fn unknown_stage() {
     counter!(UNKNOWN_STAGES_TOTAL).increment(1);
+}
+
+/// A repair prompt for structured output, by step and outcome (`repaired` or `failed`).
+pub fn output_repair(step: &'static str, outcome: &'static str) {
+    counter!(OUTPUT_REPAIRS_TOTAL, "step" => step, "outcome" => outcome).increment(1);
 }
 
 pub fn degraded(step: &'static str) {

@@ -678,17 +678,34 @@ async fn a_selection_naming_an_unknown_stage_keeps_the_current_one() {
             .await,
         0
     );
-    let output: String = app
+    // The unknown name got one repair prompt naming the real stages; the model insisted.
+    let calls: Vec<(String, String)> = app
         .db()
         .await
-        .query_one(
-            "SELECT output FROM llm_calls WHERE purpose = 'selection'",
+        .query(
+            "SELECT output, outcome FROM llm_calls WHERE purpose = 'selection'",
             &[],
         )
         .await
-        .expect("selection call")
-        .get(0);
-    assert_eq!(output, r#"{"stage":"booking"}"#);
+        .expect("selection calls")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for (output, outcome) in &calls {
+        assert_eq!(output, r#"{"stage":"booking"}"#);
+        assert_eq!(outcome, "llm.invalid_output");
+    }
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM llm_calls WHERE purpose = 'selection' \
+             AND position('`booking` is not a stage; the stages are welcome, reservations, farewell' in prompt) > 0",
+            &[]
+        )
+        .await,
+        1,
+        "the repair prompt names the problem"
+    );
     assert!(
         unknown_stages_counted() > before,
         "counted in icmp_unknown_stages_total"
@@ -801,7 +818,102 @@ async fn an_extraction_answer_beyond_the_limits_teaches_nothing_and_is_logged_wi
             &[&conv]
         )
         .await,
-        1
+        2,
+        "the answer and its repair, both too large"
+    );
+    app.stop().await;
+}
+
+/// (purpose, outcome) of every LLM call of the message with this key, sorted.
+async fn calls_of(app: &TestApp, key: &str) -> Vec<(String, String)> {
+    let mut calls: Vec<(String, String)> = app
+        .db()
+        .await
+        .query(
+            "SELECT c.purpose, c.outcome FROM llm_calls c JOIN messages m ON m.id = c.message_id \
+             WHERE m.idempotency_key = $1 AND m.role = 'user'",
+            &[&key],
+        )
+        .await
+        .expect("calls")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    calls.sort();
+    calls
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = list
+        .iter()
+        .map(|(p, o)| ((*p).to_owned(), (*o).to_owned()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn malformed_structured_output_gets_one_repair_then_degrades() {
+    let app = spawn_app(MockOptions::default()).await;
+    // Selection and extraction both answer prose first; the repair prompt gets JSON.
+    app.send(
+        "rita",
+        "r1",
+        "MALFORMED-ONCE: I want to book, my name is Rita Moreno",
+    )
+    .await;
+    let reply = app.reply("r1").await;
+    assert_eq!(reply["status"], "ok");
+    assert_eq!(reply["stage"], "booking", "the repaired selection was used");
+    assert_eq!(
+        calls_of(&app, "r1").await,
+        pairs(&[
+            ("selection", "llm.invalid_output"),
+            ("selection", "ok"),
+            ("extraction", "llm.invalid_output"),
+            ("extraction", "ok"),
+            ("response", "ok"),
+        ])
+    );
+    let conv: Uuid = reply["conversation_id"].parse().expect("uuid");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM extracted_data WHERE conversation_id = $1 \
+             AND field = 'name' AND value #>> '{}' = 'Rita Moreno'",
+            &[&conv]
+        )
+        .await,
+        1,
+        "the repaired extraction was stored"
+    );
+    let repair_prompts = app
+        .count(
+            "SELECT count(*) FROM llm_calls WHERE conversation_id = $1 \
+             AND position('Your previous answer was not valid' in prompt) > 0",
+            &[&conv],
+        )
+        .await;
+    assert_eq!(
+        repair_prompts, 2,
+        "one repair per failed step, carrying the problem"
+    );
+
+    // Prose every time: one repair, then the step degrades as before.
+    app.send("mal", "m1", "MALFORMED-ALWAYS: I want to book")
+        .await;
+    let reply = app.reply("m1").await;
+    assert_eq!(reply["status"], "ok");
+    assert_eq!(
+        reply["stage"], "welcome",
+        "no usable selection: the stage stays"
+    );
+    assert_eq!(
+        calls_of(&app, "m1").await,
+        pairs(&[
+            ("selection", "llm.invalid_output"),
+            ("selection", "llm.invalid_output"),
+            ("response", "ok"),
+        ])
     );
     app.stop().await;
 }
