@@ -58,7 +58,10 @@ pub fn script(r: &Refs) -> String {
         15 => "'ok'".into(),
         16 | 18 | 19 => "NULL::uuid".into(),
         17 => "NULL::integer".into(),
-        _ => calls.clone(),
+        21 => calls.clone(),
+        22 => format!("'{t}'::uuid"),
+        23 => "1".into(),
+        n => unreachable!("the write set has no parameter ${n}"),
     });
     // pgbench reads one statement per line.
     let one_line: Vec<&str> = statement.split_whitespace().collect();

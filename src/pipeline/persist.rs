@@ -70,6 +70,7 @@ pub fn write_set(
             "ok"
         },
         fallback_template: decisions.response.fallback_template,
+        reply_template: decisions.response.template,
         llm_calls: decisions.calls.clone(),
     }
 }
@@ -221,6 +222,7 @@ mod tests {
                 content: "Sorry".into(),
                 fallback: true,
                 fallback_template: Some((Uuid::from_u128(30), 4)),
+                template: Some((Uuid::from_u128(30), 4)),
             },
             calls: Vec::new(),
         };

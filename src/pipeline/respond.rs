@@ -20,6 +20,9 @@ pub struct Response {
     /// The fallback template (id, version) the content was rendered from, if any; stored with
     /// the reply so that a fallback reply can be explained from the database alone.
     pub fallback_template: Option<(uuid::Uuid, i32)>,
+    /// The template (id, version) the content came from: the response template, or the
+    /// fallback template; `None` for the last-resort text.
+    pub template: Option<(uuid::Uuid, i32)>,
 }
 
 /// Generates the reply; returns it with the call's record.
@@ -41,6 +44,7 @@ pub async fn respond<L: LlmService>(
             content: answer.content,
             fallback: false,
             fallback_template: None,
+            template: Some((template.record.id, template.record.version)),
         },
         outcome => {
             if let Err(e) = &outcome {
@@ -62,6 +66,7 @@ pub async fn respond<L: LlmService>(
                 content,
                 fallback: true,
                 fallback_template,
+                template: fallback_template,
             }
         }
     };

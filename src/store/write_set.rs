@@ -68,6 +68,8 @@ pub struct WriteSet {
     pub assistant_status: &'static str,
     /// The fallback template (id, version) a fallback reply was rendered from.
     pub fallback_template: Option<(Uuid, i32)>,
+    /// The template (id, version) the reply came from (response or fallback).
+    pub reply_template: Option<(Uuid, i32)>,
     pub llm_calls: Vec<LlmCallRecord>,
 }
 
@@ -104,19 +106,22 @@ c AS (
 /// Everything else, each row joined to `c`. `$6` idempotency key, `$7` inbound id, `$8` log id,
 /// `$9` user message id, `$10` user content, `$11` user stage, `$12` metadata, `$13` assistant
 /// message id, `$14` assistant content, `$15` status, `$16`/`$17` fallback template and version,
-/// `$18`/`$19` transition from/to, `$20` extracted fields (object), `$21` LLM calls (array).
+/// `$18`/`$19` transition from/to, `$20` extracted fields (object), `$21` LLM calls (array),
+/// `$22`/`$23` the reply's template and version.
 const WRITES: &str = "\
 m AS (
   INSERT INTO messages (id, business_id, conversation_id, role, content, idempotency_key,
                         stage_id, status, metadata, inbound_id, log_id, user_id,
-                        fallback_template_id, fallback_template_version)
+                        fallback_template_id, fallback_template_version, template_id,
+                        template_version)
   SELECT v.id, $1, c.id, v.role, v.content, $6, v.stage, v.status, v.metadata, $7, $8, c.user_id,
-         v.fb_id, v.fb_version
+         v.fb_id, v.fb_version, v.t_id, v.t_version
     FROM c, (VALUES (1, $9::uuid, 'user', $10::text, $11::uuid, NULL::text, $12::jsonb,
-                     NULL::uuid, NULL::integer),
+                     NULL::uuid, NULL::integer, NULL::uuid, NULL::integer),
                     (2, $13::uuid, 'assistant', $14::text, $3::uuid, $15::text, NULL::jsonb,
-                     $16::uuid, $17::integer))
-         AS v(ord, id, role, content, stage, status, metadata, fb_id, fb_version)
+                     $16::uuid, $17::integer, $22::uuid, $23::integer))
+         AS v(ord, id, role, content, stage, status, metadata, fb_id, fb_version, t_id,
+              t_version)
    ORDER BY v.ord
 ),
 t AS (
@@ -207,7 +212,8 @@ impl Store {
         let calls = ws.calls_json();
         let (transition_from, transition_to) = ws.transition.unzip();
         let (fallback_id, fallback_version) = ws.fallback_template.unzip();
-        let params: [&(dyn ToSql + Sync); 21] = [
+        let (template_id, template_version) = ws.reply_template.unzip();
+        let params: [&(dyn ToSql + Sync); 23] = [
             &ws.business_id,
             &ws.conversation_id,
             &ws.stage_id,
@@ -229,6 +235,8 @@ impl Store {
             &transition_to,
             &extracted,
             &calls,
+            &template_id,
+            &template_version,
         ];
         // The fault-injection point decides the end: its error rolls the statement back.
         let (end, injected) = match before_commit() {

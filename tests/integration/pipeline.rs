@@ -917,3 +917,94 @@ async fn malformed_structured_output_gets_one_repair_then_degrades() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_changed_under_load_serves_every_later_message_and_no_earlier_one() {
+    let app = spawn_app(MockOptions {
+        latency_ms: 20,
+        ..Default::default()
+    })
+    .await;
+    let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
+    let template: Uuid = app
+        .db()
+        .await
+        .query_one(
+            "SELECT id FROM templates WHERE business_id = $1 AND name = 'welcome_reply'",
+            &[&business],
+        )
+        .await
+        .expect("template")
+        .get(0);
+    let old: i32 = 1;
+    // 240 messages over about 2.4 s, from 40 users, all answered by `welcome_reply`.
+    let mut sent_at = std::collections::HashMap::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut changed_at = None;
+    for batch in 0..24 {
+        if batch == 10 {
+            app.db()
+                .await
+                .execute(
+                    "UPDATE templates SET body = body || ' (v2)', version = version + 1 \
+                     WHERE id = $1",
+                    &[&template],
+                )
+                .await
+                .expect("update");
+            changed_at = Some(chrono::Utc::now());
+        }
+        for i in 0..10 {
+            let id = format!("load{batch}-{i}");
+            app.send(&format!("u{}", (batch * 10 + i) % 40), &id, "Hello there")
+                .await;
+            sent_at.insert(id.clone(), chrono::Utc::now());
+            ids.insert(id);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let changed_at = changed_at.expect("changed");
+    let replies = app.wait_all(&ids, std::time::Duration::from_secs(60)).await;
+    assert!(
+        ids.iter().all(|id| replies[id].len() == 1),
+        "one reply each"
+    );
+
+    let rows = app
+        .db()
+        .await
+        .query(
+            "SELECT idempotency_key, template_id, template_version, created_at FROM messages \
+             WHERE business_id = $1 AND role = 'assistant' AND idempotency_key LIKE 'load%'",
+            &[&business],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), ids.len());
+    let (mut before, mut after) = (0, 0);
+    for r in &rows {
+        let key: String = r.get(0);
+        let id: Option<Uuid> = r.get(1);
+        let version: Option<i32> = r.get(2);
+        let committed: chrono::DateTime<chrono::Utc> = r.get(3);
+        assert_eq!(id, Some(template), "{key}: every reply names its template");
+        let version = version.expect("a version");
+        assert!(
+            version == old || version == old + 1,
+            "{key}: version {version}"
+        );
+        if committed < changed_at {
+            before += 1;
+            assert_eq!(version, old, "{key} was written before the change");
+        }
+        if sent_at[&key] > changed_at + chrono::Duration::seconds(1) {
+            after += 1;
+            assert_eq!(version, old + 1, "{key} was sent a second after the change");
+        }
+    }
+    assert!(
+        before > 0 && after > 0,
+        "both sides measured: {before} / {after}"
+    );
+    app.stop().await;
+}
