@@ -16,6 +16,7 @@ use icmp::llm::mock::{self, MockOptions};
 use icmp::store::{self, Store};
 use icmp::stream::dead_letter;
 use icmp::telemetry;
+use icmp::transcript;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +63,21 @@ enum Command {
     Chat {
         #[command(flatten)]
         target: Target,
+    },
+    /// Run golden transcripts against the worker and show every difference (exit 1 if any);
+    /// with `--record FILE`, talk to the worker interactively and record the conversation.
+    Replay {
+        /// Transcript files to run.
+        files: Vec<std::path::PathBuf>,
+        /// Record a new transcript to this file from an interactive conversation.
+        #[arg(long)]
+        record: Option<std::path::PathBuf>,
+        /// Business id (for --record).
+        #[arg(long, default_value = "7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001")]
+        business: String,
+        /// Seconds to wait for each reply.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
     },
     /// Inspect or replay the dead-letter stream.
     Dlq {
@@ -214,6 +230,42 @@ async fn run(cli: Cli) -> Result<()> {
             print_reply(&reply);
         }
         Command::Chat { target } => chat(&config, target).await?,
+        Command::Replay {
+            files,
+            record,
+            business,
+            timeout_secs,
+        } => {
+            let conn = cache::connect(&config.redis).await?;
+            let store = Store::connect(&config.database)?;
+            let runner = transcript::Runner {
+                conn: &conn,
+                streams: &config.streams,
+                store: &store,
+                timeout: Duration::from_secs(timeout_secs),
+            };
+            if let Some(path) = record {
+                record_transcript(&runner, &business, &path).await?;
+                return Ok(());
+            }
+            let mut failed = 0;
+            for file in &files {
+                let t = transcript::Transcript::load(file)?;
+                let differences = runner.replay(&t).await?;
+                if differences.is_empty() {
+                    println!("ok    {} ({} turns)", file.display(), t.turns.len());
+                } else {
+                    failed += 1;
+                    println!("DIFF  {}", file.display());
+                    for d in differences {
+                        println!("{d}");
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} transcripts differ", files.len());
+            }
+        }
         Command::Dlq { action } => {
             let conn = cache::connect(&config.redis).await?;
             match action {
@@ -330,6 +382,43 @@ async fn chat(config: &Config, target: Target) -> Result<()> {
             conversation = Some(c.clone());
         }
         print_reply(&reply);
+    }
+}
+
+/// `icmp replay --record`: an interactive conversation (as `icmp chat`), written to `path` as a
+/// transcript after every turn.
+async fn record_transcript(
+    runner: &transcript::Runner<'_>,
+    business: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    let user = format!("record-{}", uuid::Uuid::new_v4().simple());
+    let mut conversation = None;
+    let mut t = transcript::Transcript {
+        business: business.to_owned(),
+        description: String::new(),
+        turns: Vec::new(),
+    };
+    println!("Recording to {} (Ctrl-D to finish).", path.display());
+    let stdin = std::io::stdin();
+    loop {
+        print!("you> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        let text = line.trim_end_matches(['\n', '\r']).to_owned();
+        if text.trim().is_empty() {
+            continue;
+        }
+        let turn = runner
+            .turn(business, &user, &mut conversation, &text)
+            .await?;
+        println!("bot> [{} · {}] {}", turn.status, turn.stage, turn.reply);
+        t.turns.push(turn);
+        std::fs::write(path, t.to_toml())?;
     }
 }
 

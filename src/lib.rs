@@ -24,6 +24,7 @@
 //!   fenced finish, retention).
 //! - [`worker`]: holding entries from delivery to finish, the run loop, and the composition
 //!   root that builds a worker from its configuration.
+//! - [`transcript`]: golden transcripts, recorded and replayed (`icmp replay`).
 //! - [`tls`]: TLS to PostgreSQL and Redis: certificate roots and `sslmode`.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
 
@@ -43,4 +44,5 @@ pub mod stream;
 pub mod telemetry;
 pub mod template;
 pub mod tls;
+pub mod transcript;
 pub mod worker;

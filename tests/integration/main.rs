@@ -22,3 +22,4 @@ mod secrets;
 mod soak;
 mod stream_guarantees;
 mod tls;
+mod transcripts;
