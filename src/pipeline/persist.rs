@@ -188,6 +188,7 @@ mod tests {
             conversation_id: None,
             metadata: None,
             reply_to: None,
+            supersedes: None,
         };
         let mut stored = Extracted::new();
         stored.insert("name".into(), serde_json::json!("Ann"));

@@ -5,13 +5,14 @@ use uuid::Uuid;
 use super::RawFields;
 
 /// Fields the worker adds when it dead-letters an entry; everything else is the original.
-pub const ADDED_FIELDS: [&str; 6] = [
+pub const ADDED_FIELDS: [&str; 7] = [
     "inbound_id",
     "error_code",
     "error_detail",
     "deliveries",
     "failed_at",
     "log_id",
+    "error_reply_id",
 ];
 
 /// Why an entry is dead-lettered.
@@ -21,6 +22,8 @@ pub struct Failure<'a> {
     pub detail: String,
     pub deliveries: u64,
     pub log_id: Uuid,
+    /// The `reply_id` of the error reply the user got for it.
+    pub error_reply_id: Option<Uuid>,
 }
 
 /// The dead-letter entry of inbound entry `inbound_id`.
@@ -38,6 +41,13 @@ pub fn fields(inbound_id: &str, raw: &RawFields, failure: &Failure<'_>) -> Vec<(
         ("deliveries", failure.deliveries.to_string()),
         ("failed_at", chrono::Utc::now().to_rfc3339()),
         ("log_id", failure.log_id.to_string()),
+        (
+            "error_reply_id",
+            failure
+                .error_reply_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        ),
     ];
     out.extend(
         added
@@ -49,13 +59,19 @@ pub fn fields(inbound_id: &str, raw: &RawFields, failure: &Failure<'_>) -> Vec<(
 
 /// The fields to XADD again when replaying a dead letter: the original ones, with
 /// `message_id` set to the original idempotency key (the first inbound entry id when the
-/// producer gave none), so that the replay is deduplicated against an earlier success.
+/// producer gave none), so that the replay is deduplicated against an earlier success, and
+/// `supersedes` set to the error reply's `reply_id`, so that the new reply says which earlier
+/// one it replaces.
 pub fn replay_fields(dead: &RawFields) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = dead
         .iter()
         .filter(|(k, _)| !ADDED_FIELDS.iter().any(|a| a.as_bytes() == k.as_slice()))
+        .filter(|(k, _)| k != b"supersedes")
         .cloned()
         .collect();
+    if let Some(reply) = super::raw_field(dead, "error_reply_id").filter(|r| !r.is_empty()) {
+        out.push((b"supersedes".to_vec(), reply.to_vec()));
+    }
     let has_message_id = out.iter().any(|(k, v)| k == b"message_id" && !v.is_empty());
     if !has_message_id && let Some(inbound) = super::raw_field(dead, "inbound_id") {
         out.retain(|(k, _)| k != b"message_id");
@@ -84,6 +100,7 @@ mod tests {
             detail: "x".into(),
             deliveries: 3,
             log_id: Uuid::nil(),
+            error_reply_id: Some(Uuid::from_u128(7)),
         };
         let dead = fields("5-0", &original, &failure);
         assert_eq!(&dead[..4], &original[..]);
@@ -93,6 +110,10 @@ mod tests {
         );
         let replay = replay_fields(&dead);
         let mut expected = original.clone();
+        expected.push((
+            b"supersedes".to_vec(),
+            Uuid::from_u128(7).to_string().into_bytes(),
+        ));
         expected.push((b"message_id".to_vec(), b"5-0".to_vec()));
         assert_eq!(replay, expected);
     }

@@ -28,6 +28,9 @@ pub struct InboundMessage {
     pub conversation_id: Option<Uuid>,
     pub metadata: Option<Map<String, Value>>,
     pub reply_to: Option<String>,
+    /// Set by `icmp dlq replay`: the `reply_id` of the error reply this message's answer
+    /// replaces.
+    pub supersedes: Option<Uuid>,
 }
 
 impl InboundMessage {
@@ -198,6 +201,10 @@ pub fn decode(
             }
         }
     };
+    let supersedes = match text(fields, "supersedes")?.filter(|s| !s.is_empty()) {
+        Some(s) => Some(uuid_field(&s, "supersedes")?),
+        None => None,
+    };
     Ok(InboundMessage {
         inbound_id: inbound_id.to_owned(),
         message_id,
@@ -207,6 +214,7 @@ pub fn decode(
         conversation_id,
         metadata,
         reply_to,
+        supersedes,
     })
 }
 

@@ -48,6 +48,9 @@ pub struct Reply {
     pub status_code: u16,
     pub log_id: Uuid,
     pub processed_at: String,
+    /// The `reply_id` of an earlier error reply this one replaces (a replayed dead letter);
+    /// empty otherwise.
+    pub supersedes: String,
 }
 
 impl Reply {
@@ -68,6 +71,7 @@ impl Reply {
             ("status_code", self.status_code.to_string()),
             ("log_id", self.log_id.to_string()),
             ("processed_at", self.processed_at.clone()),
+            ("supersedes", self.supersedes.clone()),
         ]
     }
 
@@ -93,6 +97,7 @@ impl Reply {
             status_code: 200,
             log_id: answer.log_id,
             processed_at: Utc::now().to_rfc3339(),
+            supersedes: msg.supersedes.map(|s| s.to_string()).unwrap_or_default(),
         }
     }
 
@@ -137,6 +142,9 @@ impl Reply {
             status_code: err.status_code(),
             log_id,
             processed_at: Utc::now().to_rfc3339(),
+            supersedes: Some(field("supersedes"))
+                .filter(|s| Uuid::parse_str(s).is_ok())
+                .unwrap_or_default(),
         }
     }
 }
@@ -197,6 +205,8 @@ impl Reply {
                 .map_err(|e: std::num::ParseIntError| bad("status_code", e.to_string()))?,
             log_id: uuid("log_id")?,
             processed_at: get("processed_at")?,
+            // Optional: replies published before the field existed have none.
+            supersedes: fields.get("supersedes").cloned().unwrap_or_default(),
         })
     }
 }
@@ -215,7 +225,7 @@ mod tests {
         ]);
         (
             (any::<u128>(), any::<u128>(), status, any::<u16>()),
-            proptest::collection::vec(any::<String>(), 10),
+            proptest::collection::vec(any::<String>(), 11),
         )
             .prop_map(|((reply_id, log_id, status, code), s)| Reply {
                 destination: "out".into(),
@@ -233,6 +243,7 @@ mod tests {
                 status_code: code,
                 log_id: Uuid::from_u128(log_id),
                 processed_at: s[9].clone(),
+                supersedes: s[10].clone(),
             })
     }
 
@@ -246,7 +257,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect();
-            prop_assert_eq!(fields.len(), 14, "every field once");
+            prop_assert_eq!(fields.len(), 15, "every field once");
             prop_assert_eq!(Reply::decode("out", &fields), Ok(r));
         }
     }

@@ -354,6 +354,7 @@ impl<L: LlmService> Worker<L> {
             detail: err.to_string(),
             deliveries: entry.deliveries,
             log_id,
+            error_reply_id: Some(reply.reply_id),
         };
         let fields = protocol::dead_letter::fields(&entry.id, &entry.fields, &failure);
         let (outcome, label) = self

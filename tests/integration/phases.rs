@@ -27,6 +27,7 @@ fn message(user: &str, id: &str, content: &str) -> InboundMessage {
         conversation_id: None,
         metadata: None,
         reply_to: None,
+        supersedes: None,
     }
 }
 

@@ -408,6 +408,10 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["message_id"], "poison");
     assert_eq!(dead[0]["error_code"], "template.render");
+    assert_eq!(
+        dead[0]["error_reply_id"], poison["reply_id"],
+        "the dead letter names the error reply the user got"
+    );
 
     assert_eq!(
         app.count(
@@ -456,6 +460,19 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
             .is_empty(),
         "the replayed entry left the dead-letter stream"
     );
+    // Exactly two replies for the message: the error, then the answer that says it replaces it.
+    let all: Vec<_> = app
+        .entries(&outbound)
+        .await
+        .into_iter()
+        .filter(|e| e["message_id"] == "poison")
+        .collect();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0]["status"], "error");
+    assert_eq!(all[0]["supersedes"], "");
+    assert_eq!(all[1]["status"], "ok");
+    assert_eq!(all[1]["supersedes"], all[0]["reply_id"]);
+    assert_ne!(all[1]["reply_id"], all[0]["reply_id"]);
     assert_eq!(
         app.count(
             "SELECT count(*) FROM messages WHERE idempotency_key = 'poison'",
