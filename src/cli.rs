@@ -90,16 +90,59 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum DlqAction {
-    /// Show the oldest dead letters with their error.
+    /// Show the oldest dead letters with their error, and how many there are by error code.
     List {
+        #[command(flatten)]
+        filter: DlqFilter,
         #[arg(long, default_value_t = 20)]
         count: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every field of one dead letter (exit 1 when there is none with that id).
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Put dead letters back on the inbound stream (after fixing their cause).
     Replay {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Delete dead letters: the given ids, or every one the filters match. Asks first unless
+    /// `--yes`; prints what it removed.
+    Purge {
+        ids: Vec<String>,
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DlqFilter {
+    /// Only dead letters of this business.
+    #[arg(long)]
+    business: Option<String>,
+    /// Only dead letters with this error code.
+    #[arg(long)]
+    code: Option<String>,
+    /// Only dead letters at least this many seconds old.
+    #[arg(long)]
+    older_than_secs: Option<u64>,
+}
+
+impl DlqFilter {
+    fn filter(&self) -> dead_letter::Filter {
+        dead_letter::Filter {
+            business: self.business.clone(),
+            code: self.code.clone(),
+            older_than: self.older_than_secs.map(Duration::from_secs),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -269,8 +312,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dlq { action } => {
             let conn = cache::connect(&config.redis).await?;
             match action {
-                DlqAction::List { count } => {
-                    for d in dead_letter::list(&conn, &config.streams, count).await? {
+                DlqAction::List {
+                    filter,
+                    count,
+                    json,
+                } => {
+                    let found =
+                        dead_letter::find(&conn, &config.streams, &filter.filter(), count).await?;
+                    let mut by_code: std::collections::BTreeMap<String, usize> =
+                        std::collections::BTreeMap::new();
+                    for d in &found {
+                        *by_code.entry(d.field("error_code")).or_default() += 1;
+                        if json {
+                            println!("{}", d.to_json());
+                            continue;
+                        }
                         println!(
                             "{}  {}  business {} user {} message {}  after {} deliveries at {}",
                             d.id,
@@ -283,6 +339,67 @@ async fn run(cli: Cli) -> Result<()> {
                         );
                         println!("    {}", d.field("error_detail"));
                     }
+                    if !json {
+                        let counts: Vec<String> =
+                            by_code.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+                        println!(
+                            "{} dead letter(s) shown; {}",
+                            found.len(),
+                            counts.join(", ")
+                        );
+                    }
+                }
+                DlqAction::Show { id, json } => {
+                    let Some(d) = dead_letter::show(&conn, &config.streams, &id).await? else {
+                        anyhow::bail!("no dead letter {id}");
+                    };
+                    if json {
+                        println!("{}", d.to_json());
+                    } else {
+                        println!("{}", d.id);
+                        for (k, v) in &d.fields {
+                            println!(
+                                "  {:<16} {}",
+                                String::from_utf8_lossy(k),
+                                String::from_utf8_lossy(v)
+                            );
+                        }
+                    }
+                }
+                DlqAction::Purge { ids, filter, yes } => {
+                    let ids = if ids.is_empty() {
+                        let f = filter.filter();
+                        if f.business.is_none() && f.code.is_none() && f.older_than.is_none() {
+                            anyhow::bail!("name the dead letters to purge: ids, or filters");
+                        }
+                        dead_letter::find(&conn, &config.streams, &f, usize::MAX)
+                            .await?
+                            .into_iter()
+                            .map(|d| d.id)
+                            .collect()
+                    } else {
+                        ids
+                    };
+                    if ids.is_empty() {
+                        println!("nothing to purge");
+                        return Ok(());
+                    }
+                    if !yes {
+                        print!("Delete {} dead letter(s)? [y/N] ", ids.len());
+                        std::io::stdout().flush()?;
+                        let mut answer = String::new();
+                        std::io::stdin().lock().read_line(&mut answer)?;
+                        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                            println!("nothing removed");
+                            return Ok(());
+                        }
+                    }
+                    let removed = dead_letter::purge(&conn, &config.streams, &ids).await?;
+                    for id in &removed {
+                        println!("removed {id}");
+                    }
+                    tracing::info!(count = removed.len(), "dead letters purged");
+                    println!("removed {} of {}", removed.len(), ids.len());
                 }
                 DlqAction::Replay { ids } => {
                     let done = dead_letter::replay(&conn, &config.streams, &ids).await?;

@@ -1,5 +1,6 @@
-//! The dead-letter stream seen from the operator's side (`icmp dlq`): list what is there, and
-//! replay entries onto the inbound stream once their cause is fixed. Entries are read as raw
+//! The dead-letter stream seen from the operator's side (`icmp dlq`): list what is there
+//! (filtered by business, error code and age), show one entry, replay entries onto the inbound
+//! stream once their cause is fixed, and purge them. Entries are read as raw
 //! bytes, so a dead letter whose original fields are not UTF-8 lists and replays like any other.
 
 use redis::Value;
@@ -45,6 +46,115 @@ async fn range(
         .into_iter()
         .map(|(id, fields)| DeadLetter { id, fields })
         .collect())
+}
+
+/// Which dead letters an operator command is about.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this business (as written in the entry).
+    pub business: Option<String>,
+    /// Only this error code.
+    pub code: Option<String>,
+    /// Only entries dead-lettered at least this long ago.
+    pub older_than: Option<std::time::Duration>,
+}
+
+impl Filter {
+    pub fn matches(&self, d: &DeadLetter, now_ms: u64) -> bool {
+        let business_ok = self
+            .business
+            .as_ref()
+            .is_none_or(|b| d.field("business_id").trim().eq_ignore_ascii_case(b.trim()));
+        let code_ok = self
+            .code
+            .as_ref()
+            .is_none_or(|c| &d.field("error_code") == c);
+        let age_ok = self.older_than.is_none_or(|age| {
+            let at: u64 =
+                d.id.split_once('-')
+                    .and_then(|(ms, _)| ms.parse().ok())
+                    .unwrap_or(u64::MAX);
+            now_ms.saturating_sub(at) >= age.as_millis() as u64
+        });
+        business_ok && code_ok && age_ok
+    }
+}
+
+impl DeadLetter {
+    /// Every field as text (lossy), the stream id under `id`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        map.insert("id".into(), self.id.clone().into());
+        for (k, v) in &self.fields {
+            map.insert(
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned().into(),
+            );
+        }
+        serde_json::Value::Object(map)
+    }
+}
+
+/// The oldest dead letters that match `filter`, up to `count` (the whole stream is scanned in
+/// pages).
+pub async fn find(
+    conn: &ConnectionManager,
+    streams: &StreamsConfig,
+    filter: &Filter,
+    count: usize,
+) -> Result<Vec<DeadLetter>, StreamError> {
+    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+    let mut out = Vec::new();
+    let mut from = "-".to_owned();
+    while out.len() < count {
+        let page = range(conn, &streams.dead_letter, &from, "+", 500).await?;
+        let Some(last) = page.last().map(|d| d.id.clone()) else {
+            break;
+        };
+        let full = page.len() == 500;
+        out.extend(
+            page.into_iter()
+                .filter(|d| filter.matches(d, now_ms))
+                .take(count - out.len()),
+        );
+        if !full {
+            break;
+        }
+        from = format!("({last}");
+    }
+    Ok(out)
+}
+
+/// One dead letter by its stream id.
+pub async fn show(
+    conn: &ConnectionManager,
+    streams: &StreamsConfig,
+    id: &str,
+) -> Result<Option<DeadLetter>, StreamError> {
+    Ok(range(conn, &streams.dead_letter, id, id, 1)
+        .await?
+        .into_iter()
+        .find(|d| d.id == id))
+}
+
+/// Deletes the given dead letters; returns the ids that were there.
+pub async fn purge(
+    conn: &ConnectionManager,
+    streams: &StreamsConfig,
+    ids: &[String],
+) -> Result<Vec<String>, StreamError> {
+    let mut removed = Vec::new();
+    for id in ids {
+        let n: u64 = redis::cmd("XDEL")
+            .arg(&streams.dead_letter)
+            .arg(id)
+            .query_async(&mut conn.clone())
+            .await?;
+        if n == 1 {
+            removed.push(id.clone());
+        }
+    }
+    Ok(removed)
 }
 
 /// The oldest `count` dead letters.

@@ -77,6 +77,17 @@ async fn a_worker_serves_metrics_and_health_and_never_logs_secrets() {
 /// Runs `icmp ARGS` against `config`'s streams with `input` on stdin; returns its stdout after
 /// checking it succeeded.
 async fn run_icmp(config: &icmp::config::Config, args: &[&str], input: &[u8]) -> String {
+    let (ok, stdout, stderr) = run_icmp_status(config, args, input).await;
+    assert!(ok, "{stdout} {stderr}");
+    stdout
+}
+
+/// Runs `icmp ARGS` with `input` on stdin; returns (exit success, stdout, stderr).
+async fn run_icmp_status(
+    config: &icmp::config::Config,
+    args: &[&str],
+    input: &[u8],
+) -> (bool, String, String) {
     let (config, args, input) = (
         config.clone(),
         args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>(),
@@ -97,13 +108,11 @@ async fn run_icmp(config: &icmp::config::Config, args: &[&str], input: &[u8]) ->
     })
     .await
     .expect("join");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
+    (
         out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,4 +184,77 @@ async fn a_python_client_sends_a_message_and_reads_its_reply() {
         "{reply}"
     );
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_lists_shows_and_purges_by_filter_with_exit_codes_scripts_can_use() {
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let dead = app.config.streams.dead_letter.clone();
+    let mut ids = Vec::new();
+    for (business, code, message) in [
+        ("b-1", "template.render", "m1"),
+        ("b-1", "db.error", "m2"),
+        ("b-2", "template.render", "m3"),
+    ] {
+        let id: String = redis::cmd("XADD")
+            .arg(&dead)
+            .arg("*")
+            .arg(&[
+                ("business_id", business),
+                ("user_id", "u"),
+                ("message_id", message),
+                ("content", "hi"),
+                ("error_code", code),
+                ("error_detail", "detail"),
+                ("deliveries", "3"),
+            ])
+            .query_async(&mut app.redis.clone())
+            .await
+            .expect("xadd");
+        ids.push(id);
+    }
+    let c = &app.config;
+    let json = run_icmp(
+        c,
+        &["dlq", "list", "--code", "template.render", "--json"],
+        b"",
+    )
+    .await;
+    let listed: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|d| d["error_code"] == "template.render"));
+    let text = run_icmp(c, &["dlq", "list", "--business", "b-1"], b"").await;
+    assert!(
+        text.contains("2 dead letter(s) shown; db.error: 1, template.render: 1"),
+        "{text}"
+    );
+
+    let shown = run_icmp(c, &["dlq", "show", &ids[1]], b"").await;
+    assert!(
+        shown.contains("db.error") && shown.contains("m2"),
+        "{shown}"
+    );
+    let (ok, _, stderr) = run_icmp_status(c, &["dlq", "show", "1-1"], b"").await;
+    assert!(!ok, "an unknown id is an error exit");
+    assert!(stderr.contains("no dead letter 1-1"), "{stderr}");
+
+    // Purge asks first: "n" removes nothing.
+    let out = run_icmp(c, &["dlq", "purge", "--code", "template.render"], b"n\n").await;
+    assert!(out.contains("nothing removed"), "{out}");
+    assert_eq!(app.entries(&dead).await.len(), 3);
+    let out = run_icmp(
+        c,
+        &["dlq", "purge", "--code", "template.render", "--yes"],
+        b"",
+    )
+    .await;
+    assert!(out.contains(&format!("removed {}", ids[0])), "{out}");
+    assert!(out.contains(&format!("removed {}", ids[2])), "{out}");
+    assert!(out.contains("removed 2 of 2"), "{out}");
+    let left = app.entries(&dead).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["message_id"], "m2");
 }
