@@ -79,6 +79,12 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
+    /// Show a stored conversation: its messages with stages and template versions, and the
+    /// data extracted (exit 1 when there is none).
+    Conversation {
+        #[command(subcommand)]
+        action: ConversationAction,
+    },
     /// Inspect or replay the dead-letter stream.
     Dlq {
         #[command(subcommand)]
@@ -119,6 +125,24 @@ enum DlqAction {
         filter: DlqFilter,
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConversationAction {
+    /// The transcript of a conversation: by id, or a user's latest with --business and --user.
+    Show {
+        id: Option<String>,
+        #[arg(long)]
+        business: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// One JSON object (the conversation with its messages).
+        #[arg(long)]
+        json: bool,
+        /// One JSON object per message.
+        #[arg(long, conflicts_with = "json")]
+        jsonl: bool,
     },
 }
 
@@ -307,6 +331,41 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if failed > 0 {
                 anyhow::bail!("{failed} of {} transcripts differ", files.len());
+            }
+        }
+        Command::Conversation {
+            action:
+                ConversationAction::Show {
+                    id,
+                    business,
+                    user,
+                    json,
+                    jsonl,
+                },
+        } => {
+            let store = Store::connect(&config.database)?;
+            let which = match (&id, &business, &user) {
+                (Some(id), None, None) => store::conversations::ConversationRef::Id(
+                    uuid::Uuid::parse_str(id).context("the conversation id is not a UUID")?,
+                ),
+                (None, Some(b), Some(u)) => store::conversations::ConversationRef::Latest {
+                    business_id: uuid::Uuid::parse_str(b)
+                        .context("the business id is not a UUID")?,
+                    user: u,
+                },
+                _ => anyhow::bail!("give a conversation id, or --business and --user"),
+            };
+            let Some(c) = store.conversation_record(which).await? else {
+                anyhow::bail!("no such conversation");
+            };
+            if json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else if jsonl {
+                for m in &c.messages {
+                    println!("{}", serde_json::to_string(m)?);
+                }
+            } else {
+                print_conversation(&c);
             }
         }
         Command::Dlq { action } => {
@@ -500,6 +559,29 @@ async fn chat(config: &Config, target: Target) -> Result<()> {
         }
         print_reply(&reply);
     }
+}
+
+fn print_conversation(c: &icmp::model::ConversationRecord) {
+    println!(
+        "conversation {} · business {} · user {} · stage {} · version {}",
+        c.id, c.business_id, c.user_id, c.stage, c.version
+    );
+    for m in &c.messages {
+        let stage = m.stage.as_deref().unwrap_or("?");
+        let how = match (&m.status, &m.template, m.template_version) {
+            (Some(status), Some(t), Some(v)) => format!("{stage}, {status}, {t} v{v}"),
+            (Some(status), _, _) => format!("{stage}, {status}"),
+            _ => stage.to_owned(),
+        };
+        println!(
+            "{}  {:<9} ({how})  {}",
+            m.created_at.format("%Y-%m-%d %H:%M:%S"),
+            m.role,
+            m.content
+        );
+    }
+    let extracted = serde_json::Value::Object(c.extracted.clone());
+    println!("extracted: {extracted}");
 }
 
 /// `icmp replay --record`: an interactive conversation (as `icmp chat`), written to `path` as a

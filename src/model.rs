@@ -155,6 +155,39 @@ pub struct ConversationState {
     pub window: usize,
 }
 
+/// A stored conversation as an operator reads it (`icmp conversation show`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConversationRecord {
+    pub id: Uuid,
+    pub business_id: Uuid,
+    pub user_id: String,
+    /// The current stage's name.
+    pub stage: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub messages: Vec<StoredMessage>,
+    pub extracted: Extracted,
+}
+
+/// One stored message of a [`ConversationRecord`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredMessage {
+    pub id: Uuid,
+    pub role: String,
+    pub content: String,
+    /// The stage it was written in (user) or answered from (assistant).
+    pub stage: Option<String>,
+    /// Assistant rows: `ok` or `fallback`.
+    pub status: Option<String>,
+    /// Assistant rows: the template (name and version) the reply came from.
+    pub template: Option<String>,
+    pub template_version: Option<i32>,
+    pub message_id: String,
+    pub log_id: Uuid,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

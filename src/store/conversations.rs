@@ -4,7 +4,9 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::model::{Answer, Conversation, Extracted, Role, Turn};
+use crate::model::{
+    Answer, Conversation, ConversationRecord, Extracted, Role, StoredMessage, Turn,
+};
 
 const CONVERSATION_COLUMNS: &str = "c.id, c.business_id, u.external_id, c.current_stage_id, \
      c.version, c.created_at, c.updated_at";
@@ -195,4 +197,87 @@ impl Store {
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
+
+    /// A conversation with every message, for operators; by id, or the latest of a user.
+    pub async fn conversation_record(
+        &self,
+        which: ConversationRef<'_>,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
+        let client = self.client().await?;
+        let head = match which {
+            ConversationRef::Id(id) => {
+                // The business is not known yet: read it first (operators run as the owner).
+                let find = client
+                    .prepare_cached("SELECT business_id FROM conversations WHERE id = $1")
+                    .await?;
+                let Some(row) = client.query_opt(&find, &[&id]).await? else {
+                    return Ok(None);
+                };
+                let business_id: Uuid = row.get(0);
+                let conv = self.load_conversation(business_id, id).await?;
+                conv
+            }
+            ConversationRef::Latest { business_id, user } => {
+                self.latest_conversation(business_id, user).await?
+            }
+        };
+        let Some(conv) = head else {
+            return Ok(None);
+        };
+        let b = conv.business_id;
+        let stmt = client
+            .prepare_cached(
+                "SELECT m.id, m.role, m.content, s.name, m.status, t.name, m.template_version, \
+                 m.idempotency_key, m.log_id, m.created_at FROM messages m \
+                 LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
+                 LEFT JOIN templates t ON t.business_id = m.business_id AND t.id = m.template_id \
+                 WHERE m.business_id = $1 AND m.conversation_id = $2 ORDER BY m.seq",
+            )
+            .await?;
+        let messages = self
+            .scoped(&client, b, &stmt, &[&b, &conv.id])
+            .await?
+            .iter()
+            .map(|r| StoredMessage {
+                id: r.get(0),
+                role: r.get(1),
+                content: r.get(2),
+                stage: r.get(3),
+                status: r.get(4),
+                template: r.get(5),
+                template_version: r.get(6),
+                message_id: r.get(7),
+                log_id: r.get(8),
+                created_at: r.get(9),
+            })
+            .collect();
+        let stage_stmt = client
+            .prepare_cached("SELECT name FROM stages WHERE business_id = $1 AND id = $2")
+            .await?;
+        let stage = self
+            .scoped(&client, b, &stage_stmt, &[&b, &conv.stage_id])
+            .await?
+            .first()
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_default();
+        let extracted = self.extracted(b, conv.id).await?;
+        Ok(Some(ConversationRecord {
+            id: conv.id,
+            business_id: b,
+            user_id: conv.user_external_id,
+            stage,
+            version: conv.version,
+            created_at: conv.created_at,
+            updated_at: conv.updated_at,
+            messages,
+            extracted,
+        }))
+    }
+}
+
+/// Which conversation an operator asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum ConversationRef<'a> {
+    Id(Uuid),
+    Latest { business_id: Uuid, user: &'a str },
 }

@@ -258,3 +258,58 @@ async fn dlq_lists_shows_and_purges_by_filter_with_exit_codes_scripts_can_use() 
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["message_id"], "m2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversation_show_prints_the_transcript_with_stages_templates_and_data() {
+    let app = crate::helpers::spawn_app(MockOptions::default()).await;
+    app.send("cleo", "c1", "I'd like to book, my name is Cleo Park")
+        .await;
+    let first = app.reply("c1").await;
+    app.send("cleo", "c2", "On 2026-12-04 for a checkup").await;
+    let _ = app.reply("c2").await;
+    let conv = first["conversation_id"].clone();
+    let c = &app.config;
+
+    let json = run_icmp(c, &["conversation", "show", &conv, "--json"], b"").await;
+    let record: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
+    assert_eq!(record["id"], conv.as_str());
+    assert_eq!(record["user_id"], "cleo");
+    assert_eq!(record["stage"], "booking");
+    let messages = record["messages"].as_array().expect("messages");
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+    assert_eq!(messages[1]["template"], "booking_reply");
+    assert_eq!(messages[1]["template_version"], 1);
+    assert_eq!(record["extracted"]["name"], "Cleo Park");
+
+    let lines = run_icmp(
+        c,
+        &[
+            "conversation",
+            "show",
+            "--business",
+            crate::helpers::DEMO_BUSINESS,
+            "--user",
+            "cleo",
+            "--jsonl",
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(lines.lines().count(), 4, "one line per message");
+    let text = run_icmp(c, &["conversation", "show", &conv], b"").await;
+    assert!(text.contains("booking, ok, booking_reply v1"), "{text}");
+
+    let (ok, _, stderr) = run_icmp_status(
+        c,
+        &["conversation", "show", &uuid::Uuid::new_v4().to_string()],
+        b"",
+    )
+    .await;
+    assert!(!ok, "an unknown conversation is an error exit");
+    assert!(stderr.contains("no such conversation"), "{stderr}");
+    app.stop().await;
+}
