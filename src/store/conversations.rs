@@ -214,8 +214,7 @@ impl Store {
                     return Ok(None);
                 };
                 let business_id: Uuid = row.get(0);
-                let conv = self.load_conversation(business_id, id).await?;
-                conv
+                self.load_conversation(business_id, id).await?
             }
             ConversationRef::Latest { business_id, user } => {
                 self.latest_conversation(business_id, user).await?
