@@ -85,6 +85,15 @@ enum Command {
         #[command(subcommand)]
         action: ConversationAction,
     },
+    /// The group's lag and pending entries, consumers, order queues, dead letters, and each
+    /// business's replies, fallbacks and errors over the last minutes.
+    Status {
+        /// The window of the per-business figures.
+        #[arg(long, default_value_t = 15)]
+        minutes: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect or replay the dead-letter stream.
     Dlq {
         #[command(subcommand)]
@@ -366,6 +375,17 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             } else {
                 print_conversation(&c);
+            }
+        }
+        Command::Status { minutes, json } => {
+            let conn = cache::connect(&config.redis).await?;
+            let store = Store::connect(&config.database)?;
+            let status =
+                icmp::status::read(&conn, &config.redis, &config.streams, &store, minutes).await?;
+            if json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                print!("{status}");
             }
         }
         Command::Dlq { action } => {

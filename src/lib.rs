@@ -24,6 +24,7 @@
 //!   fenced finish, retention).
 //! - [`worker`]: holding entries from delivery to finish, the run loop, and the composition
 //!   root that builds a worker from its configuration.
+//! - [`status`]: `icmp status`: lag, consumers, queues, dead letters, per-business ratios.
 //! - [`transcript`]: golden transcripts, recorded and replayed (`icmp replay`).
 //! - [`tls`]: TLS to PostgreSQL and Redis: certificate roots and `sslmode`.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
@@ -39,6 +40,7 @@ pub mod model;
 pub mod pipeline;
 pub mod protocol;
 pub mod retry;
+pub mod status;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

@@ -178,3 +178,30 @@ impl Store {
         Ok((stages, templates))
     }
 }
+
+impl Store {
+    /// Per business over the last `minutes`: (id, name, replies stored, fallback replies).
+    /// Operators run as the owner, whom row-level security does not restrict.
+    pub async fn recent_activity(
+        &self,
+        minutes: u64,
+    ) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT b.id::text, b.name, count(*), count(*) FILTER (WHERE m.status = 'fallback') \
+                 FROM messages m JOIN businesses b ON b.id = m.business_id \
+                 WHERE m.role = 'assistant' AND m.created_at > now() - make_interval(mins => $1) \
+                 GROUP BY b.id, b.name ORDER BY b.name",
+            )
+            .await?;
+        self.count_round_trip();
+        let minutes = i32::try_from(minutes).unwrap_or(i32::MAX);
+        Ok(client
+            .query(&stmt, &[&minutes])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}

@@ -285,6 +285,25 @@ pub(crate) fn range_entries(v: Value) -> Vec<(String, Fields)> {
         .collect()
 }
 
+/// Like [`range_entries`], with names and values as text (lossy), for reports.
+pub fn string_entries(v: Value) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    range_entries(v)
+        .into_iter()
+        .map(|(id, fields)| {
+            let map = fields
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(&k).into_owned(),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    )
+                })
+                .collect();
+            (id, map)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

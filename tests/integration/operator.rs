@@ -313,3 +313,43 @@ async fn conversation_show_prints_the_transcript_with_stages_templates_and_data(
     assert!(stderr.contains("no such conversation"), "{stderr}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_the_group_consumers_queues_and_each_business() {
+    let app = crate::helpers::spawn_app(MockOptions::default()).await;
+    for (user, id) in [("sue", "s1"), ("sam", "s2"), ("sue", "s3")] {
+        app.send(user, id, "Hello there").await;
+        assert_eq!(app.reply(id).await["status"], "ok");
+    }
+    // Bad input for the same business: an error reply.
+    app.xadd(&[
+        ("business_id", crate::helpers::DEMO_BUSINESS.as_bytes()),
+        ("user_id", b"sue"),
+        ("message_id", b"bad"),
+        ("content", b"   "),
+    ])
+    .await;
+    assert_eq!(app.reply("bad").await["status"], "error");
+    app.settle(std::time::Duration::from_secs(30)).await;
+
+    let json = run_icmp(&app.config, &["status", "--json"], b"").await;
+    let s: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
+    assert_eq!(s["group_exists"], true);
+    assert_eq!(s["pending"], 0);
+    assert_eq!(s["lag"], 0);
+    assert!(!s["consumers"].as_array().expect("consumers").is_empty());
+    let demo = s["businesses"]
+        .as_array()
+        .expect("businesses")
+        .iter()
+        .find(|b| b["business_id"] == crate::helpers::DEMO_BUSINESS)
+        .cloned()
+        .expect("the demo business");
+    assert_eq!(demo["replies"], 3);
+    assert_eq!(demo["errors"], 1);
+    assert_eq!(demo["error_ratio"], 0.25);
+    let text = run_icmp(&app.config, &["status"], b"").await;
+    assert!(text.contains("lag 0 · pending 0"), "{text}");
+    assert!(text.contains("3 replies"), "{text}");
+    app.stop().await;
+}

@@ -1,0 +1,266 @@
+//! `icmp status`: what an operator asks first. Is the group keeping up (lag, pending)? Which
+//! consumers hold what, and since when? How many order queues are in use, and how many dead
+//! letters wait? How is each business doing over the last minutes (replies, fallbacks, errors)?
+//! Read from Redis and PostgreSQL as they are now; nothing is changed.
+
+use std::collections::BTreeMap;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+use crate::config::{RedisConfig, StreamsConfig};
+use crate::error::StreamError;
+use crate::store::{Store, StoreError};
+use crate::stream::Keys;
+
+/// The status report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub stream: String,
+    pub group: String,
+    /// Whether the consumer group exists (no worker ever ran when it does not).
+    pub group_exists: bool,
+    /// Entries not yet delivered to the group (Redis ≥ 7).
+    pub lag: Option<u64>,
+    /// Entries delivered and not yet acknowledged.
+    pub pending: u64,
+    pub consumers: Vec<Consumer>,
+    /// Users with messages waiting in an order queue.
+    pub queues_in_use: u64,
+    pub dead_letters: u64,
+    /// The window the per-business figures cover.
+    pub window_minutes: u64,
+    pub businesses: Vec<BusinessActivity>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Consumer {
+    pub name: String,
+    /// Entries it holds (delivered, not acknowledged).
+    pub pending: u64,
+    pub idle_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BusinessActivity {
+    pub business_id: String,
+    pub name: String,
+    pub replies: i64,
+    pub fallbacks: i64,
+    /// Error replies on the outbound stream in the window (bad input, dead letters).
+    pub errors: u64,
+    pub fallback_ratio: f64,
+    pub error_ratio: f64,
+}
+
+/// Why the status could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<redis::RedisError> for StatusError {
+    fn from(e: redis::RedisError) -> Self {
+        StatusError::Stream(e.into())
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn number(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// The field/value pairs of an `XINFO` entry, by name.
+fn fields(v: Value) -> BTreeMap<String, Value> {
+    let Value::Array(items) = v else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.insert(text(&k), v);
+    }
+    out
+}
+
+/// Reads the status now; per-business figures cover the last `window_minutes`.
+///
+/// # Errors
+/// Redis or PostgreSQL failures.
+pub async fn read(
+    conn: &ConnectionManager,
+    redis: &RedisConfig,
+    streams: &StreamsConfig,
+    store: &Store,
+    window_minutes: u64,
+) -> Result<Status, StatusError> {
+    let mut c = conn.clone();
+    let groups: Result<Value, redis::RedisError> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&streams.inbound)
+        .query_async(&mut c)
+        .await;
+    let ours = match groups {
+        Ok(Value::Array(list)) => list
+            .into_iter()
+            .map(fields)
+            .find(|g| g.get("name").map(text).as_deref() == Some(streams.group.as_str())),
+        // No stream yet.
+        _ => None,
+    };
+    let mut consumers = Vec::new();
+    if ours.is_some() {
+        let list: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&streams.inbound)
+            .arg(&streams.group)
+            .query_async(&mut c)
+            .await?;
+        if let Value::Array(list) = list {
+            for entry in list {
+                let f = fields(entry);
+                consumers.push(Consumer {
+                    name: f.get("name").map(text).unwrap_or_default(),
+                    pending: f.get("pending").and_then(number).unwrap_or(0),
+                    idle_ms: f.get("idle").and_then(number).unwrap_or(0),
+                });
+            }
+        }
+    }
+    let keys = Keys::new(streams, &redis.key_prefix);
+    let queues_in_use: u64 = redis::cmd("SCARD")
+        .arg(&keys.queue_index)
+        .query_async(&mut c)
+        .await?;
+    let dead_letters: u64 = redis::cmd("XLEN")
+        .arg(&streams.dead_letter)
+        .query_async(&mut c)
+        .await?;
+    let errors = error_replies(conn, streams, window_minutes).await?;
+    let mut businesses = Vec::new();
+    for (id, name, replies, fallbacks) in store.recent_activity(window_minutes).await? {
+        let errors = errors.get(&id).copied().unwrap_or(0);
+        let answered = (replies as f64 + errors as f64).max(1.0);
+        businesses.push(BusinessActivity {
+            fallback_ratio: fallbacks as f64 / (replies as f64).max(1.0),
+            error_ratio: errors as f64 / answered,
+            business_id: id,
+            name,
+            replies,
+            fallbacks,
+            errors,
+        });
+    }
+    Ok(Status {
+        stream: streams.inbound.clone(),
+        group: streams.group.clone(),
+        group_exists: ours.is_some(),
+        lag: ours.as_ref().and_then(|g| g.get("lag")).and_then(number),
+        pending: ours
+            .as_ref()
+            .and_then(|g| g.get("pending"))
+            .and_then(number)
+            .unwrap_or(0),
+        consumers,
+        queues_in_use,
+        dead_letters,
+        window_minutes,
+        businesses,
+    })
+}
+
+/// Error replies on the outbound stream in the window, by business id.
+async fn error_replies(
+    conn: &ConnectionManager,
+    streams: &StreamsConfig,
+    window_minutes: u64,
+) -> Result<BTreeMap<String, u64>, StatusError> {
+    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+    let mut from = format!("{}-0", now_ms.saturating_sub(window_minutes * 60_000));
+    let mut out = BTreeMap::new();
+    loop {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&streams.outbound)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn.clone())
+            .await?;
+        let page = crate::stream::string_entries(reply);
+        let full = page.len() == 1000;
+        for (_, f) in &page {
+            if f.get("status").map(String::as_str) == Some("error") {
+                *out.entry(f.get("business_id").cloned().unwrap_or_default())
+                    .or_default() += 1;
+            }
+        }
+        match page.last() {
+            Some((id, _)) if full => from = format!("({id}"),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.group_exists {
+            writeln!(
+                f,
+                "stream {}: no group {} yet (no worker has run)",
+                self.stream, self.group
+            )?;
+        } else {
+            let lag = self.lag.map_or("unknown".to_owned(), |l| l.to_string());
+            writeln!(
+                f,
+                "stream {} · group {}: lag {lag} · pending {}",
+                self.stream, self.group, self.pending
+            )?;
+        }
+        for c in &self.consumers {
+            writeln!(
+                f,
+                "  consumer {:<32} holds {:>6} · idle {:.1} s",
+                c.name,
+                c.pending,
+                c.idle_ms as f64 / 1000.0
+            )?;
+        }
+        writeln!(f, "order queues in use: {}", self.queues_in_use)?;
+        writeln!(f, "dead letters: {}", self.dead_letters)?;
+        writeln!(f, "last {} minutes, by business:", self.window_minutes)?;
+        if self.businesses.is_empty() {
+            writeln!(f, "  (no replies)")?;
+        }
+        for b in &self.businesses {
+            writeln!(
+                f,
+                "  {} ({}): {} replies · fallback {:.1} % · errors {} ({:.1} %)",
+                b.name,
+                b.business_id,
+                b.replies,
+                b.fallback_ratio * 100.0,
+                b.errors,
+                b.error_ratio * 100.0
+            )?;
+        }
+        Ok(())
+    }
+}
