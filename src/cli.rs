@@ -85,6 +85,14 @@ enum Command {
         #[command(subcommand)]
         action: ConversationAction,
     },
+    /// Everything known about one message, by its message_id, log_id or inbound entry id:
+    /// entry, pending state, stored rows with step timings, LLM calls, transition, reply or
+    /// dead letter (exit 1 when nothing is found).
+    Trace {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The group's lag and pending entries, consumers, order queues, dead letters, and each
     /// business's replies, fallbacks and errors over the last minutes.
     Status {
@@ -375,6 +383,19 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             } else {
                 print_conversation(&c);
+            }
+        }
+        Command::Trace { id, json } => {
+            let conn = cache::connect(&config.redis).await?;
+            let store = Store::connect(&config.database)?;
+            let t = icmp::trace::trace(&conn, &config.streams, &store, &id).await?;
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            } else {
+                print!("{t}");
+            }
+            if !t.found() {
+                anyhow::bail!("nothing found for {id}");
             }
         }
         Command::Status { minutes, json } => {

@@ -25,6 +25,7 @@
 //! - [`worker`]: holding entries from delivery to finish, the run loop, and the composition
 //!   root that builds a worker from its configuration.
 //! - [`status`]: `icmp status`: lag, consumers, queues, dead letters, per-business ratios.
+//! - [`trace`]: `icmp trace`: everything known about one message.
 //! - [`transcript`]: golden transcripts, recorded and replayed (`icmp replay`).
 //! - [`tls`]: TLS to PostgreSQL and Redis: certificate roots and `sslmode`.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
@@ -46,5 +47,6 @@ pub mod stream;
 pub mod telemetry;
 pub mod template;
 pub mod tls;
+pub mod trace;
 pub mod transcript;
 pub mod worker;

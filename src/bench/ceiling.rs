@@ -61,6 +61,7 @@ pub fn script(r: &Refs) -> String {
         21 => calls.clone(),
         22 => format!("'{t}'::uuid"),
         23 => "1".into(),
+        24 => "'{\"read\": 1, \"respond\": 50}'::jsonb".into(),
         n => unreachable!("the write set has no parameter ${n}"),
     });
     // pgbench reads one statement per line.

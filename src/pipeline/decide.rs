@@ -31,6 +31,9 @@ pub struct Decisions<'b> {
     pub response: Response,
     /// Every LLM call made, in order (for `llm_calls`).
     pub calls: Vec<LlmCallRecord>,
+    /// How long each step took, in milliseconds (`select`, `extract`, `respond`), stored
+    /// with the reply for `icmp trace`.
+    pub timings: Vec<(&'static str, u64)>,
 }
 
 /// What the LLM phase uses.
@@ -58,6 +61,7 @@ pub async fn decide<'b, L: LlmService>(
     read: &mut Read<'b>,
 ) -> Result<Decisions<'b>, PipelineError> {
     let mut calls = Vec::with_capacity(5);
+    let mut timings = Vec::with_capacity(3);
     let mut stage = read.stage;
     let mut templates = read.templates;
     let mut transition = None;
@@ -84,6 +88,7 @@ pub async fn decide<'b, L: LlmService>(
             read.context.set_stage(next);
         }
         metrics::step("select", t.elapsed());
+        timings.push(("select", t.elapsed().as_millis() as u64));
     }
 
     // Step 8: data extraction, when the (new) stage has an extraction template.
@@ -103,6 +108,7 @@ pub async fn decide<'b, L: LlmService>(
         read.context.merge_extracted(&fields);
         learned = fields;
         metrics::step("extract", t.elapsed());
+        timings.push(("extract", t.elapsed().as_millis() as u64));
     }
 
     // Step 9: the response, or the fallback template's text.
@@ -123,6 +129,7 @@ pub async fn decide<'b, L: LlmService>(
     .await?;
     calls.push(call);
     metrics::step("respond", t.elapsed());
+    timings.push(("respond", t.elapsed().as_millis() as u64));
 
     Ok(Decisions {
         stage,
@@ -130,5 +137,6 @@ pub async fn decide<'b, L: LlmService>(
         learned,
         response,
         calls,
+        timings,
     })
 }

@@ -199,6 +199,7 @@ impl<L: LlmService> MessageHandler<L> {
             tracing::field::display(read.conversation.id),
         );
         metrics::step("read", t.elapsed());
+        let read_ms = t.elapsed().as_millis() as u64;
 
         // Steps 6–9: the LLM phase; no database connection is held.
         let deciders = decide::Deciders {
@@ -223,7 +224,7 @@ impl<L: LlmService> MessageHandler<L> {
             failpoints: &self.failpoints,
             history_turns: self.config.worker.history_turns,
         };
-        let committed = persist::write(sinks, msg, &read, &decisions, log_id).await?;
+        let committed = persist::write(sinks, msg, &read, &decisions, log_id, read_ms).await?;
         metrics::step("persist", t.elapsed());
 
         // Step 13: the committed state, cached for the next message.

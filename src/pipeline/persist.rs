@@ -45,6 +45,7 @@ pub fn write_set(
     read: &Read<'_>,
     decisions: &Decisions<'_>,
     log_id: Uuid,
+    read_ms: u64,
 ) -> WriteSet {
     let conv = &read.conversation;
     WriteSet {
@@ -71,6 +72,12 @@ pub fn write_set(
         },
         fallback_template: decisions.response.fallback_template,
         reply_template: decisions.response.template,
+        timings: serde_json::Value::Object(
+            std::iter::once(("read", read_ms))
+                .chain(decisions.timings.iter().copied())
+                .map(|(k, v)| (k.to_owned(), v.into()))
+                .collect(),
+        ),
         llm_calls: decisions.calls.clone(),
     }
 }
@@ -87,8 +94,9 @@ pub async fn write(
     read: &Read<'_>,
     decisions: &Decisions<'_>,
     log_id: Uuid,
+    read_ms: u64,
 ) -> Result<Committed, PipelineError> {
-    let ws = write_set(msg, read, decisions, log_id);
+    let ws = write_set(msg, read, decisions, log_id, read_ms);
     let result = sinks
         .retry
         .run("db.write_set", || {
@@ -226,8 +234,10 @@ mod tests {
                 template: Some((Uuid::from_u128(30), 4)),
             },
             calls: Vec::new(),
+            timings: vec![("respond", 3)],
         };
-        let ws = write_set(&msg, &read, &decisions, Uuid::from_u128(77));
+        let ws = write_set(&msg, &read, &decisions, Uuid::from_u128(77), 5);
+        assert_eq!(ws.timings, serde_json::json!({"read": 5, "respond": 3}));
         assert_eq!(
             ws.expected_version,
             Some(3),

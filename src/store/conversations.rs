@@ -280,3 +280,97 @@ pub enum ConversationRef<'a> {
     Id(Uuid),
     Latest { business_id: Uuid, user: &'a str },
 }
+
+/// What the database holds about one message (see `trace`).
+#[derive(Debug, Default)]
+pub struct TraceRows {
+    pub messages: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
+    pub llm_calls: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
+    pub transitions: Vec<(String, String)>,
+    pub extracted: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl Store {
+    /// The rows of the message with this `message_id`, `log_id` or inbound entry id, for
+    /// operators (who run as the owner). When a key matches several users' messages, the
+    /// latest one is traced.
+    pub async fn trace_rows(&self, key: &str) -> Result<TraceRows, StoreError> {
+        let client = self.client().await?;
+        let find = client
+            .prepare_cached(
+                "SELECT to_jsonb(x) FROM (SELECT m.id, m.role, m.content, s.name AS stage, \
+                 m.status, t.name AS template, m.template_version, m.timings, m.log_id, \
+                 m.inbound_id, m.idempotency_key AS message_id, m.business_id, \
+                 m.conversation_id, m.created_at FROM messages m \
+                 LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
+                 LEFT JOIN templates t ON t.business_id = m.business_id AND t.id = m.template_id \
+                 WHERE m.log_id::text = $1 OR m.inbound_id = $1 OR (m.idempotency_key = $1 \
+                   AND m.log_id = (SELECT log_id FROM messages WHERE idempotency_key = $1 \
+                                   ORDER BY seq DESC LIMIT 1)) \
+                 ORDER BY m.seq) x",
+            )
+            .await?;
+        self.count_round_trip();
+        let as_map = |v: serde_json::Value| match v {
+            serde_json::Value::Object(m) => m.into_iter().collect(),
+            _ => std::collections::BTreeMap::new(),
+        };
+        let messages: Vec<std::collections::BTreeMap<String, serde_json::Value>> = client
+            .query(&find, &[&key])
+            .await?
+            .into_iter()
+            .map(|r| as_map(r.get(0)))
+            .collect();
+        let mut rows = TraceRows {
+            messages,
+            ..TraceRows::default()
+        };
+        let user_message = rows
+            .messages
+            .iter()
+            .find(|m| m.get("role").and_then(|r| r.as_str()) == Some("user"))
+            .and_then(|m| m.get("id")?.as_str()?.parse::<Uuid>().ok());
+        let Some(message) = user_message else {
+            return Ok(rows);
+        };
+        let calls = client
+            .prepare_cached(
+                "SELECT to_jsonb(x) FROM (SELECT c.purpose, t.name AS template, \
+                 c.template_version, c.model, c.latency_ms, c.prompt_tokens, \
+                 c.completion_tokens, c.outcome, c.created_at FROM llm_calls c \
+                 LEFT JOIN templates t ON t.business_id = c.business_id AND t.id = c.template_id \
+                 WHERE c.message_id = $1 ORDER BY c.id) x",
+            )
+            .await?;
+        rows.llm_calls = client
+            .query(&calls, &[&message])
+            .await?
+            .into_iter()
+            .map(|r| as_map(r.get(0)))
+            .collect();
+        let transitions = client
+            .prepare_cached(
+                "SELECT f.name, t.name FROM stage_transitions st \
+                 JOIN stages f ON f.business_id = st.business_id AND f.id = st.from_stage_id \
+                 JOIN stages t ON t.business_id = st.business_id AND t.id = st.to_stage_id \
+                 WHERE st.message_id = $1",
+            )
+            .await?;
+        rows.transitions = client
+            .query(&transitions, &[&message])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let extracted = client
+            .prepare_cached("SELECT field, value FROM extracted_data WHERE source_message_id = $1")
+            .await?;
+        rows.extracted = client
+            .query(&extracted, &[&message])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(rows)
+    }
+}

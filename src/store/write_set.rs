@@ -70,6 +70,8 @@ pub struct WriteSet {
     pub fallback_template: Option<(Uuid, i32)>,
     /// The template (id, version) the reply came from (response or fallback).
     pub reply_template: Option<(Uuid, i32)>,
+    /// Step durations in milliseconds, stored with the reply.
+    pub timings: serde_json::Value,
     pub llm_calls: Vec<LlmCallRecord>,
 }
 
@@ -107,21 +109,21 @@ c AS (
 /// `$9` user message id, `$10` user content, `$11` user stage, `$12` metadata, `$13` assistant
 /// message id, `$14` assistant content, `$15` status, `$16`/`$17` fallback template and version,
 /// `$18`/`$19` transition from/to, `$20` extracted fields (object), `$21` LLM calls (array),
-/// `$22`/`$23` the reply's template and version.
+/// `$22`/`$23` the reply's template and version, `$24` the step timings (object).
 const WRITES: &str = "\
 m AS (
   INSERT INTO messages (id, business_id, conversation_id, role, content, idempotency_key,
                         stage_id, status, metadata, inbound_id, log_id, user_id,
                         fallback_template_id, fallback_template_version, template_id,
-                        template_version)
+                        template_version, timings)
   SELECT v.id, $1, c.id, v.role, v.content, $6, v.stage, v.status, v.metadata, $7, $8, c.user_id,
-         v.fb_id, v.fb_version, v.t_id, v.t_version
+         v.fb_id, v.fb_version, v.t_id, v.t_version, v.timings
     FROM c, (VALUES (1, $9::uuid, 'user', $10::text, $11::uuid, NULL::text, $12::jsonb,
-                     NULL::uuid, NULL::integer, NULL::uuid, NULL::integer),
+                     NULL::uuid, NULL::integer, NULL::uuid, NULL::integer, NULL::jsonb),
                     (2, $13::uuid, 'assistant', $14::text, $3::uuid, $15::text, NULL::jsonb,
-                     $16::uuid, $17::integer, $22::uuid, $23::integer))
+                     $16::uuid, $17::integer, $22::uuid, $23::integer, $24::jsonb))
          AS v(ord, id, role, content, stage, status, metadata, fb_id, fb_version, t_id,
-              t_version)
+              t_version, timings)
    ORDER BY v.ord
 ),
 t AS (
@@ -213,7 +215,7 @@ impl Store {
         let (transition_from, transition_to) = ws.transition.unzip();
         let (fallback_id, fallback_version) = ws.fallback_template.unzip();
         let (template_id, template_version) = ws.reply_template.unzip();
-        let params: [&(dyn ToSql + Sync); 23] = [
+        let params: [&(dyn ToSql + Sync); 24] = [
             &ws.business_id,
             &ws.conversation_id,
             &ws.stage_id,
@@ -237,6 +239,7 @@ impl Store {
             &calls,
             &template_id,
             &template_version,
+            &ws.timings,
         ];
         // The fault-injection point decides the end: its error rolls the statement back.
         let (end, injected) = match before_commit() {

@@ -353,3 +353,63 @@ async fn status_reports_the_group_consumers_queues_and_each_business() {
     assert!(text.contains("3 replies"), "{text}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_explains_a_message_by_any_of_its_ids_after_the_fact() {
+    let app = crate::helpers::spawn_app(MockOptions::default()).await;
+    app.send("tia", "t1", "I'd like to book, my name is Tia Cruz")
+        .await;
+    let reply = app.reply("t1").await;
+    assert_eq!(reply["status"], "ok");
+    app.settle(std::time::Duration::from_secs(30)).await;
+    let c = &app.config;
+
+    let json = run_icmp(c, &["trace", "t1", "--json"], b"").await;
+    let t: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
+    let messages = t["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 2, "the user's row and the reply");
+    let reply_row = &messages[1];
+    assert_eq!(reply_row["role"], "assistant");
+    assert_eq!(reply_row["template"], "booking_reply");
+    for step in ["read", "select", "extract", "respond"] {
+        assert!(reply_row["timings"][step].is_u64(), "{step}: {reply_row}");
+    }
+    let purposes: Vec<&str> = t["llm_calls"]
+        .as_array()
+        .expect("calls")
+        .iter()
+        .map(|c| c["purpose"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(purposes.len(), 3, "{purposes:?}");
+    assert_eq!(
+        t["transitions"][0],
+        serde_json::json!(["welcome", "booking"])
+    );
+    assert_eq!(t["extracted"]["name"], "Tia Cruz");
+    assert_eq!(t["replies"].as_array().expect("replies").len(), 1);
+    assert_eq!(
+        t["replies"][0]["fields"]["reply_id"],
+        reply["reply_id"].as_str()
+    );
+    assert!(t["pending"].is_null(), "acknowledged");
+    assert!(t["inbound"]["id"].is_string());
+
+    // The same message by its inbound entry id and by its log id.
+    for other in [&reply["inbound_id"], &reply["log_id"]] {
+        let json = run_icmp(c, &["trace", other, "--json"], b"").await;
+        let again: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
+        assert_eq!(again["messages"], t["messages"], "traced by {other}");
+    }
+    let text = run_icmp(c, &["trace", "t1"], b"").await;
+    assert!(
+        text.contains("stage transition: welcome → booking"),
+        "{text}"
+    );
+    let (ok, _, stderr) = run_icmp_status(c, &["trace", "no-such-message"], b"").await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("nothing found for no-such-message"),
+        "{stderr}"
+    );
+    app.stop().await;
+}

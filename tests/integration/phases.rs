@@ -141,7 +141,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         failpoints: &failpoints,
         history_turns: 20,
     };
-    let committed = persist::write(sinks, &msg, &read, &decisions, Uuid::now_v7())
+    let committed = persist::write(sinks, &msg, &read, &decisions, Uuid::now_v7(), 1)
         .await
         .expect("write");
     assert_eq!(committed.state.conversation.version, 1);

@@ -1,0 +1,256 @@
+//! `icmp trace ID`: everything known about one message, by its `message_id`, `log_id` or
+//! inbound entry id. That covers the inbound entry and its pending state, both stored rows with
+//! the step timings and the template each reply came from, every LLM call (purpose, template and
+//! version, model, latency, tokens, outcome), the stage transition, the data it taught, and the
+//! reply or dead-letter entries. Read-only; works after the fact, since the step timings are
+//! stored with the message.
+
+use std::collections::BTreeMap;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+use crate::config::StreamsConfig;
+use crate::status::StatusError;
+use crate::store::Store;
+use crate::stream::string_entries;
+
+/// Everything found about one message.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Trace {
+    pub query: String,
+    /// The inbound entry, if it is still in the stream.
+    pub inbound: Option<Entry>,
+    /// Its pending state: (consumer, idle ms, deliveries), when not yet acknowledged.
+    pub pending: Option<(String, u64, u64)>,
+    pub messages: Vec<BTreeMap<String, serde_json::Value>>,
+    pub llm_calls: Vec<BTreeMap<String, serde_json::Value>>,
+    pub transitions: Vec<(String, String)>,
+    pub extracted: BTreeMap<String, serde_json::Value>,
+    pub replies: Vec<Entry>,
+    pub dead_letters: Vec<Entry>,
+}
+
+/// A stream entry, as text.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub id: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Trace {
+    /// Whether anything at all was found.
+    pub fn found(&self) -> bool {
+        self.inbound.is_some()
+            || !self.messages.is_empty()
+            || !self.replies.is_empty()
+            || !self.dead_letters.is_empty()
+    }
+}
+
+/// How many entries of the outbound and dead-letter streams a trace reads at most.
+const SCAN_LIMIT: usize = 20_000;
+
+fn is_entry_id(s: &str) -> bool {
+    s.split_once('-').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
+async fn scan(
+    conn: &ConnectionManager,
+    stream: &str,
+    from: &str,
+    keep: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> Result<Vec<Entry>, StatusError> {
+    let mut out = Vec::new();
+    let mut from = from.to_owned();
+    let mut read = 0;
+    while read < SCAN_LIMIT {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn.clone())
+            .await?;
+        let page = string_entries(reply);
+        read += page.len();
+        let full = page.len() == 1000;
+        let last = page.last().map(|(id, _)| id.clone());
+        out.extend(
+            page.into_iter()
+                .filter(|(_, f)| keep(f))
+                .map(|(id, fields)| Entry { id, fields }),
+        );
+        match last {
+            Some(id) if full => from = format!("({id}"),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Traces the message `id` (a `message_id`, `log_id` or inbound entry id).
+///
+/// # Errors
+/// Redis or PostgreSQL failures.
+pub async fn trace(
+    conn: &ConnectionManager,
+    streams: &StreamsConfig,
+    store: &Store,
+    id: &str,
+) -> Result<Trace, StatusError> {
+    let mut t = Trace {
+        query: id.to_owned(),
+        ..Trace::default()
+    };
+    let rows = store.trace_rows(id).await?;
+    t.messages = rows.messages;
+    t.llm_calls = rows.llm_calls;
+    t.transitions = rows.transitions;
+    t.extracted = rows.extracted;
+    let text = |m: &BTreeMap<String, serde_json::Value>, k: &str| {
+        m.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let inbound_id = t
+        .messages
+        .first()
+        .map(|m| text(m, "inbound_id"))
+        .filter(|s| !s.is_empty())
+        .or_else(|| is_entry_id(id).then(|| id.to_owned()));
+    let key = t
+        .messages
+        .first()
+        .map(|m| text(m, "message_id"))
+        .unwrap_or_else(|| id.to_owned());
+    if let Some(inbound) = &inbound_id {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&streams.inbound)
+            .arg(inbound)
+            .arg(inbound)
+            .query_async(&mut conn.clone())
+            .await?;
+        t.inbound = string_entries(reply)
+            .into_iter()
+            .next()
+            .map(|(id, fields)| Entry { id, fields });
+        let pending: redis::RedisResult<Value> = redis::cmd("XPENDING")
+            .arg(&streams.inbound)
+            .arg(&streams.group)
+            .arg(inbound)
+            .arg(inbound)
+            .arg(1)
+            .query_async(&mut conn.clone())
+            .await;
+        if let Ok(Value::Array(items)) = pending
+            && let Some(Value::Array(p)) = items.into_iter().next()
+        {
+            let s = |v: &Value| match v {
+                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            };
+            let n = |v: &Value| match v {
+                Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            };
+            if p.len() == 4 {
+                t.pending = Some((s(&p[1]), n(&p[2]), n(&p[3])));
+            }
+        }
+    }
+    // Replies come after their inbound entry: scan from its time (or everything).
+    let from = inbound_id
+        .as_deref()
+        .and_then(|i| i.split_once('-'))
+        .map_or("-".to_owned(), |(ms, _)| format!("{ms}-0"));
+    let matches = |f: &BTreeMap<String, String>| {
+        inbound_id
+            .as_deref()
+            .is_some_and(|i| f.get("inbound_id").map(String::as_str) == Some(i))
+            || f.get("message_id") == Some(&key)
+            || f.get("log_id").map(String::as_str) == Some(id)
+    };
+    t.replies = scan(conn, &streams.outbound, &from, matches).await?;
+    t.dead_letters = scan(conn, &streams.dead_letter, "-", matches).await?;
+    Ok(t)
+}
+
+impl std::fmt::Display for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "trace of {}", self.query)?;
+        match &self.inbound {
+            Some(e) => writeln!(f, "inbound entry {}: {:?}", e.id, e.fields)?,
+            None => writeln!(
+                f,
+                "inbound entry: not in the stream (trimmed, or never seen)"
+            )?,
+        }
+        match &self.pending {
+            Some((consumer, idle, deliveries)) => writeln!(
+                f,
+                "pending: held by {consumer}, idle {idle} ms, {deliveries} deliveries"
+            )?,
+            None => writeln!(f, "pending: no (acknowledged, or never delivered)")?,
+        }
+        for m in &self.messages {
+            let get = |k: &str| m.get(k).map(|v| v.to_string()).unwrap_or_default();
+            writeln!(
+                f,
+                "stored {} {} · stage {} · status {} · template {} v{} · timings {} · log {}",
+                get("role"),
+                get("id"),
+                get("stage"),
+                get("status"),
+                get("template"),
+                get("template_version"),
+                get("timings"),
+                get("log_id"),
+            )?;
+            writeln!(f, "    {}", get("content"))?;
+        }
+        for c in &self.llm_calls {
+            let get = |k: &str| c.get(k).map(|v| v.to_string()).unwrap_or_default();
+            writeln!(
+                f,
+                "llm call {} · template {} v{} · model {} · {} ms · tokens {}/{} · {}",
+                get("purpose"),
+                get("template"),
+                get("template_version"),
+                get("model"),
+                get("latency_ms"),
+                get("prompt_tokens"),
+                get("completion_tokens"),
+                get("outcome"),
+            )?;
+        }
+        for (from, to) in &self.transitions {
+            writeln!(f, "stage transition: {from} → {to}")?;
+        }
+        if !self.extracted.is_empty() {
+            writeln!(
+                f,
+                "extracted from it: {}",
+                serde_json::to_string(&self.extracted).unwrap_or_default()
+            )?;
+        }
+        for r in &self.replies {
+            writeln!(f, "reply {}: {:?}", r.id, r.fields)?;
+        }
+        for d in &self.dead_letters {
+            writeln!(f, "dead letter {}: {:?}", d.id, d.fields)?;
+        }
+        if !self.found() {
+            writeln!(f, "nothing found")?;
+        }
+        Ok(())
+    }
+}
