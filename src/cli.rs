@@ -312,6 +312,13 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             print_reply(&reply);
+            if reply.get("status").map(String::as_str) == Some("error") {
+                // Scripts can tell an error reply from an answer by the exit code.
+                anyhow::bail!(
+                    "the reply is an error: {}",
+                    reply.get("error_code").cloned().unwrap_or_default()
+                );
+            }
         }
         Command::Chat { target } => chat(&config, target).await?,
         Command::Replay {
@@ -575,19 +582,10 @@ async fn chat(config: &Config, target: Target) -> Result<()> {
         "Talking to business {} as {} (Ctrl-D to quit).",
         target.business, target.user
     );
-    let stdin = std::io::stdin();
     loop {
-        print!("you> ");
-        std::io::stdout().flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            println!();
+        let Some(text) = prompt_line()? else {
             return Ok(());
-        }
-        let text = line.trim_end_matches(['\n', '\r']).to_owned();
-        if text.trim().is_empty() {
-            continue;
-        }
+        };
         let reply = client::send_and_wait(
             &conn,
             &config.streams,
@@ -640,6 +638,21 @@ async fn record_transcript(
         turns: Vec::new(),
     };
     println!("Recording to {} (Ctrl-D to finish).", path.display());
+    loop {
+        let Some(text) = prompt_line()? else {
+            return Ok(());
+        };
+        let turn = runner
+            .turn(business, &user, &mut conversation, &text)
+            .await?;
+        println!("bot> [{} · {}] {}", turn.status, turn.stage, turn.reply);
+        t.turns.push(turn);
+        std::fs::write(path, t.to_toml())?;
+    }
+}
+
+/// Prompts `you> ` and reads the next non-blank line; `None` at the end of input.
+fn prompt_line() -> Result<Option<String>> {
     let stdin = std::io::stdin();
     loop {
         print!("you> ");
@@ -647,18 +660,12 @@ async fn record_transcript(
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 {
             println!();
-            return Ok(());
+            return Ok(None);
         }
-        let text = line.trim_end_matches(['\n', '\r']).to_owned();
-        if text.trim().is_empty() {
-            continue;
+        let text = line.trim_end_matches(['\n', '\r']);
+        if !text.trim().is_empty() {
+            return Ok(Some(text.to_owned()));
         }
-        let turn = runner
-            .turn(business, &user, &mut conversation, &text)
-            .await?;
-        println!("bot> [{} · {}] {}", turn.status, turn.stage, turn.reply);
-        t.turns.push(turn);
-        std::fs::write(path, t.to_toml())?;
     }
 }
 

@@ -191,29 +191,15 @@ async fn error_replies(
     window_minutes: u64,
 ) -> Result<BTreeMap<String, u64>, StatusError> {
     let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
-    let mut from = format!("{}-0", now_ms.saturating_sub(window_minutes * 60_000));
+    let from = format!("{}-0", now_ms.saturating_sub(window_minutes * 60_000));
+    let errors = crate::stream::scan_entries(conn, &streams.outbound, &from, usize::MAX, |f| {
+        f.get("status").map(String::as_str) == Some("error")
+    })
+    .await?;
     let mut out = BTreeMap::new();
-    loop {
-        let reply: Value = redis::cmd("XRANGE")
-            .arg(&streams.outbound)
-            .arg(&from)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn.clone())
-            .await?;
-        let page = crate::stream::string_entries(reply);
-        let full = page.len() == 1000;
-        for (_, f) in &page {
-            if f.get("status").map(String::as_str) == Some("error") {
-                *out.entry(f.get("business_id").cloned().unwrap_or_default())
-                    .or_default() += 1;
-            }
-        }
-        match page.last() {
-            Some((id, _)) if full => from = format!("({id}"),
-            _ => break,
-        }
+    for (_, f) in errors {
+        *out.entry(f.get("business_id").cloned().unwrap_or_default())
+            .or_default() += 1;
     }
     Ok(out)
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::config::StreamsConfig;
 use crate::status::StatusError;
 use crate::store::Store;
-use crate::stream::string_entries;
+use crate::stream::{scan_entries, string_entries};
 
 /// Everything found about one message.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -67,33 +67,11 @@ async fn scan(
     from: &str,
     keep: impl Fn(&BTreeMap<String, String>) -> bool,
 ) -> Result<Vec<Entry>, StatusError> {
-    let mut out = Vec::new();
-    let mut from = from.to_owned();
-    let mut read = 0;
-    while read < SCAN_LIMIT {
-        let reply: Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&from)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn.clone())
-            .await?;
-        let page = string_entries(reply);
-        read += page.len();
-        let full = page.len() == 1000;
-        let last = page.last().map(|(id, _)| id.clone());
-        out.extend(
-            page.into_iter()
-                .filter(|(_, f)| keep(f))
-                .map(|(id, fields)| Entry { id, fields }),
-        );
-        match last {
-            Some(id) if full => from = format!("({id}"),
-            _ => break,
-        }
-    }
-    Ok(out)
+    Ok(scan_entries(conn, stream, from, SCAN_LIMIT, keep)
+        .await?
+        .into_iter()
+        .map(|(id, fields)| Entry { id, fields })
+        .collect())
 }
 
 /// Traces the message `id` (a `message_id`, `log_id` or inbound entry id).

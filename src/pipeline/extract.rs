@@ -5,9 +5,9 @@
 
 use serde_json::Value;
 
-use super::llm_call::{LlmCaller, Purpose, Repair};
+use super::llm_call::{LlmCaller, Purpose};
 use super::template::TemplateService;
-use crate::error::{Classify, LlmError, PipelineError};
+use crate::error::{LlmError, PipelineError};
 use crate::llm::LlmService;
 use crate::model::Extracted;
 use crate::store::write_set::LlmCallRecord;
@@ -92,38 +92,11 @@ pub async fn extract<L: LlmService>(
     limits: &Limits,
 ) -> Result<(Extracted, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
-    let (result, mut record) = caller.call(Purpose::Extraction, template, &rendered).await;
-    let mut records = Vec::with_capacity(2);
-    let parsed = match result {
-        Ok(answer) => match parse_output(template, &answer.content, limits) {
-            Ok(fields) => Ok(fields),
-            Err(problem) => {
-                record.outcome = problem.code();
-                records.push(record);
-                let repair = Repair {
-                    answer: &answer.content,
-                    problem: &problem.to_string(),
-                };
-                let (again, mut second) = caller
-                    .repair(Purpose::Extraction, template, &rendered, repair)
-                    .await;
-                let fixed = again.and_then(|a| parse_output(template, &a.content, limits));
-                metrics::output_repair(
-                    "extraction",
-                    if fixed.is_ok() { "repaired" } else { "failed" },
-                );
-                if let Err(e) = &fixed
-                    && second.outcome == "ok"
-                {
-                    second.outcome = e.code();
-                }
-                record = second;
-                fixed
-            }
-        },
-        Err(e) => Err(e),
-    };
-    records.push(record);
+    let (parsed, records) = caller
+        .call_parsed(Purpose::Extraction, template, &rendered, |answer| {
+            parse_output(template, answer, limits)
+        })
+        .await;
     let fields = match parsed {
         Ok(fields) => fields,
         Err(e) => {
@@ -138,6 +111,7 @@ pub async fn extract<L: LlmService>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Classify;
 
     fn map(pairs: &[(&str, Value)]) -> Extracted {
         pairs

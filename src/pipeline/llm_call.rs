@@ -82,6 +82,51 @@ impl<L: LlmService> LlmCaller<'_, L> {
             .await
     }
 
+    /// Calls the LLM and parses the answer with `parse`. An answer that does not parse (or
+    /// validate) gets one repair turn carrying the problem. Returns the parsed value or the last
+    /// error, with every call's record (its outcome the parse error when the call itself went
+    /// well); repairs are counted per `step` and outcome.
+    pub async fn call_parsed<T>(
+        &self,
+        purpose: Purpose,
+        template: &Compiled,
+        rendered: &Rendered,
+        parse: impl Fn(&str) -> Result<T, LlmError>,
+    ) -> (Result<T, LlmError>, Vec<LlmCallRecord>) {
+        let (result, mut record) = self.call(purpose, template, rendered).await;
+        let mut records = Vec::with_capacity(2);
+        let parsed = match result {
+            Ok(answer) => match parse(&answer.content) {
+                Ok(value) => Ok(value),
+                Err(problem) => {
+                    record.outcome = problem.code();
+                    records.push(record);
+                    let repair = Repair {
+                        answer: &answer.content,
+                        problem: &problem.to_string(),
+                    };
+                    let (again, mut second) =
+                        self.repair(purpose, template, rendered, repair).await;
+                    let fixed = again.and_then(|a| parse(&a.content));
+                    metrics::output_repair(
+                        purpose.as_str(),
+                        if fixed.is_ok() { "repaired" } else { "failed" },
+                    );
+                    if let Err(e) = &fixed
+                        && second.outcome == "ok"
+                    {
+                        second.outcome = e.code();
+                    }
+                    record = second;
+                    fixed
+                }
+            },
+            Err(e) => Err(e),
+        };
+        records.push(record);
+        (parsed, records)
+    }
+
     async fn call_with(
         &self,
         purpose: Purpose,

@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 
-use super::llm_call::{LlmCaller, Purpose, Repair};
+use super::llm_call::{LlmCaller, Purpose};
 use super::template::TemplateService;
 use crate::error::{Classify, LlmError, PipelineError};
 use crate::llm::LlmService;
@@ -64,37 +64,11 @@ pub async fn select<'b, L: LlmService>(
     current: &StageInfo,
 ) -> Result<(Option<&'b StageInfo>, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
-    let (result, mut record) = caller.call(Purpose::Selection, template, &rendered).await;
-    let mut records = Vec::with_capacity(2);
-    let chosen = match result {
-        Ok(answer) => match chosen_stage(business, &answer.content) {
-            Ok(stage) => Ok(stage),
-            Err(problem) => {
-                record.outcome = problem.code();
-                records.push(record);
-                let repair = Repair {
-                    answer: &answer.content,
-                    problem: &problem.to_string(),
-                };
-                let (again, mut second) = caller
-                    .repair(Purpose::Selection, template, &rendered, repair)
-                    .await;
-                let fixed = again.and_then(|a| chosen_stage(business, &a.content));
-                metrics::output_repair(
-                    "selection",
-                    if fixed.is_ok() { "repaired" } else { "failed" },
-                );
-                if let Err(e) = &fixed
-                    && second.outcome == "ok"
-                {
-                    second.outcome = e.code();
-                }
-                record = second;
-                fixed
-            }
-        },
-        Err(e) => Err(e),
-    };
+    let (chosen, mut records) = caller
+        .call_parsed(Purpose::Selection, template, &rendered, |answer| {
+            chosen_stage(business, answer)
+        })
+        .await;
     let chosen = match chosen {
         Ok(stage) => Some(stage).filter(|s| s.id != current.id),
         Err(e) => {
@@ -111,13 +85,13 @@ pub async fn select<'b, L: LlmService>(
             from: current.name.clone(),
             to: next.name.clone(),
         };
-        record.outcome = e.code();
+        if let Some(last) = records.last_mut() {
+            last.outcome = e.code();
+        }
         metrics::record_error(&e, "selection");
         metrics::degraded("selection");
-        records.push(record);
         return Ok((None, records));
     }
-    records.push(record);
     Ok((chosen, records))
 }
 

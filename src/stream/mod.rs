@@ -304,6 +304,43 @@ pub fn string_entries(v: Value) -> Vec<(String, std::collections::BTreeMap<Strin
         .collect()
 }
 
+/// The entries of `stream` from `from` on (an `XRANGE` start: `-`, an id, or `(id`) that `keep`
+/// accepts, read in pages of 1,000, at most `limit` entries read; for reports.
+///
+/// # Errors
+/// Redis failures.
+pub async fn scan_entries(
+    conn: &redis::aio::ConnectionManager,
+    stream: &str,
+    from: &str,
+    limit: usize,
+    keep: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
+) -> Result<Vec<(String, std::collections::BTreeMap<String, String>)>, StreamError> {
+    let mut out = Vec::new();
+    let mut from = from.to_owned();
+    let mut read = 0;
+    while read < limit {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn.clone())
+            .await?;
+        let page = string_entries(reply);
+        read += page.len();
+        let full = page.len() == 1000;
+        let last = page.last().map(|(id, _)| id.clone());
+        out.extend(page.into_iter().filter(|(_, f)| keep(f)));
+        match last {
+            Some(id) if full => from = format!("({id}"),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

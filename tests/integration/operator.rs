@@ -137,6 +137,15 @@ async fn icmp_send_and_chat_talk_to_a_running_worker() {
         stdout.starts_with("[ok · stage welcome] Thanks for your message: \"Hello there\""),
         "{stdout}"
     );
+    // An error reply is printed and makes the exit code non-zero.
+    let (ok, stdout, stderr) = run_icmp_status(
+        &app.config,
+        &["send", "--user", "sam", "--timeout-secs", "30", "   "],
+        b"",
+    )
+    .await;
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("validation.empty_content"), "{stderr}");
 
     let stdout = run_icmp(
         &app.config,
