@@ -198,6 +198,23 @@ pub async fn import_demo_copy(
     path
 }
 
+/// Imports a copy of the demo as `business_id` whose `welcome_reply` cannot render (it names a
+/// metadata field no message has): its messages are dead-lettered. Returns the file imported.
+pub async fn import_poisoned_demo(app: &TestApp, business_id: &str) -> PathBuf {
+    let path = import_demo_copy(&app.config, business_id, &[]).await;
+    let id: Uuid = business_id.parse().expect("uuid");
+    app.db()
+        .await
+        .execute(
+            "UPDATE templates SET body = '{{ message.metadata.missing }}' \
+             WHERE business_id = $1 AND name = 'welcome_reply'",
+            &[&id],
+        )
+        .await
+        .expect("corrupt");
+    path
+}
+
 /// A test environment (database, streams, mock LLM) with in-process workers.
 pub struct TestApp {
     pub config: Config,

@@ -30,6 +30,21 @@ async fn two_tenants(app: &helpers::TestApp) -> (Uuid, Uuid) {
     (a, b)
 }
 
+/// A transaction of the worker's role scoped to `business`.
+async fn scoped(
+    w: &mut deadpool_postgres::Client,
+    business: Uuid,
+) -> deadpool_postgres::Transaction<'_> {
+    let tx = w.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT set_config('icmp.business_id', $1, true)",
+        &[&business.to_string()],
+    )
+    .await
+    .expect("scope");
+    tx
+}
+
 async fn worker_client(app: &helpers::TestApp) -> deadpool_postgres::Client {
     Store::connect_worker(&app.config.database)
         .expect("store")
@@ -82,13 +97,7 @@ async fn the_workers_role_sees_only_its_scoped_business_and_nothing_unscoped() {
     }
 
     // Scoped to A: a query that forgets its filter still sees A's rows only.
-    let tx = w.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT set_config('icmp.business_id', $1, true)",
-        &[&a.to_string()],
-    )
-    .await
-    .expect("scope");
+    let tx = scoped(&mut w, a).await;
     let seen: i64 = tx
         .query_one("SELECT count(*) FROM messages", &[])
         .await
@@ -127,13 +136,7 @@ async fn the_workers_role_sees_only_its_scoped_business_and_nothing_unscoped() {
     );
     drop(tx);
     // Definitions are read-only for workers.
-    let tx = w.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT set_config('icmp.business_id', $1, true)",
-        &[&a.to_string()],
-    )
-    .await
-    .expect("scope");
+    let tx = scoped(&mut w, a).await;
     let err = tx
         .execute(
             "UPDATE templates SET body = 'owned' WHERE business_id = $1",

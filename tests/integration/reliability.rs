@@ -371,17 +371,7 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
     .await;
     // A runtime render failure in one stage of a second business.
     let other = "5b0e8a7c-1111-4c1d-8e2f-000000000009";
-    let path = helpers::import_demo_copy(&app.config, other, &[]).await;
-    let other_id: uuid::Uuid = other.parse().expect("uuid");
-    app.db()
-        .await
-        .execute(
-            "UPDATE templates SET body = '{{ message.metadata.missing }}' \
-             WHERE business_id = $1 AND name = 'welcome_reply'",
-            &[&other_id],
-        )
-        .await
-        .expect("corrupt");
+    let path = helpers::import_poisoned_demo(&app, other).await;
     app.start_worker("w0").await;
     app.xadd(&[
         ("business_id", other.as_bytes()),

@@ -29,17 +29,7 @@ async fn a_run_with_known_secrets_shows_none_in_logs_replies_dead_letters_or_met
     .await;
     // A second business whose welcome reply cannot render: its message is dead-lettered.
     let poison_business = "5b0e8a7c-2222-4c1d-8e2f-00000000000a";
-    helpers::import_demo_copy(&app.config, poison_business, &[]).await;
-    let poison_id: uuid::Uuid = poison_business.parse().expect("uuid");
-    app.db()
-        .await
-        .execute(
-            "UPDATE templates SET body = '{{ message.metadata.missing }}' \
-             WHERE business_id = $1 AND name = 'welcome_reply'",
-            &[&poison_id],
-        )
-        .await
-        .expect("corrupt");
+    helpers::import_poisoned_demo(&app, poison_business).await;
 
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
