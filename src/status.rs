@@ -5,14 +5,13 @@
 
 use std::collections::BTreeMap;
 
-use redis::Value;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::config::{RedisConfig, StreamsConfig};
 use crate::error::StreamError;
 use crate::store::{Store, StoreError};
-use crate::stream::Keys;
+use crate::stream::{self, ConsumerInfo, Keys, group_info};
 
 /// The status report.
 #[derive(Debug, Clone, Serialize)]
@@ -25,21 +24,13 @@ pub struct Status {
     pub lag: Option<u64>,
     /// Entries delivered and not yet acknowledged.
     pub pending: u64,
-    pub consumers: Vec<Consumer>,
+    pub consumers: Vec<ConsumerInfo>,
     /// Users with messages waiting in an order queue.
     pub queues_in_use: u64,
     pub dead_letters: u64,
     /// The window the per-business figures cover.
     pub window_minutes: u64,
     pub businesses: Vec<BusinessActivity>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Consumer {
-    pub name: String,
-    /// Entries it holds (delivered, not acknowledged).
-    pub pending: u64,
-    pub idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,35 +60,6 @@ impl From<redis::RedisError> for StatusError {
     }
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        _ => String::new(),
-    }
-}
-
-fn number(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        _ => None,
-    }
-}
-
-/// The field/value pairs of an `XINFO` entry, by name.
-fn fields(v: Value) -> BTreeMap<String, Value> {
-    let Value::Array(items) = v else {
-        return BTreeMap::new();
-    };
-    let mut out = BTreeMap::new();
-    let mut it = items.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        out.insert(text(&k), v);
-    }
-    out
-}
-
 /// Reads the status now; per-business figures cover the last `window_minutes`.
 ///
 /// # Errors
@@ -109,39 +71,13 @@ pub async fn read(
     store: &Store,
     window_minutes: u64,
 ) -> Result<Status, StatusError> {
-    let mut c = conn.clone();
-    let groups: Result<Value, redis::RedisError> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(&streams.inbound)
-        .query_async(&mut c)
-        .await;
-    let ours = match groups {
-        Ok(Value::Array(list)) => list
-            .into_iter()
-            .map(fields)
-            .find(|g| g.get("name").map(text).as_deref() == Some(streams.group.as_str())),
-        // No stream yet.
-        _ => None,
+    let group = group_info(conn, &streams.inbound, &streams.group).await?;
+    let consumers = if group.is_some() {
+        stream::consumers(conn, &streams.inbound, &streams.group).await?
+    } else {
+        Vec::new()
     };
-    let mut consumers = Vec::new();
-    if ours.is_some() {
-        let list: Value = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(&streams.inbound)
-            .arg(&streams.group)
-            .query_async(&mut c)
-            .await?;
-        if let Value::Array(list) = list {
-            for entry in list {
-                let f = fields(entry);
-                consumers.push(Consumer {
-                    name: f.get("name").map(text).unwrap_or_default(),
-                    pending: f.get("pending").and_then(number).unwrap_or(0),
-                    idle_ms: f.get("idle").and_then(number).unwrap_or(0),
-                });
-            }
-        }
-    }
+    let mut c = conn.clone();
     let keys = Keys::new(streams, &redis.key_prefix);
     let queues_in_use: u64 = redis::cmd("SCARD")
         .arg(&keys.queue_index)
@@ -169,13 +105,9 @@ pub async fn read(
     Ok(Status {
         stream: streams.inbound.clone(),
         group: streams.group.clone(),
-        group_exists: ours.is_some(),
-        lag: ours.as_ref().and_then(|g| g.get("lag")).and_then(number),
-        pending: ours
-            .as_ref()
-            .and_then(|g| g.get("pending"))
-            .and_then(number)
-            .unwrap_or(0),
+        group_exists: group.is_some(),
+        lag: group.and_then(|g| g.lag),
+        pending: group.map_or(0, |g| g.pending),
         consumers,
         queues_in_use,
         dead_letters,
@@ -192,7 +124,7 @@ async fn error_replies(
 ) -> Result<BTreeMap<String, u64>, StatusError> {
     let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
     let from = format!("{}-0", now_ms.saturating_sub(window_minutes * 60_000));
-    let errors = crate::stream::scan_entries(conn, &streams.outbound, &from, usize::MAX, |f| {
+    let errors = stream::scan_entries(conn, &streams.outbound, &from, usize::MAX, |f| {
         f.get("status").map(String::as_str) == Some("error")
     })
     .await?;

@@ -58,9 +58,8 @@ impl LocalDefinitions {
     }
 
     /// Waits for the business's load lock while the tier serves (`None` when it is off: then
-    /// nothing would be kept, so loads need not wait for each other). Look the value up again
-    /// once it is held: the previous holder may have loaded it.
-    pub async fn load_lock(&self, business_id: Uuid) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    /// nothing would be kept, so loads need not wait for each other).
+    async fn load_lock(&self, business_id: Uuid) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         if !self.is_enabled() {
             return None;
         }
@@ -72,6 +71,29 @@ impl LocalDefinitions {
             .or_default()
             .clone();
         Some(lock.lock_owned().await)
+    }
+
+    /// `lookup` in this tier (counted as a `local` hit of cache `what`). On a miss, waits for
+    /// the business's load lock and looks again, since the previous holder may have loaded it;
+    /// still missing, returns the lock to load under.
+    pub async fn get_or_lock<T>(
+        &self,
+        business_id: Uuid,
+        what: &'static str,
+        lookup: impl Fn(&Self) -> Option<T>,
+    ) -> Result<T, Option<tokio::sync::OwnedMutexGuard<()>>> {
+        if let Some(v) = lookup(self) {
+            crate::telemetry::metrics::cache(what, "local");
+            return Ok(v);
+        }
+        let lock = self.load_lock(business_id).await;
+        match lookup(self) {
+            Some(v) => {
+                crate::telemetry::metrics::cache(what, "local");
+                Ok(v)
+            }
+            None => Err(lock),
+        }
     }
 
     /// The current generation.

@@ -24,15 +24,13 @@ impl StageService {
     /// The business, or [`ValidationError::UnknownBusiness`].
     pub async fn business(&self, business_id: Uuid) -> Result<Business, PipelineError> {
         let local = self.cache.local();
-        if let Some(b) = local.business(business_id) {
-            metrics::cache("business", "local");
-            return Ok(b);
-        }
-        let _loading = local.load_lock(business_id).await;
-        if let Some(b) = local.business(business_id) {
-            metrics::cache("business", "local");
-            return Ok(b);
-        }
+        let _loading = match local
+            .get_or_lock(business_id, "business", |l| l.business(business_id))
+            .await
+        {
+            Ok(b) => return Ok(b),
+            Err(lock) => lock,
+        };
         let at = local.generation();
         if let Some(b) = cache::observed("business", self.cache.get_business(business_id).await) {
             local.put_business(at, &b);
@@ -69,15 +67,13 @@ impl StageService {
         stage_id: Uuid,
     ) -> Result<StageTemplates, PipelineError> {
         let local = self.cache.local();
-        if let Some(t) = local.stage(business_id, stage_id) {
-            metrics::cache("stage", "local");
-            return Ok(t);
-        }
-        let _loading = local.load_lock(business_id).await;
-        if let Some(t) = local.stage(business_id, stage_id) {
-            metrics::cache("stage", "local");
-            return Ok(t);
-        }
+        let _loading = match local
+            .get_or_lock(business_id, "stage", |l| l.stage(business_id, stage_id))
+            .await
+        {
+            Ok(t) => return Ok(t),
+            Err(lock) => lock,
+        };
         let at = local.generation();
         if let Some(t) = cache::observed("stage", self.cache.get_stage(stage_id).await) {
             local.put_stage(at, business_id, stage_id, &t);

@@ -43,15 +43,13 @@ impl TemplateService {
     /// the compiled form is reused while the record matches.
     pub async fn get(&self, business_id: Uuid, id: Uuid) -> Result<Arc<Compiled>, PipelineError> {
         let local = self.cache.local();
-        if let Some(c) = local.template(business_id, id) {
-            metrics::cache("template", "local");
-            return Ok(c);
-        }
-        let _loading = local.load_lock(business_id).await;
-        if let Some(c) = local.template(business_id, id) {
-            metrics::cache("template", "local");
-            return Ok(c);
-        }
+        let _loading = match local
+            .get_or_lock(business_id, "template", |l| l.template(business_id, id))
+            .await
+        {
+            Ok(c) => return Ok(c),
+            Err(lock) => lock,
+        };
         let at = local.generation();
         let record = cache::observed("template", self.cache.get_template(id).await)
             .filter(|r| r.business_id == business_id);

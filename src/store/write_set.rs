@@ -7,15 +7,15 @@
 //! version, the statement writes nothing and returns no row. Either all of it is stored or none
 //! of it.
 
-use serde_json::json;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
 use super::{Store, StoreError, is_unique_violation};
 use crate::model::Extracted;
 
-/// One LLM call, as logged in `llm_calls`.
-#[derive(Debug, Clone, PartialEq)]
+/// One LLM call, as logged in `llm_calls` (serialised as a row of the write set's
+/// `jsonb_to_recordset`: the field names are its columns).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LlmCallRecord {
     pub id: Uuid,
     /// `selection`, `extraction` or `response`.
@@ -159,32 +159,6 @@ pub(crate) fn statement(new_conversation: bool) -> String {
     format!("WITH {conversation}\n{WRITES}")
 }
 
-impl WriteSet {
-    /// The LLM calls as the statement's JSON array.
-    fn calls_json(&self) -> serde_json::Value {
-        serde_json::Value::Array(
-            self.llm_calls
-                .iter()
-                .map(|c| {
-                    json!({
-                        "id": c.id,
-                        "purpose": c.purpose,
-                        "template_id": c.template_id,
-                        "template_version": c.template_version,
-                        "model": c.model,
-                        "prompt": c.prompt,
-                        "output": c.output,
-                        "prompt_tokens": c.prompt_tokens,
-                        "completion_tokens": c.completion_tokens,
-                        "latency_ms": c.latency_ms,
-                        "outcome": c.outcome,
-                    })
-                })
-                .collect(),
-        )
-    }
-}
-
 impl Store {
     /// Commits a write set (one statement in a scoped transaction, one round trip) and returns the conversation as
     /// committed.
@@ -205,13 +179,8 @@ impl Store {
         let stmt = client
             .prepare_cached(&statement(ws.expected_version.is_none()))
             .await?;
-        let extracted = serde_json::Value::Object(
-            ws.extracted
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        );
-        let calls = ws.calls_json();
+        let extracted = Json(&ws.extracted);
+        let calls = Json(&ws.llm_calls);
         let (transition_from, transition_to) = ws.transition.unzip();
         let (fallback_id, fallback_version) = ws.fallback_template.unzip();
         let (template_id, template_version) = ws.reply_template.unzip();

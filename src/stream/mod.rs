@@ -189,31 +189,107 @@ impl Streams {
     /// The group's pending count (delivered, not acked) and lag (entries not yet delivered;
     /// `None` when Redis cannot tell).
     pub async fn group_state(&self) -> Result<(u64, Option<u64>), StreamError> {
-        let groups: Value = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&self.config.inbound)
-            .query_async(&mut self.conn())
-            .await?;
-        for group in array(groups).unwrap_or_default() {
-            let map = pairs(group);
-            let field = |name: &str| {
-                map.iter()
-                    .find(|(k, _)| k == name.as_bytes())
-                    .map(|(_, v)| v)
-            };
-            let is_ours = field("name")
-                .and_then(|v| bytes(v.clone()))
-                .is_some_and(|n| n == self.config.group.as_bytes());
-            if is_ours {
-                let number = |name: &str| match field(name) {
-                    Some(Value::Int(n)) => u64::try_from(*n).ok(),
-                    _ => None,
-                };
-                return Ok((number("pending").unwrap_or(0), number("lag")));
-            }
-        }
-        Ok((0, None))
+        let info = group_info(&self.conn, &self.config.inbound, &self.config.group).await?;
+        Ok(info.map_or((0, None), |g| (g.pending, g.lag)))
     }
+}
+
+/// A consumer group's state, from `XINFO GROUPS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GroupInfo {
+    /// Delivered, not acknowledged.
+    pub pending: u64,
+    /// Not yet delivered (`None` when Redis cannot tell).
+    pub lag: Option<u64>,
+}
+
+/// A consumer of a group, from `XINFO CONSUMERS`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConsumerInfo {
+    pub name: String,
+    /// Entries it holds (delivered, not acknowledged).
+    pub pending: u64,
+    pub idle_ms: u64,
+}
+
+/// The named field of an `XINFO` entry.
+fn info_field<'a>(map: &'a [(Vec<u8>, Value)], name: &str) -> Option<&'a Value> {
+    map.iter()
+        .find(|(k, _)| k == name.as_bytes())
+        .map(|(_, v)| v)
+}
+
+fn info_number(map: &[(Vec<u8>, Value)], name: &str) -> Option<u64> {
+    match info_field(map, name) {
+        Some(Value::Int(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// Group `group` of stream `inbound`; `None` when the stream or the group does not exist.
+///
+/// # Errors
+/// Redis failures.
+pub async fn group_info(
+    conn: &redis::aio::ConnectionManager,
+    inbound: &str,
+    group: &str,
+) -> Result<Option<GroupInfo>, StreamError> {
+    let groups: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(inbound)
+        .query_async(&mut conn.clone())
+        .await;
+    let groups = match groups {
+        Ok(v) => v,
+        // No stream yet.
+        Err(e) if e.to_string().contains("no such key") => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in array(groups).unwrap_or_default() {
+        let map = pairs(entry);
+        let is_ours = info_field(&map, "name")
+            .and_then(|v| bytes(v.clone()))
+            .is_some_and(|n| n == group.as_bytes());
+        if is_ours {
+            return Ok(Some(GroupInfo {
+                pending: info_number(&map, "pending").unwrap_or(0),
+                lag: info_number(&map, "lag"),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The consumers of group `group` of stream `inbound`.
+///
+/// # Errors
+/// Redis failures (a missing group among them).
+pub async fn consumers(
+    conn: &redis::aio::ConnectionManager,
+    inbound: &str,
+    group: &str,
+) -> Result<Vec<ConsumerInfo>, StreamError> {
+    let list: Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(inbound)
+        .arg(group)
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(array(list)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|entry| {
+            let map = pairs(entry);
+            ConsumerInfo {
+                name: info_field(&map, "name")
+                    .and_then(|v| text(v.clone()))
+                    .unwrap_or_default(),
+                pending: info_number(&map, "pending").unwrap_or(0),
+                idle_ms: info_number(&map, "idle").unwrap_or(0),
+            }
+        })
+        .collect())
 }
 
 /// A bulk or simple string's bytes.
