@@ -192,6 +192,13 @@ pub struct WorkerConfig {
     pub max_conflict_retries: u32,
     pub history_turns: usize,
     pub last_resort_reply: String,
+    /// Sent to a message over its business's budget when the business has no throttled
+    /// template.
+    pub throttled_reply: String,
+    /// Messages of one business this worker processes at once, unless its definition sets
+    /// `budget.max_in_flight` (0: no cap). Ready messages of different businesses take the
+    /// free slots in turn whatever the cap.
+    pub max_in_flight_per_business: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

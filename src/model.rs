@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// A business and the stage list templates see (`stages`), cached as `business:{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Business {
     pub id: Uuid,
     pub name: String,
@@ -16,6 +16,12 @@ pub struct Business {
     pub stages: Vec<StageInfo>,
     /// Field names declared by the business's extraction schemas; `extracted` always has them.
     pub extraction_fields: Vec<String>,
+    /// Burst policy and budgets (`[business.burst]`, `[business.budget]`).
+    #[serde(default)]
+    pub policy: Policy,
+    /// The template a throttled reply is rendered from (`budget.throttled_template`, resolved).
+    #[serde(default)]
+    pub throttled_template_id: Option<Uuid>,
 }
 
 impl Business {
@@ -24,6 +30,58 @@ impl Business {
     }
     pub fn stage_by_name(&self, name: &str) -> Option<&StageInfo> {
         self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// How quick successive messages of one user are answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BurstPolicy {
+    /// One turn per message, in order.
+    #[default]
+    Queue,
+    /// Messages waiting behind the head (or arriving within `window_ms` of it) are answered as
+    /// one turn: all stored, one reply, every entry answered with a reference to it.
+    Coalesce,
+}
+
+/// `[business.burst]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Burst {
+    pub policy: BurstPolicy,
+    /// How long after its arrival a coalescing head waits for more messages of its user.
+    pub window_ms: u32,
+}
+
+/// `[business.budget]`: limits of one business; absent keys: no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Budget {
+    /// Messages accepted per calendar minute (UTC), over every worker.
+    pub messages_per_minute: Option<u32>,
+    /// LLM tokens (prompt and completion) per calendar day (UTC), over every worker.
+    pub tokens_per_day: Option<u64>,
+    /// Messages of this business processed at once by one worker.
+    pub max_in_flight: Option<u32>,
+    /// A `fallback` template the reply to a message over budget is rendered from (absent: the
+    /// configured `worker.throttled_reply`).
+    pub throttled_template: Option<String>,
+}
+
+/// A business's burst policy and budgets, stored as `businesses.policy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    pub burst: Burst,
+    pub budget: Budget,
+}
+
+impl Policy {
+    /// How long a head waits for more messages of its user, when the business coalesces.
+    pub fn coalesce_window(&self) -> Option<std::time::Duration> {
+        (self.burst.policy == BurstPolicy::Coalesce)
+            .then(|| std::time::Duration::from_millis(u64::from(self.burst.window_ms)))
     }
 }
 
@@ -110,6 +168,7 @@ pub struct DefinitionRecord {
     pub name: String,
     /// The stage new conversations start in.
     pub initial_stage: String,
+    pub policy: Policy,
     pub stages: Vec<StageDefinition>,
     /// Templates (their `id` and `version` are assigned by the store).
     pub templates: Vec<TemplateRecord>,
@@ -221,12 +280,47 @@ pub struct Answer {
     /// The stored assistant message's id.
     pub reply_id: Uuid,
     pub conversation_id: Uuid,
-    /// Rendered from a fallback template (or the last-resort text) because the LLM failed.
-    pub fallback: bool,
+    pub status: AnswerStatus,
     pub content: String,
     /// The conversation's stage after this message (empty when unknown).
     pub stage: String,
     pub log_id: Uuid,
+    /// A message of a coalesced turn answered by another message's reply: that reply's id
+    /// (`reply_id` is then the message's own stored id, and `content` is empty).
+    pub answered_by: Option<Uuid>,
+}
+
+/// Where an answer came from (the reply's `status`, the assistant row's `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerStatus {
+    /// From the LLM.
+    Ok,
+    /// Rendered from a fallback template (or the last-resort text) because the LLM failed.
+    Fallback,
+    /// Over the business's budget: rendered from its throttled template, no LLM call.
+    Throttled,
+    /// Answered together with earlier messages of the user by the reply `answered_by`.
+    Coalesced,
+}
+
+impl AnswerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnswerStatus::Ok => "ok",
+            AnswerStatus::Fallback => "fallback",
+            AnswerStatus::Throttled => "throttled",
+            AnswerStatus::Coalesced => "coalesced",
+        }
+    }
+
+    /// The status stored on an assistant row (`NULL` reads as `ok`).
+    pub fn from_stored(s: &str) -> AnswerStatus {
+        match s {
+            "fallback" => AnswerStatus::Fallback,
+            "throttled" => AnswerStatus::Throttled,
+            _ => AnswerStatus::Ok,
+        }
+    }
 }
 
 #[cfg(test)]

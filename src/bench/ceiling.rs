@@ -53,6 +53,7 @@ pub fn script(r: &Refs) -> String {
         9 => "md5('u' || :n)::uuid".into(),
         10 => "'I would like to book an appointment, my name is Ada Lovelace'".into(),
         12 | 20 => "'{}'::jsonb".into(),
+        25 => "'[]'::jsonb".into(),
         13 => "md5('a' || :n)::uuid".into(),
         14 => "'Thanks for your message: how else can I help you with your booking today?'".into(),
         15 => "'ok'".into(),

@@ -33,8 +33,13 @@ use std::path::Path;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::model::{DefinitionRecord, StageDefinition, TemplateKind, TemplateRecord};
+use crate::model::{
+    Budget, Burst, DefinitionRecord, Policy, StageDefinition, TemplateKind, TemplateRecord,
+};
 use crate::template::{self, Context, context::StageVars};
+
+/// The longest a coalescing head may wait for more messages of its user.
+pub const MAX_BURST_WINDOW_MS: u32 = 10_000;
 
 /// Why a definition file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +93,13 @@ pub struct BusinessDef {
     pub id: Uuid,
     pub name: String,
     pub initial_stage: String,
+    /// `[business.burst]`: `policy = "queue" | "coalesce"`, `window_ms`.
+    #[serde(default)]
+    pub burst: Burst,
+    /// `[business.budget]`: `messages_per_minute`, `tokens_per_day`, `max_in_flight`,
+    /// `throttled_template`.
+    #[serde(default)]
+    pub budget: Budget,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +159,10 @@ impl Definition {
             business_id: self.business.id,
             name: self.business.name.clone(),
             initial_stage: self.business.initial_stage.clone(),
+            policy: Policy {
+                burst: self.business.burst,
+                budget: self.business.budget.clone(),
+            },
             stages: self
                 .stages
                 .iter()
@@ -200,6 +216,38 @@ impl Definition {
         fields.sort();
         fields.dedup();
         fields
+    }
+
+    /// The burst window and the budgets: within bounds, the throttled template a fallback one.
+    fn policy_problems(&self, templates: &HashMap<&str, &TemplateDef>) -> Vec<String> {
+        let mut problems = Vec::new();
+        let (burst, budget) = (&self.business.burst, &self.business.budget);
+        if burst.window_ms > MAX_BURST_WINDOW_MS {
+            problems.push(format!(
+                "burst.window_ms {} is above the maximum of {MAX_BURST_WINDOW_MS}",
+                burst.window_ms
+            ));
+        }
+        if budget.messages_per_minute == Some(0) {
+            problems.push("budget.messages_per_minute must be at least 1".into());
+        }
+        if budget.tokens_per_day == Some(0) {
+            problems.push("budget.tokens_per_day must be at least 1".into());
+        }
+        if budget.max_in_flight == Some(0) {
+            problems.push("budget.max_in_flight must be at least 1".into());
+        }
+        if let Some(name) = &budget.throttled_template {
+            match templates.get(name.as_str()) {
+                None => problems.push(format!("budget.throttled_template: unknown template `{name}`")),
+                Some(t) if t.kind != TemplateKind::Fallback => problems.push(format!(
+                    "budget.throttled_template: template `{name}` is a {} template, expected fallback",
+                    t.kind.as_str()
+                )),
+                Some(_) => {}
+            }
+        }
+        problems
     }
 
     /// Checks references, kinds, schemas and every template against a sample context.
@@ -268,6 +316,7 @@ impl Definition {
         if self.stages.is_empty() {
             problems.push("a business needs at least one stage".into());
         }
+        problems.extend(self.policy_problems(&templates));
         if !stage_names.contains(self.business.initial_stage.as_str()) {
             problems.push(format!(
                 "initial_stage `{}` is not a stage",

@@ -21,6 +21,7 @@
 //! conflict (another message of the conversation committed meanwhile) re-runs the message from
 //! the read phase.
 
+pub mod budget;
 pub mod context;
 pub mod conversation;
 pub mod decide;
@@ -42,7 +43,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{PipelineError, StoreError};
 use crate::llm::LlmService;
-use crate::model::{Answer, Business};
+use crate::model::{Answer, AnswerStatus, Business};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
@@ -56,8 +57,12 @@ use template::TemplateService;
 /// What processing produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Processed {
-    /// A new answer, committed with the message.
-    Answered(Answer),
+    /// A new answer, committed with the message; with the later messages of its coalesced
+    /// turn and their answers (each `coalesced`, referring to it), in order.
+    Answered {
+        answer: Answer,
+        followers: Vec<(InboundMessage, Answer)>,
+    },
     /// The message was committed earlier (a redelivery or a repeated `message_id` of the same
     /// user): its stored answer, to publish again.
     Duplicate(Answer),
@@ -117,6 +122,23 @@ impl<L: LlmService> MessageHandler<L> {
         msg: &InboundMessage,
         log_id: Uuid,
     ) -> Result<Processed, PipelineError> {
+        self.process_turn(msg, log_id, async |_| Vec::new()).await
+    }
+
+    /// Processes a message together with the later messages of its user that `gather` finds
+    /// for its business (same business, user and conversation, in stream order; asked only
+    /// when the message is not answered yet): one turn, every message stored, one reply. When
+    /// one of them turns out to be stored already (a repeated `message_id`), the message is
+    /// processed alone and the others get their own turns.
+    ///
+    /// # Errors
+    /// As [`MessageHandler::process`].
+    pub async fn process_turn(
+        &self,
+        msg: &InboundMessage,
+        log_id: Uuid,
+        gather: impl AsyncFnOnce(&Business) -> Vec<InboundMessage>,
+    ) -> Result<Processed, PipelineError> {
         if self.failpoints.is_on(failpoint::PANIC) {
             panic!("failpoint {}", failpoint::PANIC);
         }
@@ -129,11 +151,19 @@ impl<L: LlmService> MessageHandler<L> {
             return Ok(Processed::Duplicate(answer));
         }
         let business = self.stages.business(msg.business_id).await?;
+        let gathered = gather(&business).await;
+        let throttled = budget::admit(&self.cache, &business, 1 + gathered.len() as u64).await;
 
         let max = self.config.worker.max_conflict_retries;
         let mut attempt = 0;
+        let mut followers = gathered.as_slice();
         loop {
-            match self.run(msg, &business, log_id, attempt > 0).await {
+            let turn = Turn {
+                msg,
+                followers,
+                throttled: throttled.is_some(),
+            };
+            match self.run(&turn, &business, log_id, attempt > 0).await {
                 Err(PipelineError::Store(StoreError::VersionConflict)) if attempt < max => {
                     attempt += 1;
                     metrics::retry("pipeline.version_conflict");
@@ -141,15 +171,18 @@ impl<L: LlmService> MessageHandler<L> {
                 }
                 Err(PipelineError::Store(StoreError::Duplicate)) => {
                     // A concurrent delivery of the same message committed first.
-                    return match self.stored_answer(msg).await? {
-                        Some(answer) => {
-                            self.forget_cached(msg).await;
-                            Ok(Processed::Duplicate(answer))
-                        }
-                        None => Err(StoreError::Duplicate.into()),
-                    };
+                    if let Some(answer) = self.stored_answer(msg).await? {
+                        self.forget_cached(msg).await;
+                        return Ok(Processed::Duplicate(answer));
+                    }
+                    if followers.is_empty() {
+                        return Err(StoreError::Duplicate.into());
+                    }
+                    // A follower's key is taken: each of them gets its own turn.
+                    tracing::info!("a coalesced message was stored before; answering alone");
+                    followers = &[];
                 }
-                other => return other.map(Processed::Answered),
+                other => return other,
             }
         }
     }
@@ -180,11 +213,28 @@ impl<L: LlmService> MessageHandler<L> {
     /// Steps 3–14 once. `fresh` reads conversation state from PostgreSQL, not the cache.
     async fn run(
         &self,
-        msg: &InboundMessage,
+        turn: &Turn<'_>,
         business: &Business,
         log_id: Uuid,
         fresh: bool,
-    ) -> Result<Answer, PipelineError> {
+    ) -> Result<Processed, PipelineError> {
+        let msg = turn.msg;
+        // A coalesced turn reads as one message carrying every text, in order.
+        let joined;
+        let seen = if turn.followers.is_empty() {
+            msg
+        } else {
+            joined = InboundMessage {
+                content: std::iter::once(msg)
+                    .chain(turn.followers)
+                    .map(|m| m.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                ..msg.clone()
+            };
+            &joined
+        };
+
         // Steps 3–5: the read phase.
         let t = Instant::now();
         let sources = read::Sources {
@@ -193,7 +243,7 @@ impl<L: LlmService> MessageHandler<L> {
             stages: &self.stages,
             history_turns: self.config.worker.history_turns,
         };
-        let mut read = read::read(sources, msg, business, fresh).await?;
+        let mut read = read::read(sources, seen, business, fresh).await?;
         tracing::Span::current().record(
             "conversation.id",
             tracing::field::display(read.conversation.id),
@@ -201,19 +251,31 @@ impl<L: LlmService> MessageHandler<L> {
         metrics::step("read", t.elapsed());
         let read_ms = t.elapsed().as_millis() as u64;
 
-        // Steps 6–9: the LLM phase; no database connection is held.
-        let deciders = decide::Deciders {
-            caller: LlmCaller {
-                llm: &self.llm,
-                retry: &self.retry,
-                default_model: &self.config.llm.default_model,
-            },
-            templates: &self.templates,
-            stages: &self.stages,
-            last_resort: &self.config.worker.last_resort_reply,
-            extraction_limits: extract::Limits::from_config(&self.config.limits),
+        // Steps 6–9: the LLM phase (no database connection is held), or the throttled reply.
+        let decisions = if turn.throttled {
+            budget::throttled(
+                &self.templates,
+                business,
+                &read,
+                &self.config.worker.throttled_reply,
+            )
+            .await?
+        } else {
+            let deciders = decide::Deciders {
+                caller: LlmCaller {
+                    llm: &self.llm,
+                    retry: &self.retry,
+                    default_model: &self.config.llm.default_model,
+                },
+                templates: &self.templates,
+                stages: &self.stages,
+                last_resort: &self.config.worker.last_resort_reply,
+                extraction_limits: extract::Limits::from_config(&self.config.limits),
+            };
+            let decisions = decide::decide(&deciders, business, &mut read).await?;
+            budget::spend(&self.cache, business, &decisions).await;
+            decisions
         };
-        let decisions = decide::decide(&deciders, business, &mut read).await?;
 
         // Steps 10–12: the write phase, one transaction (14: cache keys dropped on failure).
         let t = Instant::now();
@@ -224,19 +286,52 @@ impl<L: LlmService> MessageHandler<L> {
             failpoints: &self.failpoints,
             history_turns: self.config.worker.history_turns,
         };
-        let committed = persist::write(sinks, msg, &read, &decisions, log_id, read_ms).await?;
+        let committed = persist::write(
+            sinks,
+            msg,
+            turn.followers,
+            &read,
+            &decisions,
+            log_id,
+            read_ms,
+        )
+        .await?;
         metrics::step("persist", t.elapsed());
 
         // Step 13: the committed state, cached for the next message.
         persist::cache_committed(&self.cache, &committed).await;
 
-        Ok(Answer {
+        let answer = Answer {
             reply_id: committed.reply_id,
             conversation_id: committed.state.conversation.id,
-            fallback: decisions.response.fallback,
+            status: decisions.response.status,
             content: decisions.response.content,
             stage: decisions.stage.name.clone(),
             log_id,
-        })
+            answered_by: None,
+        };
+        let followers = turn
+            .followers
+            .iter()
+            .zip(&committed.follower_ids)
+            .map(|(m, id)| {
+                let reference = Answer {
+                    reply_id: *id,
+                    status: AnswerStatus::Coalesced,
+                    content: String::new(),
+                    answered_by: Some(answer.reply_id),
+                    ..answer.clone()
+                };
+                (m.clone(), reference)
+            })
+            .collect();
+        Ok(Processed::Answered { answer, followers })
     }
+}
+
+/// One turn: a message, the later messages answered with it, and whether it is over budget.
+struct Turn<'a> {
+    msg: &'a InboundMessage,
+    followers: &'a [InboundMessage],
+    throttled: bool,
 }

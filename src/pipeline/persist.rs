@@ -15,17 +15,19 @@ use crate::model::{Conversation, ConversationState, Role, Turn};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
-use crate::store::write_set::WriteSet;
+use crate::store::write_set::{FollowerRow, WriteSet};
 use crate::telemetry::metrics;
 
 /// The state the write phase committed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Committed {
     /// The conversation as committed, every field extracted so far (this message's included)
-    /// and the history window the next message sees (these two turns included).
+    /// and the history window the next message sees (these turns included).
     pub state: ConversationState,
     /// The stored reply's id.
     pub reply_id: Uuid,
+    /// The stored ids of the later messages of a coalesced turn, in order.
+    pub follower_ids: Vec<Uuid>,
 }
 
 /// Where the write phase writes.
@@ -39,9 +41,10 @@ pub struct Sinks<'a> {
     pub history_turns: usize,
 }
 
-/// The write set of one message.
+/// The write set of one message (and of the later messages of its coalesced turn).
 pub fn write_set(
     msg: &InboundMessage,
+    followers: &[InboundMessage],
     read: &Read<'_>,
     decisions: &Decisions<'_>,
     log_id: Uuid,
@@ -65,11 +68,7 @@ pub fn write_set(
         user_stage_id: read.stage.id,
         assistant_message_id: Uuid::now_v7(),
         assistant_content: decisions.response.content.clone(),
-        assistant_status: if decisions.response.fallback {
-            "fallback"
-        } else {
-            "ok"
-        },
+        assistant_status: decisions.response.status.as_str(),
         fallback_template: decisions.response.fallback_template,
         reply_template: decisions.response.template,
         timings: serde_json::Value::Object(
@@ -79,6 +78,18 @@ pub fn write_set(
                 .collect(),
         ),
         llm_calls: decisions.calls.clone(),
+        followers: followers
+            .iter()
+            .zip(1..)
+            .map(|(f, ord)| FollowerRow {
+                ord,
+                id: Uuid::now_v7(),
+                content: f.content.clone(),
+                idempotency_key: f.idempotency_key().to_owned(),
+                inbound_id: f.inbound_id.clone(),
+                metadata: f.metadata.clone().map(serde_json::Value::Object),
+            })
+            .collect(),
     }
 }
 
@@ -91,12 +102,13 @@ pub fn write_set(
 pub async fn write(
     sinks: Sinks<'_>,
     msg: &InboundMessage,
+    followers: &[InboundMessage],
     read: &Read<'_>,
     decisions: &Decisions<'_>,
     log_id: Uuid,
     read_ms: u64,
 ) -> Result<Committed, PipelineError> {
-    let ws = write_set(msg, read, decisions, log_id, read_ms);
+    let ws = write_set(msg, followers, read, decisions, log_id, read_ms);
     let result = sinks
         .retry
         .run("db.write_set", || {
@@ -128,10 +140,12 @@ pub async fn write(
     let mut extracted = read.extracted.clone();
     extracted.extend(decisions.learned.clone());
     let mut history = read.context.history.clone();
-    history.push(Turn {
-        role: Role::User,
-        content: msg.content.clone(),
-    });
+    for m in std::iter::once(msg).chain(followers) {
+        history.push(Turn {
+            role: Role::User,
+            content: m.content.clone(),
+        });
+    }
     history.push(Turn {
         role: Role::Assistant,
         content: decisions.response.content.clone(),
@@ -152,6 +166,7 @@ pub async fn write(
             window: sinks.history_turns,
         },
         reply_id: ws.assistant_message_id,
+        follower_ids: ws.followers.iter().map(|f| f.id).collect(),
     })
 }
 
@@ -170,7 +185,7 @@ pub async fn cache_committed(cache: &Cache, committed: &Committed) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Extracted, StageInfo, StageTemplates};
+    use crate::model::{AnswerStatus, Extracted, StageInfo, StageTemplates};
     use crate::pipeline::respond::Response;
     use crate::template::Context;
 
@@ -229,14 +244,14 @@ mod tests {
             learned,
             response: Response {
                 content: "Sorry".into(),
-                fallback: true,
+                status: AnswerStatus::Fallback,
                 fallback_template: Some((Uuid::from_u128(30), 4)),
                 template: Some((Uuid::from_u128(30), 4)),
             },
             calls: Vec::new(),
             timings: vec![("respond", 3)],
         };
-        let ws = write_set(&msg, &read, &decisions, Uuid::from_u128(77), 5);
+        let ws = write_set(&msg, &[], &read, &decisions, Uuid::from_u128(77), 5);
         assert_eq!(ws.timings, serde_json::json!({"read": 5, "respond": 3}));
         assert_eq!(
             ws.expected_version,

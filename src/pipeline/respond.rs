@@ -6,6 +6,7 @@ use super::llm_call::{LlmCaller, Purpose};
 use super::template::TemplateService;
 use crate::error::PipelineError;
 use crate::llm::LlmService;
+use crate::model::AnswerStatus;
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
 use crate::template::Compiled;
@@ -15,8 +16,9 @@ use crate::template::Context;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub content: String,
-    /// Not from the LLM: from the fallback template, or the last-resort text.
-    pub fallback: bool,
+    /// `Fallback`: not from the LLM but from the fallback template, or the last-resort text;
+    /// `Throttled`: from the throttled template (no LLM call).
+    pub status: AnswerStatus,
     /// The fallback template (id, version) the content was rendered from, if any; stored with
     /// the reply so that a fallback reply can be explained from the database alone.
     pub fallback_template: Option<(uuid::Uuid, i32)>,
@@ -42,7 +44,7 @@ pub async fn respond<L: LlmService>(
     let response = match result {
         Ok(answer) if !answer.content.trim().is_empty() => Response {
             content: answer.content,
-            fallback: false,
+            status: AnswerStatus::Ok,
             fallback_template: None,
             template: Some((template.record.id, template.record.version)),
         },
@@ -64,7 +66,7 @@ pub async fn respond<L: LlmService>(
             };
             Response {
                 content,
-                fallback: true,
+                status: AnswerStatus::Fallback,
                 fallback_template,
                 template: fallback_template,
             }

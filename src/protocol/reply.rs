@@ -6,13 +6,17 @@ use uuid::Uuid;
 use super::inbound::{InboundMessage, check_reply_to};
 use super::{RawFields, raw_field};
 use crate::error::Classify;
-use crate::model::Answer;
+use crate::model::{Answer, AnswerStatus};
 
-/// `ok`, `fallback` or `error`.
+/// `ok`, `fallback`, `throttled`, `coalesced` or `error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyStatus {
     Ok,
     Fallback,
+    /// Over the business's budget: a reply from its throttled template.
+    Throttled,
+    /// Answered by the reply named in `answered_by` (a coalesced turn); no content.
+    Coalesced,
     Error,
 }
 
@@ -21,7 +25,32 @@ impl ReplyStatus {
         match self {
             ReplyStatus::Ok => "ok",
             ReplyStatus::Fallback => "fallback",
+            ReplyStatus::Throttled => "throttled",
+            ReplyStatus::Coalesced => "coalesced",
             ReplyStatus::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ReplyStatus> {
+        [
+            ReplyStatus::Ok,
+            ReplyStatus::Fallback,
+            ReplyStatus::Throttled,
+            ReplyStatus::Coalesced,
+            ReplyStatus::Error,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+impl From<AnswerStatus> for ReplyStatus {
+    fn from(s: AnswerStatus) -> ReplyStatus {
+        match s {
+            AnswerStatus::Ok => ReplyStatus::Ok,
+            AnswerStatus::Fallback => ReplyStatus::Fallback,
+            AnswerStatus::Throttled => ReplyStatus::Throttled,
+            AnswerStatus::Coalesced => ReplyStatus::Coalesced,
         }
     }
 }
@@ -51,6 +80,9 @@ pub struct Reply {
     /// The `reply_id` of an earlier error reply this one replaces (a replayed dead letter);
     /// empty otherwise.
     pub supersedes: String,
+    /// `coalesced` replies: the `reply_id` of the reply that answered this message together
+    /// with earlier ones; empty otherwise.
+    pub answered_by: String,
 }
 
 impl Reply {
@@ -72,6 +104,7 @@ impl Reply {
             ("log_id", self.log_id.to_string()),
             ("processed_at", self.processed_at.clone()),
             ("supersedes", self.supersedes.clone()),
+            ("answered_by", self.answered_by.clone()),
         ]
     }
 
@@ -85,11 +118,7 @@ impl Reply {
             business_id: msg.business_id.to_string(),
             user_id: msg.user_id.clone(),
             conversation_id: answer.conversation_id.to_string(),
-            status: if answer.fallback {
-                ReplyStatus::Fallback
-            } else {
-                ReplyStatus::Ok
-            },
+            status: answer.status.into(),
             content: answer.content.clone(),
             stage: answer.stage.clone(),
             error_code: String::new(),
@@ -98,6 +127,10 @@ impl Reply {
             log_id: answer.log_id,
             processed_at: Utc::now().to_rfc3339(),
             supersedes: msg.supersedes.map(|s| s.to_string()).unwrap_or_default(),
+            answered_by: answer
+                .answered_by
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -145,6 +178,7 @@ impl Reply {
             supersedes: Some(field("supersedes"))
                 .filter(|s| Uuid::parse_str(s).is_ok())
                 .unwrap_or_default(),
+            answered_by: String::new(),
         }
     }
 }
@@ -181,12 +215,9 @@ impl Reply {
             let v = get(name)?;
             Uuid::parse_str(&v).map_err(|e| bad(name, e.to_string()))
         };
-        let status = match get("status")?.as_str() {
-            "ok" => ReplyStatus::Ok,
-            "fallback" => ReplyStatus::Fallback,
-            "error" => ReplyStatus::Error,
-            other => return Err(bad("status", format!("unknown status {other:?}"))),
-        };
+        let status = get("status")?;
+        let status = ReplyStatus::parse(&status)
+            .ok_or_else(|| bad("status", format!("unknown status {status:?}")))?;
         Ok(Reply {
             destination: destination.to_owned(),
             reply_id: uuid("reply_id")?,
@@ -207,6 +238,7 @@ impl Reply {
             processed_at: get("processed_at")?,
             // Optional: replies published before the field existed have none.
             supersedes: fields.get("supersedes").cloned().unwrap_or_default(),
+            answered_by: fields.get("answered_by").cloned().unwrap_or_default(),
         })
     }
 }
@@ -221,11 +253,13 @@ mod tests {
         let status = proptest::sample::select(vec![
             ReplyStatus::Ok,
             ReplyStatus::Fallback,
+            ReplyStatus::Throttled,
+            ReplyStatus::Coalesced,
             ReplyStatus::Error,
         ]);
         (
             (any::<u128>(), any::<u128>(), status, any::<u16>()),
-            proptest::collection::vec(any::<String>(), 11),
+            proptest::collection::vec(any::<String>(), 12),
         )
             .prop_map(|((reply_id, log_id, status, code), s)| Reply {
                 destination: "out".into(),
@@ -244,6 +278,7 @@ mod tests {
                 log_id: Uuid::from_u128(log_id),
                 processed_at: s[9].clone(),
                 supersedes: s[10].clone(),
+                answered_by: s[11].clone(),
             })
     }
 
@@ -257,7 +292,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect();
-            prop_assert_eq!(fields.len(), 15, "every field once");
+            prop_assert_eq!(fields.len(), 16, "every field once");
             prop_assert_eq!(Reply::decode("out", &fields), Ok(r));
         }
     }

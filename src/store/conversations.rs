@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::model::{
-    Answer, Conversation, ConversationRecord, Extracted, Role, StoredMessage, Turn,
+    Answer, AnswerStatus, Conversation, ConversationRecord, Extracted, Role, StoredMessage, Turn,
 };
 
 const CONVERSATION_COLUMNS: &str = "c.id, c.business_id, u.external_id, c.current_stage_id, \
@@ -145,15 +145,26 @@ impl Store {
         idempotency_key: &str,
     ) -> Result<Option<Answer>, StoreError> {
         let client = self.client().await?;
+        // The reply stored under the key, else (a later message of a coalesced turn) the reply
+        // that answered the key's user row.
         let stmt = client
             .prepare_cached(
                 "SELECT m.id, m.conversation_id, m.content, coalesce(m.status, 'ok'), s.name, \
-                 m.log_id \
+                 m.log_id, NULL::uuid \
                  FROM messages m \
                  JOIN users u ON u.business_id = m.business_id AND u.id = m.user_id \
                  LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
                  WHERE m.business_id = $1 AND u.external_id = $2 AND m.idempotency_key = $3 \
-                 AND m.role = 'assistant'",
+                 AND m.role = 'assistant' \
+                 UNION ALL \
+                 SELECT q.id, q.conversation_id, '', 'coalesced', s.name, q.log_id, a.id \
+                 FROM messages q \
+                 JOIN users u ON u.business_id = q.business_id AND u.id = q.user_id \
+                 JOIN messages a ON a.business_id = q.business_id AND a.id = q.answered_by \
+                 LEFT JOIN stages s ON s.business_id = a.business_id AND s.id = a.stage_id \
+                 WHERE q.business_id = $1 AND u.external_id = $2 AND q.idempotency_key = $3 \
+                 AND q.role = 'user' AND q.answered_by IS NOT NULL \
+                 LIMIT 1",
             )
             .await?;
         Ok(self
@@ -166,13 +177,21 @@ impl Store {
             .await?
             .into_iter()
             .next()
-            .map(|r| Answer {
-                reply_id: r.get(0),
-                conversation_id: r.get(1),
-                content: r.get(2),
-                fallback: r.get::<_, &str>(3) == "fallback",
-                stage: r.get::<_, Option<String>>(4).unwrap_or_default(),
-                log_id: r.get(5),
+            .map(|r| {
+                let answered_by: Option<Uuid> = r.get(6);
+                Answer {
+                    reply_id: r.get(0),
+                    conversation_id: r.get(1),
+                    content: r.get(2),
+                    status: if answered_by.is_some() {
+                        AnswerStatus::Coalesced
+                    } else {
+                        AnswerStatus::from_stored(r.get(3))
+                    },
+                    stage: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                    log_id: r.get(5),
+                    answered_by,
+                }
             }))
     }
 

@@ -4,14 +4,19 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::model::{Business, StageInfo, StageTemplates, TemplateKind, TemplateRecord};
+use crate::model::{Business, Policy, StageInfo, StageTemplates, TemplateKind, TemplateRecord};
 
 impl Store {
     /// The business with its stages in order, or `None` when it does not exist.
     pub async fn load_business(&self, business_id: Uuid) -> Result<Option<Business>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT name FROM businesses WHERE id = $1")
+            .prepare_cached(
+                "SELECT b.name, b.policy, t.id FROM businesses b \
+                 LEFT JOIN templates t ON t.business_id = b.id AND t.kind = 'fallback' \
+                 AND t.name = b.policy -> 'budget' ->> 'throttled_template' \
+                 WHERE b.id = $1",
+            )
             .await?;
         let Some(row) = self
             .scoped(&client, business_id, &stmt, &[&business_id])
@@ -22,6 +27,15 @@ impl Store {
             return Ok(None);
         };
         let name: String = row.get(0);
+        // A policy this version cannot read (written by a newer one) is no policy at all.
+        let policy = row
+            .get::<_, tokio_postgres::types::Json<serde_json::Value>>(1)
+            .0;
+        let policy: Policy = serde_json::from_value(policy).unwrap_or_else(|e| {
+            tracing::warn!(business.id = %business_id, error = %e, "unreadable business policy ignored");
+            Policy::default()
+        });
+        let throttled_template_id: Option<Uuid> = row.get(2);
         let stmt = client
             .prepare_cached(
                 "SELECT id, name, description, is_initial, next_stages FROM stages \
@@ -82,6 +96,8 @@ impl Store {
             initial_stage_id,
             stages,
             extraction_fields,
+            policy,
+            throttled_template_id,
         }))
     }
 

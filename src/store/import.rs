@@ -37,11 +37,14 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let business_id = def.business_id;
+        let policy = tokio_postgres::types::Json(&def.policy);
         tx.execute(
-            "INSERT INTO businesses (id, name) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, updated_at = now() \
-             WHERE businesses.name IS DISTINCT FROM EXCLUDED.name",
-            &[&business_id, &def.name],
+            "INSERT INTO businesses (id, name, policy) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, policy = EXCLUDED.policy, \
+             updated_at = now() \
+             WHERE (businesses.name, businesses.policy) \
+             IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.policy)",
+            &[&business_id, &def.name, &policy],
         )
         .await?;
 

@@ -32,6 +32,19 @@ pub struct LlmCallRecord {
     pub outcome: &'static str,
 }
 
+/// A later message of a coalesced turn: stored as a user row answered by the turn's reply
+/// (serialised as a row of the write set's `jsonb_to_recordset`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FollowerRow {
+    /// Its place after the turn's first message (1, 2, …).
+    pub ord: i64,
+    pub id: Uuid,
+    pub content: String,
+    pub idempotency_key: String,
+    pub inbound_id: String,
+    pub metadata: Option<serde_json::Value>,
+}
+
 /// The conversation's state as the write phase committed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommittedConversation {
@@ -73,6 +86,9 @@ pub struct WriteSet {
     /// Step durations in milliseconds, stored with the reply.
     pub timings: serde_json::Value,
     pub llm_calls: Vec<LlmCallRecord>,
+    /// The later messages of a coalesced turn (empty otherwise), stored between the first
+    /// message and the reply.
+    pub followers: Vec<FollowerRow>,
 }
 
 /// The conversation of a continuing conversation: the version the read phase saw is bumped;
@@ -109,21 +125,31 @@ c AS (
 /// `$9` user message id, `$10` user content, `$11` user stage, `$12` metadata, `$13` assistant
 /// message id, `$14` assistant content, `$15` status, `$16`/`$17` fallback template and version,
 /// `$18`/`$19` transition from/to, `$20` extracted fields (object), `$21` LLM calls (array),
-/// `$22`/`$23` the reply's template and version, `$24` the step timings (object).
+/// `$22`/`$23` the reply's template and version, `$24` the step timings (object), `$25` the
+/// later messages of a coalesced turn (array). The rows are inserted in conversation order (the
+/// first message, the later ones, the reply), which is the order of their `seq`.
 const WRITES: &str = "\
 m AS (
   INSERT INTO messages (id, business_id, conversation_id, role, content, idempotency_key,
                         stage_id, status, metadata, inbound_id, log_id, user_id,
                         fallback_template_id, fallback_template_version, template_id,
-                        template_version, timings)
-  SELECT v.id, $1, c.id, v.role, v.content, $6, v.stage, v.status, v.metadata, $7, $8, c.user_id,
-         v.fb_id, v.fb_version, v.t_id, v.t_version, v.timings
-    FROM c, (VALUES (1, $9::uuid, 'user', $10::text, $11::uuid, NULL::text, $12::jsonb,
-                     NULL::uuid, NULL::integer, NULL::uuid, NULL::integer, NULL::jsonb),
-                    (2, $13::uuid, 'assistant', $14::text, $3::uuid, $15::text, NULL::jsonb,
-                     $16::uuid, $17::integer, $22::uuid, $23::integer, $24::jsonb))
-         AS v(ord, id, role, content, stage, status, metadata, fb_id, fb_version, t_id,
-              t_version, timings)
+                        template_version, timings, answered_by)
+  SELECT v.id, $1, c.id, v.role, v.content, v.key, v.stage, v.status, v.metadata, v.inbound,
+         $8, c.user_id, v.fb_id, v.fb_version, v.t_id, v.t_version, v.timings, v.answered_by
+    FROM c, (VALUES (0::bigint, $9::uuid, 'user'::text, $10::text, $6::text, $7::text,
+                     $11::uuid, NULL::text, $12::jsonb, NULL::uuid, NULL::integer, NULL::uuid,
+                     NULL::integer, NULL::jsonb, NULL::uuid),
+                    (9223372036854775807, $13::uuid, 'assistant', $14::text, $6::text,
+                     $7::text, $3::uuid, $15::text, NULL::jsonb, $16::uuid, $17::integer,
+                     $22::uuid, $23::integer, $24::jsonb, NULL::uuid)
+             UNION ALL
+             SELECT f.ord, f.id, 'user', f.content, f.idempotency_key, f.inbound_id, $11::uuid,
+                    NULL::text, f.metadata, NULL::uuid, NULL::integer, NULL::uuid,
+                    NULL::integer, NULL::jsonb, $13::uuid
+               FROM jsonb_to_recordset($25::jsonb) AS f(ord bigint, id uuid, content text,
+                    idempotency_key text, inbound_id text, metadata jsonb))
+         AS v(ord, id, role, content, key, inbound, stage, status, metadata, fb_id, fb_version,
+              t_id, t_version, timings, answered_by)
    ORDER BY v.ord
 ),
 t AS (
@@ -184,7 +210,8 @@ impl Store {
         let (transition_from, transition_to) = ws.transition.unzip();
         let (fallback_id, fallback_version) = ws.fallback_template.unzip();
         let (template_id, template_version) = ws.reply_template.unzip();
-        let params: [&(dyn ToSql + Sync); 24] = [
+        let followers = Json(&ws.followers);
+        let params: [&(dyn ToSql + Sync); 25] = [
             &ws.business_id,
             &ws.conversation_id,
             &ws.stage_id,
@@ -209,6 +236,7 @@ impl Store {
             &template_id,
             &template_version,
             &ws.timings,
+            &followers,
         ];
         // The fault-injection point decides the end: its error rolls the statement back.
         let (end, injected) = match before_commit() {

@@ -82,14 +82,13 @@ pub struct Finish<'a> {
 }
 
 impl Streams {
-    /// Finishes entry `id` (see the module docs). Returns whether this call acknowledged it
-    /// (and so published); `false` means another holder had finished it: nothing was published.
-    pub async fn finish(
+    /// The finish script's invocation for entry `id`.
+    fn finish_invocation(
         &self,
         id: &str,
         slot: Option<&QueueSlot>,
         finish: &Finish<'_>,
-    ) -> Result<bool, StreamError> {
+    ) -> redis::ScriptInvocation<'_> {
         let outbound = self.config.outbound.as_str();
         let reply_stream = finish.reply.as_ref().map_or(outbound, |(s, _)| *s);
         let (maxlen, ttl) = if reply_stream == outbound {
@@ -132,11 +131,39 @@ impl Streams {
                 inv.arg(k.as_slice()).arg(v.as_slice());
             }
         }
-        match inv.invoke_async(&mut self.conn()).await? {
+        inv
+    }
+
+    /// Finishes entry `id` (see the module docs). Returns whether this call acknowledged it
+    /// (and so published); `false` means another holder had finished it: nothing was published.
+    pub async fn finish(
+        &self,
+        id: &str,
+        slot: Option<&QueueSlot>,
+        finish: &Finish<'_>,
+    ) -> Result<bool, StreamError> {
+        let reply = self
+            .finish_invocation(id, slot, finish)
+            .invoke_async(&mut self.conn())
+            .await?;
+        self.finished(id, slot, finish, reply).await
+    }
+
+    /// Reads the finish script's answer; a `reply_to` key that is not a stream is answered on
+    /// the outbound stream instead.
+    async fn finished(
+        &self,
+        id: &str,
+        slot: Option<&QueueSlot>,
+        finish: &Finish<'_>,
+        reply: Value,
+    ) -> Result<bool, StreamError> {
+        let outbound = self.config.outbound.as_str();
+        let reply_stream = finish.reply.as_ref().map_or(outbound, |(s, _)| *s);
+        match reply {
             Value::Int(1) => Ok(true),
             Value::Int(0) => Ok(false),
             Value::Int(-1) if reply_stream != outbound => {
-                // A `reply_to` key that is not a stream: answer on the outbound stream instead.
                 tracing::warn!("the reply_to key is not a stream; replying on the outbound stream");
                 let mut to_outbound = finish.clone();
                 if let Some((stream, _)) = &mut to_outbound.reply {
@@ -146,5 +173,39 @@ impl Streams {
             }
             other => Err(StreamError::UnexpectedReply(format!("finish: {other:?}"))),
         }
+    }
+
+    /// Finishes the entries of one coalesced turn in one transaction (`MULTI`/`EXEC`): the
+    /// first message's entry with its answer, then each later one with its reference reply,
+    /// in order. Each finish is fenced as [`Streams::finish`]; returns, per entry, whether this
+    /// call acknowledged it.
+    pub async fn finish_turn(
+        &self,
+        entries: &[(&str, Option<&QueueSlot>, Finish<'_>)],
+    ) -> Result<Vec<bool>, StreamError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (id, slot, finish) in entries {
+            pipe.invoke_script(&self.finish_invocation(id, *slot, finish));
+        }
+        let replies: Vec<Value> = match pipe.query_async(&mut self.conn()).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // A restarted Redis forgot the script: nothing ran; load it and run again.
+                let mut conn = self.conn();
+                self.scripts
+                    .finish
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await?;
+                pipe.query_async(&mut conn).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut done = Vec::with_capacity(entries.len());
+        for ((id, slot, finish), reply) in entries.iter().zip(replies) {
+            done.push(self.finished(id, *slot, finish, reply).await?);
+        }
+        Ok(done)
     }
 }

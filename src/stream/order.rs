@@ -127,6 +127,16 @@ pub fn member(entry_id: &str) -> String {
     format!("{ms:0>20}-{seq:0>20}")
 }
 
+/// The stream entry id of a queue member (the inverse of [`member`]).
+pub fn entry_id(member: &str) -> Option<String> {
+    let (ms, seq) = member.split_once('-')?;
+    Some(format!(
+        "{}-{}",
+        ms.parse::<u64>().ok()?,
+        seq.parse::<u64>().ok()?
+    ))
+}
+
 /// Where an entry waits for its turn.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QueueSlot {
@@ -238,6 +248,45 @@ impl Streams {
             .collect()
     }
 
+    /// The entries waiting behind `slot` in its queue (up to `max`, in stream order), with
+    /// their fields; stops at the first one no longer in the stream. Two round trips.
+    pub async fn waiting_behind(
+        &self,
+        slot: &QueueSlot,
+        max: usize,
+    ) -> Result<Vec<(String, super::Fields)>, StreamError> {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(slot.key.as_slice())
+            .arg(format!("({}", slot.member))
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max)
+            .query_async(&mut self.conn())
+            .await?;
+        let ids: Vec<String> = members.iter().filter_map(|m| entry_id(m)).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("XRANGE").arg(&self.config.inbound).arg(id).arg(id);
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, reply) in ids.into_iter().zip(replies) {
+            match super::range_entries(reply)
+                .into_iter()
+                .find(|(i, _)| *i == id)
+            {
+                Some((_, fields)) => out.push((id, fields)),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Forwards the queue keys announced on the wake channel (by any worker) to `tx`, until
     /// `stop` turns true or `tx` is closed. Subscribes again after a Redis restart; the
     /// worker's slow poll covers what is missed meanwhile.
@@ -300,6 +349,16 @@ mod tests {
         );
         assert_eq!(Wake::decode(b"order:{in}:g:b:u").head, None);
         assert_eq!(Wake::decode(b"short").key, b"short".to_vec());
+    }
+
+    #[test]
+    fn a_member_gives_its_entry_id_back() {
+        assert_eq!(
+            entry_id(&member("1700000000000-12")).as_deref(),
+            Some("1700000000000-12")
+        );
+        assert_eq!(entry_id(&member("0-0")).as_deref(), Some("0-0"));
+        assert_eq!(entry_id("junk"), None);
     }
 
     #[test]

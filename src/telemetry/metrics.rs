@@ -34,6 +34,8 @@ pub const INFLIGHT_MESSAGES: &str = "icmp_inflight_messages";
 pub const STREAM_PENDING: &str = "icmp_stream_pending_messages";
 pub const STREAM_LAG: &str = "icmp_stream_lag";
 pub const DB_POOL_CONNECTIONS: &str = "icmp_db_pool_connections";
+pub const THROTTLED_TOTAL: &str = "icmp_throttled_total";
+pub const COALESCED_TOTAL: &str = "icmp_coalesced_messages_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -148,6 +150,7 @@ fn describe() {
 pub enum MessageOutcome {
     Ok,
     Fallback,
+    Throttled,
     Error,
     Duplicate,
     Retry,
@@ -159,6 +162,7 @@ impl MessageOutcome {
         match self {
             MessageOutcome::Ok => "ok",
             MessageOutcome::Fallback => "fallback",
+            MessageOutcome::Throttled => "throttled",
             MessageOutcome::Error => "error",
             MessageOutcome::Duplicate => "duplicate",
             MessageOutcome::Retry => "retry",
@@ -224,6 +228,16 @@ pub fn unknown_stage() {
 /// A repair prompt for structured output, by step and outcome (`repaired` or `failed`).
 pub fn output_repair(step: &'static str, outcome: &'static str) {
     counter!(OUTPUT_REPAIRS_TOTAL, "step" => step, "outcome" => outcome).increment(1);
+}
+
+/// A message over its business's budget, by budget (`messages_per_minute`, `tokens_per_day`).
+pub fn throttled(budget: &'static str) {
+    counter!(THROTTLED_TOTAL, "budget" => budget).increment(1);
+}
+
+/// Messages answered by the reply of an earlier message of their user (a coalesced turn).
+pub fn coalesced(n: u64) {
+    counter!(COALESCED_TOTAL).increment(n);
 }
 
 pub fn degraded(step: &'static str) {

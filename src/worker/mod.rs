@@ -17,7 +17,7 @@ mod startup;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tracing::Instrument;
@@ -26,13 +26,18 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::error::{Classify, PipelineError};
 use crate::llm::LlmService;
+use crate::model::{AnswerStatus, Business};
 use crate::pipeline::{MessageHandler, Processed, failpoint};
 use crate::protocol::{self, Reply};
 use crate::retry::RetryPolicy;
+use crate::stream::order::{self, QueueSlot};
 use crate::stream::{Finish, StreamEntry, Streams};
 use crate::telemetry::metrics::{self, MessageOutcome, StreamEvent};
 
 pub use startup::{ConfiguredLlm, Dependencies, StartupError, run_until_stopped};
+
+/// The most later messages one coalesced turn takes in.
+pub const MAX_COALESCED: usize = 20;
 
 /// What happened to one entry (the loop and the tests match on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +83,8 @@ pub struct WorkerStats {
     /// Head checks run because of the slow safety-net poll.
     pub polled_checks: AtomicU64,
     pub vanished: AtomicU64,
+    /// Messages answered by the reply of an earlier message of their user (coalesced turns).
+    pub coalesced: AtomicU64,
     pub trimmed: AtomicU64,
     pub consumers_pruned: AtomicU64,
     /// Messages being processed now, and the most at once so far.
@@ -226,9 +233,14 @@ impl<L: LlmService> Worker<L> {
                     .await;
             }
         };
+        // When the business coalesces bursts, the later messages of the user come along.
+        let gather = async |business: &Business| match business.policy.coalesce_window() {
+            Some(window) => self.gather_followers(entry, &msg, window).await,
+            None => Vec::new(),
+        };
         // A panic in one message must not take the worker down: it becomes a retryable error,
         // so a message that always panics ends in the dead-letter stream.
-        let processed = AssertUnwindSafe(self.handler.process(&msg, log_id))
+        let processed = AssertUnwindSafe(self.handler.process_turn(&msg, log_id, gather))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
@@ -241,7 +253,10 @@ impl<L: LlmService> Worker<L> {
             });
         let outbound = &self.config.streams.outbound;
         match processed {
-            Ok(Processed::Answered(answer)) => {
+            Ok(Processed::Answered {
+                answer,
+                followers: answered,
+            }) => {
                 if self
                     .handler
                     .failpoints()
@@ -250,14 +265,22 @@ impl<L: LlmService> Worker<L> {
                     tracing::error!("failpoint: crashing after commit, before publish");
                     std::process::exit(86);
                 }
-                let label = if answer.fallback {
-                    MessageOutcome::Fallback
-                } else {
-                    MessageOutcome::Ok
+                let label = match answer.status {
+                    AnswerStatus::Fallback => MessageOutcome::Fallback,
+                    AnswerStatus::Throttled => MessageOutcome::Throttled,
+                    AnswerStatus::Ok | AnswerStatus::Coalesced => MessageOutcome::Ok,
                 };
                 let reply = Reply::answer(&msg, &answer, outbound);
-                self.finish(entry, &reply, None, Outcome::Replied, label)
-                    .await
+                if answered.is_empty() {
+                    return self
+                        .finish(entry, &reply, None, Outcome::Replied, label)
+                        .await;
+                }
+                let replies: Vec<Reply> = answered
+                    .iter()
+                    .map(|(m, a)| Reply::answer(m, a, outbound))
+                    .collect();
+                self.finish_coalesced(entry, &reply, &replies, label).await
             }
             Ok(Processed::Duplicate(answer)) => {
                 tracing::info!("already answered; publishing the stored answer again");
@@ -336,6 +359,118 @@ impl<L: LlmService> Worker<L> {
             }
             Err(e) => {
                 // The entry stays pending; its redelivery finds the committed answer.
+                metrics::record_error(&e, "finish");
+                (Outcome::RetryLater, Some(MessageOutcome::Retry))
+            }
+        }
+    }
+
+    /// The later messages of the entry's user waiting behind it, for a business that
+    /// coalesces bursts: after waiting until `window` past the entry's arrival, the contiguous
+    /// run of waiting entries of the same business, user and conversation (at most
+    /// [`MAX_COALESCED`]); nothing on any doubt (an entry that does not decode, another
+    /// conversation, a replay, a repeated key ends the run).
+    async fn gather_followers(
+        &self,
+        entry: &StreamEntry,
+        msg: &protocol::InboundMessage,
+        window: Duration,
+    ) -> Vec<protocol::InboundMessage> {
+        let Some(slot) = &entry.slot else {
+            return Vec::new();
+        };
+        if msg.supersedes.is_some() {
+            return Vec::new();
+        }
+        let arrived = entry
+            .id
+            .split_once('-')
+            .and_then(|(ms, _)| ms.parse::<i64>().ok());
+        if let Some(arrived) = arrived {
+            let until = arrived.saturating_add(window.as_millis() as i64);
+            let left = until - chrono::Utc::now().timestamp_millis();
+            if left > 0 {
+                let left = Duration::from_millis(left as u64).min(window);
+                tokio::time::sleep(left).await;
+            }
+        }
+        let waiting = match self.streams.waiting_behind(slot, MAX_COALESCED).await {
+            Ok(w) => w,
+            Err(e) => {
+                metrics::record_error(&e, "coalesce");
+                return Vec::new();
+            }
+        };
+        let mut keys = std::collections::HashSet::from([msg.idempotency_key().to_owned()]);
+        let mut followers = Vec::new();
+        for (id, fields) in waiting {
+            let Ok(next) = protocol::inbound::decode(
+                &id,
+                &fields,
+                &self.config.limits,
+                &self.config.streams.reply_prefix,
+            ) else {
+                break;
+            };
+            let same_turn = next.business_id == msg.business_id
+                && next.user_id == msg.user_id
+                && next.conversation_id == msg.conversation_id
+                && next.supersedes.is_none();
+            if !same_turn || !keys.insert(next.idempotency_key().to_owned()) {
+                break;
+            }
+            followers.push(next);
+        }
+        followers
+    }
+
+    /// Finishes a coalesced turn: the entry with its answer and each later message with its
+    /// reference reply, in one transaction.
+    async fn finish_coalesced(
+        &self,
+        entry: &StreamEntry,
+        reply: &Reply,
+        replies: &[Reply],
+        label: MessageOutcome,
+    ) -> (Outcome, Option<MessageOutcome>) {
+        let slots: Vec<Option<QueueSlot>> = replies
+            .iter()
+            .map(|r| {
+                entry.slot.as_ref().map(|s| QueueSlot {
+                    key: s.key.clone(),
+                    member: order::member(&r.inbound_id),
+                })
+            })
+            .collect();
+        fn finish(r: &Reply) -> Finish<'_> {
+            Finish {
+                reply: Some((r.destination.as_str(), r.fields())),
+                dead_letter: None,
+            }
+        }
+        let mut entries = vec![(entry.id.as_str(), entry.slot.as_ref(), finish(reply))];
+        for (r, slot) in replies.iter().zip(&slots) {
+            entries.push((r.inbound_id.as_str(), slot.as_ref(), finish(r)));
+        }
+        let result = self
+            .finish_retry
+            .run("redis.finish", || self.streams.finish_turn(&entries))
+            .await;
+        match result {
+            Ok(done) => {
+                let followers = done.iter().skip(1).filter(|d| **d).count() as u64;
+                metrics::coalesced(followers);
+                WorkerStats::add(&self.stats.coalesced, followers);
+                tracing::info!(coalesced = followers, "answered a burst as one turn");
+                if done.first() == Some(&true) {
+                    (Outcome::Replied, Some(label))
+                } else {
+                    metrics::stream_event(StreamEvent::Fenced, 1);
+                    (Outcome::AlreadyDone, None)
+                }
+            }
+            Err(e) => {
+                // Every entry stays pending; their redeliveries find the committed answers.
                 metrics::record_error(&e, "finish");
                 (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }

@@ -5,12 +5,18 @@
 //! processing slot) or *running*. Waiting entries hold no processing slot and no task, so one
 //! user's backlog of thousands costs memory for ids only and delays nobody else: the queues
 //! are checked by key, and only the first waiting entry of each queue is checked.
+//!
+//! Ready entries wait per business, and free slots go to the businesses in turn, each up to
+//! its cap of running entries: a business flooding the stream takes no more than its share of
+//! the slots, and its ready entries beyond the cap (*parked*) do not stop the reader, so the
+//! other businesses' entries are still read and started at once.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::stream::StreamEntry;
 use crate::stream::order::{Head, HeadCheck, QueueSlot, Wake};
@@ -33,8 +39,21 @@ enum State {
     Running(CancellationToken),
 }
 
+/// The business an entry is counted under (`None`: its business field is unreadable).
+type BusinessKey = Option<Uuid>;
+
+fn business_of(entry: &StreamEntry) -> BusinessKey {
+    entry
+        .fields
+        .iter()
+        .find(|(k, _)| k.as_slice() == b"business_id")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .and_then(crate::protocol::inbound::canonical_business)
+}
+
 struct Held {
     entry: StreamEntry,
+    business: BusinessKey,
     /// Whether `entry.fields` holds the fields (a waiting entry beyond the budget drops them).
     has_fields: bool,
     /// Bytes of its fields counted in the room's kept bytes.
@@ -68,8 +87,15 @@ pub(super) struct Room {
     early_wakes: HashMap<Vec<u8>, (String, Instant)>,
     /// Queues whose first waiting entry must be checked.
     dirty: HashSet<Vec<u8>>,
-    ready: VecDeque<String>,
+    /// Ready entry ids per business (ids of entries no longer ready are skipped).
+    ready: HashMap<BusinessKey, VecDeque<String>>,
+    /// The businesses with ready entries, in the order they get the next free slot.
+    turns: VecDeque<BusinessKey>,
+    /// Ready entries, in all and per business.
     ready_count: usize,
+    ready_by: HashMap<BusinessKey, usize>,
+    /// Running entries per business.
+    running: HashMap<BusinessKey, usize>,
     /// The held ids, shared with the heartbeat.
     ids: Arc<Mutex<HashSet<String>>>,
 }
@@ -79,6 +105,7 @@ impl Room {
         self.held.len()
     }
 
+    #[cfg(test)]
     pub(super) fn ready_len(&self) -> usize {
         self.ready_count
     }
@@ -99,6 +126,7 @@ impl Room {
             return false;
         }
         let id = entry.id.clone();
+        let business = business_of(&entry);
         self.ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -116,8 +144,7 @@ impl Room {
                 if (entry.at_head == Some(true) || woken)
                     && !self.queues.contains_key(&slot.key) =>
             {
-                self.ready.push_back(id.clone());
-                self.ready_count += 1;
+                self.push_ready(business, id.clone());
                 State::Ready
             }
             Some(slot) => {
@@ -141,8 +168,7 @@ impl Room {
                 State::Waiting
             }
             None => {
-                self.ready.push_back(id.clone());
-                self.ready_count += 1;
+                self.push_ready(business, id.clone());
                 State::Ready
             }
         };
@@ -159,6 +185,7 @@ impl Room {
             id,
             Held {
                 entry,
+                business,
                 has_fields,
                 kept,
                 state,
@@ -267,12 +294,10 @@ impl Room {
         }
         match check.head {
             Head::Go => {
+                held.state = State::Ready;
+                let business = held.business;
                 self.dequeue(slot);
-                if let Some(held) = self.held.get_mut(id) {
-                    held.state = State::Ready;
-                }
-                self.ready.push_back(id.to_owned());
-                self.ready_count += 1;
+                self.push_ready(business, id.to_owned());
                 Checked::Ready
             }
             Head::Wait => Checked::Waiting,
@@ -296,21 +321,79 @@ impl Room {
         }
     }
 
-    /// The next ready entry, marked running under `token`; with whether its fields must be
-    /// fetched first.
-    pub(super) fn start_next(&mut self, token: &CancellationToken) -> Option<(StreamEntry, bool)> {
-        while let Some(id) = self.ready.pop_front() {
-            let Some(held) = self.held.get_mut(&id) else {
-                continue;
-            };
-            if !matches!(held.state, State::Ready) {
+    fn push_ready(&mut self, business: BusinessKey, id: String) {
+        let queue = self.ready.entry(business).or_default();
+        if queue.is_empty() {
+            self.turns.push_back(business);
+        }
+        queue.push_back(id);
+        self.ready_count += 1;
+        *self.ready_by.entry(business).or_default() += 1;
+    }
+
+    fn ready_left(&mut self, business: BusinessKey) {
+        self.ready_count = self.ready_count.saturating_sub(1);
+        if let Some(n) = self.ready_by.get_mut(&business) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.ready_by.remove(&business);
+            }
+        }
+    }
+
+    /// Ready entries that could start now: those of businesses below their cap, up to it (the
+    /// rest are parked and do not count against the reader's limit).
+    pub(super) fn startable_len(&self, cap: impl Fn(BusinessKey) -> usize) -> usize {
+        self.ready_by
+            .iter()
+            .map(|(b, n)| {
+                let running = self.running.get(b).copied().unwrap_or(0);
+                (*n).min(cap(*b).saturating_sub(running))
+            })
+            .sum()
+    }
+
+    /// The next ready entry, marked running under `token`, with whether its fields must be
+    /// fetched first: from the next business in turn that runs fewer than `cap(business)`.
+    pub(super) fn start_next(
+        &mut self,
+        token: &CancellationToken,
+        cap: impl Fn(BusinessKey) -> usize,
+    ) -> Option<(StreamEntry, bool)> {
+        for _ in 0..self.turns.len() {
+            let business = self.turns.pop_front()?;
+            let running = self.running.get(&business).copied().unwrap_or(0);
+            if running >= cap(business) {
+                self.turns.push_back(business);
                 continue;
             }
-            self.ready_count = self.ready_count.saturating_sub(1);
+            let Some(queue) = self.ready.get_mut(&business) else {
+                continue;
+            };
+            let mut started = None;
+            while let Some(id) = queue.pop_front() {
+                if let Some(held) = self.held.get_mut(&id)
+                    && matches!(held.state, State::Ready)
+                {
+                    held.state = State::Running(token.clone());
+                    started = Some(id);
+                    break;
+                }
+            }
+            if queue.is_empty() {
+                self.ready.remove(&business);
+            } else {
+                self.turns.push_back(business);
+            }
+            let Some(id) = started else {
+                continue;
+            };
+            self.ready_left(business);
+            *self.running.entry(business).or_default() += 1;
+            let held = self.held.get_mut(&id)?;
             self.kept_bytes = self
                 .kept_bytes
                 .saturating_sub(std::mem::take(&mut held.kept));
-            held.state = State::Running(token.clone());
             let needs_fields = !held.has_fields;
             return Some((held.entry.clone(), needs_fields));
         }
@@ -327,8 +410,16 @@ impl Room {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
         match &held.state {
-            State::Running(token) => token.cancel(),
-            State::Ready => self.ready_count = self.ready_count.saturating_sub(1),
+            State::Running(token) => {
+                token.cancel();
+                if let Some(n) = self.running.get_mut(&held.business) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.running.remove(&held.business);
+                    }
+                }
+            }
+            State::Ready => self.ready_left(held.business),
             State::Waiting => {
                 if let Some(slot) = &held.entry.slot {
                     self.dequeue(slot);
@@ -400,11 +491,13 @@ mod tests {
             Checked::Ready
         );
         let token = CancellationToken::new();
-        let (started, fetch) = room.start_next(&token).expect("the quiet user's entry");
+        let (started, fetch) = room
+            .start_next(&token, |_| usize::MAX)
+            .expect("the quiet user's entry");
         assert_eq!(started.id, "5000-0");
         assert!(!fetch);
         assert!(
-            room.start_next(&token).is_none(),
+            room.start_next(&token, |_| usize::MAX).is_none(),
             "the busy user's entries wait"
         );
         // Small entries keep their fields while they wait: no fetch when their turn comes.
@@ -414,7 +507,7 @@ mod tests {
             room.apply(&checks[0].0, "1-0", verdict(Head::Go)),
             Checked::Ready
         );
-        let (started, fetch) = room.start_next(&token).expect("head");
+        let (started, fetch) = room.start_next(&token, |_| usize::MAX).expect("head");
         assert_eq!(started.id, "1-0");
         assert!(!fetch);
     }
@@ -491,6 +584,42 @@ mod tests {
     }
 
     #[test]
+    fn free_slots_go_to_businesses_in_turn_each_up_to_its_cap() {
+        let (a, b) = (Uuid::from_u128(0xA), Uuid::from_u128(0xB));
+        let of = |id: &str, business: Uuid| {
+            let mut e = entry(id, None);
+            e.fields
+                .push((b"business_id".to_vec(), business.to_string().into_bytes()));
+            e
+        };
+        let mut room = Room::default();
+        for i in 1..=10 {
+            assert!(room.admit(of(&format!("{i}-0"), a)));
+        }
+        assert!(room.admit(of("11-0", b)));
+        assert!(room.admit(of("12-0", b)));
+        let cap = |business: BusinessKey| if business == Some(a) { 2 } else { usize::MAX };
+        assert_eq!(room.startable_len(cap), 4, "two of A's ten, both of B's");
+        let token = CancellationToken::new();
+        let mut started = Vec::new();
+        while let Some((e, _)) = room.start_next(&token, cap) {
+            started.push(e.id);
+        }
+        assert_eq!(
+            started,
+            ["1-0", "11-0", "2-0", "12-0"],
+            "in turn, A capped at two"
+        );
+        assert_eq!(room.startable_len(cap), 0, "A's other eight are parked");
+        assert_eq!(room.ready_len(), 8);
+        // A finished entry frees a slot of A's.
+        room.remove("1-0");
+        assert_eq!(room.startable_len(cap), 1);
+        let (e, _) = room.start_next(&token, cap).expect("A's next");
+        assert_eq!(e.id, "3-0");
+    }
+
+    #[test]
     fn the_safety_net_checks_only_queues_quiet_for_a_whole_interval() {
         let mut room = Room::default();
         assert!(room.admit(entry("1-0", Some("a"))));
@@ -516,7 +645,7 @@ mod tests {
             Checked::Ready
         );
         let token = CancellationToken::new();
-        room.start_next(&token).expect("2-0");
+        room.start_next(&token, |_| usize::MAX).expect("2-0");
         room.remove("2-0");
         assert!(token.is_cancelled());
         assert_eq!(room.len(), 0);

@@ -167,7 +167,8 @@ impl<L: LlmService> Worker<L> {
             }
             self.start_ready(&mut room, &slots, &mut tasks, &events_tx);
             gate.held.store(room.len(), Ordering::Relaxed);
-            gate.ready.store(room.ready_len(), Ordering::Relaxed);
+            gate.ready
+                .store(room.startable_len(self.business_cap()), Ordering::Relaxed);
             gate.changed.notify_one();
         }
 
@@ -236,7 +237,7 @@ impl<L: LlmService> Worker<L> {
     ) {
         while let Ok(permit) = slots.clone().try_acquire_owned() {
             let token = CancellationToken::new();
-            let Some((entry, needs_fields)) = room.start_next(&token) else {
+            let Some((entry, needs_fields)) = room.start_next(&token, self.business_cap()) else {
                 drop(permit);
                 break;
             };
@@ -264,6 +265,26 @@ impl<L: LlmService> Worker<L> {
                 worker.stats.ended();
                 let _ = events.send(Event::Done(id, outcome));
             });
+        }
+    }
+
+    /// How many entries of a business may run at once here: its definition's
+    /// `budget.max_in_flight` when this process holds it, else `worker.max_in_flight_per_business`
+    /// (0: no cap).
+    fn business_cap(&self) -> impl Fn(Option<uuid::Uuid>) -> usize + '_ {
+        let default = match self.config.worker.max_in_flight_per_business {
+            0 => usize::MAX,
+            n => n,
+        };
+        let local = self.handler.cache().local();
+        move |business| {
+            let Some(id) = business else {
+                return usize::MAX;
+            };
+            match local.max_in_flight(id) {
+                Some(Some(n)) => n as usize,
+                _ => default,
+            }
         }
     }
 

@@ -43,7 +43,7 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
     let mut config = helpers::base_config();
     config.database.url = RedactedUrl::new(helpers::empty_database().await);
     let first = store::migrate(&config.database).await.expect("first");
-    assert_eq!(first, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(first, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
     let second = store::migrate(&config.database).await.expect("second");
     assert!(second.is_empty(), "{second:?}");
     let store = Store::connect(&config.database).expect("store");
@@ -343,6 +343,7 @@ fn demo_prompts_render_as_reviewed() {
         initial_stage_id: stages[0].id,
         stages: stages.clone(),
         extraction_fields: def.extraction_fields(),
+        ..Default::default()
     };
     let mut extracted = icmp::model::Extracted::new();
     extracted.insert("name".into(), serde_json::json!("Alice Smith"));

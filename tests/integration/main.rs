@@ -7,6 +7,7 @@
     reason = "helpers are shared between the test modules"
 )]
 
+mod bursts_and_budgets;
 mod foundation;
 mod helpers;
 mod injection;

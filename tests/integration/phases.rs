@@ -124,7 +124,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         Some((read.stage.id, decisions.stage.id))
     );
     assert_eq!(decisions.learned["name"], "Sam Stone");
-    assert!(!decisions.response.fallback);
+    assert_eq!(decisions.response.status, icmp::model::AnswerStatus::Ok);
     let purposes: Vec<&str> = decisions.calls.iter().map(|c| c.purpose).collect();
     assert_eq!(purposes, ["selection", "extraction", "response"]);
     assert_eq!(
@@ -141,7 +141,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         failpoints: &failpoints,
         history_turns: 20,
     };
-    let committed = persist::write(sinks, &msg, &read, &decisions, Uuid::now_v7(), 1)
+    let committed = persist::write(sinks, &msg, &[], &read, &decisions, Uuid::now_v7(), 1)
         .await
         .expect("write");
     assert_eq!(committed.state.conversation.version, 1);
