@@ -7,6 +7,7 @@
     reason = "helpers are shared between the test modules"
 )]
 
+mod console;
 mod foundation;
 mod helpers;
 mod injection;
