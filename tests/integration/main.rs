@@ -24,3 +24,4 @@ mod soak;
 mod stream_guarantees;
 mod tls;
 mod transcripts;
+mod webdriver;
