@@ -251,6 +251,22 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // A test that failed before `quit`: end the session (chromedriver then closes the
+        // browser) with a blocking request, since killing the driver alone leaves it running.
+        if !self.session.is_empty()
+            && let Some(addr) = self.base.strip_prefix("http://")
+            && let Ok(mut conn) = std::net::TcpStream::connect(addr)
+        {
+            use std::io::{Read as _, Write as _};
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+            let request = format!(
+                "DELETE /session/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.session
+            );
+            if conn.write_all(request.as_bytes()).is_ok() {
+                let _ = conn.read_to_end(&mut Vec::new());
+            }
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
