@@ -538,3 +538,41 @@ async fn a_browser_reads_every_page_signs_in_and_replays_a_dead_letter() {
     browser.quit().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_that_cannot_be_reached_is_a_503_page_with_its_code() {
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let mut database = app.config.database.clone();
+    let port = crate::processes::free_port();
+    database.url =
+        icmp::config::RedactedUrl::new(format!("postgres://postgres@127.0.0.1:{port}/icmp"));
+    let store = icmp::store::Store::connect(&database).expect("a lazy pool");
+    let console = icmp::console::Console::new(
+        app.redis.clone(),
+        store,
+        app.config.redis.clone(),
+        app.config.streams.clone(),
+        None,
+    )
+    .expect("console");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(icmp::console::serve(
+        listener,
+        console,
+        std::future::pending(),
+    ));
+    for page in [
+        "/",
+        "/conversations",
+        &format!("/conversations?business={DEMO_BUSINESS}"),
+    ] {
+        let (status, body) = get(&format!("{base}{page}")).await;
+        assert_eq!(status, 503, "{page}: {body}");
+        assert!(body.contains(r#"<code id="code">db."#), "{page}: {body}");
+    }
+    // Dead letters live in Redis alone: that page still works.
+    assert_eq!(get(&format!("{base}/dlq")).await.0, 200);
+}
