@@ -8,6 +8,7 @@
 )]
 
 mod console;
+mod console_browser;
 mod foundation;
 mod helpers;
 mod injection;
