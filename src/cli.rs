@@ -102,6 +102,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the web console: status, dead letters (with replay and purge), conversations and
+    /// traces. Read-only unless ICMP_CONSOLE_TOKEN is set; writes then need that token.
+    Console {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+    },
     /// Inspect or replay the dead-letter stream.
     Dlq {
         #[command(subcommand)]
@@ -415,6 +421,36 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{status}");
             }
+        }
+        Command::Console { listen } => {
+            telemetry::init_logging(&config.telemetry, std::io::stderr);
+            let conn = cache::connect(&config.redis).await?;
+            let store = Store::connect(&config.database)?;
+            let token = std::env::var("ICMP_CONSOLE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(secrecy::SecretString::from);
+            let writable = token.is_some();
+            let console = icmp::console::Console::new(
+                conn,
+                store,
+                config.redis.clone(),
+                config.streams.clone(),
+                token,
+            )?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let mode = if writable {
+                "replay and purge need the token"
+            } else {
+                "read-only: no ICMP_CONSOLE_TOKEN"
+            };
+            eprintln!(
+                "console listening on http://{} ({mode})",
+                listener.local_addr()?
+            );
+            icmp::console::serve(listener, console, shutdown_signal()).await?;
         }
         Command::Dlq { action } => {
             let conn = cache::connect(&config.redis).await?;

@@ -26,6 +26,8 @@
 //!   root that builds a worker from its configuration.
 //! - [`status`]: `icmp status`: lag, consumers, queues, dead letters, per-business ratios.
 //! - [`trace`]: `icmp trace`: everything known about one message.
+//! - [`console`]: `icmp console`: the web console over status, dead letters, conversations and
+//!   trace, with replay and purge behind a token.
 //! - [`transcript`]: golden transcripts, recorded and replayed (`icmp replay`).
 //! - [`tls`]: TLS to PostgreSQL and Redis: certificate roots and `sslmode`.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
@@ -35,6 +37,7 @@ pub mod business;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod llm;
 pub mod model;

@@ -229,6 +229,19 @@ pub struct ConversationRecord {
     pub extracted: Extracted,
 }
 
+/// One line of a business's list of conversations, as operators browse it (`icmp console`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConversationSummary {
+    pub id: Uuid,
+    /// The user's external id.
+    pub user_id: String,
+    /// The current stage's name.
+    pub stage: String,
+    /// Stored messages (user and assistant rows).
+    pub messages: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// One stored message of a [`ConversationRecord`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StoredMessage {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::config::StreamsConfig;
 use crate::status::StatusError;
 use crate::store::Store;
-use crate::stream::{scan_entries, string_entries};
+use crate::stream::{is_entry_id, scan_entries, string_entries};
 
 /// Everything found about one message.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -51,15 +51,6 @@ impl Trace {
 
 /// How many entries of the outbound and dead-letter streams a trace reads at most.
 const SCAN_LIMIT: usize = 20_000;
-
-fn is_entry_id(s: &str) -> bool {
-    s.split_once('-').is_some_and(|(a, b)| {
-        !a.is_empty()
-            && !b.is_empty()
-            && a.bytes().all(|c| c.is_ascii_digit())
-            && b.bytes().all(|c| c.is_ascii_digit())
-    })
-}
 
 async fn scan(
     conn: &ConnectionManager,

@@ -5,7 +5,8 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::model::{
-    Answer, AnswerStatus, Conversation, ConversationRecord, Extracted, Role, StoredMessage, Turn,
+    Answer, AnswerStatus, Conversation, ConversationRecord, ConversationSummary, Extracted, Role,
+    StoredMessage, Turn,
 };
 
 const CONVERSATION_COLUMNS: &str = "c.id, c.business_id, u.external_id, c.current_stage_id, \
@@ -215,6 +216,38 @@ impl Store {
             .scoped(&client, business_id, &stmt, &[&business_id, &keys])
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The business's `limit` most recently active conversations, newest first, for operators.
+    pub async fn recent_conversations(
+        &self,
+        business_id: Uuid,
+        limit: i64,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT c.id, u.external_id, s.name, \
+                 (SELECT count(*) FROM messages m \
+                  WHERE m.business_id = c.business_id AND m.conversation_id = c.id), \
+                 c.updated_at FROM conversations c \
+                 JOIN users u ON u.business_id = c.business_id AND u.id = c.user_id \
+                 JOIN stages s ON s.business_id = c.business_id AND s.id = c.current_stage_id \
+                 WHERE c.business_id = $1 ORDER BY c.updated_at DESC, c.id DESC LIMIT $2",
+            )
+            .await?;
+        Ok(self
+            .scoped(&client, business_id, &stmt, &[&business_id, &limit])
+            .await?
+            .iter()
+            .map(|r| ConversationSummary {
+                id: r.get(0),
+                user_id: r.get(1),
+                stage: r.get(2),
+                messages: r.get(3),
+                updated_at: r.get(4),
+            })
+            .collect())
     }
 
     /// A conversation with every message, for operators; by id, or the latest of a user.

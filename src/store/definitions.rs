@@ -196,6 +196,22 @@ impl Store {
 }
 
 impl Store {
+    /// Every business as (id, name), by name. Operators run as the owner, whom row-level
+    /// security does not restrict.
+    pub async fn businesses(&self) -> Result<Vec<(Uuid, String)>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, name FROM businesses ORDER BY name, id")
+            .await?;
+        self.count_round_trip();
+        Ok(client
+            .query(&stmt, &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
     /// Per business over the last `minutes`: (id, name, replies stored, fallback replies).
     /// Operators run as the owner, whom row-level security does not restrict.
     pub async fn recent_activity(

@@ -82,6 +82,17 @@ impl Keys {
     }
 }
 
+/// Whether `s` has the shape of a stream entry id (`<ms>-<seq>`), so that it can be given to
+/// `XRANGE` without Redis rejecting it.
+pub fn is_entry_id(s: &str) -> bool {
+    s.split_once('-').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
 /// The part of a key Redis Cluster hashes: the text inside the first `{…}` when there is one
 /// and it is not empty, else the whole name. A key `{tag}…` lands in the same slot as the
 /// stream.

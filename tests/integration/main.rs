@@ -8,6 +8,8 @@
 )]
 
 mod bursts_and_budgets;
+mod console;
+mod console_browser;
 mod foundation;
 mod helpers;
 mod injection;
@@ -24,3 +26,4 @@ mod soak;
 mod stream_guarantees;
 mod tls;
 mod transcripts;
+mod webdriver;

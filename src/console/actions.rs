@@ -1,0 +1,149 @@
+//! The console's writes: replaying and purging one dead letter (the same functions as
+//! `icmp dlq replay` and `icmp dlq purge`), and signing in and out. Every write attempt, refused
+//! or not, is logged (action, dead letter id, outcome, client address; never the token) and
+//! remembered, so the dead-letter page can say what was done.
+
+use axum::Form;
+use axum::extract::Path;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::auth::{session_clear_cookie, session_set_cookie};
+use super::{ConsoleError, Ctx, see_other};
+use crate::stream::{dead_letter, is_entry_id};
+
+/// A write on one dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Replay,
+    Purge,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Replay => "replay",
+            Action::Purge => "purge",
+        }
+    }
+}
+
+/// `POST /dlq/{id}/replay`: puts the dead letter back on the inbound stream.
+pub(crate) async fn replay(ctx: Ctx, Path(id): Path<String>) -> Response {
+    write(&ctx, Action::Replay, &id).await
+}
+
+/// `POST /dlq/{id}/purge`: deletes the dead letter.
+pub(crate) async fn purge(ctx: Ctx, Path(id): Path<String>) -> Response {
+    write(&ctx, Action::Purge, &id).await
+}
+
+async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
+    let (outcome, result) = match perform(ctx, action, id).await {
+        Ok(outcome) => (outcome.to_owned(), Ok(())),
+        Err(e) => {
+            let outcome = match &e {
+                ConsoleError::Forbidden(_) => "forbidden".to_owned(),
+                ConsoleError::NotFound(_) => "not_found".to_owned(),
+                other => format!("failed: {}", other.code().unwrap_or("console.error")),
+            };
+            (outcome, Err(e))
+        }
+    };
+    tracing::info!(
+        action = action.as_str(),
+        dead_letter.id = %id,
+        outcome = %outcome,
+        remote.addr = %ctx.remote,
+        "console write"
+    );
+    let seq = ctx
+        .console
+        .record(action.as_str(), id, &outcome, &ctx.remote);
+    match result {
+        Ok(()) => see_other(&format!("/dlq?done={seq}")),
+        Err(e) => ctx.respond(Err(e)),
+    }
+}
+
+/// Does the write; returns the outcome (`replayed`, `purged`).
+async fn perform(ctx: &Ctx, action: Action, id: &str) -> Result<&'static str, ConsoleError> {
+    if !ctx.grant.can_write {
+        return Err(ConsoleError::Forbidden(if ctx.grant.writable {
+            "Sign in (or send the token) to replay or purge dead letters.".to_owned()
+        } else {
+            "The console is read-only: no ICMP_CONSOLE_TOKEN is configured.".to_owned()
+        }));
+    }
+    let missing = || ConsoleError::NotFound(format!("no dead letter {id}"));
+    if !is_entry_id(id) {
+        return Err(missing());
+    }
+    let c = &ctx.console;
+    let ids = [id.to_owned()];
+    let done = match action {
+        Action::Replay => dead_letter::replay(&c.conn, &c.streams, &ids).await?,
+        Action::Purge => dead_letter::purge(&c.conn, &c.streams, &ids).await?,
+    };
+    if done.is_empty() {
+        return Err(missing());
+    }
+    Ok(match action {
+        Action::Replay => "replayed",
+        Action::Purge => "purged",
+    })
+}
+
+/// `GET /login`: the sign-in form.
+pub(crate) async fn login_form(ctx: Ctx) -> Response {
+    let r = if ctx.grant.writable {
+        ctx.page("login", "Sign in", serde_json::json!({ "failed": false }))
+    } else {
+        Err(ConsoleError::Forbidden(
+            "The console is read-only: no ICMP_CONSOLE_TOKEN is configured.".to_owned(),
+        ))
+    };
+    ctx.respond(r)
+}
+
+/// The sign-in form's fields.
+#[derive(Deserialize)]
+pub(crate) struct LoginForm {
+    #[serde(default)]
+    token: String,
+}
+
+/// `POST /login`: exchanges the token for a session cookie.
+pub(crate) async fn login(ctx: Ctx, Form(form): Form<LoginForm>) -> Response {
+    if !ctx.grant.writable {
+        return ctx.respond(Err(ConsoleError::Forbidden(
+            "The console is read-only: no ICMP_CONSOLE_TOKEN is configured.".to_owned(),
+        )));
+    }
+    if !ctx.console.auth.token_matches(form.token.trim()) {
+        tracing::info!(remote.addr = %ctx.remote, outcome = "rejected", "console sign-in");
+        let page = ctx.page("login", "Sign in", serde_json::json!({ "failed": true }));
+        return match page {
+            Ok(page) => (StatusCode::UNAUTHORIZED, page).into_response(),
+            Err(e) => ctx.respond(Err(e)),
+        };
+    }
+    tracing::info!(remote.addr = %ctx.remote, outcome = "signed_in", "console sign-in");
+    let session = ctx.console.auth.sign_in();
+    let mut response = see_other("/");
+    if let Ok(v) = session_set_cookie(&session).parse() {
+        response.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    response
+}
+
+/// `POST /logout`: ends the session.
+pub(crate) async fn logout(ctx: Ctx, headers: HeaderMap) -> Response {
+    ctx.console.auth.sign_out(&headers);
+    let mut response = see_other("/");
+    if let Ok(v) = session_clear_cookie().parse() {
+        response.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    response
+}

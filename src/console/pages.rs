@@ -1,0 +1,313 @@
+//! The read-only pages: overview (`icmp status`), dead letters (`icmp dlq list` / `show`),
+//! conversations (`icmp conversation show`) and trace (`icmp trace`). Each reads through the
+//! same function as its command and only shapes the result for its template.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::{Path, Query};
+use axum::response::Response;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::html::{RenderError, url_component};
+use super::{ConsoleError, Ctx, see_other};
+use crate::store::conversations::ConversationRef;
+use crate::stream::{dead_letter, is_entry_id};
+
+/// How many dead letters and conversations a list shows at most.
+const LIST_LIMIT: usize = 100;
+
+/// A percentage with one decimal, as text.
+fn percent(ratio: f64) -> String {
+    format!("{:.1}", ratio * 100.0)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct OverviewQuery {
+    /// The window of the per-business figures (default 15).
+    minutes: Option<u64>,
+}
+
+/// `/`: the group, its consumers, and each business's replies, fallbacks and errors.
+pub(crate) async fn overview(ctx: Ctx, Query(q): Query<OverviewQuery>) -> Response {
+    ctx.respond(overview_page(&ctx, q.minutes.unwrap_or(15).clamp(1, 24 * 60)).await)
+}
+
+async fn overview_page(ctx: &Ctx, minutes: u64) -> Result<Response, ConsoleError> {
+    let c = &ctx.console;
+    let status = crate::status::read(&c.conn, &c.redis, &c.streams, &c.store, minutes).await?;
+    let businesses: Vec<serde_json::Value> = status
+        .businesses
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "business_id": b.business_id,
+                "name": b.name,
+                "replies": b.replies,
+                "per_minute": format!("{:.2}", b.replies as f64 / minutes as f64),
+                "fallbacks": b.fallbacks,
+                "fallback_percent": percent(b.fallback_ratio),
+                "errors": b.errors,
+                "error_percent": percent(b.error_ratio),
+            })
+        })
+        .collect();
+    let consumers: Vec<serde_json::Value> = status
+        .consumers
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "pending": c.pending,
+                "idle": format!("{:.1}", c.idle_ms as f64 / 1000.0),
+            })
+        })
+        .collect();
+    let lag = status.lag.map_or("unknown".to_owned(), |l| l.to_string());
+    ctx.page(
+        "overview",
+        "Overview",
+        serde_json::json!({
+            "status": {
+                "stream": status.stream,
+                "group": status.group,
+                "group_exists": status.group_exists,
+                "pending": status.pending,
+                "queues_in_use": status.queues_in_use,
+                "dead_letters": status.dead_letters,
+                "window_minutes": status.window_minutes,
+                "consumers": consumers,
+            },
+            "lag": lag,
+            "businesses": businesses,
+        }),
+    )
+}
+
+/// The filters of `/dlq`, as the form sends them (empty fields are no filter).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct DlqQuery {
+    #[serde(default)]
+    business: String,
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    older_than_secs: String,
+}
+
+impl DlqQuery {
+    fn filter(&self) -> Result<dead_letter::Filter, ConsoleError> {
+        let some = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+        let older_than = match some(&self.older_than_secs) {
+            None => None,
+            Some(s) => Some(Duration::from_secs(s.parse().map_err(|_| {
+                ConsoleError::BadRequest(format!("older_than_secs is not a number: {s}"))
+            })?)),
+        };
+        Ok(dead_letter::Filter {
+            business: some(&self.business),
+            code: some(&self.code),
+            older_than,
+        })
+    }
+}
+
+/// `/dlq`: the oldest dead letters that match the filters, counts by code, recent actions.
+pub(crate) async fn dead_letters(ctx: Ctx, Query(q): Query<DlqQuery>) -> Response {
+    ctx.respond(dead_letters_page(&ctx, &q).await)
+}
+
+async fn dead_letters_page(ctx: &Ctx, q: &DlqQuery) -> Result<Response, ConsoleError> {
+    let c = &ctx.console;
+    let found = dead_letter::find(&c.conn, &c.streams, &q.filter()?, LIST_LIMIT).await?;
+    let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
+    let letters: Vec<serde_json::Value> = found
+        .iter()
+        .map(|d| {
+            *by_code.entry(d.field("error_code")).or_default() += 1;
+            let mut row = serde_json::Map::new();
+            row.insert("id".into(), d.id.clone().into());
+            for name in [
+                "error_code",
+                "business_id",
+                "user_id",
+                "message_id",
+                "deliveries",
+                "failed_at",
+                "error_detail",
+            ] {
+                row.insert(name.into(), d.field(name).into());
+            }
+            serde_json::Value::Object(row)
+        })
+        .collect();
+    let by_code: Vec<serde_json::Value> = by_code
+        .into_iter()
+        .map(|(code, count)| serde_json::json!({ "code": code, "count": count }))
+        .collect();
+    ctx.page(
+        "dlq_list",
+        "Dead letters",
+        serde_json::json!({
+            "filter": {
+                "business": q.business,
+                "code": q.code,
+                "older_than_secs": q.older_than_secs,
+            },
+            "shown": letters.len(),
+            "by_code": by_code,
+            "letters": letters,
+            "actions": c.writes(),
+        }),
+    )
+}
+
+/// `/dlq/{id}`: every field of one dead letter, with Replay and Purge for writers.
+pub(crate) async fn dead_letter(ctx: Ctx, Path(id): Path<String>) -> Response {
+    ctx.respond(dead_letter_page(&ctx, &id).await)
+}
+
+async fn dead_letter_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError> {
+    let c = &ctx.console;
+    let missing = || ConsoleError::NotFound(format!("no dead letter {id}"));
+    if !is_entry_id(id) {
+        return Err(missing());
+    }
+    let d = dead_letter::show(&c.conn, &c.streams, id)
+        .await?
+        .ok_or_else(missing)?;
+    let fields: Vec<serde_json::Value> = d
+        .fields
+        .iter()
+        .map(|(k, v)| {
+            serde_json::json!({
+                "name": String::from_utf8_lossy(k),
+                "value": String::from_utf8_lossy(v),
+            })
+        })
+        .collect();
+    ctx.page(
+        "dlq_show",
+        &format!("Dead letter {}", d.id),
+        serde_json::json!({
+            "id": d.id,
+            "message_id": d.field("message_id"),
+            "fields": fields,
+        }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ConversationsQuery {
+    #[serde(default)]
+    business: String,
+}
+
+/// `/conversations`: the businesses; `?business=ID`: its most recently active conversations.
+pub(crate) async fn conversations(ctx: Ctx, Query(q): Query<ConversationsQuery>) -> Response {
+    ctx.respond(conversations_page(&ctx, q.business.trim()).await)
+}
+
+async fn conversations_page(ctx: &Ctx, business: &str) -> Result<Response, ConsoleError> {
+    let store = &ctx.console.store;
+    if business.is_empty() {
+        let businesses: Vec<serde_json::Value> = store
+            .businesses()
+            .await?
+            .into_iter()
+            .map(|(id, name)| serde_json::json!({ "id": id, "name": name }))
+            .collect();
+        return ctx.page(
+            "businesses",
+            "Conversations",
+            serde_json::json!({ "businesses": businesses }),
+        );
+    }
+    let id = Uuid::parse_str(business).map_err(|_| {
+        ConsoleError::BadRequest(format!("the business id is not a UUID: {business}"))
+    })?;
+    let b = store
+        .load_business(id)
+        .await?
+        .ok_or_else(|| ConsoleError::NotFound(format!("no business {id}")))?;
+    let list = store
+        .recent_conversations(id, i64::try_from(LIST_LIMIT).unwrap_or(100))
+        .await?;
+    ctx.page(
+        "conversations",
+        &format!("Conversations of {}", b.name),
+        serde_json::json!({
+            "business_id": id,
+            "count": list.len(),
+            "conversations": list,
+        }),
+    )
+}
+
+/// `/conversations/{id}`: the transcript with stages, template versions and extracted data.
+pub(crate) async fn conversation(ctx: Ctx, Path(id): Path<String>) -> Response {
+    ctx.respond(conversation_page(&ctx, &id).await)
+}
+
+async fn conversation_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError> {
+    let missing = || ConsoleError::NotFound(format!("no conversation {id}"));
+    let uuid = Uuid::parse_str(id).map_err(|_| missing())?;
+    let record = ctx
+        .console
+        .store
+        .conversation_record(ConversationRef::Id(uuid))
+        .await?
+        .ok_or_else(missing)?;
+    let mut c = serde_json::to_value(&record).map_err(RenderError::from)?;
+    // Times as the CLI prints them.
+    if let Some(messages) = c.get_mut("messages").and_then(|m| m.as_array_mut()) {
+        for (m, r) in messages.iter_mut().zip(&record.messages) {
+            m["created_at"] = r.created_at.format("%Y-%m-%d %H:%M:%S").to_string().into();
+        }
+    }
+    ctx.page(
+        "conversation",
+        &format!("Conversation {}", record.id),
+        serde_json::json!({ "c": c }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct TraceQuery {
+    #[serde(default)]
+    id: String,
+}
+
+/// `/trace?id=…` (the search box): redirects to `/trace/{id}`.
+pub(crate) async fn trace_search(Query(q): Query<TraceQuery>) -> Response {
+    let id = q.id.trim();
+    if id.is_empty() {
+        return see_other("/");
+    }
+    see_other(&format!("/trace/{}", url_component(id)))
+}
+
+/// `/trace/{id}`: everything known about one message, by message_id, log_id or inbound id.
+pub(crate) async fn trace(ctx: Ctx, Path(id): Path<String>) -> Response {
+    ctx.respond(trace_page(&ctx, &id).await)
+}
+
+async fn trace_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError> {
+    let c = &ctx.console;
+    let t = crate::trace::trace(&c.conn, &c.streams, &c.store, id).await?;
+    if !t.found() {
+        return Err(ConsoleError::NotFound(format!("nothing found for {id}")));
+    }
+    let t = serde_json::to_value(&t).map_err(RenderError::from)?;
+    ctx.page(
+        "trace",
+        &format!("Trace of {id}"),
+        serde_json::json!({ "t": t }),
+    )
+}
+
+/// Any other path.
+pub(crate) async fn not_found(ctx: Ctx) -> Response {
+    ctx.respond(Err(ConsoleError::NotFound("no such page".to_owned())))
+}
