@@ -6,6 +6,16 @@
 //! name = "Sunny Dental"
 //! initial_stage = "welcome"
 //!
+//! [business.burst]                       # optional
+//! policy = "coalesce"                    # queue (default) | coalesce
+//! window_ms = 1500
+//!
+//! [business.budget]                      # optional; every key optional
+//! messages_per_minute = 600
+//! tokens_per_day = 2000000
+//! max_in_flight = 64
+//! throttled_template = "throttled"       # a fallback template
+//!
 //! [[stages]]
 //! name = "welcome"
 //! description = "…"
