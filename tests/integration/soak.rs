@@ -2,7 +2,8 @@
 //! several `icmp worker` processes, with a slow and flaky mock LLM.
 //!
 //! A producer mixes many users, bursts of one user, repeated message ids, other spellings of the
-//! business id and hostile entries, while a fault schedule kills workers (`kill -9`), stops them
+//! business id and hostile entries (half the users write to a business that answers bursts as
+//! one turn), while a fault schedule kills workers (`kill -9`), stops them
 //! (SIGTERM), deletes dead consumers (`XGROUP DELCONSUMER`, as an operator would), stops
 //! PostgreSQL for a few seconds and restarts Redis (AOF on); every worker has four processing
 //! slots against an LLM of tens of milliseconds, so entries wait for slots all the time. At the
@@ -43,13 +44,26 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn business_spelling(rng: &mut StdRng) -> String {
+/// A copy of the demo business that answers bursts as one turn (`coalesce`).
+const COALESCING: &str = "5b0e8a7c-bbbb-4c1d-8e2f-000000000013";
+
+/// Half the users write to the demo business (one turn per message), half to the coalescing
+/// copy.
+fn business_of(user: &str) -> &'static str {
+    if user.bytes().last().is_some_and(|b| b % 2 == 1) {
+        COALESCING
+    } else {
+        DEMO_BUSINESS
+    }
+}
+
+fn business_spelling(rng: &mut StdRng, business: &str) -> String {
     match rng.random_range(0..10) {
-        0 => DEMO_BUSINESS.to_uppercase(),
-        1 => format!("{{{DEMO_BUSINESS}}}"),
-        2 => format!("urn:uuid:{DEMO_BUSINESS}"),
-        3 => format!(" {DEMO_BUSINESS} "),
-        _ => DEMO_BUSINESS.to_owned(),
+        0 => business.to_uppercase(),
+        1 => format!("{{{business}}}"),
+        2 => format!("urn:uuid:{business}"),
+        3 => format!(" {business} "),
+        _ => business.to_owned(),
     }
 }
 
@@ -235,7 +249,7 @@ impl Soak {
         let roll = rng.random_range(0..100);
         if roll < 8 && !history.is_empty() {
             let (user, message_id, text) = history[rng.random_range(0..history.len())].clone();
-            let fields = message_fields(DEMO_BUSINESS, &user, &message_id, &text);
+            let fields = message_fields(business_of(&user), &user, &message_id, &text);
             self.xadd(
                 &fields,
                 Sent::Valid {
@@ -254,7 +268,7 @@ impl Soak {
             for i in 0..burst {
                 let message_id = format!("{user}-{n}-{i}");
                 let text = content(rng, n + i);
-                let business = business_spelling(rng);
+                let business = business_spelling(rng, business_of(&user));
                 let fields = message_fields(&business, &user, &message_id, &text);
                 history.push((user.clone(), message_id.clone(), text));
                 self.xadd(
@@ -313,6 +327,15 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let mut config = app.config.clone();
     pg.migrated(&mut config).await;
     helpers::import(&config, &[&helpers::demo_file()]).await;
+    helpers::import_demo_copy(
+        &config,
+        COALESCING,
+        &[(
+            "initial_stage = \"welcome\"\n",
+            "initial_stage = \"welcome\"\n\n[business.burst]\npolicy = \"coalesce\"\nwindow_ms = 150\n",
+        )],
+    )
+    .await;
     config.redis.url = RedactedUrl::new(redis.url());
     app.store = icmp::store::Store::connect(&config.database).expect("store");
     app.redis = icmp::cache::connect(&config.redis).await.expect("redis");
@@ -454,14 +477,18 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
         .count(
             "SELECT count(*) FROM (SELECT 1 FROM messages GROUP BY user_id, idempotency_key \
              HAVING count(*) FILTER (WHERE role = 'user') <> 1 \
-             OR count(*) FILTER (WHERE role = 'assistant') <> 1) k",
+             OR count(*) FILTER (WHERE role = 'assistant' OR answered_by IS NOT NULL) <> 1) k",
             &[],
         )
         .await;
     assert_eq!(
         wrong, 0,
-        "exactly one user row and one assistant row per message"
+        "exactly one user row per message, and one assistant row or one answering reply"
     );
+    let coalesced = replies
+        .iter()
+        .filter(|r| r["status"] == "coalesced")
+        .count();
     // Per user, stored order is stream order (orphans replayed later excepted).
     let orphans: std::collections::HashSet<String> = soak
         .sent
@@ -518,8 +545,8 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     }
     println!(
         "soak seed {seed}, {seconds} s: {produced} entries ({valid} valid answered, {bad} hostile \
-         rejected, {} orphaned by DELCONSUMER and replayed), {} replies, faults {:?}, drained \
-         {:.0} s after the producer stopped",
+         rejected, {} orphaned by DELCONSUMER and replayed), {} replies ({coalesced} coalesced), \
+         faults {:?}, drained {:.0} s after the producer stopped",
         replayed.len(),
         replies.len(),
         soak.faults,
