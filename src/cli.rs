@@ -431,7 +431,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .filter(|t| !t.is_empty())
                 .map(secrecy::SecretString::from);
             let writable = token.is_some();
-            let console = icmp::console::Console::new(
+            let console = icmp::console::Console::for_listener(
+                listen,
                 conn,
                 store,
                 config.redis.clone(),

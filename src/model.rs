@@ -49,6 +49,7 @@ pub enum BurstPolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Burst {
+    /// `queue` (default) or `coalesce`.
     pub policy: BurstPolicy,
     /// How long after its arrival a coalescing head waits for more messages of its user.
     pub window_ms: u32,
@@ -73,7 +74,9 @@ pub struct Budget {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
+    /// How quick successive messages are answered.
     pub burst: Burst,
+    /// What the business may use.
     pub budget: Budget,
 }
 
@@ -168,6 +171,7 @@ pub struct DefinitionRecord {
     pub name: String,
     /// The stage new conversations start in.
     pub initial_stage: String,
+    /// Burst policy and budgets.
     pub policy: Policy,
     pub stages: Vec<StageDefinition>,
     /// Templates (their `id` and `version` are assigned by the store).
@@ -317,6 +321,7 @@ pub enum AnswerStatus {
 }
 
 impl AnswerStatus {
+    /// The reply's `status` (and the assistant row's, but for `coalesced`).
     pub fn as_str(self) -> &'static str {
         match self {
             AnswerStatus::Ok => "ok",

@@ -26,8 +26,8 @@ impl Cache {
         format!("{}budget:{business_id}:{window}", self.prefix)
     }
 
-    /// Counts `messages` against the business's current minute and reads its tokens of the day:
-    /// one round trip.
+    /// Counts `messages` against the business's current minute (0: only reads it) and reads
+    /// its tokens of the day: one round trip, the count and its expiry in one transaction.
     ///
     /// # Errors
     /// Redis failures.
@@ -40,6 +40,7 @@ impl Cache {
         let minute = self.budget_key(business_id, &now.format("m:%Y%m%d%H%M").to_string());
         let day = self.budget_key(business_id, &now.format("t:%Y%m%d").to_string());
         let (messages_this_minute, tokens_today): (u64, Option<u64>) = redis::pipe()
+            .atomic()
             .incr(&minute, messages)
             .expire(&minute, MINUTE_TTL_SECS)
             .ignore()
@@ -64,6 +65,7 @@ impl Cache {
     ) -> Result<(), CacheError> {
         let day = self.budget_key(business_id, &now.format("t:%Y%m%d").to_string());
         let _: (u64,) = redis::pipe()
+            .atomic()
             .incr(&day, tokens)
             .expire(&day, DAY_TTL_SECS)
             .ignore()

@@ -1,7 +1,8 @@
 //! The console's writes: replaying and purging one dead letter (the same functions as
 //! `icmp dlq replay` and `icmp dlq purge`), and signing in and out. Every write attempt, refused
-//! or not, is logged (action, dead letter id, outcome, client address; never the token) and
-//! remembered, so the dead-letter page can say what was done.
+//! or not, is logged (action, dead letter id, outcome, client address; never the token); the
+//! ones by a signed-in writer are remembered too, so the dead-letter page can say what was
+//! done. A write from another site (`Sec-Fetch-Site`, else `Origin` against `Host`) is refused.
 
 use axum::Form;
 use axum::extract::Path;
@@ -40,11 +41,23 @@ pub(crate) async fn purge(ctx: Ctx, Path(id): Path<String>) -> Response {
 }
 
 async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
+    // Refused before anything of the request is logged or remembered: a malformed id (it could
+    // forge log lines), and requests that may not write (so that nobody can push the real
+    // actions off the list).
+    if !is_entry_id(id) {
+        tracing::info!(action = action.as_str(), outcome = %"not_found", remote.addr = %ctx.remote, "console write: not a dead-letter id");
+        return ctx.respond(Err(ConsoleError::NotFound(
+            "no such dead letter".to_owned(),
+        )));
+    }
+    if let Err(e) = may_write(ctx) {
+        tracing::info!(action = action.as_str(), dead_letter.id = %id, outcome = %"forbidden", remote.addr = %ctx.remote, "console write");
+        return ctx.respond(Err(e));
+    }
     let (outcome, result) = match perform(ctx, action, id).await {
         Ok(outcome) => (outcome.to_owned(), Ok(())),
         Err(e) => {
             let outcome = match &e {
-                ConsoleError::Forbidden(_) => "forbidden".to_owned(),
                 ConsoleError::NotFound(_) => "not_found".to_owned(),
                 other => format!("failed: {}", other.code().unwrap_or("console.error")),
             };
@@ -67,19 +80,34 @@ async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
     }
 }
 
+/// Why this request may not write, if it may not: no token configured, not signed in, or sent
+/// from another site.
+fn may_write(ctx: &Ctx) -> Result<(), ConsoleError> {
+    if !ctx.grant.writable {
+        return Err(read_only());
+    }
+    if !ctx.grant.can_write {
+        return Err(ConsoleError::Forbidden(
+            "Sign in (or send the token) to replay or purge dead letters.".to_owned(),
+        ));
+    }
+    if ctx.cross_site {
+        return Err(ConsoleError::Forbidden(
+            "A request from another site may not change anything.".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn read_only() -> ConsoleError {
+    ConsoleError::Forbidden(
+        "The console is read-only: no ICMP_CONSOLE_TOKEN is configured.".to_owned(),
+    )
+}
+
 /// Does the write; returns the outcome (`replayed`, `purged`).
 async fn perform(ctx: &Ctx, action: Action, id: &str) -> Result<&'static str, ConsoleError> {
-    if !ctx.grant.can_write {
-        return Err(ConsoleError::Forbidden(if ctx.grant.writable {
-            "Sign in (or send the token) to replay or purge dead letters.".to_owned()
-        } else {
-            "The console is read-only: no ICMP_CONSOLE_TOKEN is configured.".to_owned()
-        }));
-    }
     let missing = || ConsoleError::NotFound(format!("no dead letter {id}"));
-    if !is_entry_id(id) {
-        return Err(missing());
-    }
     let c = &ctx.console;
     let ids = [id.to_owned()];
     let done = match action {
@@ -100,9 +128,7 @@ pub(crate) async fn login_form(ctx: Ctx) -> Response {
     let r = if ctx.grant.writable {
         ctx.page("login", "Sign in", serde_json::json!({ "failed": false }))
     } else {
-        Err(ConsoleError::Forbidden(
-            "The console is read-only: no ICMP_CONSOLE_TOKEN is configured.".to_owned(),
-        ))
+        Err(read_only())
     };
     ctx.respond(r)
 }
@@ -117,8 +143,11 @@ pub(crate) struct LoginForm {
 /// `POST /login`: exchanges the token for a session cookie.
 pub(crate) async fn login(ctx: Ctx, Form(form): Form<LoginForm>) -> Response {
     if !ctx.grant.writable {
+        return ctx.respond(Err(read_only()));
+    }
+    if ctx.cross_site {
         return ctx.respond(Err(ConsoleError::Forbidden(
-            "The console is read-only: no ICMP_CONSOLE_TOKEN is configured.".to_owned(),
+            "A request from another site may not sign in.".to_owned(),
         )));
     }
     if !ctx.console.auth.token_matches(form.token.trim()) {

@@ -42,6 +42,23 @@ pub struct Grant {
     pub signed_in: bool,
 }
 
+/// Whether a request comes from another site: by the browser's `Sec-Fetch-Site` when it sends
+/// one (`same-origin` and `none`, a typed address, are ours), else by an `Origin` whose host is
+/// not the `Host` asked for. Requests without either (curl, scripts) are not cross-site.
+pub fn is_cross_site(headers: &HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) => {
+            origin.split_once("://").map(|(_, authority)| authority) != Some(host)
+        }
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
 /// The configured token and the sessions signed in with it.
 pub struct Auth {
     token: Option<SecretString>,
@@ -155,6 +172,34 @@ pub fn session_clear_cookie() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_from_another_site_is_told_apart() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().expect("header"));
+            }
+            is_cross_site(&h)
+        };
+        assert!(!with(&[]), "curl and scripts send neither");
+        assert!(!with(&[("sec-fetch-site", "same-origin")]));
+        assert!(!with(&[("sec-fetch-site", "none")]));
+        assert!(with(&[("sec-fetch-site", "cross-site")]));
+        assert!(
+            with(&[("sec-fetch-site", "same-site")]),
+            "a sibling subdomain"
+        );
+        assert!(!with(&[
+            ("origin", "http://127.0.0.1:8090"),
+            ("host", "127.0.0.1:8090")
+        ]));
+        assert!(with(&[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:8090")
+        ]));
+        assert!(with(&[("origin", "null"), ("host", "127.0.0.1:8090")]));
+    }
     use axum::http::HeaderValue;
 
     fn headers(pairs: &[(axum::http::HeaderName, &str)]) -> HeaderMap {

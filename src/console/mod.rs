@@ -50,6 +50,8 @@ pub struct Console {
     pub(crate) auth: Auth,
     pub(crate) pages: Pages,
     writes: Mutex<WriteLog>,
+    /// Every page needs the token too (the console listens beyond loopback).
+    private: bool,
 }
 
 /// One replay or purge, as the console remembers it.
@@ -57,6 +59,7 @@ pub struct Console {
 pub struct WriteRecord {
     /// Sequence number (the `done` parameter of the redirect after the action).
     pub seq: u64,
+    /// When (UTC).
     pub at: String,
     /// `replay` or `purge`.
     pub action: &'static str,
@@ -94,6 +97,40 @@ impl Console {
             auth: Auth::new(token),
             pages: Pages::new()?,
             writes: Mutex::new(WriteLog::default()),
+            private: false,
+        }))
+    }
+
+    /// The console for a listener at `listen`: on a loopback address as [`Console::new`];
+    /// beyond loopback every page needs the token too (conversations are personal data), so a
+    /// token is required.
+    ///
+    /// # Errors
+    /// A non-loopback address without a token, a page template that does not compile.
+    pub fn for_listener(
+        listen: SocketAddr,
+        conn: ConnectionManager,
+        store: Store,
+        redis: RedisConfig,
+        streams: StreamsConfig,
+        token: Option<SecretString>,
+    ) -> Result<Arc<Console>, ConsoleError> {
+        let private = !listen.ip().is_loopback();
+        if private && token.is_none() {
+            return Err(ConsoleError::Forbidden(format!(
+                "listening on {listen} (beyond loopback) needs ICMP_CONSOLE_TOKEN: every page \
+                 then asks for it"
+            )));
+        }
+        Ok(Arc::new(Console {
+            conn,
+            store,
+            redis,
+            streams,
+            auth: Auth::new(token),
+            pages: Pages::new()?,
+            writes: Mutex::new(WriteLog::default()),
+            private,
         }))
     }
 
@@ -204,10 +241,13 @@ pub enum ConsoleError {
     /// A write without the token.
     #[error("{0}")]
     Forbidden(String),
+    /// Redis failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// PostgreSQL failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A page could not be rendered.
     #[error(transparent)]
     Render(#[from] RenderError),
 }
@@ -250,16 +290,21 @@ impl ConsoleError {
 /// Per request: the console, what the request may do, and the client's address.
 #[derive(Debug, Clone)]
 pub struct Ctx {
+    /// What every handler shares.
     pub console: Arc<Console>,
+    /// What this request may do.
     pub grant: Grant,
     /// The client's address (`unknown` when the server runs without connect info).
     pub remote: String,
     /// The write action named by `?done=N`, shown as a note.
     flash: Option<String>,
+    /// The request comes from another site (by `Sec-Fetch-Site` or `Origin`): no writes.
+    pub cross_site: bool,
 }
 
 impl FromRequestParts<Arc<Console>> for Ctx {
-    type Rejection = std::convert::Infallible;
+    /// The sign-in request page, before any work, when the console is private.
+    type Rejection = Response;
 
     async fn from_request_parts(
         parts: &mut Parts,
@@ -279,12 +324,19 @@ impl FromRequestParts<Arc<Console>> for Ctx {
             .and_then(|n| n.parse::<u64>().ok())
             .and_then(|seq| console.write(seq))
             .map(|w| format!("{} of dead letter {}: {}", w.action, w.id, w.outcome));
-        Ok(Ctx {
+        let ctx = Ctx {
             console: console.clone(),
             grant,
             remote,
             flash,
-        })
+            cross_site: auth::is_cross_site(&parts.headers),
+        };
+        if console.private && !ctx.grant.can_write && parts.uri.path() != "/login" {
+            return Err(ctx.respond(Err(ConsoleError::Forbidden(
+                "Sign in to use the console: it listens beyond loopback.".to_owned(),
+            ))));
+        }
+        Ok(ctx)
     }
 }
 

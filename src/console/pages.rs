@@ -121,6 +121,11 @@ pub(crate) async fn dead_letters(ctx: Ctx, Query(q): Query<DlqQuery>) -> Respons
 async fn dead_letters_page(ctx: &Ctx, q: &DlqQuery) -> Result<Response, ConsoleError> {
     let c = &ctx.console;
     let found = dead_letter::find(&c.conn, &c.streams, &q.filter()?, LIST_LIMIT).await?;
+    // Who did what is for writers' eyes.
+    let mut actions = c.writes();
+    if !ctx.grant.can_write {
+        actions.iter_mut().for_each(|a| a.remote.clear());
+    }
     let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
     let letters: Vec<serde_json::Value> = found
         .iter()
@@ -158,7 +163,7 @@ async fn dead_letters_page(ctx: &Ctx, q: &DlqQuery) -> Result<Response, ConsoleE
             "shown": letters.len(),
             "by_code": by_code,
             "letters": letters,
-            "actions": c.writes(),
+            "actions": actions,
         }),
     )
 }

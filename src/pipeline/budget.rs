@@ -26,6 +26,7 @@ pub enum Exceeded {
 }
 
 impl Exceeded {
+    /// The budget's key in `[business.budget]` (and the metric's label).
     pub fn as_str(self) -> &'static str {
         match self {
             Exceeded::MessagesPerMinute => "messages_per_minute",
@@ -34,8 +35,9 @@ impl Exceeded {
     }
 }
 
-/// Counts `messages` (the messages of one turn) against the business's budget; returns the
-/// budget they exceed, if any. No Redis call for a business without budgets.
+/// Counts `messages` (the messages of one turn; 0 for a redelivered message, counted when it
+/// was first delivered) against the business's budget; returns the budget they exceed, if any.
+/// No Redis call for a business without budgets.
 pub async fn admit(cache: &Cache, business: &Business, messages: u64) -> Option<Exceeded> {
     let budget = &business.policy.budget;
     if budget.messages_per_minute.is_none() && budget.tokens_per_day.is_none() {
@@ -51,9 +53,12 @@ pub async fn admit(cache: &Cache, business: &Business, messages: u64) -> Option<
             return None;
         }
     };
-    let exceeded = if budget
-        .messages_per_minute
-        .is_some_and(|max| usage.messages_this_minute > u64::from(max))
+    // A redelivery was judged against its minute when first delivered; only the day's
+    // tokens may have run out since.
+    let exceeded = if messages > 0
+        && budget
+            .messages_per_minute
+            .is_some_and(|max| usage.messages_this_minute > u64::from(max))
     {
         Some(Exceeded::MessagesPerMinute)
     } else if budget
@@ -65,7 +70,7 @@ pub async fn admit(cache: &Cache, business: &Business, messages: u64) -> Option<
         None
     };
     if let Some(e) = exceeded {
-        metrics::throttled(e.as_str());
+        metrics::throttled(e.as_str(), messages.max(1));
     }
     exceeded
 }

@@ -122,14 +122,16 @@ impl<L: LlmService> MessageHandler<L> {
         msg: &InboundMessage,
         log_id: Uuid,
     ) -> Result<Processed, PipelineError> {
-        self.process_turn(msg, log_id, async |_| Vec::new()).await
+        self.process_turn(msg, log_id, true, async |_| Vec::new())
+            .await
     }
 
     /// Processes a message together with the later messages of its user that `gather` finds
     /// for its business (same business, user and conversation, in stream order; asked only
     /// when the message is not answered yet): one turn, every message stored, one reply. When
     /// one of them turns out to be stored already (a repeated `message_id`), the message is
-    /// processed alone and the others get their own turns.
+    /// processed alone and the others get their own turns. `first_delivery`: the message is
+    /// counted against its business's budget (a redelivery was counted before).
     ///
     /// # Errors
     /// As [`MessageHandler::process`].
@@ -137,6 +139,7 @@ impl<L: LlmService> MessageHandler<L> {
         &self,
         msg: &InboundMessage,
         log_id: Uuid,
+        first_delivery: bool,
         gather: impl AsyncFnOnce(&Business) -> Vec<InboundMessage>,
     ) -> Result<Processed, PipelineError> {
         if self.failpoints.is_on(failpoint::PANIC) {
@@ -152,7 +155,12 @@ impl<L: LlmService> MessageHandler<L> {
         }
         let business = self.stages.business(msg.business_id).await?;
         let gathered = gather(&business).await;
-        let throttled = budget::admit(&self.cache, &business, 1 + gathered.len() as u64).await;
+        let counted = if first_delivery {
+            1 + gathered.len() as u64
+        } else {
+            0
+        };
+        let throttled = budget::admit(&self.cache, &business, counted).await;
 
         let max = self.config.worker.max_conflict_retries;
         let mut attempt = 0;

@@ -38,10 +38,15 @@ pub struct LlmCallRecord {
 pub struct FollowerRow {
     /// Its place after the turn's first message (1, 2, …).
     pub ord: i64,
+    /// The user row's id (the `reply_id` of its `coalesced` reply).
     pub id: Uuid,
+    /// The message's own text.
     pub content: String,
+    /// Its idempotency key (a later delivery of it finds the reference by this key).
     pub idempotency_key: String,
+    /// Its inbound stream entry id.
     pub inbound_id: String,
+    /// Its `metadata`, when it had any.
     pub metadata: Option<serde_json::Value>,
 }
 

@@ -70,10 +70,7 @@ impl Filter {
             .as_ref()
             .is_none_or(|c| &d.field("error_code") == c);
         let age_ok = self.older_than.is_none_or(|age| {
-            let at: u64 =
-                d.id.split_once('-')
-                    .and_then(|(ms, _)| ms.parse().ok())
-                    .unwrap_or(u64::MAX);
+            let at = super::entry_time_ms(&d.id).unwrap_or(u64::MAX);
             now_ms.saturating_sub(at) >= age.as_millis() as u64
         });
         business_ok && code_ok && age_ok

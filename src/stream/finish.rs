@@ -21,8 +21,9 @@ const REPLY_STREAM_TTL_SECS: u64 = 3600;
 /// optional);
 /// `ARGV` = group, entry id, queue member, wake channel, reply max length (0: none), reply
 /// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, `1` when the
-/// reply stream's type must be checked (a `reply_to` stream), then the reply's field/value items
-/// and the dead letter's. Returns 1 when this call acknowledged the entry (and published), 0
+/// reply stream's type must be checked (a `reply_to` stream), `1` when the queue's next head is
+/// not announced (an entry finished together with later entries of its queue), then the reply's
+/// field/value items and the dead letter's. Returns 1 when this call acknowledged the entry (and published), 0
 /// when it was no longer pending (someone else had finished it, or it left the pending list),
 /// -1 (and does nothing) when the reply stream's key holds another type.
 ///
@@ -39,7 +40,7 @@ local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   if nd > 0 then
     local args = {'XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*'}
-    for i = 11 + nr, 10 + nr + nd do args[#args + 1] = ARGV[i] end
+    for i = 12 + nr, 11 + nr + nd do args[#args + 1] = ARGV[i] end
     redis.call(unpack(args))
   end
   if nr > 0 then
@@ -50,7 +51,7 @@ if acked == 1 then
       args[#args + 1] = ARGV[5]
     end
     args[#args + 1] = '*'
-    for i = 11, 10 + nr do args[#args + 1] = ARGV[i] end
+    for i = 12, 11 + nr do args[#args + 1] = ARGV[i] end
     redis.call(unpack(args))
     if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
   end
@@ -63,7 +64,7 @@ if KEYS[4] and acked == 1 then
   if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
     local nxt = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
     if nxt then
-      redis.call('PUBLISH', ARGV[4], nxt .. KEYS[4])
+      if ARGV[11] ~= '1' then redis.call('PUBLISH', ARGV[4], nxt .. KEYS[4]) end
     else
       redis.call('SREM', KEYS[5], KEYS[4])
     end
@@ -88,6 +89,7 @@ impl Streams {
         id: &str,
         slot: Option<&QueueSlot>,
         finish: &Finish<'_>,
+        quiet: bool,
     ) -> redis::ScriptInvocation<'_> {
         let outbound = self.config.outbound.as_str();
         let reply_stream = finish.reply.as_ref().map_or(outbound, |(s, _)| *s);
@@ -120,7 +122,8 @@ impl Streams {
             .arg(self.config.dead_letter_maxlen)
             .arg(reply_items)
             .arg(dead_items)
-            .arg(if reply_stream == outbound { "0" } else { "1" });
+            .arg(if reply_stream == outbound { "0" } else { "1" })
+            .arg(if quiet { "1" } else { "0" });
         if let Some((_, fields)) = &finish.reply {
             for (k, v) in fields {
                 inv.arg(*k).arg(v.as_str());
@@ -143,7 +146,7 @@ impl Streams {
         finish: &Finish<'_>,
     ) -> Result<bool, StreamError> {
         let reply = self
-            .finish_invocation(id, slot, finish)
+            .finish_invocation(id, slot, finish, false)
             .invoke_async(&mut self.conn())
             .await?;
         self.finished(id, slot, finish, reply).await
@@ -177,16 +180,21 @@ impl Streams {
 
     /// Finishes the entries of one coalesced turn in one transaction (`MULTI`/`EXEC`): the
     /// first message's entry with its answer, then each later one with its reference reply,
-    /// in order. Each finish is fenced as [`Streams::finish`]; returns, per entry, whether this
-    /// call acknowledged it.
+    /// in order; only the last announces its queue's next head (the others' next heads are
+    /// finished in the same transaction). Each finish is fenced as [`Streams::finish`]: an
+    /// entry another holder finished first, or that left the pending list, publishes nothing.
+    /// Redis does not roll back a transaction whose commands ran: when one finish fails (not
+    /// for a missing script, which fails them all), those before it took effect, and a retry
+    /// finds them finished. Returns, per entry, whether this call acknowledged it.
     pub async fn finish_turn(
         &self,
         entries: &[(&str, Option<&QueueSlot>, Finish<'_>)],
     ) -> Result<Vec<bool>, StreamError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for (id, slot, finish) in entries {
-            pipe.invoke_script(&self.finish_invocation(id, *slot, finish));
+        for (i, (id, slot, finish)) in entries.iter().enumerate() {
+            let quiet = i + 1 < entries.len();
+            pipe.invoke_script(&self.finish_invocation(id, *slot, finish, quiet));
         }
         let replies: Vec<Value> = match pipe.query_async(&mut self.conn()).await {
             Ok(r) => r,

@@ -82,6 +82,12 @@ impl Keys {
     }
 }
 
+/// The time part of a stream entry id (`<ms>-<seq>`): when Redis added the entry, in
+/// milliseconds since the epoch.
+pub fn entry_time_ms(id: &str) -> Option<u64> {
+    id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
+}
+
 /// Whether `s` has the shape of a stream entry id (`<ms>-<seq>`), so that it can be given to
 /// `XRANGE` without Redis rejecting it.
 pub fn is_entry_id(s: &str) -> bool {
@@ -359,6 +365,14 @@ pub(crate) fn raw_fields(v: Value) -> Option<Fields> {
 
 /// Entries of an `XRANGE`-shaped reply: `[[id, [k, v, …]], …]`, each decoded on its own; an
 /// element that is not of that shape is skipped.
+/// The fields of entry `id` in an `XRANGE id id` reply; `None` when it is not in the stream.
+pub(crate) fn entry_in_range(v: Value, id: &str) -> Option<Fields> {
+    range_entries(v)
+        .into_iter()
+        .find(|(i, _)| i == id)
+        .map(|(_, f)| f)
+}
+
 pub(crate) fn range_entries(v: Value) -> Vec<(String, Fields)> {
     array(v)
         .unwrap_or_default()

@@ -249,7 +249,8 @@ impl Streams {
     }
 
     /// The entries waiting behind `slot` in its queue (up to `max`, in stream order), with
-    /// their fields; stops at the first one no longer in the stream. Two round trips.
+    /// their fields; stops at the first one no longer in the stream or no longer pending in
+    /// the group (its consumer was deleted: the head check dead-letters it). Two round trips.
     pub async fn waiting_behind(
         &self,
         slot: &QueueSlot,
@@ -272,16 +273,24 @@ impl Streams {
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("XRANGE").arg(&self.config.inbound).arg(id).arg(id);
+            pipe.cmd("XPENDING")
+                .arg(&self.config.inbound)
+                .arg(&self.config.group)
+                .arg(id)
+                .arg(id)
+                .arg(1);
         }
         let replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
         let mut out = Vec::with_capacity(ids.len());
-        for (id, reply) in ids.into_iter().zip(replies) {
-            match super::range_entries(reply)
-                .into_iter()
-                .find(|(i, _)| *i == id)
-            {
-                Some((_, fields)) => out.push((id, fields)),
-                None => break,
+        let mut replies = replies.into_iter();
+        for id in ids {
+            let (Some(range), Some(pending)) = (replies.next(), replies.next()) else {
+                break;
+            };
+            let pending = matches!(pending, Value::Array(ref a) if !a.is_empty());
+            match super::entry_in_range(range, &id) {
+                Some(fields) if pending => out.push((id, fields)),
+                _ => break,
             }
         }
         Ok(out)

@@ -280,9 +280,6 @@ impl Streams {
             .arg(id)
             .query_async(&mut self.conn())
             .await?;
-        Ok(super::range_entries(reply)
-            .into_iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, f)| f))
+        Ok(super::entry_in_range(reply, id))
     }
 }

@@ -230,9 +230,9 @@ pub fn output_repair(step: &'static str, outcome: &'static str) {
     counter!(OUTPUT_REPAIRS_TOTAL, "step" => step, "outcome" => outcome).increment(1);
 }
 
-/// A message over its business's budget, by budget (`messages_per_minute`, `tokens_per_day`).
-pub fn throttled(budget: &'static str) {
-    counter!(THROTTLED_TOTAL, "budget" => budget).increment(1);
+/// Messages over their business's budget, by budget (`messages_per_minute`, `tokens_per_day`).
+pub fn throttled(budget: &'static str, messages: u64) {
+    counter!(THROTTLED_TOTAL, "budget" => budget).increment(messages);
 }
 
 /// Messages answered by the reply of an earlier message of their user (a coalesced turn).

@@ -38,6 +38,9 @@ pub use startup::{ConfiguredLlm, Dependencies, StartupError, run_until_stopped};
 
 /// The most later messages one coalesced turn takes in.
 pub const MAX_COALESCED: usize = 20;
+/// The texts of one coalesced turn together are at most this many times
+/// `limits.max_content_bytes`.
+pub const MAX_COALESCED_CONTENTS: usize = 4;
 
 /// What happened to one entry (the loop and the tests match on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,17 +243,22 @@ impl<L: LlmService> Worker<L> {
         };
         // A panic in one message must not take the worker down: it becomes a retryable error,
         // so a message that always panics ends in the dead-letter stream.
-        let processed = AssertUnwindSafe(self.handler.process_turn(&msg, log_id, gather))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(PipelineError::Panicked(what))
-            });
+        let processed = AssertUnwindSafe(self.handler.process_turn(
+            &msg,
+            log_id,
+            entry.deliveries <= 1,
+            gather,
+        ))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(PipelineError::Panicked(what))
+        });
         let outbound = &self.config.streams.outbound;
         match processed {
             Ok(Processed::Answered {
@@ -368,8 +376,11 @@ impl<L: LlmService> Worker<L> {
     /// The later messages of the entry's user waiting behind it, for a business that
     /// coalesces bursts: after waiting until `window` past the entry's arrival, the contiguous
     /// run of waiting entries of the same business, user and conversation (at most
-    /// [`MAX_COALESCED`]); nothing on any doubt (an entry that does not decode, another
-    /// conversation, a replay, a repeated key ends the run).
+    /// [`MAX_COALESCED`], and their texts together at most [`MAX_COALESCED_CONTENTS`] times
+    /// `limits.max_content_bytes`). Nothing on any doubt: a redelivered entry is answered alone
+    /// (so that a later message that makes turns fail cannot take it to the dead-letter
+    /// stream), and an entry that does not decode, another conversation, a replay or a repeated
+    /// key ends the run.
     async fn gather_followers(
         &self,
         entry: &StreamEntry,
@@ -379,18 +390,14 @@ impl<L: LlmService> Worker<L> {
         let Some(slot) = &entry.slot else {
             return Vec::new();
         };
-        if msg.supersedes.is_some() {
+        if msg.supersedes.is_some() || entry.deliveries > 1 {
             return Vec::new();
         }
-        let arrived = entry
-            .id
-            .split_once('-')
-            .and_then(|(ms, _)| ms.parse::<i64>().ok());
-        if let Some(arrived) = arrived {
-            let until = arrived.saturating_add(window.as_millis() as i64);
-            let left = until - chrono::Utc::now().timestamp_millis();
-            if left > 0 {
-                let left = Duration::from_millis(left as u64).min(window);
+        if let Some(arrived) = crate::stream::entry_time_ms(&entry.id) {
+            let until = arrived.saturating_add(window.as_millis() as u64);
+            let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+            let left = Duration::from_millis(until.saturating_sub(now)).min(window);
+            if !left.is_zero() {
                 tokio::time::sleep(left).await;
             }
         }
@@ -402,6 +409,8 @@ impl<L: LlmService> Worker<L> {
             }
         };
         let mut keys = std::collections::HashSet::from([msg.idempotency_key().to_owned()]);
+        let mut room = self.config.limits.max_content_bytes * MAX_COALESCED_CONTENTS;
+        room = room.saturating_sub(msg.content.len());
         let mut followers = Vec::new();
         for (id, fields) in waiting {
             let Ok(next) = protocol::inbound::decode(
@@ -416,9 +425,13 @@ impl<L: LlmService> Worker<L> {
                 && next.user_id == msg.user_id
                 && next.conversation_id == msg.conversation_id
                 && next.supersedes.is_none();
-            if !same_turn || !keys.insert(next.idempotency_key().to_owned()) {
+            if !same_turn || next.content.len() > room {
                 break;
             }
+            if !keys.insert(next.idempotency_key().to_owned()) {
+                break;
+            }
+            room -= next.content.len();
             followers.push(next);
         }
         followers
@@ -462,6 +475,17 @@ impl<L: LlmService> Worker<L> {
                 metrics::coalesced(followers);
                 WorkerStats::add(&self.stats.coalesced, followers);
                 tracing::info!(coalesced = followers, "answered a burst as one turn");
+                let unacked = replies.len() as u64 - followers;
+                if unacked > 0 {
+                    // Stored and answered, but no longer pending here (their consumer was
+                    // deleted meanwhile): the head check dead-letters them as orphans, and a
+                    // replay publishes their stored reference.
+                    metrics::stream_event(StreamEvent::Fenced, unacked);
+                    tracing::warn!(
+                        count = unacked,
+                        "later messages of a coalesced turn were no longer pending"
+                    );
+                }
                 if done.first() == Some(&true) {
                     (Outcome::Replied, Some(label))
                 } else {
@@ -470,7 +494,8 @@ impl<L: LlmService> Worker<L> {
                 }
             }
             Err(e) => {
-                // Every entry stays pending; their redeliveries find the committed answers.
+                // The entries not finished stay pending; their redeliveries find the committed
+                // answers (a retry of the transaction publishes nothing twice).
                 metrics::record_error(&e, "finish");
                 (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::stream::StreamEntry;
 use crate::stream::order::{Head, HeadCheck, QueueSlot, Wake};
 
-/// Waiting entries keep their fields (saving a fetch when their turn comes) while all the kept
+/// Held entries keep their fields (saving a fetch when their turn comes) while all the kept
 /// fields together stay under this many bytes; beyond it they keep their ids only.
 const KEPT_FIELDS_BUDGET: usize = 32 << 20;
 
@@ -49,6 +49,16 @@ fn business_of(entry: &StreamEntry) -> BusinessKey {
         .find(|(k, _)| k.as_slice() == b"business_id")
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
         .and_then(crate::protocol::inbound::canonical_business)
+}
+
+/// Takes one from a per-business count, forgetting counts that reach zero.
+fn count_down(counts: &mut HashMap<BusinessKey, usize>, business: BusinessKey) {
+    if let Some(n) = counts.get_mut(&business) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&business);
+        }
+    }
 }
 
 struct Held {
@@ -131,7 +141,14 @@ impl Room {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.clone());
-        let mut has_fields = true;
+        // It may wait long (behind its user's earlier entries, or parked while its business is
+        // at its cap): it keeps its fields only within the budget (else they are fetched when
+        // its turn comes).
+        let size = fields_size(&entry);
+        let has_fields = self.kept_bytes + size <= KEPT_FIELDS_BUDGET;
+        if has_fields {
+            self.kept_bytes += size;
+        }
         let woken = entry.slot.as_ref().is_some_and(|slot| {
             self.early_wakes
                 .remove(&slot.key)
@@ -153,13 +170,6 @@ impl Room {
                 self.heard
                     .entry(slot.key.clone())
                     .or_insert_with(Instant::now);
-                // It may wait long: it keeps its fields only within the budget (else they are
-                // fetched when its turn comes).
-                let size = fields_size(&entry);
-                has_fields = self.kept_bytes + size <= KEPT_FIELDS_BUDGET;
-                if has_fields {
-                    self.kept_bytes += size;
-                }
                 // Behind an earlier entry as delivered: the wake-up naming it (or the
                 // safety-net poll) brings its turn; else it is checked now.
                 if entry.at_head != Some(false) {
@@ -173,11 +183,7 @@ impl Room {
             }
         };
         let mut entry = entry;
-        let kept = if matches!(state, State::Waiting) && has_fields {
-            fields_size(&entry)
-        } else {
-            0
-        };
+        let kept = if has_fields { size } else { 0 };
         if !has_fields {
             entry.fields = Vec::new();
         }
@@ -333,12 +339,7 @@ impl Room {
 
     fn ready_left(&mut self, business: BusinessKey) {
         self.ready_count = self.ready_count.saturating_sub(1);
-        if let Some(n) = self.ready_by.get_mut(&business) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.ready_by.remove(&business);
-            }
-        }
+        count_down(&mut self.ready_by, business);
     }
 
     /// Ready entries that could start now: those of businesses below their cap, up to it (the
@@ -412,12 +413,7 @@ impl Room {
         match &held.state {
             State::Running(token) => {
                 token.cancel();
-                if let Some(n) = self.running.get_mut(&held.business) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.running.remove(&held.business);
-                    }
-                }
+                count_down(&mut self.running, held.business);
             }
             State::Ready => self.ready_left(held.business),
             State::Waiting => {

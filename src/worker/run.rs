@@ -281,8 +281,9 @@ impl<L: LlmService> Worker<L> {
             let Some(id) = business else {
                 return usize::MAX;
             };
+            // A cap of 0 (refused at import, but possible by SQL) would stall the business.
             match local.max_in_flight(id) {
-                Some(Some(n)) => n as usize,
+                Some(Some(n)) if n > 0 => n as usize,
                 _ => default,
             }
         }

@@ -261,6 +261,50 @@ impl Captured {
     }
 }
 
+#[tokio::test]
+async fn beyond_loopback_the_console_needs_a_token_for_every_page() {
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let open = |token: Option<&str>| {
+        icmp::console::Console::for_listener(
+            "0.0.0.0:8090".parse().expect("addr"),
+            app.redis.clone(),
+            app.store.clone(),
+            app.config.redis.clone(),
+            app.config.streams.clone(),
+            token.map(SecretString::from),
+        )
+    };
+    let refused = open(None).expect_err("no token, not loopback");
+    assert!(
+        refused.to_string().contains("ICMP_CONSOLE_TOKEN"),
+        "{refused}"
+    );
+    let console = open(Some(TOKEN)).expect("with a token");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(icmp::console::serve(
+        listener,
+        console,
+        std::future::pending(),
+    ));
+    let http = client();
+    for path in ["/", "/dlq", "/conversations", "/trace/1-1"] {
+        let r = http.get(format!("{base}{path}")).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 403, "{path} without the token");
+        let r = http
+            .get(format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("get");
+        assert_ne!(r.status().as_u16(), 403, "{path} with the token");
+    }
+    let r = http.get(format!("{base}/login")).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 200, "the sign-in page stays open");
+}
+
 // One thread, so that the subscriber set for this test sees the console's tasks.
 #[tokio::test(flavor = "current_thread")]
 async fn replay_and_purge_need_the_token_act_on_one_dead_letter_and_are_logged() {
@@ -286,6 +330,20 @@ async fn replay_and_purge_need_the_token_act_on_one_dead_letter_and_are_logged()
         }
         let r = req.send().await.expect("post");
         assert_eq!(r.status().as_u16(), 403, "{auth:?}");
+    }
+    // With the token but from another site (a form on a page elsewhere): 403 too.
+    for (name, value) in [
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "http://attacker.example"),
+    ] {
+        let r = http
+            .post(format!("{base}/dlq/{}/purge", p1["__id"]))
+            .bearer_auth(TOKEN)
+            .header(name, value)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status().as_u16(), 403, "{name}: {value}");
     }
     let (_, page) = get(&format!("{base}/dlq/{}", p1["__id"])).await;
     assert!(
