@@ -4,6 +4,7 @@
 //! replacing it with `backon` changes this file alone. Errors decide for themselves whether a
 //! retry may help ([`Classify::is_retryable`]); a rate-limit answer's `Retry-After` is honoured.
 
+use futures::FutureExt as _;
 use std::future::Future;
 use std::time::Duration;
 
@@ -111,9 +112,11 @@ impl RetryPolicy {
         backoff::future::retry_notify(
             policy,
             || {
-                let attempt = op();
-                async move {
-                    attempt.await.map_err(|e| {
+                // A combinator, not an `async move` block: awaiting a captured future from an
+                // async block keeps two copies of it in the block's state (the capture and the
+                // pinned one), which doubled the size of every retried call.
+                op().map(|result| {
+                    result.map_err(|e| {
                         if e.is_retryable() && e.retry_in_place() {
                             // A `Retry-After` longer than what is left of the budget would
                             // park the caller past it: wait at most what is left.
@@ -130,7 +133,7 @@ impl RetryPolicy {
                             backoff::Error::Permanent(e)
                         }
                     })
-                }
+                })
             },
             |e: E, wait: Duration| {
                 metrics::retry(operation);
