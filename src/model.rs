@@ -216,6 +216,17 @@ pub struct ConversationState {
     pub history: Vec<Turn>,
     /// The history window's length limit it was cut to (`worker.history_turns`).
     pub window: usize,
+    /// The idempotency keys of the user's latest committed messages (at most
+    /// [`ConversationState::RECENT_KEYS`], oldest first): a repeated message found here is
+    /// answered from the store at once; one not found here (older, or committed while this
+    /// state was not kept) is still caught when its write set commits.
+    #[serde(default)]
+    pub recent_keys: Vec<String>,
+}
+
+impl ConversationState {
+    /// How many idempotency keys a cached state remembers.
+    pub const RECENT_KEYS: usize = 64;
 }
 
 /// A stored conversation as an operator reads it (`icmp conversation show`).

@@ -19,33 +19,31 @@ pub struct Resolved {
     /// The conversation's history window and extracted data, when its state came from the
     /// cache (else they are read from PostgreSQL).
     pub cached: Option<(Vec<Turn>, Extracted)>,
+    /// The idempotency keys the cached state remembered (empty when it did not serve).
+    pub recent_keys: Vec<String>,
 }
 
-/// Finds or starts the conversation. `fresh` bypasses the cache (after a version conflict).
-/// The user's cached state serves a message that names no conversation, or names the one the
-/// state holds; a cached history window of another length than `window` is not used.
+/// Finds or starts the conversation. `state` is the user's cached state (`None` after a
+/// version conflict, or when none is cached): it serves a message that names no conversation,
+/// or names the one the state holds; a cached history window of another length than `window`
+/// is not used.
 #[allow(clippy::too_many_arguments)]
 pub async fn resolve(
     store: &Store,
-    cache: &Cache,
     business_id: Uuid,
     initial_stage_id: Uuid,
     user_id: &str,
     requested: Option<Uuid>,
     window: usize,
-    fresh: bool,
+    state: Option<ConversationState>,
 ) -> Result<Resolved, PipelineError> {
-    let state = if fresh {
-        None
-    } else {
-        cached_state(cache, business_id, user_id).await
-    };
     if let Some(state) = state.filter(|s| requested.is_none_or(|id| id == s.conversation.id)) {
         let cached = (state.window == window).then_some((state.history, state.extracted));
         return Ok(Resolved {
             conversation: state.conversation,
             is_new: false,
             cached,
+            recent_keys: state.recent_keys,
         });
     }
     let existing = match requested {
@@ -63,6 +61,7 @@ pub async fn resolve(
             conversation,
             is_new: false,
             cached: None,
+            recent_keys: Vec::new(),
         },
         None => {
             let now = Utc::now();
@@ -78,13 +77,14 @@ pub async fn resolve(
                 },
                 is_new: true,
                 cached: None,
+                recent_keys: Vec::new(),
             }
         }
     })
 }
 
 /// The user's state as the last commit cached it, when it belongs to this business and user.
-async fn cached_state(
+pub async fn cached_state(
     cache: &Cache,
     business_id: Uuid,
     user_id: &str,

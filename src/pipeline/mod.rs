@@ -5,7 +5,9 @@
 //!   limits, canonical ids) and hands over an [`InboundMessage`]; the pipeline never sees a
 //!   stream;
 //! - step 2, idempotency: a message whose (business, user, key) is already committed returns its
-//!   stored answer;
+//!   stored answer. The user's cached state names the keys of their latest messages, so a
+//!   continuing user's new message needs no query for it; a repeat the state does not name is
+//!   caught by the unique key when its write set commits;
 //! - steps 3–5, the **read phase** ([`read`]): the [`conversation`] (given, the user's latest,
 //!   or a new one), its [`stage`] and that stage's templates, and the template variables
 //!   ([`context`], the TemplateVariableProvider): short autocommit reads, most from Redis;
@@ -43,7 +45,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{PipelineError, StoreError};
 use crate::llm::LlmService;
-use crate::model::{Answer, AnswerStatus, Business};
+use crate::model::{Answer, AnswerStatus, Business, ConversationState};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
@@ -149,8 +151,21 @@ impl<L: LlmService> MessageHandler<L> {
         span.record("business.id", tracing::field::display(msg.business_id));
         span.record("message.id", msg.idempotency_key());
 
-        if let Some(answer) = self.stored_answer(msg).await? {
-            self.forget_cached(msg).await;
+        // Step 2, idempotency. The user's cached state (the read phase needs it anyway) names
+        // the keys of their latest messages: a key it names is answered from the store; with
+        // the state at hand and the key not in it, the message is new (a repeat of an older
+        // message is still caught by the unique key when its write set commits). Without a
+        // cached state, the store is asked.
+        let mut state =
+            conversation::cached_state(&self.cache, msg.business_id, &msg.user_id).await;
+        let key = msg.idempotency_key();
+        let ask_store = state
+            .as_ref()
+            .is_none_or(|s| s.recent_keys.iter().any(|k| k == key));
+        if ask_store && let Some(answer) = self.stored_answer(msg).await? {
+            if state.is_none() {
+                self.forget_cached(msg).await;
+            }
             return Ok(Processed::Duplicate(answer));
         }
         let business = self.stages.business(msg.business_id).await?;
@@ -171,7 +186,8 @@ impl<L: LlmService> MessageHandler<L> {
                 followers,
                 throttled: throttled.is_some(),
             };
-            match self.run(&turn, &business, log_id, attempt > 0).await {
+            // A re-run reads the conversation from PostgreSQL, not the cache.
+            match self.run(&turn, &business, log_id, state.take()).await {
                 Err(PipelineError::Store(StoreError::VersionConflict)) if attempt < max => {
                     attempt += 1;
                     metrics::retry("pipeline.version_conflict");
@@ -218,13 +234,13 @@ impl<L: LlmService> MessageHandler<L> {
             .await?)
     }
 
-    /// Steps 3–14 once. `fresh` reads conversation state from PostgreSQL, not the cache.
+    /// Steps 3–14 once, from the user's cached state (`None`: from PostgreSQL).
     async fn run(
         &self,
         turn: &Turn<'_>,
         business: &Business,
         log_id: Uuid,
-        fresh: bool,
+        state: Option<ConversationState>,
     ) -> Result<Processed, PipelineError> {
         let msg = turn.msg;
         // A coalesced turn reads as one message carrying every text, in order.
@@ -251,7 +267,7 @@ impl<L: LlmService> MessageHandler<L> {
             stages: &self.stages,
             history_turns: self.config.worker.history_turns,
         };
-        let mut read = read::read(sources, seen, business, fresh).await?;
+        let mut read = read::read_from(sources, seen, business, state).await?;
         tracing::Span::current().record(
             "conversation.id",
             tracing::field::display(read.conversation.id),

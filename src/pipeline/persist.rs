@@ -152,6 +152,16 @@ pub async fn write(
     });
     let excess = history.len().saturating_sub(sinks.history_turns);
     history.drain(..excess);
+    let mut recent_keys = read.recent_keys.clone();
+    recent_keys.extend(
+        std::iter::once(msg)
+            .chain(followers)
+            .map(|m| m.idempotency_key().to_owned()),
+    );
+    let excess = recent_keys
+        .len()
+        .saturating_sub(ConversationState::RECENT_KEYS);
+    recent_keys.drain(..excess);
     Ok(Committed {
         state: ConversationState {
             conversation: Conversation {
@@ -164,6 +174,7 @@ pub async fn write(
             extracted,
             history,
             window: sinks.history_turns,
+            recent_keys,
         },
         reply_id: ws.assistant_message_id,
         follower_ids: ws.followers.iter().map(|f| f.id).collect(),
@@ -235,6 +246,7 @@ mod tests {
             },
             extracted: stored,
             context: Context::sample("b", &[], &[]),
+            recent_keys: Vec::new(),
         };
         let mut learned = Extracted::new();
         learned.insert("date".into(), serde_json::json!("2026-12-01"));

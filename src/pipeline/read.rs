@@ -12,7 +12,9 @@ use super::conversation;
 use super::stage::StageService;
 use crate::cache::Cache;
 use crate::error::PipelineError;
-use crate::model::{Business, Conversation, Extracted, StageInfo, StageTemplates};
+use crate::model::{
+    Business, Conversation, ConversationState, Extracted, StageInfo, StageTemplates,
+};
 use crate::protocol::InboundMessage;
 use crate::store::Store;
 use crate::template::Context;
@@ -31,6 +33,8 @@ pub struct Read<'b> {
     pub extracted: Extracted,
     /// The template context (step 5).
     pub context: Context,
+    /// The idempotency keys the user's cached state remembered (empty when it was not used).
+    pub recent_keys: Vec<String>,
 }
 
 /// What the read phase reads from.
@@ -54,16 +58,34 @@ pub async fn read<'b>(
     business: &'b Business,
     fresh: bool,
 ) -> Result<Read<'b>, PipelineError> {
+    let state = if fresh {
+        None
+    } else {
+        conversation::cached_state(src.cache, business.id, &msg.user_id).await
+    };
+    read_from(src, msg, business, state).await
+}
+
+/// The read phase with the user's cached state already at hand (`None`: none is cached, or it
+/// must not be used).
+///
+/// # Errors
+/// As [`read`].
+pub async fn read_from<'b>(
+    src: Sources<'_>,
+    msg: &InboundMessage,
+    business: &'b Business,
+    state: Option<ConversationState>,
+) -> Result<Read<'b>, PipelineError> {
     // Step 3: the conversation (with its history and extracted data when cached).
     let resolved = conversation::resolve(
         src.store,
-        src.cache,
         business.id,
         business.initial_stage_id,
         &msg.user_id,
         msg.conversation_id,
         src.history_turns,
-        fresh,
+        state,
     )
     .await?;
     let conv = resolved.conversation;
@@ -100,5 +122,6 @@ pub async fn read<'b>(
         templates,
         extracted,
         context,
+        recent_keys: resolved.recent_keys,
     })
 }

@@ -209,9 +209,27 @@ async fn cached_state_is_one_value_used_only_at_its_window_and_a_repeat_drops_it
     );
     assert_eq!(prompts_containing(&app, "MARKER-OTHER-WINDOW").await, 0);
 
-    // A repeated message id is answered from the database: its commit may not have been
-    // cached, so the user's state is dropped.
+    // A repeated message id that the cached state names is answered from the database, and
+    // the state stays: it already holds that commit.
+    let state = cache
+        .get_state(business, "cora")
+        .await
+        .expect("redis")
+        .expect("cached");
+    assert_eq!(state.recent_keys, ["c1", "c2", "c3"]);
     app.send("cora", "c1", "Hello there").await;
+    app.settle(std::time::Duration::from_secs(30)).await;
+    assert_eq!(
+        cache.get_state(business, "cora").await.expect("redis"),
+        Some(state)
+    );
+    // Without a cached state (lost, or never written after a commit), the database is asked,
+    // and the state is dropped: the commit it found may not have been cached.
+    cache
+        .invalidate_conversation(business, "cora")
+        .await
+        .expect("redis");
+    app.send("cora", "c2", "And Saturday?").await;
     app.settle(std::time::Duration::from_secs(30)).await;
     assert!(
         cache

@@ -583,6 +583,65 @@ async fn a_repeated_message_id_is_answered_once() {
 }
 
 #[tokio::test]
+async fn a_repeat_older_than_the_cached_keys_is_caught_when_it_commits() {
+    // The user's cached state remembers the keys of their latest 64 messages; a repeat of an
+    // older one runs its LLM phase, and its write set meets the unique key: the stored answer
+    // is published, and nothing is stored twice.
+    let app = spawn_app(MockOptions::default()).await;
+    let n = icmp::model::ConversationState::RECENT_KEYS + 2;
+    let mut first = None;
+    for i in 0..n {
+        let id = format!("old-{i}");
+        app.send("olga", &id, &format!("Hello number {i}")).await;
+        let r = app.reply(&id).await;
+        if i == 0 {
+            first = Some(r);
+        }
+    }
+    let first = first.expect("the first reply");
+    let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
+    let state = app
+        .cache
+        .get_state(business, "olga")
+        .await
+        .expect("redis")
+        .expect("cached");
+    assert!(!state.recent_keys.contains(&"old-0".to_owned()));
+    assert_eq!(
+        state.recent_keys.len(),
+        icmp::model::ConversationState::RECENT_KEYS
+    );
+
+    app.send("olga", "old-0", "Hello number 0").await;
+    let replies = app
+        .wait_all(
+            &["old-0".to_owned()].into(),
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    let replies = &replies["old-0"];
+    assert_eq!(replies.len(), 2, "one reply per inbound entry");
+    assert_eq!(
+        replies[1]["reply_id"], first["reply_id"],
+        "the stored answer"
+    );
+    assert_eq!(replies[1]["content"], first["content"]);
+    assert_eq!(
+        messages_with_key(&app, "old-0").await,
+        2,
+        "nothing stored twice"
+    );
+    let assistant_rows = app
+        .count(
+            "SELECT count(*) FROM messages WHERE business_id = $1 AND role = 'assistant'",
+            &[&business],
+        )
+        .await;
+    assert_eq!(assistant_rows as usize, n);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn another_business_never_uses_this_business_templates_or_conversations() {
     let app = spawn_app(MockOptions::default()).await;
     let other = "5b0e8a7c-1111-4c1d-8e2f-000000000003";
