@@ -89,16 +89,7 @@ impl Console {
         streams: StreamsConfig,
         token: Option<SecretString>,
     ) -> Result<Arc<Console>, RenderError> {
-        Ok(Arc::new(Console {
-            conn,
-            store,
-            redis,
-            streams,
-            auth: Auth::new(token),
-            pages: Pages::new()?,
-            writes: Mutex::new(WriteLog::default()),
-            private: false,
-        }))
+        Console::build(conn, store, redis, streams, token, false)
     }
 
     /// The console for a listener at `listen`: on a loopback address as [`Console::new`];
@@ -122,6 +113,17 @@ impl Console {
                  then asks for it"
             )));
         }
+        Ok(Console::build(conn, store, redis, streams, token, private)?)
+    }
+
+    fn build(
+        conn: ConnectionManager,
+        store: Store,
+        redis: RedisConfig,
+        streams: StreamsConfig,
+        token: Option<SecretString>,
+        private: bool,
+    ) -> Result<Arc<Console>, RenderError> {
         Ok(Arc::new(Console {
             conn,
             store,

@@ -196,20 +196,7 @@ impl Streams {
             let quiet = i + 1 < entries.len();
             pipe.invoke_script(&self.finish_invocation(id, *slot, finish, quiet));
         }
-        let replies: Vec<Value> = match pipe.query_async(&mut self.conn()).await {
-            Ok(r) => r,
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // A restarted Redis forgot the script: nothing ran; load it and run again.
-                let mut conn = self.conn();
-                self.scripts
-                    .finish
-                    .prepare_invoke()
-                    .load_async(&mut conn)
-                    .await?;
-                pipe.query_async(&mut conn).await?
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let replies = super::query_scripts(self.conn(), &pipe, &self.scripts.finish).await?;
         let mut done = Vec::with_capacity(entries.len());
         for ((id, slot, finish), reply) in entries.iter().zip(replies) {
             done.push(self.finished(id, *slot, finish, reply).await?);

@@ -365,6 +365,24 @@ pub(crate) fn raw_fields(v: Value) -> Option<Fields> {
 
 /// Entries of an `XRANGE`-shaped reply: `[[id, [k, v, …]], …]`, each decoded on its own; an
 /// element that is not of that shape is skipped.
+/// Runs a pipeline of invocations of `script` on `conn`; when Redis answers that it does not
+/// know the script (a restarted Redis forgot it: nothing ran), loads it and runs the pipeline
+/// again.
+pub(crate) async fn query_scripts(
+    mut conn: ConnectionManager,
+    pipe: &redis::Pipeline,
+    script: &redis::Script,
+) -> Result<Vec<Value>, StreamError> {
+    match pipe.query_async(&mut conn).await {
+        Ok(r) => Ok(r),
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(&mut conn).await?;
+            Ok(pipe.query_async(&mut conn).await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The fields of entry `id` in an `XRANGE id id` reply; `None` when it is not in the stream.
 pub(crate) fn entry_in_range(v: Value, id: &str) -> Option<Fields> {
     range_entries(v)

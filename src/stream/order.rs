@@ -215,20 +215,7 @@ impl Streams {
                 .arg(&now);
             pipe.invoke_script(&inv);
         }
-        let replies: Vec<Value> = match pipe.query_async(&mut self.conn()).await {
-            Ok(r) => r,
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // A restarted Redis forgot the script: load it and ask again.
-                let mut conn = self.conn();
-                self.scripts
-                    .head
-                    .prepare_invoke()
-                    .load_async(&mut conn)
-                    .await?;
-                pipe.query_async(&mut conn).await?
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let replies = super::query_scripts(self.conn(), &pipe, &self.scripts.head).await?;
         replies
             .into_iter()
             .map(|r| {

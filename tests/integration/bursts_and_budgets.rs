@@ -26,16 +26,6 @@ fn business_tables(extra: &str) -> String {
     format!("{BUSINESS_END}\n{extra}\n")
 }
 
-async fn send_to(app: &TestApp, business: &str, user: &str, id: &str, content: &str) -> String {
-    app.xadd(&[
-        ("business_id", business.as_bytes()),
-        ("user_id", user.as_bytes()),
-        ("message_id", id.as_bytes()),
-        ("content", content.as_bytes()),
-    ])
-    .await
-}
-
 /// (user rows, assistant rows, response calls) of a business.
 async fn rows(app: &TestApp, business: &str) -> (i64, i64, i64) {
     let id: Uuid = business.parse().expect("uuid");
@@ -176,7 +166,8 @@ async fn a_coalescing_business_answers_a_burst_as_one_turn_and_a_queueing_one_tu
 
     // A producer retrying a coalesced message gets the same reference again; the store says
     // the same.
-    send_to(&app, BURSTY, "ann", "a2", "I would like to book").await;
+    app.send_to(BURSTY, "ann", "a2", "I would like to book")
+        .await;
     let again = app
         .wait_all(&["a2".to_owned()].into(), Duration::from_secs(30))
         .await;
@@ -194,22 +185,12 @@ async fn a_coalescing_business_answers_a_burst_as_one_turn_and_a_queueing_one_tu
     assert_eq!(stored.answered_by, Some(reply_id));
 
     // The next message, after the window, is a turn of its own that remembers the burst.
-    send_to(&app, BURSTY, "ann", "a4", "thanks").await;
+    app.send_to(BURSTY, "ann", "a4", "thanks").await;
     let r = app.reply("a4").await;
     assert_eq!(r["status"], "ok");
     assert_eq!(r["answered_by"], "");
     assert_eq!(rows(&app, BURSTY).await, (4, 2, 2));
-    let prompt: String = app
-        .db()
-        .await
-        .query_one(
-            "SELECT c.prompt FROM llm_calls c JOIN messages m ON m.id = c.message_id \
-             WHERE c.business_id = $1 AND c.purpose = 'selection' AND m.idempotency_key = 'a4'",
-            &[&bursty],
-        )
-        .await
-        .expect("prompt")
-        .get(0);
+    let prompt = app.prompt_of("a4", "selection").await;
     assert!(
         prompt.contains("tomorrow at 10"),
         "the history has the burst: {prompt}"
@@ -263,7 +244,8 @@ async fn messages_over_budget_get_the_throttled_reply_and_nothing_is_lost() {
     away_from_a_minute_boundary().await;
     let ids: Vec<String> = (1..=5).map(|i| format!("m{i}")).collect();
     for id in &ids {
-        send_to(&app, METERED, &format!("user-{id}"), id, "hello").await;
+        app.send_to(METERED, &format!("user-{id}"), id, "hello")
+            .await;
     }
     let replies = app
         .wait_all(&ids.iter().cloned().collect(), Duration::from_secs(30))
@@ -300,9 +282,9 @@ async fn messages_over_budget_get_the_throttled_reply_and_nothing_is_lost() {
 
     // Tokens per day: the first message spends the day's budget, the next is throttled with
     // the configured text (this business has no throttled template).
-    send_to(&app, THRIFTY, "tess", "t1", "hello").await;
+    app.send_to(THRIFTY, "tess", "t1", "hello").await;
     assert_eq!(app.reply("t1").await["status"], "ok");
-    send_to(&app, THRIFTY, "tess", "t2", "hello again").await;
+    app.send_to(THRIFTY, "tess", "t2", "hello again").await;
     let r = app.reply("t2").await;
     assert_eq!(r["status"], "throttled");
     assert_eq!(r["content"], app.config.worker.throttled_reply);
@@ -346,7 +328,8 @@ async fn paced(app: &TestApp, business: &str, tag: &str, n: usize, every: Durati
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("{tag}-{i}");
-        send_to(app, business, &format!("{tag}-user-{i}"), &id, "hello").await;
+        app.send_to(business, &format!("{tag}-user-{i}"), &id, "hello")
+            .await;
         ids.push(id);
         tokio::time::sleep(every).await;
     }
@@ -374,7 +357,7 @@ async fn fairness_env() -> TestApp {
     app.start_worker("w0").await;
     // Both definitions loaded once (the cap is known from the first message on).
     for (business, id) in [(FLOOD, "warm-f"), (QUIET, "warm-q")] {
-        send_to(&app, business, "warm", id, "hello").await;
+        app.send_to(business, "warm", id, "hello").await;
         assert_eq!(app.reply(id).await["status"], "ok");
     }
     app

@@ -26,6 +26,11 @@ pub async fn spawn_console(app: &TestApp, token: Option<&str>) -> String {
         token.map(SecretString::from),
     )
     .expect("console");
+    serve_console(console).await
+}
+
+/// Serves `console` on an ephemeral loopback port; returns its base URL.
+async fn serve_console(console: Arc<icmp::console::Console>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -279,16 +284,7 @@ async fn beyond_loopback_the_console_needs_a_token_for_every_page() {
         refused.to_string().contains("ICMP_CONSOLE_TOKEN"),
         "{refused}"
     );
-    let console = open(Some(TOKEN)).expect("with a token");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(icmp::console::serve(
-        listener,
-        console,
-        std::future::pending(),
-    ));
+    let base = serve_console(open(Some(TOKEN)).expect("with a token")).await;
     let http = client();
     for path in ["/", "/dlq", "/conversations", "/trace/1-1"] {
         let r = http.get(format!("{base}{path}")).send().await.expect("get");
@@ -509,15 +505,7 @@ async fn a_database_that_cannot_be_reached_is_a_503_page_with_its_code() {
         None,
     )
     .expect("console");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(icmp::console::serve(
-        listener,
-        console,
-        std::future::pending(),
-    ));
+    let base = serve_console(console).await;
     for page in [
         "/",
         "/conversations",

@@ -323,13 +323,40 @@ impl TestApp {
 
     /// Sends a text message to the demo business; returns the entry id.
     pub async fn send(&self, user: &str, message_id: &str, content: &str) -> String {
+        self.send_to(DEMO_BUSINESS, user, message_id, content).await
+    }
+
+    /// Sends a text message to `business`; returns the entry id.
+    pub async fn send_to(
+        &self,
+        business: &str,
+        user: &str,
+        message_id: &str,
+        content: &str,
+    ) -> String {
         self.xadd(&[
-            ("business_id", DEMO_BUSINESS.as_bytes()),
+            ("business_id", business.as_bytes()),
             ("user_id", user.as_bytes()),
             ("message_id", message_id.as_bytes()),
             ("content", content.as_bytes()),
         ])
         .await
+    }
+
+    /// The prompt of the `purpose` call (`selection`, `extraction`, `response`) made for the
+    /// message stored under `key`.
+    pub async fn prompt_of(&self, key: &str, purpose: &str) -> String {
+        self.db()
+            .await
+            .query_one(
+                "SELECT c.prompt FROM llm_calls c JOIN messages m \
+                 ON m.business_id = c.business_id AND m.id = c.message_id \
+                 WHERE m.idempotency_key = $1 AND c.purpose = $2",
+                &[&key, &purpose],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the {purpose} prompt of {key}: {e}"))
+            .get(0)
     }
 
     /// Waits for the reply whose `message_id` is `id` on `stream` (the outbound stream when

@@ -7,7 +7,7 @@
 use icmp::llm::mock::MockOptions;
 use uuid::Uuid;
 
-use crate::helpers::{self, TestApp, spawn_app};
+use crate::helpers::{self, spawn_app};
 
 /// The demo business with `welcome` allowed to move to `farewell` only (booking is off limits
 /// from there).
@@ -15,16 +15,6 @@ const LOCKED: &str = "5b0e8a7c-4444-4c1d-8e2f-00000000000c";
 /// Another tenant, with a private marker in its conversation.
 const OTHER: &str = "5b0e8a7c-5555-4c1d-8e2f-00000000000d";
 const PRIVATE: &str = "MARKER-OTHER-TENANT-PRIVATE-91f3";
-
-async fn send_to(app: &TestApp, business: &str, user: &str, id: &str, content: &str) {
-    app.xadd(&[
-        ("business_id", business.as_bytes()),
-        ("user_id", user.as_bytes()),
-        ("message_id", id.as_bytes()),
-        ("content", content.as_bytes()),
-    ])
-    .await;
-}
 
 #[tokio::test]
 async fn injected_instructions_never_move_a_stage_outside_its_transitions_nor_leak_a_tenant() {
@@ -39,8 +29,7 @@ async fn injected_instructions_never_move_a_stage_outside_its_transitions_nor_le
     )
     .await;
     helpers::import_demo_copy(&app.config, OTHER, &[]).await;
-    send_to(
-        &app,
+    app.send_to(
         OTHER,
         "bob",
         "o1",
@@ -60,7 +49,7 @@ async fn injected_instructions_never_move_a_stage_outside_its_transitions_nor_le
     let locked: Uuid = LOCKED.parse().expect("uuid");
     for (i, attempt) in attempts.iter().enumerate() {
         let id = format!("inj{i}");
-        send_to(&app, LOCKED, &format!("eve{i}"), &id, attempt).await;
+        app.send_to(LOCKED, &format!("eve{i}"), &id, attempt).await;
         let reply = app.reply(&id).await;
         assert_eq!(reply["status"], "ok", "{attempt}: {reply:?}");
         assert_eq!(reply["stage"], "welcome", "{attempt}: stayed where it was");
