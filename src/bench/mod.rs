@@ -98,6 +98,9 @@ pub struct BenchReport {
     pub rate: Option<f64>,
     /// Scale-out mode: each worker process's CPU seconds.
     pub process_cpu_secs: Vec<f64>,
+    /// Scale-out mode: each worker process's peak resident memory (KiB); the worker's own
+    /// figure, without the benchmark's producer and reader.
+    pub process_peak_rss_kib: Vec<u64>,
     /// CPU seconds of PostgreSQL's processes and of the mock LLM during the run.
     pub postgres_cpu_secs: f64,
     pub mock_cpu_secs: f64,
@@ -192,6 +195,7 @@ impl BenchReport {
             },
             "rate_per_s": self.rate,
             "process_cpu_s": self.process_cpu_secs,
+            "process_peak_rss_mib": self.process_peak_rss_kib.iter().map(|k| k / 1024).collect::<Vec<_>>(),
             "postgres_cpu_s": self.postgres_cpu_secs,
             "mock_cpu_s": self.mock_cpu_secs,
             "machine_busy": self.machine_busy,
@@ -239,11 +243,17 @@ impl std::fmt::Display for BenchReport {
                 .iter()
                 .map(|c| format!("{c:.2}"))
                 .collect();
+            let rss: Vec<String> = self
+                .process_peak_rss_kib
+                .iter()
+                .map(|k| format!("{} MiB", k / 1024))
+                .collect();
             writeln!(
                 f,
-                "processes      {} (CPU-s each: {})",
+                "processes      {} (CPU-s each: {}; peak RSS each: {})",
                 each.len(),
-                each.join(", ")
+                each.join(", "),
+                rss.join(", ")
             )?;
         }
         writeln!(f, "saturation     {}", self.saturation())?;
@@ -288,9 +298,7 @@ fn reset_peak_rss() {
 }
 
 fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    probe::peak_rss_kib_of("self")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -553,6 +561,10 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let (per_message, statuses, reads) = collect(&mut c, &config, options.messages, &sent).await?;
     let elapsed = started.elapsed();
     let db_round_trips = deps.store.round_trips() - trips_before;
+    let process_peak_rss_kib = children
+        .as_ref()
+        .map(|c| c.peak_rss_kib())
+        .unwrap_or_default();
     let process_cpu_secs: Vec<f64> = children
         .as_ref()
         .map(|c| c.cpu_secs())
@@ -643,6 +655,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         overhead_p99: percentile(&overheads, 0.99),
         rate: (options.rate > 0.0).then_some(options.rate),
         process_cpu_secs,
+        process_peak_rss_kib,
         postgres_cpu_secs,
         mock_cpu_secs,
         machine_busy,

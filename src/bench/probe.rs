@@ -22,6 +22,13 @@ pub fn cpu_secs_of(pid: &str) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// The peak resident memory of process `pid` (`self` for this one), in KiB (`VmHWM`).
+pub fn peak_rss_kib_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// CPU seconds of every running PostgreSQL server process, by pid.
 pub fn postgres_cpu() -> BTreeMap<u32, f64> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

@@ -81,6 +81,14 @@ impl WorkerProcesses {
         }
     }
 
+    /// Each worker's peak resident memory so far, in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> Vec<u64> {
+        self.children
+            .iter()
+            .map(|c| super::probe::peak_rss_kib_of(&c.id().to_string()).unwrap_or(0))
+            .collect()
+    }
+
     /// Each worker's CPU seconds so far.
     pub fn cpu_secs(&self) -> Vec<f64> {
         self.children
