@@ -298,6 +298,45 @@ async fn messages_over_budget_get_the_throttled_reply_and_nothing_is_lost() {
     assert_eq!(app.pending().await, 0);
 }
 
+#[tokio::test]
+async fn a_budget_that_cannot_be_counted_throttles_nothing() {
+    // An operator's stray write left the minute's counter unreadable as a number: counting
+    // fails, and the business is served (fail open) rather than refused.
+    let mut app = spawn_env(MockOptions::default(), |_| {}).await;
+    const OPEN: &str = "5b0e8a7c-cccc-4c1d-8e2f-000000000014";
+    helpers::import_demo_copy(
+        &app.config,
+        OPEN,
+        &[(
+            BUSINESS_END,
+            &business_tables("[business.budget]\nmessages_per_minute = 1"),
+        )],
+    )
+    .await;
+    app.start_worker("w0").await;
+    away_from_a_minute_boundary().await;
+    let minute = chrono::Utc::now().format("%Y%m%d%H%M");
+    let key = format!("{}budget:{OPEN}:m:{minute}", app.config.redis.key_prefix);
+    let _: () = redis::AsyncCommands::set(&mut app.redis.clone(), &key, "not a number")
+        .await
+        .expect("set");
+    let ids: Vec<String> = (1..=3).map(|i| format!("open-{i}")).collect();
+    for id in &ids {
+        app.send_to(OPEN, &format!("user-{id}"), id, "hello").await;
+    }
+    let replies = app
+        .wait_all(&ids.iter().cloned().collect(), Duration::from_secs(30))
+        .await;
+    for id in &ids {
+        assert_eq!(replies[id].len(), 1, "{id}");
+        assert_eq!(
+            replies[id][0]["status"], "ok",
+            "{id}: served, not throttled"
+        );
+    }
+    assert_eq!(rows(&app, OPEN).await, (3, 3, 3));
+}
+
 /// Milliseconds from each message's arrival (its entry id) to its reply's `processed_at`.
 fn latencies(replies: &HashMap<String, Vec<HashMap<String, String>>>, ids: &[String]) -> Vec<i64> {
     let mut out: Vec<i64> = ids
