@@ -153,15 +153,19 @@ impl<L: LlmService> MessageHandler<L> {
 
         // Step 2, idempotency. The user's cached state (the read phase needs it anyway) names
         // the keys of their latest messages: a key it names is answered from the store; with
-        // the state at hand and the key not in it, the message is new (a repeat of an older
-        // message is still caught by the unique key when its write set commits). Without a
-        // cached state, the store is asked.
+        // the state at hand and the key not in it, a first delivery is new (a repeat of an
+        // older message is still caught by the unique key when its write set commits, or
+        // looked up before any error is returned). The store is asked without a cached state,
+        // and for a redelivery or a replay: those are the messages most likely committed
+        // already (a crash between the commit and the cache write leaves the older state).
         let mut state =
             conversation::cached_state(&self.cache, msg.business_id, &msg.user_id).await;
         let key = msg.idempotency_key();
-        let ask_store = state
-            .as_ref()
-            .is_none_or(|s| s.recent_keys.iter().any(|k| k == key));
+        let ask_store = !first_delivery
+            || msg.supersedes.is_some()
+            || state
+                .as_ref()
+                .is_none_or(|s| s.recent_keys.iter().any(|k| k == key));
         if ask_store && let Some(answer) = self.stored_answer(msg).await? {
             if state.is_none() {
                 self.forget_cached(msg).await;
@@ -192,6 +196,14 @@ impl<L: LlmService> MessageHandler<L> {
                     attempt += 1;
                     metrics::retry("pipeline.version_conflict");
                     tracing::debug!(attempt, "conversation changed meanwhile; re-running");
+                    // The state that was read may predate this very message's commit.
+                    if !ask_store
+                        && attempt == 1
+                        && let Some(answer) = self.stored_answer(msg).await?
+                    {
+                        self.forget_cached(msg).await;
+                        return Ok(Processed::Duplicate(answer));
+                    }
                 }
                 Err(PipelineError::Store(StoreError::Duplicate)) => {
                     // A concurrent delivery of the same message committed first.
@@ -205,6 +217,14 @@ impl<L: LlmService> MessageHandler<L> {
                     // A follower's key is taken: each of them gets its own turn.
                     tracing::info!("a coalesced message was stored before; answering alone");
                     followers = &[];
+                }
+                // A message not looked up first may be answered already: its stored answer,
+                // not an error, is what it gets.
+                Err(e) if !ask_store => {
+                    return match self.stored_answer(msg).await {
+                        Ok(Some(answer)) => Ok(Processed::Duplicate(answer)),
+                        _ => Err(e),
+                    };
                 }
                 other => return other,
             }

@@ -153,11 +153,12 @@ pub async fn write(
     let excess = history.len().saturating_sub(sinks.history_turns);
     history.drain(..excess);
     let mut recent_keys = read.recent_keys.clone();
-    recent_keys.extend(
-        std::iter::once(msg)
-            .chain(followers)
-            .map(|m| m.idempotency_key().to_owned()),
-    );
+    for m in std::iter::once(msg).chain(followers) {
+        let key = m.idempotency_key();
+        if !recent_keys.iter().any(|k| k == key) {
+            recent_keys.push(key.to_owned());
+        }
+    }
     let excess = recent_keys
         .len()
         .saturating_sub(ConversationState::RECENT_KEYS);

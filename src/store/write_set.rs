@@ -265,7 +265,7 @@ impl Store {
 }
 
 /// A unique violation is a new conversation whose id exists (a version conflict) or a message
-/// whose idempotency key is committed (a duplicate).
+/// whose idempotency key is committed (a duplicate); any other stays a database error.
 fn classify(e: StoreError) -> StoreError {
     let StoreError::Db(e) = e else {
         return e;
@@ -273,10 +273,9 @@ fn classify(e: StoreError) -> StoreError {
     if !is_unique_violation(&e) {
         return StoreError::Db(e);
     }
-    let constraint = e.as_db_error().and_then(|d| d.constraint());
-    if constraint == Some("conversations_pkey") {
-        StoreError::VersionConflict
-    } else {
-        StoreError::Duplicate
+    match e.as_db_error().and_then(|d| d.constraint()) {
+        Some("conversations_pkey") => StoreError::VersionConflict,
+        Some("messages_idempotency_key") => StoreError::Duplicate,
+        _ => StoreError::Db(e),
     }
 }

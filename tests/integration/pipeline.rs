@@ -612,6 +612,11 @@ async fn a_repeat_older_than_the_cached_keys_is_caught_when_it_commits() {
         icmp::model::ConversationState::RECENT_KEYS
     );
 
+    let calls_before = app
+        .mock
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
     app.send("olga", "old-0", "Hello number 0").await;
     let replies = app
         .wait_all(
@@ -638,6 +643,34 @@ async fn a_repeat_older_than_the_cached_keys_is_caught_when_it_commits() {
         )
         .await;
     assert_eq!(assistant_rows as usize, n);
+    // It ran its LLM phase (the commit-time path, not the lookup), and none of those calls
+    // was stored.
+    let calls = app
+        .mock
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(calls > calls_before, "the repeat reached the LLM");
+    let stored_calls = app
+        .count(
+            "SELECT count(*) FROM llm_calls c JOIN messages m ON m.id = c.message_id \
+             WHERE m.idempotency_key = 'old-0'",
+            &[],
+        )
+        .await;
+    let first_calls = app
+        .count(
+            "SELECT count(*) FROM llm_calls WHERE log_id = $1",
+            &[&first["log_id"].parse::<Uuid>().expect("log id")],
+        )
+        .await;
+    assert_eq!(stored_calls, first_calls, "only the first delivery's calls");
+    // The user's next message continues the same conversation.
+    app.send("olga", "after", "Thanks").await;
+    assert_eq!(
+        app.reply("after").await["conversation_id"],
+        first["conversation_id"]
+    );
     app.stop().await;
 }
 
