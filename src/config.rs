@@ -132,6 +132,11 @@ pub struct LlmConfig {
     /// and its buffers); further calls wait for one to end. 0: no limit.
     #[serde(default)]
     pub max_concurrent_calls: usize,
+    /// Speak cleartext HTTP/2 to an `http://` endpoint without asking (for endpoints known to
+    /// speak it, like the mock LLM): every call then shares one connection. `https://`
+    /// endpoints negotiate HTTP/2 by themselves when they offer it.
+    #[serde(default)]
+    pub http2_prior_knowledge: bool,
     /// Calls the circuit breaker judges the endpoint by (0 disables the breaker).
     pub circuit_window: usize,
     /// Share of failed calls in the window that opens the circuit.

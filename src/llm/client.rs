@@ -86,12 +86,14 @@ impl OpenAiClient {
     /// When the TLS backend cannot be initialised.
     pub fn new(config: &LlmConfig) -> Result<OpenAiClient, LlmError> {
         let timeout = Duration::from_millis(config.request_timeout_ms);
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-            .pool_max_idle_per_host(1024)
-            .build()
-            .map_err(|e| LlmError::Connect(e.to_string()))?;
+            .pool_max_idle_per_host(1024);
+        if config.http2_prior_knowledge {
+            http = http.http2_prior_knowledge();
+        }
+        let http = http.build().map_err(|e| LlmError::Connect(e.to_string()))?;
         let permits = match config.max_concurrent_calls {
             0 => tokio::sync::Semaphore::MAX_PERMITS,
             n => n,

@@ -76,6 +76,8 @@ pub struct MockStats {
     /// Requests being answered now, and the most at once so far.
     pub in_flight: AtomicU64,
     pub peak_in_flight: AtomicU64,
+    /// Connections accepted (an HTTP/2 client sends all its calls over one).
+    pub connections: AtomicU64,
 }
 
 /// Counts a request in flight until dropped.
@@ -127,11 +129,12 @@ pub fn spawn(listener: TcpListener, options: MockOptions) -> std::io::Result<Moc
     let addr = listener.local_addr()?;
     let stats = Arc::new(MockStats::default());
     let app = router(options, stats.clone());
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "mock LLM server stopped");
-        }
-    });
+    let task = tokio::spawn(serve_router(
+        listener,
+        app,
+        stats.clone(),
+        std::future::pending(),
+    ));
     Ok(MockServer { addr, stats, task })
 }
 
@@ -141,10 +144,55 @@ pub async fn serve(
     options: MockOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(options, Arc::new(MockStats::default()));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let stats = Arc::new(MockStats::default());
+    let app = router(options, stats.clone());
+    serve_router(listener, app, stats, shutdown).await;
+    Ok(())
+}
+
+/// Streams one HTTP/2 connection may carry at once: as many as clients send (a worker sends
+/// all its calls over one connection with `llm.http2_prior_knowledge`).
+const MAX_STREAMS: u32 = 100_000;
+
+/// Accepts connections until `shutdown`, each served as HTTP/1.1 or, when it opens with the
+/// HTTP/2 preface, as cleartext HTTP/2 (prior knowledge).
+async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    stats: Arc<MockStats>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(MAX_STREAMS);
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: wait a moment rather than spin.
+                tracing::warn!(error = %e, "mock LLM could not accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let (builder, service) = (builder.clone(), TowerToHyperService::new(app.clone()));
+        tokio::spawn(async move {
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 fn router(options: MockOptions, stats: Arc<MockStats>) -> Router {

@@ -180,3 +180,39 @@ async fn the_client_keeps_at_most_max_concurrent_calls_in_flight() {
     assert_eq!(peak(2).await, 2, "the cap holds");
     assert_eq!(peak(0).await, 6, "0: no limit, all six at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_speaks_cleartext_http2_to_the_mock_over_one_connection() {
+    // `llm.http2_prior_knowledge`: every call of the worker shares one HTTP/2 connection; the
+    // mock serves HTTP/1.1 and HTTP/2 on the same port, with room for many streams at once.
+    let options = MockOptions {
+        latency_ms: 200,
+        ..MockOptions::default()
+    };
+    let app = crate::helpers::spawn_app_with(options, |c| c.llm.http2_prior_knowledge = true).await;
+    let ids: std::collections::HashSet<String> = (0..300).map(|i| format!("h2-{i}")).collect();
+    let messages: Vec<(String, String, String)> = ids
+        .iter()
+        .map(|id| (format!("user-{id}"), id.clone(), "hello".to_owned()))
+        .collect();
+    app.send_many(&messages).await;
+    let replies = app.wait_all(&ids, std::time::Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(replies[id].len(), 1, "{id}");
+        assert_eq!(replies[id][0]["status"], "ok", "{id}: {:?}", replies[id][0]);
+    }
+    // Far more calls at once than the 200 streams an HTTP/2 server allows by default.
+    let peak = app
+        .mock
+        .stats
+        .peak_in_flight
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(peak > 200, "calls in flight at once: {peak}");
+    let connections = app
+        .mock
+        .stats
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(connections, 1, "every call over one connection");
+    app.stop().await;
+}
