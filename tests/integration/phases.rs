@@ -36,6 +36,16 @@ async fn a_continuing_conversations_read_phase_needs_no_postgres() {
     let app = spawn_app(MockOptions::default()).await;
     app.send("rhea", "r1", "Hello there").await;
     let first = app.reply("r1").await;
+    // The definitions are cached once the worker's watch is up (a copy loaded while it
+    // connects is dropped again, as any copy that may predate a change).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !app.cache.local().is_enabled() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    StageService::new(app.store.clone(), app.cache.clone())
+        .business(DEMO_BUSINESS.parse().expect("uuid"))
+        .await
+        .expect("business");
     // A store whose server does not exist: any query would fail.
     let mut config = app.config.clone();
     config.database.url = RedactedUrl::new("postgres://nobody@127.0.0.1:9/nowhere".to_owned());
