@@ -36,12 +36,8 @@ async fn a_continuing_conversations_read_phase_needs_no_postgres() {
     let app = spawn_app(MockOptions::default()).await;
     app.send("rhea", "r1", "Hello there").await;
     let first = app.reply("r1").await;
-    // The definitions are cached once the worker's watch is up (a copy loaded while it
-    // connects is dropped again, as any copy that may predate a change).
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !app.cache.local().is_enabled() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // The business in Redis: the worker's copy may have been dropped again (a copy loaded
+    // while its definitions watch connects may predate a change), so it is loaded here.
     StageService::new(app.store.clone(), app.cache.clone())
         .business(DEMO_BUSINESS.parse().expect("uuid"))
         .await
