@@ -29,6 +29,10 @@ impl WorkerProcesses {
                 .env("ICMP__REDIS__URL", config.redis.url.expose())
                 .env("ICMP__REDIS__KEY_PREFIX", &config.redis.key_prefix)
                 .env("ICMP__LLM__BASE_URL", &config.llm.base_url)
+                .env(
+                    "ICMP__LLM__HTTP2_PRIOR_KNOWLEDGE",
+                    config.llm.http2_prior_knowledge.to_string(),
+                )
                 .env("ICMP__STREAMS__INBOUND", &s.inbound)
                 .env("ICMP__STREAMS__OUTBOUND", &s.outbound)
                 .env("ICMP__STREAMS__DEAD_LETTER", &s.dead_letter)

@@ -11,6 +11,9 @@ pub struct SuiteReport {
     pub flood: BenchReport,
     /// LLM latency 300 ms, enough users for 4,000 messages in flight.
     pub in_flight: BenchReport,
+    /// The same as one `icmp worker` process speaking HTTP/2 to the LLM
+    /// (`llm.http2_prior_knowledge`, not the default): the worker's own memory.
+    pub in_flight_http2: BenchReport,
     /// LLM latency 0, paced at half the flood's throughput.
     pub paced: BenchReport,
     /// The flood again with 1, 2 and 4 worker processes.
@@ -61,6 +64,21 @@ pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteRe
         },
     )
     .await?;
+    settle().await;
+    eprintln!("suite: 4,000 in flight, LLM 300 ms, one worker process speaking HTTP/2 to the LLM");
+    let mut http2 = config.clone();
+    http2.llm.http2_prior_knowledge = true;
+    let in_flight_http2 = run(
+        http2,
+        &BenchOptions {
+            messages: 8000,
+            users: 4000,
+            llm_latency_ms: 300,
+            processes: 1,
+            ..scenario(options)
+        },
+    )
+    .await?;
     let rate = (flood.per_second / 2.0).max(1.0);
     settle().await;
     eprintln!("suite: paced at {rate:.0} messages/s, LLM 0 ms");
@@ -98,6 +116,7 @@ pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteRe
     Ok(SuiteReport {
         flood,
         in_flight,
+        in_flight_http2,
         paced,
         scale,
     })
@@ -159,6 +178,22 @@ impl SuiteReport {
                 ),
                 met: rss_mb <= 150.0 && self.in_flight.peak_in_flight >= 4000,
             },
+            {
+                let h2 = &self.in_flight_http2;
+                let worker_mb = h2
+                    .process_peak_rss_kib
+                    .first()
+                    .map_or(f64::INFINITY, |k| *k as f64 * 1024.0 / 1e6);
+                Row {
+                    target: "  the same, worker process, HTTP/2 to the LLM (opt-in)",
+                    measured: format!(
+                        "{worker_mb:.0} MB, {:.0} msg/s = {:.2}",
+                        h2.per_second,
+                        h2.per_second / f.per_second.max(1e-9)
+                    ),
+                    met: worker_mb <= 150.0,
+                }
+            },
             Row {
                 target: "overhead p99 <= 15 ms at half the maximum throughput",
                 measured: format!(
@@ -182,6 +217,7 @@ impl SuiteReport {
             "targets": targets,
             "flood": self.flood.json(),
             "in_flight": self.in_flight.json(),
+            "in_flight_http2": self.in_flight_http2.json(),
             "paced": self.paced.json(),
             "scale_out": self.scale.iter().map(BenchReport::json).collect::<Vec<_>>(),
         })
