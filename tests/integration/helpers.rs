@@ -215,6 +215,10 @@ pub async fn import_poisoned_demo(app: &TestApp, business_id: &str) -> PathBuf {
     path
 }
 
+/// Held by the tests whose figures the rest of the suite would distort (the fairness test's
+/// latencies) or that load the whole machine (the chaos soak), so that no two of them overlap.
+pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A test environment (database, streams, mock LLM) with in-process workers.
 pub struct TestApp {
     pub config: Config,

@@ -296,6 +296,7 @@ fn message_fields(business: &str, user: &str, id: &str, text: &str) -> Vec<(Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
+    let _machine = helpers::MACHINE.lock().await;
     let seed = env_u64("ICMP_SOAK_SEED", 7);
     let seconds = env_u64("ICMP_SOAK_SECONDS", 40);
     let mut rng = StdRng::seed_from_u64(seed);
