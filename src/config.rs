@@ -341,6 +341,29 @@ impl std::fmt::Debug for RedactedUrl {
 }
 
 impl Config {
+    /// The `ICMP__…` variables that point a child `icmp` process at this configuration's
+    /// services, key prefix, streams and LLM endpoint (the rest it takes from its own files).
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        let s = &self.streams;
+        vec![
+            ("ICMP__DATABASE__URL", self.database.url.expose().to_owned()),
+            ("ICMP__REDIS__URL", self.redis.url.expose().to_owned()),
+            ("ICMP__REDIS__KEY_PREFIX", self.redis.key_prefix.clone()),
+            ("ICMP__LLM__BASE_URL", self.llm.base_url.clone()),
+            (
+                "ICMP__LLM__HTTP2_PRIOR_KNOWLEDGE",
+                self.llm.http2_prior_knowledge.to_string(),
+            ),
+            ("ICMP__STREAMS__INBOUND", s.inbound.clone()),
+            ("ICMP__STREAMS__OUTBOUND", s.outbound.clone()),
+            ("ICMP__STREAMS__DEAD_LETTER", s.dead_letter.clone()),
+            ("ICMP__STREAMS__GROUP", s.group.clone()),
+            ("ICMP__STREAMS__REPLY_PREFIX", s.reply_prefix.clone()),
+        ]
+    }
+}
+
+impl Config {
     /// Loads the defaults compiled into the binary (`config/default.toml` as built), then
     /// `path`, then `<profile>.toml` next to it when a profile is given (or `ICMP_PROFILE` is
     /// set), then the `ICMP__` environment. `path` may be missing when it is the default path,

@@ -139,8 +139,8 @@ pub async fn trace(
     // Replies come after their inbound entry: scan from its time (or everything).
     let from = inbound_id
         .as_deref()
-        .and_then(|i| i.split_once('-'))
-        .map_or("-".to_owned(), |(ms, _)| format!("{ms}-0"));
+        .and_then(crate::stream::entry_time_ms)
+        .map_or("-".to_owned(), |ms| format!("{ms}-0"));
     let matches = |f: &BTreeMap<String, String>| {
         inbound_id
             .as_deref()

@@ -22,21 +22,9 @@ impl WorkerProcesses {
         let exe = std::env::current_exe().map_err(BenchError::Mock)?;
         let mut children = Vec::with_capacity(n);
         for i in 0..n {
-            let s = &config.streams;
             let child = Command::new(&exe)
                 .arg("worker")
-                .env("ICMP__DATABASE__URL", config.database.url.expose())
-                .env("ICMP__REDIS__URL", config.redis.url.expose())
-                .env("ICMP__REDIS__KEY_PREFIX", &config.redis.key_prefix)
-                .env("ICMP__LLM__BASE_URL", &config.llm.base_url)
-                .env(
-                    "ICMP__LLM__HTTP2_PRIOR_KNOWLEDGE",
-                    config.llm.http2_prior_knowledge.to_string(),
-                )
-                .env("ICMP__STREAMS__INBOUND", &s.inbound)
-                .env("ICMP__STREAMS__OUTBOUND", &s.outbound)
-                .env("ICMP__STREAMS__DEAD_LETTER", &s.dead_letter)
-                .env("ICMP__STREAMS__GROUP", &s.group)
+                .envs(config.child_env())
                 .env("ICMP__STREAMS__CONSUMER", format!("bench-{run_id}-p{i}"))
                 .env("ICMP__TELEMETRY__LISTEN", "")
                 .stdin(Stdio::null())

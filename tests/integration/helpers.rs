@@ -503,6 +503,24 @@ impl TestApp {
         }
     }
 
+    /// Waits until the outbound stream holds `n` replies whose `message_id` is `id` (a
+    /// repeated message's later publications included); returns them in stream order.
+    pub async fn wait_replies(&self, id: &str, n: usize) -> Vec<HashMap<String, String>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let replies: Vec<_> = self
+                .entries(&self.config.streams.outbound)
+                .await
+                .into_iter()
+                .filter(|e| e["message_id"] == id)
+                .collect();
+            if replies.len() >= n || tokio::time::Instant::now() > deadline {
+                return replies;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until nothing is pending in the group. A reply is published only by the script
     /// that acknowledges its entry, so once nothing is pending, no further reply can appear:
     /// counts taken afterwards are final.

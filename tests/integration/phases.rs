@@ -224,7 +224,7 @@ async fn cached_state_is_one_value_used_only_at_its_window_and_a_repeat_drops_it
         .expect("cached");
     assert_eq!(state.recent_keys, ["c1", "c2", "c3"]);
     app.send("cora", "c1", "Hello there").await;
-    app.settle(std::time::Duration::from_secs(30)).await;
+    assert_eq!(app.wait_replies("c1", 2).await.len(), 2);
     assert_eq!(
         cache.get_state(business, "cora").await.expect("redis"),
         Some(state.clone())
@@ -236,7 +236,7 @@ async fn cached_state_is_one_value_used_only_at_its_window_and_a_repeat_drops_it
     forgetful.recent_keys.clear();
     cache.set_state(&forgetful).await.expect("redis");
     app.send("cora", "c2", "And Saturday?").await;
-    app.settle(std::time::Duration::from_secs(30)).await;
+    assert_eq!(app.wait_replies("c2", 2).await.len(), 2);
     assert!(
         cache
             .get_state(business, "cora")

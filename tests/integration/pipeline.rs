@@ -560,21 +560,7 @@ async fn a_repeated_message_id_is_answered_once() {
     app.send("hank", "h1", "Hello").await;
     let first = app.reply("h1").await;
     app.send("hank", "h1", "Hello").await;
-    let outbound = app.config.streams.outbound.clone();
-    // Wait for the second publication of h1.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    let replies = loop {
-        let r: Vec<_> = app
-            .entries(&outbound)
-            .await
-            .into_iter()
-            .filter(|e| e["message_id"] == "h1")
-            .collect();
-        if r.len() == 2 || tokio::time::Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let replies = app.wait_replies("h1", 2).await;
     assert_eq!(replies.len(), 2);
     assert_eq!(replies[1]["content"], first["content"]);
     assert_eq!(replies[1]["log_id"], first["log_id"]);

@@ -36,23 +36,15 @@ pub fn icmp(config: &Config) -> Command {
         .arg(root().join("config/default.toml"))
         .arg("--profile")
         .arg("test")
-        .env("ICMP__DATABASE__URL", config.database.url.expose())
+        .envs(config.child_env())
         .env(
             "ICMP__DATABASE__POOL_SIZE",
             config.database.pool_size.to_string(),
         )
-        .env("ICMP__REDIS__URL", config.redis.url.expose())
-        .env("ICMP__REDIS__KEY_PREFIX", &config.redis.key_prefix)
-        .env("ICMP__LLM__BASE_URL", &config.llm.base_url)
         .env(
             "ICMP__LLM__REQUEST_TIMEOUT_MS",
             config.llm.request_timeout_ms.to_string(),
         )
-        .env("ICMP__STREAMS__INBOUND", &s.inbound)
-        .env("ICMP__STREAMS__OUTBOUND", &s.outbound)
-        .env("ICMP__STREAMS__DEAD_LETTER", &s.dead_letter)
-        .env("ICMP__STREAMS__GROUP", &s.group)
-        .env("ICMP__STREAMS__REPLY_PREFIX", &s.reply_prefix)
         .env("ICMP__STREAMS__CLAIM_IDLE_MS", s.claim_idle_ms.to_string())
         .env(
             "ICMP__STREAMS__MAX_DELIVERIES",
