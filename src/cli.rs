@@ -233,6 +233,9 @@ struct MockArgs {
     malformed_rate: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Serve HTTP/1.1 only (by default cleartext HTTP/2 is served on the same port too).
+    #[arg(long)]
+    http1_only: bool,
 }
 
 pub(crate) fn main() -> ExitCode {
@@ -301,6 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
                 hang_ms: a.hang_ms,
                 malformed_rate: a.malformed_rate,
                 seed: a.seed,
+                http1_only: a.http1_only,
             };
             mock::serve(listener, options, shutdown_signal()).await?;
         }

@@ -132,11 +132,10 @@ pub struct LlmConfig {
     /// and its buffers); further calls wait for one to end. 0: no limit.
     #[serde(default)]
     pub max_concurrent_calls: usize,
-    /// Speak cleartext HTTP/2 to an `http://` endpoint without asking (for endpoints known to
-    /// speak it, like the mock LLM): every call then shares one connection. `https://`
-    /// endpoints negotiate HTTP/2 by themselves when they offer it.
+    /// The HTTP version to the endpoint: `auto` (HTTP/2 where the endpoint speaks it), `1.1`
+    /// or `2` (see [`crate::llm::transport`]).
     #[serde(default)]
-    pub http2_prior_knowledge: bool,
+    pub http_version: crate::llm::transport::HttpVersion,
     /// Calls the circuit breaker judges the endpoint by (0 disables the breaker).
     pub circuit_window: usize,
     /// Share of failed calls in the window that opens the circuit.
@@ -351,8 +350,8 @@ impl Config {
             ("ICMP__REDIS__KEY_PREFIX", self.redis.key_prefix.clone()),
             ("ICMP__LLM__BASE_URL", self.llm.base_url.clone()),
             (
-                "ICMP__LLM__HTTP2_PRIOR_KNOWLEDGE",
-                self.llm.http2_prior_knowledge.to_string(),
+                "ICMP__LLM__HTTP_VERSION",
+                self.llm.http_version.as_str().to_owned(),
             ),
             ("ICMP__STREAMS__INBOUND", s.inbound.clone()),
             ("ICMP__STREAMS__OUTBOUND", s.outbound.clone()),

@@ -191,7 +191,7 @@ mod tests {
             request_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,
             max_concurrent_calls: 0,
-            http2_prior_knowledge: false,
+            http_version: Default::default(),
             max_response_bytes: 1 << 20,
             circuit_window: 3,
             circuit_failure_ratio: 1.0,

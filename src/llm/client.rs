@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use super::transport::Transport;
 use super::{ChatMessage, ChatRequest, ChatResponse, LlmError, LlmService};
 use crate::config::LlmConfig;
 
@@ -19,7 +20,7 @@ const MAX_ERROR_BODY: usize = 512;
 /// A client of one OpenAI-compatible endpoint.
 #[derive(Clone)]
 pub struct OpenAiClient {
-    http: reqwest::Client,
+    http: Transport,
     /// Bounds the calls in flight (`llm.max_concurrent_calls`).
     calls: std::sync::Arc<tokio::sync::Semaphore>,
     /// `llm.max_response_bytes`.
@@ -86,14 +87,20 @@ impl OpenAiClient {
     /// When the TLS backend cannot be initialised.
     pub fn new(config: &LlmConfig) -> Result<OpenAiClient, LlmError> {
         let timeout = Duration::from_millis(config.request_timeout_ms);
-        let mut http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-            .pool_max_idle_per_host(1024);
-        if config.http2_prior_knowledge {
-            http = http.http2_prior_knowledge();
-        }
-        let http = http.build().map_err(|e| LlmError::Connect(e.to_string()))?;
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(connect_timeout)
+                .pool_max_idle_per_host(1024)
+        };
+        let http = Transport::new(
+            config.http_version,
+            &config.base_url,
+            connect_timeout,
+            builder,
+        )
+        .map_err(|e| LlmError::Connect(e.to_string()))?;
         let permits = match config.max_concurrent_calls {
             0 => tokio::sync::Semaphore::MAX_PERMITS,
             n => n,
@@ -106,6 +113,12 @@ impl OpenAiClient {
             api_key: config.api_key.clone(),
             timeout,
         })
+    }
+
+    /// Settles the HTTP version to a cleartext endpoint with `llm.http_version = "auto"` (see
+    /// [`Transport::settle`]): `Some(true)` when calls go over HTTP/2.
+    pub async fn settle_http_version(&self) -> Option<bool> {
+        self.http.settle().await
     }
 
     /// An endpoint may echo the request's key in an error body: it never reaches an error text.
@@ -210,7 +223,7 @@ impl LlmService for OpenAiClient {
                 kind: "json_object",
             }),
         };
-        let mut builder = self.http.post(&self.url).json(&wire);
+        let mut builder = self.http.client().post(&self.url).json(&wire);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }

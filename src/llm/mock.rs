@@ -50,6 +50,9 @@ pub struct MockOptions {
     pub malformed_rate: f64,
     /// RNG seed; the same seed and call order give the same faults.
     pub seed: u64,
+    /// Serve HTTP/1.1 only (as most self-hosted servers do); else HTTP/1.1 and cleartext
+    /// HTTP/2 on the same port.
+    pub http1_only: bool,
 }
 
 impl Default for MockOptions {
@@ -64,6 +67,7 @@ impl Default for MockOptions {
             hang_ms: 60_000,
             malformed_rate: 0.0,
             seed: 42,
+            http1_only: false,
         }
     }
 }
@@ -128,11 +132,13 @@ impl Drop for MockServer {
 pub fn spawn(listener: TcpListener, options: MockOptions) -> std::io::Result<MockServer> {
     let addr = listener.local_addr()?;
     let stats = Arc::new(MockStats::default());
+    let http1_only = options.http1_only;
     let app = router(options, stats.clone());
     let task = tokio::spawn(serve_router(
         listener,
         app,
         stats.clone(),
+        http1_only,
         std::future::pending(),
     ));
     Ok(MockServer { addr, stats, task })
@@ -145,21 +151,23 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stats = Arc::new(MockStats::default());
+    let http1_only = options.http1_only;
     let app = router(options, stats.clone());
-    serve_router(listener, app, stats, shutdown).await;
+    serve_router(listener, app, stats, http1_only, shutdown).await;
     Ok(())
 }
 
 /// Streams one HTTP/2 connection may carry at once: as many as clients send (a worker sends
-/// all its calls over one connection with `llm.http2_prior_knowledge`).
+/// all its calls over one HTTP/2 connection).
 const MAX_STREAMS: u32 = 100_000;
 
 /// Accepts connections until `shutdown`, each served as HTTP/1.1 or, when it opens with the
-/// HTTP/2 preface, as cleartext HTTP/2 (prior knowledge).
+/// HTTP/2 preface (and not `http1_only`), as cleartext HTTP/2 (prior knowledge).
 async fn serve_router(
     listener: TcpListener,
     app: Router,
     stats: Arc<MockStats>,
+    http1_only: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -168,6 +176,9 @@ async fn serve_router(
 
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(MAX_STREAMS);
+    if http1_only {
+        builder = builder.http1_only();
+    }
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {

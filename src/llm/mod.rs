@@ -4,6 +4,7 @@
 pub mod circuit;
 pub mod client;
 pub mod mock;
+pub mod transport;
 
 use std::future::Future;
 use std::time::Duration;

@@ -121,6 +121,10 @@ impl Wake {
     }
 }
 
+/// What [`Streams::listen_for_wake_ups`] forwards when it has (re)subscribed (no wake-up is
+/// empty).
+pub const RESUBSCRIBED: &[u8] = b"";
+
 /// The queue member of a stream entry id (`ms-seq`, both parts zero-padded to 20 digits).
 pub fn member(entry_id: &str) -> String {
     let (ms, seq) = entry_id.split_once('-').unwrap_or((entry_id, "0"));
@@ -285,7 +289,9 @@ impl Streams {
 
     /// Forwards the queue keys announced on the wake channel (by any worker) to `tx`, until
     /// `stop` turns true or `tx` is closed. Subscribes again after a Redis restart; the
-    /// worker's slow poll covers what is missed meanwhile.
+    /// worker's slow poll covers what is missed meanwhile, and every (re)subscription is
+    /// forwarded as an empty payload ([`RESUBSCRIBED`]): wake-ups may have been missed, so
+    /// every waiting queue is checked.
     pub async fn listen_for_wake_ups(
         &self,
         client: redis::Client,
@@ -309,6 +315,9 @@ impl Streams {
                     }
                 }
             };
+            if tx.send(RESUBSCRIBED.to_vec()).is_err() {
+                return;
+            }
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {

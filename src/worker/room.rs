@@ -82,14 +82,35 @@ pub(super) enum Checked {
     Stale,
 }
 
+/// The safety-net poll's interval for one queue doubles at most this many times.
+const MAX_QUIET_DOUBLINGS: u32 = 3;
+
+/// What the safety-net poll knows of one queue.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    at: Instant,
+    /// Safety-net checks since the queue was last woken.
+    polls: u32,
+}
+
+impl Heard {
+    fn now() -> Heard {
+        Heard {
+            at: Instant::now(),
+            polls: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Room {
     held: HashMap<String, Held>,
     /// Waiting entries per queue key: member → entry id, in stream order.
     queues: HashMap<Vec<u8>, BTreeMap<String, String>>,
-    /// When each queue with waiting entries was last checked or woken (for the safety-net
-    /// poll, which checks only queues quiet for a whole poll interval).
-    heard: HashMap<Vec<u8>, Instant>,
+    /// When each queue with waiting entries was last checked or woken, and how many
+    /// safety-net checks in a row found it still waiting (the poll checks a queue only once it
+    /// was quiet for a whole interval, doubled per such check).
+    heard: HashMap<Vec<u8>, Heard>,
     /// Bytes of fields kept by waiting entries.
     kept_bytes: usize,
     /// Wake-ups for queues nothing waits on here yet, by key: the head they named and when
@@ -169,7 +190,7 @@ impl Room {
                 queue.insert(slot.member.clone(), id.clone());
                 self.heard
                     .entry(slot.key.clone())
-                    .or_insert_with(Instant::now);
+                    .or_insert_with(Heard::now);
                 // Behind an earlier entry as delivered: the wake-up naming it (or the
                 // safety-net poll) brings its turn; else it is checked now.
                 if entry.at_head != Some(false) {
@@ -240,7 +261,7 @@ impl Room {
                 self.dirty.remove(&wake.key);
             }
             _ => {
-                self.heard.insert(wake.key.clone(), Instant::now());
+                self.heard.insert(wake.key.clone(), Heard::now());
                 self.dirty.insert(wake.key.clone());
             }
         }
@@ -248,19 +269,36 @@ impl Room {
     }
 
     /// Marks for a check every queue with waiting entries that nothing was heard of for
-    /// `quiet` (the safety net for lost wake-ups); returns how many.
+    /// `quiet` (the safety net for lost wake-ups and for heads whose consumer was deleted);
+    /// returns how many. A queue the net already checked without a wake-up since waits twice
+    /// as long for the next check (up to 8 × `quiet`): under a backlog a head can be pending
+    /// for seconds, and checking every waiting queue every interval would cost more Redis
+    /// commands than the messages themselves. A stale head is still found at the first check.
     pub(super) fn touch_quiet(&mut self, quiet: Duration) -> usize {
         let now = Instant::now();
         self.early_wakes
             .retain(|_, (_, at)| now.duration_since(*at) < quiet);
         let mut n = 0;
         for key in self.queues.keys() {
-            let last = self.heard.get(key).copied().unwrap_or(now);
-            if now.duration_since(last) >= quiet && self.dirty.insert(key.clone()) {
+            let heard = self.heard.entry(key.clone()).or_insert_with(Heard::now);
+            let interval = quiet * (1 << heard.polls.min(MAX_QUIET_DOUBLINGS));
+            if now.duration_since(heard.at) >= interval && self.dirty.insert(key.clone()) {
+                heard.polls = heard.polls.saturating_add(1);
                 n += 1;
             }
         }
         n
+    }
+
+    /// Marks every queue with waiting entries for a check, as if each was woken (the wake-up
+    /// subscription was re-established: wake-ups may have been missed meanwhile).
+    pub(super) fn touch_all(&mut self) -> usize {
+        let keys: Vec<Vec<u8>> = self.queues.keys().cloned().collect();
+        for key in &keys {
+            self.heard.insert(key.clone(), Heard::now());
+            self.dirty.insert(key.clone());
+        }
+        keys.len()
     }
 
     /// The first waiting entry of each queue marked for a check (up to `max`).
@@ -270,8 +308,8 @@ impl Room {
         let now = Instant::now();
         for key in keys {
             self.dirty.remove(&key);
-            if self.queues.contains_key(&key) {
-                self.heard.insert(key.clone(), now);
+            if let Some(heard) = self.heard.get_mut(&key) {
+                heard.at = now;
             }
             if let Some((member, id)) = self.queues.get(&key).and_then(|q| q.first_key_value()) {
                 out.push((
@@ -323,6 +361,9 @@ impl Room {
                 self.queues.remove(&slot.key);
                 self.heard.remove(&slot.key);
                 self.dirty.remove(&slot.key);
+            } else {
+                // The queue moved on: its next entry's wait starts now.
+                self.heard.insert(slot.key.clone(), Heard::now());
             }
         }
     }
@@ -622,6 +663,61 @@ mod tests {
         let _ = room.next_checks(10);
         assert_eq!(room.touch_quiet(Duration::from_secs(60)), 0, "just checked");
         assert_eq!(room.touch_quiet(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn the_safety_net_waits_twice_as_long_after_each_check_that_found_the_queue_waiting() {
+        let mut room = Room::default();
+        assert!(room.admit(entry("1-0", Some("a"))));
+        let _ = room.next_checks(10);
+        let quiet = Duration::from_secs(60);
+        // Moves the queue's last news `by` into the past.
+        let age = |room: &mut Room, by: Duration| {
+            room.heard.get_mut(b"a".as_slice()).expect("heard").at -= by;
+        };
+        age(&mut room, quiet);
+        assert_eq!(room.touch_quiet(quiet), 1, "quiet for one interval");
+        let checks = room.next_checks(10);
+        assert_eq!(
+            room.apply(&checks[0].0, "1-0", verdict(Head::Wait)),
+            Checked::Waiting
+        );
+        age(&mut room, quiet);
+        assert_eq!(
+            room.touch_quiet(quiet),
+            0,
+            "the next check waits two intervals"
+        );
+        age(&mut room, quiet);
+        assert_eq!(room.touch_quiet(quiet), 1);
+        let _ = room.next_checks(10);
+        age(&mut room, quiet * 3);
+        assert_eq!(room.touch_quiet(quiet), 0, "then four");
+        // A wake-up is news of the queue: the interval starts over.
+        assert!(room.wake(&Wake {
+            key: b"a".to_vec(),
+            head: None,
+        }));
+        let _ = room.next_checks(10);
+        age(&mut room, quiet);
+        assert_eq!(room.touch_quiet(quiet), 1);
+        // The interval stops doubling at 8 x.
+        for _ in 0..10 {
+            let _ = room.next_checks(10);
+            age(&mut room, quiet * 8);
+            assert_eq!(room.touch_quiet(quiet), 1);
+        }
+    }
+
+    #[test]
+    fn a_new_subscription_checks_every_waiting_queue() {
+        let mut room = Room::default();
+        assert!(room.admit(entry("1-0", Some("a"))));
+        assert!(room.admit(entry("2-0", Some("b"))));
+        let _ = room.next_checks(10);
+        assert!(!room.has_checks());
+        assert_eq!(room.touch_all(), 2);
+        assert_eq!(room.next_checks(10).len(), 2);
     }
 
     #[test]

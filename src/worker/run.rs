@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::room::{Checked, Room};
 use super::{Outcome, Worker, WorkerStats};
 use crate::llm::LlmService;
-use crate::stream::order::Wake;
+use crate::stream::order::{RESUBSCRIBED, Wake};
 use crate::stream::{Refresh, StreamEntry};
 use crate::telemetry::metrics::{self, StreamEvent};
 
@@ -133,11 +133,7 @@ impl<L: LlmService> Worker<L> {
                 biased;
                 _ = stop_rx.changed() => break,
                 Some(event) = events.recv() => self.on_event(&mut room, event),
-                Some(payload) = wakes.recv() => {
-                    if room.wake(&Wake::decode(&payload)) {
-                        WorkerStats::add(&self.stats.wakes, 1);
-                    }
-                }
+                Some(payload) = wakes.recv() => self.on_wake(&mut room, &payload),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = poll.tick() => {
                     let n = room.touch_quiet(poll_every);
@@ -156,9 +152,7 @@ impl<L: LlmService> Worker<L> {
                 self.on_event(&mut room, event);
             }
             while let Ok(payload) = wakes.try_recv() {
-                if room.wake(&Wake::decode(&payload)) {
-                    WorkerStats::add(&self.stats.wakes, 1);
-                }
+                self.on_wake(&mut room, &payload);
             }
             if !self.check_heads(&mut room, &mut failures).await {
                 // Redis failed: back off (a stop seen here ends the loop at its top).
@@ -286,6 +280,19 @@ impl<L: LlmService> Worker<L> {
                 Some(Some(n)) if n > 0 => n as usize,
                 _ => default,
             }
+        }
+    }
+
+    /// A wake-up, or the news that the wake-up subscription was (re)established.
+    fn on_wake(&self, room: &mut Room, payload: &[u8]) {
+        if payload == RESUBSCRIBED {
+            let n = room.touch_all();
+            tracing::debug!(
+                queues = n,
+                "wake-ups (re)subscribed: checking every waiting queue"
+            );
+        } else if room.wake(&Wake::decode(payload)) {
+            WorkerStats::add(&self.stats.wakes, 1);
         }
     }
 

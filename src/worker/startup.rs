@@ -115,7 +115,11 @@ impl Dependencies {
         let conn = connect_redis_patiently(config).await?;
         let reader = connect_redis_patiently(config).await?;
         let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-        let llm = CircuitBreaker::new(OpenAiClient::new(&config.llm)?, &config.llm);
+        let client = OpenAiClient::new(&config.llm)?;
+        // The first calls go over the connection the later ones use (HTTP/2 to an endpoint
+        // that speaks it); an endpoint that is down settles nothing and delays nothing.
+        client.settle_http_version().await;
+        let llm = CircuitBreaker::new(client, &config.llm);
         let handler = Arc::new(MessageHandler::new(
             config.clone(),
             self.store.clone(),

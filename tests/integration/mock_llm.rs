@@ -181,16 +181,10 @@ async fn the_client_keeps_at_most_max_concurrent_calls_in_flight() {
     assert_eq!(peak(0).await, 6, "0: no limit, all six at once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_speaks_cleartext_http2_to_the_mock_over_one_connection() {
-    // `llm.http2_prior_knowledge`: every call of the worker shares one HTTP/2 connection; the
-    // mock serves HTTP/1.1 and HTTP/2 on the same port, with room for many streams at once.
-    let options = MockOptions {
-        latency_ms: 200,
-        ..MockOptions::default()
-    };
-    let app = crate::helpers::spawn_app_with(options, |c| c.llm.http2_prior_knowledge = true).await;
-    let ids: std::collections::HashSet<String> = (0..300).map(|i| format!("h2-{i}")).collect();
+/// Sends 300 messages (one per user, so all of them can be in flight at once) and checks that
+/// each got exactly one `ok` reply; returns how many connections the mock accepted.
+async fn three_hundred_at_once(app: &crate::helpers::TestApp) -> u64 {
+    let ids: std::collections::HashSet<String> = (0..300).map(|i| format!("v-{i}")).collect();
     let messages: Vec<(String, String, String)> = ids
         .iter()
         .map(|id| (format!("user-{id}"), id.clone(), "hello".to_owned()))
@@ -208,11 +202,77 @@ async fn a_worker_speaks_cleartext_http2_to_the_mock_over_one_connection() {
         .peak_in_flight
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(peak > 200, "calls in flight at once: {peak}");
-    let connections = app
-        .mock
+    app.mock
         .stats
         .connections
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(connections, 1, "every call over one connection");
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_worker_speaks_cleartext_http2_to_the_mock_over_one_connection() {
+    // `llm.http_version = "auto"` (the default): the worker asks the `http://` endpoint at
+    // start, and then every call shares one HTTP/2 connection (the probe's); the mock serves
+    // HTTP/1.1 and HTTP/2 on the same port, with room for many streams at once.
+    let options = MockOptions {
+        latency_ms: 200,
+        ..MockOptions::default()
+    };
+    let app = crate::helpers::spawn_app_with(options, |_| {}).await;
+    assert_eq!(
+        three_hundred_at_once(&app).await,
+        1,
+        "every call over one connection"
+    );
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_speaks_only_http1_is_called_over_http1() {
+    // The probe's HTTP/2 preface gets an HTTP/1.1 error back: the worker settles on HTTP/1.1,
+    // one connection per call in flight, and no call fails.
+    let options = MockOptions {
+        latency_ms: 200,
+        http1_only: true,
+        ..MockOptions::default()
+    };
+    let app = crate::helpers::spawn_app_with(options, |_| {}).await;
+    let connections = three_hundred_at_once(&app).await;
+    assert!(connections > 200, "one connection per call: {connections}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_http_version_to_a_cleartext_endpoint_is_asked_once() {
+    use icmp::llm::transport::HttpVersion;
+    let config = |url: String, version: HttpVersion| {
+        let mut c = crate::helpers::base_config().llm;
+        c.base_url = url;
+        c.http_version = version;
+        c
+    };
+    let both = start(MockOptions::default()).await;
+    let auto = OpenAiClient::new(&config(both.base_url(), HttpVersion::Auto)).expect("client");
+    assert_eq!(auto.settle_http_version().await, Some(true), "HTTP/2");
+    assert_eq!(auto.settle_http_version().await, Some(true), "asked once");
+    let forced = OpenAiClient::new(&config(both.base_url(), HttpVersion::Http1)).expect("client");
+    assert_eq!(forced.settle_http_version().await, None, "nothing to ask");
+
+    let http1 = start(MockOptions {
+        http1_only: true,
+        ..MockOptions::default()
+    })
+    .await;
+    let auto = OpenAiClient::new(&config(http1.base_url(), HttpVersion::Auto)).expect("client");
+    assert_eq!(auto.settle_http_version().await, Some(false), "HTTP/1.1");
+    let request = ChatRequest {
+        model: "m".into(),
+        messages: vec![ChatMessage::user("hello")],
+        temperature: None,
+        max_tokens: None,
+        json_mode: false,
+    };
+    auto.chat(&request).await.expect("answered over HTTP/1.1");
+    // Told to speak HTTP/2 to it anyway, every call fails as a connection error.
+    let forced = OpenAiClient::new(&config(http1.base_url(), HttpVersion::Http2)).expect("client");
+    assert!(forced.chat(&request).await.is_err());
 }
