@@ -26,6 +26,22 @@ use crate::model::{Business, ConversationState, StageTemplates, TemplateRecord};
 use crate::telemetry::metrics;
 use local::{Generation, LocalDefinitions};
 
+/// One prepared `SET key value EX ttl_secs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheWrite {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub ttl_secs: u64,
+}
+
+impl CacheWrite {
+    /// Adds the write to a pipeline (its reply ignored).
+    pub fn add_to(&self, pipe: &mut redis::Pipeline) {
+        pipe.set_ex(&self.key, self.value.as_slice(), self.ttl_secs)
+            .ignore();
+    }
+}
+
 /// Counts a cache lookup (`hit`, `miss`, `error`) and turns an error into a miss: a failing
 /// cache falls through to PostgreSQL.
 pub fn observed<T>(cache: &'static str, lookup: Result<Option<T>, CacheError>) -> Option<T> {
@@ -229,13 +245,38 @@ impl Cache {
     /// Writes a conversation's committed state (after COMMIT only) as the user's current one:
     /// one `SET … EX`.
     pub async fn set_state(&self, state: &ConversationState) -> Result<(), CacheError> {
+        self.apply(&self.state_write(state)?).await
+    }
+
+    /// The write of a committed conversation state as the user's current one, to send on its
+    /// own ([`Cache::apply`]) or in the same round trip as other commands (the worker sends it
+    /// with the message's finish).
+    ///
+    /// # Errors
+    /// When the state cannot be encoded.
+    pub fn state_write(&self, state: &ConversationState) -> Result<CacheWrite, CacheError> {
         let c = &state.conversation;
-        self.set_json(
-            self.state_key(c.business_id, &c.user_external_id),
-            state,
-            self.conversation_ttl,
-        )
-        .await
+        Ok(CacheWrite {
+            key: self.state_key(c.business_id, &c.user_external_id),
+            value: serde_json::to_vec(state).map_err(|e| CacheError::Decode(e.to_string()))?,
+            ttl_secs: self.conversation_ttl,
+        })
+    }
+
+    /// Deletes the key of a prepared write.
+    pub async fn forget(&self, write: &CacheWrite) -> Result<(), CacheError> {
+        let _: () = self.conn.clone().del(&write.key).await?;
+        Ok(())
+    }
+
+    /// Sends one prepared write.
+    pub async fn apply(&self, write: &CacheWrite) -> Result<(), CacheError> {
+        let _: () = self
+            .conn
+            .clone()
+            .set_ex(&write.key, write.value.as_slice(), write.ttl_secs)
+            .await?;
+        Ok(())
     }
 
     /// Drops a user's conversation state (the seed's step 14, on rollback; also whenever a

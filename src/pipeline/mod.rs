@@ -60,10 +60,14 @@ use template::TemplateService;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Processed {
     /// A new answer, committed with the message; with the later messages of its coalesced
-    /// turn and their answers (each `coalesced`, referring to it), in order.
+    /// turn and their answers (each `coalesced`, referring to it), in order, and the write of
+    /// the committed conversation state to the cache (step 13), for the caller to send with
+    /// what it publishes (`None`: the state could not be encoded and was dropped from the
+    /// cache).
     Answered {
         answer: Answer,
         followers: Vec<(InboundMessage, Answer)>,
+        state: Option<crate::cache::CacheWrite>,
     },
     /// The message was committed earlier (a redelivery or a repeated `message_id` of the same
     /// user): its stored answer, to publish again.
@@ -114,7 +118,7 @@ impl<L: LlmService> MessageHandler<L> {
         &self.cache
     }
 
-    /// Processes one decoded inbound message.
+    /// Processes one decoded inbound message, its committed state written to the cache.
     ///
     /// # Errors
     /// Validation errors (answer with an error reply), and processing errors that survived
@@ -124,8 +128,16 @@ impl<L: LlmService> MessageHandler<L> {
         msg: &InboundMessage,
         log_id: Uuid,
     ) -> Result<Processed, PipelineError> {
-        self.process_turn(msg, log_id, true, async |_| Vec::new())
-            .await
+        let processed = self
+            .process_turn(msg, log_id, true, async |_| Vec::new())
+            .await?;
+        if let Processed::Answered {
+            state: Some(write), ..
+        } = &processed
+        {
+            persist::apply_state(&self.cache, write, msg.business_id, &msg.user_id).await;
+        }
+        Ok(processed)
     }
 
     /// Processes a message together with the later messages of its user that `gather` finds
@@ -133,7 +145,8 @@ impl<L: LlmService> MessageHandler<L> {
     /// when the message is not answered yet): one turn, every message stored, one reply. When
     /// one of them turns out to be stored already (a repeated `message_id`), the message is
     /// processed alone and the others get their own turns. `first_delivery`: the message is
-    /// counted against its business's budget (a redelivery was counted before).
+    /// counted against its business's budget (a redelivery was counted before). The caller
+    /// sends the returned state write (the worker does so in its finish's round trip).
     ///
     /// # Errors
     /// As [`MessageHandler::process`].
@@ -342,8 +355,9 @@ impl<L: LlmService> MessageHandler<L> {
         .await?;
         metrics::step("persist", t.elapsed());
 
-        // Step 13: the committed state, cached for the next message.
-        persist::cache_committed(&self.cache, &committed).await;
+        // Step 13: the committed state, cached for the next message (by the caller, in the
+        // round trip that publishes the answer).
+        let state = persist::state_write(&self.cache, &committed).await;
 
         let answer = Answer {
             reply_id: committed.reply_id,
@@ -369,7 +383,11 @@ impl<L: LlmService> MessageHandler<L> {
                 (m.clone(), reference)
             })
             .collect();
-        Ok(Processed::Answered { answer, followers })
+        Ok(Processed::Answered {
+            answer,
+            followers,
+            state,
+        })
     }
 }
 

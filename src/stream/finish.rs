@@ -9,6 +9,8 @@
 
 use redis::Value;
 
+use crate::cache::CacheWrite;
+
 use super::Streams;
 use super::order::QueueSlot;
 use crate::error::StreamError;
@@ -80,6 +82,10 @@ pub struct Finish<'a> {
     pub reply: Option<(&'a str, Vec<(&'static str, String)>)>,
     /// The dead-letter entry, if the entry is dead-lettered.
     pub dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// A cache write sent in the same round trip, before the finish (the committed
+    /// conversation state: the next message of the user, started by this finish's wake-up,
+    /// reads it). Sent whether or not the finish takes effect: it holds committed data.
+    pub cache: Option<&'a CacheWrite>,
 }
 
 impl Streams {
@@ -145,10 +151,20 @@ impl Streams {
         slot: Option<&QueueSlot>,
         finish: &Finish<'_>,
     ) -> Result<bool, StreamError> {
-        let reply = self
-            .finish_invocation(id, slot, finish, false)
-            .invoke_async(&mut self.conn())
-            .await?;
+        let invocation = self.finish_invocation(id, slot, finish, false);
+        let reply = match finish.cache {
+            None => invocation.invoke_async(&mut self.conn()).await?,
+            Some(write) => {
+                let mut pipe = redis::pipe();
+                write.add_to(&mut pipe);
+                pipe.invoke_script(&invocation);
+                super::query_scripts(self.conn(), &pipe, &self.scripts.finish)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .unwrap_or(Value::Nil)
+            }
+        };
         self.finished(id, slot, finish, reply).await
     }
 
@@ -192,6 +208,9 @@ impl Streams {
     ) -> Result<Vec<bool>, StreamError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
+        for write in entries.iter().filter_map(|(_, _, f)| f.cache) {
+            write.add_to(&mut pipe);
+        }
         for (i, (id, slot, finish)) in entries.iter().enumerate() {
             let quiet = i + 1 < entries.len();
             pipe.invoke_script(&self.finish_invocation(id, *slot, finish, quiet));

@@ -23,6 +23,7 @@ use futures::FutureExt;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::cache::CacheWrite;
 use crate::config::Config;
 use crate::error::{Classify, PipelineError};
 use crate::llm::LlmService;
@@ -264,6 +265,7 @@ impl<L: LlmService> Worker<L> {
             Ok(Processed::Answered {
                 answer,
                 followers: answered,
+                state,
             }) => {
                 if self
                     .handler
@@ -279,16 +281,18 @@ impl<L: LlmService> Worker<L> {
                     AnswerStatus::Ok | AnswerStatus::Coalesced => MessageOutcome::Ok,
                 };
                 let reply = Reply::answer(&msg, &answer, outbound);
+                let state = state.as_ref();
                 if answered.is_empty() {
                     return self
-                        .finish(entry, &reply, None, Outcome::Replied, label)
+                        .finish_with(entry, &reply, None, state, Outcome::Replied, label)
                         .await;
                 }
                 let replies: Vec<Reply> = answered
                     .iter()
                     .map(|(m, a)| Reply::answer(m, a, outbound))
                     .collect();
-                self.finish_coalesced(entry, &reply, &replies, label).await
+                self.finish_coalesced(entry, &reply, &replies, state, label)
+                    .await
             }
             Ok(Processed::Duplicate(answer)) => {
                 tracing::info!("already answered; publishing the stored answer again");
@@ -348,9 +352,26 @@ impl<L: LlmService> Worker<L> {
         done: Outcome,
         label: MessageOutcome,
     ) -> (Outcome, Option<MessageOutcome>) {
+        self.finish_with(entry, reply, dead_letter, None, done, label)
+            .await
+    }
+
+    /// [`Worker::finish`] with a cache write sent in the same round trip (the committed
+    /// conversation state). When the finish fails for good, the user's cached state is
+    /// dropped: the write may not have happened.
+    async fn finish_with(
+        &self,
+        entry: &StreamEntry,
+        reply: &Reply,
+        dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+        cache: Option<&CacheWrite>,
+        done: Outcome,
+        label: MessageOutcome,
+    ) -> (Outcome, Option<MessageOutcome>) {
         let finish = Finish {
             reply: Some((reply.destination.as_str(), reply.fields())),
             dead_letter,
+            cache,
         };
         let result = self
             .finish_retry
@@ -368,6 +389,9 @@ impl<L: LlmService> Worker<L> {
             Err(e) => {
                 // The entry stays pending; its redelivery finds the committed answer.
                 metrics::record_error(&e, "finish");
+                if let Some(write) = cache {
+                    self.forget_state(write).await;
+                }
                 (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }
         }
@@ -438,12 +462,13 @@ impl<L: LlmService> Worker<L> {
     }
 
     /// Finishes a coalesced turn: the entry with its answer and each later message with its
-    /// reference reply, in one transaction.
+    /// reference reply, in one transaction, with the committed state's cache write.
     async fn finish_coalesced(
         &self,
         entry: &StreamEntry,
         reply: &Reply,
         replies: &[Reply],
+        state: Option<&CacheWrite>,
         label: MessageOutcome,
     ) -> (Outcome, Option<MessageOutcome>) {
         let slots: Vec<Option<QueueSlot>> = replies
@@ -458,10 +483,14 @@ impl<L: LlmService> Worker<L> {
         fn finish(r: &Reply) -> Finish<'_> {
             Finish {
                 reply: Some((r.destination.as_str(), r.fields())),
-                dead_letter: None,
+                ..Finish::default()
             }
         }
-        let mut entries = vec![(entry.id.as_str(), entry.slot.as_ref(), finish(reply))];
+        let first = Finish {
+            cache: state,
+            ..finish(reply)
+        };
+        let mut entries = vec![(entry.id.as_str(), entry.slot.as_ref(), first)];
         for (r, slot) in replies.iter().zip(&slots) {
             entries.push((r.inbound_id.as_str(), slot.as_ref(), finish(r)));
         }
@@ -497,8 +526,19 @@ impl<L: LlmService> Worker<L> {
                 // The entries not finished stay pending; their redeliveries find the committed
                 // answers (a retry of the transaction publishes nothing twice).
                 metrics::record_error(&e, "finish");
+                if let Some(write) = state {
+                    self.forget_state(write).await;
+                }
                 (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }
+        }
+    }
+
+    /// Drops the key a state write was for (the write may not have happened, and the value
+    /// there may be older than the commit; best effort: Redis may be what failed).
+    async fn forget_state(&self, write: &CacheWrite) {
+        if let Err(e) = self.handler.cache().forget(write).await {
+            metrics::record_error(&e, "cache invalidation");
         }
     }
 

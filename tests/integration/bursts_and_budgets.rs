@@ -158,6 +158,20 @@ async fn a_coalescing_business_answers_a_burst_as_one_turn_and_a_queueing_one_tu
         ]
     );
 
+    // The committed state went out in the turn's finish transaction: the cache holds the
+    // whole turn.
+    let state = app
+        .cache
+        .get_state(bursty, "ann")
+        .await
+        .expect("redis")
+        .expect("cached");
+    assert_eq!(state.recent_keys, ["a1", "a2", "a3"]);
+    assert_eq!(
+        state.history.last().map(|t| t.content.as_str()),
+        Some(first["content"].as_str())
+    );
+
     // Queued (the demo's default): one turn per message.
     for id in ["b1", "b2", "b3"] {
         assert_eq!(replies[id][0]["status"], "ok");
