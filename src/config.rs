@@ -442,6 +442,24 @@ mod tests {
     }
 
     #[test]
+    fn the_llm_http_version_reads_from_the_environment_as_a_child_process_gets_it() {
+        use crate::llm::transport::HttpVersion;
+        for version in [HttpVersion::Auto, HttpVersion::Http1, HttpVersion::Http2] {
+            Jail::expect_with(|jail| {
+                let mut config = Config::load(Path::new(DEFAULT_PATH), None).expect("defaults");
+                assert_eq!(config.llm.http_version, HttpVersion::Auto, "the default");
+                config.llm.http_version = version;
+                for (key, value) in config.child_env() {
+                    jail.set_env(key, value);
+                }
+                let child = Config::load(Path::new(DEFAULT_PATH), None).expect("child");
+                assert_eq!(child.llm.http_version, version);
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
     fn environment_overrides_file_and_profile() {
         Jail::expect_with(|jail| {
             jail.create_file(

@@ -17,19 +17,59 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-/// `llm.http_version`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+/// `llm.http_version`: `"auto"`, `"1.1"` or `"2"` (the numbers `1.1` and `2` too, as an
+/// environment variable gives them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HttpVersion {
     /// HTTP/2 where the endpoint speaks it (ALPN for `https://`, a probe for `http://`).
     #[default]
-    #[serde(rename = "auto")]
     Auto,
     /// HTTP/1.1 only (an endpoint whose HTTP/2 stream limit would cap the calls in flight).
-    #[serde(rename = "1.1")]
     Http1,
     /// Cleartext HTTP/2 without asking (an `http://` endpoint known to speak it).
-    #[serde(rename = "2")]
     Http2,
+}
+
+impl<'de> Deserialize<'de> for HttpVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HttpVersion;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#""auto", "1.1" or "2""#)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HttpVersion, E> {
+                match v {
+                    "auto" => Ok(HttpVersion::Auto),
+                    "1.1" => Ok(HttpVersion::Http1),
+                    "2" => Ok(HttpVersion::Http2),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<HttpVersion, E> {
+                if v == 1.1 {
+                    Ok(HttpVersion::Http1)
+                } else if v == 2.0 {
+                    Ok(HttpVersion::Http2)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HttpVersion, E> {
+                match v {
+                    2 => Ok(HttpVersion::Http2),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(v), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HttpVersion, E> {
+                match v {
+                    2 => Ok(HttpVersion::Http2),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl HttpVersion {
@@ -265,5 +305,11 @@ mod tests {
             assert_eq!(v.as_str(), text);
         }
         assert!(toml::from_str::<C>("v = \"3\"").is_err());
+        // Unquoted, as an environment variable's value is typed.
+        let c: C = toml::from_str("v = 1.1").expect("parses");
+        assert_eq!(c.v, HttpVersion::Http1);
+        let c: C = toml::from_str("v = 2").expect("parses");
+        assert_eq!(c.v, HttpVersion::Http2);
+        assert!(toml::from_str::<C>("v = 1").is_err());
     }
 }
