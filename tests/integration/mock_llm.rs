@@ -264,13 +264,7 @@ async fn the_http_version_to_a_cleartext_endpoint_is_asked_once() {
     .await;
     let auto = OpenAiClient::new(&config(http1.base_url(), HttpVersion::Auto)).expect("client");
     assert_eq!(auto.settle_http_version().await, Some(false), "HTTP/1.1");
-    let request = ChatRequest {
-        model: "m".into(),
-        messages: vec![ChatMessage::user("hello")],
-        temperature: None,
-        max_tokens: None,
-        json_mode: false,
-    };
+    let request = request();
     auto.chat(&request).await.expect("answered over HTTP/1.1");
     // Told to speak HTTP/2 to it anyway, every call fails as a connection error.
     let forced = OpenAiClient::new(&config(http1.base_url(), HttpVersion::Http2)).expect("client");
