@@ -32,7 +32,7 @@ struct Entry<T> {
 struct Tiers {
     generation: u64,
     enabled: bool,
-    businesses: HashMap<Uuid, Entry<Business>>,
+    businesses: HashMap<Uuid, Entry<Arc<Business>>>,
     stages: HashMap<Uuid, Entry<StageTemplates>>,
     templates: HashMap<Uuid, Entry<Arc<Compiled>>>,
 }
@@ -132,7 +132,8 @@ impl LocalDefinitions {
         });
     }
 
-    pub fn business(&self, id: Uuid) -> Option<Business> {
+    /// A business's definition, shared (not copied) with every message that needs it.
+    pub fn business(&self, id: Uuid) -> Option<Arc<Business>> {
         self.read(|t| fresh(t, &t.businesses, id, self.ttl).cloned())
             .flatten()
     }
@@ -166,7 +167,7 @@ impl LocalDefinitions {
         .flatten()
     }
 
-    pub fn put_business(&self, at: Generation, value: &Business) {
+    pub fn put_business(&self, at: Generation, value: &Arc<Business>) {
         self.put(at, |t| {
             t.businesses
                 .insert(value.id, entry(value.id, value.clone()));
@@ -269,7 +270,7 @@ mod tests {
     #[test]
     fn serves_only_while_enabled_and_only_what_no_change_overtook() {
         let local = LocalDefinitions::new(Duration::from_secs(60));
-        let (a, b) = (business(1), business(2));
+        let (a, b) = (Arc::new(business(1)), Arc::new(business(2)));
         local.put_business(local.generation(), &a);
         assert_eq!(local.business(a.id), None, "off until enabled");
 
@@ -299,7 +300,7 @@ mod tests {
     fn entries_expire() {
         let local = LocalDefinitions::new(Duration::from_millis(1));
         local.enable();
-        let a = business(1);
+        let a = Arc::new(business(1));
         local.put_business(local.generation(), &a);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(local.business(a.id), None);

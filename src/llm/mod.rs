@@ -7,37 +7,44 @@ pub mod mock;
 pub mod transport;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use crate::error::LlmError;
 pub use circuit::CircuitBreaker;
 pub use client::OpenAiClient;
 
-/// One chat message of a request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One chat message of a request. The content is shared: a rendered prompt is not copied
+/// into each request that carries it (thousands of calls are in flight at once).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
+    pub role: &'static str,
+    #[serde(serialize_with = "as_str")]
+    pub content: Arc<str>,
+}
+
+fn as_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s)
 }
 
 impl ChatMessage {
-    pub fn system(content: impl Into<String>) -> Self {
+    pub fn system(content: impl Into<Arc<str>>) -> Self {
         ChatMessage {
-            role: "system".into(),
+            role: "system",
             content: content.into(),
         }
     }
-    pub fn user(content: impl Into<String>) -> Self {
+    pub fn user(content: impl Into<Arc<str>>) -> Self {
         ChatMessage {
-            role: "user".into(),
+            role: "user",
             content: content.into(),
         }
     }
-    pub fn assistant(content: impl Into<String>) -> Self {
+    pub fn assistant(content: impl Into<Arc<str>>) -> Self {
         ChatMessage {
-            role: "assistant".into(),
+            role: "assistant",
             content: content.into(),
         }
     }

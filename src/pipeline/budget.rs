@@ -116,7 +116,7 @@ pub async fn throttled<'b>(
         let template = templates.get(business.id, id).await?;
         match templates.render(&template, &read.context) {
             Ok(r) if !r.body.trim().is_empty() => {
-                response.content = r.body;
+                response.content = r.body.to_string();
                 response.template = Some((template.record.id, template.record.version));
             }
             Ok(_) => {}

@@ -179,7 +179,7 @@ impl<L: LlmService> LlmCaller<'_, L> {
             );
         }
         let mut prompt = if rendered.system.trim().is_empty() {
-            rendered.body.clone()
+            rendered.body.to_string()
         } else {
             format!("{}\n\n{}", rendered.system, rendered.body)
         };

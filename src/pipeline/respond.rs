@@ -56,7 +56,7 @@ pub async fn respond<L: LlmService>(
             let rendered = fallback.map(|f| (f, templates.render(f, ctx)));
             let (content, fallback_template) = match rendered {
                 Some((f, Ok(r))) if !r.body.trim().is_empty() => {
-                    (r.body, Some((f.record.id, f.record.version)))
+                    (r.body.to_string(), Some((f.record.id, f.record.version)))
                 }
                 Some((_, Err(e))) => {
                     metrics::record_error(&e, "fallback");

@@ -1,6 +1,8 @@
 //! The StageService: the business with its stages (`business:{id}`) and a stage's template ids
 //! (`stage:{id}`), read through the cache (in-process, then Redis) from PostgreSQL.
 
+use std::sync::Arc;
+
 use uuid::Uuid;
 
 use crate::cache::{self, Cache};
@@ -22,7 +24,7 @@ impl StageService {
     }
 
     /// The business, or [`ValidationError::UnknownBusiness`].
-    pub async fn business(&self, business_id: Uuid) -> Result<Business, PipelineError> {
+    pub async fn business(&self, business_id: Uuid) -> Result<Arc<Business>, PipelineError> {
         let local = self.cache.local();
         let _loading = match local
             .get_or_lock(business_id, "business", |l| l.business(business_id))
@@ -33,6 +35,7 @@ impl StageService {
         };
         let at = local.generation();
         if let Some(b) = cache::observed("business", self.cache.get_business(business_id).await) {
+            let b = Arc::new(b);
             local.put_business(at, &b);
             return Ok(b);
         }
@@ -44,6 +47,7 @@ impl StageService {
         if let Err(e) = self.cache.set_business(&business, at).await {
             metrics::record_error(&e, "business cache");
         }
+        let business = Arc::new(business);
         local.put_business(at, &business);
         Ok(business)
     }

@@ -6,6 +6,8 @@
 pub mod context;
 pub mod variables;
 
+use std::sync::Arc;
+
 use crate::error::TemplateError;
 use crate::model::TemplateRecord;
 pub use context::Context;
@@ -26,11 +28,12 @@ impl std::fmt::Debug for Compiled {
     }
 }
 
-/// A rendered template: the system prompt and the body.
+/// A rendered template: the system prompt and the body, shared with the LLM request that
+/// carries them (a prompt is not copied per call).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
-    pub system: String,
-    pub body: String,
+    pub system: Arc<str>,
+    pub body: Arc<str>,
 }
 
 impl Compiled {
@@ -148,7 +151,10 @@ pub fn render(
             name: name.clone(),
             detail: pretty(&e, name, "body"),
         })?;
-    Ok(Rendered { system, body })
+    Ok(Rendered {
+        system: system.into(),
+        body: body.into(),
+    })
 }
 
 #[cfg(test)]
@@ -227,8 +233,8 @@ mod tests {
                 ctx.extracted.insert("note".into(), serde_json::Value::String(field.clone()));
                 let r = render(&engine(), &t, &ctx).expect("renders");
                 let turns: String = history.iter().map(|h| format!("[{h}]")).collect();
-                prop_assert_eq!(r.body, format!("<{content}>{turns}({field})"));
-                prop_assert_eq!(r.system, "System for Clinic");
+                prop_assert_eq!(r.body.to_string(), format!("<{content}>{turns}({field})"));
+                prop_assert_eq!(&*r.system, "System for Clinic");
             }
 
             /// Any template source compiles or fails with a named error; never a panic.

@@ -437,7 +437,14 @@ impl Room {
                 .kept_bytes
                 .saturating_sub(std::mem::take(&mut held.kept));
             let needs_fields = !held.has_fields;
-            return Some((held.entry.clone(), needs_fields));
+            // The task gets the fields; the room keeps what it needs of a running entry (its
+            // id, queue slot and business).
+            let fields = std::mem::take(&mut held.entry.fields);
+            let entry = StreamEntry {
+                fields,
+                ..held.entry.clone()
+            };
+            return Some((entry, needs_fields));
         }
         None
     }
