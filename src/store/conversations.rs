@@ -1,5 +1,6 @@
 //! Reads of conversations, their history and extracted data, and of committed replies.
 
+use crate::store::Prepared;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -33,7 +34,7 @@ impl Store {
     ) -> Result<Option<Conversation>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!(
+            .prepared(&format!(
                 "SELECT {CONVERSATION_COLUMNS} FROM conversations c \
                  JOIN users u ON u.business_id = c.business_id AND u.id = c.user_id \
                  WHERE c.business_id = $1 AND c.id = $2"
@@ -56,7 +57,7 @@ impl Store {
     ) -> Result<Option<Conversation>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!(
+            .prepared(&format!(
                 "SELECT {CONVERSATION_COLUMNS} FROM users u \
                  JOIN conversations c ON c.business_id = u.business_id AND c.user_id = u.id \
                  WHERE u.business_id = $1 AND u.external_id = $2 \
@@ -86,7 +87,7 @@ impl Store {
     ) -> Result<Vec<Turn>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT role, content FROM (SELECT role, content, seq FROM messages \
                  WHERE business_id = $1 AND conversation_id = $2 ORDER BY seq DESC LIMIT $3) t \
                  ORDER BY seq ASC",
@@ -121,7 +122,7 @@ impl Store {
     ) -> Result<Extracted, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT field, value FROM extracted_data \
                  WHERE business_id = $1 AND conversation_id = $2",
             )
@@ -149,7 +150,7 @@ impl Store {
         // The reply stored under the key, else (a later message of a coalesced turn) the reply
         // that answered the key's user row.
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT m.id, m.conversation_id, m.content, coalesce(m.status, 'ok'), s.name, \
                  m.log_id, NULL::uuid \
                  FROM messages m \
@@ -205,7 +206,7 @@ impl Store {
     ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT m.idempotency_key, sum(c.latency_ms)::bigint FROM messages m \
                  JOIN llm_calls c ON c.business_id = m.business_id AND c.message_id = m.id \
                  WHERE m.business_id = $1 AND m.role = 'user' AND m.idempotency_key = ANY($2) \
@@ -226,7 +227,7 @@ impl Store {
     ) -> Result<Vec<ConversationSummary>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT c.id, u.external_id, s.name, \
                  (SELECT count(*) FROM messages m \
                   WHERE m.business_id = c.business_id AND m.conversation_id = c.id), \
@@ -260,7 +261,7 @@ impl Store {
             ConversationRef::Id(id) => {
                 // The business is not known yet: read it first (operators run as the owner).
                 let find = client
-                    .prepare_cached("SELECT business_id FROM conversations WHERE id = $1")
+                    .prepared("SELECT business_id FROM conversations WHERE id = $1")
                     .await?;
                 let Some(row) = client.query_opt(&find, &[&id]).await? else {
                     return Ok(None);
@@ -277,7 +278,7 @@ impl Store {
         };
         let b = conv.business_id;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT m.id, m.role, m.content, s.name, m.status, t.name, m.template_version, \
                  m.idempotency_key, m.log_id, m.created_at FROM messages m \
                  LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
@@ -303,7 +304,7 @@ impl Store {
             })
             .collect();
         let stage_stmt = client
-            .prepare_cached("SELECT name FROM stages WHERE business_id = $1 AND id = $2")
+            .prepared("SELECT name FROM stages WHERE business_id = $1 AND id = $2")
             .await?;
         let stage = self
             .scoped(&client, b, &stage_stmt, &[&b, &conv.stage_id])
@@ -349,7 +350,7 @@ impl Store {
     pub async fn trace_rows(&self, key: &str) -> Result<TraceRows, StoreError> {
         let client = self.client().await?;
         let find = client
-            .prepare_cached(
+            .prepared(
                 "SELECT to_jsonb(x) FROM (SELECT m.id, m.role, m.content, s.name AS stage, \
                  m.status, t.name AS template, m.template_version, m.timings, m.log_id, \
                  m.inbound_id, m.idempotency_key AS message_id, m.business_id, \
@@ -386,7 +387,7 @@ impl Store {
             return Ok(rows);
         };
         let calls = client
-            .prepare_cached(
+            .prepared(
                 "SELECT to_jsonb(x) FROM (SELECT c.purpose, t.name AS template, \
                  c.template_version, c.model, c.latency_ms, c.prompt_tokens, \
                  c.completion_tokens, c.outcome, c.created_at FROM llm_calls c \
@@ -401,7 +402,7 @@ impl Store {
             .map(|r| as_map(r.get(0)))
             .collect();
         let transitions = client
-            .prepare_cached(
+            .prepared(
                 "SELECT f.name, t.name FROM stage_transitions st \
                  JOIN stages f ON f.business_id = st.business_id AND f.id = st.from_stage_id \
                  JOIN stages t ON t.business_id = st.business_id AND t.id = st.to_stage_id \
@@ -415,7 +416,7 @@ impl Store {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         let extracted = client
-            .prepare_cached("SELECT field, value FROM extracted_data WHERE source_message_id = $1")
+            .prepared("SELECT field, value FROM extracted_data WHERE source_message_id = $1")
             .await?;
         rows.extracted = client
             .query(&extracted, &[&message])

@@ -1,5 +1,6 @@
 //! Reads of business definitions: businesses, stages, templates.
 
+use crate::store::Prepared;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -11,7 +12,7 @@ impl Store {
     pub async fn load_business(&self, business_id: Uuid) -> Result<Option<Business>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT b.name, b.policy, t.id FROM businesses b \
                  LEFT JOIN templates t ON t.business_id = b.id AND t.kind = 'fallback' \
                  AND t.name = b.policy -> 'budget' ->> 'throttled_template' \
@@ -37,7 +38,7 @@ impl Store {
         });
         let throttled_template_id: Option<Uuid> = row.get(2);
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT id, name, description, is_initial, next_stages FROM stages \
                  WHERE business_id = $1 ORDER BY position, name",
             )
@@ -78,7 +79,7 @@ impl Store {
                 StoreError::Inconsistent(format!("business {business_id} has no stages"))
             })?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT DISTINCT jsonb_object_keys(output_schema -> 'properties') FROM templates \
                  WHERE business_id = $1 AND kind = 'extraction' \
                  AND jsonb_typeof(output_schema -> 'properties') = 'object' ORDER BY 1",
@@ -109,7 +110,7 @@ impl Store {
     ) -> Result<Option<StageTemplates>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT selection_template_id, extraction_template_id, response_template_id, \
                  fallback_template_id FROM stages WHERE business_id = $1 AND id = $2",
             )
@@ -135,7 +136,7 @@ impl Store {
     ) -> Result<Option<TemplateRecord>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT id, business_id, name, kind, system, body, model, temperature, max_tokens, \
                  output_schema, version FROM templates WHERE business_id = $1 AND id = $2",
             )
@@ -175,7 +176,7 @@ impl Store {
     ) -> Result<(Vec<Uuid>, Vec<Uuid>), StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT 's', id FROM stages WHERE business_id = $1 \
                  UNION ALL SELECT 't', id FROM templates WHERE business_id = $1",
             )
@@ -201,7 +202,7 @@ impl Store {
     pub async fn businesses(&self) -> Result<Vec<(Uuid, String)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT id, name FROM businesses ORDER BY name, id")
+            .prepared("SELECT id, name FROM businesses ORDER BY name, id")
             .await?;
         self.count_round_trip();
         Ok(client
@@ -220,7 +221,7 @@ impl Store {
     ) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepared(
                 "SELECT b.id::text, b.name, count(*), count(*) FILTER (WHERE m.status = 'fallback') \
                  FROM messages m JOIN businesses b ON b.id = m.business_id \
                  WHERE m.role = 'assistant' AND m.created_at > now() - make_interval(mins => $1) \

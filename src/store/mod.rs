@@ -27,6 +27,29 @@ const SCOPE: &str = "SELECT set_config('icmp.business_id', $1, true)";
 use crate::config::DatabaseConfig;
 pub use crate::error::StoreError;
 
+/// Statement preparation from the heap. A message's task is one allocation sized by the
+/// largest future it ever awaits, and it is held by every message in flight; the database
+/// futures (a pooled connection's checkout, a statement's preparation, a transaction's
+/// queries) are kilobytes each but short-lived, so they are boxed where they are awaited and
+/// take memory only while they run (see docs/performance.md).
+pub(crate) trait Prepared {
+    /// `prepare_cached`, boxed.
+    fn prepared<'a>(
+        &'a self,
+        sql: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Statement, tokio_postgres::Error>> + Send + 'a>>;
+}
+
+impl Prepared for deadpool_postgres::Client {
+    fn prepared<'a>(
+        &'a self,
+        sql: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Statement, tokio_postgres::Error>> + Send + 'a>>
+    {
+        Box::pin(self.prepare_cached(sql))
+    }
+}
+
 mod embedded {
     refinery::embed_migrations!("sql");
 }
@@ -120,7 +143,7 @@ impl Store {
 
     /// A pooled connection.
     pub async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        Ok(self.pool.get().await?)
+        Ok(Box::pin(self.pool.get()).await?)
     }
 
     /// Statements sent so far by this store and its clones (preparing a statement, once per
@@ -145,16 +168,19 @@ impl Store {
         params: &[&(dyn ToSql + Sync)],
         end: &str,
     ) -> Result<Vec<Row>, StoreError> {
-        let scope = client.prepare_cached(SCOPE).await?;
+        let scope = client.prepared(SCOPE).await?;
         self.count_round_trip();
         let business = business_id.to_string();
         let scope_params: [&(dyn ToSql + Sync); 1] = [&business];
-        let (begin, set, rows, end) = tokio::join!(
-            client.batch_execute("BEGIN"),
-            client.query(&scope, &scope_params),
-            client.query(stmt, params),
-            client.batch_execute(end),
-        );
+        let (begin, set, rows, end) = Box::pin(async {
+            tokio::join!(
+                client.batch_execute("BEGIN"),
+                client.query(&scope, &scope_params),
+                client.query(stmt, params),
+                client.batch_execute(end),
+            )
+        })
+        .await;
         begin?;
         set?;
         let rows = rows?;

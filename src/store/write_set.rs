@@ -7,6 +7,7 @@
 //! version, the statement writes nothing and returns no row. Either all of it is stored or none
 //! of it.
 
+use crate::store::Prepared;
 use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
@@ -208,7 +209,7 @@ impl Store {
     ) -> Result<CommittedConversation, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&statement(ws.expected_version.is_none()))
+            .prepared(&statement(ws.expected_version.is_none()))
             .await?;
         let extracted = Json(&ws.extracted);
         let calls = Json(&ws.llm_calls);
