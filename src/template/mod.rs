@@ -135,9 +135,14 @@ pub fn render(
     ctx: &Context,
 ) -> Result<Rendered, TemplateError> {
     let name = &t.record.name;
+    // The context becomes a template value once for both parts.
+    let value = upon::to_value(ctx).map_err(|e| TemplateError::Render {
+        name: name.clone(),
+        detail: pretty(&e, name, "context"),
+    })?;
     let system = t
         .system
-        .render(engine, ctx)
+        .render_from(engine, &value)
         .to_string()
         .map_err(|e| TemplateError::Render {
             name: name.clone(),
@@ -145,7 +150,7 @@ pub fn render(
         })?;
     let body = t
         .body
-        .render(engine, ctx)
+        .render_from(engine, &value)
         .to_string()
         .map_err(|e| TemplateError::Render {
             name: name.clone(),
