@@ -82,6 +82,8 @@ pub struct MockStats {
     pub peak_in_flight: AtomicU64,
     /// Connections accepted (an HTTP/2 client sends all its calls over one).
     pub connections: AtomicU64,
+    /// `GET /v1/models` requests answered (a worker's HTTP version probe sends one).
+    pub models_requests: AtomicU64,
 }
 
 /// Counts a request in flight until dropped.
@@ -218,7 +220,8 @@ fn router(options: MockOptions, stats: Arc<MockStats>) -> Router {
         .with_state(state)
 }
 
-async fn models() -> Json<Value> {
+async fn models(State(state): State<Arc<MockState>>) -> Json<Value> {
+    state.stats.models_requests.fetch_add(1, Ordering::Relaxed);
     Json(json!({
         "object": "list",
         "data": [{"id": "mock-1", "object": "model", "created": 0, "owned_by": "icmp"}]

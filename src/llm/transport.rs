@@ -4,12 +4,15 @@
 //! write and a read per call); over HTTP/2 all calls share one connection, which costs less
 //! memory and CPU per call (measured in `docs/performance.md`). `https://` endpoints negotiate
 //! the version during the TLS handshake (ALPN). A cleartext `http://` endpoint cannot say
-//! which versions it speaks, so with `auto` the first call asks: it sends `GET {base}/models`
-//! as HTTP/2 with prior knowledge. Any HTTP answer, whatever its status, shows the endpoint
-//! speaks HTTP/2, and every call then uses it. A protocol error (the endpoint speaks HTTP/1.1
-//! only, like most self-hosted servers) settles on HTTP/1.1. An endpoint that cannot be
-//! reached settles nothing: calls use HTTP/1.1 meanwhile and the question is asked again
-//! [`PROBE_AGAIN_AFTER`] later. Calls never wait for the probe.
+//! which versions it speaks, so with `auto` it is asked: a worker asks at start (waiting at
+//! most `llm.connect_timeout_ms`), or else the first call does, in the background. The probe
+//! is a `GET {base}/models` as HTTP/2 with prior knowledge. Any HTTP answer, whatever its
+//! status, shows the endpoint speaks HTTP/2, and every call then uses it. A protocol error
+//! (the endpoint speaks HTTP/1.1 only, like most self-hosted servers) settles on HTTP/1.1. An
+//! endpoint that cannot be reached (or does not answer in time) settles nothing: calls use
+//! HTTP/1.1 meanwhile and the question is asked again [`PROBE_AGAIN_AFTER`] later. Calls
+//! never wait for a probe. A settled answer holds for the life of the process: an endpoint
+//! that stops speaking HTTP/2 behind the same URL needs the workers restarted (or `1.1`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -258,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn only_auto_or_2_with_a_cleartext_endpoint_probes() {
+    fn only_auto_with_a_cleartext_endpoint_probes() {
         let probes = |v, url| {
             matches!(
                 Transport::new(v, url, Duration::from_secs(1), builder),
@@ -272,7 +275,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unreachable_endpoint_settles_nothing_and_is_asked_again_later() {
+    async fn an_unreachable_endpoint_settles_nothing_and_is_not_asked_again_at_once() {
         // A port nothing listens on: the connection is refused.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -285,8 +288,23 @@ mod tests {
         let Transport::Probing(probe) = &transport else {
             panic!("auto with http:// probes");
         };
-        assert!(probe.not_before.lock().expect("lock").is_some());
+        let not_before = probe.not_before.lock().expect("lock").expect("set");
+        let wait = not_before.saturating_duration_since(Instant::now());
+        assert!(
+            wait > PROBE_AGAIN_AFTER - Duration::from_secs(1) && wait <= PROBE_AGAIN_AFTER,
+            "asked again {wait:?} from now"
+        );
         assert!(!probe.busy.load(Ordering::Acquire));
+        // A call meanwhile goes over HTTP/1.1 and starts no probe.
+        let _ = transport.client();
+        assert!(
+            !probe.busy.load(Ordering::Acquire),
+            "no probe before the time"
+        );
+        // Once the time has come, a call starts one (in the background).
+        *probe.not_before.lock().expect("lock") = Some(Instant::now());
+        let _ = transport.client();
+        assert!(probe.busy.load(Ordering::Acquire), "a probe under way");
     }
 
     #[test]

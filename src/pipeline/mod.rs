@@ -16,10 +16,11 @@
 //!   ([`respond`]) or the fallback template; no database connection is held;
 //! - steps 10–12, the **write phase** ([`persist`]): both messages, the conversation's stage and
 //!   version, the transition, extracted data and the LLM call log in one transaction;
-//! - step 13, the committed state is cached (after COMMIT); step 14, on failure the
-//!   conversation's cache keys are dropped.
+//! - step 13, the committed state's cache write is prepared (after COMMIT) and returned with
+//!   the answer; step 14, on failure the conversation's cache keys are dropped.
 //!
-//! The worker then publishes the answer and acknowledges the entry (15) in one script. A version
+//! The worker then sends the state write, publishes the answer and acknowledges the entry (15)
+//! in one round trip (the write pipelined before the fenced finish script). A version
 //! conflict (another message of the conversation committed meanwhile) re-runs the message from
 //! the read phase.
 

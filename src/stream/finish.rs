@@ -5,7 +5,9 @@
 //! inbound entry, by construction.
 //!
 //! The same script removes the entry from its order queue and announces the queue on the wake
-//! channel, so the next entry of that user starts at once, here or in another worker.
+//! channel, so the next entry of that user starts at once, here or in another worker. The
+//! worker's write of the user's committed conversation state rides in the same round trip, a
+//! `SET` pipelined before the script, so that the next entry reads it.
 
 use redis::Value;
 
@@ -85,6 +87,8 @@ pub struct Finish<'a> {
     /// A cache write sent in the same round trip, before the finish (the committed
     /// conversation state: the next message of the user, started by this finish's wake-up,
     /// reads it). Sent whether or not the finish takes effect: it holds committed data.
+    /// [`Streams::finish`] only; [`Streams::finish_turn`] ignores it (its transaction stays
+    /// within the streams' hash slot).
     pub cache: Option<&'a CacheWrite>,
 }
 
@@ -208,9 +212,6 @@ impl Streams {
     ) -> Result<Vec<bool>, StreamError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for write in entries.iter().filter_map(|(_, _, f)| f.cache) {
-            write.add_to(&mut pipe);
-        }
         for (i, (id, slot, finish)) in entries.iter().enumerate() {
             let quiet = i + 1 < entries.len();
             pipe.invoke_script(&self.finish_invocation(id, *slot, finish, quiet));

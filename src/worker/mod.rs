@@ -357,8 +357,10 @@ impl<L: LlmService> Worker<L> {
     }
 
     /// [`Worker::finish`] with a cache write sent in the same round trip (the committed
-    /// conversation state). When the finish fails for good, the user's cached state is
-    /// dropped: the write may not have happened.
+    /// conversation state), on the first attempt only: an attempt whose answer was lost may
+    /// have taken effect, and the next message of the user may have cached a newer state
+    /// since, which a repeated write would overwrite. After a failed first attempt the key is
+    /// dropped instead (a miss reads PostgreSQL; a stale state would cost a re-run).
     async fn finish_with(
         &self,
         entry: &StreamEntry,
@@ -368,17 +370,29 @@ impl<L: LlmService> Worker<L> {
         done: Outcome,
         label: MessageOutcome,
     ) -> (Outcome, Option<MessageOutcome>) {
-        let finish = Finish {
+        let first = Finish {
             reply: Some((reply.destination.as_str(), reply.fields())),
             dead_letter,
             cache,
         };
+        let again = Finish {
+            cache: None,
+            ..first.clone()
+        };
+        let mut attempts = 0u32;
         let result = self
             .finish_retry
             .run("redis.finish", || {
-                self.streams.finish(&entry.id, entry.slot.as_ref(), &finish)
+                attempts += 1;
+                let finish = if attempts == 1 { &first } else { &again };
+                self.streams.finish(&entry.id, entry.slot.as_ref(), finish)
             })
             .await;
+        if attempts > 1
+            && let Some(write) = cache
+        {
+            self.forget_state(write).await;
+        }
         match result {
             Ok(true) => (done, Some(label)),
             Ok(false) => {
@@ -389,9 +403,6 @@ impl<L: LlmService> Worker<L> {
             Err(e) => {
                 // The entry stays pending; its redelivery finds the committed answer.
                 metrics::record_error(&e, "finish");
-                if let Some(write) = cache {
-                    self.forget_state(write).await;
-                }
                 (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }
         }
@@ -461,8 +472,8 @@ impl<L: LlmService> Worker<L> {
         followers
     }
 
-    /// Finishes a coalesced turn: the entry with its answer and each later message with its
-    /// reference reply, in one transaction, with the committed state's cache write.
+    /// Finishes a coalesced turn: the committed state's cache write, then the entry with its
+    /// answer and each later message with its reference reply, in one transaction.
     async fn finish_coalesced(
         &self,
         entry: &StreamEntry,
@@ -486,11 +497,15 @@ impl<L: LlmService> Worker<L> {
                 ..Finish::default()
             }
         }
-        let first = Finish {
-            cache: state,
-            ..finish(reply)
-        };
-        let mut entries = vec![(entry.id.as_str(), entry.slot.as_ref(), first)];
+        // The state is written before the transaction, not inside it: its key lives outside
+        // the streams' hash slot (a coalesced turn is rare; one round trip more is fine).
+        if let Some(write) = state
+            && let Err(e) = self.handler.cache().apply(write).await
+        {
+            metrics::record_error(&e, "cache write");
+            self.forget_state(write).await;
+        }
+        let mut entries = vec![(entry.id.as_str(), entry.slot.as_ref(), finish(reply))];
         for (r, slot) in replies.iter().zip(&slots) {
             entries.push((r.inbound_id.as_str(), slot.as_ref(), finish(r)));
         }

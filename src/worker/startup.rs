@@ -117,7 +117,8 @@ impl Dependencies {
         let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
         let client = OpenAiClient::new(&config.llm)?;
         // The first calls go over the connection the later ones use (HTTP/2 to an endpoint
-        // that speaks it); an endpoint that is down settles nothing and delays nothing.
+        // that speaks it). An endpoint that refuses connections settles nothing at once; one
+        // that does not answer delays the start by `llm.connect_timeout_ms` at most.
         client.settle_http_version().await;
         let llm = CircuitBreaker::new(client, &config.llm);
         let handler = Arc::new(MessageHandler::new(

@@ -253,7 +253,15 @@ async fn the_http_version_to_a_cleartext_endpoint_is_asked_once() {
     let both = start(MockOptions::default()).await;
     let auto = OpenAiClient::new(&config(both.base_url(), HttpVersion::Auto)).expect("client");
     assert_eq!(auto.settle_http_version().await, Some(true), "HTTP/2");
-    assert_eq!(auto.settle_http_version().await, Some(true), "asked once");
+    assert_eq!(auto.settle_http_version().await, Some(true));
+    auto.chat(&request()).await.expect("answered over HTTP/2");
+    assert_eq!(
+        both.stats
+            .models_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "asked once"
+    );
     let forced = OpenAiClient::new(&config(both.base_url(), HttpVersion::Http1)).expect("client");
     assert_eq!(forced.settle_http_version().await, None, "nothing to ask");
 
@@ -266,7 +274,7 @@ async fn the_http_version_to_a_cleartext_endpoint_is_asked_once() {
     assert_eq!(auto.settle_http_version().await, Some(false), "HTTP/1.1");
     let request = request();
     auto.chat(&request).await.expect("answered over HTTP/1.1");
-    // Told to speak HTTP/2 to it anyway, every call fails as a connection error.
+    // Told to speak HTTP/2 to it anyway, every call fails.
     let forced = OpenAiClient::new(&config(http1.base_url(), HttpVersion::Http2)).expect("client");
     assert!(forced.chat(&request).await.is_err());
 }
