@@ -138,13 +138,6 @@ impl LocalDefinitions {
             .flatten()
     }
 
-    /// A business's `budget.max_in_flight` when its definition is held here (`Some(None)`: held,
-    /// no cap set), without copying the definition.
-    pub fn max_in_flight(&self, id: Uuid) -> Option<Option<u32>> {
-        self.read(|t| fresh(t, &t.businesses, id, self.ttl).map(|b| b.policy.budget.max_in_flight))
-            .flatten()
-    }
-
     pub fn stage(&self, business_id: Uuid, id: Uuid) -> Option<StageTemplates> {
         self.read(|t| {
             fresh(t, &t.stages, id, self.ttl)

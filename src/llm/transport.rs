@@ -123,15 +123,6 @@ impl Drop for Busy<'_> {
     }
 }
 
-/// What one probe found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Found {
-    Http2,
-    Http1,
-    /// The endpoint could not be reached: ask again later.
-    Unreachable,
-}
-
 impl Transport {
     /// The transport for `base_url` (`…/v1`) given the configured version; `builder` makes a
     /// client with the configured timeouts and pool; a probe waits `probe_timeout` at most.
@@ -145,15 +136,14 @@ impl Transport {
         builder: impl Fn() -> reqwest::ClientBuilder,
     ) -> Result<Transport, reqwest::Error> {
         let cleartext = base_url.starts_with("http://");
-        Ok(match version {
-            HttpVersion::Http1 => Transport::Fixed(builder().http1_only().build()?),
-            HttpVersion::Http2 if cleartext => {
+        Ok(match (version, cleartext) {
+            (HttpVersion::Http1, _) => Transport::Fixed(builder().http1_only().build()?),
+            (HttpVersion::Http2, true) => {
                 Transport::Fixed(builder().http2_prior_knowledge().build()?)
             }
-            HttpVersion::Http2 | HttpVersion::Auto if !cleartext => {
-                Transport::Fixed(builder().build()?)
-            }
-            HttpVersion::Http2 | HttpVersion::Auto => Transport::Probing(Arc::new(Probe {
+            // TLS negotiates the version.
+            (HttpVersion::Http2 | HttpVersion::Auto, false) => Transport::Fixed(builder().build()?),
+            (HttpVersion::Auto, true) => Transport::Probing(Arc::new(Probe {
                 http1: builder().http1_only().build()?,
                 http2: builder().http2_prior_knowledge().build()?,
                 url: format!("{}/models", base_url.trim_end_matches('/')),
@@ -223,31 +213,26 @@ impl Probe {
     /// Asks once (the caller has set `busy`) and records the answer.
     async fn run(&self) {
         let _busy = Busy(&self.busy);
-        let found = match self.http2.get(&self.url).timeout(self.timeout).send().await {
-            Ok(_) => Found::Http2,
-            // Down, or silent: nothing is known yet.
-            Err(e) if e.is_connect() || e.is_timeout() => Found::Unreachable,
-            // An answer that is not HTTP/2 (most often a closed connection or an HTTP/1.1
-            // error response to the HTTP/2 preface).
-            Err(_) => Found::Http1,
-        };
-        match found {
-            Found::Http2 | Found::Http1 => {
-                let http2 = found == Found::Http2;
-                if self.verdict.set(http2).is_ok() {
-                    tracing::info!(
-                        http_version = if http2 { "2" } else { "1.1" },
-                        "LLM endpoint version settled"
-                    );
-                }
-            }
-            Found::Unreachable => {
+        let http2 = match self.http2.get(&self.url).timeout(self.timeout).send().await {
+            Ok(_) => true,
+            // Down, or silent: nothing is known yet; ask again later.
+            Err(e) if e.is_connect() || e.is_timeout() => {
                 *self
                     .not_before
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) =
                     Some(Instant::now() + PROBE_AGAIN_AFTER);
+                return;
             }
+            // An answer that is not HTTP/2 (most often a closed connection or an HTTP/1.1
+            // error response to the HTTP/2 preface).
+            Err(_) => false,
+        };
+        if self.verdict.set(http2).is_ok() {
+            tracing::info!(
+                http_version = if http2 { "2" } else { "1.1" },
+                "LLM endpoint version settled"
+            );
         }
     }
 }

@@ -106,23 +106,22 @@ pub async fn throttled<'b>(
     read: &Read<'b>,
     fallback_text: &str,
 ) -> Result<Decisions<'b>, PipelineError> {
-    let mut response = Response {
-        content: fallback_text.to_owned(),
+    let template = match business.throttled_template_id {
+        Some(id) => Some(templates.get(business.id, id).await?),
+        None => None,
+    };
+    let (content, template) = templates.reply_text(
+        template.as_deref(),
+        &read.context,
+        fallback_text,
+        "throttled template",
+    );
+    let response = Response {
+        content,
         status: AnswerStatus::Throttled,
         fallback_template: None,
-        template: None,
+        template,
     };
-    if let Some(id) = business.throttled_template_id {
-        let template = templates.get(business.id, id).await?;
-        match templates.render(&template, &read.context) {
-            Ok(r) if !r.body.trim().is_empty() => {
-                response.content = r.body.to_string();
-                response.template = Some((template.record.id, template.record.version));
-            }
-            Ok(_) => {}
-            Err(e) => metrics::record_error(&e, "throttled template"),
-        }
-    }
     Ok(Decisions {
         stage: read.stage,
         transition: None,

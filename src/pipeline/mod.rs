@@ -1,5 +1,5 @@
-//! The message pipeline: `MessageHandler::process` runs the seed's steps for one decoded inbound
-//! message. Three phases, each a type and a module, and this file orders them:
+//! The message pipeline: `MessageHandler::process_turn` runs the seed's steps for one decoded
+//! inbound message (with the later messages of a coalesced burst). Three phases, each a type and a module, and this file orders them:
 //!
 //! - step 1, validation: the worker decodes the entry with [`crate::protocol::inbound`] (fields,
 //!   limits, canonical ids) and hands over an [`InboundMessage`]; the pipeline never sees a
@@ -119,28 +119,6 @@ impl<L: LlmService> MessageHandler<L> {
         &self.cache
     }
 
-    /// Processes one decoded inbound message, its committed state written to the cache.
-    ///
-    /// # Errors
-    /// Validation errors (answer with an error reply), and processing errors that survived
-    /// their retries (the caller decides between redelivery and the dead-letter stream).
-    pub async fn process(
-        &self,
-        msg: &InboundMessage,
-        log_id: Uuid,
-    ) -> Result<Processed, PipelineError> {
-        let processed = self
-            .process_turn(msg, log_id, true, async |_| Vec::new())
-            .await?;
-        if let Processed::Answered {
-            state: Some(write), ..
-        } = &processed
-        {
-            persist::apply_state(&self.cache, write, msg.business_id, &msg.user_id).await;
-        }
-        Ok(processed)
-    }
-
     /// Processes a message together with the later messages of its user that `gather` finds
     /// for its business (same business, user and conversation, in stream order; asked only
     /// when the message is not answered yet): one turn, every message stored, one reply. When
@@ -150,7 +128,8 @@ impl<L: LlmService> MessageHandler<L> {
     /// sends the returned state write (the worker does so in its finish's round trip).
     ///
     /// # Errors
-    /// As [`MessageHandler::process`].
+    /// Validation errors (answer with an error reply), and processing errors that survived
+    /// their retries (the caller decides between redelivery and the dead-letter stream).
     pub async fn process_turn(
         &self,
         msg: &InboundMessage,
@@ -180,11 +159,8 @@ impl<L: LlmService> MessageHandler<L> {
             || state
                 .as_ref()
                 .is_none_or(|s| s.recent_keys.iter().any(|k| k == key));
-        if ask_store && let Some(answer) = self.stored_answer(msg).await? {
-            if state.is_none() {
-                self.forget_cached(msg).await;
-            }
-            return Ok(Processed::Duplicate(answer));
+        if ask_store && let Some(done) = self.answered(msg, state.is_none()).await? {
+            return Ok(done);
         }
         let business = self.stages.business(msg.business_id).await?;
         let gathered = gather(&business).await;
@@ -213,17 +189,15 @@ impl<L: LlmService> MessageHandler<L> {
                     // The state that was read may predate this very message's commit.
                     if !ask_store
                         && attempt == 1
-                        && let Some(answer) = self.stored_answer(msg).await?
+                        && let Some(done) = self.answered(msg, true).await?
                     {
-                        self.forget_cached(msg).await;
-                        return Ok(Processed::Duplicate(answer));
+                        return Ok(done);
                     }
                 }
                 Err(PipelineError::Store(StoreError::Duplicate)) => {
                     // A concurrent delivery of the same message committed first.
-                    if let Some(answer) = self.stored_answer(msg).await? {
-                        self.forget_cached(msg).await;
-                        return Ok(Processed::Duplicate(answer));
+                    if let Some(done) = self.answered(msg, true).await? {
+                        return Ok(done);
                     }
                     if followers.is_empty() {
                         return Err(StoreError::Duplicate.into());
@@ -245,17 +219,27 @@ impl<L: LlmService> MessageHandler<L> {
         }
     }
 
-    /// A stored answer means a commit whose cache write may never have happened (a crash
-    /// between COMMIT and the cache, a lost COMMIT acknowledgement): drop the user's
-    /// conversation state, which may be stale.
-    async fn forget_cached(&self, msg: &InboundMessage) {
-        if let Err(e) = self
-            .cache
-            .invalidate_conversation(msg.business_id, &msg.user_id)
-            .await
+    /// The message's stored answer, as a duplicate, if it was committed before. With
+    /// `forget`, the user's cached conversation state is dropped then: a stored answer means a
+    /// commit whose cache write may never have happened (a crash between COMMIT and the cache,
+    /// a lost COMMIT acknowledgement), so the state may be stale.
+    async fn answered(
+        &self,
+        msg: &InboundMessage,
+        forget: bool,
+    ) -> Result<Option<Processed>, PipelineError> {
+        let Some(answer) = self.stored_answer(msg).await? else {
+            return Ok(None);
+        };
+        if forget
+            && let Err(e) = self
+                .cache
+                .invalidate_conversation(msg.business_id, &msg.user_id)
+                .await
         {
             metrics::record_error(&e, "cache invalidation");
         }
+        Ok(Some(Processed::Duplicate(answer)))
     }
 
     async fn stored_answer(&self, msg: &InboundMessage) -> Result<Option<Answer>, PipelineError> {

@@ -183,32 +183,20 @@ pub async fn write(
 }
 
 /// Step 13, prepared: the write of the committed conversation state to the cache, sent by
-/// the worker in the same round trip as the message's finish ([`apply_state`] sends it
-/// alone). `None` when the state cannot be encoded: the user's cached state is dropped then.
+/// the worker in the same round trip as the message's finish. `None` when the state cannot be
+/// encoded: the user's cached state is dropped then.
 pub async fn state_write(cache: &Cache, committed: &Committed) -> Option<CacheWrite> {
     match cache.state_write(&committed.state) {
         Ok(write) => Some(write),
         Err(e) => {
             metrics::record_error(&e, "cache write");
             let c = &committed.state.conversation;
-            forget_state(cache, c.business_id, &c.user_external_id).await;
+            let _ = cache
+                .invalidate_conversation(c.business_id, &c.user_external_id)
+                .await;
             None
         }
     }
-}
-
-/// Step 13 on its own: sends a prepared state write; on failure the user's cached state is
-/// dropped (the next read falls through to PostgreSQL).
-pub async fn apply_state(cache: &Cache, write: &CacheWrite, business_id: Uuid, user: &str) {
-    if let Err(e) = cache.apply(write).await {
-        metrics::record_error(&e, "cache write");
-        forget_state(cache, business_id, user).await;
-    }
-}
-
-/// Drops a user's cached state that may be stale (best effort: Redis may be what failed).
-pub async fn forget_state(cache: &Cache, business_id: Uuid, user: &str) {
-    let _ = cache.invalidate_conversation(business_id, user).await;
 }
 
 #[cfg(test)]

@@ -53,17 +53,8 @@ pub async fn respond<L: LlmService>(
                 metrics::record_error(e, "response");
             }
             metrics::degraded("response");
-            let rendered = fallback.map(|f| (f, templates.render(f, ctx)));
-            let (content, fallback_template) = match rendered {
-                Some((f, Ok(r))) if !r.body.trim().is_empty() => {
-                    (r.body.to_string(), Some((f.record.id, f.record.version)))
-                }
-                Some((_, Err(e))) => {
-                    metrics::record_error(&e, "fallback");
-                    (last_resort.to_owned(), None)
-                }
-                _ => (last_resort.to_owned(), None),
-            };
+            let (content, fallback_template) =
+                templates.reply_text(fallback, ctx, last_resort, "fallback");
             Response {
                 content,
                 status: AnswerStatus::Fallback,

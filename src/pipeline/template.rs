@@ -87,4 +87,27 @@ impl TemplateService {
     pub fn render(&self, t: &Compiled, ctx: &Context) -> Result<Rendered, TemplateError> {
         render(&self.engine, t, ctx)
     }
+
+    /// A reply made without the LLM (a fallback or throttled reply): the body of `t`
+    /// rendered against `ctx`, with the template's (id, version); `default` and `None` when
+    /// there is no template, its body renders empty, or it fails to render (an error counted
+    /// under `what`).
+    pub fn reply_text(
+        &self,
+        t: Option<&Compiled>,
+        ctx: &Context,
+        default: &str,
+        what: &'static str,
+    ) -> (String, Option<(Uuid, i32)>) {
+        match t.map(|t| (t, self.render(t, ctx))) {
+            Some((t, Ok(r))) if !r.body.trim().is_empty() => {
+                (r.body.to_string(), Some((t.record.id, t.record.version)))
+            }
+            Some((_, Err(e))) => {
+                metrics::record_error(&e, what);
+                (default.to_owned(), None)
+            }
+            _ => (default.to_owned(), None),
+        }
+    }
 }

@@ -84,12 +84,6 @@ pub struct Finish<'a> {
     pub reply: Option<(&'a str, Vec<(&'static str, String)>)>,
     /// The dead-letter entry, if the entry is dead-lettered.
     pub dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
-    /// A cache write sent in the same round trip, before the finish (the committed
-    /// conversation state: the next message of the user, started by this finish's wake-up,
-    /// reads it). Sent whether or not the finish takes effect: it holds committed data.
-    /// [`Streams::finish`] only; [`Streams::finish_turn`] ignores it (its transaction stays
-    /// within the streams' hash slot).
-    pub cache: Option<&'a CacheWrite>,
 }
 
 impl Streams {
@@ -149,14 +143,18 @@ impl Streams {
 
     /// Finishes entry `id` (see the module docs). Returns whether this call acknowledged it
     /// (and so published); `false` means another holder had finished it: nothing was published.
+    /// `cache`: a write sent in the same round trip, before the script (the committed
+    /// conversation state, which the next message of the user, started by this finish's
+    /// wake-up, reads); sent whether or not the finish takes effect, as it holds committed data.
     pub async fn finish(
         &self,
         id: &str,
         slot: Option<&QueueSlot>,
         finish: &Finish<'_>,
+        cache: Option<&CacheWrite>,
     ) -> Result<bool, StreamError> {
         let invocation = self.finish_invocation(id, slot, finish, false);
-        let reply = match finish.cache {
+        let reply = match cache {
             None => invocation.invoke_async(&mut self.conn()).await?,
             Some(write) => {
                 let mut pipe = redis::pipe();
@@ -192,7 +190,7 @@ impl Streams {
                 if let Some((stream, _)) = &mut to_outbound.reply {
                     *stream = outbound;
                 }
-                Box::pin(self.finish(id, slot, &to_outbound)).await
+                Box::pin(self.finish(id, slot, &to_outbound, None)).await
             }
             other => Err(StreamError::UnexpectedReply(format!("finish: {other:?}"))),
         }

@@ -363,8 +363,6 @@ pub(crate) fn raw_fields(v: Value) -> Option<Fields> {
     Some(out)
 }
 
-/// Entries of an `XRANGE`-shaped reply: `[[id, [k, v, …]], …]`, each decoded on its own; an
-/// element that is not of that shape is skipped.
 /// Runs a pipeline of invocations of `script` on `conn`; when Redis answers that it does not
 /// know the script (a restarted Redis forgot it: nothing ran), loads it and runs the pipeline
 /// again.
@@ -391,6 +389,8 @@ pub(crate) fn entry_in_range(v: Value, id: &str) -> Option<Fields> {
         .map(|(_, f)| f)
 }
 
+/// Entries of an `XRANGE`-shaped reply: `[[id, [k, v, …]], …]`, each decoded on its own; an
+/// element that is not of that shape is skipped.
 pub(crate) fn range_entries(v: Value) -> Vec<(String, Fields)> {
     array(v)
         .unwrap_or_default()

@@ -370,22 +370,18 @@ impl<L: LlmService> Worker<L> {
         done: Outcome,
         label: MessageOutcome,
     ) -> (Outcome, Option<MessageOutcome>) {
-        let first = Finish {
+        let finish = Finish {
             reply: Some((reply.destination.as_str(), reply.fields())),
             dead_letter,
-            cache,
-        };
-        let again = Finish {
-            cache: None,
-            ..first.clone()
         };
         let mut attempts = 0u32;
         let result = self
             .finish_retry
             .run("redis.finish", || {
                 attempts += 1;
-                let finish = if attempts == 1 { &first } else { &again };
-                self.streams.finish(&entry.id, entry.slot.as_ref(), finish)
+                let cache = cache.filter(|_| attempts == 1);
+                self.streams
+                    .finish(&entry.id, entry.slot.as_ref(), &finish, cache)
             })
             .await;
         if attempts > 1
@@ -494,7 +490,7 @@ impl<L: LlmService> Worker<L> {
         fn finish(r: &Reply) -> Finish<'_> {
             Finish {
                 reply: Some((r.destination.as_str(), r.fields())),
-                ..Finish::default()
+                dead_letter: None,
             }
         }
         // The state is written before the transaction, not inside it: its key lives outside
@@ -601,7 +597,8 @@ impl<L: LlmService> Worker<L> {
         match self
             .finish_retry
             .run("redis.finish", || {
-                self.streams.finish(&entry.id, entry.slot.as_ref(), &finish)
+                self.streams
+                    .finish(&entry.id, entry.slot.as_ref(), &finish, None)
             })
             .await
         {

@@ -43,11 +43,8 @@ enum State {
 type BusinessKey = Option<Uuid>;
 
 fn business_of(entry: &StreamEntry) -> BusinessKey {
-    entry
-        .fields
-        .iter()
-        .find(|(k, _)| k.as_slice() == b"business_id")
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    crate::protocol::raw_field(&entry.fields, "business_id")
+        .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(crate::protocol::inbound::canonical_business)
 }
 
@@ -122,8 +119,7 @@ pub(super) struct Room {
     ready: HashMap<BusinessKey, VecDeque<String>>,
     /// The businesses with ready entries, in the order they get the next free slot.
     turns: VecDeque<BusinessKey>,
-    /// Ready entries, in all and per business.
-    ready_count: usize,
+    /// Ready entries per business.
     ready_by: HashMap<BusinessKey, usize>,
     /// Running entries per business.
     running: HashMap<BusinessKey, usize>,
@@ -138,7 +134,7 @@ impl Room {
 
     #[cfg(test)]
     pub(super) fn ready_len(&self) -> usize {
-        self.ready_count
+        self.ready_by.values().sum()
     }
 
     pub(super) fn holds(&self, id: &str) -> bool {
@@ -374,12 +370,10 @@ impl Room {
             self.turns.push_back(business);
         }
         queue.push_back(id);
-        self.ready_count += 1;
         *self.ready_by.entry(business).or_default() += 1;
     }
 
     fn ready_left(&mut self, business: BusinessKey) {
-        self.ready_count = self.ready_count.saturating_sub(1);
         count_down(&mut self.ready_by, business);
     }
 

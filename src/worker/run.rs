@@ -276,8 +276,11 @@ impl<L: LlmService> Worker<L> {
                 return usize::MAX;
             };
             // A cap of 0 (refused at import, but possible by SQL) would stall the business.
-            match local.max_in_flight(id) {
-                Some(Some(n)) if n > 0 => n as usize,
+            match local
+                .business(id)
+                .and_then(|b| b.policy.budget.max_in_flight)
+            {
+                Some(n) if n > 0 => n as usize,
                 _ => default,
             }
         }

@@ -26,6 +26,12 @@ fn business_tables(extra: &str) -> String {
     format!("{BUSINESS_END}\n{extra}\n")
 }
 
+/// Imports a copy of the demo business as `id`, with `extra` tables after its `[business]`
+/// table.
+async fn import_with(app: &TestApp, id: &str, extra: &str) {
+    helpers::import_demo_copy(&app.config, id, &[(BUSINESS_END, &business_tables(extra))]).await;
+}
+
 /// (user rows, assistant rows, response calls) of a business.
 async fn rows(app: &TestApp, business: &str) -> (i64, i64, i64) {
     let id: Uuid = business.parse().expect("uuid");
@@ -77,13 +83,10 @@ async fn burst(app: &TestApp, business: &str, user: &str, ids: [&str; 3]) {
 #[tokio::test]
 async fn a_coalescing_business_answers_a_burst_as_one_turn_and_a_queueing_one_turn_by_turn() {
     let mut app = spawn_env(MockOptions::default(), |_| {}).await;
-    helpers::import_demo_copy(
-        &app.config,
+    import_with(
+        &app,
         BURSTY,
-        &[(
-            BUSINESS_END,
-            &business_tables("[business.burst]\npolicy = \"coalesce\"\nwindow_ms = 400"),
-        )],
+        "[business.burst]\npolicy = \"coalesce\"\nwindow_ms = 400",
     )
     .await;
     app.start_worker("w0").await;
@@ -243,15 +246,7 @@ async fn messages_over_budget_get_the_throttled_reply_and_nothing_is_lost() {
         ],
     )
     .await;
-    helpers::import_demo_copy(
-        &app.config,
-        THRIFTY,
-        &[(
-            BUSINESS_END,
-            &business_tables("[business.budget]\ntokens_per_day = 1"),
-        )],
-    )
-    .await;
+    import_with(&app, THRIFTY, "[business.budget]\ntokens_per_day = 1").await;
     app.start_worker("w0").await;
 
     // Messages per minute: the first three answered, the next two throttled.
@@ -318,15 +313,7 @@ async fn a_budget_that_cannot_be_counted_throttles_nothing() {
     // fails, and the business is served (fail open) rather than refused.
     let mut app = spawn_env(MockOptions::default(), |_| {}).await;
     const OPEN: &str = "5b0e8a7c-cccc-4c1d-8e2f-000000000014";
-    helpers::import_demo_copy(
-        &app.config,
-        OPEN,
-        &[(
-            BUSINESS_END,
-            &business_tables("[business.budget]\nmessages_per_minute = 1"),
-        )],
-    )
-    .await;
+    import_with(&app, OPEN, "[business.budget]\nmessages_per_minute = 1").await;
     app.start_worker("w0").await;
     away_from_a_minute_boundary().await;
     let minute = chrono::Utc::now().format("%Y%m%d%H%M");
@@ -397,15 +384,7 @@ async fn fairness_env() -> TestApp {
         ..MockOptions::default()
     };
     let mut app = spawn_env(options, |c| c.worker.concurrency = 8).await;
-    helpers::import_demo_copy(
-        &app.config,
-        FLOOD,
-        &[(
-            BUSINESS_END,
-            &business_tables("[business.budget]\nmax_in_flight = 4"),
-        )],
-    )
-    .await;
+    import_with(&app, FLOOD, "[business.budget]\nmax_in_flight = 4").await;
     helpers::import_demo_copy(&app.config, QUIET, &[]).await;
     app.start_worker("w0").await;
     // Both definitions loaded once (the cap is known from the first message on).
@@ -453,27 +432,16 @@ async fn a_flooding_business_does_not_slow_the_others_beyond_a_fifth() {
 /// One measurement: (p95 alone, p95 during the flood, the latencies alone, during).
 async fn fairness_measurement() -> (i64, i64, Vec<i64>, Vec<i64>) {
     let (alone_app, flood_app) = tokio::join!(fairness_env(), fairness_env());
-    let flood: Vec<(String, String)> = (0..300)
-        .map(|i| (format!("flood-user-{i}"), format!("flood-{i}")))
+    let flood: Vec<(String, String, String)> = (0..300)
+        .map(|i| {
+            (
+                format!("flood-user-{i}"),
+                format!("flood-{i}"),
+                "hello".to_owned(),
+            )
+        })
         .collect();
-    let mut pipe = redis::pipe();
-    for (user, id) in &flood {
-        pipe.xadd(
-            &flood_app.config.streams.inbound,
-            "*",
-            &[
-                ("business_id", FLOOD),
-                ("user_id", user.as_str()),
-                ("message_id", id.as_str()),
-                ("content", "hello"),
-            ],
-        )
-        .ignore();
-    }
-    let _: () = pipe
-        .query_async(&mut flood_app.redis.clone())
-        .await
-        .expect("xadd");
+    flood_app.send_many_to(FLOOD, &flood).await;
     // Measured once the flood is in the worker (its first second is spent reading it).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (alone, during) = tokio::join!(

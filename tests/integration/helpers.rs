@@ -461,8 +461,13 @@ impl TestApp {
         }
     }
 
-    /// XADDs many messages in one pipeline: (user, message_id, content).
+    /// XADDs many messages to the demo business in one pipeline: (user, message_id, content).
     pub async fn send_many(&self, messages: &[(String, String, String)]) {
+        self.send_many_to(DEMO_BUSINESS, messages).await;
+    }
+
+    /// XADDs many messages to `business` in one pipeline (per 500): (user, message_id, content).
+    pub async fn send_many_to(&self, business: &str, messages: &[(String, String, String)]) {
         for chunk in messages.chunks(500) {
             let mut pipe = redis::pipe();
             for (user, id, content) in chunk {
@@ -470,7 +475,7 @@ impl TestApp {
                     &self.config.streams.inbound,
                     "*",
                     &[
-                        ("business_id", DEMO_BUSINESS),
+                        ("business_id", business),
                         ("user_id", user.as_str()),
                         ("message_id", id.as_str()),
                         ("content", content.as_str()),

@@ -217,7 +217,7 @@ async fn by_default_a_worker_speaks_cleartext_http2_to_the_mock_over_one_connect
         latency_ms: 200,
         ..MockOptions::default()
     };
-    let app = crate::helpers::spawn_app_with(options, |_| {}).await;
+    let app = crate::helpers::spawn_app(options).await;
     assert_eq!(
         three_hundred_at_once(&app).await,
         1,
@@ -235,7 +235,7 @@ async fn an_endpoint_that_speaks_only_http1_is_called_over_http1() {
         http1_only: true,
         ..MockOptions::default()
     };
-    let app = crate::helpers::spawn_app_with(options, |_| {}).await;
+    let app = crate::helpers::spawn_app(options).await;
     let connections = three_hundred_at_once(&app).await;
     assert!(connections > 200, "one connection per call: {connections}");
     app.stop().await;

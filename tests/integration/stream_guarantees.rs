@@ -298,24 +298,23 @@ async fn the_finish_publishes_once_whoever_finishes_and_however_often() {
             vec![("message_id", "f1".into()), ("who", who.into())],
         )),
         dead_letter: None,
-        cache: None,
     };
     assert!(
         second
-            .finish(&id, entry.slot.as_ref(), &reply("second"))
+            .finish(&id, entry.slot.as_ref(), &reply("second"), None)
             .await
             .expect("finish")
     );
     // The first holder's finish, and a retry of the second's, publish nothing.
     assert!(
         !first
-            .finish(&id, entry.slot.as_ref(), &reply("first"))
+            .finish(&id, entry.slot.as_ref(), &reply("first"), None)
             .await
             .expect("finish")
     );
     assert!(
         !second
-            .finish(&id, entry.slot.as_ref(), &reply("second"))
+            .finish(&id, entry.slot.as_ref(), &reply("second"), None)
             .await
             .expect("finish")
     );
@@ -755,11 +754,10 @@ async fn a_waiter_starts_on_another_workers_wake_up_not_on_a_poll() {
     let finish = Finish {
         reply: Some((out.as_str(), vec![("message_id", "w1".into())])),
         dead_letter: None,
-        cache: None,
     };
     assert!(
         other
-            .finish(&first, held[0].slot.as_ref(), &finish)
+            .finish(&first, held[0].slot.as_ref(), &finish, None)
             .await
             .expect("finish")
     );
