@@ -90,20 +90,14 @@ pub async fn dead_letter(app: &TestApp, message_id: &str) -> HashMap<String, Str
 pub async fn replayed_answer(app: &TestApp, message_id: &str) -> Vec<HashMap<String, String>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let all: Vec<_> = app
-            .entries(&app.config.streams.outbound)
+        if app
+            .replies_of(message_id)
             .await
-            .into_iter()
-            .filter(|e| e["message_id"] == message_id)
-            .collect();
-        if all.iter().any(|e| e["status"] == "ok") {
+            .iter()
+            .any(|e| e["status"] == "ok")
+        {
             app.settle(Duration::from_secs(30)).await;
-            return app
-                .entries(&app.config.streams.outbound)
-                .await
-                .into_iter()
-                .filter(|e| e["message_id"] == message_id)
-                .collect();
+            return app.replies_of(message_id).await;
         }
         assert!(
             tokio::time::Instant::now() < deadline,

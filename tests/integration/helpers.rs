@@ -508,17 +508,21 @@ impl TestApp {
         }
     }
 
+    /// The replies on the outbound stream whose `message_id` is `id`, in stream order.
+    pub async fn replies_of(&self, id: &str) -> Vec<HashMap<String, String>> {
+        self.entries(&self.config.streams.outbound)
+            .await
+            .into_iter()
+            .filter(|e| e["message_id"] == id)
+            .collect()
+    }
+
     /// Waits until the outbound stream holds `n` replies whose `message_id` is `id` (a
     /// repeated message's later publications included); returns them in stream order.
     pub async fn wait_replies(&self, id: &str, n: usize) -> Vec<HashMap<String, String>> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let replies: Vec<_> = self
-                .entries(&self.config.streams.outbound)
-                .await
-                .into_iter()
-                .filter(|e| e["message_id"] == id)
-                .collect();
+            let replies = self.replies_of(id).await;
             if replies.len() >= n || tokio::time::Instant::now() > deadline {
                 return replies;
             }
