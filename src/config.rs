@@ -99,6 +99,12 @@ pub struct DatabaseConfig {
     /// the connecting user, which, as the tables' owner, row-level security does not restrict.
     #[serde(default)]
     pub worker_role: String,
+    /// Worker sessions: PostgreSQL's `lock_timeout` (0: none).
+    #[serde(default)]
+    pub lock_timeout_ms: u64,
+    /// Worker sessions: `statement_timeout` and `idle_in_transaction_session_timeout` (0: none).
+    #[serde(default)]
+    pub statement_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +209,9 @@ pub struct WorkerConfig {
     /// `budget.max_in_flight` (0: no cap). Ready messages of different businesses take the
     /// free slots in turn whatever the cap.
     pub max_in_flight_per_business: usize,
+    /// One message's processing is given up after this long (retried by redelivery, then
+    /// dead-lettered); 0: no deadline.
+    pub message_deadline_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -301,6 +301,8 @@ impl Classify for StoreError {
             StoreError::Db(_) => match self.sqlstate() {
                 Some("40001") => "db.serialization_failure",
                 Some("40P01") => "db.deadlock",
+                Some("55P03") => "db.lock_timeout",
+                Some("57014") => "db.statement_timeout",
                 // invalid authorization: a pg_hba.conf rule (say, TLS only) or credentials.
                 Some(c) if c.starts_with("28") => "db.auth_rejected",
                 _ if self.is_retryable() => "db.unavailable",
@@ -351,6 +353,10 @@ impl Classify for StoreError {
                     Some(c) => {
                         c == "40001"
                             || c == "40P01"
+                            // lock_timeout, statement_timeout: another session held a lock
+                            // (or the server was slow); it may be gone on the next try.
+                            || c == "55P03"
+                            || c == "57014"
                             || c.starts_with("08")
                             || c.starts_with("57P")
                             || c == "53300"
@@ -521,8 +527,10 @@ pub enum PipelineError {
     Definition(String),
     #[error("processing panicked: {0}")]
     Panicked(String),
-    #[error("delivered {0} times without success")]
+    #[error("processed {0} times without success")]
     TooManyDeliveries(u64),
+    #[error("processing took longer than the message deadline ({0} ms)")]
+    DeadlineExceeded(u64),
 }
 
 impl PipelineError {
@@ -535,7 +543,8 @@ impl PipelineError {
             PipelineError::Template(e) => Some(e),
             PipelineError::Definition(_)
             | PipelineError::Panicked(_)
-            | PipelineError::TooManyDeliveries(_) => None,
+            | PipelineError::TooManyDeliveries(_)
+            | PipelineError::DeadlineExceeded(_) => None,
         }
     }
 }
@@ -545,6 +554,7 @@ impl Classify for PipelineError {
         match self {
             PipelineError::Panicked(_) => "internal.panic",
             PipelineError::TooManyDeliveries(_) => "stream.max_deliveries",
+            PipelineError::DeadlineExceeded(_) => "worker.deadline_exceeded",
             PipelineError::Definition(_) => "config.definition",
             PipelineError::Validation(_)
             | PipelineError::Llm(_)
@@ -557,12 +567,17 @@ impl Classify for PipelineError {
         self.inner().map_or(Category::System, |e| e.category())
     }
     fn status_code(&self) -> u16 {
+        if let PipelineError::DeadlineExceeded(_) = self {
+            return 504;
+        }
         self.inner().map_or(500, |e| e.status_code())
     }
     fn is_retryable(&self) -> bool {
         match self {
             // A panic may be a passing condition; redelivery decides (up to max_deliveries).
             PipelineError::Panicked(_) => true,
+            // What it waited on (a lock, a slow dependency) may be gone on the next attempt.
+            PipelineError::DeadlineExceeded(_) => true,
             PipelineError::TooManyDeliveries(_) | PipelineError::Definition(_) => false,
             PipelineError::Validation(_)
             | PipelineError::Llm(_)

@@ -28,6 +28,13 @@ pub struct Status {
     /// Users with messages waiting in an order queue.
     pub queues_in_use: u64,
     pub dead_letters: u64,
+    /// `streams.dead_letter_maxlen`: at this many dead letters the oldest are evicted.
+    pub dead_letter_limit: u64,
+    /// Stream events an operator must see, from the workers' counters: `trimmed` (entries
+    /// removed from the stream before they were answered, dead-lettered as `stream.trimmed`),
+    /// `group_recreated` (the group disappeared and was recreated at its delivery mark), with
+    /// when they last happened.
+    pub events: BTreeMap<String, String>,
     /// The window the per-business figures cover.
     pub window_minutes: u64,
     pub businesses: Vec<BusinessActivity>,
@@ -87,6 +94,10 @@ pub async fn read(
         .arg(&streams.dead_letter)
         .query_async(&mut c)
         .await?;
+    let events: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(&keys.events)
+        .query_async(&mut c)
+        .await?;
     let errors = error_replies(conn, streams, window_minutes).await?;
     let mut businesses = Vec::new();
     for (id, name, replies, fallbacks) in store.recent_activity(window_minutes).await? {
@@ -111,6 +122,8 @@ pub async fn read(
         consumers,
         queues_in_use,
         dead_letters,
+        dead_letter_limit: streams.dead_letter_maxlen as u64,
+        events,
         window_minutes,
         businesses,
     })
@@ -134,6 +147,13 @@ async fn error_replies(
             .or_default() += 1;
     }
     Ok(out)
+}
+
+impl Status {
+    /// Whether the dead letters waiting have reached 80 % of the stream's bound.
+    pub fn dead_letters_nearly_full(&self) -> bool {
+        self.dead_letters.saturating_mul(10) >= self.dead_letter_limit.saturating_mul(8)
+    }
 }
 
 impl std::fmt::Display for Status {
@@ -162,7 +182,39 @@ impl std::fmt::Display for Status {
             )?;
         }
         writeln!(f, "order queues in use: {}", self.queues_in_use)?;
-        writeln!(f, "dead letters: {}", self.dead_letters)?;
+        write!(
+            f,
+            "dead letters: {} of at most {}",
+            self.dead_letters, self.dead_letter_limit
+        )?;
+        if self.dead_letters_nearly_full() {
+            write!(
+                f,
+                " · WARNING: nearly full; at the bound the oldest are evicted: replay or purge \
+                 them (icmp dlq)"
+            )?;
+        }
+        writeln!(f)?;
+        let event = |name: &str| self.events.get(name).map(String::as_str);
+        if let Some(n) = event("trimmed") {
+            writeln!(
+                f,
+                "WARNING: {n} entries were removed from the stream before they were answered \
+                 (a producer's MAXLEN, XTRIM or XDEL; last {} at {}); dead-lettered as \
+                 stream.trimmed",
+                event("trimmed_last_id").unwrap_or("?"),
+                event("trimmed_last_at").unwrap_or("?")
+            )?;
+        }
+        if let Some(n) = event("group_recreated") {
+            writeln!(
+                f,
+                "WARNING: the consumer group disappeared and was recreated {n} time(s) (last at \
+                 {}, at entry {}); what it held unanswered was dead-lettered as stream.orphaned",
+                event("group_recreated_at").unwrap_or("?"),
+                event("group_recreated_mark").unwrap_or("?")
+            )?;
+        }
         writeln!(f, "last {} minutes, by business:", self.window_minutes)?;
         if self.businesses.is_empty() {
             writeln!(f, "  (no replies)")?;

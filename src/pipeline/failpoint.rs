@@ -10,6 +10,9 @@ pub const BEFORE_COMMIT: &str = "write.before_commit";
 /// After COMMIT, before the reply is published: the process exits (a crash).
 pub const AFTER_COMMIT_CRASH: &str = "worker.after_commit_crash";
 
+/// Inside the write transaction of a coalesced turn (one with later messages), before COMMIT:
+/// fails it for good, as a follower's row that PostgreSQL refused would.
+pub const COALESCED_WRITE: &str = "write.coalesced";
 /// At the start of processing: panics (a poison message).
 pub const PANIC: &str = "pipeline.panic";
 

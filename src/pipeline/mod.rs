@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::error::{PipelineError, StoreError};
+use crate::error::{Classify, PipelineError, StoreError};
 use crate::llm::LlmService;
 use crate::model::{Answer, AnswerStatus, Business, ConversationState};
 use crate::protocol::InboundMessage;
@@ -122,10 +122,12 @@ impl<L: LlmService> MessageHandler<L> {
     /// Processes a message together with the later messages of its user that `gather` finds
     /// for its business (same business, user and conversation, in stream order; asked only
     /// when the message is not answered yet): one turn, every message stored, one reply. When
-    /// one of them turns out to be stored already (a repeated `message_id`), the message is
-    /// processed alone and the others get their own turns. `first_delivery`: the message is
-    /// counted against its business's budget (a redelivery was counted before). The caller
-    /// sends the returned state write (the worker does so in its finish's round trip).
+    /// one of them turns out to be stored already (a repeated `message_id`), or the turn fails,
+    /// the message is processed alone and the others get their own turns. `gather` returns
+    /// the followers and how many of them start the pipeline for the first time; with
+    /// `attempt`, they decide what is counted against the business's budget: every message
+    /// exactly once, when it first starts. The caller sends the returned state write (the
+    /// worker does so in its finish's round trip).
     ///
     /// # Errors
     /// Validation errors (answer with an error reply), and processing errors that survived
@@ -134,8 +136,8 @@ impl<L: LlmService> MessageHandler<L> {
         &self,
         msg: &InboundMessage,
         log_id: Uuid,
-        first_delivery: bool,
-        gather: impl AsyncFnOnce(&Business) -> Vec<InboundMessage>,
+        attempt: Attempt,
+        gather: impl AsyncFnOnce(&Business) -> (Vec<InboundMessage>, u64),
     ) -> Result<Processed, PipelineError> {
         if self.failpoints.is_on(failpoint::PANIC) {
             panic!("failpoint {}", failpoint::PANIC);
@@ -154,7 +156,7 @@ impl<L: LlmService> MessageHandler<L> {
         let mut state =
             conversation::cached_state(&self.cache, msg.business_id, &msg.user_id).await;
         let key = msg.idempotency_key();
-        let ask_store = !first_delivery
+        let ask_store = !attempt.is_first()
             || msg.supersedes.is_some()
             || state
                 .as_ref()
@@ -163,12 +165,8 @@ impl<L: LlmService> MessageHandler<L> {
             return Ok(done);
         }
         let business = self.stages.business(msg.business_id).await?;
-        let gathered = gather(&business).await;
-        let counted = if first_delivery {
-            1 + gathered.len() as u64
-        } else {
-            0
-        };
+        let (gathered, new_followers) = gather(&business).await;
+        let counted = u64::from(attempt.number == 1) + new_followers;
         let throttled = budget::admit(&self.cache, &business, counted).await;
 
         let max = self.config.worker.max_conflict_retries;
@@ -204,6 +202,17 @@ impl<L: LlmService> MessageHandler<L> {
                     }
                     // A follower's key is taken: each of them gets its own turn.
                     tracing::info!("a coalesced message was stored before; answering alone");
+                    followers = &[];
+                }
+                // One follower must not take its turn down (a write PostgreSQL refuses, a
+                // template that fails on its text): the message is answered alone, and the
+                // others get turns of their own.
+                Err(e) if !followers.is_empty() => {
+                    metrics::record_error(&e, "coalesced turn");
+                    tracing::warn!(
+                        error.code = e.code(),
+                        "a coalesced turn failed; answering its first message alone"
+                    );
                     followers = &[];
                 }
                 // A message not looked up first may be answered already: its stored answer,
@@ -373,6 +382,24 @@ impl<L: LlmService> MessageHandler<L> {
             followers,
             state,
         })
+    }
+}
+
+/// Which processing attempt of its entry a message is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// How many times the entry started the pipeline, this time included (1: the first).
+    pub number: u64,
+    /// How many times the group delivered it (a takeover of a waiting entry adds a delivery,
+    /// not an attempt).
+    pub deliveries: u64,
+}
+
+impl Attempt {
+    /// The first attempt of a first delivery: nobody can have stored this message before
+    /// (unless its key repeats an earlier message's).
+    pub fn is_first(self) -> bool {
+        self.number <= 1 && self.deliveries <= 1
     }
 }
 

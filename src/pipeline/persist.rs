@@ -115,6 +115,10 @@ pub async fn write(
             sinks.store.commit_write_set(&ws, || {
                 if sinks.failpoints.is_on(failpoint::BEFORE_COMMIT) {
                     Err(StoreError::Injected(failpoint::BEFORE_COMMIT))
+                } else if !followers.is_empty()
+                    && sinks.failpoints.is_on(failpoint::COALESCED_WRITE)
+                {
+                    Err(StoreError::Injected(failpoint::COALESCED_WRITE))
                 } else {
                     Ok(())
                 }

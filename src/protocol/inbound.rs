@@ -94,13 +94,35 @@ fn uuid_field(value: &str, field: &'static str) -> Result<Uuid, ValidationError>
     })
 }
 
+/// The most bytes of a `message_id` or `user_id`, whatever the character limits say: the three
+/// parts of a message's unique key together must fit one PostgreSQL index entry (2,704 bytes).
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Text PostgreSQL cannot store: `text` and `jsonb` refuse the NUL character.
+fn nul(field: &'static str) -> ValidationError {
+    ValidationError::InvalidField {
+        field,
+        reason: "contains a NUL character, which cannot be stored".into(),
+    }
+}
+
+/// Whether a JSON value holds a NUL character in any string or key, at any depth.
+fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
 /// Checks `reply_to` against the allowed prefix.
 pub fn check_reply_to(reply_to: &str, prefix: &str) -> Result<(), ValidationError> {
     let tail = reply_to.strip_prefix(prefix).unwrap_or("");
     if prefix.is_empty()
         || tail.is_empty()
         || reply_to.len() > 256
-        || tail.chars().any(char::is_whitespace)
+        || tail.chars().any(|c| c.is_whitespace() || c.is_control())
     {
         return Err(ValidationError::ReplyToNotAllowed(prefix.to_owned()));
     }
@@ -137,17 +159,20 @@ pub fn decode(
         check_reply_to(r, reply_prefix)?;
     }
     let message_id = text(fields, "message_id")?.filter(|s| !s.is_empty());
-    if let Some(id) = &message_id
-        && id.chars().count() > limits.max_message_id_chars
-    {
-        return Err(ValidationError::InvalidField {
-            field: "message_id",
-            reason: format!("longer than {} characters", limits.max_message_id_chars),
-        });
+    if let Some(id) = &message_id {
+        if id.chars().count() > limits.max_message_id_chars || id.len() > MAX_KEY_BYTES {
+            return Err(ValidationError::InvalidField {
+                field: "message_id",
+                reason: format!("longer than {} characters", limits.max_message_id_chars),
+            });
+        }
+        if id.contains('\0') {
+            return Err(nul("message_id"));
+        }
     }
     let business_id = uuid_field(&required(fields, "business_id")?, "business_id")?;
     let user_id = canonical_user(&required(fields, "user_id")?).to_owned();
-    if user_id.chars().count() > limits.max_user_id_chars {
+    if user_id.chars().count() > limits.max_user_id_chars || user_id.len() > MAX_KEY_BYTES {
         return Err(ValidationError::InvalidField {
             field: "user_id",
             reason: format!("longer than {} characters", limits.max_user_id_chars),
@@ -176,10 +201,7 @@ pub fn decode(
         return Err(ValidationError::EmptyContent);
     }
     if content.contains('\0') {
-        return Err(ValidationError::InvalidField {
-            field: "content",
-            reason: "contains a NUL character".into(),
-        });
+        return Err(nul("content"));
     }
     let conversation_id = match text(fields, "conversation_id")?.filter(|s| !s.is_empty()) {
         Some(s) => Some(uuid_field(&s, "conversation_id")?),
@@ -194,7 +216,16 @@ pub fn decode(
                     limit: limits.max_metadata_bytes,
                 });
             }
+            // serde_json refuses what PostgreSQL's jsonb refuses in syntax (invalid surrogate
+            // escapes, numbers out of range); `\u0000` it accepts and jsonb does not.
             match serde_json::from_slice::<Value>(bytes) {
+                Ok(Value::Object(map))
+                    if map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)) =>
+                {
+                    return Err(ValidationError::InvalidMetadata(
+                        "contains a NUL character (\\u0000), which cannot be stored".into(),
+                    ));
+                }
                 Ok(Value::Object(map)) => Some(map),
                 Ok(_) => return Err(ValidationError::InvalidMetadata("not an object".into())),
                 Err(e) => return Err(ValidationError::InvalidMetadata(e.to_string())),
@@ -265,6 +296,96 @@ mod tests {
         .expect("valid");
         assert_eq!(m.content, " {{x}} ");
         assert_eq!(m.idempotency_key(), "1-0");
+    }
+
+    #[test]
+    fn what_postgresql_refuses_is_a_validation_error_at_decode_time() {
+        let base = |extra: (&'static str, &'static [u8])| {
+            code(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                extra,
+            ])
+        };
+        assert_eq!(base(("message_id", b"m\0")), "validation.invalid_field");
+        assert_eq!(
+            base(("reply_to", b"r:a\0b")),
+            "validation.reply_to_not_allowed"
+        );
+        for meta in [
+            br#"{"a":"x\u0000"}"#.as_slice(),
+            br#"{"a\u0000":1}"#,
+            br#"{"a":[{"b":["\u0000"]}]}"#,
+            // Lone and reversed surrogates, and a number jsonb could not hold.
+            br#"{"a":"\ud800"}"#,
+            br#"{"a":"\udc00\ud800"}"#,
+            br#"{"a":1e999}"#,
+        ] {
+            let raw = fields(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"x"),
+                ("metadata", meta),
+            ]);
+            let e = decode("1-0", &raw, &limits_wide(), "r:").expect_err("refused");
+            assert_eq!(
+                e.code(),
+                "validation.invalid_metadata",
+                "{}",
+                String::from_utf8_lossy(meta)
+            );
+        }
+        assert_eq!(
+            code(&[("business_id", BIZ), ("user_id", b"a\0"), ("content", b"x")]),
+            "validation.invalid_field"
+        );
+        assert_eq!(
+            code(&[("business_id", BIZ), ("user_id", b"a"), ("content", b"x\0")]),
+            "validation.invalid_field"
+        );
+        // Many multi-byte characters within the character limit but over the bytes one
+        // index entry holds.
+        let mut l = limits();
+        l.max_message_id_chars = 10_000;
+        l.max_entry_bytes = 100_000;
+        let long = "\u{1F600}".repeat(300);
+        let raw = fields(&[
+            ("business_id", BIZ),
+            ("user_id", b"a"),
+            ("content", b"x"),
+            ("message_id", long.as_bytes()),
+        ]);
+        let e = decode("1-0", &raw, &l, "r:").expect_err("too long");
+        assert_eq!(e.code(), "validation.invalid_field");
+        // What PostgreSQL stores is fine: an escaped backslash-u in text, other control
+        // characters, a surrogate pair.
+        let ok = decode(
+            "1-0",
+            &fields(&[
+                ("business_id", BIZ),
+                ("user_id", b"a"),
+                ("content", b"tab\tnewline\n"),
+                ("message_id", b"m\t1"),
+                ("metadata", br#"{"a":"\\u0000 is text","b":"\ud83d\ude00"}"#),
+            ]),
+            &limits_wide(),
+            "r:",
+        )
+        .expect("valid");
+        assert_eq!(
+            ok.metadata.and_then(|m| m.get("b").cloned()),
+            Some(serde_json::json!("\u{1F600}"))
+        );
+    }
+
+    fn limits_wide() -> LimitsConfig {
+        LimitsConfig {
+            max_content_bytes: 64,
+            max_metadata_bytes: 64,
+            max_entry_bytes: 400,
+            ..limits()
+        }
     }
 
     #[test]
@@ -460,6 +581,12 @@ mod tests {
                         prop_assert!(!m.content.trim().is_empty());
                         if let Some(r) = &m.reply_to {
                             prop_assert!(r.starts_with("icmp:reply:"));
+                        }
+                        // Nothing PostgreSQL would refuse gets past decoding.
+                        prop_assert!(!m.content.contains('\0') && !m.user_id.contains('\0'));
+                        prop_assert!(!m.idempotency_key().contains('\0'));
+                        if let Some(meta) = &m.metadata {
+                            prop_assert!(!holds_nul(&Value::Object(meta.clone())));
                         }
                     }
                     Err(e) => {

@@ -23,6 +23,22 @@ use uuid::Uuid;
 
 /// Sets the business a transaction may see (row-level security, migration V5).
 const SCOPE: &str = "SELECT set_config('icmp.business_id', $1, true)";
+/// [`SCOPE`], and the transaction's `statement_timeout` (its remaining statements and COMMIT
+/// are cancelled by the server at the message's deadline).
+const SCOPE_UNTIL: &str =
+    "SELECT set_config('icmp.business_id', $1, true), set_config('statement_timeout', $2, true)";
+
+/// What the server is told to leave of a message's deadline, so that its cancellation comes
+/// before the worker gives the message up: nothing of a message commits after its deadline.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+tokio::task_local! {
+    /// When the message being processed must be done (`worker.message_deadline_ms`): write
+    /// transactions started in this scope end there, on the server's clock (a
+    /// transaction-local `statement_timeout`), so that a write the worker gave up on cannot
+    /// commit later (dropping a pipelined transaction's future does not stop its COMMIT).
+    pub static DEADLINE: std::time::Instant;
+}
 
 use crate::config::DatabaseConfig;
 pub use crate::error::StoreError;
@@ -63,6 +79,8 @@ pub struct Store {
     /// For connections outside the pool (`LISTEN`).
     pg: Arc<tokio_postgres::Config>,
     tls: MakeRustlsConnect,
+    /// The sessions' own `statement_timeout` (0: none), which a deadline only ever shortens.
+    statement_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -99,8 +117,11 @@ impl Store {
     ///
     /// # Errors
     /// An invalid URL or role name.
+    /// Their sessions also get `database.lock_timeout_ms` and `statement_timeout_ms`, so that a
+    /// lock held by another session cannot stall a message forever.
     pub fn connect_worker(config: &DatabaseConfig) -> Result<Store, StoreError> {
         let mut pg = pg_config(config)?;
+        let mut options = Vec::new();
         let role = &config.worker_role;
         if !role.is_empty() {
             if !role
@@ -111,9 +132,27 @@ impl Store {
                     "database.worker_role {role:?} is not a plain role name"
                 )));
             }
-            pg.options(format!("-c role={role}"));
+            options.push(format!("-c role={role}"));
         }
-        Store::build(config, pg)
+        if config.lock_timeout_ms > 0 {
+            options.push(format!("-c lock_timeout={}", config.lock_timeout_ms));
+        }
+        if config.statement_timeout_ms > 0 {
+            options.push(format!(
+                "-c statement_timeout={}",
+                config.statement_timeout_ms
+            ));
+            options.push(format!(
+                "-c idle_in_transaction_session_timeout={}",
+                config.statement_timeout_ms
+            ));
+        }
+        if !options.is_empty() {
+            pg.options(options.join(" "));
+        }
+        let mut store = Store::build(config, pg)?;
+        store.statement_timeout_ms = config.statement_timeout_ms;
+        Ok(store)
     }
 
     fn build(config: &DatabaseConfig, pg: tokio_postgres::Config) -> Result<Store, StoreError> {
@@ -138,6 +177,7 @@ impl Store {
             round_trips: Arc::default(),
             pg: Arc::new(pg),
             tls,
+            statement_timeout_ms: 0,
         })
     }
 
@@ -168,14 +208,27 @@ impl Store {
         params: &[&(dyn ToSql + Sync)],
         end: &str,
     ) -> Result<Vec<Row>, StoreError> {
-        let scope = client.prepared(SCOPE).await?;
+        let until = DEADLINE
+            .try_with(|d| d.saturating_duration_since(std::time::Instant::now()))
+            .ok()
+            .map(|left| left.saturating_sub(DEADLINE_MARGIN).as_millis().max(1) as u64)
+            .filter(|ms| self.statement_timeout_ms == 0 || *ms < self.statement_timeout_ms);
+        let scope = client
+            .prepared(if until.is_some() { SCOPE_UNTIL } else { SCOPE })
+            .await?;
         self.count_round_trip();
         let business = business_id.to_string();
-        let scope_params: [&(dyn ToSql + Sync); 1] = [&business];
+        let timeout = until.map(|ms| ms.to_string()).unwrap_or_default();
+        let with_timeout: [&(dyn ToSql + Sync); 2] = [&business, &timeout];
+        let scope_params: &[&(dyn ToSql + Sync)] = if until.is_some() {
+            &with_timeout
+        } else {
+            &with_timeout[..1]
+        };
         let (begin, set, rows, end) = Box::pin(async {
             tokio::join!(
                 client.batch_execute("BEGIN"),
-                client.query(&scope, &scope_params),
+                client.query(&scope, scope_params),
                 client.query(stmt, params),
                 client.batch_execute(end),
             )

@@ -20,9 +20,9 @@ use crate::error::StreamError;
 /// How long an abandoned `reply_to` stream lives.
 const REPLY_STREAM_TTL_SECS: u64 = 3600;
 
-/// `KEYS[1]` = inbound, `KEYS[2]` = reply stream, `KEYS[3]` = dead-letter stream,
-/// `KEYS[4]` = order queue, `KEYS[5]` = queue index, `KEYS[6]` = queued entries (all three
-/// optional);
+/// `KEYS[1]` = inbound, `KEYS[2]` = reply stream, `KEYS[3]` = dead-letter stream, `KEYS[4]` =
+/// processing attempts, `KEYS[5]` = order queue, `KEYS[6]` = queue index, `KEYS[7]` = queued
+/// entries (these three optional);
 /// `ARGV` = group, entry id, queue member, wake channel, reply max length (0: none), reply
 /// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, `1` when the
 /// reply stream's type must be checked (a `reply_to` stream), `1` when the queue's next head is
@@ -60,17 +60,18 @@ if acked == 1 then
     if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
   end
 end
+redis.call('HDEL', KEYS[4], ARGV[2])
 -- Only the holder that acknowledged dequeues: an entry that left the pending list unanswered
 -- (its consumer deleted) stays at its queue's head, where the head check or the sweep finds it
 -- and dead-letters it as an orphan; one another holder finished was dequeued by that holder.
-if KEYS[4] and acked == 1 then
-  redis.call('ZREM', KEYS[6], ARGV[3])
-  if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
-    local nxt = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
+if KEYS[5] and acked == 1 then
+  redis.call('ZREM', KEYS[7], ARGV[3])
+  if redis.call('ZREM', KEYS[5], ARGV[3]) == 1 then
+    local nxt = redis.call('ZRANGE', KEYS[5], 0, 0)[1]
     if nxt then
-      if ARGV[11] ~= '1' then redis.call('PUBLISH', ARGV[4], nxt .. KEYS[4]) end
+      if ARGV[11] ~= '1' then redis.call('PUBLISH', ARGV[4], nxt .. KEYS[5]) end
     else
-      redis.call('SREM', KEYS[5], KEYS[4])
+      redis.call('SREM', KEYS[6], KEYS[5])
     end
   end
 end
@@ -111,7 +112,8 @@ impl Streams {
         let mut inv = self.scripts.finish.prepare_invoke();
         inv.key(&self.config.inbound)
             .key(reply_stream)
-            .key(&self.config.dead_letter);
+            .key(&self.config.dead_letter)
+            .key(&self.keys.attempts);
         if let Some(slot) = slot {
             inv.key(slot.key.as_slice())
                 .key(&self.keys.queue_index)

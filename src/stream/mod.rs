@@ -68,6 +68,18 @@ pub struct Keys {
     pub queued: String,
     /// Where finishing an entry announces its queue key.
     pub wake_channel: String,
+    /// Processing attempts per entry id (a hash): how often an entry started the pipeline,
+    /// which is what poison protection counts (a takeover of an entry that only waited its
+    /// turn adds a delivery, not an attempt). The finish and the head check remove an entry's
+    /// field.
+    pub attempts: String,
+    /// The id of the last entry the group delivered (a string, written by the claim): a
+    /// group that disappears (`XGROUP DESTROY`, a restore without it) is recreated there, not
+    /// at the beginning of the stream, so that nothing is answered twice.
+    pub mark: String,
+    /// Counters of stream events an operator must see (`icmp status`): trimmed entries, group
+    /// recreations, dead letters evicted (a hash).
+    pub events: String,
 }
 
 impl Keys {
@@ -78,6 +90,9 @@ impl Keys {
             queue_index: format!("{key_prefix}order-index:{{{tag}}}:{}", config.group),
             queued: format!("{key_prefix}order-queued:{{{tag}}}:{}", config.group),
             wake_channel: format!("{key_prefix}order-wake:{}:{}", config.inbound, config.group),
+            attempts: format!("{key_prefix}attempts:{{{tag}}}:{}", config.group),
+            mark: format!("{key_prefix}group-mark:{{{tag}}}:{}", config.group),
+            events: format!("{key_prefix}stream-events:{{{tag}}}:{}", config.group),
         }
     }
 }
@@ -124,7 +139,24 @@ pub struct Streams {
     scripts: Arc<Scripts>,
 }
 
+/// `KEYS[1]` = inbound stream, `KEYS[2]` = delivery mark, `KEYS[3]` = events hash; `ARGV` =
+/// group, now (RFC 3339). Returns `{created, mark}`: `{0, ''}` when the group exists, `{1, ''}`
+/// when it was created at the beginning, `{1, mark}` when it was recreated at its mark.
+const ENSURE_GROUP_SCRIPT: &str = r"
+local mark = redis.call('GET', KEYS[2])
+local r = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], mark or '0', 'MKSTREAM')
+if type(r) == 'table' and r.err then
+  if string.find(r.err, 'BUSYGROUP', 1, true) then return {0, ''} end
+  return r
+end
+if not mark then return {1, ''} end
+redis.call('HINCRBY', KEYS[3], 'group_recreated', 1)
+redis.call('HSET', KEYS[3], 'group_recreated_at', ARGV[2], 'group_recreated_mark', mark)
+return {1, mark}
+";
+
 struct Scripts {
+    ensure_group: redis::Script,
     claim: redis::Script,
     reclaim: redis::Script,
     head: redis::Script,
@@ -158,6 +190,7 @@ impl Streams {
             keys: Keys::new(&config, key_prefix),
             config,
             scripts: Arc::new(Scripts {
+                ensure_group: redis::Script::new(ENSURE_GROUP_SCRIPT),
                 claim: redis::Script::new(&read::claim_script()),
                 reclaim: redis::Script::new(&read::reclaim_script()),
                 head: redis::Script::new(order::HEAD_SCRIPT),
@@ -185,22 +218,54 @@ impl Streams {
         self.conn.clone()
     }
 
-    /// Creates the consumer group (and the stream) if missing; the group starts at the
-    /// beginning of the stream so entries added before the first worker are processed.
-    pub async fn ensure_group(&self) -> Result<(), StreamError> {
-        let r: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.config.inbound)
+    /// Creates the consumer group (and the stream) if missing. A group that never existed
+    /// starts at the beginning of the stream, so entries added before the first worker are
+    /// processed; a group that existed and disappeared (`XGROUP DESTROY`, a restore without
+    /// it) is recreated at its delivery mark ([`Keys::mark`]), so that nothing it delivered is
+    /// delivered again: what it held unanswered is found in the order queues and
+    /// dead-lettered as `stream.orphaned`. Returns the mark when it recreated the group there
+    /// (the caller says so loudly).
+    pub async fn ensure_group(&self) -> Result<Option<String>, StreamError> {
+        let reply: Value = self
+            .scripts
+            .ensure_group
+            .key(&self.config.inbound)
+            .key(&self.keys.mark)
+            .key(&self.keys.events)
             .arg(&self.config.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.conn())
-            .await;
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e.into()),
+            .arg(chrono::Utc::now().to_rfc3339())
+            .invoke_async(&mut self.conn())
+            .await?;
+        let mut parts = array(reply).unwrap_or_default().into_iter();
+        match (parts.next(), parts.next().and_then(text)) {
+            (Some(Value::Int(1)), Some(mark)) if !mark.is_empty() => Ok(Some(mark)),
+            (Some(Value::Int(_)), _) => Ok(None),
+            other => Err(StreamError::UnexpectedReply(format!(
+                "ensure group: {other:?}"
+            ))),
         }
+    }
+
+    /// Dead letters waiting for a replay or a purge (the dead-letter stream's length).
+    ///
+    /// # Errors
+    /// Redis failures.
+    pub async fn dead_letters_waiting(&self) -> Result<u64, StreamError> {
+        Ok(redis::cmd("XLEN")
+            .arg(&self.config.dead_letter)
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// The counters of [`Keys::events`] (trimmed entries seen, group recreations, …).
+    ///
+    /// # Errors
+    /// Redis failures.
+    pub async fn events(&self) -> Result<std::collections::BTreeMap<String, String>, StreamError> {
+        Ok(redis::cmd("HGETALL")
+            .arg(&self.keys.events)
+            .query_async(&mut self.conn())
+            .await?)
     }
 
     /// The group's pending count (delivered, not acked) and lag (entries not yet delivered;

@@ -19,10 +19,17 @@ use super::{Streams, array, text};
 use crate::error::StreamError;
 
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = queue, `KEYS[3]` = dead-letter stream, `KEYS[4]` =
-/// queue index, `KEYS[5]` = queued entries;
-/// `ARGV` = group, member, entry id, wake channel, dead-letter max length, now (RFC 3339).
-/// Returns `{verdict, healed}`: `go` (the entry is the head), `wait` (an earlier entry is
-/// pending) or `gone` (the entry is no longer pending), and how many stale heads it removed.
+/// queue index, `KEYS[5]` = queued entries, `KEYS[6]` = processing attempts, `KEYS[7]` =
+/// stream events;
+/// `ARGV` = group, member, entry id, wake channel, dead-letter max length, now (RFC 3339),
+/// queue key prefix.
+///
+/// A stale head still in the stream is dead-lettered as `stream.orphaned` with its fields; one
+/// gone from the stream (a producer's `MAXLEN`, `XTRIM`, `XDEL`) as `stream.trimmed` with
+/// what its queue key tells (business and user), counted in the events hash.
+/// Returns `{verdict, healed, trimmed}`: `go` (the entry is the head), `wait` (an earlier entry
+/// is pending) or `gone` (the entry is no longer pending), how many stale heads it removed, and
+/// how many of those were gone from the stream.
 /// With an empty member (the sweep of queues nobody here waits on) it only heals: `wait` when
 /// the head is pending, `gone` when the queue is empty.
 pub(crate) const HEAD_SCRIPT: &str = r"
@@ -38,25 +45,42 @@ local function pending(id)
   return redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1] ~= nil
 end
 local healed = 0
+local trimmed = 0
 local verdict = 'wait'
 local sweep = ARGV[2] == ''
 local function heal(head, hid)
   redis.call('ZREM', KEYS[2], head)
   redis.call('ZREM', KEYS[5], head)
+  redis.call('HDEL', KEYS[6], hid)
   healed = healed + 1
   local e = redis.call('XRANGE', KEYS[1], hid, hid)[1]
+  local f, code, detail
   if e then
-    local f = e[2]
+    f = e[2]
     -- A hostile entry's fields could exceed what one call may carry: keep its id only.
     if #f > 256 then f = {} end
-    for _, kv in ipairs({{'inbound_id', hid}, {'error_code', 'stream.orphaned'},
-        {'error_detail', 'the entry left the pending list unanswered (consumer deleted or group reset)'},
-        {'deliveries', '0'}, {'failed_at', ARGV[6]}, {'log_id', ''}}) do
-      f[#f + 1] = kv[1]
-      f[#f + 1] = kv[2]
+    code = 'stream.orphaned'
+    detail = 'the entry left the pending list unanswered (consumer deleted or group reset)'
+  else
+    -- Gone from the stream before it was answered: what the queue key knows of it.
+    f = {}
+    local who = string.sub(KEYS[2], #ARGV[7] + 1)
+    local b, u = string.match(who, '^([^:]+):(.*)$')
+    if b and u and string.sub(KEYS[2], 1, #ARGV[7]) == ARGV[7] then
+      f = {'business_id', b, 'user_id', u}
     end
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(f))
+    code = 'stream.trimmed'
+    detail = 'the entry was removed from the stream (MAXLEN, XTRIM or XDEL) before it was answered'
+    trimmed = trimmed + 1
+    redis.call('HINCRBY', KEYS[7], 'trimmed', 1)
+    redis.call('HSET', KEYS[7], 'trimmed_last_at', ARGV[6], 'trimmed_last_id', hid)
   end
+  for _, kv in ipairs({{'inbound_id', hid}, {'error_code', code}, {'error_detail', detail},
+      {'deliveries', '0'}, {'failed_at', ARGV[6]}, {'log_id', ''}}) do
+    f[#f + 1] = kv[1]
+    f[#f + 1] = kv[2]
+  end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(f))
 end
 for _ = 1, 100 do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
@@ -81,7 +105,7 @@ if healed > 0 and verdict ~= 'go' then redis.call('PUBLISH', ARGV[4], KEYS[2]) e
 if (sweep or verdict == 'gone') and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('SREM', KEYS[4], KEYS[2])
 end
-return {verdict, healed}
+return {verdict, healed, trimmed}
 ";
 
 /// A wake-up: a queue changed; with the member of its new head when the finish that dequeued
@@ -163,9 +187,11 @@ pub enum Head {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadCheck {
     pub head: Head,
-    /// Stale heads removed on the way (each one counted and, if still in the stream,
-    /// dead-lettered as `stream.orphaned`).
+    /// Stale heads removed on the way (each one counted and dead-lettered: as
+    /// `stream.orphaned` if still in the stream, else as `stream.trimmed`).
     pub healed: u64,
+    /// Of those, the heads gone from the stream.
+    pub trimmed: u64,
 }
 
 impl Streams {
@@ -183,16 +209,16 @@ impl Streams {
     }
 
     /// Heals the heads of the given queues (whoever waits on them), in one round trip;
-    /// returns how many stale heads were removed.
-    pub async fn heal_queues(&self, keys: &[Vec<u8>]) -> Result<u64, StreamError> {
+    /// returns how many stale heads were removed, and how many of those were gone from the
+    /// stream.
+    pub async fn heal_queues(&self, keys: &[Vec<u8>]) -> Result<(u64, u64), StreamError> {
         let checks: Vec<(&[u8], &str, &str)> =
             keys.iter().map(|k| (k.as_slice(), "", "")).collect();
         Ok(self
             .run_head_checks(&checks)
             .await?
             .iter()
-            .map(|c| c.healed)
-            .sum())
+            .fold((0, 0), |(h, t), c| (h + c.healed, t + c.trimmed)))
     }
 
     async fn run_head_checks(
@@ -211,12 +237,15 @@ impl Streams {
                 .key(&self.config.dead_letter)
                 .key(&self.keys.queue_index)
                 .key(&self.keys.queued)
+                .key(&self.keys.attempts)
+                .key(&self.keys.events)
                 .arg(&self.config.group)
                 .arg(*member)
                 .arg(*id)
                 .arg(&self.keys.wake_channel)
                 .arg(self.config.dead_letter_maxlen)
-                .arg(&now);
+                .arg(&now)
+                .arg(&self.keys.queue_prefix);
             pipe.invoke_script(&inv);
         }
         let replies = super::query_scripts(self.conn(), &pipe, &self.scripts.head).await?;
@@ -230,11 +259,17 @@ impl Streams {
                     Some("gone") => Head::Gone,
                     _ => return Err(StreamError::UnexpectedReply("head check".into())),
                 };
-                let healed = match p.next() {
+                let mut count = || match p.next() {
                     Some(Value::Int(n)) => u64::try_from(n).unwrap_or(0),
                     _ => 0,
                 };
-                Ok(HeadCheck { head, healed })
+                let healed = count();
+                let trimmed = count();
+                Ok(HeadCheck {
+                    head,
+                    healed,
+                    trimmed,
+                })
             })
             .collect()
     }

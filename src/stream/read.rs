@@ -67,8 +67,8 @@ local function member(id)
 end
 ";
 
-/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries; `ARGV` =
-/// group, consumer, count, queue key prefix.
+/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries, `KEYS[4]` =
+/// the group's delivery mark; `ARGV` = group, consumer, count, queue key prefix.
 /// Returns `{last_id, {{id, fields, 1, queue_key, at_head}, …}}`: the stream's last id when the
 /// script ran, and the entries it delivered (first delivery) and queued. `at_head` is 1 when the
 /// entry is its queue's head: it was just delivered to this consumer, so it is pending here and
@@ -97,6 +97,8 @@ if res then
   end
 end
 if #queued > 2 then redis.call(unpack(queued)) end
+-- The last id the group delivered: where it is recreated should it disappear.
+if #out > 0 then redis.call('SET', KEYS[4], out[#out][1]) end
 return {last_id, out}
 ";
 
@@ -190,6 +192,7 @@ impl Streams {
             .key(&self.config.inbound)
             .key(&self.keys.queue_index)
             .key(&self.keys.queued)
+            .key(&self.keys.mark)
             .arg(&self.config.group)
             .arg(&self.consumer)
             .arg(count.max(1))
@@ -269,6 +272,47 @@ impl Streams {
             deleted,
             cursor,
         })
+    }
+
+    /// Counts a processing attempt of each entry (it starts the pipeline now, alone or in a
+    /// coalesced turn); returns each one's attempts so far, this one included. One round trip.
+    pub async fn start_attempts(&self, ids: &[&str]) -> Result<Vec<u64>, StreamError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HINCRBY").arg(&self.keys.attempts).arg(*id).arg(1);
+        }
+        let counts: Vec<i64> = pipe.query_async(&mut self.conn()).await?;
+        Ok(counts
+            .into_iter()
+            .map(|n| u64::try_from(n).unwrap_or(1))
+            .collect())
+    }
+
+    /// Counts an entry that was gone from the stream when its turn came, for `icmp status`.
+    pub async fn record_trimmed(&self, id: &str) -> Result<(), StreamError> {
+        let _: () = redis::pipe()
+            .cmd("HINCRBY")
+            .arg(&self.keys.events)
+            .arg("trimmed")
+            .arg(1)
+            .ignore()
+            .cmd("HSET")
+            .arg(&self.keys.events)
+            .arg("trimmed_last_at")
+            .arg(chrono::Utc::now().to_rfc3339())
+            .arg("trimmed_last_id")
+            .arg(id)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The business and user a queue key names (`None` for the queue of entries without them).
+    pub fn queue_owner<'k>(&self, key: &'k [u8]) -> Option<(&'k [u8], &'k [u8])> {
+        let rest = key.strip_prefix(self.keys.queue_prefix.as_bytes())?;
+        let colon = rest.iter().position(|b| *b == b':')?;
+        Some((&rest[..colon], &rest[colon + 1..]))
     }
 
     /// The fields of an entry that waited without them (see the worker's waiting room);

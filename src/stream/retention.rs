@@ -108,8 +108,13 @@ impl Streams {
 impl Streams {
     /// Checks the heads of up to about `count` order queues of this stream and group (from the
     /// queue index), starting at SSCAN cursor `cursor`; returns the next cursor (0: every queue
-    /// was visited) and how many stale heads were healed.
-    pub async fn sweep_queues(&self, cursor: u64, count: usize) -> Result<(u64, u64), StreamError> {
+    /// was visited), how many stale heads were healed, and how many of those were gone from
+    /// the stream.
+    pub async fn sweep_queues(
+        &self,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, (u64, u64)), StreamError> {
         let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SSCAN")
             .arg(&self.keys.queue_index)
             .arg(cursor)

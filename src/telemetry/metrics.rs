@@ -36,6 +36,8 @@ pub const STREAM_LAG: &str = "icmp_stream_lag";
 pub const DB_POOL_CONNECTIONS: &str = "icmp_db_pool_connections";
 pub const THROTTLED_TOTAL: &str = "icmp_throttled_total";
 pub const COALESCED_TOTAL: &str = "icmp_coalesced_messages_total";
+pub const DEAD_LETTER_ENTRIES: &str = "icmp_dead_letter_entries";
+pub const DEAD_LETTER_FILL_RATIO: &str = "icmp_dead_letter_fill_ratio";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -138,6 +140,14 @@ fn describe() {
     describe_gauge!(
         STREAM_LAG,
         "Entries in the inbound stream not yet delivered to the group."
+    );
+    describe_gauge!(
+        DEAD_LETTER_ENTRIES,
+        "Dead letters waiting for a replay or a purge."
+    );
+    describe_gauge!(
+        DEAD_LETTER_FILL_RATIO,
+        "Dead letters waiting, as a share of streams.dead_letter_maxlen (at 1 the oldest are evicted)."
     );
     describe_gauge!(
         DB_POOL_CONNECTIONS,
@@ -267,6 +277,13 @@ pub enum StreamEvent {
     Trimmed,
     /// Idle consumers with nothing pending removed from the group.
     ConsumerPruned,
+    /// The consumer group was missing and was recreated at its delivery mark.
+    GroupRecreated,
+    /// An entry a worker had seen was gone from the stream (a producer's `MAXLEN`, `XTRIM`,
+    /// `XDEL`) before it was answered: dead-lettered as `stream.trimmed`.
+    EntryTrimmed,
+    /// A message ran past `worker.message_deadline_ms` and was given up.
+    DeadlineExceeded,
 }
 
 impl StreamEvent {
@@ -280,6 +297,9 @@ impl StreamEvent {
             StreamEvent::Deleted => "deleted",
             StreamEvent::Trimmed => "trimmed",
             StreamEvent::ConsumerPruned => "consumer_pruned",
+            StreamEvent::GroupRecreated => "group_recreated",
+            StreamEvent::EntryTrimmed => "entry_trimmed",
+            StreamEvent::DeadlineExceeded => "deadline_exceeded",
         }
     }
 }
@@ -307,6 +327,12 @@ pub fn stream_state(pending: u64, lag: Option<u64>) {
     if let Some(lag) = lag {
         gauge!(STREAM_LAG).set(lag as f64);
     }
+}
+
+/// The dead letters waiting, and their share of the dead-letter stream's bound.
+pub fn dead_letters_waiting(n: u64, maxlen: u64) {
+    gauge!(DEAD_LETTER_ENTRIES).set(n as f64);
+    gauge!(DEAD_LETTER_FILL_RATIO).set(n as f64 / maxlen.max(1) as f64);
 }
 
 pub fn db_pool(idle: usize, busy: usize) {

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::error::{Classify, PipelineError};
 use crate::llm::LlmService;
 use crate::model::{AnswerStatus, Business};
-use crate::pipeline::{MessageHandler, Processed, failpoint};
+use crate::pipeline::{Attempt, MessageHandler, Processed, failpoint};
 use crate::protocol::{self, Reply};
 use crate::retry::RetryPolicy;
 use crate::stream::order::{self, QueueSlot};
@@ -36,6 +36,12 @@ use crate::stream::{Finish, StreamEntry, Streams};
 use crate::telemetry::metrics::{self, MessageOutcome, StreamEvent};
 
 pub use startup::{ConfiguredLlm, Dependencies, StartupError, run_until_stopped};
+
+/// The dead-letter code of an entry gone from the stream before it was answered.
+pub const TRIMMED: &str = "stream.trimmed";
+
+/// A statement the server cancelled this close to the message's deadline was cancelled by it.
+const DEADLINE_SLACK: Duration = Duration::from_millis(250);
 
 /// The most later messages one coalesced turn takes in.
 pub const MAX_COALESCED: usize = 20;
@@ -61,7 +67,8 @@ pub enum Outcome {
     /// Another consumer took it over, or it left the pending list, while this worker held it:
     /// its work here was dropped.
     Lost,
-    /// It was deleted from the stream while it waited for its turn: acked, nothing to answer.
+    /// It was removed from the stream while it waited for its turn: acked and dead-lettered
+    /// as `stream.trimmed` (no reply: where it should go is gone with it).
     Vanished,
 }
 
@@ -170,6 +177,7 @@ impl<L: LlmService> Worker<L> {
             log_id = %log_id,
             inbound.id = %entry.id,
             deliveries = entry.deliveries,
+            attempt = tracing::field::Empty,
             message.id = tracing::field::Empty,
             business.id = tracing::field::Empty,
             conversation.id = tracing::field::Empty,
@@ -215,11 +223,6 @@ impl<L: LlmService> Worker<L> {
             &self.config.limits,
             &self.config.streams.reply_prefix,
         );
-        if entry.deliveries > self.config.streams.max_deliveries {
-            let err = PipelineError::TooManyDeliveries(entry.deliveries);
-            metrics::record_error(&err, "message");
-            return self.dead_letter(entry, &err, log_id).await;
-        }
         let msg = match decoded {
             Ok(msg) => msg,
             Err(e) => {
@@ -237,29 +240,80 @@ impl<L: LlmService> Worker<L> {
                     .await;
             }
         };
+        // Poison protection counts processing attempts, not deliveries: a takeover of an entry
+        // that only waited for its turn costs it nothing.
+        let ids = [entry.id.as_str()];
+        let attempt = match self
+            .finish_retry
+            .run("redis.attempts", || self.streams.start_attempts(&ids))
+            .await
+        {
+            Ok(counts) => Attempt {
+                number: counts.first().copied().unwrap_or(1),
+                deliveries: entry.deliveries,
+            },
+            Err(e) => {
+                metrics::record_error(&e, "attempt count");
+                return (Outcome::RetryLater, Some(MessageOutcome::Retry));
+            }
+        };
+        tracing::Span::current().record("attempt", attempt.number);
+        let max_attempts = self.config.streams.max_deliveries;
+        if attempt.number > max_attempts {
+            let err = PipelineError::TooManyDeliveries(attempt.number);
+            metrics::record_error(&err, "message");
+            return self.dead_letter(entry, &err, log_id).await;
+        }
         // When the business coalesces bursts, the later messages of the user come along.
         let gather = async |business: &Business| match business.policy.coalesce_window() {
-            Some(window) => self.gather_followers(entry, &msg, window).await,
-            None => Vec::new(),
+            Some(window) => self.gather_followers(entry, &msg, attempt, window).await,
+            None => (Vec::new(), 0),
         };
         // A panic in one message must not take the worker down: it becomes a retryable error,
         // so a message that always panics ends in the dead-letter stream.
-        let processed = AssertUnwindSafe(self.handler.process_turn(
-            &msg,
-            log_id,
-            entry.deliveries <= 1,
-            gather,
-        ))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(PipelineError::Panicked(what))
-        });
+        let processing = AssertUnwindSafe(self.handler.process_turn(&msg, log_id, attempt, gather))
+            .catch_unwind()
+            .map(|r| {
+                r.unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(PipelineError::Panicked(what))
+                })
+            });
+        // Whatever it waits on (a row lock held by another session, a dependency that hangs),
+        // a message gives up at its deadline and is retried by redelivery.
+        let deadline_ms = self.config.worker.message_deadline_ms;
+        let processed = if deadline_ms == 0 {
+            processing.await
+        } else {
+            let budget = Duration::from_millis(deadline_ms);
+            // The server ends the message's write transactions at the deadline too (see
+            // `store::DEADLINE`): a write given up here never commits later.
+            let start = Instant::now();
+            let until = crate::store::DEADLINE.scope(start + budget, processing);
+            let exceeded = || {
+                metrics::stream_event(StreamEvent::DeadlineExceeded, 1);
+                tracing::warn!(
+                    deadline_ms,
+                    "the message ran past its deadline; giving it up"
+                );
+                Err(PipelineError::DeadlineExceeded(deadline_ms))
+            };
+            match tokio::time::timeout(budget, until).await {
+                // The server's end of the deadline (its statement_timeout) came first.
+                Ok(Err(e))
+                    if e.code() == "db.statement_timeout"
+                        && start.elapsed() + DEADLINE_SLACK >= budget =>
+                {
+                    exceeded()
+                }
+                Ok(p) => p,
+                Err(_) => exceeded(),
+            }
+        };
         let outbound = &self.config.streams.outbound;
         match processed {
             Ok(Processed::Answered {
@@ -318,9 +372,7 @@ impl<L: LlmService> Worker<L> {
                 )
                 .await
             }
-            Err(err)
-                if err.is_retryable() && entry.deliveries < self.config.streams.max_deliveries =>
-            {
+            Err(err) if err.is_retryable() && attempt.number < max_attempts => {
                 metrics::record_error(&err, "message");
                 (Outcome::RetryLater, Some(MessageOutcome::Retry))
             }
@@ -406,23 +458,25 @@ impl<L: LlmService> Worker<L> {
 
     /// The later messages of the entry's user waiting behind it, for a business that
     /// coalesces bursts: after waiting until `window` past the entry's arrival, the contiguous
-    /// run of waiting entries of the same business, user and conversation (at most
+    /// run of waiting entries of the same business, user, conversation and reply destination (at most
     /// [`MAX_COALESCED`], and their texts together at most [`MAX_COALESCED_CONTENTS`] times
-    /// `limits.max_content_bytes`). Nothing on any doubt: a redelivered entry is answered alone
-    /// (so that a later message that makes turns fail cannot take it to the dead-letter
-    /// stream), and an entry that does not decode, another conversation, a replay or a repeated
-    /// key ends the run.
+    /// `limits.max_content_bytes`). Nothing on any doubt: an entry on a later attempt is
+    /// answered alone, and an entry that does not decode, another conversation or reply
+    /// destination, a replay or a repeated key ends the run. Each follower's processing attempt
+    /// is counted; returns the followers and how many of them start for the first time (what
+    /// the business's budget counts).
     async fn gather_followers(
         &self,
         entry: &StreamEntry,
         msg: &protocol::InboundMessage,
+        attempt: Attempt,
         window: Duration,
-    ) -> Vec<protocol::InboundMessage> {
+    ) -> (Vec<protocol::InboundMessage>, u64) {
         let Some(slot) = &entry.slot else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
-        if msg.supersedes.is_some() || entry.deliveries > 1 {
-            return Vec::new();
+        if msg.supersedes.is_some() || attempt.number > 1 {
+            return (Vec::new(), 0);
         }
         if let Some(arrived) = crate::stream::entry_time_ms(&entry.id) {
             let until = arrived.saturating_add(window.as_millis() as u64);
@@ -436,7 +490,7 @@ impl<L: LlmService> Worker<L> {
             Ok(w) => w,
             Err(e) => {
                 metrics::record_error(&e, "coalesce");
-                return Vec::new();
+                return (Vec::new(), 0);
             }
         };
         let mut keys = std::collections::HashSet::from([msg.idempotency_key().to_owned()]);
@@ -452,9 +506,12 @@ impl<L: LlmService> Worker<L> {
             ) else {
                 break;
             };
+            // One turn has one reply destination: a later message that wants its answer
+            // elsewhere must see an answer there, so it gets a turn of its own.
             let same_turn = next.business_id == msg.business_id
                 && next.user_id == msg.user_id
                 && next.conversation_id == msg.conversation_id
+                && next.reply_to == msg.reply_to
                 && next.supersedes.is_none();
             if !same_turn || next.content.len() > room {
                 break;
@@ -465,7 +522,21 @@ impl<L: LlmService> Worker<L> {
             room -= next.content.len();
             followers.push(next);
         }
-        followers
+        if followers.is_empty() {
+            return (followers, 0);
+        }
+        let ids: Vec<&str> = followers.iter().map(|m| m.inbound_id.as_str()).collect();
+        match self.streams.start_attempts(&ids).await {
+            Ok(counts) => {
+                let first = counts.iter().filter(|n| **n == 1).count() as u64;
+                (followers, first)
+            }
+            Err(e) => {
+                // Uncounted, they wait for turns of their own.
+                metrics::record_error(&e, "coalesce");
+                (Vec::new(), 0)
+            }
+        }
     }
 
     /// Finishes a coalesced turn: the committed state's cache write, then the entry with its
@@ -587,13 +658,42 @@ impl<L: LlmService> Worker<L> {
         (outcome, label)
     }
 
-    /// Finishes an entry that vanished from the stream while it waited: ack and dequeue, no
-    /// reply (there is nothing to answer), counted.
+    /// Finishes an entry that vanished from the stream while it waited (a producer's `MAXLEN`,
+    /// `XTRIM`, `XDEL`): ack, dequeue and dead-letter it as `stream.trimmed` with what is
+    /// known (its id, and the business and user its queue names); no reply, since where it
+    /// should go is gone with it. Counted for `icmp status`.
     async fn vanished(&self, entry: &StreamEntry) -> Outcome {
         metrics::stream_event(StreamEvent::Vanished, 1);
+        metrics::stream_event(StreamEvent::EntryTrimmed, 1);
         WorkerStats::add(&self.stats.vanished, 1);
-        tracing::warn!(inbound.id = %entry.id, "entry deleted from the stream before its turn");
-        let finish = Finish::default();
+        tracing::warn!(inbound.id = %entry.id, "entry removed from the stream before its turn");
+        if let Err(e) = self.streams.record_trimmed(&entry.id).await {
+            metrics::record_error(&e, "stream events");
+        }
+        let known: Vec<(Vec<u8>, Vec<u8>)> = entry
+            .slot
+            .as_ref()
+            .and_then(|s| self.streams.queue_owner(&s.key))
+            .map(|(business, user)| {
+                vec![
+                    (b"business_id".to_vec(), business.to_vec()),
+                    (b"user_id".to_vec(), user.to_vec()),
+                ]
+            })
+            .unwrap_or_default();
+        let failure = protocol::dead_letter::Failure {
+            code: TRIMMED,
+            detail: "the entry was removed from the stream (MAXLEN, XTRIM or XDEL) before it was \
+                     answered"
+                .into(),
+            deliveries: entry.deliveries,
+            log_id: Uuid::now_v7(),
+            error_reply_id: None,
+        };
+        let finish = Finish {
+            reply: None,
+            dead_letter: Some(protocol::dead_letter::fields(&entry.id, &known, &failure)),
+        };
         match self
             .finish_retry
             .run("redis.finish", || {

@@ -252,6 +252,7 @@ impl Room {
                 let go = HeadCheck {
                     head: Head::Go,
                     healed: 0,
+                    trimmed: 0,
                 };
                 self.apply(&slot, &id, go);
                 self.dirty.remove(&wake.key);
@@ -504,7 +505,11 @@ mod tests {
     }
 
     fn verdict(head: Head) -> HeadCheck {
-        HeadCheck { head, healed: 0 }
+        HeadCheck {
+            head,
+            healed: 0,
+            trimmed: 0,
+        }
     }
 
     #[test]

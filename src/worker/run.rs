@@ -70,8 +70,14 @@ impl<L: LlmService> Worker<L> {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        while let Err(e) = self.streams.ensure_group().await {
-            metrics::record_error(&e, "consumer group");
+        loop {
+            match self.streams.ensure_group().await {
+                Ok(recreated) => {
+                    self.recreated(recreated);
+                    break;
+                }
+                Err(e) => metrics::record_error(&e, "consumer group"),
+            }
             if wait_or_stop(&mut stop_rx, Duration::from_secs(1)).await {
                 return;
             }
@@ -197,6 +203,7 @@ impl<L: LlmService> Worker<L> {
                 Ok(results) => {
                     *failures = 0;
                     for ((slot, id), check) in checks.iter().zip(results) {
+                        metrics::stream_event(StreamEvent::EntryTrimmed, check.trimmed);
                         if check.healed > 0 {
                             metrics::stream_event(StreamEvent::HeadHealed, check.healed);
                             WorkerStats::add(&self.stats.heads_healed, check.healed);
@@ -299,7 +306,7 @@ impl<L: LlmService> Worker<L> {
         }
     }
 
-    fn on_event(&self, room: &mut Room, event: Event) {
+    fn on_event(self: &Arc<Self>, room: &mut Room, event: Event) {
         match event {
             Event::Entries(entries) => {
                 for entry in entries {
@@ -309,13 +316,35 @@ impl<L: LlmService> Worker<L> {
                 }
             }
             Event::Lost(lost) => {
+                let mut unwatched = Vec::new();
                 for (id, why) in lost {
                     if room.holds(&id) {
                         self.lost(why);
-                        if let Some(slot) = room.remove(&id) {
-                            room.touch(&slot.key);
+                        if let Some(slot) = room.remove(&id)
+                            && !room.touch(&slot.key)
+                            && why == Refresh::Gone
+                        {
+                            unwatched.push(slot.key);
                         }
                     }
+                }
+                // An entry gone from the pending list (trimmed, its consumer deleted) may be
+                // the head of a queue nobody here waits on any more: heal those queues now, so
+                // that it is dead-lettered at once rather than at the next sweep.
+                if !unwatched.is_empty() {
+                    unwatched.sort();
+                    unwatched.dedup();
+                    let worker = self.clone();
+                    tokio::spawn(async move {
+                        match worker.streams.heal_queues(&unwatched).await {
+                            Ok((healed, trimmed)) => {
+                                metrics::stream_event(StreamEvent::HeadHealed, healed);
+                                metrics::stream_event(StreamEvent::EntryTrimmed, trimmed);
+                                WorkerStats::add(&worker.stats.heads_healed, healed);
+                            }
+                            Err(e) => metrics::record_error(&e, "order queue"),
+                        }
+                    });
                 }
             }
             Event::Done(id, outcome) => {
@@ -330,6 +359,20 @@ impl<L: LlmService> Worker<L> {
                     room.touch(&slot.key);
                 }
             }
+        }
+    }
+
+    /// Says loudly that the consumer group had disappeared and was recreated at its mark.
+    fn recreated(&self, mark: Option<String>) {
+        if let Some(mark) = mark {
+            metrics::stream_event(StreamEvent::GroupRecreated, 1);
+            tracing::error!(
+                group = %self.config.streams.group,
+                mark = %mark,
+                "the consumer group had disappeared (XGROUP DESTROY, or a restore without it); \
+                 recreated at the last delivered entry: entries it held unanswered are \
+                 dead-lettered as stream.orphaned"
+            );
         }
     }
 
@@ -397,7 +440,10 @@ impl<L: LlmService> Worker<L> {
                 Err(e) => {
                     metrics::record_error(&e, "stream read");
                     if e.is_no_group() {
-                        let _ = self.streams.ensure_group().await;
+                        match self.streams.ensure_group().await {
+                            Ok(recreated) => self.recreated(recreated),
+                            Err(e) => metrics::record_error(&e, "consumer group"),
+                        }
                     }
                     failures = failures.saturating_add(1);
                     let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
@@ -507,7 +553,8 @@ impl<L: LlmService> Worker<L> {
             let mut visited = 0;
             while visited < SWEEP_PER_ROUND {
                 match self.streams.sweep_queues(sweep_cursor, SWEEP_BATCH).await {
-                    Ok((next, healed)) => {
+                    Ok((next, (healed, trimmed))) => {
+                        metrics::stream_event(StreamEvent::EntryTrimmed, trimmed);
                         sweep_cursor = next;
                         visited += SWEEP_BATCH;
                         if healed > 0 {
@@ -550,6 +597,9 @@ impl<L: LlmService> Worker<L> {
         metrics::held(held);
         if let Ok((pending, lag)) = self.streams.group_state().await {
             metrics::stream_state(pending, lag);
+        }
+        if let Ok(n) = self.streams.dead_letters_waiting().await {
+            metrics::dead_letters_waiting(n, self.config.streams.dead_letter_maxlen as u64);
         }
         let (idle, busy) = self.handler.store().pool_usage();
         metrics::db_pool(idle, busy);

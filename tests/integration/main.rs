@@ -10,6 +10,7 @@
 mod bursts_and_budgets;
 mod console;
 mod console_browser;
+mod edges;
 mod foundation;
 mod helpers;
 mod injection;

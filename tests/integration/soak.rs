@@ -86,11 +86,22 @@ fn hostile(rng: &mut StdRng, n: usize) -> (icmp::stream::Fields, &'static str) {
         ]
     };
     let user = format!("hostile-{}", n % 5);
-    match rng.random_range(0..6) {
+    match rng.random_range(0..8) {
         0 => {
             let mut f = base(&user);
             f.push((vec![0xff, 0xfe], b"x".to_vec()));
             (f, "validation.unreadable_field_name")
+        }
+        // Bytes PostgreSQL refuses: NUL in an identifier, `\u0000` in JSON.
+        6 => {
+            let mut f = base(&user);
+            f[2].1.extend_from_slice(b"\0nul");
+            (f, "validation.invalid_field")
+        }
+        7 => {
+            let mut f = base(&user);
+            f.push((b"metadata".to_vec(), br#"{"a":["\u0000"]}"#.to_vec()));
+            (f, "validation.invalid_metadata")
         }
         1 => {
             let mut f = base(&user);
@@ -183,7 +194,19 @@ impl Soak {
     }
 
     async fn fault(&mut self, rng: &mut StdRng) {
-        match rng.random_range(0..6) {
+        match rng.random_range(0..7) {
+            6 => {
+                // An operator destroys the consumer group (or restores Redis without it): the
+                // workers recreate it at its delivery mark; what it held is orphaned.
+                let s = &self.app.config.streams;
+                let _: Result<i64, _> = redis::cmd("XGROUP")
+                    .arg("DESTROY")
+                    .arg(&s.inbound)
+                    .arg(&s.group)
+                    .query_async(&mut self.app.redis.clone())
+                    .await;
+                *self.faults.entry("XGROUP DESTROY").or_default() += 1;
+            }
             0 | 1 => {
                 let i = rng.random_range(0..self.workers.len());
                 let (name, mut victim) = self.workers.remove(i);
