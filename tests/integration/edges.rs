@@ -129,6 +129,19 @@ async fn attempts(app: &TestApp, id: &str) -> u64 {
     n.unwrap_or(0)
 }
 
+/// What `icmp status` reads now.
+async fn status(app: &TestApp) -> icmp::status::Status {
+    icmp::status::read(
+        &app.redis,
+        &app.config.redis,
+        &app.config.streams,
+        &app.store,
+        5,
+    )
+    .await
+    .expect("status")
+}
+
 async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !check().await {
@@ -349,15 +362,7 @@ async fn a_destroyed_group_is_recreated_at_its_mark_and_answers_nothing_twice() 
         21
     );
     // Said loudly: counted where `icmp status` reads it.
-    let status = icmp::status::read(
-        &app.redis,
-        &app.config.redis,
-        &app.config.streams,
-        &app.store,
-        5,
-    )
-    .await
-    .expect("status");
+    let status = status(&app).await;
     assert_eq!(
         status.events.get("group_recreated").map(String::as_str),
         Some("1")
@@ -483,15 +488,7 @@ async fn entries_a_producer_trimmed_end_in_a_dead_letter_not_in_silence() {
         assert_eq!(d["user_id"], "fay");
     }
     assert_eq!(app.replies_of("v1").await.len(), 1);
-    let status = icmp::status::read(
-        &app.redis,
-        &app.config.redis,
-        &app.config.streams,
-        &app.store,
-        5,
-    )
-    .await
-    .expect("status");
+    let status = status(&app).await;
     let n = dead.len().to_string();
     assert_eq!(status.events.get("trimmed"), Some(&n));
     assert!(
@@ -600,15 +597,7 @@ async fn a_dead_letter_stream_near_its_bound_is_reported_before_anything_is_evic
         dead_letters(&app).await.len() == 9
     })
     .await;
-    let status = icmp::status::read(
-        &app.redis,
-        &app.config.redis,
-        &app.config.streams,
-        &app.store,
-        5,
-    )
-    .await
-    .expect("status");
+    let status = status(&app).await;
     assert_eq!((status.dead_letters, status.dead_letter_limit), (9, 10));
     assert!(status.dead_letters_nearly_full());
     assert!(
