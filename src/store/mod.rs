@@ -114,11 +114,11 @@ impl Store {
 
     /// Like [`Store::connect`], for workers: every connection switches to
     /// `database.worker_role`, so row-level security applies (see migration V5).
+    /// Their sessions also get `database.lock_timeout_ms` and `statement_timeout_ms`, so that a
+    /// lock held by another session cannot stall a message forever.
     ///
     /// # Errors
     /// An invalid URL or role name.
-    /// Their sessions also get `database.lock_timeout_ms` and `statement_timeout_ms`, so that a
-    /// lock held by another session cannot stall a message forever.
     pub fn connect_worker(config: &DatabaseConfig) -> Result<Store, StoreError> {
         let mut pg = pg_config(config)?;
         let mut options = Vec::new();

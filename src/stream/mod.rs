@@ -257,17 +257,6 @@ impl Streams {
             .await?)
     }
 
-    /// The counters of [`Keys::events`] (trimmed entries seen, group recreations, …).
-    ///
-    /// # Errors
-    /// Redis failures.
-    pub async fn events(&self) -> Result<std::collections::BTreeMap<String, String>, StreamError> {
-        Ok(redis::cmd("HGETALL")
-            .arg(&self.keys.events)
-            .query_async(&mut self.conn())
-            .await?)
-    }
-
     /// The group's pending count (delivered, not acked) and lag (entries not yet delivered;
     /// `None` when Redis cannot tell).
     pub async fn group_state(&self) -> Result<(u64, Option<u64>), StreamError> {

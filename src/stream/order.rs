@@ -195,6 +195,13 @@ pub struct HeadCheck {
 }
 
 impl Streams {
+    /// The business and user a queue key names (`None` for the queue of entries without them).
+    pub fn queue_owner<'k>(&self, key: &'k [u8]) -> Option<(&'k [u8], &'k [u8])> {
+        let rest = key.strip_prefix(self.keys.queue_prefix.as_bytes())?;
+        let colon = rest.iter().position(|b| *b == b':')?;
+        Some((&rest[..colon], &rest[colon + 1..]))
+    }
+
     /// Checks, in one round trip, whether each `(slot, entry id)` is the head of its queue,
     /// healing stale heads on the way.
     pub async fn check_heads(

@@ -308,13 +308,6 @@ impl Streams {
         Ok(())
     }
 
-    /// The business and user a queue key names (`None` for the queue of entries without them).
-    pub fn queue_owner<'k>(&self, key: &'k [u8]) -> Option<(&'k [u8], &'k [u8])> {
-        let rest = key.strip_prefix(self.keys.queue_prefix.as_bytes())?;
-        let colon = rest.iter().position(|b| *b == b':')?;
-        Some((&rest[..colon], &rest[colon + 1..]))
-    }
-
     /// The fields of an entry that waited without them (see the worker's waiting room);
     /// `None` when the entry is no longer in the stream.
     pub async fn fetch(&self, id: &str) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, StreamError> {

@@ -663,13 +663,6 @@ impl<L: LlmService> Worker<L> {
     /// known (its id, and the business and user its queue names); no reply, since where it
     /// should go is gone with it. Counted for `icmp status`.
     async fn vanished(&self, entry: &StreamEntry) -> Outcome {
-        metrics::stream_event(StreamEvent::Vanished, 1);
-        metrics::stream_event(StreamEvent::EntryTrimmed, 1);
-        WorkerStats::add(&self.stats.vanished, 1);
-        tracing::warn!(inbound.id = %entry.id, "entry removed from the stream before its turn");
-        if let Err(e) = self.streams.record_trimmed(&entry.id).await {
-            metrics::record_error(&e, "stream events");
-        }
         let known: Vec<(Vec<u8>, Vec<u8>)> = entry
             .slot
             .as_ref()
@@ -702,7 +695,22 @@ impl<L: LlmService> Worker<L> {
             })
             .await
         {
-            Ok(_) => Outcome::Vanished,
+            Ok(done) => {
+                if done {
+                    // Counted where this finish took effect (else its holder counted it).
+                    metrics::stream_event(StreamEvent::Vanished, 1);
+                    metrics::stream_event(StreamEvent::EntryTrimmed, 1);
+                    WorkerStats::add(&self.stats.vanished, 1);
+                    tracing::warn!(
+                        inbound.id = %entry.id,
+                        "entry removed from the stream before its turn; dead-lettered"
+                    );
+                    if let Err(e) = self.streams.record_trimmed(&entry.id).await {
+                        metrics::record_error(&e, "stream events");
+                    }
+                }
+                Outcome::Vanished
+            }
             Err(e) => {
                 metrics::record_error(&e, "finish");
                 Outcome::RetryLater

@@ -70,14 +70,8 @@ impl<L: LlmService> Worker<L> {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        loop {
-            match self.streams.ensure_group().await {
-                Ok(recreated) => {
-                    self.recreated(recreated);
-                    break;
-                }
-                Err(e) => metrics::record_error(&e, "consumer group"),
-            }
+        while let Err(e) = self.ensure_group().await {
+            metrics::record_error(&e, "consumer group");
             if wait_or_stop(&mut stop_rx, Duration::from_secs(1)).await {
                 return;
             }
@@ -203,12 +197,7 @@ impl<L: LlmService> Worker<L> {
                 Ok(results) => {
                     *failures = 0;
                     for ((slot, id), check) in checks.iter().zip(results) {
-                        metrics::stream_event(StreamEvent::EntryTrimmed, check.trimmed);
-                        if check.healed > 0 {
-                            metrics::stream_event(StreamEvent::HeadHealed, check.healed);
-                            WorkerStats::add(&self.stats.heads_healed, check.healed);
-                            tracing::warn!(healed = check.healed, "removed stale queue heads");
-                        }
+                        self.healed(check.healed, check.trimmed, "head check");
                         if room.apply(slot, id, check) == Checked::Gone {
                             self.lost(Refresh::Gone);
                         }
@@ -337,11 +326,7 @@ impl<L: LlmService> Worker<L> {
                     let worker = self.clone();
                     tokio::spawn(async move {
                         match worker.streams.heal_queues(&unwatched).await {
-                            Ok((healed, trimmed)) => {
-                                metrics::stream_event(StreamEvent::HeadHealed, healed);
-                                metrics::stream_event(StreamEvent::EntryTrimmed, trimmed);
-                                WorkerStats::add(&worker.stats.heads_healed, healed);
-                            }
+                            Ok((healed, trimmed)) => worker.healed(healed, trimmed, "lost entries"),
                             Err(e) => metrics::record_error(&e, "order queue"),
                         }
                     });
@@ -362,18 +347,33 @@ impl<L: LlmService> Worker<L> {
         }
     }
 
-    /// Says loudly that the consumer group had disappeared and was recreated at its mark.
-    fn recreated(&self, mark: Option<String>) {
-        if let Some(mark) = mark {
-            metrics::stream_event(StreamEvent::GroupRecreated, 1);
-            tracing::error!(
-                group = %self.config.streams.group,
-                mark = %mark,
-                "the consumer group had disappeared (XGROUP DESTROY, or a restore without it); \
-                 recreated at the last delivered entry: entries it held unanswered are \
-                 dead-lettered as stream.orphaned"
-            );
+    /// Counts stale queue heads removed by `by` (each dead-lettered), `trimmed` of them gone
+    /// from the stream.
+    fn healed(&self, healed: u64, trimmed: u64, by: &'static str) {
+        if healed == 0 {
+            return;
         }
+        metrics::stream_event(StreamEvent::HeadHealed, healed);
+        metrics::stream_event(StreamEvent::EntryTrimmed, trimmed);
+        WorkerStats::add(&self.stats.heads_healed, healed);
+        tracing::warn!(healed, trimmed, by, "removed stale queue heads");
+    }
+
+    /// Creates the consumer group if it is missing; says loudly when it had disappeared and was
+    /// recreated at its delivery mark.
+    async fn ensure_group(&self) -> Result<(), crate::error::StreamError> {
+        let Some(mark) = self.streams.ensure_group().await? else {
+            return Ok(());
+        };
+        metrics::stream_event(StreamEvent::GroupRecreated, 1);
+        tracing::error!(
+            group = %self.config.streams.group,
+            mark = %mark,
+            "the consumer group had disappeared (XGROUP DESTROY, or a restore without it); \
+             recreated at the last delivered entry: entries it held unanswered are \
+             dead-lettered as stream.orphaned"
+        );
+        Ok(())
     }
 
     fn lost(&self, why: Refresh) {
@@ -439,11 +439,10 @@ impl<L: LlmService> Worker<L> {
                 }
                 Err(e) => {
                     metrics::record_error(&e, "stream read");
-                    if e.is_no_group() {
-                        match self.streams.ensure_group().await {
-                            Ok(recreated) => self.recreated(recreated),
-                            Err(e) => metrics::record_error(&e, "consumer group"),
-                        }
+                    if e.is_no_group()
+                        && let Err(e) = self.ensure_group().await
+                    {
+                        metrics::record_error(&e, "consumer group");
                     }
                     failures = failures.saturating_add(1);
                     let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
@@ -554,14 +553,9 @@ impl<L: LlmService> Worker<L> {
             while visited < SWEEP_PER_ROUND {
                 match self.streams.sweep_queues(sweep_cursor, SWEEP_BATCH).await {
                     Ok((next, (healed, trimmed))) => {
-                        metrics::stream_event(StreamEvent::EntryTrimmed, trimmed);
+                        self.healed(healed, trimmed, "sweep");
                         sweep_cursor = next;
                         visited += SWEEP_BATCH;
-                        if healed > 0 {
-                            tracing::warn!(healed, "sweep removed stale queue heads");
-                            metrics::stream_event(StreamEvent::HeadHealed, healed);
-                            WorkerStats::add(&self.stats.heads_healed, healed);
-                        }
                         if next == 0 {
                             break;
                         }
