@@ -165,6 +165,8 @@ pub async fn list(
 
 /// Moves the given dead letters back onto the inbound stream (each in one `MULTI`: XADD to
 /// inbound, XDEL from the dead-letter stream). Returns the ids that were found and replayed.
+/// A `stream.trimmed` dead letter is not replayed (the message's text was trimmed away with
+/// its entry: there is nothing to answer); it stays until purged.
 pub async fn replay(
     conn: &ConnectionManager,
     streams: &StreamsConfig,
@@ -179,6 +181,9 @@ pub async fn replay(
         else {
             continue;
         };
+        if letter.field("error_code") == crate::worker::TRIMMED {
+            continue;
+        }
         let _: () = redis::pipe()
             .atomic()
             .xadd(&streams.inbound, "*", &replay_fields(&letter.fields))

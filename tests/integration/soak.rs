@@ -2,12 +2,16 @@
 //! several `icmp worker` processes, with a slow and flaky mock LLM.
 //!
 //! A producer mixes many users, bursts of one user, repeated message ids, other spellings of the
-//! business id and hostile entries (half the users write to a business that answers bursts as
-//! one turn), while a fault schedule kills workers (`kill -9`), stops them
-//! (SIGTERM), deletes dead consumers (`XGROUP DELCONSUMER`, as an operator would), stops
+//! business id and hostile entries, NUL bytes among them (half the users write to a business that
+//! answers bursts as one turn, a third of their messages with a `reply_to` stream of their own),
+//! while a fault schedule kills workers (`kill -9`), stops them (SIGTERM), deletes dead consumers
+//! (`XGROUP DELCONSUMER`, as an operator would), destroys the consumer group, trims the stream as
+//! a producer would (`XTRIM MINID`), holds a row lock for longer than a message's deadline, stops
 //! PostgreSQL for a few seconds and restarts Redis (AOF on); every worker has four processing
 //! slots against an LLM of tens of milliseconds, so entries wait for slots all the time. At the
-//! end an operator replays what the dead-letter stream holds, and the soak takes an exact account.
+//! end an operator replays what the dead-letter stream holds (and purges `stream.trimmed` dead
+//! letters, which have nothing to replay), and the soak takes an exact account: every entry one
+//! reply, on the stream it named, or one dead letter, never both, never two.
 //!
 //! `ICMP_SOAK_SEED` and `ICMP_SOAK_SECONDS` choose the run (`scripts/soak` sets them); the test
 //! command runs a short one.
@@ -32,6 +36,8 @@ enum Sent {
         user: String,
         message_id: String,
         repeat: bool,
+        /// The stream it asked its reply on (`None`: the outbound stream).
+        reply_to: Option<String>,
     },
     /// A hostile entry and the error code it must be answered with.
     Bad(&'static str),
@@ -139,6 +145,8 @@ struct Soak {
     spawned: usize,
     sent: BTreeMap<String, Sent>,
     faults: BTreeMap<&'static str, usize>,
+    /// The `reply_to` streams the producer named.
+    reply_streams: std::collections::BTreeSet<String>,
 }
 
 impl Soak {
@@ -148,6 +156,8 @@ impl Soak {
             ("ICMP__STREAMS__RETENTION_INTERVAL_MS", "1000"),
             ("ICMP__STREAMS__CONSUMER_IDLE_MS", "20000"),
             ("ICMP__WORKER__QUEUE_POLL_MS", "500"),
+            // Shorter than the locks the fault schedule holds (lock_timeout stays at 5 s).
+            ("ICMP__WORKER__MESSAGE_DEADLINE_MS", "4000"),
         ]
     }
 
@@ -194,7 +204,48 @@ impl Soak {
     }
 
     async fn fault(&mut self, rng: &mut StdRng) {
-        match rng.random_range(0..7) {
+        match rng.random_range(0..9) {
+            7 => {
+                // A producer's habit: trimming the stream (here every entry the group has
+                // delivered but the last, answered or not).
+                let s = &self.app.config.streams;
+                if let Some(mark) = last_delivered(&self.app).await {
+                    let _: Result<i64, _> = redis::cmd("XTRIM")
+                        .arg(&s.inbound)
+                        .arg("MINID")
+                        .arg(&mark)
+                        .query_async(&mut self.app.redis.clone())
+                        .await;
+                    *self.faults.entry("producer XTRIM").or_default() += 1;
+                }
+            }
+            8 => {
+                // An operator's open transaction holds the demo business's conversations for
+                // longer than a message's deadline.
+                let store = self.app.store.clone();
+                let hold = Duration::from_millis(rng.random_range(5_000..7_000));
+                tokio::spawn(async move {
+                    let Ok(mut db) = store.client().await else {
+                        return;
+                    };
+                    let Ok(tx) = db.transaction().await else {
+                        return;
+                    };
+                    let demo: uuid::Uuid = DEMO_BUSINESS.parse().expect("uuid");
+                    let _ = tx
+                        .execute(
+                            "SELECT 1 FROM conversations WHERE business_id = $1 FOR UPDATE",
+                            &[&demo],
+                        )
+                        .await;
+                    tokio::time::sleep(hold).await;
+                    let _ = tx.rollback().await;
+                });
+                *self
+                    .faults
+                    .entry("row lock held past the deadline")
+                    .or_default() += 1;
+            }
             6 => {
                 // An operator destroys the consumer group (or restores Redis without it): the
                 // workers recreate it at its delivery mark; what it held is orphaned.
@@ -267,18 +318,25 @@ impl Soak {
 
     /// One round of traffic: mostly single messages of many users, with bursts, repeats,
     /// other spellings and hostile entries mixed in.
-    async fn produce(&mut self, rng: &mut StdRng, history: &mut Vec<(String, String, String)>) {
+    /// `history`: (user, message_id, text, reply_to) of the messages sent so far; a repeat
+    /// sends the same fields again, as a producer's retry does.
+    async fn produce(&mut self, rng: &mut StdRng, history: &mut Vec<Sending>) {
         let n = self.sent.len();
         let roll = rng.random_range(0..100);
         if roll < 8 && !history.is_empty() {
-            let (user, message_id, text) = history[rng.random_range(0..history.len())].clone();
-            let fields = message_fields(business_of(&user), &user, &message_id, &text);
+            let (user, message_id, text, reply_to) =
+                history[rng.random_range(0..history.len())].clone();
+            let mut fields = message_fields(business_of(&user), &user, &message_id, &text);
+            if let Some(r) = &reply_to {
+                fields.push((b"reply_to".to_vec(), r.as_bytes().to_vec()));
+            }
             self.xadd(
                 &fields,
                 Sent::Valid {
                     user,
                     message_id,
                     repeat: true,
+                    reply_to,
                 },
             )
             .await;
@@ -292,14 +350,27 @@ impl Soak {
                 let message_id = format!("{user}-{n}-{i}");
                 let text = content(rng, n + i);
                 let business = business_spelling(rng, business_of(&user));
-                let fields = message_fields(&business, &user, &message_id, &text);
-                history.push((user.clone(), message_id.clone(), text));
+                let mut fields = message_fields(&business, &user, &message_id, &text);
+                // On the coalescing business a third of the messages ask for their reply on a
+                // stream of their own (one of two per user), as `icmp send` does: a burst can
+                // mix destinations.
+                let reply_to =
+                    (business_of(&user) == COALESCING && rng.random_bool(0.33)).then(|| {
+                        let k = rng.random_range(0..2);
+                        format!("{}{user}-{k}", self.app.config.streams.reply_prefix)
+                    });
+                if let Some(r) = &reply_to {
+                    fields.push((b"reply_to".to_vec(), r.as_bytes().to_vec()));
+                    self.reply_streams.insert(r.clone());
+                }
+                history.push((user.clone(), message_id.clone(), text, reply_to.clone()));
                 self.xadd(
                     &fields,
                     Sent::Valid {
                         user: user.clone(),
                         message_id,
                         repeat: false,
+                        reply_to,
                     },
                 )
                 .await;
@@ -307,6 +378,9 @@ impl Soak {
         }
     }
 }
+
+/// A message as sent: user, message_id, text, reply_to.
+type Sending = (String, String, String, Option<String>);
 
 fn message_fields(business: &str, user: &str, id: &str, text: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     vec![
@@ -374,6 +448,7 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
         spawned: 0,
         sent: BTreeMap::new(),
         faults: BTreeMap::new(),
+        reply_streams: std::collections::BTreeSet::new(),
     };
     for _ in 0..3 {
         soak.spawn_worker();
@@ -396,6 +471,9 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let app = &soak.app;
     let s = app.config.streams.clone();
     let mut replayed = HashMap::new();
+    let mut trimmed: HashMap<String, usize> = HashMap::new();
+    let mut reply_streams: Vec<String> = vec![s.outbound.clone()];
+    reply_streams.extend(soak.reply_streams.iter().cloned());
     // Drained when nothing is pending or undelivered. A long run can end with a backlog (the
     // faults cost throughput), so the only failure is no progress: the outbound stream must
     // grow at least once every two minutes while anything waits.
@@ -405,20 +483,30 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     loop {
         let pending = app.pending().await;
         let lag = lag(app).await;
-        let now_answered: i64 = app
-            .redis
-            .clone()
-            .xlen(&s.outbound)
-            .await
-            .unwrap_or(answered);
+        let mut now_answered = 0;
+        for stream in &reply_streams {
+            let n: i64 = app.redis.clone().xlen(stream).await.unwrap_or(0);
+            now_answered += n;
+        }
         if now_answered > answered {
             answered = now_answered;
             last_progress = Instant::now();
         }
         let dead = app.entries(&s.dead_letter).await;
         if !dead.is_empty() && pending == 0 && lag == 0 {
-            let ids: Vec<String> = dead.iter().map(|d| d["__id"].clone()).collect();
-            for d in &dead {
+            // Trimmed entries have nothing to replay: counted and purged.
+            let (gone, orphans): (Vec<_>, Vec<_>) = dead
+                .iter()
+                .partition(|d| d["error_code"] == "stream.trimmed");
+            for d in &gone {
+                *trimmed.entry(d["inbound_id"].clone()).or_default() += 1;
+            }
+            let gone: Vec<String> = gone.iter().map(|d| d["__id"].clone()).collect();
+            icmp::stream::dead_letter::purge(&app.redis, &s, &gone)
+                .await
+                .expect("purge");
+            let ids: Vec<String> = orphans.iter().map(|d| d["__id"].clone()).collect();
+            for d in &orphans {
                 replayed.insert(d["inbound_id"].clone(), d["error_code"].clone());
             }
             icmp::stream::dead_letter::replay(&app.redis, &s, &ids)
@@ -438,7 +526,22 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     }
 
     // The account.
-    let replies = app.entries(&s.outbound).await;
+    // Every reply, on whichever stream it went, with that stream.
+    let mut replies = Vec::new();
+    for stream in &reply_streams {
+        for mut r in app.entries(stream).await {
+            r.insert("__stream".into(), stream.clone());
+            replies.push(r);
+        }
+    }
+    // Where each answer was published (a repeat publishes it again).
+    let mut streams_of_reply: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+    for r in replies.iter().filter(|r| r["status"] != "error") {
+        streams_of_reply
+            .entry(r["reply_id"].as_str())
+            .or_default()
+            .insert(r["__stream"].as_str());
+    }
     let mut by_inbound: HashMap<&str, Vec<&HashMap<String, String>>> = HashMap::new();
     let mut by_message: HashMap<(String, String), Vec<&HashMap<String, String>>> = HashMap::new();
     for r in &replies {
@@ -457,6 +560,12 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let mut bad = 0;
     for (id, sent) in &soak.sent {
         let got = by_inbound.get(id.as_str()).map_or(0, Vec::len);
+        if let Some(n) = trimmed.get(id) {
+            assert_eq!(*n, 1, "{id}: one stream.trimmed dead letter");
+            assert_eq!(got, 0, "{id} was trimmed and dead-lettered, not answered");
+            assert!(!replayed.contains_key(id), "{id}: one dead letter");
+            continue;
+        }
         if let Some(code) = replayed.get(id) {
             assert_eq!(code, "stream.orphaned", "{id} dead-lettered for {code}");
             assert_eq!(got, 0, "{id} was orphaned, not answered");
@@ -465,9 +574,20 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
         assert_eq!(got, 1, "{id} ({sent:?}) answered {got} times");
         let reply = &by_inbound[id.as_str()][0];
         match sent {
-            Sent::Valid { .. } => {
+            Sent::Valid { reply_to, .. } => {
                 valid += 1;
                 assert_ne!(reply["status"], "error", "{id}: {reply:?}");
+                // Answered where its sender waits, and a reference to an answer there too.
+                let wanted = reply_to.as_deref().unwrap_or(&s.outbound);
+                assert_eq!(reply["__stream"], wanted, "{id}: {reply:?}");
+                if reply["status"] == "coalesced" {
+                    assert!(
+                        streams_of_reply
+                            .get(reply["answered_by"].as_str())
+                            .is_some_and(|on| on.contains(wanted)),
+                        "{id} refers to an answer on its own stream: {reply:?}"
+                    );
+                }
             }
             Sent::Bad(code) => {
                 bad += 1;
@@ -475,13 +595,29 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
             }
         }
     }
+    // The message ids of trimmed entries: stored or not, depending on how far they got.
+    let trimmed_ids: std::collections::HashSet<String> = soak
+        .sent
+        .iter()
+        .filter(|(id, _)| trimmed.contains_key(*id))
+        .filter_map(|(_, s)| match s {
+            Sent::Valid { message_id, .. } => Some(message_id.clone()),
+            Sent::Bad(_) => None,
+        })
+        .collect();
     // Every valid message, replayed orphans included, answered with one stored answer.
     for sent in soak.sent.values() {
         if let Sent::Valid {
             user, message_id, ..
         } = sent
         {
-            let answers = &by_message[&(user.clone(), message_id.clone())];
+            let Some(answers) = by_message.get(&(user.clone(), message_id.clone())) else {
+                assert!(
+                    trimmed_ids.contains(message_id),
+                    "{message_id} is answered or was trimmed"
+                );
+                continue;
+            };
             let first = &answers[0]["reply_id"];
             assert!(
                 answers.iter().all(|a| &a["reply_id"] == first),
@@ -489,13 +625,24 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
             );
         }
     }
-    let keys = app
-        .count("SELECT count(DISTINCT idempotency_key) FROM messages", &[])
-        .await;
+    let stored_keys: std::collections::HashSet<String> = app
+        .db()
+        .await
+        .query("SELECT DISTINCT idempotency_key FROM messages", &[])
+        .await
+        .expect("keys")
+        .iter()
+        .map(|r| r.get(0))
+        .filter(|k| !trimmed_ids.contains(k))
+        .collect();
+    let answered_keys: std::collections::HashSet<String> = by_message
+        .keys()
+        .map(|(_, k)| k.clone())
+        .filter(|k| !trimmed_ids.contains(k))
+        .collect();
     assert_eq!(
-        keys as usize,
-        by_message.len(),
-        "one stored message per message id"
+        stored_keys, answered_keys,
+        "one stored message per answered message id"
     );
     let wrong = app
         .count(
@@ -529,8 +676,10 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
             user,
             message_id,
             repeat: false,
+            ..
         } = sent
             && !orphans.contains(message_id)
+            && !trimmed_ids.contains(message_id)
         {
             expected
                 .entry(user.clone())
@@ -551,7 +700,7 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let mut stored: HashMap<String, Vec<String>> = HashMap::new();
     for r in rows {
         let key: String = r.get(1);
-        if !orphans.contains(&key) {
+        if !orphans.contains(&key) && !trimmed_ids.contains(&key) {
             stored.entry(r.get(0)).or_default().push(key);
         }
     }
@@ -569,16 +718,40 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     }
     println!(
         "soak seed {seed}, {seconds} s: {produced} entries ({valid} valid answered, {bad} hostile \
-         rejected, {} orphaned by DELCONSUMER and replayed), {} replies ({coalesced} coalesced), \
-         faults {:?}, drained {:.0} s after the producer stopped",
+         rejected, {} orphaned and replayed, {} trimmed and dead-lettered), {} replies \
+         ({coalesced} coalesced, {} on reply_to streams), faults {:?}, drained {:.0} s after the \
+         producer stopped",
         replayed.len(),
+        trimmed.len(),
         replies.len(),
+        replies
+            .iter()
+            .filter(|r| r["__stream"] != s.outbound)
+            .count(),
         soak.faults,
         drain_started.elapsed().as_secs_f64()
     );
     for (_, w) in &mut soak.workers {
         w.terminate().await;
     }
+}
+
+/// The last entry id the group delivered (`None` when the group is missing).
+async fn last_delivered(app: &TestApp) -> Option<String> {
+    let s = &app.config.streams;
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&s.inbound)
+        .query_async(&mut app.redis.clone())
+        .await
+        .ok()?;
+    let text = |v: Option<&redis::Value>| -> Option<String> {
+        redis::FromRedisValue::from_redis_value(v?.clone()).ok()
+    };
+    groups
+        .iter()
+        .find(|g| text(g.get("name")).as_deref() == Some(s.group.as_str()))
+        .and_then(|g| text(g.get("last-delivered-id")))
 }
 
 /// Entries not yet delivered to the group: 0 when its last delivered id is the stream's last
