@@ -174,6 +174,22 @@ pub struct StreamsConfig {
     pub consumer_idle_ms: u64,
     /// How often a worker trims the inbound stream and prunes idle consumers.
     pub retention_interval_ms: u64,
+    /// Before the next message of a user is woken, wait until this many replicas hold the
+    /// finish that answered the previous one (`WAIT`); 0: do not wait.
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// Before the next message of a user is woken, wait until the finish is fsynced to the
+    /// local AOF (`WAITAOF`, Redis 7.2 or later: a worker refuses to start without it).
+    #[serde(default)]
+    pub wait_aof: bool,
+    /// The longest either wait takes; past it the next message is woken anyway (counted as
+    /// `durability_shortfall`).
+    #[serde(default = "default_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
+}
+
+fn default_wait_timeout_ms() -> u64 {
+    500
 }
 
 impl StreamsConfig {

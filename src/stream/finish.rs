@@ -148,6 +148,8 @@ impl Streams {
     /// `cache`: a write sent in the same round trip, before the script (the committed
     /// conversation state, which the next message of the user, started by this finish's
     /// wake-up, reads); sent whether or not the finish takes effect, as it holds committed data.
+    /// With `streams.wait_replicas` or `wait_aof`, the queue's next head is woken only once
+    /// the finish is durable (see [`Streams::wake_when_durable`]).
     pub async fn finish(
         &self,
         id: &str,
@@ -155,7 +157,39 @@ impl Streams {
         finish: &Finish<'_>,
         cache: Option<&CacheWrite>,
     ) -> Result<bool, StreamError> {
-        let invocation = self.finish_invocation(id, slot, finish, false);
+        let acked = self.finish_once(id, slot, finish, cache).await?;
+        if acked {
+            self.wake_when_durable(slot).await;
+        }
+        Ok(acked)
+    }
+
+    /// Whether finishes wait for durability before the next head is woken (see
+    /// [`Streams::with_durable_wakes`]).
+    fn waits_for_durability(&self) -> bool {
+        self.durable_wakes.is_some()
+    }
+
+    /// After a finish that dequeued `slot` without announcing its next head: hands the queue
+    /// to the durable-wake task, which announces it once the finish is durable.
+    async fn wake_when_durable(&self, slot: Option<&QueueSlot>) {
+        if let (Some(tx), Some(slot)) = (&self.durable_wakes, slot)
+            && tx.send(slot.key.clone()).is_err()
+        {
+            // The task is gone (shutting down): the safety poll wakes the queue.
+            tracing::debug!("durable-wake task gone; leaving the wake-up to the poll");
+        }
+    }
+
+    /// One finish, without the durability wait.
+    async fn finish_once(
+        &self,
+        id: &str,
+        slot: Option<&QueueSlot>,
+        finish: &Finish<'_>,
+        cache: Option<&CacheWrite>,
+    ) -> Result<bool, StreamError> {
+        let invocation = self.finish_invocation(id, slot, finish, self.waits_for_durability());
         let reply = match cache {
             None => invocation.invoke_async(&mut self.conn()).await?,
             Some(write) => {
@@ -192,7 +226,7 @@ impl Streams {
                 if let Some((stream, _)) = &mut to_outbound.reply {
                     *stream = outbound;
                 }
-                Box::pin(self.finish(id, slot, &to_outbound, None)).await
+                Box::pin(self.finish_once(id, slot, &to_outbound, None)).await
             }
             other => Err(StreamError::UnexpectedReply(format!("finish: {other:?}"))),
         }
@@ -212,8 +246,9 @@ impl Streams {
     ) -> Result<Vec<bool>, StreamError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
+        let durable = self.waits_for_durability();
         for (i, (id, slot, finish)) in entries.iter().enumerate() {
-            let quiet = i + 1 < entries.len();
+            let quiet = durable || i + 1 < entries.len();
             pipe.invoke_script(&self.finish_invocation(id, *slot, finish, quiet));
         }
         let replies = super::query_scripts(self.conn(), &pipe, &self.scripts.finish).await?;
@@ -221,6 +256,86 @@ impl Streams {
         for ((id, slot, finish), reply) in entries.iter().zip(replies) {
             done.push(self.finished(id, *slot, finish, reply).await?);
         }
+        if done.iter().any(|d| *d) {
+            self.wake_when_durable(entries.last().and_then(|(_, slot, _)| *slot))
+                .await;
+        }
         Ok(done)
+    }
+}
+
+/// The durable-wake task of [`Streams::with_durable_wakes`]: takes the queues of every finish
+/// that completed meanwhile, makes one write of its own after them and waits until that write
+/// is on `streams.wait_replicas` replicas (`WAIT`) and/or fsynced to the local AOF
+/// (`WAITAOF`): replication and the AOF keep the order of writes, so every finish before it is
+/// durable too. Then it announces the queues (bare keys: their waiters check the heads). One
+/// wait serves every finish of the batch (group durability, as group commit), and it runs on a
+/// connection of its own, since `WAIT` blocks the connection it runs on. A wait that falls short
+/// within `wait_timeout_ms`, or fails, still wakes the queues: counted, per finish, as
+/// `durability_shortfall`. (The worker's safety poll, `worker.queue_poll_ms`, checks a waiting
+/// queue anyway: keep `wait_timeout_ms` below it.)
+pub(crate) async fn durable_wakes(
+    mut conn: redis::aio::ConnectionManager,
+    config: crate::config::StreamsConfig,
+    keys: super::Keys,
+    mut queues: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    use crate::telemetry::metrics::{self, StreamEvent};
+    while let Some(first) = queues.recv().await {
+        let mut batch = vec![first];
+        while let Ok(key) = queues.try_recv() {
+            batch.push(key);
+        }
+        let finishes = batch.len() as u64;
+        batch.sort();
+        batch.dedup();
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR").arg(&keys.durability).ignore();
+        if config.wait_aof {
+            pipe.cmd("WAITAOF")
+                .arg(1)
+                .arg(config.wait_replicas)
+                .arg(config.wait_timeout_ms);
+        } else {
+            pipe.cmd("WAIT")
+                .arg(config.wait_replicas)
+                .arg(config.wait_timeout_ms);
+        }
+        let waited: Result<(Value,), redis::RedisError> = pipe.query_async(&mut conn).await;
+        let durable = match waited {
+            Ok((Value::Int(replicas),)) => replicas >= i64::from(config.wait_replicas),
+            Ok((Value::Array(counts),)) => match counts.as_slice() {
+                [Value::Int(local), Value::Int(replicas)] => {
+                    *local >= 1 && *replicas >= i64::from(config.wait_replicas)
+                }
+                _ => false,
+            },
+            Ok(_) => false,
+            Err(e) => {
+                metrics::record_error(&StreamError::from(e), "finish wait");
+                false
+            }
+        };
+        if !durable {
+            metrics::stream_event(StreamEvent::DurabilityShortfall, finishes);
+            tracing::warn!(
+                finishes,
+                replicas = config.wait_replicas,
+                aof = config.wait_aof,
+                "finishes were not durable within streams.wait_timeout_ms; waking the next \
+                 messages anyway"
+            );
+        }
+        let mut pipe = redis::pipe();
+        for key in &batch {
+            pipe.cmd("PUBLISH")
+                .arg(&keys.wake_channel)
+                .arg(key.as_slice())
+                .ignore();
+        }
+        let published: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
+        if let Err(e) = published {
+            metrics::record_error(&StreamError::from(e), "wake-up");
+        }
     }
 }

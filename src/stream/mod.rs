@@ -80,6 +80,8 @@ pub struct Keys {
     /// Counters of stream events an operator must see (`icmp status`): trimmed entries, group
     /// recreations, dead letters evicted (a hash).
     pub events: String,
+    /// Written by the durable-wake task before each `WAIT`/`WAITAOF` (a counter).
+    pub durability: String,
 }
 
 impl Keys {
@@ -93,6 +95,7 @@ impl Keys {
             attempts: format!("{key_prefix}attempts:{{{tag}}}:{}", config.group),
             mark: format!("{key_prefix}group-mark:{{{tag}}}:{}", config.group),
             events: format!("{key_prefix}stream-events:{{{tag}}}:{}", config.group),
+            durability: format!("{key_prefix}durability:{{{tag}}}:{}", config.group),
         }
     }
 }
@@ -137,6 +140,9 @@ pub struct Streams {
     consumer: String,
     keys: Keys,
     scripts: Arc<Scripts>,
+    /// Queues whose next head is woken once the finish that dequeued their head is durable
+    /// (`None`: the finish script wakes it at once).
+    durable_wakes: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
 }
 
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = delivery mark, `KEYS[3]` = events hash; `ARGV` =
@@ -189,6 +195,7 @@ impl Streams {
             consumer: config.consumer_name(),
             keys: Keys::new(&config, key_prefix),
             config,
+            durable_wakes: None,
             scripts: Arc::new(Scripts {
                 ensure_group: redis::Script::new(ENSURE_GROUP_SCRIPT),
                 claim: redis::Script::new(&read::claim_script()),
@@ -200,6 +207,24 @@ impl Streams {
                 prune: redis::Script::new(retention::PRUNE_SCRIPT),
             }),
         }
+    }
+
+    /// With `streams.wait_replicas` or `wait_aof` set: the next head of a user's queue is woken
+    /// only once the finish before it is durable, by a task of its own on `conn` (a connection
+    /// of its own: `WAIT` blocks the connection it runs on). Without them, unchanged.
+    #[must_use]
+    pub fn with_durable_wakes(mut self, conn: ConnectionManager) -> Self {
+        if self.config.wait_replicas > 0 || self.config.wait_aof {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(finish::durable_wakes(
+                conn,
+                self.config.clone(),
+                self.keys.clone(),
+                rx,
+            ));
+            self.durable_wakes = Some(tx);
+        }
+        self
     }
 
     pub fn consumer(&self) -> &str {

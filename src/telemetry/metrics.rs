@@ -284,6 +284,9 @@ pub enum StreamEvent {
     EntryTrimmed,
     /// A message ran past `worker.message_deadline_ms` and was given up.
     DeadlineExceeded,
+    /// A finish was not on as many replicas (or on the local AOF) as `streams.wait_replicas` /
+    /// `wait_aof` ask within `wait_timeout_ms`; the next message was woken anyway.
+    DurabilityShortfall,
 }
 
 impl StreamEvent {
@@ -300,6 +303,7 @@ impl StreamEvent {
             StreamEvent::GroupRecreated => "group_recreated",
             StreamEvent::EntryTrimmed => "entry_trimmed",
             StreamEvent::DeadlineExceeded => "deadline_exceeded",
+            StreamEvent::DurabilityShortfall => "durability_shortfall",
         }
     }
 }

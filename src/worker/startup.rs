@@ -30,6 +30,9 @@ pub enum StartupError {
     Llm(#[from] LlmError),
     #[error("telemetry endpoint: {0}")]
     Telemetry(std::io::Error),
+    /// The Redis server lacks a command the configuration asks for.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl Classify for StartupError {
@@ -39,6 +42,7 @@ impl Classify for StartupError {
             StartupError::Redis(e) => e.code(),
             StartupError::Llm(e) => e.code(),
             StartupError::Telemetry(_) => "config.telemetry_listen",
+            StartupError::Unsupported(_) => "config.redis_unsupported",
         }
     }
     fn category(&self) -> Category {
@@ -46,7 +50,7 @@ impl Classify for StartupError {
             StartupError::Store(e) => e.category(),
             StartupError::Redis(e) => e.category(),
             StartupError::Llm(e) => e.category(),
-            StartupError::Telemetry(_) => Category::System,
+            StartupError::Telemetry(_) | StartupError::Unsupported(_) => Category::System,
         }
     }
     fn status_code(&self) -> u16 {
@@ -54,7 +58,7 @@ impl Classify for StartupError {
             StartupError::Store(e) => e.status_code(),
             StartupError::Redis(e) => e.status_code(),
             StartupError::Llm(e) => e.status_code(),
-            StartupError::Telemetry(_) => 500,
+            StartupError::Telemetry(_) | StartupError::Unsupported(_) => 500,
         }
     }
     fn is_retryable(&self) -> bool {
@@ -62,7 +66,7 @@ impl Classify for StartupError {
             StartupError::Store(e) => e.is_retryable(),
             StartupError::Redis(e) => e.is_retryable(),
             StartupError::Llm(e) => e.is_retryable(),
-            StartupError::Telemetry(_) => false,
+            StartupError::Telemetry(_) | StartupError::Unsupported(_) => false,
         }
     }
 }
@@ -113,6 +117,13 @@ impl Dependencies {
         failpoints: Failpoints,
     ) -> Result<Arc<Worker<ConfiguredLlm>>, StartupError> {
         let conn = connect_redis_patiently(config).await?;
+        if config.streams.wait_aof && !has_command(&conn, "WAITAOF").await? {
+            return Err(StartupError::Unsupported(
+                "streams.wait_aof needs WAITAOF, which this Redis server lacks (Redis 7.2 or \
+                 later has it)"
+                    .into(),
+            ));
+        }
         let reader = connect_redis_patiently(config).await?;
         let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
         let client = OpenAiClient::new(&config.llm)?;
@@ -128,12 +139,16 @@ impl Dependencies {
             llm,
             failpoints,
         ));
-        let streams = Streams::new(
+        let mut streams = Streams::new(
             reader,
             conn,
             config.streams.clone(),
             &config.redis.key_prefix,
         );
+        let s = &config.streams;
+        if s.wait_replicas > 0 || s.wait_aof {
+            streams = streams.with_durable_wakes(connect_redis_patiently(config).await?);
+        }
         let wake_ups = crate::tls::redis_client(config.redis.url.expose(), &config.redis.ca_file)
             .map_err(CacheError::from)?;
         Ok(Arc::new(Worker::new(
@@ -195,6 +210,16 @@ pub async fn run_until_stopped(
     }
     drop(stop_rx);
     Ok(())
+}
+
+/// Whether the server knows `command` (`COMMAND INFO` answers nil for an unknown one).
+async fn has_command(conn: &ConnectionManager, command: &str) -> Result<bool, CacheError> {
+    let info: Vec<redis::Value> = redis::cmd("COMMAND")
+        .arg("INFO")
+        .arg(command)
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(info.iter().any(|v| !matches!(v, redis::Value::Nil)))
 }
 
 async fn connect_redis_patiently(config: &Config) -> Result<ConnectionManager, CacheError> {

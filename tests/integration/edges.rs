@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use crate::helpers::{self, DEMO_BUSINESS, TestApp, spawn_env};
-use crate::processes::{WorkerProcess, free_port};
+use crate::processes::{PrivateRedis, WorkerProcess, free_port};
 
 /// The end of the demo's `[business]` table, where tables of its own go.
 const BUSINESS_END: &str = "initial_stage = \"welcome\"\n";
@@ -622,4 +622,143 @@ async fn a_dead_letter_stream_near_its_bound_is_reported_before_anything_is_evic
             .any(|l| l.starts_with("icmp_dead_letter_fill_ratio") && l.ends_with(" 0.9"))
     })
     .await;
+}
+
+/// The environment on a private Redis of its own (so that it can have a replica).
+async fn on_redis(mut app: TestApp, redis: &PrivateRedis) -> TestApp {
+    app.config.redis.url = icmp::config::RedactedUrl::new(redis.url());
+    app.redis = icmp::cache::connect(&app.config.redis)
+        .await
+        .expect("redis");
+    app.cache = icmp::cache::Cache::new(app.redis.clone(), &app.config.redis, &app.config.cache);
+    app
+}
+
+/// Calls of `command` the server has run so far (`INFO commandstats`).
+async fn calls(app: &TestApp, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("info");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A counter of the worker's own `/metrics` (0 while absent).
+async fn scraped(url: &str, series: &str) -> f64 {
+    let Ok(r) = reqwest::get(url).await else {
+        return 0.0;
+    };
+    r.text()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn finishes_wait_for_a_replica_before_the_next_message_is_woken() {
+    let master = PrivateRedis::start().await;
+    let mut replica = PrivateRedis::start_replica_of(&master).await;
+    let app = on_redis(spawn_env(MockOptions::default(), |_| {}).await, &master).await;
+    wait_for("the replica to attach", async || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut app.redis.clone())
+            .await
+            .unwrap_or_default();
+        info.contains("connected_slaves:1") && info.contains("state=online")
+    })
+    .await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _worker = WorkerProcess::spawn(
+        &app.config,
+        "w",
+        &[
+            ("ICMP__STREAMS__WAIT_REPLICAS", "1"),
+            ("ICMP__STREAMS__WAIT_TIMEOUT_MS", "500"),
+            ("ICMP__TELEMETRY__LISTEN", listen.as_str()),
+        ],
+    );
+    let metrics = format!("http://{listen}/metrics");
+    let shortfalls = "icmp_stream_events_total{event=\"durability_shortfall\"}";
+    // A burst of one user (each next message woken after the replica has its predecessor's
+    // finish) and single messages of others.
+    let mut messages: Vec<(String, String, String)> = (0..10)
+        .map(|i| ("ida".to_owned(), format!("i{i}"), format!("message {i}")))
+        .collect();
+    messages.extend((0..10).map(|i| (format!("jo{i}"), format!("j{i}"), "hello".to_owned())));
+    app.send_many(&messages).await;
+    let ids: HashSet<String> = messages.iter().map(|(_, id, _)| id.clone()).collect();
+    let replies = app.wait_all(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(replies[id].len(), 1, "exactly one reply for {id}");
+        assert_eq!(replies[id][0]["status"], "ok");
+    }
+    let stored: Vec<String> = app
+        .db()
+        .await
+        .query(
+            "SELECT m.idempotency_key FROM messages m JOIN users u ON u.id = m.user_id \
+             WHERE u.external_id = 'ida' AND m.role = 'user' ORDER BY m.seq",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, (0..10).map(|i| format!("i{i}")).collect::<Vec<_>>());
+    // Each of ida's finishes was waited for before her next message started (one WAIT can
+    // serve several finishes at once), and every wait was satisfied.
+    let waits = calls(&app, "wait").await;
+    assert!((9..=20).contains(&waits), "{waits} WAITs");
+    assert_eq!(scraped(&metrics, shortfalls).await, 0.0);
+
+    // The replica is gone: every finish waits its timeout, counts the shortfall, and the user's
+    // next message is still woken and answered, once.
+    replica.stop().await;
+    let later: Vec<(String, String, String)> = (10..13)
+        .map(|i| ("ida".to_owned(), format!("i{i}"), format!("message {i}")))
+        .collect();
+    app.send_many(&later).await;
+    let ids: HashSet<String> = later.iter().map(|(_, id, _)| id.clone()).collect();
+    let replies = app.wait_all(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(replies[id].len(), 1, "exactly one reply for {id}");
+    }
+    wait_for("the shortfalls to be counted", async || {
+        scraped(&metrics, shortfalls).await >= 3.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn waiting_for_the_aof_is_refused_where_redis_lacks_waitaof() {
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let mut worker = WorkerProcess::spawn(&app.config, "w", &[("ICMP__STREAMS__WAIT_AOF", "true")]);
+    let info: Vec<redis::Value> = redis::cmd("COMMAND")
+        .arg("INFO")
+        .arg("WAITAOF")
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("command info");
+    if info.iter().all(|v| matches!(v, redis::Value::Nil)) {
+        // Redis before 7.2: the worker says why and does not start.
+        let status = worker.wait(Duration::from_secs(30)).await.expect("exits");
+        assert!(!status.success());
+        let log = std::fs::read_to_string(&worker.log).expect("log");
+        assert!(log.contains("WAITAOF"), "{log}");
+    } else {
+        app.send("kim", "k1", "hello").await;
+        assert_eq!(app.reply("k1").await["status"], "ok");
+        assert!(calls(&app, "waitaof").await >= 1);
+    }
 }

@@ -293,6 +293,8 @@ pub struct PrivateRedis {
     child: Option<Child>,
     /// TLS only, with these certificates.
     tls: Option<TestCerts>,
+    /// A replica of the server on this port.
+    replica_of: Option<u16>,
 }
 
 impl PrivateRedis {
@@ -305,17 +307,30 @@ impl PrivateRedis {
         PrivateRedis::start_with(Some(certs.clone())).await
     }
 
+    /// A replica of `master` (`--replicaof`).
+    pub async fn start_replica_of(master: &PrivateRedis) -> PrivateRedis {
+        let mut r = PrivateRedis::empty(None);
+        r.replica_of = Some(master.port);
+        r.start_again().await;
+        r
+    }
+
     async fn start_with(tls: Option<TestCerts>) -> PrivateRedis {
+        let mut r = PrivateRedis::empty(tls);
+        r.start_again().await;
+        r
+    }
+
+    fn empty(tls: Option<TestCerts>) -> PrivateRedis {
         let dir = std::env::temp_dir().join(format!("icmp-redis-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut r = PrivateRedis {
+        PrivateRedis {
             dir,
             port: free_port(),
             child: None,
             tls,
-        };
-        r.start_again().await;
-        r
+            replica_of: None,
+        }
     }
 
     pub async fn start_again(&mut self) {
@@ -341,6 +356,9 @@ impl PrivateRedis {
                 .arg("--tls-ca-cert-file")
                 .arg(&certs.ca_cert);
             }
+        }
+        if let Some(master) = self.replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
         }
         let child = cmd
             .args(["--bind", "127.0.0.1", "--save", ""])
