@@ -159,7 +159,7 @@ impl Streams {
     ) -> Result<bool, StreamError> {
         let acked = self.finish_once(id, slot, finish, cache).await?;
         if acked {
-            self.wake_when_durable(slot).await;
+            self.wake_when_durable(slot);
         }
         Ok(acked)
     }
@@ -172,7 +172,7 @@ impl Streams {
 
     /// After a finish that dequeued `slot` without announcing its next head: hands the queue
     /// to the durable-wake task, which announces it once the finish is durable.
-    async fn wake_when_durable(&self, slot: Option<&QueueSlot>) {
+    fn wake_when_durable(&self, slot: Option<&QueueSlot>) {
         if let (Some(tx), Some(slot)) = (&self.durable_wakes, slot)
             && tx.send(slot.key.clone()).is_err()
         {
@@ -257,8 +257,7 @@ impl Streams {
             done.push(self.finished(id, *slot, finish, reply).await?);
         }
         if done.iter().any(|d| *d) {
-            self.wake_when_durable(entries.last().and_then(|(_, slot, _)| *slot))
-                .await;
+            self.wake_when_durable(entries.last().and_then(|(_, slot, _)| *slot));
         }
         Ok(done)
     }
