@@ -347,15 +347,70 @@ fn redact_url(s: &str) -> String {
             if changed { u.to_string() } else { s.to_owned() }
         }
         // A libpq key=value DSN (`host=db password=…`), or no URL at all.
-        _ => s
-            .split(' ')
-            .map(|token| match token.split_once('=') {
-                Some((k, _)) if is_secret_name(k) => format!("{k}=***"),
-                _ => token.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
+        _ => redact_dsn(s),
     }
+}
+
+/// Replaces the values of secret keys in a libpq `key=value` connection string, read by
+/// libpq's own rules: spaces may surround `=`, and a value is either single-quoted (where `\'`
+/// and `\\` escape) or runs to the next unescaped whitespace. Text that is not such a string
+/// is returned as it is, except that anything after a secret key is hidden.
+fn redact_dsn(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        // Leading whitespace.
+        let start = i;
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        out.push_str(&s[start..i]);
+        if i == b.len() {
+            break;
+        }
+        // The key, up to `=` or whitespace.
+        let key_start = i;
+        while i < b.len() && b[i] != b'=' && !b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = &s[key_start..i];
+        let mut j = i;
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        if j == b.len() || b[j] != b'=' {
+            // A bare word: not a key=value pair.
+            out.push_str(&s[key_start..i]);
+            continue;
+        }
+        j += 1;
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        // The value: quoted, or up to the next unescaped whitespace.
+        let value_start = j;
+        if j < b.len() && b[j] == b'\'' {
+            j += 1;
+            while j < b.len() && b[j] != b'\'' {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            j = (j + 1).min(b.len());
+        } else {
+            while j < b.len() && !b[j].is_ascii_whitespace() {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            j = j.min(b.len());
+        }
+        if is_secret_name(key) {
+            out.push_str(key);
+            out.push_str("=***");
+        } else {
+            out.push_str(&s[key_start..j]);
+        }
+        i = j;
+    }
+    out
 }
 
 impl std::fmt::Debug for RedactedUrl {
@@ -584,6 +639,26 @@ mod tests {
             r("host=db user=icmp password=x dbname=icmp"),
             "host=db user=icmp password=*** dbname=icmp"
         );
+        // libpq's quoting: a quoted value may hold spaces and escaped quotes, and spaces may
+        // surround `=`.
+        assert_eq!(
+            r("host=db password='a b' dbname=icmp"),
+            "host=db password=*** dbname=icmp"
+        );
+        assert_eq!(
+            r(r"host=db password = 'it\'s a b\\' user=icmp"),
+            "host=db password=*** user=icmp"
+        );
+        assert_eq!(
+            r(r"password=a\ b sslmode=require"),
+            "password=*** sslmode=require"
+        );
+        assert_eq!(r("password='unterminated x y"), "password=***");
+        assert_eq!(r("host=db  password="), "host=db  password=***");
+        assert_eq!(
+            r("application_name='my app' host=db"),
+            "application_name='my app' host=db"
+        );
         assert_eq!(
             r("https://llm/v1?api_key=sk-1&model=m"),
             "https://llm/v1?api_key=***&model=m"
@@ -594,6 +669,22 @@ mod tests {
         assert!(
             !RedactedUrl::new("postgres://icmp@db/icmp?sslkey=/k.pem&sslcert=/c.pem").has_secret()
         );
+    }
+
+    proptest::proptest! {
+        /// Any password, quoted as libpq reads it (checked against tokio-postgres's parser),
+        /// is hidden whole.
+        #[test]
+        fn a_quoted_dsn_password_is_hidden_whole(password in "[ -~]{0,24}") {
+            let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
+            let dsn = format!("host=db password='{quoted}' user=icmp");
+            let parsed: tokio_postgres::Config = dsn.parse().expect("a valid DSN");
+            proptest::prop_assert_eq!(parsed.get_password(), Some(password.as_bytes()));
+            proptest::prop_assert_eq!(
+                RedactedUrl::new(dsn).redacted(),
+                "host=db password=*** user=icmp"
+            );
+        }
     }
 
     #[test]
