@@ -389,7 +389,6 @@ fn redact_dsn(s: &str) -> String {
             j += 1;
         }
         // The value: quoted, or up to the next unescaped whitespace.
-        let value_start = j;
         if j < b.len() && b[j] == b'\'' {
             j += 1;
             while j < b.len() && b[j] != b'\'' {

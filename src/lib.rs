@@ -22,8 +22,9 @@
 //! - [`pipeline`]: the message pipeline, one module per step.
 //! - [`stream`]: Redis Streams mechanics (reading and reclaiming, order queues, heartbeat, the
 //!   fenced finish, retention).
-//! - [`worker`]: holding entries from delivery to finish, the run loop, and the composition
-//!   root that builds a worker from its configuration.
+//! - [`worker`]: holding entries from delivery to finish, and the run loop.
+//! - [`startup`]: the composition root: how a worker process, an operator command, the
+//!   benchmark and the tests connect and build a worker.
 //! - [`status`]: `icmp status`: lag, consumers, queues, dead letters, per-business ratios.
 //! - [`trace`]: `icmp trace`: everything known about one message.
 //! - [`console`]: `icmp console`: the web console over status, dead letters, conversations and
@@ -44,6 +45,7 @@ pub mod model;
 pub mod pipeline;
 pub mod protocol;
 pub mod retry;
+pub mod startup;
 pub mod status;
 pub mod store;
 pub mod stream;

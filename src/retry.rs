@@ -9,6 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use backoff::ExponentialBackoffBuilder;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::RetryConfig;
 use crate::error::{Classify, LlmError};
@@ -149,10 +150,79 @@ impl RetryPolicy {
     }
 }
 
+/// The waits of a loop that keeps trying until it is told to stop (a reader after a failed
+/// read, a watch reconnecting, a start-up waiting for Redis): exponential from `initial` up to
+/// `max`, with jitter, never giving up. [`Backoff::reset`] after a success.
+#[derive(Debug)]
+pub struct Backoff {
+    inner: backoff::ExponentialBackoff,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        let inner = ExponentialBackoffBuilder::new()
+            .with_initial_interval(initial)
+            .with_multiplier(2.0)
+            .with_randomization_factor(0.2)
+            .with_max_interval(max)
+            .with_max_elapsed_time(None)
+            .build();
+        Backoff { inner }
+    }
+
+    /// The next wait (longer each time, up to the maximum).
+    pub fn next_wait(&mut self) -> Duration {
+        use backoff::backoff::Backoff as _;
+        self.inner.next_backoff().unwrap_or(self.inner.max_interval)
+    }
+
+    /// Back to the initial wait.
+    pub fn reset(&mut self) {
+        use backoff::backoff::Backoff as _;
+        self.inner.reset();
+    }
+
+    /// Sleeps the next wait unless `stop` is cancelled first; returns whether it was.
+    pub async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let wait = self.next_wait();
+        stop.run_until_cancelled(tokio::time::sleep(wait))
+            .await
+            .is_none()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::StoreError;
+
+    #[test]
+    fn backoff_waits_grow_to_the_maximum_and_reset() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let first = b.next_wait();
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
+        let waits: Vec<Duration> = (0..20).map(|_| b.next_wait()).collect();
+        assert!(
+            waits.iter().all(|w| *w <= Duration::from_millis(1_200)),
+            "{waits:?}"
+        );
+        assert!(waits[19] >= Duration::from_millis(800), "{waits:?}");
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(120));
+    }
+
+    #[tokio::test]
+    async fn a_backoff_wait_ends_at_a_stop() {
+        let stop = CancellationToken::new();
+        let mut b = Backoff::new(Duration::from_secs(60), Duration::from_secs(60));
+        stop.cancel();
+        let started = std::time::Instant::now();
+        assert!(b.wait(&stop).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let running = CancellationToken::new();
+        let mut quick = Backoff::new(Duration::from_millis(1), Duration::from_millis(1));
+        assert!(!quick.wait(&running).await);
+    }
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn quick() -> RetryPolicy {

@@ -18,12 +18,11 @@ use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use uuid::Uuid;
 
-use crate::cache;
 use crate::config::Config;
-use crate::error::{Category, Classify};
 use crate::pipeline::Failpoints;
+use crate::startup::{Application, Operator};
 use crate::store::Store;
-use crate::worker::{Dependencies, WorkerStats};
+use crate::worker::WorkerStats;
 
 /// What to run (also the arguments of `icmp bench`).
 #[derive(Debug, Clone, clap::Args)]
@@ -323,7 +322,7 @@ pub enum BenchError {
     #[error("the definition file holds no business")]
     NoBusiness,
     #[error(transparent)]
-    Startup(#[from] crate::worker::StartupError),
+    Startup(#[from] crate::startup::StartupError),
     #[error(transparent)]
     Redis(#[from] crate::error::CacheError),
 }
@@ -331,48 +330,6 @@ pub enum BenchError {
 impl From<redis::RedisError> for BenchError {
     fn from(e: redis::RedisError) -> Self {
         BenchError::Redis(e.into())
-    }
-}
-
-impl Classify for BenchError {
-    fn code(&self) -> &'static str {
-        match self {
-            BenchError::Mock(_) => "bench.mock_llm",
-            BenchError::Store(e) => e.code(),
-            BenchError::Import(e) => e.code(),
-            BenchError::NoBusiness => "bench.no_business",
-            BenchError::Startup(e) => e.code(),
-            BenchError::Redis(e) => e.code(),
-        }
-    }
-    fn category(&self) -> Category {
-        match self {
-            BenchError::Mock(_) => Category::System,
-            BenchError::Store(e) => e.category(),
-            BenchError::Import(e) => e.category(),
-            BenchError::NoBusiness => Category::Validation,
-            BenchError::Startup(e) => e.category(),
-            BenchError::Redis(e) => e.category(),
-        }
-    }
-    fn status_code(&self) -> u16 {
-        match self {
-            BenchError::Mock(_) => 500,
-            BenchError::Store(e) => e.status_code(),
-            BenchError::Import(e) => e.status_code(),
-            BenchError::NoBusiness => 422,
-            BenchError::Startup(e) => e.status_code(),
-            BenchError::Redis(e) => e.status_code(),
-        }
-    }
-    fn is_retryable(&self) -> bool {
-        match self {
-            BenchError::Mock(_) | BenchError::NoBusiness => false,
-            BenchError::Store(e) => e.is_retryable(),
-            BenchError::Import(e) => e.is_retryable(),
-            BenchError::Startup(e) => e.is_retryable(),
-            BenchError::Redis(e) => e.is_retryable(),
-        }
     }
 }
 
@@ -506,20 +463,21 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     config.streams.group = format!("bench-{run_id}");
     config.telemetry.listen = String::new();
 
-    let store = Store::connect(&config.database)?;
+    let operator = Operator::new(&config)?;
+    let store = operator.store().clone();
     let reports = crate::business::import_files(&store, None, &[&options.definition]).await?;
     let business = reports
         .first()
         .map(|r| r.business_id)
         .ok_or(BenchError::NoBusiness)?;
-    let deps = Dependencies::connect(&config).await?;
-    let mut stops = Vec::new();
+    let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::new();
     let mut stats = Vec::new();
+    let mut stores = Vec::new();
     let mut children = None;
     if options.processes > 0 {
         let mut procs = processes::WorkerProcesses::start(&config, options.processes, &run_id)?;
-        procs.wait_ready(&deps.redis, &config).await?;
+        procs.wait_ready(operator.redis().await?, &config).await?;
         children = Some(procs);
     }
     let in_process = if options.processes > 0 {
@@ -530,28 +488,26 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     for w in 0..in_process {
         let mut c = config.clone();
         c.streams.consumer = format!("bench-{run_id}-{w}");
-        let worker = deps.worker(&c, Failpoints::default()).await?;
-        stats.push(worker.stats().clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        stops.push(tx);
-        tasks.push(tokio::spawn(worker.run(async move {
-            let _ = rx.await;
-        })));
+        let app = Application::build(&c, Failpoints::default()).await?;
+        stats.push(app.worker().stats().clone());
+        stores.push(app.store().clone());
+        tasks.push(tokio::spawn(app.run_until_stopped(stop.clone())));
     }
+    let round_trips = || stores.iter().map(Store::round_trips).sum::<u64>();
 
     // A connection of its own: blocking reads would hold up the workers' commands.
-    let mut c = cache::connect(&config.redis).await?;
+    let mut c = operator.own_redis().await?;
     let redis_before = probe::RedisCounters::read(&c).await?;
     let cpu_before = probe::process_cpu_secs();
     let children_before = children.as_ref().map(|c| c.cpu_secs()).unwrap_or_default();
     let postgres_before = probe::postgres_cpu();
     let mock_before = mock.cpu_secs();
     let machine_before = probe::machine_ticks();
-    let trips_before = deps.store.round_trips();
+    let trips_before = round_trips();
     let started = Instant::now();
     let sent = SentAt::default();
     let sender = tokio::spawn(send(
-        cache::connect(&config.redis).await?,
+        operator.own_redis().await?,
         config.clone(),
         options.clone(),
         run_id.clone(),
@@ -560,7 +516,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     ));
     let (per_message, statuses, reads) = collect(&mut c, &config, options.messages, &sent).await?;
     let elapsed = started.elapsed();
-    let db_round_trips = deps.store.round_trips() - trips_before;
+    let db_round_trips = round_trips() - trips_before;
     let process_peak_rss_kib = children
         .as_ref()
         .map(|c| c.peak_rss_kib())
@@ -598,9 +554,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         }
     }
     redis_commands.remove("info");
-    for tx in stops {
-        let _ = tx.send(());
-    }
+    stop.cancel();
     for t in tasks {
         let _ = t.await;
     }

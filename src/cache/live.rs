@@ -6,26 +6,27 @@
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Cache;
+use crate::retry::Backoff;
 use crate::store::Store;
 use crate::store::listen::DEFINITIONS_CHANNEL;
 use crate::telemetry::metrics;
 
-/// Runs the watch until `stop` turns true, reconnecting after failures.
-pub async fn watch_definitions(store: Store, cache: Cache, mut stop: watch::Receiver<bool>) {
-    let mut failures: u32 = 0;
+/// Runs the watch until `stop` is cancelled, reconnecting after failures.
+pub async fn watch_definitions(store: Store, cache: Cache, stop: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match store.listen(DEFINITIONS_CHANNEL).await {
             Ok(mut notifications) => {
-                failures = 0;
+                backoff.reset();
                 cache.local().enable();
                 tracing::debug!("definitions watch connected");
                 loop {
                     tokio::select! {
-                        _ = stop.changed() => {
+                        () = stop.cancelled() => {
                             cache.local().disable();
                             return;
                         }
@@ -42,11 +43,8 @@ pub async fn watch_definitions(store: Store, cache: Cache, mut stop: watch::Rece
             }
             Err(e) => metrics::record_error(&e, "definitions watch"),
         }
-        failures = failures.saturating_add(1);
-        let wait = Duration::from_millis(250 * u64::from(failures.min(20)));
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(wait) => {}
+        if backoff.wait(&stop).await {
+            return;
         }
     }
 }

@@ -34,24 +34,35 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
 /// Behaviour of the mock: latency and fault injection. Rates are shares of calls in `0..=1`.
-#[derive(Debug, Clone, PartialEq)]
+/// Also the options of `icmp mock-llm`; their defaults there are [`MockOptions::default`]'s.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct MockOptions {
+    #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    #[arg(long, default_value_t = 0)]
     pub jitter_ms: u64,
     /// Share of calls answered `500`.
+    #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
     /// Share of calls answered `429` with `Retry-After: retry_after_secs`.
+    #[arg(long, default_value_t = 0.0)]
     pub rate_limit_rate: f64,
+    #[arg(long, default_value_t = 1)]
     pub retry_after_secs: u64,
     /// Share of calls that hang for `hang_ms` before answering (a client timeout).
+    #[arg(long, default_value_t = 0.0)]
     pub timeout_rate: f64,
+    #[arg(long, default_value_t = 60_000)]
     pub hang_ms: u64,
     /// Share of calls answered `200` with a truncated JSON body.
+    #[arg(long, default_value_t = 0.0)]
     pub malformed_rate: f64,
     /// RNG seed; the same seed and call order give the same faults.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Serve HTTP/1.1 only (as most self-hosted servers do); else HTTP/1.1 and cleartext
     /// HTTP/2 on the same port.
+    #[arg(long)]
     pub http1_only: bool,
 }
 
@@ -568,6 +579,17 @@ fn is_iso_date(t: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_defaults_are_the_default_options() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            options: MockOptions,
+        }
+        let parsed = <Command as clap::Parser>::parse_from(["mock-llm"]);
+        assert_eq!(parsed.options, MockOptions::default());
+    }
 
     fn request(json_mode: bool, system: &str, user: &str) -> Request {
         Request {

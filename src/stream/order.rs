@@ -330,7 +330,7 @@ impl Streams {
     }
 
     /// Forwards the queue keys announced on the wake channel (by any worker) to `tx`, until
-    /// `stop` turns true or `tx` is closed. Subscribes again after a Redis restart; the
+    /// `stop` is cancelled or `tx` is closed. Subscribes again after a Redis restart; the
     /// worker's slow poll covers what is missed meanwhile, and every (re)subscription is
     /// forwarded as an empty payload ([`RESUBSCRIBED`]): wake-ups may have been missed, so
     /// every waiting queue is checked.
@@ -338,10 +338,14 @@ impl Streams {
         &self,
         client: redis::Client,
         tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-        mut stop: tokio::sync::watch::Receiver<bool>,
+        stop: tokio_util::sync::CancellationToken,
     ) {
         use futures::StreamExt;
-        while !*stop.borrow() {
+        let mut backoff = crate::retry::Backoff::new(
+            std::time::Duration::from_millis(250),
+            std::time::Duration::from_secs(2),
+        );
+        while !stop.is_cancelled() {
             let subscribed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&self.keys.wake_channel).await?;
@@ -351,12 +355,13 @@ impl Streams {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(error = %e, "wake-up subscription failed; polling meanwhile");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                        _ = stop.changed() => return,
+                    if backoff.wait(&stop).await {
+                        return;
                     }
+                    continue;
                 }
             };
+            backoff.reset();
             if tx.send(RESUBSCRIBED.to_vec()).is_err() {
                 return;
             }
@@ -371,7 +376,7 @@ impl Streams {
                         }
                         None => break,
                     },
-                    _ = stop.changed() => return,
+                    () = stop.cancelled() => return,
                 }
             }
         }

@@ -6,13 +6,10 @@
 //! - [`run`](Worker::run): the loop: reading, reclaiming, the heartbeat, retention, and the
 //!   waiting room that starts each user's entries in stream order;
 //! - `room`: the waiting room (which held entry waits, which is ready, which runs);
-//! - `startup`: the composition root: dependencies from the configuration, and
-//!   [`run_until_stopped`];
 //! - this module: one entry's path, from decoding to the fenced finish.
 
 mod room;
 mod run;
-mod startup;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -34,8 +31,6 @@ use crate::retry::RetryPolicy;
 use crate::stream::order::{self, QueueSlot};
 use crate::stream::{Finish, StreamEntry, Streams};
 use crate::telemetry::metrics::{self, MessageOutcome, StreamEvent};
-
-pub use startup::{ConfiguredLlm, Dependencies, StartupError, run_until_stopped};
 
 /// The dead-letter code of an entry gone from the stream before it was answered.
 pub const TRIMMED: &str = "stream.trimmed";

@@ -12,7 +12,6 @@
 //! pipelined round trip), starts ready entries on free processing slots, and drops lost ones.
 //! Retention (trimming, pruning idle consumers) runs on its own timer.
 
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -20,13 +19,14 @@ use futures::FutureExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::room::{Checked, Room};
 use super::{Outcome, Worker, WorkerStats};
 use crate::llm::LlmService;
+use crate::retry::Backoff;
 use crate::stream::order::{RESUBSCRIBED, Wake};
 use crate::stream::{Refresh, StreamEntry};
 use crate::telemetry::metrics::{self, StreamEvent};
@@ -61,48 +61,48 @@ struct Gate {
 }
 
 impl<L: LlmService> Worker<L> {
-    /// Reads and processes entries until `shutdown` completes; then stops reading, gives
+    /// Reads and processes entries until `stop` is cancelled; then stops reading, gives
     /// running messages `worker.shutdown_grace_ms` to finish and returns. Entries not finished
     /// stay pending for other workers.
-    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let (stop_tx, mut stop_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
         while let Err(e) = self.ensure_group().await {
             metrics::record_error(&e, "consumer group");
-            if wait_or_stop(&mut stop_rx, Duration::from_secs(1)).await {
+            if backoff.wait(&stop).await {
                 return;
             }
         }
+        // The helpers stop with the worker, and when it returns (whatever the reason).
+        let helpers_stop = stop.child_token();
+        let _helpers_stopped = helpers_stop.clone().drop_guard();
         let concurrency = self.config.worker.concurrency.max(1);
         let gate = Arc::new(Gate::default());
         let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
         let (wake_tx, mut wakes) = mpsc::unbounded_channel::<Vec<u8>>();
         let mut room = Room::default();
         let mut helpers = JoinSet::new();
+        helpers.spawn(self.clone().read_loop(
+            gate.clone(),
+            events_tx.clone(),
+            helpers_stop.clone(),
+        ));
         helpers.spawn(
             self.clone()
-                .read_loop(gate.clone(), events_tx.clone(), stop_rx.clone()),
-        );
-        helpers.spawn(
-            self.clone()
-                .reclaim_loop(events_tx.clone(), stop_rx.clone()),
+                .reclaim_loop(events_tx.clone(), helpers_stop.clone()),
         );
         helpers.spawn(self.clone().heartbeat_loop(
             room.shared_ids(),
             events_tx.clone(),
-            stop_rx.clone(),
+            helpers_stop.clone(),
         ));
-        helpers.spawn(self.clone().retention_loop(stop_rx.clone()));
+        helpers.spawn(self.clone().retention_loop(helpers_stop.clone()));
         helpers.spawn(crate::cache::live::watch_definitions(
             self.handler.store().clone(),
             self.handler.cache().clone(),
-            stop_rx.clone(),
+            helpers_stop.clone(),
         ));
         if let Some(client) = self.wake_ups.clone() {
-            let (worker, rx) = (self.clone(), stop_rx.clone());
+            let (worker, rx) = (self.clone(), helpers_stop.clone());
             helpers.spawn(async move {
                 worker
                     .streams
@@ -123,15 +123,14 @@ impl<L: LlmService> Worker<L> {
             tokio::time::interval_at(tokio::time::Instant::now() + poll_every, poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges = tokio::time::interval(Duration::from_secs(5));
-        let mut failures = 0u32;
-
+        let mut head_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
-            if *stop_rx.borrow() {
+            if stop.is_cancelled() {
                 break;
             }
             tokio::select! {
                 biased;
-                _ = stop_rx.changed() => break,
+                () = stop.cancelled() => break,
                 Some(event) = events.recv() => self.on_event(&mut room, event),
                 Some(payload) = wakes.recv() => self.on_wake(&mut room, &payload),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -154,10 +153,11 @@ impl<L: LlmService> Worker<L> {
             while let Ok(payload) = wakes.try_recv() {
                 self.on_wake(&mut room, &payload);
             }
-            if !self.check_heads(&mut room, &mut failures).await {
+            if self.check_heads(&mut room).await {
+                head_backoff.reset();
+            } else {
                 // Redis failed: back off (a stop seen here ends the loop at its top).
-                let wait = Duration::from_millis(50 * u64::from(failures.min(20)));
-                let _ = wait_or_stop(&mut stop_rx, wait).await;
+                let _ = head_backoff.wait(&stop).await;
             }
             self.start_ready(&mut room, &slots, &mut tasks, &events_tx);
             gate.held.store(room.len(), Ordering::Relaxed);
@@ -187,7 +187,7 @@ impl<L: LlmService> Worker<L> {
 
     /// Checks the heads of the queues that changed, a few round trips at most per turn;
     /// returns false when Redis failed (the checks stay due).
-    async fn check_heads(&self, room: &mut Room, failures: &mut u32) -> bool {
+    async fn check_heads(&self, room: &mut Room) -> bool {
         let mut rounds = 0;
         while room.has_checks() && rounds < CHECK_ROUNDS_PER_TURN {
             rounds += 1;
@@ -195,7 +195,6 @@ impl<L: LlmService> Worker<L> {
             let pairs: Vec<_> = checks.iter().map(|(s, id)| (s, id.as_str())).collect();
             match self.streams.check_heads(&pairs).await {
                 Ok(results) => {
-                    *failures = 0;
                     for ((slot, id), check) in checks.iter().zip(results) {
                         self.healed(check.healed, check.trimmed, "head check");
                         if room.apply(slot, id, check) == Checked::Gone {
@@ -208,7 +207,6 @@ impl<L: LlmService> Worker<L> {
                     for (slot, _) in &checks {
                         room.touch(&slot.key);
                     }
-                    *failures = failures.saturating_add(1);
                     return false;
                 }
             }
@@ -405,15 +403,15 @@ impl<L: LlmService> Worker<L> {
         self: Arc<Self>,
         gate: Arc<Gate>,
         events: mpsc::UnboundedSender<Event>,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
         let max_held = self.config.worker.max_held.max(1);
         let ready_limit = self.config.worker.concurrency.max(1) * 4;
         let read_count = self.config.streams.read_count.max(1);
         let mut cursor = "0-0".to_owned();
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             let held = gate.held.load(Ordering::Relaxed);
@@ -421,14 +419,14 @@ impl<L: LlmService> Worker<L> {
                 tokio::select! {
                     () = gate.changed.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = stop.changed() => return,
+                    () = stop.cancelled() => return,
                 }
                 continue;
             }
             let count = read_count.min(max_held - held);
             match self.streams.read_new(count, &mut cursor).await {
                 Ok(entries) => {
-                    failures = 0;
+                    backoff.reset();
                     if !entries.is_empty() {
                         // Counted as held at once, before the scheduler takes them in.
                         gate.held.fetch_add(entries.len(), Ordering::Relaxed);
@@ -444,9 +442,7 @@ impl<L: LlmService> Worker<L> {
                     {
                         metrics::record_error(&e, "consumer group");
                     }
-                    failures = failures.saturating_add(1);
-                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
-                    if wait_or_stop(&mut stop, wait).await {
+                    if backoff.wait(&stop).await {
                         return;
                     }
                 }
@@ -457,7 +453,7 @@ impl<L: LlmService> Worker<L> {
     async fn reclaim_loop(
         self: Arc<Self>,
         events: mpsc::UnboundedSender<Event>,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
         let every = Duration::from_millis((self.config.streams.claim_idle_ms / 2).max(50));
         let count = self.config.streams.read_count.max(1);
@@ -470,10 +466,10 @@ impl<L: LlmService> Worker<L> {
             let mid_scan = cursor != "0-0" && calls_this_round < RECLAIM_CALLS_PER_ROUND;
             if !mid_scan {
                 calls_this_round = 0;
-                if wait_or_stop(&mut stop, every).await {
+                if wait_or_stop(&stop, every).await {
                     return;
                 }
-            } else if *stop.borrow() {
+            } else if stop.is_cancelled() {
                 return;
             }
             calls_this_round += 1;
@@ -508,11 +504,11 @@ impl<L: LlmService> Worker<L> {
         self: Arc<Self>,
         held: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
         events: mpsc::UnboundedSender<Event>,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
         let every = Duration::from_millis((self.config.streams.claim_idle_ms / 3).max(50));
         loop {
-            if wait_or_stop(&mut stop, every).await {
+            if wait_or_stop(&stop, every).await {
                 return;
             }
             let ids: Vec<String> = held
@@ -540,12 +536,12 @@ impl<L: LlmService> Worker<L> {
         }
     }
 
-    async fn retention_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    async fn retention_loop(self: Arc<Self>, stop: CancellationToken) {
         let s = &self.config.streams;
         let every = Duration::from_millis(s.retention_interval_ms.max(100));
         let mut sweep_cursor = 0u64;
         loop {
-            if wait_or_stop(&mut stop, every).await {
+            if wait_or_stop(&stop, every).await {
                 return;
             }
             // Up to SWEEP_PER_ROUND queues a round, in batches, resuming where it stopped.
@@ -600,13 +596,9 @@ impl<L: LlmService> Worker<L> {
     }
 }
 
-/// Sleeps for `d` unless the stop signal comes first; returns whether to stop.
-async fn wait_or_stop(rx: &mut watch::Receiver<bool>, d: Duration) -> bool {
-    if *rx.borrow() {
-        return true;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(d) => *rx.borrow(),
-        _ = rx.changed() => true,
-    }
+/// Sleeps for `d` (a helper's period) unless `stop` comes first; returns whether to stop.
+async fn wait_or_stop(stop: &CancellationToken, d: Duration) -> bool {
+    stop.run_until_cancelled(tokio::time::sleep(d))
+        .await
+        .is_none()
 }

@@ -10,9 +10,10 @@ use icmp::cache::{self, Cache};
 use icmp::config::{Config, RedactedUrl};
 use icmp::llm::mock::{self, MockOptions, MockServer};
 use icmp::pipeline::Failpoints;
+use icmp::startup::{Application, ConfiguredLlm, Operator};
 use icmp::store::{self, Store};
 use icmp::stream::Streams;
-use icmp::worker::{ConfiguredLlm, Dependencies, Worker};
+use icmp::worker::Worker;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
@@ -167,10 +168,10 @@ pub async fn isolated_config() -> Config {
     c
 }
 
-/// Imports a definition file into the database of `config`.
+/// Imports a definition file into the database of `config` (as `icmp import` does).
 pub async fn import(config: &Config, files: &[&Path]) {
-    let store = Store::connect(&config.database).expect("store");
-    icmp::business::import_files(&store, None, files)
+    let operator = Operator::new(config).expect("operator");
+    icmp::business::import_files(operator.store(), None, files)
         .await
         .expect("import");
 }
@@ -219,7 +220,10 @@ pub async fn import_poisoned_demo(app: &TestApp, business_id: &str) -> PathBuf {
 /// latencies) or that load the whole machine (the chaos soak), so that no two of them overlap.
 pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A test environment (database, streams, mock LLM) with in-process workers.
+/// A test environment (database, streams, mock LLM) with in-process workers. Its `store`,
+/// `redis` and `cache` are an operator's (the configured user, as `icmp` commands connect);
+/// its workers are built by [`Application::build`], as `icmp worker` builds one, and run
+/// under the worker role.
 pub struct TestApp {
     pub config: Config,
     pub store: Store,
@@ -228,7 +232,7 @@ pub struct TestApp {
     pub mock: MockServer,
     pub failpoints: Failpoints,
     workers: Vec<(
-        tokio::sync::oneshot::Sender<()>,
+        tokio_util::sync::CancellationToken,
         tokio::task::JoinHandle<()>,
     )>,
 }
@@ -256,9 +260,10 @@ pub async fn spawn_env(options: MockOptions, tweak: impl FnOnce(&mut Config)) ->
     config.llm.base_url = mock.base_url();
     tweak(&mut config);
     import(&config, &[&demo_file()]).await;
-    let store = Store::connect(&config.database).expect("store");
-    let redis = cache::connect(&config.redis).await.expect("redis");
-    let cache = Cache::new(redis.clone(), &config.redis, &config.cache);
+    let operator = Operator::new(&config).expect("operator");
+    let store = operator.store().clone();
+    let redis = operator.redis().await.expect("redis").clone();
+    let cache = operator.cache().await.expect("redis");
     TestApp {
         config,
         store,
@@ -272,14 +277,15 @@ pub async fn spawn_env(options: MockOptions, tweak: impl FnOnce(&mut Config)) ->
 
 impl TestApp {
     /// Starts one more in-process worker (consumer `name`), sharing this app's failpoints;
-    /// returns it (for its stats).
+    /// returns it (for its stats). It is built and run as `icmp worker` builds and runs one.
     pub async fn start_worker(&mut self, name: &str) -> Arc<Worker<ConfiguredLlm>> {
-        let worker = self.worker(name).await;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(worker.clone().run(async move {
-            let _ = rx.await;
-        }));
-        self.workers.push((tx, task));
+        let app = Application::build(&self.consumer_config(name), self.failpoints.clone())
+            .await
+            .expect("worker");
+        let worker = app.worker().clone();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+        self.workers.push((stop, task));
         worker
     }
 
@@ -288,19 +294,6 @@ impl TestApp {
         let mut config = self.config.clone();
         config.streams.consumer = format!("{}-{name}", self.config.streams.consumer);
         config
-    }
-
-    /// A worker that is not running (consumer `name`), built by the composition root.
-    pub async fn worker(&self, name: &str) -> Arc<Worker<ConfiguredLlm>> {
-        let config = self.consumer_config(name);
-        let deps = Dependencies {
-            store: self.store.clone(),
-            redis: self.redis.clone(),
-            cache: self.cache.clone(),
-        };
-        deps.worker(&config, self.failpoints.clone())
-            .await
-            .expect("worker")
     }
 
     /// The stream mechanics alone, as consumer `name` (to play a consumer by hand).
@@ -455,8 +448,8 @@ impl TestApp {
 
     /// Stops the in-process workers gracefully, keeping the app.
     pub async fn stop_workers(&mut self) {
-        for (tx, task) in self.workers.drain(..) {
-            let _ = tx.send(());
+        for (stop, task) in self.workers.drain(..) {
+            stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
         }
     }

@@ -1,0 +1,116 @@
+//! `icmp send` and `icmp chat`: talk to a running worker through the streams.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use icmp::client::{self, Outgoing};
+use icmp::startup::Operator;
+
+/// Whom a message goes to, as whom, and how long to wait for the reply.
+#[derive(Debug, clap::Args)]
+pub(super) struct Target {
+    /// Business id (the demo business: 7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001).
+    #[arg(long, default_value = "7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001")]
+    business: String,
+    #[arg(long, default_value = "alice")]
+    user: String,
+    /// Continue this conversation (default: the user's latest, or a new one).
+    #[arg(long)]
+    conversation: Option<String>,
+    /// Seconds to wait for a reply.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct SendArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Idempotency key of the message.
+    #[arg(long)]
+    message_id: Option<String>,
+    /// The message text.
+    text: String,
+}
+
+/// `icmp send`: one message, its reply printed; exit 1 when the reply is an error.
+pub(super) async fn send(operator: &Operator, args: SendArgs) -> Result<()> {
+    let reply = client::send_and_wait(
+        operator.redis().await?,
+        &operator.config().streams,
+        &outgoing(&args.target, None, args.message_id, args.text),
+        Duration::from_secs(args.target.timeout_secs),
+    )
+    .await?;
+    print_reply(&reply);
+    if reply.get("status").map(String::as_str) == Some("error") {
+        // Scripts can tell an error reply from an answer by the exit code.
+        anyhow::bail!(
+            "the reply is an error: {}",
+            reply.get("error_code").cloned().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `icmp chat`: one message per line read, each reply printed, in one conversation.
+pub(super) async fn chat(operator: &Operator, target: Target) -> Result<()> {
+    let conn = operator.redis().await?;
+    let mut conversation = target.conversation.clone();
+    println!(
+        "Talking to business {} as {} (Ctrl-D to quit).",
+        target.business, target.user
+    );
+    loop {
+        let Some(text) = super::prompt_line()? else {
+            return Ok(());
+        };
+        let reply = client::send_and_wait(
+            conn,
+            &operator.config().streams,
+            &outgoing(&target, conversation.clone(), None, text),
+            Duration::from_secs(target.timeout_secs),
+        )
+        .await?;
+        if let Some(c) = reply.get("conversation_id").filter(|c| !c.is_empty()) {
+            conversation = Some(c.clone());
+        }
+        print_reply(&reply);
+    }
+}
+
+fn outgoing(
+    target: &Target,
+    conversation: Option<String>,
+    message_id: Option<String>,
+    text: String,
+) -> Outgoing {
+    Outgoing {
+        business_id: target.business.clone(),
+        user_id: target.user.clone(),
+        content: text,
+        conversation_id: conversation.or_else(|| target.conversation.clone()),
+        message_id,
+        metadata: None,
+    }
+}
+
+fn print_reply(reply: &HashMap<String, String>) {
+    let get = |k: &str| reply.get(k).map(String::as_str).unwrap_or("");
+    match get("status") {
+        "error" => println!(
+            "[error {} {}] {}",
+            get("status_code"),
+            get("error_code"),
+            get("error")
+        ),
+        status => println!("[{status} · stage {}] {}", get("stage"), get("content")),
+    }
+    println!(
+        "  conversation {}  log {}",
+        get("conversation_id"),
+        get("log_id")
+    );
+}

@@ -1,0 +1,312 @@
+//! The composition root: every icmp process connects through here.
+//!
+//! - `icmp worker` builds an [`Application`] and runs it until a signal; the test harness and
+//!   `icmp bench` build the same [`Application`] for each of their in-process workers, so a
+//!   test's worker connects, and runs, as a production one does (under `database.worker_role`,
+//!   row-level security applying).
+//! - The operator commands (`import`, `status`, `trace`, `dlq`, `console`, `send` …), the
+//!   benchmark's producer and the tests' own checks connect as an [`Operator`]: the configured
+//!   database user, and Redis on first use.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{self, Cache};
+use crate::config::Config;
+use crate::error::{CacheError, Classify, LlmError, StoreError};
+use crate::llm::{CircuitBreaker, OpenAiClient};
+use crate::pipeline::{Failpoints, MessageHandler};
+use crate::retry::Backoff;
+use crate::store::Store;
+use crate::stream::Streams;
+use crate::telemetry::{metrics, server};
+use crate::worker::Worker;
+
+/// How long a start waits for Redis to come up.
+const REDIS_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Why a process could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Redis(#[from] CacheError),
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    #[error("telemetry endpoint: {0}")]
+    Telemetry(std::io::Error),
+    /// The Redis server lacks a command the configuration asks for.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The LLM service a configured worker uses.
+pub type ConfiguredLlm = CircuitBreaker<OpenAiClient>;
+
+/// What a worker process shares between its parts: the PostgreSQL pool (as
+/// `database.worker_role`), a Redis connection and the cache over it.
+#[derive(Clone)]
+pub struct Dependencies {
+    pub store: Store,
+    pub redis: ConnectionManager,
+    pub cache: Cache,
+}
+
+impl std::fmt::Debug for Dependencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dependencies").finish_non_exhaustive()
+    }
+}
+
+impl Dependencies {
+    /// Connects to what `config` names, waiting up to a minute for Redis to come up.
+    ///
+    /// # Errors
+    /// Invalid URLs, or Redis unreachable for a minute.
+    pub async fn connect(config: &Config) -> Result<Self, StartupError> {
+        let store = Store::connect_worker(&config.database)?;
+        let redis = connect_redis_patiently(config).await?;
+        let cache = Cache::new(redis.clone(), &config.redis, &config.cache);
+        Ok(Dependencies {
+            store,
+            redis,
+            cache,
+        })
+    }
+
+    /// A worker for `config` (its consumer name, streams and limits) over these dependencies,
+    /// with Redis connections of its own: its blocking reads and its commands must not wait
+    /// behind anybody else's.
+    ///
+    /// # Errors
+    /// Redis unreachable, or an invalid LLM configuration.
+    async fn worker(
+        &self,
+        config: &Config,
+        failpoints: Failpoints,
+    ) -> Result<Arc<Worker<ConfiguredLlm>>, StartupError> {
+        let conn = connect_redis_patiently(config).await?;
+        if config.streams.wait_aof && !has_command(&conn, "WAITAOF").await? {
+            return Err(StartupError::Unsupported(
+                "streams.wait_aof needs WAITAOF, which this Redis server lacks (Redis 7.2 or \
+                 later has it)"
+                    .into(),
+            ));
+        }
+        let reader = connect_redis_patiently(config).await?;
+        let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
+        let client = OpenAiClient::new(&config.llm)?;
+        // The first calls go over the connection the later ones use (HTTP/2 to an endpoint
+        // that speaks it). An endpoint that refuses connections settles nothing at once; one
+        // that does not answer delays the start by `llm.connect_timeout_ms` at most.
+        client.settle_http_version().await;
+        let llm = CircuitBreaker::new(client, &config.llm);
+        let handler = Arc::new(MessageHandler::new(
+            config.clone(),
+            self.store.clone(),
+            cache,
+            llm,
+            failpoints,
+        ));
+        let mut streams = Streams::new(
+            reader,
+            conn,
+            config.streams.clone(),
+            &config.redis.key_prefix,
+        );
+        let s = &config.streams;
+        if s.wait_replicas > 0 || s.wait_aof {
+            streams = streams.with_durable_wakes(connect_redis_patiently(config).await?);
+        }
+        let wake_ups = crate::tls::redis_client(config.redis.url.expose(), &config.redis.ca_file)
+            .map_err(CacheError::from)?;
+        Ok(Arc::new(Worker::new(
+            config.clone(),
+            handler,
+            streams,
+            Some(wake_ups),
+        )))
+    }
+}
+
+/// One worker process: its dependencies, its worker and its operator endpoint
+/// (`/metrics`, `/healthz`, `/readyz` when `telemetry.listen` is set), built but not running.
+pub struct Application {
+    deps: Dependencies,
+    worker: Arc<Worker<ConfiguredLlm>>,
+    telemetry: Option<TcpListener>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("telemetry", &self.telemetry_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Connects everything `config` names and builds its worker (`failpoints` are the fault
+    /// points a fault-injection test arms; production passes [`Failpoints::from_env`]).
+    ///
+    /// # Errors
+    /// Invalid configuration (URLs), Redis unreachable for a minute, a Redis that lacks what
+    /// the configuration asks for, or a telemetry address that cannot be bound.
+    pub async fn build(config: &Config, failpoints: Failpoints) -> Result<Self, StartupError> {
+        metrics::install();
+        let deps = Dependencies::connect(config).await?;
+        let worker = deps.worker(config, failpoints).await?;
+        let telemetry = if config.telemetry.listen.is_empty() {
+            None
+        } else {
+            Some(
+                TcpListener::bind(&config.telemetry.listen)
+                    .await
+                    .map_err(StartupError::Telemetry)?,
+            )
+        };
+        Ok(Application {
+            deps,
+            worker,
+            telemetry,
+        })
+    }
+
+    /// The worker (for its statistics and its streams).
+    pub fn worker(&self) -> &Arc<Worker<ConfiguredLlm>> {
+        &self.worker
+    }
+
+    /// The worker's database pool (for its round-trip count).
+    pub fn store(&self) -> &Store {
+        &self.deps.store
+    }
+
+    /// Where the operator endpoint listens, if it does.
+    pub fn telemetry_addr(&self) -> Option<SocketAddr> {
+        self.telemetry.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Runs the worker (and the operator endpoint) until `stop` is cancelled; returns once
+    /// running messages are finished or their grace period is over.
+    pub async fn run_until_stopped(self, stop: CancellationToken) {
+        let endpoint = self.telemetry.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            }
+            let (s, c) = (self.deps.store.clone(), self.deps.cache.clone());
+            let ready: server::ReadyCheck = Arc::new(move || {
+                let (s, c) = (s.clone(), c.clone());
+                Box::pin(async move {
+                    s.ping().await.map_err(|e| format!("postgres: {e}"))?;
+                    c.ping().await.map_err(|e| format!("redis: {e}"))?;
+                    Ok(())
+                })
+            });
+            tokio::spawn(server::serve(
+                listener,
+                metrics::install(),
+                ready,
+                stop.clone().cancelled_owned(),
+            ))
+        });
+        self.worker.run(stop).await;
+        if let Some(endpoint) = endpoint {
+            let _ = endpoint.await;
+        }
+    }
+}
+
+/// What the operator commands connect to: the database as the configured user (lazily: no
+/// connection is opened until a query needs one) and Redis on first use.
+pub struct Operator {
+    config: Config,
+    store: Store,
+    redis: tokio::sync::OnceCell<ConnectionManager>,
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator").finish_non_exhaustive()
+    }
+}
+
+impl Operator {
+    /// # Errors
+    /// An invalid database URL or TLS setting.
+    pub fn new(config: &Config) -> Result<Self, StartupError> {
+        Ok(Operator {
+            config: config.clone(),
+            store: Store::connect(&config.database)?,
+            redis: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The Redis connection, opened on the first call (an operator command fails at once
+    /// when Redis is down; it does not wait for it).
+    ///
+    /// # Errors
+    /// An invalid URL or an unreachable server.
+    pub async fn redis(&self) -> Result<&ConnectionManager, CacheError> {
+        self.redis
+            .get_or_try_init(|| cache::connect(&self.config.redis))
+            .await
+    }
+
+    /// A Redis connection of its own (for blocking reads that must not hold up the shared one).
+    ///
+    /// # Errors
+    /// An invalid URL or an unreachable server.
+    pub async fn own_redis(&self) -> Result<ConnectionManager, CacheError> {
+        cache::connect(&self.config.redis).await
+    }
+
+    /// The cache over [`Operator::redis`].
+    ///
+    /// # Errors
+    /// As [`Operator::redis`].
+    pub async fn cache(&self) -> Result<Cache, CacheError> {
+        let conn = self.redis().await?.clone();
+        Ok(Cache::new(conn, &self.config.redis, &self.config.cache))
+    }
+}
+
+/// Whether the server knows `command` (`COMMAND INFO` answers nil for an unknown one).
+async fn has_command(conn: &ConnectionManager, command: &str) -> Result<bool, CacheError> {
+    let info: Vec<redis::Value> = redis::cmd("COMMAND")
+        .arg("INFO")
+        .arg(command)
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(info.iter().any(|v| !matches!(v, redis::Value::Nil)))
+}
+
+/// Connects to Redis, waiting up to [`REDIS_PATIENCE`] while it is not reachable yet.
+async fn connect_redis_patiently(config: &Config) -> Result<ConnectionManager, CacheError> {
+    let started = std::time::Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
+    loop {
+        match cache::connect(&config.redis).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_retryable() && started.elapsed() < REDIS_PATIENCE => {
+                tracing::warn!(error = %e, "redis not reachable yet");
+                tokio::time::sleep(backoff.next_wait()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
