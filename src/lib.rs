@@ -13,6 +13,8 @@
 //! - [`bench`]: the end-to-end benchmark behind `icmp bench`.
 //! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
 //! - [`cache`]: the Redis cache of definitions and conversation state.
+//! - [`definitions`]: a business's definition as the pipeline reads it (business, stages,
+//!   compiled templates): in-process, then Redis, then PostgreSQL, dropped on every change.
 //! - [`client`]: send a message to a running worker and wait for its reply.
 //! - [`llm`]: the LLM service trait, the OpenAI-compatible client and the mock server.
 //! - [`retry`]: backoff for transient faults (the one module that knows the `backoff` crate).
@@ -39,6 +41,7 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod console;
+pub mod definitions;
 pub mod error;
 pub mod llm;
 pub mod model;

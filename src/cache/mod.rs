@@ -8,8 +8,6 @@
 //! All keys carry `redis.key_prefix`, so several deployments or tests can share one server.
 
 pub mod budget;
-pub mod live;
-pub mod local;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,10 +19,10 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::config::{CacheConfig, RedisConfig};
+use crate::definitions::local::{Generation, LocalDefinitions};
 pub use crate::error::CacheError;
 use crate::model::{Business, ConversationState, StageTemplates, TemplateRecord};
 use crate::telemetry::metrics;
-use local::{Generation, LocalDefinitions};
 
 /// One prepared `SET key value EX ttl_secs`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use super::llm_call::{LlmCaller, Purpose};
-use super::template::TemplateService;
+use crate::definitions::TemplateService;
 use crate::error::{LlmError, PipelineError};
 use crate::llm::LlmService;
 use crate::model::Extracted;

@@ -9,7 +9,7 @@
 //!   continuing user's new message needs no query for it; a repeat the state does not name is
 //!   caught by the unique key when its write set commits;
 //! - steps 3–5, the **read phase** ([`read`]): the [`conversation`] (given, the user's latest,
-//!   or a new one), its [`stage`] and that stage's templates, and the template variables
+//!   or a new one), its stage and that stage's templates (from [`crate::definitions`]), and the template variables
 //!   ([`context`], the TemplateVariableProvider): short autocommit reads, most from Redis;
 //! - steps 6–9, the **LLM phase** ([`decide`]): optional stage selection ([`select`]) and the
 //!   new stage's templates (step 7), optional data extraction ([`extract`]), the response
@@ -35,8 +35,6 @@ pub mod persist;
 pub mod read;
 pub mod respond;
 pub mod select;
-pub mod stage;
-pub mod template;
 
 use std::time::Instant;
 
@@ -44,6 +42,7 @@ use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::definitions::{StageService, TemplateService};
 use crate::error::{Classify, PipelineError, StoreError};
 use crate::llm::LlmService;
 use crate::model::{Answer, AnswerStatus, Business, ConversationState};
@@ -54,8 +53,6 @@ use crate::telemetry::metrics;
 
 pub use failpoint::Failpoints;
 use llm_call::LlmCaller;
-use stage::StageService;
-use template::TemplateService;
 
 /// What processing produced.
 #[derive(Debug, Clone, PartialEq)]

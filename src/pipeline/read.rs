@@ -9,8 +9,8 @@ use chrono::Utc;
 
 use super::context::{self, ContextInputs};
 use super::conversation;
-use super::stage::StageService;
 use crate::cache::Cache;
+use crate::definitions::StageService;
 use crate::error::PipelineError;
 use crate::model::{
     Business, Conversation, ConversationState, Extracted, StageInfo, StageTemplates,

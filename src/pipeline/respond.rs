@@ -3,7 +3,7 @@
 //! the configured last-resort text, and marked `fallback`.
 
 use super::llm_call::{LlmCaller, Purpose};
-use super::template::TemplateService;
+use crate::definitions::TemplateService;
 use crate::error::PipelineError;
 use crate::llm::LlmService;
 use crate::model::AnswerStatus;

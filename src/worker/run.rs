@@ -96,7 +96,7 @@ impl<L: LlmService> Worker<L> {
             helpers_stop.clone(),
         ));
         helpers.spawn(self.clone().retention_loop(helpers_stop.clone()));
-        helpers.spawn(crate::cache::live::watch_definitions(
+        helpers.spawn(crate::definitions::live::watch_definitions(
             self.handler.store().clone(),
             self.handler.cache().clone(),
             helpers_stop.clone(),

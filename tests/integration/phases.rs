@@ -3,12 +3,11 @@
 //! the write phase's committed state.
 
 use icmp::config::RedactedUrl;
+use icmp::definitions::{StageService, TemplateService};
 use icmp::llm::mock::MockOptions;
 use icmp::llm::{CircuitBreaker, OpenAiClient};
 use icmp::model::Role;
 use icmp::pipeline::llm_call::LlmCaller;
-use icmp::pipeline::stage::StageService;
-use icmp::pipeline::template::TemplateService;
 use icmp::pipeline::{Failpoints, decide, persist, read};
 use icmp::protocol::InboundMessage;
 use icmp::retry::RetryPolicy;

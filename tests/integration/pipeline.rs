@@ -4,7 +4,7 @@ use icmp::llm::mock::MockOptions;
 use icmp::pipeline::failpoint;
 use uuid::Uuid;
 
-use crate::helpers::{self, DEMO_BUSINESS, TestApp, spawn_app};
+use crate::helpers::{self, DEMO_BUSINESS, TestApp, spawn_app, spawn_app_with};
 
 async fn messages_with_key(app: &TestApp, key: &str) -> i64 {
     app.count(
@@ -1003,6 +1003,51 @@ async fn a_template_changed_under_load_serves_every_later_message_and_no_earlier
         ..Default::default()
     })
     .await;
+    // The change notification reaches the workers at once: a second covers it.
+    template_edited_under_load(&app, "load", false, chrono::Duration::seconds(1)).await;
+    app.stop().await;
+}
+
+/// The path without a change notification: every copy of the template (in-process, Redis)
+/// must expire before the edit is seen, and the compiled form the worker remembers across
+/// those reloads must never stand in for the edited record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_edited_unannounced_under_load_is_used_once_its_copies_expire_never_mixed() {
+    let app = spawn_app_with(
+        MockOptions {
+            latency_ms: 20,
+            ..Default::default()
+        },
+        |c| c.cache.definition_ttl_secs = 1,
+    )
+    .await;
+    // In-process copies live a second, and may have been loaded from a Redis copy a second
+    // old: three seconds cover both.
+    template_edited_under_load(&app, "quiet", true, chrono::Duration::seconds(3)).await;
+    assert!(
+        app.count(
+            "SELECT count(*) FROM messages WHERE role = 'assistant' AND template_version = 1 \
+             AND idempotency_key LIKE 'quiet%'",
+            &[],
+        )
+        .await
+            > 0,
+        "the old version served until its copies expired"
+    );
+    app.stop().await;
+}
+
+/// Sends ten messages every 100 ms from 40 users, all answered by `welcome_reply`, and edits
+/// that template (its body and version) after the first 100, until a second past `settle`; with `unannounced`, the
+/// edit is made with the change trigger off. Then checks every reply: it names version 1 or
+/// 2, its prompt is that version's text, replies written before the edit have version 1 and
+/// messages sent `settle` after it have version 2.
+async fn template_edited_under_load(
+    app: &TestApp,
+    prefix: &str,
+    unannounced: bool,
+    settle: chrono::Duration,
+) {
     let business: Uuid = DEMO_BUSINESS.parse().expect("uuid");
     let template: Uuid = app
         .db()
@@ -1015,25 +1060,30 @@ async fn a_template_changed_under_load_serves_every_later_message_and_no_earlier
         .expect("template")
         .get(0);
     let old: i32 = 1;
-    // 240 messages over about 2.4 s, from 40 users, all answered by `welcome_reply`.
     let mut sent_at = std::collections::HashMap::new();
     let mut ids = std::collections::HashSet::new();
     let mut changed_at = None;
-    for batch in 0..24 {
+    // Ten batches a second: ten before the edit, and a second's worth past `settle`.
+    let batches = 20 + 10 * settle.num_seconds();
+    for batch in 0..batches {
         if batch == 10 {
-            app.db()
-                .await
-                .execute(
-                    "UPDATE templates SET body = body || ' (v2)', version = version + 1 \
-                     WHERE id = $1",
-                    &[&template],
-                )
-                .await
-                .expect("update");
+            let db = app.db().await;
+            if unannounced {
+                db.batch_execute("ALTER TABLE templates DISABLE TRIGGER templates_changed")
+                    .await
+                    .expect("trigger off");
+            }
+            db.execute(
+                "UPDATE templates SET body = body || ' (v2)', version = version + 1 \
+                 WHERE id = $1",
+                &[&template],
+            )
+            .await
+            .expect("update");
             changed_at = Some(chrono::Utc::now());
         }
         for i in 0..10 {
-            let id = format!("load{batch}-{i}");
+            let id = format!("{prefix}{batch}-{i}");
             app.send(&format!("u{}", (batch * 10 + i) % 40), &id, "Hello there")
                 .await;
             sent_at.insert(id.clone(), chrono::Utc::now());
@@ -1052,37 +1102,51 @@ async fn a_template_changed_under_load_serves_every_later_message_and_no_earlier
         .db()
         .await
         .query(
-            "SELECT idempotency_key, template_id, template_version, created_at FROM messages \
-             WHERE business_id = $1 AND role = 'assistant' AND idempotency_key LIKE 'load%'",
-            &[&business],
+            "SELECT m.idempotency_key, m.template_id, m.template_version, m.created_at, c.prompt \
+             FROM messages m \
+             JOIN messages u ON u.business_id = m.business_id \
+               AND u.idempotency_key = m.idempotency_key AND u.role = 'user' \
+             JOIN llm_calls c ON c.business_id = u.business_id AND c.message_id = u.id \
+               AND c.purpose = 'response' AND c.template_version = m.template_version \
+             WHERE m.business_id = $1 AND m.role = 'assistant' AND m.idempotency_key LIKE $2",
+            &[&business, &format!("{prefix}%")],
         )
         .await
         .expect("rows");
-    assert_eq!(rows.len(), ids.len());
+    assert_eq!(
+        rows.len(),
+        ids.len(),
+        "one answer and one response call each"
+    );
     let (mut before, mut after) = (0, 0);
     for r in &rows {
         let key: String = r.get(0);
         let id: Option<Uuid> = r.get(1);
         let version: Option<i32> = r.get(2);
         let committed: chrono::DateTime<chrono::Utc> = r.get(3);
+        let prompt: String = r.get(4);
         assert_eq!(id, Some(template), "{key}: every reply names its template");
         let version = version.expect("a version");
         assert!(
             version == old || version == old + 1,
             "{key}: version {version}"
         );
+        assert_eq!(
+            prompt.contains("(v2)"),
+            version == old + 1,
+            "{key}: the prompt is the text of the version it names ({version})"
+        );
         if committed < changed_at {
             before += 1;
             assert_eq!(version, old, "{key} was written before the change");
         }
-        if sent_at[&key] > changed_at + chrono::Duration::seconds(1) {
+        if sent_at[&key] > changed_at + settle {
             after += 1;
-            assert_eq!(version, old + 1, "{key} was sent a second after the change");
+            assert_eq!(version, old + 1, "{key} was sent well after the change");
         }
     }
     assert!(
         before > 0 && after > 0,
         "both sides measured: {before} / {after}"
     );
-    app.stop().await;
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::Cache;
+use crate::cache::Cache;
 use crate::retry::Backoff;
 use crate::store::Store;
 use crate::store::listen::DEFINITIONS_CHANNEL;

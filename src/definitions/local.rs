@@ -7,6 +7,11 @@
 //!
 //! A generation counter closes the read-then-store race: a value loaded before a change is
 //! stored only if no change arrived meanwhile.
+//!
+//! Compiled templates are also remembered apart from the tier, even while it is off: compiling
+//! is the costly part of a template load, and a compiled form is reused only for the very
+//! record it was compiled from (so it never serves a version the load did not find). A change
+//! of the business drops them too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -14,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::model::{Business, StageTemplates};
+use crate::model::{Business, StageTemplates, TemplateRecord};
 use crate::template::Compiled;
 
 /// Which generation of the definitions a value was loaded at (read it before loading).
@@ -35,6 +40,8 @@ struct Tiers {
     businesses: HashMap<Uuid, Entry<Arc<Business>>>,
     stages: HashMap<Uuid, Entry<StageTemplates>>,
     templates: HashMap<Uuid, Entry<Arc<Compiled>>>,
+    /// Compiled templates by id, kept while the tier is off (see the module docs).
+    compiled: HashMap<Uuid, Arc<Compiled>>,
 }
 
 /// The in-process definitions; share it with `Arc`.
@@ -129,7 +136,34 @@ impl LocalDefinitions {
             t.businesses.retain(|_, e| e.business_id != business_id);
             t.stages.retain(|_, e| e.business_id != business_id);
             t.templates.retain(|_, e| e.business_id != business_id);
+            t.compiled
+                .retain(|_, c| c.record.business_id != business_id);
         });
+    }
+
+    /// The compiled form of exactly `record`, if it was compiled before and no change of its
+    /// business came since.
+    pub fn compiled(&self, record: &TemplateRecord) -> Option<Arc<Compiled>> {
+        self.read(|t| {
+            t.compiled
+                .get(&record.id)
+                .filter(|c| c.record == *record)
+                .cloned()
+        })
+        .flatten()
+    }
+
+    /// Remembers a compiled template for [`LocalDefinitions::compiled`]. One loaded before a
+    /// change may be remembered after it: it is only ever reused for its own record.
+    pub fn remember_compiled(&self, value: &Arc<Compiled>) {
+        self.write(|t| {
+            t.compiled.insert(value.record.id, value.clone());
+        });
+    }
+
+    /// How many compiled templates are remembered.
+    pub fn compiled_len(&self) -> usize {
+        self.read(|t| t.compiled.len()).unwrap_or(0)
     }
 
     /// A business's definition, shared (not copied) with every message that needs it.
@@ -201,6 +235,7 @@ impl LocalDefinitions {
             Err(poisoned) => {
                 let mut g = poisoned.into_inner();
                 g.clear();
+                g.compiled.clear();
                 g
             }
         };
@@ -287,6 +322,48 @@ mod tests {
         assert_eq!(local.business(a.id), None);
         local.enable();
         assert_eq!(local.business(a.id), None);
+    }
+
+    fn template(business: u128, id: u128, body: &str) -> Arc<Compiled> {
+        let record = TemplateRecord {
+            id: Uuid::from_u128(id),
+            business_id: Uuid::from_u128(business),
+            name: format!("t{id}"),
+            kind: crate::model::TemplateKind::Response,
+            system: String::new(),
+            body: body.into(),
+            model: None,
+            temperature: None,
+            max_tokens: None,
+            output_schema: None,
+            version: 1,
+        };
+        Arc::new(crate::template::compile(&crate::template::engine(), record).expect("compiles"))
+    }
+
+    #[test]
+    fn compiled_templates_serve_their_own_record_only_and_go_with_a_change_of_their_business() {
+        let local = LocalDefinitions::new(Duration::from_secs(60));
+        let (a, b) = (template(1, 10, "hello"), template(2, 20, "bye"));
+        // Kept while the tier is off: they are checked against the record loaded.
+        local.remember_compiled(&a);
+        local.remember_compiled(&b);
+        assert!(Arc::ptr_eq(&local.compiled(&a.record).expect("kept"), &a));
+        // An edited record (same id, new body or version) misses.
+        let mut edited = a.record.clone();
+        edited.body = "hello again".into();
+        assert!(local.compiled(&edited).is_none());
+        edited.body = a.record.body.clone();
+        edited.version = 2;
+        assert!(local.compiled(&edited).is_none());
+        // Enabling or losing the watch keeps them; a change of the business drops its own.
+        local.enable();
+        local.disable();
+        assert_eq!(local.compiled_len(), 2);
+        local.forget_business(a.record.business_id);
+        assert!(local.compiled(&a.record).is_none());
+        assert!(local.compiled(&b.record).is_some());
+        assert_eq!(local.compiled_len(), 1);
     }
 
     #[test]

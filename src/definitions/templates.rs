@@ -1,8 +1,7 @@
-//! The TemplateService: loads templates (Redis `tmpl:{id}`, else PostgreSQL), compiles them
-//! once per (id, version) and renders them against the message's context.
+//! The TemplateService: loads templates (in-process, Redis `tmpl:{id}`, else PostgreSQL),
+//! compiles each record once and renders them against the message's context.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -12,12 +11,11 @@ use crate::store::Store;
 use crate::telemetry::metrics;
 use crate::template::{Compiled, Context, Rendered, compile, engine, render};
 
-/// Loads, compiles and renders templates; keeps compiled templates in-process per version.
+/// Loads, compiles and renders templates.
 pub struct TemplateService {
     store: Store,
     cache: Cache,
     engine: upon::Engine<'static>,
-    compiled: Mutex<HashMap<Uuid, Arc<Compiled>>>,
 }
 
 impl std::fmt::Debug for TemplateService {
@@ -32,7 +30,6 @@ impl TemplateService {
             store,
             cache,
             engine: engine(),
-            compiled: Mutex::new(HashMap::new()),
         }
     }
 
@@ -40,7 +37,8 @@ impl TemplateService {
     ///
     /// The compiled template comes from the in-process tier, else its record from Redis
     /// (`tmpl:{id}`, TTL `cache.definition_ttl_secs`, dropped on every change) or PostgreSQL;
-    /// the compiled form is reused while the record matches.
+    /// the compiled form is reused while the record matches
+    /// ([`LocalDefinitions::compiled`](super::local::LocalDefinitions::compiled)).
     pub async fn get(&self, business_id: Uuid, id: Uuid) -> Result<Arc<Compiled>, PipelineError> {
         let local = self.cache.local();
         let _loading = match local
@@ -67,20 +65,14 @@ impl TemplateService {
                 r
             }
         };
-        if let Some(c) = self.lookup(id).filter(|c| c.record == record) {
+        if let Some(c) = local.compiled(&record) {
             local.put_template(at, &c);
             return Ok(c);
         }
         let compiled = Arc::new(compile(&self.engine, record)?);
-        if let Ok(mut map) = self.compiled.lock() {
-            map.insert(id, compiled.clone());
-        }
+        local.remember_compiled(&compiled);
         local.put_template(at, &compiled);
         Ok(compiled)
-    }
-
-    fn lookup(&self, id: Uuid) -> Option<Arc<Compiled>> {
-        self.compiled.lock().ok().and_then(|m| m.get(&id).cloned())
     }
 
     /// Renders `t` against `ctx`.
