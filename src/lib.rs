@@ -15,7 +15,7 @@
 //! - [`cache`]: the Redis cache of definitions and conversation state.
 //! - [`definitions`]: a business's definition as the pipeline reads it (business, stages,
 //!   compiled templates): in-process, then Redis, then PostgreSQL, dropped on every change.
-//! - [`client`]: send a message to a running worker and wait for its reply.
+//! - [`producer`]: a producer's side: send a message to the workers and wait for its reply.
 //! - [`llm`]: the LLM service trait, the OpenAI-compatible client and the mock server.
 //! - [`retry`]: backoff for transient faults (the one module that knows the `backoff` crate).
 //! - [`protocol`]: the wire format: inbound decoding and validation, reply and dead-letter fields.
@@ -38,7 +38,6 @@
 pub mod bench;
 pub mod business;
 pub mod cache;
-pub mod client;
 pub mod config;
 pub mod console;
 pub mod definitions;
@@ -46,6 +45,7 @@ pub mod error;
 pub mod llm;
 pub mod model;
 pub mod pipeline;
+pub mod producer;
 pub mod protocol;
 pub mod retry;
 pub mod startup;

@@ -11,8 +11,8 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::client::{self, Outgoing};
 use crate::config::StreamsConfig;
+use crate::producer::{self, Outgoing};
 use crate::store::Store;
 
 /// A recorded conversation.
@@ -47,7 +47,7 @@ pub enum TranscriptError {
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
     #[error(transparent)]
-    Client(#[from] client::ClientError),
+    Client(#[from] producer::SendError),
     #[error(transparent)]
     Store(#[from] crate::error::StoreError),
 }
@@ -113,7 +113,7 @@ impl Runner<'_> {
         conversation: &mut Option<String>,
         text: &str,
     ) -> Result<Turn, TranscriptError> {
-        let reply = client::send_and_wait(
+        let reply = producer::send_and_wait(
             self.conn,
             self.streams,
             &Outgoing {

@@ -7,7 +7,7 @@
 //!
 //! All keys carry `redis.key_prefix`, so several deployments or tests can share one server.
 
-pub mod budget;
+pub mod budget_counters;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,7 +9,7 @@ use redis::aio::ConnectionManager;
 
 use icmp::config::StreamsConfig;
 use icmp::startup::Operator;
-use icmp::stream::dead_letter;
+use icmp::stream::dlq;
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum Action {
@@ -60,8 +60,8 @@ pub(super) struct Filter {
 }
 
 impl Filter {
-    fn filter(&self) -> dead_letter::Filter {
-        dead_letter::Filter {
+    fn filter(&self) -> dlq::Filter {
+        dlq::Filter {
             business: self.business.clone(),
             code: self.code.clone(),
             older_than: self.older_than_secs.map(Duration::from_secs),
@@ -81,7 +81,7 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
         Action::Show { id, json } => show(conn, streams, &id, json).await,
         Action::Purge { ids, filter, yes } => purge(conn, streams, ids, &filter, yes).await,
         Action::Replay { ids } => {
-            let done = dead_letter::replay(conn, streams, &ids).await?;
+            let done = dlq::replay(conn, streams, &ids).await?;
             println!("replayed {} of {}: {done:?}", done.len(), ids.len());
             Ok(())
         }
@@ -95,7 +95,7 @@ async fn list(
     count: usize,
     json: bool,
 ) -> Result<()> {
-    let found = dead_letter::find(conn, streams, &filter.filter(), count).await?;
+    let found = dlq::find(conn, streams, &filter.filter(), count).await?;
     let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
     for d in &found {
         *by_code.entry(d.field("error_code")).or_default() += 1;
@@ -132,7 +132,7 @@ async fn show(
     id: &str,
     json: bool,
 ) -> Result<()> {
-    let Some(d) = dead_letter::show(conn, streams, id).await? else {
+    let Some(d) = dlq::show(conn, streams, id).await? else {
         anyhow::bail!("no dead letter {id}");
     };
     if json {
@@ -162,7 +162,7 @@ async fn purge(
         if f.business.is_none() && f.code.is_none() && f.older_than.is_none() {
             anyhow::bail!("name the dead letters to purge: ids, or filters");
         }
-        dead_letter::find(conn, streams, &f, usize::MAX)
+        dlq::find(conn, streams, &f, usize::MAX)
             .await?
             .into_iter()
             .map(|d| d.id)
@@ -178,7 +178,7 @@ async fn purge(
         println!("nothing removed");
         return Ok(());
     }
-    let removed = dead_letter::purge(conn, streams, &ids).await?;
+    let removed = dlq::purge(conn, streams, &ids).await?;
     for id in &removed {
         println!("removed {id}");
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use icmp::client::{self, Outgoing};
+use icmp::producer::{self, Outgoing};
 use icmp::startup::Operator;
 
 /// Whom a message goes to, as whom, and how long to wait for the reply.
@@ -37,7 +37,7 @@ pub(super) struct SendArgs {
 
 /// `icmp send`: one message, its reply printed; exit 1 when the reply is an error.
 pub(super) async fn send(operator: &Operator, args: SendArgs) -> Result<()> {
-    let reply = client::send_and_wait(
+    let reply = producer::send_and_wait(
         operator.redis().await?,
         &operator.config().streams,
         &outgoing(&args.target, None, args.message_id, args.text),
@@ -67,7 +67,7 @@ pub(super) async fn chat(operator: &Operator, target: Target) -> Result<()> {
         let Some(text) = super::prompt_line()? else {
             return Ok(());
         };
-        let reply = client::send_and_wait(
+        let reply = producer::send_and_wait(
             conn,
             &operator.config().streams,
             &outgoing(&target, conversation.clone(), None, text),

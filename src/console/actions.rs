@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::auth::{session_clear_cookie, session_set_cookie};
 use super::{ConsoleError, Ctx, see_other};
-use crate::stream::{dead_letter, is_entry_id};
+use crate::stream::{dlq, is_entry_id};
 
 /// A write on one dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,8 +111,8 @@ async fn perform(ctx: &Ctx, action: Action, id: &str) -> Result<&'static str, Co
     let c = &ctx.console;
     let ids = [id.to_owned()];
     let done = match action {
-        Action::Replay => dead_letter::replay(&c.conn, &c.streams, &ids).await?,
-        Action::Purge => dead_letter::purge(&c.conn, &c.streams, &ids).await?,
+        Action::Replay => dlq::replay(&c.conn, &c.streams, &ids).await?,
+        Action::Purge => dlq::purge(&c.conn, &c.streams, &ids).await?,
     };
     if done.is_empty() {
         return Err(missing());

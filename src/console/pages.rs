@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::html::{RenderError, url_component};
 use super::{ConsoleError, Ctx, see_other};
 use crate::store::conversations::ConversationRef;
-use crate::stream::{dead_letter, is_entry_id};
+use crate::stream::{dlq, is_entry_id};
 
 /// How many dead letters and conversations a list shows at most.
 const LIST_LIMIT: usize = 100;
@@ -97,7 +97,7 @@ pub(crate) struct DlqQuery {
 }
 
 impl DlqQuery {
-    fn filter(&self) -> Result<dead_letter::Filter, ConsoleError> {
+    fn filter(&self) -> Result<dlq::Filter, ConsoleError> {
         let some = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
         let older_than = match some(&self.older_than_secs) {
             None => None,
@@ -105,7 +105,7 @@ impl DlqQuery {
                 ConsoleError::BadRequest(format!("older_than_secs is not a number: {s}"))
             })?)),
         };
-        Ok(dead_letter::Filter {
+        Ok(dlq::Filter {
             business: some(&self.business),
             code: some(&self.code),
             older_than,
@@ -120,7 +120,7 @@ pub(crate) async fn dead_letters(ctx: Ctx, Query(q): Query<DlqQuery>) -> Respons
 
 async fn dead_letters_page(ctx: &Ctx, q: &DlqQuery) -> Result<Response, ConsoleError> {
     let c = &ctx.console;
-    let found = dead_letter::find(&c.conn, &c.streams, &q.filter()?, LIST_LIMIT).await?;
+    let found = dlq::find(&c.conn, &c.streams, &q.filter()?, LIST_LIMIT).await?;
     // Who did what is for writers' eyes.
     let mut actions = c.writes();
     if !ctx.grant.can_write {
@@ -179,7 +179,7 @@ async fn dead_letter_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError>
     if !is_entry_id(id) {
         return Err(missing());
     }
-    let d = dead_letter::show(&c.conn, &c.streams, id)
+    let d = dlq::show(&c.conn, &c.streams, id)
         .await?
         .ok_or_else(missing)?;
     let fields: Vec<serde_json::Value> = d

@@ -10,7 +10,7 @@
 use chrono::Utc;
 
 use super::decide::Decisions;
-use super::read::Read;
+use super::read::Snapshot;
 use super::respond::Response;
 use crate::cache::Cache;
 use crate::definitions::TemplateService;
@@ -103,7 +103,7 @@ pub async fn spend(cache: &Cache, business: &Business, decisions: &Decisions<'_>
 pub async fn throttled<'b>(
     templates: &TemplateService,
     business: &Business,
-    read: &Read<'b>,
+    read: &Snapshot<'b>,
     fallback_text: &str,
 ) -> Result<Decisions<'b>, PipelineError> {
     let template = match business.throttled_template_id {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use uuid::Uuid;
 
 use super::llm_call::LlmCaller;
-use super::read::Read;
+use super::read::Snapshot;
 use super::respond::{self, Response};
 use super::{extract, select};
 use crate::definitions::StageService;
@@ -38,7 +38,7 @@ pub struct Decisions<'b> {
 
 /// What the LLM phase uses.
 #[derive(Debug)]
-pub struct Deciders<'a, L> {
+pub struct LlmPhase<'a, L> {
     pub caller: LlmCaller<'a, L>,
     pub templates: &'a TemplateService,
     pub stages: &'a StageService,
@@ -56,9 +56,9 @@ pub struct Deciders<'a, L> {
 /// while reading the new stage's templates. LLM failures degrade instead (keep the stage, skip
 /// extraction, fall back).
 pub async fn decide<'b, L: LlmService>(
-    d: &Deciders<'_, L>,
+    d: &LlmPhase<'_, L>,
     business: &'b Business,
-    read: &mut Read<'b>,
+    read: &mut Snapshot<'b>,
 ) -> Result<Decisions<'b>, PipelineError> {
     let mut calls = Vec::with_capacity(5);
     let mut timings = Vec::with_capacity(3);

@@ -309,7 +309,7 @@ impl<L: LlmService> MessageHandler<L> {
             )
             .await?
         } else {
-            let deciders = decide::Deciders {
+            let deciders = decide::LlmPhase {
                 caller: LlmCaller {
                     llm: &self.llm,
                     retry: &self.retry,

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::decide::Decisions;
 use super::failpoint::{self, Failpoints};
-use super::read::Read;
+use super::read::Snapshot;
 use crate::cache::{Cache, CacheWrite};
 use crate::error::{PipelineError, StoreError};
 use crate::model::{Conversation, ConversationState, Role, Turn};
@@ -45,7 +45,7 @@ pub struct Sinks<'a> {
 pub fn write_set(
     msg: &InboundMessage,
     followers: &[InboundMessage],
-    read: &Read<'_>,
+    read: &Snapshot<'_>,
     decisions: &Decisions<'_>,
     log_id: Uuid,
     read_ms: u64,
@@ -103,7 +103,7 @@ pub async fn write(
     sinks: Sinks<'_>,
     msg: &InboundMessage,
     followers: &[InboundMessage],
-    read: &Read<'_>,
+    read: &Snapshot<'_>,
     decisions: &Decisions<'_>,
     log_id: Uuid,
     read_ms: u64,
@@ -236,7 +236,7 @@ mod tests {
         };
         let mut stored = Extracted::new();
         stored.insert("name".into(), serde_json::json!("Ann"));
-        let read = Read {
+        let read = Snapshot {
             conversation: Conversation {
                 id: Uuid::from_u128(5),
                 business_id: msg.business_id,

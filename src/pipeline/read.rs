@@ -19,9 +19,9 @@ use crate::protocol::InboundMessage;
 use crate::store::Store;
 use crate::template::Context;
 
-/// What the read phase found.
+/// What the read phase found: the conversation as it stands before this message.
 #[derive(Debug)]
-pub struct Read<'b> {
+pub struct Snapshot<'b> {
     /// The conversation as read (not stored yet when `is_new`).
     pub conversation: Conversation,
     pub is_new: bool,
@@ -57,7 +57,7 @@ pub async fn read<'b>(
     msg: &InboundMessage,
     business: &'b Business,
     fresh: bool,
-) -> Result<Read<'b>, PipelineError> {
+) -> Result<Snapshot<'b>, PipelineError> {
     let state = if fresh {
         None
     } else {
@@ -76,7 +76,7 @@ pub async fn read_from<'b>(
     msg: &InboundMessage,
     business: &'b Business,
     state: Option<ConversationState>,
-) -> Result<Read<'b>, PipelineError> {
+) -> Result<Snapshot<'b>, PipelineError> {
     // Step 3: the conversation (with its history and extracted data when cached).
     let resolved = conversation::resolve(
         src.store,
@@ -115,7 +115,7 @@ pub async fn read_from<'b>(
         extracted: &extracted,
         now: Utc::now(),
     });
-    Ok(Read {
+    Ok(Snapshot {
         conversation: conv,
         is_new: resolved.is_new,
         stage,

@@ -43,7 +43,7 @@ impl InboundMessage {
 
 /// The canonical business id: any spelling `uuid` accepts (hyphenated, simple, braced,
 /// `urn:uuid:`, any case), surrounded by ASCII whitespace or not, is one business. The order
-/// queues' claim script (`stream::read`) computes the same form.
+/// queues' claim script (`stream::delivery`) computes the same form.
 pub fn canonical_business(raw: &str) -> Option<Uuid> {
     Uuid::parse_str(raw.trim_ascii()).ok()
 }

@@ -17,11 +17,11 @@
 //! set of the queue keys that hold entries) lets the sweep visit every queue without scanning
 //! the keyspace.
 
-pub mod dead_letter;
+pub mod delivery;
+pub mod dlq;
 pub mod finish;
 pub mod heartbeat;
 pub mod order;
-pub mod read;
 pub mod retention;
 
 use std::sync::Arc;
@@ -198,8 +198,8 @@ impl Streams {
             durable_wakes: None,
             scripts: Arc::new(Scripts {
                 ensure_group: redis::Script::new(ENSURE_GROUP_SCRIPT),
-                claim: redis::Script::new(&read::claim_script()),
-                reclaim: redis::Script::new(&read::reclaim_script()),
+                claim: redis::Script::new(&delivery::claim_script()),
+                reclaim: redis::Script::new(&delivery::reclaim_script()),
                 head: redis::Script::new(order::HEAD_SCRIPT),
                 finish: redis::Script::new(finish::FINISH_SCRIPT),
                 keep_alive: redis::Script::new(heartbeat::KEEP_ALIVE_SCRIPT),

@@ -46,7 +46,7 @@ pub const MAX_COALESCED_CONTENTS: usize = 4;
 
 /// What happened to one entry (the loop and the tests match on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum EntryOutcome {
     /// Answered (`ok` or `fallback`), published and acked.
     Replied,
     /// Already answered before: the stored answer was published again and the entry acked.
@@ -165,7 +165,7 @@ impl<L: LlmService> Worker<L> {
 
     /// Processes one entry whose turn has come (or that has no queue) and carries out what its
     /// outcome requires.
-    pub async fn handle_entry(&self, entry: &StreamEntry) -> Outcome {
+    pub async fn handle_entry(&self, entry: &StreamEntry) -> EntryOutcome {
         let log_id = Uuid::now_v7();
         let span = tracing::info_span!(
             "message",
@@ -185,13 +185,13 @@ impl<L: LlmService> Worker<L> {
                 metrics::message(label, took);
             }
             let counter = match outcome {
-                Outcome::Replied => Some(&self.stats.replied),
-                Outcome::Duplicate => Some(&self.stats.duplicates),
-                Outcome::Rejected => Some(&self.stats.rejected),
-                Outcome::RetryLater => Some(&self.stats.retries_later),
-                Outcome::DeadLettered => Some(&self.stats.dead_lettered),
-                Outcome::AlreadyDone => Some(&self.stats.fenced),
-                Outcome::Lost | Outcome::Vanished => None,
+                EntryOutcome::Replied => Some(&self.stats.replied),
+                EntryOutcome::Duplicate => Some(&self.stats.duplicates),
+                EntryOutcome::Rejected => Some(&self.stats.rejected),
+                EntryOutcome::RetryLater => Some(&self.stats.retries_later),
+                EntryOutcome::DeadLettered => Some(&self.stats.dead_lettered),
+                EntryOutcome::AlreadyDone => Some(&self.stats.fenced),
+                EntryOutcome::Lost | EntryOutcome::Vanished => None,
             };
             if let Some(c) = counter {
                 WorkerStats::add(c, 1);
@@ -211,7 +211,7 @@ impl<L: LlmService> Worker<L> {
         &self,
         entry: &StreamEntry,
         log_id: Uuid,
-    ) -> (Outcome, Option<MessageOutcome>) {
+    ) -> (EntryOutcome, Option<MessageOutcome>) {
         let decoded = protocol::inbound::decode(
             &entry.id,
             &entry.fields,
@@ -229,7 +229,7 @@ impl<L: LlmService> Worker<L> {
                         entry,
                         &reply,
                         None,
-                        Outcome::Rejected,
+                        EntryOutcome::Rejected,
                         MessageOutcome::Error,
                     )
                     .await;
@@ -249,7 +249,7 @@ impl<L: LlmService> Worker<L> {
             },
             Err(e) => {
                 metrics::record_error(&e, "attempt count");
-                return (Outcome::RetryLater, Some(MessageOutcome::Retry));
+                return (EntryOutcome::RetryLater, Some(MessageOutcome::Retry));
             }
         };
         tracing::Span::current().record("attempt", attempt.number);
@@ -333,7 +333,7 @@ impl<L: LlmService> Worker<L> {
                 let state = state.as_ref();
                 if answered.is_empty() {
                     return self
-                        .finish_with(entry, &reply, None, state, Outcome::Replied, label)
+                        .finish_with(entry, &reply, None, state, EntryOutcome::Replied, label)
                         .await;
                 }
                 let replies: Vec<Reply> = answered
@@ -350,7 +350,7 @@ impl<L: LlmService> Worker<L> {
                     entry,
                     &reply,
                     None,
-                    Outcome::Duplicate,
+                    EntryOutcome::Duplicate,
                     MessageOutcome::Duplicate,
                 )
                 .await
@@ -362,14 +362,14 @@ impl<L: LlmService> Worker<L> {
                     entry,
                     &reply,
                     None,
-                    Outcome::Rejected,
+                    EntryOutcome::Rejected,
                     MessageOutcome::Error,
                 )
                 .await
             }
             Err(err) if err.is_retryable() && attempt.number < max_attempts => {
                 metrics::record_error(&err, "message");
-                (Outcome::RetryLater, Some(MessageOutcome::Retry))
+                (EntryOutcome::RetryLater, Some(MessageOutcome::Retry))
             }
             Err(err) => {
                 metrics::record_error(&err, "message");
@@ -396,9 +396,9 @@ impl<L: LlmService> Worker<L> {
         entry: &StreamEntry,
         reply: &Reply,
         dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
-        done: Outcome,
+        done: EntryOutcome,
         label: MessageOutcome,
-    ) -> (Outcome, Option<MessageOutcome>) {
+    ) -> (EntryOutcome, Option<MessageOutcome>) {
         self.finish_with(entry, reply, dead_letter, None, done, label)
             .await
     }
@@ -414,9 +414,9 @@ impl<L: LlmService> Worker<L> {
         reply: &Reply,
         dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
         cache: Option<&CacheWrite>,
-        done: Outcome,
+        done: EntryOutcome,
         label: MessageOutcome,
-    ) -> (Outcome, Option<MessageOutcome>) {
+    ) -> (EntryOutcome, Option<MessageOutcome>) {
         let finish = Finish {
             reply: Some((reply.destination.as_str(), reply.fields())),
             dead_letter,
@@ -441,12 +441,12 @@ impl<L: LlmService> Worker<L> {
             Ok(false) => {
                 metrics::stream_event(StreamEvent::Fenced, 1);
                 tracing::info!("another holder finished this entry first; published nothing");
-                (Outcome::AlreadyDone, None)
+                (EntryOutcome::AlreadyDone, None)
             }
             Err(e) => {
                 // The entry stays pending; its redelivery finds the committed answer.
                 metrics::record_error(&e, "finish");
-                (Outcome::RetryLater, Some(MessageOutcome::Retry))
+                (EntryOutcome::RetryLater, Some(MessageOutcome::Retry))
             }
         }
     }
@@ -543,7 +543,7 @@ impl<L: LlmService> Worker<L> {
         replies: &[Reply],
         state: Option<&CacheWrite>,
         label: MessageOutcome,
-    ) -> (Outcome, Option<MessageOutcome>) {
+    ) -> (EntryOutcome, Option<MessageOutcome>) {
         let slots: Vec<Option<QueueSlot>> = replies
             .iter()
             .map(|r| {
@@ -593,10 +593,10 @@ impl<L: LlmService> Worker<L> {
                     );
                 }
                 if done.first() == Some(&true) {
-                    (Outcome::Replied, Some(label))
+                    (EntryOutcome::Replied, Some(label))
                 } else {
                     metrics::stream_event(StreamEvent::Fenced, 1);
-                    (Outcome::AlreadyDone, None)
+                    (EntryOutcome::AlreadyDone, None)
                 }
             }
             Err(e) => {
@@ -606,7 +606,7 @@ impl<L: LlmService> Worker<L> {
                 if let Some(write) = state {
                     self.forget_state(write).await;
                 }
-                (Outcome::RetryLater, Some(MessageOutcome::Retry))
+                (EntryOutcome::RetryLater, Some(MessageOutcome::Retry))
             }
         }
     }
@@ -624,7 +624,7 @@ impl<L: LlmService> Worker<L> {
         entry: &StreamEntry,
         err: &PipelineError,
         log_id: Uuid,
-    ) -> (Outcome, Option<MessageOutcome>) {
+    ) -> (EntryOutcome, Option<MessageOutcome>) {
         let reply = self.error_reply(entry, err, log_id);
         let failure = protocol::dead_letter::Failure {
             code: err.code(),
@@ -639,11 +639,11 @@ impl<L: LlmService> Worker<L> {
                 entry,
                 &reply,
                 Some(fields),
-                Outcome::DeadLettered,
+                EntryOutcome::DeadLettered,
                 MessageOutcome::DeadLettered,
             )
             .await;
-        if outcome == Outcome::DeadLettered {
+        if outcome == EntryOutcome::DeadLettered {
             metrics::dead_letter();
             tracing::warn!(
                 error.code = err.code(),
@@ -657,7 +657,7 @@ impl<L: LlmService> Worker<L> {
     /// `XTRIM`, `XDEL`): ack, dequeue and dead-letter it as `stream.trimmed` with what is
     /// known (its id, and the business and user its queue names); no reply, since where it
     /// should go is gone with it. Counted for `icmp status`.
-    async fn vanished(&self, entry: &StreamEntry) -> Outcome {
+    async fn vanished(&self, entry: &StreamEntry) -> EntryOutcome {
         let known: Vec<(Vec<u8>, Vec<u8>)> = entry
             .slot
             .as_ref()
@@ -704,11 +704,11 @@ impl<L: LlmService> Worker<L> {
                         metrics::record_error(&e, "stream events");
                     }
                 }
-                Outcome::Vanished
+                EntryOutcome::Vanished
             }
             Err(e) => {
                 metrics::record_error(&e, "finish");
-                Outcome::RetryLater
+                EntryOutcome::RetryLater
             }
         }
     }

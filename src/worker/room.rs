@@ -84,15 +84,15 @@ const MAX_QUIET_DOUBLINGS: u32 = 3;
 
 /// What the safety-net poll knows of one queue.
 #[derive(Debug, Clone, Copy)]
-struct Heard {
+struct PollState {
     at: Instant,
     /// Safety-net checks since the queue was last woken.
     polls: u32,
 }
 
-impl Heard {
-    fn now() -> Heard {
-        Heard {
+impl PollState {
+    fn now() -> PollState {
+        PollState {
             at: Instant::now(),
             polls: 0,
         }
@@ -107,7 +107,7 @@ pub(super) struct Room {
     /// When each queue with waiting entries was last checked or woken, and how many
     /// safety-net checks in a row found it still waiting (the poll checks a queue only once it
     /// was quiet for a whole interval, doubled per such check).
-    heard: HashMap<Vec<u8>, Heard>,
+    heard: HashMap<Vec<u8>, PollState>,
     /// Bytes of fields kept by waiting entries.
     kept_bytes: usize,
     /// Wake-ups for queues nothing waits on here yet, by key: the head they named and when
@@ -186,7 +186,7 @@ impl Room {
                 queue.insert(slot.member.clone(), id.clone());
                 self.heard
                     .entry(slot.key.clone())
-                    .or_insert_with(Heard::now);
+                    .or_insert_with(PollState::now);
                 // Behind an earlier entry as delivered: the wake-up naming it (or the
                 // safety-net poll) brings its turn; else it is checked now.
                 if entry.at_head != Some(false) {
@@ -258,7 +258,7 @@ impl Room {
                 self.dirty.remove(&wake.key);
             }
             _ => {
-                self.heard.insert(wake.key.clone(), Heard::now());
+                self.heard.insert(wake.key.clone(), PollState::now());
                 self.dirty.insert(wake.key.clone());
             }
         }
@@ -277,7 +277,7 @@ impl Room {
             .retain(|_, (_, at)| now.duration_since(*at) < quiet);
         let mut n = 0;
         for key in self.queues.keys() {
-            let heard = self.heard.entry(key.clone()).or_insert_with(Heard::now);
+            let heard = self.heard.entry(key.clone()).or_insert_with(PollState::now);
             let interval = quiet * (1 << heard.polls.min(MAX_QUIET_DOUBLINGS));
             if now.duration_since(heard.at) >= interval && self.dirty.insert(key.clone()) {
                 heard.polls = heard.polls.saturating_add(1);
@@ -292,7 +292,7 @@ impl Room {
     pub(super) fn touch_all(&mut self) -> usize {
         let keys: Vec<Vec<u8>> = self.queues.keys().cloned().collect();
         for key in &keys {
-            self.heard.insert(key.clone(), Heard::now());
+            self.heard.insert(key.clone(), PollState::now());
             self.dirty.insert(key.clone());
         }
         keys.len()
@@ -360,7 +360,7 @@ impl Room {
                 self.dirty.remove(&slot.key);
             } else {
                 // The queue moved on: its next entry's wait starts now.
-                self.heard.insert(slot.key.clone(), Heard::now());
+                self.heard.insert(slot.key.clone(), PollState::now());
             }
         }
     }

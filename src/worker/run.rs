@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::room::{Checked, Room};
-use super::{Outcome, Worker, WorkerStats};
+use super::{EntryOutcome, Worker, WorkerStats};
 use crate::llm::LlmService;
 use crate::retry::Backoff;
 use crate::stream::order::{RESUBSCRIBED, Wake};
@@ -49,12 +49,12 @@ const SWEEP_PER_ROUND: usize = 2_000;
 enum Event {
     Entries(Vec<StreamEntry>),
     Lost(Vec<(String, Refresh)>),
-    Done(String, Outcome),
+    Done(String, EntryOutcome),
 }
 
 /// How full the worker is, shared with the reader.
 #[derive(Default)]
-struct Gate {
+struct Occupancy {
     held: AtomicUsize,
     ready: AtomicUsize,
     changed: Notify,
@@ -76,7 +76,7 @@ impl<L: LlmService> Worker<L> {
         let helpers_stop = stop.child_token();
         let _helpers_stopped = helpers_stop.clone().drop_guard();
         let concurrency = self.config.worker.concurrency.max(1);
-        let gate = Arc::new(Gate::default());
+        let gate = Arc::new(Occupancy::default());
         let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
         let (wake_tx, mut wakes) = mpsc::unbounded_channel::<Vec<u8>>();
         let mut room = Room::default();
@@ -241,12 +241,12 @@ impl<L: LlmService> Worker<L> {
                     .map(|r| {
                         r.unwrap_or_else(|_| {
                             tracing::error!("an entry's task panicked; it will be redelivered");
-                            Outcome::RetryLater
+                            EntryOutcome::RetryLater
                         })
                     });
                 let outcome = tokio::select! {
                     biased;
-                    () = token.cancelled() => Outcome::Lost,
+                    () = token.cancelled() => EntryOutcome::Lost,
                     o = work => o,
                 };
                 drop(permit);
@@ -331,11 +331,14 @@ impl<L: LlmService> Worker<L> {
                 }
             }
             Event::Done(id, outcome) => {
-                if outcome == Outcome::Lost {
+                if outcome == EntryOutcome::Lost {
                     return;
                 }
                 if let Some(slot) = room.remove(&id)
-                    && matches!(outcome, Outcome::RetryLater | Outcome::AlreadyDone)
+                    && matches!(
+                        outcome,
+                        EntryOutcome::RetryLater | EntryOutcome::AlreadyDone
+                    )
                 {
                     // Not dequeued here, so no wake-up names the next head: this worker may
                     // hold the next entry of that queue (the check tells).
@@ -385,14 +388,14 @@ impl<L: LlmService> Worker<L> {
 
     /// One entry whose turn has come: its fields fetched if it waited without them, then
     /// processed.
-    async fn run_entry(&self, mut entry: StreamEntry, needs_fields: bool) -> Outcome {
+    async fn run_entry(&self, mut entry: StreamEntry, needs_fields: bool) -> EntryOutcome {
         if needs_fields {
             match self.streams.fetch(&entry.id).await {
                 Ok(Some(fields)) => entry.fields = fields,
                 Ok(None) => return self.vanished(&entry).await,
                 Err(e) => {
                     metrics::record_error(&e, "fetch entry");
-                    return Outcome::RetryLater;
+                    return EntryOutcome::RetryLater;
                 }
             }
         }
@@ -401,7 +404,7 @@ impl<L: LlmService> Worker<L> {
 
     async fn read_loop(
         self: Arc<Self>,
-        gate: Arc<Gate>,
+        gate: Arc<Occupancy>,
         events: mpsc::UnboundedSender<Event>,
         stop: CancellationToken,
     ) {

@@ -499,7 +499,7 @@ async fn entries_a_producer_trimmed_end_in_a_dead_letter_not_in_silence() {
     );
     // There is nothing to replay: the operator's replay leaves them for a purge.
     let ids: Vec<String> = dead.iter().map(|d| d["__id"].clone()).collect();
-    let replayed = icmp::stream::dead_letter::replay(&app.redis, &app.config.streams, &ids)
+    let replayed = icmp::stream::dlq::replay(&app.redis, &app.config.streams, &ids)
         .await
         .expect("replay");
     assert!(replayed.is_empty(), "{replayed:?}");

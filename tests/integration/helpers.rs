@@ -598,4 +598,4 @@ impl Drop for TestApp {
     }
 }
 
-pub use icmp::client::fields_to_strings as strings;
+pub use icmp::producer::fields_to_strings as strings;

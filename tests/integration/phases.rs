@@ -109,7 +109,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         &app.config.llm,
     );
     let retry = RetryPolicy::new(app.config.retry.clone());
-    let deciders = decide::Deciders {
+    let deciders = decide::LlmPhase {
         caller: LlmCaller {
             llm: &llm,
             retry: &retry,

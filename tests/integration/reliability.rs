@@ -418,13 +418,10 @@ async fn a_poison_message_is_dead_lettered_and_the_others_flow() {
         .expect("fix");
     let poison_id = dead[0]["__id"].clone();
     let conn = app.redis.clone();
-    let replayed = icmp::stream::dead_letter::replay(
-        &conn,
-        &app.config.streams,
-        std::slice::from_ref(&poison_id),
-    )
-    .await
-    .expect("replay");
+    let replayed =
+        icmp::stream::dlq::replay(&conn, &app.config.streams, std::slice::from_ref(&poison_id))
+            .await
+            .expect("replay");
     assert_eq!(replayed, vec![poison_id]);
     let outbound = app.config.streams.outbound.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -502,14 +502,14 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
                 *trimmed.entry(d["inbound_id"].clone()).or_default() += 1;
             }
             let gone: Vec<String> = gone.iter().map(|d| d["__id"].clone()).collect();
-            icmp::stream::dead_letter::purge(&app.redis, &s, &gone)
+            icmp::stream::dlq::purge(&app.redis, &s, &gone)
                 .await
                 .expect("purge");
             let ids: Vec<String> = orphans.iter().map(|d| d["__id"].clone()).collect();
             for d in &orphans {
                 replayed.insert(d["inbound_id"].clone(), d["error_code"].clone());
             }
-            icmp::stream::dead_letter::replay(&app.redis, &s, &ids)
+            icmp::stream::dlq::replay(&app.redis, &s, &ids)
                 .await
                 .expect("replay");
             continue;

@@ -898,7 +898,7 @@ async fn an_entry_orphaned_while_its_worker_processes_it_is_dead_lettered_not_lo
     // Replayed, it is answered: with the answer committed before the consumer was deleted, if
     // the first processing got that far, else a new one.
     let letters = app.entries(&s.dead_letter).await;
-    icmp::stream::dead_letter::replay(&app.redis, &s, &[letters[0]["__id"].clone()])
+    icmp::stream::dlq::replay(&app.redis, &s, &[letters[0]["__id"].clone()])
         .await
         .expect("replay");
     let reply = app.reply("o1").await;

@@ -1,5 +1,5 @@
-//! A client of a running worker: enqueue one message with a private `reply_to` stream and wait
-//! for its reply (`icmp send`, `icmp chat`, tests and benchmarks).
+//! A producer's side of the protocol: enqueue one message on the inbound stream with a private
+//! `reply_to` stream and wait for its reply (`icmp send`, `icmp chat`, `icmp replay`, tests).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,43 +25,43 @@ pub struct Outgoing {
 
 /// Why no reply came.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum SendError {
     #[error(transparent)]
     Redis(#[from] CacheError),
     #[error("no reply within {0:?} (is a worker running?)")]
     Timeout(Duration),
 }
 
-impl crate::error::Classify for ClientError {
+impl crate::error::Classify for SendError {
     fn code(&self) -> &'static str {
         match self {
-            ClientError::Redis(e) => e.code(),
-            ClientError::Timeout(_) => "client.no_reply",
+            SendError::Redis(e) => e.code(),
+            SendError::Timeout(_) => "client.no_reply",
         }
     }
     fn category(&self) -> crate::error::Category {
         match self {
-            ClientError::Redis(e) => e.category(),
-            ClientError::Timeout(_) => crate::error::Category::System,
+            SendError::Redis(e) => e.category(),
+            SendError::Timeout(_) => crate::error::Category::System,
         }
     }
     fn status_code(&self) -> u16 {
         match self {
-            ClientError::Redis(e) => e.status_code(),
-            ClientError::Timeout(_) => 504,
+            SendError::Redis(e) => e.status_code(),
+            SendError::Timeout(_) => 504,
         }
     }
     fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Redis(e) => e.is_retryable(),
-            ClientError::Timeout(_) => true,
+            SendError::Redis(e) => e.is_retryable(),
+            SendError::Timeout(_) => true,
         }
     }
 }
 
-impl From<redis::RedisError> for ClientError {
+impl From<redis::RedisError> for SendError {
     fn from(e: redis::RedisError) -> Self {
-        ClientError::Redis(e.into())
+        SendError::Redis(e.into())
     }
 }
 
@@ -75,7 +75,7 @@ pub async fn send_and_wait(
     streams: &StreamsConfig,
     msg: &Outgoing,
     timeout: Duration,
-) -> Result<HashMap<String, String>, ClientError> {
+) -> Result<HashMap<String, String>, SendError> {
     let reply_to = format!("{}{}", streams.reply_prefix, Uuid::new_v4());
     let mut fields: Vec<(&str, &str)> = vec![
         ("business_id", &msg.business_id),
@@ -99,7 +99,7 @@ pub async fn send_and_wait(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             let _: Result<(), _> = c.del(&reply_to).await;
-            return Err(ClientError::Timeout(timeout));
+            return Err(SendError::Timeout(timeout));
         }
         // Short blocks keep the shared connection usable for other callers.
         let block = left.min(Duration::from_millis(500));
