@@ -12,61 +12,6 @@ use super::order::{QueueSlot, member};
 use super::{StreamEntry, Streams, array, bytes, raw_fields, text};
 use crate::error::StreamError;
 
-/// Lua helpers shared by the claim scripts: the canonical business and user ids, exactly as
-/// `protocol::inbound::canonical_business` / `canonical_user` compute them for every id they
-/// accept (the scripts accept a superset: what Rust then rejects is answered with an error and
-/// finished through the key the script reported), and the queue member of an entry id.
-const PRELUDE: &str = r"
-local function trim(s)
-  -- Linear: find the first and the last byte that is not ASCII whitespace (a pattern anchored
-  -- at the end backtracks over every run of spaces).
-  local first = string.find(s, '[^ \t\n\f\r]')
-  if not first then return '' end
-  local last = #s
-  while true do
-    local b = string.byte(s, last)
-    if b ~= 32 and b ~= 9 and b ~= 10 and b ~= 12 and b ~= 13 then break end
-    last = last - 1
-  end
-  return string.sub(s, first, last)
-end
-local function canon_business(s)
-  s = string.lower(trim(s))
-  if #s > 64 then return nil end
-  if string.sub(s, 1, 9) == 'urn:uuid:' then s = string.sub(s, 10) end
-  if string.sub(s, 1, 1) == '{' and string.sub(s, -1) == '}' then s = string.sub(s, 2, -2) end
-  local h
-  if #s == 36 and string.match(s, '^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$') then
-    h = string.gsub(s, '%-', '')
-  elseif #s == 32 and string.match(s, '^%x+$') then
-    h = s
-  else
-    return nil
-  end
-  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16)
-    .. '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21, 32)
-end
-local function queue_key(prefix, fields)
-  local b, u
-  for i = 1, #fields, 2 do
-    if fields[i] == 'business_id' then b = fields[i + 1]
-    elseif fields[i] == 'user_id' then u = fields[i + 1] end
-  end
-  -- Entries without a usable business and user (invalid: answered at once) share one queue,
-  -- so that they too are tracked until finished (see order.rs).
-  local other = prefix .. '-'
-  if not b or not u then return other end
-  b = canon_business(b)
-  u = trim(u)
-  if not b or #u == 0 then return other end
-  return prefix .. b .. ':' .. u
-end
-local function member(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
-end
-";
-
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries, `KEYS[4]` =
 /// the group's delivery mark; `ARGV` = group, consumer, count, queue key prefix.
 /// Returns `{last_id, {{id, fields, 1, queue_key, at_head}, …}}`: the stream's last id when the
@@ -74,63 +19,12 @@ end
 /// entry is its queue's head: it was just delivered to this consumer, so it is pending here and
 /// may start without a head check. A queue is added to the index when it gets its head (a
 /// queue that is not empty is always indexed; the sweep removes empty ones).
-const CLAIM_BODY: &str = r"
-local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local last_id = '0-0'
-if last[1] then last_id = last[1][1] end
-local out = {}
-local queued = {'ZADD', KEYS[3]}
-if res then
-  for _, e in ipairs(res[1][2]) do
-    local key = queue_key(ARGV[4], e[2])
-    local m = member(e[1])
-    redis.call('ZADD', key, 0, m)
-    local at_head = 0
-    if redis.call('ZRANGE', key, 0, 0)[1] == m then
-      at_head = 1
-      redis.call('SADD', KEYS[2], key)
-    end
-    queued[#queued + 1] = 0
-    queued[#queued + 1] = m
-    out[#out + 1] = {e[1], e[2], 1, key, at_head}
-  end
-end
-if #queued > 2 then redis.call(unpack(queued)) end
--- The last id the group delivered: where it is recreated should it disappear.
-if #out > 0 then redis.call('SET', KEYS[4], out[#out][1]) end
-return {last_id, out}
-";
+pub(crate) const CLAIM_SCRIPT: &str = script!("claim");
 
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries; `ARGV` =
 /// group, consumer, min idle ms, cursor, count, queue key prefix. Returns `{next_cursor, {{id, fields, deliveries, queue_key}, …},
 /// deleted_ids}`. A reclaimed entry is (re)queued: it is pending, so it belongs in its queue.
-const RECLAIM_BODY: &str = r"
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local out = {}
-for _, e in ipairs(r[2]) do
-  if e and e[2] then
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-    local n = 1
-    if p[1] then n = p[1][4] end
-    local key = queue_key(ARGV[6], e[2])
-    local m = member(e[1])
-    redis.call('ZADD', key, 0, m)
-    redis.call('SADD', KEYS[2], key)
-    redis.call('ZADD', KEYS[3], 0, m)
-    out[#out + 1] = {e[1], e[2], n, key}
-  end
-end
-return {r[1], out, r[3] or {}}
-";
-
-pub(crate) fn claim_script() -> String {
-    format!("{PRELUDE}{CLAIM_BODY}")
-}
-
-pub(crate) fn reclaim_script() -> String {
-    format!("{PRELUDE}{RECLAIM_BODY}")
-}
+pub(crate) const RECLAIM_SCRIPT: &str = script!("reclaim");
 
 /// What one reclaim pass found.
 #[derive(Debug, Default)]

@@ -3,19 +3,32 @@
 //! and no field name but the two that key the order queues (through [`crate::protocol`]'s
 //! canonical forms, mirrored in the claim script).
 //!
-//! - [`read`]: delivering new entries (and queueing them, atomically), reclaiming entries of
+//! - [`delivery`]: delivering new entries (and queueing them, atomically), reclaiming entries of
 //!   dead consumers with their delivery counts;
 //! - [`order`]: order queues: the head check that heals stale heads, wake-ups;
 //! - [`heartbeat`]: one refresh of every held entry, which also detects lost ownership;
 //! - [`finish`]: the fenced finish: ack, and only if that acked, publish;
 //! - [`retention`]: trimming the inbound stream behind every group, pruning idle consumers;
-//! - [`dead_letter`]: the dead-letter stream seen from the operator's side (`icmp dlq`).
+//! - [`dlq`]: the dead-letter stream seen from the operator's side (`icmp dlq`).
 //!
 //! Every script receives the keys it writes in `KEYS`, except the claim scripts, whose queue
 //! keys come from the entries they deliver: those keys carry the inbound stream's hash tag, so
 //! on Redis Cluster they live in the stream's slot (docs/design-notes.md). The queue index (a
 //! set of the queue keys that hold entries) lets the sweep visit every queue without scanning
 //! the keyspace.
+//!
+//! The Lua scripts are files in `lua/`, each run with the shared `lua/prelude.lua` (entry ids,
+//! queue members and keys) in front of it.
+
+/// A script of `lua/`, with the shared prelude in front of it.
+macro_rules! script {
+    ($name:literal) => {
+        concat!(
+            include_str!("lua/prelude.lua"),
+            include_str!(concat!("lua/", $name, ".lua"))
+        )
+    };
+}
 
 pub mod delivery;
 pub mod dlq;
@@ -148,18 +161,7 @@ pub struct Streams {
 /// `KEYS[1]` = inbound stream, `KEYS[2]` = delivery mark, `KEYS[3]` = events hash; `ARGV` =
 /// group, now (RFC 3339). Returns `{created, mark}`: `{0, ''}` when the group exists, `{1, ''}`
 /// when it was created at the beginning, `{1, mark}` when it was recreated at its mark.
-const ENSURE_GROUP_SCRIPT: &str = r"
-local mark = redis.call('GET', KEYS[2])
-local r = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], mark or '0', 'MKSTREAM')
-if type(r) == 'table' and r.err then
-  if string.find(r.err, 'BUSYGROUP', 1, true) then return {0, ''} end
-  return r
-end
-if not mark then return {1, ''} end
-redis.call('HINCRBY', KEYS[3], 'group_recreated', 1)
-redis.call('HSET', KEYS[3], 'group_recreated_at', ARGV[2], 'group_recreated_mark', mark)
-return {1, mark}
-";
+const ENSURE_GROUP_SCRIPT: &str = script!("ensure_group");
 
 struct Scripts {
     ensure_group: redis::Script,
@@ -198,8 +200,8 @@ impl Streams {
             durable_wakes: None,
             scripts: Arc::new(Scripts {
                 ensure_group: redis::Script::new(ENSURE_GROUP_SCRIPT),
-                claim: redis::Script::new(&delivery::claim_script()),
-                reclaim: redis::Script::new(&delivery::reclaim_script()),
+                claim: redis::Script::new(delivery::CLAIM_SCRIPT),
+                reclaim: redis::Script::new(delivery::RECLAIM_SCRIPT),
                 head: redis::Script::new(order::HEAD_SCRIPT),
                 finish: redis::Script::new(finish::FINISH_SCRIPT),
                 keep_alive: redis::Script::new(heartbeat::KEEP_ALIVE_SCRIPT),

@@ -18,60 +18,11 @@ use crate::error::StreamError;
 /// id, each group's last delivered id, each group's oldest pending id, and this group's oldest
 /// queued entry (an entry that left the pending list unanswered stays until it is healed and
 /// dead-lettered). Returns how many entries it removed.
-pub(crate) const TRIM_SCRIPT: &str = r"
-local function older(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  if #am ~= #bm then return #am < #bm end
-  if am ~= bm then return am < bm end
-  if #as ~= #bs then return #as < #bs end
-  return as < bs
-end
-local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
-if #groups == 0 then return 0 end
-local floor = ARGV[1]
-local queued = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if queued then
-  local ms, seq = string.match(queued, '^0*(%d-)-0*(%d-)$')
-  if ms == '' then ms = '0' end
-  if seq == '' then seq = '0' end
-  local oldest = ms .. '-' .. seq
-  if older(oldest, floor) then floor = oldest end
-end
-for _, g in ipairs(groups) do
-  local name, last, pending
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1]
-    elseif g[i] == 'last-delivered-id' then last = g[i + 1]
-    elseif g[i] == 'pending' then pending = g[i + 1] end
-  end
-  if older(last, floor) then floor = last end
-  if pending > 0 then
-    local oldest = redis.call('XPENDING', KEYS[1], name)[2]
-    if oldest and older(oldest, floor) then floor = oldest end
-  end
-end
-return redis.call('XTRIM', KEYS[1], 'MINID', floor)
-";
+pub(crate) const TRIM_SCRIPT: &str = script!("trim");
 
 /// `KEYS[1]` = inbound; `ARGV` = group, this consumer, idle ms. Deletes every other consumer
 /// that has nothing pending and has been idle that long. Returns how many it deleted.
-pub(crate) const PRUNE_SCRIPT: &str = r"
-local removed = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local name, pending, idle
-  for i = 1, #c, 2 do
-    if c[i] == 'name' then name = c[i + 1]
-    elseif c[i] == 'pending' then pending = c[i + 1]
-    elseif c[i] == 'idle' then idle = c[i + 1] end
-  end
-  if name ~= ARGV[2] and pending == 0 and idle >= tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
-    removed = removed + 1
-  end
-end
-return removed
-";
+pub(crate) const PRUNE_SCRIPT: &str = script!("prune");
 
 impl Streams {
     /// Trims acknowledged entries older than `retain_ms` from the inbound stream; returns how
