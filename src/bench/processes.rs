@@ -50,17 +50,15 @@ impl WorkerProcesses {
     ) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&config.streams.inbound)
-                .query_async(&mut conn.clone())
-                .await;
+            let group =
+                crate::stream::group_info(conn, &config.streams.inbound, &config.streams.group)
+                    .await;
             if let Some(status) = self.children.iter_mut().find_map(|c| c.try_wait().ok()?) {
                 return Err(BenchError::Mock(std::io::Error::other(format!(
                     "a worker process exited at start: {status}"
                 ))));
             }
-            if groups.is_ok_and(|g| !g.is_empty()) {
+            if group.is_ok_and(|g| g.is_some()) {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 return Ok(());
             }

@@ -310,53 +310,30 @@ pub struct ConsumerInfo {
     pub idle_ms: u64,
 }
 
-/// The named field of an `XINFO` entry.
-fn info_field<'a>(map: &'a [(Vec<u8>, Value)], name: &str) -> Option<&'a Value> {
-    map.iter()
-        .find(|(k, _)| k == name.as_bytes())
-        .map(|(_, v)| v)
-}
-
-fn info_number(map: &[(Vec<u8>, Value)], name: &str) -> Option<u64> {
-    match info_field(map, name) {
-        Some(Value::Int(n)) => u64::try_from(*n).ok(),
-        _ => None,
-    }
-}
-
 /// Group `group` of stream `inbound`; `None` when the stream or the group does not exist.
 ///
 /// # Errors
-/// Redis failures.
+/// Redis failures (the stream deleted between the check for it and the query among them).
 pub async fn group_info(
     conn: &redis::aio::ConnectionManager,
     inbound: &str,
     group: &str,
 ) -> Result<Option<GroupInfo>, StreamError> {
-    let groups: redis::RedisResult<Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(inbound)
-        .query_async(&mut conn.clone())
-        .await;
-    let groups = match groups {
-        Ok(v) => v,
-        // No stream yet.
-        Err(e) if e.to_string().contains("no such key") => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    for entry in array(groups).unwrap_or_default() {
-        let map = pairs(entry);
-        let is_ours = info_field(&map, "name")
-            .and_then(|v| bytes(v.clone()))
-            .is_some_and(|n| n == group.as_bytes());
-        if is_ours {
-            return Ok(Some(GroupInfo {
-                pending: info_number(&map, "pending").unwrap_or(0),
-                lag: info_number(&map, "lag"),
-            }));
-        }
+    use redis::AsyncCommands;
+    let mut conn = conn.clone();
+    // `XINFO GROUPS` of a missing key is an error whose only mark is its text.
+    if !conn.exists::<_, bool>(inbound).await? {
+        return Ok(None);
     }
-    Ok(None)
+    let reply: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(inbound).await?;
+    Ok(reply
+        .groups
+        .into_iter()
+        .find(|g| g.name == group)
+        .map(|g| GroupInfo {
+            pending: g.pending as u64,
+            lag: g.lag.map(|n| n as u64),
+        }))
 }
 
 /// The consumers of group `group` of stream `inbound`.
@@ -368,24 +345,16 @@ pub async fn consumers(
     inbound: &str,
     group: &str,
 ) -> Result<Vec<ConsumerInfo>, StreamError> {
-    let list: Value = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(inbound)
-        .arg(group)
-        .query_async(&mut conn.clone())
-        .await?;
-    Ok(array(list)
-        .unwrap_or_default()
+    use redis::AsyncCommands;
+    let reply: redis::streams::StreamInfoConsumersReply =
+        conn.clone().xinfo_consumers(inbound, group).await?;
+    Ok(reply
+        .consumers
         .into_iter()
-        .map(|entry| {
-            let map = pairs(entry);
-            ConsumerInfo {
-                name: info_field(&map, "name")
-                    .and_then(|v| text(v.clone()))
-                    .unwrap_or_default(),
-                pending: info_number(&map, "pending").unwrap_or(0),
-                idle_ms: info_number(&map, "idle").unwrap_or(0),
-            }
+        .map(|c| ConsumerInfo {
+            name: c.name,
+            pending: c.pending as u64,
+            idle_ms: c.idle as u64,
         })
         .collect())
 }
@@ -408,27 +377,6 @@ pub(crate) fn array(v: Value) -> Option<Vec<Value>> {
     match v {
         Value::Array(a) => Some(a),
         _ => None,
-    }
-}
-
-/// A flat `[k1, v1, k2, v2, …]` reply (or a RESP3 map) as pairs; the key as bytes.
-fn pairs(v: Value) -> Vec<(Vec<u8>, Value)> {
-    match v {
-        Value::Array(items) => {
-            let mut out = Vec::with_capacity(items.len() / 2);
-            let mut it = items.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if let Some(k) = bytes(k) {
-                    out.push((k, v));
-                }
-            }
-            out
-        }
-        Value::Map(items) => items
-            .into_iter()
-            .filter_map(|(k, v)| Some((bytes(k)?, v)))
-            .collect(),
-        _ => Vec::new(),
     }
 }
 

@@ -418,8 +418,8 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// A certificate authority and a server certificate for `localhost` and `127.0.0.1`, made with
-/// the `openssl` command for one test.
+/// A certificate authority and a server certificate for `localhost` and `127.0.0.1` (P-256
+/// keys), made with rcgen for one test.
 #[derive(Debug, Clone)]
 pub struct TestCerts {
     pub ca_cert: PathBuf,
@@ -429,76 +429,48 @@ pub struct TestCerts {
 
 impl TestCerts {
     pub fn generate() -> TestCerts {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
         let dir = std::env::temp_dir().join(format!("icmp-certs-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("certs dir");
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
+
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "icmp test CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
         ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=icmp test CA",
-        ]);
-        run(&ca);
-        let mut csr = vec!["req"];
-        csr.extend(ec);
-        csr.extend([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        run(&csr);
-        std::fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
-        for f in ["server.key", "server.pem", "ca.pem"] {
-            make_readable(&dir.join(f));
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+
+        // "127.0.0.1" becomes an IP address name.
+        let mut server =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server parameters");
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        server.is_ca = IsCa::ExplicitNoCa;
+        server.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("server key");
+        let cert = server.signed_by(&key, &ca).expect("server certificate");
+
+        for (name, pem) in [
+            ("ca.pem", ca.pem()),
+            ("server.pem", cert.pem()),
+            ("server.key", key.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(name), pem).expect("write a certificate file");
+            make_readable(&dir.join(name));
         }
         make_readable(&dir);
         TestCerts {
