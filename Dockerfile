@@ -10,12 +10,13 @@ RUN mkdir -p src tests/integration \
     && echo 'fn main() {}' > src/main.rs \
     && echo '' > src/lib.rs \
     && touch tests/integration/main.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked --no-default-features --features jemalloc \
     && rm -rf src target/release/icmp target/release/deps/icmp-* target/release/deps/libicmp-*
 COPY config ./config
 COPY sql ./sql
 COPY src ./src
-RUN cargo build --release --locked --bin icmp
+# Without the `bench` feature: the benchmark is no part of a worker.
+RUN cargo build --release --locked --no-default-features --features jemalloc --bin icmp
 
 FROM debian:bookworm-slim
 # ca-certificates: TLS to managed PostgreSQL, Redis and LLM endpoints.

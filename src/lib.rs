@@ -10,7 +10,7 @@
 //! - [`error`]: the error taxonomy: categories, stable codes, statuses, retryability.
 //! - [`model`]: domain records shared by the store, the cache and the pipeline.
 //! - [`business`]: business definition files and `icmp import`.
-//! - [`bench`]: the end-to-end benchmark behind `icmp bench`.
+//! - `bench`: the end-to-end benchmark behind `icmp bench` (the `bench` feature, on by default).
 //! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
 //! - [`cache`]: the Redis cache of definitions and conversation state.
 //! - [`definitions`]: a business's definition as the pipeline reads it (business, stages,
@@ -35,6 +35,7 @@
 //! - [`tls`]: TLS to PostgreSQL and Redis: certificate roots and `sslmode`.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod business;
 pub mod cache;

@@ -3,6 +3,7 @@
 //! [`icmp::startup`]: `worker` as an [`Application`](icmp::startup::Application), the others as
 //! an [`Operator`].
 
+#[cfg(feature = "bench")]
 mod bench;
 mod console;
 mod conversation;
@@ -84,6 +85,7 @@ enum Command {
         action: dlq::Action,
     },
     /// Measure throughput and latency of the whole pipeline (mock LLM, in-process workers).
+    #[cfg(feature = "bench")]
     Bench(icmp::bench::BenchOptions),
 }
 
@@ -122,6 +124,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => status::run(&operator()?, args).await,
         Command::Console(args) => console::run(&operator()?, args).await,
         Command::Dlq { action } => dlq::run(&operator()?, action).await,
+        #[cfg(feature = "bench")]
         Command::Bench(options) => bench::run(config, options).await,
     }
 }
