@@ -1,13 +1,15 @@
 //! The message pipeline: `MessageHandler::process_turn` runs the seed's steps for one decoded
-//! inbound message (with the later messages of a coalesced burst). Three phases, each a type and a module, and this file orders them:
+//! inbound message (with the later messages of a coalesced burst). Three phases, each a type
+//! and a module, and this file orders them (read → decide → persist → answer):
 //!
 //! - step 1, validation: the worker decodes the entry with [`crate::protocol::inbound`] (fields,
 //!   limits, canonical ids) and hands over an [`InboundMessage`]; the pipeline never sees a
 //!   stream;
-//! - step 2, idempotency: a message whose (business, user, key) is already committed returns its
-//!   stored answer. The user's cached state names the keys of their latest messages, so a
-//!   continuing user's new message needs no query for it; a repeat the state does not name is
-//!   caught by the unique key when its write set commits;
+//! - step 2, [`idempotency`]: a message whose (business, user, key) is already committed
+//!   returns its stored answer. The user's cached state names the keys of their latest
+//!   messages, so a continuing user's new message needs no query for it; a repeat the state
+//!   does not name is caught by the unique key when its write set commits;
+//! - [`coalesce`]: a message and the later messages waiting behind it are one turn;
 //! - steps 3–5, the **read phase** ([`read`]): the [`conversation`] (given, the user's latest,
 //!   or a new one), its stage and that stage's templates (from [`crate::definitions`]), and the template variables
 //!   ([`context`], the TemplateVariableProvider): short autocommit reads, most from Redis;
@@ -25,11 +27,13 @@
 //! the read phase.
 
 pub mod budget;
+pub mod coalesce;
 pub mod context;
 pub mod conversation;
 pub mod decide;
 pub mod extract;
 pub mod failpoint;
+pub mod idempotency;
 pub mod llm_call;
 pub mod persist;
 pub mod read;
@@ -45,12 +49,13 @@ use crate::config::Config;
 use crate::definitions::{StageService, TemplateService};
 use crate::error::{Classify, PipelineError, StoreError};
 use crate::llm::LlmService;
-use crate::model::{Answer, AnswerStatus, Business, ConversationState};
+use crate::model::{Answer, Business, ConversationState};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::telemetry::metrics;
 
+use coalesce::Turn;
 pub use failpoint::Failpoints;
 use llm_call::LlmCaller;
 
@@ -120,11 +125,11 @@ impl<L: LlmService> MessageHandler<L> {
     /// for its business (same business, user and conversation, in stream order; asked only
     /// when the message is not answered yet): one turn, every message stored, one reply. When
     /// one of them turns out to be stored already (a repeated `message_id`), or the turn fails,
-    /// the message is processed alone and the others get their own turns. `gather` returns
-    /// the followers and how many of them start the pipeline for the first time; with
-    /// `attempt`, they decide what is counted against the business's budget: every message
-    /// exactly once, when it first starts. The caller sends the returned state write (the
-    /// worker does so in its finish's round trip).
+    /// the message is processed alone and the others get their own turns ([`coalesce`]).
+    /// `gather` returns the followers and how many of them start the pipeline for the first
+    /// time; with `attempt`, they decide what is counted against the business's budget: every
+    /// message exactly once, when it first starts. The caller sends the returned state write
+    /// (the worker does so in its finish's round trip).
     ///
     /// # Errors
     /// Validation errors (answer with an error reply), and processing errors that survived
@@ -143,79 +148,83 @@ impl<L: LlmService> MessageHandler<L> {
         span.record("business.id", tracing::field::display(msg.business_id));
         span.record("message.id", msg.idempotency_key());
 
-        // Step 2, idempotency. The user's cached state (the read phase needs it anyway) names
-        // the keys of their latest messages: a key it names is answered from the store; with
-        // the state at hand and the key not in it, a first delivery is new (a repeat of an
-        // older message is still caught by the unique key when its write set commits, or
-        // looked up before any error is returned). The store is asked without a cached state,
-        // and for a redelivery or a replay: those are the messages most likely committed
-        // already (a crash between the commit and the cache write leaves the older state).
-        let mut state =
-            conversation::cached_state(&self.cache, msg.business_id, &msg.user_id).await;
-        let key = msg.idempotency_key();
-        let ask_store = !attempt.is_first()
-            || msg.supersedes.is_some()
-            || state
-                .as_ref()
-                .is_none_or(|s| s.recent_keys.iter().any(|k| k == key));
-        if ask_store && let Some(done) = self.answered(msg, state.is_none()).await? {
+        // Step 2, idempotency.
+        let state = conversation::cached_state(&self.cache, msg.business_id, &msg.user_id).await;
+        let looked_up = idempotency::must_look_up(msg, attempt, state.as_ref());
+        if looked_up && let Some(done) = self.ledger().answered(msg, state.is_none()).await? {
             return Ok(done);
         }
         let business = self.stages.business(msg.business_id).await?;
-        let (gathered, new_followers) = gather(&business).await;
+        let (followers, new_followers) = gather(&business).await;
         let counted = u64::from(attempt.number == 1) + new_followers;
         let throttled = budget::admit(&self.cache, &business, counted).await;
+        let turn = Turn {
+            msg,
+            followers: &followers,
+            throttled: throttled.is_some(),
+        };
+        self.run_until_settled(turn, &business, log_id, state, looked_up)
+            .await
+    }
 
+    /// Runs the turn ([`MessageHandler::run`]) until it is answered or fails for good: a
+    /// version conflict (another message of the conversation committed meanwhile) re-runs it
+    /// from the read phase, a coalesced turn that cannot be taken together is answered alone,
+    /// and a message not looked up before (`looked_up` false) that fails gets its stored
+    /// answer if it has one.
+    async fn run_until_settled(
+        &self,
+        mut turn: Turn<'_>,
+        business: &Business,
+        log_id: Uuid,
+        mut state: Option<ConversationState>,
+        looked_up: bool,
+    ) -> Result<Processed, PipelineError> {
+        let msg = turn.msg;
         let max = self.config.worker.max_conflict_retries;
-        let mut attempt = 0;
-        let mut followers = gathered.as_slice();
+        let mut conflicts = 0;
         loop {
-            let turn = Turn {
-                msg,
-                followers,
-                throttled: throttled.is_some(),
-            };
             // A re-run reads the conversation from PostgreSQL, not the cache.
-            match self.run(&turn, &business, log_id, state.take()).await {
-                Err(PipelineError::Store(StoreError::VersionConflict)) if attempt < max => {
-                    attempt += 1;
+            match self.run(&turn, business, log_id, state.take()).await {
+                Err(PipelineError::Store(StoreError::VersionConflict)) if conflicts < max => {
+                    conflicts += 1;
                     metrics::retry("pipeline.version_conflict");
-                    tracing::debug!(attempt, "conversation changed meanwhile; re-running");
+                    tracing::debug!(conflicts, "conversation changed meanwhile; re-running");
                     // The state that was read may predate this very message's commit.
-                    if !ask_store
-                        && attempt == 1
-                        && let Some(done) = self.answered(msg, true).await?
+                    if !looked_up
+                        && conflicts == 1
+                        && let Some(done) = self.ledger().answered(msg, true).await?
                     {
                         return Ok(done);
                     }
                 }
                 Err(PipelineError::Store(StoreError::Duplicate)) => {
                     // A concurrent delivery of the same message committed first.
-                    if let Some(done) = self.answered(msg, true).await? {
+                    if let Some(done) = self.ledger().answered(msg, true).await? {
                         return Ok(done);
                     }
-                    if followers.is_empty() {
+                    if turn.followers.is_empty() {
                         return Err(StoreError::Duplicate.into());
                     }
                     // A follower's key is taken: each of them gets its own turn.
                     tracing::info!("a coalesced message was stored before; answering alone");
-                    followers = &[];
+                    turn = turn.alone();
                 }
                 // One follower must not take its turn down (a write PostgreSQL refuses, a
                 // template that fails on its text): the message is answered alone, and the
                 // others get turns of their own.
-                Err(e) if !followers.is_empty() => {
+                Err(e) if !turn.followers.is_empty() => {
                     metrics::record_error(&e, "coalesced turn");
                     tracing::warn!(
                         error.code = e.code(),
                         "a coalesced turn failed; answering its first message alone"
                     );
-                    followers = &[];
+                    turn = turn.alone();
                 }
                 // A message not looked up first may be answered already: its stored answer,
                 // not an error, is what it gets.
-                Err(e) if !ask_store => {
-                    return match self.stored_answer(msg).await {
+                Err(e) if !looked_up => {
+                    return match self.ledger().stored_answer(msg).await {
                         Ok(Some(answer)) => Ok(Processed::Duplicate(answer)),
                         _ => Err(e),
                     };
@@ -225,40 +234,8 @@ impl<L: LlmService> MessageHandler<L> {
         }
     }
 
-    /// The message's stored answer, as a duplicate, if it was committed before. With
-    /// `forget`, the user's cached conversation state is dropped then: a stored answer means a
-    /// commit whose cache write may never have happened (a crash between COMMIT and the cache,
-    /// a lost COMMIT acknowledgement), so the state may be stale.
-    async fn answered(
-        &self,
-        msg: &InboundMessage,
-        forget: bool,
-    ) -> Result<Option<Processed>, PipelineError> {
-        let Some(answer) = self.stored_answer(msg).await? else {
-            return Ok(None);
-        };
-        if forget
-            && let Err(e) = self
-                .cache
-                .invalidate_conversation(msg.business_id, &msg.user_id)
-                .await
-        {
-            metrics::record_error(&e, "cache invalidation");
-        }
-        Ok(Some(Processed::Duplicate(answer)))
-    }
-
-    async fn stored_answer(&self, msg: &InboundMessage) -> Result<Option<Answer>, PipelineError> {
-        let key = msg.idempotency_key();
-        Ok(self
-            .retry
-            .run("db.find_reply", || {
-                self.store.find_reply(msg.business_id, &msg.user_id, key)
-            })
-            .await?)
-    }
-
-    /// Steps 3–14 once, from the user's cached state (`None`: from PostgreSQL).
+    /// Steps 3–14 once, from the user's cached state (`None`: from PostgreSQL): read, decide,
+    /// persist, answer.
     async fn run(
         &self,
         turn: &Turn<'_>,
@@ -266,32 +243,10 @@ impl<L: LlmService> MessageHandler<L> {
         log_id: Uuid,
         state: Option<ConversationState>,
     ) -> Result<Processed, PipelineError> {
-        let msg = turn.msg;
-        // A coalesced turn reads as one message carrying every text, in order.
-        let joined;
-        let seen = if turn.followers.is_empty() {
-            msg
-        } else {
-            joined = InboundMessage {
-                content: std::iter::once(msg)
-                    .chain(turn.followers)
-                    .map(|m| m.content.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                ..msg.clone()
-            };
-            &joined
-        };
-
         // Steps 3–5: the read phase.
         let t = Instant::now();
-        let sources = read::Sources {
-            store: &self.store,
-            cache: &self.cache,
-            stages: &self.stages,
-            history_turns: self.config.worker.history_turns,
-        };
-        let mut read = read::read_from(sources, seen, business, state).await?;
+        let mut read =
+            read::read_from(self.read_sources(), &turn.as_one_message(), business, state).await?;
         tracing::Span::current().record(
             "conversation.id",
             tracing::field::display(read.conversation.id),
@@ -300,43 +255,13 @@ impl<L: LlmService> MessageHandler<L> {
         let read_ms = t.elapsed().as_millis() as u64;
 
         // Steps 6–9: the LLM phase (no database connection is held), or the throttled reply.
-        let decisions = if turn.throttled {
-            budget::throttled(
-                &self.templates,
-                business,
-                &read,
-                &self.config.worker.throttled_reply,
-            )
-            .await?
-        } else {
-            let deciders = decide::LlmPhase {
-                caller: LlmCaller {
-                    llm: &self.llm,
-                    retry: &self.retry,
-                    default_model: &self.config.llm.default_model,
-                },
-                templates: &self.templates,
-                stages: &self.stages,
-                last_resort: &self.config.worker.last_resort_reply,
-                extraction_limits: extract::Limits::from_config(&self.config.limits),
-            };
-            let decisions = decide::decide(&deciders, business, &mut read).await?;
-            budget::spend(&self.cache, business, &decisions).await;
-            decisions
-        };
+        let decisions = self.decide(turn, business, &mut read).await?;
 
         // Steps 10–12: the write phase, one transaction (14: cache keys dropped on failure).
         let t = Instant::now();
-        let sinks = persist::Sinks {
-            store: &self.store,
-            cache: &self.cache,
-            retry: &self.retry,
-            failpoints: &self.failpoints,
-            history_turns: self.config.worker.history_turns,
-        };
         let committed = persist::write(
-            sinks,
-            msg,
+            self.sinks(),
+            turn.msg,
             turn.followers,
             &read,
             &decisions,
@@ -359,26 +284,71 @@ impl<L: LlmService> MessageHandler<L> {
             log_id,
             answered_by: None,
         };
-        let followers = turn
-            .followers
-            .iter()
-            .zip(&committed.follower_ids)
-            .map(|(m, id)| {
-                let reference = Answer {
-                    reply_id: *id,
-                    status: AnswerStatus::Coalesced,
-                    content: String::new(),
-                    answered_by: Some(answer.reply_id),
-                    ..answer.clone()
-                };
-                (m.clone(), reference)
-            })
-            .collect();
+        let followers = turn.follower_answers(&answer, &committed.follower_ids);
         Ok(Processed::Answered {
             answer,
             followers,
             state,
         })
+    }
+
+    /// Steps 6–9: the LLM phase, or the throttled reply of a turn over budget.
+    async fn decide<'b>(
+        &self,
+        turn: &Turn<'_>,
+        business: &'b Business,
+        read: &mut read::Snapshot<'b>,
+    ) -> Result<decide::Decisions<'b>, PipelineError> {
+        if turn.throttled {
+            return budget::throttled(
+                &self.templates,
+                business,
+                read,
+                &self.config.worker.throttled_reply,
+            )
+            .await;
+        }
+        let phase = decide::LlmPhase {
+            caller: LlmCaller {
+                llm: &self.llm,
+                retry: &self.retry,
+                default_model: &self.config.llm.default_model,
+            },
+            templates: &self.templates,
+            stages: &self.stages,
+            last_resort: &self.config.worker.last_resort_reply,
+            extraction_limits: extract::Limits::from_config(&self.config.limits),
+        };
+        let decisions = decide::decide(&phase, business, read).await?;
+        budget::spend(&self.cache, business, &decisions).await;
+        Ok(decisions)
+    }
+
+    fn ledger(&self) -> idempotency::Ledger<'_> {
+        idempotency::Ledger {
+            store: &self.store,
+            cache: &self.cache,
+            retry: &self.retry,
+        }
+    }
+
+    fn read_sources(&self) -> read::Sources<'_> {
+        read::Sources {
+            store: &self.store,
+            cache: &self.cache,
+            stages: &self.stages,
+            history_turns: self.config.worker.history_turns,
+        }
+    }
+
+    fn sinks(&self) -> persist::Sinks<'_> {
+        persist::Sinks {
+            store: &self.store,
+            cache: &self.cache,
+            retry: &self.retry,
+            failpoints: &self.failpoints,
+            history_turns: self.config.worker.history_turns,
+        }
     }
 }
 
@@ -398,11 +368,4 @@ impl Attempt {
     pub fn is_first(self) -> bool {
         self.number <= 1 && self.deliveries <= 1
     }
-}
-
-/// One turn: a message, the later messages answered with it, and whether it is over budget.
-struct Turn<'a> {
-    msg: &'a InboundMessage,
-    followers: &'a [InboundMessage],
-    throttled: bool,
 }
