@@ -255,6 +255,14 @@ impl std::fmt::Display for BenchReport {
                 rss.join(", ")
             )?;
         }
+        self.write_costs(f)
+    }
+}
+
+impl BenchReport {
+    /// The cost lines of the report: saturation, PostgreSQL and Redis work per message, the
+    /// ceiling, and the whole report as JSON.
+    fn write_costs(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "saturation     {}", self.saturation())?;
         let mut top: Vec<_> = self.redis_commands.iter().collect();
         top.sort_by(|a, b| b.1.cmp(a.1));
@@ -455,14 +463,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     reset_peak_rss();
     let mock = MockProcess::start(options.llm_latency_ms, options.llm_jitter_ms).await?;
     let run_id = Uuid::new_v4().simple().to_string();
-    config.llm.base_url = mock.base_url();
-    config.redis.key_prefix = format!("bench:{run_id}:");
-    config.streams.inbound = format!("bench:{run_id}:inbound");
-    config.streams.outbound = format!("bench:{run_id}:outbound");
-    config.streams.dead_letter = format!("bench:{run_id}:dead");
-    config.streams.group = format!("bench-{run_id}");
-    config.telemetry.listen = String::new();
-
+    isolate(&mut config, &run_id, mock.base_url());
     let operator = Operator::new(&config)?;
     let store = operator.store().clone();
     let reports = crate::business::import_files(&store, None, &[&options.definition]).await?;
@@ -470,40 +471,11 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         .first()
         .map(|r| r.business_id)
         .ok_or(BenchError::NoBusiness)?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let mut tasks = Vec::new();
-    let mut stats = Vec::new();
-    let mut stores = Vec::new();
-    let mut children = None;
-    if options.processes > 0 {
-        let mut procs = processes::WorkerProcesses::start(&config, options.processes, &run_id)?;
-        procs.wait_ready(operator.redis().await?, &config).await?;
-        children = Some(procs);
-    }
-    let in_process = if options.processes > 0 {
-        0
-    } else {
-        options.workers.max(1)
-    };
-    for w in 0..in_process {
-        let mut c = config.clone();
-        c.streams.consumer = format!("bench-{run_id}-{w}");
-        let app = Application::build(&c, Failpoints::default()).await?;
-        stats.push(app.worker().stats().clone());
-        stores.push(app.store().clone());
-        tasks.push(tokio::spawn(app.run_until_stopped(stop.clone())));
-    }
-    let round_trips = || stores.iter().map(Store::round_trips).sum::<u64>();
+    let workers = Workers::start(&config, options, &run_id, &operator).await?;
 
     // A connection of its own: blocking reads would hold up the workers' commands.
     let mut c = operator.own_redis().await?;
-    let redis_before = probe::RedisCounters::read(&c).await?;
-    let cpu_before = probe::process_cpu_secs();
-    let children_before = children.as_ref().map(|c| c.cpu_secs()).unwrap_or_default();
-    let postgres_before = probe::postgres_cpu();
-    let mock_before = mock.cpu_secs();
-    let machine_before = probe::machine_ticks();
-    let trips_before = round_trips();
+    let before = Baseline::take(&c, &workers, &mock).await?;
     let started = Instant::now();
     let sent = SentAt::default();
     let sender = tokio::spawn(send(
@@ -516,24 +488,11 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     ));
     let (per_message, statuses, reads) = collect(&mut c, &config, options.messages, &sent).await?;
     let elapsed = started.elapsed();
-    let db_round_trips = round_trips() - trips_before;
-    let process_peak_rss_kib = children
-        .as_ref()
-        .map(|c| c.peak_rss_kib())
-        .unwrap_or_default();
-    let process_cpu_secs: Vec<f64> = children
-        .as_ref()
-        .map(|c| c.cpu_secs())
-        .unwrap_or_default()
-        .iter()
-        .zip(children_before.iter())
-        .map(|(after, before)| after - before)
-        .collect();
-    let postgres_cpu_secs = probe::postgres_delta(&postgres_before, &probe::postgres_cpu());
-    let mock_cpu_secs = mock.cpu_secs() - mock_before;
-    let machine_busy = machine_before
-        .zip(probe::machine_ticks())
-        .map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
+    let db_round_trips = workers.round_trips() - before.round_trips;
+    let (process_cpu_secs, process_peak_rss_kib) = workers.children_usage(&before);
+    let postgres_cpu_secs = probe::postgres_delta(&before.postgres, &probe::postgres_cpu());
+    let mock_cpu_secs = mock.cpu_secs() - before.mock;
+    let machine_busy = before.machine_busy();
     match sender.await {
         Ok(result) => result?,
         Err(e) => tracing::warn!(error = %e, "the sender task failed"),
@@ -542,49 +501,18 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     latencies.sort();
     let mut overheads = overheads(&store, business, &per_message).await?;
     overheads.sort();
-    let cpu_secs = cpu_before
+    let cpu_secs = before
+        .cpu
         .zip(probe::process_cpu_secs())
         .map(|(a, b)| b - a);
-    let redis_after = probe::RedisCounters::read(&c).await?;
-    let (mut redis_commands, redis_cpu_secs) = redis_before.delta(&redis_after);
-    // The producer's XADDs, the reader's XREADs and the probes' INFOs are not the workers'.
-    for (command, own) in [("xadd", options.messages as u64), ("xread", reads)] {
-        if let Some(n) = redis_commands.get_mut(command) {
-            *n = n.saturating_sub(own);
-        }
-    }
-    redis_commands.remove("info");
-    stop.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
-    drop(children);
-    let _: Result<(), _> = c
-        .del(&[
-            &config.streams.inbound,
-            &config.streams.outbound,
-            &config.streams.dead_letter,
-        ])
-        .await;
+    let after = probe::RedisCounters::read(&c).await?;
+    let (redis_commands, redis_cpu_secs) =
+        before.workers_redis(&after, options.messages as u64, reads);
+    let peak_in_flight = workers.peak_in_flight();
+    workers.stop().await;
+    remove_streams(&mut c, &config).await;
     drop(mock);
-    let (ceiling_tps, ceiling_error) = if options.pgbench_seconds == 0 {
-        (None, None)
-    } else {
-        let refs = ceiling_refs(&store, business).await?;
-        let (database, clients, secs) = (
-            config.database.clone(),
-            options.pgbench_clients,
-            options.pgbench_seconds,
-        );
-        let result =
-            tokio::task::spawn_blocking(move || ceiling::run(&database, &refs, clients, secs))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-        match result {
-            Ok(tps) => (Some(tps), None),
-            Err(e) => (None, Some(e)),
-        }
-    };
+    let (ceiling_tps, ceiling_error) = ceiling(&config, options, &store, business).await?;
     Ok(BenchReport {
         messages: latencies.len(),
         elapsed,
@@ -601,10 +529,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         ceiling_tps,
         ceiling_error,
         db_round_trips_per_message: db_round_trips as f64 / latencies.len().max(1) as f64,
-        peak_in_flight: stats
-            .iter()
-            .map(|s| WorkerStats::get(&s.peak_running))
-            .sum(),
+        peak_in_flight,
         overhead_p50: percentile(&overheads, 0.50),
         overhead_p99: percentile(&overheads, 0.99),
         rate: (options.rate > 0.0).then_some(options.rate),
@@ -614,6 +539,192 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         mock_cpu_secs,
         machine_busy,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+/// Removes the run's streams (best effort).
+async fn remove_streams(conn: &mut redis::aio::ConnectionManager, config: &Config) {
+    let s = &config.streams;
+    let _: Result<(), _> = conn.del(&[&s.inbound, &s.outbound, &s.dead_letter]).await;
+}
+
+/// Streams, keys and a group of the run's own, and the mock LLM at `llm`.
+fn isolate(config: &mut Config, run_id: &str, llm: String) {
+    config.llm.base_url = llm;
+    config.redis.key_prefix = format!("bench:{run_id}:");
+    config.streams.inbound = format!("bench:{run_id}:inbound");
+    config.streams.outbound = format!("bench:{run_id}:outbound");
+    config.streams.dead_letter = format!("bench:{run_id}:dead");
+    config.streams.group = format!("bench-{run_id}");
+    config.telemetry.listen = String::new();
+}
+
+/// The run's workers: in this process (each built as `icmp worker` builds one), or `icmp
+/// worker` children.
+struct Workers {
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stats: Vec<std::sync::Arc<WorkerStats>>,
+    stores: Vec<Store>,
+    children: Option<processes::WorkerProcesses>,
+}
+
+impl Workers {
+    async fn start(
+        config: &Config,
+        options: &BenchOptions,
+        run_id: &str,
+        operator: &Operator,
+    ) -> Result<Workers, BenchError> {
+        let mut workers = Workers {
+            stop: tokio_util::sync::CancellationToken::new(),
+            tasks: Vec::new(),
+            stats: Vec::new(),
+            stores: Vec::new(),
+            children: None,
+        };
+        if options.processes > 0 {
+            let mut procs = processes::WorkerProcesses::start(config, options.processes, run_id)?;
+            procs.wait_ready(operator.redis().await?, config).await?;
+            workers.children = Some(procs);
+            return Ok(workers);
+        }
+        for w in 0..options.workers.max(1) {
+            let mut c = config.clone();
+            c.streams.consumer = format!("bench-{run_id}-{w}");
+            let app = Application::build(&c, Failpoints::default()).await?;
+            workers.stats.push(app.worker().stats().clone());
+            workers.stores.push(app.store().clone());
+            let stop = workers.stop.clone();
+            workers
+                .tasks
+                .push(tokio::spawn(app.run_until_stopped(stop)));
+        }
+        Ok(workers)
+    }
+
+    /// PostgreSQL statements the in-process workers sent so far.
+    fn round_trips(&self) -> u64 {
+        self.stores.iter().map(Store::round_trips).sum()
+    }
+
+    fn peak_in_flight(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| WorkerStats::get(&s.peak_running))
+            .sum()
+    }
+
+    fn children_cpu(&self) -> Vec<f64> {
+        self.children
+            .as_ref()
+            .map(processes::WorkerProcesses::cpu_secs)
+            .unwrap_or_default()
+    }
+
+    /// Each child's CPU seconds since `before`, and its peak RSS in KiB.
+    fn children_usage(&self, before: &Baseline) -> (Vec<f64>, Vec<u64>) {
+        let cpu = self
+            .children_cpu()
+            .iter()
+            .zip(&before.children)
+            .map(|(after, before)| after - before)
+            .collect();
+        let rss = self
+            .children
+            .as_ref()
+            .map(processes::WorkerProcesses::peak_rss_kib)
+            .unwrap_or_default();
+        (cpu, rss)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        drop(self.children);
+    }
+}
+
+/// The counters a run's figures are measured from.
+struct Baseline {
+    redis: probe::RedisCounters,
+    cpu: Option<f64>,
+    children: Vec<f64>,
+    postgres: std::collections::BTreeMap<u32, f64>,
+    mock: f64,
+    machine: Option<(u64, u64)>,
+    round_trips: u64,
+}
+
+impl Baseline {
+    /// The share of the machine's CPU time that was busy since the baseline.
+    fn machine_busy(&self) -> Option<f64> {
+        self.machine
+            .zip(probe::machine_ticks())
+            .map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
+    }
+
+    /// The workers' Redis commands since the baseline, and Redis's CPU seconds: the
+    /// producer's `sent` XADDs, the reader's `reads` XREADs and the probes' INFOs are not the
+    /// workers'.
+    fn workers_redis(
+        &self,
+        after: &probe::RedisCounters,
+        sent: u64,
+        reads: u64,
+    ) -> (std::collections::BTreeMap<String, u64>, f64) {
+        let (mut commands, cpu) = self.redis.delta(after);
+        for (command, own) in [("xadd", sent), ("xread", reads)] {
+            if let Some(n) = commands.get_mut(command) {
+                *n = n.saturating_sub(own);
+            }
+        }
+        commands.remove("info");
+        (commands, cpu)
+    }
+
+    async fn take(
+        conn: &redis::aio::ConnectionManager,
+        workers: &Workers,
+        mock: &MockProcess,
+    ) -> Result<Baseline, BenchError> {
+        Ok(Baseline {
+            redis: probe::RedisCounters::read(conn).await?,
+            cpu: probe::process_cpu_secs(),
+            children: workers.children_cpu(),
+            postgres: probe::postgres_cpu(),
+            mock: mock.cpu_secs(),
+            machine: probe::machine_ticks(),
+            round_trips: workers.round_trips(),
+        })
+    }
+}
+
+/// The same-run ceiling: `pgbench` running the worker's write set (`None` when not asked
+/// for, with the reason when it could not run).
+async fn ceiling(
+    config: &Config,
+    options: &BenchOptions,
+    store: &Store,
+    business: Uuid,
+) -> Result<(Option<f64>, Option<String>), BenchError> {
+    if options.pgbench_seconds == 0 {
+        return Ok((None, None));
+    }
+    let refs = ceiling_refs(store, business).await?;
+    let (database, clients, secs) = (
+        config.database.clone(),
+        options.pgbench_clients,
+        options.pgbench_seconds,
+    );
+    let result = tokio::task::spawn_blocking(move || ceiling::run(&database, &refs, clients, secs))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    Ok(match result {
+        Ok(tps) => (Some(tps), None),
+        Err(e) => (None, Some(e)),
     })
 }
 

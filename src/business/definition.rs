@@ -266,6 +266,26 @@ impl Definition {
     /// All problems found, each naming the stage or template concerned.
     pub fn validate(&self) -> Result<(), DefinitionError> {
         let mut problems = Vec::new();
+        let templates = self.template_problems(&mut problems);
+        let stage_names = self.stage_problems(&templates, &mut problems);
+        problems.extend(self.policy_problems(&templates));
+        if !stage_names.contains(self.business.initial_stage.as_str()) {
+            problems.push(format!(
+                "initial_stage `{}` is not a stage",
+                self.business.initial_stage
+            ));
+        }
+        self.render_problems(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(DefinitionError::Invalid(problems))
+        }
+    }
+
+    /// The templates by name; names defined twice, empty names and misplaced or missing
+    /// output schemas go to `problems`.
+    fn template_problems(&self, problems: &mut Vec<String>) -> HashMap<&str, &TemplateDef> {
         let mut templates: HashMap<&str, &TemplateDef> = HashMap::new();
         for t in &self.templates {
             if templates.insert(t.name.as_str(), t).is_some() {
@@ -288,6 +308,16 @@ impl Definition {
                 )),
             }
         }
+        templates
+    }
+
+    /// The stage names; stages defined twice, template references of the wrong kind or to
+    /// nothing, transitions to unknown stages and a business without stages go to `problems`.
+    fn stage_problems(
+        &self,
+        templates: &HashMap<&str, &TemplateDef>,
+        problems: &mut Vec<String>,
+    ) -> HashSet<&str> {
         let mut stage_names = HashSet::new();
         for s in &self.stages {
             if !stage_names.insert(s.name.as_str()) {
@@ -326,14 +356,13 @@ impl Definition {
         if self.stages.is_empty() {
             problems.push("a business needs at least one stage".into());
         }
-        problems.extend(self.policy_problems(&templates));
-        if !stage_names.contains(self.business.initial_stage.as_str()) {
-            problems.push(format!(
-                "initial_stage `{}` is not a stage",
-                self.business.initial_stage
-            ));
-        }
+        stage_names
+    }
 
+    /// Every variable of every template branch checked against the context's shape, and
+    /// every template compiled and rendered against a sample context; what fails goes to
+    /// `problems`.
+    fn render_problems(&self, problems: &mut Vec<String>) {
         let stages: Vec<StageVars> = self
             .stages
             .iter()
@@ -343,7 +372,6 @@ impl Definition {
             })
             .collect();
         let sample = Context::sample(&self.business.name, &stages, &self.extraction_fields());
-        // Every variable of every branch, checked against the context's shape...
         match serde_json::to_value(&sample) {
             Ok(shape) => {
                 for t in &self.templates {
@@ -359,7 +387,6 @@ impl Definition {
             }
             Err(e) => problems.push(format!("the sample context does not serialise: {e}")),
         }
-        // ...and every template compiled and rendered against the sample.
         let engine = template::engine();
         for t in &self.templates {
             let record = t.to_record(Uuid::nil(), self.business.id);
@@ -371,11 +398,6 @@ impl Definition {
                 }
                 Err(e) => problems.push(e.to_string()),
             }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(DefinitionError::Invalid(problems))
         }
     }
 }

@@ -267,68 +267,15 @@ enum Fault {
 async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> Response {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(&state.stats);
-    let (delay, fault) = {
-        let o = &state.options;
-        let mut rng = state.rng.lock().await;
-        let jitter = if o.jitter_ms > 0 {
-            rng.random_range(0..=o.jitter_ms)
-        } else {
-            0
-        };
-        let roll: f64 = rng.random();
-        let mut edge = 0.0;
-        let mut pick = |rate: f64| {
-            edge += rate;
-            roll < edge
-        };
-        let fault = if pick(o.error_rate) {
-            Fault::ServerError
-        } else if pick(o.rate_limit_rate) {
-            Fault::RateLimited
-        } else if pick(o.timeout_rate) {
-            Fault::Hang
-        } else if pick(o.malformed_rate) {
-            Fault::Malformed
-        } else {
-            Fault::None
-        };
-        (o.latency_ms + jitter, fault)
-    };
+    let (delay, fault) = roll(&state).await;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     if !matches!(fault, Fault::None) {
         state.stats.faults.fetch_add(1, Ordering::Relaxed);
     }
-    match fault {
-        Fault::ServerError => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({"error": {"message": "injected failure", "type": "server_error"}})),
-            )
-                .into_response();
-        }
-        Fault::RateLimited => {
-            let mut r = (
-                StatusCode::TOO_MANY_REQUESTS,
-                Json(json!({"error": {"message": "rate limited", "type": "rate_limit"}})),
-            )
-                .into_response();
-            if let Ok(v) = HeaderValue::from_str(&state.options.retry_after_secs.to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return r;
-        }
-        Fault::Hang => tokio::time::sleep(Duration::from_millis(state.options.hang_ms)).await,
-        Fault::Malformed => {
-            return (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                "{\"id\": \"x\", \"choices\": [{\"message\": ",
-            )
-                .into_response();
-        }
-        Fault::None => {}
+    if let Some(response) = injected(&state.options, fault).await {
+        return response;
     }
     let request: Request = match serde_json::from_str(&body) {
         Ok(r) => r,
@@ -364,6 +311,72 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
         }
     }))
     .into_response()
+}
+
+/// This call's latency (with jitter) and fault, from the seeded RNG.
+async fn roll(state: &MockState) -> (u64, Fault) {
+    let o = &state.options;
+    let mut rng = state.rng.lock().await;
+    let jitter = if o.jitter_ms > 0 {
+        rng.random_range(0..=o.jitter_ms)
+    } else {
+        0
+    };
+    let roll: f64 = rng.random();
+    let mut edge = 0.0;
+    let mut pick = |rate: f64| {
+        edge += rate;
+        roll < edge
+    };
+    let fault = if pick(o.error_rate) {
+        Fault::ServerError
+    } else if pick(o.rate_limit_rate) {
+        Fault::RateLimited
+    } else if pick(o.timeout_rate) {
+        Fault::Hang
+    } else if pick(o.malformed_rate) {
+        Fault::Malformed
+    } else {
+        Fault::None
+    };
+    (o.latency_ms + jitter, fault)
+}
+
+/// The response of an injected fault (`None`: answer normally, after a hang's wait).
+async fn injected(options: &MockOptions, fault: Fault) -> Option<Response> {
+    match fault {
+        Fault::ServerError => Some(
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": {"message": "injected failure", "type": "server_error"}})),
+            )
+                .into_response(),
+        ),
+        Fault::RateLimited => {
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({"error": {"message": "rate limited", "type": "rate_limit"}})),
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&options.retry_after_secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Some(r)
+        }
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_millis(options.hang_ms)).await;
+            None
+        }
+        Fault::Malformed => Some(
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                "{\"id\": \"x\", \"choices\": [{\"message\": ",
+            )
+                .into_response(),
+        ),
+        Fault::None => None,
+    }
 }
 
 fn word_count(s: &str) -> usize {

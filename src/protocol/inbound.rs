@@ -55,7 +55,10 @@ pub fn canonical_user(raw: &str) -> &str {
 }
 
 /// The fields of an entry by name, once each, as UTF-8 names.
-fn by_name(fields: &RawFields) -> Result<HashMap<&str, &[u8]>, ValidationError> {
+/// An entry's fields by name.
+type Fields<'a> = HashMap<&'a str, &'a [u8]>;
+
+fn by_name(fields: &RawFields) -> Result<Fields<'_>, ValidationError> {
     let mut map = HashMap::with_capacity(fields.len());
     for (k, v) in fields {
         let name = std::str::from_utf8(k).map_err(|_| ValidationError::UnreadableFieldName)?;
@@ -158,6 +161,23 @@ pub fn decode(
     if let Some(r) = &reply_to {
         check_reply_to(r, reply_prefix)?;
     }
+    Ok(InboundMessage {
+        inbound_id: inbound_id.to_owned(),
+        message_id: message_id(fields, limits)?,
+        business_id: uuid_field(&required(fields, "business_id")?, "business_id")?,
+        user_id: user_id(fields, limits)?,
+        content: content(fields, limits)?,
+        conversation_id: optional_uuid(fields, "conversation_id")?,
+        metadata: metadata(fields, limits)?,
+        reply_to,
+        supersedes: optional_uuid(fields, "supersedes")?,
+    })
+}
+
+fn message_id(
+    fields: &Fields<'_>,
+    limits: &LimitsConfig,
+) -> Result<Option<String>, ValidationError> {
     let message_id = text(fields, "message_id")?.filter(|s| !s.is_empty());
     if let Some(id) = &message_id {
         if id.chars().count() > limits.max_message_id_chars || id.len() > MAX_KEY_BYTES {
@@ -170,7 +190,10 @@ pub fn decode(
             return Err(nul("message_id"));
         }
     }
-    let business_id = uuid_field(&required(fields, "business_id")?, "business_id")?;
+    Ok(message_id)
+}
+
+fn user_id(fields: &Fields<'_>, limits: &LimitsConfig) -> Result<String, ValidationError> {
     let user_id = canonical_user(&required(fields, "user_id")?).to_owned();
     if user_id.chars().count() > limits.max_user_id_chars || user_id.len() > MAX_KEY_BYTES {
         return Err(ValidationError::InvalidField {
@@ -184,69 +207,62 @@ pub fn decode(
             reason: "contains control characters".into(),
         });
     }
-    let content = match fields.get("content") {
-        None => return Err(ValidationError::MissingField("content")),
-        Some(bytes) => {
-            if bytes.len() > limits.max_content_bytes {
-                return Err(ValidationError::ContentTooLarge {
-                    size: bytes.len(),
-                    limit: limits.max_content_bytes,
-                });
-            }
-            String::from_utf8(bytes.to_vec())
-                .map_err(|_| ValidationError::InvalidUtf8("content"))?
-        }
-    };
+    Ok(user_id)
+}
+
+fn content(fields: &Fields<'_>, limits: &LimitsConfig) -> Result<String, ValidationError> {
+    let bytes = fields
+        .get("content")
+        .ok_or(ValidationError::MissingField("content"))?;
+    if bytes.len() > limits.max_content_bytes {
+        return Err(ValidationError::ContentTooLarge {
+            size: bytes.len(),
+            limit: limits.max_content_bytes,
+        });
+    }
+    let content =
+        String::from_utf8(bytes.to_vec()).map_err(|_| ValidationError::InvalidUtf8("content"))?;
     if content.trim().is_empty() {
         return Err(ValidationError::EmptyContent);
     }
     if content.contains('\0') {
         return Err(nul("content"));
     }
-    let conversation_id = match text(fields, "conversation_id")?.filter(|s| !s.is_empty()) {
-        Some(s) => Some(uuid_field(&s, "conversation_id")?),
-        None => None,
+    Ok(content)
+}
+
+fn optional_uuid(fields: &Fields<'_>, name: &'static str) -> Result<Option<Uuid>, ValidationError> {
+    match text(fields, name)?.filter(|s| !s.is_empty()) {
+        Some(s) => Ok(Some(uuid_field(&s, name)?)),
+        None => Ok(None),
+    }
+}
+
+fn metadata(
+    fields: &Fields<'_>,
+    limits: &LimitsConfig,
+) -> Result<Option<Map<String, Value>>, ValidationError> {
+    let Some(bytes) = fields.get("metadata").filter(|b| !b.is_empty()) else {
+        return Ok(None);
     };
-    let metadata = match fields.get("metadata").filter(|b| !b.is_empty()) {
-        None => None,
-        Some(bytes) => {
-            if bytes.len() > limits.max_metadata_bytes {
-                return Err(ValidationError::MetadataTooLarge {
-                    size: bytes.len(),
-                    limit: limits.max_metadata_bytes,
-                });
-            }
-            // serde_json refuses what PostgreSQL's jsonb refuses in syntax (invalid surrogate
-            // escapes, numbers out of range); `\u0000` it accepts and jsonb does not.
-            match serde_json::from_slice::<Value>(bytes) {
-                Ok(Value::Object(map))
-                    if map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)) =>
-                {
-                    return Err(ValidationError::InvalidMetadata(
-                        "contains a NUL character (\\u0000), which cannot be stored".into(),
-                    ));
-                }
-                Ok(Value::Object(map)) => Some(map),
-                Ok(_) => return Err(ValidationError::InvalidMetadata("not an object".into())),
-                Err(e) => return Err(ValidationError::InvalidMetadata(e.to_string())),
-            }
+    if bytes.len() > limits.max_metadata_bytes {
+        return Err(ValidationError::MetadataTooLarge {
+            size: bytes.len(),
+            limit: limits.max_metadata_bytes,
+        });
+    }
+    // serde_json refuses what PostgreSQL's jsonb refuses in syntax (invalid surrogate
+    // escapes, numbers out of range); `\u0000` it accepts and jsonb does not.
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) if map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)) => {
+            Err(ValidationError::InvalidMetadata(
+                "contains a NUL character (\\u0000), which cannot be stored".into(),
+            ))
         }
-    };
-    let supersedes = match text(fields, "supersedes")?.filter(|s| !s.is_empty()) {
-        Some(s) => Some(uuid_field(&s, "supersedes")?),
-        None => None,
-    };
-    Ok(InboundMessage {
-        inbound_id: inbound_id.to_owned(),
-        message_id,
-        business_id,
-        user_id,
-        content,
-        conversation_id,
-        metadata,
-        reply_to,
-        supersedes,
-    })
+        Ok(Value::Object(map)) => Ok(Some(map)),
+        Ok(_) => Err(ValidationError::InvalidMetadata("not an object".into())),
+        Err(e) => Err(ValidationError::InvalidMetadata(e.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -389,6 +405,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one table of bad inputs and their codes"
+    )]
     fn each_bad_field_has_its_code() {
         assert_eq!(
             code(&[("user_id", b"a"), ("content", b"x")]),

@@ -46,38 +46,7 @@ impl Store {
         let rows = self
             .scoped(&client, business_id, &stmt, &[&business_id])
             .await?;
-        let mut initial = None;
-        let mut stages = Vec::with_capacity(rows.len());
-        let mut next_names = Vec::with_capacity(rows.len());
-        for r in rows {
-            let info = StageInfo {
-                id: r.get(0),
-                name: r.get(1),
-                description: r.get(2),
-                next: None,
-            };
-            if r.get::<_, bool>(3) {
-                initial = Some(info.id);
-            }
-            next_names.push(r.get::<_, Option<Vec<String>>>(4));
-            stages.push(info);
-        }
-        // Transitions are stored by stage name; a name no longer among the stages allows nothing.
-        let by_name: std::collections::HashMap<String, Uuid> =
-            stages.iter().map(|s| (s.name.clone(), s.id)).collect();
-        for (stage, names) in stages.iter_mut().zip(next_names) {
-            stage.next = names.map(|names| {
-                names
-                    .iter()
-                    .filter_map(|n| by_name.get(n).copied())
-                    .collect()
-            });
-        }
-        let initial_stage_id = initial
-            .or_else(|| stages.first().map(|s| s.id))
-            .ok_or_else(|| {
-                StoreError::Inconsistent(format!("business {business_id} has no stages"))
-            })?;
+        let (stages, initial_stage_id) = stages_from_rows(business_id, rows)?;
         let stmt = client
             .prepared(
                 "SELECT DISTINCT jsonb_object_keys(output_schema -> 'properties') FROM templates \
@@ -237,4 +206,43 @@ impl Store {
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
     }
+}
+
+/// The stages of a business from their rows (id, name, description, is_initial,
+/// next_stages), with transitions resolved from stage names to ids (a name no longer among
+/// the stages allows nothing), and the initial stage (the marked one, else the first).
+fn stages_from_rows(
+    business_id: Uuid,
+    rows: Vec<tokio_postgres::Row>,
+) -> Result<(Vec<StageInfo>, Uuid), StoreError> {
+    let mut initial = None;
+    let mut stages = Vec::with_capacity(rows.len());
+    let mut next_names = Vec::with_capacity(rows.len());
+    for r in rows {
+        let info = StageInfo {
+            id: r.get(0),
+            name: r.get(1),
+            description: r.get(2),
+            next: None,
+        };
+        if r.get::<_, bool>(3) {
+            initial = Some(info.id);
+        }
+        next_names.push(r.get::<_, Option<Vec<String>>>(4));
+        stages.push(info);
+    }
+    let by_name: std::collections::HashMap<String, Uuid> =
+        stages.iter().map(|s| (s.name.clone(), s.id)).collect();
+    for (stage, names) in stages.iter_mut().zip(next_names) {
+        stage.next = names.map(|names| {
+            names
+                .iter()
+                .filter_map(|n| by_name.get(n).copied())
+                .collect()
+        });
+    }
+    let initial_stage_id = initial
+        .or_else(|| stages.first().map(|s| s.id))
+        .ok_or_else(|| StoreError::Inconsistent(format!("business {business_id} has no stages")))?;
+    Ok((stages, initial_stage_id))
 }

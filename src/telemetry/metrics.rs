@@ -68,6 +68,10 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one description per metric, nothing to split"
+)]
 fn describe() {
     describe_counter!(MESSAGES_TOTAL, "Inbound messages finished, by outcome.");
     describe_histogram!(

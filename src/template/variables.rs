@@ -202,56 +202,11 @@ pub fn unknown_variables(source: &str, shape: &Value) -> Vec<Unknown> {
             continue;
         }
         let toks = lex(inner);
-        let mut reads: Vec<Vec<String>> = Vec::new();
-        if close == "}}" {
-            reads = paths(&toks);
+        let reads = if close == "}}" {
+            paths(&toks)
         } else {
-            let keyword = match toks.first() {
-                Some(Tok::Ident(k)) => k.as_str(),
-                _ => "",
-            };
-            match keyword {
-                "if" | "else" => reads = paths(&toks[1..]),
-                "for" => {
-                    let in_at = toks
-                        .iter()
-                        .position(|t| *t == Tok::Ident("in".into()))
-                        .unwrap_or(toks.len());
-                    reads = paths(&toks[(in_at + 1).min(toks.len())..]);
-                    let mut frame: Vec<String> = toks[1..in_at]
-                        .iter()
-                        .filter_map(|t| match t {
-                            Tok::Ident(n) => Some(n.clone()),
-                            _ => None,
-                        })
-                        .collect();
-                    frame.push("loop".into());
-                    frames.push(frame);
-                }
-                "with" => {
-                    let as_at = toks
-                        .iter()
-                        .rposition(|t| *t == Tok::Ident("as".into()))
-                        .unwrap_or(toks.len());
-                    reads = paths(&toks[1..as_at]);
-                    let name = match toks.get(as_at + 1) {
-                        Some(Tok::Ident(n)) => n.clone(),
-                        _ => String::new(),
-                    };
-                    frames.push(vec![name]);
-                }
-                "include" => {
-                    if let Some(with_at) = toks.iter().position(|t| *t == Tok::Ident("with".into()))
-                    {
-                        reads = paths(&toks[with_at + 1..]);
-                    }
-                }
-                "endfor" | "endwith" => {
-                    frames.pop();
-                }
-                _ => {}
-            }
-        }
+            block_reads(&toks, &mut frames)
+        };
         for path in reads {
             let bound = frames.iter().any(|f| f.contains(&path[0]));
             if !bound && !known(shape, &path) {
@@ -263,6 +218,57 @@ pub fn unknown_variables(source: &str, shape: &Value) -> Vec<Unknown> {
         }
     }
     out
+}
+
+/// The variables a block tag (`{% … %}`, lexed) reads; `for` and `with` open a frame of the
+/// names they bind, `endfor` and `endwith` close it.
+fn block_reads(toks: &[Tok], frames: &mut Vec<Vec<String>>) -> Vec<Vec<String>> {
+    let keyword = match toks.first() {
+        Some(Tok::Ident(k)) => k.as_str(),
+        _ => "",
+    };
+    match keyword {
+        "if" | "else" => paths(&toks[1..]),
+        "for" => {
+            let in_at = toks
+                .iter()
+                .position(|t| *t == Tok::Ident("in".into()))
+                .unwrap_or(toks.len());
+            let reads = paths(&toks[(in_at + 1).min(toks.len())..]);
+            let mut frame: Vec<String> = toks[1..in_at]
+                .iter()
+                .filter_map(|t| match t {
+                    Tok::Ident(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .collect();
+            frame.push("loop".into());
+            frames.push(frame);
+            reads
+        }
+        "with" => {
+            let as_at = toks
+                .iter()
+                .rposition(|t| *t == Tok::Ident("as".into()))
+                .unwrap_or(toks.len());
+            let reads = paths(&toks[1..as_at]);
+            let name = match toks.get(as_at + 1) {
+                Some(Tok::Ident(n)) => n.clone(),
+                _ => String::new(),
+            };
+            frames.push(vec![name]);
+            reads
+        }
+        "include" => match toks.iter().position(|t| *t == Tok::Ident("with".into())) {
+            Some(with_at) => paths(&toks[with_at + 1..]),
+            None => Vec::new(),
+        },
+        "endfor" | "endwith" => {
+            frames.pop();
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]

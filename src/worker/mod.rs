@@ -22,11 +22,11 @@ use uuid::Uuid;
 
 use crate::cache::CacheWrite;
 use crate::config::Config;
-use crate::error::{Classify, PipelineError};
+use crate::error::{Classify, PipelineError, StreamError};
 use crate::llm::LlmService;
 use crate::model::{AnswerStatus, Business};
 use crate::pipeline::{Attempt, MessageHandler, Processed, failpoint};
-use crate::protocol::{self, Reply};
+use crate::protocol::{self, InboundMessage, Reply};
 use crate::retry::RetryPolicy;
 use crate::stream::order::{self, QueueSlot};
 use crate::stream::{Finish, StreamEntry, Streams};
@@ -220,53 +220,56 @@ impl<L: LlmService> Worker<L> {
         );
         let msg = match decoded {
             Ok(msg) => msg,
-            Err(e) => {
-                let err = PipelineError::from(e);
-                metrics::record_error(&err, "message");
-                let reply = self.error_reply(entry, &err, log_id);
-                return self
-                    .finish(
-                        entry,
-                        &reply,
-                        None,
-                        EntryOutcome::Rejected,
-                        MessageOutcome::Error,
-                    )
-                    .await;
-            }
+            Err(e) => return self.reject(entry, &PipelineError::from(e), log_id).await,
         };
-        // Poison protection counts processing attempts, not deliveries: a takeover of an entry
-        // that only waited for its turn costs it nothing.
-        let ids = [entry.id.as_str()];
-        let attempt = match self
-            .finish_retry
-            .run("redis.attempts", || self.streams.start_attempts(&ids))
-            .await
-        {
-            Ok(counts) => Attempt {
-                number: counts.first().copied().unwrap_or(1),
-                deliveries: entry.deliveries,
-            },
+        let attempt = match self.count_attempt(entry).await {
+            Ok(attempt) => attempt,
             Err(e) => {
                 metrics::record_error(&e, "attempt count");
                 return (EntryOutcome::RetryLater, Some(MessageOutcome::Retry));
             }
         };
         tracing::Span::current().record("attempt", attempt.number);
-        let max_attempts = self.config.streams.max_deliveries;
-        if attempt.number > max_attempts {
+        if attempt.number > self.config.streams.max_deliveries {
             let err = PipelineError::TooManyDeliveries(attempt.number);
             metrics::record_error(&err, "message");
             return self.dead_letter(entry, &err, log_id).await;
         }
-        // When the business coalesces bursts, the later messages of the user come along.
+        let processed = self.process(entry, &msg, log_id, attempt).await;
+        self.conclude(entry, &msg, processed, attempt, log_id).await
+    }
+
+    /// Counts a processing attempt of the entry. Poison protection counts attempts, not
+    /// deliveries: a takeover of an entry that only waited for its turn costs it nothing.
+    async fn count_attempt(&self, entry: &StreamEntry) -> Result<Attempt, StreamError> {
+        let ids = [entry.id.as_str()];
+        let counts = self
+            .finish_retry
+            .run("redis.attempts", || self.streams.start_attempts(&ids))
+            .await?;
+        Ok(Attempt {
+            number: counts.first().copied().unwrap_or(1),
+            deliveries: entry.deliveries,
+        })
+    }
+
+    /// Runs the pipeline for the message (with the later messages of its user when its
+    /// business coalesces bursts), a panic turned into a retryable error and the whole of it
+    /// bounded by `worker.message_deadline_ms`.
+    async fn process(
+        &self,
+        entry: &StreamEntry,
+        msg: &InboundMessage,
+        log_id: Uuid,
+        attempt: Attempt,
+    ) -> Result<Processed, PipelineError> {
         let gather = async |business: &Business| match business.policy.coalesce_window() {
-            Some(window) => self.gather_followers(entry, &msg, attempt, window).await,
+            Some(window) => self.gather_followers(entry, msg, attempt, window).await,
             None => (Vec::new(), 0),
         };
         // A panic in one message must not take the worker down: it becomes a retryable error,
         // so a message that always panics ends in the dead-letter stream.
-        let processing = AssertUnwindSafe(self.handler.process_turn(&msg, log_id, attempt, gather))
+        let processing = AssertUnwindSafe(self.handler.process_turn(msg, log_id, attempt, gather))
             .catch_unwind()
             .map(|r| {
                 r.unwrap_or_else(|panic| {
@@ -281,34 +284,45 @@ impl<L: LlmService> Worker<L> {
         // Whatever it waits on (a row lock held by another session, a dependency that hangs),
         // a message gives up at its deadline and is retried by redelivery.
         let deadline_ms = self.config.worker.message_deadline_ms;
-        let processed = if deadline_ms == 0 {
-            processing.await
-        } else {
-            let budget = Duration::from_millis(deadline_ms);
-            // The server ends the message's write transactions at the deadline too (see
-            // `store::DEADLINE`): a write given up here never commits later.
-            let start = Instant::now();
-            let until = crate::store::DEADLINE.scope(start + budget, processing);
-            let exceeded = || {
-                metrics::stream_event(StreamEvent::DeadlineExceeded, 1);
-                tracing::warn!(
-                    deadline_ms,
-                    "the message ran past its deadline; giving it up"
-                );
-                Err(PipelineError::DeadlineExceeded(deadline_ms))
-            };
-            match tokio::time::timeout(budget, until).await {
-                // The server's end of the deadline (its statement_timeout) came first.
-                Ok(Err(e))
-                    if e.code() == "db.statement_timeout"
-                        && start.elapsed() + DEADLINE_SLACK >= budget =>
-                {
-                    exceeded()
-                }
-                Ok(p) => p,
-                Err(_) => exceeded(),
-            }
+        if deadline_ms == 0 {
+            return processing.await;
+        }
+        let budget = Duration::from_millis(deadline_ms);
+        // The server ends the message's write transactions at the deadline too (see
+        // `store::DEADLINE`): a write given up here never commits later.
+        let start = Instant::now();
+        let until = crate::store::DEADLINE.scope(start + budget, processing);
+        let exceeded = || {
+            metrics::stream_event(StreamEvent::DeadlineExceeded, 1);
+            tracing::warn!(
+                deadline_ms,
+                "the message ran past its deadline; giving it up"
+            );
+            Err(PipelineError::DeadlineExceeded(deadline_ms))
         };
+        match tokio::time::timeout(budget, until).await {
+            // The server's end of the deadline (its statement_timeout) came first.
+            Ok(Err(e))
+                if e.code() == "db.statement_timeout"
+                    && start.elapsed() + DEADLINE_SLACK >= budget =>
+            {
+                exceeded()
+            }
+            Ok(p) => p,
+            Err(_) => exceeded(),
+        }
+    }
+
+    /// Finishes the entry as its processing decided: the answer (or the stored one) published
+    /// and acked, an error reply for invalid input, left pending for a retry, or dead-lettered.
+    async fn conclude(
+        &self,
+        entry: &StreamEntry,
+        msg: &InboundMessage,
+        processed: Result<Processed, PipelineError>,
+        attempt: Attempt,
+        log_id: Uuid,
+    ) -> (EntryOutcome, Option<MessageOutcome>) {
         let outbound = &self.config.streams.outbound;
         match processed {
             Ok(Processed::Answered {
@@ -329,7 +343,7 @@ impl<L: LlmService> Worker<L> {
                     AnswerStatus::Throttled => MessageOutcome::Throttled,
                     AnswerStatus::Ok | AnswerStatus::Coalesced => MessageOutcome::Ok,
                 };
-                let reply = Reply::answer(&msg, &answer, outbound);
+                let reply = Reply::answer(msg, &answer, outbound);
                 let state = state.as_ref();
                 if answered.is_empty() {
                     return self
@@ -345,7 +359,7 @@ impl<L: LlmService> Worker<L> {
             }
             Ok(Processed::Duplicate(answer)) => {
                 tracing::info!("already answered; publishing the stored answer again");
-                let reply = Reply::answer(&msg, &answer, outbound);
+                let reply = Reply::answer(msg, &answer, outbound);
                 self.finish(
                     entry,
                     &reply,
@@ -355,19 +369,10 @@ impl<L: LlmService> Worker<L> {
                 )
                 .await
             }
-            Err(err @ PipelineError::Validation(_)) => {
-                metrics::record_error(&err, "message");
-                let reply = self.error_reply(entry, &err, log_id);
-                self.finish(
-                    entry,
-                    &reply,
-                    None,
-                    EntryOutcome::Rejected,
-                    MessageOutcome::Error,
-                )
-                .await
-            }
-            Err(err) if err.is_retryable() && attempt.number < max_attempts => {
+            Err(err @ PipelineError::Validation(_)) => self.reject(entry, &err, log_id).await,
+            Err(err)
+                if err.is_retryable() && attempt.number < self.config.streams.max_deliveries =>
+            {
                 metrics::record_error(&err, "message");
                 (EntryOutcome::RetryLater, Some(MessageOutcome::Retry))
             }
@@ -376,6 +381,25 @@ impl<L: LlmService> Worker<L> {
                 self.dead_letter(entry, &err, log_id).await
             }
         }
+    }
+
+    /// Invalid input: an error reply published, the entry acked, nothing stored.
+    async fn reject(
+        &self,
+        entry: &StreamEntry,
+        err: &PipelineError,
+        log_id: Uuid,
+    ) -> (EntryOutcome, Option<MessageOutcome>) {
+        metrics::record_error(err, "message");
+        let reply = self.error_reply(entry, err, log_id);
+        self.finish(
+            entry,
+            &reply,
+            None,
+            EntryOutcome::Rejected,
+            MessageOutcome::Error,
+        )
+        .await
     }
 
     fn error_reply(&self, entry: &StreamEntry, err: &PipelineError, log_id: Uuid) -> Reply {

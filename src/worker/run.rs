@@ -80,36 +80,7 @@ impl<L: LlmService> Worker<L> {
         let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
         let (wake_tx, mut wakes) = mpsc::unbounded_channel::<Vec<u8>>();
         let mut room = Room::default();
-        let mut helpers = JoinSet::new();
-        helpers.spawn(self.clone().read_loop(
-            gate.clone(),
-            events_tx.clone(),
-            helpers_stop.clone(),
-        ));
-        helpers.spawn(
-            self.clone()
-                .reclaim_loop(events_tx.clone(), helpers_stop.clone()),
-        );
-        helpers.spawn(self.clone().heartbeat_loop(
-            room.shared_ids(),
-            events_tx.clone(),
-            helpers_stop.clone(),
-        ));
-        helpers.spawn(self.clone().retention_loop(helpers_stop.clone()));
-        helpers.spawn(crate::definitions::live::watch_definitions(
-            self.handler.store().clone(),
-            self.handler.cache().clone(),
-            helpers_stop.clone(),
-        ));
-        if let Some(client) = self.wake_ups.clone() {
-            let (worker, rx) = (self.clone(), helpers_stop.clone());
-            helpers.spawn(async move {
-                worker
-                    .streams
-                    .listen_for_wake_ups(client, wake_tx, rx)
-                    .await
-            });
-        }
+        let mut helpers = self.spawn_helpers(&room, &gate, &events_tx, wake_tx, &helpers_stop);
         tracing::info!(
             consumer = self.streams.consumer(),
             concurrency,
@@ -171,6 +142,51 @@ impl<L: LlmService> Worker<L> {
             running = tasks.len(),
             "stopping: finishing running messages"
         );
+        self.drain(&mut tasks).await;
+        helpers.abort_all();
+        tracing::info!("worker stopped");
+    }
+
+    /// Starts the helpers that feed the scheduler (see the module docs).
+    fn spawn_helpers(
+        self: &Arc<Self>,
+        room: &Room,
+        gate: &Arc<Occupancy>,
+        events: &mpsc::UnboundedSender<Event>,
+        wakes: mpsc::UnboundedSender<Vec<u8>>,
+        stop: &CancellationToken,
+    ) -> JoinSet<()> {
+        let mut helpers = JoinSet::new();
+        helpers.spawn(
+            self.clone()
+                .read_loop(gate.clone(), events.clone(), stop.clone()),
+        );
+        helpers.spawn(self.clone().reclaim_loop(events.clone(), stop.clone()));
+        helpers.spawn(
+            self.clone()
+                .heartbeat_loop(room.shared_ids(), events.clone(), stop.clone()),
+        );
+        helpers.spawn(self.clone().retention_loop(stop.clone()));
+        helpers.spawn(crate::definitions::live::watch_definitions(
+            self.handler.store().clone(),
+            self.handler.cache().clone(),
+            stop.clone(),
+        ));
+        if let Some(client) = self.wake_ups.clone() {
+            let (worker, stop) = (self.clone(), stop.clone());
+            helpers.spawn(async move {
+                worker
+                    .streams
+                    .listen_for_wake_ups(client, wakes, stop)
+                    .await
+            });
+        }
+        helpers
+    }
+
+    /// Gives running messages `worker.shutdown_grace_ms` to finish, then aborts the rest
+    /// (their entries stay pending for other workers).
+    async fn drain(&self, tasks: &mut JoinSet<()>) {
         let grace = Duration::from_millis(self.config.worker.shutdown_grace_ms);
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
@@ -181,8 +197,6 @@ impl<L: LlmService> Worker<L> {
             );
             tasks.abort_all();
         }
-        helpers.abort_all();
-        tracing::info!("worker stopped");
     }
 
     /// Checks the heads of the queues that changed, a few round trips at most per turn;

@@ -6,6 +6,10 @@
     unreachable_pub,
     reason = "helpers are shared between the test modules"
 )]
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads top to bottom: its setup, faults and counts in one place"
+)]
 
 mod bursts_and_budgets;
 mod console;
