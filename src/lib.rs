@@ -6,27 +6,31 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the typed configuration (file, profile, `ICMP__SECTION__KEY` environment).
-//! - [`error`]: the error taxonomy: categories, stable codes, statuses, retryability.
-//! - [`model`]: domain records shared by the store, the cache and the pipeline.
-//! - [`business`]: business definition files and `icmp import`.
-//! - `bench`: the end-to-end benchmark behind `icmp bench` (the `bench` feature, on by default).
-//! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
-//! - [`cache`]: the Redis cache of definitions and conversation state.
-//! - [`definitions`]: a business's definition as the pipeline reads it (business, stages,
-//!   compiled templates): in-process, then Redis, then PostgreSQL, dropped on every change.
-//! - [`producer`]: a producer's side: send a message to the workers and wait for its reply.
-//! - [`llm`]: the LLM service trait, the OpenAI-compatible client and the mock server.
-//! - [`retry`]: backoff for transient faults (the one module that knows the `backoff` crate).
-//! - [`protocol`]: the wire format: inbound decoding and validation, reply and dead-letter fields.
-//! - [`template`]: templates and their context: compile once, render against a message's
-//!   variables (shared by business definitions and the pipeline).
-//! - [`pipeline`]: the message pipeline, one module per step.
-//! - [`stream`]: Redis Streams mechanics (reading and reclaiming, order queues, heartbeat, the
-//!   fenced finish, retention).
-//! - [`worker`]: holding entries from delivery to finish, and the run loop.
+//! In the order a message meets them:
+//!
 //! - [`startup`]: the composition root: how a worker process, an operator command, the
 //!   benchmark and the tests connect and build a worker.
+//! - [`config`]: the typed configuration (file, profile, `ICMP__SECTION__KEY` environment).
+//! - [`error`]: the error taxonomy: categories, stable codes, statuses, retryability.
+//! - [`protocol`]: the wire format: inbound decoding and validation, reply and dead-letter fields.
+//! - [`stream`]: Redis Streams mechanics (delivery and reclaiming, order queues, heartbeat, the
+//!   fenced finish, retention, the operator's dead-letter commands); Lua scripts in `lua/`.
+//! - [`worker`]: holding entries from delivery to finish, and the run loop.
+//! - [`pipeline`]: the message pipeline: idempotency, coalesced turns, the read, LLM and write
+//!   phases, one module per step.
+//! - [`definitions`]: a business's definition as the pipeline reads it (business, stages,
+//!   compiled templates): in-process, then Redis, then PostgreSQL, dropped on every change.
+//! - [`template`]: templates and their context: compile once, render against a message's
+//!   variables (shared by business definitions and the pipeline).
+//! - [`llm`]: the LLM service trait, the OpenAI-compatible client, the circuit breaker and the
+//!   mock server.
+//! - [`retry`]: backoff for transient faults and reconnecting loops (the one module that knows
+//!   the `backoff` crate).
+//! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
+//! - [`cache`]: the Redis cache of definitions and conversation state, and budget counters.
+//! - [`model`]: domain records shared by the store, the cache and the pipeline.
+//! - [`business`]: business definition files and `icmp import`.
+//! - [`producer`]: a producer's side: send a message to the workers and wait for its reply.
 //! - [`status`]: `icmp status`: lag, consumers, queues, dead letters, per-business ratios.
 //! - [`trace`]: `icmp trace`: everything known about one message.
 //! - [`console`]: `icmp console`: the web console over status, dead letters, conversations and
@@ -34,6 +38,9 @@
 //! - [`transcript`]: golden transcripts, recorded and replayed (`icmp replay`).
 //! - [`tls`]: TLS to PostgreSQL and Redis: certificate roots and `sslmode`.
 //! - [`telemetry`]: logs, metrics and the `/metrics` `/healthz` `/readyz` endpoint.
+//! - `bench`: the end-to-end benchmark behind `icmp bench` (the `bench` feature, on by default).
+//!
+//! The `icmp` binary's command line is `src/cli/`, one module per command.
 
 #[cfg(feature = "bench")]
 pub mod bench;

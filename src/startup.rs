@@ -101,12 +101,7 @@ impl Dependencies {
         }
         let reader = connect_redis_patiently(config).await?;
         let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
-        let client = OpenAiClient::new(&config.llm)?;
-        // The first calls go over the connection the later ones use (HTTP/2 to an endpoint
-        // that speaks it). An endpoint that refuses connections settles nothing at once; one
-        // that does not answer delays the start by `llm.connect_timeout_ms` at most.
-        client.settle_http_version().await;
-        let llm = CircuitBreaker::new(client, &config.llm);
+        let llm = llm(config).await?;
         let handler = Arc::new(MessageHandler::new(
             config.clone(),
             self.store.clone(),
@@ -133,6 +128,20 @@ impl Dependencies {
             Some(wake_ups),
         )))
     }
+}
+
+/// The LLM service a worker of `config` uses: the OpenAI-compatible client behind a circuit
+/// breaker, its HTTP version settled.
+///
+/// # Errors
+/// An invalid LLM configuration.
+pub async fn llm(config: &Config) -> Result<ConfiguredLlm, LlmError> {
+    let client = OpenAiClient::new(&config.llm)?;
+    // The first calls go over the connection the later ones use (HTTP/2 to an endpoint that
+    // speaks it). An endpoint that refuses connections settles nothing at once; one that does
+    // not answer delays the start by `llm.connect_timeout_ms` at most.
+    client.settle_http_version().await;
+    Ok(CircuitBreaker::new(client, &config.llm))
 }
 
 /// One worker process: its dependencies, its worker and its operator endpoint

@@ -302,12 +302,14 @@ async fn ensure_worker_role(client: &tokio_postgres::Client) {
         END IF; \
       END $$";
     let mut last = None;
-    for attempt in 0..5u64 {
+    let mut backoff =
+        crate::retry::Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
+    for _ in 0..5 {
         match client.batch_execute(SQL).await {
             Ok(()) => return,
             Err(e) => {
                 last = Some(e);
-                tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
     }

@@ -5,12 +5,12 @@
 use icmp::config::RedactedUrl;
 use icmp::definitions::{StageService, TemplateService};
 use icmp::llm::mock::MockOptions;
-use icmp::llm::{CircuitBreaker, OpenAiClient};
 use icmp::model::Role;
 use icmp::pipeline::llm_call::LlmCaller;
 use icmp::pipeline::{Failpoints, decide, persist, read};
 use icmp::protocol::InboundMessage;
 use icmp::retry::RetryPolicy;
+use icmp::startup::Dependencies;
 use icmp::store::Store;
 use uuid::Uuid;
 
@@ -77,8 +77,10 @@ async fn a_continuing_conversations_read_phase_needs_no_postgres() {
 #[tokio::test]
 async fn the_three_phases_run_alone_and_hand_over_typed_results() {
     let app = spawn_env(MockOptions::default(), |_| {}).await;
-    let stages = StageService::new(app.store.clone(), app.cache.clone());
-    let templates = TemplateService::new(app.store.clone(), app.cache.clone());
+    // The phases connect as a worker does: under its role, row-level security applying.
+    let deps = Dependencies::connect(&app.config).await.expect("connect");
+    let stages = StageService::new(deps.store.clone(), deps.cache.clone());
+    let templates = TemplateService::new(deps.store.clone(), deps.cache.clone());
     let business = stages
         .business(DEMO_BUSINESS.parse().expect("uuid"))
         .await
@@ -91,8 +93,8 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
 
     // Read: a new conversation in the initial stage.
     let sources = read::Sources {
-        store: &app.store,
-        cache: &app.cache,
+        store: &deps.store,
+        cache: &deps.cache,
         stages: &stages,
         history_turns: 20,
     };
@@ -104,10 +106,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
 
     // Decide: selection moves to booking, extraction learns the name, the response is
     // written; one call record per step, in order.
-    let llm = CircuitBreaker::new(
-        OpenAiClient::new(&app.config.llm).expect("client"),
-        &app.config.llm,
-    );
+    let llm = icmp::startup::llm(&app.config).await.expect("client");
     let retry = RetryPolicy::new(app.config.retry.clone());
     let deciders = decide::LlmPhase {
         caller: LlmCaller {
@@ -140,8 +139,8 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
     // Write: one transaction; the committed state comes back from the database.
     let failpoints = Failpoints::default();
     let sinks = persist::Sinks {
-        store: &app.store,
-        cache: &app.cache,
+        store: &deps.store,
+        cache: &deps.cache,
         retry: &retry,
         failpoints: &failpoints,
         history_turns: 20,
