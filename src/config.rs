@@ -351,63 +351,67 @@ fn redact_url(s: &str) -> String {
     }
 }
 
-/// Replaces the values of secret keys in a libpq `key=value` connection string, read by
-/// libpq's own rules: spaces may surround `=`, and a value is either single-quoted (where `\'`
-/// and `\\` escape) or runs to the next unescaped whitespace. Text that is not such a string
-/// is returned as it is, except that anything after a secret key is hidden.
+/// Replaces the values of secret keys in a libpq `key=value` connection string, read as
+/// tokio-postgres (which connects with it) reads it: any Unicode whitespace separates, spaces
+/// may surround `=`, and a value is either single-quoted (where `\` escapes the next character)
+/// or runs to the next unescaped whitespace. Text that is not such a string is returned as it
+/// is, except that anything after a secret key is hidden.
 fn redact_dsn(s: &str) -> String {
-    let b = s.as_bytes();
+    let chars: Vec<(usize, char)> = s.char_indices().collect();
+    let at = |k: usize| chars.get(k).map_or(s.len(), |&(i, _)| i);
+    let is_ws = |k: usize| chars.get(k).is_some_and(|&(_, c)| c.is_whitespace());
+    let is = |k: usize, want: char| chars.get(k).is_some_and(|&(_, c)| c == want);
     let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    while i < b.len() {
-        // Leading whitespace.
-        let start = i;
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
+    let mut k = 0;
+    while k < chars.len() {
+        // Whitespace between parameters.
+        let start = k;
+        while is_ws(k) {
+            k += 1;
         }
-        out.push_str(&s[start..i]);
-        if i == b.len() {
+        out.push_str(&s[at(start)..at(k)]);
+        if k == chars.len() {
             break;
         }
         // The key, up to `=` or whitespace.
-        let key_start = i;
-        while i < b.len() && b[i] != b'=' && !b[i].is_ascii_whitespace() {
-            i += 1;
+        let key_start = k;
+        while k < chars.len() && !is_ws(k) && !is(k, '=') {
+            k += 1;
         }
-        let key = &s[key_start..i];
-        let mut j = i;
-        while j < b.len() && b[j].is_ascii_whitespace() {
+        let key = &s[at(key_start)..at(k)];
+        let mut j = k;
+        while is_ws(j) {
             j += 1;
         }
-        if j == b.len() || b[j] != b'=' {
+        if !is(j, '=') {
             // A bare word: not a key=value pair.
-            out.push_str(&s[key_start..i]);
+            out.push_str(key);
             continue;
         }
         j += 1;
-        while j < b.len() && b[j].is_ascii_whitespace() {
+        while is_ws(j) {
             j += 1;
         }
         // The value: quoted, or up to the next unescaped whitespace.
-        if j < b.len() && b[j] == b'\'' {
+        if is(j, '\'') {
             j += 1;
-            while j < b.len() && b[j] != b'\'' {
-                j += if b[j] == b'\\' { 2 } else { 1 };
+            while j < chars.len() && !is(j, '\'') {
+                j += if is(j, '\\') { 2 } else { 1 };
             }
-            j = (j + 1).min(b.len());
+            j += 1;
         } else {
-            while j < b.len() && !b[j].is_ascii_whitespace() {
-                j += if b[j] == b'\\' { 2 } else { 1 };
+            while j < chars.len() && !is_ws(j) {
+                j += if is(j, '\\') { 2 } else { 1 };
             }
-            j = j.min(b.len());
         }
+        let j = j.min(chars.len());
         if is_secret_name(key) {
             out.push_str(key);
             out.push_str("=***");
         } else {
-            out.push_str(&s[key_start..j]);
+            out.push_str(&s[at(key_start)..at(j)]);
         }
-        i = j;
+        k = j;
     }
     out
 }
@@ -674,14 +678,39 @@ mod tests {
         /// Any password, quoted as libpq reads it (checked against tokio-postgres's parser),
         /// is hidden whole.
         #[test]
-        fn a_quoted_dsn_password_is_hidden_whole(password in "[ -~]{0,24}") {
+        fn a_quoted_dsn_password_is_hidden_whole(
+            password in "[ -~\u{a0}\u{b}é]{0,24}",
+            separator in "[ \t\u{a0}\u{b}\u{2003}]{1,3}",
+        ) {
             let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
-            let dsn = format!("host=db password='{quoted}' user=icmp");
+            let dsn = format!("host=db{separator}password='{quoted}'{separator}user=icmp");
             let parsed: tokio_postgres::Config = dsn.parse().expect("a valid DSN");
             proptest::prop_assert_eq!(parsed.get_password(), Some(password.as_bytes()));
             proptest::prop_assert_eq!(
                 RedactedUrl::new(dsn).redacted(),
-                "host=db password=*** user=icmp"
+                format!("host=db{separator}password=***{separator}user=icmp")
+            );
+        }
+
+        /// An unquoted password (its whitespace and backslashes escaped) is hidden whole too.
+        #[test]
+        fn an_unquoted_dsn_password_is_hidden_whole(
+            password in "[!-~\u{a0}é ]{1,24}",
+            separator in "[ \t\u{a0}\u{2003}]{1,3}",
+        ) {
+            let escaped: String = password
+                .chars()
+                .flat_map(|c| {
+                    let escape = c == '\\' || c == '\'' || c.is_whitespace();
+                    escape.then_some('\\').into_iter().chain(std::iter::once(c))
+                })
+                .collect();
+            let dsn = format!("password={escaped}{separator}host=db");
+            let parsed: tokio_postgres::Config = dsn.parse().expect("a valid DSN");
+            proptest::prop_assert_eq!(parsed.get_password(), Some(password.as_bytes()));
+            proptest::prop_assert_eq!(
+                RedactedUrl::new(dsn).redacted(),
+                format!("password=***{separator}host=db")
             );
         }
     }

@@ -188,6 +188,7 @@ impl Backoff {
         stop.run_until_cancelled(tokio::time::sleep(wait))
             .await
             .is_none()
+            || stop.is_cancelled()
     }
 }
 

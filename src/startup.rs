@@ -49,8 +49,9 @@ pub enum StartupError {
 /// The LLM service a configured worker uses.
 pub type ConfiguredLlm = CircuitBreaker<OpenAiClient>;
 
-/// What a worker process shares between its parts: the PostgreSQL pool (as
-/// `database.worker_role`), a Redis connection and the cache over it.
+/// A worker process's connections: the PostgreSQL pool (as `database.worker_role`), which
+/// the pipeline uses, and a Redis connection with the cache over it, which the readiness probe
+/// and the tests' phases use (the worker opens Redis connections of its own).
 #[derive(Clone)]
 pub struct Dependencies {
     pub store: Store,
@@ -205,6 +206,9 @@ impl Application {
     /// Runs the worker (and the operator endpoint) until `stop` is cancelled; returns once
     /// running messages are finished or their grace period is over.
     pub async fn run_until_stopped(self, stop: CancellationToken) {
+        // The endpoint stops with the worker, also when this future is dropped midway.
+        let endpoint_stop = stop.child_token();
+        let _endpoint_stopped = endpoint_stop.clone().drop_guard();
         let endpoint = self.telemetry.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
@@ -222,7 +226,7 @@ impl Application {
                 listener,
                 metrics::install(),
                 ready,
-                stop.clone().cancelled_owned(),
+                endpoint_stop.clone().cancelled_owned(),
             ))
         });
         self.worker.run(stop).await;
@@ -232,11 +236,12 @@ impl Application {
     }
 }
 
-/// What the operator commands connect to: the database as the configured user (lazily: no
-/// connection is opened until a query needs one) and Redis on first use.
+/// What the operator commands connect to, each on first use: the database as the configured
+/// user, and Redis. A command that needs only one of them works while the other is down or
+/// misconfigured.
 pub struct Operator {
     config: Config,
-    store: Store,
+    store: tokio::sync::OnceCell<Store>,
     redis: tokio::sync::OnceCell<ConnectionManager>,
 }
 
@@ -247,22 +252,26 @@ impl std::fmt::Debug for Operator {
 }
 
 impl Operator {
-    /// # Errors
-    /// An invalid database URL or TLS setting.
-    pub fn new(config: &Config) -> Result<Self, StartupError> {
-        Ok(Operator {
+    pub fn new(config: &Config) -> Self {
+        Operator {
             config: config.clone(),
-            store: Store::connect(&config.database)?,
+            store: tokio::sync::OnceCell::new(),
             redis: tokio::sync::OnceCell::new(),
-        })
+        }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The database pool, built on the first call (its connections open lazily).
+    ///
+    /// # Errors
+    /// An invalid database URL or TLS setting.
+    pub async fn store(&self) -> Result<&Store, StoreError> {
+        self.store
+            .get_or_try_init(|| async { Store::connect(&self.config.database) })
+            .await
     }
 
     /// The Redis connection, opened on the first call (an operator command fails at once

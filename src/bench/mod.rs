@@ -316,8 +316,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Runs the benchmark.
-///
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -457,6 +455,9 @@ async fn collect(
     Ok((latencies, statuses, reads))
 }
 
+/// Runs the benchmark: imports the definition, starts the workers and the mock LLM, sends
+/// `options.messages` messages and measures what they cost.
+///
 /// # Errors
 /// Any failure to reach the services or to import the definition.
 pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchReport, BenchError> {
@@ -464,8 +465,8 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let mock = MockProcess::start(options.llm_latency_ms, options.llm_jitter_ms).await?;
     let run_id = Uuid::new_v4().simple().to_string();
     isolate(&mut config, &run_id, mock.base_url());
-    let operator = Operator::new(&config)?;
-    let store = operator.store().clone();
+    let operator = Operator::new(&config);
+    let store = operator.store().await?.clone();
     let reports = crate::business::import_files(&store, None, &[&options.definition]).await?;
     let business = reports
         .first()
@@ -638,12 +639,20 @@ impl Workers {
         (cpu, rss)
     }
 
-    async fn stop(self) {
+    async fn stop(mut self) {
         self.stop.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
-        drop(self.children);
+        self.children.take();
+    }
+}
+
+/// A run that fails midway stops its in-process workers too (the children are killed by
+/// their own drop).
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

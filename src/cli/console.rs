@@ -23,7 +23,7 @@ pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
     let console = icmp::console::Console::for_listener(
         args.listen,
         operator.redis().await?.clone(),
-        operator.store().clone(),
+        operator.store().await?.clone(),
         config.redis.clone(),
         config.streams.clone(),
         token,

@@ -42,7 +42,7 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
         },
         _ => anyhow::bail!("give a conversation id, or --business and --user"),
     };
-    let Some(c) = operator.store().conversation_record(which).await? else {
+    let Some(c) = operator.store().await?.conversation_record(which).await? else {
         anyhow::bail!("no such conversation");
     };
     if json {

@@ -21,7 +21,7 @@ pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
         }
     };
     let reports =
-        icmp::business::import_files(operator.store(), cache.as_ref(), &args.files).await?;
+        icmp::business::import_files(operator.store().await?, cache.as_ref(), &args.files).await?;
     for r in reports {
         println!("business {}:", r.business_id);
         for (name, change, version) in r.templates {

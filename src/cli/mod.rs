@@ -113,17 +113,17 @@ async fn run(cli: Cli) -> Result<()> {
     let operator = || Operator::new(&config);
     match cli.command {
         Command::Migrate => migrate::run(&config).await,
-        Command::Import(args) => import::run(&operator()?, args).await,
+        Command::Import(args) => import::run(&operator(), args).await,
         Command::Worker => worker::run(config).await,
         Command::MockLlm(args) => mock_llm::run(&config, args).await,
-        Command::Send(args) => send::send(&operator()?, args).await,
-        Command::Chat(target) => send::chat(&operator()?, target).await,
-        Command::Replay(args) => replay::run(&operator()?, args).await,
-        Command::Conversation { action } => conversation::run(&operator()?, action).await,
-        Command::Trace(args) => trace::run(&operator()?, args).await,
-        Command::Status(args) => status::run(&operator()?, args).await,
-        Command::Console(args) => console::run(&operator()?, args).await,
-        Command::Dlq { action } => dlq::run(&operator()?, action).await,
+        Command::Send(args) => send::send(&operator(), args).await,
+        Command::Chat(target) => send::chat(&operator(), target).await,
+        Command::Replay(args) => replay::run(&operator(), args).await,
+        Command::Conversation { action } => conversation::run(&operator(), action).await,
+        Command::Trace(args) => trace::run(&operator(), args).await,
+        Command::Status(args) => status::run(&operator(), args).await,
+        Command::Console(args) => console::run(&operator(), args).await,
+        Command::Dlq { action } => dlq::run(&operator(), action).await,
         #[cfg(feature = "bench")]
         Command::Bench(options) => bench::run(config, options).await,
     }

@@ -27,7 +27,7 @@ pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
     let runner = Runner {
         conn: operator.redis().await?,
         streams: &operator.config().streams,
-        store: operator.store(),
+        store: operator.store().await?,
         timeout: Duration::from_secs(args.timeout_secs),
     };
     if let Some(path) = &args.record {

@@ -19,7 +19,7 @@ pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
         operator.redis().await?,
         &config.redis,
         &config.streams,
-        operator.store(),
+        operator.store().await?,
         args.minutes,
     )
     .await?;

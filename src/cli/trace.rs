@@ -17,7 +17,7 @@ pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
     let t = icmp::trace::trace(
         operator.redis().await?,
         &config.streams,
-        operator.store(),
+        operator.store().await?,
         &args.id,
     )
     .await?;

@@ -54,10 +54,10 @@ pub fn canonical_user(raw: &str) -> &str {
     raw.trim_ascii()
 }
 
-/// The fields of an entry by name, once each, as UTF-8 names.
 /// An entry's fields by name.
 type Fields<'a> = HashMap<&'a str, &'a [u8]>;
 
+/// The fields of an entry by name, once each, as UTF-8 names.
 fn by_name(fields: &RawFields) -> Result<Fields<'_>, ValidationError> {
     let mut map = HashMap::with_capacity(fields.len());
     for (k, v) in fields {

@@ -76,11 +76,11 @@ impl<L: LlmService> Worker<L> {
         let helpers_stop = stop.child_token();
         let _helpers_stopped = helpers_stop.clone().drop_guard();
         let concurrency = self.config.worker.concurrency.max(1);
-        let gate = Arc::new(Occupancy::default());
+        let occupancy = Arc::new(Occupancy::default());
         let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
         let (wake_tx, mut wakes) = mpsc::unbounded_channel::<Vec<u8>>();
         let mut room = Room::default();
-        let mut helpers = self.spawn_helpers(&room, &gate, &events_tx, wake_tx, &helpers_stop);
+        let mut helpers = self.spawn_helpers(&room, &occupancy, &events_tx, wake_tx, &helpers_stop);
         tracing::info!(
             consumer = self.streams.consumer(),
             concurrency,
@@ -131,10 +131,11 @@ impl<L: LlmService> Worker<L> {
                 let _ = head_backoff.wait(&stop).await;
             }
             self.start_ready(&mut room, &slots, &mut tasks, &events_tx);
-            gate.held.store(room.len(), Ordering::Relaxed);
-            gate.ready
+            occupancy.held.store(room.len(), Ordering::Relaxed);
+            occupancy
+                .ready
                 .store(room.startable_len(self.business_cap()), Ordering::Relaxed);
-            gate.changed.notify_one();
+            occupancy.changed.notify_one();
         }
 
         tracing::info!(
@@ -151,7 +152,7 @@ impl<L: LlmService> Worker<L> {
     fn spawn_helpers(
         self: &Arc<Self>,
         room: &Room,
-        gate: &Arc<Occupancy>,
+        occupancy: &Arc<Occupancy>,
         events: &mpsc::UnboundedSender<Event>,
         wakes: mpsc::UnboundedSender<Vec<u8>>,
         stop: &CancellationToken,
@@ -159,7 +160,7 @@ impl<L: LlmService> Worker<L> {
         let mut helpers = JoinSet::new();
         helpers.spawn(
             self.clone()
-                .read_loop(gate.clone(), events.clone(), stop.clone()),
+                .read_loop(occupancy.clone(), events.clone(), stop.clone()),
         );
         helpers.spawn(self.clone().reclaim_loop(events.clone(), stop.clone()));
         helpers.spawn(
@@ -418,7 +419,7 @@ impl<L: LlmService> Worker<L> {
 
     async fn read_loop(
         self: Arc<Self>,
-        gate: Arc<Occupancy>,
+        occupancy: Arc<Occupancy>,
         events: mpsc::UnboundedSender<Event>,
         stop: CancellationToken,
     ) {
@@ -431,10 +432,10 @@ impl<L: LlmService> Worker<L> {
             if stop.is_cancelled() {
                 return;
             }
-            let held = gate.held.load(Ordering::Relaxed);
-            if held >= max_held || gate.ready.load(Ordering::Relaxed) >= ready_limit {
+            let held = occupancy.held.load(Ordering::Relaxed);
+            if held >= max_held || occupancy.ready.load(Ordering::Relaxed) >= ready_limit {
                 tokio::select! {
-                    () = gate.changed.notified() => {}
+                    () = occupancy.changed.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     () = stop.cancelled() => return,
                 }
@@ -446,7 +447,7 @@ impl<L: LlmService> Worker<L> {
                     backoff.reset();
                     if !entries.is_empty() {
                         // Counted as held at once, before the scheduler takes them in.
-                        gate.held.fetch_add(entries.len(), Ordering::Relaxed);
+                        occupancy.held.fetch_add(entries.len(), Ordering::Relaxed);
                         if events.send(Event::Entries(entries)).is_err() {
                             return;
                         }
@@ -618,4 +619,5 @@ async fn wait_or_stop(stop: &CancellationToken, d: Duration) -> bool {
     stop.run_until_cancelled(tokio::time::sleep(d))
         .await
         .is_none()
+        || stop.is_cancelled()
 }

@@ -170,8 +170,9 @@ pub async fn isolated_config() -> Config {
 
 /// Imports a definition file into the database of `config` (as `icmp import` does).
 pub async fn import(config: &Config, files: &[&Path]) {
-    let operator = Operator::new(config).expect("operator");
-    icmp::business::import_files(operator.store(), None, files)
+    let operator = Operator::new(config);
+    let store = operator.store().await.expect("store");
+    icmp::business::import_files(store, None, files)
         .await
         .expect("import");
 }
@@ -260,8 +261,8 @@ pub async fn spawn_env(options: MockOptions, tweak: impl FnOnce(&mut Config)) ->
     config.llm.base_url = mock.base_url();
     tweak(&mut config);
     import(&config, &[&demo_file()]).await;
-    let operator = Operator::new(&config).expect("operator");
-    let store = operator.store().clone();
+    let operator = Operator::new(&config);
+    let store = operator.store().await.expect("store").clone();
     let redis = operator.redis().await.expect("redis").clone();
     let cache = operator.cache().await.expect("redis");
     TestApp {
