@@ -4,10 +4,14 @@
 #   scripts/services.sh up      install what is missing, start what is not running, print env
 #   scripts/services.sh env     print the environment (ICMP__DATABASE__URL, ...) for the running services
 #   scripts/services.sh down    stop the services this script started
+#   scripts/services.sh cluster        start a Redis Cluster on loopback (3 masters, 3 replicas,
+#                                      AOF), reusing it when it runs; print its env
+#   scripts/services.sh cluster-down   stop that cluster and delete its data
 #
 # Daemons are started with stdio and the lock descriptor closed, so that a caller reading this
 # script's output (the test harness) is not kept waiting by them.
-# Data lives under .local/ (ignored by git). Ports: ICMP_PG_PORT (54329), ICMP_REDIS_PORT (63799).
+# Data lives under .local/ (ignored by git). Ports: ICMP_PG_PORT (54329), ICMP_REDIS_PORT (63799),
+# and six from ICMP_CLUSTER_PORT (7101) for the cluster.
 # Local PostgreSQL trusts loopback connections; real deployments pass a password through
 # ICMP__DATABASE__PASSWORD instead.
 set -euo pipefail
@@ -117,6 +121,55 @@ redis_up() {
   log "redis started on $redis_port"
 }
 
+cluster_port="${ICMP_CLUSTER_PORT:-7101}"
+cluster_dir="$local_dir/redis-cluster"
+cluster_ports() { local i; for i in 0 1 2 3 4 5; do echo $((cluster_port + i)); done; }
+
+cluster_ok() {
+  local p
+  for p in $(cluster_ports); do
+    redis-cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+  done
+  [ "$(redis-cli -p "$cluster_port" cluster info | sed -n 's/^cluster_size:\([0-9]*\).*/\1/p')" = 3 ]
+}
+
+cluster_down() {
+  local p
+  for p in $(cluster_ports); do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done
+  rm -rf "$cluster_dir"
+}
+
+# Six `redis-server --cluster-enabled yes` nodes joined by `redis-cli --cluster create` with one
+# replica per master; every node appends to its AOF. A cluster that is not whole is replaced.
+cluster_up() {
+  if cluster_ok; then log "redis cluster already running on $cluster_port.."; return; fi
+  cluster_down
+  mkdir -p "$cluster_dir" "$log_dir"
+  local p nodes=()
+  for p in $(cluster_ports); do
+    mkdir -p "$cluster_dir/$p"
+    redis-server --port "$p" --bind 127.0.0.1 --daemonize yes --dir "$cluster_dir/$p" \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --pidfile "$cluster_dir/$p/redis.pid" --logfile "$log_dir/redis-cluster-$p.log" \
+      --appendonly yes --save "" --maxmemory-policy noeviction </dev/null >/dev/null 2>&1 9>&-
+    nodes+=("127.0.0.1:$p")
+  done
+  for p in $(cluster_ports); do
+    for _ in $(seq 1 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >/dev/null 2>&1 </dev/null
+  for _ in $(seq 1 200); do cluster_ok && break; sleep 0.1; done
+  cluster_ok || { log "the redis cluster did not form"; return 1; }
+  log "redis cluster started on $cluster_port.. (3 masters, 3 replicas)"
+}
+
+print_cluster_env() {
+  local urls=() p
+  for p in $(cluster_ports); do urls+=("redis://127.0.0.1:$p/"); done
+  local IFS=,
+  echo "export ICMP_TEST_REDIS_CLUSTER_URLS=${urls[*]}"
+}
+
 print_env() {
   cat <<ENV
 export ICMP__DATABASE__URL=postgres://icmp@127.0.0.1:$pg_port/icmp
@@ -139,6 +192,15 @@ case "${1:-up}" in
     print_env
     ;;
   env) print_env ;;
+  cluster)
+    mkdir -p "$local_dir"
+    exec 9>"$local_dir/cluster.lock"
+    flock 9
+    command -v redis-server >/dev/null || apt_install redis-server
+    cluster_up
+    print_cluster_env
+    ;;
+  cluster-down) cluster_down; log "cluster stopped" ;;
   down)
     bin="$(pg_bin)"
     locate_pg_home
@@ -146,5 +208,5 @@ case "${1:-up}" in
     redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
     log "stopped"
     ;;
-  *) echo "usage: $0 up|env|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|env|down|cluster|cluster-down" >&2; exit 2 ;;
 esac
