@@ -129,6 +129,10 @@ cluster_ok() {
   local p
   for p in $(cluster_ports); do
     redis-cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+    # A replica that has not synced with its master yet could not take over from it.
+    if redis-cli -p "$p" info replication 2>/dev/null | grep -q '^role:slave'; then
+      redis-cli -p "$p" info replication | grep -q '^master_link_status:up' || return 1
+    fi
   done
   [ "$(redis-cli -p "$cluster_port" cluster info | sed -n 's/^cluster_size:\([0-9]*\).*/\1/p')" = 3 ]
 }
@@ -140,7 +144,9 @@ cluster_down() {
 }
 
 # Six `redis-server --cluster-enabled yes` nodes joined by `redis-cli --cluster create` with one
-# replica per master; every node appends to its AOF. A cluster that is not whole is replaced.
+# replica per master; every node appends to its AOF. A replica takes over from a failed master
+# however long ago it last heard from it (`cluster-replica-validity-factor 0`: the tests kill
+# masters right after the cluster forms). A cluster that is not whole is replaced.
 cluster_up() {
   if cluster_ok; then log "redis cluster already running on $cluster_port.."; return; fi
   cluster_down
@@ -150,6 +156,7 @@ cluster_up() {
     mkdir -p "$cluster_dir/$p"
     redis-server --port "$p" --bind 127.0.0.1 --daemonize yes --dir "$cluster_dir/$p" \
       --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --cluster-replica-validity-factor 0 \
       --pidfile "$cluster_dir/$p/redis.pid" --logfile "$log_dir/redis-cluster-$p.log" \
       --appendonly yes --save "" --maxmemory-policy noeviction </dev/null >/dev/null 2>&1 9>&-
     nodes+=("127.0.0.1:$p")

@@ -110,6 +110,9 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
+    /// One server, or a Redis Cluster whose seed node `url` is.
+    #[serde(default)]
+    pub mode: RedisMode,
     pub url: RedactedUrl,
     /// Prefix of every cache and queue key; lets several deployments (or tests) share a server.
     pub key_prefix: String,
@@ -118,6 +121,17 @@ pub struct RedisConfig {
     /// the system's roots).
     #[serde(default)]
     pub ca_file: String,
+}
+
+/// How icmp talks to Redis (see [`crate::redis_connection`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server (with replicas or not).
+    #[default]
+    Standalone,
+    /// A Redis Cluster: `redis.url` is a seed node; the rest is learnt from it.
+    Cluster,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -411,14 +411,26 @@ impl Classify for CacheError {
 
 /// Whether a Redis failure may pass: the connection, a timeout, a server still loading.
 fn redis_is_transient(e: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind as S;
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_unrecoverable_error()
+        // A Redis Cluster in the middle of a failover or a slot move (what redis-rs's own
+        // retries did not outlast); `EXECABORT` is how a transaction meets a moved slot.
         || matches!(
             e.kind(),
-            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+            redis::ErrorKind::Server(
+                S::BusyLoading
+                    | S::Moved
+                    | S::Ask
+                    | S::TryAgain
+                    | S::ClusterDown
+                    | S::MasterDown
+                    | S::ReadOnly
+                    | S::ExecAbort
+            )
         )
 }
 
@@ -598,6 +610,23 @@ impl Classify for PipelineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_in_failover_is_transient() {
+        use redis::{ErrorKind, ServerErrorKind as S};
+        for kind in [
+            S::ClusterDown,
+            S::MasterDown,
+            S::TryAgain,
+            S::Moved,
+            S::ExecAbort,
+        ] {
+            let e = redis::RedisError::from((ErrorKind::Server(kind), "failover"));
+            assert!(StreamError::Redis(e).is_retryable(), "{kind:?}");
+        }
+        let e = redis::RedisError::from((ErrorKind::Server(S::NoPerm), "acl"));
+        assert!(!StreamError::Redis(e).is_retryable());
+    }
 
     #[test]
     fn validation_errors_are_never_retryable_and_carry_client_statuses() {

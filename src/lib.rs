@@ -27,6 +27,7 @@
 //! - [`retry`]: backoff for transient faults and reconnecting loops (the one module that knows
 //!   the `backoff` crate).
 //! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
+//! - [`redis_connection`]: connections to one Redis server or a Redis Cluster.
 //! - [`cache`]: the Redis cache of definitions and conversation state, and budget counters.
 //! - [`model`]: domain records shared by the store, the cache and the pipeline.
 //! - [`business`]: business definition files and `icmp import`.
@@ -55,6 +56,7 @@ pub mod model;
 pub mod pipeline;
 pub mod producer;
 pub mod protocol;
+pub mod redis_connection;
 pub mod retry;
 pub mod startup;
 pub mod status;

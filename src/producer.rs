@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use uuid::Uuid;
 
 use crate::config::StreamsConfig;
 use crate::error::CacheError;
+use crate::redis_connection::RedisConnection;
 
 /// A message to send.
 #[derive(Debug, Clone, Default)]
@@ -71,7 +71,7 @@ impl From<redis::RedisError> for SendError {
 /// # Errors
 /// Redis failures, or no reply in time.
 pub async fn send_and_wait(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     msg: &Outgoing,
     timeout: Duration,

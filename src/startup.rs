@@ -12,15 +12,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{self, Cache};
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{CacheError, Classify, LlmError, StoreError};
 use crate::llm::{CircuitBreaker, OpenAiClient};
 use crate::pipeline::{Failpoints, MessageHandler};
+use crate::redis_connection::{self, RedisConnection};
 use crate::retry::Backoff;
 use crate::store::Store;
 use crate::stream::Streams;
@@ -55,7 +55,7 @@ pub type ConfiguredLlm = CircuitBreaker<OpenAiClient>;
 #[derive(Clone)]
 pub struct Dependencies {
     pub store: Store,
-    pub redis: ConnectionManager,
+    pub redis: RedisConnection,
     pub cache: Cache,
 }
 
@@ -93,6 +93,14 @@ impl Dependencies {
         failpoints: Failpoints,
     ) -> Result<Arc<Worker<ConfiguredLlm>>, StartupError> {
         let conn = connect_redis_patiently(config).await?;
+        let s = &config.streams;
+        if conn.is_cluster() && (s.wait_replicas > 0 || s.wait_aof) {
+            return Err(StartupError::Unsupported(
+                "streams.wait_replicas and streams.wait_aof are not supported on a Redis Cluster \
+                 yet (WAIT would go to every master)"
+                    .into(),
+            ));
+        }
         if config.streams.wait_aof && !has_command(&conn, "WAITAOF").await? {
             return Err(StartupError::Unsupported(
                 "streams.wait_aof needs WAITAOF, which this Redis server lacks (Redis 7.2 or \
@@ -116,7 +124,6 @@ impl Dependencies {
             config.streams.clone(),
             &config.redis.key_prefix,
         );
-        let s = &config.streams;
         if s.wait_replicas > 0 || s.wait_aof {
             streams = streams.with_durable_wakes(connect_redis_patiently(config).await?);
         }
@@ -242,7 +249,7 @@ impl Application {
 pub struct Operator {
     config: Config,
     store: tokio::sync::OnceCell<Store>,
-    redis: tokio::sync::OnceCell<ConnectionManager>,
+    redis: tokio::sync::OnceCell<RedisConnection>,
 }
 
 impl std::fmt::Debug for Operator {
@@ -279,9 +286,9 @@ impl Operator {
     ///
     /// # Errors
     /// An invalid URL or an unreachable server.
-    pub async fn redis(&self) -> Result<&ConnectionManager, CacheError> {
+    pub async fn redis(&self) -> Result<&RedisConnection, CacheError> {
         self.redis
-            .get_or_try_init(|| cache::connect(&self.config.redis))
+            .get_or_try_init(|| redis_connection::connect(&self.config.redis))
             .await
     }
 
@@ -289,8 +296,8 @@ impl Operator {
     ///
     /// # Errors
     /// An invalid URL or an unreachable server.
-    pub async fn own_redis(&self) -> Result<ConnectionManager, CacheError> {
-        cache::connect(&self.config.redis).await
+    pub async fn own_redis(&self) -> Result<RedisConnection, CacheError> {
+        redis_connection::connect(&self.config.redis).await
     }
 
     /// The cache over [`Operator::redis`].
@@ -304,7 +311,7 @@ impl Operator {
 }
 
 /// Whether the server knows `command` (`COMMAND INFO` answers nil for an unknown one).
-async fn has_command(conn: &ConnectionManager, command: &str) -> Result<bool, CacheError> {
+async fn has_command(conn: &RedisConnection, command: &str) -> Result<bool, CacheError> {
     let info: Vec<redis::Value> = redis::cmd("COMMAND")
         .arg("INFO")
         .arg(command)
@@ -314,11 +321,11 @@ async fn has_command(conn: &ConnectionManager, command: &str) -> Result<bool, Ca
 }
 
 /// Connects to Redis, waiting up to [`REDIS_PATIENCE`] while it is not reachable yet.
-async fn connect_redis_patiently(config: &Config) -> Result<ConnectionManager, CacheError> {
+async fn connect_redis_patiently(config: &Config) -> Result<RedisConnection, CacheError> {
     let started = std::time::Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
     loop {
-        match cache::connect(&config.redis).await {
+        match redis_connection::connect(&config.redis).await {
             Ok(c) => return Ok(c),
             Err(e) if e.is_retryable() && started.elapsed() < REDIS_PATIENCE => {
                 tracing::warn!(error = %e, "redis not reachable yet");

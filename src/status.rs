@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::config::{RedisConfig, StreamsConfig};
 use crate::error::StreamError;
+use crate::redis_connection::RedisConnection;
 use crate::store::{Store, StoreError};
 use crate::stream::{self, ConsumerInfo, Keys, group_info};
 
@@ -72,7 +72,7 @@ impl From<redis::RedisError> for StatusError {
 /// # Errors
 /// Redis or PostgreSQL failures.
 pub async fn read(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     redis: &RedisConfig,
     streams: &StreamsConfig,
     store: &Store,
@@ -131,7 +131,7 @@ pub async fn read(
 
 /// Error replies on the outbound stream in the window, by business id.
 async fn error_replies(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     window_minutes: u64,
 ) -> Result<BTreeMap<String, u64>, StatusError> {

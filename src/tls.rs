@@ -108,9 +108,24 @@ pub fn postgres_url(url: &str) -> String {
 /// # Errors
 /// An invalid URL or CA file.
 pub fn redis_client(url: &str, ca_file: &str) -> Result<redis::Client, redis::RedisError> {
+    match redis_certificates(url, ca_file)? {
+        None => redis::Client::open(url),
+        Some(certs) => redis::Client::build_with_tls(url, certs),
+    }
+}
+
+/// The roots a `rediss://` URL is checked against when `ca_file` is set (`None`: a plain URL,
+/// or the system's roots).
+///
+/// # Errors
+/// A CA file that cannot be read.
+pub fn redis_certificates(
+    url: &str,
+    ca_file: &str,
+) -> Result<Option<redis::TlsCertificates>, redis::RedisError> {
     install_provider();
     if ca_file.is_empty() || !url.starts_with("rediss://") {
-        return redis::Client::open(url);
+        return Ok(None);
     }
     let root_cert = std::fs::read(ca_file).map_err(|e| {
         redis::RedisError::from((
@@ -119,13 +134,10 @@ pub fn redis_client(url: &str, ca_file: &str) -> Result<redis::Client, redis::Re
             e.to_string(),
         ))
     })?;
-    redis::Client::build_with_tls(
-        url,
-        redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(root_cert),
-        },
-    )
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    }))
 }
 
 #[cfg(test)]

@@ -8,10 +8,10 @@
 use std::collections::BTreeMap;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::config::StreamsConfig;
+use crate::redis_connection::RedisConnection;
 use crate::status::StatusError;
 use crate::store::Store;
 use crate::stream::{is_entry_id, scan_entries, string_entries};
@@ -53,7 +53,7 @@ impl Trace {
 const SCAN_LIMIT: usize = 20_000;
 
 async fn scan(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     stream: &str,
     from: &str,
     keep: impl Fn(&BTreeMap<String, String>) -> bool,
@@ -70,7 +70,7 @@ async fn scan(
 /// # Errors
 /// Redis or PostgreSQL failures.
 pub async fn trace(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     store: &Store,
     id: &str,

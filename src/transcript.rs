@@ -7,12 +7,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::StreamsConfig;
 use crate::producer::{self, Outgoing};
+use crate::redis_connection::RedisConnection;
 use crate::store::Store;
 
 /// A recorded conversation.
@@ -95,7 +95,7 @@ impl std::fmt::Display for Difference {
 /// What runs a turn: the worker (through Redis) and the database (for extracted data).
 #[derive(Debug, Clone)]
 pub struct Runner<'a> {
-    pub conn: &'a ConnectionManager,
+    pub conn: &'a RedisConnection,
     pub streams: &'a StreamsConfig,
     pub store: &'a Store,
     pub timeout: Duration,

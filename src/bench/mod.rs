@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::pipeline::Failpoints;
+use crate::redis_connection::RedisConnection;
 use crate::startup::{Application, Operator};
 use crate::store::Store;
 use crate::worker::WorkerStats;
@@ -360,7 +361,7 @@ type SentAt = std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>>;
 /// XADDs the messages: all at once (in pipelines of 500), or `options.rate` a second in
 /// 10 ms ticks; records when each was sent.
 async fn send(
-    mut c: redis::aio::ConnectionManager,
+    mut c: RedisConnection,
     config: Config,
     options: BenchOptions,
     run_id: String,
@@ -419,7 +420,7 @@ async fn send(
 /// Reads replies until every sent message has one (or ten minutes passed); returns the sorted
 /// latencies, the count per status and how many reads it made.
 async fn collect(
-    c: &mut redis::aio::ConnectionManager,
+    c: &mut RedisConnection,
     config: &Config,
     expected: usize,
     sent: &SentAt,
@@ -544,7 +545,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
 }
 
 /// Removes the run's streams (best effort).
-async fn remove_streams(conn: &mut redis::aio::ConnectionManager, config: &Config) {
+async fn remove_streams(conn: &mut RedisConnection, config: &Config) {
     let s = &config.streams;
     let _: Result<(), _> = conn.del(&[&s.inbound, &s.outbound, &s.dead_letter]).await;
 }
@@ -695,7 +696,7 @@ impl Baseline {
     }
 
     async fn take(
-        conn: &redis::aio::ConnectionManager,
+        conn: &RedisConnection,
         workers: &Workers,
         mock: &MockProcess,
     ) -> Result<Baseline, BenchError> {

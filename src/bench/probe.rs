@@ -1,9 +1,8 @@
 //! What the benchmark reads around a run: this process's CPU time, Redis's command counts
 //! (`INFO commandstats`) and CPU (`INFO cpu`).
 
+use crate::redis_connection::RedisConnection;
 use std::collections::BTreeMap;
-
-use redis::aio::ConnectionManager;
 
 /// CPU seconds (user + system) this process has used so far, from `/proc/self/stat` (clock
 /// ticks of 1/100 s, Linux's `USER_HZ`).
@@ -76,7 +75,7 @@ pub struct RedisCounters {
 
 impl RedisCounters {
     /// Reads the counters now.
-    pub async fn read(conn: &ConnectionManager) -> Result<RedisCounters, redis::RedisError> {
+    pub async fn read(conn: &RedisConnection) -> Result<RedisCounters, redis::RedisError> {
         let mut c = conn.clone();
         let stats: String = redis::cmd("INFO")
             .arg("commandstats")

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::BenchError;
 use crate::config::Config;
+use crate::redis_connection::RedisConnection;
 
 /// Running `icmp worker` children.
 #[derive(Debug)]
@@ -45,7 +46,7 @@ impl WorkerProcesses {
     /// A worker that exits at start; no group within 30 s.
     pub async fn wait_ready(
         &mut self,
-        conn: &redis::aio::ConnectionManager,
+        conn: &RedisConnection,
         config: &Config,
     ) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(30);

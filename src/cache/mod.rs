@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
@@ -22,6 +21,7 @@ use crate::config::{CacheConfig, RedisConfig};
 use crate::definitions::local::{Generation, LocalDefinitions};
 pub use crate::error::CacheError;
 use crate::model::{Business, ConversationState, StageTemplates, TemplateRecord};
+use crate::redis_connection::RedisConnection;
 use crate::telemetry::metrics;
 
 /// One prepared `SET key value EX ttl_secs`.
@@ -63,7 +63,7 @@ pub fn observed<T>(cache: &'static str, lookup: Result<Option<T>, CacheError>) -
 /// A handle to the cache; cheap to clone.
 #[derive(Clone)]
 pub struct Cache {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     definition_ttl: u64,
     conversation_ttl: u64,
@@ -78,23 +78,8 @@ impl std::fmt::Debug for Cache {
     }
 }
 
-/// Opens a reconnecting Redis connection (used by the cache and the streams).
-///
-/// # Errors
-/// An invalid URL or a server that cannot be reached at start-up.
-pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, CacheError> {
-    let client = crate::tls::redis_client(config.url.expose(), &config.ca_file)?;
-    let timeout = Duration::from_millis(config.response_timeout_ms);
-    let mgr_config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout))
-        .set_number_of_retries(3)
-        .set_max_delay(Duration::from_millis(500));
-    Ok(ConnectionManager::new_with_config(client, mgr_config).await?)
-}
-
 impl Cache {
-    pub fn new(conn: ConnectionManager, redis: &RedisConfig, config: &CacheConfig) -> Cache {
+    pub fn new(conn: RedisConnection, redis: &RedisConfig, config: &CacheConfig) -> Cache {
         Cache {
             conn,
             prefix: redis.key_prefix.clone(),
@@ -304,7 +289,16 @@ impl Cache {
         let mut keys = vec![self.key("business", business_id)];
         keys.extend(stage_ids.iter().map(|id| self.key("stage", *id)));
         keys.extend(template_ids.iter().map(|id| self.key("tmpl", *id)));
-        let _: () = self.conn.clone().del(keys).await?;
+        if !self.conn.is_cluster() {
+            let _: () = self.conn.clone().del(keys).await?;
+            return Ok(());
+        }
+        // On a cluster the keys are in different slots: one `DEL` each.
+        let deletes = keys.into_iter().map(|key| async move {
+            let _: () = self.conn.clone().del(key).await?;
+            Ok::<_, CacheError>(())
+        });
+        futures::future::try_join_all(deletes).await?;
         Ok(())
     }
 

@@ -5,9 +5,9 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use anyhow::Result;
-use redis::aio::ConnectionManager;
 
 use icmp::config::StreamsConfig;
+use icmp::redis_connection::RedisConnection;
 use icmp::startup::Operator;
 use icmp::stream::dlq;
 
@@ -89,7 +89,7 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
 }
 
 async fn list(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     filter: &Filter,
     count: usize,
@@ -126,12 +126,7 @@ async fn list(
     Ok(())
 }
 
-async fn show(
-    conn: &ConnectionManager,
-    streams: &StreamsConfig,
-    id: &str,
-    json: bool,
-) -> Result<()> {
+async fn show(conn: &RedisConnection, streams: &StreamsConfig, id: &str, json: bool) -> Result<()> {
     let Some(d) = dlq::show(conn, streams, id).await? else {
         anyhow::bail!("no dead letter {id}");
     };
@@ -151,7 +146,7 @@ async fn show(
 }
 
 async fn purge(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     ids: Vec<String>,
     filter: &Filter,

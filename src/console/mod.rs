@@ -27,11 +27,11 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use redis::aio::ConnectionManager;
 use secrecy::SecretString;
 
 use crate::config::{RedisConfig, StreamsConfig};
 use crate::error::{Classify, StoreError, StreamError};
+use crate::redis_connection::RedisConnection;
 use crate::status::StatusError;
 use crate::store::Store;
 use auth::{Auth, Grant};
@@ -43,7 +43,7 @@ const WRITE_LOG_LEN: usize = 50;
 /// Everything the console's handlers share.
 #[derive(Debug)]
 pub struct Console {
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: RedisConnection,
     pub(crate) store: Store,
     pub(crate) redis: RedisConfig,
     pub(crate) streams: StreamsConfig,
@@ -83,7 +83,7 @@ impl Console {
     /// # Errors
     /// A page template that does not compile.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConnection,
         store: Store,
         redis: RedisConfig,
         streams: StreamsConfig,
@@ -100,7 +100,7 @@ impl Console {
     /// A non-loopback address without a token, a page template that does not compile.
     pub fn for_listener(
         listen: SocketAddr,
-        conn: ConnectionManager,
+        conn: RedisConnection,
         store: Store,
         redis: RedisConfig,
         streams: StreamsConfig,
@@ -117,7 +117,7 @@ impl Console {
     }
 
     fn build(
-        conn: ConnectionManager,
+        conn: RedisConnection,
         store: Store,
         redis: RedisConfig,
         streams: StreamsConfig,

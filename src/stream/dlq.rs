@@ -4,12 +4,12 @@
 //! bytes, so a dead letter whose original fields are not UTF-8 lists and replays like any other.
 
 use redis::Value;
-use redis::aio::ConnectionManager;
 
 use super::range_entries;
 use crate::config::StreamsConfig;
 use crate::error::StreamError;
 use crate::protocol::{self, dead_letter::replay_fields};
+use crate::redis_connection::RedisConnection;
 
 /// One dead-lettered entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,7 +28,7 @@ impl DeadLetter {
 }
 
 async fn range(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     stream: &str,
     from: &str,
     to: &str,
@@ -95,7 +95,7 @@ impl DeadLetter {
 /// The oldest dead letters that match `filter`, up to `count` (the whole stream is scanned in
 /// pages).
 pub async fn find(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     filter: &Filter,
     count: usize,
@@ -124,7 +124,7 @@ pub async fn find(
 
 /// One dead letter by its stream id.
 pub async fn show(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     id: &str,
 ) -> Result<Option<DeadLetter>, StreamError> {
@@ -136,7 +136,7 @@ pub async fn show(
 
 /// Deletes the given dead letters; returns the ids that were there.
 pub async fn purge(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     ids: &[String],
 ) -> Result<Vec<String>, StreamError> {
@@ -156,7 +156,7 @@ pub async fn purge(
 
 /// The oldest `count` dead letters.
 pub async fn list(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     count: usize,
 ) -> Result<Vec<DeadLetter>, StreamError> {
@@ -168,7 +168,7 @@ pub async fn list(
 /// A `stream.trimmed` dead letter is not replayed (the message's text was trimmed away with
 /// its entry: there is nothing to answer); it stays until purged.
 pub async fn replay(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     streams: &StreamsConfig,
     ids: &[String],
 ) -> Result<Vec<String>, StreamError> {

@@ -9,6 +9,7 @@
 //! worker's write of the user's committed conversation state rides in the same round trip, a
 //! `SET` pipelined before the script, so that the next entry reads it.
 
+use crate::redis_connection::RedisConnection;
 use redis::Value;
 
 use crate::cache::CacheWrite;
@@ -102,7 +103,8 @@ impl Streams {
 
     /// Finishes entry `id` (see the module docs). Returns whether this call acknowledged it
     /// (and so published); `false` means another holder had finished it: nothing was published.
-    /// `cache`: a write sent in the same round trip, before the script (the committed
+    /// `cache`: a write sent in the same round trip (on a cluster, just before), before the
+    /// script (the committed
     /// conversation state, which the next message of the user, started by this finish's
     /// wake-up, reads); sent whether or not the finish takes effect, as it holds committed data.
     /// With `streams.wait_replicas` or `wait_aof`, the queue's next head is woken only once
@@ -149,6 +151,14 @@ impl Streams {
         let invocation = self.finish_invocation(id, slot, finish, self.waits_for_durability());
         let reply = match cache {
             None => invocation.invoke_async(&mut self.conn()).await?,
+            // On a cluster the state's key is in another slot than the streams: one pipeline
+            // cannot carry both, so the write goes first, on its own.
+            Some(write) if self.conn.is_cluster() => {
+                let mut pipe = redis::pipe();
+                write.add_to(&mut pipe);
+                let () = pipe.query_async(&mut self.conn()).await?;
+                invocation.invoke_async(&mut self.conn()).await?
+            }
             Some(write) => {
                 let mut pipe = redis::pipe();
                 write.add_to(&mut pipe);
@@ -231,7 +241,7 @@ impl Streams {
 /// `durability_shortfall`. (The worker's safety poll, `worker.queue_poll_ms`, checks a waiting
 /// queue anyway: keep `wait_timeout_ms` below it.)
 pub(crate) async fn durable_wakes(
-    mut conn: redis::aio::ConnectionManager,
+    mut conn: RedisConnection,
     config: crate::config::StreamsConfig,
     keys: super::Keys,
     mut queues: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,

@@ -40,10 +40,10 @@ pub mod retention;
 use std::sync::Arc;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
 
 use crate::config::StreamsConfig;
 use crate::error::StreamError;
+use crate::redis_connection::RedisConnection;
 pub use finish::Finish;
 pub use heartbeat::Refresh;
 pub use order::{Head, QueueSlot};
@@ -147,8 +147,8 @@ pub fn hash_tag(name: &str) -> &str {
 /// the scripts.
 #[derive(Clone)]
 pub struct Streams {
-    reader: ConnectionManager,
-    conn: ConnectionManager,
+    reader: RedisConnection,
+    conn: RedisConnection,
     config: StreamsConfig,
     consumer: String,
     keys: Keys,
@@ -186,8 +186,8 @@ impl Streams {
     /// `reader` must be a connection of its own: blocking reads hold it. Queue keys take
     /// `key_prefix` (the cache's `redis.key_prefix`).
     pub fn new(
-        reader: ConnectionManager,
-        conn: ConnectionManager,
+        reader: RedisConnection,
+        conn: RedisConnection,
         config: StreamsConfig,
         key_prefix: &str,
     ) -> Self {
@@ -215,7 +215,7 @@ impl Streams {
     /// only once the finish before it is durable, by a task of its own on `conn` (a connection
     /// of its own: `WAIT` blocks the connection it runs on). Without them, unchanged.
     #[must_use]
-    pub fn with_durable_wakes(mut self, conn: ConnectionManager) -> Self {
+    pub fn with_durable_wakes(mut self, conn: RedisConnection) -> Self {
         if self.config.wait_replicas > 0 || self.config.wait_aof {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(finish::durable_wakes(
@@ -241,7 +241,7 @@ impl Streams {
         &self.keys
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConnection {
         self.conn.clone()
     }
 
@@ -315,7 +315,7 @@ pub struct ConsumerInfo {
 /// # Errors
 /// Redis failures (the stream deleted between the check for it and the query among them).
 pub async fn group_info(
-    conn: &redis::aio::ConnectionManager,
+    conn: &RedisConnection,
     inbound: &str,
     group: &str,
 ) -> Result<Option<GroupInfo>, StreamError> {
@@ -341,7 +341,7 @@ pub async fn group_info(
 /// # Errors
 /// Redis failures (a missing group among them).
 pub async fn consumers(
-    conn: &redis::aio::ConnectionManager,
+    conn: &RedisConnection,
     inbound: &str,
     group: &str,
 ) -> Result<Vec<ConsumerInfo>, StreamError> {
@@ -396,7 +396,7 @@ pub(crate) fn raw_fields(v: Value) -> Option<Fields> {
 /// know the script (a restarted Redis forgot it: nothing ran), loads it and runs the pipeline
 /// again.
 pub(crate) async fn query_scripts(
-    mut conn: ConnectionManager,
+    mut conn: RedisConnection,
     pipe: &redis::Pipeline,
     script: &redis::Script,
 ) -> Result<Vec<Value>, StreamError> {
@@ -458,7 +458,7 @@ pub fn string_entries(v: Value) -> Vec<(String, std::collections::BTreeMap<Strin
 /// # Errors
 /// Redis failures.
 pub async fn scan_entries(
-    conn: &redis::aio::ConnectionManager,
+    conn: &RedisConnection,
     stream: &str,
     from: &str,
     limit: usize,

@@ -6,16 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use icmp::cache::{self, Cache};
+use icmp::cache::Cache;
 use icmp::config::{Config, RedactedUrl};
 use icmp::llm::mock::{self, MockOptions, MockServer};
 use icmp::pipeline::Failpoints;
+use icmp::redis_connection::RedisConnection;
 use icmp::startup::{Application, ConfiguredLlm, Operator};
 use icmp::store::{self, Store};
 use icmp::stream::Streams;
 use icmp::worker::Worker;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
@@ -228,7 +228,7 @@ pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub struct TestApp {
     pub config: Config,
     pub store: Store,
-    pub redis: ConnectionManager,
+    pub redis: RedisConnection,
     pub cache: Cache,
     pub mock: MockServer,
     pub failpoints: Failpoints,
@@ -300,8 +300,12 @@ impl TestApp {
     /// The stream mechanics alone, as consumer `name` (to play a consumer by hand).
     pub async fn streams(&self, name: &str) -> Streams {
         let config = self.consumer_config(name);
-        let reader = cache::connect(&config.redis).await.expect("redis");
-        let conn = cache::connect(&config.redis).await.expect("redis");
+        let reader = icmp::redis_connection::connect(&config.redis)
+            .await
+            .expect("redis");
+        let conn = icmp::redis_connection::connect(&config.redis)
+            .await
+            .expect("redis");
         Streams::new(
             reader,
             conn,
@@ -462,6 +466,25 @@ impl TestApp {
 
     /// XADDs many messages to `business` in one pipeline (per 500): (user, message_id, content).
     pub async fn send_many_to(&self, business: &str, messages: &[(String, String, String)]) {
+        self.try_send_many_to(business, messages)
+            .await
+            .expect("xadd");
+    }
+
+    /// Like [`TestApp::send_many_to`] to the demo business, returning Redis's error (a
+    /// producer during a failover).
+    pub async fn try_send_many(
+        &self,
+        messages: &[(String, String, String)],
+    ) -> redis::RedisResult<()> {
+        self.try_send_many_to(DEMO_BUSINESS, messages).await
+    }
+
+    async fn try_send_many_to(
+        &self,
+        business: &str,
+        messages: &[(String, String, String)],
+    ) -> redis::RedisResult<()> {
         for chunk in messages.chunks(500) {
             let mut pipe = redis::pipe();
             for (user, id, content) in chunk {
@@ -477,11 +500,9 @@ impl TestApp {
                 )
                 .ignore();
             }
-            let _: () = pipe
-                .query_async(&mut self.redis.clone())
-                .await
-                .expect("xadd");
+            let () = pipe.query_async(&mut self.redis.clone()).await?;
         }
+        Ok(())
     }
 
     /// Entries delivered to the group and not acknowledged (`i64::MAX` while Redis cannot

@@ -11,7 +11,11 @@ use crate::helpers::{self, TestApp, spawn_env};
 use crate::processes::{PrivatePg, PrivateRedis, WorkerProcess};
 
 /// `users` users with `per_user` messages each, interleaved (round-robin) as a producer would.
-fn workload(prefix: &str, users: usize, per_user: usize) -> Vec<(String, String, String)> {
+pub(crate) fn workload(
+    prefix: &str,
+    users: usize,
+    per_user: usize,
+) -> Vec<(String, String, String)> {
     let mut out = Vec::with_capacity(users * per_user);
     for turn in 0..per_user {
         for u in 0..users {
@@ -36,12 +40,12 @@ fn workload(prefix: &str, users: usize, per_user: usize) -> Vec<(String, String,
     out
 }
 
-fn ids(messages: &[(String, String, String)]) -> HashSet<String> {
+pub(crate) fn ids(messages: &[(String, String, String)]) -> HashSet<String> {
     messages.iter().map(|(_, id, _)| id.clone()).collect()
 }
 
 /// Exactly one user row and one assistant row per idempotency key, and nothing else.
-async fn assert_exactly_once(app: &TestApp, expected: usize) {
+pub(crate) async fn assert_exactly_once(app: &TestApp, expected: usize) {
     let keys = app
         .count("SELECT count(DISTINCT idempotency_key) FROM messages", &[])
         .await;
@@ -61,7 +65,7 @@ async fn assert_exactly_once(app: &TestApp, expected: usize) {
 }
 
 /// Each user's messages are stored in stream order.
-async fn assert_stored_in_order(app: &TestApp) {
+pub(crate) async fn assert_stored_in_order(app: &TestApp) {
     let rows = app
         .db()
         .await
@@ -94,7 +98,7 @@ async fn wait_for_rows(app: &TestApp, n: i64, log: &std::path::Path) {
     }
 }
 
-fn quick_recovery(c: &mut Config) {
+pub(crate) fn quick_recovery(c: &mut Config) {
     c.streams.claim_idle_ms = 1_000;
     c.streams.max_deliveries = 20;
     c.retry.max_elapsed_ms = 2_000;
@@ -530,7 +534,7 @@ async fn a_redis_restart_loses_nothing_and_needs_no_restart() {
     )
     .await;
     app.config.redis.url = RedactedUrl::new(redis.url());
-    app.redis = icmp::cache::connect(&app.config.redis)
+    app.redis = icmp::redis_connection::connect(&app.config.redis)
         .await
         .expect("redis");
     let messages = workload("rr", 40, 8);

@@ -436,7 +436,9 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     .await;
     config.redis.url = RedactedUrl::new(redis.url());
     app.store = icmp::store::Store::connect(&config.database).expect("store");
-    app.redis = icmp::cache::connect(&config.redis).await.expect("redis");
+    app.redis = icmp::redis_connection::connect(&config.redis)
+        .await
+        .expect("redis");
     app.config = config;
 
     let mut soak = Soak {

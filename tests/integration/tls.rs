@@ -52,7 +52,7 @@ async fn a_message_goes_through_over_tls_to_postgres_and_redis() {
     config.redis.url = RedactedUrl::new(redis.url());
     config.redis.ca_file = ca(&certs);
     app.store = Store::connect(&config.database).expect("store");
-    app.redis = icmp::cache::connect(&config.redis)
+    app.redis = icmp::redis_connection::connect(&config.redis)
         .await
         .expect("a TLS connection to Redis");
     app.cache = icmp::cache::Cache::new(app.redis.clone(), &config.redis, &config.cache);
@@ -137,13 +137,16 @@ async fn plain_or_unverified_connections_to_tls_only_servers_fail_clearly() {
     // Redis: a plain `redis://` to the TLS port gets no answer it understands.
     config.redis.response_timeout_ms = 2000;
     config.redis.url = RedactedUrl::new(format!("redis://127.0.0.1:{}/", redis.port));
-    let plain = tokio::time::timeout(Duration::from_secs(20), icmp::cache::connect(&config.redis))
-        .await
-        .expect("fails within the timeouts");
+    let plain = tokio::time::timeout(
+        Duration::from_secs(20),
+        icmp::redis_connection::connect(&config.redis),
+    )
+    .await
+    .expect("fails within the timeouts");
     assert!(plain.is_err(), "a plain connection must fail");
     // TLS without the CA: the certificate is not trusted.
     config.redis.url = RedactedUrl::new(redis.url());
-    let Err(err) = icmp::cache::connect(&config.redis).await else {
+    let Err(err) = icmp::redis_connection::connect(&config.redis).await else {
         panic!("an unknown issuer must fail");
     };
     assert!(
@@ -152,7 +155,7 @@ async fn plain_or_unverified_connections_to_tls_only_servers_fail_clearly() {
     );
     config.redis.ca_file = ca(&certs);
     let cache = icmp::cache::Cache::new(
-        icmp::cache::connect(&config.redis)
+        icmp::redis_connection::connect(&config.redis)
             .await
             .expect("TLS with the CA"),
         &config.redis,
