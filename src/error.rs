@@ -614,6 +614,7 @@ mod tests {
     #[test]
     fn a_cluster_in_failover_is_transient() {
         use redis::{ErrorKind, ServerErrorKind as S};
+        let error = |kind| redis::RedisError::from((ErrorKind::Server(kind), "failover"));
         for kind in [
             S::ClusterDown,
             S::MasterDown,
@@ -621,11 +622,11 @@ mod tests {
             S::Moved,
             S::ExecAbort,
         ] {
-            let e = redis::RedisError::from((ErrorKind::Server(kind), "failover"));
-            assert!(StreamError::Redis(e).is_retryable(), "{kind:?}");
+            assert!(CacheError::Redis(error(kind)).is_retryable(), "{kind:?}");
+            assert_eq!(StreamError::Redis(error(kind)).code(), "redis.unavailable");
         }
-        let e = redis::RedisError::from((ErrorKind::Server(S::NoPerm), "acl"));
-        assert!(!StreamError::Redis(e).is_retryable());
+        assert!(!CacheError::Redis(error(S::NoPerm)).is_retryable());
+        assert_eq!(StreamError::Redis(error(S::NoPerm)).code(), "redis.error");
     }
 
     #[test]
