@@ -560,6 +560,7 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     }
     let mut valid = 0;
     let mut bad = 0;
+    let mut dangling = 0;
     for (id, sent) in &soak.sent {
         let got = by_inbound.get(id.as_str()).map_or(0, Vec::len);
         if let Some(n) = trimmed.get(id) {
@@ -582,13 +583,19 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
                 // Answered where its sender waits, and a reference to an answer there too.
                 let wanted = reply_to.as_deref().unwrap_or(&s.outbound);
                 assert_eq!(reply["__stream"], wanted, "{id}: {reply:?}");
-                if reply["status"] == "coalesced" {
+                if reply["status"] == "coalesced"
+                    && !streams_of_reply
+                        .get(reply["answered_by"].as_str())
+                        .is_some_and(|on| on.contains(wanted))
+                {
+                    // The one exception (docs/reliability.md, known limits): the turn's first
+                    // message was trimmed by the producer after the turn committed and before
+                    // its finish took effect, so its answer was stored but never published.
                     assert!(
-                        streams_of_reply
-                            .get(reply["answered_by"].as_str())
-                            .is_some_and(|on| on.contains(wanted)),
+                        leader_was_trimmed(app, &soak.sent, &trimmed, &reply["answered_by"]).await,
                         "{id} refers to an answer on its own stream: {reply:?}"
                     );
+                    dangling += 1;
                 }
             }
             Sent::Bad(code) => {
@@ -721,8 +728,8 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     println!(
         "soak seed {seed}, {seconds} s: {produced} entries ({valid} valid answered, {bad} hostile \
          rejected, {} orphaned and replayed, {} trimmed and dead-lettered), {} replies \
-         ({coalesced} coalesced, {} on reply_to streams), faults {:?}, drained {:.0} s after the \
-         producer stopped",
+         ({coalesced} coalesced, {dangling} referring to a trimmed first message, {} on \
+         reply_to streams), faults {:?}, drained {:.0} s after the producer stopped",
         replayed.len(),
         trimmed.len(),
         replies.len(),
@@ -739,6 +746,41 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
 }
 
 /// The last entry id the group delivered (`None` when the group is missing).
+/// Whether the stored answer `reply_id` is the answer of a message whose every entry the
+/// producer trimmed (each ended in a `stream.trimmed` dead letter), so that it was never
+/// published.
+async fn leader_was_trimmed(
+    app: &TestApp,
+    sent: &BTreeMap<String, Sent>,
+    trimmed: &HashMap<String, usize>,
+    reply_id: &str,
+) -> bool {
+    let Ok(reply_id) = reply_id.parse::<uuid::Uuid>() else {
+        return false;
+    };
+    let Some(row) = app
+        .db()
+        .await
+        .query_opt(
+            "SELECT user_id, idempotency_key FROM messages WHERE id = $1 AND role = 'assistant'",
+            &[&reply_id],
+        )
+        .await
+        .expect("the answer's message")
+    else {
+        return false;
+    };
+    let (user, key): (String, String) = (row.get(0), row.get(1));
+    let entries: Vec<&String> = sent
+        .iter()
+        .filter(|(_, s)| {
+            matches!(s, Sent::Valid { user: u, message_id: m, .. } if *u == user && *m == key)
+        })
+        .map(|(id, _)| id)
+        .collect();
+    !entries.is_empty() && entries.iter().all(|id| trimmed.contains_key(*id))
+}
+
 async fn last_delivered(app: &TestApp) -> Option<String> {
     let s = &app.config.streams;
     let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
