@@ -94,6 +94,10 @@ impl Dependencies {
     ) -> Result<Arc<Worker<ConfiguredLlm>>, StartupError> {
         let conn = connect_redis_patiently(config).await?;
         let s = &config.streams;
+        if conn.is_cluster() {
+            crate::stream::check_one_slot(s, &config.redis.key_prefix)
+                .map_err(StartupError::Unsupported)?;
+        }
         if conn.is_cluster() && (s.wait_replicas > 0 || s.wait_aof) {
             return Err(StartupError::Unsupported(
                 "streams.wait_replicas and streams.wait_aof are not supported on a Redis Cluster \

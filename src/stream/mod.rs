@@ -113,6 +113,62 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// Every key the streams' scripts and transactions touch together, named: the streams, a
+    /// `reply_to` stream under `streams.reply_prefix`, a queue key (standing for all of them)
+    /// and the group's other keys. On a Redis Cluster they must all be in one slot.
+    pub fn script_keys(&self, config: &StreamsConfig) -> Vec<(&'static str, String)> {
+        let mut keys = vec![
+            ("streams.inbound", config.inbound.clone()),
+            ("streams.outbound", config.outbound.clone()),
+            ("streams.dead_letter", config.dead_letter.clone()),
+            (
+                "an order queue",
+                format!("{}business:user", self.queue_prefix),
+            ),
+            ("the queue index", self.queue_index.clone()),
+            ("the queued entries", self.queued.clone()),
+            ("the attempt counts", self.attempts.clone()),
+            ("the delivery mark", self.mark.clone()),
+            ("the stream events", self.events.clone()),
+            ("the durability counter", self.durability.clone()),
+        ];
+        if !config.reply_prefix.is_empty() {
+            keys.push((
+                "streams.reply_prefix",
+                format!("{}stream", config.reply_prefix),
+            ));
+        }
+        keys
+    }
+}
+
+/// Checks that every key the streams' scripts touch together ([`Keys::script_keys`]) is in
+/// the inbound stream's Redis Cluster slot: a script or transaction whose keys span slots
+/// fails with `CROSSSLOT`, and a finish that cannot run leaves its user's queue stuck.
+///
+/// # Errors
+/// The first key out of that slot, and how to name the streams instead.
+pub fn check_one_slot(config: &StreamsConfig, key_prefix: &str) -> Result<(), String> {
+    use redis::cluster_routing::Slot;
+    let keys = Keys::new(config, key_prefix);
+    let slot = Slot::for_key(&config.inbound);
+    match keys
+        .script_keys(config)
+        .into_iter()
+        .find(|(_, key)| Slot::for_key(key) != slot)
+    {
+        None => Ok(()),
+        Some((what, key)) => Err(format!(
+            "on a Redis Cluster every stream key must be in one slot, but {what} (`{key}`) is \
+             not in the slot of streams.inbound (`{}`): name the streams with one hash tag, \
+             e.g. `{{icmp}}:inbound`, `{{icmp}}:outbound`, `{{icmp}}:dead`, reply prefix \
+             `{{icmp}}:reply:`, and keep braces out of redis.key_prefix",
+            config.inbound
+        )),
+    }
+}
+
 /// The time part of a stream entry id (`<ms>-<seq>`): when Redis added the entry, in
 /// milliseconds since the epoch.
 pub fn entry_time_ms(id: &str) -> Option<u64> {
@@ -492,6 +548,47 @@ pub async fn scan_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn streams(inbound: &str, outbound: &str, dead: &str, reply: &str) -> StreamsConfig {
+        let mut c = crate::config::Config::load(
+            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")),
+            None,
+        )
+        .expect("defaults")
+        .streams;
+        c.inbound = inbound.into();
+        c.outbound = outbound.into();
+        c.dead_letter = dead.into();
+        c.reply_prefix = reply.into();
+        c
+    }
+
+    #[test]
+    fn on_a_cluster_every_stream_key_must_share_the_inbound_streams_slot() {
+        let tagged = streams(
+            "{icmp}:inbound",
+            "{icmp}:outbound",
+            "{icmp}:dead",
+            "{icmp}:reply:",
+        );
+        assert_eq!(check_one_slot(&tagged, ""), Ok(()));
+        assert_eq!(check_one_slot(&tagged, "tenant-a:"), Ok(()));
+        // Today's defaults name no tag: the outbound stream is elsewhere.
+        let plain = streams("icmp:inbound", "icmp:outbound", "icmp:dead", "icmp:reply:");
+        let err = check_one_slot(&plain, "").expect_err("untagged streams");
+        assert!(err.contains("streams.outbound"), "{err}");
+        // A reply prefix outside the tag, or braces in the key prefix, are found too.
+        let reply = streams(
+            "{icmp}:inbound",
+            "{icmp}:outbound",
+            "{icmp}:dead",
+            "replies:",
+        );
+        let err = check_one_slot(&reply, "").expect_err("reply prefix");
+        assert!(err.contains("streams.reply_prefix"), "{err}");
+        let err = check_one_slot(&tagged, "{tenant}:").expect_err("braces in the key prefix");
+        assert!(err.contains("order queue"), "{err}");
+    }
 
     #[test]
     fn queue_keys_share_the_streams_hash_slot_and_name_stream_and_group() {

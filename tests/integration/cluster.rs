@@ -326,3 +326,23 @@ async fn on_a_redis_cluster_a_killed_master_loses_at_most_its_unreplicated_write
     );
     app.stop().await;
 }
+
+/// Streams without one hash tag would make every finish fail with `CROSSSLOT` and leave each
+/// user's queue stuck: the worker refuses to start and says how to name them.
+#[tokio::test]
+async fn a_worker_refuses_a_cluster_whose_stream_keys_span_slots() {
+    let urls = cluster_urls();
+    let app: TestApp = spawn_env(MockOptions::default(), |c| {
+        on_cluster(c, &urls[0]);
+        c.streams.outbound = "icmp-test:outbound".into();
+    })
+    .await;
+    let err = icmp::startup::Application::build(&app.config, Default::default())
+        .await
+        .expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("streams.outbound") && text.contains("{icmp}:inbound"),
+        "{text}"
+    );
+}
