@@ -147,8 +147,10 @@ impl Store {
         idempotency_key: &str,
     ) -> Result<Option<Answer>, StoreError> {
         let client = self.client().await?;
-        // The reply stored under the key, else (a later message of a coalesced turn) the reply
-        // that answered the key's user row.
+        // The reply stored under the key, else (a later message of a coalesced turn) a
+        // reference to the reply that answered the key's user row, with that reply's text: the
+        // reply it refers to may never have been published where this one goes (its entry
+        // trimmed or orphaned before its finish took effect), and its sender must see it.
         let stmt = client
             .prepared(
                 "SELECT m.id, m.conversation_id, m.content, coalesce(m.status, 'ok'), s.name, \
@@ -159,7 +161,7 @@ impl Store {
                  WHERE m.business_id = $1 AND u.external_id = $2 AND m.idempotency_key = $3 \
                  AND m.role = 'assistant' \
                  UNION ALL \
-                 SELECT q.id, q.conversation_id, '', 'coalesced', s.name, q.log_id, a.id \
+                 SELECT q.id, q.conversation_id, a.content, 'coalesced', s.name, q.log_id, a.id \
                  FROM messages q \
                  JOIN users u ON u.business_id = q.business_id AND u.id = q.user_id \
                  JOIN messages a ON a.business_id = q.business_id AND a.id = q.answered_by \

@@ -192,6 +192,9 @@ async fn a_coalescing_business_answers_a_burst_as_one_turn_and_a_queueing_one_tu
     assert_eq!(again["a2"][1]["status"], "coalesced");
     assert_eq!(again["a2"][1]["answered_by"], first["reply_id"]);
     assert_eq!(again["a2"][1]["reply_id"], again["a2"][0]["reply_id"]);
+    // Republished from the store, the reference carries the answer's text: the reply it
+    // refers to may not have been published where this one goes.
+    assert_eq!(again["a2"][1]["content"], first["content"]);
     let stored = app
         .store
         .find_reply(bursty, "ann", "a3")

@@ -766,3 +766,118 @@ async fn waiting_for_the_aof_is_refused_where_redis_lacks_waitaof() {
         assert!(calls(&app, "waitaof").await >= 1);
     }
 }
+
+/// A burst's first message trimmed by the producer before the turn's finish took effect (here:
+/// the group is destroyed while the turn is in flight, so the finish publishes nothing, and the
+/// first entry is gone when the heal comes). Its sender gets nothing and its entry ends in one
+/// `stream.trimmed` dead letter; the second sender, whose orphaned entry the operator replays,
+/// gets the `coalesced` reference, and it carries the answer it refers to, which was never
+/// published.
+#[tokio::test]
+async fn a_bursts_second_sender_sees_the_answer_when_the_first_message_was_trimmed() {
+    const BUSINESS: &str = "5b0e8a7c-e013-4c1d-8e2f-000000000113";
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 1_500,
+            ..MockOptions::default()
+        },
+        |c| {
+            c.streams.retention_interval_ms = 300;
+            // The heartbeat (every third of this) must not find the turn's entries gone and
+            // cancel it before it commits and finishes.
+            c.streams.claim_idle_ms = 30_000;
+        },
+    )
+    .await;
+    import_with(&app, BUSINESS, COALESCE).await;
+    app.start_worker("w0").await;
+    let ids = burst(
+        &app,
+        &[
+            message(BUSINESS, "hal", "h1", "Hello there"),
+            message(BUSINESS, "hal", "h2", "I would like to book"),
+        ],
+    )
+    .await;
+    // h2 is taken into h1's turn (its attempt counted) before the LLM call starts.
+    wait_for("h2 to join h1's turn", async || {
+        attempts(&app, &ids[1]).await == 1
+    })
+    .await;
+    let s = app.config.streams.clone();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&s.inbound)
+        .arg(&s.group)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("destroy");
+    let trimmed: i64 = redis::cmd("XTRIM")
+        .arg(&s.inbound)
+        .arg("MINID")
+        .arg(&ids[1])
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("xtrim");
+    assert_eq!(trimmed, 1, "h1 trimmed");
+    wait_for("both entries healed", async || {
+        dead_letters(&app).await.len() == 2
+    })
+    .await;
+    let dead = dead_letters(&app).await;
+    let code_of = |id: &str| {
+        dead.iter()
+            .find(|d| d["inbound_id"] == id)
+            .map(|d| d["error_code"].clone())
+    };
+    assert_eq!(
+        code_of(&ids[0]).as_deref(),
+        Some("stream.trimmed"),
+        "{dead:?}"
+    );
+    assert_eq!(
+        code_of(&ids[1]).as_deref(),
+        Some("stream.orphaned"),
+        "{dead:?}"
+    );
+    // The turn commits (both messages stored, one answer) and its finish publishes nothing.
+    wait_for("the turn to commit", async || {
+        rows(&app, BUSINESS).await == (2, 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(app.replies_of("h1").await.is_empty(), "nothing published");
+    assert!(app.replies_of("h2").await.is_empty(), "nothing published");
+
+    let orphan: Vec<String> = dead
+        .iter()
+        .filter(|d| d["error_code"] == "stream.orphaned")
+        .map(|d| d["__id"].clone())
+        .collect();
+    icmp::stream::dlq::replay(&app.redis, &s, &orphan)
+        .await
+        .expect("replay");
+    let replies = app.wait_replies("h2", 1).await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    let r = &replies[0];
+    assert_eq!(r["status"], "coalesced", "{r:?}");
+    let answer: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT content FROM messages WHERE id = $1::text::uuid AND role = 'assistant'",
+            &[&r["answered_by"]],
+        )
+        .await
+        .expect("the answer it refers to")
+        .get(0);
+    assert!(!answer.is_empty());
+    assert_eq!(r["content"], answer, "the reference carries the answer");
+    assert!(
+        app.replies_of("h1").await.is_empty(),
+        "h1's sender got nothing"
+    );
+    app.settle(Duration::from_secs(30)).await;
+    assert_eq!(app.replies_of("h2").await.len(), 1);
+    assert_eq!(rows(&app, BUSINESS).await, (2, 1));
+}

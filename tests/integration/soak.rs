@@ -590,10 +590,16 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
                 {
                     // The one exception (docs/reliability.md, known limits): the turn's first
                     // message was trimmed by the producer after the turn committed and before
-                    // its finish took effect, so its answer was stored but never published.
+                    // its finish took effect, so its answer was stored but never published;
+                    // this reference, republished from the store, carries its text instead.
                     assert!(
                         leader_was_trimmed(app, &soak.sent, &trimmed, &reply["answered_by"]).await,
                         "{id} refers to an answer on its own stream: {reply:?}"
+                    );
+                    assert_eq!(
+                        Some(reply["content"].as_str()),
+                        stored_content(app, &reply["answered_by"]).await.as_deref(),
+                        "{id} carries the answer it refers to: {reply:?}"
                     );
                     dangling += 1;
                 }
@@ -779,6 +785,20 @@ async fn leader_was_trimmed(
         .map(|(id, _)| id)
         .collect();
     !entries.is_empty() && entries.iter().all(|id| trimmed.contains_key(*id))
+}
+
+/// The stored text of the answer `reply_id`.
+async fn stored_content(app: &TestApp, reply_id: &str) -> Option<String> {
+    let reply_id = reply_id.parse::<uuid::Uuid>().ok()?;
+    app.db()
+        .await
+        .query_opt(
+            "SELECT content FROM messages WHERE id = $1 AND role = 'assistant'",
+            &[&reply_id],
+        )
+        .await
+        .expect("the answer")
+        .map(|r| r.get(0))
 }
 
 async fn last_delivered(app: &TestApp) -> Option<String> {
