@@ -134,6 +134,16 @@ pub enum RedisMode {
     Cluster,
 }
 
+impl RedisMode {
+    /// The name in configuration (`standalone`, `cluster`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmConfig {
@@ -443,6 +453,7 @@ impl Config {
         let s = &self.streams;
         vec![
             ("ICMP__DATABASE__URL", self.database.url.expose().to_owned()),
+            ("ICMP__REDIS__MODE", self.redis.mode.as_str().to_owned()),
             ("ICMP__REDIS__URL", self.redis.url.expose().to_owned()),
             ("ICMP__REDIS__KEY_PREFIX", self.redis.key_prefix.clone()),
             ("ICMP__LLM__BASE_URL", self.llm.base_url.clone()),

@@ -10,6 +10,7 @@ use icmp::config::{Config, RedactedUrl, RedisMode};
 use icmp::llm::mock::MockOptions;
 
 use crate::helpers::{TestApp, root, spawn_env};
+use crate::processes::WorkerProcess;
 use crate::reliability::{
     assert_exactly_once, assert_stored_in_order, ids, quick_recovery, workload,
 };
@@ -110,12 +111,13 @@ async fn on_a_redis_cluster_every_message_is_answered_once_in_order_through_a_fa
         },
     )
     .await;
-    app.start_worker("w0").await;
-    app.start_worker("w1").await;
-
+    // An `icmp worker` process, configured by the environment as in production, answers the
+    // first messages alone; a worker in this process joins it for the failover.
+    let mut process = WorkerProcess::spawn(&app.config, "p1", &[]);
     let before = workload("cb", 10, 6);
     app.send_many(&before).await;
     app.wait_all(&ids(&before), Duration::from_secs(60)).await;
+    app.start_worker("w0").await;
 
     // The master that holds the streams hands over to its replica (`CLUSTER FAILOVER`, as
     // an operator does for maintenance) while messages keep coming.
@@ -158,6 +160,11 @@ async fn on_a_redis_cluster_every_message_is_answered_once_in_order_through_a_fa
         Some(&redis::Value::BulkString(b"master".to_vec())),
         "{replica} was promoted"
     );
+    assert!(
+        process.is_running(),
+        "the worker process survived the failover"
+    );
+    assert_eq!(process.terminate().await.code(), Some(0));
     app.stop().await;
 }
 
