@@ -41,25 +41,17 @@ impl Cache {
     ) -> Result<Usage, CacheError> {
         let minute = self.budget_key(business_id, &now.format("m:%Y%m%d%H%M").to_string());
         let day = self.budget_key(business_id, &now.format("t:%Y%m%d").to_string());
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .incr(&minute, messages)
+            .expire(&minute, MINUTE_TTL_SECS)
+            .ignore();
         let (messages_this_minute, tokens_today): (u64, Option<u64>) = if self.conn.is_cluster() {
-            // The two keys are in different slots: a transaction each.
-            let (count,): (u64,) = redis::pipe()
-                .atomic()
-                .incr(&minute, messages)
-                .expire(&minute, MINUTE_TTL_SECS)
-                .ignore()
-                .query_async(&mut self.conn.clone())
-                .await?;
+            // The two keys are in different slots: the day's count is read on its own.
+            let (count,): (u64,) = pipe.query_async(&mut self.conn.clone()).await?;
             (count, self.conn.clone().get(&day).await?)
         } else {
-            redis::pipe()
-                .atomic()
-                .incr(&minute, messages)
-                .expire(&minute, MINUTE_TTL_SECS)
-                .ignore()
-                .get(&day)
-                .query_async(&mut self.conn.clone())
-                .await?
+            pipe.get(&day).query_async(&mut self.conn.clone()).await?
         };
         Ok(Usage {
             messages_this_minute,

@@ -325,19 +325,8 @@ mod tests {
     }
 
     fn template(business: u128, id: u128, body: &str) -> Arc<Compiled> {
-        let record = TemplateRecord {
-            id: Uuid::from_u128(id),
-            business_id: Uuid::from_u128(business),
-            name: format!("t{id}"),
-            kind: crate::model::TemplateKind::Response,
-            system: String::new(),
-            body: body.into(),
-            model: None,
-            temperature: None,
-            max_tokens: None,
-            output_schema: None,
-            version: 1,
-        };
+        let record =
+            crate::template::test_record(Uuid::from_u128(id), Uuid::from_u128(business), "", body);
         Arc::new(crate::template::compile(&crate::template::engine(), record).expect("compiles"))
     }
 

@@ -103,10 +103,10 @@ impl Streams {
 
     /// Finishes entry `id` (see the module docs). Returns whether this call acknowledged it
     /// (and so published); `false` means another holder had finished it: nothing was published.
-    /// `cache`: a write sent in the same round trip (on a cluster, just before), before the
-    /// script (the committed
-    /// conversation state, which the next message of the user, started by this finish's
-    /// wake-up, reads); sent whether or not the finish takes effect, as it holds committed data.
+    /// `cache`: a write sent before the script, in the same round trip (on a cluster, just
+    /// before it): the committed conversation state, which the next message of the user,
+    /// started by this finish's wake-up, reads; sent whether or not the finish takes effect,
+    /// as it holds committed data.
     /// With `streams.wait_replicas` or `wait_aof`, the queue's next head is woken only once
     /// the finish is durable (see [`Streams::wake_when_durable`]).
     pub async fn finish(

@@ -12,6 +12,29 @@ use crate::error::TemplateError;
 use crate::model::TemplateRecord;
 pub use context::Context;
 
+/// A response template's record, version 1, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_record(
+    id: uuid::Uuid,
+    business_id: uuid::Uuid,
+    system: &str,
+    body: &str,
+) -> TemplateRecord {
+    TemplateRecord {
+        id,
+        business_id,
+        name: "reply".into(),
+        kind: crate::model::TemplateKind::Response,
+        system: system.into(),
+        body: body.into(),
+        model: None,
+        temperature: None,
+        max_tokens: None,
+        output_schema: None,
+        version: 1,
+    }
+}
+
 /// A compiled template with its record.
 pub struct Compiled {
     pub record: TemplateRecord,
@@ -198,19 +221,8 @@ mod tests {
         use proptest::prelude::*;
 
         fn template(body: &str) -> Compiled {
-            let record = TemplateRecord {
-                id: uuid::Uuid::nil(),
-                business_id: uuid::Uuid::nil(),
-                name: "reply".into(),
-                kind: TemplateKind::Response,
-                system: "System for {{ business.name }}".into(),
-                body: body.into(),
-                model: None,
-                temperature: None,
-                max_tokens: None,
-                output_schema: None,
-                version: 1,
-            };
+            let nil = uuid::Uuid::nil();
+            let record = test_record(nil, nil, "System for {{ business.name }}", body);
             compile(&engine(), record).expect("compile")
         }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use icmp::config::{Config, RedactedUrl, RedisMode};
 use icmp::llm::mock::MockOptions;
 
-use crate::helpers::{TestApp, root, spawn_env};
+use crate::helpers::{TestApp, services_sh, spawn_env};
 use crate::processes::WorkerProcess;
 use crate::reliability::{
     assert_exactly_once, assert_stored_in_order, ids, quick_recovery, workload,
@@ -20,19 +20,7 @@ static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The URLs of the cluster's nodes, starting it when it does not run.
 fn cluster_urls() -> Vec<String> {
-    let out = std::process::Command::new(root().join("scripts/services.sh"))
-        .arg("cluster")
-        .output()
-        .expect("run scripts/services.sh cluster");
-    assert!(
-        out.status.success(),
-        "services.sh cluster failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("export ICMP_TEST_REDIS_CLUSTER_URLS="))
-        .expect("cluster urls")
+    services_sh("cluster")["ICMP_TEST_REDIS_CLUSTER_URLS"]
         .split(',')
         .map(str::to_owned)
         .collect()
@@ -59,40 +47,54 @@ async fn node(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("node")
 }
 
-/// The address (`host:port`) of a replica of the master that serves `key`.
-async fn replica_of_master_of(seed: &str, key: &str) -> String {
+/// The nodes (`host:port`) that serve `key`'s slot, its master first, from `CLUSTER SLOTS`.
+async fn nodes_serving(seed: &str, key: &str) -> Vec<String> {
     let mut conn = node(seed).await;
-    let slot: u16 = redis::cmd("CLUSTER")
+    let slot: i64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(key)
         .query_async(&mut conn)
         .await
         .expect("keyslot");
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
+    // `[[first slot, last slot, [host, port, id], [host, port, id] …], …]`, master first.
+    let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
         .query_async(&mut conn)
         .await
-        .expect("nodes");
-    // `<id> <ip:port@cport> <flags> <master id> <ping> <pong> <epoch> <link> <slot ranges…>`
-    let lines: Vec<Vec<&str>> = nodes
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    let serves = |fields: &[&str]| {
-        fields.iter().skip(8).any(|range| {
-            let (a, b) = range.split_once('-').unwrap_or((range, range));
-            matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
-        })
+        .expect("slots");
+    let address = |n: &redis::Value| match n {
+        redis::Value::Array(parts) => match parts.as_slice() {
+            [redis::Value::BulkString(host), redis::Value::Int(port), ..] => {
+                Some(format!("{}:{port}", String::from_utf8_lossy(host)))
+            }
+            _ => None,
+        },
+        _ => None,
     };
-    let master = lines
+    ranges
         .iter()
-        .find(|f| f.len() > 8 && f[2].contains("master") && serves(f))
-        .expect("the master of the slot")[0];
-    let replica = lines
-        .iter()
-        .find(|f| f.len() > 3 && f[3] == master && !f[2].contains("fail"))
-        .expect("a replica of that master");
-    replica[1].split('@').next().expect("address").to_owned()
+        .find(|r| {
+            matches!(r.as_slice(), [redis::Value::Int(a), redis::Value::Int(b), ..]
+                if *a <= slot && slot <= *b)
+        })
+        .map(|r| r[2..].iter().filter_map(address).collect())
+        .unwrap_or_else(|| panic!("no node serves slot {slot}"))
+}
+
+/// A test app on the cluster through `seed`, as `on_cluster` configures it, with quick
+/// recovery and a mock LLM of 5 ms.
+async fn cluster_app(seed: &str) -> TestApp {
+    spawn_env(
+        MockOptions {
+            latency_ms: 5,
+            ..Default::default()
+        },
+        |c| {
+            quick_recovery(c);
+            on_cluster(c, seed);
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,17 +102,7 @@ async fn on_a_redis_cluster_every_message_is_answered_once_in_order_through_a_fa
     let _one = CLUSTER.lock().await;
     let urls = cluster_urls();
     let seed = urls[0].clone();
-    let mut app: TestApp = spawn_env(
-        MockOptions {
-            latency_ms: 5,
-            ..Default::default()
-        },
-        |c| {
-            quick_recovery(c);
-            on_cluster(c, &seed);
-        },
-    )
-    .await;
+    let mut app = cluster_app(&seed).await;
     // An `icmp worker` process, configured by the environment as in production, answers the
     // first messages alone; a worker in this process joins it for the failover.
     let mut process = WorkerProcess::spawn(&app.config, "p1", &[]);
@@ -121,7 +113,7 @@ async fn on_a_redis_cluster_every_message_is_answered_once_in_order_through_a_fa
 
     // The master that holds the streams hands over to its replica (`CLUSTER FAILOVER`, as
     // an operator does for maintenance) while messages keep coming.
-    let replica = replica_of_master_of(&seed, &app.config.streams.inbound).await;
+    let replica = nodes_serving(&seed, &app.config.streams.inbound).await[1].clone();
     let during = workload("cd", 10, 6);
     app.send_many(&during[..30]).await;
     let ok: String = redis::cmd("CLUSTER")
@@ -182,43 +174,6 @@ async fn pid_of(address: &str) -> String {
         .to_owned()
 }
 
-/// The address (`host:port`) of the master that serves `key`.
-async fn master_of(seed: &str, key: &str) -> String {
-    let mut conn = node(seed).await;
-    let shards: redis::Value = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async(&mut conn)
-        .await
-        .expect("slots");
-    let slot: i64 = redis::cmd("CLUSTER")
-        .arg("KEYSLOT")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .expect("keyslot");
-    let redis::Value::Array(ranges) = shards else {
-        panic!("CLUSTER SLOTS: {shards:?}");
-    };
-    for range in ranges {
-        let redis::Value::Array(parts) = range else {
-            continue;
-        };
-        if let [
-            redis::Value::Int(a),
-            redis::Value::Int(b),
-            redis::Value::Array(master),
-            ..,
-        ] = parts.as_slice()
-            && *a <= slot
-            && slot <= *b
-            && let [redis::Value::BulkString(host), redis::Value::Int(port), ..] = master.as_slice()
-        {
-            return format!("{}:{port}", String::from_utf8_lossy(host));
-        }
-    }
-    panic!("no master serves slot {slot}");
-}
-
 /// A master killed with SIGKILL: its replica is promoted after `cluster-node-timeout` and the
 /// worker carries on through the seed node's view of the new topology. Replication is
 /// asynchronous, so a write the master acknowledged but had not sent on is lost with it: an
@@ -230,20 +185,9 @@ async fn master_of(seed: &str, key: &str) -> String {
 async fn on_a_redis_cluster_a_killed_master_loses_at_most_its_unreplicated_writes() {
     let _one = CLUSTER.lock().await;
     let urls = cluster_urls();
-    let mut app: TestApp = spawn_env(
-        MockOptions {
-            latency_ms: 5,
-            ..Default::default()
-        },
-        |c| {
-            quick_recovery(c);
-            // A seed that is not the master of the streams' slot (it may be killed).
-            on_cluster(c, &urls[0]);
-        },
-    )
-    .await;
-    let master = master_of(&urls[0], &app.config.streams.inbound).await;
-    // The seed must survive: pick one that is not the master to be killed.
+    let mut app = cluster_app(&urls[0]).await;
+    let master = nodes_serving(&urls[0], &app.config.streams.inbound).await[0].clone();
+    // The seed must survive: one that is not the master to be killed.
     let seed = urls
         .iter()
         .find(|u| !u.contains(&master))

@@ -48,25 +48,30 @@ pub fn services() -> &'static Services {
                 redis_url,
             };
         }
-        let out = std::process::Command::new(root().join("scripts/services.sh"))
-            .arg("up")
-            .output()
-            .expect("run scripts/services.sh");
-        assert!(
-            out.status.success(),
-            "services.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let env = services_sh("up");
         Services {
             admin_url: env["ICMP_TEST_DATABASE_URL"].clone(),
             redis_url: env["ICMP_TEST_REDIS_URL"].clone(),
         }
     })
+}
+
+/// Runs `scripts/services.sh COMMAND`; returns the variables it exports.
+pub fn services_sh(command: &str) -> HashMap<String, String> {
+    let out = std::process::Command::new(root().join("scripts/services.sh"))
+        .arg(command)
+        .output()
+        .expect("run scripts/services.sh");
+    assert!(
+        out.status.success(),
+        "services.sh {command} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 fn with_db(url: &str, db: &str) -> String {
