@@ -210,6 +210,25 @@ pub struct StreamsConfig {
     /// `durability_shortfall`).
     #[serde(default = "default_wait_timeout_ms")]
     pub wait_timeout_ms: u64,
+    /// Inbound shards, each a stream of its own with its own hash tag (docs/protocol.md,
+    /// "Shards"); 1: one stream, named as configured.
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    /// The shards this process reads; empty: every shard.
+    #[serde(default)]
+    pub read_shards: Vec<u32>,
+    /// The shard these names are of (set by [`StreamsConfig::shard`]); `None`: the layout as
+    /// configured.
+    #[serde(skip)]
+    pub shard: Option<u32>,
+    /// The names as configured (inbound, outbound, dead letter, reply prefix), which every
+    /// shard's names derive from; `None` until [`StreamsConfig::shard`] derived them.
+    #[serde(skip)]
+    pub configured_names: Option<Box<[String; 4]>>,
+}
+
+fn default_shards() -> u32 {
+    1
 }
 
 fn default_wait_timeout_ms() -> u64 {
@@ -466,6 +485,7 @@ impl Config {
             ("ICMP__STREAMS__DEAD_LETTER", s.dead_letter.clone()),
             ("ICMP__STREAMS__GROUP", s.group.clone()),
             ("ICMP__STREAMS__REPLY_PREFIX", s.reply_prefix.clone()),
+            ("ICMP__STREAMS__SHARDS", s.shards.to_string()),
         ]
     }
 }
@@ -516,7 +536,12 @@ impl Config {
                 return Err(ConfigError::SecretInFile(key, source));
             }
         }
-        Ok(files.merge(env).extract()?)
+        let config: Config = files.merge(env).extract()?;
+        config
+            .streams
+            .check_layout()
+            .map_err(ConfigError::Invalid)?;
+        Ok(config)
     }
 }
 

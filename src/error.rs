@@ -87,6 +87,15 @@ pub enum ValidationError {
     EntryTooLarge { size: usize, limit: usize },
     #[error("the entry has {count} fields; the limit is {limit}")]
     TooManyFields { count: usize, limit: usize },
+    #[error(
+        "this user's messages go to shard {expected} of {shards}, the stream `{stream}` \
+         (docs/protocol.md, \"Shards\"; `icmp shard BUSINESS USER` names it)"
+    )]
+    WrongShard {
+        expected: u32,
+        shards: u32,
+        stream: String,
+    },
 }
 
 impl Classify for ValidationError {
@@ -106,6 +115,7 @@ impl Classify for ValidationError {
             ValidationError::DuplicateField(_) => "validation.duplicate_field",
             ValidationError::EntryTooLarge { .. } => "validation.entry_too_large",
             ValidationError::TooManyFields { .. } => "validation.too_many_fields",
+            ValidationError::WrongShard { .. } => "validation.wrong_shard",
         }
     }
     fn category(&self) -> Category {
@@ -114,6 +124,8 @@ impl Classify for ValidationError {
     fn status_code(&self) -> u16 {
         match self {
             ValidationError::UnknownBusiness | ValidationError::UnknownConversation => 404,
+            // Misdirected: the same message is fine on its user's shard.
+            ValidationError::WrongShard { .. } => 421,
             ValidationError::ContentTooLarge { .. }
             | ValidationError::MetadataTooLarge { .. }
             | ValidationError::EntryTooLarge { .. }
@@ -143,7 +155,8 @@ impl Classify for ValidationError {
             | ValidationError::UnreadableFieldName
             | ValidationError::DuplicateField(_)
             | ValidationError::EntryTooLarge { .. }
-            | ValidationError::TooManyFields { .. } => false,
+            | ValidationError::TooManyFields { .. }
+            | ValidationError::WrongShard { .. } => false,
         }
     }
 }

@@ -25,7 +25,8 @@ use crate::retry::Backoff;
 use crate::store::Store;
 use crate::stream::Streams;
 use crate::telemetry::{metrics, server};
-use crate::worker::Worker;
+use crate::worker::slots::Slots;
+use crate::worker::{Worker, WorkerStats};
 
 /// How long a start waits for Redis to come up.
 const REDIS_PATIENCE: Duration = Duration::from_secs(60);
@@ -81,38 +82,21 @@ impl Dependencies {
         })
     }
 
-    /// A worker for `config` (its consumer name, streams and limits) over these dependencies,
-    /// with Redis connections of its own: its blocking reads and its commands must not wait
-    /// behind anybody else's.
+    /// The workers for `config`: one loop per inbound shard it reads (`streams.shards`,
+    /// `streams.read_shards`), sharing the pipeline, the processing slots and the counters,
+    /// each with a Redis connection of its own for its blocking reads; their commands go over
+    /// one more connection, which nothing else in the process waits behind.
     ///
     /// # Errors
-    /// Redis unreachable, or an invalid LLM configuration.
-    async fn worker(
+    /// Redis unreachable, a layout this Redis cannot serve, or an invalid LLM configuration.
+    async fn workers(
         &self,
         config: &Config,
         failpoints: Failpoints,
-    ) -> Result<Arc<Worker<ConfiguredLlm>>, StartupError> {
+    ) -> Result<Vec<Arc<Worker<ConfiguredLlm>>>, StartupError> {
         let conn = connect_redis_patiently(config).await?;
-        let s = &config.streams;
-        if conn.is_cluster() {
-            crate::stream::check_one_slot(s, &config.redis.key_prefix)
-                .map_err(StartupError::Unsupported)?;
-        }
-        if conn.is_cluster() && (s.wait_replicas > 0 || s.wait_aof) {
-            return Err(StartupError::Unsupported(
-                "streams.wait_replicas and streams.wait_aof are not supported on a Redis Cluster \
-                 yet (WAIT would go to every master)"
-                    .into(),
-            ));
-        }
-        if config.streams.wait_aof && !has_command(&conn, "WAITAOF").await? {
-            return Err(StartupError::Unsupported(
-                "streams.wait_aof needs WAITAOF, which this Redis server lacks (Redis 7.2 or \
-                 later has it)"
-                    .into(),
-            ));
-        }
-        let reader = connect_redis_patiently(config).await?;
+        let shards = config.streams.read_shards();
+        check_redis(&conn, config, &shards).await?;
         let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
         let llm = llm(config).await?;
         let handler = Arc::new(MessageHandler::new(
@@ -122,24 +106,62 @@ impl Dependencies {
             llm,
             failpoints,
         ));
-        let mut streams = Streams::new(
-            reader,
-            conn,
-            config.streams.clone(),
-            &config.redis.key_prefix,
-        );
-        if s.wait_replicas > 0 || s.wait_aof {
-            streams = streams.with_durable_wakes(connect_redis_patiently(config).await?);
+        let slots = Slots::new(config.worker.concurrency, shards.len());
+        let stats = Arc::new(WorkerStats::default());
+        let mut workers = Vec::with_capacity(shards.len());
+        for (place, shard) in shards.into_iter().enumerate() {
+            let reader = connect_redis_patiently(config).await?;
+            let mut streams = Streams::new(
+                reader,
+                conn.clone(),
+                shard.clone(),
+                &config.redis.key_prefix,
+            );
+            if shard.wait_replicas > 0 || shard.wait_aof {
+                streams = streams.with_durable_wakes(connect_redis_patiently(config).await?);
+            }
+            let wake_ups =
+                crate::tls::redis_client(config.redis.url.expose(), &config.redis.ca_file)
+                    .map_err(CacheError::from)?;
+            let mut shard_config = config.clone();
+            shard_config.streams = shard;
+            let worker = Worker::new(shard_config, handler.clone(), streams, Some(wake_ups))
+                .sharing(slots.clone(), place, stats.clone());
+            workers.push(Arc::new(worker));
         }
-        let wake_ups = crate::tls::redis_client(config.redis.url.expose(), &config.redis.ca_file)
-            .map_err(CacheError::from)?;
-        Ok(Arc::new(Worker::new(
-            config.clone(),
-            handler,
-            streams,
-            Some(wake_ups),
-        )))
+        Ok(workers)
     }
+}
+
+/// Refuses a Redis that cannot serve the configuration: on a cluster, a shard whose keys span
+/// slots, or `WAIT`/`WAITAOF` (not supported there yet); `WAITAOF` on a server without it.
+async fn check_redis(
+    conn: &RedisConnection,
+    config: &Config,
+    shards: &[crate::config::StreamsConfig],
+) -> Result<(), StartupError> {
+    let s = &config.streams;
+    if conn.is_cluster() {
+        for shard in shards {
+            crate::stream::check_one_slot(shard, &config.redis.key_prefix)
+                .map_err(StartupError::Unsupported)?;
+        }
+        if s.wait_replicas > 0 || s.wait_aof {
+            return Err(StartupError::Unsupported(
+                "streams.wait_replicas and streams.wait_aof are not supported on a Redis Cluster \
+                 yet (WAIT would go to every master)"
+                    .into(),
+            ));
+        }
+    }
+    if s.wait_aof && !has_command(conn, "WAITAOF").await? {
+        return Err(StartupError::Unsupported(
+            "streams.wait_aof needs WAITAOF, which this Redis server lacks (Redis 7.2 or \
+             later has it)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The LLM service a worker of `config` uses: the OpenAI-compatible client behind a circuit
@@ -160,7 +182,8 @@ pub async fn llm(config: &Config) -> Result<ConfiguredLlm, LlmError> {
 /// (`/metrics`, `/healthz`, `/readyz` when `telemetry.listen` is set), built but not running.
 pub struct Application {
     deps: Dependencies,
-    worker: Arc<Worker<ConfiguredLlm>>,
+    /// One per inbound shard read; never empty.
+    workers: Vec<Arc<Worker<ConfiguredLlm>>>,
     telemetry: Option<TcpListener>,
 }
 
@@ -182,7 +205,7 @@ impl Application {
     pub async fn build(config: &Config, failpoints: Failpoints) -> Result<Self, StartupError> {
         metrics::install();
         let deps = Dependencies::connect(config).await?;
-        let worker = deps.worker(config, failpoints).await?;
+        let workers = deps.workers(config, failpoints).await?;
         let telemetry = if config.telemetry.listen.is_empty() {
             None
         } else {
@@ -194,14 +217,20 @@ impl Application {
         };
         Ok(Application {
             deps,
-            worker,
+            workers,
             telemetry,
         })
     }
 
-    /// The worker (for its statistics and its streams).
+    /// The worker of the first shard read (for the process's statistics, which every shard's
+    /// worker shares, and that shard's streams).
     pub fn worker(&self) -> &Arc<Worker<ConfiguredLlm>> {
-        &self.worker
+        &self.workers[0]
+    }
+
+    /// The worker of each shard read.
+    pub fn workers(&self) -> &[Arc<Worker<ConfiguredLlm>>] {
+        &self.workers
     }
 
     /// The worker's database pool (for its round-trip count).
@@ -240,7 +269,8 @@ impl Application {
                 endpoint_stop.clone().cancelled_owned(),
             ))
         });
-        self.worker.run(stop).await;
+        let runs = self.workers.into_iter().map(|w| w.run(stop.clone()));
+        futures::future::join_all(runs).await;
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
         }

@@ -13,9 +13,11 @@ use crate::redis_connection::RedisConnection;
 use crate::store::{Store, StoreError};
 use crate::stream::{self, ConsumerInfo, Keys, group_info};
 
-/// The status report.
+/// The status report: the totals over every inbound shard, each shard's own figures, and
+/// each business's activity.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    /// The inbound stream (the first shard's, with several).
     pub stream: String,
     pub group: String,
     /// Whether the consumer group exists (no worker ever ran when it does not).
@@ -35,9 +37,25 @@ pub struct Status {
     /// `group_recreated` (the group disappeared and was recreated at its delivery mark), with
     /// when they last happened.
     pub events: BTreeMap<String, String>,
+    /// Each inbound shard's figures (one with `streams.shards = 1`).
+    pub shards: Vec<ShardStatus>,
     /// The window the per-business figures cover.
     pub window_minutes: u64,
     pub businesses: Vec<BusinessActivity>,
+}
+
+/// One inbound shard's figures (the fields of [`Status`], for its streams alone).
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardStatus {
+    pub shard: u32,
+    pub stream: String,
+    pub group_exists: bool,
+    pub lag: Option<u64>,
+    pub pending: u64,
+    pub consumers: Vec<ConsumerInfo>,
+    pub queues_in_use: u64,
+    pub dead_letters: u64,
+    pub events: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +96,53 @@ pub async fn read(
     store: &Store,
     window_minutes: u64,
 ) -> Result<Status, StatusError> {
+    let mut shards = Vec::new();
+    let mut errors = BTreeMap::new();
+    for shard in streams.all_shards() {
+        shards.push(read_shard(conn, redis, &shard).await?);
+        for (business, n) in error_replies(conn, &shard, window_minutes).await? {
+            *errors.entry(business).or_insert(0) += n;
+        }
+    }
+    let mut businesses = Vec::new();
+    for (id, name, replies, fallbacks) in store.recent_activity(window_minutes).await? {
+        let errors = errors.get(&id).copied().unwrap_or(0);
+        let answered = (replies as f64 + errors as f64).max(1.0);
+        businesses.push(BusinessActivity {
+            fallback_ratio: fallbacks as f64 / (replies as f64).max(1.0),
+            error_ratio: errors as f64 / answered,
+            business_id: id,
+            name,
+            replies,
+            fallbacks,
+            errors,
+        });
+    }
+    Ok(Status {
+        stream: shards
+            .first()
+            .map_or_else(|| streams.inbound.clone(), |s| s.stream.clone()),
+        group: streams.group.clone(),
+        group_exists: shards.iter().all(|s| s.group_exists),
+        lag: shards.iter().map(|s| s.lag).sum(),
+        pending: shards.iter().map(|s| s.pending).sum(),
+        consumers: merged_consumers(&shards),
+        queues_in_use: shards.iter().map(|s| s.queues_in_use).sum(),
+        dead_letters: shards.iter().map(|s| s.dead_letters).sum(),
+        dead_letter_limit: streams.dead_letter_maxlen as u64,
+        events: merged_events(&shards),
+        shards,
+        window_minutes,
+        businesses,
+    })
+}
+
+/// One shard's figures.
+async fn read_shard(
+    conn: &RedisConnection,
+    redis: &RedisConfig,
+    streams: &StreamsConfig,
+) -> Result<ShardStatus, StatusError> {
     let group = group_info(conn, &streams.inbound, &streams.group).await?;
     let consumers = if group.is_some() {
         stream::consumers(conn, &streams.inbound, &streams.group).await?
@@ -98,35 +163,49 @@ pub async fn read(
         .arg(&keys.events)
         .query_async(&mut c)
         .await?;
-    let errors = error_replies(conn, streams, window_minutes).await?;
-    let mut businesses = Vec::new();
-    for (id, name, replies, fallbacks) in store.recent_activity(window_minutes).await? {
-        let errors = errors.get(&id).copied().unwrap_or(0);
-        let answered = (replies as f64 + errors as f64).max(1.0);
-        businesses.push(BusinessActivity {
-            fallback_ratio: fallbacks as f64 / (replies as f64).max(1.0),
-            error_ratio: errors as f64 / answered,
-            business_id: id,
-            name,
-            replies,
-            fallbacks,
-            errors,
-        });
-    }
-    Ok(Status {
+    Ok(ShardStatus {
+        shard: streams.shard.unwrap_or(0),
         stream: streams.inbound.clone(),
-        group: streams.group.clone(),
         group_exists: group.is_some(),
         lag: group.and_then(|g| g.lag),
         pending: group.map_or(0, |g| g.pending),
         consumers,
         queues_in_use,
         dead_letters,
-        dead_letter_limit: streams.dead_letter_maxlen as u64,
         events,
-        window_minutes,
-        businesses,
     })
+}
+
+/// Each consumer once, with what it holds on every shard and its shortest idle time.
+fn merged_consumers(shards: &[ShardStatus]) -> Vec<ConsumerInfo> {
+    let mut by_name: BTreeMap<&str, ConsumerInfo> = BTreeMap::new();
+    for c in shards.iter().flat_map(|s| &s.consumers) {
+        by_name
+            .entry(&c.name)
+            .and_modify(|m| {
+                m.pending += c.pending;
+                m.idle_ms = m.idle_ms.min(c.idle_ms);
+            })
+            .or_insert_with(|| c.clone());
+    }
+    by_name.into_values().collect()
+}
+
+/// The shards' stream events together: counts added up, the latest of every other field
+/// (times and entry ids sort as text).
+fn merged_events(shards: &[ShardStatus]) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in shards.iter().flat_map(|s| &s.events) {
+        let merged = match (out.get(k), v.parse::<u64>()) {
+            (Some(old), Ok(b)) if old.parse::<u64>().is_ok() => {
+                (old.parse::<u64>().unwrap_or(0) + b).to_string()
+            }
+            (Some(old), _) if old >= v => continue,
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), merged);
+    }
+    out
 }
 
 /// Error replies on the outbound stream in the window, by business id.
@@ -156,6 +235,41 @@ impl Status {
     }
 }
 
+impl Status {
+    /// Each shard's line (with several) and each consumer's.
+    fn fmt_shards_and_consumers(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.shards.len() > 1 {
+            for s in &self.shards {
+                let lag = s.lag.map_or("unknown".to_owned(), |l| l.to_string());
+                writeln!(
+                    f,
+                    "  shard {:>3} {}: lag {lag} · pending {} · queues {} · dead letters {}{}",
+                    s.shard,
+                    s.stream,
+                    s.pending,
+                    s.queues_in_use,
+                    s.dead_letters,
+                    if s.group_exists {
+                        ""
+                    } else {
+                        " · no group yet"
+                    }
+                )?;
+            }
+        }
+        for c in &self.consumers {
+            writeln!(
+                f,
+                "  consumer {:<32} holds {:>6} · idle {:.1} s",
+                c.name,
+                c.pending,
+                c.idle_ms as f64 / 1000.0
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if !self.group_exists {
@@ -172,15 +286,7 @@ impl std::fmt::Display for Status {
                 self.stream, self.group, self.pending
             )?;
         }
-        for c in &self.consumers {
-            writeln!(
-                f,
-                "  consumer {:<32} holds {:>6} · idle {:.1} s",
-                c.name,
-                c.pending,
-                c.idle_ms as f64 / 1000.0
-            )?;
-        }
+        self.fmt_shards_and_consumers(f)?;
         writeln!(f, "order queues in use: {}", self.queues_in_use)?;
         write!(
             f,

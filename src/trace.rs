@@ -101,40 +101,9 @@ pub async fn trace(
         .first()
         .map(|m| text(m, "message_id"))
         .unwrap_or_else(|| id.to_owned());
+    let shards = streams.all_shards();
     if let Some(inbound) = &inbound_id {
-        let reply: Value = redis::cmd("XRANGE")
-            .arg(&streams.inbound)
-            .arg(inbound)
-            .arg(inbound)
-            .query_async(&mut conn.clone())
-            .await?;
-        t.inbound = string_entries(reply)
-            .into_iter()
-            .next()
-            .map(|(id, fields)| Entry { id, fields });
-        let pending: redis::RedisResult<Value> = redis::cmd("XPENDING")
-            .arg(&streams.inbound)
-            .arg(&streams.group)
-            .arg(inbound)
-            .arg(inbound)
-            .arg(1)
-            .query_async(&mut conn.clone())
-            .await;
-        if let Ok(Value::Array(items)) = pending
-            && let Some(Value::Array(p)) = items.into_iter().next()
-        {
-            let s = |v: &Value| match v {
-                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => String::new(),
-            };
-            let n = |v: &Value| match v {
-                Value::Int(n) => u64::try_from(*n).unwrap_or(0),
-                _ => 0,
-            };
-            if p.len() == 4 {
-                t.pending = Some((s(&p[1]), n(&p[2]), n(&p[3])));
-            }
-        }
+        inbound_state(conn, &shards, inbound, &mut t).await?;
     }
     // Replies come after their inbound entry: scan from its time (or everything).
     let from = inbound_id
@@ -148,9 +117,64 @@ pub async fn trace(
             || f.get("message_id") == Some(&key)
             || f.get("log_id").map(String::as_str) == Some(id)
     };
-    t.replies = scan(conn, &streams.outbound, &from, matches).await?;
-    t.dead_letters = scan(conn, &streams.dead_letter, "-", matches).await?;
+    for shard in &shards {
+        t.replies
+            .extend(scan(conn, &shard.outbound, &from, matches).await?);
+        t.dead_letters
+            .extend(scan(conn, &shard.dead_letter, "-", matches).await?);
+    }
     Ok(t)
+}
+
+/// The inbound entry `inbound` (on whichever shard holds it) and its pending state.
+async fn inbound_state(
+    conn: &RedisConnection,
+    shards: &[StreamsConfig],
+    inbound: &str,
+    t: &mut Trace,
+) -> Result<(), StatusError> {
+    let mut streams = &shards[0];
+    // The shard whose stream holds the entry (the first, when none does any more).
+    for shard in shards {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&shard.inbound)
+            .arg(inbound)
+            .arg(inbound)
+            .query_async(&mut conn.clone())
+            .await?;
+        t.inbound = string_entries(reply)
+            .into_iter()
+            .next()
+            .map(|(id, fields)| Entry { id, fields });
+        if t.inbound.is_some() {
+            streams = shard;
+            break;
+        }
+    }
+    let pending: redis::RedisResult<Value> = redis::cmd("XPENDING")
+        .arg(&streams.inbound)
+        .arg(&streams.group)
+        .arg(inbound)
+        .arg(inbound)
+        .arg(1)
+        .query_async(&mut conn.clone())
+        .await;
+    if let Ok(Value::Array(items)) = pending
+        && let Some(Value::Array(p)) = items.into_iter().next()
+    {
+        let s = |v: &Value| match v {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        let n = |v: &Value| match v {
+            Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+            _ => 0,
+        };
+        if p.len() == 4 {
+            t.pending = Some((s(&p[1]), n(&p[2]), n(&p[3])));
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Display for Trace {

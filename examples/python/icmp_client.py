@@ -4,11 +4,17 @@ reply to that message arrives, deduplicating on `reply_id` (docs/protocol.md).
 
     python3 icmp_client.py --redis redis://127.0.0.1:63799/ --user alice "Hello!"
 
+With `--shards N` (the workers' `streams.shards`) the message goes to its user's shard and the
+reply is read from that shard's outbound stream (docs/protocol.md, "Shards"); `--print-shard`
+prints the shard and its stream names as JSON instead of sending.
+
 Prints the reply as JSON and exits 0 for `ok`/`fallback`, 1 for an `error` reply, 2 when no
 reply came in time.
 """
 
 import argparse
+import binascii
+import hashlib
 import json
 import sys
 import time
@@ -17,6 +23,39 @@ import uuid
 import redis
 
 DEMO_BUSINESS = "7d1f4c9e-2b1a-4e55-9a7c-0c0ffee00001"
+
+
+def shard_of(business, user, n):
+    """The user's shard among n: jump consistent hash of the first 8 bytes (big-endian) of
+    SHA-256 over "<business>:<user>", both canonical (docs/protocol.md, "Shards")."""
+    if n <= 1:
+        return 0
+    canonical = f"{uuid.UUID(business.strip())}:{user.strip()}"
+    key = int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")
+    bucket, j = -1, 0
+    while j < n:
+        bucket = j
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((bucket + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return bucket
+
+
+def shard_tag(s, n):
+    """Shard s's hash tag: the first "{s}of{n}-{j}" whose Redis Cluster slot (CRC16/XMODEM
+    modulo 16384, binascii.crc_hqx) is in the middle half of the s-th of n equal slot ranges."""
+    lo, hi = (4 * s + 1) * 16384 // (4 * n), (4 * s + 3) * 16384 // (4 * n)
+    j = 0
+    while not lo <= binascii.crc_hqx(f"{s}of{n}-{j}".encode(), 0) % 16384 < hi:
+        j += 1
+    return f"{s}of{n}-{j}"
+
+
+def shard_names(s, n, inbound, outbound, reply_prefix):
+    """The inbound and outbound streams and the reply_to prefix of shard s of n."""
+    if n <= 1:
+        return inbound, outbound, reply_prefix
+    tag = shard_tag(s, n)
+    return f"{inbound}:{{{tag}}}", f"{outbound}:{{{tag}}}", f"{reply_prefix}{{{tag}}}:"
 
 
 def send(client, inbound, business, user, content, message_id=None, conversation_id=None):
@@ -55,10 +94,21 @@ def main():
     parser.add_argument("--outbound", default="icmp:outbound")
     parser.add_argument("--business", default=DEMO_BUSINESS)
     parser.add_argument("--user", required=True)
+    parser.add_argument("--reply-prefix", default="icmp:reply:")
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--print-shard", action="store_true")
     parser.add_argument("--timeout", type=float, default=30.0)
-    parser.add_argument("content")
+    parser.add_argument("content", nargs="?", default="")
     args = parser.parse_args()
 
+    s = shard_of(args.business, args.user, args.shards)
+    args.inbound, args.outbound, reply_prefix = shard_names(
+        s, args.shards, args.inbound, args.outbound, args.reply_prefix
+    )
+    if args.print_shard:
+        print(json.dumps({"shard": s, "inbound": args.inbound, "outbound": args.outbound,
+                          "reply_prefix": reply_prefix}))
+        return 0
     client = redis.Redis.from_url(args.redis)
     # Replies published from now on: remember where the outbound stream ends before sending.
     newest = client.xrevrange(args.outbound, count=1)

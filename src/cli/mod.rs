@@ -13,6 +13,7 @@ mod migrate;
 mod mock_llm;
 mod replay;
 mod send;
+mod shard;
 mod status;
 mod trace;
 mod worker;
@@ -73,6 +74,10 @@ enum Command {
     /// entry, pending state, stored rows with step timings, LLM calls, transition, reply or
     /// dead letter (exit 1 when nothing is found).
     Trace(trace::Args),
+    /// Which inbound shard a user's messages go to (`streams.shards`), and the names of that
+    /// shard's streams: where a producer adds the user's entries, and the prefix its
+    /// `reply_to` streams must start with.
+    Shard(shard::Args),
     /// The group's lag and pending entries, consumers, order queues, dead letters, and each
     /// business's replies, fallbacks and errors over the last minutes.
     Status(status::Args),
@@ -121,6 +126,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Replay(args) => replay::run(&operator(), args).await,
         Command::Conversation { action } => conversation::run(&operator(), action).await,
         Command::Trace(args) => trace::run(&operator(), args).await,
+        Command::Shard(args) => shard::run(&config.streams, &args),
         Command::Status(args) => status::run(&operator(), args).await,
         Command::Console(args) => console::run(&operator(), args).await,
         Command::Dlq { action } => dlq::run(&operator(), action).await,

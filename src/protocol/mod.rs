@@ -4,11 +4,13 @@
 //!
 //! - [`inbound`]: raw entry → [`InboundMessage`] or a coded validation error; canonical ids;
 //! - [`reply`]: the reply published for every entry;
-//! - [`dead_letter`]: what a dead-lettered entry carries, and what a replay puts back.
+//! - [`dead_letter`]: what a dead-lettered entry carries, and what a replay puts back;
+//! - [`shard`]: which shard of the inbound stream a user's messages go to, and its names.
 
 pub mod dead_letter;
 pub mod inbound;
 pub mod reply;
+pub mod shard;
 
 pub use inbound::InboundMessage;
 pub use reply::{Reply, ReplyStatus};

@@ -92,11 +92,37 @@ impl DeadLetter {
     }
 }
 
-/// The oldest dead letters that match `filter`, up to `count` (the whole stream is scanned in
-/// pages).
+/// The oldest dead letters that match `filter`, up to `count`, over every shard's dead-letter
+/// stream (each scanned in pages).
 pub async fn find(
     conn: &RedisConnection,
     streams: &StreamsConfig,
+    filter: &Filter,
+    count: usize,
+) -> Result<Vec<DeadLetter>, StreamError> {
+    let mut all = Vec::new();
+    for shard in streams.all_shards() {
+        all.extend(find_in(conn, &shard.dead_letter, filter, count).await?);
+    }
+    Ok(oldest(all, count))
+}
+
+/// The oldest `count` of dead letters of several streams (ids are times).
+fn oldest(mut letters: Vec<DeadLetter>, count: usize) -> Vec<DeadLetter> {
+    letters.sort_by_key(|d| {
+        let (ms, seq) = d.id.split_once('-').unwrap_or((&d.id, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    });
+    letters.truncate(count);
+    letters
+}
+
+async fn find_in(
+    conn: &RedisConnection,
+    dead_letter: &str,
     filter: &Filter,
     count: usize,
 ) -> Result<Vec<DeadLetter>, StreamError> {
@@ -104,7 +130,7 @@ pub async fn find(
     let mut out = Vec::new();
     let mut from = "-".to_owned();
     while out.len() < count {
-        let page = range(conn, &streams.dead_letter, &from, "+", 500).await?;
+        let page = range(conn, dead_letter, &from, "+", 500).await?;
         let Some(last) = page.last().map(|d| d.id.clone()) else {
             break;
         };
@@ -122,19 +148,35 @@ pub async fn find(
     Ok(out)
 }
 
-/// One dead letter by its stream id.
+/// One dead letter by its stream id (on whichever shard holds it).
 pub async fn show(
     conn: &RedisConnection,
     streams: &StreamsConfig,
     id: &str,
 ) -> Result<Option<DeadLetter>, StreamError> {
-    Ok(range(conn, &streams.dead_letter, id, id, 1)
-        .await?
-        .into_iter()
-        .find(|d| d.id == id))
+    Ok(locate(conn, streams, id).await?.map(|(_, d)| d))
 }
 
-/// Deletes the given dead letters; returns the ids that were there.
+/// The shard whose dead-letter stream holds `id`, and the dead letter.
+async fn locate(
+    conn: &RedisConnection,
+    streams: &StreamsConfig,
+    id: &str,
+) -> Result<Option<(StreamsConfig, DeadLetter)>, StreamError> {
+    for shard in streams.all_shards() {
+        let found = range(conn, &shard.dead_letter, id, id, 1)
+            .await?
+            .into_iter()
+            .find(|d| d.id == id);
+        if let Some(d) = found {
+            return Ok(Some((shard, d)));
+        }
+    }
+    Ok(None)
+}
+
+/// Deletes the given dead letters (from every shard's stream); returns the ids that were
+/// there.
 pub async fn purge(
     conn: &RedisConnection,
     streams: &StreamsConfig,
@@ -142,29 +184,36 @@ pub async fn purge(
 ) -> Result<Vec<String>, StreamError> {
     let mut removed = Vec::new();
     for id in ids {
-        let n: u64 = redis::cmd("XDEL")
-            .arg(&streams.dead_letter)
-            .arg(id)
-            .query_async(&mut conn.clone())
-            .await?;
-        if n == 1 {
-            removed.push(id.clone());
+        for shard in streams.all_shards() {
+            let n: u64 = redis::cmd("XDEL")
+                .arg(&shard.dead_letter)
+                .arg(id)
+                .query_async(&mut conn.clone())
+                .await?;
+            if n == 1 {
+                removed.push(id.clone());
+                break;
+            }
         }
     }
     Ok(removed)
 }
 
-/// The oldest `count` dead letters.
+/// The oldest `count` dead letters, over every shard.
 pub async fn list(
     conn: &RedisConnection,
     streams: &StreamsConfig,
     count: usize,
 ) -> Result<Vec<DeadLetter>, StreamError> {
-    range(conn, &streams.dead_letter, "-", "+", count).await
+    let mut all = Vec::new();
+    for shard in streams.all_shards() {
+        all.extend(range(conn, &shard.dead_letter, "-", "+", count).await?);
+    }
+    Ok(oldest(all, count))
 }
 
-/// Moves the given dead letters back onto the inbound stream (each in one `MULTI`: XADD to
-/// inbound, XDEL from the dead-letter stream). Returns the ids that were found and replayed.
+/// Moves the given dead letters back onto their shard's inbound stream (each in one `MULTI`:
+/// XADD to inbound, XDEL from the dead-letter stream, both in the shard's slot). Returns the ids that were found and replayed.
 /// A `stream.trimmed` dead letter is not replayed (the message's text was trimmed away with
 /// its entry: there is nothing to answer); it stays until purged.
 pub async fn replay(
@@ -174,11 +223,8 @@ pub async fn replay(
 ) -> Result<Vec<String>, StreamError> {
     let mut replayed = Vec::new();
     for id in ids {
-        let Some(letter) = range(conn, &streams.dead_letter, id, id, 1)
-            .await?
-            .into_iter()
-            .find(|l| &l.id == id)
-        else {
+        // Back onto the shard it came from, which is its user's.
+        let Some((streams, letter)) = locate(conn, streams, id).await? else {
             continue;
         };
         if letter.field("error_code") == crate::worker::TRIMMED {

@@ -318,8 +318,9 @@ pub fn stream_event(event: StreamEvent, n: u64) {
     }
 }
 
-pub fn held(n: usize) {
-    gauge!(HELD_ENTRIES).set(n as f64);
+/// Entries the loop of inbound shard `shard` holds.
+pub fn held(shard: u32, n: usize) {
+    gauge!(HELD_ENTRIES, "shard" => shard.to_string()).set(n as f64);
 }
 
 pub fn dead_letter() {
@@ -330,17 +331,21 @@ pub fn inflight(n: usize) {
     gauge!(INFLIGHT_MESSAGES).set(n as f64);
 }
 
-pub fn stream_state(pending: u64, lag: Option<u64>) {
-    gauge!(STREAM_PENDING).set(pending as f64);
+/// The group's pending entries and lag on inbound shard `shard`.
+pub fn stream_state(shard: u32, pending: u64, lag: Option<u64>) {
+    let shard = shard.to_string();
+    gauge!(STREAM_PENDING, "shard" => shard.clone()).set(pending as f64);
     if let Some(lag) = lag {
-        gauge!(STREAM_LAG).set(lag as f64);
+        gauge!(STREAM_LAG, "shard" => shard).set(lag as f64);
     }
 }
 
-/// The dead letters waiting, and their share of the dead-letter stream's bound.
-pub fn dead_letters_waiting(n: u64, maxlen: u64) {
-    gauge!(DEAD_LETTER_ENTRIES).set(n as f64);
-    gauge!(DEAD_LETTER_FILL_RATIO).set(n as f64 / maxlen.max(1) as f64);
+/// The dead letters waiting on shard `shard`, and their share of the dead-letter stream's
+/// bound.
+pub fn dead_letters_waiting(shard: u32, n: u64, maxlen: u64) {
+    let shard = shard.to_string();
+    gauge!(DEAD_LETTER_ENTRIES, "shard" => shard.clone()).set(n as f64);
+    gauge!(DEAD_LETTER_FILL_RATIO, "shard" => shard).set(n as f64 / maxlen.max(1) as f64);
 }
 
 pub fn db_pool(idle: usize, busy: usize) {

@@ -6,10 +6,12 @@
 //! - [`run`](Worker::run): the loop: reading, reclaiming, the heartbeat, retention, and the
 //!   waiting room that starts each user's entries in stream order;
 //! - `room`: the waiting room (which held entry waits, which is ready, which runs);
+//! - [`slots`]: the processing slots the shard loops of one process share, fairly;
 //! - this module: one entry's path, from decoding to the fenced finish.
 
 mod room;
 mod run;
+pub mod slots;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use uuid::Uuid;
 
 use crate::cache::CacheWrite;
 use crate::config::Config;
-use crate::error::{Classify, PipelineError, StreamError};
+use crate::error::{Classify, PipelineError, StreamError, ValidationError};
 use crate::llm::LlmService;
 use crate::model::{AnswerStatus, Business};
 use crate::pipeline::{Attempt, MessageHandler, Processed, failpoint};
@@ -126,6 +128,10 @@ pub struct Worker<L> {
     config: Config,
     finish_retry: RetryPolicy,
     stats: Arc<WorkerStats>,
+    /// The processing slots, shared with the process's other shard loops, and this loop's
+    /// place among them.
+    slots: Arc<slots::Slots>,
+    place: usize,
 }
 
 impl<L> std::fmt::Debug for Worker<L> {
@@ -156,11 +162,28 @@ impl<L: LlmService> Worker<L> {
         Worker {
             finish_retry: RetryPolicy::new(config.retry.clone()),
             stats: Arc::new(WorkerStats::default()),
+            slots: slots::Slots::new(config.worker.concurrency, 1),
+            place: 0,
             handler,
             streams,
             wake_ups,
             config,
         }
+    }
+
+    /// This worker as the loop of one shard among several of one process: at `place` in
+    /// `slots`, counting into `stats`.
+    #[must_use]
+    pub fn sharing(
+        mut self,
+        slots: Arc<slots::Slots>,
+        place: usize,
+        stats: Arc<WorkerStats>,
+    ) -> Self {
+        self.slots = slots;
+        self.place = place;
+        self.stats = stats;
+        self
     }
 
     /// Processes one entry whose turn has come (or that has no queue) and carries out what its
@@ -212,13 +235,7 @@ impl<L: LlmService> Worker<L> {
         entry: &StreamEntry,
         log_id: Uuid,
     ) -> (EntryOutcome, Option<MessageOutcome>) {
-        let decoded = protocol::inbound::decode(
-            &entry.id,
-            &entry.fields,
-            &self.config.limits,
-            &self.config.streams.reply_prefix,
-        );
-        let msg = match decoded {
+        let msg = match self.decode(&entry.id, &entry.fields) {
             Ok(msg) => msg,
             Err(e) => return self.reject(entry, &PipelineError::from(e), log_id).await,
         };
@@ -237,6 +254,19 @@ impl<L: LlmService> Worker<L> {
         }
         let processed = self.process(entry, &msg, log_id, attempt).await;
         self.conclude(entry, &msg, processed, attempt, log_id).await
+    }
+
+    /// An entry's message, valid and on its user's shard.
+    fn decode(
+        &self,
+        id: &str,
+        fields: &protocol::RawFields,
+    ) -> Result<InboundMessage, ValidationError> {
+        let streams = &self.config.streams;
+        let msg =
+            protocol::inbound::decode(id, fields, &self.config.limits, &streams.reply_prefix)?;
+        protocol::shard::check(&msg, streams)?;
+        Ok(msg)
     }
 
     /// Counts a processing attempt of the entry. Poison protection counts attempts, not
@@ -517,12 +547,7 @@ impl<L: LlmService> Worker<L> {
         room = room.saturating_sub(msg.content.len());
         let mut followers = Vec::new();
         for (id, fields) in waiting {
-            let Ok(next) = protocol::inbound::decode(
-                &id,
-                &fields,
-                &self.config.limits,
-                &self.config.streams.reply_prefix,
-            ) else {
+            let Ok(next) = self.decode(&id, &fields) else {
                 break;
             };
             // One turn has one reply destination: a later message that wants its answer

@@ -19,7 +19,7 @@ use futures::FutureExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -87,7 +87,6 @@ impl<L: LlmService> Worker<L> {
             "worker started"
         );
 
-        let slots = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
         let poll_every = Duration::from_millis(self.config.worker.queue_poll_ms.max(10));
         let mut poll =
@@ -109,10 +108,11 @@ impl<L: LlmService> Worker<L> {
                     let n = room.touch_quiet(poll_every);
                     WorkerStats::add(&self.stats.polled_checks, n as u64);
                 }
+                () = self.slots.freed(self.place) => {}
                 _ = gauges.tick() => {
                     let worker = self.clone();
-                    let (running, held) = (concurrency - slots.available_permits(), room.len());
-                    tokio::spawn(async move { worker.gauges(running, held).await });
+                    let held = room.len();
+                    tokio::spawn(async move { worker.gauges(held).await });
                 }
                 // Checks left over from the last turn: continue once events are taken in.
                 () = tokio::task::yield_now(), if room.has_checks() => {}
@@ -130,7 +130,7 @@ impl<L: LlmService> Worker<L> {
                 // Redis failed: back off (a stop seen here ends the loop at its top).
                 let _ = head_backoff.wait(&stop).await;
             }
-            self.start_ready(&mut room, &slots, &mut tasks, &events_tx);
+            self.start_ready(&mut room, &mut tasks, &events_tx);
             occupancy.held.store(room.len(), Ordering::Relaxed);
             occupancy
                 .ready
@@ -168,11 +168,14 @@ impl<L: LlmService> Worker<L> {
                 .heartbeat_loop(room.shared_ids(), events.clone(), stop.clone()),
         );
         helpers.spawn(self.clone().retention_loop(stop.clone()));
-        helpers.spawn(crate::definitions::live::watch_definitions(
-            self.handler.store().clone(),
-            self.handler.cache().clone(),
-            stop.clone(),
-        ));
+        // One watch per process, however many shards it reads.
+        if self.place == 0 {
+            helpers.spawn(crate::definitions::live::watch_definitions(
+                self.handler.store().clone(),
+                self.handler.cache().clone(),
+                stop.clone(),
+            ));
+        }
         if let Some(client) = self.wake_ups.clone() {
             let (worker, stop) = (self.clone(), stop.clone());
             helpers.spawn(async move {
@@ -234,14 +237,18 @@ impl<L: LlmService> Worker<L> {
     fn start_ready(
         self: &Arc<Self>,
         room: &mut Room,
-        slots: &Arc<Semaphore>,
         tasks: &mut JoinSet<()>,
         events: &mpsc::UnboundedSender<Event>,
     ) {
-        while let Ok(permit) = slots.clone().try_acquire_owned() {
+        let cap = self.business_cap();
+        while let Some(permit) = self
+            .slots
+            .try_take(self.place, || room.startable_len(&cap) > 0)
+        {
             let token = CancellationToken::new();
-            let Some((entry, needs_fields)) = room.start_next(&token, self.business_cap()) else {
+            let Some((entry, needs_fields)) = room.start_next(&token, &cap) else {
                 drop(permit);
+                self.slots.idle(self.place);
                 break;
             };
             let worker = self.clone();
@@ -600,14 +607,16 @@ impl<L: LlmService> Worker<L> {
         }
     }
 
-    async fn gauges(&self, running: usize, held: usize) {
-        metrics::inflight(running);
-        metrics::held(held);
+    async fn gauges(&self, held: usize) {
+        let shard = self.config.streams.shard.unwrap_or(0);
+        metrics::inflight(self.slots.running());
+        metrics::held(shard, held);
         if let Ok((pending, lag)) = self.streams.group_state().await {
-            metrics::stream_state(pending, lag);
+            metrics::stream_state(shard, pending, lag);
         }
         if let Ok(n) = self.streams.dead_letters_waiting().await {
-            metrics::dead_letters_waiting(n, self.config.streams.dead_letter_maxlen as u64);
+            let maxlen = self.config.streams.dead_letter_maxlen as u64;
+            metrics::dead_letters_waiting(shard, n, maxlen);
         }
         let (idle, busy) = self.handler.store().pool_usage();
         metrics::db_pool(idle, busy);

@@ -16,10 +16,10 @@ use crate::reliability::{
 };
 
 /// Failovers change the cluster every cluster test shares: one test at a time.
-static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The URLs of the cluster's nodes, starting it when it does not run.
-fn cluster_urls() -> Vec<String> {
+pub(crate) fn cluster_urls() -> Vec<String> {
     services_sh("cluster")["ICMP_TEST_REDIS_CLUSTER_URLS"]
         .split(',')
         .map(str::to_owned)
@@ -48,7 +48,7 @@ async fn node(url: &str) -> redis::aio::MultiplexedConnection {
 }
 
 /// The nodes (`host:port`) that serve `key`'s slot, its master first, from `CLUSTER SLOTS`.
-async fn nodes_serving(seed: &str, key: &str) -> Vec<String> {
+pub(crate) async fn nodes_serving(seed: &str, key: &str) -> Vec<String> {
     let mut conn = node(seed).await;
     let slot: i64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")

@@ -319,11 +319,17 @@ impl TestApp {
         )
     }
 
-    /// XADDs raw fields to the inbound stream; returns the entry id.
+    /// XADDs raw fields to the inbound stream (the first shard's); returns the entry id.
     pub async fn xadd(&self, fields: &[(&str, &[u8])]) -> String {
+        let inbound = self.config.streams.shard(0).inbound;
+        self.xadd_on(&inbound, fields).await
+    }
+
+    /// XADDs raw fields to `stream`; returns the entry id.
+    pub async fn xadd_on(&self, stream: &str, fields: &[(&str, &[u8])]) -> String {
         self.redis
             .clone()
-            .xadd(&self.config.streams.inbound, "*", fields)
+            .xadd(stream, "*", fields)
             .await
             .expect("xadd")
     }
@@ -341,12 +347,19 @@ impl TestApp {
         message_id: &str,
         content: &str,
     ) -> String {
-        self.xadd(&[
-            ("business_id", business.as_bytes()),
-            ("user_id", user.as_bytes()),
-            ("message_id", message_id.as_bytes()),
-            ("content", content.as_bytes()),
-        ])
+        let inbound = match icmp::protocol::inbound::canonical_business(business) {
+            Some(b) => self.config.streams.for_user(&b, user.trim_ascii()).inbound,
+            None => self.config.streams.shard(0).inbound,
+        };
+        self.xadd_on(
+            &inbound,
+            &[
+                ("business_id", business.as_bytes()),
+                ("user_id", user.as_bytes()),
+                ("message_id", message_id.as_bytes()),
+                ("content", content.as_bytes()),
+            ],
+        )
         .await
     }
 
@@ -485,8 +498,31 @@ impl TestApp {
         self.try_send_many_to(DEMO_BUSINESS, messages).await
     }
 
+    /// Each user's messages go to the user's shard: one pipeline per shard and 500 messages
+    /// (a pipeline on a cluster stays in one slot).
     async fn try_send_many_to(
         &self,
+        business: &str,
+        messages: &[(String, String, String)],
+    ) -> redis::RedisResult<()> {
+        let id = icmp::protocol::inbound::canonical_business(business);
+        let mut by_shard: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+        for m in messages {
+            let inbound = match &id {
+                Some(b) => self.config.streams.for_user(b, m.0.trim_ascii()).inbound,
+                None => self.config.streams.shard(0).inbound,
+            };
+            by_shard.entry(inbound).or_default().push(m.clone());
+        }
+        for (inbound, messages) in by_shard {
+            self.send_all_on(&inbound, business, &messages).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_all_on(
+        &self,
+        inbound: &str,
         business: &str,
         messages: &[(String, String, String)],
     ) -> redis::RedisResult<()> {
@@ -494,7 +530,7 @@ impl TestApp {
             let mut pipe = redis::pipe();
             for (user, id, content) in chunk {
                 pipe.xadd(
-                    &self.config.streams.inbound,
+                    inbound,
                     "*",
                     &[
                         ("business_id", business),
@@ -512,25 +548,38 @@ impl TestApp {
 
     /// Entries delivered to the group and not acknowledged (`i64::MAX` while Redis cannot
     /// tell, e.g. during a restart).
+    /// Over every shard.
     pub async fn pending(&self) -> i64 {
-        let s = &self.config.streams;
-        let summary: Result<redis::Value, _> = redis::cmd("XPENDING")
-            .arg(&s.inbound)
-            .arg(&s.group)
-            .query_async(&mut self.redis.clone())
-            .await;
-        match summary {
-            Ok(redis::Value::Array(items)) => match items.first() {
-                Some(redis::Value::Int(n)) => *n,
-                _ => i64::MAX,
-            },
-            _ => i64::MAX,
+        let mut total = 0i64;
+        for s in self.config.streams.all_shards() {
+            let summary: Result<redis::Value, _> = redis::cmd("XPENDING")
+                .arg(&s.inbound)
+                .arg(&s.group)
+                .query_async(&mut self.redis.clone())
+                .await;
+            match summary {
+                Ok(redis::Value::Array(items)) => match items.first() {
+                    Some(redis::Value::Int(n)) => total = total.saturating_add(*n),
+                    _ => return i64::MAX,
+                },
+                _ => return i64::MAX,
+            }
         }
+        total
     }
 
-    /// The replies on the outbound stream whose `message_id` is `id`, in stream order.
+    /// Every entry of every shard's outbound stream, shard by shard, each in stream order.
+    pub async fn outbound_entries(&self) -> Vec<HashMap<String, String>> {
+        let mut all = Vec::new();
+        for s in self.config.streams.all_shards() {
+            all.extend(self.entries(&s.outbound).await);
+        }
+        all
+    }
+
+    /// The replies on the outbound streams whose `message_id` is `id`, in stream order.
     pub async fn replies_of(&self, id: &str) -> Vec<HashMap<String, String>> {
-        self.entries(&self.config.streams.outbound)
+        self.outbound_entries()
             .await
             .into_iter()
             .filter(|e| e["message_id"] == id)
@@ -577,9 +626,27 @@ impl TestApp {
     ) -> HashMap<String, Vec<HashMap<String, String>>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut conn = self.redis.clone();
-        let mut last = "0".to_owned();
+        let outbound: Vec<String> = self
+            .config
+            .streams
+            .all_shards()
+            .into_iter()
+            .map(|s| s.outbound)
+            .collect();
+        // One read per shard (a cluster serves one slot per command), blocking only with one.
+        let block = if outbound.len() == 1 { 200 } else { 0 };
+        let mut lasts = vec!["0".to_owned(); outbound.len()];
         let mut got: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
+        let mut turn = 0;
         while ids.iter().any(|id| !got.contains_key(id)) {
+            turn += 1;
+            let (stream, last) = (
+                &outbound[turn % outbound.len()],
+                &mut lasts[turn % outbound.len()],
+            );
+            if block == 0 && turn % outbound.len() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             if tokio::time::Instant::now() > deadline {
                 let missing = ids.iter().filter(|id| !got.contains_key(*id)).count();
                 panic!(
@@ -587,9 +654,12 @@ impl TestApp {
                     ids.len()
                 );
             }
-            let opts = StreamReadOptions::default().count(1000).block(200);
+            let mut opts = StreamReadOptions::default().count(1000);
+            if block > 0 {
+                opts = opts.block(block);
+            }
             let reply: Result<Option<StreamReadReply>, _> = conn
-                .xread_options(&[&self.config.streams.outbound], &[&last], &opts)
+                .xread_options(&[stream.as_str()], &[last.as_str()], &opts)
                 .await;
             let Ok(reply) = reply else {
                 // Redis may be restarting in some tests.
@@ -598,7 +668,7 @@ impl TestApp {
             };
             for key in reply.map(|r| r.keys).unwrap_or_default() {
                 for entry in key.ids {
-                    last = entry.id.clone();
+                    last.clone_from(&entry.id);
                     let fields = strings(entry.map);
                     got.entry(fields["message_id"].clone())
                         .or_default()
@@ -609,7 +679,7 @@ impl TestApp {
         self.settle(deadline.saturating_duration_since(tokio::time::Instant::now()))
             .await;
         let mut all: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
-        for mut e in self.entries(&self.config.streams.outbound).await {
+        for mut e in self.outbound_entries().await {
             e.remove("__id");
             all.entry(e["message_id"].clone()).or_default().push(e);
         }

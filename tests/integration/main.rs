@@ -28,6 +28,7 @@ mod pipeline;
 mod processes;
 mod reliability;
 mod secrets;
+mod shards;
 mod soak;
 mod stream_guarantees;
 mod tls;

@@ -76,7 +76,7 @@ async fn a_worker_serves_metrics_and_health_and_never_logs_secrets() {
 
 /// Runs `icmp ARGS` against `config`'s streams with `input` on stdin; returns its stdout after
 /// checking it succeeded.
-async fn run_icmp(config: &icmp::config::Config, args: &[&str], input: &[u8]) -> String {
+pub(crate) async fn run_icmp(config: &icmp::config::Config, args: &[&str], input: &[u8]) -> String {
     let (ok, stdout, stderr) = run_icmp_status(config, args, input).await;
     assert!(ok, "{stdout} {stderr}");
     stdout

@@ -1,0 +1,294 @@
+//! Sharded inbound streams (`streams.shards`): every shard a stream of its own with its own
+//! hash tag, each user's messages on the user's shard, every worker reading every shard. On one
+//! Redis and on the 3 + 3 cluster (one shard per master): every message answered exactly once,
+//! in its user's order, on its own shard's streams; an entry on the wrong shard is answered
+//! with `validation.wrong_shard` and stores nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use icmp::config::{Config, RedactedUrl, RedisMode};
+use icmp::llm::mock::MockOptions;
+use icmp::protocol::shard::shard_of;
+
+use crate::cluster::{CLUSTER, cluster_urls, nodes_serving};
+use crate::helpers::{DEMO_BUSINESS, TestApp, spawn_env};
+use crate::operator::run_icmp;
+use crate::reliability::{
+    assert_exactly_once, assert_stored_in_order, ids, quick_recovery, workload,
+};
+
+fn demo() -> uuid::Uuid {
+    uuid::Uuid::parse_str(DEMO_BUSINESS).expect("demo business id")
+}
+
+/// Three shards; the streams named as the isolated configuration names them, without a tag.
+fn three_shards(c: &mut Config) {
+    quick_recovery(c);
+    c.streams.shards = 3;
+}
+
+/// Sends `messages`, waits for every reply, and checks the account: one `ok` reply per
+/// message, on the outbound stream of its user's shard, nothing stored twice or out of order,
+/// nothing pending and no dead letters on any shard.
+async fn assert_answered_on_their_shards(app: &TestApp, messages: &[(String, String, String)]) {
+    app.send_many(messages).await;
+    let all = ids(messages);
+    let replies = app.wait_all(&all, Duration::from_secs(120)).await;
+    for id in &all {
+        let r = &replies[id];
+        assert_eq!(r.len(), 1, "{id}: one reply, got {r:?}");
+        assert_eq!(r[0]["status"], "ok", "{id}: {:?}", r[0]);
+    }
+    assert_eq!(replies.len(), all.len(), "no reply to anything else");
+    assert_exactly_once(app, all.len()).await;
+    assert_stored_in_order(app).await;
+    let mut per_shard = Vec::new();
+    for shard in app.config.streams.all_shards() {
+        let s = shard.shard.expect("a shard");
+        let on_it = app.entries(&shard.outbound).await;
+        for reply in &on_it {
+            let user = &reply["user_id"];
+            assert_eq!(
+                shard_of(&demo(), user, shard.shards),
+                s,
+                "{user}'s reply on shard {s}"
+            );
+        }
+        per_shard.push(on_it.len());
+        assert!(
+            app.entries(&shard.dead_letter).await.is_empty(),
+            "shard {s}: dead letters"
+        );
+    }
+    assert!(
+        per_shard.iter().all(|n| *n > 0),
+        "every shard carried some: {per_shard:?}"
+    );
+    assert_eq!(app.pending().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_shards_every_message_is_answered_once_in_order_on_its_users_shard() {
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 2,
+            ..Default::default()
+        },
+        three_shards,
+    )
+    .await;
+    let w0 = app.start_worker("w0").await;
+    app.start_worker("w1").await;
+    assert_answered_on_their_shards(&app, &workload("sh", 30, 4)).await;
+    // One set of counters per process, over its shards.
+    assert!(icmp::worker::WorkerStats::get(&w0.stats().replied) > 0);
+
+    // `icmp status` shows each shard, and the totals over them.
+    let status = icmp::status::read(
+        &app.redis,
+        &app.config.redis,
+        &app.config.streams,
+        &app.store,
+        5,
+    )
+    .await
+    .expect("status");
+    assert_eq!(status.shards.len(), 3);
+    assert!(
+        status
+            .shards
+            .iter()
+            .all(|s| s.group_exists && s.pending == 0)
+    );
+    assert_eq!(status.lag, Some(0));
+    let names: HashSet<&str> = status.shards.iter().map(|s| s.stream.as_str()).collect();
+    assert_eq!(names.len(), 3);
+    let text = status.to_string();
+    assert!(text.contains("shard   2 "), "{text}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_on_the_wrong_shard_is_refused_and_stores_nothing_and_its_user_goes_on() {
+    let app = spawn_env(MockOptions::default(), three_shards).await;
+    let mut app = app;
+    app.start_worker("w0").await;
+    let user = "wrong-shard-user";
+    let right = shard_of(&demo(), user, 3);
+    let wrong = app.config.streams.shard((right + 1) % 3);
+    // On the wrong shard, with a reply_to in that shard's slot: the error goes there.
+    let reply_to = format!("{}misdirected", wrong.reply_prefix);
+    app.xadd_on(
+        &wrong.inbound,
+        &[
+            ("business_id", DEMO_BUSINESS.as_bytes()),
+            ("user_id", user.as_bytes()),
+            ("message_id", b"ws-1"),
+            ("content", b"Hello"),
+            ("reply_to", reply_to.as_bytes()),
+        ],
+    )
+    .await;
+    let err = app.reply_on(&reply_to, "ws-1").await;
+    assert_eq!(err["status"], "error");
+    assert_eq!(err["error_code"], "validation.wrong_shard");
+    let home = app.config.streams.shard(right).inbound;
+    assert!(err["error"].contains(&home), "{err:?}");
+    // A reply_to in another shard's slot is refused too (its finish could not publish there).
+    let elsewhere = format!("{}x", app.config.streams.shard(right).reply_prefix);
+    app.xadd_on(
+        &wrong.inbound,
+        &[
+            ("business_id", DEMO_BUSINESS.as_bytes()),
+            ("user_id", user.as_bytes()),
+            ("message_id", b"ws-2"),
+            ("content", b"Hello"),
+            ("reply_to", elsewhere.as_bytes()),
+        ],
+    )
+    .await;
+    let err = app.reply_on(&wrong.outbound, "ws-2").await;
+    assert_eq!(
+        err["error_code"], "validation.reply_to_not_allowed",
+        "{err:?}"
+    );
+    // Nothing of either was stored; sent to its shard, the same message is answered.
+    let stored = "SELECT count(*) FROM messages WHERE idempotency_key LIKE 'ws-%'";
+    assert_eq!(app.count(stored, &[]).await, 0);
+    app.send(user, "ws-1", "Hello").await;
+    let ok = app
+        .reply_on(&app.config.streams.shard(right).outbound, "ws-1")
+        .await;
+    assert_eq!(ok["status"], "ok", "{ok:?}");
+    app.settle(Duration::from_secs(10)).await;
+    assert_eq!(
+        app.count(stored, &[]).await,
+        2,
+        "one user and one assistant row"
+    );
+    assert_eq!(
+        app.replies_of("ws-1").await.len(),
+        1,
+        "once on its own shard"
+    );
+    app.stop().await;
+}
+
+/// Cluster mode through `seed`, three shards, streams named without a tag (each shard adds
+/// its own).
+fn sharded_on_cluster(c: &mut Config, seed: &str) {
+    three_shards(c);
+    c.redis.mode = RedisMode::Cluster;
+    c.redis.url = RedactedUrl::new(seed.to_owned());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_three_shards_live_on_three_masters_and_answer_once_in_order() {
+    let _one = CLUSTER.lock().await;
+    let urls = cluster_urls();
+    let seed = urls[0].clone();
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 2,
+            ..Default::default()
+        },
+        |c| sharded_on_cluster(c, &seed),
+    )
+    .await;
+    let mut masters = HashMap::new();
+    for shard in app.config.streams.all_shards() {
+        let master = nodes_serving(&seed, &shard.inbound).await[0].clone();
+        masters.insert(master, shard.inbound);
+    }
+    assert_eq!(masters.len(), 3, "one shard per master: {masters:?}");
+    app.start_worker("w0").await;
+    app.start_worker("w1").await;
+    assert_answered_on_their_shards(&app, &workload("cs", 30, 4)).await;
+    app.stop().await;
+}
+
+/// The Python example computes every user's shard and names as the worker does, and its
+/// message to a sharded deployment is answered on its user's shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_names_the_same_shard_and_is_answered_there() {
+    let mut app = spawn_env(MockOptions::default(), three_shards).await;
+    app.start_worker("w0").await;
+    let s = &app.config.streams;
+    let python = |args: Vec<String>| {
+        let url = app.config.redis.url.expose().to_owned();
+        let (inbound, outbound) = (s.inbound.clone(), s.outbound.clone());
+        let reply_prefix = s.reply_prefix.clone();
+        async move {
+            tokio::process::Command::new("python3")
+                .arg(crate::helpers::root().join("examples/python/icmp_client.py"))
+                .args([
+                    "--redis",
+                    &url,
+                    "--inbound",
+                    &inbound,
+                    "--outbound",
+                    &outbound,
+                ])
+                .args([
+                    "--reply-prefix",
+                    &reply_prefix,
+                    "--shards",
+                    "3",
+                    "--timeout",
+                    "30",
+                ])
+                .args(args)
+                .output()
+                .await
+                .expect("python3 (the test command installs redis-py)")
+        }
+    };
+    for user in ["alice", "bob", "heidi", " padded ", "Zoë", "user-42"] {
+        let out = python(vec!["--user".into(), user.into(), "--print-shard".into()]).await;
+        let named: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let ours = s.for_user(&demo(), user.trim_ascii());
+        assert_eq!(named["shard"], ours.shard.expect("a shard"), "{user}");
+        assert_eq!(named["inbound"], ours.inbound, "{user}");
+        assert_eq!(named["outbound"], ours.outbound, "{user}");
+        assert_eq!(named["reply_prefix"], ours.reply_prefix, "{user}");
+    }
+    let out = python(vec![
+        "--user".into(),
+        "pia".into(),
+        "Hello from Python".into(),
+    ])
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON reply");
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let home = s.for_user(&demo(), "pia").outbound;
+    assert_eq!(app.entries(&home).await.len(), 1, "answered on pia's shard");
+    // `icmp shard` names the same, and `icmp send` is answered through its user's shard.
+    let bob = s.for_user(&demo(), "bob");
+    let named = run_icmp(&app.config, &["shard", DEMO_BUSINESS, "bob", "--json"], b"").await;
+    let named: serde_json::Value = serde_json::from_str(&named).expect("json");
+    assert_eq!(named["inbound"], bob.inbound);
+    assert_eq!(named["reply_prefix"], bob.reply_prefix);
+    let sent = run_icmp(
+        &app.config,
+        &["send", "--user", "bob", "Hello from icmp send"],
+        b"",
+    )
+    .await;
+    assert!(sent.contains("Hello from icmp send"), "{sent}");
+    // Its entry is on bob's shard, acknowledged there.
+    let on_bobs = app.entries(&bob.inbound).await;
+    assert!(
+        on_bobs
+            .iter()
+            .any(|e| e["content"] == "Hello from icmp send"),
+        "{on_bobs:?}"
+    );
+    app.stop().await;
+}
