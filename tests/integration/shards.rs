@@ -292,3 +292,50 @@ async fn the_python_client_names_the_same_shard_and_is_answered_there() {
     );
     app.stop().await;
 }
+
+/// A hot shard does not starve a quiet one: with two processing slots busy on a backlog of
+/// shard A, a message on shard B takes the next slot that frees, long before the backlog is
+/// done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_on_a_quiet_shard_is_not_starved_by_a_hot_one() {
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 300,
+            ..Default::default()
+        },
+        |c| {
+            three_shards(c);
+            c.worker.concurrency = 2;
+        },
+    )
+    .await;
+    let hot = shard_of(&demo(), "hot-0", 3);
+    let backlog: Vec<(String, String, String)> = (0..200)
+        .map(|i| format!("hot-{i}"))
+        .filter(|u| shard_of(&demo(), u, 3) == hot)
+        .take(30)
+        .map(|u| (u.clone(), format!("{u}-m"), "Hello".to_owned()))
+        .collect();
+    let quiet_user = (0..)
+        .map(|i| format!("quiet-{i}"))
+        .find(|u| shard_of(&demo(), u, 3) != hot)
+        .expect("a user of another shard");
+    app.start_worker("w0").await;
+    app.send_many(&backlog).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.send(&quiet_user, "quiet-m", "Hello").await;
+    let quiet = app.config.streams.for_user(&demo(), &quiet_user);
+    let reply = app.reply_on(&quiet.outbound, "quiet-m").await;
+    assert_eq!(reply["status"], "ok");
+    let hot_done = app
+        .entries(&app.config.streams.shard(hot).outbound)
+        .await
+        .len();
+    // 30 messages on 2 slots take 15 rounds of 300 ms; the quiet one waited about one.
+    assert!(
+        hot_done <= 10,
+        "{hot_done} of the hot shard's 30 were answered first"
+    );
+    app.wait_all(&ids(&backlog), Duration::from_secs(60)).await;
+    app.stop().await;
+}
