@@ -217,6 +217,11 @@ pub struct StreamsConfig {
     /// The shards this process reads; empty: every shard.
     #[serde(default)]
     pub read_shards: Vec<u32>,
+    /// While moving from another shard count to `shards`: that count (0: no move under way).
+    /// Workers then drain the previous layout before they read the new one
+    /// ([`crate::stream::resharding`], `icmp reshard`).
+    #[serde(default)]
+    pub previous_shards: u32,
     /// The shard these names are of (set by [`StreamsConfig::shard`]); `None`: the layout as
     /// configured.
     #[serde(skip)]
@@ -486,6 +491,10 @@ impl Config {
             ("ICMP__STREAMS__GROUP", s.group.clone()),
             ("ICMP__STREAMS__REPLY_PREFIX", s.reply_prefix.clone()),
             ("ICMP__STREAMS__SHARDS", s.shards.to_string()),
+            (
+                "ICMP__STREAMS__PREVIOUS_SHARDS",
+                s.previous_shards.to_string(),
+            ),
         ]
     }
 }

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
-use crate::config::Config;
+use crate::config::{Config, StreamsConfig};
 use crate::error::{CacheError, Classify, LlmError, StoreError};
 use crate::llm::{CircuitBreaker, OpenAiClient};
 use crate::pipeline::{Failpoints, MessageHandler};
@@ -24,6 +24,7 @@ use crate::redis_connection::{self, RedisConnection};
 use crate::retry::Backoff;
 use crate::store::Store;
 use crate::stream::Streams;
+use crate::stream::resharding::{self, Part, Switch};
 use crate::telemetry::{metrics, server};
 use crate::worker::slots::Slots;
 use crate::worker::{Worker, WorkerStats};
@@ -93,10 +94,27 @@ impl Dependencies {
         &self,
         config: &Config,
         failpoints: Failpoints,
+        switch: Option<&Arc<Switch>>,
     ) -> Result<Vec<Arc<Worker<ConfiguredLlm>>>, StartupError> {
         let conn = connect_redis_patiently(config).await?;
-        let shards = config.streams.read_shards();
-        check_redis(&conn, config, &shards).await?;
+        // During a move: the new layout's loops are held until the switch, the previous
+        // layout's are retired by it.
+        let mut shards: Vec<(StreamsConfig, Option<Part>)> = config
+            .streams
+            .read_shards()
+            .into_iter()
+            .map(|s| (s, switch.map(|w| Part::New(w.clone()))))
+            .collect();
+        if let (Some(old), Some(w)) = (resharding::previous_layout(&config.streams), switch) {
+            let new = Box::new(config.streams.clone());
+            shards.extend(
+                old.all_shards()
+                    .into_iter()
+                    .map(|s| (s, Some(Part::Old(w.clone(), new.clone())))),
+            );
+        }
+        let names: Vec<StreamsConfig> = shards.iter().map(|(s, _)| s.clone()).collect();
+        check_redis(&conn, config, &names).await?;
         let cache = Cache::new(conn.clone(), &config.redis, &config.cache);
         let llm = llm(config).await?;
         let handler = Arc::new(MessageHandler::new(
@@ -109,7 +127,7 @@ impl Dependencies {
         let slots = Slots::new(config.worker.concurrency, shards.len());
         let stats = Arc::new(WorkerStats::default());
         let mut workers = Vec::with_capacity(shards.len());
-        for (place, shard) in shards.into_iter().enumerate() {
+        for (place, (shard, part)) in shards.into_iter().enumerate() {
             let reader = connect_redis_patiently(config).await?;
             let mut streams = Streams::new(
                 reader,
@@ -125,8 +143,11 @@ impl Dependencies {
                     .map_err(CacheError::from)?;
             let mut shard_config = config.clone();
             shard_config.streams = shard;
-            let worker = Worker::new(shard_config, handler.clone(), streams, Some(wake_ups))
+            let mut worker = Worker::new(shard_config, handler.clone(), streams, Some(wake_ups))
                 .sharing(slots.clone(), place, stats.clone());
+            if let Some(part) = part {
+                worker = worker.moving(part);
+            }
             workers.push(Arc::new(worker));
         }
         Ok(workers)
@@ -138,7 +159,7 @@ impl Dependencies {
 async fn check_redis(
     conn: &RedisConnection,
     config: &Config,
-    shards: &[crate::config::StreamsConfig],
+    shards: &[StreamsConfig],
 ) -> Result<(), StartupError> {
     let s = &config.streams;
     if conn.is_cluster() {
@@ -184,6 +205,8 @@ pub struct Application {
     deps: Dependencies,
     /// One per inbound shard read; never empty.
     workers: Vec<Arc<Worker<ConfiguredLlm>>>,
+    /// During a move between shard layouts: the switch, and the marker that flips it.
+    switch: Option<(Arc<Switch>, String)>,
     telemetry: Option<TcpListener>,
 }
 
@@ -205,7 +228,14 @@ impl Application {
     pub async fn build(config: &Config, failpoints: Failpoints) -> Result<Self, StartupError> {
         metrics::install();
         let deps = Dependencies::connect(config).await?;
-        let workers = deps.workers(config, failpoints).await?;
+        let s = &config.streams;
+        let switch = (s.previous_shards > 0).then(|| {
+            let marker = resharding::marker_key(s, &config.redis.key_prefix, s.previous_shards);
+            (Arc::new(Switch::default()), marker)
+        });
+        let workers = deps
+            .workers(config, failpoints, switch.as_ref().map(|(w, _)| w))
+            .await?;
         let telemetry = if config.telemetry.listen.is_empty() {
             None
         } else {
@@ -218,6 +248,7 @@ impl Application {
         Ok(Application {
             deps,
             workers,
+            switch,
             telemetry,
         })
     }
@@ -269,6 +300,10 @@ impl Application {
                 endpoint_stop.clone().cancelled_owned(),
             ))
         });
+        if let Some((switch, marker)) = self.switch {
+            let conn = self.deps.redis.clone();
+            tokio::spawn(switch.watch(conn, marker, endpoint_stop.clone()));
+        }
         let runs = self.workers.into_iter().map(|w| w.run(stop.clone()));
         futures::future::join_all(runs).await;
         if let Some(endpoint) = endpoint {

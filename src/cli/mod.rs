@@ -12,6 +12,7 @@ mod import;
 mod migrate;
 mod mock_llm;
 mod replay;
+mod reshard;
 mod send;
 mod shard;
 mod status;
@@ -78,6 +79,10 @@ enum Command {
     /// shard's streams: where a producer adds the user's entries, and the prefix its
     /// `reply_to` streams must start with.
     Shard(shard::Args),
+    /// Ends a move between shard layouts (`streams.previous_shards` to `streams.shards`):
+    /// waits until the previous layout has drained, then switches every worker to the new
+    /// one (exit 1 when it does not drain in time); `--status` only shows what is left.
+    Reshard(reshard::Args),
     /// The group's lag and pending entries, consumers, order queues, dead letters, and each
     /// business's replies, fallbacks and errors over the last minutes.
     Status(status::Args),
@@ -127,6 +132,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Conversation { action } => conversation::run(&operator(), action).await,
         Command::Trace(args) => trace::run(&operator(), args).await,
         Command::Shard(args) => shard::run(&config.streams, &args),
+        Command::Reshard(args) => reshard::run(&operator(), args).await,
         Command::Status(args) => status::run(&operator(), args).await,
         Command::Console(args) => console::run(&operator(), args).await,
         Command::Dlq { action } => dlq::run(&operator(), action).await,

@@ -164,7 +164,14 @@ impl StreamsConfig {
                 self.shards - 1
             ));
         }
-        if self.shards > 1 {
+        if self.previous_shards == self.shards || self.previous_shards > MAX_SHARDS {
+            return Err(format!(
+                "streams.previous_shards ({}) must be 0 (no move under way) or another shard \
+                 count up to {MAX_SHARDS} than streams.shards ({})",
+                self.previous_shards, self.shards
+            ));
+        }
+        if self.shards > 1 || self.previous_shards > 1 {
             let names = [
                 ("streams.inbound", &self.inbound),
                 ("streams.outbound", &self.outbound),
@@ -173,7 +180,7 @@ impl StreamsConfig {
             ];
             if let Some((what, name)) = names.iter().find(|(_, n)| n.contains(['{', '}'])) {
                 return Err(format!(
-                    "with streams.shards > 1 every shard has its own hash tag, so {what} \
+                    "with more than one shard every shard has its own hash tag, so {what} \
                      (`{name}`) must not contain braces"
                 ));
             }
@@ -317,6 +324,14 @@ mod tests {
         );
         // One shard keeps today's rules: tags are the operator's to choose.
         c.shards = 1;
+        assert_eq!(c.check_layout(), Ok(()));
+        // A move names another count, and from several shards needs brace-free names too.
+        c.previous_shards = 3;
+        assert!(c.check_layout().is_err());
+        let mut c = config(3);
+        c.previous_shards = 3;
+        assert!(c.check_layout().is_err());
+        c.previous_shards = 1;
         assert_eq!(c.check_layout(), Ok(()));
     }
 }

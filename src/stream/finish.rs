@@ -199,10 +199,10 @@ impl Streams {
         }
     }
 
-    /// Finishes the entries of one coalesced turn in one transaction (`MULTI`/`EXEC`): the
-    /// first message's entry with its answer, then each later one with its reference reply,
-    /// in order; only the last announces its queue's next head (the others' next heads are
-    /// finished in the same transaction). Each finish is fenced as [`Streams::finish`]: an
+    /// Finishes entries of one coalesced turn in one transaction (`MULTI`/`EXEC`), in order;
+    /// only the last announces its queue's next head (the others' next heads are finished in
+    /// the same transaction), and only when `announce` (a turn finished in two steps
+    /// announces with its second). Each finish is fenced as [`Streams::finish`]: an
     /// entry another holder finished first, or that left the pending list, publishes nothing.
     /// Redis does not roll back a transaction whose commands ran: when one finish fails (not
     /// for a missing script, which fails them all), those before it took effect, and a retry
@@ -210,12 +210,13 @@ impl Streams {
     pub async fn finish_turn(
         &self,
         entries: &[(&str, Option<&QueueSlot>, Finish<'_>)],
+        announce: bool,
     ) -> Result<Vec<bool>, StreamError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let durable = self.waits_for_durability();
         for (i, (id, slot, finish)) in entries.iter().enumerate() {
-            let quiet = durable || i + 1 < entries.len();
+            let quiet = durable || !announce || i + 1 < entries.len();
             pipe.invoke_script(&self.finish_invocation(id, *slot, finish, quiet));
         }
         let replies = super::query_scripts(self.conn(), &pipe, &self.scripts.finish).await?;
@@ -223,7 +224,7 @@ impl Streams {
         for ((id, slot, finish), reply) in entries.iter().zip(replies) {
             done.push(self.finished(id, *slot, finish, reply).await?);
         }
-        if done.iter().any(|d| *d) {
+        if announce && done.iter().any(|d| *d) {
             self.wake_when_durable(entries.last().and_then(|(_, slot, _)| *slot));
         }
         Ok(done)

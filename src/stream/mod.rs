@@ -9,7 +9,8 @@
 //! - [`heartbeat`]: one refresh of every held entry, which also detects lost ownership;
 //! - [`finish`]: the fenced finish: ack, and only if that acked, publish;
 //! - [`retention`]: trimming the inbound stream behind every group, pruning idle consumers;
-//! - [`dlq`]: the dead-letter stream seen from the operator's side (`icmp dlq`).
+//! - [`dlq`]: the dead-letter stream seen from the operator's side (`icmp dlq`);
+//! - [`resharding`]: moving from one shard layout to another without breaking any user's order.
 //!
 //! Every script receives the keys it writes in `KEYS`, except the claim scripts, whose queue
 //! keys come from the entries they deliver: those keys carry the inbound stream's hash tag, so
@@ -35,6 +36,7 @@ pub mod dlq;
 pub mod finish;
 pub mod heartbeat;
 pub mod order;
+pub mod resharding;
 pub mod retention;
 
 use std::sync::Arc;

@@ -31,7 +31,7 @@ use crate::pipeline::{Attempt, MessageHandler, Processed, failpoint};
 use crate::protocol::{self, InboundMessage, Reply};
 use crate::retry::RetryPolicy;
 use crate::stream::order::{self, QueueSlot};
-use crate::stream::{Finish, StreamEntry, Streams};
+use crate::stream::{Finish, StreamEntry, Streams, resharding};
 use crate::telemetry::metrics::{self, MessageOutcome, StreamEvent};
 
 /// The dead-letter code of an entry gone from the stream before it was answered.
@@ -132,6 +132,8 @@ pub struct Worker<L> {
     /// place among them.
     slots: Arc<slots::Slots>,
     place: usize,
+    /// Its part in a move between shard layouts, while one is under way.
+    part: Option<resharding::Part>,
 }
 
 impl<L> std::fmt::Debug for Worker<L> {
@@ -164,6 +166,7 @@ impl<L: LlmService> Worker<L> {
             stats: Arc::new(WorkerStats::default()),
             slots: slots::Slots::new(config.worker.concurrency, 1),
             place: 0,
+            part: None,
             handler,
             streams,
             wake_ups,
@@ -183,6 +186,13 @@ impl<L: LlmService> Worker<L> {
         self.slots = slots;
         self.place = place;
         self.stats = stats;
+        self
+    }
+
+    /// This worker as a loop of the new or of the previous layout during a move.
+    #[must_use]
+    pub fn moving(mut self, part: resharding::Part) -> Self {
+        self.part = Some(part);
         self
     }
 
@@ -265,6 +275,13 @@ impl<L: LlmService> Worker<L> {
         let streams = &self.config.streams;
         let msg =
             protocol::inbound::decode(id, fields, &self.config.limits, &streams.reply_prefix)?;
+        if let Some(refusal) = self
+            .part
+            .as_ref()
+            .and_then(|p| p.refusal(&msg.business_id, &msg.user_id))
+        {
+            return Err(refusal);
+        }
         protocol::shard::check(&msg, streams)?;
         Ok(msg)
     }
@@ -583,8 +600,9 @@ impl<L: LlmService> Worker<L> {
         }
     }
 
-    /// Finishes a coalesced turn: the committed state's cache write, then the entry with its
-    /// answer and each later message with its reference reply, in one transaction.
+    /// Finishes a coalesced turn: the committed state's cache write, the entry with its
+    /// answer, then each later message with its reference reply, in one transaction
+    /// ([`Worker::finish_turn_steps`]).
     async fn finish_coalesced(
         &self,
         entry: &StreamEntry,
@@ -593,21 +611,6 @@ impl<L: LlmService> Worker<L> {
         state: Option<&CacheWrite>,
         label: MessageOutcome,
     ) -> (EntryOutcome, Option<MessageOutcome>) {
-        let slots: Vec<Option<QueueSlot>> = replies
-            .iter()
-            .map(|r| {
-                entry.slot.as_ref().map(|s| QueueSlot {
-                    key: s.key.clone(),
-                    member: order::member(&r.inbound_id),
-                })
-            })
-            .collect();
-        fn finish(r: &Reply) -> Finish<'_> {
-            Finish {
-                reply: Some((r.destination.as_str(), r.fields())),
-                dead_letter: None,
-            }
-        }
         // The state is written before the transaction, not inside it: its key lives outside
         // the streams' hash slot (a coalesced turn is rare; one round trip more is fine).
         if let Some(write) = state
@@ -616,17 +619,13 @@ impl<L: LlmService> Worker<L> {
             metrics::record_error(&e, "cache write");
             self.forget_state(write).await;
         }
-        let mut entries = vec![(entry.id.as_str(), entry.slot.as_ref(), finish(reply))];
-        for (r, slot) in replies.iter().zip(&slots) {
-            entries.push((r.inbound_id.as_str(), slot.as_ref(), finish(r)));
-        }
-        let result = self
-            .finish_retry
-            .run("redis.finish", || self.streams.finish_turn(&entries))
-            .await;
+        let (answered, result) = match self.finish_turn_steps(entry, reply, replies).await {
+            Ok((answered, later)) => (answered, later),
+            Err(e) => (false, Err(e)),
+        };
         match result {
             Ok(done) => {
-                let followers = done.iter().skip(1).filter(|d| **d).count() as u64;
+                let followers = done.iter().filter(|d| **d).count() as u64;
                 metrics::coalesced(followers);
                 WorkerStats::add(&self.stats.coalesced, followers);
                 tracing::info!(coalesced = followers, "answered a burst as one turn");
@@ -641,7 +640,7 @@ impl<L: LlmService> Worker<L> {
                         "later messages of a coalesced turn were no longer pending"
                     );
                 }
-                if done.first() == Some(&true) {
+                if answered {
                     (EntryOutcome::Replied, Some(label))
                 } else {
                     metrics::stream_event(StreamEvent::Fenced, 1);
@@ -655,9 +654,70 @@ impl<L: LlmService> Worker<L> {
                 if let Some(write) = state {
                     self.forget_state(write).await;
                 }
-                (EntryOutcome::RetryLater, Some(MessageOutcome::Retry))
+                if answered {
+                    (EntryOutcome::Replied, Some(label))
+                } else {
+                    (EntryOutcome::RetryLater, Some(MessageOutcome::Retry))
+                }
             }
         }
+    }
+
+    /// The finish of a coalesced turn, in two steps, each retried: the entry with its answer
+    /// (not announcing its queue's next head, which is the turn's), then the later messages
+    /// with their references in one transaction. The references carry the answer's text
+    /// unless the first step published it: when that finish took no effect (the entry left
+    /// the pending list meanwhile) the later messages' senders would otherwise never see it.
+    /// Returns whether the first step took effect and which later entries did.
+    async fn finish_turn_steps(
+        &self,
+        entry: &StreamEntry,
+        reply: &Reply,
+        replies: &[Reply],
+    ) -> Result<(bool, Result<Vec<bool>, StreamError>), StreamError> {
+        fn finish(r: &Reply) -> Finish<'_> {
+            Finish {
+                reply: Some((r.destination.as_str(), r.fields())),
+                dead_letter: None,
+            }
+        }
+        let first = [(entry.id.as_str(), entry.slot.as_ref(), finish(reply))];
+        let answered = self
+            .finish_retry
+            .run("redis.finish", || self.streams.finish_turn(&first, false))
+            .await?
+            .first()
+            == Some(&true);
+        let references: Vec<Reply> = replies
+            .iter()
+            .map(|r| Reply {
+                content: if answered {
+                    r.content.clone()
+                } else {
+                    reply.content.clone()
+                },
+                ..r.clone()
+            })
+            .collect();
+        let slots: Vec<Option<QueueSlot>> = references
+            .iter()
+            .map(|r| {
+                entry.slot.as_ref().map(|s| QueueSlot {
+                    key: s.key.clone(),
+                    member: order::member(&r.inbound_id),
+                })
+            })
+            .collect();
+        let entries: Vec<_> = references
+            .iter()
+            .zip(&slots)
+            .map(|(r, slot)| (r.inbound_id.as_str(), slot.as_ref(), finish(r)))
+            .collect();
+        let later = self
+            .finish_retry
+            .run("redis.finish", || self.streams.finish_turn(&entries, true))
+            .await;
+        Ok((answered, later))
     }
 
     /// Drops the key a state write was for (the write may not have happened, and the value

@@ -28,7 +28,7 @@ use super::{EntryOutcome, Worker, WorkerStats};
 use crate::llm::LlmService;
 use crate::retry::Backoff;
 use crate::stream::order::{RESUBSCRIBED, Wake};
-use crate::stream::{Refresh, StreamEntry};
+use crate::stream::{Refresh, StreamEntry, resharding};
 use crate::telemetry::metrics::{self, StreamEvent};
 
 /// Head checks per round trip, and round trips before the loop starts ready entries and takes
@@ -430,6 +430,11 @@ impl<L: LlmService> Worker<L> {
         events: mpsc::UnboundedSender<Event>,
         stop: CancellationToken,
     ) {
+        // A shard of the new layout during a move reads once the previous one has drained.
+        if let Some(resharding::Part::New(switch)) = &self.part {
+            switch.wait(&stop).await;
+            tracing::info!(stream = %self.config.streams.inbound, "reading a shard of the new layout");
+        }
         let max_held = self.config.worker.max_held.max(1);
         let ready_limit = self.config.worker.concurrency.max(1) * 4;
         let read_count = self.config.streams.read_count.max(1);

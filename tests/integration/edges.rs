@@ -881,3 +881,65 @@ async fn a_bursts_second_sender_sees_the_answer_when_the_first_message_was_trimm
     assert_eq!(app.replies_of("h2").await.len(), 1);
     assert_eq!(rows(&app, BUSINESS).await, (2, 1));
 }
+
+/// The first message of a coalesced burst leaves the pending list while its turn runs (here an
+/// operator's `XACK` of it alone; in production a consumer deleted or a group recreated around
+/// it): its finish takes no effect and publishes nothing, so the later message's `coalesced`
+/// reference, published live, carries the answer's text: its sender sees the answer.
+#[tokio::test]
+async fn a_bursts_second_sender_sees_the_answer_when_the_first_message_could_not_be_finished() {
+    const BUSINESS: &str = "5b0e8a7c-e013-4c1d-8e2f-000000000114";
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 1_500,
+            ..MockOptions::default()
+        },
+        |c| c.streams.claim_idle_ms = 30_000,
+    )
+    .await;
+    import_with(&app, BUSINESS, COALESCE).await;
+    app.start_worker("w0").await;
+    let ids = burst(
+        &app,
+        &[
+            message(BUSINESS, "ida", "i1", "Hello there"),
+            message(BUSINESS, "ida", "i2", "I would like to book"),
+        ],
+    )
+    .await;
+    wait_for("i2 to join i1's turn", async || {
+        attempts(&app, &ids[1]).await == 1
+    })
+    .await;
+    let s = app.config.streams.clone();
+    let acked: i64 = redis::cmd("XACK")
+        .arg(&s.inbound)
+        .arg(&s.group)
+        .arg(&ids[0])
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("xack");
+    assert_eq!(acked, 1);
+    let replies = app.wait_replies("i2", 1).await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    let r = &replies[0];
+    assert_eq!(r["status"], "coalesced", "{r:?}");
+    let answer: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT content FROM messages WHERE id = $1::text::uuid AND role = 'assistant'",
+            &[&r["answered_by"]],
+        )
+        .await
+        .expect("the answer it refers to")
+        .get(0);
+    assert!(!answer.is_empty());
+    assert_eq!(r["content"], answer, "the reference carries the answer");
+    app.settle(Duration::from_secs(30)).await;
+    assert!(
+        app.replies_of("i1").await.is_empty(),
+        "i1's finish took no effect"
+    );
+    assert_eq!(rows(&app, BUSINESS).await, (2, 1));
+}

@@ -548,10 +548,19 @@ impl TestApp {
 
     /// Entries delivered to the group and not acknowledged (`i64::MAX` while Redis cannot
     /// tell, e.g. during a restart).
+    /// Every shard of the layout, and of the previous one during a move.
+    pub fn every_shard(&self) -> Vec<icmp::config::StreamsConfig> {
+        let mut all = self.config.streams.all_shards();
+        if let Some(old) = icmp::stream::resharding::previous_layout(&self.config.streams) {
+            all.extend(old.all_shards());
+        }
+        all
+    }
+
     /// Over every shard.
     pub async fn pending(&self) -> i64 {
         let mut total = 0i64;
-        for s in self.config.streams.all_shards() {
+        for s in self.every_shard() {
             let summary: Result<redis::Value, _> = redis::cmd("XPENDING")
                 .arg(&s.inbound)
                 .arg(&s.group)
@@ -571,7 +580,7 @@ impl TestApp {
     /// Every entry of every shard's outbound stream, shard by shard, each in stream order.
     pub async fn outbound_entries(&self) -> Vec<HashMap<String, String>> {
         let mut all = Vec::new();
-        for s in self.config.streams.all_shards() {
+        for s in self.every_shard() {
             all.extend(self.entries(&s.outbound).await);
         }
         all
@@ -626,13 +635,7 @@ impl TestApp {
     ) -> HashMap<String, Vec<HashMap<String, String>>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut conn = self.redis.clone();
-        let outbound: Vec<String> = self
-            .config
-            .streams
-            .all_shards()
-            .into_iter()
-            .map(|s| s.outbound)
-            .collect();
+        let outbound: Vec<String> = self.every_shard().into_iter().map(|s| s.outbound).collect();
         // One read per shard (a cluster serves one slot per command), blocking only with one.
         let block = if outbound.len() == 1 { 200 } else { 0 };
         let mut lasts = vec!["0".to_owned(); outbound.len()];

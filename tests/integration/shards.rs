@@ -339,3 +339,260 @@ async fn a_message_on_a_quiet_shard_is_not_starved_by_a_hot_one() {
     app.wait_all(&ids(&backlog), Duration::from_secs(60)).await;
     app.stop().await;
 }
+
+/// Moving from one shard to three while users keep writing: the workers drain the old layout
+/// before they read the new one, `icmp reshard` switches once it has drained, every message is
+/// answered exactly once and stored in its user's order across the move, and a producer that
+/// did not move is told where its user's messages go now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_from_one_shard_to_three_keeps_every_users_order() {
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 20,
+            ..Default::default()
+        },
+        quick_recovery,
+    )
+    .await;
+    let all = workload("mv", 20, 10);
+    // Turns 0 to 5 of every user on the one shard of today's layout.
+    let (before, after) = all.split_at(20 * 6);
+    app.start_worker("old").await;
+    app.send_many(before).await;
+    // The workers move (held entries of the stopped one are reclaimed by the new one).
+    app.stop_workers().await;
+    app.config.streams.shards = 3;
+    app.config.streams.previous_shards = 1;
+    app.start_worker("new").await;
+    // The producers move: turns 6 to 9 go to each user's shard of the new layout, and wait.
+    app.send_many(after).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let early: usize = futures::future::join_all(after.iter().map(|(_, id, _)| app.replies_of(id)))
+        .await
+        .iter()
+        .map(Vec::len)
+        .sum();
+    assert_eq!(
+        early, 0,
+        "nothing of the new layout is answered before the switch"
+    );
+    let out = run_icmp(&app.config, &["reshard", "--timeout-secs", "120"], b"").await;
+    assert!(out.contains("switched"), "{out}");
+    let replies = app.wait_all(&ids(&all), Duration::from_secs(120)).await;
+    for (_, id, _) in &all {
+        assert_eq!(replies[id].len(), 1, "{id}: {:?}", replies[id]);
+        assert_eq!(replies[id][0]["status"], "ok", "{id}: {:?}", replies[id]);
+    }
+    assert_exactly_once(&app, all.len()).await;
+    assert_stored_in_order(&app).await;
+    // A producer still on the old layout is refused, with the user's new stream.
+    let old = icmp::stream::resharding::previous_layout(&app.config.streams)
+        .expect("a move")
+        .shard(0);
+    app.xadd_on(
+        &old.inbound,
+        &[
+            ("business_id", DEMO_BUSINESS.as_bytes()),
+            ("user_id", b"mv-u0"),
+            ("message_id", b"mv-late"),
+            ("content", b"Hello again"),
+        ],
+    )
+    .await;
+    let late = app.reply_on(&old.outbound, "mv-late").await;
+    assert_eq!(late["error_code"], "validation.wrong_shard", "{late:?}");
+    let home = app.config.streams.for_user(&demo(), "mv-u0").inbound;
+    assert!(late["error"].contains(&home), "{late:?}");
+    let status = run_icmp(&app.config, &["reshard", "--status"], b"").await;
+    assert!(status.contains("switched"), "{status}");
+    app.stop().await;
+}
+
+/// One command as `MONITOR` printed it: its arguments, and whether a script ran it.
+#[derive(Debug, Clone)]
+struct Logged {
+    client: String,
+    args: Vec<Vec<u8>>,
+}
+
+/// Parses a `MONITOR` line: `<time> [<db> <client>] "ARG" "ARG" …` (arguments quoted as
+/// `redis-cli` quotes them: `\"`, `\\`, `\n`, `\r`, `\t`, `\a`, `\b`, `\xHH`).
+fn parse_monitor_line(line: &str) -> Option<Logged> {
+    let open = line.find('[')?;
+    let close = line[open..].find(']')? + open;
+    let client = line[open + 1..close].split_whitespace().nth(1)?.to_owned();
+    let mut args = Vec::new();
+    let mut chars = line[close + 1..].bytes().peekable();
+    while let Some(c) = chars.next() {
+        if c != b'"' {
+            continue;
+        }
+        let mut arg = Vec::new();
+        while let Some(c) = chars.next() {
+            match c {
+                b'"' => break,
+                b'\\' => match chars.next()? {
+                    b'n' => arg.push(b'\n'),
+                    b'r' => arg.push(b'\r'),
+                    b't' => arg.push(b'\t'),
+                    b'a' => arg.push(7),
+                    b'b' => arg.push(8),
+                    b'x' => {
+                        let hex = [chars.next()?, chars.next()?];
+                        arg.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+                    }
+                    other => arg.push(other),
+                },
+                other => arg.push(other),
+            }
+        }
+        args.push(arg);
+    }
+    Some(Logged { client, args })
+}
+
+/// Every command the workers and the operator commands send to a Redis Cluster, recorded with
+/// `MONITOR` on each master while a sharded workload runs (coalesced bursts, `reply_to`
+/// streams, invalid entries, a misdirected entry, operator reads): the keys of each command,
+/// of each script together with every key it touched inside (the claim scripts reach queue
+/// keys they compute), and of each `MULTI` block lie in one slot, as a cluster requires; and
+/// nothing scans the keyspace (`KEYS`, `SCAN`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_and_script_keeps_its_keys_in_one_slot_on_a_cluster() {
+    use futures::StreamExt;
+    let _one = CLUSTER.lock().await;
+    let urls = cluster_urls();
+    let seed = urls[0].clone();
+    let mut app = spawn_env(MockOptions::default(), |c| sharded_on_cluster(c, &seed)).await;
+    let test_id = app.config.streams.group.clone();
+    let id = test_id.trim_start_matches("g-").to_owned();
+    // Monitor every node (a failover elsewhere may have moved masters around).
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(usize, String)>::new()));
+    let mut monitors = Vec::new();
+    for (n, url) in urls.iter().enumerate() {
+        let client = redis::Client::open(url.as_str()).expect("node url");
+        let monitor = client.get_async_monitor().await.expect("monitor");
+        let lines = lines.clone();
+        monitors.push(tokio::spawn(async move {
+            let mut stream = monitor.into_on_message::<String>();
+            while let Some(line) = stream.next().await {
+                lines.lock().expect("lines").push((n, line));
+            }
+        }));
+    }
+    app.start_worker("w0").await;
+    let mut messages = workload("au", 12, 3);
+    messages.push(("au-u0".into(), "au-bad".into(), " ".into()));
+    app.send_many(&messages).await;
+    let user = "au-misdirected";
+    let wrong = app
+        .config
+        .streams
+        .shard((shard_of(&demo(), user, 3) + 1) % 3);
+    app.xadd_on(
+        &wrong.inbound,
+        &[
+            ("business_id", DEMO_BUSINESS.as_bytes()),
+            ("user_id", user.as_bytes()),
+            ("message_id", b"au-wrong"),
+            ("content", b"Hello"),
+        ],
+    )
+    .await;
+    let mut all = ids(&messages);
+    all.insert("au-wrong".into());
+    app.wait_all(&all, Duration::from_secs(60)).await;
+    let out = run_icmp(&app.config, &["send", "--user", "au-send", "Hello"], b"").await;
+    assert!(out.contains("Hello"), "{out}");
+    run_icmp(&app.config, &["status"], b"").await;
+    run_icmp(&app.config, &["dlq", "list"], b"").await;
+    app.stop_workers().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for m in monitors {
+        m.abort();
+    }
+    let lines = std::mem::take(&mut *lines.lock().expect("lines"));
+
+    // Group per node: a script with the commands it ran (they follow it at once, scripts being
+    // atomic), a MULTI block per client, every other command alone.
+    let mut groups: Vec<Vec<Logged>> = Vec::new();
+    let mut in_script: HashMap<usize, usize> = HashMap::new();
+    let mut in_multi: HashMap<(usize, String), usize> = HashMap::new();
+    for (node, line) in &lines {
+        let Some(cmd) = parse_monitor_line(line) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(cmd.args.first().map_or(&[][..], |a| a)).to_uppercase();
+        if cmd.client == "lua" {
+            if let Some(g) = in_script.get(node) {
+                groups[*g].push(cmd);
+            }
+            continue;
+        }
+        in_script.remove(node);
+        let key = (*node, cmd.client.clone());
+        if name == "MULTI" {
+            groups.push(Vec::new());
+            in_multi.insert(key, groups.len() - 1);
+            continue;
+        }
+        if name == "EXEC" || name == "DISCARD" {
+            in_multi.remove(&key);
+            continue;
+        }
+        if let Some(g) = in_multi.get(&key) {
+            groups[*g].push(cmd);
+            continue;
+        }
+        groups.push(vec![cmd]);
+        if name.starts_with("EVAL") || name.starts_with("FCALL") {
+            in_script.insert(*node, groups.len() - 1);
+        }
+    }
+    // This test's groups: any argument names its streams or keys.
+    let ours: Vec<&Vec<Logged>> = groups
+        .iter()
+        .filter(|g| {
+            g.iter().any(|c| {
+                c.args
+                    .iter()
+                    .any(|a| String::from_utf8_lossy(a).contains(&id))
+            })
+        })
+        .collect();
+    let mut conn = app.redis.clone();
+    let mut seen = std::collections::BTreeSet::new();
+    for group in &ours {
+        let mut slots = std::collections::BTreeMap::new();
+        for c in group.iter() {
+            let name = String::from_utf8_lossy(&c.args[0]).to_uppercase();
+            assert!(
+                name != "KEYS" && name != "SCAN",
+                "scans the keyspace: {c:?}"
+            );
+            seen.insert(name.clone());
+            let mut getkeys = redis::cmd("COMMAND");
+            getkeys.arg("GETKEYS");
+            for a in &c.args {
+                getkeys.arg(a.as_slice());
+            }
+            // Commands without keys (PUBLISH's channel is none) answer an error.
+            let keys: Vec<Vec<u8>> = getkeys.query_async(&mut conn).await.unwrap_or_default();
+            for k in keys {
+                let k = String::from_utf8_lossy(&k).into_owned();
+                slots.insert(icmp::protocol::shard::slot(&k), k);
+            }
+        }
+        assert!(
+            slots.len() <= 1,
+            "keys in {} slots in one command, script or transaction: {slots:?}\n{group:?}",
+            slots.len()
+        );
+    }
+    // The audit saw the workload: scripts, reads, adds and the commands inside scripts.
+    for name in ["EVALSHA", "XREADGROUP", "XADD", "XACK"] {
+        assert!(seen.contains(name), "{name} not seen among {seen:?}");
+    }
+    assert!(ours.len() > 100, "{} groups", ours.len());
+    app.stop().await;
+}

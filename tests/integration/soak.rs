@@ -768,7 +768,9 @@ async fn leader_was_trimmed(
         .db()
         .await
         .query_opt(
-            "SELECT user_id, idempotency_key FROM messages WHERE id = $1 AND role = 'assistant'",
+            "SELECT u.external_id, m.idempotency_key FROM messages m JOIN users u \
+             ON u.business_id = m.business_id AND u.id = m.user_id \
+             WHERE m.id = $1 AND m.role = 'assistant'",
             &[&reply_id],
         )
         .await
