@@ -56,11 +56,24 @@ pub struct BenchOptions {
     /// the benchmark (0: in-process, `--workers` of them).
     #[arg(long, default_value_t = 0)]
     pub processes: usize,
+    /// Inbound shards (`streams.shards`; 0: as configured). Messages go to their users'
+    /// shards and replies are read from every shard; on a Redis Cluster the report shows each
+    /// master's share of the commands.
+    #[arg(long, default_value_t = 0)]
+    pub shards: u32,
     /// Run every scenario of the performance targets (flood with ceiling, 4,000 in flight at
     /// 300 ms, paced at half the flood's throughput, 1/2/4 processes) and print the targets
     /// table; the other options are ignored.
     #[arg(long)]
     pub suite: bool,
+}
+
+/// One Redis master's part of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MasterShare {
+    pub node: String,
+    pub commands: u64,
+    pub cpu_secs: f64,
 }
 
 /// The figures of one run.
@@ -81,8 +94,13 @@ pub struct BenchReport {
     pub cpu_secs: Option<f64>,
     /// Redis commands the workers caused, by command (script-internal calls included).
     pub redis_commands: std::collections::BTreeMap<String, u64>,
-    /// Redis's CPU seconds during the run.
+    /// Redis's CPU seconds during the run (every master's).
     pub redis_cpu_secs: f64,
+    /// Each master's commands (all of the workers' and the benchmark's own) and CPU seconds
+    /// during the run: one entry for one server.
+    pub redis_masters: Vec<MasterShare>,
+    /// Inbound shards of the run.
+    pub shards: u32,
     /// `pgbench` transactions per second of the equivalent write set, right after the run.
     pub ceiling_tps: Option<f64>,
     /// Why the ceiling is missing, if it is.
@@ -185,6 +203,8 @@ impl BenchReport {
             "redis_commands_per_message": self.redis_per_message(),
             "redis_commands": self.redis_commands,
             "redis_cpu_s": self.redis_cpu_secs,
+            "redis_masters": self.redis_masters,
+            "shards": self.shards,
             "ceiling_tps": self.ceiling_tps,
             "ratio_to_ceiling": self.ratio(),
             "db_round_trips_per_message": self.db_round_trips_per_message,
@@ -286,6 +306,26 @@ impl BenchReport {
             top.join(", "),
             self.redis_cpu_secs
         )?;
+        if self.redis_masters.len() > 1 {
+            let all: u64 = self.redis_masters.iter().map(|m| m.commands).sum();
+            let each: Vec<String> = self
+                .redis_masters
+                .iter()
+                .map(|m| {
+                    let share = m.commands as f64 / all.max(1) as f64 * 100.0;
+                    format!(
+                        "{} {share:.0} % of commands, {:.2} CPU-s",
+                        m.node, m.cpu_secs
+                    )
+                })
+                .collect();
+            writeln!(
+                f,
+                "masters        {} shard(s): {}",
+                self.shards,
+                each.join(" · ")
+            )?;
+        }
         match (self.ceiling_tps, &self.ceiling_error) {
             (Some(tps), _) => writeln!(
                 f,
@@ -307,6 +347,11 @@ fn reset_peak_rss() {
 
 fn peak_rss_kib() -> Option<u64> {
     probe::peak_rss_kib_of("self")
+}
+
+fn sorted(mut durations: Vec<Duration>) -> Vec<Duration> {
+    durations.sort();
+    durations
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -373,6 +418,7 @@ async fn send(
     } else {
         500.0
     };
+    let business_id = crate::protocol::inbound::canonical_business(&business).unwrap_or_default();
     let started = Instant::now();
     let mut i = 0;
     let mut tick = 0u64;
@@ -384,12 +430,15 @@ async fn send(
         };
         let end = due.min(options.messages);
         if end > i {
-            let mut pipe = redis::pipe();
+            // One pipeline per shard: on a cluster a pipeline serves one slot.
+            let mut pipes: HashMap<u32, redis::Pipeline> = HashMap::new();
             let mut ids = Vec::with_capacity(end - i);
             for n in i..end {
                 let (user, id, content) = message(&options, &run_id, n);
+                let shard = config.streams.for_user(&business_id, &user);
+                let pipe = pipes.entry(shard.shard.unwrap_or(0)).or_default();
                 pipe.xadd(
-                    &config.streams.inbound,
+                    &shard.inbound,
                     "*",
                     &[
                         ("business_id", business.as_str()),
@@ -405,7 +454,9 @@ async fn send(
             if let Ok(mut map) = sent.lock() {
                 map.extend(ids.into_iter().map(|id| (id, now)));
             }
-            let _: () = pipe.query_async(&mut c).await?;
+            for pipe in pipes.values() {
+                let _: () = pipe.query_async(&mut c).await?;
+            }
             i = end;
         }
         tick += 1;
@@ -417,40 +468,61 @@ async fn send(
     Ok(())
 }
 
-/// Reads replies until every sent message has one (or ten minutes passed); returns the sorted
-/// latencies, the count per status and how many reads it made.
+/// Reads replies from every shard's outbound stream until every sent message has one (or ten
+/// minutes passed); returns the sorted latencies, the count per status and how many reads it
+/// made. With one shard the reads block; with several each is a non-blocking read of one
+/// stream (a read on a cluster serves one slot), with a short pause after a round that found
+/// nothing.
 async fn collect(
     c: &mut RedisConnection,
     config: &Config,
     expected: usize,
     sent: &SentAt,
 ) -> Result<(Vec<(String, Duration)>, HashMap<String, usize>, u64), BenchError> {
+    let outbound: Vec<String> = config
+        .streams
+        .all_shards()
+        .into_iter()
+        .map(|s| s.outbound)
+        .collect();
+    let mut lasts = vec!["0".to_owned(); outbound.len()];
     let mut latencies = Vec::with_capacity(expected);
     let mut statuses: HashMap<String, usize> = HashMap::new();
-    let mut last = "0".to_owned();
     let mut reads = 0u64;
     let deadline = Instant::now() + Duration::from_secs(600);
     while latencies.len() < expected && Instant::now() < deadline {
-        reads += 1;
-        let opts = StreamReadOptions::default().count(1000).block(500);
-        let reply: Option<StreamReadReply> = c
-            .xread_options(&[&config.streams.outbound], &[&last], &opts)
-            .await?;
-        let now = Instant::now();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for entry in key.ids {
-                last = entry.id.clone();
-                let field = |name: &str| match entry.map.get(name) {
-                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                    _ => String::new(),
-                };
-                let id = field("message_id");
-                let at = sent.lock().ok().and_then(|mut m| m.remove(&id));
-                if let Some(t) = at {
-                    latencies.push((id, now - t));
-                    *statuses.entry(field("status")).or_default() += 1;
+        let mut found = 0;
+        for (stream, last) in outbound.iter().zip(&mut lasts) {
+            reads += 1;
+            let mut opts = StreamReadOptions::default().count(1000);
+            if outbound.len() == 1 {
+                opts = opts.block(500);
+            }
+            let reply: Option<StreamReadReply> = c
+                .xread_options(&[stream.as_str()], &[last.as_str()], &opts)
+                .await?;
+            let now = Instant::now();
+            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                for entry in key.ids {
+                    found += 1;
+                    last.clone_from(&entry.id);
+                    let field = |name: &str| match entry.map.get(name) {
+                        Some(redis::Value::BulkString(b)) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
+                        _ => String::new(),
+                    };
+                    let id = field("message_id");
+                    let at = sent.lock().ok().and_then(|mut m| m.remove(&id));
+                    if let Some(t) = at {
+                        latencies.push((id, now - t));
+                        *statuses.entry(field("status")).or_default() += 1;
+                    }
                 }
             }
+        }
+        if found == 0 && outbound.len() > 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     Ok((latencies, statuses, reads))
@@ -465,7 +537,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     reset_peak_rss();
     let mock = MockProcess::start(options.llm_latency_ms, options.llm_jitter_ms).await?;
     let run_id = Uuid::new_v4().simple().to_string();
-    isolate(&mut config, &run_id, mock.base_url());
+    isolate(&mut config, &run_id, mock.base_url(), options.shards).await?;
     let operator = Operator::new(&config);
     let store = operator.store().await?.clone();
     let reports = crate::business::import_files(&store, None, &[&options.definition]).await?;
@@ -499,17 +571,15 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         Ok(result) => result?,
         Err(e) => tracing::warn!(error = %e, "the sender task failed"),
     }
-    let mut latencies: Vec<Duration> = per_message.iter().map(|(_, d)| *d).collect();
-    latencies.sort();
-    let mut overheads = overheads(&store, business, &per_message).await?;
-    overheads.sort();
+    let latencies = sorted(per_message.iter().map(|(_, d)| *d).collect());
+    let overheads = sorted(overheads(&store, business, &per_message).await?);
     let cpu_secs = before
         .cpu
         .zip(probe::process_cpu_secs())
         .map(|(a, b)| b - a);
-    let after = probe::RedisCounters::read(&c).await?;
-    let (redis_commands, redis_cpu_secs) =
-        before.workers_redis(&after, options.messages as u64, reads);
+    let (redis_commands, redis_cpu_secs, redis_masters) = before
+        .redis_since(&c, options.messages as u64, reads)
+        .await?;
     let peak_in_flight = workers.peak_in_flight();
     workers.stop().await;
     remove_streams(&mut c, &config).await;
@@ -528,6 +598,8 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         cpu_secs,
         redis_commands,
         redis_cpu_secs,
+        redis_masters,
+        shards: config.streams.shards,
         ceiling_tps,
         ceiling_error,
         db_round_trips_per_message: db_round_trips as f64 / latencies.len().max(1) as f64,
@@ -544,21 +616,41 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     })
 }
 
-/// Removes the run's streams (best effort).
+/// Removes the run's streams (best effort; one shard's streams share a slot).
 async fn remove_streams(conn: &mut RedisConnection, config: &Config) {
-    let s = &config.streams;
-    let _: Result<(), _> = conn.del(&[&s.inbound, &s.outbound, &s.dead_letter]).await;
+    for s in config.streams.all_shards() {
+        let _: Result<(), _> = conn.del(&[&s.inbound, &s.outbound, &s.dead_letter]).await;
+    }
 }
 
-/// Streams, keys and a group of the run's own, and the mock LLM at `llm`.
-fn isolate(config: &mut Config, run_id: &str, llm: String) {
+/// Streams, keys and a group of the run's own, `shards` inbound shards (0: as configured), and
+/// the mock LLM at `llm`. One shard on a cluster names its streams with one hash tag.
+async fn isolate(
+    config: &mut Config,
+    run_id: &str,
+    llm: String,
+    shards: u32,
+) -> Result<(), BenchError> {
+    let cluster = crate::redis_connection::connect(&config.redis)
+        .await?
+        .is_cluster();
     config.llm.base_url = llm;
     config.redis.key_prefix = format!("bench:{run_id}:");
-    config.streams.inbound = format!("bench:{run_id}:inbound");
-    config.streams.outbound = format!("bench:{run_id}:outbound");
-    config.streams.dead_letter = format!("bench:{run_id}:dead");
+    if shards > 0 {
+        config.streams.shards = shards;
+    }
+    let base = if cluster && config.streams.shards == 1 {
+        format!("{{bench-{run_id}}}")
+    } else {
+        format!("bench:{run_id}")
+    };
+    config.streams.inbound = format!("{base}:inbound");
+    config.streams.outbound = format!("{base}:outbound");
+    config.streams.dead_letter = format!("{base}:dead");
+    config.streams.reply_prefix = format!("{base}:reply:");
     config.streams.group = format!("bench-{run_id}");
     config.telemetry.listen = String::new();
+    Ok(())
 }
 
 /// The run's workers: in this process (each built as `icmp worker` builds one), or `icmp
@@ -659,7 +751,7 @@ impl Drop for Workers {
 
 /// The counters a run's figures are measured from.
 struct Baseline {
-    redis: probe::RedisCounters,
+    redis: probe::MasterCounters,
     cpu: Option<f64>,
     children: Vec<f64>,
     postgres: std::collections::BTreeMap<u32, f64>,
@@ -681,11 +773,12 @@ impl Baseline {
     /// workers'.
     fn workers_redis(
         &self,
-        after: &probe::RedisCounters,
+        after: &probe::MasterCounters,
         sent: u64,
         reads: u64,
     ) -> (std::collections::BTreeMap<String, u64>, f64) {
-        let (mut commands, cpu) = self.redis.delta(after);
+        let before = probe::RedisCounters::total(&self.redis);
+        let (mut commands, cpu) = before.delta(&probe::RedisCounters::total(after));
         for (command, own) in [("xadd", sent), ("xread", reads)] {
             if let Some(n) = commands.get_mut(command) {
                 *n = n.saturating_sub(own);
@@ -695,13 +788,57 @@ impl Baseline {
         (commands, cpu)
     }
 
+    /// The workers' Redis commands and Redis's CPU seconds since the baseline
+    /// ([`Baseline::workers_redis`]), and each master's share.
+    async fn redis_since(
+        &self,
+        conn: &RedisConnection,
+        sent: u64,
+        reads: u64,
+    ) -> Result<
+        (
+            std::collections::BTreeMap<String, u64>,
+            f64,
+            Vec<MasterShare>,
+        ),
+        BenchError,
+    > {
+        let after = probe::RedisCounters::read_masters(conn).await?;
+        let (commands, cpu) = self.workers_redis(&after, sent, reads);
+        Ok((commands, cpu, self.masters(&after)))
+    }
+
+    /// Each master's commands and CPU seconds since the baseline.
+    fn masters(&self, after: &probe::MasterCounters) -> Vec<MasterShare> {
+        after
+            .iter()
+            .map(|(node, later)| {
+                let (calls, cpu_secs) = self
+                    .redis
+                    .get(node)
+                    .cloned()
+                    .unwrap_or_default()
+                    .delta(later);
+                MasterShare {
+                    node: node.clone(),
+                    commands: calls
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "info")
+                        .map(|(_, v)| v)
+                        .sum(),
+                    cpu_secs,
+                }
+            })
+            .collect()
+    }
+
     async fn take(
         conn: &RedisConnection,
         workers: &Workers,
         mock: &MockProcess,
     ) -> Result<Baseline, BenchError> {
         Ok(Baseline {
-            redis: probe::RedisCounters::read(conn).await?,
+            redis: probe::RedisCounters::read_masters(conn).await?,
             cpu: probe::process_cpu_secs(),
             children: workers.children_cpu(),
             postgres: probe::postgres_cpu(),

@@ -73,19 +73,54 @@ pub struct RedisCounters {
     pub cpu_secs: f64,
 }
 
+/// The counters of every master: one entry (`redis`) for one server; on a Redis Cluster one
+/// per master, by address (`INFO` goes to every node there; replicas, which replay their
+/// master's writes, are left out).
+pub type MasterCounters = BTreeMap<String, RedisCounters>;
+
 impl RedisCounters {
-    /// Reads the counters now.
-    pub async fn read(conn: &RedisConnection) -> Result<RedisCounters, redis::RedisError> {
-        let mut c = conn.clone();
-        let stats: String = redis::cmd("INFO")
+    /// Reads the counters of every master now.
+    pub async fn read_masters(conn: &RedisConnection) -> Result<MasterCounters, redis::RedisError> {
+        let reply: redis::Value = redis::cmd("INFO")
             .arg("commandstats")
-            .query_async(&mut c)
+            .arg("cpu")
+            .arg("replication")
+            .query_async(&mut conn.clone())
             .await?;
-        let cpu: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await?;
-        Ok(RedisCounters {
-            calls: parse_commandstats(&stats),
-            cpu_secs: parse_cpu(&cpu),
-        })
+        let texts: Vec<(String, String)> = match reply {
+            redis::Value::Map(nodes) => nodes
+                .into_iter()
+                .filter_map(|(node, info)| {
+                    let node: String = redis::from_redis_value(node).ok()?;
+                    let info: String = redis::from_redis_value(info).ok()?;
+                    Some((node, info))
+                })
+                .collect(),
+            other => vec![("redis".to_owned(), redis::from_redis_value(other)?)],
+        };
+        Ok(texts
+            .into_iter()
+            .filter(|(_, info)| !info.lines().any(|l| l.trim() == "role:slave"))
+            .map(|(node, info)| {
+                let counters = RedisCounters {
+                    calls: parse_commandstats(&info),
+                    cpu_secs: parse_cpu(&info),
+                };
+                (node, counters)
+            })
+            .collect())
+    }
+
+    /// The counters of several masters added up.
+    pub fn total(masters: &MasterCounters) -> RedisCounters {
+        let mut out = RedisCounters::default();
+        for c in masters.values() {
+            for (k, v) in &c.calls {
+                *out.calls.entry(k.clone()).or_insert(0) += v;
+            }
+            out.cpu_secs += c.cpu_secs;
+        }
+        out
     }
 
     /// What happened between `self` and `later`, per command (only those that changed).

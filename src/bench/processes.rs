@@ -51,9 +51,8 @@ impl WorkerProcesses {
     ) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let group =
-                crate::stream::group_info(conn, &config.streams.inbound, &config.streams.group)
-                    .await;
+            let first = config.streams.shard(0);
+            let group = crate::stream::group_info(conn, &first.inbound, &first.group).await;
             if let Some(status) = self.children.iter_mut().find_map(|c| c.try_wait().ok()?) {
                 return Err(BenchError::Mock(std::io::Error::other(format!(
                     "a worker process exited at start: {status}"
