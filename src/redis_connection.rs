@@ -37,6 +37,24 @@ impl RedisConnection {
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConnection::Cluster(_))
     }
+
+    /// Runs `cmd` on the master that serves `key`'s slot: a command without keys (`WAIT`,
+    /// `WAITAOF`) that must reach the node of an earlier write, where a cluster client would
+    /// otherwise send it to every master.
+    ///
+    /// # Errors
+    /// Redis failures.
+    pub async fn query_on_master_of(&mut self, key: &str, cmd: &Cmd) -> redis::RedisResult<Value> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        match self {
+            RedisConnection::Standalone(c) => cmd.query_async(c).await,
+            RedisConnection::Cluster(c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                c.route_command(cmd.clone(), to).await
+            }
+        }
+    }
 }
 
 impl ConnectionLike for RedisConnection {

@@ -155,7 +155,7 @@ impl Dependencies {
 }
 
 /// Refuses a Redis that cannot serve the configuration: on a cluster, a shard whose keys span
-/// slots, or `WAIT`/`WAITAOF` (not supported there yet); `WAITAOF` on a server without it.
+/// slots; `WAITAOF` on a server without it.
 async fn check_redis(
     conn: &RedisConnection,
     config: &Config,
@@ -166,13 +166,6 @@ async fn check_redis(
         for shard in shards {
             crate::stream::check_one_slot(shard, &config.redis.key_prefix)
                 .map_err(StartupError::Unsupported)?;
-        }
-        if s.wait_replicas > 0 || s.wait_aof {
-            return Err(StartupError::Unsupported(
-                "streams.wait_replicas and streams.wait_aof are not supported on a Redis Cluster \
-                 yet (WAIT would go to every master)"
-                    .into(),
-            ));
         }
     }
     if s.wait_aof && !has_command(conn, "WAITAOF").await? {

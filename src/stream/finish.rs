@@ -256,19 +256,24 @@ pub(crate) async fn durable_wakes(
         let finishes = batch.len() as u64;
         batch.sort();
         batch.dedup();
-        let mut pipe = redis::pipe();
-        pipe.cmd("INCR").arg(&keys.durability).ignore();
+        // The write goes to the shard's master, and the wait after it to that same master (on
+        // a cluster a keyless WAIT would go to every master).
+        let mut wait = redis::cmd(if config.wait_aof { "WAITAOF" } else { "WAIT" });
         if config.wait_aof {
-            pipe.cmd("WAITAOF")
-                .arg(1)
-                .arg(config.wait_replicas)
-                .arg(config.wait_timeout_ms);
-        } else {
-            pipe.cmd("WAIT")
-                .arg(config.wait_replicas)
-                .arg(config.wait_timeout_ms);
+            wait.arg(1);
         }
-        let waited: Result<(Value,), redis::RedisError> = pipe.query_async(&mut conn).await;
+        wait.arg(config.wait_replicas).arg(config.wait_timeout_ms);
+        let waited = match redis::cmd("INCR")
+            .arg(&keys.durability)
+            .query_async::<i64>(&mut conn)
+            .await
+        {
+            Ok(_) => conn
+                .query_on_master_of(&keys.durability, &wait)
+                .await
+                .map(|v| (v,)),
+            Err(e) => Err(e),
+        };
         let durable = match waited {
             Ok((Value::Int(replicas),)) => replicas >= i64::from(config.wait_replicas),
             Ok((Value::Array(counts),)) => match counts.as_slice() {

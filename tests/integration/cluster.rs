@@ -28,7 +28,7 @@ pub(crate) fn cluster_urls() -> Vec<String> {
 
 /// Cluster mode through the first node as the seed, and streams named with one hash tag (the
 /// finish script writes the inbound, reply and dead-letter streams together).
-fn on_cluster(c: &mut Config, seed: &str) {
+pub(crate) fn on_cluster(c: &mut Config, seed: &str) {
     c.redis.mode = RedisMode::Cluster;
     c.redis.url = RedactedUrl::new(seed.to_owned());
     let tag = c.streams.group.clone();
@@ -39,7 +39,7 @@ fn on_cluster(c: &mut Config, seed: &str) {
 }
 
 /// A plain connection to one node (for `CLUSTER` commands).
-async fn node(url: &str) -> redis::aio::MultiplexedConnection {
+pub(crate) async fn node(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("node url")
         .get_multiplexed_async_connection()
@@ -296,4 +296,76 @@ async fn a_worker_refuses_a_cluster_whose_stream_keys_span_slots() {
         text.contains("streams.outbound") && text.contains("{icmp}:inbound"),
         "{text}"
     );
+}
+
+/// `WAIT` calls per master so far (`INFO commandstats`), by address.
+async fn waits_per_master(urls: &[String]) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for url in urls {
+        let mut conn = node(url).await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .expect("info");
+        if !info.lines().any(|l| l.trim() == "role:master") {
+            continue;
+        }
+        let waits = info
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_wait:"))
+            .and_then(|rest| rest.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        out.insert(url.clone(), waits);
+    }
+    out
+}
+
+/// With `streams.wait_replicas = 1` on a cluster, the next message of a user is woken once a
+/// replica holds the finish before it: the wait goes to the master of the streams' slot alone
+/// (a keyless `WAIT` would go to every master), and every message is answered once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_the_durability_wait_goes_to_the_streams_master_alone() {
+    let _one = CLUSTER.lock().await;
+    let urls = cluster_urls();
+    let seed = urls[0].clone();
+    let mut app = spawn_env(
+        MockOptions {
+            latency_ms: 2,
+            ..Default::default()
+        },
+        |c| {
+            quick_recovery(c);
+            on_cluster(c, &seed);
+            c.streams.wait_replicas = 1;
+            c.streams.wait_timeout_ms = 2_000;
+        },
+    )
+    .await;
+    let master = nodes_serving(&seed, &app.config.streams.inbound).await[0].clone();
+    let before = waits_per_master(&urls).await;
+    app.start_worker("w0").await;
+    let messages = workload("dw", 10, 4);
+    app.send_many(&messages).await;
+    let replies = app.wait_all(&ids(&messages), Duration::from_secs(60)).await;
+    for (_, id, _) in &messages {
+        assert_eq!(replies[id].len(), 1, "{id}");
+    }
+    assert_exactly_once(&app, messages.len()).await;
+    assert_stored_in_order(&app).await;
+    let after = waits_per_master(&urls).await;
+    for (url, n) in &after {
+        let waited = n - before.get(url).copied().unwrap_or(0);
+        if url.contains(&master) {
+            assert!(waited > 0, "the streams' master {url} saw no WAIT");
+        } else {
+            assert_eq!(
+                waited, 0,
+                "{url} is not the streams' master but saw {waited} WAITs"
+            );
+        }
+    }
+    app.stop().await;
 }
