@@ -13,7 +13,7 @@ use serde::Deserialize;
 const SECRET_KEYS: [&str; 2] = ["database.password", "llm.api_key"];
 
 /// Keys that hold URLs: a URL with a secret in it may come from the environment only.
-const URL_KEYS: [&str; 3] = ["database.url", "redis.url", "llm.base_url"];
+const URL_KEYS: [&str; 4] = ["database.url", "redis.url", "redis.urls", "llm.base_url"];
 
 /// Every key with its default, compiled in.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -114,6 +114,10 @@ pub struct RedisConfig {
     #[serde(default)]
     pub mode: RedisMode,
     pub url: RedactedUrl,
+    /// More seed nodes of a Redis Cluster besides `url` (any reachable one serves to learn the
+    /// topology, and to subscribe to wake-ups while `url` is down).
+    #[serde(default)]
+    pub urls: Vec<RedactedUrl>,
     /// Prefix of every cache and queue key; lets several deployments (or tests) share a server.
     pub key_prefix: String,
     pub response_timeout_ms: u64,
@@ -132,6 +136,15 @@ pub enum RedisMode {
     Standalone,
     /// A Redis Cluster: `redis.url` is a seed node; the rest is learnt from it.
     Cluster,
+}
+
+impl RedisConfig {
+    /// Every seed node: `url`, then `urls`.
+    pub fn seeds(&self) -> Vec<&str> {
+        std::iter::once(self.url.expose())
+            .chain(self.urls.iter().map(RedactedUrl::expose))
+            .collect()
+    }
 }
 
 impl RedisMode {
@@ -475,7 +488,7 @@ impl Config {
     /// services, key prefix, streams and LLM endpoint (the rest it takes from its own files).
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
         let s = &self.streams;
-        vec![
+        let mut env = vec![
             ("ICMP__DATABASE__URL", self.database.url.expose().to_owned()),
             ("ICMP__REDIS__MODE", self.redis.mode.as_str().to_owned()),
             ("ICMP__REDIS__URL", self.redis.url.expose().to_owned()),
@@ -495,7 +508,17 @@ impl Config {
                 "ICMP__STREAMS__PREVIOUS_SHARDS",
                 s.previous_shards.to_string(),
             ),
-        ]
+        ];
+        if !self.redis.urls.is_empty() {
+            let quoted: Vec<String> = self
+                .redis
+                .urls
+                .iter()
+                .map(|u| format!("{:?}", u.expose()))
+                .collect();
+            env.push(("ICMP__REDIS__URLS", format!("[{}]", quoted.join(", "))));
+        }
+        env
     }
 }
 
@@ -523,11 +546,15 @@ impl Config {
     /// secrets come from the environment layer only.
     pub fn from_layers(files: Figment, env: Env) -> Result<Config, ConfigError> {
         for key in URL_KEYS {
-            let in_file = files
-                .find_value(key)
-                .ok()
-                .and_then(|v| v.into_string())
-                .is_some_and(|url| RedactedUrl::new(url).has_secret());
+            let in_file = files.find_value(key).ok().is_some_and(|v| {
+                // A URL, or a list of them (`redis.urls`).
+                let urls = match v.clone().into_array() {
+                    Some(items) => items.into_iter().filter_map(|i| i.into_string()).collect(),
+                    None => v.into_string().into_iter().collect::<Vec<_>>(),
+                };
+                urls.into_iter()
+                    .any(|url| RedactedUrl::new(url).has_secret())
+            });
             if in_file {
                 let source = files
                     .find_metadata(key)
@@ -640,6 +667,46 @@ mod tests {
             for secret in ["sk-very-secret", "hunter2", "redispass"] {
                 assert!(!debug.contains(secret), "{secret} leaked in {debug}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn more_seed_nodes_come_from_a_list_and_reach_child_processes() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "ICMP__REDIS__URLS",
+                r#"["redis://127.0.0.1:7102/", "redis://127.0.0.1:7103/"]"#,
+            );
+            let c = load_in(jail, None).expect("config");
+            assert_eq!(
+                c.redis.seeds(),
+                [
+                    "redis://127.0.0.1:63799/",
+                    "redis://127.0.0.1:7102/",
+                    "redis://127.0.0.1:7103/"
+                ]
+            );
+            let (_, passed) = c
+                .child_env()
+                .into_iter()
+                .find(|(k, _)| *k == "ICMP__REDIS__URLS")
+                .expect("passed on");
+            jail.set_env("ICMP__REDIS__URLS", passed);
+            let child = load_in(jail, None).expect("config");
+            assert_eq!(child.redis.seeds(), c.redis.seeds());
+            // A password in a seed of a file is refused like one in `url`.
+            jail.create_file(
+                "leaky.toml",
+                "[redis]\nurls = [\"redis://:hunter2@b:6379/\"]",
+            )?;
+            let err = load_in(jail, Some("leaky"))
+                .expect_err("secret")
+                .to_string();
+            assert!(
+                err.contains("redis.urls") && !err.contains("hunter2"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -106,7 +106,7 @@ pub async fn connect(config: &RedisConfig) -> Result<RedisConnection, CacheError
         }
         RedisMode::Cluster => {
             let url = config.url.expose();
-            let mut builder = ClusterClientBuilder::new(vec![url])
+            let mut builder = ClusterClientBuilder::new(config.seeds())
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
                 .overall_response_timeout(Some(timeout))

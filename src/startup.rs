@@ -138,13 +138,20 @@ impl Dependencies {
             if shard.wait_replicas > 0 || shard.wait_aof {
                 streams = streams.with_durable_wakes(connect_redis_patiently(config).await?);
             }
-            let wake_ups =
-                crate::tls::redis_client(config.redis.url.expose(), &config.redis.ca_file)
-                    .map_err(CacheError::from)?;
+            let wake_ups = config
+                .redis
+                .seeds()
+                .into_iter()
+                .map(|url| crate::tls::redis_client(url, &config.redis.ca_file))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CacheError::from)?;
             let mut shard_config = config.clone();
             shard_config.streams = shard;
-            let mut worker = Worker::new(shard_config, handler.clone(), streams, Some(wake_ups))
-                .sharing(slots.clone(), place, stats.clone());
+            let mut worker = Worker::new(shard_config, handler.clone(), streams, wake_ups).sharing(
+                slots.clone(),
+                place,
+                stats.clone(),
+            );
             if let Some(part) = part {
                 worker = worker.moving(part);
             }

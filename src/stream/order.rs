@@ -259,10 +259,12 @@ impl Streams {
     /// `stop` is cancelled or `tx` is closed. Subscribes again after a Redis restart; the
     /// worker's slow poll covers what is missed meanwhile, and every (re)subscription is
     /// forwarded as an empty payload ([`RESUBSCRIBED`]): wake-ups may have been missed, so
-    /// every waiting queue is checked.
+    /// every waiting queue is checked. Each attempt to subscribe goes to the next of `clients`
+    /// (the seed nodes: on a cluster every node relays every wake-up, so any reachable one
+    /// serves).
     pub async fn listen_for_wake_ups(
         &self,
-        client: redis::Client,
+        clients: Vec<redis::Client>,
         tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
         stop: tokio_util::sync::CancellationToken,
     ) {
@@ -271,7 +273,12 @@ impl Streams {
             std::time::Duration::from_millis(250),
             std::time::Duration::from_secs(2),
         );
+        let mut next = 0;
         while !stop.is_cancelled() {
+            let Some(client) = clients.get(next % clients.len().max(1)) else {
+                return;
+            };
+            next += 1;
             let subscribed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&self.keys.wake_channel).await?;

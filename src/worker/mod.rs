@@ -123,8 +123,9 @@ impl WorkerStats {
 pub struct Worker<L> {
     handler: Arc<MessageHandler<L>>,
     streams: Streams,
-    /// Where wake-ups are subscribed; `None`: the slow poll alone.
-    wake_ups: Option<redis::Client>,
+    /// Where wake-ups are subscribed, in turn while one is unreachable (the seed nodes of a
+    /// cluster, which broadcasts them); none: the slow poll alone.
+    wake_ups: Vec<redis::Client>,
     config: Config,
     finish_retry: RetryPolicy,
     stats: Arc<WorkerStats>,
@@ -159,7 +160,7 @@ impl<L: LlmService> Worker<L> {
         config: Config,
         handler: Arc<MessageHandler<L>>,
         streams: Streams,
-        wake_ups: Option<redis::Client>,
+        wake_ups: Vec<redis::Client>,
     ) -> Self {
         Worker {
             finish_retry: RetryPolicy::new(config.retry.clone()),

@@ -176,12 +176,13 @@ impl<L: LlmService> Worker<L> {
                 stop.clone(),
             ));
         }
-        if let Some(client) = self.wake_ups.clone() {
+        if !self.wake_ups.is_empty() {
+            let clients = self.wake_ups.clone();
             let (worker, stop) = (self.clone(), stop.clone());
             helpers.spawn(async move {
                 worker
                     .streams
-                    .listen_for_wake_ups(client, wakes, stop)
+                    .listen_for_wake_ups(clients, wakes, stop)
                     .await
             });
         }

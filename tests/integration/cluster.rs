@@ -174,8 +174,9 @@ async fn pid_of(address: &str) -> String {
         .to_owned()
 }
 
-/// A master killed with SIGKILL: its replica is promoted after `cluster-node-timeout` and the
-/// worker carries on through the seed node's view of the new topology. Replication is
+/// A master killed with SIGKILL, the first seed node of the configuration: its replica is
+/// promoted after `cluster-node-timeout` and the worker carries on through the other seeds
+/// (`redis.urls`), which serve the topology and the wake-up subscription. Replication is
 /// asynchronous, so a write the master acknowledged but had not sent on is lost with it: an
 /// entry the producer added in that window is gone from the stream (never answered), and a
 /// finish in that window is undone whole (the script's effects replicate together), so its
@@ -187,13 +188,15 @@ async fn on_a_redis_cluster_a_killed_master_loses_at_most_its_unreplicated_write
     let urls = cluster_urls();
     let mut app = cluster_app(&urls[0]).await;
     let master = nodes_serving(&urls[0], &app.config.streams.inbound).await[0].clone();
-    // The seed must survive: one that is not the master to be killed.
-    let seed = urls
+    // The first seed is the master to be killed; the others (`redis.urls`) serve the topology
+    // and the wake-up subscription after it.
+    let killed_url = format!("redis://{master}/");
+    app.config.redis.url = RedactedUrl::new(killed_url.clone());
+    app.config.redis.urls = urls
         .iter()
-        .find(|u| !u.contains(&master))
-        .expect("another node")
-        .clone();
-    app.config.redis.url = RedactedUrl::new(seed);
+        .filter(|u| !u.contains(&master))
+        .map(|u| RedactedUrl::new(u.clone()))
+        .collect();
     app.redis = icmp::redis_connection::connect(&app.config.redis)
         .await
         .expect("cluster");
