@@ -7,6 +7,7 @@
 #   scripts/services.sh cluster        start a Redis Cluster on loopback (3 masters, 3 replicas,
 #                                      AOF), reusing it when it runs; print its env
 #   scripts/services.sh cluster-down   stop that cluster and delete its data
+#   scripts/services.sh cluster-restart-node PORT   start a killed node of it again, data kept
 #
 # Daemons are started with stdio and the lock descriptor closed, so that a caller reading this
 # script's output (the test harness) is not kept waiting by them.
@@ -143,6 +144,18 @@ cluster_down() {
   rm -rf "$cluster_dir"
 }
 
+# One node of the cluster, from its directory (a node that was killed rejoins with its
+# nodes.conf: a failed master comes back as a replica of the one that took over).
+cluster_start_node() {
+  local p="$1"
+  redis-server --port "$p" --bind 127.0.0.1 --daemonize yes --dir "$cluster_dir/$p" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --cluster-replica-validity-factor 0 \
+    --pidfile "$cluster_dir/$p/redis.pid" --logfile "$log_dir/redis-cluster-$p.log" \
+    --appendonly yes --save "" --maxmemory-policy noeviction </dev/null >/dev/null 2>&1 9>&-
+  for _ in $(seq 1 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && return; sleep 0.1; done
+}
+
 # Six `redis-server --cluster-enabled yes` nodes joined by `redis-cli --cluster create` with one
 # replica per master; every node appends to its AOF. A replica takes over from a failed master
 # however long ago it last heard from it (`cluster-replica-validity-factor 0`: the tests kill
@@ -154,15 +167,8 @@ cluster_up() {
   local p nodes=()
   for p in $(cluster_ports); do
     mkdir -p "$cluster_dir/$p"
-    redis-server --port "$p" --bind 127.0.0.1 --daemonize yes --dir "$cluster_dir/$p" \
-      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
-      --cluster-replica-validity-factor 0 \
-      --pidfile "$cluster_dir/$p/redis.pid" --logfile "$log_dir/redis-cluster-$p.log" \
-      --appendonly yes --save "" --maxmemory-policy noeviction </dev/null >/dev/null 2>&1 9>&-
+    cluster_start_node "$p"
     nodes+=("127.0.0.1:$p")
-  done
-  for p in $(cluster_ports); do
-    for _ in $(seq 1 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
   done
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >/dev/null 2>&1 </dev/null
   for _ in $(seq 1 200); do cluster_ok && break; sleep 0.1; done
@@ -208,6 +214,12 @@ case "${1:-up}" in
     print_cluster_env
     ;;
   cluster-down) cluster_down; log "cluster stopped" ;;
+  cluster-restart-node)
+    # Starts one killed node of the cluster again, keeping its data (the chaos soak's faults).
+    [ -d "$cluster_dir/${2:?usage: services.sh cluster-restart-node PORT}" ] || { log "no node $2"; exit 1; }
+    redis-cli -p "$2" ping >/dev/null 2>&1 || cluster_start_node "$2"
+    log "cluster node $2 running"
+    ;;
   down)
     bin="$(pg_bin)"
     locate_pg_home

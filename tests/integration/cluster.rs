@@ -161,7 +161,7 @@ async fn on_a_redis_cluster_every_message_is_answered_once_in_order_through_a_fa
 }
 
 /// The process id of the node at `address` (`host:port`).
-async fn pid_of(address: &str) -> String {
+pub(crate) async fn pid_of(address: &str) -> String {
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut node(&format!("redis://{address}/")).await)

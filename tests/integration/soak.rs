@@ -136,10 +136,23 @@ fn hostile(rng: &mut StdRng, n: usize) -> (icmp::stream::Fields, &'static str) {
     }
 }
 
+/// Where the soak's Redis is.
+enum Backend {
+    /// A server of its own with AOF, restarted by the faults.
+    Private(PrivateRedis),
+    /// The shared 3 + 3 cluster (its nodes' URLs), the streams in three shards; the faults
+    /// fail masters over (`CLUSTER FAILOVER`) and kill them (`kill -9`, then the node rejoins
+    /// as a replica). Each `XADD` is confirmed by `WAIT 1` (a producer that wants its message
+    /// to survive a failover): an unconfirmed one may be lost with its master, and is counted.
+    Cluster(Vec<String>),
+}
+
 struct Soak {
     app: TestApp,
     pg: PrivatePg,
-    redis: PrivateRedis,
+    redis: Backend,
+    /// Entries whose `XADD` no replica confirmed (on the cluster).
+    unconfirmed: std::collections::HashSet<String>,
     workers: Vec<(String, WorkerProcess)>,
     dead_consumers: Vec<String>,
     spawned: usize,
@@ -150,21 +163,27 @@ struct Soak {
 }
 
 impl Soak {
-    fn extra_env() -> Vec<(&'static str, &'static str)> {
-        vec![
+    fn extra_env(&self) -> Vec<(&'static str, &'static str)> {
+        let mut env = vec![
             ("ICMP__STREAMS__INBOUND_RETAIN_MS", "0"),
             ("ICMP__STREAMS__RETENTION_INTERVAL_MS", "1000"),
             ("ICMP__STREAMS__CONSUMER_IDLE_MS", "20000"),
             ("ICMP__WORKER__QUEUE_POLL_MS", "500"),
             // Shorter than the locks the fault schedule holds (lock_timeout stays at 5 s).
             ("ICMP__WORKER__MESSAGE_DEADLINE_MS", "4000"),
-        ]
+        ];
+        if matches!(self.redis, Backend::Cluster(_)) {
+            // A user's next message starts once a replica holds the finish before it.
+            env.push(("ICMP__STREAMS__WAIT_REPLICAS", "1"));
+            env.push(("ICMP__STREAMS__WAIT_TIMEOUT_MS", "300"));
+        }
+        env
     }
 
     fn spawn_worker(&mut self) {
         self.spawned += 1;
         let name = format!("s{}", self.spawned);
-        let process = WorkerProcess::spawn(&self.app.config, &name, &Self::extra_env());
+        let process = WorkerProcess::spawn(&self.app.config, &name, &self.extra_env());
         self.workers.push((name, process));
     }
 
@@ -172,22 +191,33 @@ impl Soak {
         format!("{}-{name}", self.app.config.streams.consumer)
     }
 
+    /// The shard an entry goes to: its user's, or the first for a hostile one (which fails
+    /// to decode before its shard matters).
+    fn shard_of(&self, sent: &Sent) -> icmp::config::StreamsConfig {
+        let s = &self.app.config.streams;
+        match sent {
+            Sent::Valid { user, .. } => {
+                let business = business_of(user).parse().expect("uuid");
+                s.for_user(&business, user)
+            }
+            Sent::Bad(_) => s.shard(0),
+        }
+    }
+
     async fn xadd(&mut self, fields: &[(Vec<u8>, Vec<u8>)], sent: Sent) {
         // The first command after a Redis restart may meet the old, broken connection, or a
-        // server still loading its AOF: neither applied it, so sending it again is safe.
+        // server still loading its AOF: neither applied it, so sending it again is safe. On a
+        // cluster a slot without a master (a failover under way) refuses it too.
+        let inbound = self.shard_of(&sent).inbound;
+        let cluster = matches!(self.redis, Backend::Cluster(_));
         let mut attempts = 0;
         let id: String = loop {
-            match self
-                .app
-                .redis
-                .clone()
-                .xadd(&self.app.config.streams.inbound, "*", fields)
-                .await
-            {
+            match self.app.redis.clone().xadd(&inbound, "*", fields).await {
                 Ok(id) => break id,
                 Err(e)
                     if attempts < 300
-                        && (e.is_io_error()
+                        && (cluster
+                            || e.is_io_error()
                             || e.is_connection_dropped()
                             || e.kind()
                                 == redis::ErrorKind::Server(
@@ -200,7 +230,26 @@ impl Soak {
                 Err(e) => panic!("xadd: {e}"),
             }
         };
+        if cluster {
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(1).arg(500);
+            let confirmed = self
+                .app
+                .redis
+                .clone()
+                .query_on_master_of(&inbound, &wait)
+                .await;
+            if !matches!(confirmed, Ok(redis::Value::Int(n)) if n >= 1) {
+                self.unconfirmed.insert(id.clone());
+            }
+        }
         self.sent.insert(id, sent);
+    }
+
+    /// A shard at random.
+    fn any_shard(&self, rng: &mut StdRng) -> icmp::config::StreamsConfig {
+        let s = &self.app.config.streams;
+        s.shard(rng.random_range(0..s.shards))
     }
 
     async fn fault(&mut self, rng: &mut StdRng) {
@@ -208,8 +257,8 @@ impl Soak {
             7 => {
                 // A producer's habit: trimming the stream (here every entry the group has
                 // delivered but the last, answered or not).
-                let s = &self.app.config.streams;
-                if let Some(mark) = last_delivered(&self.app).await {
+                let s = self.any_shard(rng);
+                if let Some(mark) = last_delivered(&self.app, &s).await {
                     let _: Result<i64, _> = redis::cmd("XTRIM")
                         .arg(&s.inbound)
                         .arg("MINID")
@@ -249,7 +298,7 @@ impl Soak {
             6 => {
                 // An operator destroys the consumer group (or restores Redis without it): the
                 // workers recreate it at its delivery mark; what it held is orphaned.
-                let s = &self.app.config.streams;
+                let s = self.any_shard(rng);
                 let _: Result<i64, _> = redis::cmd("XGROUP")
                     .arg("DESTROY")
                     .arg(&s.inbound)
@@ -294,26 +343,45 @@ impl Soak {
                 self.pg.start_again();
                 *self.faults.entry("PostgreSQL stopped").or_default() += 1;
             }
-            _ => {
-                self.redis.stop().await;
+            _ => self.redis_fault(rng).await,
+        }
+    }
+
+    /// Redis restarted (one server), or a shard's master failed over or killed (a cluster).
+    async fn redis_fault(&mut self, rng: &mut StdRng) {
+        let shard = self.any_shard(rng);
+        match &mut self.redis {
+            Backend::Private(redis) => {
+                redis.stop().await;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(300..1_500))).await;
-                self.redis.start_again().await;
+                redis.start_again().await;
                 *self.faults.entry("Redis restarted").or_default() += 1;
+            }
+            Backend::Cluster(urls) => {
+                let urls = urls.clone();
+                let fault = if rng.random_bool(0.5) {
+                    cluster_faults::fail_over(&urls, &shard.inbound).await
+                } else {
+                    cluster_faults::kill_master(&urls, &shard.inbound).await
+                };
+                *self.faults.entry(fault).or_default() += 1;
             }
         }
     }
 
     async fn delete_dead_consumers(&mut self) {
-        let s = &self.app.config.streams;
-        for consumer in self.dead_consumers.drain(..) {
-            let _: Result<i64, _> = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(&s.inbound)
-                .arg(&s.group)
-                .arg(&consumer)
-                .query_async(&mut self.app.redis.clone())
-                .await;
+        for s in self.app.config.streams.all_shards() {
+            for consumer in &self.dead_consumers {
+                let _: Result<i64, _> = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&s.inbound)
+                    .arg(&s.group)
+                    .arg(consumer)
+                    .query_async(&mut self.app.redis.clone())
+                    .await;
+            }
         }
+        self.dead_consumers.clear();
     }
 
     /// One round of traffic: mostly single messages of many users, with bursts, repeats,
@@ -354,10 +422,18 @@ impl Soak {
                 // On the coalescing business a third of the messages ask for their reply on a
                 // stream of their own (one of two per user), as `icmp send` does: a burst can
                 // mix destinations.
+                let prefix = self
+                    .shard_of(&Sent::Valid {
+                        user: user.clone(),
+                        message_id: String::new(),
+                        repeat: false,
+                        reply_to: None,
+                    })
+                    .reply_prefix;
                 let reply_to =
                     (business_of(&user) == COALESCING && rng.random_bool(0.33)).then(|| {
                         let k = rng.random_range(0..2);
-                        format!("{}{user}-{k}", self.app.config.streams.reply_prefix)
+                        format!("{prefix}{user}-{k}")
                     });
                 if let Some(r) = &reply_to {
                     fields.push((b"reply_to".to_vec(), r.as_bytes().to_vec()));
@@ -394,11 +470,41 @@ fn message_fields(business: &str, user: &str, id: &str, text: &str) -> Vec<(Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let _machine = helpers::MACHINE.lock().await;
+    let redis = PrivateRedis::start().await;
+    let url = redis.url();
+    soak(
+        Backend::Private(redis),
+        env_u64("ICMP_SOAK_SECONDS", 40),
+        |c| {
+            c.redis.url = RedactedUrl::new(url);
+        },
+    )
+    .await;
+}
+
+/// The same soak on the 3 + 3 Redis Cluster with three shards, the Redis faults being manual
+/// failovers and masters killed (`scripts/soak --cluster`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_on_a_redis_cluster_answers_every_message_exactly_once_and_in_order() {
+    let _machine = helpers::MACHINE.lock().await;
+    let _one = crate::cluster::CLUSTER.lock().await;
+    let urls = crate::cluster::cluster_urls();
+    let seconds = env_u64("ICMP_SOAK_SECONDS", 30);
+    soak(Backend::Cluster(urls.clone()), seconds, |c| {
+        c.redis.mode = icmp::config::RedisMode::Cluster;
+        c.redis.url = RedactedUrl::new(urls[0].clone());
+        c.redis.urls = urls[1..].iter().cloned().map(RedactedUrl::new).collect();
+        c.streams.shards = 3;
+    })
+    .await;
+}
+
+/// Runs the soak for `seconds` against `backend` (`configure` points the configuration at
+/// it), then takes the account.
+async fn soak(backend: Backend, seconds: u64, configure: impl FnOnce(&mut icmp::config::Config)) {
     let seed = env_u64("ICMP_SOAK_SEED", 7);
-    let seconds = env_u64("ICMP_SOAK_SECONDS", 40);
     let mut rng = StdRng::seed_from_u64(seed);
     let pg = PrivatePg::start();
-    let redis = PrivateRedis::start().await;
     let mut app = spawn_env(
         MockOptions {
             latency_ms: 20,
@@ -434,7 +540,7 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
         )],
     )
     .await;
-    config.redis.url = RedactedUrl::new(redis.url());
+    configure(&mut config);
     app.store = icmp::store::Store::connect(&config.database).expect("store");
     app.redis = icmp::redis_connection::connect(&config.redis)
         .await
@@ -444,7 +550,8 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let mut soak = Soak {
         app,
         pg,
-        redis,
+        redis: backend,
+        unconfirmed: std::collections::HashSet::new(),
         workers: Vec::new(),
         dead_consumers: Vec::new(),
         spawned: 0,
@@ -474,7 +581,10 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let s = app.config.streams.clone();
     let mut replayed = HashMap::new();
     let mut trimmed: HashMap<String, usize> = HashMap::new();
-    let mut reply_streams: Vec<String> = vec![s.outbound.clone()];
+    let shards = s.all_shards();
+    let outbound: std::collections::HashSet<String> =
+        shards.iter().map(|s| s.outbound.clone()).collect();
+    let mut reply_streams: Vec<String> = outbound.iter().cloned().collect();
     reply_streams.extend(soak.reply_streams.iter().cloned());
     // Drained when nothing is pending or undelivered. A long run can end with a backlog (the
     // faults cost throughput), so the only failure is no progress: the outbound stream must
@@ -484,7 +594,11 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let mut answered = 0;
     loop {
         let pending = app.pending().await;
-        let lag = lag(app).await;
+        let mut lag_all = 0i64;
+        for shard in &shards {
+            lag_all = lag_all.saturating_add(lag(app, shard).await);
+        }
+        let lag = lag_all;
         let mut now_answered = 0;
         for stream in &reply_streams {
             let n: i64 = app.redis.clone().xlen(stream).await.unwrap_or(0);
@@ -494,7 +608,10 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
             answered = now_answered;
             last_progress = Instant::now();
         }
-        let dead = app.entries(&s.dead_letter).await;
+        let mut dead = Vec::new();
+        for shard in &shards {
+            dead.extend(app.entries(&shard.dead_letter).await);
+        }
         if !dead.is_empty() && pending == 0 && lag == 0 {
             // Trimmed entries have nothing to replay: counted and purged.
             let (gone, orphans): (Vec<_>, Vec<_>) = dead
@@ -561,8 +678,14 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let mut valid = 0;
     let mut bad = 0;
     let mut dangling = 0;
+    // Entries whose XADD no replica confirmed and that a master took with it when it died.
+    let mut lost = std::collections::HashSet::new();
     for (id, sent) in &soak.sent {
         let got = by_inbound.get(id.as_str()).map_or(0, Vec::len);
+        if got == 0 && soak.unconfirmed.contains(id) && !trimmed.contains_key(id) {
+            lost.insert(id.clone());
+            continue;
+        }
         if let Some(n) = trimmed.get(id) {
             assert_eq!(*n, 1, "{id}: one stream.trimmed dead letter");
             assert_eq!(got, 0, "{id} was trimmed and dead-lettered, not answered");
@@ -581,7 +704,8 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
                 valid += 1;
                 assert_ne!(reply["status"], "error", "{id}: {reply:?}");
                 // Answered where its sender waits, and a reference to an answer there too.
-                let wanted = reply_to.as_deref().unwrap_or(&s.outbound);
+                let home = soak.shard_of(sent).outbound;
+                let wanted = reply_to.as_deref().unwrap_or(&home);
                 assert_eq!(reply["__stream"], wanted, "{id}: {reply:?}");
                 if reply["status"] == "coalesced"
                     && !streams_of_reply
@@ -610,11 +734,12 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
             }
         }
     }
-    // The message ids of trimmed entries: stored or not, depending on how far they got.
+    // The message ids of trimmed (and lost) entries: stored or not, depending on how far they
+    // got.
     let trimmed_ids: std::collections::HashSet<String> = soak
         .sent
         .iter()
-        .filter(|(id, _)| trimmed.contains_key(*id))
+        .filter(|(id, _)| trimmed.contains_key(*id) || lost.contains(*id))
         .filter_map(|(_, s)| match s {
             Sent::Valid { message_id, .. } => Some(message_id.clone()),
             Sent::Bad(_) => None,
@@ -733,15 +858,18 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     }
     println!(
         "soak seed {seed}, {seconds} s: {produced} entries ({valid} valid answered, {bad} hostile \
-         rejected, {} orphaned and replayed, {} trimmed and dead-lettered), {} replies \
+         rejected, {} orphaned and replayed, {} trimmed and dead-lettered, {} unconfirmed and \
+         lost at a failover of {} unconfirmed), {} replies \
          ({coalesced} coalesced, {dangling} referring to a trimmed first message, {} on \
          reply_to streams), faults {:?}, drained {:.0} s after the producer stopped",
         replayed.len(),
         trimmed.len(),
+        lost.len(),
+        soak.unconfirmed.len(),
         replies.len(),
         replies
             .iter()
-            .filter(|r| r["__stream"] != s.outbound)
+            .filter(|r| !outbound.contains(&r["__stream"]))
             .count(),
         soak.faults,
         drain_started.elapsed().as_secs_f64()
@@ -803,8 +931,7 @@ async fn stored_content(app: &TestApp, reply_id: &str) -> Option<String> {
         .map(|r| r.get(0))
 }
 
-async fn last_delivered(app: &TestApp) -> Option<String> {
-    let s = &app.config.streams;
+async fn last_delivered(app: &TestApp, s: &icmp::config::StreamsConfig) -> Option<String> {
     let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(&s.inbound)
@@ -822,8 +949,7 @@ async fn last_delivered(app: &TestApp) -> Option<String> {
 
 /// Entries not yet delivered to the group: 0 when its last delivered id is the stream's last
 /// id (the `lag` field itself is unknown once entries were trimmed).
-async fn lag(app: &TestApp) -> i64 {
-    let s = &app.config.streams;
+async fn lag(app: &TestApp, s: &icmp::config::StreamsConfig) -> i64 {
     let mut conn = app.redis.clone();
     let groups: Result<Vec<Vec<redis::Value>>, _> = redis::cmd("XINFO")
         .arg("GROUPS")
@@ -855,5 +981,109 @@ async fn lag(app: &TestApp) -> i64 {
     match (ours.and_then(|g| field(g, "last-delivered-id")), last) {
         (Some(delivered), Some(last)) if delivered == last => 0,
         _ => 1,
+    }
+}
+
+/// Faults of a Redis Cluster: a manual failover, and a master's death.
+mod cluster_faults {
+    use std::time::{Duration, Instant};
+
+    use crate::cluster::{node, nodes_serving, pid_of};
+
+    /// The URL of a node that answers (to ask about the topology).
+    async fn live(urls: &[String]) -> String {
+        for url in urls {
+            let Ok(client) = redis::Client::open(url.as_str()) else {
+                continue;
+            };
+            if let Ok(Ok(mut c)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.get_multiplexed_async_connection(),
+            )
+            .await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return url.clone();
+            }
+        }
+        panic!("no node of the cluster answers")
+    }
+
+    /// Waits until `who` (`host:port`) is the master that serves `key`.
+    async fn wait_until_master(urls: &[String], key: &str, who: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seed = live(urls).await;
+            if nodes_serving(&seed, key).await.first().map(String::as_str) == Some(who) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{who} did not take over {key}'s slot"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `CLUSTER FAILOVER` on the replica of the master that serves `key` (as an operator does
+    /// for maintenance): nothing is lost.
+    pub(super) async fn fail_over(urls: &[String], key: &str) -> &'static str {
+        let seed = live(urls).await;
+        let nodes = nodes_serving(&seed, key).await;
+        let Some(replica) = nodes.get(1) else {
+            return "failover skipped (no replica)";
+        };
+        let _: Result<String, _> = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query_async(&mut node(&format!("redis://{replica}/")).await)
+            .await;
+        wait_until_master(urls, key, replica).await;
+        "CLUSTER FAILOVER"
+    }
+
+    /// `kill -9` of the master that serves `key`; once its replica took over, the node starts
+    /// again with its data and rejoins as that one's replica, in sync before the soak goes on.
+    pub(super) async fn kill_master(urls: &[String], key: &str) -> &'static str {
+        let seed = live(urls).await;
+        let nodes = nodes_serving(&seed, key).await;
+        let (Some(master), Some(replica)) = (nodes.first(), nodes.get(1)) else {
+            return "kill skipped (no replica)";
+        };
+        let killed = std::process::Command::new("kill")
+            .arg("-9")
+            .arg(pid_of(master).await)
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        wait_until_master(urls, key, replica).await;
+        let port = master.rsplit(':').next().expect("host:port");
+        let restarted =
+            std::process::Command::new(crate::helpers::root().join("scripts/services.sh"))
+                .args(["cluster-restart-node", port])
+                .output()
+                .expect("services.sh");
+        assert!(
+            restarted.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restarted.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info: Result<String, _> = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut node(&format!("redis://{master}/")).await)
+                .await;
+            if info.is_ok_and(|i| i.contains("master_link_status:up")) {
+                return "kill -9 of a master";
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{master} did not rejoin as a replica"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
