@@ -65,6 +65,23 @@ async fn overview_page(ctx: &Ctx, minutes: u64) -> Result<Response, ConsoleError
         })
         .collect();
     let lag = status.lag.map_or("unknown".to_owned(), |l| l.to_string());
+    // Each inbound shard, when there are several.
+    let shards: Vec<serde_json::Value> = status
+        .shards
+        .iter()
+        .filter(|_| status.shards.len() > 1)
+        .map(|s| {
+            serde_json::json!({
+                "shard": s.shard,
+                "stream": s.stream,
+                "lag": s.lag.map_or("unknown".to_owned(), |l| l.to_string()),
+                "pending": s.pending,
+                "queues_in_use": s.queues_in_use,
+                "dead_letters": s.dead_letters,
+                "group_exists": s.group_exists,
+            })
+        })
+        .collect();
     ctx.page(
         "overview",
         "Overview",
@@ -80,6 +97,7 @@ async fn overview_page(ctx: &Ctx, minutes: u64) -> Result<Response, ConsoleError
                 "consumers": consumers,
             },
             "lag": lag,
+            "shards": shards,
             "businesses": businesses,
         }),
     )
