@@ -170,7 +170,25 @@ pub async fn isolated_config() -> Config {
     c.streams.group = format!("g-{id}");
     c.streams.consumer = format!("c-{id}");
     c.streams.reply_prefix = format!("t:{id}:reply:");
+    if on_test_cluster() {
+        let urls = crate::cluster::cluster_urls();
+        c.redis.mode = icmp::config::RedisMode::Cluster;
+        c.redis.url = RedactedUrl::new(urls[0].clone());
+        c.redis.urls = urls[1..].iter().cloned().map(RedactedUrl::new).collect();
+        c.streams.inbound = format!("{{t-{id}}}:inbound");
+        c.streams.outbound = format!("{{t-{id}}}:outbound");
+        c.streams.dead_letter = format!("{{t-{id}}}:dead");
+        c.streams.reply_prefix = format!("{{t-{id}}}:reply:");
+    }
     c
+}
+
+/// Whether the tests' Redis is the 3 + 3 cluster of `scripts/services.sh cluster`
+/// (`ICMP_TEST_REDIS=cluster`, which the test command sets for a second run of the stream
+/// guarantees): isolated configurations are then in cluster mode, every node a seed, their
+/// streams named with one hash tag.
+pub fn on_test_cluster() -> bool {
+    std::env::var("ICMP_TEST_REDIS").as_deref() == Ok("cluster")
 }
 
 /// Imports a definition file into the database of `config` (as `icmp import` does).
