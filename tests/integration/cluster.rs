@@ -372,3 +372,219 @@ async fn on_a_redis_cluster_the_durability_wait_goes_to_the_streams_master_alone
     }
     app.stop().await;
 }
+
+/// ACL credentials in the URLs reach every node: a worker that logs in as a user of its own
+/// (created on every node) answers messages through the cluster, and a wrong password gets no
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_worker_logs_in_to_every_node_as_its_acl_user() {
+    let _one = CLUSTER.lock().await;
+    let urls = cluster_urls();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (user, password) = (format!("icmp-{}", &id[..8]), id.clone());
+    for url in &urls {
+        let _: String = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("reset")
+            .arg("on")
+            .arg(format!(">{password}"))
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .query_async(&mut node(url).await)
+            .await
+            .expect("acl setuser");
+    }
+    let with_login =
+        |url: &str, secret: &str| url.replacen("redis://", &format!("redis://{user}:{secret}@"), 1);
+    let seeds: Vec<String> = urls.iter().map(|u| with_login(u, &password)).collect();
+    let mut app = spawn_env(MockOptions::default(), |c| {
+        quick_recovery(c);
+        on_cluster(c, &seeds[0]);
+        c.redis.urls = seeds[1..].iter().cloned().map(RedactedUrl::new).collect();
+    })
+    .await;
+    app.start_worker("w0").await;
+    let messages = workload("acl", 5, 2);
+    app.send_many(&messages).await;
+    let replies = app.wait_all(&ids(&messages), Duration::from_secs(60)).await;
+    assert_eq!(replies.len(), messages.len());
+    // A wrong password: no connection, and no secret in the error.
+    let mut wrong = app.config.clone();
+    wrong.redis.url = RedactedUrl::new(with_login(&urls[0], "wrong"));
+    wrong.redis.urls = Vec::new();
+    let err = icmp::redis_connection::connect(&wrong.redis)
+        .await
+        .expect_err("a wrong password");
+    let text = err.to_string();
+    assert!(!text.contains("wrong@"), "no secret in the error: {text}");
+    app.stop().await;
+    for url in &urls {
+        let _: i64 = redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg(&user)
+            .query_async(&mut node(url).await)
+            .await
+            .expect("acl deluser");
+    }
+}
+
+/// A Redis Cluster of this test's own that speaks TLS only: three masters on 7201–7203 (their
+/// bus on 17201–17203), `tls-cluster` and `tls-replication` on, no replicas.
+struct TlsCluster {
+    children: Vec<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl TlsCluster {
+    const PORTS: [u16; 3] = [7201, 7202, 7203];
+
+    async fn start(certs: &crate::processes::TestCerts) -> TlsCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "icmp-tls-cluster-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut children = Vec::new();
+        for port in Self::PORTS {
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args(["--cluster-port", &(port + 10_000).to_string()])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .args(["--tls-auth-clients", "no", "--cluster-enabled", "yes"])
+                .args([
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(&certs.server_cert)
+                .arg("--tls-key-file")
+                .arg(&certs.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&certs.ca_cert)
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            children.push(child);
+        }
+        let cluster = TlsCluster { children, dir };
+        for port in Self::PORTS {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "TLS node {port} did not start"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Bounded: `--cluster create` waits for the nodes to meet however long that takes.
+        let cli = |args: &[&str]| {
+            std::process::Command::new("timeout")
+                .args(["30", "redis-cli", "--tls", "--cacert"])
+                .arg(&certs.ca_cert)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("redis-cli")
+        };
+        let nodes: Vec<String> = Self::PORTS
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(nodes.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = cli(&create);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = Self::PORTS.iter().all(|p| {
+                let info = cli(&["-p", &p.to_string(), "cluster", "info"]);
+                String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+            });
+            if ok {
+                return cluster;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the TLS cluster did not form"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        Self::PORTS
+            .iter()
+            .map(|p| format!("rediss://127.0.0.1:{p}/"))
+            .collect()
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// TLS as on one server: a worker reaches every node of a TLS-only cluster over `rediss://`,
+/// verified against `redis.ca_file`, and answers messages on three shards; without that CA
+/// (the system's roots) it does not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_tls_only_redis_cluster_a_worker_verifies_every_node_and_answers() {
+    let certs = crate::processes::TestCerts::generate();
+    let cluster = TlsCluster::start(&certs).await;
+    let urls = cluster.urls();
+    let ca = certs.ca_cert.to_string_lossy().into_owned();
+    let mut app = spawn_env(MockOptions::default(), |c| {
+        quick_recovery(c);
+        c.redis.mode = RedisMode::Cluster;
+        c.redis.url = RedactedUrl::new(urls[0].clone());
+        c.redis.urls = urls[1..].iter().cloned().map(RedactedUrl::new).collect();
+        c.redis.ca_file = ca.clone();
+        c.streams.shards = 3;
+    })
+    .await;
+    app.start_worker("w0").await;
+    let messages = workload("tls", 6, 2);
+    app.send_many(&messages).await;
+    let replies = app.wait_all(&ids(&messages), Duration::from_secs(60)).await;
+    assert_eq!(replies.len(), messages.len());
+    for (_, id, _) in &messages {
+        assert_eq!(replies[id].len(), 1, "{id}");
+    }
+    let mut unverified = app.config.redis.clone();
+    unverified.ca_file = String::new();
+    assert!(
+        icmp::redis_connection::connect(&unverified).await.is_err(),
+        "a certificate no system root signed is refused"
+    );
+    app.stop().await;
+    drop(cluster);
+}
