@@ -1,12 +1,14 @@
 //! TLS to PostgreSQL and Redis (rustls): which certificate authorities a server's certificate
 //! is checked against, and how a PostgreSQL URL's `sslmode` is read.
 //!
-//! - PostgreSQL: `sslmode` in `database.url` is honoured: `disable` (plain), `prefer` (the
-//!   default: TLS when the server offers it), `require`, and libpq's `verify-ca` and
-//!   `verify-full` (read as `require`). Whenever TLS is used the server's certificate is
-//!   verified, host name included, against `database.ca_file` (a PEM bundle) or, without one,
-//!   the system's roots: icmp never accepts an unverified certificate, which makes `require`
-//!   as strict as libpq's `verify-full`.
+//! - PostgreSQL: `sslmode` in `database.url` means what it means to libpq: `disable` (plain),
+//!   `allow`/`prefer` (the default: TLS when the server offers it) and `require` encrypt
+//!   without verifying the server's certificate, unless a root certificate is given
+//!   (`database.ca_file`), which they then check the chain against (as `verify-ca`);
+//!   `verify-ca` checks the chain against `database.ca_file` or the system's roots, and
+//!   `verify-full` the host name too. So a server with a self-signed certificate (Citus's,
+//!   Debian's "snakeoil") is reached as psql reaches it, and `verify-full` is what protects
+//!   against a server that is not the one named.
 //! - Redis: a `rediss://` URL uses TLS, verified against `redis.ca_file` or the system's roots.
 
 use std::sync::Arc;
@@ -74,29 +76,147 @@ pub fn roots(ca_file: &str) -> Result<RootCertStore, TlsError> {
     Ok(store)
 }
 
-/// The TLS connector for PostgreSQL connections.
+/// How much of a PostgreSQL server's certificate is checked (libpq's `sslmode`, with its
+/// root certificate rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgVerification {
+    /// Encrypted, not verified (`prefer`/`require` without a root certificate).
+    None,
+    /// The chain, not the host name (`verify-ca`; `prefer`/`require` with a root certificate).
+    Chain,
+    /// The chain and the host name (`verify-full`).
+    Full,
+}
+
+impl PgVerification {
+    /// What `url`'s `sslmode` asks for, given whether `database.ca_file` is set.
+    pub fn of(url: &str, ca_file: &str) -> PgVerification {
+        let mode = url
+            .split(['?', '&', ' '])
+            .find_map(|part| part.trim().strip_prefix("sslmode="))
+            .unwrap_or("prefer");
+        match mode {
+            "verify-full" => PgVerification::Full,
+            "verify-ca" => PgVerification::Chain,
+            _ if !ca_file.is_empty() => PgVerification::Chain,
+            _ => PgVerification::None,
+        }
+    }
+}
+
+/// The TLS connector for PostgreSQL connections of `url` (its `sslmode`, see the module docs).
 ///
 /// # Errors
 /// A bad CA file.
 pub fn postgres_connector(
+    url: &str,
     ca_file: &str,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, TlsError> {
     install_provider();
+    let verification = PgVerification::of(url, ca_file);
     let roots = match roots(ca_file) {
         Ok(r) => r,
         // Without system roots a plain (`sslmode=disable` or `prefer` to a server without TLS)
-        // connection still works; a TLS one then fails verification with a clear error.
+        // or an unverified connection still works; a verified one then fails with a clear error.
         Err(TlsError::Setup(_)) => RootCertStore::empty(),
         Err(e) => return Err(e),
     };
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(Arc::new(roots))
-        .with_no_client_auth();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let config = match verification {
+        PgVerification::Full => builder.with_root_certificates(Arc::new(roots)),
+        PgVerification::Chain | PgVerification::None => {
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build();
+            let verifier = Lenient {
+                chain: match verification {
+                    PgVerification::Chain => webpki.ok(),
+                    _ => None,
+                },
+                provider,
+            };
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+        }
+    }
+    .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// `sslmode` values libpq accepts that tokio-postgres does not, mapped onto its own (the
-/// certificate is verified in every TLS mode, see the module docs).
+/// A certificate check short of libpq's `verify-full`: the chain alone (`chain`), or nothing;
+/// the handshake's signatures are always checked (the connection is encrypted to whoever holds
+/// the certificate's key).
+#[derive(Debug)]
+struct Lenient {
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Lenient {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        let Some(chain) = &self.chain else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            // `verify-ca`: any name, as long as the chain holds.
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// `sslmode` values libpq accepts that tokio-postgres does not, mapped onto its own (what is
+/// verified is the connector's part, see [`postgres_connector`]).
 pub fn postgres_url(url: &str) -> String {
     url.replace("sslmode=verify-full", "sslmode=require")
         .replace("sslmode=verify-ca", "sslmode=require")
@@ -146,6 +266,27 @@ mod tests {
 
     #[test]
     fn libpq_ssl_modes_are_read() {
+        // What each mode verifies, as libpq: a root certificate turns prefer/require into a
+        // chain check; verify-full adds the host name.
+        let v = PgVerification::of;
+        assert_eq!(v("postgres://a@h/db", ""), PgVerification::None);
+        assert_eq!(
+            v("postgres://a@h/db?sslmode=require", ""),
+            PgVerification::None
+        );
+        assert_eq!(
+            v("postgres://a@h/db?sslmode=prefer&x=1", "ca.pem"),
+            PgVerification::Chain
+        );
+        assert_eq!(
+            v("postgres://a@h/db?x=1&sslmode=verify-ca", ""),
+            PgVerification::Chain
+        );
+        assert_eq!(v("host=h sslmode=verify-full", ""), PgVerification::Full);
+        assert_eq!(
+            v("postgres://a@h/db?sslmode=verify-full", "ca.pem"),
+            PgVerification::Full
+        );
         let u = |m: &str| postgres_url(&format!("postgres://a@h/db?sslmode={m}"));
         assert_eq!(u("verify-full"), "postgres://a@h/db?sslmode=require");
         assert_eq!(u("verify-ca"), "postgres://a@h/db?sslmode=require");

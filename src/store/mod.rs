@@ -322,7 +322,8 @@ async fn ensure_worker_role(client: &tokio_postgres::Client) {
 }
 
 fn connector(config: &DatabaseConfig) -> Result<MakeRustlsConnect, StoreError> {
-    crate::tls::postgres_connector(&config.ca_file).map_err(|e| StoreError::Pool(e.to_string()))
+    crate::tls::postgres_connector(config.url.expose(), &config.ca_file)
+        .map_err(|e| StoreError::Pool(e.to_string()))
 }
 
 /// True when `e` is a unique-constraint violation.

@@ -429,6 +429,11 @@ pub struct TestCerts {
 
 impl TestCerts {
     pub fn generate() -> TestCerts {
+        TestCerts::generate_for(&["localhost", "127.0.0.1"])
+    }
+
+    /// A CA and a server certificate for `names` (an IP address becomes an IP name).
+    pub fn generate_for(names: &[&str]) -> TestCerts {
         use rcgen::{
             BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
             IsCa, KeyPair, KeyUsagePurpose,
@@ -450,7 +455,7 @@ impl TestCerts {
 
         // "127.0.0.1" becomes an IP address name.
         let mut server =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
                 .expect("server parameters");
         server
             .distinguished_name

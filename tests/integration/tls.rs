@@ -77,6 +77,54 @@ async fn a_message_goes_through_over_tls_to_postgres_and_redis() {
     app.stop().await;
 }
 
+/// Whether a connection of `config` is encrypted (`pg_stat_ssl`).
+async fn encrypted(config: &Config) -> bool {
+    Store::connect(&config.database)
+        .expect("store")
+        .client()
+        .await
+        .expect("a connection")
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0)
+}
+
+/// `verify-ca` checks the chain and not the name, `verify-full` both: a certificate for
+/// `localhost` alone, reached at 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
+    let certs = TestCerts::generate_for(&["localhost"]);
+    let pg = PrivatePg::start_tls(&certs);
+    let mut config = helpers::base_config();
+    config.database.connect_timeout_ms = 3000;
+    config.database.pool_wait_timeout_ms = 3000;
+    config.database.ca_file = ca(&certs);
+    let url = |mode: &str| {
+        RedactedUrl::new(format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode={mode}",
+            pg.port
+        ))
+    };
+    for mode in ["prefer", "require", "verify-ca"] {
+        config.database.url = url(mode);
+        assert!(encrypted(&config).await, "sslmode={mode}");
+    }
+    config.database.url = url("verify-full");
+    let err = Store::connect(&config.database)
+        .expect("store")
+        .ping()
+        .await
+        .expect_err("127.0.0.1 is not a name of the certificate");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_or_unverified_connections_to_tls_only_servers_fail_clearly() {
     let certs = TestCerts::generate();
@@ -102,19 +150,46 @@ async fn plain_or_unverified_connections_to_tls_only_servers_fail_clearly() {
         "the server's reason is kept: {err}"
     );
 
-    // TLS, but a certificate from an authority we were not told to trust (the system roots).
-    config.database.url = RedactedUrl::new(format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=require",
-        pg.port
-    ));
+    // As libpq: without a root certificate `prefer` and `require` encrypt without verifying
+    // (a self-signed server is reached as psql reaches it); `verify-ca` and `verify-full` check
+    // against the system's roots, which do not know this server's authority.
+    let url = |mode: &str| {
+        RedactedUrl::new(format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode={mode}",
+            pg.port
+        ))
+    };
+    for mode in ["prefer", "require"] {
+        config.database.url = url(mode);
+        assert!(
+            encrypted(&config).await,
+            "sslmode={mode} connects, encrypted"
+        );
+    }
+    for mode in ["verify-ca", "verify-full"] {
+        config.database.url = url(mode);
+        let err = Store::connect(&config.database)
+            .expect("store")
+            .ping()
+            .await
+            .expect_err("an unknown issuer must fail");
+        assert!(
+            err.to_string().to_lowercase().contains("certificate"),
+            "sslmode={mode} names the certificate: {err}"
+        );
+    }
+    // A root certificate given: even `require` checks the chain (another authority: refused).
+    let others = TestCerts::generate();
+    config.database.ca_file = ca(&others);
+    config.database.url = url("require");
     let err = Store::connect(&config.database)
         .expect("store")
         .ping()
         .await
-        .expect_err("an unknown issuer must fail");
+        .expect_err("another authority must fail");
     assert!(
         err.to_string().to_lowercase().contains("certificate"),
-        "names the certificate: {err}"
+        "{err}"
     );
     // With the CA it works, in every TLS mode.
     config.database.ca_file = ca(&certs);
