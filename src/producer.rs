@@ -65,18 +65,6 @@ impl From<redis::RedisError> for SendError {
     }
 }
 
-/// The shard `msg` goes to: its user's ([`crate::protocol::shard`]). A business id that does
-/// not parse goes to shard 0, which answers it with `validation.invalid_field`.
-pub fn shard_for(streams: &StreamsConfig, msg: &Outgoing) -> StreamsConfig {
-    match crate::protocol::inbound::canonical_business(&msg.business_id) {
-        Some(business) => streams.for_user(
-            &business,
-            crate::protocol::inbound::canonical_user(&msg.user_id),
-        ),
-        None => streams.shard(0),
-    }
-}
-
 /// Enqueues `msg` on its user's shard of the inbound stream, with a `reply_to` stream in that
 /// shard's slot, and waits up to `timeout` for its reply; returns the reply's fields.
 ///
@@ -88,7 +76,7 @@ pub async fn send_and_wait(
     msg: &Outgoing,
     timeout: Duration,
 ) -> Result<HashMap<String, String>, SendError> {
-    let streams = &shard_for(streams, msg);
+    let streams = &streams.for_fields(&msg.business_id, &msg.user_id);
     let reply_to = format!("{}{}", streams.reply_prefix, Uuid::new_v4());
     let mut fields: Vec<(&str, &str)> = vec![
         ("business_id", &msg.business_id),

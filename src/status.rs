@@ -13,13 +13,36 @@ use crate::redis_connection::RedisConnection;
 use crate::store::{Store, StoreError};
 use crate::stream::{self, ConsumerInfo, Keys, group_info};
 
-/// The status report: the totals over every inbound shard, each shard's own figures, and
-/// each business's activity.
+/// The status report: the figures of the inbound streams (totals over every shard), each
+/// shard's own, and each business's activity.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
-    /// The inbound stream (the first shard's, with several).
-    pub stream: String,
+    /// Over every shard (the first shard's stream name).
+    #[serde(flatten)]
+    pub totals: StreamFigures,
     pub group: String,
+    /// `streams.dead_letter_maxlen`: at this many dead letters the oldest are evicted (per
+    /// shard).
+    pub dead_letter_limit: u64,
+    /// Each inbound shard's figures (one with `streams.shards = 1`).
+    pub shards: Vec<ShardStatus>,
+    /// The window the per-business figures cover.
+    pub window_minutes: u64,
+    pub businesses: Vec<BusinessActivity>,
+}
+
+/// One inbound shard's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardStatus {
+    pub shard: u32,
+    #[serde(flatten)]
+    pub figures: StreamFigures,
+}
+
+/// The state of an inbound stream and its group.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamFigures {
+    pub stream: String,
     /// Whether the consumer group exists (no worker ever ran when it does not).
     pub group_exists: bool,
     /// Entries not yet delivered to the group (Redis ≥ 7).
@@ -30,31 +53,10 @@ pub struct Status {
     /// Users with messages waiting in an order queue.
     pub queues_in_use: u64,
     pub dead_letters: u64,
-    /// `streams.dead_letter_maxlen`: at this many dead letters the oldest are evicted.
-    pub dead_letter_limit: u64,
     /// Stream events an operator must see, from the workers' counters: `trimmed` (entries
     /// removed from the stream before they were answered, dead-lettered as `stream.trimmed`),
     /// `group_recreated` (the group disappeared and was recreated at its delivery mark), with
     /// when they last happened.
-    pub events: BTreeMap<String, String>,
-    /// Each inbound shard's figures (one with `streams.shards = 1`).
-    pub shards: Vec<ShardStatus>,
-    /// The window the per-business figures cover.
-    pub window_minutes: u64,
-    pub businesses: Vec<BusinessActivity>,
-}
-
-/// One inbound shard's figures (the fields of [`Status`], for its streams alone).
-#[derive(Debug, Clone, Serialize)]
-pub struct ShardStatus {
-    pub shard: u32,
-    pub stream: String,
-    pub group_exists: bool,
-    pub lag: Option<u64>,
-    pub pending: u64,
-    pub consumers: Vec<ConsumerInfo>,
-    pub queues_in_use: u64,
-    pub dead_letters: u64,
     pub events: BTreeMap<String, String>,
 }
 
@@ -119,18 +121,9 @@ pub async fn read(
         });
     }
     Ok(Status {
-        stream: shards
-            .first()
-            .map_or_else(|| streams.inbound.clone(), |s| s.stream.clone()),
+        totals: StreamFigures::sum(shards.iter().map(|s| &s.figures)),
         group: streams.group.clone(),
-        group_exists: shards.iter().all(|s| s.group_exists),
-        lag: shards.iter().map(|s| s.lag).sum(),
-        pending: shards.iter().map(|s| s.pending).sum(),
-        consumers: merged_consumers(&shards),
-        queues_in_use: shards.iter().map(|s| s.queues_in_use).sum(),
-        dead_letters: shards.iter().map(|s| s.dead_letters).sum(),
         dead_letter_limit: streams.dead_letter_maxlen as u64,
-        events: merged_events(&shards),
         shards,
         window_minutes,
         businesses,
@@ -165,47 +158,61 @@ async fn read_shard(
         .await?;
     Ok(ShardStatus {
         shard: streams.shard.unwrap_or(0),
-        stream: streams.inbound.clone(),
-        group_exists: group.is_some(),
-        lag: group.and_then(|g| g.lag),
-        pending: group.map_or(0, |g| g.pending),
-        consumers,
-        queues_in_use,
-        dead_letters,
-        events,
+        figures: StreamFigures {
+            stream: streams.inbound.clone(),
+            group_exists: group.is_some(),
+            lag: group.and_then(|g| g.lag),
+            pending: group.map_or(0, |g| g.pending),
+            consumers,
+            queues_in_use,
+            dead_letters,
+            events,
+        },
     })
 }
 
-/// Each consumer once, with what it holds on every shard and its shortest idle time.
-fn merged_consumers(shards: &[ShardStatus]) -> Vec<ConsumerInfo> {
-    let mut by_name: BTreeMap<&str, ConsumerInfo> = BTreeMap::new();
-    for c in shards.iter().flat_map(|s| &s.consumers) {
-        by_name
-            .entry(&c.name)
-            .and_modify(|m| {
-                m.pending += c.pending;
-                m.idle_ms = m.idle_ms.min(c.idle_ms);
-            })
-            .or_insert_with(|| c.clone());
-    }
-    by_name.into_values().collect()
-}
-
-/// The shards' stream events together: counts added up, the latest of every other field
-/// (times and entry ids sort as text).
-fn merged_events(shards: &[ShardStatus]) -> BTreeMap<String, String> {
-    let mut out: BTreeMap<String, String> = BTreeMap::new();
-    for (k, v) in shards.iter().flat_map(|s| &s.events) {
-        let merged = match (out.get(k), v.parse::<u64>()) {
-            (Some(old), Ok(b)) if old.parse::<u64>().is_ok() => {
-                (old.parse::<u64>().unwrap_or(0) + b).to_string()
+impl StreamFigures {
+    /// Several shards' figures together: counts added up (a lag unknown on one is unknown),
+    /// each consumer once with what it holds everywhere and its shortest idle time, event
+    /// counts added up and the latest of every other event field (times and entry ids sort as
+    /// text); the first shard's stream name.
+    fn sum<'a>(shards: impl Iterator<Item = &'a StreamFigures> + Clone) -> StreamFigures {
+        let mut consumers: BTreeMap<&str, ConsumerInfo> = BTreeMap::new();
+        let mut events: BTreeMap<String, String> = BTreeMap::new();
+        for s in shards.clone() {
+            for c in &s.consumers {
+                consumers
+                    .entry(&c.name)
+                    .and_modify(|m| {
+                        m.pending += c.pending;
+                        m.idle_ms = m.idle_ms.min(c.idle_ms);
+                    })
+                    .or_insert_with(|| c.clone());
             }
-            (Some(old), _) if old >= v => continue,
-            _ => v.clone(),
-        };
-        out.insert(k.clone(), merged);
+            for (k, v) in &s.events {
+                let merged = match events.get(k) {
+                    Some(old) => match (old.parse::<u64>(), v.parse::<u64>()) {
+                        (Ok(a), Ok(b)) => (a + b).to_string(),
+                        _ if old >= v => continue,
+                        _ => v.clone(),
+                    },
+                    None => v.clone(),
+                };
+                events.insert(k.clone(), merged);
+            }
+        }
+        let mut all = shards.clone();
+        StreamFigures {
+            stream: all.next().map(|s| s.stream.clone()).unwrap_or_default(),
+            group_exists: shards.clone().all(|s| s.group_exists),
+            lag: shards.clone().map(|s| s.lag).sum(),
+            pending: shards.clone().map(|s| s.pending).sum(),
+            consumers: consumers.into_values().collect(),
+            queues_in_use: shards.clone().map(|s| s.queues_in_use).sum(),
+            dead_letters: shards.map(|s| s.dead_letters).sum(),
+            events,
+        }
     }
-    out
 }
 
 /// Error replies on the outbound stream in the window, by business id.
@@ -231,7 +238,7 @@ async fn error_replies(
 impl Status {
     /// Whether the dead letters waiting have reached 80 % of the stream's bound.
     pub fn dead_letters_nearly_full(&self) -> bool {
-        self.dead_letters.saturating_mul(10) >= self.dead_letter_limit.saturating_mul(8)
+        self.totals.dead_letters.saturating_mul(10) >= self.dead_letter_limit.saturating_mul(8)
     }
 }
 
@@ -240,16 +247,19 @@ impl Status {
     fn fmt_shards_and_consumers(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.shards.len() > 1 {
             for s in &self.shards {
-                let lag = s.lag.map_or("unknown".to_owned(), |l| l.to_string());
+                let lag = s
+                    .figures
+                    .lag
+                    .map_or("unknown".to_owned(), |l| l.to_string());
                 writeln!(
                     f,
                     "  shard {:>3} {}: lag {lag} · pending {} · queues {} · dead letters {}{}",
                     s.shard,
-                    s.stream,
-                    s.pending,
-                    s.queues_in_use,
-                    s.dead_letters,
-                    if s.group_exists {
+                    s.figures.stream,
+                    s.figures.pending,
+                    s.figures.queues_in_use,
+                    s.figures.dead_letters,
+                    if s.figures.group_exists {
                         ""
                     } else {
                         " · no group yet"
@@ -257,7 +267,7 @@ impl Status {
                 )?;
             }
         }
-        for c in &self.consumers {
+        for c in &self.totals.consumers {
             writeln!(
                 f,
                 "  consumer {:<32} holds {:>6} · idle {:.1} s",
@@ -272,26 +282,29 @@ impl Status {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if !self.group_exists {
+        if !self.totals.group_exists {
             writeln!(
                 f,
                 "stream {}: no group {} yet (no worker has run)",
-                self.stream, self.group
+                self.totals.stream, self.group
             )?;
         } else {
-            let lag = self.lag.map_or("unknown".to_owned(), |l| l.to_string());
+            let lag = self
+                .totals
+                .lag
+                .map_or("unknown".to_owned(), |l| l.to_string());
             writeln!(
                 f,
                 "stream {} · group {}: lag {lag} · pending {}",
-                self.stream, self.group, self.pending
+                self.totals.stream, self.group, self.totals.pending
             )?;
         }
         self.fmt_shards_and_consumers(f)?;
-        writeln!(f, "order queues in use: {}", self.queues_in_use)?;
+        writeln!(f, "order queues in use: {}", self.totals.queues_in_use)?;
         write!(
             f,
             "dead letters: {} of at most {}",
-            self.dead_letters, self.dead_letter_limit
+            self.totals.dead_letters, self.dead_letter_limit
         )?;
         if self.dead_letters_nearly_full() {
             write!(
@@ -301,7 +314,7 @@ impl std::fmt::Display for Status {
             )?;
         }
         writeln!(f)?;
-        let event = |name: &str| self.events.get(name).map(String::as_str);
+        let event = |name: &str| self.totals.events.get(name).map(String::as_str);
         if let Some(n) = event("trimmed") {
             writeln!(
                 f,

@@ -418,7 +418,6 @@ async fn send(
     } else {
         500.0
     };
-    let business_id = crate::protocol::inbound::canonical_business(&business).unwrap_or_default();
     let started = Instant::now();
     let mut i = 0;
     let mut tick = 0u64;
@@ -435,7 +434,7 @@ async fn send(
             let mut ids = Vec::with_capacity(end - i);
             for n in i..end {
                 let (user, id, content) = message(&options, &run_id, n);
-                let shard = config.streams.for_user(&business_id, &user);
+                let shard = config.streams.for_fields(&business, &user);
                 let pipe = pipes.entry(shard.shard.unwrap_or(0)).or_default();
                 pipe.xadd(
                     &shard.inbound,

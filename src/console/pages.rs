@@ -54,6 +54,7 @@ async fn overview_page(ctx: &Ctx, minutes: u64) -> Result<Response, ConsoleError
         })
         .collect();
     let consumers: Vec<serde_json::Value> = status
+        .totals
         .consumers
         .iter()
         .map(|c| {
@@ -64,7 +65,10 @@ async fn overview_page(ctx: &Ctx, minutes: u64) -> Result<Response, ConsoleError
             })
         })
         .collect();
-    let lag = status.lag.map_or("unknown".to_owned(), |l| l.to_string());
+    let lag = status
+        .totals
+        .lag
+        .map_or("unknown".to_owned(), |l| l.to_string());
     // Each inbound shard, when there are several.
     let shards: Vec<serde_json::Value> = status
         .shards
@@ -73,12 +77,12 @@ async fn overview_page(ctx: &Ctx, minutes: u64) -> Result<Response, ConsoleError
         .map(|s| {
             serde_json::json!({
                 "shard": s.shard,
-                "stream": s.stream,
-                "lag": s.lag.map_or("unknown".to_owned(), |l| l.to_string()),
-                "pending": s.pending,
-                "queues_in_use": s.queues_in_use,
-                "dead_letters": s.dead_letters,
-                "group_exists": s.group_exists,
+                "stream": s.figures.stream,
+                "lag": s.figures.lag.map_or("unknown".to_owned(), |l| l.to_string()),
+                "pending": s.figures.pending,
+                "queues_in_use": s.figures.queues_in_use,
+                "dead_letters": s.figures.dead_letters,
+                "group_exists": s.figures.group_exists,
             })
         })
         .collect();
@@ -87,12 +91,12 @@ async fn overview_page(ctx: &Ctx, minutes: u64) -> Result<Response, ConsoleError
         "Overview",
         serde_json::json!({
             "status": {
-                "stream": status.stream,
+                "stream": status.totals.stream,
                 "group": status.group,
-                "group_exists": status.group_exists,
-                "pending": status.pending,
-                "queues_in_use": status.queues_in_use,
-                "dead_letters": status.dead_letters,
+                "group_exists": status.totals.group_exists,
+                "pending": status.totals.pending,
+                "queues_in_use": status.totals.queues_in_use,
+                "dead_letters": status.totals.dead_letters,
                 "window_minutes": status.window_minutes,
                 "consumers": consumers,
             },

@@ -144,6 +144,16 @@ impl StreamsConfig {
         self.shard(shard_of(business, user, self.shards))
     }
 
+    /// The shard of an entry whose `business_id` and `user_id` fields are `business` and
+    /// `user` as a producer wrote them (any spelling; surrounding whitespace). A business id
+    /// that does not parse goes to shard 0, which answers it with `validation.invalid_field`.
+    pub fn for_fields(&self, business: &str, user: &str) -> StreamsConfig {
+        match crate::protocol::inbound::canonical_business(business) {
+            Some(b) => self.for_user(&b, crate::protocol::inbound::canonical_user(user)),
+            None => self.shard(0),
+        }
+    }
+
     /// Whether the layout can be used: shard counts in range, shards to read among them, and
     /// (with more than one shard) names free of braces, so that the shard's tag is the hash
     /// tag of every name.

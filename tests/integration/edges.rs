@@ -364,7 +364,11 @@ async fn a_destroyed_group_is_recreated_at_its_mark_and_answers_nothing_twice() 
     // Said loudly: counted where `icmp status` reads it.
     let status = status(&app).await;
     assert_eq!(
-        status.events.get("group_recreated").map(String::as_str),
+        status
+            .totals
+            .events
+            .get("group_recreated")
+            .map(String::as_str),
         Some("1")
     );
     assert!(status.to_string().contains("recreated 1 time"), "{status}");
@@ -494,7 +498,7 @@ async fn entries_a_producer_trimmed_end_in_a_dead_letter_not_in_silence() {
     assert_eq!(app.replies_of("v1").await.len(), 1);
     let status = status(&app).await;
     let n = dead.len().to_string();
-    assert_eq!(status.events.get("trimmed"), Some(&n));
+    assert_eq!(status.totals.events.get("trimmed"), Some(&n));
     assert!(
         status
             .to_string()
@@ -609,7 +613,10 @@ async fn a_dead_letter_stream_near_its_bound_is_reported_before_anything_is_evic
     })
     .await;
     let status = status(&app).await;
-    assert_eq!((status.dead_letters, status.dead_letter_limit), (9, 10));
+    assert_eq!(
+        (status.totals.dead_letters, status.dead_letter_limit),
+        (9, 10)
+    );
     assert!(status.dead_letters_nearly_full());
     assert!(
         status.to_string().contains("WARNING: nearly full"),

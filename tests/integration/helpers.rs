@@ -365,10 +365,7 @@ impl TestApp {
         message_id: &str,
         content: &str,
     ) -> String {
-        let inbound = match icmp::protocol::inbound::canonical_business(business) {
-            Some(b) => self.config.streams.for_user(&b, user.trim_ascii()).inbound,
-            None => self.config.streams.shard(0).inbound,
-        };
+        let inbound = self.config.streams.for_fields(business, user).inbound;
         self.xadd_on(
             &inbound,
             &[
@@ -523,13 +520,9 @@ impl TestApp {
         business: &str,
         messages: &[(String, String, String)],
     ) -> redis::RedisResult<()> {
-        let id = icmp::protocol::inbound::canonical_business(business);
         let mut by_shard: std::collections::BTreeMap<String, Vec<_>> = Default::default();
         for m in messages {
-            let inbound = match &id {
-                Some(b) => self.config.streams.for_user(b, m.0.trim_ascii()).inbound,
-                None => self.config.streams.shard(0).inbound,
-            };
+            let inbound = self.config.streams.for_fields(business, &m.0).inbound;
             by_shard.entry(inbound).or_default().push(m.clone());
         }
         for (inbound, messages) in by_shard {

@@ -99,10 +99,14 @@ async fn with_three_shards_every_message_is_answered_once_in_order_on_its_users_
         status
             .shards
             .iter()
-            .all(|s| s.group_exists && s.pending == 0)
+            .all(|s| s.figures.group_exists && s.figures.pending == 0)
     );
-    assert_eq!(status.lag, Some(0));
-    let names: HashSet<&str> = status.shards.iter().map(|s| s.stream.as_str()).collect();
+    assert_eq!(status.totals.lag, Some(0));
+    let names: HashSet<&str> = status
+        .shards
+        .iter()
+        .map(|s| s.figures.stream.as_str())
+        .collect();
     assert_eq!(names.len(), 3);
     let text = status.to_string();
     assert!(text.contains("shard   2 "), "{text}");

@@ -196,10 +196,7 @@ impl Soak {
     fn shard_of(&self, sent: &Sent) -> icmp::config::StreamsConfig {
         let s = &self.app.config.streams;
         match sent {
-            Sent::Valid { user, .. } => {
-                let business = business_of(user).parse().expect("uuid");
-                s.for_user(&business, user)
-            }
+            Sent::Valid { user, .. } => s.for_fields(business_of(user), user),
             Sent::Bad(_) => s.shard(0),
         }
     }
@@ -422,13 +419,8 @@ impl Soak {
                 // On the coalescing business a third of the messages ask for their reply on a
                 // stream of their own (one of two per user), as `icmp send` does: a burst can
                 // mix destinations.
-                let prefix = self
-                    .shard_of(&Sent::Valid {
-                        user: user.clone(),
-                        message_id: String::new(),
-                        repeat: false,
-                        reply_to: None,
-                    })
+                let prefix = (self.app.config.streams)
+                    .for_fields(business_of(&user), &user)
                     .reply_prefix;
                 let reply_to =
                     (business_of(&user) == COALESCING && rng.random_bool(0.33)).then(|| {
