@@ -8,11 +8,16 @@
 #                                      AOF), reusing it when it runs; print its env
 #   scripts/services.sh cluster-down   stop that cluster and delete its data
 #   scripts/services.sh cluster-restart-node PORT   start a killed node of it again, data kept
+#   scripts/services.sh citus          build Citus once (cached in ~/.cache/icmp), start a
+#                                      coordinator and two workers, print their env
+#   scripts/services.sh citus-down     stop them and delete their data
+#   scripts/services.sh citus-stop-node|citus-start-node PORT   crash one node / start it (or a
+#                                      new, unregistered node on PORT) again
 #
 # Daemons are started with stdio and the lock descriptor closed, so that a caller reading this
 # script's output (the test harness) is not kept waiting by them.
 # Data lives under .local/ (ignored by git). Ports: ICMP_PG_PORT (54329), ICMP_REDIS_PORT (63799),
-# and six from ICMP_CLUSTER_PORT (7101) for the cluster.
+# six from ICMP_CLUSTER_PORT (7101) for the cluster, three from ICMP_CITUS_PORT (54340) for Citus.
 # Local PostgreSQL trusts loopback connections; real deployments pass a password through
 # ICMP__DATABASE__PASSWORD instead.
 set -euo pipefail
@@ -183,6 +188,132 @@ print_cluster_env() {
   echo "export ICMP_TEST_REDIS_CLUSTER_URLS=${urls[*]}"
 }
 
+# --- Citus: a coordinator and two worker nodes, each its own PostgreSQL instance on loopback.
+citus_version=13.2.2
+citus_port="${ICMP_CITUS_PORT:-54340}"
+citus_cache="${ICMP_CACHE_DIR:-$HOME/.cache/icmp}/citus-$citus_version"
+citus_vendor="$root/../shared/vendor"
+citus_nodes() { echo "$citus_port" $((citus_port + 1)) $((citus_port + 2)); }
+
+citus_installed() {
+  local bin; bin="$(pg_bin)" || return 1
+  [ -f "$bin/../lib/citus.so" ] && [ -f "/usr/share/postgresql/$(basename "$(dirname "$bin")")/extension/citus.control" ]
+}
+
+# PostgreSQL servers started by this script before the dev package upgraded the server binaries
+# fail to load their libraries afterwards: they are restarted.
+pg_restart_running() {
+  local bin dir; bin="$(pg_bin)"
+  locate_pg_home
+  for dir in "$pg_dir" "$pg_home"/citus/*/; do
+    dir="${dir%/}"
+    [ -s "$dir/postmaster.pid" ] || continue
+    pg_run "$bin/pg_ctl" -D "$dir" -w -t 60 -m fast restart >/dev/null 2>&1 9>&- </dev/null \
+      && log "restarted the PostgreSQL server in $dir"
+  done
+}
+
+# Builds Citus from the vendored source once (kept under ~/.cache/icmp, where a fresh clone
+# finds it) and installs it into this machine's PostgreSQL; nothing when it is installed.
+citus_install() {
+  citus_installed && return
+  local tarball="$citus_vendor/citus-$citus_version.tar.gz" patch="$citus_vendor/citus-$citus_version-pg15.patch"
+  local packages=(postgresql-server-dev-15 libcurl4-openssl-dev liblz4-dev libzstd-dev libkrb5-dev)
+  dpkg -s "${packages[@]}" >/dev/null 2>&1 || { apt_install "${packages[@]}"; pg_restart_running; }
+  if [ ! -f "$citus_cache/src/backend/distributed/citus.so" ]; then
+    [ -f "$tarball" ] || { log "no Citus source at $tarball"; return 1; }
+    log "building Citus $citus_version in $citus_cache (about 2 minutes)"
+    rm -rf "$citus_cache" && mkdir -p "$(dirname "$citus_cache")"
+    tar xzf "$tarball" -C "$(dirname "$citus_cache")"
+    (cd "$citus_cache" && patch -p1 -s <"$patch" && ./configure -q >/dev/null && make -s -j2 >/dev/null 2>&1) \
+      || { log "the Citus build failed (see $citus_cache)"; rm -f "$citus_cache/src/backend/distributed/citus.so"; return 1; }
+  fi
+  (cd "$citus_cache" && make -s install >/dev/null 2>&1)
+  log "Citus $citus_version installed"
+}
+
+citus_node_up() {
+  local port="$1" bin dir; bin="$(pg_bin)"
+  dir="$pg_home/citus/$port"
+  "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" && return
+  mkdir -p "$pg_log_dir"
+  if [ ! -s "$dir/PG_VERSION" ]; then
+    mkdir -p "$dir"
+    [ "$(id -u)" = 0 ] && chown postgres "$dir" "$pg_home/citus"
+    chmod 700 "$dir"
+    pg_run "$bin/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+    cat >>"$dir/postgresql.conf" <<CONF
+shared_preload_libraries = 'citus'
+wal_level = logical
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '/tmp'
+max_connections = 300
+shared_buffers = 128MB
+max_wal_senders = 20
+max_replication_slots = 20
+citus.shard_count = ${ICMP_CITUS_SHARD_COUNT:-8}
+CONF
+  fi
+  [ "$(id -u)" = 0 ] && chown postgres "$pg_log_dir"
+  rm -f "$dir/postmaster.pid"
+  pg_run "$bin/pg_ctl" -D "$dir" -l "$pg_log_dir/citus-$port.log" -w -t 60 start </dev/null >/dev/null 2>&1 9>&-
+}
+
+# The roles and the `icmp` database on every node, the extension in it and in `postgres`, and
+# the workers registered with the coordinator (in both databases).
+citus_bootstrap() {
+  local port q db
+  for port in $(citus_nodes); do
+    q="psql -h 127.0.0.1 -p $port -U postgres -v ON_ERROR_STOP=1 -qtAX"
+    [ "$($q -d postgres -c "select 1 from pg_roles where rolname='icmp'")" = 1 ] ||
+      $q -d postgres -c "create role icmp login createdb" >/dev/null
+    # On Citus the coordinator opens its connections to the workers as the role a statement
+    # runs as: icmp_worker must be able to log in there (the coordinator's role attributes are
+    # copied to every node it adds). It has no password: only loopback trust lets it in here.
+    [ "$($q -d postgres -c "select 1 from pg_roles where rolname='icmp_worker'")" = 1 ] ||
+      $q -d postgres -c "create role icmp_worker login; grant icmp_worker to icmp" >/dev/null
+    [ "$($q -d postgres -c "select 1 from pg_database where datname='icmp'")" = 1 ] ||
+      $q -d postgres -c "create database icmp owner icmp" >/dev/null
+    for db in postgres icmp; do $q -d "$db" -c "create extension if not exists citus" >/dev/null; done
+  done
+  q="psql -h 127.0.0.1 -p $citus_port -U postgres -v ON_ERROR_STOP=1 -qtAX"
+  for db in postgres icmp; do
+    $q -d "$db" -c "select citus_set_coordinator_host('127.0.0.1', $citus_port)" >/dev/null
+    for port in $((citus_port + 1)) $((citus_port + 2)); do
+      $q -d "$db" -c "select citus_add_node('127.0.0.1', $port)" >/dev/null
+    done
+  done
+}
+
+citus_up() {
+  citus_install
+  local bin port; bin="$(pg_bin)"
+  if [ "$(id -u)" = 0 ]; then id postgres >/dev/null 2>&1 || useradd -r -m postgres; fi
+  locate_pg_home
+  mkdir -p "$pg_home/citus"
+  for port in $(citus_nodes); do citus_node_up "$port"; done
+  citus_bootstrap
+  log "citus coordinator on $citus_port, workers on $((citus_port + 1)) and $((citus_port + 2))"
+}
+
+citus_down() {
+  local bin port; bin="$(pg_bin)"
+  locate_pg_home
+  for port in $(citus_nodes) $((citus_port + 3)); do
+    [ -s "$pg_home/citus/$port/PG_VERSION" ] &&
+      pg_run "$bin/pg_ctl" -D "$pg_home/citus/$port" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "${pg_home:?}/citus/$port"
+  done
+}
+
+print_citus_env() {
+  cat <<ENV
+export ICMP_TEST_CITUS_URL=postgres://postgres@127.0.0.1:$citus_port/postgres
+export ICMP_TEST_CITUS_WORKERS=127.0.0.1:$((citus_port + 1)),127.0.0.1:$((citus_port + 2))
+ENV
+}
+
 print_env() {
   cat <<ENV
 export ICMP__DATABASE__URL=postgres://icmp@127.0.0.1:$pg_port/icmp
@@ -214,6 +345,34 @@ case "${1:-up}" in
     print_cluster_env
     ;;
   cluster-down) cluster_down; log "cluster stopped" ;;
+  citus-install)
+    # Only the build and install (the test command runs it before any server starts, as the
+    # dev package it needs upgrades the server binaries).
+    mkdir -p "$local_dir"
+    exec 9>"$local_dir/citus.lock"
+    flock 9
+    citus_install
+    ;;
+  citus)
+    mkdir -p "$local_dir"
+    exec 9>"$local_dir/citus.lock"
+    flock 9
+    citus_up
+    print_citus_env
+    ;;
+  citus-down) citus_down; log "citus stopped" ;;
+  citus-stop-node|citus-start-node)
+    # One node of the cluster stopped (immediately, as a crash) or started again, data kept.
+    port="${2:?usage: services.sh $1 PORT}"
+    bin="$(pg_bin)"; locate_pg_home
+    [ -d "$pg_home/citus/$port" ] || [ "$1" = citus-start-node ] || { log "no node $port"; exit 1; }
+    if [ "$1" = citus-stop-node ]; then
+      pg_run "$bin/pg_ctl" -D "$pg_home/citus/$port" -m immediate stop >/dev/null 2>&1 || true
+    else
+      citus_node_up "$port"
+    fi
+    log "citus node $port: ${1#citus-}"
+    ;;
   cluster-restart-node)
     # Starts one killed node of the cluster again, keeping its data (the chaos soak's faults).
     [ -d "$cluster_dir/${2:?usage: services.sh cluster-restart-node PORT}" ] || { log "no node $2"; exit 1; }
@@ -227,5 +386,5 @@ case "${1:-up}" in
     redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
     log "stopped"
     ;;
-  *) echo "usage: $0 up|env|down|cluster|cluster-down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|env|down|cluster|cluster-down|citus|citus-down" >&2; exit 2 ;;
 esac

@@ -105,6 +105,16 @@ pub struct DatabaseConfig {
     /// Worker sessions: `statement_timeout` and `idle_in_transaction_session_timeout` (0: none).
     #[serde(default)]
     pub statement_timeout_ms: u64,
+    /// Worker sessions on Citus: what a statement that spans several shards does
+    /// (`citus.multi_task_query_log_level`): every statement of a message is meant to run on the
+    /// one shard of its business. `off`, a log level (`warning`: logged by the coordinator),
+    /// or `error`: refused (the test suite's setting). Ignored by plain PostgreSQL.
+    #[serde(default = "default_multi_shard")]
+    pub multi_shard: String,
+}
+
+fn default_multi_shard() -> String {
+    "warning".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -19,12 +19,12 @@ pub struct Refs {
     pub template_id: Uuid,
 }
 
-/// One message's write set as a pgbench script: the worker's own statement for a new
-/// conversation ([`write_set::statement`]), its parameters bound to SQL expressions: a random
-/// user, both messages (ids derived from the random number, so the LLM call rows can refer to
-/// the user message), and two LLM call rows (selection and response; extraction adds a third on a
-/// third of the messages) with prompts of the demo's size. One statement, one round trip, as the
-/// worker sends it.
+/// One message's write set as a pgbench script: the worker's own statements for a new
+/// conversation ([`write_set::statements`]) in one transaction, their parameters bound to SQL
+/// expressions: a random user and conversation, both messages (ids derived from the random
+/// number, so the LLM call rows can refer to the user message), and two LLM call rows
+/// (selection and response) with prompts of the demo's size. Pipelined, as the worker sends
+/// them: one round trip.
 pub fn script(r: &Refs) -> String {
     let prompt =
         "You route messages for a dental clinic. Stages: welcome, booking, farewell. ".repeat(12);
@@ -42,65 +42,39 @@ pub fn script(r: &Refs) -> String {
         call("selection"),
         call("response")
     );
-    let statement = bind(&write_set::statement(true), |n| match n {
-        1 => format!("'{b}'::uuid"),
-        2 => "gen_random_uuid()".into(),
-        3 | 11 => format!("'{s}'::uuid"),
-        4 | 6 => "('pgbench-' || :n)".into(),
-        5 => "NULL::bigint".into(),
-        7 => "'1795000000000-0'".into(),
-        8 => "gen_random_uuid()".into(),
-        9 => "md5('u' || :n)::uuid".into(),
-        10 => "'I would like to book an appointment, my name is Ada Lovelace'".into(),
-        12 | 20 => "'{}'::jsonb".into(),
-        25 => "'[]'::jsonb".into(),
-        13 => "md5('a' || :n)::uuid".into(),
-        14 => "'Thanks for your message: how else can I help you with your booking today?'".into(),
-        15 => "'ok'".into(),
-        16 | 18 | 19 => "NULL::uuid".into(),
-        17 => "NULL::integer".into(),
-        21 => calls.clone(),
-        22 => format!("'{t}'::uuid"),
-        23 => "1".into(),
-        24 => "'{\"read\": 1, \"respond\": 50}'::jsonb".into(),
-        n => unreachable!("the write set has no parameter ${n}"),
-    });
-    // pgbench reads one statement per line.
-    let one_line: Vec<&str> = statement.split_whitespace().collect();
-    format!(
-        "\\set n random(1, 9000000000000000)\n{};\n",
-        one_line.join(" ")
-    )
-}
-
-/// Replaces each `$n` of `sql` by `value(n)`.
-fn bind(sql: &str, value: impl Fn(usize) -> String) -> String {
-    let mut out = String::with_capacity(sql.len() * 2);
-    let mut chars = sql.char_indices().peekable();
-    while let Some((_, c)) = chars.next() {
-        if c != '$' {
-            out.push(c);
-            continue;
-        }
-        let mut n = 0usize;
-        let mut digits = 0;
-        while let Some((_, d)) = chars.peek().copied() {
-            match d.to_digit(10) {
-                Some(v) => {
-                    n = n * 10 + v as usize;
-                    digits += 1;
-                    chars.next();
-                }
-                None => break,
-            }
-        }
-        if digits == 0 {
-            out.push('$');
-        } else {
-            out.push_str(&value(n));
-        }
+    let rows = format!(
+        "jsonb_build_array(jsonb_build_object('pos', 1, 'id', md5('u' || :n)::uuid, \
+         'role', 'user', 'content', 'I would like to book an appointment, my name is Ada Lovelace', \
+         'key', 'pgbench-' || :n, 'inbound', '1795000000000-0', 'stage', '{s}'), \
+         jsonb_build_object('pos', 2, 'id', md5('a' || :n)::uuid, 'role', 'assistant', \
+         'content', 'Thanks for your message: how else can I help you with your booking today?', \
+         'key', 'pgbench-' || :n, 'inbound', '1795000000000-0', 'stage', '{s}', 'status', 'ok', \
+         't_id', '{t}', 't_version', 1, 'timings', jsonb_build_object('read', 1, 'respond', 50)))"
+    );
+    let mut script = String::from("\\set n random(1, 9000000000000000)\n\\startpipeline\nBEGIN;\n");
+    for sql in write_set::statements(true, false, false, true) {
+        let statement = write_set::bind(sql, |n| match n {
+            1 => format!("'{b}'::uuid"),
+            2 => "md5('c' || :n)::uuid".into(),
+            3 => format!("'{s}'::uuid"),
+            4 => "('pgbench-' || :n)".into(),
+            5 => "NULL::bigint".into(),
+            6 => rows.clone(),
+            7 => "2".into(),
+            8 | 9 => "NULL::uuid".into(),
+            10 => "md5('u' || :n)::uuid".into(),
+            11 => "md5('l' || :n)::uuid".into(),
+            12 => "'{}'::jsonb".into(),
+            13 => calls.clone(),
+            n => unreachable!("the write set has no parameter ${n}"),
+        });
+        // pgbench reads one statement per line.
+        let one_line: Vec<&str> = statement.split_whitespace().collect();
+        script.push_str(&one_line.join(" "));
+        script.push_str(";\n");
     }
-    out
+    script.push_str("COMMIT;\n\\endpipeline\n");
+    script
 }
 
 /// Runs `pgbench` with `clients` connections for `seconds` and returns its transactions per
@@ -170,7 +144,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_script_is_the_workers_statement_with_every_parameter_bound() {
+    fn the_script_is_the_workers_statements_with_every_parameter_bound() {
         let refs = Refs {
             business_id: Uuid::from_u128(1),
             stage_id: Uuid::from_u128(2),
@@ -178,14 +152,16 @@ mod tests {
         };
         let script = script(&refs);
         let lines: Vec<&str> = script.lines().collect();
-        assert_eq!(lines.len(), 2, "the variable and one statement line");
-        assert!(!lines[1].contains('$'), "{}", lines[1]);
-        assert!(lines[1].starts_with("WITH u AS ( INSERT INTO users"));
-        assert!(lines[1].contains("INSERT INTO llm_calls"));
-        assert_eq!(
-            bind("$1, $10, $2$", |n| format!("<{n}>")),
-            "<1>, <10>, <2>$"
-        );
+        let statements = write_set::statements(true, false, false, true);
+        // The variable, the pipeline's start, BEGIN, the statements, COMMIT, its end.
+        assert_eq!(lines.len(), statements.len() + 5, "{script}");
+        assert_eq!(lines[2], "BEGIN;");
+        for line in &lines[3..3 + statements.len()] {
+            assert!(!line.contains('$'), "{line}");
+        }
+        assert!(lines[3].starts_with("INSERT INTO users"), "{}", lines[3]);
+        assert!(lines[3 + statements.len() - 1].starts_with("INSERT INTO llm_calls"));
+        assert_eq!(lines[lines.len() - 2], "COMMIT;");
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Store {
         tx.execute(
             "INSERT INTO businesses (id, name, policy) VALUES ($1, $2, $3) \
              ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, policy = EXCLUDED.policy, \
-             updated_at = now() \
+             updated_at = EXCLUDED.updated_at \
              WHERE (businesses.name, businesses.policy) \
              IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.policy)",
             &[&business_id, &def.name, &policy],
@@ -56,6 +56,17 @@ impl Store {
         };
         let ids = upsert_templates(&tx, def, &mut report).await?;
         upsert_stages(&tx, def, &ids, &mut report).await?;
+        // Running workers drop their copies of this business's definitions. On plain
+        // PostgreSQL the change triggers send the same notification (one is delivered); on
+        // Citus, which has no such triggers, this is the only one.
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[
+                &super::listen::DEFINITIONS_CHANNEL,
+                &business_id.to_string(),
+            ],
+        )
+        .await?;
         tx.commit().await?;
         Ok(report)
     }
@@ -76,7 +87,7 @@ async fn upsert_templates(
              system = EXCLUDED.system, body = EXCLUDED.body, model = EXCLUDED.model, \
              temperature = EXCLUDED.temperature, max_tokens = EXCLUDED.max_tokens, \
              output_schema = EXCLUDED.output_schema, version = templates.version + 1, \
-             updated_at = now() \
+             updated_at = EXCLUDED.updated_at \
              WHERE (templates.kind, templates.system, templates.body, templates.model, \
              templates.temperature, templates.max_tokens, templates.output_schema) \
              IS DISTINCT FROM (EXCLUDED.kind, EXCLUDED.system, EXCLUDED.body, EXCLUDED.model, \
@@ -150,7 +161,7 @@ async fn upsert_stages(
              extraction_template_id = EXCLUDED.extraction_template_id, \
              response_template_id = EXCLUDED.response_template_id, \
              fallback_template_id = EXCLUDED.fallback_template_id, \
-             next_stages = EXCLUDED.next_stages, updated_at = now() \
+             next_stages = EXCLUDED.next_stages, updated_at = EXCLUDED.updated_at \
              RETURNING id",
         )
         .await?;

@@ -5,6 +5,7 @@
 
 pub mod conversations;
 pub mod definitions;
+pub mod distribution;
 pub mod import;
 pub mod listen;
 pub mod write_set;
@@ -21,12 +22,22 @@ use tokio_postgres::{Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
-/// Sets the business a transaction may see (row-level security, migration V5).
-const SCOPE: &str = "SELECT set_config('icmp.business_id', $1, true)";
-/// [`SCOPE`], and the transaction's `statement_timeout` (its remaining statements and COMMIT
-/// are cancelled by the server at the message's deadline).
-const SCOPE_UNTIL: &str =
-    "SELECT set_config('icmp.business_id', $1, true), set_config('statement_timeout', $2, true)";
+/// Opens a transaction scoped to `business` (row-level security, migration V5), ending by
+/// `deadline_ms` when given (a transaction-local `statement_timeout`). `SET LOCAL`, not
+/// `set_config()`: Citus carries a transaction's `SET LOCAL` commands to the worker nodes that
+/// run its statements, where the shards' policies read the scope (with
+/// `citus.propagate_set_commands = 'local'`, a mere placeholder setting on plain PostgreSQL).
+/// One simple-protocol message; the values are a UUID and a number, never text of a user.
+pub fn scope_sql(business: Uuid, deadline_ms: Option<u64>) -> String {
+    let mut sql = format!(
+        "BEGIN; SET LOCAL citus.propagate_set_commands = 'local'; \
+         SET LOCAL icmp.business_id = '{business}'"
+    );
+    if let Some(ms) = deadline_ms {
+        sql.push_str(&format!("; SET LOCAL statement_timeout = {ms}"));
+    }
+    sql
+}
 
 /// What the server is told to leave of a message's deadline, so that its cancellation comes
 /// before the worker gives the message up: nothing of a message commits after its deadline.
@@ -134,6 +145,19 @@ impl Store {
             }
             options.push(format!("-c role={role}"));
         }
+        let multi_shard = &config.multi_shard;
+        if !multi_shard.is_empty() && multi_shard != "off" {
+            if !multi_shard
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            {
+                return Err(StoreError::Pool(format!(
+                    "database.multi_shard {multi_shard:?} is not a log level"
+                )));
+            }
+            // A placeholder setting on plain PostgreSQL, which nothing reads.
+            options.push(format!("-c citus.multi_task_query_log_level={multi_shard}"));
+        }
         if config.lock_timeout_ms > 0 {
             options.push(format!("-c lock_timeout={}", config.lock_timeout_ms));
         }
@@ -208,35 +232,42 @@ impl Store {
         params: &[&(dyn ToSql + Sync)],
         end: &str,
     ) -> Result<Vec<Row>, StoreError> {
+        let steps = [(stmt.clone(), params.to_vec())];
+        let mut rows = self.scoped_steps(client, business_id, &steps, end).await?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// Like [`Store::scoped_with_end`], for several statements run in order in one transaction
+    /// (still one round trip); returns each one's rows. The first that fails fails them all.
+    pub(crate) async fn scoped_steps(
+        &self,
+        client: &deadpool_postgres::Client,
+        business_id: Uuid,
+        steps: &[(Statement, Vec<&(dyn ToSql + Sync)>)],
+        end: &str,
+    ) -> Result<Vec<Vec<Row>>, StoreError> {
         let until = DEADLINE
             .try_with(|d| d.saturating_duration_since(std::time::Instant::now()))
             .ok()
             .map(|left| left.saturating_sub(DEADLINE_MARGIN).as_millis().max(1) as u64)
             .filter(|ms| self.statement_timeout_ms == 0 || *ms < self.statement_timeout_ms);
-        let scope = client
-            .prepared(if until.is_some() { SCOPE_UNTIL } else { SCOPE })
-            .await?;
+        let begin = scope_sql(business_id, until);
         self.count_round_trip();
-        let business = business_id.to_string();
-        let timeout = until.map(|ms| ms.to_string()).unwrap_or_default();
-        let with_timeout: [&(dyn ToSql + Sync); 2] = [&business, &timeout];
-        let scope_params: &[&(dyn ToSql + Sync)] = if until.is_some() {
-            &with_timeout
-        } else {
-            &with_timeout[..1]
-        };
-        let (begin, set, rows, end) = Box::pin(async {
+        // Each request is sent when its future is first polled: in this order.
+        let (begin, rows, end) = Box::pin(async {
             tokio::join!(
-                client.batch_execute("BEGIN"),
-                client.query(&scope, scope_params),
-                client.query(stmt, params),
+                client.batch_execute(&begin),
+                futures::future::join_all(
+                    steps
+                        .iter()
+                        .map(|(stmt, params)| client.query(stmt, params.as_slice()))
+                ),
                 client.batch_execute(end),
             )
         })
         .await;
         begin?;
-        set?;
-        let rows = rows?;
+        let rows = rows.into_iter().collect::<Result<Vec<_>, _>>()?;
         end?;
         Ok(rows)
     }
@@ -272,13 +303,35 @@ impl Store {
 /// # Errors
 /// Connection failures and migration errors.
 pub async fn migrate(config: &DatabaseConfig) -> Result<Vec<i32>, StoreError> {
+    migrate_to(config, None).await
+}
+
+/// [`migrate`], up to migration `target` only (`None`: all of them; the tables are distributed
+/// on Citus only then). For tests of upgrades: a database as an earlier release left it.
+///
+/// # Errors
+/// Connection failures and migration errors.
+pub async fn migrate_to(
+    config: &DatabaseConfig,
+    target: Option<i32>,
+) -> Result<Vec<i32>, StoreError> {
     let (mut client, connection) = pg_config(config)?.connect(connector(config)?).await?;
     let driver = tokio::spawn(connection);
     ensure_worker_role(&client).await;
-    let report = embedded::migrations::runner()
+    let mut runner = embedded::migrations::runner();
+    if let Some(version) = target {
+        runner = runner.set_target(refinery::Target::Version(version));
+    }
+    let report = runner
         .run_async(&mut client)
         .await
         .map_err(|e| StoreError::Migration(e.to_string()))?;
+    if target.is_none() {
+        let distributed = distribution::distribute(&client).await?;
+        if !distributed.is_empty() {
+            tracing::info!(tables = ?distributed, "distributed on citus by business_id");
+        }
+    }
     drop(client);
     let _ = driver.await;
     Ok(report

@@ -97,98 +97,273 @@ pub struct WriteSet {
     pub followers: Vec<FollowerRow>,
 }
 
-/// The conversation of a continuing conversation: the version the read phase saw is bumped;
-/// the user must own it. `$1` business, `$2` conversation, `$3` new stage, `$4` user external id,
-/// `$5` expected version.
-const CONTINUE_CONVERSATION: &str = "\
-c AS (
-  UPDATE conversations AS c SET version = c.version + 1, current_stage_id = $3, updated_at = now()
-    FROM users AS u
-   WHERE c.business_id = $1 AND c.id = $2 AND c.version = $5
-     AND u.business_id = $1 AND u.external_id = $4 AND c.user_id = u.id
-  RETURNING c.id, c.user_id, c.version, c.created_at, c.updated_at
-),
-seen AS (
-  UPDATE users SET last_seen_at = now() FROM c WHERE users.business_id = $1 AND users.id = c.user_id
-),";
+// The write set's statements, in the order they run. Each is written with the write set's own
+// parameter numbers: `$1` business, `$2` conversation, `$3` the stage after this message, `$4`
+// the user's external id, `$5` the version the read phase saw (NULL for a new conversation),
+// `$6` the message rows (JSON array, see `MessageRow`), `$7` how many, `$8`/`$9` the stage
+// transition (from, to), `$10` the user message's id, `$11` the log id, `$12` the extracted
+// fields (JSON object), `$13` the LLM calls (JSON array of `LlmCallRecord`). Each is sent
+// renumbered to the parameters it uses ([`Step`]).
+//
+// Every one is a single-shard statement on Citus (all of it filters or writes one
+// `business_id`, and every `INSERT … SELECT` reads the co-located conversation row, so Citus
+// pushes it down whole): one task on the node that holds the business (docs/operations.md).
+// None takes a value from a sequence, which Citus would draw on the coordinator by pulling the
+// rows there (and row-level security forbids that path).
 
-/// The conversation of a new conversation, and its user (created on first contact). A
-/// conversation id that exists already is a unique violation of `conversations_pkey`.
-/// `$5` is unused (NULL) so that both forms take the same parameters.
-const NEW_CONVERSATION: &str = "\
-u AS (
-  INSERT INTO users (business_id, external_id) VALUES ($1, $4)
-  ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = now()
-  RETURNING id
-),
-c AS (
-  INSERT INTO conversations (id, business_id, user_id, current_stage_id)
-  SELECT $2, $1, u.id, $3 FROM u WHERE $5::bigint IS NULL
-  RETURNING id, user_id, version, created_at, updated_at
-),";
+/// A new conversation's user, created on first contact.
+const USER_NEW: &str = "\
+INSERT INTO users (business_id, external_id) VALUES ($1, $4)
+ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = EXCLUDED.last_seen_at";
 
-/// Everything else, each row joined to `c`. `$6` idempotency key, `$7` inbound id, `$8` log id,
-/// `$9` user message id, `$10` user content, `$11` user stage, `$12` metadata, `$13` assistant
-/// message id, `$14` assistant content, `$15` status, `$16`/`$17` fallback template and version,
-/// `$18`/`$19` transition from/to, `$20` extracted fields (object), `$21` LLM calls (array),
-/// `$22`/`$23` the reply's template and version, `$24` the step timings (object), `$25` the
-/// later messages of a coalesced turn (array). The rows are inserted in conversation order (the
-/// first message, the later ones, the reply), which is the order of their `seq`.
-const WRITES: &str = "\
-m AS (
-  INSERT INTO messages (id, business_id, conversation_id, role, content, idempotency_key,
-                        stage_id, status, metadata, inbound_id, log_id, user_id,
-                        fallback_template_id, fallback_template_version, template_id,
-                        template_version, timings, answered_by)
-  SELECT v.id, $1, c.id, v.role, v.content, v.key, v.stage, v.status, v.metadata, v.inbound,
-         $8, c.user_id, v.fb_id, v.fb_version, v.t_id, v.t_version, v.timings, v.answered_by
-    FROM c, (VALUES (0::bigint, $9::uuid, 'user'::text, $10::text, $6::text, $7::text,
-                     $11::uuid, NULL::text, $12::jsonb, NULL::uuid, NULL::integer, NULL::uuid,
-                     NULL::integer, NULL::jsonb, NULL::uuid),
-                    (9223372036854775807, $13::uuid, 'assistant', $14::text, $6::text,
-                     $7::text, $3::uuid, $15::text, NULL::jsonb, $16::uuid, $17::integer,
-                     $22::uuid, $23::integer, $24::jsonb, NULL::uuid)
-             UNION ALL
-             SELECT f.ord, f.id, 'user', f.content, f.idempotency_key, f.inbound_id, $11::uuid,
-                    NULL::text, f.metadata, NULL::uuid, NULL::integer, NULL::uuid,
-                    NULL::integer, NULL::jsonb, $13::uuid
-               FROM jsonb_to_recordset($25::jsonb) AS f(ord bigint, id uuid, content text,
-                    idempotency_key text, inbound_id text, metadata jsonb))
-         AS v(ord, id, role, content, key, inbound, stage, status, metadata, fb_id, fb_version,
-              t_id, t_version, timings, answered_by)
-   ORDER BY v.ord
-),
-t AS (
-  INSERT INTO stage_transitions (business_id, conversation_id, from_stage_id, to_stage_id,
-                                 message_id, log_id)
-  SELECT $1, c.id, $18, $19, $9, $8 FROM c WHERE $18::uuid IS NOT NULL
-),
-x AS (
-  INSERT INTO extracted_data (business_id, conversation_id, field, value, source_message_id)
-  SELECT $1, c.id, f.key, f.value, $9 FROM c, jsonb_each($20::jsonb) AS f
-  ON CONFLICT (conversation_id, field) DO UPDATE SET value = EXCLUDED.value,
-     source_message_id = EXCLUDED.source_message_id, updated_at = now()
-),
-l AS (
-  INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, template_id,
-                         template_version, model, prompt, output, prompt_tokens,
-                         completion_tokens, latency_ms, outcome, log_id)
-  SELECT k.id, $1, c.id, $9, k.purpose, k.template_id, k.template_version, k.model, k.prompt,
-         k.output, k.prompt_tokens, k.completion_tokens, k.latency_ms, k.outcome, $8
-    FROM c, jsonb_to_recordset($21::jsonb) AS k(id uuid, purpose text, template_id uuid,
+/// A new conversation, of that user. An id that exists already is a unique violation of
+/// `conversations_pkey`: a version conflict. (The alias keeps Citus from naming the table in
+/// the `RETURNING` of the statement it sends to the shard, where it has another name.)
+const CONVERSATION_NEW: &str = "\
+INSERT INTO conversations AS n (id, business_id, user_id, current_stage_id, last_seq)
+SELECT $2, u.business_id, u.id, $3, $7 FROM users AS u WHERE u.business_id = $1 AND u.external_id = $4
+RETURNING n.version, n.created_at, n.updated_at";
+
+/// A continuing conversation's user.
+const USER_SEEN: &str =
+    "UPDATE users SET last_seen_at = now() WHERE business_id = $1 AND external_id = $4";
+
+/// A continuing conversation: its version bumped when it is the version the read phase saw and
+/// the conversation is the user's; otherwise the version becomes 0, which the check
+/// `conversations_version_check` refuses, and the whole transaction fails (a version conflict),
+/// so that nothing after it is written. Its `last_seq` makes room for this message's rows.
+const CONVERSATION_CONTINUE: &str = "\
+UPDATE conversations AS c
+   SET version = CASE WHEN c.version = $5 AND c.user_id = (SELECT u.id FROM users AS u
+                      WHERE u.business_id = $1 AND u.external_id = $4)
+                 THEN c.version + 1 ELSE 0 END,
+       current_stage_id = $3, last_seq = c.last_seq + $7, updated_at = now()
+ WHERE c.business_id = $1 AND c.id = $2
+RETURNING c.version, c.created_at, c.updated_at";
+
+/// The message rows (the first message, the later ones of a coalesced turn, the reply), their
+/// `seq` the places the conversation statement made for them, in conversation order.
+const MESSAGES: &str = "\
+INSERT INTO messages (id, business_id, conversation_id, seq, role, content, idempotency_key,
+                      stage_id, status, metadata, inbound_id, log_id, user_id,
+                      fallback_template_id, fallback_template_version, template_id,
+                      template_version, timings, answered_by)
+SELECT r.id, c.business_id, c.id, c.last_seq - $7 + r.pos, r.role, r.content, r.key, r.stage,
+       r.status, r.metadata, r.inbound, $11, c.user_id, r.fb_id, r.fb_version, r.t_id,
+       r.t_version, r.timings, r.answered_by
+  FROM conversations AS c,
+       jsonb_to_recordset($6::jsonb) AS r(pos bigint, id uuid, role text, content text, key text,
+         inbound text, stage uuid, status text, metadata jsonb, fb_id uuid, fb_version integer,
+         t_id uuid, t_version integer, timings jsonb, answered_by uuid)
+ WHERE c.business_id = $1 AND c.id = $2";
+
+/// The stage transition, when selection moved the stage.
+const TRANSITION: &str = "\
+INSERT INTO stage_transitions (business_id, conversation_id, from_stage_id, to_stage_id,
+                               message_id, log_id)
+VALUES ($1, $2, $8, $9, $10, $11)";
+
+/// The fields extracted from this message, when there are any.
+const EXTRACTED: &str = "\
+INSERT INTO extracted_data (business_id, conversation_id, field, value, source_message_id)
+SELECT c.business_id, c.id, f.key, f.value, $10
+  FROM conversations AS c, jsonb_each($12::jsonb) AS f
+ WHERE c.business_id = $1 AND c.id = $2
+ON CONFLICT (business_id, conversation_id, field) DO UPDATE SET value = EXCLUDED.value,
+   source_message_id = EXCLUDED.source_message_id, updated_at = EXCLUDED.updated_at";
+
+/// The LLM calls, when there were any.
+const LLM_CALLS: &str = "\
+INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, template_id,
+                       template_version, model, prompt, output, prompt_tokens,
+                       completion_tokens, latency_ms, outcome, log_id)
+SELECT k.id, c.business_id, c.id, $10, k.purpose, k.template_id, k.template_version, k.model,
+       k.prompt, k.output, k.prompt_tokens, k.completion_tokens, k.latency_ms, k.outcome, $11
+  FROM conversations AS c,
+       jsonb_to_recordset($13::jsonb) AS k(id uuid, purpose text, template_id uuid,
          template_version integer, model text, prompt text, output text, prompt_tokens integer,
          completion_tokens integer, latency_ms integer, outcome text)
-)
-SELECT version, created_at, updated_at FROM c";
+ WHERE c.business_id = $1 AND c.id = $2";
 
-/// The write-set statement for a new or a continuing conversation.
-pub(crate) fn statement(new_conversation: bool) -> String {
-    let conversation = if new_conversation {
-        NEW_CONVERSATION
+/// How many parameters the write set has (`$1` … `$13`).
+pub const PARAMETERS: usize = 13;
+
+/// The statements of a write set, in order, with the write set's parameter numbers: the user,
+/// the conversation (whose rows are the result), the messages, then the transition, the
+/// extracted fields and the LLM calls when there are any.
+pub fn statements(
+    new_conversation: bool,
+    transition: bool,
+    extracted: bool,
+    llm_calls: bool,
+) -> Vec<&'static str> {
+    let mut out = if new_conversation {
+        vec![USER_NEW, CONVERSATION_NEW]
     } else {
-        CONTINUE_CONVERSATION
+        vec![USER_SEEN, CONVERSATION_CONTINUE]
     };
-    format!("WITH {conversation}\n{WRITES}")
+    out.push(MESSAGES);
+    if transition {
+        out.push(TRANSITION);
+    }
+    if extracted {
+        out.push(EXTRACTED);
+    }
+    if llm_calls {
+        out.push(LLM_CALLS);
+    }
+    out
+}
+
+/// The index of the statement whose rows are the committed conversation.
+const CONVERSATION_STEP: usize = 1;
+
+/// A statement renumbered to the parameters it uses: `sql` has `$1…$k`, where `$i` is the write
+/// set's parameter `uses[i - 1]` (1-based).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub sql: String,
+    pub uses: Vec<usize>,
+}
+
+impl Step {
+    /// `sql` with the write set's numbering, renumbered.
+    pub fn new(sql: &str) -> Step {
+        let mut uses: Vec<usize> = Vec::new();
+        let sql = bind(sql, |n| {
+            let i = match uses.iter().position(|&u| u == n) {
+                Some(i) => i,
+                None => {
+                    uses.push(n);
+                    uses.len() - 1
+                }
+            };
+            format!("${}", i + 1)
+        });
+        Step { sql, uses }
+    }
+}
+
+/// Replaces each `$n` of `sql` by `value(n)`.
+pub fn bind(sql: &str, mut value: impl FnMut(usize) -> String) -> String {
+    let mut out = String::with_capacity(sql.len() * 2);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let mut n = 0usize;
+        let mut digits = 0;
+        while let Some(v) = chars.peek().and_then(|d| d.to_digit(10)) {
+            n = n * 10 + v as usize;
+            digits += 1;
+            chars.next();
+        }
+        if digits == 0 {
+            out.push('$');
+        } else {
+            out.push_str(&value(n));
+        }
+    }
+    out
+}
+
+/// The renumbered form of each statement, made once.
+fn step(sql: &'static str) -> &'static Step {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    static STEPS: LazyLock<Mutex<HashMap<usize, &'static Step>>> = LazyLock::new(Mutex::default);
+    let mut steps = STEPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    steps
+        .entry(sql.as_ptr() as usize)
+        .or_insert_with(|| Box::leak(Box::new(Step::new(sql))))
+}
+
+/// One message row of the write set (`$6`), in conversation order (`pos` 1, 2, …).
+#[derive(Debug, serde::Serialize)]
+struct MessageRow<'a> {
+    pos: i64,
+    id: Uuid,
+    role: &'static str,
+    content: &'a str,
+    key: &'a str,
+    inbound: &'a str,
+    stage: Uuid,
+    status: Option<&'static str>,
+    metadata: Option<&'a serde_json::Value>,
+    fb_id: Option<Uuid>,
+    fb_version: Option<i32>,
+    t_id: Option<Uuid>,
+    t_version: Option<i32>,
+    timings: Option<&'a serde_json::Value>,
+    answered_by: Option<Uuid>,
+}
+
+/// The rows a write set stores in `messages`: its first message, the later ones of its turn,
+/// the reply.
+fn message_rows(ws: &WriteSet) -> Vec<MessageRow<'_>> {
+    let mut followers: Vec<&FollowerRow> = ws.followers.iter().collect();
+    followers.sort_by_key(|f| f.ord);
+    let mut rows = Vec::with_capacity(followers.len() + 2);
+    rows.push(MessageRow {
+        pos: 1,
+        id: ws.user_message_id,
+        role: "user",
+        content: &ws.user_content,
+        key: &ws.idempotency_key,
+        inbound: &ws.inbound_id,
+        stage: ws.user_stage_id,
+        status: None,
+        metadata: ws.metadata.as_ref(),
+        fb_id: None,
+        fb_version: None,
+        t_id: None,
+        t_version: None,
+        timings: None,
+        answered_by: None,
+    });
+    for f in followers {
+        rows.push(MessageRow {
+            pos: rows.len() as i64 + 1,
+            id: f.id,
+            role: "user",
+            content: &f.content,
+            key: &f.idempotency_key,
+            inbound: &f.inbound_id,
+            stage: ws.user_stage_id,
+            status: None,
+            metadata: f.metadata.as_ref(),
+            fb_id: None,
+            fb_version: None,
+            t_id: None,
+            t_version: None,
+            timings: None,
+            answered_by: Some(ws.assistant_message_id),
+        });
+    }
+    let (fb_id, fb_version) = ws.fallback_template.unzip();
+    let (t_id, t_version) = ws.reply_template.unzip();
+    rows.push(MessageRow {
+        pos: rows.len() as i64 + 1,
+        id: ws.assistant_message_id,
+        role: "assistant",
+        content: &ws.assistant_content,
+        key: &ws.idempotency_key,
+        inbound: &ws.inbound_id,
+        stage: ws.stage_id,
+        status: Some(ws.assistant_status),
+        metadata: None,
+        fb_id,
+        fb_version,
+        t_id,
+        t_version,
+        timings: Some(&ws.timings),
+        answered_by: None,
+    });
+    rows
 }
 
 impl Store {
@@ -208,54 +383,53 @@ impl Store {
         before_commit: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<CommittedConversation, StoreError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepared(&statement(ws.expected_version.is_none()))
-            .await?;
+        let sqls = statements(
+            ws.expected_version.is_none(),
+            ws.transition.is_some(),
+            !ws.extracted.is_empty(),
+            !ws.llm_calls.is_empty(),
+        );
+        let rows = message_rows(ws);
+        let count = rows.len() as i64;
+        let rows = Json(&rows);
         let extracted = Json(&ws.extracted);
         let calls = Json(&ws.llm_calls);
         let (transition_from, transition_to) = ws.transition.unzip();
-        let (fallback_id, fallback_version) = ws.fallback_template.unzip();
-        let (template_id, template_version) = ws.reply_template.unzip();
-        let followers = Json(&ws.followers);
-        let params: [&(dyn ToSql + Sync); 25] = [
+        let params: [&(dyn ToSql + Sync); PARAMETERS] = [
             &ws.business_id,
             &ws.conversation_id,
             &ws.stage_id,
             &ws.user_external_id,
             &ws.expected_version,
-            &ws.idempotency_key,
-            &ws.inbound_id,
-            &ws.log_id,
-            &ws.user_message_id,
-            &ws.user_content,
-            &ws.user_stage_id,
-            &ws.metadata,
-            &ws.assistant_message_id,
-            &ws.assistant_content,
-            &ws.assistant_status,
-            &fallback_id,
-            &fallback_version,
+            &rows,
+            &count,
             &transition_from,
             &transition_to,
+            &ws.user_message_id,
+            &ws.log_id,
             &extracted,
             &calls,
-            &template_id,
-            &template_version,
-            &ws.timings,
-            &followers,
         ];
-        // The fault-injection point decides the end: its error rolls the statement back.
+        let mut steps = Vec::with_capacity(sqls.len());
+        for sql in sqls {
+            let step = step(sql);
+            let stmt = client.prepared(&step.sql).await?;
+            let used: Vec<&(dyn ToSql + Sync)> = step.uses.iter().map(|&n| params[n - 1]).collect();
+            steps.push((stmt, used));
+        }
+        // The fault-injection point decides the end: its error rolls the statements back.
         let (end, injected) = match before_commit() {
             Ok(()) => ("COMMIT", None),
             Err(e) => ("ROLLBACK", Some(e)),
         };
-        let rows = self
-            .scoped_with_end(&client, ws.business_id, &stmt, &params, end)
+        let mut results = self
+            .scoped_steps(&client, ws.business_id, &steps, end)
             .await
             .map_err(classify)?;
         if let Some(e) = injected {
             return Err(e);
         }
+        let rows = std::mem::take(&mut results[CONVERSATION_STEP]);
         let row = rows.into_iter().next().ok_or(StoreError::VersionConflict)?;
         Ok(CommittedConversation {
             version: row.get(0),
@@ -266,17 +440,71 @@ impl Store {
 }
 
 /// A unique violation is a new conversation whose id exists (a version conflict) or a message
-/// whose idempotency key is committed (a duplicate); any other stays a database error.
+/// whose idempotency key is committed (a duplicate); the version check's violation is a version
+/// conflict; any other stays a database error.
 fn classify(e: StoreError) -> StoreError {
     let StoreError::Db(e) = e else {
         return e;
     };
-    if !is_unique_violation(&e) {
+    let check = e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION);
+    if !is_unique_violation(&e) && !check {
         return StoreError::Db(e);
     }
-    match e.as_db_error().and_then(|d| d.constraint()) {
-        Some("conversations_pkey") => StoreError::VersionConflict,
+    match e.as_db_error().and_then(|d| d.constraint()).map(unsharded) {
+        Some("conversations_pkey" | "conversations_version_check") => StoreError::VersionConflict,
         Some("messages_idempotency_key") => StoreError::Duplicate,
         _ => StoreError::Db(e),
+    }
+}
+
+/// A constraint's name without the shard id Citus appends to it on a shard
+/// (`messages_idempotency_key_102075`).
+fn unsharded(name: &str) -> &str {
+    match name.rsplit_once('_') {
+        Some((base, id)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_replaces_every_numbered_parameter_and_nothing_else() {
+        assert_eq!(
+            bind("$1, $10, $2$", |n| format!("<{n}>")),
+            "<1>, <10>, <2>$"
+        );
+    }
+
+    #[test]
+    fn a_step_is_renumbered_to_the_parameters_it_uses_in_order() {
+        let step = Step::new("SELECT $4, $1, $4, $13");
+        assert_eq!(step.sql, "SELECT $1, $2, $1, $3");
+        assert_eq!(step.uses, vec![4, 1, 13]);
+        for sql in statements(true, true, true, true)
+            .into_iter()
+            .chain(statements(false, true, true, true))
+        {
+            let step = Step::new(sql);
+            assert!(
+                step.uses.iter().all(|&n| (1..=PARAMETERS).contains(&n)),
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_constraint_is_named_the_same_on_a_shard() {
+        assert_eq!(
+            unsharded("messages_idempotency_key_102075"),
+            "messages_idempotency_key"
+        );
+        assert_eq!(unsharded("conversations_pkey"), "conversations_pkey");
+        assert_eq!(
+            unsharded("conversations_version_check_7"),
+            "conversations_version_check"
+        );
     }
 }

@@ -43,7 +43,7 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
     let mut config = helpers::base_config();
     config.database.url = RedactedUrl::new(helpers::empty_database().await);
     let first = store::migrate(&config.database).await.expect("first");
-    assert_eq!(first, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(first, (1..=10).collect::<Vec<_>>());
     let second = store::migrate(&config.database).await.expect("second");
     assert!(second.is_empty(), "{second:?}");
     let store = Store::connect(&config.database).expect("store");
@@ -400,4 +400,142 @@ fn demo_prompts_render_as_reviewed() {
         }
     }
     insta::assert_snapshot!("demo_prompts", out);
+}
+
+/// A database the previous release filled (migrations 1 to 9: keys on `id` alone, `seq` from
+/// one sequence shared by every conversation, message references nulled on delete) and then
+/// upgraded in place by `icmp migrate`: every row is kept, the keys include `business_id`, and a
+/// worker continues a conversation after its last message, in order.
+#[tokio::test]
+async fn an_upgrade_keeps_every_row_and_continues_each_conversation_in_order() {
+    let url = helpers::empty_database().await;
+    let mut config = helpers::base_config();
+    config.database.url = RedactedUrl::new(url.clone());
+    assert_eq!(
+        store::migrate_to(&config.database, Some(9))
+            .await
+            .expect("v9"),
+        (1..=9).collect::<Vec<_>>()
+    );
+    helpers::import(&config, &[&helpers::demo_file()]).await;
+    let owner = Store::connect(&config.database).expect("store");
+    // The previous release's rows: two conversations whose messages interleave in `seq`.
+    owner
+        .client()
+        .await
+        .expect("db")
+        .batch_execute(&format!(
+            "INSERT INTO users (id, business_id, external_id) VALUES \
+               ('00000000-0000-0000-0000-0000000000a1', '{DEMO_BUSINESS}', 'ann'), \
+               ('00000000-0000-0000-0000-0000000000b1', '{DEMO_BUSINESS}', 'bob'); \
+             INSERT INTO conversations (id, business_id, user_id, current_stage_id) \
+               SELECT c.id, '{DEMO_BUSINESS}', c.u, s.id FROM stages s, (VALUES \
+                 ('00000000-0000-0000-0000-0000000000ca'::uuid, '00000000-0000-0000-0000-0000000000a1'::uuid), \
+                 ('00000000-0000-0000-0000-0000000000cb', '00000000-0000-0000-0000-0000000000b1')) c(id, u) \
+               WHERE s.business_id = '{DEMO_BUSINESS}' AND s.is_initial; \
+             INSERT INTO messages (id, business_id, conversation_id, user_id, role, content, \
+                                   idempotency_key, status, log_id) \
+               SELECT m.id, '{DEMO_BUSINESS}', m.c, m.u, m.role, m.content, m.k, m.status, gen_random_uuid() \
+               FROM (VALUES \
+                 (1, '00000000-0000-0000-0000-00000000a001'::uuid, '00000000-0000-0000-0000-0000000000ca'::uuid, '00000000-0000-0000-0000-0000000000a1'::uuid, 'user', 'ann 1', 'a1', NULL), \
+                 (2, '00000000-0000-0000-0000-00000000b001', '00000000-0000-0000-0000-0000000000cb', '00000000-0000-0000-0000-0000000000b1', 'user', 'bob 1', 'b1', NULL), \
+                 (3, '00000000-0000-0000-0000-00000000a002', '00000000-0000-0000-0000-0000000000ca', '00000000-0000-0000-0000-0000000000a1', 'assistant', 'to ann 1', 'a1', 'ok'), \
+                 (4, '00000000-0000-0000-0000-00000000b002', '00000000-0000-0000-0000-0000000000cb', '00000000-0000-0000-0000-0000000000b1', 'assistant', 'to bob 1', 'b1', 'ok'), \
+                 (5, '00000000-0000-0000-0000-00000000a003', '00000000-0000-0000-0000-0000000000ca', '00000000-0000-0000-0000-0000000000a1', 'user', 'ann 2', 'a2', NULL), \
+                 (6, '00000000-0000-0000-0000-00000000a004', '00000000-0000-0000-0000-0000000000ca', '00000000-0000-0000-0000-0000000000a1', 'assistant', 'to ann 2', 'a2', 'ok')) \
+                 m(n, id, c, u, role, content, k, status) ORDER BY m.n; \
+             INSERT INTO extracted_data (business_id, conversation_id, field, value, source_message_id) \
+               VALUES ('{DEMO_BUSINESS}', '00000000-0000-0000-0000-0000000000ca', 'name', '\"Ann\"', \
+                       '00000000-0000-0000-0000-00000000a003'); \
+             INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, model, prompt, \
+                                    latency_ms, outcome, log_id) \
+               VALUES (gen_random_uuid(), '{DEMO_BUSINESS}', '00000000-0000-0000-0000-0000000000ca', \
+                       '00000000-0000-0000-0000-00000000a003', 'response', 'm', 'p', 5, 'ok', gen_random_uuid());"
+        ))
+        .await
+        .expect("the previous release's rows");
+    let counts = "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM conversations), \
+                  (SELECT count(*) FROM messages), (SELECT count(*) FROM extracted_data), \
+                  (SELECT count(*) FROM llm_calls)";
+    let before: Vec<i64> = {
+        let row = owner
+            .client()
+            .await
+            .expect("db")
+            .query_one(counts, &[])
+            .await
+            .expect("counts");
+        (0..5).map(|i| row.get(i)).collect()
+    };
+    assert_eq!(before, vec![2, 2, 6, 1, 1]);
+    drop(owner);
+
+    assert_eq!(
+        store::migrate(&config.database).await.expect("upgrade"),
+        vec![10]
+    );
+    let owner = Store::connect(&config.database).expect("store");
+    let db = owner.client().await.expect("db");
+    let row = db.query_one(counts, &[]).await.expect("counts");
+    assert_eq!(
+        (0..5).map(|i| row.get::<_, i64>(i)).collect::<Vec<_>>(),
+        before
+    );
+    let keys: Vec<String> = db
+        .query(
+            "SELECT conrelid::regclass::text || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE contype = 'p' AND connamespace = current_schema()::regnamespace \
+             AND conrelid::regclass::text NOT IN ('businesses', 'refinery_schema_history') \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("keys")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys.len(), 8, "{keys:?}");
+    for key in &keys {
+        assert!(key.contains("PRIMARY KEY (business_id, "), "{key}");
+    }
+
+    // A worker continues ann's conversation after its last message.
+    let app = helpers::spawn_app_with(Default::default(), |c| {
+        c.database.url = RedactedUrl::new(url.clone());
+    })
+    .await;
+    app.send("ann", "a3", "ann 3").await;
+    let reply = app.reply("a3").await;
+    assert_eq!(
+        reply["conversation_id"], "00000000-0000-0000-0000-0000000000ca",
+        "{reply:?}"
+    );
+    let order: Vec<String> = db
+        .query(
+            "SELECT content FROM messages WHERE conversation_id = '00000000-0000-0000-0000-0000000000ca' \
+             ORDER BY seq",
+            &[],
+        )
+        .await
+        .expect("history")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(order.len(), 6, "{order:?}");
+    assert_eq!(
+        &order[..5],
+        ["ann 1", "to ann 1", "ann 2", "to ann 2", "ann 3"],
+        "{order:?}"
+    );
+    assert_eq!(order[5], reply["content"], "{order:?}");
+    let name: serde_json::Value = db
+        .query_one(
+            "SELECT value FROM extracted_data WHERE conversation_id = '00000000-0000-0000-0000-0000000000ca' \
+             AND field = 'name'",
+            &[],
+        )
+        .await
+        .expect("extracted")
+        .get(0);
+    assert_eq!(name, "Ann");
 }

@@ -114,6 +114,9 @@ pub async fn empty_database() -> String {
 
 /// A new database with the schema applied (cloned from a migrated template database).
 pub async fn migrated_database() -> String {
+    if on_test_citus() {
+        return crate::citus::citus_database().await;
+    }
     let template = format!("icmp_tpl_{:016x}", migrations_fingerprint());
     let client = admin().await;
     client
@@ -189,6 +192,29 @@ pub async fn isolated_config() -> Config {
 /// streams named with one hash tag.
 pub fn on_test_cluster() -> bool {
     std::env::var("ICMP_TEST_REDIS").as_deref() == Ok("cluster")
+}
+
+/// Whether the tests' database is the Citus cluster of `scripts/services.sh citus`
+/// (`ICMP_TEST_PG=citus`, which the test command sets for a run of the pipeline, stream
+/// guarantees and isolation tests): every migrated database is then a Citus database.
+pub fn on_test_citus() -> bool {
+    std::env::var("ICMP_TEST_PG").as_deref() == Ok("citus")
+}
+
+/// After a direct SQL edit of `business`'s definitions: on Citus, which has no change trigger,
+/// the notification docs/operations.md tells an operator to send (on plain PostgreSQL the
+/// trigger sent it already).
+pub async fn announce_sql_edit(app: &TestApp, business: Uuid) {
+    if on_test_citus() {
+        app.db()
+            .await
+            .execute(
+                "SELECT pg_notify('icmp_definitions', $1)",
+                &[&business.to_string()],
+            )
+            .await
+            .expect("notify");
+    }
 }
 
 /// Imports a definition file into the database of `config` (as `icmp import` does).

@@ -36,21 +36,27 @@ async fn scoped(
     business: Uuid,
 ) -> deadpool_postgres::Transaction<'_> {
     let tx = w.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT set_config('icmp.business_id', $1, true)",
-        &[&business.to_string()],
-    )
-    .await
-    .expect("scope");
+    // The scope exactly as the worker sets it (inside the transaction begun above).
+    let scope = icmp::store::scope_sql(business, None);
+    tx.batch_execute(scope.trim_start_matches("BEGIN;"))
+        .await
+        .expect("scope");
     tx
 }
 
 async fn worker_client(app: &helpers::TestApp) -> deadpool_postgres::Client {
-    Store::connect_worker(&app.config.database)
+    let client = Store::connect_worker(&app.config.database)
         .expect("store")
         .client()
         .await
-        .expect("a worker connection")
+        .expect("a worker connection");
+    // The unscoped and unfiltered reads below span every shard on Citus, which the worker's
+    // own sessions refuse (database.multi_shard): here they are the point.
+    client
+        .batch_execute("SET citus.multi_task_query_log_level = off")
+        .await
+        .expect("allow multi-shard reads");
+    client
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 )]
 
 mod bursts_and_budgets;
+mod citus;
 mod cluster;
 mod console;
 mod console_browser;
