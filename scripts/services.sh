@@ -17,7 +17,8 @@
 # Daemons are started with stdio and the lock descriptor closed, so that a caller reading this
 # script's output (the test harness) is not kept waiting by them.
 # Data lives under .local/ (ignored by git). Ports: ICMP_PG_PORT (54329), ICMP_REDIS_PORT (63799),
-# six from ICMP_CLUSTER_PORT (7101) for the cluster, three from ICMP_CITUS_PORT (54340) for Citus.
+# six from ICMP_CLUSTER_PORT (7101) for the cluster, three from ICMP_CITUS_PORT (25430) for Citus
+# (below the kernel's ephemeral ports, 32768-60999, one of which a connection could hold).
 # Local PostgreSQL trusts loopback connections; real deployments pass a password through
 # ICMP__DATABASE__PASSWORD instead.
 set -euo pipefail
@@ -190,7 +191,7 @@ print_cluster_env() {
 
 # --- Citus: a coordinator and two worker nodes, each its own PostgreSQL instance on loopback.
 citus_version=13.2.2
-citus_port="${ICMP_CITUS_PORT:-54340}"
+citus_port="${ICMP_CITUS_PORT:-25430}"
 citus_cache="${ICMP_CACHE_DIR:-$HOME/.cache/icmp}/citus-$citus_version"
 citus_vendor="$root/../shared/vendor"
 citus_nodes() { echo "$citus_port" $((citus_port + 1)) $((citus_port + 2)); }
@@ -254,6 +255,12 @@ max_wal_senders = 20
 max_replication_slots = 20
 citus.shard_count = ${ICMP_CITUS_SHARD_COUNT:-8}
 CONF
+    # Recent minor releases name the output plugins logical replication may load: Citus's own
+    # (shard splits, tenant isolation) joins the built-in ones.
+    # (Whole output read: with pipefail, `grep -q` would fail the pipe by closing it early.)
+    if pg_run "$bin/postgres" --describe-config 2>/dev/null | grep -c '^output_plugin_libraries' >/dev/null; then
+      echo "output_plugin_libraries = 'pgoutput, test_decoding, citus'" >>"$dir/postgresql.conf"
+    fi
   fi
   [ "$(id -u)" = 0 ] && chown postgres "$pg_log_dir"
   rm -f "$dir/postmaster.pid"
@@ -264,6 +271,7 @@ CONF
 # the workers registered with the coordinator (in both databases).
 citus_bootstrap() {
   local port q db
+  export PGOPTIONS="-c client_min_messages=warning"
   for port in $(citus_nodes); do
     q="psql -h 127.0.0.1 -p $port -U postgres -v ON_ERROR_STOP=1 -qtAX"
     [ "$($q -d postgres -c "select 1 from pg_roles where rolname='icmp'")" = 1 ] ||

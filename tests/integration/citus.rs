@@ -6,11 +6,15 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::time::Duration;
 
+use icmp::config::RedactedUrl;
+use icmp::llm::mock::MockOptions;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::helpers;
+use crate::processes::WorkerProcess;
 
 /// The Citus cluster of `scripts/services.sh citus` (started once per test process).
 pub(crate) struct CitusCluster {
@@ -20,10 +24,9 @@ pub(crate) struct CitusCluster {
     pub workers: Vec<(String, u16)>,
 }
 
-pub(crate) fn cluster() -> &'static CitusCluster {
-    static CLUSTER: OnceLock<CitusCluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        let env: HashMap<String, String> = helpers::services_sh("citus");
+impl CitusCluster {
+    /// From the variables `scripts/services.sh citus` prints.
+    fn from_env(env: &HashMap<String, String>) -> CitusCluster {
         CitusCluster {
             admin_url: env["ICMP_TEST_CITUS_URL"].clone(),
             workers: env["ICMP_TEST_CITUS_WORKERS"]
@@ -34,7 +37,13 @@ pub(crate) fn cluster() -> &'static CitusCluster {
                 })
                 .collect(),
         }
-    })
+    }
+}
+
+/// The cluster the tests share.
+pub(crate) fn cluster() -> &'static CitusCluster {
+    static CLUSTER: OnceLock<CitusCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| CitusCluster::from_env(&helpers::services_sh("citus")))
 }
 
 /// `url` with its database replaced by `db` (and its port by `port`, when given).
@@ -59,7 +68,11 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 /// with the coordinator, and `icmp migrate` applied (which distributes the tenant tables).
 /// Returns the coordinator URL of it.
 pub(crate) async fn citus_database() -> String {
-    let c = cluster();
+    database_on(cluster()).await
+}
+
+/// [`citus_database`] on cluster `c`.
+async fn database_on(c: &CitusCluster) -> String {
     let name = format!("icmp_test_{}", Uuid::new_v4().simple());
     let mut nodes = vec![None];
     nodes.extend(c.workers.iter().map(|(_, p)| Some(*p)));
@@ -226,6 +239,19 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
     let reply = app.reply("m1").await;
     assert_eq!(reply["status"], "ok", "{reply:?}");
     let conversation = &reply["conversation_id"];
+    // The worker's connections are encrypted (Citus turns TLS on with a self-signed v1
+    // certificate, which `sslmode=prefer` takes without verifying it, as libpq does).
+    let ssl: bool = app
+        .db()
+        .await
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the connection to the coordinator is encrypted");
     let db = connect(&url).await;
     let business = helpers::DEMO_BUSINESS;
     let port: i32 = db
@@ -311,4 +337,276 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
             assert_one_task_on(&db, &sql, port).await;
         }
     }
+}
+
+/// A Citus cluster of one test's own (`scripts/services.sh citus` from `port`: coordinator on
+/// `port`, workers on the next two, a spare on the third after them): the test stops, starts
+/// and adds its nodes, so no other test may share it. Stopped and deleted when dropped.
+pub(crate) struct PrivateCitus {
+    pub port: u16,
+    cluster: CitusCluster,
+}
+
+impl PrivateCitus {
+    pub(crate) fn start(port: u16) -> PrivateCitus {
+        let env = Self::sh_at(port, &["citus"]);
+        PrivateCitus {
+            port,
+            cluster: CitusCluster::from_env(&env),
+        }
+    }
+
+    fn sh_at(port: u16, args: &[&str]) -> HashMap<String, String> {
+        let out = std::process::Command::new(helpers::root().join("scripts/services.sh"))
+            .args(args)
+            .env("ICMP_CITUS_PORT", port.to_string())
+            .output()
+            .expect("run scripts/services.sh");
+        assert!(
+            out.status.success(),
+            "services.sh {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        helpers::exports(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Crashes the node on `port` (immediate shutdown).
+    pub(crate) fn stop_node(&self, port: u16) {
+        Self::sh_at(self.port, &["citus-stop-node", &port.to_string()]);
+    }
+
+    /// Starts the node on `port` again, or a new one there (not registered).
+    pub(crate) fn start_node(&self, port: u16) {
+        Self::sh_at(self.port, &["citus-start-node", &port.to_string()]);
+    }
+
+    /// A new migrated database on this cluster (see [`citus_database`]).
+    pub(crate) async fn database(&self) -> String {
+        database_on(&self.cluster).await
+    }
+}
+
+impl Drop for PrivateCitus {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(helpers::root().join("scripts/services.sh"))
+            .arg("citus-down")
+            .env("ICMP_CITUS_PORT", self.port.to_string())
+            .output();
+    }
+}
+
+/// The port of the node that holds `business`'s shard group.
+async fn node_of(db: &tokio_postgres::Client, business: Uuid) -> u16 {
+    let port: i32 = db
+        .query_one(
+            "SELECT nodeport FROM pg_dist_shard_placement \
+             WHERE shardid = get_shard_id_for_distribution_column('businesses', $1::uuid)",
+            &[&business],
+        )
+        .await
+        .expect("placement")
+        .get(0);
+    u16::try_from(port).expect("port")
+}
+
+/// An app whose worker runs against the Citus database `url`, with the demo business.
+async fn app_on(url: &str, latency_ms: u64) -> helpers::TestApp {
+    let mut app = helpers::spawn_env(
+        MockOptions {
+            latency_ms,
+            ..Default::default()
+        },
+        crate::reliability::quick_recovery,
+    )
+    .await;
+    app.config.database.url = RedactedUrl::new(url.to_owned());
+    helpers::import(&app.config, &[&helpers::demo_file()]).await;
+    app.store = icmp::store::Store::connect(&app.config.database).expect("store");
+    app
+}
+
+/// Every message answered once, without an error or a dead letter; one user row and one reply
+/// row per message; each user's messages stored in order.
+async fn assert_every_message_answered_once(
+    app: &helpers::TestApp,
+    replies: &HashMap<String, Vec<HashMap<String, String>>>,
+    expected: usize,
+) {
+    assert_eq!(replies.len(), expected);
+    for (id, r) in replies {
+        assert_eq!(r.len(), 1, "{id}: {r:?}");
+        assert_eq!(r[0]["status"], "ok", "{id}: {r:?}");
+    }
+    assert!(
+        app.entries(&app.config.streams.dead_letter)
+            .await
+            .is_empty()
+    );
+    crate::reliability::assert_exactly_once(app, expected).await;
+    crate::reliability::assert_stored_in_order(app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_node_restarted_under_load_delays_only_its_tenants_and_loses_nothing() {
+    use crate::reliability::{ids, workload};
+    let cluster = PrivateCitus::start(25440);
+    let url = cluster.database().await;
+    let app = app_on(&url, 5).await;
+    let db = connect(&url).await;
+    let demo: Uuid = helpers::DEMO_BUSINESS.parse().expect("uuid");
+    let down = node_of(&db, demo).await;
+    // Another business, whose shards are on the other node.
+    let mut other = Uuid::new_v4();
+    while node_of(&db, other).await == down {
+        other = Uuid::new_v4();
+    }
+    helpers::import_demo_copy(&app.config, &other.to_string(), &[]).await;
+
+    let first = workload("na", 20, 6);
+    app.send_many(&first).await;
+    let mut worker = WorkerProcess::spawn(&app.config, "citus-node", &[]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.count("SELECT count(*) FROM messages", &[]).await < 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress: {:?}",
+            worker.log
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.stop_node(down);
+    // While the demo's node is down, the other business is answered as usual.
+    let others = workload("nb", 10, 3);
+    app.send_many_to(&other.to_string(), &others).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let replies_so_far = || async {
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        for e in app.outbound_entries().await {
+            *by_id.entry(e["message_id"].clone()).or_default() += 1;
+        }
+        by_id
+    };
+    let so_far = loop {
+        let so_far = replies_so_far().await;
+        if ids(&others).iter().all(|id| so_far.contains_key(id)) {
+            break so_far;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other tenant is answered while the demo's node is down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let waiting = ids(&first)
+        .iter()
+        .filter(|id| !so_far.contains_key(*id))
+        .count();
+    assert!(waiting > 0, "the demo's messages wait for their node");
+    cluster.start_node(down);
+    let mut all = first.clone();
+    all.extend(others.iter().cloned());
+    let replies = app.wait_all(&ids(&all), Duration::from_secs(120)).await;
+    assert!(worker.is_running(), "the worker survives the outage");
+    assert_every_message_answered_once(&app, &replies, first.len() + others.len()).await;
+    assert_eq!(worker.terminate().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_onto_a_new_node_and_an_isolated_tenant_under_load_lose_nothing() {
+    use crate::reliability::{ids, workload};
+    let cluster = PrivateCitus::start(25450);
+    let url = cluster.database().await;
+    let app = app_on(&url, 10).await;
+    let db = connect(&url).await;
+    let mut worker = WorkerProcess::spawn(&app.config, "citus-moves", &[]);
+
+    // A third worker node, started (not registered yet).
+    let spare = cluster.port + 3;
+    cluster.start_node(spare);
+    let name = url.rsplit_once('/').expect("db").1.to_owned();
+    connect(&url_of(&cluster.cluster.admin_url, Some(spare), "postgres"))
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("database on the new node");
+    connect(&url_of(&cluster.cluster.admin_url, Some(spare), &name))
+        .await
+        .batch_execute("CREATE EXTENSION citus")
+        .await
+        .expect("extension on the new node");
+
+    // Messages flow the whole time: a batch every 50 ms, until the moves are done.
+    let workload = workload("mv", 40, 1000);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let send = async {
+        let mut sent = Vec::new();
+        for batch in workload.chunks(10) {
+            if done.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            app.send_many(batch).await;
+            sent.extend_from_slice(batch);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sent
+    };
+    let moves = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The new node registered and given its share of the shards, online.
+        db.execute(
+            "SELECT citus_add_node('127.0.0.1', $1)",
+            &[&i32::from(spare)],
+        )
+        .await
+        .expect("add node");
+        // Two statements: the job must be committed before anything can wait for it.
+        db.batch_execute("SELECT citus_rebalance_start()")
+            .await
+            .expect("rebalance");
+        db.batch_execute("SELECT citus_rebalance_wait()")
+            .await
+            .expect("rebalance done");
+        // The demo business alone in a shard group of its own. Its writes wait while its rows
+        // are copied (`block_writes`; the logical mode's replication of a split stalled here
+        // on "publisher did not send replica identity column", docs/operations.md).
+        db.execute(
+            "SELECT isolate_tenant_to_new_shard('businesses', $1::text::uuid, 'CASCADE', \
+             shard_transfer_mode => 'block_writes')",
+            &[&helpers::DEMO_BUSINESS],
+        )
+        .await
+        .expect("isolate");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (all, ()) = tokio::join!(send, moves);
+    assert!(
+        all.len() < workload.len(),
+        "messages flowed until the moves were done"
+    );
+    let nodes: i64 = db
+        .query_one(
+            "SELECT count(DISTINCT nodeport) FROM pg_dist_shard_placement",
+            &[],
+        )
+        .await
+        .expect("placements")
+        .get(0);
+    assert_eq!(nodes, 3, "the new node holds shards");
+    let (min, max): (String, String) = {
+        let r = db
+            .query_one(
+                "SELECT shardminvalue, shardmaxvalue FROM pg_dist_shard \
+                 WHERE shardid = get_shard_id_for_distribution_column('messages', $1::text::uuid)",
+                &[&helpers::DEMO_BUSINESS],
+            )
+            .await
+            .expect("shard");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(min, max, "one hash value in the demo's shard");
+
+    let replies = app.wait_all(&ids(&all), Duration::from_secs(180)).await;
+    assert!(worker.is_running());
+    assert_every_message_answered_once(&app, &replies, all.len()).await;
+    assert_eq!(worker.terminate().await.code(), Some(0));
 }

@@ -67,8 +67,12 @@ pub fn services_sh(command: &str) -> HashMap<String, String> {
         "services.sh {command} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    exports(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The variables of `export NAME=value` lines.
+pub fn exports(text: &str) -> HashMap<String, String> {
+    text.lines()
         .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
