@@ -121,6 +121,8 @@ pub struct BenchReport {
     pub process_peak_rss_kib: Vec<u64>,
     /// CPU seconds of PostgreSQL's processes and of the mock LLM during the run.
     pub postgres_cpu_secs: f64,
+    /// [`BenchReport::postgres_cpu_secs`] by server port (each node of a Citus cluster).
+    pub postgres_cpu_by_server: std::collections::BTreeMap<u16, f64>,
     pub mock_cpu_secs: f64,
     /// The machine's busy share of all its cores during the run, and how many cores it has.
     pub machine_busy: Option<f64>,
@@ -217,6 +219,7 @@ impl BenchReport {
             "process_cpu_s": self.process_cpu_secs,
             "process_peak_rss_mib": self.process_peak_rss_kib.iter().map(|k| k / 1024).collect::<Vec<_>>(),
             "postgres_cpu_s": self.postgres_cpu_secs,
+            "postgres_cpu_s_by_server": self.postgres_cpu_by_server,
             "mock_cpu_s": self.mock_cpu_secs,
             "machine_busy": self.machine_busy,
             "cores": self.cores,
@@ -299,6 +302,18 @@ impl BenchReport {
                 self.db_round_trips_per_message
             )?;
         }
+        let servers: Vec<String> = self
+            .postgres_cpu_by_server
+            .iter()
+            .filter(|(_, cpu)| **cpu >= 0.01)
+            .map(|(port, cpu)| format!(":{port} {cpu:.2}"))
+            .collect();
+        writeln!(
+            f,
+            "postgres CPU   {:.2} CPU-s (by server: {})",
+            self.postgres_cpu_secs,
+            servers.join(" · ")
+        )?;
         writeln!(
             f,
             "redis          {:.1} commands per message ({}), {:.2} CPU-s",
@@ -563,7 +578,9 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let elapsed = started.elapsed();
     let db_round_trips = workers.round_trips() - before.round_trips;
     let (process_cpu_secs, process_peak_rss_kib) = workers.children_usage(&before);
-    let postgres_cpu_secs = probe::postgres_delta(&before.postgres, &probe::postgres_cpu());
+    let postgres_after = probe::postgres_cpu();
+    let postgres_cpu_secs = probe::postgres_delta(&before.postgres, &postgres_after);
+    let postgres_cpu_by_server = probe::postgres_delta_by_server(&before.postgres, &postgres_after);
     let mock_cpu_secs = mock.cpu_secs() - before.mock;
     let machine_busy = before.machine_busy();
     match sender.await {
@@ -609,6 +626,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         process_cpu_secs,
         process_peak_rss_kib,
         postgres_cpu_secs,
+        postgres_cpu_by_server,
         mock_cpu_secs,
         machine_busy,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -52,6 +52,61 @@ pub fn postgres_delta(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -
         .sum()
 }
 
+/// [`postgres_delta`] by server: each process counted for the port of the server it belongs to
+/// (its postmaster's data directory's `postmaster.pid`), so that the nodes of a Citus cluster
+/// on one machine show apart. Processes whose server cannot be told are under port 0.
+pub fn postgres_delta_by_server(
+    before: &BTreeMap<u32, f64>,
+    after: &BTreeMap<u32, f64>,
+) -> BTreeMap<u16, f64> {
+    let mut by_port: BTreeMap<u16, f64> = BTreeMap::new();
+    let mut ports: BTreeMap<u32, u16> = BTreeMap::new();
+    for (pid, t) in after {
+        let postmaster = postmaster_of(*pid);
+        let port = *ports
+            .entry(postmaster)
+            .or_insert_with(|| server_port(postmaster).unwrap_or(0));
+        *by_port.entry(port).or_default() += t - before.get(pid).copied().unwrap_or(0.0);
+    }
+    by_port
+}
+
+/// The postmaster a PostgreSQL process belongs to: its parent, unless that is not `postgres`
+/// (then it is the postmaster itself).
+fn postmaster_of(pid: u32) -> u32 {
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat[stat.rfind(')')? + 2..].to_owned();
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        });
+    match parent {
+        Some(ppid)
+            if std::fs::read_to_string(format!("/proc/{ppid}/comm"))
+                .is_ok_and(|c| c.trim_end() == "postgres") =>
+        {
+            ppid
+        }
+        _ => pid,
+    }
+}
+
+/// The port of the server whose postmaster is `pid`: line 4 of `postmaster.pid` in the data
+/// directory its command line names (`-D`).
+fn server_port(pid: u32) -> Option<u16> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let dir = args
+        .iter()
+        .position(|a| a == "-D")
+        .and_then(|i| args.get(i + 1))?;
+    let pidfile = std::fs::read_to_string(std::path::Path::new(dir).join("postmaster.pid")).ok()?;
+    pidfile.lines().nth(3)?.trim().parse().ok()
+}
+
 /// The machine's busy and total CPU time so far (`/proc/stat`, all cores), in clock ticks.
 pub fn machine_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;

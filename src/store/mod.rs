@@ -22,15 +22,17 @@ use tokio_postgres::{Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
-/// Opens a transaction scoped to `business` (row-level security, migration V5), ending by
+/// Scopes the open transaction to `business` (row-level security, migration V5), ending it by
 /// `deadline_ms` when given (a transaction-local `statement_timeout`). `SET LOCAL`, not
 /// `set_config()`: Citus carries a transaction's `SET LOCAL` commands to the worker nodes that
 /// run its statements, where the shards' policies read the scope (with
 /// `citus.propagate_set_commands = 'local'`, a mere placeholder setting on plain PostgreSQL).
-/// One simple-protocol message; the values are a UUID and a number, never text of a user.
+/// One simple-protocol message, sent after `BEGIN` (in the same message as `BEGIN`, Citus has
+/// the worker nodes warn of a transaction already in progress, once per transaction); the values
+/// are a UUID and a number, never text of a user.
 pub fn scope_sql(business: Uuid, deadline_ms: Option<u64>) -> String {
     let mut sql = format!(
-        "BEGIN; SET LOCAL citus.propagate_set_commands = 'local'; \
+        "SET LOCAL citus.propagate_set_commands = 'local'; \
          SET LOCAL icmp.business_id = '{business}'"
     );
     if let Some(ms) = deadline_ms {
@@ -251,12 +253,13 @@ impl Store {
             .ok()
             .map(|left| left.saturating_sub(DEADLINE_MARGIN).as_millis().max(1) as u64)
             .filter(|ms| self.statement_timeout_ms == 0 || *ms < self.statement_timeout_ms);
-        let begin = scope_sql(business_id, until);
+        let scope = scope_sql(business_id, until);
         self.count_round_trip();
         // Each request is sent when its future is first polled: in this order.
-        let (begin, rows, end) = Box::pin(async {
+        let (begin, scope, rows, end) = Box::pin(async {
             tokio::join!(
-                client.batch_execute(&begin),
+                client.batch_execute("BEGIN"),
+                client.batch_execute(&scope),
                 futures::future::join_all(
                     steps
                         .iter()
@@ -267,6 +270,7 @@ impl Store {
         })
         .await;
         begin?;
+        scope?;
         let rows = rows.into_iter().collect::<Result<Vec<_>, _>>()?;
         end?;
         Ok(rows)

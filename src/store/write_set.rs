@@ -450,11 +450,20 @@ fn classify(e: StoreError) -> StoreError {
     if !is_unique_violation(&e) && !check {
         return StoreError::Db(e);
     }
-    match e.as_db_error().and_then(|d| d.constraint()).map(unsharded) {
+    match e.as_db_error().and_then(constraint_of).map(unsharded) {
         Some("conversations_pkey" | "conversations_version_check") => StoreError::VersionConflict,
         Some("messages_idempotency_key") => StoreError::Duplicate,
         _ => StoreError::Db(e),
     }
+}
+
+/// The constraint an error names: its field, else (Citus passes a worker node's error on with
+/// its message alone) the quoted name after "constraint" in the message.
+fn constraint_of(e: &tokio_postgres::error::DbError) -> Option<&str> {
+    e.constraint().or_else(|| {
+        let rest = &e.message()[e.message().find("constraint \"")? + "constraint \"".len()..];
+        rest.split('"').next()
+    })
 }
 
 /// A constraint's name without the shard id Citus appends to it on a shard

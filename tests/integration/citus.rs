@@ -380,6 +380,33 @@ impl PrivateCitus {
         Self::sh_at(self.port, &["citus-start-node", &port.to_string()]);
     }
 
+    /// Starts the spare node (the third after the workers) and registers it for the database
+    /// at `url`; returns a superuser connection to that database on the coordinator.
+    pub(crate) async fn add_spare_node(&self, url: &str) -> tokio_postgres::Client {
+        let spare = self.port + 3;
+        self.start_node(spare);
+        let name = url.rsplit_once('/').expect("db").1.to_owned();
+        let admin = &self.cluster.admin_url;
+        connect(&url_of(admin, Some(spare), "postgres"))
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("database on the new node");
+        connect(&url_of(admin, Some(spare), &name))
+            .await
+            .batch_execute("CREATE EXTENSION citus")
+            .await
+            .expect("extension on the new node");
+        let db = connect(&url_of(admin, None, &name)).await;
+        db.execute(
+            "SELECT citus_add_node('127.0.0.1', $1)",
+            &[&i32::from(spare)],
+        )
+        .await
+        .expect("add node");
+        db
+    }
+
     /// A new migrated database on this cluster (see [`citus_database`]).
     pub(crate) async fn database(&self) -> String {
         database_on(&self.cluster).await
@@ -520,20 +547,8 @@ async fn a_rebalance_onto_a_new_node_and_an_isolated_tenant_under_load_lose_noth
     let db = connect(&url).await;
     let mut worker = WorkerProcess::spawn(&app.config, "citus-moves", &[]);
 
-    // A third worker node, started (not registered yet).
-    let spare = cluster.port + 3;
-    cluster.start_node(spare);
-    let name = url.rsplit_once('/').expect("db").1.to_owned();
-    connect(&url_of(&cluster.cluster.admin_url, Some(spare), "postgres"))
-        .await
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("database on the new node");
-    connect(&url_of(&cluster.cluster.admin_url, Some(spare), &name))
-        .await
-        .batch_execute("CREATE EXTENSION citus")
-        .await
-        .expect("extension on the new node");
+    // A third worker node, registered (it holds no shard yet).
+    cluster.add_spare_node(&url).await;
 
     // Messages flow the whole time: a batch every 50 ms, until the moves are done.
     let workload = workload("mv", 40, 1000);
@@ -552,13 +567,7 @@ async fn a_rebalance_onto_a_new_node_and_an_isolated_tenant_under_load_lose_noth
     };
     let moves = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        // The new node registered and given its share of the shards, online.
-        db.execute(
-            "SELECT citus_add_node('127.0.0.1', $1)",
-            &[&i32::from(spare)],
-        )
-        .await
-        .expect("add node");
+        // The new node given its share of the shards, online.
         // Two statements: the job must be committed before anything can wait for it.
         db.batch_execute("SELECT citus_rebalance_start()")
             .await

@@ -38,9 +38,7 @@ async fn scoped(
     let tx = w.transaction().await.expect("begin");
     // The scope exactly as the worker sets it (inside the transaction begun above).
     let scope = icmp::store::scope_sql(business, None);
-    tx.batch_execute(scope.trim_start_matches("BEGIN;"))
-        .await
-        .expect("scope");
+    tx.batch_execute(&scope).await.expect("scope");
     tx
 }
 

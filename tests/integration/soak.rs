@@ -147,9 +147,35 @@ enum Backend {
     Cluster(Vec<String>),
 }
 
+/// Where the soak's database runs.
+enum Database {
+    /// A PostgreSQL server of its own, stopped and started by the faults.
+    Private(PrivatePg),
+    /// A Citus cluster of its own (`scripts/soak --citus`): the faults restart one of its
+    /// worker nodes, and half-way through a third node joins and the shards are rebalanced
+    /// onto it while the soak goes on.
+    Citus(crate::citus::PrivateCitus),
+}
+
+impl Database {
+    /// A migrated database on it, `config` pointed at it.
+    async fn migrated(&self, config: &mut icmp::config::Config) {
+        match self {
+            Database::Private(pg) => {
+                pg.migrated(config).await;
+            }
+            Database::Citus(cluster) => {
+                config.database.url = RedactedUrl::new(cluster.database().await);
+            }
+        }
+    }
+}
+
 struct Soak {
     app: TestApp,
-    pg: PrivatePg,
+    pg: Database,
+    /// When a Citus soak's rebalance was started.
+    rebalanced: Option<Instant>,
     redis: Backend,
     /// Entries whose `XADD` no replica confirmed (on the cluster).
     unconfirmed: std::collections::HashSet<String>,
@@ -334,12 +360,25 @@ impl Soak {
                 self.delete_dead_consumers().await;
                 *self.faults.entry("XGROUP DELCONSUMER").or_default() += 1;
             }
-            4 => {
-                self.pg.stop();
-                tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..3_000))).await;
-                self.pg.start_again();
-                *self.faults.entry("PostgreSQL stopped").or_default() += 1;
-            }
+            4 => match &self.pg {
+                Database::Private(pg) => {
+                    pg.stop();
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..3_000))).await;
+                    pg.start_again();
+                    *self.faults.entry("PostgreSQL stopped").or_default() += 1;
+                }
+                Database::Citus(cluster) => {
+                    // One of the two first worker nodes, crashed and started again.
+                    let node = cluster.port + rng.random_range(1..3);
+                    cluster.stop_node(node);
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..3_000))).await;
+                    cluster.start_node(node);
+                    *self
+                        .faults
+                        .entry("Citus worker node restarted")
+                        .or_default() += 1;
+                }
+            },
             _ => self.redis_fault(rng).await,
         }
     }
@@ -364,6 +403,24 @@ impl Soak {
                 *self.faults.entry(fault).or_default() += 1;
             }
         }
+    }
+
+    /// A Citus soak's third node joins, and a rebalance starts moving shards onto it (the soak
+    /// goes on meanwhile; the account waits for it to finish).
+    async fn rebalance(&mut self) {
+        self.rebalanced = Some(Instant::now());
+        let Database::Citus(cluster) = &self.pg else {
+            return;
+        };
+        let url = self.app.config.database.url.expose().to_owned();
+        let db = cluster.add_spare_node(&url).await;
+        db.batch_execute("SELECT citus_rebalance_start()")
+            .await
+            .expect("rebalance");
+        *self
+            .faults
+            .entry("Citus rebalance onto a new node")
+            .or_default() += 1;
     }
 
     async fn delete_dead_consumers(&mut self) {
@@ -466,6 +523,7 @@ async fn chaos_soak_answers_every_message_exactly_once_and_in_order() {
     let url = redis.url();
     soak(
         Backend::Private(redis),
+        Database::Private(PrivatePg::start()),
         env_u64("ICMP_SOAK_SECONDS", 40),
         |c| {
             c.redis.url = RedactedUrl::new(url);
@@ -482,21 +540,50 @@ async fn chaos_soak_on_a_redis_cluster_answers_every_message_exactly_once_and_in
     let _one = crate::cluster::CLUSTER.lock().await;
     let urls = crate::cluster::cluster_urls();
     let seconds = env_u64("ICMP_SOAK_SECONDS", 30);
-    soak(Backend::Cluster(urls.clone()), seconds, |c| {
-        c.redis.mode = icmp::config::RedisMode::Cluster;
-        c.redis.url = RedactedUrl::new(urls[0].clone());
-        c.redis.urls = urls[1..].iter().cloned().map(RedactedUrl::new).collect();
-        c.streams.shards = 3;
-    })
+    soak(
+        Backend::Cluster(urls.clone()),
+        Database::Private(PrivatePg::start()),
+        seconds,
+        |c| {
+            c.redis.mode = icmp::config::RedisMode::Cluster;
+            c.redis.url = RedactedUrl::new(urls[0].clone());
+            c.redis.urls = urls[1..].iter().cloned().map(RedactedUrl::new).collect();
+            c.streams.shards = 3;
+        },
+    )
+    .await;
+}
+
+/// The same soak with its database on a Citus cluster of its own (a coordinator and two worker
+/// nodes): the faults restart a worker node, and half-way through a third node joins and the
+/// shards are rebalanced onto it (`scripts/soak --citus`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_on_citus_answers_every_message_exactly_once_and_in_order() {
+    let _machine = helpers::MACHINE.lock().await;
+    let redis = PrivateRedis::start().await;
+    let url = redis.url();
+    let citus = crate::citus::PrivateCitus::start(25460);
+    soak(
+        Backend::Private(redis),
+        Database::Citus(citus),
+        env_u64("ICMP_SOAK_SECONDS", 30),
+        |c| {
+            c.redis.url = RedactedUrl::new(url);
+        },
+    )
     .await;
 }
 
 /// Runs the soak for `seconds` against `backend` (`configure` points the configuration at
 /// it), then takes the account.
-async fn soak(backend: Backend, seconds: u64, configure: impl FnOnce(&mut icmp::config::Config)) {
+async fn soak(
+    backend: Backend,
+    pg: Database,
+    seconds: u64,
+    configure: impl FnOnce(&mut icmp::config::Config),
+) {
     let seed = env_u64("ICMP_SOAK_SEED", 7);
     let mut rng = StdRng::seed_from_u64(seed);
-    let pg = PrivatePg::start();
     let mut app = spawn_env(
         MockOptions {
             latency_ms: 20,
@@ -542,6 +629,7 @@ async fn soak(backend: Backend, seconds: u64, configure: impl FnOnce(&mut icmp::
     let mut soak = Soak {
         app,
         pg,
+        rebalanced: None,
         redis: backend,
         unconfirmed: std::collections::HashSet::new(),
         workers: Vec::new(),
@@ -558,6 +646,9 @@ async fn soak(backend: Backend, seconds: u64, configure: impl FnOnce(&mut icmp::
     let mut next_fault = Duration::from_secs(rng.random_range(3..6));
     let mut history = Vec::new();
     while started.elapsed() < Duration::from_secs(seconds) {
+        if started.elapsed() >= Duration::from_secs(seconds / 2) && soak.rebalanced.is_none() {
+            soak.rebalance().await;
+        }
         if started.elapsed() >= next_fault {
             soak.fault(&mut rng).await;
             next_fault = started.elapsed() + Duration::from_secs(rng.random_range(3..7));
@@ -847,6 +938,19 @@ async fn soak(backend: Backend, seconds: u64, configure: impl FnOnce(&mut icmp::
     assert!(queues.is_empty(), "order keys left: {queues:?}");
     for (name, w) in &mut soak.workers {
         assert!(w.is_running(), "{name} died; see {:?}", w.log);
+    }
+    if let Database::Citus(_) = &soak.pg {
+        let db = app.db().await;
+        db.batch_execute("SELECT citus_rebalance_wait()")
+            .await
+            .expect("rebalance done");
+        let nodes = app
+            .count(
+                "SELECT count(DISTINCT nodeport) FROM pg_dist_shard_placement",
+                &[],
+            )
+            .await;
+        assert_eq!(nodes, 3, "the rebalance moved shards onto the third node");
     }
     println!(
         "soak seed {seed}, {seconds} s: {produced} entries ({valid} valid answered, {bad} hostile \
