@@ -578,9 +578,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let elapsed = started.elapsed();
     let db_round_trips = workers.round_trips() - before.round_trips;
     let (process_cpu_secs, process_peak_rss_kib) = workers.children_usage(&before);
-    let postgres_after = probe::postgres_cpu();
-    let postgres_cpu_secs = probe::postgres_delta(&before.postgres, &postgres_after);
-    let postgres_cpu_by_server = probe::postgres_delta_by_server(&before.postgres, &postgres_after);
+    let (postgres_cpu_secs, postgres_cpu_by_server) = before.postgres_usage();
     let mock_cpu_secs = mock.cpu_secs() - before.mock;
     let machine_busy = before.machine_busy();
     match sender.await {
@@ -589,10 +587,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     }
     let latencies = sorted(per_message.iter().map(|(_, d)| *d).collect());
     let overheads = sorted(overheads(&store, business, &per_message).await?);
-    let cpu_secs = before
-        .cpu
-        .zip(probe::process_cpu_secs())
-        .map(|(a, b)| b - a);
+    let cpu_secs = before.cpu_since();
     let (redis_commands, redis_cpu_secs, redis_masters) = before
         .redis_since(&c, options.messages as u64, reads)
         .await?;
@@ -863,6 +858,20 @@ impl Baseline {
             machine: probe::machine_ticks(),
             round_trips: workers.round_trips(),
         })
+    }
+
+    /// This process's CPU seconds since this baseline.
+    fn cpu_since(&self) -> Option<f64> {
+        self.cpu.zip(probe::process_cpu_secs()).map(|(a, b)| b - a)
+    }
+
+    /// PostgreSQL's CPU seconds since this baseline: in all, and by server.
+    fn postgres_usage(&self) -> (f64, std::collections::BTreeMap<u16, f64>) {
+        let now = probe::postgres_cpu();
+        (
+            probe::postgres_delta(&self.postgres, &now),
+            probe::postgres_delta_by_server(&self.postgres, &now),
+        )
     }
 }
 
