@@ -8,7 +8,6 @@
 use tokio_postgres::Client;
 
 use super::StoreError;
-use super::listen::DEFINITIONS_CHANNEL;
 
 /// The tenant tables in an order where each table's foreign keys point only at tables before
 /// it (Citus distributes a referencing table after the tables it references).
@@ -65,15 +64,14 @@ pub async fn distribute(client: &Client) -> Result<Vec<&'static str>, StoreError
         }
         if done.is_empty() {
             client
-                .batch_execute(&format!(
+                .batch_execute(
                     "DROP TRIGGER IF EXISTS businesses_changed ON businesses; \
                      DROP TRIGGER IF EXISTS stages_changed ON stages; \
                      DROP TRIGGER IF EXISTS templates_changed ON templates; \
                      SELECT create_distributed_function('icmp_scope()') \
                       WHERE NOT EXISTS (SELECT 1 FROM pg_dist_object \
-                                         WHERE objid = 'icmp_scope()'::regprocedure); \
-                     -- {DEFINITIONS_CHANNEL} is notified by the writers from now on"
-                ))
+                                         WHERE objid = 'icmp_scope()'::regprocedure)",
+                )
                 .await?;
         }
         let (column, colocate) = if table == "businesses" {
