@@ -234,8 +234,9 @@ impl Store {
         params: &[&(dyn ToSql + Sync)],
         end: &str,
     ) -> Result<Vec<Row>, StoreError> {
-        let steps = [(stmt.clone(), params.to_vec())];
-        let mut rows = self.scoped_steps(client, business_id, &steps, end).await?;
+        let mut rows = self
+            .scoped_steps(client, business_id, &[(stmt, params)], end)
+            .await?;
         Ok(rows.pop().unwrap_or_default())
     }
 
@@ -245,7 +246,7 @@ impl Store {
         &self,
         client: &deadpool_postgres::Client,
         business_id: Uuid,
-        steps: &[(Statement, Vec<&(dyn ToSql + Sync)>)],
+        steps: &[(&Statement, &[&(dyn ToSql + Sync)])],
         end: &str,
     ) -> Result<Vec<Vec<Row>>, StoreError> {
         let until = DEADLINE
@@ -263,7 +264,7 @@ impl Store {
                 futures::future::join_all(
                     steps
                         .iter()
-                        .map(|(stmt, params)| client.query(stmt, params.as_slice()))
+                        .map(|(stmt, params)| client.query(*stmt, params))
                 ),
                 client.batch_execute(end),
             )

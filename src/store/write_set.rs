@@ -1,13 +1,15 @@
-//! The write phase (DESIGN §2): everything one message changes, in ONE statement.
+//! The write phase (DESIGN §2): everything one message changes, in one transaction and one
+//! round trip.
 //!
-//! User upsert, conversation insert or version check-and-bump, both messages with the
-//! idempotency key, the stage transition, extracted data, the LLM call rows: one `INSERT …`
-//! with data-modifying CTEs, so the whole write set is one round trip and one (implicit)
-//! transaction. Every write hangs off the conversation CTE: when the version check finds another
-//! version, the statement writes nothing and returns no row. Either all of it is stored or none
-//! of it.
+//! User upsert, conversation insert or version check-and-bump, the messages with the
+//! idempotency key, the stage transition, extracted data, the LLM call rows: a few statements,
+//! pipelined between `BEGIN` and `COMMIT`, each a single-shard statement on Citus
+//! (docs/design-notes.md, "Citus"). The conversation statement comes first: when it finds
+//! another version (or another user's conversation) it fails, and the transaction with it.
+//! Either all of it is stored or none of it.
 
 use crate::store::Prepared;
+use tokio_postgres::Statement;
 use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
@@ -269,17 +271,26 @@ pub fn bind(sql: &str, mut value: impl FnMut(usize) -> String) -> String {
     out
 }
 
-/// The renumbered form of each statement, made once.
-fn step(sql: &'static str) -> &'static Step {
-    use std::collections::HashMap;
-    use std::sync::{LazyLock, Mutex};
-    static STEPS: LazyLock<Mutex<HashMap<usize, &'static Step>>> = LazyLock::new(Mutex::default);
-    let mut steps = STEPS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    steps
-        .entry(sql.as_ptr() as usize)
-        .or_insert_with(|| Box::leak(Box::new(Step::new(sql))))
+/// Every statement a write set may run.
+const ALL: [&str; 8] = [
+    USER_NEW,
+    CONVERSATION_NEW,
+    USER_SEEN,
+    CONVERSATION_CONTINUE,
+    MESSAGES,
+    TRANSITION,
+    EXTRACTED,
+    LLM_CALLS,
+];
+
+/// The renumbered form of a statement of [`ALL`], made once.
+fn step(sql: &str) -> &'static Step {
+    static STEPS: std::sync::LazyLock<[Step; 8]> = std::sync::LazyLock::new(|| ALL.map(Step::new));
+    let i = ALL
+        .iter()
+        .position(|s| *s == sql)
+        .expect("a statement of the write set");
+    &STEPS[i]
 }
 
 /// One message row of the write set (`$6`), in conversation order (`pos` 1, 2, …).
@@ -367,7 +378,7 @@ fn message_rows(ws: &WriteSet) -> Vec<MessageRow<'_>> {
 }
 
 impl Store {
-    /// Commits a write set (one statement in a scoped transaction, one round trip) and returns the conversation as
+    /// Commits a write set (its statements in a scoped transaction, one round trip) and returns the conversation as
     /// committed.
     ///
     /// `before_commit` is a fault-injection point: when it fails, the statement runs inside an
@@ -422,6 +433,10 @@ impl Store {
             Ok(()) => ("COMMIT", None),
             Err(e) => ("ROLLBACK", Some(e)),
         };
+        let steps: Vec<(&Statement, &[&(dyn ToSql + Sync)])> = steps
+            .iter()
+            .map(|(stmt, used)| (stmt, used.as_slice()))
+            .collect();
         let mut results = self
             .scoped_steps(&client, ws.business_id, &steps, end)
             .await
