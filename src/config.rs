@@ -195,6 +195,102 @@ pub struct LlmConfig {
     pub circuit_failure_ratio: f64,
     /// How long an open circuit refuses calls before one probe is let through.
     pub circuit_open_ms: u64,
+    /// How JSON is asked for at first (see [`crate::llm::structured`]): `auto` (the strongest
+    /// form, stepping down when refused), `json_schema`, `json_object_schema`, `json_object` or
+    /// `prompt`.
+    #[serde(default)]
+    pub structured_output: crate::llm::structured::Level,
+    /// A PEM file of CA certificates an `https://` endpoint may be signed by, besides the
+    /// system's; empty: the system's only.
+    #[serde(default)]
+    pub ca_file: String,
+    /// The most time one entry of a template's model chain takes (retries included) before
+    /// the call moves to the next entry; 0: the LLM retry policy's budget.
+    #[serde(default)]
+    pub fallback_after_ms: u64,
+    /// Several endpoints (`[[llm.endpoints]]`); empty: the one described by this table,
+    /// named `default`.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// One endpoint of `[[llm.endpoints]]`; what it leaves out is taken from `[llm]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Its name in call records, replies and metrics.
+    pub name: String,
+    pub base_url: String,
+    /// The environment variable holding its API key (keys never sit in files).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The models it serves; a template's model goes to every endpoint that lists it, in this
+    /// order. Empty: any model no endpoint lists.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub http_version: Option<crate::llm::transport::HttpVersion>,
+    #[serde(default)]
+    pub max_concurrent_calls: Option<usize>,
+    #[serde(default)]
+    pub request_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub structured_output: Option<crate::llm::structured::Level>,
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+impl LlmConfig {
+    /// Each endpoint's name, served models and complete configuration: `[llm]` itself as
+    /// `default` when no `[[llm.endpoints]]` are given.
+    ///
+    /// # Errors
+    /// A nameless or repeated endpoint, a key in a URL, or an `api_key_env` that is not set.
+    pub fn endpoint_configs(&self) -> Result<Vec<(String, Vec<String>, LlmConfig)>, ConfigError> {
+        if self.endpoints.is_empty() {
+            return Ok(vec![(
+                crate::llm::endpoints::DEFAULT_NAME.to_owned(),
+                Vec::new(),
+                self.clone(),
+            )]);
+        }
+        let mut out: Vec<(String, Vec<String>, LlmConfig)> = Vec::new();
+        for e in &self.endpoints {
+            let invalid = |what: String| ConfigError::Invalid(format!("llm.endpoints: {what}"));
+            if e.name.trim().is_empty() {
+                return Err(invalid("every endpoint needs a name".into()));
+            }
+            if out.iter().any(|(n, ..)| *n == e.name) {
+                return Err(invalid(format!("two endpoints are named {:?}", e.name)));
+            }
+            if RedactedUrl::new(e.base_url.clone()).has_secret() {
+                return Err(invalid(format!(
+                    "{}: base_url carries a secret; name its variable in api_key_env",
+                    e.name
+                )));
+            }
+            let api_key = match &e.api_key_env {
+                Some(var) => Some(SecretString::from(std::env::var(var).map_err(|_| {
+                    invalid(format!(
+                        "{}: the variable {var} (api_key_env) is not set",
+                        e.name
+                    ))
+                })?)),
+                None => None,
+            };
+            let mut c = self.clone();
+            c.endpoints = Vec::new();
+            c.base_url = e.base_url.clone();
+            c.api_key = api_key;
+            c.http_version = e.http_version.unwrap_or(self.http_version);
+            c.max_concurrent_calls = e.max_concurrent_calls.unwrap_or(self.max_concurrent_calls);
+            c.request_timeout_ms = e.request_timeout_ms.unwrap_or(self.request_timeout_ms);
+            c.structured_output = e.structured_output.unwrap_or(self.structured_output);
+            c.ca_file = e.ca_file.clone().unwrap_or_else(|| self.ca_file.clone());
+            out.push((e.name.clone(), e.models.clone(), c));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -156,6 +156,10 @@ pub struct TemplateRecord {
     pub system: String,
     pub body: String,
     pub model: Option<String>,
+    /// The models a call tries in order (`models = [...]`); empty: `model`, else
+    /// `llm.default_model`. (Absent from templates cached by earlier releases.)
+    #[serde(default)]
+    pub models: Vec<String>,
     pub temperature: Option<f32>,
     pub max_tokens: Option<i32>,
     /// JSON Schema the extraction output must satisfy.
@@ -313,6 +317,9 @@ pub struct Answer {
     /// The conversation's stage after this message (empty when unknown).
     pub stage: String,
     pub log_id: Uuid,
+    /// The model and the endpoint that answered (empty when no LLM did).
+    pub model: String,
+    pub endpoint: String,
     /// A message of a coalesced turn answered by another message's reply: that reply's id
     /// (`reply_id` is then the message's own stored id, and `content` is empty).
     pub answered_by: Option<Uuid>,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::Cache;
 use crate::config::{Config, StreamsConfig};
 use crate::error::{CacheError, Classify, LlmError, StoreError};
-use crate::llm::{CircuitBreaker, OpenAiClient};
+use crate::llm::Endpoints;
 use crate::pipeline::{Failpoints, MessageHandler};
 use crate::redis_connection::{self, RedisConnection};
 use crate::retry::Backoff;
@@ -49,7 +49,7 @@ pub enum StartupError {
 }
 
 /// The LLM service a configured worker uses.
-pub type ConfiguredLlm = CircuitBreaker<OpenAiClient>;
+pub type ConfiguredLlm = Endpoints;
 
 /// A worker process's connections: the PostgreSQL pool (as `database.worker_role`), which
 /// the pipeline uses, and a Redis connection with the cache over it, which the readiness probe
@@ -185,18 +185,13 @@ async fn check_redis(
     Ok(())
 }
 
-/// The LLM service a worker of `config` uses: the OpenAI-compatible client behind a circuit
+/// The LLM service a worker of `config` uses: every endpoint's client behind its own circuit
 /// breaker, its HTTP version settled.
 ///
 /// # Errors
 /// An invalid LLM configuration.
 pub async fn llm(config: &Config) -> Result<ConfiguredLlm, LlmError> {
-    let client = OpenAiClient::new(&config.llm)?;
-    // The first calls go over the connection the later ones use (HTTP/2 to an endpoint that
-    // speaks it). An endpoint that refuses connections settles nothing at once; one that does
-    // not answer delays the start by `llm.connect_timeout_ms` at most.
-    client.settle_http_version().await;
-    Ok(CircuitBreaker::new(client, &config.llm))
+    Endpoints::from_config(&config.llm).await
 }
 
 /// One worker process: its dependencies, its worker and its operator endpoint

@@ -138,6 +138,9 @@ pub struct TemplateDef {
     pub system: String,
     pub body: String,
     pub model: Option<String>,
+    /// The models a call tries in order (instead of `model`).
+    #[serde(default)]
+    pub models: Vec<String>,
     pub temperature: Option<f32>,
     pub max_tokens: Option<i32>,
     pub output_schema: Option<serde_json::Value>,
@@ -153,7 +156,8 @@ impl TemplateDef {
             kind: self.kind,
             system: self.system.clone(),
             body: self.body.clone(),
-            model: self.model.clone(),
+            model: self.model.clone().or_else(|| self.models.first().cloned()),
+            models: self.models.clone(),
             temperature: self.temperature,
             max_tokens: self.max_tokens,
             output_schema: self.output_schema.clone(),
@@ -293,6 +297,15 @@ impl Definition {
             }
             if t.name.trim().is_empty() {
                 problems.push("a template has an empty name".into());
+            }
+            if t.model.is_some() && !t.models.is_empty() {
+                problems.push(format!(
+                    "template `{}`: give model or models, not both",
+                    t.name
+                ));
+            }
+            if t.models.iter().any(|m| m.trim().is_empty()) {
+                problems.push(format!("template `{}`: models has an empty name", t.name));
             }
             match (t.kind, &t.output_schema) {
                 (TemplateKind::Extraction, None) => {

@@ -36,6 +36,8 @@ enum State {
 #[derive(Debug)]
 pub struct CircuitBreaker<L> {
     inner: L,
+    /// The endpoint's name (logs, the `icmp_llm_circuit_open` label).
+    name: std::sync::Arc<str>,
     window: usize,
     ratio: f64,
     open_for: Duration,
@@ -48,6 +50,7 @@ impl<L> CircuitBreaker<L> {
     pub fn new(inner: L, config: &LlmConfig) -> Self {
         CircuitBreaker {
             inner,
+            name: super::endpoints::DEFAULT_NAME.into(),
             window: config.circuit_window,
             ratio: config.circuit_failure_ratio,
             open_for: Duration::from_millis(config.circuit_open_ms),
@@ -56,6 +59,13 @@ impl<L> CircuitBreaker<L> {
                 VecDeque::with_capacity(config.circuit_window),
             )),
         }
+    }
+
+    /// The breaker of endpoint `name`.
+    #[must_use]
+    pub fn named(mut self, name: std::sync::Arc<str>) -> Self {
+        self.name = name;
+        self
     }
 
     /// Whether the circuit currently refuses calls.
@@ -115,15 +125,16 @@ impl<L> CircuitBreaker<L> {
         };
         match (*state, next) {
             (State::Closed | State::HalfOpen, State::Open { .. }) => {
-                crate::telemetry::metrics::llm_circuit(true);
+                crate::telemetry::metrics::llm_circuit(&self.name, true);
                 tracing::warn!(
+                    endpoint = %self.name,
                     open_ms = self.open_for.as_millis() as u64,
                     "LLM circuit opened"
                 );
             }
             (State::HalfOpen, State::Closed) => {
-                crate::telemetry::metrics::llm_circuit(false);
-                tracing::info!("LLM circuit closed");
+                crate::telemetry::metrics::llm_circuit(&self.name, false);
+                tracing::info!(endpoint = %self.name, "LLM circuit closed");
             }
             _ => {}
         }
@@ -162,6 +173,7 @@ mod tests {
                     prompt_tokens: None,
                     completion_tokens: None,
                     latency: Duration::ZERO,
+                    format: None,
                 })
             } else {
                 Err(LlmError::Server {
@@ -178,7 +190,8 @@ mod tests {
             messages: vec![],
             temperature: None,
             max_tokens: None,
-            json_mode: false,
+            format: crate::llm::OutputFormat::Text,
+            endpoint: 0,
         }
     }
 
@@ -196,6 +209,10 @@ mod tests {
             circuit_window: 3,
             circuit_failure_ratio: 1.0,
             circuit_open_ms: 1_000,
+            structured_output: Default::default(),
+            ca_file: String::new(),
+            fallback_after_ms: 0,
+            endpoints: Vec::new(),
         };
         CircuitBreaker::new(
             Flaky {
@@ -253,6 +270,7 @@ mod tests {
                     prompt_tokens: None,
                     completion_tokens: None,
                     latency: Duration::ZERO,
+                    format: None,
                 })
             } else {
                 Err(LlmError::Timeout(1))

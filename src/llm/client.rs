@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use super::structured::{self, Learned};
 use super::transport::Transport;
 use super::{ChatMessage, ChatRequest, ChatResponse, LlmError, LlmService};
 use crate::config::LlmConfig;
@@ -28,6 +29,8 @@ pub struct OpenAiClient {
     url: String,
     api_key: Option<SecretString>,
     timeout: Duration,
+    /// What this endpoint's models accept as structured output.
+    learned: std::sync::Arc<Learned>,
 }
 
 impl std::fmt::Debug for OpenAiClient {
@@ -47,13 +50,7 @@ struct WireRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    response_format: Option<ResponseFormat>,
-}
-
-#[derive(Serialize)]
-struct ResponseFormat {
-    #[serde(rename = "type")]
-    kind: &'static str,
+    response_format: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -81,18 +78,41 @@ struct WireUsage {
 }
 
 impl OpenAiClient {
-    /// Builds a client from the `[llm]` configuration.
+    /// Builds a client from the `[llm]` configuration (the endpoint named `default`).
     ///
     /// # Errors
     /// When the TLS backend cannot be initialised.
     pub fn new(config: &LlmConfig) -> Result<OpenAiClient, LlmError> {
+        Self::named(super::endpoints::DEFAULT_NAME, config)
+    }
+
+    /// Builds the client of endpoint `name`, configured by `config` (see
+    /// [`LlmConfig::endpoint_configs`]).
+    ///
+    /// # Errors
+    /// When the TLS backend cannot be initialised or `ca_file` cannot be read.
+    pub fn named(name: &str, config: &LlmConfig) -> Result<OpenAiClient, LlmError> {
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let ca = if config.ca_file.is_empty() {
+            None
+        } else {
+            let pem = std::fs::read(&config.ca_file).map_err(|e| {
+                LlmError::Connect(format!("endpoint {name}: ca_file {}: {e}", config.ca_file))
+            })?;
+            Some(reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                LlmError::Connect(format!("endpoint {name}: ca_file {}: {e}", config.ca_file))
+            })?)
+        };
         let builder = || {
-            reqwest::Client::builder()
+            let b = reqwest::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(connect_timeout)
-                .pool_max_idle_per_host(1024)
+                .pool_max_idle_per_host(1024);
+            match &ca {
+                Some(cert) => b.add_root_certificate(cert.clone()),
+                None => b,
+            }
         };
         let http = Transport::new(
             config.http_version,
@@ -112,6 +132,7 @@ impl OpenAiClient {
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
             api_key: config.api_key.clone(),
             timeout,
+            learned: std::sync::Arc::new(Learned::new(name.into(), config.structured_output)),
         })
     }
 
@@ -214,14 +235,38 @@ impl LlmService for OpenAiClient {
         // The semaphore is never closed; a failure here would only mean "no limit".
         let _permit = self.calls.acquire().await.ok();
         let started = Instant::now();
+        let mut level = self.learned.level(&request.model, &request.format);
+        loop {
+            let result = self.send(request, level, started).await;
+            // The endpoint refused this form of structured output: ask again, weaker.
+            if let Err(LlmError::Rejected { status, body } | LlmError::Server { status, body }) =
+                &result
+                && let Some(used) = level
+                && structured::refuses_response_format(*status, body)
+                && let Some(weaker) = self.learned.refused(&request.model, used)
+            {
+                level = Some(weaker);
+                continue;
+            }
+            return result;
+        }
+    }
+}
+
+impl OpenAiClient {
+    /// One request, asking for structured output at `level`.
+    async fn send(
+        &self,
+        request: &ChatRequest,
+        level: Option<structured::Level>,
+        started: Instant,
+    ) -> Result<ChatResponse, LlmError> {
         let wire = WireRequest {
             model: &request.model,
             messages: &request.messages,
             temperature: request.temperature,
             max_tokens: request.max_tokens,
-            response_format: request.json_mode.then_some(ResponseFormat {
-                kind: "json_object",
-            }),
+            response_format: structured::response_format(&request.format, level),
         };
         let mut builder = self.http.client().post(&self.url).json(&wire);
         if let Some(key) = &self.api_key {
@@ -283,6 +328,7 @@ impl LlmService for OpenAiClient {
             prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
             completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
             latency: started.elapsed(),
+            format: level,
         })
     }
 }

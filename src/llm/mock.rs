@@ -2,7 +2,9 @@
 //!
 //! It answers `POST /v1/chat/completions` and `GET /v1/models` in the OpenAI wire format.
 //! Answers follow fixed rules keyed on the prompt's purpose and the user's words:
-//! - JSON mode and a prompt that speaks of *extract*ing: the fields it can find in the user's
+//! - JSON mode (`response_format` of type `json_object` or `json_schema`; the schema is not
+//!   enforced, `--refuse-json-schema` refuses the latter) and a prompt that speaks of
+//!   *extract*ing: the fields it can find in the user's
 //!   words (`name` from "my name is …", `date` from an ISO date or a weekday, `reason` from
 //!   "for …"/"because …").
 //! - A user message containing `MALFORMED-ONCE` gets prose instead of JSON in JSON mode, and a
@@ -64,6 +66,10 @@ pub struct MockOptions {
     /// HTTP/2 on the same port.
     #[arg(long)]
     pub http1_only: bool,
+    /// Refuse `response_format: {type: "json_schema"}` with a 400 naming `response_format`
+    /// (as endpoints without structured outputs do); `json_object` is still taken.
+    #[arg(long)]
+    pub refuse_json_schema: bool,
 }
 
 impl Default for MockOptions {
@@ -79,6 +85,7 @@ impl Default for MockOptions {
             malformed_rate: 0.0,
             seed: 42,
             http1_only: false,
+            refuse_json_schema: false,
         }
     }
 }
@@ -95,6 +102,12 @@ pub struct MockStats {
     pub connections: AtomicU64,
     /// `GET /v1/models` requests answered (a worker's HTTP version probe sends one).
     pub models_requests: AtomicU64,
+    /// Requests by `response_format`: `json_schema`, `json_object` (with or without a schema),
+    /// none; and those refused (`refuse_json_schema`).
+    pub json_schema_requests: AtomicU64,
+    pub json_object_requests: AtomicU64,
+    pub text_requests: AtomicU64,
+    pub refused_formats: AtomicU64,
 }
 
 /// Counts a request in flight until dropped.
@@ -287,6 +300,29 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
                 .into_response();
         }
     };
+    let format = request
+        .response_format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str);
+    let counter = match format {
+        Some("json_schema") => &state.stats.json_schema_requests,
+        Some(_) => &state.stats.json_object_requests,
+        None => &state.stats.text_requests,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    if format == Some("json_schema") && state.options.refuse_json_schema {
+        state.stats.refused_formats.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {
+                "message": "response_format of type json_schema is not supported by this model",
+                "type": "invalid_request_error",
+                "param": "response_format"
+            }})),
+        )
+            .into_response();
+    }
     let answer = answer(&request);
     let prompt_tokens: usize = request
         .messages
@@ -422,12 +458,14 @@ fn answer(request: &Request) -> String {
         Some(i) => last_user[i + "User message:".len()..].trim().to_owned(),
         None => last_user.trim().to_owned(),
     };
-    let json_mode = request
-        .response_format
-        .as_ref()
-        .and_then(|f| f.get("type"))
-        .and_then(Value::as_str)
-        == Some("json_object");
+    let json_mode = matches!(
+        request
+            .response_format
+            .as_ref()
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str),
+        Some("json_object" | "json_schema")
+    );
     if json_mode {
         // Scripted structured-output failures: malformed once (the repair succeeds) or always.
         if words.contains("MALFORMED-ALWAYS") || (words.contains("MALFORMED-ONCE") && !repairing) {

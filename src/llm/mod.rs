@@ -3,7 +3,9 @@
 
 pub mod circuit;
 pub mod client;
+pub mod endpoints;
 pub mod mock;
+pub mod structured;
 pub mod transport;
 
 use std::future::Future;
@@ -15,6 +17,8 @@ use serde::Serialize;
 pub use crate::error::LlmError;
 pub use circuit::CircuitBreaker;
 pub use client::OpenAiClient;
+pub use endpoints::Endpoints;
+pub use structured::OutputFormat;
 
 /// One chat message of a request. The content is shared: a rendered prompt is not copied
 /// into each request that carries it (thousands of calls are in flight at once).
@@ -57,8 +61,10 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
-    /// Ask for a JSON object (`response_format: {"type": "json_object"}`).
-    pub json_mode: bool,
+    /// Text, or JSON of a schema (see [`structured`]).
+    pub format: OutputFormat,
+    /// The endpoint of a [`Target`] (an index into the service's endpoints).
+    pub endpoint: usize,
 }
 
 /// The answer to a [`ChatRequest`].
@@ -70,6 +76,18 @@ pub struct ChatResponse {
     pub prompt_tokens: Option<u32>,
     pub completion_tokens: Option<u32>,
     pub latency: Duration,
+    /// How JSON was asked for (`None`: a text request).
+    pub format: Option<structured::Level>,
+}
+
+/// One entry of a call's model chain: a model on an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The endpoint's index (for [`ChatRequest::endpoint`]).
+    pub endpoint: usize,
+    /// The endpoint's name (`llm.endpoints[].name`).
+    pub endpoint_name: Arc<str>,
+    pub model: String,
 }
 
 /// Something that answers chat completions.
@@ -79,4 +97,17 @@ pub trait LlmService: Send + Sync + 'static {
         &self,
         request: &ChatRequest,
     ) -> impl Future<Output = Result<ChatResponse, LlmError>> + Send;
+
+    /// The entries a call tries in order, for a template's ordered `models` (see
+    /// [`Endpoints::chain`]). A service of one endpoint tries each model there.
+    fn chain(&self, models: &[&str]) -> Vec<Target> {
+        models
+            .iter()
+            .map(|m| Target {
+                endpoint: 0,
+                endpoint_name: Arc::from(endpoints::DEFAULT_NAME),
+                model: (*m).to_owned(),
+            })
+            .collect()
+    }
 }

@@ -121,6 +121,7 @@ pub async fn throttled<'b>(
         status: AnswerStatus::Throttled,
         fallback_template: None,
         template,
+        by: None,
     };
     Ok(Decisions {
         stage: read.stage,

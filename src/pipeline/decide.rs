@@ -118,7 +118,7 @@ pub async fn decide<'b, L: LlmService>(
         Some(id) => Some(d.templates.get(business.id, id).await?),
         None => None,
     };
-    let (response, call) = respond::respond(
+    let (response, records) = respond::respond(
         &d.caller,
         d.templates,
         &template,
@@ -127,7 +127,7 @@ pub async fn decide<'b, L: LlmService>(
         &read.context,
     )
     .await?;
-    calls.push(call);
+    calls.extend(records);
     metrics::step("respond", t.elapsed());
     timings.push(("respond", t.elapsed().as_millis() as u64));
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::llm_call::{LlmCaller, Purpose};
 use crate::definitions::TemplateService;
 use crate::error::{LlmError, PipelineError};
-use crate::llm::LlmService;
+use crate::llm::{LlmService, OutputFormat};
 use crate::model::Extracted;
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
@@ -92,10 +92,22 @@ pub async fn extract<L: LlmService>(
     limits: &Limits,
 ) -> Result<(Extracted, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
+    let format = OutputFormat::json(
+        &template.record.name,
+        template
+            .record
+            .output_schema
+            .clone()
+            .map(std::sync::Arc::new),
+    );
     let (parsed, records) = caller
-        .call_parsed(Purpose::Extraction, template, &rendered, |answer| {
-            parse_output(template, answer, limits)
-        })
+        .call_parsed(
+            Purpose::Extraction,
+            template,
+            &rendered,
+            &format,
+            |answer| parse_output(template, answer, limits),
+        )
         .await;
     let fields = match parsed {
         Ok(fields) => fields,

@@ -7,7 +7,8 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{Classify, LlmError};
-use crate::llm::{ChatMessage, ChatRequest, ChatResponse, LlmService};
+use crate::llm::structured::Level;
+use crate::llm::{ChatMessage, ChatRequest, ChatResponse, LlmService, OutputFormat, Target};
 use crate::retry::RetryPolicy;
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
@@ -37,6 +38,9 @@ pub struct LlmCaller<'a, L> {
     pub llm: &'a L,
     pub retry: &'a RetryPolicy,
     pub default_model: &'a str,
+    /// The most one entry of a model chain may take, retries included (`None`: the retry
+    /// policy's budget).
+    pub fallback_after: Option<std::time::Duration>,
 }
 
 /// The start of the repair prompt (the mock LLM recognises it).
@@ -59,26 +63,16 @@ impl Repair<'_> {
 }
 
 impl<L: LlmService> LlmCaller<'_, L> {
-    /// Calls the LLM with a rendered template; returns the outcome and its log record.
+    /// Calls the LLM with a rendered template; returns the outcome and the records of every
+    /// entry of the model chain it tried.
     pub async fn call(
         &self,
         purpose: Purpose,
         template: &Compiled,
         rendered: &Rendered,
-    ) -> (Result<ChatResponse, LlmError>, LlmCallRecord) {
-        self.call_with(purpose, template, rendered, None).await
-    }
-
-    /// Calls the LLM again with the failed answer and the problem found in it (one repair
-    /// turn); recorded like any call, its prompt ending with the repair turn.
-    pub async fn repair(
-        &self,
-        purpose: Purpose,
-        template: &Compiled,
-        rendered: &Rendered,
-        repair: Repair<'_>,
-    ) -> (Result<ChatResponse, LlmError>, LlmCallRecord) {
-        self.call_with(purpose, template, rendered, Some(repair))
+        format: &OutputFormat,
+    ) -> (Result<ChatResponse, LlmError>, Vec<LlmCallRecord>) {
+        self.call_with(purpose, template, rendered, format, None)
             .await
     }
 
@@ -91,121 +85,221 @@ impl<L: LlmService> LlmCaller<'_, L> {
         purpose: Purpose,
         template: &Compiled,
         rendered: &Rendered,
+        format: &OutputFormat,
         parse: impl Fn(&str) -> Result<T, LlmError>,
     ) -> (Result<T, LlmError>, Vec<LlmCallRecord>) {
-        let (result, mut record) = self.call(purpose, template, rendered).await;
-        let mut records = Vec::with_capacity(2);
+        let (result, mut records) = self.call(purpose, template, rendered, format).await;
         let parsed = match result {
             Ok(answer) => match parse(&answer.content) {
                 Ok(value) => Ok(value),
                 Err(problem) => {
-                    record.outcome = problem.code();
-                    records.push(record);
+                    if let Some(last) = records.last_mut() {
+                        last.outcome = problem.code();
+                    }
                     let repair = Repair {
                         answer: &answer.content,
                         problem: &problem.to_string(),
                     };
-                    let (again, mut second) =
-                        self.repair(purpose, template, rendered, repair).await;
+                    let (again, mut more) = self
+                        .call_with(purpose, template, rendered, format, Some(repair))
+                        .await;
                     let fixed = again.and_then(|a| parse(&a.content));
                     metrics::output_repair(
                         purpose.as_str(),
                         if fixed.is_ok() { "repaired" } else { "failed" },
                     );
                     if let Err(e) = &fixed
-                        && second.outcome == "ok"
+                        && let Some(last) = more.last_mut()
+                        && last.outcome == "ok"
                     {
-                        second.outcome = e.code();
+                        last.outcome = e.code();
                     }
-                    record = second;
+                    records.append(&mut more);
                     fixed
                 }
             },
             Err(e) => Err(e),
         };
-        records.push(record);
         (parsed, records)
     }
 
-    async fn call_with(
+    /// The model chain of `template`: its `models`, else its `model`, else the default.
+    fn chain(&self, template: &Compiled) -> Vec<Target> {
+        let t = &template.record;
+        let models: Vec<&str> = if t.models.is_empty() {
+            vec![t.model.as_deref().unwrap_or(self.default_model)]
+        } else {
+            t.models.iter().map(String::as_str).collect()
+        };
+        self.llm.chain(&models)
+    }
+
+    /// One entry of a chain: the call with its retries, within `fallback_after`.
+    async fn attempt(
         &self,
         purpose: Purpose,
-        template: &Compiled,
-        rendered: &Rendered,
-        repair: Option<Repair<'_>>,
-    ) -> (Result<ChatResponse, LlmError>, LlmCallRecord) {
-        let t = &template.record;
-        let mut messages = Vec::with_capacity(4);
-        if !rendered.system.trim().is_empty() {
-            messages.push(ChatMessage::system(rendered.system.clone()));
-        }
-        messages.push(ChatMessage::user(rendered.body.clone()));
-        if let Some(r) = &repair {
-            messages.push(ChatMessage::assistant(r.answer));
-            messages.push(ChatMessage::user(r.instruction()));
-        }
-        let request = ChatRequest {
-            model: t
-                .model
-                .clone()
-                .unwrap_or_else(|| self.default_model.to_owned()),
-            messages,
-            temperature: t.temperature,
-            max_tokens: t.max_tokens.and_then(|m| u32::try_from(m).ok()),
-            json_mode: purpose != Purpose::Response,
-        };
-        let started = Instant::now();
+        template: &str,
+        target: &Target,
+        request: &ChatRequest,
+    ) -> Result<ChatResponse, LlmError> {
         let operation = match purpose {
             Purpose::Selection => "llm.selection",
             Purpose::Extraction => "llm.extraction",
             Purpose::Response => "llm.response",
         };
-        let result = self
+        let span = tracing::info_span!(
+            "llm",
+            purpose = purpose.as_str(),
+            template,
+            endpoint = %target.endpoint_name,
+            model = %target.model
+        );
+        let attempts = self
             .retry
-            .run(operation, || self.llm.chat(&request))
-            .instrument(tracing::info_span!("llm", purpose = purpose.as_str(), template = %t.name))
-            .await;
-        let took = started.elapsed();
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.code(),
-        };
-        metrics::llm_request(purpose.as_str(), outcome, took);
-        if let Ok(r) = &result {
-            metrics::llm_tokens(
-                purpose.as_str(),
-                r.prompt_tokens.unwrap_or(0),
-                r.completion_tokens.unwrap_or(0),
-            );
+            .run(operation, || self.llm.chat(request))
+            .instrument(span);
+        match self.fallback_after {
+            // The entry's budget spent: its retries (or a hung call) end here.
+            Some(budget) => tokio::time::timeout(budget, attempts)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(LlmError::Timeout(
+                        u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+                    ))
+                }),
+            None => attempts.await,
         }
-        let mut prompt = if rendered.system.trim().is_empty() {
-            rendered.body.to_string()
-        } else {
-            format!("{}\n\n{}", rendered.system, rendered.body)
-        };
-        if let Some(r) = &repair {
-            prompt.push_str(&format!(
-                "\n\n[assistant]\n{}\n\n[user]\n{}",
-                r.answer,
-                r.instruction()
-            ));
-        }
-        let record = LlmCallRecord {
-            id: Uuid::now_v7(),
-            purpose: purpose.as_str(),
-            template_id: t.id,
-            template_version: t.version,
-            model: result
-                .as_ref()
-                .map(|r| r.model.clone())
-                .unwrap_or_else(|_| request.model.clone()),
-            prompt,
-            output: result.as_ref().ok().map(|r| r.content.clone()),
-            prompt_tokens: result.as_ref().ok().and_then(|r| r.prompt_tokens),
-            completion_tokens: result.as_ref().ok().and_then(|r| r.completion_tokens),
-            latency_ms: u32::try_from(took.as_millis()).unwrap_or(u32::MAX),
-            outcome,
-        };
-        (result, record)
     }
+
+    /// Tries the chain's entries in order until one answers; a failure moves on when it is
+    /// retryable (once the entry's retries are spent), an open circuit, or the entry's time
+    /// budget spent. One record per entry tried.
+    async fn call_with(
+        &self,
+        purpose: Purpose,
+        template: &Compiled,
+        rendered: &Rendered,
+        format: &OutputFormat,
+        repair: Option<Repair<'_>>,
+    ) -> (Result<ChatResponse, LlmError>, Vec<LlmCallRecord>) {
+        let t = &template.record;
+        let (messages, prompt) = conversation(rendered, repair.as_ref());
+        let chain = self.chain(template);
+        let mut records = Vec::with_capacity(1);
+        let mut request = ChatRequest {
+            model: String::new(),
+            messages,
+            temperature: t.temperature,
+            max_tokens: t.max_tokens.and_then(|m| u32::try_from(m).ok()),
+            format: format.clone(),
+            endpoint: 0,
+        };
+        let mut last = Err(LlmError::Connect(
+            "no endpoint serves the template's models".into(),
+        ));
+        for (i, target) in chain.iter().enumerate() {
+            request.model.clone_from(&target.model);
+            request.endpoint = target.endpoint;
+            let started = Instant::now();
+            let result = self.attempt(purpose, &t.name, target, &request).await;
+            let took = started.elapsed();
+            let outcome = counted(purpose, &result, took);
+            records.push(LlmCallRecord {
+                id: Uuid::now_v7(),
+                purpose: purpose.as_str(),
+                template_id: t.id,
+                template_version: t.version,
+                model: target.model.clone(),
+                endpoint: target.endpoint_name.to_string(),
+                response_format: None,
+                prompt: prompt.clone(),
+                output: None,
+                prompt_tokens: None,
+                completion_tokens: None,
+                latency_ms: u32::try_from(took.as_millis()).unwrap_or(u32::MAX),
+                outcome,
+            });
+            if let (Ok(r), Some(record)) = (&result, records.last_mut()) {
+                record.model.clone_from(&r.model);
+                record.response_format = r.format.map(Level::as_str);
+                record.output = Some(r.content.clone());
+                record.prompt_tokens = r.prompt_tokens;
+                record.completion_tokens = r.completion_tokens;
+            }
+            if let Err(e) = &result
+                && let Some(next) = chain.get(i + 1)
+                && (e.is_retryable() || matches!(e, LlmError::CircuitOpen))
+            {
+                moved_on(purpose, target, next, e);
+                last = result;
+                continue;
+            }
+            return (result, records);
+        }
+        (last, records)
+    }
+}
+
+/// The chat messages of a call and the prompt recorded for it: the rendered system and body,
+/// then the repair turn if there is one.
+fn conversation(rendered: &Rendered, repair: Option<&Repair<'_>>) -> (Vec<ChatMessage>, String) {
+    let mut messages = Vec::with_capacity(4);
+    if !rendered.system.trim().is_empty() {
+        messages.push(ChatMessage::system(rendered.system.clone()));
+    }
+    messages.push(ChatMessage::user(rendered.body.clone()));
+    let mut prompt = if rendered.system.trim().is_empty() {
+        rendered.body.to_string()
+    } else {
+        format!("{}\n\n{}", rendered.system, rendered.body)
+    };
+    if let Some(r) = repair {
+        messages.push(ChatMessage::assistant(r.answer));
+        messages.push(ChatMessage::user(r.instruction()));
+        prompt.push_str(&format!(
+            "\n\n[assistant]\n{}\n\n[user]\n{}",
+            r.answer,
+            r.instruction()
+        ));
+    }
+    (messages, prompt)
+}
+
+/// Counts a call's outcome, latency and tokens; returns the outcome.
+fn counted(
+    purpose: Purpose,
+    result: &Result<ChatResponse, LlmError>,
+    took: std::time::Duration,
+) -> &'static str {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    metrics::llm_request(purpose.as_str(), outcome, took);
+    if let Ok(r) = result {
+        metrics::llm_tokens(
+            purpose.as_str(),
+            r.prompt_tokens.unwrap_or(0),
+            r.completion_tokens.unwrap_or(0),
+        );
+    }
+    outcome
+}
+
+/// Counts and logs a call leaving `from` for `to` after `error`.
+fn moved_on(purpose: Purpose, from: &Target, to: &Target, error: &LlmError) {
+    let reason = if matches!(error, LlmError::CircuitOpen) {
+        "circuit_open"
+    } else {
+        "failure"
+    };
+    metrics::llm_fallback(purpose.as_str(), &from.endpoint_name, reason);
+    tracing::warn!(
+        error = %error,
+        from.endpoint = %from.endpoint_name,
+        from.model = %from.model,
+        to.endpoint = %to.endpoint_name,
+        to.model = %to.model,
+        "the LLM call moves to the next model of its chain"
+    );
 }

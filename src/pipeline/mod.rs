@@ -283,6 +283,13 @@ impl<L: LlmService> MessageHandler<L> {
             stage: decisions.stage.name.clone(),
             log_id,
             answered_by: None,
+            model: decisions
+                .response
+                .by
+                .as_ref()
+                .map(|(m, _)| m.clone())
+                .unwrap_or_default(),
+            endpoint: decisions.response.by.map(|(_, e)| e).unwrap_or_default(),
         };
         let followers = turn.follower_answers(&answer, &committed.follower_ids);
         Ok(Processed::Answered {
@@ -313,6 +320,8 @@ impl<L: LlmService> MessageHandler<L> {
                 llm: &self.llm,
                 retry: &self.retry,
                 default_model: &self.config.llm.default_model,
+                fallback_after: (self.config.llm.fallback_after_ms > 0)
+                    .then(|| std::time::Duration::from_millis(self.config.llm.fallback_after_ms)),
             },
             templates: &self.templates,
             stages: &self.stages,

@@ -71,6 +71,7 @@ pub fn write_set(
         assistant_status: decisions.response.status.as_str(),
         fallback_template: decisions.response.fallback_template,
         reply_template: decisions.response.template,
+        reply_model: decisions.response.by.clone(),
         timings: serde_json::Value::Object(
             std::iter::once(("read", read_ms))
                 .chain(decisions.timings.iter().copied())
@@ -269,6 +270,7 @@ mod tests {
                 status: AnswerStatus::Fallback,
                 fallback_template: Some((Uuid::from_u128(30), 4)),
                 template: Some((Uuid::from_u128(30), 4)),
+                by: None,
             },
             calls: Vec::new(),
             timings: vec![("respond", 3)],

@@ -5,7 +5,7 @@
 use super::llm_call::{LlmCaller, Purpose};
 use crate::definitions::TemplateService;
 use crate::error::PipelineError;
-use crate::llm::LlmService;
+use crate::llm::{LlmService, OutputFormat};
 use crate::model::AnswerStatus;
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
@@ -25,9 +25,12 @@ pub struct Response {
     /// The template (id, version) the content came from: the response template, or the
     /// fallback template; `None` for the last-resort text.
     pub template: Option<(uuid::Uuid, i32)>,
+    /// The model and endpoint that answered (`None`: no LLM did).
+    pub by: Option<(String, String)>,
 }
 
-/// Generates the reply; returns it with the call's record.
+/// Generates the reply; returns it with the records of the calls made (one per entry of the
+/// template's model chain tried).
 ///
 /// # Errors
 /// Only when the response template itself cannot be rendered (a definition problem).
@@ -38,11 +41,16 @@ pub async fn respond<L: LlmService>(
     fallback: Option<&Compiled>,
     last_resort: &str,
     ctx: &Context,
-) -> Result<(Response, LlmCallRecord), PipelineError> {
+) -> Result<(Response, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
-    let (result, record) = caller.call(Purpose::Response, template, &rendered).await;
+    let (result, records) = caller
+        .call(Purpose::Response, template, &rendered, &OutputFormat::Text)
+        .await;
     let response = match result {
         Ok(answer) if !answer.content.trim().is_empty() => Response {
+            by: records
+                .last()
+                .map(|r| (answer.model.clone(), r.endpoint.clone())),
             content: answer.content,
             status: AnswerStatus::Ok,
             fallback_template: None,
@@ -60,8 +68,9 @@ pub async fn respond<L: LlmService>(
                 status: AnswerStatus::Fallback,
                 fallback_template,
                 template: fallback_template,
+                by: None,
             }
         }
     };
-    Ok((response, record))
+    Ok((response, records))
 }

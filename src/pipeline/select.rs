@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::llm_call::{LlmCaller, Purpose};
 use crate::definitions::TemplateService;
 use crate::error::{Classify, LlmError, PipelineError};
-use crate::llm::LlmService;
+use crate::llm::{LlmService, OutputFormat};
 use crate::model::{Business, StageInfo};
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
@@ -32,6 +32,26 @@ pub fn parse_stage(answer: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The schema of a selection answer from `current`: `{"stage": …}`, the stage one of those the
+/// conversation may be in next (the current one and those it may move to), in business order.
+pub fn answer_format(business: &Business, current: &StageInfo) -> OutputFormat {
+    let allowed: Vec<&str> = business
+        .stages
+        .iter()
+        .filter(|s| current.may_move_to(s.id))
+        .map(|s| s.name.as_str())
+        .collect();
+    OutputFormat::json(
+        "stage_selection",
+        Some(std::sync::Arc::new(serde_json::json!({
+            "type": "object",
+            "properties": {"stage": {"type": "string", "enum": allowed}},
+            "required": ["stage"],
+            "additionalProperties": false
+        }))),
+    )
 }
 
 /// The stage a selection answer names, or what is wrong with it.
@@ -64,8 +84,9 @@ pub async fn select<'b, L: LlmService>(
     current: &StageInfo,
 ) -> Result<(Option<&'b StageInfo>, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
+    let format = answer_format(business, current);
     let (chosen, mut records) = caller
-        .call_parsed(Purpose::Selection, template, &rendered, |answer| {
+        .call_parsed(Purpose::Selection, template, &rendered, &format, |answer| {
             chosen_stage(business, answer)
         })
         .await;

@@ -83,6 +83,10 @@ pub struct Reply {
     /// `coalesced` replies: the `reply_id` of the reply that answered this message together
     /// with earlier ones; empty otherwise.
     pub answered_by: String,
+    /// The model and the LLM endpoint that wrote `content` (empty when none did: fallback,
+    /// throttled and error replies).
+    pub model: String,
+    pub endpoint: String,
 }
 
 impl Reply {
@@ -105,6 +109,8 @@ impl Reply {
             ("processed_at", self.processed_at.clone()),
             ("supersedes", self.supersedes.clone()),
             ("answered_by", self.answered_by.clone()),
+            ("model", self.model.clone()),
+            ("endpoint", self.endpoint.clone()),
         ]
     }
 
@@ -131,6 +137,8 @@ impl Reply {
                 .answered_by
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            model: answer.model.clone(),
+            endpoint: answer.endpoint.clone(),
         }
     }
 
@@ -179,6 +187,8 @@ impl Reply {
                 .filter(|s| Uuid::parse_str(s).is_ok())
                 .unwrap_or_default(),
             answered_by: String::new(),
+            model: String::new(),
+            endpoint: String::new(),
         }
     }
 }
@@ -239,6 +249,8 @@ impl Reply {
             // Optional: replies published before the field existed have none.
             supersedes: fields.get("supersedes").cloned().unwrap_or_default(),
             answered_by: fields.get("answered_by").cloned().unwrap_or_default(),
+            model: fields.get("model").cloned().unwrap_or_default(),
+            endpoint: fields.get("endpoint").cloned().unwrap_or_default(),
         })
     }
 }
@@ -259,7 +271,7 @@ mod tests {
         ]);
         (
             (any::<u128>(), any::<u128>(), status, any::<u16>()),
-            proptest::collection::vec(any::<String>(), 12),
+            proptest::collection::vec(any::<String>(), 14),
         )
             .prop_map(|((reply_id, log_id, status, code), s)| Reply {
                 destination: "out".into(),
@@ -279,6 +291,8 @@ mod tests {
                 processed_at: s[9].clone(),
                 supersedes: s[10].clone(),
                 answered_by: s[11].clone(),
+                model: s[12].clone(),
+                endpoint: s[13].clone(),
             })
     }
 
@@ -292,7 +306,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect();
-            prop_assert_eq!(fields.len(), 16, "every field once");
+            prop_assert_eq!(fields.len(), 18, "every field once");
             prop_assert_eq!(Reply::decode("out", &fields), Ok(r));
         }
     }

@@ -50,14 +50,15 @@ pub const EXTRACTED: &str = "SELECT field, value FROM extracted_data \
 /// of a coalesced turn) a reference to the reply that answered the key's user row, with that
 /// reply's text.
 pub const FIND_REPLY: &str = "SELECT m.id, m.conversation_id, m.content, coalesce(m.status, 'ok'), s.name, \
-     m.log_id, NULL::uuid \
+     m.log_id, NULL::uuid, m.model, m.endpoint \
      FROM messages m \
      JOIN users u ON u.business_id = m.business_id AND u.id = m.user_id \
      LEFT JOIN stages s ON s.business_id = m.business_id AND s.id = m.stage_id \
      WHERE m.business_id = $1 AND u.external_id = $2 AND m.idempotency_key = $3 \
      AND m.role = 'assistant' \
      UNION ALL \
-     SELECT q.id, q.conversation_id, a.content, 'coalesced', s.name, q.log_id, a.id \
+     SELECT q.id, q.conversation_id, a.content, 'coalesced', s.name, q.log_id, a.id, a.model, \
+     a.endpoint \
      FROM messages q \
      JOIN users u ON u.business_id = q.business_id AND u.id = q.user_id \
      JOIN messages a ON a.business_id = q.business_id AND a.id = q.answered_by \
@@ -203,6 +204,8 @@ impl Store {
                     stage: r.get::<_, Option<String>>(4).unwrap_or_default(),
                     log_id: r.get(5),
                     answered_by,
+                    model: r.get::<_, Option<String>>(7).unwrap_or_default(),
+                    endpoint: r.get::<_, Option<String>>(8).unwrap_or_default(),
                 }
             }))
     }

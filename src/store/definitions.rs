@@ -107,7 +107,7 @@ impl Store {
         let stmt = client
             .prepared(
                 "SELECT id, business_id, name, kind, system, body, model, temperature, max_tokens, \
-                 output_schema, version FROM templates WHERE business_id = $1 AND id = $2",
+                 output_schema, version, models FROM templates WHERE business_id = $1 AND id = $2",
             )
             .await?;
         self.scoped(&client, business_id, &stmt, &[&business_id, &template_id])
@@ -134,6 +134,7 @@ fn template_from_row(r: Row) -> Result<TemplateRecord, StoreError> {
         max_tokens: r.get(8),
         output_schema: r.get(9),
         version: r.get(10),
+        models: r.get(11),
     })
 }
 

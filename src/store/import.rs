@@ -82,16 +82,19 @@ async fn upsert_templates(
     let upsert = tx
         .prepare(
             "INSERT INTO templates (business_id, name, kind, system, body, model, temperature, \
-             max_tokens, output_schema) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             max_tokens, output_schema, models) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (business_id, name) DO UPDATE SET kind = EXCLUDED.kind, \
              system = EXCLUDED.system, body = EXCLUDED.body, model = EXCLUDED.model, \
              temperature = EXCLUDED.temperature, max_tokens = EXCLUDED.max_tokens, \
-             output_schema = EXCLUDED.output_schema, version = templates.version + 1, \
+             output_schema = EXCLUDED.output_schema, models = EXCLUDED.models, \
+             version = templates.version + 1, \
              updated_at = EXCLUDED.updated_at \
              WHERE (templates.kind, templates.system, templates.body, templates.model, \
-             templates.temperature, templates.max_tokens, templates.output_schema) \
+             templates.temperature, templates.max_tokens, templates.output_schema, \
+             templates.models) \
              IS DISTINCT FROM (EXCLUDED.kind, EXCLUDED.system, EXCLUDED.body, EXCLUDED.model, \
-             EXCLUDED.temperature, EXCLUDED.max_tokens, EXCLUDED.output_schema) \
+             EXCLUDED.temperature, EXCLUDED.max_tokens, EXCLUDED.output_schema, \
+             EXCLUDED.models) \
              RETURNING id, version, (xmax = 0) AS inserted",
         )
         .await?;
@@ -113,6 +116,7 @@ async fn upsert_templates(
                     &t.temperature,
                     &t.max_tokens,
                     &t.output_schema,
+                    &t.models,
                 ],
             )
             .await?;

@@ -26,6 +26,10 @@ pub struct LlmCallRecord {
     pub template_id: Uuid,
     pub template_version: i32,
     pub model: String,
+    /// The endpoint called (`llm.endpoints[].name`).
+    pub endpoint: String,
+    /// How JSON was asked for (`json_schema`, …); `None` for text and failed calls.
+    pub response_format: Option<&'static str>,
     pub prompt: String,
     pub output: Option<String>,
     pub prompt_tokens: Option<u32>,
@@ -91,6 +95,8 @@ pub struct WriteSet {
     pub fallback_template: Option<(Uuid, i32)>,
     /// The template (id, version) the reply came from (response or fallback).
     pub reply_template: Option<(Uuid, i32)>,
+    /// The model and endpoint that answered (`None`: no LLM did).
+    pub reply_model: Option<(String, String)>,
     /// Step durations in milliseconds, stored with the reply.
     pub timings: serde_json::Value,
     pub llm_calls: Vec<LlmCallRecord>,
@@ -149,14 +155,15 @@ const MESSAGES: &str = "\
 INSERT INTO messages (id, business_id, conversation_id, seq, role, content, idempotency_key,
                       stage_id, status, metadata, inbound_id, log_id, user_id,
                       fallback_template_id, fallback_template_version, template_id,
-                      template_version, timings, answered_by)
+                      template_version, timings, answered_by, model, endpoint)
 SELECT r.id, c.business_id, c.id, c.last_seq - $7 + r.pos, r.role, r.content, r.key, r.stage,
        r.status, r.metadata, r.inbound, $11, c.user_id, r.fb_id, r.fb_version, r.t_id,
-       r.t_version, r.timings, r.answered_by
+       r.t_version, r.timings, r.answered_by, r.model, r.endpoint
   FROM conversations AS c,
        jsonb_to_recordset($6::jsonb) AS r(pos bigint, id uuid, role text, content text, key text,
          inbound text, stage uuid, status text, metadata jsonb, fb_id uuid, fb_version integer,
-         t_id uuid, t_version integer, timings jsonb, answered_by uuid)
+         t_id uuid, t_version integer, timings jsonb, answered_by uuid, model text,
+         endpoint text)
  WHERE c.business_id = $1 AND c.id = $2";
 
 /// The stage transition, when selection moved the stage.
@@ -178,13 +185,15 @@ ON CONFLICT (business_id, conversation_id, field) DO UPDATE SET value = EXCLUDED
 const LLM_CALLS: &str = "\
 INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, template_id,
                        template_version, model, prompt, output, prompt_tokens,
-                       completion_tokens, latency_ms, outcome, log_id)
+                       completion_tokens, latency_ms, outcome, log_id, endpoint, response_format)
 SELECT k.id, c.business_id, c.id, $10, k.purpose, k.template_id, k.template_version, k.model,
-       k.prompt, k.output, k.prompt_tokens, k.completion_tokens, k.latency_ms, k.outcome, $11
+       k.prompt, k.output, k.prompt_tokens, k.completion_tokens, k.latency_ms, k.outcome, $11,
+       k.endpoint, k.response_format
   FROM conversations AS c,
        jsonb_to_recordset($13::jsonb) AS k(id uuid, purpose text, template_id uuid,
          template_version integer, model text, prompt text, output text, prompt_tokens integer,
-         completion_tokens integer, latency_ms integer, outcome text)
+         completion_tokens integer, latency_ms integer, outcome text, endpoint text,
+         response_format text)
  WHERE c.business_id = $1 AND c.id = $2";
 
 /// How many parameters the write set has (`$1` … `$13`).
@@ -311,6 +320,8 @@ struct MessageRow<'a> {
     t_version: Option<i32>,
     timings: Option<&'a serde_json::Value>,
     answered_by: Option<Uuid>,
+    model: Option<&'a str>,
+    endpoint: Option<&'a str>,
 }
 
 /// The rows a write set stores in `messages`: its first message, the later ones of its turn,
@@ -335,6 +346,8 @@ fn message_rows(ws: &WriteSet) -> Vec<MessageRow<'_>> {
         t_version: None,
         timings: None,
         answered_by: None,
+        model: None,
+        endpoint: None,
     });
     for f in followers {
         rows.push(MessageRow {
@@ -353,6 +366,8 @@ fn message_rows(ws: &WriteSet) -> Vec<MessageRow<'_>> {
             t_version: None,
             timings: None,
             answered_by: Some(ws.assistant_message_id),
+            model: None,
+            endpoint: None,
         });
     }
     let (fb_id, fb_version) = ws.fallback_template.unzip();
@@ -373,6 +388,8 @@ fn message_rows(ws: &WriteSet) -> Vec<MessageRow<'_>> {
         t_version,
         timings: Some(&ws.timings),
         answered_by: None,
+        model: ws.reply_model.as_ref().map(|(m, _)| m.as_str()),
+        endpoint: ws.reply_model.as_ref().map(|(_, e)| e.as_str()),
     });
     rows
 }

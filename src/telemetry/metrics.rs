@@ -38,6 +38,8 @@ pub const THROTTLED_TOTAL: &str = "icmp_throttled_total";
 pub const COALESCED_TOTAL: &str = "icmp_coalesced_messages_total";
 pub const DEAD_LETTER_ENTRIES: &str = "icmp_dead_letter_entries";
 pub const DEAD_LETTER_FILL_RATIO: &str = "icmp_dead_letter_fill_ratio";
+pub const STRUCTURED_OUTPUT_DOWNGRADES_TOTAL: &str = "icmp_llm_structured_output_downgrades_total";
+pub const LLM_FALLBACKS_TOTAL: &str = "icmp_llm_fallbacks_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -93,6 +95,16 @@ fn describe() {
     describe_counter!(
         LLM_TOKENS_TOTAL,
         "LLM tokens, by purpose and kind (prompt, completion)."
+    );
+    describe_counter!(
+        STRUCTURED_OUTPUT_DOWNGRADES_TOTAL,
+        "An endpoint and model refused a structured output format and are asked in a weaker one \
+         from now on, by endpoint, model and the format used now."
+    );
+    describe_counter!(
+        LLM_FALLBACKS_TOTAL,
+        "LLM calls moved from one entry of a template's model chain to the next, by purpose, the \
+         endpoint left and the reason (failure, circuit_open)."
     );
     describe_counter!(ERRORS_TOTAL, "Errors, by category and stable code.");
     describe_counter!(RETRIES_TOTAL, "Retries of transient faults, by operation.");
@@ -258,8 +270,22 @@ pub fn degraded(step: &'static str) {
     counter!(DEGRADED_TOTAL, "step" => step).increment(1);
 }
 
-pub fn llm_circuit(open: bool) {
-    gauge!(LLM_CIRCUIT_OPEN).set(if open { 1.0 } else { 0.0 });
+/// An endpoint and model now asked for structured output in the form `now`.
+pub fn structured_output_downgrade(endpoint: &str, model: &str, now: &'static str) {
+    counter!(STRUCTURED_OUTPUT_DOWNGRADES_TOTAL, "endpoint" => endpoint.to_owned(),
+        "model" => model.to_owned(), "now" => now)
+    .increment(1);
+}
+
+/// A call left `endpoint` for the next entry of its model chain.
+pub fn llm_fallback(purpose: &'static str, endpoint: &str, reason: &'static str) {
+    counter!(LLM_FALLBACKS_TOTAL, "purpose" => purpose, "endpoint" => endpoint.to_owned(),
+        "reason" => reason)
+    .increment(1);
+}
+
+pub fn llm_circuit(endpoint: &str, open: bool) {
+    gauge!(LLM_CIRCUIT_OPEN, "endpoint" => endpoint.to_owned()).set(if open { 1.0 } else { 0.0 });
 }
 
 /// What the stream machinery did besides answering messages.

@@ -28,6 +28,7 @@ pub(crate) fn test_record(
         system: system.into(),
         body: body.into(),
         model: None,
+        models: Vec::new(),
         temperature: None,
         max_tokens: None,
         output_schema: None,
@@ -200,6 +201,7 @@ mod tests {
             system: String::new(),
             body: "x".into(),
             model: None,
+            models: Vec::new(),
             temperature: None,
             max_tokens: None,
             output_schema: Some(serde_json::json!({
@@ -265,6 +267,7 @@ mod tests {
                     system: String::new(),
                     body,
                     model: None,
+        models: Vec::new(),
                     temperature: None,
                     max_tokens: None,
                     output_schema: None,

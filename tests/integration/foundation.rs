@@ -43,7 +43,7 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
     let mut config = helpers::base_config();
     config.database.url = RedactedUrl::new(helpers::empty_database().await);
     let first = store::migrate(&config.database).await.expect("first");
-    assert_eq!(first, (1..=10).collect::<Vec<_>>());
+    assert_eq!(first, (1..=11).collect::<Vec<_>>());
     let second = store::migrate(&config.database).await.expect("second");
     assert!(second.is_empty(), "{second:?}");
     let store = Store::connect(&config.database).expect("store");
@@ -402,7 +402,7 @@ fn demo_prompts_render_as_reviewed() {
     insta::assert_snapshot!("demo_prompts", out);
 }
 
-/// A database the previous release filled (migrations 1 to 9: keys on `id` alone, `seq` from
+/// A database an earlier release filled (migrations 1 to 9: keys on `id` alone, `seq` from
 /// one sequence shared by every conversation, message references nulled on delete) and then
 /// upgraded in place by `icmp migrate`: every row is kept, the keys include `business_id`, and a
 /// worker continues a conversation after its last message, in order.
@@ -417,15 +417,20 @@ async fn an_upgrade_keeps_every_row_and_continues_each_conversation_in_order() {
             .expect("v9"),
         (1..=9).collect::<Vec<_>>()
     );
-    helpers::import(&config, &[&helpers::demo_file()]).await;
     let owner = Store::connect(&config.database).expect("store");
-    // The previous release's rows: two conversations whose messages interleave in `seq`.
+    // The previous release's rows: the demo business's initial stage (as that release's import
+    // stored it), two conversations whose messages interleave in `seq`.
     owner
         .client()
         .await
         .expect("db")
         .batch_execute(&format!(
-            "INSERT INTO users (id, business_id, external_id) VALUES \
+            "INSERT INTO businesses (id, name) VALUES ('{DEMO_BUSINESS}', 'demo'); \
+             INSERT INTO templates (business_id, name, kind, body, model) \
+               VALUES ('{DEMO_BUSINESS}', 'welcome_reply', 'response', 'hi', 'mock-1'); \
+             INSERT INTO stages (business_id, name, is_initial, response_template_id) \
+               SELECT '{DEMO_BUSINESS}', 'welcome', true, id FROM templates; \
+             INSERT INTO users (id, business_id, external_id) VALUES \
                ('00000000-0000-0000-0000-0000000000a1', '{DEMO_BUSINESS}', 'ann'), \
                ('00000000-0000-0000-0000-0000000000b1', '{DEMO_BUSINESS}', 'bob'); \
              INSERT INTO conversations (id, business_id, user_id, current_stage_id) \
@@ -472,8 +477,10 @@ async fn an_upgrade_keeps_every_row_and_continues_each_conversation_in_order() {
 
     assert_eq!(
         store::migrate(&config.database).await.expect("upgrade"),
-        vec![10]
+        vec![10, 11]
     );
+    // This release's import of the demo keeps the stage the conversations are in.
+    helpers::import(&config, &[&helpers::demo_file()]).await;
     let owner = Store::connect(&config.database).expect("store");
     let db = owner.client().await.expect("db");
     let row = db.query_one(counts, &[]).await.expect("counts");
@@ -528,6 +535,17 @@ async fn an_upgrade_keeps_every_row_and_continues_each_conversation_in_order() {
         "{order:?}"
     );
     assert_eq!(order[5], reply["content"], "{order:?}");
+    // Rows of the previous release name no endpoint; the new reply names the one that answered.
+    assert_eq!(reply["endpoint"], "default", "{reply:?}");
+    let unnamed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM llm_calls WHERE endpoint IS NULL AND model = 'm'",
+            &[],
+        )
+        .await
+        .expect("calls")
+        .get(0);
+    assert_eq!(unnamed, 1);
     let name: serde_json::Value = db
         .query_one(
             "SELECT value FROM extracted_data WHERE conversation_id = '00000000-0000-0000-0000-0000000000ca' \

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use icmp::error::{Classify, LlmError};
-use icmp::llm::{ChatMessage, ChatRequest, LlmService, OpenAiClient};
+use icmp::llm::structured::Level;
+use icmp::llm::{ChatMessage, ChatRequest, LlmService, OpenAiClient, OutputFormat};
 use secrecy::SecretString;
 use serde_json::json;
 use wiremock::matchers::{body_partial_json, header, method, path};
@@ -11,12 +12,16 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers;
 
-fn client(server: &MockServer, timeout_ms: u64) -> OpenAiClient {
+fn config(server: &MockServer, timeout_ms: u64) -> icmp::config::LlmConfig {
     let mut c = helpers_llm_config();
     c.base_url = format!("{}/v1", server.uri());
     c.request_timeout_ms = timeout_ms;
     c.api_key = Some(SecretString::from("sk-test-key"));
-    OpenAiClient::new(&c).expect("client")
+    c
+}
+
+fn client(server: &MockServer, timeout_ms: u64) -> OpenAiClient {
+    OpenAiClient::new(&config(server, timeout_ms)).expect("client")
 }
 
 fn helpers_llm_config() -> icmp::config::LlmConfig {
@@ -33,7 +38,12 @@ fn request(json_mode: bool) -> ChatRequest {
         messages: vec![ChatMessage::system("be brief"), ChatMessage::user("hi")],
         temperature: Some(0.2),
         max_tokens: Some(50),
-        json_mode,
+        format: if json_mode {
+            OutputFormat::json("answer", None)
+        } else {
+            OutputFormat::Text
+        },
+        endpoint: 0,
     }
 }
 
@@ -84,6 +94,157 @@ async fn json_mode_sends_response_format_and_plain_mode_does_not() {
         .await
         .expect_err("no response_format");
     assert!(matches!(e, LlmError::Rejected { status: 404, .. }), "{e:?}");
+}
+
+fn stage_schema() -> OutputFormat {
+    OutputFormat::json(
+        "stage selection",
+        Some(std::sync::Arc::new(json!({
+            "type": "object",
+            "properties": {"stage": {"type": "string", "enum": ["a", "b"]}},
+            "required": ["stage"]
+        }))),
+    )
+}
+
+/// The requests the server received, by their `response_format` (`none` without one).
+async fn formats(server: &MockServer) -> Vec<String> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.method == wiremock::http::Method::POST)
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            match &body["response_format"] {
+                serde_json::Value::Null => "none".to_owned(),
+                f if f.get("schema").is_some() => {
+                    format!("{}+schema", f["type"].as_str().unwrap_or(""))
+                }
+                f => f["type"].as_str().unwrap_or("").to_owned(),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_schema_goes_as_json_schema_with_its_name_and_strict() {
+    let server = MockServer::start().await;
+    Mock::given(body_partial_json(json!({"response_format": {
+        "type": "json_schema",
+        "json_schema": {"name": "stage_selection", "strict": true,
+                        "schema": {"properties": {"stage": {"enum": ["a", "b"]}}}}
+    }})))
+    .respond_with(ResponseTemplate::new(200).set_body_json(completion("{\"stage\":\"a\"}")))
+    .expect(2)
+    .mount(&server)
+    .await;
+    let c = client(&server, 2000);
+    let mut r = request(true);
+    r.format = stage_schema();
+    for _ in 0..2 {
+        let answer = c.chat(&r).await.expect("json_schema accepted");
+        assert_eq!(answer.format, Some(Level::JsonSchema));
+    }
+}
+
+/// An endpoint that refuses `json_schema` (llama-cpp-python answers 500 naming
+/// `response_format`) and the grammar form, then takes `json_object`: the first call steps down
+/// twice, and the endpoint's model is asked in the form it took from then on; another model of
+/// the endpoint starts at the top again.
+#[tokio::test]
+async fn a_refused_response_format_steps_down_once_and_is_remembered_per_model() {
+    let server = MockServer::start().await;
+    Mock::given(body_partial_json(json!({"response_format": {"type": "json_schema"}})))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error": {"message":
+            "1 validation error: ('body', 'response_format', 'type') Input should be 'text' or 'json_object'"}})))
+        .mount(&server)
+        .await;
+    Mock::given(body_partial_json(
+        json!({"response_format": {"type": "json_object", "schema": {"type": "object"}}}),
+    ))
+    .respond_with(
+        ResponseTemplate::new(400).set_body_json(json!({"error": {"message":
+            "Unrecognized argument", "param": "response_format"}})),
+    )
+    .mount(&server)
+    .await;
+    Mock::given(body_partial_json(
+        json!({"response_format": {"type": "json_object"}}),
+    ))
+    .respond_with(ResponseTemplate::new(200).set_body_json(completion("{\"stage\":\"b\"}")))
+    .mount(&server)
+    .await;
+    let c = client(&server, 2000);
+    let mut r = request(true);
+    r.format = stage_schema();
+    let first = c.chat(&r).await.expect("answered in a weaker form");
+    assert_eq!(first.content, "{\"stage\":\"b\"}");
+    assert_eq!(first.format, Some(Level::JsonObject));
+    assert_eq!(
+        formats(&server).await,
+        ["json_schema", "json_object+schema", "json_object"]
+    );
+    let second = c.chat(&r).await.expect("answered");
+    assert_eq!(second.format, Some(Level::JsonObject));
+    r.model = "another-model".into();
+    let _ = c.chat(&r).await.expect("answered");
+    assert_eq!(
+        formats(&server).await,
+        [
+            "json_schema",
+            "json_object+schema",
+            "json_object",
+            "json_object",
+            "json_schema",
+            "json_object+schema",
+            "json_object"
+        ],
+        "remembered for gpt-test, learned again for another-model"
+    );
+}
+
+/// A 400 that does not name `response_format` is the request's fault: no step down, no retry.
+#[tokio::test]
+async fn another_rejection_does_not_step_down() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(json!({"error": {"message":
+            "max_tokens is too large"}})),
+        )
+        .mount(&server)
+        .await;
+    let c = client(&server, 2000);
+    let mut r = request(true);
+    r.format = stage_schema();
+    let e = c.chat(&r).await.expect_err("rejected");
+    assert!(matches!(e, LlmError::Rejected { status: 400, .. }), "{e:?}");
+    assert_eq!(formats(&server).await, ["json_schema"]);
+}
+
+/// With `structured_output = "prompt"` the request carries no `response_format` at all.
+#[tokio::test]
+async fn a_configured_level_is_where_the_endpoint_starts() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion("{\"stage\":\"a\"}")))
+        .mount(&server)
+        .await;
+    let mut c = config(&server, 2000);
+    c.structured_output = Level::Prompt;
+    let client = OpenAiClient::new(&c).expect("client");
+    let mut r = request(true);
+    r.format = stage_schema();
+    assert_eq!(
+        client.chat(&r).await.expect("ok").format,
+        Some(Level::Prompt)
+    );
+    c.structured_output = Level::JsonObjectSchema;
+    let client = OpenAiClient::new(&c).expect("client");
+    client.chat(&r).await.expect("ok");
+    assert_eq!(formats(&server).await, ["none", "json_object+schema"]);
 }
 
 #[tokio::test]

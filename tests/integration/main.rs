@@ -23,6 +23,7 @@ mod injection;
 mod isolation;
 mod llm_client;
 mod mock_llm;
+mod model_chain;
 mod operator;
 mod phases;
 mod pipeline;

@@ -54,7 +54,8 @@ fn request() -> ChatRequest {
         messages: vec![ChatMessage::user("User message: hello")],
         temperature: None,
         max_tokens: None,
-        json_mode: false,
+        format: icmp::llm::OutputFormat::Text,
+        endpoint: 0,
     }
 }
 
@@ -166,7 +167,8 @@ async fn the_client_keeps_at_most_max_concurrent_calls_in_flight() {
             messages: vec![ChatMessage::user("hello")],
             temperature: None,
             max_tokens: None,
-            json_mode: false,
+            format: icmp::llm::OutputFormat::Text,
+            endpoint: 0,
         };
         let calls = (0..6).map(|_| client.chat(&request));
         for result in futures::future::join_all(calls).await {

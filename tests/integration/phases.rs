@@ -113,6 +113,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
             llm: &llm,
             retry: &retry,
             default_model: &app.config.llm.default_model,
+            fallback_after: None,
         },
         templates: &templates,
         stages: &stages,
