@@ -356,16 +356,16 @@ llm_up() {
   mkdir -p "$log_dir"
   nohup "$llm_venv/bin/python" -m llama_cpp.server --model "$(llm_model)" --model_alias smollm2 \
     --host 127.0.0.1 --port "$llm_port" --n_ctx 4096 --n_threads 2 \
-    >"$log_dir/llm.log" 2>&1 </dev/null 9>&- &
-  echo $! >"$local_dir/llm.pid"
+    >"$log_dir/llm-$llm_port.log" 2>&1 </dev/null 9>&- &
+  echo $! >"$local_dir/llm-$llm_port.pid"
   for _ in $(seq 1 600); do llm_ok && break; sleep 0.2; done
-  llm_ok || { log "the llm server did not start (see $log_dir/llm.log)"; return 1; }
+  llm_ok || { log "the llm server did not start (see $log_dir/llm-$llm_port.log)"; return 1; }
   log "llm server (SmolLM2-135M-Instruct, llama-cpp-python) on $llm_port"
 }
 
 llm_down() {
-  [ -f "$local_dir/llm.pid" ] && kill "$(cat "$local_dir/llm.pid")" 2>/dev/null || true
-  rm -f "$local_dir/llm.pid"
+  [ -f "$local_dir/llm-$llm_port.pid" ] && kill "$(cat "$local_dir/llm-$llm_port.pid")" 2>/dev/null || true
+  rm -f "$local_dir/llm-$llm_port.pid"
 }
 
 print_env() {

@@ -58,8 +58,14 @@ pub fn services() -> &'static Services {
 
 /// Runs `scripts/services.sh COMMAND`; returns the variables it exports.
 pub fn services_sh(command: &str) -> HashMap<String, String> {
+    services_sh_with(command, &[])
+}
+
+/// [`services_sh`] with environment variables (a private server's port).
+pub fn services_sh_with(command: &str, env: &[(&str, &str)]) -> HashMap<String, String> {
     let out = std::process::Command::new(root().join("scripts/services.sh"))
         .arg(command)
+        .envs(env.iter().copied())
         .output()
         .expect("run scripts/services.sh");
     assert!(

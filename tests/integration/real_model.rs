@@ -85,3 +85,206 @@ async fn a_demo_conversation_with_a_real_model_is_answered_turn_by_turn() {
         "the mock answered nothing"
     );
 }
+
+/// The demo conversation again, checking every structured call: the server (llama-cpp-python)
+/// refuses `json_schema` and takes the schema inside `json_object`, which it turns into a
+/// grammar, so every selection names a stage the conversation may be in next and every
+/// extraction validates against the template's schema, without a repair turn.
+#[tokio::test]
+async fn a_real_model_under_a_schema_names_only_allowed_stages_and_extracts_valid_json() {
+    let (url, model) = real_llm().clone();
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.llm.base_url = url;
+        c.llm.default_model = model;
+        c.llm.request_timeout_ms = 120_000;
+    })
+    .await;
+    let turns = [
+        "Hello! I would like to book an appointment for a cleaning.",
+        "My name is Grace Hopper and I would like to come on 2026-12-09.",
+        "The reason is a toothache.",
+        "That is all, thank you. Goodbye!",
+    ];
+    for (i, text) in turns.iter().enumerate() {
+        let id = format!("schema-{i}");
+        app.send("grace", &id, text).await;
+        let reply = app.reply(&id).await;
+        assert_eq!(reply["status"], "ok", "turn {i}: {reply:?}");
+        assert_eq!(reply["endpoint"], "default", "turn {i}: {reply:?}");
+        assert_eq!(reply["model"], "smollm2", "turn {i}: {reply:?}");
+    }
+    let db = app.db().await;
+    let schema: serde_json::Value = db
+        .query_one(
+            "SELECT output_schema FROM templates WHERE name = 'extract_booking'",
+            &[],
+        )
+        .await
+        .expect("schema")
+        .get(0);
+    let validator = jsonschema::validator_for(&schema).expect("a schema");
+    // Each user message with the stage it was received in and the stage after it.
+    let moves: Vec<(String, String, String)> = db
+        .query(
+            "SELECT u.idempotency_key, su.name, sa.name FROM messages u \
+             JOIN messages a ON a.business_id = u.business_id AND a.idempotency_key = u.idempotency_key \
+               AND a.role = 'assistant' \
+             JOIN stages su ON su.id = u.stage_id JOIN stages sa ON sa.id = a.stage_id \
+             WHERE u.role = 'user' ORDER BY u.seq",
+            &[],
+        )
+        .await
+        .expect("stages")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(moves.len(), turns.len());
+    let allowed = |from: &str| match from {
+        "welcome" => vec!["welcome", "booking", "farewell"],
+        "booking" => vec!["booking", "farewell", "welcome"],
+        _ => vec!["farewell", "welcome", "booking"],
+    };
+    let mut extractions_expected = 0;
+    for (key, from, to) in &moves {
+        let calls = db
+            .query(
+                "SELECT c.purpose, c.response_format, c.outcome, c.output FROM llm_calls c \
+                 JOIN messages m ON m.business_id = c.business_id AND m.id = c.message_id \
+                 WHERE m.idempotency_key = $1 ORDER BY c.id",
+                &[key],
+            )
+            .await
+            .expect("calls");
+        let purposes: Vec<String> = calls.iter().map(|c| c.get(0)).collect();
+        let with_extraction = to == "booking";
+        extractions_expected += usize::from(with_extraction);
+        let expected: Vec<&str> = if with_extraction {
+            vec!["selection", "extraction", "response"]
+        } else {
+            vec!["selection", "response"]
+        };
+        assert_eq!(purposes, expected, "{key}: one call each, no repair");
+        for c in &calls {
+            let purpose: String = c.get(0);
+            let format: Option<String> = c.get(1);
+            let outcome: String = c.get(2);
+            let output: Option<String> = c.get(3);
+            assert_eq!(outcome, "ok", "{key} {purpose}: {output:?}");
+            if purpose == "response" {
+                assert_eq!(format, None);
+                continue;
+            }
+            assert_eq!(
+                format.as_deref(),
+                Some("json_object_schema"),
+                "{key} {purpose}"
+            );
+            let value: serde_json::Value =
+                serde_json::from_str(output.as_deref().unwrap_or("")).expect("JSON");
+            if purpose == "selection" {
+                let stage = value["stage"].as_str().unwrap_or("");
+                assert!(allowed(from).contains(&stage), "{key}: {from} -> {value}");
+                assert_eq!(stage, to, "{key}: the stage chosen is the stage after it");
+            } else {
+                assert!(
+                    validator.is_valid(&value),
+                    "{key}: {value} does not fit {schema}"
+                );
+            }
+        }
+    }
+    let extractions = app
+        .count(
+            "SELECT count(*) FROM llm_calls WHERE purpose = 'extraction'",
+            &[],
+        )
+        .await;
+    assert_eq!(extractions, extractions_expected as i64);
+}
+
+/// Two endpoints serve the model: a real server of its own (on another port) and the mock.
+/// The first turn is answered by the real server; it is stopped; the next turn is answered by
+/// the mock, each of its calls recorded first as the real endpoint's failure, then as the
+/// mock's answer. Nothing falls back to a template.
+#[tokio::test]
+async fn the_mock_takes_over_when_the_real_server_stops_mid_conversation() {
+    const PORT: &str = "8093";
+    let env = helpers::services_sh_with("llm", &[("ICMP_LLM_PORT", PORT)]);
+    let url = env["ICMP_TEST_LLM_URL"].clone();
+    let model = env["ICMP_TEST_LLM_MODEL"].clone();
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        let mock = c.llm.base_url.clone();
+        c.llm.request_timeout_ms = 120_000;
+        c.llm.default_model.clone_from(&model);
+        c.llm.endpoints = vec![
+            icmp::config::EndpointConfig {
+                name: "local".into(),
+                base_url: url,
+                models: vec![model.clone()],
+                ..Default::default()
+            },
+            icmp::config::EndpointConfig {
+                name: "mock".into(),
+                base_url: mock,
+                models: vec![model.clone()],
+                ..Default::default()
+            },
+        ];
+    })
+    .await;
+    app.send("hedy", "t0", "Hello, what are your opening hours?")
+        .await;
+    let first = app.reply("t0").await;
+    assert_eq!(first["status"], "ok", "{first:?}");
+    assert_eq!(first["endpoint"], "local", "{first:?}");
+    let mock_calls = app
+        .mock
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(mock_calls, 0);
+
+    helpers::services_sh_with("llm-down", &[("ICMP_LLM_PORT", PORT)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", 8093)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the server stopped");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    app.send("hedy", "t1", "Thanks, goodbye!").await;
+    let second = app.reply("t1").await;
+    assert_eq!(second["status"], "ok", "{second:?}");
+    assert_eq!(second["endpoint"], "mock", "{second:?}");
+    assert_eq!(second["conversation_id"], first["conversation_id"]);
+    let calls: Vec<(String, String, String)> = app
+        .db()
+        .await
+        .query(
+            "SELECT c.purpose, c.endpoint, c.outcome FROM llm_calls c JOIN messages m \
+             ON m.business_id = c.business_id AND m.id = c.message_id \
+             WHERE m.idempotency_key = 't1' ORDER BY c.id",
+            &[],
+        )
+        .await
+        .expect("calls")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    // Selection and the response, each first failing on the stopped server.
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    for pair in calls.chunks(2) {
+        assert_eq!(pair[0].0, pair[1].0, "{calls:?}");
+        assert_eq!(pair[0].1, "local");
+        assert!(
+            pair[0].2 == "llm.unavailable" || pair[0].2 == "llm.circuit_open",
+            "{calls:?}"
+        );
+        assert_eq!((pair[1].1.as_str(), pair[1].2.as_str()), ("mock", "ok"));
+    }
+    assert_eq!(
+        app.mock
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
