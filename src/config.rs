@@ -204,6 +204,9 @@ pub struct LlmConfig {
     /// system's; empty: the system's only.
     #[serde(default)]
     pub ca_file: String,
+    /// The least time between two `partial` entries of a streamed reply.
+    #[serde(default = "default_partial_interval_ms")]
+    pub partial_interval_ms: u64,
     /// The most time one entry of a template's model chain takes (retries included) before
     /// the call moves to the next entry; 0: the LLM retry policy's budget.
     #[serde(default)]
@@ -238,6 +241,10 @@ pub struct EndpointConfig {
     pub structured_output: Option<crate::llm::structured::Level>,
     #[serde(default)]
     pub ca_file: Option<String>,
+}
+
+fn default_partial_interval_ms() -> u64 {
+    200
 }
 
 impl LlmConfig {

@@ -78,6 +78,25 @@ pub struct Policy {
     pub burst: Burst,
     /// What the business may use.
     pub budget: Budget,
+    /// How replies reach its users. (Left out when default, so that workers of an earlier
+    /// release, which refuse unknown keys, read the policies of businesses that do not use it.)
+    #[serde(skip_serializing_if = "Replies::is_default")]
+    pub replies: Replies,
+}
+
+/// `[business.replies]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Replies {
+    /// Stream the response from the LLM and publish `partial` entries of the text so far to
+    /// the reply destination while it is written (`llm.partial_interval_ms` apart at most).
+    pub stream: bool,
+}
+
+impl Replies {
+    fn is_default(&self) -> bool {
+        *self == Replies::default()
+    }
 }
 
 impl Policy {

@@ -110,6 +110,9 @@ pub struct BusinessDef {
     /// `throttled_template`.
     #[serde(default)]
     pub budget: Budget,
+    /// `[business.replies]`: `stream`.
+    #[serde(default)]
+    pub replies: crate::model::Replies,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +179,7 @@ impl Definition {
             policy: Policy {
                 burst: self.business.burst,
                 budget: self.business.budget.clone(),
+                replies: self.business.replies,
             },
             stages: self
                 .stages

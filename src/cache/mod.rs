@@ -79,6 +79,11 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
+    /// The Redis connection (replies and partial replies go over it, in order).
+    pub fn connection(&self) -> RedisConnection {
+        self.conn.clone()
+    }
+
     pub fn new(conn: RedisConnection, redis: &RedisConfig, config: &CacheConfig) -> Cache {
         Cache {
             conn,

@@ -151,6 +151,19 @@ impl<L: LlmService> LlmService for CircuitBreaker<L> {
         self.record(&outcome);
         outcome
     }
+
+    async fn chat_streamed(
+        &self,
+        request: &ChatRequest,
+        partial: &tokio::sync::watch::Sender<String>,
+    ) -> Result<ChatResponse, LlmError> {
+        if !self.admit() {
+            return Err(LlmError::CircuitOpen);
+        }
+        let outcome = self.inner.chat_streamed(request, partial).await;
+        self.record(&outcome);
+        outcome
+    }
 }
 
 #[cfg(test)]
@@ -212,6 +225,7 @@ mod tests {
             structured_output: Default::default(),
             ca_file: String::new(),
             fallback_after_ms: 0,
+            partial_interval_ms: 200,
             endpoints: Vec::new(),
         };
         CircuitBreaker::new(

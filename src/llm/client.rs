@@ -51,6 +51,37 @@ struct WireRequest<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    /// Asks a streaming endpoint for the token counts in its last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// One chunk of a streamed answer (`data: {…}` of the event stream).
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    choices: Vec<WireChunkChoice>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChunkChoice {
+    #[serde(default)]
+    delta: WireDelta,
+}
+
+#[derive(Deserialize, Default)]
+struct WireDelta {
+    content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -211,6 +242,88 @@ async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Body
     Ok(Body::Whole(body))
 }
 
+impl OpenAiClient {
+    /// Reads a streamed answer (server-sent events, `data: {chunk}` lines up to
+    /// `data: [DONE]`), growing `partial` with each content delta. At most
+    /// `max_response_bytes` of the stream are read.
+    async fn read_stream(
+        &self,
+        request: &ChatRequest,
+        mut response: reqwest::Response,
+        partial: &tokio::sync::watch::Sender<String>,
+        started: Instant,
+    ) -> Result<ChatResponse, LlmError> {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut read = 0usize;
+        let mut content = String::new();
+        let mut model = String::new();
+        let mut usage: Option<WireUsage> = None;
+        let mut done = false;
+        while !done {
+            let Some(chunk) = response
+                .chunk()
+                .await
+                .map_err(|e| self.classify_transport(&e))?
+            else {
+                break;
+            };
+            read += chunk.len();
+            if read > self.max_response_bytes {
+                return Err(LlmError::ResponseTooLarge {
+                    limit: self.max_response_bytes,
+                });
+            }
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else {
+                    continue; // blank separators, comments, `event:` lines
+                };
+                if data == "[DONE]" {
+                    done = true;
+                    break;
+                }
+                let chunk: WireChunk = serde_json::from_str(data)
+                    .map_err(|e| LlmError::MalformedResponse(format!("stream chunk: {e}")))?;
+                if model.is_empty() {
+                    model = chunk.model;
+                }
+                if chunk.usage.is_some() {
+                    usage = chunk.usage;
+                }
+                if let Some(delta) = chunk
+                    .choices
+                    .into_iter()
+                    .next()
+                    .and_then(|c| c.delta.content)
+                    .filter(|d| !d.is_empty())
+                {
+                    content.push_str(&delta);
+                    partial.send_modify(|text| text.push_str(&delta));
+                }
+            }
+        }
+        if !done {
+            return Err(LlmError::MalformedResponse(
+                "the stream ended before [DONE]".into(),
+            ));
+        }
+        Ok(ChatResponse {
+            content,
+            model: if model.is_empty() {
+                request.model.clone()
+            } else {
+                model
+            },
+            prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
+            completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
+            latency: started.elapsed(),
+            format: None,
+        })
+    }
+}
+
 /// Parses `Retry-After` as seconds (the HTTP-date form is treated as absent).
 fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
@@ -231,13 +344,25 @@ fn truncate(mut body: String) -> String {
 }
 
 impl LlmService for OpenAiClient {
+    async fn chat_streamed(
+        &self,
+        request: &ChatRequest,
+        partial: &tokio::sync::watch::Sender<String>,
+    ) -> Result<ChatResponse, LlmError> {
+        let _permit = self.calls.acquire().await.ok();
+        // An attempt starts the text over (a retry after a broken stream).
+        partial.send_modify(String::clear);
+        self.send(request, None, Instant::now(), Some(partial))
+            .await
+    }
+
     async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
         // The semaphore is never closed; a failure here would only mean "no limit".
         let _permit = self.calls.acquire().await.ok();
         let started = Instant::now();
         let mut level = self.learned.level(&request.model, &request.format);
         loop {
-            let result = self.send(request, level, started).await;
+            let result = self.send(request, level, started, None).await;
             // The endpoint refused this form of structured output: ask again, weaker.
             if let Err(LlmError::Rejected { status, body } | LlmError::Server { status, body }) =
                 &result
@@ -254,12 +379,14 @@ impl LlmService for OpenAiClient {
 }
 
 impl OpenAiClient {
-    /// One request, asking for structured output at `level`.
+    /// One request, asking for structured output at `level`; streamed into `partial` when
+    /// given.
     async fn send(
         &self,
         request: &ChatRequest,
         level: Option<structured::Level>,
         started: Instant,
+        partial: Option<&tokio::sync::watch::Sender<String>>,
     ) -> Result<ChatResponse, LlmError> {
         let wire = WireRequest {
             model: &request.model,
@@ -267,6 +394,10 @@ impl OpenAiClient {
             temperature: request.temperature,
             max_tokens: request.max_tokens,
             response_format: structured::response_format(&request.format, level),
+            stream: partial.is_some(),
+            stream_options: partial.map(|_| StreamOptions {
+                include_usage: true,
+            }),
         };
         let mut builder = self.http.client().post(&self.url).json(&wire);
         if let Some(key) = &self.api_key {
@@ -294,6 +425,9 @@ impl OpenAiClient {
                 408 | 500..=599 => LlmError::Server { status: code, body },
                 _ => LlmError::Rejected { status: code, body },
             });
+        }
+        if let Some(partial) = partial {
+            return self.read_stream(request, response, partial, started).await;
         }
         let bytes = match read_body(response, self.max_response_bytes)
             .await

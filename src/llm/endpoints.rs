@@ -107,6 +107,20 @@ impl LlmService for Endpoints {
         }
     }
 
+    async fn chat_streamed(
+        &self,
+        request: &ChatRequest,
+        partial: &tokio::sync::watch::Sender<String>,
+    ) -> Result<ChatResponse, LlmError> {
+        match self.list.get(request.endpoint) {
+            Some(e) => e.service.chat_streamed(request, partial).await,
+            None => Err(LlmError::Connect(format!(
+                "no endpoint number {}",
+                request.endpoint
+            ))),
+        }
+    }
+
     fn chain(&self, models: &[&str]) -> Vec<Target> {
         Endpoints::chain(self, models)
     }

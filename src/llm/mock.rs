@@ -28,6 +28,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -70,6 +71,9 @@ pub struct MockOptions {
     /// (as endpoints without structured outputs do); `json_object` is still taken.
     #[arg(long)]
     pub refuse_json_schema: bool,
+    /// Milliseconds between the chunks of a streamed answer (`stream: true`, one word each).
+    #[arg(long, default_value_t = 0)]
+    pub stream_chunk_ms: u64,
 }
 
 impl Default for MockOptions {
@@ -86,6 +90,7 @@ impl Default for MockOptions {
             seed: 42,
             http1_only: false,
             refuse_json_schema: false,
+            stream_chunk_ms: 0,
         }
     }
 }
@@ -108,6 +113,10 @@ pub struct MockStats {
     pub json_object_requests: AtomicU64,
     pub text_requests: AtomicU64,
     pub refused_formats: AtomicU64,
+    /// Requests answered as a stream.
+    pub streamed_requests: AtomicU64,
+    /// Streams broken on purpose (`BREAK-STREAM-ONCE`).
+    pub broken_streams: AtomicU64,
 }
 
 /// Counts a request in flight until dropped.
@@ -260,6 +269,8 @@ struct Request {
     messages: Vec<RequestMessage>,
     #[serde(default)]
     response_format: Option<Value>,
+    #[serde(default)]
+    stream: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,6 +311,46 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
                 .into_response();
         }
     };
+    if let Some(refusal) = count_format(&state, &request) {
+        return refusal;
+    }
+    let answer = answer(&request);
+    let prompt_tokens: usize = request
+        .messages
+        .iter()
+        .map(|m| word_count(&text_of(m)))
+        .sum();
+    let completion_tokens = word_count(&answer);
+    let model = if request.model.is_empty() {
+        "mock-1".to_owned()
+    } else {
+        request.model.clone()
+    };
+    if request.stream {
+        return stream_answer(&state, &answer, &model, (prompt_tokens, completion_tokens));
+    }
+    Json(json!({
+        "id": format!("chatcmpl-mock-{}", state.stats.requests.load(Ordering::Relaxed)),
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": answer},
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    }))
+    .into_response()
+}
+
+/// Counts the request by its `response_format`; the refusal of `json_schema` when the mock
+/// refuses it.
+fn count_format(state: &MockState, request: &Request) -> Option<Response> {
     let format = request
         .response_format
         .as_ref()
@@ -313,40 +364,91 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
     counter.fetch_add(1, Ordering::Relaxed);
     if format == Some("json_schema") && state.options.refuse_json_schema {
         state.stats.refused_formats.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": {
-                "message": "response_format of type json_schema is not supported by this model",
-                "type": "invalid_request_error",
-                "param": "response_format"
-            }})),
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {
+                    "message": "response_format of type json_schema is not supported by this model",
+                    "type": "invalid_request_error",
+                    "param": "response_format"
+                }})),
+            )
+                .into_response(),
+        );
     }
-    let answer = answer(&request);
-    let prompt_tokens: usize = request
-        .messages
-        .iter()
-        .map(|m| word_count(&text_of(m)))
-        .sum();
-    let completion_tokens = word_count(&answer);
-    Json(json!({
-        "id": format!("chatcmpl-mock-{}", state.stats.requests.load(Ordering::Relaxed)),
-        "object": "chat.completion",
-        "created": 0,
-        "model": if request.model.is_empty() { "mock-1".to_owned() } else { request.model.clone() },
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": answer},
-            "finish_reason": "stop"
-        }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens
-        }
-    }))
-    .into_response()
+    None
+}
+
+/// Streams `answer`; the first stream of an answer carrying `BREAK-STREAM-ONCE` ends halfway,
+/// without `[DONE]`.
+fn stream_answer(state: &MockState, answer: &str, model: &str, tokens: (usize, usize)) -> Response {
+    state
+        .stats
+        .streamed_requests
+        .fetch_add(1, Ordering::Relaxed);
+    let break_after = (answer.contains("BREAK-STREAM-ONCE")
+        && state.stats.broken_streams.fetch_add(1, Ordering::Relaxed) == 0)
+        .then(|| word_count(answer) / 2);
+    streamed(
+        answer,
+        model,
+        tokens,
+        state.options.stream_chunk_ms,
+        break_after,
+    )
+}
+
+/// An answer as an OpenAI event stream: a role chunk, one chunk per word (`chunk_ms` apart),
+/// the finish chunk, a usage chunk, `[DONE]`; with `break_after`, only that many words.
+fn streamed(
+    answer: &str,
+    model: &str,
+    (prompt, completion): (usize, usize),
+    chunk_ms: u64,
+    break_after: Option<usize>,
+) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    let mut events = vec![chunk(json!({"role": "assistant"}), Value::Null)];
+    let mut first = true;
+    for word in answer.split(' ') {
+        let piece = if first {
+            word.to_owned()
+        } else {
+            format!(" {word}")
+        };
+        first = false;
+        events.push(chunk(json!({"content": piece}), Value::Null));
+    }
+    if let Some(words) = break_after {
+        events.truncate(words + 1);
+    } else {
+        events.push(chunk(json!({}), json!("stop")));
+        events.push(format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+               "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+               "total_tokens": prompt + completion}})
+        ));
+        events.push("data: [DONE]\n\n".to_owned());
+    }
+    let body =
+        futures::stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
+            if i > 0 && chunk_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(chunk_ms)).await;
+            }
+            Ok::<_, std::convert::Infallible>(event)
+        });
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// This call's latency (with jitter) and fault, from the seeded RNG.
@@ -656,6 +758,7 @@ mod tests {
                 },
             ],
             response_format: json_mode.then(|| json!({"type": "json_object"})),
+            stream: false,
         }
     }
 

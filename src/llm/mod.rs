@@ -98,6 +98,18 @@ pub trait LlmService: Send + Sync + 'static {
         request: &ChatRequest,
     ) -> impl Future<Output = Result<ChatResponse, LlmError>> + Send;
 
+    /// One call whose answer is streamed (`stream: true`): `partial` holds the text so far as
+    /// it grows (emptied when an attempt starts over). A service that cannot stream answers
+    /// whole and never touches `partial` (the default).
+    fn chat_streamed(
+        &self,
+        request: &ChatRequest,
+        partial: &tokio::sync::watch::Sender<String>,
+    ) -> impl Future<Output = Result<ChatResponse, LlmError>> + Send {
+        let _ = partial;
+        self.chat(request)
+    }
+
     /// The entries a call tries in order, for a template's ordered `models` (see
     /// [`Endpoints::chain`]). A service of one endpoint tries each model there.
     fn chain(&self, models: &[&str]) -> Vec<Target> {

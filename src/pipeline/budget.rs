@@ -8,6 +8,7 @@
 //! guard against floods, not a reason to refuse service while Redis restarts.
 
 use chrono::Utc;
+use uuid::Uuid;
 
 use super::decide::Decisions;
 use super::read::Snapshot;
@@ -117,6 +118,7 @@ pub async fn throttled<'b>(
         "throttled template",
     );
     let response = Response {
+        reply_id: Uuid::now_v7(),
         content,
         status: AnswerStatus::Throttled,
         fallback_template: None,

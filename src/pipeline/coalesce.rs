@@ -14,6 +14,9 @@ pub struct Turn<'a> {
     pub msg: &'a InboundMessage,
     pub followers: &'a [InboundMessage],
     pub throttled: bool,
+    /// The outbound stream of the shard the message came from (where its reply goes without
+    /// a `reply_to`).
+    pub outbound: &'a str,
 }
 
 impl Turn<'_> {
@@ -91,6 +94,7 @@ mod tests {
             msg: &first,
             followers: &later,
             throttled: false,
+            outbound: "out",
         };
         let seen = turn.as_one_message();
         assert_eq!(seen.content, "Hello\nI would like\nto book");

@@ -44,6 +44,10 @@ pub struct LlmPhase<'a, L> {
     pub stages: &'a StageService,
     /// Sent when the response call failed and the stage has no fallback template.
     pub last_resort: &'a str,
+    /// The id the reply will be stored under.
+    pub reply_id: Uuid,
+    /// Where partial replies go, when the business streams replies.
+    pub partials: Option<super::partials::Partials>,
     /// What one extraction answer may set.
     pub extraction_limits: super::extract::Limits,
 }
@@ -123,7 +127,11 @@ pub async fn decide<'b, L: LlmService>(
         d.templates,
         &template,
         fallback.as_deref(),
-        d.last_resort,
+        respond::Reply {
+            reply_id: d.reply_id,
+            last_resort: d.last_resort,
+            partials: d.partials.clone(),
+        },
         &read.context,
     )
     .await?;

@@ -72,8 +72,27 @@ impl<L: LlmService> LlmCaller<'_, L> {
         rendered: &Rendered,
         format: &OutputFormat,
     ) -> (Result<ChatResponse, LlmError>, Vec<LlmCallRecord>) {
-        self.call_with(purpose, template, rendered, format, None)
+        self.call_with(purpose, template, rendered, format, None, None)
             .await
+    }
+
+    /// [`call`](Self::call), the answer streamed into `partial` (text only).
+    pub async fn call_streamed(
+        &self,
+        purpose: Purpose,
+        template: &Compiled,
+        rendered: &Rendered,
+        partial: &tokio::sync::watch::Sender<String>,
+    ) -> (Result<ChatResponse, LlmError>, Vec<LlmCallRecord>) {
+        self.call_with(
+            purpose,
+            template,
+            rendered,
+            &OutputFormat::Text,
+            None,
+            Some(partial),
+        )
+        .await
     }
 
     /// Calls the LLM and parses the answer with `parse`. An answer that does not parse (or
@@ -101,7 +120,7 @@ impl<L: LlmService> LlmCaller<'_, L> {
                         problem: &problem.to_string(),
                     };
                     let (again, mut more) = self
-                        .call_with(purpose, template, rendered, format, Some(repair))
+                        .call_with(purpose, template, rendered, format, Some(repair), None)
                         .await;
                     let fixed = again.and_then(|a| parse(&a.content));
                     metrics::output_repair(
@@ -141,6 +160,7 @@ impl<L: LlmService> LlmCaller<'_, L> {
         template: &str,
         target: &Target,
         request: &ChatRequest,
+        partial: Option<&tokio::sync::watch::Sender<String>>,
     ) -> Result<ChatResponse, LlmError> {
         let operation = match purpose {
             Purpose::Selection => "llm.selection",
@@ -156,7 +176,12 @@ impl<L: LlmService> LlmCaller<'_, L> {
         );
         let attempts = self
             .retry
-            .run(operation, || self.llm.chat(request))
+            .run(operation, || async {
+                match partial {
+                    Some(p) => self.llm.chat_streamed(request, p).await,
+                    None => self.llm.chat(request).await,
+                }
+            })
             .instrument(span);
         match self.fallback_after {
             // The entry's budget spent: its retries (or a hung call) end here.
@@ -181,6 +206,7 @@ impl<L: LlmService> LlmCaller<'_, L> {
         rendered: &Rendered,
         format: &OutputFormat,
         repair: Option<Repair<'_>>,
+        partial: Option<&tokio::sync::watch::Sender<String>>,
     ) -> (Result<ChatResponse, LlmError>, Vec<LlmCallRecord>) {
         let t = &template.record;
         let (messages, prompt) = conversation(rendered, repair.as_ref());
@@ -201,7 +227,9 @@ impl<L: LlmService> LlmCaller<'_, L> {
             request.model.clone_from(&target.model);
             request.endpoint = target.endpoint;
             let started = Instant::now();
-            let result = self.attempt(purpose, &t.name, target, &request).await;
+            let result = self
+                .attempt(purpose, &t.name, target, &request, partial)
+                .await;
             let took = started.elapsed();
             let outcome = counted(purpose, &result, took);
             records.push(LlmCallRecord {

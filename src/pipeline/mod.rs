@@ -35,6 +35,7 @@ pub mod extract;
 pub mod failpoint;
 pub mod idempotency;
 pub mod llm_call;
+pub mod partials;
 pub mod persist;
 pub mod read;
 pub mod respond;
@@ -137,6 +138,7 @@ impl<L: LlmService> MessageHandler<L> {
     pub async fn process_turn(
         &self,
         msg: &InboundMessage,
+        outbound: &str,
         log_id: Uuid,
         attempt: Attempt,
         gather: impl AsyncFnOnce(&Business) -> (Vec<InboundMessage>, u64),
@@ -162,6 +164,7 @@ impl<L: LlmService> MessageHandler<L> {
             msg,
             followers: &followers,
             throttled: throttled.is_some(),
+            outbound,
         };
         self.run_until_settled(turn, &business, log_id, state, looked_up)
             .await
@@ -315,6 +318,7 @@ impl<L: LlmService> MessageHandler<L> {
             )
             .await;
         }
+        let reply_id = Uuid::now_v7();
         let phase = decide::LlmPhase {
             caller: LlmCaller {
                 llm: &self.llm,
@@ -326,6 +330,18 @@ impl<L: LlmService> MessageHandler<L> {
             templates: &self.templates,
             stages: &self.stages,
             last_resort: &self.config.worker.last_resort_reply,
+            reply_id,
+            partials: business.policy.replies.stream.then(|| {
+                partials::Partials::of(
+                    self.cache.connection(),
+                    turn.msg,
+                    turn.outbound,
+                    &self.config.streams,
+                    read.conversation.id,
+                    reply_id,
+                    std::time::Duration::from_millis(self.config.llm.partial_interval_ms),
+                )
+            }),
             extraction_limits: extract::Limits::from_config(&self.config.limits),
         };
         let decisions = decide::decide(&phase, business, read).await?;

@@ -66,7 +66,7 @@ pub fn write_set(
         user_content: msg.content.clone(),
         metadata: msg.metadata.clone().map(serde_json::Value::Object),
         user_stage_id: read.stage.id,
-        assistant_message_id: Uuid::now_v7(),
+        assistant_message_id: decisions.response.reply_id,
         assistant_content: decisions.response.content.clone(),
         assistant_status: decisions.response.status.as_str(),
         fallback_template: decisions.response.fallback_template,
@@ -266,6 +266,7 @@ mod tests {
             transition: Some((welcome.id, booking.id)),
             learned,
             response: Response {
+                reply_id: Uuid::from_u128(99),
                 content: "Sorry".into(),
                 status: AnswerStatus::Fallback,
                 fallback_template: Some((Uuid::from_u128(30), 4)),

@@ -3,6 +3,7 @@
 //! the configured last-resort text, and marked `fallback`.
 
 use super::llm_call::{LlmCaller, Purpose};
+use super::partials::Partials;
 use crate::definitions::TemplateService;
 use crate::error::PipelineError;
 use crate::llm::{LlmService, OutputFormat};
@@ -15,6 +16,8 @@ use crate::template::Context;
 /// The reply text and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
+    /// The id the reply is stored under (its `reply_id`; partials carry it before it commits).
+    pub reply_id: uuid::Uuid,
     pub content: String,
     /// `Fallback`: not from the LLM but from the fallback template, or the last-resort text;
     /// `Throttled`: from the throttled template (no LLM call).
@@ -29,8 +32,20 @@ pub struct Response {
     pub by: Option<(String, String)>,
 }
 
+/// What the response step needs besides the templates.
+#[derive(Debug)]
+pub struct Reply<'a> {
+    /// The id the reply will be stored under.
+    pub reply_id: uuid::Uuid,
+    /// Sent when the call failed and there is no fallback template.
+    pub last_resort: &'a str,
+    /// Where partial replies go, when the business streams replies.
+    pub partials: Option<Partials>,
+}
+
 /// Generates the reply; returns it with the records of the calls made (one per entry of the
-/// template's model chain tried).
+/// template's model chain tried). With `partials`, the answer is streamed and the text so far
+/// published while it is written (see [`super::partials`]).
 ///
 /// # Errors
 /// Only when the response template itself cannot be rendered (a definition problem).
@@ -39,15 +54,35 @@ pub async fn respond<L: LlmService>(
     templates: &TemplateService,
     template: &Compiled,
     fallback: Option<&Compiled>,
-    last_resort: &str,
+    reply: Reply<'_>,
     ctx: &Context,
 ) -> Result<(Response, Vec<LlmCallRecord>), PipelineError> {
     let rendered = templates.render(template, ctx)?;
-    let (result, records) = caller
-        .call(Purpose::Response, template, &rendered, &OutputFormat::Text)
-        .await;
+    let (result, records) = match reply.partials {
+        None => {
+            caller
+                .call(Purpose::Response, template, &rendered, &OutputFormat::Text)
+                .await
+        }
+        Some(partials) => {
+            let (text, watched) = tokio::sync::watch::channel(String::new());
+            let done = tokio_util::sync::CancellationToken::new();
+            let publisher = partials.publish_until(watched, done.clone());
+            let call = async {
+                let outcome = caller
+                    .call_streamed(Purpose::Response, template, &rendered, &text)
+                    .await;
+                done.cancel();
+                outcome
+            };
+            tokio::join!(call, publisher).0
+        }
+    };
+    let last_resort = reply.last_resort;
+    let reply_id = reply.reply_id;
     let response = match result {
         Ok(answer) if !answer.content.trim().is_empty() => Response {
+            reply_id,
             by: records
                 .last()
                 .map(|r| (answer.model.clone(), r.endpoint.clone())),
@@ -64,6 +99,7 @@ pub async fn respond<L: LlmService>(
             let (content, fallback_template) =
                 templates.reply_text(fallback, ctx, last_resort, "fallback");
             Response {
+                reply_id,
                 content,
                 status: AnswerStatus::Fallback,
                 fallback_template,

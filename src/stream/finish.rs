@@ -19,7 +19,7 @@ use super::order::QueueSlot;
 use crate::error::StreamError;
 
 /// How long an abandoned `reply_to` stream lives.
-const REPLY_STREAM_TTL_SECS: u64 = 3600;
+pub const REPLY_STREAM_TTL_SECS: u64 = 3600;
 
 /// `KEYS[1]` = inbound, `KEYS[2]` = reply stream, `KEYS[3]` = dead-letter stream, `KEYS[4]` =
 /// processing attempts, `KEYS[5]` = order queue, `KEYS[6]` = queue index, `KEYS[7]` = queued

@@ -40,6 +40,7 @@ pub const DEAD_LETTER_ENTRIES: &str = "icmp_dead_letter_entries";
 pub const DEAD_LETTER_FILL_RATIO: &str = "icmp_dead_letter_fill_ratio";
 pub const STRUCTURED_OUTPUT_DOWNGRADES_TOTAL: &str = "icmp_llm_structured_output_downgrades_total";
 pub const LLM_FALLBACKS_TOTAL: &str = "icmp_llm_fallbacks_total";
+pub const PARTIALS_TOTAL: &str = "icmp_partial_replies_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -105,6 +106,10 @@ fn describe() {
         LLM_FALLBACKS_TOTAL,
         "LLM calls moved from one entry of a template's model chain to the next, by purpose, the \
          endpoint left and the reason (failure, circuit_open)."
+    );
+    describe_counter!(
+        PARTIALS_TOTAL,
+        "Partial replies of streamed responses, by outcome (published, failed)."
     );
     describe_counter!(ERRORS_TOTAL, "Errors, by category and stable code.");
     describe_counter!(RETRIES_TOTAL, "Retries of transient faults, by operation.");
@@ -282,6 +287,11 @@ pub fn llm_fallback(purpose: &'static str, endpoint: &str, reason: &'static str)
     counter!(LLM_FALLBACKS_TOTAL, "purpose" => purpose, "endpoint" => endpoint.to_owned(),
         "reason" => reason)
     .increment(1);
+}
+
+/// A partial reply, `published` or `failed`.
+pub fn partial(outcome: &'static str) {
+    counter!(PARTIALS_TOTAL, "outcome" => outcome).increment(1);
 }
 
 pub fn llm_circuit(endpoint: &str, open: bool) {

@@ -317,18 +317,24 @@ impl<L: LlmService> Worker<L> {
         };
         // A panic in one message must not take the worker down: it becomes a retryable error,
         // so a message that always panics ends in the dead-letter stream.
-        let processing = AssertUnwindSafe(self.handler.process_turn(msg, log_id, attempt, gather))
-            .catch_unwind()
-            .map(|r| {
-                r.unwrap_or_else(|panic| {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    Err(PipelineError::Panicked(what))
-                })
-            });
+        let processing = AssertUnwindSafe(self.handler.process_turn(
+            msg,
+            &self.config.streams.outbound,
+            log_id,
+            attempt,
+            gather,
+        ))
+        .catch_unwind()
+        .map(|r| {
+            r.unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(PipelineError::Panicked(what))
+            })
+        });
         // Whatever it waits on (a row lock held by another session, a dependency that hangs),
         // a message gives up at its deadline and is retried by redelivery.
         let deadline_ms = self.config.worker.message_deadline_ms;

@@ -446,7 +446,10 @@ impl TestApp {
                 for entry in key.ids {
                     last = entry.id.clone();
                     let fields = strings(entry.map);
-                    if fields.get("message_id").map(String::as_str) == Some(id) {
+                    // The final reply; partial replies of a streamed one are skipped.
+                    if fields.get("message_id").map(String::as_str) == Some(id)
+                        && fields.get("status").map(String::as_str) != Some("partial")
+                    {
                         return fields;
                     }
                 }
@@ -633,12 +636,15 @@ impl TestApp {
         all
     }
 
-    /// The replies on the outbound streams whose `message_id` is `id`, in stream order.
+    /// The replies on the outbound streams whose `message_id` is `id`, in stream order
+    /// (partial replies left out).
     pub async fn replies_of(&self, id: &str) -> Vec<HashMap<String, String>> {
         self.outbound_entries()
             .await
             .into_iter()
-            .filter(|e| e["message_id"] == id)
+            .filter(|e| {
+                e["message_id"] == id && e.get("status").map(String::as_str) != Some("partial")
+            })
             .collect()
     }
 

@@ -34,6 +34,7 @@ mod secrets;
 mod shards;
 mod soak;
 mod stream_guarantees;
+mod streamed_replies;
 mod tls;
 mod transcripts;
 mod webdriver;

@@ -118,6 +118,8 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         templates: &templates,
         stages: &stages,
         last_resort: "sorry",
+        reply_id: uuid::Uuid::now_v7(),
+        partials: None,
         extraction_limits: icmp::pipeline::extract::Limits::from_config(&app.config.limits),
     };
     let decisions = decide::decide(&deciders, &business, &mut read)

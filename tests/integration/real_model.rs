@@ -288,3 +288,31 @@ async fn the_mock_takes_over_when_the_real_server_stops_mid_conversation() {
         2
     );
 }
+
+/// A business that streams its replies, answered by the real server: the text so far arrives in
+/// partials before the one final reply, whose text they begin.
+#[tokio::test]
+async fn a_real_models_streamed_reply_arrives_in_partials_before_the_final_reply() {
+    let (url, model) = real_llm().clone();
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.llm.base_url = url;
+        c.llm.default_model = model;
+        c.llm.request_timeout_ms = 120_000;
+        c.llm.partial_interval_ms = 50;
+    })
+    .await;
+    let business = crate::streamed_replies::streaming_business(&app).await;
+    app.send_to(
+        &business,
+        "lin",
+        "stream-0",
+        "Hello! Could you tell me about your clinic and how to book a visit?",
+    )
+    .await;
+    let reply = app.reply("stream-0").await;
+    assert_eq!(reply["status"], "ok", "{reply:?}");
+    app.settle(std::time::Duration::from_secs(30)).await;
+    let entries = crate::streamed_replies::entries_of(&app, "stream-0").await;
+    let partials = crate::streamed_replies::check_partials(&entries, 50);
+    assert!(partials >= 1, "{entries:?}");
+}
