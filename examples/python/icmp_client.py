@@ -8,6 +8,11 @@ With `--shards N` (the workers' `streams.shards`) the message goes to its user's
 reply is read from that shard's outbound stream (docs/protocol.md, "Shards"); `--print-shard`
 prints the shard and its stream names as JSON instead of sending.
 
+A business that streams its replies (`[business.replies] stream = true`) publishes `partial`
+entries with the text so far before the final reply; with `--partials` they are rendered on
+stderr as they come (each replaces the last: the text so far, not a delta), the way a chat front
+end shows typing. Partials are best-effort: the final reply is the one to keep.
+
 Prints the reply as JSON and exits 0 for `ok`/`fallback`, 1 for an `error` reply, 2 when no
 reply came in time.
 """
@@ -68,9 +73,11 @@ def send(client, inbound, business, user, content, message_id=None, conversation
     return message_id
 
 
-def wait_reply(client, outbound, message_id, user, timeout_s, since="0"):
-    """Reads the outbound stream from `since` until the reply to `message_id` of `user` arrives."""
+def wait_reply(client, outbound, message_id, user, timeout_s, since="0", on_partial=None):
+    """Reads the outbound stream from `since` until the reply to `message_id` of `user` arrives.
+    `on_partial(text, sequence)` is called with each partial of that reply before it."""
     seen = set()
+    sequence = 0
     deadline = time.monotonic() + timeout_s
     last = since
     while time.monotonic() < deadline:
@@ -79,6 +86,13 @@ def wait_reply(client, outbound, message_id, user, timeout_s, since="0"):
                 last = entry_id
                 reply = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
                 if reply.get("message_id") != message_id or reply.get("user_id") != user:
+                    continue
+                if reply.get("status") == "partial":
+                    # The text so far; an older one (a late or restarted stream) is skipped.
+                    n = int(reply.get("sequence", "0"))
+                    if on_partial and n > sequence:
+                        sequence = n
+                        on_partial(reply.get("content", ""), n)
                     continue
                 if reply.get("reply_id") in seen:
                     continue  # the same answer published again: already handled
@@ -98,6 +112,8 @@ def main():
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--print-shard", action="store_true")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--partials", action="store_true",
+                        help="render partial replies on stderr as they arrive")
     parser.add_argument("content", nargs="?", default="")
     args = parser.parse_args()
 
@@ -114,7 +130,16 @@ def main():
     newest = client.xrevrange(args.outbound, count=1)
     since = newest[0][0] if newest else "0"
     message_id = send(client, args.inbound, args.business, args.user, args.content)
-    reply = wait_reply(client, args.outbound, message_id, args.user, args.timeout, since)
+    shown = []
+
+    def show(text, n):
+        # One line per partial, so that a test (or a log) can count them; a terminal front end
+        # would redraw the line instead.
+        shown.append(n)
+        print(f"partial {n}: {text}", file=sys.stderr, flush=True)
+
+    reply = wait_reply(client, args.outbound, message_id, args.user, args.timeout, since,
+                       on_partial=show if args.partials else None)
     if reply is None:
         print(f"no reply to {message_id} within {args.timeout} s", file=sys.stderr)
         return 2

@@ -221,3 +221,48 @@ async fn the_partials_of_a_retried_stream_start_over_and_the_final_reply_is_whol
     assert!(lengths.windows(2).any(|w| w[1] < w[0]), "{lengths:?}");
     assert_eq!(app.mock.stats.streamed_requests.load(Ordering::Relaxed), 2);
 }
+
+/// The Python example renders the partials of a streamed reply as they arrive, then prints the
+/// final reply, whose text the last partial begins.
+#[tokio::test]
+async fn the_python_client_renders_partials_then_the_final_reply() {
+    let app = spawn_app_with(
+        MockOptions {
+            stream_chunk_ms: 25,
+            ..MockOptions::default()
+        },
+        |c| c.llm.partial_interval_ms = 50,
+    )
+    .await;
+    let business = streaming_business(&app).await;
+    let s = &app.config.streams;
+    let out = tokio::process::Command::new("python3")
+        .arg(helpers::root().join("examples/python/icmp_client.py"))
+        .args(["--redis", app.config.redis.url.expose()])
+        .args(["--inbound", &s.inbound, "--outbound", &s.outbound])
+        .args(["--business", &business, "--partials"])
+        .args(["--user", "max", "--timeout", "30"])
+        .arg("Hello from Python, what are your opening hours on a sunny day?")
+        .output()
+        .await
+        .expect("python3 (the test command installs redis-py)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON reply");
+    assert_eq!(reply["status"], "ok");
+    let partials: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("partial "))
+        .collect();
+    assert!(partials.len() >= 2, "{stderr}");
+    for (n, line) in partials.iter().enumerate() {
+        let (sequence, text) = line.split_once(": ").expect("partial N: text");
+        assert_eq!(sequence, (n + 1).to_string());
+        assert!(
+            reply["content"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(text)),
+            "{text:?} begins {reply}"
+        );
+    }
+}
