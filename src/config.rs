@@ -204,6 +204,10 @@ pub struct LlmConfig {
     /// system's; empty: the system's only.
     #[serde(default)]
     pub ca_file: String,
+    /// The most tokens the history may take in a prompt whose template sets no
+    /// `context_tokens` (0: no bound but `worker.history_turns`).
+    #[serde(default = "default_context_tokens")]
+    pub context_tokens: usize,
     /// The least time between two `partial` entries of a streamed reply.
     #[serde(default = "default_partial_interval_ms")]
     pub partial_interval_ms: u64,
@@ -241,6 +245,10 @@ pub struct EndpointConfig {
     pub structured_output: Option<crate::llm::structured::Level>,
     #[serde(default)]
     pub ca_file: Option<String>,
+}
+
+fn default_context_tokens() -> usize {
+    2048
 }
 
 fn default_partial_interval_ms() -> u64 {

@@ -22,6 +22,9 @@ pub struct Business {
     /// The template a throttled reply is rendered from (`budget.throttled_template`, resolved).
     #[serde(default)]
     pub throttled_template_id: Option<Uuid>,
+    /// The template the rolling summary is made with (`history.summary_template`, resolved).
+    #[serde(default)]
+    pub summary_template_id: Option<Uuid>,
 }
 
 impl Business {
@@ -82,6 +85,38 @@ pub struct Policy {
     /// release, which refuse unknown keys, read the policies of businesses that do not use it.)
     #[serde(skip_serializing_if = "Replies::is_default")]
     pub replies: Replies,
+    /// The rolling summary of long conversations. (Left out when default, as `replies`.)
+    #[serde(skip_serializing_if = "History::is_default")]
+    pub history: History,
+}
+
+/// `[business.history]`: when a conversation's history is folded into its rolling summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct History {
+    /// A `summary` template; absent: no summary.
+    pub summary_template: Option<String>,
+    /// A summary is made (after the reply) once the history since the last one takes more
+    /// than this many tokens.
+    pub summarize_after_tokens: u32,
+    /// The newest turns left out of the summary (they stay in the history); 4 by default.
+    pub keep_turns: u32,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            summary_template: None,
+            summarize_after_tokens: 0,
+            keep_turns: 4,
+        }
+    }
+}
+
+impl History {
+    fn is_default(&self) -> bool {
+        *self == History::default()
+    }
 }
 
 /// `[business.replies]`.
@@ -142,6 +177,8 @@ pub enum TemplateKind {
     Extraction,
     Response,
     Fallback,
+    /// Folds older turns into a conversation's rolling summary (`[business.history]`).
+    Summary,
 }
 
 impl TemplateKind {
@@ -151,6 +188,7 @@ impl TemplateKind {
             TemplateKind::Extraction => "extraction",
             TemplateKind::Response => "response",
             TemplateKind::Fallback => "fallback",
+            TemplateKind::Summary => "summary",
         }
     }
     pub fn parse(s: &str) -> Option<TemplateKind> {
@@ -159,6 +197,7 @@ impl TemplateKind {
             "extraction" => Some(TemplateKind::Extraction),
             "response" => Some(TemplateKind::Response),
             "fallback" => Some(TemplateKind::Fallback),
+            "summary" => Some(TemplateKind::Summary),
             _ => None,
         }
     }
@@ -179,6 +218,10 @@ pub struct TemplateRecord {
     /// `llm.default_model`. (Absent from templates cached by earlier releases.)
     #[serde(default)]
     pub models: Vec<String>,
+    /// The most tokens the history may take in this template's prompt (`None`:
+    /// `llm.context_tokens`); the newest turns that fit are kept.
+    #[serde(default)]
+    pub context_tokens: Option<i32>,
     pub temperature: Option<f32>,
     pub max_tokens: Option<i32>,
     /// JSON Schema the extraction output must satisfy.
@@ -225,6 +268,12 @@ pub struct Conversation {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The rolling summary of the turns folded out of the history (empty: none).
+    #[serde(default)]
+    pub summary: String,
+    /// The last message (`seq`) the summary covers; the history starts after it.
+    #[serde(default)]
+    pub summarized_seq: i64,
 }
 
 /// What the next message of a user needs of their current conversation, as the last commit

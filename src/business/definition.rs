@@ -113,6 +113,9 @@ pub struct BusinessDef {
     /// `[business.replies]`: `stream`.
     #[serde(default)]
     pub replies: crate::model::Replies,
+    /// `[business.history]`: `summary_template`, `summarize_after_tokens`, `keep_turns`.
+    #[serde(default)]
+    pub history: crate::model::History,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,6 +147,8 @@ pub struct TemplateDef {
     /// The models a call tries in order (instead of `model`).
     #[serde(default)]
     pub models: Vec<String>,
+    /// The most tokens the history may take in the prompt.
+    pub context_tokens: Option<i32>,
     pub temperature: Option<f32>,
     pub max_tokens: Option<i32>,
     pub output_schema: Option<serde_json::Value>,
@@ -161,6 +166,7 @@ impl TemplateDef {
             body: self.body.clone(),
             model: self.model.clone().or_else(|| self.models.first().cloned()),
             models: self.models.clone(),
+            context_tokens: self.context_tokens,
             temperature: self.temperature,
             max_tokens: self.max_tokens,
             output_schema: self.output_schema.clone(),
@@ -180,6 +186,7 @@ impl Definition {
                 burst: self.business.burst,
                 budget: self.business.budget.clone(),
                 replies: self.business.replies,
+                history: self.business.history.clone(),
             },
             stages: self
                 .stages
@@ -255,6 +262,20 @@ impl Definition {
         if budget.max_in_flight == Some(0) {
             problems.push("budget.max_in_flight must be at least 1".into());
         }
+        let history = &self.business.history;
+        if let Some(name) = &history.summary_template {
+            match templates.get(name.as_str()) {
+                None => problems.push(format!("history.summary_template: unknown template `{name}`")),
+                Some(t) if t.kind != TemplateKind::Summary => problems.push(format!(
+                    "history.summary_template: template `{name}` is a {} template, expected summary",
+                    t.kind.as_str()
+                )),
+                Some(_) => {}
+            }
+            if history.summarize_after_tokens == 0 {
+                problems.push("history.summarize_after_tokens must be at least 1".into());
+            }
+        }
         if let Some(name) = &budget.throttled_template {
             match templates.get(name.as_str()) {
                 None => problems.push(format!("budget.throttled_template: unknown template `{name}`")),
@@ -305,6 +326,12 @@ impl Definition {
             if t.model.is_some() && !t.models.is_empty() {
                 problems.push(format!(
                     "template `{}`: give model or models, not both",
+                    t.name
+                ));
+            }
+            if t.context_tokens.is_some_and(|n| n < 0) {
+                problems.push(format!(
+                    "template `{}`: context_tokens cannot be negative",
                     t.name
                 ));
             }

@@ -7,15 +7,20 @@ use uuid::Uuid;
 
 use crate::cache::{self, Cache};
 use crate::error::{PipelineError, TemplateError};
+use crate::llm::tokens;
 use crate::store::Store;
 use crate::telemetry::metrics;
-use crate::template::{Compiled, Context, Rendered, compile, engine, render};
+use crate::template::{Compiled, Context, Rendered, compile, engine, render_keeping};
 
 /// Loads, compiles and renders templates.
 pub struct TemplateService {
     store: Store,
     cache: Cache,
     engine: upon::Engine<'static>,
+    /// The history bound of a template that sets no `context_tokens` (`None`: no bound).
+    context_tokens: Option<usize>,
+    /// The model a template that names none is counted for.
+    default_model: String,
 }
 
 impl std::fmt::Debug for TemplateService {
@@ -30,7 +35,18 @@ impl TemplateService {
             store,
             cache,
             engine: engine(),
+            context_tokens: None,
+            default_model: String::new(),
         }
+    }
+
+    /// Bounds the history of templates that set no `context_tokens` to `tokens` (0: no bound),
+    /// counted for `default_model` when a template names no model.
+    #[must_use]
+    pub fn with_history_bound(mut self, tokens: usize, default_model: &str) -> Self {
+        self.context_tokens = (tokens > 0).then_some(tokens);
+        default_model.clone_into(&mut self.default_model);
+        self
     }
 
     /// The current version of a template of this business, compiled.
@@ -76,8 +92,28 @@ impl TemplateService {
     }
 
     /// Renders `t` against `ctx`.
+    /// The history is bounded by the template's `context_tokens` (else the default): the newest
+    /// turns that fit, counted with the tokenizer of its first model where known
+    /// ([`crate::llm::tokens`]).
     pub fn render(&self, t: &Compiled, ctx: &Context) -> Result<Rendered, TemplateError> {
-        render(&self.engine, t, ctx)
+        let r = &t.record;
+        let budget = r
+            .context_tokens
+            .map(|n| usize::try_from(n).unwrap_or(0))
+            .or(self.context_tokens);
+        let keep = budget.map(|budget| {
+            let model = r
+                .models
+                .first()
+                .or(r.model.as_ref())
+                .map_or(self.default_model.as_str(), String::as_str);
+            tokens::newest_fitting(
+                &tokens::Counter::for_model(model),
+                ctx.history.iter().map(|turn| turn.content.as_str()),
+                budget,
+            )
+        });
+        render_keeping(&self.engine, t, ctx, keep)
     }
 
     /// A reply made without the LLM (a fallback or throttled reply): the body of `t`

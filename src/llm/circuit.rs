@@ -226,6 +226,7 @@ mod tests {
             ca_file: String::new(),
             fallback_after_ms: 0,
             partial_interval_ms: 200,
+            context_tokens: 2048,
             endpoints: Vec::new(),
         };
         CircuitBreaker::new(

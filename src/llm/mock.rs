@@ -311,7 +311,7 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
                 .into_response();
         }
     };
-    if let Some(refusal) = count_format(&state, &request) {
+    if let Some(refusal) = refused(&state, &request) {
         return refusal;
     }
     let answer = answer(&request);
@@ -349,8 +349,23 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
 }
 
 /// Counts the request by its `response_format`; the refusal of `json_schema` when the mock
-/// refuses it.
-fn count_format(state: &MockState, request: &Request) -> Option<Response> {
+/// refuses it, and a 500 for a summary request that asks for one (`FAIL-SUMMARY`).
+fn refused(state: &MockState, request: &Request) -> Option<Response> {
+    let prompt: String = request
+        .messages
+        .iter()
+        .map(text_of)
+        .collect::<Vec<_>>()
+        .join("\n");
+    if let Some(Err(())) = summary(&prompt) {
+        return Some(
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": {"message": "summary failed", "type": "server_error"}})),
+            )
+                .into_response(),
+        );
+    }
     let format = request
         .response_format
         .as_ref()
@@ -578,9 +593,27 @@ fn answer(request: &Request) -> String {
         } else {
             json!({"stage": select(&words, &prompt)}).to_string()
         }
+    } else if let Some(Ok(summary)) = summary(&prompt) {
+        summary
     } else {
         respond(&words, &prompt)
     }
+}
+
+/// A summary request (a prompt asking to "Summarize the conversation"): `Summary: ` and the
+/// user's lines (`user: …`) joined by `; `; a 500 when one of them carries `FAIL-SUMMARY`.
+fn summary(prompt: &str) -> Option<Result<String, ()>> {
+    if !prompt.contains("Summarize the conversation") {
+        return None;
+    }
+    let said: Vec<&str> = prompt
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("user: "))
+        .collect();
+    if said.iter().any(|l| l.contains("FAIL-SUMMARY")) {
+        return Some(Err(()));
+    }
+    Some(Ok(format!("Summary: {}", said.join("; "))))
 }
 
 /// Plain replies. A prompt line `Known so far: a=1, b=` makes the mock ask for the missing

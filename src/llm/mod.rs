@@ -6,6 +6,7 @@ pub mod client;
 pub mod endpoints;
 pub mod mock;
 pub mod structured;
+pub mod tokens;
 pub mod transport;
 
 use std::future::Future;

@@ -17,6 +17,7 @@ use crate::cache::Cache;
 use crate::definitions::TemplateService;
 use crate::error::PipelineError;
 use crate::model::{AnswerStatus, Business, Extracted};
+use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
 
 /// Which budget a message exceeded.
@@ -77,12 +78,11 @@ pub async fn admit(cache: &Cache, business: &Business, messages: u64) -> Option<
 }
 
 /// Adds the tokens of the turn's LLM calls to the business's day, when it has a token budget.
-pub async fn spend(cache: &Cache, business: &Business, decisions: &Decisions<'_>) {
+pub async fn spend(cache: &Cache, business: &Business, calls: &[LlmCallRecord]) {
     if business.policy.budget.tokens_per_day.is_none() {
         return;
     }
-    let tokens: u64 = decisions
-        .calls
+    let tokens: u64 = calls
         .iter()
         .map(|c| {
             u64::from(c.prompt_tokens.unwrap_or(0)) + u64::from(c.completion_tokens.unwrap_or(0))

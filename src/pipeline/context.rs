@@ -21,6 +21,8 @@ pub struct ContextInputs<'a> {
     pub content: &'a str,
     pub metadata: Option<&'a Map<String, Value>>,
     pub history: Vec<Turn>,
+    /// The conversation's rolling summary.
+    pub summary: &'a str,
     pub extracted: &'a Extracted,
     pub now: DateTime<Utc>,
 }
@@ -47,6 +49,7 @@ pub fn build(i: ContextInputs<'_>) -> Context {
             metadata: i.metadata.cloned().unwrap_or_default(),
         },
         history: i.history,
+        summary: i.summary.to_owned(),
         extracted: with_declared_fields(&i.business.extraction_fields, i.extracted),
         now: i.now.to_rfc3339(),
     }

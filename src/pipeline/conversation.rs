@@ -74,6 +74,8 @@ pub async fn resolve(
                     version: 0,
                     created_at: now,
                     updated_at: now,
+                    summary: String::new(),
+                    summarized_seq: 0,
                 },
                 is_new: true,
                 cached: None,

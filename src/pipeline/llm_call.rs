@@ -20,6 +20,8 @@ pub enum Purpose {
     Selection,
     Extraction,
     Response,
+    /// A conversation's rolling summary (after the reply, in the background).
+    Summary,
 }
 
 impl Purpose {
@@ -28,6 +30,7 @@ impl Purpose {
             Purpose::Selection => "selection",
             Purpose::Extraction => "extraction",
             Purpose::Response => "response",
+            Purpose::Summary => "summary",
         }
     }
 }
@@ -166,6 +169,7 @@ impl<L: LlmService> LlmCaller<'_, L> {
             Purpose::Selection => "llm.selection",
             Purpose::Extraction => "llm.extraction",
             Purpose::Response => "llm.response",
+            Purpose::Summary => "llm.summary",
         };
         let span = tracing::info_span!(
             "llm",

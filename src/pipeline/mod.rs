@@ -40,6 +40,7 @@ pub mod persist;
 pub mod read;
 pub mod respond;
 pub mod select;
+pub mod summary;
 
 use std::time::Instant;
 
@@ -72,6 +73,8 @@ pub enum Processed {
         answer: Answer,
         followers: Vec<(InboundMessage, Answer)>,
         state: Option<crate::cache::CacheWrite>,
+        /// The conversation is due for a summary, to be made once the answer is published.
+        summary: Option<summary::SummaryDue>,
     },
     /// The message was committed earlier (a redelivery or a repeated `message_id` of the same
     /// user): its stored answer, to publish again.
@@ -88,6 +91,7 @@ pub struct MessageHandler<L> {
     retry: RetryPolicy,
     config: Config,
     failpoints: Failpoints,
+    summarizing: summary::InProgress,
 }
 
 impl<L> std::fmt::Debug for MessageHandler<L> {
@@ -100,13 +104,15 @@ impl<L: LlmService> MessageHandler<L> {
     pub fn new(config: Config, store: Store, cache: Cache, llm: L, failpoints: Failpoints) -> Self {
         MessageHandler {
             stages: StageService::new(store.clone(), cache.clone()),
-            templates: TemplateService::new(store.clone(), cache.clone()),
+            templates: TemplateService::new(store.clone(), cache.clone())
+                .with_history_bound(config.llm.context_tokens, &config.llm.default_model),
             retry: RetryPolicy::new(config.retry.clone()),
             store,
             cache,
             llm,
             config,
             failpoints,
+            summarizing: summary::InProgress::default(),
         }
     }
 
@@ -299,6 +305,7 @@ impl<L: LlmService> MessageHandler<L> {
             answer,
             followers,
             state,
+            summary: summary::due(business, &committed.state, &self.config.llm.default_model),
         })
     }
 
@@ -345,7 +352,7 @@ impl<L: LlmService> MessageHandler<L> {
             extraction_limits: extract::Limits::from_config(&self.config.limits),
         };
         let decisions = decide::decide(&phase, business, read).await?;
-        budget::spend(&self.cache, business, &decisions).await;
+        budget::spend(&self.cache, business, &decisions.calls).await;
         Ok(decisions)
     }
 

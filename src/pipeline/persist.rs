@@ -246,6 +246,8 @@ mod tests {
                 version: 3,
                 created_at: now,
                 updated_at: now,
+                summary: String::new(),
+                summarized_seq: 0,
             },
             is_new: false,
             stage: &welcome,

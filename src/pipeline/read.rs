@@ -98,7 +98,7 @@ pub async fn read_from<'b>(
         None if resolved.is_new => (Vec::new(), Extracted::new()),
         None => (
             src.store
-                .history(business.id, conv.id, src.history_turns)
+                .history(business.id, conv.id, src.history_turns, conv.summarized_seq)
                 .await?,
             src.store.extracted(business.id, conv.id).await?,
         ),
@@ -112,6 +112,7 @@ pub async fn read_from<'b>(
         content: &msg.content,
         metadata: msg.metadata.as_ref(),
         history,
+        summary: &conv.summary,
         extracted: &extracted,
         now: Utc::now(),
     });

@@ -13,7 +13,7 @@ use crate::model::{
 macro_rules! conversation_columns {
     () => {
         "SELECT c.id, c.business_id, u.external_id, c.current_stage_id, c.version, c.created_at, \
-         c.updated_at "
+         c.updated_at, c.summary, c.summarized_seq "
     };
 }
 
@@ -37,9 +37,10 @@ pub const LATEST_CONVERSATION: &str = concat!(
      ORDER BY c.updated_at DESC, c.id DESC LIMIT 1"
 );
 
-/// The last `$3` messages of conversation `$2`, oldest first.
+/// The last `$3` messages of conversation `$2` after message `$4` (the last one its summary
+/// covers), oldest first.
 pub const HISTORY: &str = "SELECT role, content FROM (SELECT role, content, seq FROM messages \
-     WHERE business_id = $1 AND conversation_id = $2 ORDER BY seq DESC LIMIT $3) t \
+     WHERE business_id = $1 AND conversation_id = $2 AND seq > $4 ORDER BY seq DESC LIMIT $3) t \
      ORDER BY seq ASC";
 
 /// The extracted data of conversation `$2`.
@@ -76,6 +77,8 @@ fn conversation_from_row(r: &Row) -> Conversation {
         version: r.get(4),
         created_at: r.get(5),
         updated_at: r.get(6),
+        summary: r.get(7),
+        summarized_seq: r.get(8),
     }
 }
 
@@ -119,12 +122,13 @@ impl Store {
             .map(conversation_from_row))
     }
 
-    /// The last `limit` messages of a conversation, oldest first.
+    /// The last `limit` messages of a conversation after message `after_seq`, oldest first.
     pub async fn history(
         &self,
         business_id: Uuid,
         conversation_id: Uuid,
         limit: usize,
+        after_seq: i64,
     ) -> Result<Vec<Turn>, StoreError> {
         let client = self.client().await?;
         let stmt = client.prepared(HISTORY).await?;
@@ -133,7 +137,7 @@ impl Store {
                 &client,
                 business_id,
                 &stmt,
-                &[&business_id, &conversation_id, &(limit as i64)],
+                &[&business_id, &conversation_id, &(limit as i64), &after_seq],
             )
             .await?;
         Ok(rows

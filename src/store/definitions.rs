@@ -13,9 +13,11 @@ impl Store {
         let client = self.client().await?;
         let stmt = client
             .prepared(
-                "SELECT b.name, b.policy, t.id FROM businesses b \
+                "SELECT b.name, b.policy, t.id, s.id FROM businesses b \
                  LEFT JOIN templates t ON t.business_id = b.id AND t.kind = 'fallback' \
                  AND t.name = b.policy -> 'budget' ->> 'throttled_template' \
+                 LEFT JOIN templates s ON s.business_id = b.id AND s.kind = 'summary' \
+                 AND s.name = b.policy -> 'history' ->> 'summary_template' \
                  WHERE b.id = $1",
             )
             .await?;
@@ -37,6 +39,7 @@ impl Store {
             Policy::default()
         });
         let throttled_template_id: Option<Uuid> = row.get(2);
+        let summary_template_id: Option<Uuid> = row.get(3);
         let stmt = client
             .prepared(
                 "SELECT id, name, description, is_initial, next_stages FROM stages \
@@ -68,6 +71,7 @@ impl Store {
             extraction_fields,
             policy,
             throttled_template_id,
+            summary_template_id,
         }))
     }
 
@@ -107,7 +111,7 @@ impl Store {
         let stmt = client
             .prepared(
                 "SELECT id, business_id, name, kind, system, body, model, temperature, max_tokens, \
-                 output_schema, version, models FROM templates WHERE business_id = $1 AND id = $2",
+                 output_schema, version, models, context_tokens FROM templates WHERE business_id = $1 AND id = $2",
             )
             .await?;
         self.scoped(&client, business_id, &stmt, &[&business_id, &template_id])
@@ -135,6 +139,7 @@ fn template_from_row(r: Row) -> Result<TemplateRecord, StoreError> {
         output_schema: r.get(9),
         version: r.get(10),
         models: r.get(11),
+        context_tokens: r.get(12),
     })
 }
 

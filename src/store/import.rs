@@ -82,19 +82,21 @@ async fn upsert_templates(
     let upsert = tx
         .prepare(
             "INSERT INTO templates (business_id, name, kind, system, body, model, temperature, \
-             max_tokens, output_schema, models) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             max_tokens, output_schema, models, context_tokens) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (business_id, name) DO UPDATE SET kind = EXCLUDED.kind, \
              system = EXCLUDED.system, body = EXCLUDED.body, model = EXCLUDED.model, \
              temperature = EXCLUDED.temperature, max_tokens = EXCLUDED.max_tokens, \
              output_schema = EXCLUDED.output_schema, models = EXCLUDED.models, \
+             context_tokens = EXCLUDED.context_tokens, \
              version = templates.version + 1, \
              updated_at = EXCLUDED.updated_at \
              WHERE (templates.kind, templates.system, templates.body, templates.model, \
              templates.temperature, templates.max_tokens, templates.output_schema, \
-             templates.models) \
+             templates.models, templates.context_tokens) \
              IS DISTINCT FROM (EXCLUDED.kind, EXCLUDED.system, EXCLUDED.body, EXCLUDED.model, \
              EXCLUDED.temperature, EXCLUDED.max_tokens, EXCLUDED.output_schema, \
-             EXCLUDED.models) \
+             EXCLUDED.models, EXCLUDED.context_tokens) \
              RETURNING id, version, (xmax = 0) AS inserted",
         )
         .await?;
@@ -117,6 +119,7 @@ async fn upsert_templates(
                     &t.max_tokens,
                     &t.output_schema,
                     &t.models,
+                    &t.context_tokens,
                 ],
             )
             .await?;

@@ -41,6 +41,7 @@ pub const DEAD_LETTER_FILL_RATIO: &str = "icmp_dead_letter_fill_ratio";
 pub const STRUCTURED_OUTPUT_DOWNGRADES_TOTAL: &str = "icmp_llm_structured_output_downgrades_total";
 pub const LLM_FALLBACKS_TOTAL: &str = "icmp_llm_fallbacks_total";
 pub const PARTIALS_TOTAL: &str = "icmp_partial_replies_total";
+pub const SUMMARIES_TOTAL: &str = "icmp_conversation_summaries_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -106,6 +107,10 @@ fn describe() {
         LLM_FALLBACKS_TOTAL,
         "LLM calls moved from one entry of a template's model chain to the next, by purpose, the \
          endpoint left and the reason (failure, circuit_open)."
+    );
+    describe_counter!(
+        SUMMARIES_TOTAL,
+        "Conversation summaries attempted after a reply, by outcome (saved, skipped, failed)."
     );
     describe_counter!(
         PARTIALS_TOTAL,
@@ -287,6 +292,12 @@ pub fn llm_fallback(purpose: &'static str, endpoint: &str, reason: &'static str)
     counter!(LLM_FALLBACKS_TOTAL, "purpose" => purpose, "endpoint" => endpoint.to_owned(),
         "reason" => reason)
     .increment(1);
+}
+
+/// A conversation summary: `saved`, `skipped` (nothing to fold, or another summariser won) or
+/// `failed`.
+pub fn summary(outcome: &'static str) {
+    counter!(SUMMARIES_TOTAL, "outcome" => outcome).increment(1);
 }
 
 /// A partial reply, `published` or `failed`.

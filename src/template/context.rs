@@ -19,8 +19,11 @@ pub struct Context {
     pub stage: StageVars,
     pub stages: Vec<StageVars>,
     pub message: MessageVars,
-    /// Earlier turns, oldest first.
+    /// Earlier turns, oldest first (those after the summary; bounded by the template's
+    /// `context_tokens`).
     pub history: Vec<Turn>,
+    /// The rolling summary of the turns before `history` (empty: none yet).
+    pub summary: String,
     /// Every field the business's extraction schemas declare (`null` until known), merged with
     /// what has been extracted so far.
     pub extracted: Extracted,
@@ -126,6 +129,7 @@ impl Context {
                     content: "Hello! How can I help?".into(),
                 },
             ],
+            summary: "The user asked about opening hours earlier.".into(),
             extracted,
             now: Utc::now().to_rfc3339(),
         }

@@ -383,7 +383,10 @@ impl<L: LlmService> Worker<L> {
                 answer,
                 followers: answered,
                 state,
+                summary,
             }) => {
+                // Made once the answer is published (the finish below), off its path.
+                let _later = summary.map(|due| Later(&self.handler, due));
                 if self
                     .handler
                     .failpoints()
@@ -827,5 +830,18 @@ impl<L: LlmService> Worker<L> {
                 EntryOutcome::RetryLater
             }
         }
+    }
+}
+
+/// Starts a conversation's summary when dropped: after the finish that publishes the answer,
+/// whichever way the function returns.
+struct Later<'a, L: LlmService>(
+    &'a Arc<MessageHandler<L>>,
+    crate::pipeline::summary::SummaryDue,
+);
+
+impl<L: LlmService> Drop for Later<'_, L> {
+    fn drop(&mut self) {
+        self.0.summarize_later(self.1.clone());
     }
 }

@@ -74,7 +74,7 @@ async fn a_broken_template_rejects_the_file_naming_template_and_line() {
     assert!(matches!(err, ImportError::Definition { .. }));
     assert!(text.contains("welcome_reply"), "{text}");
     assert!(
-        text.contains("welcome_reply.body:2:"),
+        text.contains("welcome_reply.body:3:"),
         "line missing: {text}"
     );
     assert_eq!(count(&store, "SELECT count(*) FROM businesses").await, 0);
@@ -168,7 +168,7 @@ async fn reimport_bumps_only_changed_templates() {
             );
         }
     }
-    assert_eq!(count(&store, "SELECT count(*) FROM templates").await, 7);
+    assert_eq!(count(&store, "SELECT count(*) FROM templates").await, 8);
     assert_eq!(count(&store, "SELECT count(*) FROM stages").await, 3);
     assert_eq!(
         count(&store, "SELECT count(*) FROM templates WHERE body LIKE '%two sentences%' OR system LIKE '%two sentences%'").await,
@@ -371,6 +371,7 @@ fn demo_prompts_render_as_reviewed() {
                     content: "Hello Alice! How can I help?".into(),
                 },
             ],
+            summary: "",
             extracted: &extracted,
             now,
         });

@@ -19,6 +19,7 @@ mod console_browser;
 mod edges;
 mod foundation;
 mod helpers;
+mod history;
 mod injection;
 mod isolation;
 mod llm_client;
