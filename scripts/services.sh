@@ -355,7 +355,7 @@ llm_up() {
   llm_install
   mkdir -p "$log_dir"
   nohup "$llm_venv/bin/python" -m llama_cpp.server --model "$(llm_model)" --model_alias smollm2 \
-    --host 127.0.0.1 --port "$llm_port" --n_ctx 4096 --n_threads 2 \
+    --host 127.0.0.1 --port "$llm_port" --n_ctx 4096 --n_threads 2 --interrupt_requests false \
     >"$log_dir/llm-$llm_port.log" 2>&1 </dev/null 9>&- &
   echo $! >"$local_dir/llm-$llm_port.pid"
   for _ in $(seq 1 600); do llm_ok && break; sleep 0.2; done

@@ -77,6 +77,7 @@ struct WireChunk {
 struct WireChunkChoice {
     #[serde(default)]
     delta: WireDelta,
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -259,6 +260,9 @@ impl OpenAiClient {
         let mut model = String::new();
         let mut usage: Option<WireUsage> = None;
         let mut done = false;
+        // Whether a chunk said why the answer ended: a stream that reaches `[DONE]` without one
+        // was cut short (llama-cpp-python ends an interrupted stream that way).
+        let mut finished = false;
         while !done {
             let Some(chunk) = response
                 .chunk()
@@ -292,21 +296,19 @@ impl OpenAiClient {
                 if chunk.usage.is_some() {
                     usage = chunk.usage;
                 }
-                if let Some(delta) = chunk
-                    .choices
-                    .into_iter()
-                    .next()
-                    .and_then(|c| c.delta.content)
-                    .filter(|d| !d.is_empty())
-                {
+                let Some(choice) = chunk.choices.into_iter().next() else {
+                    continue;
+                };
+                finished |= choice.finish_reason.is_some();
+                if let Some(delta) = choice.delta.content.filter(|d| !d.is_empty()) {
                     content.push_str(&delta);
                     partial.send_modify(|text| text.push_str(&delta));
                 }
             }
         }
-        if !done {
+        if !done || !finished {
             return Err(LlmError::MalformedResponse(
-                "the stream ended before [DONE]".into(),
+                "the stream ended before the answer did".into(),
             ));
         }
         Ok(ChatResponse {

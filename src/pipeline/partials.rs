@@ -8,7 +8,10 @@
 //! while the call runs and before the call returns, so every partial precedes the final reply,
 //! which the fenced finish still publishes exactly once. A failed publication is counted and
 //! skipped; nothing waits for it beyond the call. A message answered from storage, by a
-//! fallback or throttled template, or by an endpoint that cannot stream gets no partials.
+//! fallback or throttled template (an empty answer included: partials start with the first
+//! visible text), or by an endpoint that cannot stream gets no partials; a call that fails
+//! after streaming part of an answer leaves the partials it published, and its final reply
+//! (then a fallback) replaces them, as every final reply does.
 
 use std::time::Duration;
 
@@ -87,7 +90,9 @@ impl Partials {
                 changed = text.changed() => if changed.is_err() { return sequence },
             }
             let now = text.borrow_and_update().clone();
-            if now.is_empty() || now == last {
+            // Nothing visible yet (a model may open with whitespace, or answer nothing, which
+            // falls back): no partial.
+            if now.trim().is_empty() || now == last {
                 continue;
             }
             sequence += 1;

@@ -13,24 +13,24 @@ use crate::store::write_set::LlmCallRecord;
 /// The most turns one summary folds (older unsummarised turns wait for the next one).
 pub const MAX_FOLD: i64 = 200;
 
-const UNSUMMARIZED: &str = "\
+/// The summary, the last message it covers and the messages after it (at most `$3`).
+pub const UNSUMMARIZED: &str = "\
 SELECT c.summary, c.summarized_seq, m.seq, m.role, m.content
   FROM conversations AS c
-  LEFT JOIN LATERAL (SELECT seq, role, content FROM messages
-                      WHERE business_id = c.business_id AND conversation_id = c.id
-                        AND seq > c.summarized_seq
-                      ORDER BY seq LIMIT $3) AS m ON true
+  LEFT JOIN messages AS m ON m.business_id = c.business_id AND m.conversation_id = c.id
+                          AND m.seq > c.summarized_seq
  WHERE c.business_id = $1 AND c.id = $2
- ORDER BY m.seq";
+ ORDER BY m.seq
+ LIMIT $3";
 
 /// The summary replaced only when it is still the one the summariser read.
-const SAVE: &str = "\
+pub const SAVE: &str = "\
 UPDATE conversations SET summary = $3, summarized_seq = $4
  WHERE business_id = $1 AND id = $2 AND summarized_seq = $5
 RETURNING id";
 
 /// The calls that made it, when the summary is the one just saved.
-const CALLS: &str = "\
+pub const CALLS: &str = "\
 INSERT INTO llm_calls (id, business_id, conversation_id, message_id, purpose, template_id,
                        template_version, model, prompt, output, prompt_tokens,
                        completion_tokens, latency_ms, outcome, log_id, endpoint, response_format)

@@ -239,7 +239,7 @@ async fn assert_one_task_on(db: &tokio_postgres::Client, sql: &str, port: i32) {
 
 #[tokio::test]
 async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
-    use icmp::store::{conversations as c, write_set};
+    use icmp::store::{conversations as c, summaries, write_set};
     let url = citus_database().await;
     let app = helpers::spawn_app_with(icmp::llm::mock::MockOptions::default(), |cfg| {
         cfg.database.url = icmp::config::RedactedUrl::new(url.clone());
@@ -294,7 +294,17 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
         (c::LATEST_CONVERSATION, vec![b.clone(), "'alice'".into()]),
         (
             c::HISTORY,
-            vec![b.clone(), format!("'{conversation}'::uuid"), "20".into()],
+            vec![
+                b.clone(),
+                format!("'{conversation}'::uuid"),
+                "20".into(),
+                "0".into(),
+            ],
+        ),
+        // The summariser's read (not on a message's path, but one task as well).
+        (
+            summaries::UNSUMMARIZED,
+            vec![b.clone(), format!("'{conversation}'::uuid"), "200".into()],
         ),
         (
             c::EXTRACTED,
@@ -347,6 +357,33 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
             assert_one_task_on(&db, &sql, port).await;
         }
     }
+    // The summary's save: the conversation, then its call rows through it.
+    let save = [
+        b.clone(),
+        format!("'{conversation}'::uuid"),
+        "'a summary'".into(),
+        "4".into(),
+        "0".into(),
+    ];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(summaries::SAVE, |n| save[n - 1].clone()),
+        port,
+    )
+    .await;
+    let insert = [
+        b.clone(),
+        format!("'{conversation}'::uuid"),
+        id(),
+        calls.replace("response", "summary"),
+        "4".into(),
+    ];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(summaries::CALLS, |n| insert[n - 1].clone()),
+        port,
+    )
+    .await;
 }
 
 /// A Citus cluster of one test's own (`scripts/services.sh citus` from `port`: coordinator on

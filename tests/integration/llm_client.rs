@@ -407,3 +407,56 @@ async fn an_error_body_echoing_the_key_never_carries_it_on() {
     assert!(!text.contains("sk-test-key"), "{text}");
     assert!(text.contains("invalid key: Bearer ***"), "{text}");
 }
+
+fn event_stream(chunks: &[serde_json::Value]) -> String {
+    let mut body: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+    body.push_str("data: [DONE]\n\n");
+    body
+}
+
+/// A streamed answer grows the text so far chunk by chunk, and the usage chunk gives the
+/// tokens; a stream that reaches `[DONE]` without a finish reason (an interrupted one) is
+/// an error, retried like a broken body, not a short answer.
+#[tokio::test]
+async fn a_streamed_answer_is_read_chunk_by_chunk_and_a_cut_one_is_an_error() {
+    let chunk = |delta: serde_json::Value, finish: serde_json::Value| json!({"model": "m-1", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+    let whole = event_stream(&[
+        chunk(json!({"role": "assistant"}), serde_json::Value::Null),
+        chunk(json!({"content": "Hello"}), serde_json::Value::Null),
+        chunk(json!({"content": " there"}), serde_json::Value::Null),
+        chunk(json!({}), json!("stop")),
+        json!({"model": "m-1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}),
+    ]);
+    let cut = event_stream(&[
+        chunk(json!({"role": "assistant"}), serde_json::Value::Null),
+        chunk(json!({"content": "Hel"}), serde_json::Value::Null),
+    ]);
+    let server = MockServer::start().await;
+    Mock::given(body_partial_json(
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    ))
+    .respond_with(ResponseTemplate::new(200).set_body_raw(whole, "text/event-stream"))
+    .up_to_n_times(1)
+    .mount(&server)
+    .await;
+    Mock::given(body_partial_json(json!({"stream": true})))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(cut, "text/event-stream"))
+        .mount(&server)
+        .await;
+    let c = client(&server, 2000);
+    let (text, _seen) = tokio::sync::watch::channel(String::new());
+    let r = c
+        .chat_streamed(&request(false), &text)
+        .await
+        .expect("streamed");
+    assert_eq!(r.content, "Hello there");
+    assert_eq!(*text.borrow(), "Hello there");
+    assert_eq!((r.prompt_tokens, r.completion_tokens), (Some(7), Some(2)));
+    assert_eq!(r.model, "m-1");
+    let e = c
+        .chat_streamed(&request(false), &text)
+        .await
+        .expect_err("cut short");
+    assert!(matches!(e, LlmError::MalformedResponse(_)), "{e:?}");
+    assert!(e.is_retryable());
+}

@@ -290,7 +290,9 @@ async fn the_mock_takes_over_when_the_real_server_stops_mid_conversation() {
 }
 
 /// A business that streams its replies, answered by the real server: the text so far arrives in
-/// partials before the one final reply, whose text they begin.
+/// partials before the one final reply, whose text they begin. (A small model may answer with
+/// nothing at all, which falls back: then no partial is published. Up to three messages are
+/// sent until one is answered by the model.)
 #[tokio::test]
 async fn a_real_models_streamed_reply_arrives_in_partials_before_the_final_reply() {
     let (url, model) = real_llm().clone();
@@ -302,17 +304,134 @@ async fn a_real_models_streamed_reply_arrives_in_partials_before_the_final_reply
     })
     .await;
     let business = crate::streamed_replies::streaming_business(&app).await;
-    app.send_to(
-        &business,
-        "lin",
-        "stream-0",
-        "Hello! Could you tell me about your clinic and how to book a visit?",
+    let mut answered = 0;
+    for i in 0..3 {
+        let key = format!("stream-{i}");
+        app.send_to(
+            &business,
+            "lin",
+            &key,
+            "Hello! Could you tell me about your clinic and its opening hours?",
+        )
+        .await;
+        let reply = app.reply(&key).await;
+        app.settle(std::time::Duration::from_secs(30)).await;
+        let entries = crate::streamed_replies::entries_of(&app, &key).await;
+        if reply["status"] == "fallback" {
+            assert_eq!(entries.len(), 1, "a fallback has no partial: {entries:?}");
+            continue;
+        }
+        assert_eq!(reply["status"], "ok", "{reply:?}");
+        let partials = crate::streamed_replies::check_partials(&entries, 50);
+        assert!(partials >= 1, "{entries:?}");
+        answered += 1;
+        break;
+    }
+    assert_eq!(answered, 1, "the model answered one of three messages");
+}
+
+/// History that fits, with the real model: the welcome reply's history is bounded to 1,000
+/// tokens, and after every reply the conversation's turns but the newest two are folded into a
+/// summary the model writes. Each summary is waited for before the next message, so the prompt
+/// of the fourth message carries the summary of the first two exchanges and only the turns
+/// after it; every summary call is recorded with the server's token counts.
+#[tokio::test]
+async fn a_real_model_summarises_older_turns_and_the_next_prompt_carries_the_summary() {
+    let (url, model) = real_llm().clone();
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.llm.base_url = url;
+        c.llm.default_model = model;
+        c.llm.request_timeout_ms = 120_000;
+    })
+    .await;
+    let id = uuid::Uuid::new_v4().to_string();
+    helpers::import_demo_copy(
+        &app.config,
+        &id,
+        &[
+            (
+                "initial_stage = \"welcome\"\n",
+                "initial_stage = \"welcome\"\n\n[business.history]\nsummary_template = \
+                 \"summarize\"\nsummarize_after_tokens = 1\nkeep_turns = 2\n",
+            ),
+            (
+                "name = \"welcome_reply\"\n",
+                "name = \"welcome_reply\"\ncontext_tokens = 1000\n",
+            ),
+        ],
     )
     .await;
-    let reply = app.reply("stream-0").await;
-    assert_eq!(reply["status"], "ok", "{reply:?}");
-    app.settle(std::time::Duration::from_secs(30)).await;
-    let entries = crate::streamed_replies::entries_of(&app, "stream-0").await;
-    let partials = crate::streamed_replies::check_partials(&entries, 50);
-    assert!(partials >= 1, "{entries:?}");
+    let summary_now = async || -> (String, i64) {
+        let row = app
+            .db()
+            .await
+            .query_one("SELECT summary, summarized_seq FROM conversations", &[])
+            .await
+            .expect("conversation");
+        (row.get(0), row.get(1))
+    };
+    let texts = [
+        "Hi, what are your opening hours?",
+        "Do you also work on Saturdays?",
+        "Where is the clinic exactly?",
+    ];
+    for (i, text) in texts.iter().enumerate() {
+        app.send_to(&id, "mia", &format!("sum-{i}"), text).await;
+        let reply = app.reply(&format!("sum-{i}")).await;
+        assert_eq!(reply["status"], "ok", "{reply:?}");
+        // After exchange k (from 1) the summary covers every message but the newest two.
+        let expected = 2 * (i as i64 + 1) - 2;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        while summary_now().await.1 != expected {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "summary after message {i}: {:?}",
+                summary_now().await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let (summary, upto) = summary_now().await;
+    assert_eq!(upto, 4);
+    assert!(!summary.is_empty());
+    let calls: Vec<(String, String, Option<i32>)> = app
+        .db()
+        .await
+        .query(
+            "SELECT outcome, endpoint, prompt_tokens FROM llm_calls WHERE purpose = 'summary'",
+            &[],
+        )
+        .await
+        .expect("calls")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for c in &calls {
+        assert_eq!((c.0.as_str(), c.1.as_str()), ("ok", "default"));
+        assert!(c.2.is_some_and(|t| t > 0), "{calls:?}");
+    }
+    app.send_to(
+        &id,
+        "mia",
+        "sum-3",
+        "Thanks, and how do I get there by bus?",
+    )
+    .await;
+    assert_eq!(app.reply("sum-3").await["status"], "ok");
+    let prompt = app.prompt_of("sum-3", "response").await;
+    assert!(
+        prompt.contains(&format!("Earlier in this conversation: {summary}")),
+        "{prompt}"
+    );
+    // (The summary may quote them; the history lines may not.)
+    assert!(
+        !prompt.contains(&format!("user: {}", texts[0]))
+            && !prompt.contains(&format!("user: {}", texts[1])),
+        "the first two exchanges are folded: {prompt}"
+    );
+    assert!(
+        prompt.contains(&format!("user: {}", texts[2])),
+        "the third is kept: {prompt}"
+    );
 }
