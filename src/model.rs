@@ -451,4 +451,56 @@ mod tests {
         stage.next = Some(Vec::new());
         assert!(!stage.may_move_to(b), "an empty list: nowhere");
     }
+
+    /// Values the previous release cached in Redis (its exact JSON) are read by this one: the
+    /// fields this release added take their defaults, nothing is refused.
+    #[test]
+    fn the_previous_releases_cached_values_are_read() {
+        let state: ConversationState = serde_json::from_str(
+            r#"{"conversation": {"id": "00000000-0000-0000-0000-000000000001",
+                "business_id": "00000000-0000-0000-0000-000000000002",
+                "user_external_id": "ann", "stage_id": "00000000-0000-0000-0000-000000000003",
+                "version": 4, "created_at": "2026-12-01T10:00:00Z",
+                "updated_at": "2026-12-01T10:05:00Z"},
+              "extracted": {"name": "Ann"},
+              "history": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+              "window": 20, "recent_keys": ["m1"]}"#,
+        )
+        .expect("a cached state of the previous release");
+        assert_eq!(state.conversation.version, 4);
+        assert_eq!(
+            (
+                state.conversation.summary.as_str(),
+                state.conversation.summarized_seq
+            ),
+            ("", 0)
+        );
+        assert_eq!(state.history.len(), 2);
+        let template: TemplateRecord = serde_json::from_str(
+            r#"{"id": "00000000-0000-0000-0000-000000000004",
+                "business_id": "00000000-0000-0000-0000-000000000002", "name": "welcome_reply",
+                "kind": "response", "system": "", "body": "hi", "model": "mock-1",
+                "temperature": null, "max_tokens": null, "output_schema": null, "version": 2}"#,
+        )
+        .expect("a cached template of the previous release");
+        assert_eq!(template.model.as_deref(), Some("mock-1"));
+        assert!(template.models.is_empty());
+        assert_eq!(template.context_tokens, None);
+        let business: Business = serde_json::from_str(
+            r#"{"id": "00000000-0000-0000-0000-000000000002", "name": "demo",
+                "initial_stage_id": "00000000-0000-0000-0000-000000000003", "stages": [],
+                "extraction_fields": [], "policy": {"burst": {"policy": "queue", "window_ms": 0},
+                "budget": {"messages_per_minute": null, "tokens_per_day": null,
+                "max_in_flight": null, "throttled_template": null}},
+                "throttled_template_id": null}"#,
+        )
+        .expect("a cached business of the previous release");
+        assert_eq!(business.policy.replies, Replies::default());
+        assert_eq!(business.policy.history, History::default());
+        assert_eq!(business.summary_template_id, None);
+        // And a policy this release writes for a business that uses neither reads as the
+        // previous release wrote it (its workers refuse unknown keys).
+        let written = serde_json::to_value(&business.policy).expect("policy");
+        assert!(written.get("replies").is_none() && written.get("history").is_none());
+    }
 }

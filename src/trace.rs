@@ -214,11 +214,12 @@ impl std::fmt::Display for Trace {
             let get = |k: &str| c.get(k).map(|v| v.to_string()).unwrap_or_default();
             writeln!(
                 f,
-                "llm call {} · template {} v{} · model {} · {} ms · tokens {}/{} · {}",
+                "llm call {} · template {} v{} · model {} on {} · {} ms · tokens {}/{} · {}",
                 get("purpose"),
                 get("template"),
                 get("template_version"),
                 get("model"),
+                get("endpoint"),
                 get("latency_ms"),
                 get("prompt_tokens"),
                 get("completion_tokens"),

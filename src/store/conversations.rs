@@ -406,8 +406,8 @@ impl Store {
         let calls = client
             .prepared(
                 "SELECT to_jsonb(x) FROM (SELECT c.purpose, t.name AS template, \
-                 c.template_version, c.model, c.latency_ms, c.prompt_tokens, \
-                 c.completion_tokens, c.outcome, c.created_at FROM llm_calls c \
+                 c.template_version, c.model, c.endpoint, c.response_format, c.latency_ms, \
+                 c.prompt_tokens, c.completion_tokens, c.outcome, c.created_at FROM llm_calls c \
                  LEFT JOIN templates t ON t.business_id = c.business_id AND t.id = c.template_id \
                  WHERE c.message_id = $1 ORDER BY c.id) x",
             )
