@@ -77,6 +77,32 @@ pub struct Config {
     pub cache: CacheConfig,
     pub retry: RetryConfig,
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub actions: ActionsConfig,
+}
+
+/// `[actions]`: the dispatcher of stage actions (`crate::actions::dispatcher`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActionsConfig {
+    /// How often due rows are looked for (besides right after a commit that wrote some).
+    pub poll_ms: u64,
+    /// Requests in flight at once, per process.
+    pub concurrency: usize,
+    /// The wait before the second attempt; it doubles with each attempt, up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for ActionsConfig {
+    fn default() -> Self {
+        ActionsConfig {
+            poll_ms: 1_000,
+            concurrency: 16,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 300_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -44,6 +44,7 @@
 //! The `icmp` binary's command line is `src/cli/`, one module per command.
 
 #[cfg(feature = "bench")]
+pub mod actions;
 pub mod bench;
 pub mod business;
 pub mod cache;

@@ -88,6 +88,24 @@ pub struct Policy {
     /// The rolling summary of long conversations. (Left out when default, as `replies`.)
     #[serde(skip_serializing_if = "History::is_default")]
     pub history: History,
+    /// Stage actions' signing. (Left out when default, as `replies`.)
+    #[serde(skip_serializing_if = "Actions::is_default")]
+    pub actions: Actions,
+}
+
+/// `[business.actions]`: how the business's action requests are signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Actions {
+    /// The environment variable holding the HMAC-SHA256 key every request is signed with
+    /// (required when a stage has actions).
+    pub secret_env: Option<String>,
+}
+
+impl Actions {
+    fn is_default(&self) -> bool {
+        *self == Actions::default()
+    }
 }
 
 /// `[business.history]`: when a conversation's history is folded into its rolling summary.
@@ -142,6 +160,54 @@ impl Policy {
     }
 }
 
+/// When a stage action fires (`on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionTrigger {
+    /// On the message that brings the conversation into the stage (a new conversation's first
+    /// message enters its initial stage).
+    Enter,
+    /// On the message after which every field of `fields` is known, in the stage, for the
+    /// first time.
+    FieldsComplete,
+    /// On every message answered in the stage.
+    Message,
+}
+
+/// A stage action (`[[stages.actions]]`): an HTTP `POST` of a JSON body rendered from the
+/// message's template context, written to the outbox with the message and delivered by the
+/// dispatcher (docs/templates.md, "Stage actions").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionDef {
+    pub name: String,
+    pub on: ActionTrigger,
+    /// The fields `fields_complete` waits for.
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// The URL, as configured (never a template); or `url_env`, the variable holding it.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// An `upon` template of the context that renders to JSON (`{{ x | json }}` quotes a value).
+    pub body: String,
+    /// How long one request may take.
+    #[serde(default = "default_action_timeout_ms")]
+    pub timeout_ms: u32,
+    /// Attempts before the request is given up (`dead`).
+    #[serde(default = "default_action_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_action_timeout_ms() -> u32 {
+    5_000
+}
+
+fn default_action_attempts() -> u32 {
+    8
+}
+
 /// Name and description of a stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageInfo {
@@ -151,6 +217,9 @@ pub struct StageInfo {
     /// The stages selection may move to from this one; `None`: any.
     #[serde(default)]
     pub next: Option<Vec<Uuid>>,
+    /// Its actions.
+    #[serde(default)]
+    pub actions: Vec<ActionDef>,
 }
 
 impl StageInfo {
@@ -255,6 +324,7 @@ pub struct StageDefinition {
     pub fallback_template: Option<String>,
     /// Stage names selection may move to (`None`: any).
     pub transitions: Option<Vec<String>>,
+    pub actions: Vec<ActionDef>,
 }
 
 /// A conversation's row.
@@ -439,6 +509,7 @@ mod tests {
             name: "a".into(),
             description: String::new(),
             next: None,
+            actions: Vec::new(),
         };
         assert!(
             stage.may_move_to(b) && stage.may_move_to(c),

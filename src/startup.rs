@@ -203,6 +203,8 @@ pub struct Application {
     /// During a move between shard layouts: the switch, and the marker that flips it.
     switch: Option<(Arc<Switch>, String)>,
     telemetry: Option<TcpListener>,
+    /// Delivers the stage actions' outbox.
+    actions: crate::actions::dispatcher::Dispatcher,
 }
 
 impl std::fmt::Debug for Application {
@@ -240,11 +242,18 @@ impl Application {
                     .map_err(StartupError::Telemetry)?,
             )
         };
+        let actions = crate::actions::dispatcher::Dispatcher::new(
+            deps.store.clone(),
+            config.actions.clone(),
+            workers[0].handler().actions_wake(),
+        )
+        .map_err(|e| StartupError::Unsupported(format!("the actions' HTTP client: {e}")))?;
         Ok(Application {
             deps,
             workers,
             switch,
             telemetry,
+            actions,
         })
     }
 
@@ -299,8 +308,10 @@ impl Application {
             let conn = self.deps.redis.clone();
             tokio::spawn(switch.watch(conn, marker, endpoint_stop.clone()));
         }
+        let actions = tokio::spawn(self.actions.run(stop.clone()));
         let runs = self.workers.into_iter().map(|w| w.run(stop.clone()));
         futures::future::join_all(runs).await;
+        let _ = actions.await;
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
         }

@@ -116,6 +116,9 @@ pub struct BusinessDef {
     /// `[business.history]`: `summary_template`, `summarize_after_tokens`, `keep_turns`.
     #[serde(default)]
     pub history: crate::model::History,
+    /// `[business.actions]`: `secret_env`.
+    #[serde(default)]
+    pub actions: crate::model::Actions,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +136,9 @@ pub struct StageDef {
     /// (`validation.stage_transition`), whatever the user wrote.
     #[serde(default)]
     pub transitions: Option<Vec<String>>,
+    /// `[[stages.actions]]`: webhooks the stage fires.
+    #[serde(default)]
+    pub actions: Vec<crate::model::ActionDef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +193,7 @@ impl Definition {
                 budget: self.business.budget.clone(),
                 replies: self.business.replies,
                 history: self.business.history.clone(),
+                actions: self.business.actions.clone(),
             },
             stages: self
                 .stages
@@ -199,6 +206,7 @@ impl Definition {
                     response_template: s.response_template.clone(),
                     fallback_template: s.fallback_template.clone(),
                     transitions: s.transitions.clone(),
+                    actions: s.actions.clone(),
                 })
                 .collect(),
             templates: self
@@ -406,6 +414,82 @@ impl Definition {
     /// Every variable of every template branch checked against the context's shape, and
     /// every template compiled and rendered against a sample context; what fails goes to
     /// `problems`.
+    /// Actions: unique names, one URL (`url` or `url_env`, http or https, no credentials in it),
+    /// the fields `fields_complete` waits for declared by an extraction schema, sane limits, a
+    /// signing secret, and a body whose every variable exists and that renders to JSON.
+    fn action_problems(
+        &self,
+        engine: &upon::Engine<'static>,
+        sample: &Context,
+        problems: &mut Vec<String>,
+    ) {
+        let declared = self.extraction_fields();
+        let shape = serde_json::to_value(sample).unwrap_or_default();
+        let mut names = HashSet::new();
+        for stage in &self.stages {
+            for a in &stage.actions {
+                let at = format!("stage `{}` action `{}`", stage.name, a.name);
+                if a.name.trim().is_empty() {
+                    problems.push(format!(
+                        "stage `{}`: an action has an empty name",
+                        stage.name
+                    ));
+                }
+                if !names.insert(a.name.as_str()) {
+                    problems.push(format!("{at}: action names must be unique in the business"));
+                }
+                match (&a.url, &a.url_env) {
+                    (Some(url), None) => {
+                        if !(url.starts_with("http://") || url.starts_with("https://"))
+                            || reqwest::Url::parse(url).is_err()
+                        {
+                            problems.push(format!("{at}: url is not an http(s) URL"));
+                        } else if crate::config::RedactedUrl::new(url.clone()).has_secret() {
+                            problems.push(format!(
+                                "{at}: url carries a secret; name its variable in url_env"
+                            ));
+                        }
+                    }
+                    (None, Some(var)) if !var.trim().is_empty() => {}
+                    _ => problems.push(format!("{at}: give url or url_env, one of them")),
+                }
+                if a.on == crate::model::ActionTrigger::FieldsComplete && a.fields.is_empty() {
+                    problems.push(format!("{at}: on = \"fields_complete\" needs fields"));
+                }
+                for f in &a.fields {
+                    if !declared.contains(f) {
+                        problems.push(format!(
+                            "{at}: field `{f}` is not declared by any extraction schema"
+                        ));
+                    }
+                }
+                if a.timeout_ms == 0 || a.timeout_ms > 60_000 {
+                    problems.push(format!("{at}: timeout_ms must be 1 to 60000"));
+                }
+                if a.max_attempts == 0 || a.max_attempts > 100 {
+                    problems.push(format!("{at}: max_attempts must be 1 to 100"));
+                }
+                for u in template::variables::unknown_variables(&a.body, &shape) {
+                    problems.push(format!(
+                        "{at} body line {}: unknown variable `{}`",
+                        u.line, u.path
+                    ));
+                }
+                match crate::actions::render_body(engine, &a.body, sample) {
+                    Ok(_) => {}
+                    Err(e) => problems.push(format!("{at}: {e}")),
+                }
+            }
+        }
+        if !names.is_empty() && self.business.actions.secret_env.is_none() {
+            problems.push(
+                "stages have actions: [business.actions] secret_env must name the variable \
+                 holding their signing key"
+                    .into(),
+            );
+        }
+    }
+
     fn render_problems(&self, problems: &mut Vec<String>) {
         let stages: Vec<StageVars> = self
             .stages
@@ -432,6 +516,7 @@ impl Definition {
             Err(e) => problems.push(format!("the sample context does not serialise: {e}")),
         }
         let engine = template::engine();
+        self.action_problems(&engine, &sample, problems);
         for t in &self.templates {
             let record = t.to_record(Uuid::nil(), self.business.id);
             match template::compile(&engine, record) {

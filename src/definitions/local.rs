@@ -289,6 +289,7 @@ mod tests {
                 name: "welcome".into(),
                 description: String::new(),
                 next: None,
+                actions: Vec::new(),
             }],
             extraction_fields: Vec::new(),
             ..Default::default()

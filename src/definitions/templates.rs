@@ -40,6 +40,11 @@ impl TemplateService {
         }
     }
 
+    /// The engine templates are compiled with (its formatters: `json`).
+    pub fn engine(&self) -> &upon::Engine<'static> {
+        &self.engine
+    }
+
     /// Bounds the history of templates that set no `context_tokens` to `tokens` (0: no bound),
     /// counted for `default_model` when a template names no model.
     #[must_use]

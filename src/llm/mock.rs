@@ -74,6 +74,10 @@ pub struct MockOptions {
     /// Milliseconds between the chunks of a streamed answer (`stream: true`, one word each).
     #[arg(long, default_value_t = 0)]
     pub stream_chunk_ms: u64,
+    /// The key stage actions sign their requests with: the webhook receiver
+    /// (`/webhooks/{action}`) refuses requests not signed with it; unset: it checks nothing.
+    #[arg(long, env = "ICMP_MOCK_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for MockOptions {
@@ -91,6 +95,7 @@ impl Default for MockOptions {
             http1_only: false,
             refuse_json_schema: false,
             stream_chunk_ms: 0,
+            webhook_secret: None,
         }
     }
 }
@@ -147,6 +152,8 @@ struct MockState {
 pub struct MockServer {
     pub addr: SocketAddr,
     pub stats: Arc<MockStats>,
+    /// What the webhook receiver saw.
+    pub receiver: Arc<crate::actions::receiver::ReceiverStats>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -167,8 +174,9 @@ impl Drop for MockServer {
 pub fn spawn(listener: TcpListener, options: MockOptions) -> std::io::Result<MockServer> {
     let addr = listener.local_addr()?;
     let stats = Arc::new(MockStats::default());
+    let receiver = Arc::new(crate::actions::receiver::ReceiverStats::default());
     let http1_only = options.http1_only;
-    let app = router(options, stats.clone());
+    let app = router(options, stats.clone(), receiver.clone());
     let task = tokio::spawn(serve_router(
         listener,
         app,
@@ -176,7 +184,12 @@ pub fn spawn(listener: TcpListener, options: MockOptions) -> std::io::Result<Moc
         http1_only,
         std::future::pending(),
     ));
-    Ok(MockServer { addr, stats, task })
+    Ok(MockServer {
+        addr,
+        stats,
+        receiver,
+        task,
+    })
 }
 
 /// Serves the mock on `listener` until `shutdown` completes.
@@ -187,7 +200,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let stats = Arc::new(MockStats::default());
     let http1_only = options.http1_only;
-    let app = router(options, stats.clone());
+    let app = router(options, stats.clone(), Arc::default());
     serve_router(listener, app, stats, http1_only, shutdown).await;
     Ok(())
 }
@@ -241,7 +254,12 @@ async fn serve_router(
     }
 }
 
-fn router(options: MockOptions, stats: Arc<MockStats>) -> Router {
+fn router(
+    options: MockOptions,
+    stats: Arc<MockStats>,
+    receiver: Arc<crate::actions::receiver::ReceiverStats>,
+) -> Router {
+    let webhooks = crate::actions::receiver::router(options.webhook_secret.clone(), receiver);
     let state = Arc::new(MockState {
         rng: Mutex::new(StdRng::seed_from_u64(options.seed)),
         options,
@@ -251,6 +269,7 @@ fn router(options: MockOptions, stats: Arc<MockStats>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .with_state(state)
+        .merge(webhooks)
 }
 
 async fn models(State(state): State<Arc<MockState>>) -> Json<Value> {

@@ -132,5 +132,6 @@ pub async fn throttled<'b>(
         response,
         calls: Vec::new(),
         timings: Vec::new(),
+        actions: Vec::new(),
     })
 }

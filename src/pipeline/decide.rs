@@ -34,6 +34,8 @@ pub struct Decisions<'b> {
     /// How long each step took, in milliseconds (`select`, `extract`, `respond`), stored
     /// with the reply for `icmp trace`.
     pub timings: Vec<(&'static str, u64)>,
+    /// The requests of the stage actions the message fired (for the outbox).
+    pub actions: Vec<crate::actions::OutboxRow>,
 }
 
 /// What the LLM phase uses.
@@ -146,5 +148,6 @@ pub async fn decide<'b, L: LlmService>(
         response,
         calls,
         timings,
+        actions: Vec::new(),
     })
 }

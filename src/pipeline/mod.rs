@@ -92,6 +92,8 @@ pub struct MessageHandler<L> {
     config: Config,
     failpoints: Failpoints,
     summarizing: summary::InProgress,
+    /// Notified when a message that fired actions commits (the dispatcher waits on it).
+    actions_due: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl<L> std::fmt::Debug for MessageHandler<L> {
@@ -113,7 +115,13 @@ impl<L: LlmService> MessageHandler<L> {
             config,
             failpoints,
             summarizing: summary::InProgress::default(),
+            actions_due: std::sync::Arc::default(),
         }
+    }
+
+    /// What the actions' dispatcher waits on.
+    pub fn actions_wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.actions_due.clone()
     }
 
     pub fn failpoints(&self) -> &Failpoints {
@@ -279,6 +287,9 @@ impl<L: LlmService> MessageHandler<L> {
         )
         .await?;
         metrics::step("persist", t.elapsed());
+        if !decisions.actions.is_empty() {
+            self.actions_due.notify_one();
+        }
 
         // Step 13: the committed state, cached for the next message (by the caller, in the
         // round trip that publishes the answer).
@@ -351,8 +362,21 @@ impl<L: LlmService> MessageHandler<L> {
             }),
             extraction_limits: extract::Limits::from_config(&self.config.limits),
         };
-        let decisions = decide::decide(&phase, business, read).await?;
+        let mut decisions = decide::decide(&phase, business, read).await?;
         budget::spend(&self.cache, business, &decisions.calls).await;
+        decisions.actions = crate::actions::fired(
+            self.templates.engine(),
+            &crate::actions::Fired {
+                business: business.id,
+                conversation: read.conversation.id,
+                message_key: turn.msg.idempotency_key(),
+                stage: decisions.stage,
+                entered: read.is_new || decisions.transition.is_some(),
+                before: &read.extracted,
+                after: &read.context.extracted,
+            },
+            &read.context,
+        );
         Ok(decisions)
     }
 

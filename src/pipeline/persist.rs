@@ -79,6 +79,7 @@ pub fn write_set(
                 .collect(),
         ),
         llm_calls: decisions.calls.clone(),
+        actions: decisions.actions.clone(),
         followers: followers
             .iter()
             .zip(1..)
@@ -217,6 +218,7 @@ mod tests {
             name: name.into(),
             description: String::new(),
             next: None,
+            actions: Vec::new(),
         }
     }
 
@@ -277,6 +279,7 @@ mod tests {
             },
             calls: Vec::new(),
             timings: vec![("respond", 3)],
+            actions: Vec::new(),
         };
         let ws = write_set(&msg, &[], &read, &decisions, Uuid::from_u128(77), 5);
         assert_eq!(ws.timings, serde_json::json!({"read": 5, "respond": 3}));

@@ -42,7 +42,7 @@ impl Store {
         let summary_template_id: Option<Uuid> = row.get(3);
         let stmt = client
             .prepared(
-                "SELECT id, name, description, is_initial, next_stages FROM stages \
+                "SELECT id, name, description, is_initial, next_stages, actions FROM stages \
                  WHERE business_id = $1 ORDER BY position, name",
             )
             .await?;
@@ -230,6 +230,11 @@ fn stages_from_rows(
             name: r.get(1),
             description: r.get(2),
             next: None,
+            actions: serde_json::from_value(
+                r.get::<_, tokio_postgres::types::Json<serde_json::Value>>(5)
+                    .0,
+            )
+            .map_err(|e| StoreError::Inconsistent(format!("stage actions: {e}")))?,
         };
         if r.get::<_, bool>(3) {
             initial = Some(info.id);

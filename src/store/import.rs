@@ -161,14 +161,16 @@ async fn upsert_stages(
         .prepare(
             "INSERT INTO stages (business_id, name, description, position, is_initial, \
              selection_template_id, extraction_template_id, response_template_id, \
-             fallback_template_id, next_stages) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             fallback_template_id, next_stages, actions) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (business_id, name) DO UPDATE SET description = EXCLUDED.description, \
              position = EXCLUDED.position, is_initial = EXCLUDED.is_initial, \
              selection_template_id = EXCLUDED.selection_template_id, \
              extraction_template_id = EXCLUDED.extraction_template_id, \
              response_template_id = EXCLUDED.response_template_id, \
              fallback_template_id = EXCLUDED.fallback_template_id, \
-             next_stages = EXCLUDED.next_stages, updated_at = EXCLUDED.updated_at \
+             next_stages = EXCLUDED.next_stages, actions = EXCLUDED.actions, \
+             updated_at = EXCLUDED.updated_at \
              RETURNING id",
         )
         .await?;
@@ -194,6 +196,7 @@ async fn upsert_stages(
                     &response,
                     &lookup(&s.fallback_template),
                     &s.transitions,
+                    &tokio_postgres::types::Json(&s.actions),
                 ],
             )
             .await?;

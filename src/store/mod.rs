@@ -8,6 +8,7 @@ pub mod definitions;
 pub mod distribution;
 pub mod import;
 pub mod listen;
+pub mod outbox;
 pub mod summaries;
 pub mod write_set;
 

@@ -100,6 +100,8 @@ pub struct WriteSet {
     /// Step durations in milliseconds, stored with the reply.
     pub timings: serde_json::Value,
     pub llm_calls: Vec<LlmCallRecord>,
+    /// The requests of the stage actions this message fired.
+    pub actions: Vec<crate::actions::OutboxRow>,
     /// The later messages of a coalesced turn (empty otherwise), stored between the first
     /// message and the reply.
     pub followers: Vec<FollowerRow>,
@@ -196,17 +198,32 @@ SELECT k.id, c.business_id, c.id, $10, k.purpose, k.template_id, k.template_vers
          response_format text)
  WHERE c.business_id = $1 AND c.id = $2";
 
-/// How many parameters the write set has (`$1` … `$13`).
-pub const PARAMETERS: usize = 13;
+/// The requests of the stage actions this message fired, into the outbox (`$14`: a JSON array
+/// of [`crate::actions::OutboxRow`]); a second copy of a request (the same idempotency key) is
+/// not written.
+const ACTIONS: &str = "\
+INSERT INTO action_outbox (business_id, id, conversation_id, message_id, action, idempotency_key,
+                           url, body, timeout_ms, max_attempts)
+SELECT c.business_id, a.id, c.id, $10, a.action, a.key, a.url, a.body, a.timeout_ms,
+       a.max_attempts
+  FROM conversations AS c,
+       jsonb_to_recordset($14::jsonb) AS a(id uuid, action text, key text, url text, body jsonb,
+         timeout_ms integer, max_attempts integer)
+ WHERE c.business_id = $1 AND c.id = $2
+ON CONFLICT (business_id, idempotency_key) DO NOTHING";
+
+/// How many parameters the write set has (`$1` … `$14`).
+pub const PARAMETERS: usize = 14;
 
 /// The statements of a write set, in order, with the write set's parameter numbers: the user,
 /// the conversation (whose rows are the result), the messages, then the transition, the
-/// extracted fields and the LLM calls when there are any.
+/// extracted fields, the LLM calls and the actions' requests when there are any.
 pub fn statements(
     new_conversation: bool,
     transition: bool,
     extracted: bool,
     llm_calls: bool,
+    actions: bool,
 ) -> Vec<&'static str> {
     let mut out = if new_conversation {
         vec![USER_NEW, CONVERSATION_NEW]
@@ -222,6 +239,9 @@ pub fn statements(
     }
     if llm_calls {
         out.push(LLM_CALLS);
+    }
+    if actions {
+        out.push(ACTIONS);
     }
     out
 }
@@ -281,7 +301,7 @@ pub fn bind(sql: &str, mut value: impl FnMut(usize) -> String) -> String {
 }
 
 /// Every statement a write set may run.
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     USER_NEW,
     CONVERSATION_NEW,
     USER_SEEN,
@@ -290,11 +310,12 @@ const ALL: [&str; 8] = [
     TRANSITION,
     EXTRACTED,
     LLM_CALLS,
+    ACTIONS,
 ];
 
 /// The renumbered form of a statement of [`ALL`], made once.
 fn step(sql: &str) -> &'static Step {
-    static STEPS: std::sync::LazyLock<[Step; 8]> = std::sync::LazyLock::new(|| ALL.map(Step::new));
+    static STEPS: std::sync::LazyLock<[Step; 9]> = std::sync::LazyLock::new(|| ALL.map(Step::new));
     let i = ALL
         .iter()
         .position(|s| *s == sql)
@@ -416,12 +437,14 @@ impl Store {
             ws.transition.is_some(),
             !ws.extracted.is_empty(),
             !ws.llm_calls.is_empty(),
+            !ws.actions.is_empty(),
         );
         let rows = message_rows(ws);
         let count = rows.len() as i64;
         let rows = Json(&rows);
         let extracted = Json(&ws.extracted);
         let calls = Json(&ws.llm_calls);
+        let actions = Json(&ws.actions);
         let (transition_from, transition_to) = ws.transition.unzip();
         let params: [&(dyn ToSql + Sync); PARAMETERS] = [
             &ws.business_id,
@@ -437,6 +460,7 @@ impl Store {
             &ws.log_id,
             &extracted,
             &calls,
+            &actions,
         ];
         let mut steps = Vec::with_capacity(sqls.len());
         for sql in sqls {
@@ -524,9 +548,9 @@ mod tests {
         let step = Step::new("SELECT $4, $1, $4, $13");
         assert_eq!(step.sql, "SELECT $1, $2, $1, $3");
         assert_eq!(step.uses, vec![4, 1, 13]);
-        for sql in statements(true, true, true, true)
+        for sql in statements(true, true, true, true, true)
             .into_iter()
-            .chain(statements(false, true, true, true))
+            .chain(statements(false, true, true, true, true))
         {
             let step = Step::new(sql);
             assert!(

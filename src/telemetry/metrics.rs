@@ -42,6 +42,9 @@ pub const STRUCTURED_OUTPUT_DOWNGRADES_TOTAL: &str = "icmp_llm_structured_output
 pub const LLM_FALLBACKS_TOTAL: &str = "icmp_llm_fallbacks_total";
 pub const PARTIALS_TOTAL: &str = "icmp_partial_replies_total";
 pub const SUMMARIES_TOTAL: &str = "icmp_conversation_summaries_total";
+pub const ACTIONS_TOTAL: &str = "icmp_actions_total";
+pub const ACTION_ATTEMPTS_TOTAL: &str = "icmp_action_attempts_total";
+pub const ACTION_DURATION: &str = "icmp_action_duration_seconds";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -107,6 +110,19 @@ fn describe() {
         LLM_FALLBACKS_TOTAL,
         "LLM calls moved from one entry of a template's model chain to the next, by purpose, the \
          endpoint left and the reason (failure, circuit_open)."
+    );
+    describe_counter!(
+        ACTIONS_TOTAL,
+        "Stage actions settled, by action and outcome (delivered, rejected, dead, body_failed)."
+    );
+    describe_counter!(
+        ACTION_ATTEMPTS_TOTAL,
+        "Stage action requests sent, by action and outcome (delivered, rejected, failed)."
+    );
+    describe_histogram!(
+        ACTION_DURATION,
+        metrics::Unit::Seconds,
+        "Stage action request latency, by action."
     );
     describe_counter!(
         SUMMARIES_TOTAL,
@@ -292,6 +308,18 @@ pub fn llm_fallback(purpose: &'static str, endpoint: &str, reason: &'static str)
     counter!(LLM_FALLBACKS_TOTAL, "purpose" => purpose, "endpoint" => endpoint.to_owned(),
         "reason" => reason)
     .increment(1);
+}
+
+/// A stage action settled: `delivered`, `rejected`, `dead` or `body_failed`.
+pub fn action(action: &str, outcome: &'static str) {
+    counter!(ACTIONS_TOTAL, "action" => action.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// One request of a stage action and how it ended.
+pub fn action_attempt(action: &str, outcome: &'static str, took: Duration) {
+    counter!(ACTION_ATTEMPTS_TOTAL, "action" => action.to_owned(), "outcome" => outcome)
+        .increment(1);
+    histogram!(ACTION_DURATION, "action" => action.to_owned()).record(took.as_secs_f64());
 }
 
 /// A conversation summary: `saved`, `skipped` (nothing to fold, or another summariser won) or

@@ -98,6 +98,13 @@ pub fn engine() -> upon::Engine<'static> {
     let mut engine = upon::Engine::new();
     // Objects and lists render as JSON instead of failing, so `{{ extracted }}` works.
     engine.set_default_formatter(&format_value);
+    // `{{ extracted.name | json }}`: the value as JSON (a quoted, escaped string; `null`), for
+    // templates that render JSON (an action's body).
+    engine.add_formatter("json", |f, v| {
+        let json = serde_json::to_string(v).map_err(|e| upon::fmt::Error::from(e.to_string()))?;
+        std::fmt::Write::write_str(f, &json)?;
+        Ok(())
+    });
     engine
 }
 

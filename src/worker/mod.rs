@@ -156,6 +156,11 @@ impl<L> Worker<L> {
 }
 
 impl<L: LlmService> Worker<L> {
+    /// The pipeline this worker runs (shared by the process's workers).
+    pub fn handler(&self) -> &Arc<MessageHandler<L>> {
+        &self.handler
+    }
+
     pub fn new(
         config: Config,
         handler: Arc<MessageHandler<L>>,

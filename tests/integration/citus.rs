@@ -239,7 +239,7 @@ async fn assert_one_task_on(db: &tokio_postgres::Client, sql: &str, port: i32) {
 
 #[tokio::test]
 async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
-    use icmp::store::{conversations as c, summaries, write_set};
+    use icmp::store::{conversations as c, outbox, summaries, write_set};
     let url = citus_database().await;
     let app = helpers::spawn_app_with(icmp::llm::mock::MockOptions::default(), |cfg| {
         cfg.database.url = icmp::config::RedactedUrl::new(url.clone());
@@ -350,13 +350,54 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
             id(),
             "'{\"name\": \"Ada\"}'::jsonb".into(),
             calls.clone(),
+            format!(
+                "'[{{\"id\": \"{}\", \"action\": \"book\", \"key\": \"k\", \"url\": \"http://x\", \
+                 \"body\": {{}}, \"timeout_ms\": 1000, \"max_attempts\": 3}}]'::jsonb",
+                Uuid::new_v4()
+            ),
         ];
         assert_eq!(values.len(), write_set::PARAMETERS);
-        for sql in write_set::statements(new_conversation, true, true, true) {
+        for sql in write_set::statements(new_conversation, true, true, true, true) {
             let sql = write_set::bind(sql, |n| values[n - 1].clone());
             assert_one_task_on(&db, &sql, port).await;
         }
     }
+    // The dispatcher's claim and outcomes of a row.
+    let row = [b.clone(), id(), "65000".into()];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(outbox::CLAIM, |n| row[n - 1].clone()),
+        port,
+    )
+    .await;
+    let done = [
+        b.clone(),
+        id(),
+        "'delivered'".into(),
+        "200".into(),
+        "12".into(),
+        "'{}'".into(),
+    ];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(outbox::DONE, |n| done[n - 1].clone()),
+        port,
+    )
+    .await;
+    let failed = [
+        b.clone(),
+        id(),
+        "500".into(),
+        "'boom'".into(),
+        "12".into(),
+        "1000".into(),
+    ];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(outbox::FAILED, |n| failed[n - 1].clone()),
+        port,
+    )
+    .await;
     // The summary's save: the conversation, then its call rows through it.
     let save = [
         b.clone(),

@@ -43,7 +43,7 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
     let mut config = helpers::base_config();
     config.database.url = RedactedUrl::new(helpers::empty_database().await);
     let first = store::migrate(&config.database).await.expect("first");
-    assert_eq!(first, (1..=11).collect::<Vec<_>>());
+    assert_eq!(first, (1..=12).collect::<Vec<_>>());
     let second = store::migrate(&config.database).await.expect("second");
     assert!(second.is_empty(), "{second:?}");
     let store = Store::connect(&config.database).expect("store");
@@ -335,6 +335,7 @@ fn demo_prompts_render_as_reviewed() {
             name: s.name.clone(),
             description: s.description.clone(),
             next: None,
+            actions: s.actions.clone(),
         })
         .collect();
     let business = Business {
@@ -478,7 +479,7 @@ async fn an_upgrade_keeps_every_row_and_continues_each_conversation_in_order() {
 
     assert_eq!(
         store::migrate(&config.database).await.expect("upgrade"),
-        vec![10, 11]
+        vec![10, 11, 12]
     );
     // This release's import of the demo keeps the stage the conversations are in.
     helpers::import(&config, &[&helpers::demo_file()]).await;
@@ -502,7 +503,7 @@ async fn an_upgrade_keeps_every_row_and_continues_each_conversation_in_order() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(keys.len(), 8, "{keys:?}");
+    assert_eq!(keys.len(), 9, "{keys:?}");
     for key in &keys {
         assert!(key.contains("PRIMARY KEY (business_id, "), "{key}");
     }

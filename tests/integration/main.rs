@@ -11,6 +11,7 @@
     reason = "a scenario test reads top to bottom: its setup, faults and counts in one place"
 )]
 
+mod actions;
 mod bursts_and_budgets;
 mod citus;
 mod cluster;

@@ -1,0 +1,248 @@
+//! The dispatcher: delivers the action outbox's due rows, in every worker process.
+//!
+//! It wakes when a message that fired actions commits (so a request leaves at once) and every
+//! `actions.poll_ms` (for retries, and for rows a stopped or killed process left behind), finds
+//! due rows of every business, and delivers each in a task of its own, at most
+//! `actions.concurrency` at once. A row is claimed before it is sent (an attempt counted, and no
+//! other dispatcher takes it for 65 s, longer than any request may take), so two processes never
+//! send it at once; a process that dies mid-request leaves the claim to expire, and the row is
+//! sent again with the same `Idempotency-Key`, which the receiver dedupes on. After a 2xx the row
+//! is `delivered` and never sent again; a 4xx other than 408 and 429 is the receiver's final
+//! answer (`rejected`, its body kept); anything else is retried after
+//! `retry_initial_ms × 2^(attempt−1)` (at most `retry_max_ms`) until `max_attempts`, then `dead`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{SIGNATURE_HEADER, signature};
+use crate::config::ActionsConfig;
+use crate::store::Store;
+use crate::store::outbox::{Claimed, Outcome};
+use crate::telemetry::metrics;
+
+/// Delivers outbox rows.
+#[derive(Clone)]
+pub struct Dispatcher {
+    store: Store,
+    http: reqwest::Client,
+    config: ActionsConfig,
+    wake: Arc<Notify>,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+/// How long a claim holds a row: past the longest request an action may make (60 s), so a
+/// row is sent again only when its dispatcher is gone.
+const CLAIM_HOLD_MS: f64 = 65_000.0;
+
+/// How much of a receiver's answer is kept.
+const RESPONSE_KEPT: usize = 4096;
+
+impl Dispatcher {
+    /// A dispatcher over `store`, woken by `wake`.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built (TLS backend).
+    pub fn new(
+        store: Store,
+        config: ActionsConfig,
+        wake: Arc<Notify>,
+    ) -> Result<Dispatcher, reqwest::Error> {
+        Ok(Dispatcher {
+            store,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()?,
+            slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            config,
+            wake,
+        })
+    }
+
+    /// Runs until `stop`: sweeps when woken and every `poll_ms`; deliveries under way finish
+    /// (their claims would otherwise wait out their timeout).
+    pub async fn run(self, stop: CancellationToken) {
+        let poll = Duration::from_millis(self.config.poll_ms.max(10));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(poll) => {}
+            }
+            if let Err(e) = self.sweep().await {
+                metrics::record_error(&e, "actions");
+            }
+        }
+        // Wait for the deliveries in flight.
+        let all = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);
+        let _ = self.slots.acquire_many(all).await;
+    }
+
+    /// One sweep: claims and delivers the due rows there are slots for.
+    async fn sweep(&self) -> Result<(), crate::error::StoreError> {
+        let free = i32::try_from(self.slots.available_permits()).unwrap_or(i32::MAX);
+        if free == 0 {
+            return Ok(());
+        }
+        for (business, id) in self.store.due_actions(free).await? {
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                break;
+            };
+            let Some(row) = self.store.claim_action(business, id, CLAIM_HOLD_MS).await? else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.deliver(row).await;
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    /// One attempt of a claimed row, and its outcome recorded.
+    async fn deliver(&self, row: Claimed) {
+        let started = Instant::now();
+        let outcome = self.attempt(&row).await;
+        let label = match &outcome {
+            Outcome::Done { status, .. } => *status,
+            Outcome::Failed { .. } => "failed",
+        };
+        metrics::action_attempt(&row.action, label, started.elapsed());
+        match self
+            .store
+            .record_action(row.business_id, row.id, &outcome)
+            .await
+        {
+            Ok(status) => {
+                if status == "dead" {
+                    metrics::action(&row.action, "dead");
+                    tracing::error!(action = %row.action, row = %row.id, "an action gave up after its last attempt");
+                } else if status != "pending" {
+                    metrics::action(&row.action, label);
+                }
+            }
+            Err(e) => metrics::record_error(&e, "actions"),
+        }
+    }
+
+    async fn attempt(&self, row: &Claimed) -> Outcome {
+        let started = Instant::now();
+        let failed = |http_status: Option<i32>, error: String| Outcome::Failed {
+            http_status,
+            error,
+            latency_ms: elapsed_ms(started),
+            retry_in_ms: self.retry_in_ms(row.attempt),
+        };
+        let url = match row.url.strip_prefix("env:") {
+            Some(var) => match std::env::var(var) {
+                Ok(url) => url,
+                Err(_) => return failed(None, format!("the variable {var} (url_env) is not set")),
+            },
+            None => row.url.clone(),
+        };
+        let secret = match self.secret(row).await {
+            Ok(s) => s,
+            Err(e) => return failed(None, e),
+        };
+        let body = match serde_json::to_vec(&row.body) {
+            Ok(b) => b,
+            Err(e) => return failed(None, e.to_string()),
+        };
+        let now = chrono::Utc::now().timestamp();
+        let sent = self
+            .http
+            .post(&url)
+            .timeout(Duration::from_millis(
+                u64::try_from(row.timeout_ms).unwrap_or(5_000),
+            ))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", &row.idempotency_key)
+            .header(SIGNATURE_HEADER, signature(secret.as_bytes(), now, &body))
+            .header("X-Icmp-Action", &row.action)
+            .header("X-Icmp-Delivery", row.id.to_string())
+            .header("X-Icmp-Attempt", row.attempt.to_string())
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => return failed(None, transport_error(&e)),
+        };
+        let code = response.status().as_u16();
+        let text = bounded_text(response).await;
+        match code {
+            200..=299 | 400..=407 | 409..=428 | 430..=499 => Outcome::Done {
+                status: if code < 300 { "delivered" } else { "rejected" },
+                http_status: i32::from(code),
+                latency_ms: elapsed_ms(started),
+                response: text,
+            },
+            _ => failed(
+                Some(i32::from(code)),
+                format!("the receiver answered {code}"),
+            ),
+        }
+    }
+
+    /// The signing key of the row's business: the variable its `[business.actions]
+    /// secret_env` names.
+    async fn secret(&self, row: &Claimed) -> Result<String, String> {
+        let business = self
+            .store
+            .load_business(row.business_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the business is gone".to_owned())?;
+        let var = business
+            .policy
+            .actions
+            .secret_env
+            .ok_or_else(|| "[business.actions] secret_env is not set".to_owned())?;
+        std::env::var(&var).map_err(|_| format!("the variable {var} (secret_env) is not set"))
+    }
+
+    fn retry_in_ms(&self, attempt: i32) -> i64 {
+        let shift = u32::try_from(attempt.saturating_sub(1))
+            .unwrap_or(0)
+            .min(20);
+        let wait = self.config.retry_initial_ms.saturating_mul(1 << shift);
+        i64::try_from(wait.min(self.config.retry_max_ms)).unwrap_or(i64::MAX)
+    }
+}
+
+fn elapsed_ms(started: Instant) -> i32 {
+    i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX)
+}
+
+/// A transport error without its URL (it may carry a key in a query string).
+fn transport_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "the request timed out".to_owned()
+    } else if e.is_connect() {
+        "could not connect to the receiver".to_owned()
+    } else {
+        "the request failed".to_owned()
+    }
+}
+
+/// The first [`RESPONSE_KEPT`] bytes of a response body, as text.
+async fn bounded_text(mut response: reqwest::Response) -> String {
+    let mut kept = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = RESPONSE_KEPT - kept.len();
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if kept.len() >= RESPONSE_KEPT {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}

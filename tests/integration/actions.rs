@@ -1,0 +1,311 @@
+//! Stage actions: a booking fired by the message that completes its fields, written to the
+//! outbox with the message, delivered signed, once, with retries and a final status; counted
+//! at the receiver (the mock server's `/webhooks/…`) and in the outbox.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use icmp::llm::mock::MockOptions;
+
+use crate::helpers::{self, TestApp, spawn_app_with};
+
+/// The signing key of this run (`scripts/test` makes one).
+fn secret() -> String {
+    std::env::var("ICMP_TEST_WEBHOOK_SECRET").expect(
+        "ICMP_TEST_WEBHOOK_SECRET (scripts/test exports one; export any value to run alone)",
+    )
+}
+
+/// A mock whose receiver checks `secret`, and a worker whose dispatcher retries quickly.
+async fn app_with_receiver(secret: &str) -> TestApp {
+    spawn_app_with(
+        MockOptions {
+            webhook_secret: Some(secret.to_owned()),
+            ..MockOptions::default()
+        },
+        |c| {
+            c.actions.poll_ms = 100;
+            c.actions.retry_initial_ms = 50;
+            c.actions.retry_max_ms = 200;
+        },
+    )
+    .await
+}
+
+/// A demo copy whose booking stage books through the receiver once the name and the date are
+/// known (`query`: the receiver's faults; `limits`: extra action keys); returns its id.
+async fn booking_business(app: &TestApp, query: &str, limits: &str) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    let url = format!("http://{}/webhooks/book_appointment{query}", app.mock.addr);
+    let action = format!(
+        "transitions = [\"farewell\", \"welcome\"]\n\n[[stages.actions]]\nname = \"book_appointment\"\n\
+         on = \"fields_complete\"\nfields = [\"name\", \"date\"]\nurl = \"{url}\"\n{limits}\
+         body = \"\"\"{{\"name\": {{{{ extracted.name | json }}}}, \"date\": {{{{ extracted.date | json }}}}, \
+         \"reason\": {{{{ extracted.reason | json }}}} }}\"\"\"\n"
+    );
+    helpers::import_demo_copy(
+        &app.config,
+        &id,
+        &[
+            (
+                "initial_stage = \"welcome\"\n",
+                "initial_stage = \"welcome\"\n\n[business.actions]\nsecret_env = \"ICMP_TEST_WEBHOOK_SECRET\"\n",
+            ),
+            ("transitions = [\"farewell\", \"welcome\"]\n", &action),
+        ],
+    )
+    .await;
+    id
+}
+
+/// The outbox rows: (action, status, attempts, last_status, response).
+async fn outbox(app: &TestApp) -> Vec<(String, String, i32, Option<i32>, Option<String>)> {
+    app.db()
+        .await
+        .query(
+            "SELECT action, status, attempts, last_status, response FROM action_outbox ORDER BY created_at",
+            &[],
+        )
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect()
+}
+
+/// Waits until no outbox row is pending; returns the rows.
+async fn settled(app: &TestApp) -> Vec<(String, String, i32, Option<i32>, Option<String>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = outbox(app).await;
+        if rows.iter().all(|r| r.1 != "pending") || tokio::time::Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn say(app: &TestApp, business: &str, user: &str, key: &str, text: &str) {
+    app.send_to(business, user, key, text).await;
+    let reply = app.reply(key).await;
+    assert_eq!(reply["status"], "ok", "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_booking_fires_once_when_its_fields_are_complete_and_is_delivered_signed_once() {
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "", "").await;
+    say(
+        &app,
+        &b,
+        "ada",
+        "a1",
+        "Hello, I want to book a cleaning. My name is Ada Lovelace.",
+    )
+    .await;
+    assert_eq!(outbox(&app).await.len(), 0, "the date is still missing");
+    say(&app, &b, "ada", "a2", "Friday please").await;
+    let rows = settled(&app).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (action, status, attempts, code, response) = &rows[0];
+    assert_eq!(
+        (action.as_str(), status.as_str(), *attempts, *code),
+        ("book_appointment", "delivered", 1, Some(200))
+    );
+    let response: serde_json::Value =
+        serde_json::from_str(response.as_deref().unwrap_or("")).expect("JSON");
+    assert_eq!(response["booking_id"], "bk-1");
+    assert_eq!(response["name"], "Ada Lovelace");
+    assert_eq!(response["date"], "friday");
+    let r = &app.mock.receiver;
+    assert_eq!(r.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(r.bad_signatures.load(Ordering::Relaxed), 0);
+    assert_eq!(r.bookings.load(Ordering::Relaxed), 1);
+    // Later messages do not fire it again (the fields were complete before them), nor does the
+    // same message sent again (answered from storage).
+    say(&app, &b, "ada", "a3", "It is for a cleaning.").await;
+    app.send_to(&b, "ada", "a2", "Friday please").await;
+    assert_eq!(app.wait_replies("a2", 2).await.len(), 2);
+    app.settle(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(outbox(&app).await.len(), 1);
+    assert_eq!(r.requests.load(Ordering::Relaxed), 1);
+    // The row belongs to the message that fired it.
+    let fired_by = app
+        .count(
+            "SELECT count(*) FROM action_outbox o JOIN messages m ON m.business_id = o.business_id \
+             AND m.id = o.message_id WHERE m.idempotency_key = 'a2' AND m.role = 'user'",
+            &[],
+        )
+        .await;
+    assert_eq!(fired_by, 1);
+}
+
+/// A receiver that does the work and then hangs past the request's timeout: the request is
+/// sent again with the same key, answered from the receiver's first answer, and the slot is
+/// booked once.
+#[tokio::test]
+async fn a_receiver_that_times_out_after_processing_books_once() {
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "?hang_first=1&hang_ms=3000", "timeout_ms = 500\n").await;
+    say(
+        &app,
+        &b,
+        "bea",
+        "b1",
+        "I want to book a cleaning, my name is Bea Smith, on friday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("delivered", 2));
+    let r = &app.mock.receiver;
+    assert_eq!(r.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(r.processed.load(Ordering::Relaxed), 1);
+    assert_eq!(r.repeats.load(Ordering::Relaxed), 1);
+    assert_eq!(r.bookings.load(Ordering::Relaxed), 1);
+}
+
+/// A receiver failing with 500s: retried with backoff, delivered on the third attempt; one
+/// that never recovers: given up (`dead`) after `max_attempts`, its last error kept.
+#[tokio::test]
+async fn a_failing_receiver_is_retried_and_given_up_after_its_attempts() {
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "?fail_first=2", "").await;
+    say(
+        &app,
+        &b,
+        "cy",
+        "c1",
+        "I want to book a cleaning, my name is Cy Young, on monday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2),
+        ("delivered", 3),
+        "{rows:?}"
+    );
+    assert_eq!(app.mock.receiver.requests.load(Ordering::Relaxed), 3);
+
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "?fail_first=100", "max_attempts = 3\n").await;
+    say(
+        &app,
+        &b,
+        "di",
+        "d1",
+        "I want to book a cleaning, my name is Di Prince, on monday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2, rows[0].3),
+        ("dead", 3, Some(500)),
+        "{rows:?}"
+    );
+    assert_eq!(app.mock.receiver.requests.load(Ordering::Relaxed), 3);
+    let error: Option<String> = app
+        .db()
+        .await
+        .query_one("SELECT last_error FROM action_outbox", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(error.as_deref(), Some("the receiver answered 500"));
+}
+
+/// The receiver refuses a request signed with another key (401: final, `rejected`), and a
+/// second booking of a taken slot gets its 409 kept as the row's answer.
+#[tokio::test]
+async fn a_wrong_signature_and_a_taken_slot_are_the_receivers_final_answers() {
+    let app = app_with_receiver("not-the-key").await;
+    let b = booking_business(&app, "", "").await;
+    say(
+        &app,
+        &b,
+        "eve",
+        "e1",
+        "I want to book a cleaning, my name is Eve Adams, on tuesday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2, rows[0].3),
+        ("rejected", 1, Some(401)),
+        "{rows:?}"
+    );
+    assert_eq!(app.mock.receiver.bad_signatures.load(Ordering::Relaxed), 1);
+    assert_eq!(app.mock.receiver.processed.load(Ordering::Relaxed), 0);
+
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "", "").await;
+    say(
+        &app,
+        &b,
+        "fay",
+        "f1",
+        "I want to book a cleaning, my name is Fay Wray, on tuesday.",
+    )
+    .await;
+    settled(&app).await;
+    say(
+        &app,
+        &b,
+        "gus",
+        "g1",
+        "I want to book a cleaning, my name is Gus Grant, on tuesday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0].1.as_str(), rows[0].3), ("delivered", Some(200)));
+    assert_eq!((rows[1].1.as_str(), rows[1].3), ("rejected", Some(409)));
+    assert!(
+        rows[1]
+            .4
+            .as_deref()
+            .is_some_and(|r| r.contains("slot taken")),
+        "{rows:?}"
+    );
+    assert_eq!(app.mock.receiver.bookings.load(Ordering::Relaxed), 1);
+    assert_eq!(app.mock.receiver.conflicts.load(Ordering::Relaxed), 1);
+}
+
+/// A dispatcher that claimed a row and died before sending it (the row written here as it
+/// would have left it: one attempt counted, claimed for two more seconds): a running
+/// dispatcher leaves it alone until the claim expires, then sends it once.
+#[tokio::test]
+async fn a_claim_left_by_a_dead_dispatcher_expires_and_the_row_is_sent_once() {
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "", "").await;
+    say(&app, &b, "hal", "h1", "Hello there").await;
+    let business: uuid::Uuid = b.parse().expect("uuid");
+    let url = format!("http://{}/webhooks/book_appointment", app.mock.addr);
+    app.db()
+        .await
+        .execute(
+            "INSERT INTO action_outbox (business_id, id, conversation_id, action, idempotency_key, \
+             url, body, timeout_ms, max_attempts, attempts, claimed_until) \
+             SELECT $1, gen_random_uuid(), c.id, 'book_appointment', 'left-by-a-dead-one', $2, \
+             '{\"name\": \"Hal\", \"date\": \"monday\"}', 1000, 5, 1, now() + interval '2 seconds' \
+             FROM conversations c WHERE c.business_id = $1",
+            &[&business, &url],
+        )
+        .await
+        .expect("a claimed row");
+    let started = std::time::Instant::now();
+    let rows = settled(&app).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "sent before the claim expired: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2),
+        ("delivered", 2),
+        "{rows:?}"
+    );
+    assert_eq!(app.mock.receiver.requests.load(Ordering::Relaxed), 1);
+}
