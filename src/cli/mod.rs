@@ -3,6 +3,7 @@
 //! [`icmp::startup`]: `worker` as an [`Application`](icmp::startup::Application), the others as
 //! an [`Operator`].
 
+mod actions;
 #[cfg(feature = "bench")]
 mod bench;
 mod console;
@@ -89,6 +90,11 @@ enum Command {
     /// Serve the web console: status, dead letters (with replay and purge), conversations and
     /// traces. Read-only unless ICMP_CONSOLE_TOKEN is set; writes then need that token.
     Console(console::Args),
+    /// Stage actions' requests: list, show, retry, cancel.
+    Actions {
+        #[command(subcommand)]
+        action: actions::Action,
+    },
     /// Inspect or replay the dead-letter stream.
     Dlq {
         #[command(subcommand)]
@@ -136,6 +142,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => status::run(&operator(), args).await,
         Command::Console(args) => console::run(&operator(), args).await,
         Command::Dlq { action } => dlq::run(&operator(), action).await,
+        Command::Actions { action } => actions::run(&operator(), action).await,
         #[cfg(feature = "bench")]
         Command::Bench(options) => bench::run(config, options).await,
     }

@@ -150,3 +150,119 @@ impl Store {
         }
     }
 }
+
+/// An outbox row as an operator sees it (`icmp actions`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ActionRow {
+    pub id: Uuid,
+    pub business_id: Uuid,
+    pub conversation_id: Uuid,
+    pub message_id: Option<Uuid>,
+    pub action: String,
+    pub status: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub latency_ms: Option<i32>,
+    pub response: Option<String>,
+    pub idempotency_key: String,
+    pub body: serde_json::Value,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+const ROW_COLUMNS: &str = "id, business_id, conversation_id, message_id, action, status, attempts, \
+     max_attempts, last_status, last_error, latency_ms, response, idempotency_key, body, \
+     created_at, updated_at";
+
+fn action_row(r: &tokio_postgres::Row) -> ActionRow {
+    ActionRow {
+        id: r.get(0),
+        business_id: r.get(1),
+        conversation_id: r.get(2),
+        message_id: r.get(3),
+        action: r.get(4),
+        status: r.get(5),
+        attempts: r.get(6),
+        max_attempts: r.get(7),
+        last_status: r.get(8),
+        last_error: r.get(9),
+        latency_ms: r.get(10),
+        response: r.get(11),
+        idempotency_key: r.get(12),
+        body: r
+            .get::<_, tokio_postgres::types::Json<serde_json::Value>>(13)
+            .0,
+        created_at: r.get(14),
+        updated_at: r.get(15),
+    }
+}
+
+impl Store {
+    /// Outbox rows, the newest first, of one business and status when given (an operator's
+    /// read, as the tables' owner).
+    pub async fn list_actions(
+        &self,
+        business: Option<Uuid>,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ActionRow>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM action_outbox WHERE ($1::uuid IS NULL OR business_id = $1) \
+             AND ($2::text IS NULL OR status = $2) ORDER BY created_at DESC LIMIT $3"
+        );
+        Ok(client
+            .query(&sql, &[&business, &status, &limit])
+            .await?
+            .iter()
+            .map(action_row)
+            .collect())
+    }
+
+    /// One outbox row by id.
+    pub async fn action(&self, id: Uuid) -> Result<Option<ActionRow>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {ROW_COLUMNS} FROM action_outbox WHERE id = $1");
+        Ok(client
+            .query_opt(&sql, &[&id])
+            .await?
+            .as_ref()
+            .map(action_row))
+    }
+
+    /// Sends rows that ended (`dead`, `rejected`, `cancelled`) again: pending now, with one more
+    /// attempt than they used (a `delivered` row is never sent again). Returns the ids changed.
+    pub async fn retry_actions(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "UPDATE action_outbox SET status = 'pending', next_attempt_at = now(), \
+                 claimed_until = NULL, max_attempts = greatest(max_attempts, attempts + 1), \
+                 updated_at = now() \
+                 WHERE id = ANY($1) AND status IN ('dead', 'rejected', 'cancelled') RETURNING id",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Cancels pending rows (a request under way still ends, and its outcome is not recorded
+    /// over the cancellation). Returns the ids changed.
+    pub async fn cancel_actions(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "UPDATE action_outbox SET status = 'cancelled', claimed_until = NULL, \
+                 updated_at = now() WHERE id = ANY($1) AND status = 'pending' RETURNING id",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+}

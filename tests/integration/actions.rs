@@ -309,3 +309,104 @@ async fn a_claim_left_by_a_dead_dispatcher_expires_and_the_row_is_sent_once() {
     );
     assert_eq!(app.mock.receiver.requests.load(Ordering::Relaxed), 1);
 }
+
+/// An operator lists a dead request, sends it again with `icmp actions retry` once the
+/// receiver works (it is delivered, and the slot booked once), and cancels a pending one with
+/// `icmp actions cancel` (never sent).
+#[tokio::test]
+async fn an_operator_retries_a_dead_request_and_cancels_a_pending_one() {
+    let app = app_with_receiver(&secret()).await;
+    // Two failures, then the receiver works: with two attempts the request dies first.
+    let b = booking_business(&app, "?fail_first=2", "max_attempts = 2\n").await;
+    say(
+        &app,
+        &b,
+        "ivy",
+        "i1",
+        "I want to book a cleaning, my name is Ivy Lee, on monday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("dead", 2), "{rows:?}");
+    let icmp = |args: &[&str]| {
+        let out = crate::processes::icmp(&app.config)
+            .args(args)
+            .output()
+            .expect("icmp");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = icmp(&["actions", "list", "--status", "dead", "--json"]);
+    let dead: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(dead.len(), 1, "{listed}");
+    let id = dead[0]["id"].as_str().expect("id").to_owned();
+    assert_eq!(dead[0]["last_error"], "the receiver answered 500");
+    assert!(icmp(&["actions", "retry", &id]).contains("sent again: 1 of 1"));
+    let rows = settled(&app).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2),
+        ("delivered", 3),
+        "{rows:?}"
+    );
+    assert_eq!(app.mock.receiver.bookings.load(Ordering::Relaxed), 1);
+    // A delivered request is never sent again.
+    assert!(icmp(&["actions", "retry", &id]).contains("sent again: 0 of 1"));
+
+    // A request waiting (5 s) for its next attempt is cancelled and not sent again.
+    let slow = spawn_app_with(
+        MockOptions {
+            webhook_secret: Some(secret()),
+            ..MockOptions::default()
+        },
+        |c| {
+            c.actions.poll_ms = 100;
+            c.actions.retry_initial_ms = 5_000;
+        },
+    )
+    .await;
+    let b = booking_business(&slow, "?fail_first=100", "").await;
+    say(
+        &slow,
+        &b,
+        "jo",
+        "j1",
+        "I want to book a cleaning, my name is Jo March, on monday.",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while outbox(&slow).await.first().is_none_or(|r| r.3.is_none()) {
+        assert!(tokio::time::Instant::now() < deadline, "the first attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id: String = slow
+        .db()
+        .await
+        .query_one("SELECT id::text FROM action_outbox", &[])
+        .await
+        .expect("row")
+        .get(0);
+    let out = crate::processes::icmp(&slow.config)
+        .args(["actions", "cancel", &id])
+        .output()
+        .expect("icmp");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled: 1 of 1"));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let rows = outbox(&slow).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2),
+        ("cancelled", 1),
+        "{rows:?}"
+    );
+    assert_eq!(
+        slow.mock.receiver.requests.load(Ordering::Relaxed),
+        1,
+        "nothing sent after the first attempt"
+    );
+}
