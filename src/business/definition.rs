@@ -561,6 +561,86 @@ mod tests {
         assert!(Definition::parse(DEMO).is_ok());
     }
 
+    /// The demo with an action on its booking stage (`action`: its keys) and `[business.actions]`
+    /// when `secret` is given.
+    fn with_action(action: &str, secret: bool) -> String {
+        let mut text = DEMO.replacen(
+            "transitions = [\"farewell\", \"welcome\"]\n",
+            &format!(
+                "transitions = [\"farewell\", \"welcome\"]\n\n[[stages.actions]]\nname = \"book\"\n{action}"
+            ),
+            1,
+        );
+        if secret {
+            text = text.replacen(
+                "initial_stage = \"welcome\"\n",
+                "initial_stage = \"welcome\"\n\n[business.actions]\nsecret_env = \"S\"\n",
+                1,
+            );
+        }
+        text
+    }
+
+    fn problems(text: &str) -> String {
+        match Definition::parse(text) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_action_is_checked_at_import_in_every_part() {
+        let good = "on = \"fields_complete\"\nfields = [\"name\", \"date\"]\nurl = \"https://example.com/book\"\n\
+                    body = \"\"\"{\"name\": {{ extracted.name | json }} }\"\"\"\n";
+        assert_eq!(problems(&with_action(good, true)), "");
+        assert!(problems(&with_action(good, false)).contains("secret_env must name"));
+        let cases = [
+            (
+                good.replace("url = \"https://example.com/book\"\n", ""),
+                "give url or url_env",
+            ),
+            (
+                good.replace(
+                    "https://example.com/book",
+                    "https://user:pw@example.com/book",
+                ),
+                "url carries a secret",
+            ),
+            (
+                good.replace("ftp://", "").replace("https://", "ftp://"),
+                "not an http(s) URL",
+            ),
+            (
+                good.replace("\"date\"]", "\"phone\"]"),
+                "field `phone` is not declared",
+            ),
+            (
+                good.replace("fields = [\"name\", \"date\"]\n", ""),
+                "needs fields",
+            ),
+            (
+                good.replace("{{ extracted.name | json }}", "{{ extracted.name }}"),
+                "does not render to JSON",
+            ),
+            (
+                good.replace("extracted.name", "extracted.nmae"),
+                "unknown variable `extracted.nmae`",
+            ),
+            (
+                format!("{good}timeout_ms = 0\n"),
+                "timeout_ms must be 1 to 60000",
+            ),
+            (
+                format!("{good}max_attempts = 0\n"),
+                "max_attempts must be 1 to 100",
+            ),
+        ];
+        for (action, expected) in cases {
+            let found = problems(&with_action(&action, true));
+            assert!(found.contains(expected), "{expected}: {found}");
+        }
+    }
+
     #[test]
     fn a_transition_to_an_unknown_stage_is_refused_by_name() {
         let text = DEMO.replacen(
