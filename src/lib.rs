@@ -24,6 +24,8 @@
 //!   variables (shared by business definitions and the pipeline).
 //! - [`llm`]: the LLM service trait, the OpenAI-compatible client, the circuit breaker and the
 //!   mock server.
+//! - [`actions`]: stage actions: webhooks written to an outbox with the message and delivered
+//!   effectively once by a dispatcher, signed; the mock server's receiver.
 //! - [`retry`]: backoff for transient faults and reconnecting loops (the one module that knows
 //!   the `backoff` crate).
 //! - [`store`]: PostgreSQL (pool, migrations, queries, the write-set transaction).
@@ -43,8 +45,8 @@
 //!
 //! The `icmp` binary's command line is `src/cli/`, one module per command.
 
-#[cfg(feature = "bench")]
 pub mod actions;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod business;
 pub mod cache;

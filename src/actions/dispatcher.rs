@@ -43,6 +43,9 @@ impl std::fmt::Debug for Dispatcher {
 /// row is sent again only when its dispatcher is gone.
 const CLAIM_HOLD_MS: f64 = 65_000.0;
 
+/// How long a stopping process waits for its deliveries in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// How much of a receiver's answer is kept.
 const RESPONSE_KEPT: usize = 4096;
 
@@ -67,8 +70,9 @@ impl Dispatcher {
         })
     }
 
-    /// Runs until `stop`: sweeps when woken and every `poll_ms`; deliveries under way finish
-    /// (their claims would otherwise wait out their timeout).
+    /// Runs until `stop`: sweeps when woken and every `poll_ms`. Deliveries under way get up to
+    /// [`SHUTDOWN_GRACE`] to finish and record their outcome; one still running then is
+    /// abandoned, and its row is sent again (same key) once its claim expires.
     pub async fn run(self, stop: CancellationToken) {
         let poll = Duration::from_millis(self.config.poll_ms.max(10));
         loop {
@@ -81,9 +85,8 @@ impl Dispatcher {
                 metrics::record_error(&e, "actions");
             }
         }
-        // Wait for the deliveries in flight.
         let all = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);
-        let _ = self.slots.acquire_many(all).await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.slots.acquire_many(all)).await;
     }
 
     /// One sweep: claims and delivers the due rows there are slots for.
