@@ -92,6 +92,10 @@ pub struct ActionsConfig {
     /// The wait before the second attempt; it doubles with each attempt, up to `retry_max_ms`.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// How long a claim keeps other dispatchers off a request: longer than any action's
+    /// `timeout_ms` (at most 60 s), so that a request is sent again only when the process that
+    /// claimed it is gone.
+    pub claim_hold_ms: u64,
 }
 
 impl Default for ActionsConfig {
@@ -101,6 +105,7 @@ impl Default for ActionsConfig {
             concurrency: 16,
             retry_initial_ms: 1_000,
             retry_max_ms: 300_000,
+            claim_hold_ms: 65_000,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! `actions.poll_ms` (for retries, and for rows a stopped or killed process left behind), finds
 //! due rows of every business, and delivers each in a task of its own, at most
 //! `actions.concurrency` at once. A row is claimed before it is sent (an attempt counted, and no
-//! other dispatcher takes it for 65 s, longer than any request may take), so two processes never
+//! other dispatcher takes it for `actions.claim_hold_ms`, longer than any request may take), so two processes never
 //! send it at once; a process that dies mid-request leaves the claim to expire, and the row is
 //! sent again with the same `Idempotency-Key`, which the receiver dedupes on. After a 2xx the row
 //! is `delivered` and never sent again; a 4xx other than 408 and 429 is the receiver's final
@@ -38,10 +38,6 @@ impl std::fmt::Debug for Dispatcher {
         f.debug_struct("Dispatcher").finish_non_exhaustive()
     }
 }
-
-/// How long a claim holds a row: past the longest request an action may make (60 s), so a
-/// row is sent again only when its dispatcher is gone.
-const CLAIM_HOLD_MS: f64 = 65_000.0;
 
 /// How long a stopping process waits for its deliveries in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -99,7 +95,8 @@ impl Dispatcher {
             let Ok(permit) = self.slots.clone().acquire_owned().await else {
                 break;
             };
-            let Some(row) = self.store.claim_action(business, id, CLAIM_HOLD_MS).await? else {
+            let hold = self.config.claim_hold_ms as f64;
+            let Some(row) = self.store.claim_action(business, id, hold).await? else {
                 continue;
             };
             let this = self.clone();

@@ -410,3 +410,48 @@ async fn an_operator_retries_a_dead_request_and_cancels_a_pending_one() {
         "nothing sent after the first attempt"
     );
 }
+
+/// kill -9 of a worker process while its request is in flight (the receiver did the work and
+/// hangs): another process sends the request again once the dead one's claim expires, with
+/// the same key; the receiver answers it from its first answer and books once.
+#[tokio::test]
+async fn a_worker_killed_mid_request_leaves_it_to_another_and_the_slot_is_booked_once() {
+    let mut app = app_with_receiver(&secret()).await;
+    app.stop_workers().await;
+    let b = booking_business(&app, "?hang_first=1&hang_ms=60000", "timeout_ms = 30000\n").await;
+    let env = [
+        ("ICMP__ACTIONS__POLL_MS", "100"),
+        ("ICMP__ACTIONS__RETRY_INITIAL_MS", "50"),
+        ("ICMP__ACTIONS__CLAIM_HOLD_MS", "3000"),
+    ];
+    let mut first = crate::processes::WorkerProcess::spawn(&app.config, "act-1", &env);
+    say(
+        &app,
+        &b,
+        "kim",
+        "k1",
+        "I want to book a cleaning, my name is Kim Lee, on monday.",
+    )
+    .await;
+    let r = &app.mock.receiver;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while r.processed.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first request arrives"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill9();
+    let _second = crate::processes::WorkerProcess::spawn(&app.config, "act-2", &env);
+    let rows = settled(&app).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2),
+        ("delivered", 2),
+        "{rows:?}"
+    );
+    assert_eq!(r.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(r.processed.load(Ordering::Relaxed), 1);
+    assert_eq!(r.repeats.load(Ordering::Relaxed), 1);
+    assert_eq!(r.bookings.load(Ordering::Relaxed), 1);
+}
