@@ -370,12 +370,7 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: String) -> 
 /// Counts the request by its `response_format`; the refusal of `json_schema` when the mock
 /// refuses it, and a 500 for a summary request that asks for one (`FAIL-SUMMARY`).
 fn refused(state: &MockState, request: &Request) -> Option<Response> {
-    let prompt: String = request
-        .messages
-        .iter()
-        .map(text_of)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let prompt = prompt_of(request);
     if let Some(Err(())) = summary(&prompt) {
         return Some(
             (
@@ -568,14 +563,19 @@ fn text_of(m: &RequestMessage) -> String {
     }
 }
 
-/// The deterministic answer to a request.
-fn answer(request: &Request) -> String {
-    let prompt: String = request
+/// Every message's text, one after another.
+fn prompt_of(request: &Request) -> String {
+    request
         .messages
         .iter()
         .map(text_of)
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+/// The deterministic answer to a request.
+fn answer(request: &Request) -> String {
+    let prompt = prompt_of(request);
     let users: Vec<String> = request
         .messages
         .iter()

@@ -338,13 +338,7 @@ impl<L: LlmService> MessageHandler<L> {
         }
         let reply_id = Uuid::now_v7();
         let phase = decide::LlmPhase {
-            caller: LlmCaller {
-                llm: &self.llm,
-                retry: &self.retry,
-                default_model: &self.config.llm.default_model,
-                fallback_after: (self.config.llm.fallback_after_ms > 0)
-                    .then(|| std::time::Duration::from_millis(self.config.llm.fallback_after_ms)),
-            },
+            caller: self.caller(),
             templates: &self.templates,
             stages: &self.stages,
             last_resort: &self.config.worker.last_resort_reply,
@@ -378,6 +372,17 @@ impl<L: LlmService> MessageHandler<L> {
             &read.context,
         );
         Ok(decisions)
+    }
+
+    /// How this process calls the LLM (every step and the summary).
+    fn caller(&self) -> LlmCaller<'_, L> {
+        LlmCaller {
+            llm: &self.llm,
+            retry: &self.retry,
+            default_model: &self.config.llm.default_model,
+            fallback_after: (self.config.llm.fallback_after_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.config.llm.fallback_after_ms)),
+        }
     }
 
     fn ledger(&self) -> idempotency::Ledger<'_> {

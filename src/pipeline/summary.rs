@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::MessageHandler;
 use super::context::{self, ContextInputs};
-use super::llm_call::{LlmCaller, Purpose};
+use super::llm_call::Purpose;
 use crate::error::PipelineError;
 use crate::llm::tokens::Counter;
 use crate::llm::{LlmService, OutputFormat};
@@ -146,13 +146,8 @@ impl<L: LlmService> MessageHandler<L> {
             now: Utc::now(),
         });
         let rendered = self.templates.render(&template, &ctx)?;
-        let caller = LlmCaller {
-            llm: &self.llm,
-            retry: &self.retry,
-            default_model: &self.config.llm.default_model,
-            fallback_after: None,
-        };
-        let (answer, calls) = caller
+        let (answer, calls) = self
+            .caller()
             .call(Purpose::Summary, &template, &rendered, &OutputFormat::Text)
             .await;
         super::budget::spend(&self.cache, &business, &calls).await;

@@ -257,55 +257,44 @@ mod tests {
         }
 
         proptest! {
-                    /// Whatever a user writes (template syntax included) is data: it is rendered
-                    /// verbatim where the template puts it, and never changes the rest.
-                    #[test]
-                    fn user_content_is_rendered_verbatim_and_never_run(
-                        content in any::<String>(),
-                        history in proptest::collection::vec(any::<String>(), 0..4),
-                        field in any::<String>(),
-                    ) {
-                        let t = template(
-                            "<{{ message.content }}>{% for turn in history %}[{{ turn.content }}]{% endfor %}({{ extracted.note }})",
-                        );
-                        let mut ctx = Context::sample("Clinic", &[], &[]);
-                        ctx.message.content = content.clone();
-                        ctx.history = history
-                            .iter()
-                            .map(|c| crate::model::Turn {
-                                role: crate::model::Role::User,
-                                content: c.clone(),
-                            })
-                            .collect();
-                        ctx.extracted.insert("note".into(), serde_json::Value::String(field.clone()));
-                        let r = render(&engine(), &t, &ctx).expect("renders");
-                        let turns: String = history.iter().map(|h| format!("[{h}]")).collect();
-                        prop_assert_eq!(r.body.to_string(), format!("<{content}>{turns}({field})"));
-                        prop_assert_eq!(&*r.system, "System for Clinic");
-                    }
+            /// Whatever a user writes (template syntax included) is data: it is rendered
+            /// verbatim where the template puts it, and never changes the rest.
+            #[test]
+            fn user_content_is_rendered_verbatim_and_never_run(
+                content in any::<String>(),
+                history in proptest::collection::vec(any::<String>(), 0..4),
+                field in any::<String>(),
+            ) {
+                let t = template(
+                    "<{{ message.content }}>{% for turn in history %}[{{ turn.content }}]{% endfor %}({{ extracted.note }})",
+                );
+                let mut ctx = Context::sample("Clinic", &[], &[]);
+                ctx.message.content = content.clone();
+                ctx.history = history
+                    .iter()
+                    .map(|c| crate::model::Turn {
+                        role: crate::model::Role::User,
+                        content: c.clone(),
+                    })
+                    .collect();
+                ctx.extracted.insert("note".into(), serde_json::Value::String(field.clone()));
+                let r = render(&engine(), &t, &ctx).expect("renders");
+                let turns: String = history.iter().map(|h| format!("[{h}]")).collect();
+                prop_assert_eq!(r.body.to_string(), format!("<{content}>{turns}({field})"));
+                prop_assert_eq!(&*r.system, "System for Clinic");
+            }
 
-                    /// Any template source compiles or fails with a named error; never a panic.
-                    #[test]
-                    fn any_template_source_compiles_or_is_refused_by_name(body in any::<String>()) {
-                        let record = TemplateRecord {
-                            id: uuid::Uuid::nil(),
-                            business_id: uuid::Uuid::nil(),
-                            name: "fuzz".into(),
-                            kind: TemplateKind::Response,
-                            system: String::new(),
-                            body,
-                            model: None,
-                models: Vec::new(),
-        context_tokens: None,
-                            temperature: None,
-                            max_tokens: None,
-                            output_schema: None,
-                            version: 1,
-                        };
-                        if let Err(e) = compile(&engine(), record) {
-                            prop_assert!(e.to_string().contains("fuzz"), "{}", e);
-                        }
-                    }
+            /// Any template source compiles or fails with a named error; never a panic.
+            #[test]
+            fn any_template_source_compiles_or_is_refused_by_name(body in any::<String>()) {
+                let record = TemplateRecord {
+                    name: "fuzz".into(),
+                    ..test_record(uuid::Uuid::nil(), uuid::Uuid::nil(), "", &body)
+                };
+                if let Err(e) = compile(&engine(), record) {
+                    prop_assert!(e.to_string().contains("fuzz"), "{}", e);
                 }
+            }
+        }
     }
 }

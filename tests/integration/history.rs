@@ -16,7 +16,7 @@ async fn business(app: &TestApp, edits: &[(&str, &str)]) -> String {
 }
 
 /// The history lines (`user: …`, `assistant: …`) of a prompt.
-fn history_lines(prompt: &str) -> Vec<&str> {
+pub(crate) fn history_lines(prompt: &str) -> Vec<&str> {
     prompt
         .lines()
         .filter(|l| l.starts_with("user: ") || l.starts_with("assistant: "))
@@ -31,6 +31,18 @@ async fn say(app: &TestApp, business: &str, user: &str, key: &str, text: &str) {
 }
 
 const WELCOME: &str = "name = \"welcome_reply\"\n";
+
+/// The demo edit that turns summaries on: the `summarize` template after `after_tokens`,
+/// keeping the newest `keep` turns.
+pub(crate) fn summarizing(after_tokens: u32, keep: u32) -> (&'static str, String) {
+    (
+        "initial_stage = \"welcome\"\n",
+        format!(
+            "initial_stage = \"welcome\"\n\n[business.history]\nsummary_template = \"summarize\"\n\
+             summarize_after_tokens = {after_tokens}\nkeep_turns = {keep}\n"
+        ),
+    )
+}
 
 /// The welcome reply keeps only the newest turns within its 40 tokens (one of the mock's
 /// answers, about 30 tokens, fits; the user's message before it would not), while the
@@ -71,15 +83,8 @@ async fn a_templates_history_is_bounded_by_its_context_tokens() {
 #[tokio::test]
 async fn older_turns_are_folded_into_a_rolling_summary_after_the_reply() {
     let app = spawn_app_with(MockOptions::default(), |_| {}).await;
-    let id = business(
-        &app,
-        &[(
-            "initial_stage = \"welcome\"\n",
-            "initial_stage = \"welcome\"\n\n[business.history]\nsummary_template = \"summarize\"\n\
-             summarize_after_tokens = 100\nkeep_turns = 2\n",
-        )],
-    )
-    .await;
+    let (from, to) = summarizing(100, 2);
+    let id = business(&app, &[(from, &to)]).await;
     let texts = [
         "ALPHA is my first question about your clinic.",
         "BRAVO is my second question about your clinic.",
@@ -173,15 +178,8 @@ async fn older_turns_are_folded_into_a_rolling_summary_after_the_reply() {
 #[tokio::test]
 async fn a_failing_summary_changes_nothing_and_replies_go_on() {
     let app = spawn_app_with(MockOptions::default(), |_| {}).await;
-    let id = business(
-        &app,
-        &[(
-            "initial_stage = \"welcome\"\n",
-            "initial_stage = \"welcome\"\n\n[business.history]\nsummary_template = \"summarize\"\n\
-             summarize_after_tokens = 10\nkeep_turns = 0\n",
-        )],
-    )
-    .await;
+    let (from, to) = summarizing(10, 0);
+    let id = business(&app, &[(from, &to)]).await;
     for i in 0..4 {
         say(
             &app,

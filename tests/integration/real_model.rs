@@ -20,15 +20,21 @@ pub(crate) fn real_llm() -> &'static (String, String) {
     })
 }
 
-#[tokio::test]
-async fn a_demo_conversation_with_a_real_model_is_answered_turn_by_turn() {
+/// A worker (and the demo business) answered by the real server, with `tweak` applied.
+async fn real_app(tweak: impl FnOnce(&mut icmp::config::Config)) -> helpers::TestApp {
     let (url, model) = real_llm().clone();
-    let app = spawn_app_with(MockOptions::default(), |c| {
+    spawn_app_with(MockOptions::default(), |c| {
         c.llm.base_url = url;
         c.llm.default_model = model;
         c.llm.request_timeout_ms = 120_000;
+        tweak(c);
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_demo_conversation_with_a_real_model_is_answered_turn_by_turn() {
+    let app = real_app(|_| {}).await;
     let turns = [
         "Hello, I would like to book a cleaning.",
         "My name is Ada Lovelace.",
@@ -92,13 +98,7 @@ async fn a_demo_conversation_with_a_real_model_is_answered_turn_by_turn() {
 /// extraction validates against the template's schema, without a repair turn.
 #[tokio::test]
 async fn a_real_model_under_a_schema_names_only_allowed_stages_and_extracts_valid_json() {
-    let (url, model) = real_llm().clone();
-    let app = spawn_app_with(MockOptions::default(), |c| {
-        c.llm.base_url = url;
-        c.llm.default_model = model;
-        c.llm.request_timeout_ms = 120_000;
-    })
-    .await;
+    let app = real_app(|_| {}).await;
     let turns = [
         "Hello! I would like to book an appointment for a cleaning.",
         "My name is Grace Hopper and I would like to come on 2026-12-09.",
@@ -295,14 +295,7 @@ async fn the_mock_takes_over_when_the_real_server_stops_mid_conversation() {
 /// sent until one is answered by the model.)
 #[tokio::test]
 async fn a_real_models_streamed_reply_arrives_in_partials_before_the_final_reply() {
-    let (url, model) = real_llm().clone();
-    let app = spawn_app_with(MockOptions::default(), |c| {
-        c.llm.base_url = url;
-        c.llm.default_model = model;
-        c.llm.request_timeout_ms = 120_000;
-        c.llm.partial_interval_ms = 50;
-    })
-    .await;
+    let app = real_app(|c| c.llm.partial_interval_ms = 50).await;
     let business = crate::streamed_replies::streaming_business(&app).await;
     let mut answered = 0;
     for i in 0..3 {
@@ -337,23 +330,14 @@ async fn a_real_models_streamed_reply_arrives_in_partials_before_the_final_reply
 /// after it; every summary call is recorded with the server's token counts.
 #[tokio::test]
 async fn a_real_model_summarises_older_turns_and_the_next_prompt_carries_the_summary() {
-    let (url, model) = real_llm().clone();
-    let app = spawn_app_with(MockOptions::default(), |c| {
-        c.llm.base_url = url;
-        c.llm.default_model = model;
-        c.llm.request_timeout_ms = 120_000;
-    })
-    .await;
+    let app = real_app(|_| {}).await;
     let id = uuid::Uuid::new_v4().to_string();
+    let summarize = crate::history::summarizing(1, 2);
     helpers::import_demo_copy(
         &app.config,
         &id,
         &[
-            (
-                "initial_stage = \"welcome\"\n",
-                "initial_stage = \"welcome\"\n\n[business.history]\nsummary_template = \
-                 \"summarize\"\nsummarize_after_tokens = 1\nkeep_turns = 2\n",
-            ),
+            (summarize.0, &summarize.1),
             (
                 "name = \"welcome_reply\"\n",
                 "name = \"welcome_reply\"\ncontext_tokens = 1000\n",

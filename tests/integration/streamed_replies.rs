@@ -24,6 +24,21 @@ pub(crate) async fn streaming_business(app: &TestApp) -> String {
     id
 }
 
+/// An app whose mock streams a word every `chunk_ms`, its partials `interval_ms` apart at least,
+/// and a streaming business of it.
+async fn streaming_app(chunk_ms: u64, interval_ms: u64) -> (TestApp, String) {
+    let app = spawn_app_with(
+        MockOptions {
+            stream_chunk_ms: chunk_ms,
+            ..MockOptions::default()
+        },
+        |c| c.llm.partial_interval_ms = interval_ms,
+    )
+    .await;
+    let business = streaming_business(&app).await;
+    (app, business)
+}
+
 /// The entries of the outbound stream for `message_id`, in stream order, with their ids.
 pub(crate) async fn entries_of(
     app: &TestApp,
@@ -89,15 +104,7 @@ pub(crate) fn check_partials(
 
 #[tokio::test]
 async fn partials_of_the_text_so_far_precede_exactly_one_final_reply() {
-    let app = spawn_app_with(
-        MockOptions {
-            stream_chunk_ms: 25,
-            ..MockOptions::default()
-        },
-        |c| c.llm.partial_interval_ms = 60,
-    )
-    .await;
-    let business = streaming_business(&app).await;
+    let (app, business) = streaming_app(25, 60).await;
     app.send_to(
         &business,
         "ivy",
@@ -177,15 +184,7 @@ async fn a_fallback_reply_of_a_streaming_business_has_no_partials() {
 /// partials of the second attempt start over, the final reply is the whole answer, once.
 #[tokio::test]
 async fn the_partials_of_a_retried_stream_start_over_and_the_final_reply_is_whole() {
-    let app = spawn_app_with(
-        MockOptions {
-            stream_chunk_ms: 20,
-            ..MockOptions::default()
-        },
-        |c| c.llm.partial_interval_ms = 10,
-    )
-    .await;
-    let business = streaming_business(&app).await;
+    let (app, business) = streaming_app(20, 10).await;
     app.send_to(
         &business,
         "kim",
@@ -226,15 +225,7 @@ async fn the_partials_of_a_retried_stream_start_over_and_the_final_reply_is_whol
 /// final reply, whose text the last partial begins.
 #[tokio::test]
 async fn the_python_client_renders_partials_then_the_final_reply() {
-    let app = spawn_app_with(
-        MockOptions {
-            stream_chunk_ms: 25,
-            ..MockOptions::default()
-        },
-        |c| c.llm.partial_interval_ms = 50,
-    )
-    .await;
-    let business = streaming_business(&app).await;
+    let (app, business) = streaming_app(25, 50).await;
     let s = &app.config.streams;
     let out = tokio::process::Command::new("python3")
         .arg(helpers::root().join("examples/python/icmp_client.py"))
