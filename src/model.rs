@@ -198,6 +198,11 @@ pub struct ActionDef {
     /// Attempts before the request is given up (`dead`).
     #[serde(default = "default_action_attempts")]
     pub max_attempts: u32,
+    /// A message to the user once the result is in: an `upon` template of `action`, `request`
+    /// (the body sent) and `result` (as `actions.<name>`), published once with its own
+    /// `reply_id`. (Left out when absent, so that a stage without one reads as before.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_up: Option<String>,
 }
 
 fn default_action_timeout_ms() -> u32 {
@@ -344,6 +349,9 @@ pub struct Conversation {
     /// The last message (`seq`) the summary covers; the history starts after it.
     #[serde(default)]
     pub summarized_seq: i64,
+    /// The latest result of each stage action (`actions.<name>` in templates).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub actions: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What the next message of a user needs of their current conversation, as the last commit

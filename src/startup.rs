@@ -243,7 +243,12 @@ impl Application {
             )
         };
         let actions = crate::actions::dispatcher::Dispatcher::new(
-            deps.store.clone(),
+            crate::actions::dispatcher::Sinks {
+                store: deps.store.clone(),
+                cache: deps.cache.clone(),
+                streams: config.streams.clone(),
+                failpoints: workers[0].handler().failpoints().clone(),
+            },
             config.actions.clone(),
             workers[0].handler().actions_wake(),
         )

@@ -18,20 +18,39 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{SIGNATURE_HEADER, signature};
-use crate::config::ActionsConfig;
+use crate::cache::Cache;
+use crate::config::{ActionsConfig, StreamsConfig};
+use crate::pipeline::Failpoints;
 use crate::store::Store;
-use crate::store::outbox::{Claimed, Outcome};
+use crate::store::outbox::{Claimed, Outcome, Settlement};
 use crate::telemetry::metrics;
 
 /// Delivers outbox rows.
 #[derive(Clone)]
 pub struct Dispatcher {
     store: Store,
+    cache: Cache,
+    streams: Arc<StreamsConfig>,
     http: reqwest::Client,
+    engine: Arc<upon::Engine<'static>>,
     config: ActionsConfig,
     wake: Arc<Notify>,
     slots: Arc<Semaphore>,
+    failpoints: Failpoints,
 }
+
+/// What a dispatcher works with besides its configuration.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    pub store: Store,
+    /// Where results drop the user's cached state, and follow-ups are published.
+    pub cache: Cache,
+    pub streams: StreamsConfig,
+    pub failpoints: Failpoints,
+}
+
+/// A stored follow-up not published yet is taken over by any dispatcher after this long.
+const UNPUBLISHED_AFTER_MS: i32 = 2_000;
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,18 +70,22 @@ impl Dispatcher {
     /// # Errors
     /// When the HTTP client cannot be built (TLS backend).
     pub fn new(
-        store: Store,
+        sinks: Sinks,
         config: ActionsConfig,
         wake: Arc<Notify>,
     ) -> Result<Dispatcher, reqwest::Error> {
         Ok(Dispatcher {
-            store,
+            store: sinks.store,
+            cache: sinks.cache,
+            streams: Arc::new(sinks.streams),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
+            engine: Arc::new(crate::template::engine()),
             slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
             config,
             wake,
+            failpoints: sinks.failpoints,
         })
     }
 
@@ -78,6 +101,9 @@ impl Dispatcher {
                 () = tokio::time::sleep(poll) => {}
             }
             if let Err(e) = self.sweep().await {
+                metrics::record_error(&e, "actions");
+            }
+            if let Err(e) = self.publish_left_over().await {
                 metrics::record_error(&e, "actions");
             }
         }
@@ -108,7 +134,8 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// One attempt of a claimed row, and its outcome recorded.
+    /// One attempt of a claimed row, and its outcome recorded; a final one with its result on
+    /// the conversation and its follow-up, which is then published.
     async fn deliver(&self, row: Claimed) {
         let started = Instant::now();
         let outcome = self.attempt(&row).await;
@@ -117,21 +144,117 @@ impl Dispatcher {
             Outcome::Failed { .. } => "failed",
         };
         metrics::action_attempt(&row.action, label, started.elapsed());
-        match self
+        let settlement = self.settlement(&row, &outcome);
+        let recorded = match self
             .store
-            .record_action(row.business_id, row.id, &outcome)
+            .record_action(row.business_id, row.id, &outcome, &settlement)
             .await
         {
-            Ok(status) => {
-                if status == "dead" {
-                    metrics::action(&row.action, "dead");
-                    tracing::error!(action = %row.action, row = %row.id, "an action gave up after its last attempt");
-                } else if status != "pending" {
-                    metrics::action(&row.action, label);
+            Ok(Some(recorded)) => recorded,
+            Ok(None) => return,
+            Err(e) => return metrics::record_error(&e, "actions"),
+        };
+        match recorded.status.as_str() {
+            "pending" => return,
+            "dead" => {
+                metrics::action(&row.action, "dead");
+                tracing::error!(action = %row.action, row = %row.id, "an action gave up after its last attempt");
+            }
+            _ => metrics::action(&row.action, label),
+        }
+        // The result changed the conversation: its cached state is stale.
+        if let Some(user) = &recorded.user_id
+            && let Err(e) = self
+                .cache
+                .invalidate_conversation(row.business_id, user)
+                .await
+        {
+            metrics::record_error(&e, "actions");
+        }
+        if settlement.follow_up.is_none() {
+            return;
+        }
+        if let Err(e) = self.publish(row.business_id, row.id).await {
+            metrics::record_error(&e, "actions");
+        }
+    }
+
+    /// What a final outcome stores besides the row (for an outcome that is not final, what it
+    /// would store is not used).
+    fn settlement(&self, row: &Claimed, outcome: &Outcome) -> Settlement {
+        let result = match outcome {
+            Outcome::Done {
+                status,
+                http_status,
+                response,
+                ..
+            } => super::result(
+                status,
+                Some(*http_status),
+                Some(response),
+                Some(chrono::Utc::now()),
+            ),
+            Outcome::Failed { http_status, .. } => {
+                super::result("dead", *http_status, None, Some(chrono::Utc::now()))
+            }
+        };
+        let follow_up = row.follow_up.as_deref().and_then(|source| {
+            let ctx = super::FollowUpContext {
+                action: &row.action,
+                request: &row.body,
+                result: &result,
+            };
+            match super::render_follow_up(&self.engine, source, &ctx) {
+                Ok(text) => text.map(|t| (uuid::Uuid::now_v7(), t)),
+                Err(e) => {
+                    metrics::action(&row.action, "follow_up_failed");
+                    tracing::error!(action = %row.action, error = %e, "an action's follow-up did not render; none is sent");
+                    None
                 }
             }
-            Err(e) => metrics::record_error(&e, "actions"),
+        });
+        Settlement { result, follow_up }
+    }
+
+    /// Publishes a row's stored follow-up (once: a second call publishes nothing) and marks it
+    /// published.
+    async fn publish(
+        &self,
+        business: uuid::Uuid,
+        id: uuid::Uuid,
+    ) -> Result<(), crate::error::PipelineError> {
+        if self
+            .failpoints
+            .is_on(crate::pipeline::failpoint::ACTION_SETTLED_STOP)
+        {
+            return Ok(());
         }
+        let Some(f) = self.store.follow_up(business, id).await? else {
+            return Ok(());
+        };
+        let conn = self.cache.connection();
+        if super::follow_up::firing_message_pending(&conn, &self.streams, &f).await? {
+            // Published by a later sweep, after the reply.
+            return Ok(());
+        }
+        let published = super::follow_up::publish(&conn, &self.streams, &f).await?;
+        if published == super::follow_up::Published::Now {
+            metrics::action(&f.action, "follow_up");
+        }
+        self.store.follow_up_published(business, id).await?;
+        Ok(())
+    }
+
+    /// Publishes the follow-ups stored but left unpublished (their process stopped first).
+    async fn publish_left_over(&self) -> Result<(), crate::error::PipelineError> {
+        for (business, id) in self
+            .store
+            .unpublished_follow_ups(64, UNPUBLISHED_AFTER_MS)
+            .await?
+        {
+            self.publish(business, id).await?;
+        }
+        Ok(())
     }
 
     async fn attempt(&self, row: &Claimed) -> Outcome {

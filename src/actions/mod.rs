@@ -10,6 +10,7 @@
 //! after a 2xx.
 
 pub mod dispatcher;
+pub mod follow_up;
 pub mod receiver;
 
 use hmac::{KeyInit, Mac};
@@ -35,6 +36,100 @@ pub struct OutboxRow {
     pub body: serde_json::Value,
     pub timeout_ms: u32,
     pub max_attempts: u32,
+    /// The firing message's `reply_to`: where the follow-up goes (`None`: the outbound stream).
+    pub reply_to: Option<String>,
+    /// The action's follow-up template.
+    pub follow_up: Option<String>,
+}
+
+/// An action's result as templates see it (`actions.<name>`): `status` (`none` until the
+/// action has a result; `delivered`, `rejected` or `dead`), `ok` (delivered: templates test
+/// it with `{% if %}`, which compares nothing), the receiver's `http_status`, its `response`
+/// (the answer when it is a JSON object, else `{}`: its members are unknown until it comes,
+/// so templates read them with `?.`), `text` (the answer as received, at most 4 KiB) and
+/// `at`.
+pub fn result(
+    status: &str,
+    http_status: Option<i32>,
+    response: Option<&str>,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+) -> serde_json::Value {
+    let parsed = response
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    serde_json::json!({
+        "status": status,
+        "ok": status == "delivered",
+        "http_status": http_status,
+        "response": parsed,
+        "text": response,
+        "at": at.map(|t| t.to_rfc3339()),
+    })
+}
+
+/// The `actions` variable: every action of the business's stages, with the conversation's
+/// result of it or `status = "none"`.
+pub fn results_of(
+    business: &crate::model::Business,
+    stored: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    business
+        .stages
+        .iter()
+        .flat_map(|s| &s.actions)
+        .map(|a| {
+            let r = stored
+                .get(&a.name)
+                .cloned()
+                .unwrap_or_else(|| result("none", None, None, None));
+            (a.name.clone(), r)
+        })
+        .collect()
+}
+
+/// The `actions` variable of import's sample context: every action delivered with an answer
+/// whose shape is unknown (`null`: templates reach into it with `?.`).
+pub fn sample_results<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> serde_json::Map<String, serde_json::Value> {
+    names
+        .into_iter()
+        .map(|n| {
+            (
+                n.to_owned(),
+                result("delivered", Some(200), None, Some(chrono::Utc::now())),
+            )
+        })
+        .collect()
+}
+
+/// What a follow-up template sees: the action's name, the body it sent, its result.
+#[derive(Debug, Serialize)]
+pub struct FollowUpContext<'a> {
+    pub action: &'a str,
+    pub request: &'a serde_json::Value,
+    pub result: &'a serde_json::Value,
+}
+
+/// Renders a follow-up (trimmed; `None` when it renders to nothing: no message is sent).
+///
+/// # Errors
+/// A template that does not compile or render.
+pub fn render_follow_up(
+    engine: &upon::Engine<'static>,
+    source: &str,
+    ctx: &FollowUpContext<'_>,
+) -> Result<Option<String>, BodyError> {
+    let template = engine
+        .compile(source)
+        .map_err(|e| BodyError::Compile(e.to_string()))?;
+    let text = template
+        .render(engine, ctx)
+        .to_string()
+        .map_err(|e| BodyError::Render(e.to_string()))?;
+    let text = text.trim();
+    Ok((!text.is_empty()).then(|| text.to_owned()))
 }
 
 /// Why an action's body could not be made.
@@ -137,6 +232,8 @@ pub struct Fired<'a> {
     pub conversation: Uuid,
     /// The message's idempotency key.
     pub message_key: &'a str,
+    /// The message's `reply_to`.
+    pub reply_to: Option<&'a str>,
     /// The stage after the message, and whether the message brought the conversation into it.
     pub stage: &'a StageInfo,
     pub entered: bool,
@@ -187,6 +284,8 @@ fn row(a: &ActionDef, m: &Fired<'_>, body: serde_json::Value) -> OutboxRow {
         body,
         timeout_ms: a.timeout_ms,
         max_attempts: a.max_attempts,
+        reply_to: m.reply_to.map(str::to_owned),
+        follow_up: a.follow_up.clone(),
     }
 }
 
@@ -213,6 +312,93 @@ mod tests {
             "too old"
         );
         assert!(!verify(b"s3cret", "v1=00", body, 1_800_000_000, 300));
+    }
+
+    #[test]
+    fn a_follow_up_sees_the_request_and_the_result_and_reaches_into_an_answer_with_optional_access()
+    {
+        let engine = crate::template::engine();
+        let source = "{% if result.ok %}Booked for {{ request.date }} \
+                      (ref {{ result.response?.booking_id }}).{% else %}We could not book \
+                      {{ request.date }}: {{ result.http_status }}.{% endif %}";
+        let request = serde_json::json!({"date": "Tuesday 8 December 10:00"});
+        let delivered = result(
+            "delivered",
+            Some(200),
+            Some(r#"{"booking_id":"B-17"}"#),
+            None,
+        );
+        let ctx = FollowUpContext {
+            action: "book",
+            request: &request,
+            result: &delivered,
+        };
+        assert_eq!(
+            render_follow_up(&engine, source, &ctx).expect("renders"),
+            Some("Booked for Tuesday 8 December 10:00 (ref B-17).".to_owned())
+        );
+        // An answer that is not JSON is `text` alone; a missing member renders as nothing.
+        let text = result("delivered", Some(200), Some("ok"), None);
+        assert_eq!(text["response"], serde_json::json!({}));
+        assert_eq!(text["text"], serde_json::json!("ok"));
+        let ctx = FollowUpContext {
+            result: &text,
+            ..ctx
+        };
+        assert_eq!(
+            render_follow_up(&engine, source, &ctx).expect("renders"),
+            Some("Booked for Tuesday 8 December 10:00 (ref ).".to_owned())
+        );
+        let taken = result("rejected", Some(409), Some(r#"{"error":"taken"}"#), None);
+        let ctx = FollowUpContext {
+            result: &taken,
+            ..ctx
+        };
+        assert_eq!(
+            render_follow_up(&engine, source, &ctx).expect("renders"),
+            Some("We could not book Tuesday 8 December 10:00: 409.".to_owned())
+        );
+        // A follow-up that renders to nothing sends nothing.
+        assert_eq!(
+            render_follow_up(&engine, "{% if false %}x{% endif %}  ", &ctx).expect("renders"),
+            None
+        );
+    }
+
+    #[test]
+    fn every_action_of_the_business_is_a_variable_with_none_until_it_has_a_result() {
+        let action = |name: &str| crate::model::ActionDef {
+            name: name.into(),
+            on: ActionTrigger::Message,
+            fields: Vec::new(),
+            url: Some("http://x/".into()),
+            url_env: None,
+            body: "{}".into(),
+            timeout_ms: 1000,
+            max_attempts: 1,
+            follow_up: None,
+        };
+        let business = crate::model::Business {
+            stages: vec![StageInfo {
+                id: Uuid::from_u128(1),
+                name: "s".into(),
+                description: String::new(),
+                next: None,
+                actions: vec![action("book"), action("notify")],
+            }],
+            ..Default::default()
+        };
+        let mut stored = serde_json::Map::new();
+        stored.insert(
+            "book".into(),
+            result("delivered", Some(201), Some(r#"{"id":1}"#), None),
+        );
+        stored.insert("removed".into(), result("dead", None, None, None));
+        let vars = results_of(&business, &stored);
+        assert_eq!(vars.len(), 2, "{vars:?}");
+        assert_eq!(vars["book"]["response"]["id"], 1);
+        assert_eq!(vars["notify"]["status"], "none");
+        assert_eq!(vars["notify"]["response"], serde_json::json!({}));
     }
 
     #[test]

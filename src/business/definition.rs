@@ -475,9 +475,15 @@ impl Definition {
                         u.line, u.path
                     ));
                 }
-                match crate::actions::render_body(engine, &a.body, sample) {
-                    Ok(_) => {}
-                    Err(e) => problems.push(format!("{at}: {e}")),
+                let request = match crate::actions::render_body(engine, &a.body, sample) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        problems.push(format!("{at}: {e}"));
+                        serde_json::Value::Null
+                    }
+                };
+                if let Some(source) = &a.follow_up {
+                    follow_up_problems(engine, &at, a, source, &request, problems);
                 }
             }
         }
@@ -499,7 +505,13 @@ impl Definition {
                 description: s.description.clone(),
             })
             .collect();
-        let sample = Context::sample(&self.business.name, &stages, &self.extraction_fields());
+        let mut sample = Context::sample(&self.business.name, &stages, &self.extraction_fields());
+        sample.actions = crate::actions::sample_results(
+            self.stages
+                .iter()
+                .flat_map(|s| &s.actions)
+                .map(|a| a.name.as_str()),
+        );
         match serde_json::to_value(&sample) {
             Ok(shape) => {
                 for t in &self.templates {
@@ -528,6 +540,36 @@ impl Definition {
                 Err(e) => problems.push(e.to_string()),
             }
         }
+    }
+}
+
+/// A follow-up's variables checked in every branch, and the template rendered against the
+/// action's sample result.
+fn follow_up_problems(
+    engine: &upon::Engine<'static>,
+    at: &str,
+    a: &crate::model::ActionDef,
+    source: &str,
+    request: &serde_json::Value,
+    problems: &mut Vec<String>,
+) {
+    let result = crate::actions::sample_results([a.name.as_str()])
+        .remove(&a.name)
+        .unwrap_or_default();
+    let ctx = crate::actions::FollowUpContext {
+        action: &a.name,
+        request,
+        result: &result,
+    };
+    let shape = serde_json::to_value(&ctx).unwrap_or_default();
+    for u in template::variables::unknown_variables(source, &shape) {
+        problems.push(format!(
+            "{at} follow_up line {}: unknown variable `{}`",
+            u.line, u.path
+        ));
+    }
+    if let Err(e) = crate::actions::render_follow_up(engine, source, &ctx) {
+        problems.push(format!("{at} follow_up: {e}"));
     }
 }
 
@@ -634,7 +676,25 @@ mod tests {
                 format!("{good}max_attempts = 0\n"),
                 "max_attempts must be 1 to 100",
             ),
+            // A follow-up sees `action`, `request` (the body) and `result`; the answer's
+            // members are unknown until it comes (`?.`).
+            (
+                format!("{good}follow_up = \"Booked for {{{{ request.nmae }}}}\"\n"),
+                "follow_up line 1: unknown variable `request.nmae`",
+            ),
+            (
+                format!("{good}follow_up = \"Ref {{{{ result.response.id }}}}\"\n"),
+                "follow_up line 1: unknown variable `result.response.id`",
+            ),
+            (
+                format!("{good}follow_up = \"{{% if result.ok %}}x\"\n"),
+                "follow_up: the body does not compile",
+            ),
         ];
+        let follow_up = "follow_up = \"\"\"{% if result.ok %}Booked for {{ request.name }} \
+                         (ref {{ result.response?.id }}, {{ action }}).{% else %}Sorry: \
+                         {{ result.status }} {{ result.http_status }}{% endif %}\"\"\"\n";
+        assert_eq!(problems(&with_action(&format!("{good}{follow_up}"), true)), "");
         for (action, expected) in cases {
             let found = problems(&with_action(&action, true));
             assert!(found.contains(expected), "{expected}: {found}");

@@ -25,6 +25,8 @@ pub struct ContextInputs<'a> {
     pub summary: &'a str,
     pub extracted: &'a Extracted,
     pub now: DateTime<Utc>,
+    /// The conversation's action results.
+    pub actions: &'a Map<String, Value>,
 }
 
 /// Builds the context of one message.
@@ -52,6 +54,7 @@ pub fn build(i: ContextInputs<'_>) -> Context {
         summary: i.summary.to_owned(),
         extracted: with_declared_fields(&i.business.extraction_fields, i.extracted),
         now: i.now.to_rfc3339(),
+        actions: crate::actions::results_of(i.business, i.actions),
     }
 }
 

@@ -76,6 +76,7 @@ pub async fn resolve(
                     updated_at: now,
                     summary: String::new(),
                     summarized_seq: 0,
+                    actions: serde_json::Map::new(),
                 },
                 is_new: true,
                 cached: None,

@@ -13,6 +13,9 @@ pub const AFTER_COMMIT_CRASH: &str = "worker.after_commit_crash";
 /// Inside the write transaction of a coalesced turn (one with later messages), before COMMIT:
 /// fails it for good, as a follower's row that PostgreSQL refused would.
 pub const COALESCED_WRITE: &str = "write.coalesced";
+/// After an action's result and follow-up are stored, before the follow-up is published: no
+/// dispatcher publishes it (as if the process that stored it died then) until it is off.
+pub const ACTION_SETTLED_STOP: &str = "actions.settled_stop";
 /// At the start of processing: panics (a poison message).
 pub const PANIC: &str = "pipeline.panic";
 

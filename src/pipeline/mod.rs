@@ -75,6 +75,9 @@ pub enum Processed {
         state: Option<crate::cache::CacheWrite>,
         /// The conversation is due for a summary, to be made once the answer is published.
         summary: Option<summary::SummaryDue>,
+        /// The turn fired stage actions: the dispatcher is woken once the answer is
+        /// published, so that a follow-up comes after it.
+        fired_actions: bool,
     },
     /// The message was committed earlier (a redelivery or a repeated `message_id` of the same
     /// user): its stored answer, to publish again.
@@ -92,7 +95,7 @@ pub struct MessageHandler<L> {
     config: Config,
     failpoints: Failpoints,
     summarizing: summary::InProgress,
-    /// Notified when a message that fired actions commits (the dispatcher waits on it).
+    /// Notified when a message that fired actions is answered (the dispatcher waits on it).
     actions_due: std::sync::Arc<tokio::sync::Notify>,
 }
 
@@ -287,9 +290,6 @@ impl<L: LlmService> MessageHandler<L> {
         )
         .await?;
         metrics::step("persist", t.elapsed());
-        if !decisions.actions.is_empty() {
-            self.actions_due.notify_one();
-        }
 
         // Step 13: the committed state, cached for the next message (by the caller, in the
         // round trip that publishes the answer).
@@ -317,6 +317,7 @@ impl<L: LlmService> MessageHandler<L> {
             followers,
             state,
             summary: summary::due(business, &committed.state, &self.config.llm.default_model),
+            fired_actions: !decisions.actions.is_empty(),
         })
     }
 
@@ -364,6 +365,7 @@ impl<L: LlmService> MessageHandler<L> {
                 business: business.id,
                 conversation: read.conversation.id,
                 message_key: turn.msg.idempotency_key(),
+                reply_to: turn.msg.reply_to.as_deref(),
                 stage: decisions.stage,
                 entered: read.is_new || decisions.transition.is_some(),
                 before: &read.extracted,

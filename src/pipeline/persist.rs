@@ -250,6 +250,7 @@ mod tests {
                 updated_at: now,
                 summary: String::new(),
                 summarized_seq: 0,
+                actions: serde_json::Map::new(),
             },
             is_new: false,
             stage: &welcome,

@@ -115,6 +115,7 @@ pub async fn read_from<'b>(
         summary: &conv.summary,
         extracted: &extracted,
         now: Utc::now(),
+        actions: &conv.actions,
     });
     Ok(Snapshot {
         conversation: conv,

@@ -144,6 +144,7 @@ impl<L: LlmService> MessageHandler<L> {
             summary: &read.summary,
             extracted: &Extracted::new(),
             now: Utc::now(),
+            actions: &serde_json::Map::new(),
         });
         let rendered = self.templates.render(&template, &ctx)?;
         let (answer, calls) = self

@@ -8,7 +8,7 @@ use super::{RawFields, raw_field};
 use crate::error::Classify;
 use crate::model::{Answer, AnswerStatus};
 
-/// `ok`, `fallback`, `throttled`, `coalesced` or `error`.
+/// `ok`, `fallback`, `throttled`, `coalesced`, `error` or `follow_up`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyStatus {
     Ok,
@@ -18,6 +18,9 @@ pub enum ReplyStatus {
     /// Answered by the reply named in `answered_by` (a coalesced turn); no content.
     Coalesced,
     Error,
+    /// A stage action's follow-up: a message of its own, after the reply to the message that
+    /// fired the action (`action` names it).
+    FollowUp,
 }
 
 impl ReplyStatus {
@@ -28,6 +31,7 @@ impl ReplyStatus {
             ReplyStatus::Throttled => "throttled",
             ReplyStatus::Coalesced => "coalesced",
             ReplyStatus::Error => "error",
+            ReplyStatus::FollowUp => "follow_up",
         }
     }
 
@@ -38,6 +42,7 @@ impl ReplyStatus {
             ReplyStatus::Throttled,
             ReplyStatus::Coalesced,
             ReplyStatus::Error,
+            ReplyStatus::FollowUp,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

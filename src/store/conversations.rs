@@ -13,7 +13,7 @@ use crate::model::{
 macro_rules! conversation_columns {
     () => {
         "SELECT c.id, c.business_id, u.external_id, c.current_stage_id, c.version, c.created_at, \
-         c.updated_at, c.summary, c.summarized_seq "
+         c.updated_at, c.summary, c.summarized_seq, c.actions "
     };
 }
 
@@ -79,6 +79,13 @@ fn conversation_from_row(r: &Row) -> Conversation {
         updated_at: r.get(6),
         summary: r.get(7),
         summarized_seq: r.get(8),
+        actions: match r
+            .get::<_, tokio_postgres::types::Json<serde_json::Value>>(9)
+            .0
+        {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        },
     }
 }
 

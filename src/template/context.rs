@@ -1,5 +1,5 @@
 //! The variables every template sees (DESIGN §7): `business`, `user`, `conversation`, `stage`,
-//! `stages`, `message`, `history`, `extracted`, `now`. User content is placed here as data; it
+//! `stages`, `message`, `history`, `extracted`, `now`, `actions`. User content is placed here as data; it
 //! is never template source. The pipeline fills it per message (`pipeline::context`); import
 //! checks templates against [`Context::sample`].
 
@@ -29,6 +29,9 @@ pub struct Context {
     pub extracted: Extracted,
     /// RFC 3339 time of processing.
     pub now: String,
+    /// Every stage action of the business by name: its latest result
+    /// ([`crate::actions::result`]), `status = "none"` until it has one.
+    pub actions: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +135,7 @@ impl Context {
             summary: "The user asked about opening hours earlier.".into(),
             extracted,
             now: Utc::now().to_rfc3339(),
+            actions: Map::new(),
         }
     }
 }

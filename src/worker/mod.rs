@@ -389,9 +389,12 @@ impl<L: LlmService> Worker<L> {
                 followers: answered,
                 state,
                 summary,
+                fired_actions,
             }) => {
                 // Made once the answer is published (the finish below), off its path.
                 let _later = summary.map(|due| Later(&self.handler, due));
+                // Its actions are sent once it is published, so that a follow-up comes after.
+                let _wake = fired_actions.then(|| WakeOnDrop(self.handler.actions_wake()));
                 if self
                     .handler
                     .failpoints()
@@ -835,6 +838,15 @@ impl<L: LlmService> Worker<L> {
                 EntryOutcome::RetryLater
             }
         }
+    }
+}
+
+/// Wakes the actions' dispatcher when dropped: after the finish that publishes the answer.
+struct WakeOnDrop(Arc<tokio::sync::Notify>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
     }
 }
 

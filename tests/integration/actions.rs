@@ -52,6 +52,12 @@ async fn booking_business(app: &TestApp, query: &str, limits: &str) -> String {
                 "initial_stage = \"welcome\"\n\n[business.actions]\nsecret_env = \"ICMP_TEST_WEBHOOK_SECRET\"\n",
             ),
             ("transitions = [\"farewell\", \"welcome\"]\n", &action),
+            // The booking stage's replies see the booking's result.
+            (
+                "when all are known, confirm them.\"\"\"",
+                "when all are known, confirm them. Booking: {{ actions.book_appointment.status }} \
+                 {{ actions.book_appointment.response?.booking_id }}\"\"\"",
+            ),
         ],
     )
     .await;
@@ -454,4 +460,213 @@ async fn a_worker_killed_mid_request_leaves_it_to_another_and_the_slot_is_booked
     assert_eq!(r.processed.load(Ordering::Relaxed), 1);
     assert_eq!(r.repeats.load(Ordering::Relaxed), 1);
     assert_eq!(r.bookings.load(Ordering::Relaxed), 1);
+}
+
+/// An action's follow-up: a message of its own, rendered from the booking's answer.
+const FOLLOW_UP: &str = "follow_up = \"\"\"{% if result.ok %}Your cleaning is booked for \
+    {{ request.date }} (booking {{ result.response?.booking_id }}).{% else %}We could not book \
+    {{ request.date }}: our front desk will call you.{% endif %}\"\"\"\n";
+
+/// Waits until `n` follow-ups of message `id` are published, then a while longer (past the
+/// sweep that publishes left-over follow-ups) so that a second one would show; returns them.
+async fn follow_ups(
+    app: &TestApp,
+    id: &str,
+    n: usize,
+) -> Vec<std::collections::HashMap<String, String>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app.follow_ups_of(id).await.len() < n && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    app.follow_ups_of(id).await
+}
+
+/// A booking's answer reaches the conversation: its follow-up is published once, after the
+/// reply, with a `reply_id` of its own, and stored as the conversation's next assistant
+/// message; the next message's prompt sees `actions.book_appointment` and the follow-up in its
+/// history; the firing message sent again fires nothing and publishes no second follow-up.
+#[tokio::test]
+async fn a_result_reaches_later_templates_and_its_follow_up_is_published_once_after_the_reply() {
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "", FOLLOW_UP).await;
+    say(
+        &app,
+        &b,
+        "ada",
+        "a1",
+        "I want to book a cleaning, my name is Ada Lovelace, on friday.",
+    )
+    .await;
+    let sent = follow_ups(&app, "a1", 1).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let f = &sent[0];
+    assert_eq!(
+        f["content"],
+        "Your cleaning is booked for friday (booking bk-1)."
+    );
+    assert_eq!(f["action"], "book_appointment");
+    let reply = app.reply("a1").await;
+    assert_ne!(f["reply_id"], reply["reply_id"]);
+    assert_eq!(f["conversation_id"], reply["conversation_id"]);
+    // After the reply in the stream.
+    let order: Vec<String> = app
+        .outbound_entries()
+        .await
+        .into_iter()
+        .filter(|e| e["message_id"] == "a1")
+        .map(|e| e["status"].clone())
+        .collect();
+    assert_eq!(order, ["ok", "follow_up"]);
+    // Stored: the conversation's third message, and its result.
+    let conversation: uuid::Uuid = reply["conversation_id"].parse().expect("uuid");
+    let rows = app
+        .db()
+        .await
+        .query(
+            "SELECT role, content, id::text FROM messages WHERE conversation_id = $1 ORDER BY seq",
+            &[&conversation],
+        )
+        .await
+        .expect("messages");
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[2].get::<_, String>(0), "assistant");
+    assert_eq!(rows[2].get::<_, String>(1), f["content"]);
+    assert_eq!(rows[2].get::<_, String>(2), f["reply_id"]);
+    let status: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT actions->'book_appointment'->>'status' FROM conversations WHERE id = $1",
+            &[&conversation],
+        )
+        .await
+        .expect("conversation")
+        .get(0);
+    assert_eq!(status, "delivered");
+    // The next message sees the result and the follow-up.
+    say(
+        &app,
+        &b,
+        "ada",
+        "a2",
+        "Can I book a cleaning for my daughter too?",
+    )
+    .await;
+    let prompt: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT l.prompt FROM llm_calls l JOIN messages m ON m.id = l.message_id \
+             WHERE m.idempotency_key = 'a2' AND l.purpose = 'response'",
+            &[],
+        )
+        .await
+        .expect("the response call")
+        .get(0);
+    assert!(prompt.contains("Booking: delivered bk-1"), "{prompt}");
+    assert!(
+        prompt.contains("(booking bk-1)"),
+        "the follow-up is in the history: {prompt}"
+    );
+    // The firing message again: its stored answer, no second request or follow-up.
+    app.send_to(
+        &b,
+        "ada",
+        "a1",
+        "I want to book a cleaning, my name is Ada Lovelace, on friday.",
+    )
+    .await;
+    assert_eq!(app.wait_replies("a1", 2).await.len(), 2);
+    assert_eq!(follow_ups(&app, "a1", 2).await.len(), 1);
+    assert_eq!(app.mock.receiver.requests.load(Ordering::Relaxed), 1);
+}
+
+/// A dispatcher that stored a follow-up and stopped before publishing it (a dead booking's
+/// "we could not book"): two running workers' sweeps publish it once; publishing it again
+/// publishes nothing.
+#[tokio::test]
+async fn a_follow_up_left_unpublished_is_published_once_by_the_sweeps() {
+    let mut app = app_with_receiver(&secret()).await;
+    app.start_worker("w1").await;
+    app.failpoints
+        .enable(icmp::pipeline::failpoint::ACTION_SETTLED_STOP);
+    let b = booking_business(
+        &app,
+        "?fail_first=100",
+        &format!("max_attempts = 2\n{FOLLOW_UP}"),
+    )
+    .await;
+    say(
+        &app,
+        &b,
+        "bo",
+        "b1",
+        "I want to book a cleaning, my name is Bo Diddley, on monday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("dead", 2), "{rows:?}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        app.follow_ups_of("b1").await.len(),
+        0,
+        "stopped before publishing"
+    );
+    let stored = app
+        .count(
+            "SELECT count(*) FROM action_outbox WHERE follow_up_id IS NOT NULL \
+             AND follow_up_published_at IS NULL",
+            &[],
+        )
+        .await;
+    assert_eq!(stored, 1);
+    app.failpoints
+        .disable(icmp::pipeline::failpoint::ACTION_SETTLED_STOP);
+    let sent = follow_ups(&app, "b1", 1).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        sent[0]["content"],
+        "We could not book monday: our front desk will call you."
+    );
+    let conversation: uuid::Uuid = sent[0]["conversation_id"].parse().expect("uuid");
+    let status: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT actions->'book_appointment'->>'status' FROM conversations WHERE id = $1",
+            &[&conversation],
+        )
+        .await
+        .expect("conversation")
+        .get(0);
+    assert_eq!(status, "dead");
+    // Published again (as a process would after an ambiguous failure): nothing.
+    let business: uuid::Uuid = b.parse().expect("uuid");
+    let id: uuid::Uuid = app
+        .db()
+        .await
+        .query_one("SELECT id FROM action_outbox", &[])
+        .await
+        .expect("row")
+        .get(0);
+    app.db()
+        .await
+        .execute(
+            "UPDATE action_outbox SET follow_up_published_at = NULL",
+            &[],
+        )
+        .await
+        .expect("unmark");
+    let f = app
+        .store
+        .follow_up(business, id)
+        .await
+        .expect("read")
+        .expect("a follow-up");
+    let again = icmp::actions::follow_up::publish(&app.redis, &app.config.streams, &f)
+        .await
+        .expect("publish");
+    assert_eq!(again, icmp::actions::follow_up::Published::Before);
+    assert_eq!(follow_ups(&app, "b1", 2).await.len(), 1);
 }

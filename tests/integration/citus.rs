@@ -377,6 +377,8 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
         "200".into(),
         "12".into(),
         "'{}'".into(),
+        id(),
+        "'Booked.'".into(),
     ];
     assert_one_task_on(
         &db,
@@ -391,10 +393,50 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
         "'boom'".into(),
         "12".into(),
         "1000".into(),
+        id(),
+        "'Not booked.'".into(),
     ];
     assert_one_task_on(
         &db,
         &write_set::bind(outbox::FAILED, |n| failed[n - 1].clone()),
+        port,
+    )
+    .await;
+    // A final result on the conversation, its follow-up message, and the follow-up's read.
+    let result = [
+        b.clone(),
+        format!("'{conversation}'::uuid"),
+        "'book'".into(),
+        "'{\"status\": \"delivered\"}'::jsonb".into(),
+        "1".into(),
+    ];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(outbox::RESULT, |n| result[n - 1].clone()),
+        port,
+    )
+    .await;
+    let message = [
+        b.clone(),
+        format!("'{conversation}'::uuid"),
+        id(),
+        "'Booked.'".into(),
+        "'action:k'".into(),
+        id(),
+        "7".into(),
+        id(),
+        format!("'{stage}'::uuid"),
+    ];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(outbox::FOLLOW_UP_MESSAGE, |n| message[n - 1].clone()),
+        port,
+    )
+    .await;
+    let read = [b.clone(), id()];
+    assert_one_task_on(
+        &db,
+        &write_set::bind(outbox::FOLLOW_UP, |n| read[n - 1].clone()),
         port,
     )
     .await;

@@ -375,6 +375,7 @@ fn demo_prompts_render_as_reviewed() {
             summary: "",
             extracted: &extracted,
             now,
+            actions: &serde_json::Map::new(),
         });
         let names = [
             &stage_def.selection_template,

@@ -643,7 +643,22 @@ impl TestApp {
             .await
             .into_iter()
             .filter(|e| {
-                e["message_id"] == id && e.get("status").map(String::as_str) != Some("partial")
+                e["message_id"] == id
+                    && !matches!(
+                        e.get("status").map(String::as_str),
+                        Some("partial" | "follow_up")
+                    )
+            })
+            .collect()
+    }
+
+    /// The follow-ups on the outbound streams of actions fired by message `id`, in stream order.
+    pub async fn follow_ups_of(&self, id: &str) -> Vec<HashMap<String, String>> {
+        self.outbound_entries()
+            .await
+            .into_iter()
+            .filter(|e| {
+                e["message_id"] == id && e.get("status").map(String::as_str) == Some("follow_up")
             })
             .collect()
     }
