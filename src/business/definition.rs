@@ -694,7 +694,10 @@ mod tests {
         let follow_up = "follow_up = \"\"\"{% if result.ok %}Booked for {{ request.name }} \
                          (ref {{ result.response?.id }}, {{ action }}).{% else %}Sorry: \
                          {{ result.status }} {{ result.http_status }}{% endif %}\"\"\"\n";
-        assert_eq!(problems(&with_action(&format!("{good}{follow_up}"), true)), "");
+        assert_eq!(
+            problems(&with_action(&format!("{good}{follow_up}"), true)),
+            ""
+        );
         for (action, expected) in cases {
             let found = problems(&with_action(&action, true));
             assert!(found.contains(expected), "{expected}: {found}");

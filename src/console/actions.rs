@@ -1,5 +1,6 @@
 //! The console's writes: replaying and purging one dead letter (the same functions as
-//! `icmp dlq replay` and `icmp dlq purge`), and signing in and out. Every write attempt, refused
+//! `icmp dlq replay` and `icmp dlq purge`), retrying and cancelling one stage action's request
+//! (as `icmp actions retry` and `cancel`), and signing in and out. Every write attempt, refused
 //! or not, is logged (action, dead letter id, outcome, client address; never the token); the
 //! ones by a signed-in writer are remembered too, so the dead-letter page can say what was
 //! done. A write from another site (`Sec-Fetch-Site`, else `Origin` against `Host`) is refused.
@@ -14,11 +15,15 @@ use super::auth::{session_clear_cookie, session_set_cookie};
 use super::{ConsoleError, Ctx, see_other};
 use crate::stream::{dlq, is_entry_id};
 
-/// A write on one dead letter.
+/// A write on one dead letter or one stage action's request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
     Replay,
     Purge,
+    /// An ended request sent again (`icmp actions retry`).
+    Retry,
+    /// A pending request cancelled (`icmp actions cancel`).
+    Cancel,
 }
 
 impl Action {
@@ -26,6 +31,25 @@ impl Action {
         match self {
             Action::Replay => "replay",
             Action::Purge => "purge",
+            Action::Retry => "retry",
+            Action::Cancel => "cancel",
+        }
+    }
+
+    /// Whether `id` can name what the write acts on (a dead letter's entry id, a request's
+    /// UUID).
+    fn valid_id(self, id: &str) -> bool {
+        match self {
+            Action::Replay | Action::Purge => is_entry_id(id),
+            Action::Retry | Action::Cancel => uuid::Uuid::parse_str(id).is_ok(),
+        }
+    }
+
+    /// Where the browser goes after the write.
+    fn done_page(self, id: &str, seq: u64) -> String {
+        match self {
+            Action::Replay | Action::Purge => format!("/dlq?done={seq}"),
+            Action::Retry | Action::Cancel => format!("/actions/{id}"),
         }
     }
 }
@@ -40,18 +64,29 @@ pub(crate) async fn purge(ctx: Ctx, Path(id): Path<String>) -> Response {
     write(&ctx, Action::Purge, &id).await
 }
 
+/// `POST /actions/{id}/retry`: sends an ended request again.
+pub(crate) async fn retry_request(ctx: Ctx, Path(id): Path<String>) -> Response {
+    write(&ctx, Action::Retry, &id).await
+}
+
+/// `POST /actions/{id}/cancel`: cancels a pending request.
+pub(crate) async fn cancel_request(ctx: Ctx, Path(id): Path<String>) -> Response {
+    write(&ctx, Action::Cancel, &id).await
+}
+
 async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
     // Refused before anything of the request is logged or remembered: a malformed id (it could
     // forge log lines), and requests that may not write (so that nobody can push the real
     // actions off the list).
-    if !is_entry_id(id) {
-        tracing::info!(action = action.as_str(), outcome = %"not_found", remote.addr = %ctx.remote, "console write: not a dead-letter id");
-        return ctx.respond(Err(ConsoleError::NotFound(
-            "no such dead letter".to_owned(),
-        )));
+    if !action.valid_id(id) {
+        tracing::info!(action = action.as_str(), outcome = %"not_found", remote.addr = %ctx.remote, "console write: not an id");
+        return ctx.respond(Err(ConsoleError::NotFound(format!(
+            "nothing to {} by that id",
+            action.as_str()
+        ))));
     }
     if let Err(e) = may_write(ctx) {
-        tracing::info!(action = action.as_str(), dead_letter.id = %id, outcome = %"forbidden", remote.addr = %ctx.remote, "console write");
+        tracing::info!(action = action.as_str(), target.id = %id, outcome = %"forbidden", remote.addr = %ctx.remote, "console write");
         return ctx.respond(Err(e));
     }
     let (outcome, result) = match perform(ctx, action, id).await {
@@ -66,7 +101,7 @@ async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
     };
     tracing::info!(
         action = action.as_str(),
-        dead_letter.id = %id,
+        target.id = %id,
         outcome = %outcome,
         remote.addr = %ctx.remote,
         "console write"
@@ -75,7 +110,7 @@ async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
         .console
         .record(action.as_str(), id, &outcome, &ctx.remote);
     match result {
-        Ok(()) => see_other(&format!("/dlq?done={seq}")),
+        Ok(()) => see_other(&action.done_page(id, seq)),
         Err(e) => ctx.respond(Err(e)),
     }
 }
@@ -88,7 +123,9 @@ fn may_write(ctx: &Ctx) -> Result<(), ConsoleError> {
     }
     if !ctx.grant.can_write {
         return Err(ConsoleError::Forbidden(
-            "Sign in (or send the token) to replay or purge dead letters.".to_owned(),
+            "Sign in (or send the token) to replay or purge dead letters, or to retry or cancel \
+             action requests."
+                .to_owned(),
         ));
     }
     if ctx.cross_site {
@@ -105,21 +142,29 @@ fn read_only() -> ConsoleError {
     )
 }
 
-/// Does the write; returns the outcome (`replayed`, `purged`).
+/// Does the write; returns the outcome (`replayed`, `purged`, `retried`, `cancelled`).
 async fn perform(ctx: &Ctx, action: Action, id: &str) -> Result<&'static str, ConsoleError> {
-    let missing = || ConsoleError::NotFound(format!("no dead letter {id}"));
     let c = &ctx.console;
     let ids = [id.to_owned()];
+    let request = || uuid::Uuid::parse_str(id).map(|u| [u]).unwrap_or_default();
     let done = match action {
-        Action::Replay => dlq::replay(&c.conn, &c.streams, &ids).await?,
-        Action::Purge => dlq::purge(&c.conn, &c.streams, &ids).await?,
+        Action::Replay => dlq::replay(&c.conn, &c.streams, &ids).await?.len(),
+        Action::Purge => dlq::purge(&c.conn, &c.streams, &ids).await?.len(),
+        Action::Retry => c.store.retry_actions(&request()).await?.len(),
+        Action::Cancel => c.store.cancel_actions(&request()).await?.len(),
     };
-    if done.is_empty() {
-        return Err(missing());
+    if done == 0 {
+        return Err(ConsoleError::NotFound(match action {
+            Action::Replay | Action::Purge => format!("no dead letter {id}"),
+            Action::Retry => format!("no ended action request {id}"),
+            Action::Cancel => format!("no pending action request {id}"),
+        }));
     }
     Ok(match action {
         Action::Replay => "replayed",
         Action::Purge => "purged",
+        Action::Retry => "retried",
+        Action::Cancel => "cancelled",
     })
 }
 

@@ -118,6 +118,8 @@ impl Pages {
             ),
             ("conversation", include_str!("templates/conversation.html")),
             ("trace", include_str!("templates/trace.html")),
+            ("actions_list", include_str!("templates/actions_list.html")),
+            ("action_show", include_str!("templates/action_show.html")),
             ("login", include_str!("templates/login.html")),
             ("error", include_str!("templates/error.html")),
         ] {

@@ -1,5 +1,6 @@
 //! The read-only pages: overview (`icmp status`), dead letters (`icmp dlq list` / `show`),
-//! conversations (`icmp conversation show`) and trace (`icmp trace`). Each reads through the
+//! conversations (`icmp conversation show`), stage actions' requests (`icmp actions list` /
+//! `show`) and trace (`icmp trace`). Each reads through the
 //! same function as its command and only shapes the result for its template.
 
 use std::collections::BTreeMap;
@@ -297,6 +298,136 @@ async fn conversation_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError
         "conversation",
         &format!("Conversation {}", record.id),
         serde_json::json!({ "c": c }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ActionsQuery {
+    #[serde(default)]
+    business: String,
+    #[serde(default)]
+    status: String,
+}
+
+/// The outbox statuses an operator filters on.
+const ACTION_STATUSES: [&str; 5] = ["pending", "delivered", "rejected", "dead", "cancelled"];
+
+/// `/actions`: stage actions' requests, the newest first (`icmp actions list`), with counts
+/// per status; `?business=ID&status=S` filter.
+pub(crate) async fn outbox(ctx: Ctx, Query(q): Query<ActionsQuery>) -> Response {
+    ctx.respond(outbox_page(&ctx, &q).await)
+}
+
+async fn outbox_page(ctx: &Ctx, q: &ActionsQuery) -> Result<Response, ConsoleError> {
+    let business = match q.business.trim() {
+        "" => None,
+        b => Some(Uuid::parse_str(b).map_err(|_| {
+            ConsoleError::BadRequest(format!("the business id is not a UUID: {b}"))
+        })?),
+    };
+    let status = match q.status.trim() {
+        "" => None,
+        s if ACTION_STATUSES.contains(&s) => Some(s),
+        s => {
+            return Err(ConsoleError::BadRequest(format!(
+                "no status {s}: one of {}",
+                ACTION_STATUSES.join(", ")
+            )));
+        }
+    };
+    let rows = ctx
+        .console
+        .store
+        .list_actions(business, status, i64::try_from(LIST_LIMIT).unwrap_or(100))
+        .await?;
+    let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+    let shown: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            *by_status.entry(r.status.as_str()).or_default() += 1;
+            serde_json::json!({
+                "id": r.id,
+                "business_id": r.business_id,
+                "conversation_id": r.conversation_id,
+                "action": r.action,
+                "status": r.status,
+                "attempts": format!("{}/{}", r.attempts, r.max_attempts),
+                "last_status": r.last_status.map(|s| s.to_string()).unwrap_or_default(),
+                "last_error": r.last_error.clone().unwrap_or_default(),
+                "updated_at": r.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            })
+        })
+        .collect();
+    let by_status: Vec<serde_json::Value> = by_status
+        .into_iter()
+        .map(|(status, count)| serde_json::json!({ "status": status, "count": count }))
+        .collect();
+    ctx.page(
+        "actions_list",
+        "Actions",
+        serde_json::json!({
+            "filter": { "business": q.business.trim(), "status": q.status.trim() },
+            "statuses": ACTION_STATUSES.map(|s| serde_json::json!({
+                "name": s,
+                "selected": Some(s) == status,
+            })),
+            "shown": shown.len(),
+            "by_status": by_status,
+            "rows": shown,
+        }),
+    )
+}
+
+/// `/actions/{id}`: one request (`icmp actions show`), with Retry or Cancel for writers.
+pub(crate) async fn outbox_row(ctx: Ctx, Path(id): Path<String>) -> Response {
+    ctx.respond(outbox_row_page(&ctx, &id).await)
+}
+
+async fn outbox_row_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError> {
+    let missing = || ConsoleError::NotFound(format!("no action request {id}"));
+    let uuid = Uuid::parse_str(id).map_err(|_| missing())?;
+    let row = ctx.console.store.action(uuid).await?.ok_or_else(missing)?;
+    let text = |v: Option<String>| v.unwrap_or_default();
+    let fields = [
+        ("action", row.action.clone()),
+        ("status", row.status.clone()),
+        (
+            "attempts",
+            format!("{} of {}", row.attempts, row.max_attempts),
+        ),
+        ("business", row.business_id.to_string()),
+        ("conversation", row.conversation_id.to_string()),
+        ("idempotency key", row.idempotency_key.clone()),
+        (
+            "last HTTP status",
+            text(row.last_status.map(|s| s.to_string())),
+        ),
+        ("last error", text(row.last_error.clone())),
+        ("latency (ms)", text(row.latency_ms.map(|s| s.to_string()))),
+        (
+            "body",
+            serde_json::to_string_pretty(&row.body).unwrap_or_default(),
+        ),
+        ("answer", text(row.response.clone())),
+        ("follow-up", text(row.follow_up_text.clone())),
+        (
+            "follow-up published",
+            text(row.follow_up_published_at.map(|t| t.to_rfc3339())),
+        ),
+        ("created", row.created_at.to_rfc3339()),
+        ("updated", row.updated_at.to_rfc3339()),
+    ]
+    .map(|(name, value)| serde_json::json!({ "name": name, "value": value }));
+    ctx.page(
+        "action_show",
+        &format!("Action request {}", row.id),
+        serde_json::json!({
+            "id": row.id,
+            "conversation_id": row.conversation_id,
+            "fields": fields,
+            "retryable": matches!(row.status.as_str(), "dead" | "rejected" | "cancelled"),
+            "cancellable": row.status == "pending",
+        }),
     )
 }
 

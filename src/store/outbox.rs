@@ -393,11 +393,14 @@ pub struct ActionRow {
     pub body: serde_json::Value,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// The follow-up sent to the user, and when it was published.
+    pub follow_up_text: Option<String>,
+    pub follow_up_published_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 const ROW_COLUMNS: &str = "id, business_id, conversation_id, message_id, action, status, attempts, \
      max_attempts, last_status, last_error, latency_ms, response, idempotency_key, body, \
-     created_at, updated_at";
+     created_at, updated_at, follow_up_text, follow_up_published_at";
 
 fn action_row(r: &tokio_postgres::Row) -> ActionRow {
     ActionRow {
@@ -419,6 +422,8 @@ fn action_row(r: &tokio_postgres::Row) -> ActionRow {
             .0,
         created_at: r.get(14),
         updated_at: r.get(15),
+        follow_up_text: r.get(16),
+        follow_up_published_at: r.get(17),
     }
 }
 

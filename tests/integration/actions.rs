@@ -670,3 +670,108 @@ async fn a_follow_up_left_unpublished_is_published_once_by_the_sweeps() {
     assert_eq!(again, icmp::actions::follow_up::Published::Before);
     assert_eq!(follow_ups(&app, "b1", 2).await.len(), 1);
 }
+
+/// The console lists requests with a count per status and shows one (its error, answer and
+/// follow-up, escaped); Retry needs the token, sends a dead request again (delivered, booked
+/// once), and its new end sends a new follow-up.
+#[tokio::test]
+async fn the_console_shows_a_dead_request_and_a_signed_in_operator_retries_it() {
+    use crate::console::{TOKEN, spawn_console};
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(
+        &app,
+        "?fail_first=2",
+        &format!("max_attempts = 2\n{FOLLOW_UP}"),
+    )
+    .await;
+    say(
+        &app,
+        &b,
+        "kit",
+        "k1",
+        "I want to book a cleaning, my name is Kit Carson, on monday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("dead", 2), "{rows:?}");
+    assert_eq!(follow_ups(&app, "k1", 1).await.len(), 1);
+    let id: uuid::Uuid = app
+        .db()
+        .await
+        .query_one("SELECT id FROM action_outbox", &[])
+        .await
+        .expect("row")
+        .get(0);
+    let base = spawn_console(&app, Some(TOKEN)).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let list = http
+        .get(format!("{base}/actions?status=dead"))
+        .send()
+        .await
+        .expect("list")
+        .text()
+        .await
+        .expect("body");
+    assert!(list.contains("1 request(s) shown; dead: 1"), "{list}");
+    assert!(list.contains(&format!("/actions/{id}")), "{list}");
+    let page = http
+        .get(format!("{base}/actions/{id}"))
+        .send()
+        .await
+        .expect("show")
+        .text()
+        .await
+        .expect("body");
+    assert!(page.contains("the receiver answered 500"), "{page}");
+    assert!(page.contains("We could not book monday"), "{page}");
+    assert!(
+        page.contains("&quot;name&quot;: &quot;Kit"),
+        "the body, escaped: {page}"
+    );
+    assert!(
+        !page.contains(r#"id="retry""#),
+        "not signed in: no Retry button"
+    );
+    // Without the token: refused, nothing changes.
+    let r = http
+        .post(format!("{base}/actions/{id}/retry"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(settled(&app).await[0].1, "dead");
+    // With it: sent again, delivered (the receiver works by now), booked once.
+    let r = http
+        .post(format!("{base}/actions/{id}/retry"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.headers()["location"], format!("/actions/{id}").as_str());
+    let rows = settled(&app).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2),
+        ("delivered", 3),
+        "{rows:?}"
+    );
+    assert_eq!(app.mock.receiver.bookings.load(Ordering::Relaxed), 1);
+    let sent = follow_ups(&app, "k1", 2).await;
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        sent[1]["content"].starts_with("Your cleaning is booked for monday"),
+        "{sent:?}"
+    );
+    assert_ne!(sent[0]["reply_id"], sent[1]["reply_id"]);
+    // A delivered request cannot be retried.
+    let r = http
+        .post(format!("{base}/actions/{id}/retry"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 404);
+}

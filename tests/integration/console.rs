@@ -467,13 +467,13 @@ async fn replay_and_purge_need_the_token_act_on_one_dead_letter_and_are_logged()
 
     // Every attempt is on the page and in the log, without the token.
     let (_, page) = get(&format!("{base}/dlq")).await;
-    assert!(page.contains("Recent actions"), "{page}");
+    assert!(page.contains("Recent console writes"), "{page}");
     let text = log.text();
     for expected in [
-        format!("dead_letter.id={} outcome=replayed", p1["__id"]),
-        format!("dead_letter.id={} outcome=purged", p2["__id"]),
-        format!("dead_letter.id={} outcome=forbidden", p1["__id"]),
-        format!("dead_letter.id={} outcome=not_found", p2["__id"]),
+        format!("target.id={} outcome=replayed", p1["__id"]),
+        format!("target.id={} outcome=purged", p2["__id"]),
+        format!("target.id={} outcome=forbidden", p1["__id"]),
+        format!("target.id={} outcome=not_found", p2["__id"]),
     ] {
         assert!(text.contains(&expected), "missing {expected} in\n{text}");
     }
