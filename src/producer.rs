@@ -1,5 +1,6 @@
 //! A producer's side of the protocol: enqueue one message on the inbound stream with a private
-//! `reply_to` stream and wait for its reply (`icmp send`, `icmp chat`, `icmp replay`, tests).
+//! `reply_to` stream and wait for its reply, and for the follow-ups of the actions it fired when
+//! asked (`icmp send`, `icmp chat`, `icmp replay`, tests).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -65,6 +66,14 @@ impl From<redis::RedisError> for SendError {
     }
 }
 
+/// What came back for one message: its reply, and the follow-ups of the actions it fired that
+/// came within the wait asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Exchange {
+    pub reply: HashMap<String, String>,
+    pub follow_ups: Vec<HashMap<String, String>>,
+}
+
 /// Enqueues `msg` on its user's shard of the inbound stream, with a `reply_to` stream in that
 /// shard's slot, and waits up to `timeout` for its reply; returns the reply's fields.
 ///
@@ -76,6 +85,24 @@ pub async fn send_and_wait(
     msg: &Outgoing,
     timeout: Duration,
 ) -> Result<HashMap<String, String>, SendError> {
+    Ok(exchange(conn, streams, msg, timeout, Duration::ZERO)
+        .await?
+        .reply)
+}
+
+/// As [`send_and_wait`], then waits up to `follow_ups_within` for the first follow-up of an
+/// action the message fired (`status = follow_up`, published on the same `reply_to` stream
+/// after the reply). Partial replies are skipped.
+///
+/// # Errors
+/// Redis failures, or no reply in time.
+pub async fn exchange(
+    conn: &RedisConnection,
+    streams: &StreamsConfig,
+    msg: &Outgoing,
+    timeout: Duration,
+    follow_ups_within: Duration,
+) -> Result<Exchange, SendError> {
     let streams = &streams.for_fields(&msg.business_id, &msg.user_id);
     let reply_to = format!("{}{}", streams.reply_prefix, Uuid::new_v4());
     let mut fields: Vec<(&str, &str)> = vec![
@@ -95,25 +122,39 @@ pub async fn send_and_wait(
     }
     let mut c = conn.clone();
     let _: String = c.xadd(&streams.inbound, "*", &fields).await?;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut last = "0".to_owned();
+    let mut got = Exchange::default();
+    let mut replied = false;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || (replied && !got.follow_ups.is_empty()) {
             let _: Result<(), _> = c.del(&reply_to).await;
-            return Err(SendError::Timeout(timeout));
+            return if replied {
+                Ok(got)
+            } else {
+                Err(SendError::Timeout(timeout))
+            };
         }
         // Short blocks keep the shared connection usable for other callers.
         let block = left.min(Duration::from_millis(500));
         let opts = StreamReadOptions::default()
-            .count(1)
-            .block(block.as_millis() as usize);
-        let reply: Option<StreamReadReply> = c.xread_options(&[&reply_to], &["0"], &opts).await?;
-        if let Some(entry) = reply
-            .and_then(|r| r.keys.into_iter().next())
-            .and_then(|k| k.ids.into_iter().next())
-        {
-            let _: Result<(), _> = c.del(&reply_to).await;
-            return Ok(fields_to_strings(entry.map));
+            .count(16)
+            .block(block.as_millis().max(1) as usize);
+        let read: Option<StreamReadReply> = c.xread_options(&[&reply_to], &[&last], &opts).await?;
+        for entry in read.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            last.clone_from(&entry.id);
+            let entry = fields_to_strings(entry.map);
+            match entry.get("status").map(String::as_str) {
+                Some("partial") => {}
+                Some("follow_up") => got.follow_ups.push(entry),
+                _ if !replied => {
+                    got.reply = entry;
+                    replied = true;
+                    deadline = tokio::time::Instant::now() + follow_ups_within;
+                }
+                _ => {}
+            }
         }
     }
 }

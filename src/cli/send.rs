@@ -22,6 +22,16 @@ pub(super) struct Target {
     /// Seconds to wait for a reply.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// After the reply, wait up to this many seconds for a follow-up of an action the message
+    /// fired (a booking's confirmation), and print it.
+    #[arg(long, default_value_t = 0.0)]
+    follow_ups_secs: f64,
+}
+
+impl Target {
+    fn follow_ups_within(&self) -> Duration {
+        Duration::try_from_secs_f64(self.follow_ups_secs).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,14 +47,16 @@ pub(super) struct SendArgs {
 
 /// `icmp send`: one message, its reply printed; exit 1 when the reply is an error.
 pub(super) async fn send(operator: &Operator, args: SendArgs) -> Result<()> {
-    let reply = producer::send_and_wait(
+    let got = producer::exchange(
         operator.redis().await?,
         &operator.config().streams,
         &outgoing(&args.target, None, args.message_id, args.text),
         Duration::from_secs(args.target.timeout_secs),
+        args.target.follow_ups_within(),
     )
     .await?;
-    print_reply(&reply);
+    print_exchange(&got);
+    let reply = got.reply;
     if reply.get("status").map(String::as_str) == Some("error") {
         // Scripts can tell an error reply from an answer by the exit code.
         anyhow::bail!(
@@ -67,17 +79,18 @@ pub(super) async fn chat(operator: &Operator, target: Target) -> Result<()> {
         let Some(text) = super::prompt_line()? else {
             return Ok(());
         };
-        let reply = producer::send_and_wait(
+        let got = producer::exchange(
             conn,
             &operator.config().streams,
             &outgoing(&target, conversation.clone(), None, text),
             Duration::from_secs(target.timeout_secs),
+            target.follow_ups_within(),
         )
         .await?;
-        if let Some(c) = reply.get("conversation_id").filter(|c| !c.is_empty()) {
+        if let Some(c) = got.reply.get("conversation_id").filter(|c| !c.is_empty()) {
             conversation = Some(c.clone());
         }
-        print_reply(&reply);
+        print_exchange(&got);
     }
 }
 
@@ -94,6 +107,14 @@ fn outgoing(
         conversation_id: conversation.or_else(|| target.conversation.clone()),
         message_id,
         metadata: None,
+    }
+}
+
+fn print_exchange(got: &producer::Exchange) {
+    print_reply(&got.reply);
+    for f in &got.follow_ups {
+        let get = |k: &str| f.get(k).map(String::as_str).unwrap_or("");
+        println!("[follow-up · action {}] {}", get("action"), get("content"));
     }
 }
 

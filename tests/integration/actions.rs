@@ -775,3 +775,64 @@ async fn the_console_shows_a_dead_request_and_a_signed_in_operator_retries_it() 
         .expect("post");
     assert_eq!(r.status().as_u16(), 404);
 }
+
+/// The demo clinic as `scripts/demo` runs it (its booking lines on): a message that completes
+/// the booking gets its reply, then the booking's confirmation on the same `reply_to` stream,
+/// as `icmp send --follow-ups-secs` prints them; a second patient asking for the same day is
+/// told the slot is taken.
+#[tokio::test]
+async fn the_demo_clinic_books_and_confirms_as_scripts_demo_shows() {
+    let app = app_with_receiver(&secret()).await;
+    let b = uuid::Uuid::new_v4().to_string();
+    let mut edits = helpers::demo_booking_edits(&app.mock.addr.to_string());
+    edits.push((
+        "ICMP_DEMO_WEBHOOK_SECRET",
+        "ICMP_TEST_WEBHOOK_SECRET".to_owned(),
+    ));
+    let edits: Vec<(&str, &str)> = edits.iter().map(|(f, t)| (*f, t.as_str())).collect();
+    helpers::import_demo_copy(&app.config, &b, &edits).await;
+    let send = |user: &str, text: &str| icmp::producer::Outgoing {
+        business_id: b.clone(),
+        user_id: user.to_owned(),
+        content: text.to_owned(),
+        ..Default::default()
+    };
+    let got = icmp::producer::exchange(
+        &app.redis,
+        &app.config.streams,
+        &send(
+            "cleo",
+            "I want to book a cleaning, my name is Cleo Park, on friday",
+        ),
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("a reply");
+    assert_eq!(got.reply["status"], "ok", "{got:?}");
+    assert_eq!(got.follow_ups.len(), 1, "{got:?}");
+    assert_eq!(
+        got.follow_ups[0]["content"],
+        "Your appointment is booked for friday (booking bk-1). See you then!"
+    );
+    let got = icmp::producer::exchange(
+        &app.redis,
+        &app.config.streams,
+        &send(
+            "dan",
+            "I want to book a cleaning, my name is Dan Fox, on friday",
+        ),
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("a reply");
+    assert_eq!(
+        got.follow_ups[0]["content"],
+        "We could not book friday (slot taken): our front desk will call you to find another time."
+    );
+    let r = &app.mock.receiver;
+    assert_eq!(r.bad_signatures.load(Ordering::Relaxed), 0);
+    assert_eq!(r.bookings.load(Ordering::Relaxed), 1);
+    assert_eq!(r.conflicts.load(Ordering::Relaxed), 1);
+}

@@ -242,6 +242,15 @@ pub fn demo_file() -> PathBuf {
 
 /// Imports a copy of the demo business under `business_id`, with `(from, to)` text
 /// replacements; returns the file written.
+/// The demo's booking lines turned on, as `scripts/demo` does (their `#booking# ` prefix
+/// removed), with the receiver at `receiver` (the mock server's address).
+pub fn demo_booking_edits(receiver: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("#booking# ", String::new()),
+        ("127.0.0.1:8089", receiver.to_owned()),
+    ]
+}
+
 pub async fn import_demo_copy(
     config: &Config,
     business_id: &str,
