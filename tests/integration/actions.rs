@@ -10,7 +10,7 @@ use icmp::llm::mock::MockOptions;
 use crate::helpers::{self, TestApp, spawn_app_with};
 
 /// The signing key of this run (`scripts/test` makes one).
-fn secret() -> String {
+pub fn secret() -> String {
     std::env::var("ICMP_TEST_WEBHOOK_SECRET").expect(
         "ICMP_TEST_WEBHOOK_SECRET (scripts/test exports one; export any value to run alone)",
     )

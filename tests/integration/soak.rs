@@ -53,13 +53,17 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// A copy of the demo business that answers bursts as one turn (`coalesce`).
 const COALESCING: &str = "5b0e8a7c-bbbb-4c1d-8e2f-000000000013";
 
-/// Half the users write to the demo business (one turn per message), half to the coalescing
-/// copy.
+/// A copy of the demo business that books (its booking lines on, as `scripts/demo` runs it),
+/// through the mock server's receiver, which fails every request's first attempt.
+const ACTING: &str = "5b0e8a7c-cccc-4c1d-8e2f-000000000014";
+
+/// Half the users write to the coalescing copy; of the others, those whose id ends in 0, 4 or
+/// 8 to the booking copy, the rest to the demo business (one turn per message).
 fn business_of(user: &str) -> &'static str {
-    if user.bytes().last().is_some_and(|b| b % 2 == 1) {
-        COALESCING
-    } else {
-        DEMO_BUSINESS
+    match user.bytes().last() {
+        Some(b) if b % 2 == 1 => COALESCING,
+        Some(b) if b % 4 == 0 => ACTING,
+        _ => DEMO_BUSINESS,
     }
 }
 
@@ -197,6 +201,11 @@ impl Soak {
             ("ICMP__WORKER__QUEUE_POLL_MS", "500"),
             // Shorter than the locks the fault schedule holds (lock_timeout stays at 5 s).
             ("ICMP__WORKER__MESSAGE_DEADLINE_MS", "4000"),
+            // Bookings: retried soon, and a request a killed worker held is sent again soon.
+            ("ICMP__ACTIONS__POLL_MS", "200"),
+            ("ICMP__ACTIONS__RETRY_INITIAL_MS", "100"),
+            ("ICMP__ACTIONS__RETRY_MAX_MS", "1000"),
+            ("ICMP__ACTIONS__CLAIM_HOLD_MS", "3000"),
         ];
         if matches!(self.redis, Backend::Cluster(_)) {
             // A user's next message starts once a replica holds the finish before it.
@@ -594,6 +603,7 @@ async fn soak(
             rate_limit_rate: 0.02,
             retry_after_secs: 1,
             seed,
+            webhook_secret: Some(crate::actions::secret()),
             ..Default::default()
         },
         |c| {
@@ -619,6 +629,18 @@ async fn soak(
         )],
     )
     .await;
+    let receiver = app.mock.addr.to_string();
+    let mut edits = helpers::demo_booking_edits(&receiver);
+    edits.push((
+        "/webhooks/book_appointment",
+        "/webhooks/book_appointment?fail_first=1".to_owned(),
+    ));
+    edits.push((
+        "ICMP_DEMO_WEBHOOK_SECRET",
+        "ICMP_TEST_WEBHOOK_SECRET".to_owned(),
+    ));
+    let edits: Vec<(&str, &str)> = edits.iter().map(|(f, t)| (*f, t.as_str())).collect();
+    helpers::import_demo_copy(&config, ACTING, &edits).await;
     configure(&mut config);
     app.store = icmp::store::Store::connect(&config.database).expect("store");
     app.redis = icmp::redis_connection::connect(&config.redis)
@@ -728,12 +750,18 @@ async fn soak(
     }
 
     // The account.
-    // Every reply, on whichever stream it went, with that stream.
+    // Every reply, on whichever stream it went, with that stream; the bookings' follow-ups
+    // apart.
     let mut replies = Vec::new();
+    let mut follow_ups = Vec::new();
     for stream in &reply_streams {
         for mut r in app.entries(stream).await {
             r.insert("__stream".into(), stream.clone());
-            replies.push(r);
+            if r["status"] == "follow_up" {
+                follow_ups.push(r);
+            } else {
+                replies.push(r);
+            }
         }
     }
     // Where each answer was published (a repeat publishes it again).
@@ -851,7 +879,10 @@ async fn soak(
     let stored_keys: std::collections::HashSet<String> = app
         .db()
         .await
-        .query("SELECT DISTINCT idempotency_key FROM messages", &[])
+        .query(
+            &format!("SELECT DISTINCT idempotency_key FROM messages m WHERE {NOT_FOLLOW_UP}"),
+            &[],
+        )
         .await
         .expect("keys")
         .iter()
@@ -869,9 +900,12 @@ async fn soak(
     );
     let wrong = app
         .count(
-            "SELECT count(*) FROM (SELECT 1 FROM messages GROUP BY user_id, idempotency_key \
-             HAVING count(*) FILTER (WHERE role = 'user') <> 1 \
-             OR count(*) FILTER (WHERE role = 'assistant' OR answered_by IS NOT NULL) <> 1) k",
+            &format!(
+                "SELECT count(*) FROM (SELECT 1 FROM messages m WHERE {NOT_FOLLOW_UP} \
+                 GROUP BY user_id, idempotency_key \
+                 HAVING count(*) FILTER (WHERE role = 'user') <> 1 \
+                 OR count(*) FILTER (WHERE role = 'assistant' OR answered_by IS NOT NULL) <> 1) k"
+            ),
             &[],
         )
         .await;
@@ -928,6 +962,7 @@ async fn soak(
         }
     }
     assert_eq!(stored, expected, "per-user order");
+    let bookings = actions_account(&soak, &replies, &follow_ups).await;
     assert_eq!(app.pending().await, 0);
     let queues: Vec<String> = app
         .redis
@@ -952,7 +987,7 @@ async fn soak(
          rejected, {} orphaned and replayed, {} trimmed and dead-lettered, {} unconfirmed and \
          lost at a failover of {} unconfirmed), {} replies \
          ({coalesced} coalesced, {dangling} referring to a trimmed first message, {} on \
-         reply_to streams), faults {:?}, drained {:.0} s after the producer stopped",
+         reply_to streams), {bookings}, faults {:?}, drained {:.0} s after the producer stopped",
         replayed.len(),
         trimmed.len(),
         lost.len(),
@@ -968,6 +1003,141 @@ async fn soak(
     for (_, w) in &mut soak.workers {
         w.terminate().await;
     }
+}
+
+/// A message row that is not an action's follow-up (`m`: the messages table).
+const NOT_FOLLOW_UP: &str = "NOT EXISTS (SELECT 1 FROM action_outbox o \
+     WHERE o.business_id = m.business_id AND o.follow_up_id = m.id)";
+
+/// The bookings' account, once every request has ended and its follow-up is out: one request
+/// per conversation that learned a name and a date (and none for the others), each processed
+/// once by the receiver however often it was sent, none given up; one follow-up per request,
+/// on the stream of the message that fired it, after that message's reply. Returns a summary.
+async fn actions_account(
+    soak: &Soak,
+    replies: &[HashMap<String, String>],
+    follow_ups: &[HashMap<String, String>],
+) -> String {
+    let app = &soak.app;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open = app
+            .count(
+                "SELECT count(*) FROM action_outbox WHERE status = 'pending' \
+                 OR (follow_up_id IS NOT NULL AND follow_up_published_at IS NULL)",
+                &[],
+            )
+            .await;
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} requests or follow-ups still open"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The follow-ups published since the replies were read.
+    let mut follow_ups = follow_ups.to_vec();
+    let mut seen: std::collections::HashSet<String> = follow_ups
+        .iter()
+        .map(|f| f["__id"].clone() + &f["__stream"])
+        .collect();
+    let shards = app.config.streams.all_shards();
+    for stream in shards.iter().map(|s| &s.outbound) {
+        for mut e in app.entries(stream).await {
+            if e["status"] == "follow_up" && seen.insert(e["__id"].clone() + stream) {
+                e.insert("__stream".into(), stream.clone());
+                follow_ups.push(e);
+            }
+        }
+    }
+    let acting: uuid::Uuid = ACTING.parse().expect("uuid");
+    let complete: std::collections::BTreeSet<uuid::Uuid> = app
+        .db()
+        .await
+        .query(
+            "SELECT conversation_id FROM extracted_data WHERE business_id = $1 \
+             AND field IN ('name', 'date') AND value <> 'null'::jsonb \
+             GROUP BY conversation_id HAVING count(*) = 2",
+            &[&acting],
+        )
+        .await
+        .expect("complete")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let rows = app
+        .db()
+        .await
+        .query(
+            "SELECT o.conversation_id, o.status, o.follow_up_id::text, u.external_id, \
+             q.idempotency_key FROM action_outbox o \
+             JOIN conversations c ON c.business_id = o.business_id AND c.id = o.conversation_id \
+             JOIN users u ON u.business_id = c.business_id AND u.id = c.user_id \
+             JOIN messages q ON q.business_id = o.business_id AND q.id = o.message_id",
+            &[],
+        )
+        .await
+        .expect("outbox");
+    let fired: std::collections::BTreeSet<uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows.len(), fired.len(), "one request per conversation");
+    assert_eq!(
+        fired, complete,
+        "a request for every conversation that learned a name and a date, and only those"
+    );
+    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &rows {
+        *by_status.entry(r.get(1)).or_default() += 1;
+    }
+    let ended = by_status.get("delivered").copied().unwrap_or(0)
+        + by_status.get("rejected").copied().unwrap_or(0);
+    assert_eq!(ended, rows.len(), "every request answered: {by_status:?}");
+    let receiver = &app.mock.receiver;
+    let processed = receiver
+        .processed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(processed, rows.len() as u64, "each request processed once");
+    assert_eq!(follow_ups.len(), rows.len(), "one follow-up per request");
+    let position = |e: &HashMap<String, String>| {
+        let (ms, seq) = e["__id"].split_once('-').expect("an entry id");
+        (
+            ms.parse::<u64>().expect("ms"),
+            seq.parse::<u64>().expect("seq"),
+        )
+    };
+    for r in &rows {
+        let reply_id: Option<String> = r.get(2);
+        let reply_id = reply_id.expect("every booking's follow-up renders");
+        let (user, key): (String, String) = (r.get(3), r.get(4));
+        let found: Vec<&HashMap<String, String>> = follow_ups
+            .iter()
+            .filter(|f| f["reply_id"] == reply_id)
+            .collect();
+        assert_eq!(found.len(), 1, "{reply_id}: one follow-up");
+        let f = found[0];
+        assert_eq!(f["message_id"], key);
+        let home = app.config.streams.for_fields(ACTING, &user).outbound;
+        assert_eq!(
+            f["__stream"], home,
+            "{reply_id}: where the message's reply went"
+        );
+        if let Some(reply) = replies
+            .iter()
+            .find(|e| e["__stream"] == home && e["message_id"] == key && e["user_id"] == user)
+        {
+            assert!(
+                position(reply) < position(f),
+                "{key}: the follow-up after the reply"
+            );
+        }
+    }
+    format!(
+        "{} bookings ({by_status:?}, {} requests sent, {processed} processed, {} follow-ups)",
+        rows.len(),
+        receiver.requests.load(std::sync::atomic::Ordering::Relaxed),
+        follow_ups.len()
+    )
 }
 
 /// The last entry id the group delivered (`None` when the group is missing).
