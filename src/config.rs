@@ -79,6 +79,39 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub actions: ActionsConfig,
+    #[serde(default)]
+    pub handoff: HandoffConfig,
+}
+
+/// `[handoff]`: the agents' streams and the desk (`crate::handoff`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandoffConfig {
+    /// Where user messages of conversations with a person are passed (one entry each).
+    pub agents: String,
+    /// Approximate MAXLEN of the agents' stream.
+    pub agents_maxlen: usize,
+    /// Where agents answer.
+    pub agent_replies: String,
+    /// The desks' consumer group on `agent_replies`.
+    pub group: String,
+    /// How often the desk holding the lease reads agents' answers and looks for timeouts.
+    pub poll_ms: u64,
+    /// How long the lease outlives its last renewal (another process's desk takes over then).
+    pub lease_ms: u64,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        HandoffConfig {
+            agents: "icmp:agents".into(),
+            agents_maxlen: 100_000,
+            agent_replies: "icmp:agent_replies".into(),
+            group: "icmp-desk".into(),
+            poll_ms: 250,
+            lease_ms: 10_000,
+        }
+    }
 }
 
 /// `[actions]`: the dispatcher of stage actions (`crate::actions::dispatcher`).

@@ -54,6 +54,7 @@ pub mod config;
 pub mod console;
 pub mod definitions;
 pub mod error;
+pub mod handoff;
 pub mod llm;
 pub mod model;
 pub mod pipeline;

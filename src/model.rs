@@ -91,6 +91,28 @@ pub struct Policy {
     /// Stage actions' signing. (Left out when default, as `replies`.)
     #[serde(skip_serializing_if = "Actions::is_default")]
     pub actions: Actions,
+    /// What users are told while a person has their conversation. (Left out when default, as
+    /// `replies`.)
+    #[serde(skip_serializing_if = "HandoffPolicy::is_default")]
+    pub handoff: HandoffPolicy,
+}
+
+/// `[business.handoff]`: what users are told while their conversation is with a person.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandoffPolicy {
+    /// The reply to each message while handed over (status `handoff`; empty: an empty reply,
+    /// which tells a front end the message reached the person without showing anything).
+    pub reply: String,
+    /// A handoff no agent has answered after this long gets `timeout_reply`, once (0: never).
+    pub timeout_ms: u64,
+    pub timeout_reply: String,
+}
+
+impl HandoffPolicy {
+    fn is_default(&self) -> bool {
+        *self == HandoffPolicy::default()
+    }
 }
 
 /// `[business.actions]`: how the business's action requests are signed.
@@ -203,6 +225,9 @@ pub struct ActionDef {
     /// `reply_id`. (Left out when absent, so that a stage without one reads as before.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow_up: Option<String>,
+    /// The results (`delivered`, `rejected`, `dead`) that hand the conversation to a person.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handoff_on: Vec<String>,
 }
 
 fn default_action_timeout_ms() -> u32 {
@@ -225,6 +250,9 @@ pub struct StageInfo {
     /// Its actions.
     #[serde(default)]
     pub actions: Vec<ActionDef>,
+    /// A conversation entering it is handed to a person.
+    #[serde(default)]
+    pub handoff: bool,
 }
 
 impl StageInfo {
@@ -330,6 +358,7 @@ pub struct StageDefinition {
     /// Stage names selection may move to (`None`: any).
     pub transitions: Option<Vec<String>>,
     pub actions: Vec<ActionDef>,
+    pub handoff: bool,
 }
 
 /// A conversation's row.
@@ -352,6 +381,51 @@ pub struct Conversation {
     /// The latest result of each stage action (`actions.<name>` in templates).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub actions: serde_json::Map<String, serde_json::Value>,
+    /// Set while a person has the conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffState>,
+}
+
+/// A conversation's handoff, as `conversations.handoff` stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffState {
+    /// When it started (RFC 3339) and the same in unix milliseconds (what the timeout sweep
+    /// compares).
+    pub since: String,
+    pub since_ms: i64,
+    /// What started it: `stage:<name>`, `action:<name>` or `operator`.
+    pub by: String,
+    /// Where the user's latest message asked its reply (agents' answers go there; `None`:
+    /// the outbound stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// An agent has answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered: Option<bool>,
+    /// The timeout reply was stored (and its message id), and published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_out: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_reply_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_published: Option<bool>,
+}
+
+impl HandoffState {
+    /// A handoff starting now.
+    pub fn starting(by: String, reply_to: Option<String>) -> HandoffState {
+        let now = Utc::now();
+        HandoffState {
+            since: now.to_rfc3339(),
+            since_ms: now.timestamp_millis(),
+            by,
+            reply_to,
+            answered: None,
+            timed_out: None,
+            timeout_reply_id: None,
+            timeout_published: None,
+        }
+    }
 }
 
 /// What the next message of a user needs of their current conversation, as the last commit
@@ -392,6 +466,9 @@ pub struct ConversationRecord {
     pub updated_at: DateTime<Utc>,
     pub messages: Vec<StoredMessage>,
     pub extracted: Extracted,
+    /// Set while a person has the conversation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffState>,
 }
 
 /// One line of a business's list of conversations, as operators browse it (`icmp console`).
@@ -431,6 +508,8 @@ pub struct StoredMessage {
 pub enum Role {
     User,
     Assistant,
+    /// A person who had the conversation (human handoff).
+    Agent,
 }
 
 impl Role {
@@ -438,6 +517,16 @@ impl Role {
         match self {
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Agent => "agent",
+        }
+    }
+
+    /// The role of a stored row (`messages.role`).
+    pub fn parse(s: &str) -> Role {
+        match s {
+            "assistant" => Role::Assistant,
+            "agent" => Role::Agent,
+            _ => Role::User,
         }
     }
 }
@@ -482,6 +571,8 @@ pub enum AnswerStatus {
     Throttled,
     /// Answered together with earlier messages of the user by the reply `answered_by`.
     Coalesced,
+    /// Received while a person has the conversation: passed to the agents, no LLM call.
+    Handoff,
 }
 
 impl AnswerStatus {
@@ -492,6 +583,7 @@ impl AnswerStatus {
             AnswerStatus::Fallback => "fallback",
             AnswerStatus::Throttled => "throttled",
             AnswerStatus::Coalesced => "coalesced",
+            AnswerStatus::Handoff => "handoff",
         }
     }
 
@@ -500,6 +592,7 @@ impl AnswerStatus {
         match s {
             "fallback" => AnswerStatus::Fallback,
             "throttled" => AnswerStatus::Throttled,
+            "handoff" => AnswerStatus::Handoff,
             _ => AnswerStatus::Ok,
         }
     }
@@ -518,6 +611,7 @@ mod tests {
             description: String::new(),
             next: None,
             actions: Vec::new(),
+            handoff: false,
         };
         assert!(
             stage.may_move_to(b) && stage.may_move_to(c),

@@ -205,6 +205,8 @@ pub struct Application {
     telemetry: Option<TcpListener>,
     /// Delivers the stage actions' outbox.
     actions: crate::actions::dispatcher::Dispatcher,
+    /// Agents' answers and handoff timeouts (while this process holds the desk's lease).
+    desk: crate::handoff::desk::Desk,
 }
 
 impl std::fmt::Debug for Application {
@@ -247,18 +249,26 @@ impl Application {
                 store: deps.store.clone(),
                 cache: deps.cache.clone(),
                 streams: config.streams.clone(),
+                handoff: config.handoff.clone(),
                 failpoints: workers[0].handler().failpoints().clone(),
             },
             config.actions.clone(),
             workers[0].handler().actions_wake(),
         )
         .map_err(|e| StartupError::Unsupported(format!("the actions' HTTP client: {e}")))?;
+        let desk = crate::handoff::desk::Desk::new(
+            deps.store.clone(),
+            deps.cache.clone(),
+            config,
+            config.streams.consumer_name(),
+        );
         Ok(Application {
             deps,
             workers,
             switch,
             telemetry,
             actions,
+            desk,
         })
     }
 
@@ -314,9 +324,11 @@ impl Application {
             tokio::spawn(switch.watch(conn, marker, endpoint_stop.clone()));
         }
         let actions = tokio::spawn(self.actions.run(stop.clone()));
+        let desk = tokio::spawn(self.desk.run(stop.clone()));
         let runs = self.workers.into_iter().map(|w| w.run(stop.clone()));
         futures::future::join_all(runs).await;
         let _ = actions.await;
+        let _ = desk.await;
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
         }

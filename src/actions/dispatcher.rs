@@ -31,6 +31,7 @@ pub struct Dispatcher {
     store: Store,
     cache: Cache,
     streams: Arc<StreamsConfig>,
+    handoff: Arc<crate::config::HandoffConfig>,
     http: reqwest::Client,
     engine: Arc<upon::Engine<'static>>,
     config: ActionsConfig,
@@ -46,6 +47,8 @@ pub struct Sinks {
     /// Where results drop the user's cached state, and follow-ups are published.
     pub cache: Cache,
     pub streams: StreamsConfig,
+    /// Where a result that hands a conversation over tells the agents.
+    pub handoff: crate::config::HandoffConfig,
     pub failpoints: Failpoints,
 }
 
@@ -78,6 +81,7 @@ impl Dispatcher {
             store: sinks.store,
             cache: sinks.cache,
             streams: Arc::new(sinks.streams),
+            handoff: Arc::new(sinks.handoff),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
@@ -162,6 +166,9 @@ impl Dispatcher {
             }
             _ => metrics::action(&row.action, label),
         }
+        if let (Some(h), Some(user)) = (&settlement.handoff, &recorded.user_id) {
+            self.handed_over(&row, h, user).await;
+        }
         // The result changed the conversation: its cached state is stale.
         if let Some(user) = &recorded.user_id
             && let Err(e) = self
@@ -176,6 +183,32 @@ impl Dispatcher {
         }
         if let Err(e) = self.publish(row.business_id, row.id).await {
             metrics::record_error(&e, "actions");
+        }
+    }
+
+    /// Tells the agents a result handed the conversation over (when it was not with a person
+    /// already, the result's transaction started the handoff; the entry is sent either way,
+    /// once per request).
+    async fn handed_over(&self, row: &Claimed, h: &crate::model::HandoffState, user: &str) {
+        let sent = crate::handoff::to_agents(
+            &self.cache.connection(),
+            &self.handoff,
+            &crate::handoff::ToAgents {
+                kind: "started",
+                business_id: row.business_id,
+                conversation_id: row.conversation_id,
+                user_id: user,
+                message_id: "",
+                content: "",
+                reply_id: row.id,
+                by: &h.by,
+            },
+        )
+        .await;
+        match sent {
+            Ok(crate::stream::once::Published::Now) => metrics::handoff("started_action"),
+            Ok(_) => {}
+            Err(e) => metrics::record_error(&e, "handoff"),
         }
     }
 
@@ -213,7 +246,18 @@ impl Dispatcher {
                 }
             }
         });
-        Settlement { result, follow_up }
+        let status = result["status"].as_str().unwrap_or_default();
+        let handoff = row.handoff_on.iter().any(|h| h == status).then(|| {
+            crate::model::HandoffState::starting(
+                format!("action:{}", row.action),
+                row.reply_to.clone(),
+            )
+        });
+        Settlement {
+            result,
+            follow_up,
+            handoff,
+        }
     }
 
     /// Publishes a row's stored follow-up (once: a second call publishes nothing) and marks it
@@ -238,7 +282,7 @@ impl Dispatcher {
             return Ok(());
         }
         let published = super::follow_up::publish(&conn, &self.streams, &f).await?;
-        if published == super::follow_up::Published::Now {
+        if published == crate::stream::once::Published::Now {
             metrics::action(&f.action, "follow_up");
         }
         self.store.follow_up_published(business, id).await?;

@@ -13,23 +13,7 @@ use crate::protocol::reply::{Reply, ReplyStatus};
 use crate::redis_connection::RedisConnection;
 use crate::store::outbox::FollowUp;
 use crate::stream::finish::REPLY_STREAM_TTL_SECS;
-
-const PUBLISH_ONCE: &str = include_str!("lua/publish_once.lua");
-
-/// How long a publication's marker is kept (a retry comes within minutes).
-const MARKER_TTL_SECS: u64 = 7 * 24 * 3600;
-
-/// The marker of `reply_id` on stream `destination`, in the stream's slot: the stream's own
-/// hash tag when it has one, else its whole name as the tag. (A name with a brace that makes
-/// no tag, such as `a{}b`, cannot be given a key of its slot: on a Redis Cluster, give reply
-/// streams names without braces or with a tag.)
-pub fn marker_key(destination: &str, reply_id: uuid::Uuid) -> String {
-    if crate::stream::hash_tag(destination) != destination {
-        format!("{destination}:published:{reply_id}")
-    } else {
-        format!("{{{destination}}}:published:{reply_id}")
-    }
-}
+use crate::stream::once::{Keep, Published, publish_once};
 
 /// The reply entry of a follow-up: status `follow_up`, the action's name, the firing message's
 /// key as `message_id`.
@@ -56,13 +40,6 @@ pub fn reply(f: &FollowUp, streams: &StreamsConfig) -> Reply {
         model: String::new(),
         endpoint: String::new(),
     }
-}
-
-/// Whether a publication happened now or before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
-    Now,
-    Before,
 }
 
 /// Whether the entry of the message that fired the action is still pending in its group (its
@@ -101,49 +78,25 @@ pub async fn publish(
     f: &FollowUp,
 ) -> Result<Published, CacheError> {
     let reply = reply(f, streams);
-    let (maxlen, ttl) = if f.reply_to.is_none() {
-        (streams.outbound_maxlen, 0)
+    let keep = if f.reply_to.is_none() {
+        Keep {
+            maxlen: streams.outbound_maxlen,
+            ttl_secs: 0,
+        }
     } else {
-        (0, REPLY_STREAM_TTL_SECS)
+        Keep {
+            maxlen: 0,
+            ttl_secs: REPLY_STREAM_TTL_SECS,
+        }
     };
-    let script = redis::Script::new(PUBLISH_ONCE);
-    let mut call = script.key(&reply.destination);
-    call.key(marker_key(&reply.destination, reply.reply_id))
-        .arg(MARKER_TTL_SECS)
-        .arg(maxlen)
-        .arg(ttl);
-    for (name, value) in reply.fields() {
-        call.arg(name).arg(value);
-    }
-    call.arg("action").arg(&f.action);
-    let answer: Value = call.invoke_async(&mut conn.clone()).await?;
-    match answer {
-        Value::Int(1) => Ok(Published::Now),
-        Value::Int(0) => Ok(Published::Before),
-        _ => Err(CacheError::Decode(format!(
-            "the reply stream {} holds another type",
-            reply.destination
-        ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_marker_shares_its_streams_slot() {
-        let id = uuid::Uuid::from_u128(7);
-        let m = marker_key("icmp:replies:{s3}:abc", id);
-        assert!(m.starts_with("icmp:replies:{s3}:abc:published:"));
-        assert_eq!(
-            crate::protocol::shard::slot(&m),
-            crate::protocol::shard::slot("icmp:replies:{s3}:abc")
-        );
-        let m = marker_key("icmp:outbound", id);
-        assert_eq!(
-            crate::protocol::shard::slot(&m),
-            crate::protocol::shard::slot("icmp:outbound")
-        );
-    }
+    let mut fields = reply.fields();
+    fields.push(("action", f.action.clone()));
+    publish_once(
+        conn,
+        &reply.destination,
+        &reply.reply_id.to_string(),
+        keep,
+        &fields,
+    )
+    .await
 }

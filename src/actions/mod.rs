@@ -40,6 +40,8 @@ pub struct OutboxRow {
     pub reply_to: Option<String>,
     /// The action's follow-up template.
     pub follow_up: Option<String>,
+    /// The results that hand the conversation to a person.
+    pub handoff_on: Vec<String>,
 }
 
 /// An action's result as templates see it (`actions.<name>`): `status` (`none` until the
@@ -286,6 +288,7 @@ fn row(a: &ActionDef, m: &Fired<'_>, body: serde_json::Value) -> OutboxRow {
         max_attempts: a.max_attempts,
         reply_to: m.reply_to.map(str::to_owned),
         follow_up: a.follow_up.clone(),
+        handoff_on: a.handoff_on.clone(),
     }
 }
 
@@ -377,6 +380,7 @@ mod tests {
             timeout_ms: 1000,
             max_attempts: 1,
             follow_up: None,
+            handoff_on: Vec::new(),
         };
         let business = crate::model::Business {
             stages: vec![StageInfo {
@@ -385,6 +389,7 @@ mod tests {
                 description: String::new(),
                 next: None,
                 actions: vec![action("book"), action("notify")],
+                handoff: false,
             }],
             ..Default::default()
         };

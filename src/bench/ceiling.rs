@@ -52,7 +52,7 @@ pub fn script(r: &Refs) -> String {
          't_id', '{t}', 't_version', 1, 'timings', jsonb_build_object('read', 1, 'respond', 50)))"
     );
     let mut script = String::from("\\set n random(1, 9000000000000000)\n\\startpipeline\nBEGIN;\n");
-    for sql in write_set::statements(true, false, false, true, false) {
+    for sql in write_set::statements(true, false, false, true, false, false) {
         let statement = write_set::bind(sql, |n| match n {
             1 => format!("'{b}'::uuid"),
             2 => "md5('c' || :n)::uuid".into(),
@@ -152,7 +152,7 @@ mod tests {
         };
         let script = script(&refs);
         let lines: Vec<&str> = script.lines().collect();
-        let statements = write_set::statements(true, false, false, true, false);
+        let statements = write_set::statements(true, false, false, true, false, false);
         // The variable, the pipeline's start, BEGIN, the statements, COMMIT, its end.
         assert_eq!(lines.len(), statements.len() + 5, "{script}");
         assert_eq!(lines[2], "BEGIN;");

@@ -116,6 +116,9 @@ pub struct BusinessDef {
     /// `[business.history]`: `summary_template`, `summarize_after_tokens`, `keep_turns`.
     #[serde(default)]
     pub history: crate::model::History,
+    /// `[business.handoff]`: what users are told while a person has their conversation.
+    #[serde(default)]
+    pub handoff: crate::model::HandoffPolicy,
     /// `[business.actions]`: `secret_env`.
     #[serde(default)]
     pub actions: crate::model::Actions,
@@ -139,6 +142,9 @@ pub struct StageDef {
     /// `[[stages.actions]]`: webhooks the stage fires.
     #[serde(default)]
     pub actions: Vec<crate::model::ActionDef>,
+    /// A conversation entering this stage is handed to a person.
+    #[serde(default)]
+    pub handoff: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,6 +200,7 @@ impl Definition {
                 replies: self.business.replies,
                 history: self.business.history.clone(),
                 actions: self.business.actions.clone(),
+                handoff: self.business.handoff.clone(),
             },
             stages: self
                 .stages
@@ -207,6 +214,7 @@ impl Definition {
                     fallback_template: s.fallback_template.clone(),
                     transitions: s.transitions.clone(),
                     actions: s.actions.clone(),
+                    handoff: s.handoff,
                 })
                 .collect(),
             templates: self
@@ -468,6 +476,13 @@ impl Definition {
                 }
                 if a.max_attempts == 0 || a.max_attempts > 100 {
                     problems.push(format!("{at}: max_attempts must be 1 to 100"));
+                }
+                for h in &a.handoff_on {
+                    if !["delivered", "rejected", "dead"].contains(&h.as_str()) {
+                        problems.push(format!(
+                            "{at}: handoff_on takes delivered, rejected and dead, not `{h}`"
+                        ));
+                    }
                 }
                 for u in template::variables::unknown_variables(&a.body, &shape) {
                     problems.push(format!(

@@ -9,6 +9,7 @@ mod bench;
 mod console;
 mod conversation;
 mod dlq;
+mod handoff;
 mod import;
 mod migrate;
 mod mock_llm;
@@ -95,6 +96,11 @@ enum Command {
         #[command(subcommand)]
         action: actions::Action,
     },
+    /// Human handoff: the conversations with a person; hand one over, give one back.
+    Handoff {
+        #[command(subcommand)]
+        action: handoff::Action,
+    },
     /// Inspect or replay the dead-letter stream.
     Dlq {
         #[command(subcommand)]
@@ -143,6 +149,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Console(args) => console::run(&operator(), args).await,
         Command::Dlq { action } => dlq::run(&operator(), action).await,
         Command::Actions { action } => actions::run(&operator(), action).await,
+        Command::Handoff { action } => handoff::run(&operator(), action).await,
         #[cfg(feature = "bench")]
         Command::Bench(options) => bench::run(config, options).await,
     }

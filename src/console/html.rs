@@ -120,6 +120,7 @@ impl Pages {
             ("trace", include_str!("templates/trace.html")),
             ("actions_list", include_str!("templates/actions_list.html")),
             ("action_show", include_str!("templates/action_show.html")),
+            ("handoffs", include_str!("templates/handoffs.html")),
             ("login", include_str!("templates/login.html")),
             ("error", include_str!("templates/error.html")),
         ] {

@@ -183,6 +183,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/dlq/{id}/purge", post(actions::purge))
         .route("/conversations", get(pages::conversations))
         .route("/conversations/{id}", get(pages::conversation))
+        .route("/handoffs", get(pages::handoffs))
         .route("/actions", get(pages::outbox))
         .route("/actions/{id}", get(pages::outbox_row))
         .route("/actions/{id}/retry", post(actions::retry_request))

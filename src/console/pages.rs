@@ -431,6 +431,35 @@ async fn outbox_row_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError> 
     )
 }
 
+/// `/handoffs`: the conversations with a person (`icmp handoff list`), the oldest first.
+pub(crate) async fn handoffs(ctx: Ctx) -> Response {
+    ctx.respond(handoffs_page(&ctx).await)
+}
+
+async fn handoffs_page(ctx: &Ctx) -> Result<Response, ConsoleError> {
+    let rows = ctx.console.store.list_handoffs(None).await?;
+    let shown: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "conversation_id": r.conversation_id,
+                "business_id": r.business_id,
+                "user_id": r.user_id,
+                "stage": r.stage,
+                "since": r.handoff.since,
+                "by": r.handoff.by,
+                "answered": r.handoff.answered == Some(true),
+                "timed_out": r.handoff.timed_out == Some(true),
+            })
+        })
+        .collect();
+    ctx.page(
+        "handoffs",
+        "With a person",
+        serde_json::json!({ "count": shown.len(), "rows": shown }),
+    )
+}
+
 #[derive(Debug, Deserialize)]
 pub(crate) struct TraceQuery {
     #[serde(default)]

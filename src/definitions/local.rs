@@ -290,6 +290,7 @@ mod tests {
                 description: String::new(),
                 next: None,
                 actions: Vec::new(),
+                handoff: false,
             }],
             extraction_fields: Vec::new(),
             ..Default::default()

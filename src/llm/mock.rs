@@ -10,8 +10,8 @@
 //! - A user message containing `MALFORMED-ONCE` gets prose instead of JSON in JSON mode, and a
 //!   proper answer to the repair prompt that follows; `MALFORMED-ALWAYS` gets prose every time.
 //! - JSON mode otherwise (stage selection): `{"stage": …}` from keywords ("book" → `booking`,
-//!   "bye"/"thank" → `farewell`, "hello"/"hi" → `welcome`), else the prompt's
-//!   `Current stage: X` line.
+//!   "bye"/"thank" → `farewell`, "hello"/"hi" → `welcome`, "talk to a human" → `human`), else
+//!   the prompt's `Current stage: X` line.
 //! - Plain mode: a short reply that quotes the user's words.
 //!
 //! The user's words are what follows the last `User message:` marker of the last user
@@ -696,6 +696,9 @@ fn has_word(haystack: &str, words: &[&str]) -> bool {
 
 fn select(words: &str, prompt: &str) -> Value {
     let lower = words.to_lowercase();
+    if lower.contains("talk to a human") {
+        return json!("human");
+    }
     if has_word(&lower, &["book", "appointment", "schedul", "reserv"]) {
         return json!("booking");
     }

@@ -133,5 +133,6 @@ pub async fn throttled<'b>(
         calls: Vec::new(),
         timings: Vec::new(),
         actions: Vec::new(),
+        handoff: None,
     })
 }

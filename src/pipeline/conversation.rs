@@ -77,6 +77,7 @@ pub async fn resolve(
                     summary: String::new(),
                     summarized_seq: 0,
                     actions: serde_json::Map::new(),
+                    handoff: None,
                 },
                 is_new: true,
                 cached: None,

@@ -36,6 +36,8 @@ pub struct Decisions<'b> {
     pub timings: Vec<(&'static str, u64)>,
     /// The requests of the stage actions the message fired (for the outbox).
     pub actions: Vec<crate::actions::OutboxRow>,
+    /// The conversation's handoff after the message (`None`: no person has it).
+    pub handoff: Option<crate::model::HandoffState>,
 }
 
 /// What the LLM phase uses.
@@ -149,5 +151,6 @@ pub async fn decide<'b, L: LlmService>(
         calls,
         timings,
         actions: Vec::new(),
+        handoff: None,
     })
 }

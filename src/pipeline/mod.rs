@@ -33,6 +33,7 @@ pub mod conversation;
 pub mod decide;
 pub mod extract;
 pub mod failpoint;
+pub mod handoff;
 pub mod idempotency;
 pub mod llm_call;
 pub mod partials;
@@ -78,6 +79,9 @@ pub enum Processed {
         /// The turn fired stage actions: the dispatcher is woken once the answer is
         /// published, so that a follow-up comes after it.
         fired_actions: bool,
+        /// What the agents get of the turn (a person has the conversation, or it was just
+        /// handed over): the worker passes it on before it publishes the answer.
+        to_agents: Option<handoff::ToAgents>,
     },
     /// The message was committed earlier (a redelivery or a repeated `message_id` of the same
     /// user): its stored answer, to publish again.
@@ -274,8 +278,10 @@ impl<L: LlmService> MessageHandler<L> {
         metrics::step("read", t.elapsed());
         let read_ms = t.elapsed().as_millis() as u64;
 
-        // Steps 6–9: the LLM phase (no database connection is held), or the throttled reply.
+        // Steps 6–9: the LLM phase (no database connection is held), the throttled reply, or
+        // the handoff reply.
         let decisions = self.decide(turn, business, &mut read).await?;
+        let to_agents = handoff::to_agents(read.conversation.handoff.as_ref(), &decisions);
 
         // Steps 10–12: the write phase, one transaction (14: cache keys dropped on failure).
         let t = Instant::now();
@@ -318,6 +324,7 @@ impl<L: LlmService> MessageHandler<L> {
             state,
             summary: summary::due(business, &committed.state, &self.config.llm.default_model),
             fired_actions: !decisions.actions.is_empty(),
+            to_agents,
         })
     }
 
@@ -328,6 +335,14 @@ impl<L: LlmService> MessageHandler<L> {
         business: &'b Business,
         read: &mut read::Snapshot<'b>,
     ) -> Result<decide::Decisions<'b>, PipelineError> {
+        if let Some(state) = &read.conversation.handoff {
+            return Ok(handoff::waiting(
+                business,
+                read,
+                state,
+                turn.msg.reply_to.as_deref(),
+            ));
+        }
         if turn.throttled {
             return budget::throttled(
                 &self.templates,
@@ -373,6 +388,13 @@ impl<L: LlmService> MessageHandler<L> {
             },
             &read.context,
         );
+        // Entering a handoff stage hands the conversation to a person.
+        if decisions.stage.handoff && (read.is_new || decisions.transition.is_some()) {
+            decisions.handoff = Some(crate::model::HandoffState::starting(
+                format!("stage:{}", decisions.stage.name),
+                turn.msg.reply_to.clone(),
+            ));
+        }
         Ok(decisions)
     }
 

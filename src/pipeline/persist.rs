@@ -80,6 +80,7 @@ pub fn write_set(
         ),
         llm_calls: decisions.calls.clone(),
         actions: decisions.actions.clone(),
+        handoff: decisions.handoff.clone(),
         followers: followers
             .iter()
             .zip(1..)
@@ -145,19 +146,7 @@ pub async fn write(
     }
     let mut extracted = read.extracted.clone();
     extracted.extend(decisions.learned.clone());
-    let mut history = read.context.history.clone();
-    for m in std::iter::once(msg).chain(followers) {
-        history.push(Turn {
-            role: Role::User,
-            content: m.content.clone(),
-        });
-    }
-    history.push(Turn {
-        role: Role::Assistant,
-        content: decisions.response.content.clone(),
-    });
-    let excess = history.len().saturating_sub(sinks.history_turns);
-    history.drain(..excess);
+    let history = history_after(read, msg, followers, decisions, sinks.history_turns);
     let mut recent_keys = read.recent_keys.clone();
     for m in std::iter::once(msg).chain(followers) {
         let key = m.idempotency_key();
@@ -176,6 +165,7 @@ pub async fn write(
                 version: row.version,
                 created_at: row.created_at,
                 updated_at: row.updated_at,
+                handoff: decisions.handoff.clone(),
                 ..read.conversation.clone()
             },
             extracted,
@@ -186,6 +176,33 @@ pub async fn write(
         reply_id: ws.assistant_message_id,
         follower_ids: ws.followers.iter().map(|f| f.id).collect(),
     })
+}
+
+/// The history window after the turn: its messages and its reply (a handoff's
+/// acknowledgement is not a turn of the conversation), cut to `window` turns.
+fn history_after(
+    read: &Snapshot<'_>,
+    msg: &InboundMessage,
+    followers: &[InboundMessage],
+    decisions: &Decisions<'_>,
+    window: usize,
+) -> Vec<Turn> {
+    let mut history = read.context.history.clone();
+    for m in std::iter::once(msg).chain(followers) {
+        history.push(Turn {
+            role: Role::User,
+            content: m.content.clone(),
+        });
+    }
+    if decisions.response.status != crate::model::AnswerStatus::Handoff {
+        history.push(Turn {
+            role: Role::Assistant,
+            content: decisions.response.content.clone(),
+        });
+    }
+    let excess = history.len().saturating_sub(window);
+    history.drain(..excess);
+    history
 }
 
 /// Step 13, prepared: the write of the committed conversation state to the cache, sent by
@@ -219,6 +236,7 @@ mod tests {
             description: String::new(),
             next: None,
             actions: Vec::new(),
+            handoff: false,
         }
     }
 
@@ -251,6 +269,7 @@ mod tests {
                 summary: String::new(),
                 summarized_seq: 0,
                 actions: serde_json::Map::new(),
+                handoff: None,
             },
             is_new: false,
             stage: &welcome,
@@ -281,6 +300,7 @@ mod tests {
             calls: Vec::new(),
             timings: vec![("respond", 3)],
             actions: Vec::new(),
+            handoff: None,
         };
         let ws = write_set(&msg, &[], &read, &decisions, Uuid::from_u128(77), 5);
         assert_eq!(ws.timings, serde_json::json!({"read": 5, "respond": 3}));

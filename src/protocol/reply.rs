@@ -8,7 +8,7 @@ use super::{RawFields, raw_field};
 use crate::error::Classify;
 use crate::model::{Answer, AnswerStatus};
 
-/// `ok`, `fallback`, `throttled`, `coalesced`, `error` or `follow_up`.
+/// `ok`, `fallback`, `throttled`, `coalesced`, `error`, `follow_up`, `handoff` or `agent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyStatus {
     Ok,
@@ -21,6 +21,12 @@ pub enum ReplyStatus {
     /// A stage action's follow-up: a message of its own, after the reply to the message that
     /// fired the action (`action` names it).
     FollowUp,
+    /// A message received while a person has the conversation (passed to the agents; the
+    /// business's handoff reply, possibly empty), or the timeout reply of a handoff nobody
+    /// answered (`message_id` empty).
+    Handoff,
+    /// A person's answer (`agent_id` names them).
+    Agent,
 }
 
 impl ReplyStatus {
@@ -32,6 +38,8 @@ impl ReplyStatus {
             ReplyStatus::Coalesced => "coalesced",
             ReplyStatus::Error => "error",
             ReplyStatus::FollowUp => "follow_up",
+            ReplyStatus::Handoff => "handoff",
+            ReplyStatus::Agent => "agent",
         }
     }
 
@@ -43,6 +51,8 @@ impl ReplyStatus {
             ReplyStatus::Coalesced,
             ReplyStatus::Error,
             ReplyStatus::FollowUp,
+            ReplyStatus::Handoff,
+            ReplyStatus::Agent,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -56,6 +66,7 @@ impl From<AnswerStatus> for ReplyStatus {
             AnswerStatus::Fallback => ReplyStatus::Fallback,
             AnswerStatus::Throttled => ReplyStatus::Throttled,
             AnswerStatus::Coalesced => ReplyStatus::Coalesced,
+            AnswerStatus::Handoff => ReplyStatus::Handoff,
         }
     }
 }

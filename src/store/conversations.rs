@@ -13,7 +13,7 @@ use crate::model::{
 macro_rules! conversation_columns {
     () => {
         "SELECT c.id, c.business_id, u.external_id, c.current_stage_id, c.version, c.created_at, \
-         c.updated_at, c.summary, c.summarized_seq, c.actions "
+         c.updated_at, c.summary, c.summarized_seq, c.actions, c.handoff "
     };
 }
 
@@ -40,7 +40,8 @@ pub const LATEST_CONVERSATION: &str = concat!(
 /// The last `$3` messages of conversation `$2` after message `$4` (the last one its summary
 /// covers), oldest first.
 pub const HISTORY: &str = "SELECT role, content FROM (SELECT role, content, seq FROM messages \
-     WHERE business_id = $1 AND conversation_id = $2 AND seq > $4 ORDER BY seq DESC LIMIT $3) t \
+     WHERE business_id = $1 AND conversation_id = $2 AND seq > $4 \
+     AND status IS DISTINCT FROM 'handoff' ORDER BY seq DESC LIMIT $3) t \
      ORDER BY seq ASC";
 
 /// The extracted data of conversation `$2`.
@@ -86,6 +87,9 @@ fn conversation_from_row(r: &Row) -> Conversation {
             serde_json::Value::Object(m) => m,
             _ => serde_json::Map::new(),
         },
+        handoff: r
+            .get::<_, Option<tokio_postgres::types::Json<serde_json::Value>>>(10)
+            .and_then(|j| serde_json::from_value(j.0).ok()),
     }
 }
 
@@ -150,11 +154,7 @@ impl Store {
         Ok(rows
             .iter()
             .map(|r| Turn {
-                role: if r.get::<_, &str>(0) == "assistant" {
-                    Role::Assistant
-                } else {
-                    Role::User
-                },
+                role: Role::parse(r.get(0)),
                 content: r.get(1),
             })
             .collect())
@@ -347,6 +347,7 @@ impl Store {
             updated_at: conv.updated_at,
             messages,
             extracted,
+            handoff: conv.handoff,
         }))
     }
 }

@@ -42,7 +42,8 @@ impl Store {
         let summary_template_id: Option<Uuid> = row.get(3);
         let stmt = client
             .prepared(
-                "SELECT id, name, description, is_initial, next_stages, actions FROM stages \
+                "SELECT id, name, description, is_initial, next_stages, actions, handoff \
+                 FROM stages \
                  WHERE business_id = $1 ORDER BY position, name",
             )
             .await?;
@@ -235,6 +236,7 @@ fn stages_from_rows(
                     .0,
             )
             .map_err(|e| StoreError::Inconsistent(format!("stage actions: {e}")))?,
+            handoff: r.get(6),
         };
         if r.get::<_, bool>(3) {
             initial = Some(info.id);

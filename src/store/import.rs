@@ -161,8 +161,8 @@ async fn upsert_stages(
         .prepare(
             "INSERT INTO stages (business_id, name, description, position, is_initial, \
              selection_template_id, extraction_template_id, response_template_id, \
-             fallback_template_id, next_stages, actions) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             fallback_template_id, next_stages, actions, handoff) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (business_id, name) DO UPDATE SET description = EXCLUDED.description, \
              position = EXCLUDED.position, is_initial = EXCLUDED.is_initial, \
              selection_template_id = EXCLUDED.selection_template_id, \
@@ -170,6 +170,7 @@ async fn upsert_stages(
              response_template_id = EXCLUDED.response_template_id, \
              fallback_template_id = EXCLUDED.fallback_template_id, \
              next_stages = EXCLUDED.next_stages, actions = EXCLUDED.actions, \
+             handoff = EXCLUDED.handoff, \
              updated_at = EXCLUDED.updated_at \
              RETURNING id",
         )
@@ -197,6 +198,7 @@ async fn upsert_stages(
                     &lookup(&s.fallback_template),
                     &s.transitions,
                     &tokio_postgres::types::Json(&s.actions),
+                    &s.handoff,
                 ],
             )
             .await?;

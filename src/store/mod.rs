@@ -6,6 +6,7 @@
 pub mod conversations;
 pub mod definitions;
 pub mod distribution;
+pub mod handoffs;
 pub mod import;
 pub mod listen;
 pub mod outbox;

@@ -25,6 +25,8 @@ pub struct Claimed {
     pub reply_to: Option<String>,
     /// The action's follow-up template.
     pub follow_up: Option<String>,
+    /// The results that hand the conversation to a person.
+    pub handoff_on: Vec<String>,
 }
 
 /// What a final outcome (`delivered`, `rejected`, `dead`) changes besides the outbox row: the
@@ -34,6 +36,8 @@ pub struct Settlement {
     pub result: serde_json::Value,
     /// The follow-up's message id (its `reply_id`) and text.
     pub follow_up: Option<(Uuid, String)>,
+    /// The handoff the result starts (when the conversation is not with a person already).
+    pub handoff: Option<crate::model::HandoffState>,
 }
 
 /// A final result on its conversation, and its follow-up as the conversation's next message
@@ -55,6 +59,7 @@ async fn store_result(
                 &action,
                 &tokio_postgres::types::Json(&settlement.result),
                 &room,
+                &settlement.handoff.as_ref().map(tokio_postgres::types::Json),
             ],
         )
         .await?;
@@ -138,7 +143,7 @@ UPDATE action_outbox SET attempts = attempts + 1, updated_at = now(),
  WHERE business_id = $1 AND id = $2 AND status = 'pending' AND next_attempt_at <= now()
    AND (claimed_until IS NULL OR claimed_until < now())
 RETURNING conversation_id, action, idempotency_key, url, body, timeout_ms, max_attempts, attempts,
-          reply_to, follow_up";
+          reply_to, follow_up, handoff_on";
 
 /// A final answer (2xx or 4xx), with the follow-up's id and text (`$7`, `$8`; NULL: none).
 pub const DONE: &str = "\
@@ -161,11 +166,12 @@ RETURNING status, conversation_id, action";
 
 /// A final result on its conversation (`$3` action, `$4` result), which changes the
 /// conversation (its version, so that a message read before it re-reads it), with room for
-/// the follow-up (`$5`: 1, else 0). Returns the user's id and where the follow-up goes.
+/// the follow-up (`$5`: 1, else 0) and the handoff it starts (`$6`, when none is under way).
+/// Returns the user's id and where the follow-up goes.
 pub const RESULT: &str = "\
 UPDATE conversations AS c
    SET actions = c.actions || jsonb_build_object($3::text, $4::jsonb), version = c.version + 1,
-       last_seq = c.last_seq + $5, updated_at = now()
+       last_seq = c.last_seq + $5, updated_at = now(), handoff = coalesce(c.handoff, $6::jsonb)
   FROM users AS u
  WHERE c.business_id = $1 AND c.id = $2 AND u.business_id = $1 AND u.id = c.user_id
 RETURNING c.last_seq, c.user_id, c.current_stage_id, u.external_id";
@@ -235,6 +241,10 @@ impl Store {
             attempt: r.get(7),
             reply_to: r.get(8),
             follow_up: r.get(9),
+            handoff_on: r
+                .get::<_, Option<tokio_postgres::types::Json<Vec<String>>>>(10)
+                .map(|j| j.0)
+                .unwrap_or_default(),
         }))
     }
 

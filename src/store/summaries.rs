@@ -85,11 +85,7 @@ impl Store {
                 out.turns.push((
                     seq,
                     Turn {
-                        role: if role == "assistant" {
-                            Role::Assistant
-                        } else {
-                            Role::User
-                        },
+                        role: Role::parse(&role),
                         content: r.get(4),
                     },
                 ));

@@ -102,6 +102,9 @@ pub struct WriteSet {
     pub llm_calls: Vec<LlmCallRecord>,
     /// The requests of the stage actions this message fired.
     pub actions: Vec<crate::actions::OutboxRow>,
+    /// The conversation's handoff after this message (`None`: no person has it): started,
+    /// or its `reply_to` noted.
+    pub handoff: Option<crate::model::HandoffState>,
     /// The later messages of a coalesced turn (empty otherwise), stored between the first
     /// message and the reply.
     pub followers: Vec<FollowerRow>,
@@ -112,7 +115,8 @@ pub struct WriteSet {
 // the user's external id, `$5` the version the read phase saw (NULL for a new conversation),
 // `$6` the message rows (JSON array, see `MessageRow`), `$7` how many, `$8`/`$9` the stage
 // transition (from, to), `$10` the user message's id, `$11` the log id, `$12` the extracted
-// fields (JSON object), `$13` the LLM calls (JSON array of `LlmCallRecord`). Each is sent
+// fields (JSON object), `$13` the LLM calls (JSON array of `LlmCallRecord`), `$14` the actions'
+// requests, `$15` the handoff (JSON object). Each is sent
 // renumbered to the parameters it uses ([`Step`]).
 //
 // Every one is a single-shard statement on Citus (all of it filters or writes one
@@ -203,17 +207,25 @@ SELECT k.id, c.business_id, c.id, $10, k.purpose, k.template_id, k.template_vers
 /// not written.
 const ACTIONS: &str = "\
 INSERT INTO action_outbox (business_id, id, conversation_id, message_id, action, idempotency_key,
-                           url, body, timeout_ms, max_attempts, reply_to, follow_up)
+                           url, body, timeout_ms, max_attempts, reply_to, follow_up, handoff_on)
 SELECT c.business_id, a.id, c.id, $10, a.action, a.key, a.url, a.body, a.timeout_ms,
-       a.max_attempts, a.reply_to, a.follow_up
+       a.max_attempts, a.reply_to, a.follow_up, a.handoff_on
   FROM conversations AS c,
        jsonb_to_recordset($14::jsonb) AS a(id uuid, action text, key text, url text, body jsonb,
-         timeout_ms integer, max_attempts integer, reply_to text, follow_up text)
+         timeout_ms integer, max_attempts integer, reply_to text, follow_up text, handoff_on jsonb)
  WHERE c.business_id = $1 AND c.id = $2
 ON CONFLICT (business_id, idempotency_key) DO NOTHING";
 
-/// How many parameters the write set has (`$1` … `$14`).
-pub const PARAMETERS: usize = 14;
+/// The conversation's handoff (`$15`): started, or, under way, the `reply_to` of the user's
+/// latest message noted (what the desk's writes set stays).
+const HANDOFF: &str = "\
+UPDATE conversations
+   SET handoff = CASE WHEN handoff IS NULL THEN $15::jsonb
+                      ELSE handoff || jsonb_build_object('reply_to', $15::jsonb -> 'reply_to') END
+ WHERE business_id = $1 AND id = $2";
+
+/// How many parameters the write set has (`$1` … `$15`).
+pub const PARAMETERS: usize = 15;
 
 /// The statements of a write set, in order, with the write set's parameter numbers: the user,
 /// the conversation (whose rows are the result), the messages, then the transition, the
@@ -224,6 +236,7 @@ pub fn statements(
     extracted: bool,
     llm_calls: bool,
     actions: bool,
+    handoff: bool,
 ) -> Vec<&'static str> {
     let mut out = if new_conversation {
         vec![USER_NEW, CONVERSATION_NEW]
@@ -242,6 +255,9 @@ pub fn statements(
     }
     if actions {
         out.push(ACTIONS);
+    }
+    if handoff {
+        out.push(HANDOFF);
     }
     out
 }
@@ -301,7 +317,7 @@ pub fn bind(sql: &str, mut value: impl FnMut(usize) -> String) -> String {
 }
 
 /// Every statement a write set may run.
-const ALL: [&str; 9] = [
+const ALL: [&str; 10] = [
     USER_NEW,
     CONVERSATION_NEW,
     USER_SEEN,
@@ -311,11 +327,12 @@ const ALL: [&str; 9] = [
     EXTRACTED,
     LLM_CALLS,
     ACTIONS,
+    HANDOFF,
 ];
 
 /// The renumbered form of a statement of [`ALL`], made once.
 fn step(sql: &str) -> &'static Step {
-    static STEPS: std::sync::LazyLock<[Step; 9]> = std::sync::LazyLock::new(|| ALL.map(Step::new));
+    static STEPS: std::sync::LazyLock<[Step; 10]> = std::sync::LazyLock::new(|| ALL.map(Step::new));
     let i = ALL
         .iter()
         .position(|s| *s == sql)
@@ -438,6 +455,7 @@ impl Store {
             !ws.extracted.is_empty(),
             !ws.llm_calls.is_empty(),
             !ws.actions.is_empty(),
+            ws.handoff.is_some(),
         );
         let rows = message_rows(ws);
         let count = rows.len() as i64;
@@ -445,6 +463,7 @@ impl Store {
         let extracted = Json(&ws.extracted);
         let calls = Json(&ws.llm_calls);
         let actions = Json(&ws.actions);
+        let handoff = ws.handoff.as_ref().map(Json);
         let (transition_from, transition_to) = ws.transition.unzip();
         let params: [&(dyn ToSql + Sync); PARAMETERS] = [
             &ws.business_id,
@@ -461,6 +480,7 @@ impl Store {
             &extracted,
             &calls,
             &actions,
+            &handoff,
         ];
         let mut steps = Vec::with_capacity(sqls.len());
         for sql in sqls {
@@ -548,9 +568,9 @@ mod tests {
         let step = Step::new("SELECT $4, $1, $4, $13");
         assert_eq!(step.sql, "SELECT $1, $2, $1, $3");
         assert_eq!(step.uses, vec![4, 1, 13]);
-        for sql in statements(true, true, true, true, true)
+        for sql in statements(true, true, true, true, true, true)
             .into_iter()
-            .chain(statements(false, true, true, true, true))
+            .chain(statements(false, true, true, true, true, true))
         {
             let step = Step::new(sql);
             assert!(

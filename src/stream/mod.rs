@@ -35,6 +35,7 @@ pub mod delivery;
 pub mod dlq;
 pub mod finish;
 pub mod heartbeat;
+pub mod once;
 pub mod order;
 pub mod resharding;
 pub mod retention;

@@ -45,6 +45,7 @@ pub const SUMMARIES_TOTAL: &str = "icmp_conversation_summaries_total";
 pub const ACTIONS_TOTAL: &str = "icmp_actions_total";
 pub const ACTION_ATTEMPTS_TOTAL: &str = "icmp_action_attempts_total";
 pub const ACTION_DURATION: &str = "icmp_action_duration_seconds";
+pub const HANDOFF_EVENTS_TOTAL: &str = "icmp_handoff_events_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -114,6 +115,12 @@ fn describe() {
     describe_counter!(
         ACTIONS_TOTAL,
         "Stage actions settled, by action and outcome (delivered, rejected, dead, body_failed)."
+    );
+    describe_counter!(
+        HANDOFF_EVENTS_TOTAL,
+        "Human handoff events: started_stage, started_action, started_operator, message (a user \
+         message passed to the agents), agent_answer, ended_by_agent, ended_by_operator, \
+         timeout, or a refused agent entry's error code."
     );
     describe_counter!(
         ACTION_ATTEMPTS_TOTAL,
@@ -313,6 +320,13 @@ pub fn llm_fallback(purpose: &'static str, endpoint: &str, reason: &'static str)
 /// A stage action settled: `delivered`, `rejected`, `dead` or `body_failed`.
 pub fn action(action: &str, outcome: &'static str) {
     counter!(ACTIONS_TOTAL, "action" => action.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// A handoff event: `started` (by a stage, an action or an operator), `message` (a user
+/// message passed to the agents), `agent_answer`, `ended_by_agent`, `ended_by_operator`,
+/// `timeout`, or a refused agent entry's error code.
+pub fn handoff(event: &'static str) {
+    counter!(HANDOFF_EVENTS_TOTAL, "event" => event).increment(1);
 }
 
 /// One request of a stage action and how it ended.

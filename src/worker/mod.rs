@@ -390,6 +390,7 @@ impl<L: LlmService> Worker<L> {
                 state,
                 summary,
                 fired_actions,
+                to_agents,
             }) => {
                 // Made once the answer is published (the finish below), off its path.
                 let _later = summary.map(|due| Later(&self.handler, due));
@@ -403,10 +404,20 @@ impl<L: LlmService> Worker<L> {
                     tracing::error!("failpoint: crashing after commit, before publish");
                     std::process::exit(86);
                 }
+                // The agents get the message before its answer is published (and the user's
+                // next message starts): once each, in the user's order.
+                if let Some(t) = &to_agents
+                    && let Err(e) = self.pass_to_agents(msg, &answer, &answered, t).await
+                {
+                    metrics::record_error(&e, "handoff");
+                    return (EntryOutcome::RetryLater, Some(MessageOutcome::Retry));
+                }
                 let label = match answer.status {
                     AnswerStatus::Fallback => MessageOutcome::Fallback,
                     AnswerStatus::Throttled => MessageOutcome::Throttled,
-                    AnswerStatus::Ok | AnswerStatus::Coalesced => MessageOutcome::Ok,
+                    AnswerStatus::Ok | AnswerStatus::Coalesced | AnswerStatus::Handoff => {
+                        MessageOutcome::Ok
+                    }
                 };
                 let reply = Reply::answer(msg, &answer, outbound);
                 let state = state.as_ref();
@@ -424,6 +435,13 @@ impl<L: LlmService> Worker<L> {
             }
             Ok(Processed::Duplicate(answer)) => {
                 tracing::info!("already answered; publishing the stored answer again");
+                // A message received while handed over: the agents may not have got it.
+                if answer.status == AnswerStatus::Handoff
+                    && let Err(e) = self.pass_to_agents(msg, &answer, &[], &AGAIN).await
+                {
+                    metrics::record_error(&e, "handoff");
+                    return (EntryOutcome::RetryLater, Some(MessageOutcome::Retry));
+                }
                 let reply = Reply::answer(msg, &answer, outbound);
                 self.finish(
                     entry,
@@ -838,6 +856,51 @@ impl<L: LlmService> Worker<L> {
                 EntryOutcome::RetryLater
             }
         }
+    }
+}
+
+/// A message passed to the agents again (a redelivery of one received while handed over).
+const AGAIN: crate::pipeline::handoff::ToAgents = crate::pipeline::handoff::ToAgents {
+    kind: "message",
+    by: String::new(),
+};
+
+impl<L: LlmService> Worker<L> {
+    /// Passes a turn's messages to the agents' stream, once each.
+    async fn pass_to_agents(
+        &self,
+        msg: &InboundMessage,
+        answer: &crate::model::Answer,
+        followers: &[(InboundMessage, crate::model::Answer)],
+        t: &crate::pipeline::handoff::ToAgents,
+    ) -> Result<(), crate::error::CacheError> {
+        let conn = self.handler.cache().connection();
+        let all = std::iter::once((msg, answer)).chain(followers.iter().map(|(m, a)| (m, a)));
+        for (m, a) in all {
+            let sent = crate::handoff::to_agents(
+                &conn,
+                &self.config.handoff,
+                &crate::handoff::ToAgents {
+                    kind: t.kind,
+                    business_id: m.business_id,
+                    conversation_id: a.conversation_id,
+                    user_id: &m.user_id,
+                    message_id: m.idempotency_key(),
+                    content: &m.content,
+                    reply_id: a.reply_id,
+                    by: &t.by,
+                },
+            )
+            .await?;
+            if sent == crate::stream::once::Published::Now {
+                metrics::handoff(if t.kind == "started" {
+                    "started_stage"
+                } else {
+                    "message"
+                });
+            }
+        }
+        Ok(())
     }
 }
 

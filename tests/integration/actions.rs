@@ -667,7 +667,7 @@ async fn a_follow_up_left_unpublished_is_published_once_by_the_sweeps() {
     let again = icmp::actions::follow_up::publish(&app.redis, &app.config.streams, &f)
         .await
         .expect("publish");
-    assert_eq!(again, icmp::actions::follow_up::Published::Before);
+    assert_eq!(again, icmp::stream::once::Published::Before);
     assert_eq!(follow_ups(&app, "b1", 2).await.len(), 1);
 }
 

@@ -355,9 +355,11 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
                  \"body\": {{}}, \"timeout_ms\": 1000, \"max_attempts\": 3}}]'::jsonb",
                 Uuid::new_v4()
             ),
+            "'{\"since\": \"2026-12-05T00:00:00Z\", \"since_ms\": 1, \"by\": \"operator\"}'::jsonb"
+                .into(),
         ];
         assert_eq!(values.len(), write_set::PARAMETERS);
-        for sql in write_set::statements(new_conversation, true, true, true, true) {
+        for sql in write_set::statements(new_conversation, true, true, true, true, true) {
             let sql = write_set::bind(sql, |n| values[n - 1].clone());
             assert_one_task_on(&db, &sql, port).await;
         }
@@ -409,6 +411,7 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
         "'book'".into(),
         "'{\"status\": \"delivered\"}'::jsonb".into(),
         "1".into(),
+        "NULL::jsonb".into(),
     ];
     assert_one_task_on(
         &db,

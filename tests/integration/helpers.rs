@@ -183,6 +183,9 @@ pub async fn isolated_config() -> Config {
     c.streams.group = format!("g-{id}");
     c.streams.consumer = format!("c-{id}");
     c.streams.reply_prefix = format!("t:{id}:reply:");
+    c.handoff.agents = format!("t:{id}:agents");
+    c.handoff.agent_replies = format!("t:{id}:agent_replies");
+    c.handoff.group = format!("d-{id}");
     if on_test_cluster() {
         let urls = crate::cluster::cluster_urls();
         c.redis.mode = icmp::config::RedisMode::Cluster;
