@@ -705,6 +705,10 @@ mod tests {
                 format!("{good}follow_up = \"{{% if result.ok %}}x\"\n"),
                 "follow_up: the body does not compile",
             ),
+            (
+                format!("{good}handoff_on = [\"failed\"]\n"),
+                "handoff_on takes delivered, rejected and dead, not `failed`",
+            ),
         ];
         let follow_up = "follow_up = \"\"\"{% if result.ok %}Booked for {{ request.name }} \
                          (ref {{ result.response?.id }}, {{ action }}).{% else %}Sorry: \

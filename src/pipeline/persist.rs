@@ -80,7 +80,7 @@ pub fn write_set(
         ),
         llm_calls: decisions.calls.clone(),
         actions: decisions.actions.clone(),
-        handoff: decisions.handoff.clone(),
+        handoff: handoff_change(read, decisions),
         followers: followers
             .iter()
             .zip(1..)
@@ -176,6 +176,16 @@ pub async fn write(
         reply_id: ws.assistant_message_id,
         follower_ids: ws.followers.iter().map(|f| f.id).collect(),
     })
+}
+
+/// What the turn changes of the conversation's handoff: a handoff it started (its whole
+/// state), or the `reply_to` of its message while one is under way.
+fn handoff_change(read: &Snapshot<'_>, decisions: &Decisions<'_>) -> Option<serde_json::Value> {
+    let after = decisions.handoff.as_ref()?;
+    match &read.conversation.handoff {
+        None => serde_json::to_value(after).ok(),
+        Some(_) => Some(serde_json::json!({ "reply_to": after.reply_to })),
+    }
 }
 
 /// The history window after the turn: its messages and its reply (a handoff's

@@ -102,9 +102,9 @@ pub struct WriteSet {
     pub llm_calls: Vec<LlmCallRecord>,
     /// The requests of the stage actions this message fired.
     pub actions: Vec<crate::actions::OutboxRow>,
-    /// The conversation's handoff after this message (`None`: no person has it): started,
-    /// or its `reply_to` noted.
-    pub handoff: Option<crate::model::HandoffState>,
+    /// What this message changes of the conversation's handoff (merged into it): a handoff
+    /// started (its whole state), or, under way, its `reply_to` noted; `None`: nothing.
+    pub handoff: Option<serde_json::Value>,
     /// The later messages of a coalesced turn (empty otherwise), stored between the first
     /// message and the reply.
     pub followers: Vec<FollowerRow>,
@@ -216,12 +216,11 @@ SELECT c.business_id, a.id, c.id, $10, a.action, a.key, a.url, a.body, a.timeout
  WHERE c.business_id = $1 AND c.id = $2
 ON CONFLICT (business_id, idempotency_key) DO NOTHING";
 
-/// The conversation's handoff (`$15`): started, or, under way, the `reply_to` of the user's
-/// latest message noted (what the desk's writes set stays).
+/// The conversation's handoff changed by `$15`, merged into it: a handoff started (its whole
+/// state), or, under way, the `reply_to` of the user's latest message (what the desk's writes
+/// set stays). (No function in it: Citus allows only immutable ones in a `coalesce` here.)
 const HANDOFF: &str = "\
-UPDATE conversations
-   SET handoff = CASE WHEN handoff IS NULL THEN $15::jsonb
-                      ELSE handoff || jsonb_build_object('reply_to', $15::jsonb -> 'reply_to') END
+UPDATE conversations SET handoff = coalesce(handoff, '{}'::jsonb) || $15::jsonb
  WHERE business_id = $1 AND id = $2";
 
 /// How many parameters the write set has (`$1` … `$15`).

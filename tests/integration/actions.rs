@@ -836,3 +836,66 @@ async fn the_demo_clinic_books_and_confirms_as_scripts_demo_shows() {
     assert_eq!(r.bookings.load(Ordering::Relaxed), 1);
     assert_eq!(r.conflicts.load(Ordering::Relaxed), 1);
 }
+
+/// An action whose `handoff_on` names its result hands the conversation to a person: a taken
+/// slot (409, `rejected`) sends the patient to the front desk; the agents are told once, and the
+/// patient's next message is theirs (status `handoff`, no LLM call).
+#[tokio::test]
+async fn a_result_its_action_names_hands_the_conversation_to_a_person() {
+    let app = app_with_receiver(&secret()).await;
+    let b = booking_business(&app, "", "handoff_on = [\"rejected\", \"dead\"]\n").await;
+    say(
+        &app,
+        &b,
+        "fay",
+        "f1",
+        "I want to book a cleaning, my name is Fay Wray, on tuesday.",
+    )
+    .await;
+    settled(&app).await;
+    say(
+        &app,
+        &b,
+        "gus",
+        "g1",
+        "I want to book a cleaning, my name is Gus Grant, on tuesday.",
+    )
+    .await;
+    let rows = settled(&app).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[1].1.as_str()),
+        ("delivered", "rejected")
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let started = loop {
+        let e = app.entries(&app.config.handoff.agents).await;
+        if !e.is_empty() || tokio::time::Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.entries(&app.config.handoff.agents).await.len(),
+        1,
+        "{started:?}"
+    );
+    assert_eq!(
+        (
+            started[0]["kind"].as_str(),
+            started[0]["by"].as_str(),
+            started[0]["user_id"].as_str()
+        ),
+        ("started", "action:book_appointment", "gus")
+    );
+    app.send_to(&b, "gus", "g2", "Hello? Is another day possible?")
+        .await;
+    assert_eq!(app.reply("g2").await["status"], "handoff");
+    app.send_to(&b, "fay", "f2", "Thanks, see you tuesday")
+        .await;
+    assert_ne!(
+        app.reply("f2").await["status"],
+        "handoff",
+        "fay's booking went through"
+    );
+}
