@@ -12,11 +12,12 @@ ALTER TABLE messages ADD CONSTRAINT messages_role_check
 
 -- Conversations in handoff that no agent has answered yet, and those whose timeout reply is
 -- stored but not published yet, for the timeout sweep.
-CREATE INDEX conversations_open_handoff ON conversations (((handoff ->> 'since_ms')::bigint))
+CREATE INDEX conversations_open_handoff ON conversations (((handoff ->> 'due_ms')::bigint))
     WHERE handoff IS NOT NULL AND (handoff ->> 'timeout_published') IS NULL;
 
--- Every business's handoffs that no agent answered and that started before `before_ms` (unix
--- milliseconds), and those timed out whose reply is not published yet, for the process that
+-- Every business's handoffs that no agent answered and whose timeout (`due_ms`, unix
+-- milliseconds, set when the handoff started; none when the business has no timeout) is before
+-- `before_ms`, and those timed out whose reply is not published yet, for the process that
 -- watches them to act on each scoped to its business (as icmp_due_actions).
 CREATE FUNCTION icmp_unanswered_handoffs(n integer, before_ms bigint)
 RETURNS TABLE (business_id uuid, id uuid)
@@ -27,9 +28,9 @@ BEGIN
   SELECT c.business_id, c.id FROM conversations c
    WHERE c.handoff IS NOT NULL AND (c.handoff ->> 'timeout_published') IS NULL
      AND (((c.handoff ->> 'answered') IS NULL AND (c.handoff ->> 'timed_out') IS NULL
-           AND (c.handoff ->> 'since_ms')::bigint < before_ms)
+           AND (c.handoff ->> 'due_ms')::bigint < before_ms)
           OR (c.handoff ->> 'timed_out') IS NOT NULL)
-   ORDER BY (c.handoff ->> 'since_ms')::bigint LIMIT n;
+   ORDER BY (c.handoff ->> 'due_ms')::bigint LIMIT n;
 END
 $$;
 

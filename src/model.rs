@@ -393,6 +393,9 @@ pub struct HandoffState {
     /// compares).
     pub since: String,
     pub since_ms: i64,
+    /// When the timeout reply is due (unix ms; `None`: the business has no timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_ms: Option<i64>,
     /// What started it: `stage:<name>`, `action:<name>` or `operator`.
     pub by: String,
     /// Where the user's latest message asked its reply (agents' answers go there; `None`:
@@ -412,12 +415,16 @@ pub struct HandoffState {
 }
 
 impl HandoffState {
-    /// A handoff starting now.
-    pub fn starting(by: String, reply_to: Option<String>) -> HandoffState {
+    /// A handoff starting now, timing out after `timeout_ms` (0: never).
+    pub fn starting(by: String, reply_to: Option<String>, timeout_ms: u64) -> HandoffState {
         let now = Utc::now();
         HandoffState {
             since: now.to_rfc3339(),
             since_ms: now.timestamp_millis(),
+            due_ms: (timeout_ms > 0).then(|| {
+                now.timestamp_millis()
+                    .saturating_add(i64::try_from(timeout_ms).unwrap_or(i64::MAX))
+            }),
             by,
             reply_to,
             answered: None,
@@ -466,8 +473,7 @@ pub struct ConversationRecord {
     pub updated_at: DateTime<Utc>,
     pub messages: Vec<StoredMessage>,
     pub extracted: Extracted,
-    /// Set while a person has the conversation.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Set while a person has the conversation (`null` otherwise).
     pub handoff: Option<HandoffState>,
 }
 

@@ -148,7 +148,16 @@ impl Dispatcher {
             Outcome::Failed { .. } => "failed",
         };
         metrics::action_attempt(&row.action, label, started.elapsed());
-        let settlement = self.settlement(&row, &outcome);
+        // A result that hands the conversation over times out as its business says.
+        let timeout_ms = if row.handoff_on.is_empty() {
+            0
+        } else {
+            match self.store.load_business(row.business_id).await {
+                Ok(Some(b)) => b.policy.handoff.timeout_ms,
+                _ => 0,
+            }
+        };
+        let settlement = self.settlement(&row, &outcome, timeout_ms);
         let recorded = match self
             .store
             .record_action(row.business_id, row.id, &outcome, &settlement)
@@ -214,7 +223,7 @@ impl Dispatcher {
 
     /// What a final outcome stores besides the row (for an outcome that is not final, what it
     /// would store is not used).
-    fn settlement(&self, row: &Claimed, outcome: &Outcome) -> Settlement {
+    fn settlement(&self, row: &Claimed, outcome: &Outcome, timeout_ms: u64) -> Settlement {
         let result = match outcome {
             Outcome::Done {
                 status,
@@ -251,6 +260,7 @@ impl Dispatcher {
             crate::model::HandoffState::starting(
                 format!("action:{}", row.action),
                 row.reply_to.clone(),
+                timeout_ms,
             )
         });
         Settlement {
@@ -296,7 +306,10 @@ impl Dispatcher {
             .unpublished_follow_ups(64, UNPUBLISHED_AFTER_MS)
             .await?
         {
-            self.publish(business, id).await?;
+            // One that fails (a reply stream's key of another type) holds up no other.
+            if let Err(e) = self.publish(business, id).await {
+                metrics::record_error(&e, "actions");
+            }
         }
         Ok(())
     }
@@ -411,5 +424,6 @@ async fn bounded_text(mut response: reqwest::Response) -> String {
             break;
         }
     }
-    String::from_utf8_lossy(&kept).into_owned()
+    // PostgreSQL stores no NUL in text (nor in JSON): an answer with one is kept without it.
+    String::from_utf8_lossy(&kept).replace('\0', "")
 }

@@ -26,6 +26,7 @@ pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
         operator.store().await?.clone(),
         config.redis.clone(),
         config.streams.clone(),
+        config.handoff.clone(),
         token,
     )?;
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -24,6 +24,10 @@ enum Action {
     Retry,
     /// A pending request cancelled (`icmp actions cancel`).
     Cancel,
+    /// A conversation handed to a person (`icmp handoff start`).
+    HandOver,
+    /// A conversation given back to the bot (`icmp handoff end`).
+    GiveBack,
 }
 
 impl Action {
@@ -33,6 +37,8 @@ impl Action {
             Action::Purge => "purge",
             Action::Retry => "retry",
             Action::Cancel => "cancel",
+            Action::HandOver => "hand_over",
+            Action::GiveBack => "give_back",
         }
     }
 
@@ -41,7 +47,9 @@ impl Action {
     fn valid_id(self, id: &str) -> bool {
         match self {
             Action::Replay | Action::Purge => is_entry_id(id),
-            Action::Retry | Action::Cancel => uuid::Uuid::parse_str(id).is_ok(),
+            Action::Retry | Action::Cancel | Action::HandOver | Action::GiveBack => {
+                uuid::Uuid::parse_str(id).is_ok()
+            }
         }
     }
 
@@ -50,6 +58,7 @@ impl Action {
         match self {
             Action::Replay | Action::Purge => format!("/dlq?done={seq}"),
             Action::Retry | Action::Cancel => format!("/actions/{id}"),
+            Action::HandOver | Action::GiveBack => format!("/conversations/{id}"),
         }
     }
 }
@@ -62,6 +71,16 @@ pub(crate) async fn replay(ctx: Ctx, Path(id): Path<String>) -> Response {
 /// `POST /dlq/{id}/purge`: deletes the dead letter.
 pub(crate) async fn purge(ctx: Ctx, Path(id): Path<String>) -> Response {
     write(&ctx, Action::Purge, &id).await
+}
+
+/// `POST /conversations/{id}/handoff`: hands the conversation to a person.
+pub(crate) async fn hand_over(ctx: Ctx, Path(id): Path<String>) -> Response {
+    write(&ctx, Action::HandOver, &id).await
+}
+
+/// `POST /conversations/{id}/give-back`: gives the conversation back to the bot.
+pub(crate) async fn give_back(ctx: Ctx, Path(id): Path<String>) -> Response {
+    write(&ctx, Action::GiveBack, &id).await
 }
 
 /// `POST /actions/{id}/retry`: sends an ended request again.
@@ -152,12 +171,29 @@ async fn perform(ctx: &Ctx, action: Action, id: &str) -> Result<&'static str, Co
         Action::Purge => dlq::purge(&c.conn, &c.streams, &ids).await?.len(),
         Action::Retry => c.store.retry_actions(&request()).await?.len(),
         Action::Cancel => c.store.cancel_actions(&request()).await?.len(),
+        Action::HandOver | Action::GiveBack => {
+            let conversation = request().first().copied().unwrap_or_default();
+            let done = if action == Action::HandOver {
+                crate::handoff::start_by_operator(&c.store, &c.cache(), &c.handoff, conversation)
+                    .await
+            } else {
+                crate::handoff::end_by_operator(&c.store, &c.cache(), conversation).await
+            };
+            usize::from(done.map_err(|e| match e {
+                crate::error::PipelineError::Store(e) => ConsoleError::Store(e),
+                other => ConsoleError::Stream(crate::error::StreamError::UnexpectedReply(
+                    other.to_string(),
+                )),
+            })?)
+        }
     };
     if done == 0 {
         return Err(ConsoleError::NotFound(match action {
             Action::Replay | Action::Purge => format!("no dead letter {id}"),
             Action::Retry => format!("no ended action request {id}"),
             Action::Cancel => format!("no pending action request {id}"),
+            Action::HandOver => format!("no conversation {id} without a person"),
+            Action::GiveBack => format!("no conversation {id} with a person"),
         }));
     }
     Ok(match action {
@@ -165,6 +201,8 @@ async fn perform(ctx: &Ctx, action: Action, id: &str) -> Result<&'static str, Co
         Action::Purge => "purged",
         Action::Retry => "retried",
         Action::Cancel => "cancelled",
+        Action::HandOver => "handed_over",
+        Action::GiveBack => "given_back",
     })
 }
 

@@ -29,7 +29,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use secrecy::SecretString;
 
-use crate::config::{RedisConfig, StreamsConfig};
+use crate::config::{HandoffConfig, RedisConfig, StreamsConfig};
 use crate::error::{Classify, StoreError, StreamError};
 use crate::redis_connection::RedisConnection;
 use crate::status::StatusError;
@@ -47,6 +47,8 @@ pub struct Console {
     pub(crate) store: Store,
     pub(crate) redis: RedisConfig,
     pub(crate) streams: StreamsConfig,
+    /// Where an operator's handoff tells the agents.
+    pub(crate) handoff: HandoffConfig,
     pub(crate) auth: Auth,
     pub(crate) pages: Pages,
     writes: Mutex<WriteLog>,
@@ -87,9 +89,10 @@ impl Console {
         store: Store,
         redis: RedisConfig,
         streams: StreamsConfig,
+        handoff: HandoffConfig,
         token: Option<SecretString>,
     ) -> Result<Arc<Console>, RenderError> {
-        Console::build(conn, store, redis, streams, token, false)
+        Console::build(conn, store, redis, (streams, handoff), token, false)
     }
 
     /// The console for a listener at `listen`: on a loopback address as [`Console::new`];
@@ -104,6 +107,7 @@ impl Console {
         store: Store,
         redis: RedisConfig,
         streams: StreamsConfig,
+        handoff: HandoffConfig,
         token: Option<SecretString>,
     ) -> Result<Arc<Console>, ConsoleError> {
         let private = !listen.ip().is_loopback();
@@ -113,14 +117,21 @@ impl Console {
                  then asks for it"
             )));
         }
-        Ok(Console::build(conn, store, redis, streams, token, private)?)
+        Ok(Console::build(
+            conn,
+            store,
+            redis,
+            (streams, handoff),
+            token,
+            private,
+        )?)
     }
 
     fn build(
         conn: RedisConnection,
         store: Store,
         redis: RedisConfig,
-        streams: StreamsConfig,
+        (streams, handoff): (StreamsConfig, HandoffConfig),
         token: Option<SecretString>,
         private: bool,
     ) -> Result<Arc<Console>, RenderError> {
@@ -129,11 +140,25 @@ impl Console {
             store,
             redis,
             streams,
+            handoff,
             auth: Auth::new(token),
             pages: Pages::new()?,
             writes: Mutex::new(WriteLog::default()),
             private,
         }))
+    }
+
+    /// The cache, for the console's writes to drop what they change (nothing is written
+    /// through it, so its lifetimes do not matter).
+    pub(crate) fn cache(&self) -> crate::cache::Cache {
+        crate::cache::Cache::new(
+            self.conn.clone(),
+            &self.redis,
+            &crate::config::CacheConfig {
+                definition_ttl_secs: 1,
+                conversation_ttl_secs: 1,
+            },
+        )
     }
 
     /// Remembers a write action; returns its sequence number.
@@ -184,6 +209,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/conversations", get(pages::conversations))
         .route("/conversations/{id}", get(pages::conversation))
         .route("/handoffs", get(pages::handoffs))
+        .route("/conversations/{id}/handoff", post(actions::hand_over))
+        .route("/conversations/{id}/give-back", post(actions::give_back))
         .route("/actions", get(pages::outbox))
         .route("/actions/{id}", get(pages::outbox_row))
         .route("/actions/{id}/retry", post(actions::retry_request))

@@ -186,29 +186,58 @@ impl Desk {
                 break;
             }
         }
+        // Every pending entry (this desk's now) before any new one.
         for from in ["0", ">"] {
-            let read: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&self.config.group)
-                .arg(&self.name)
-                .arg("COUNT")
-                .arg(BATCH)
-                .arg("STREAMS")
-                .arg(&self.config.agent_replies)
-                .arg(from)
-                .query_async(&mut conn)
-                .await
-                .map_err(crate::error::CacheError::from)?;
-            for entry in read.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-                let fields = crate::producer::fields_to_strings(entry.map);
-                self.answer(&entry.id, &fields).await?;
-                let _: i64 = redis::cmd("XACK")
-                    .arg(&self.config.agent_replies)
+            loop {
+                let read: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
                     .arg(&self.config.group)
-                    .arg(&entry.id)
+                    .arg(&self.name)
+                    .arg("COUNT")
+                    .arg(BATCH)
+                    .arg("STREAMS")
+                    .arg(&self.config.agent_replies)
+                    .arg(from)
                     .query_async(&mut conn)
                     .await
                     .map_err(crate::error::CacheError::from)?;
+                let entries: Vec<_> = read
+                    .into_iter()
+                    .flat_map(|r| r.keys)
+                    .flat_map(|k| k.ids)
+                    .collect();
+                if entries.is_empty() {
+                    break;
+                }
+                for entry in entries {
+                    // Still this desk's: another takes over only once the lease is lost.
+                    if !self.hold().await? {
+                        return Ok(());
+                    }
+                    let fields = crate::producer::fields_to_strings(entry.map);
+                    match self.answer(&entry.id, &fields).await {
+                        Ok(()) => {}
+                        // An answer that can never be stored or delivered is refused, so that
+                        // it does not hold up every answer behind it.
+                        Err(e) if permanent(&e) => {
+                            let refused = AgentEntryError::Refused(e.to_string());
+                            metrics::handoff(refused.code());
+                            tracing::warn!(entry.id = %entry.id, error = %e, "an agent's entry was refused");
+                            agent_error(&conn, &self.config, &entry.id, &fields, &refused).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    let _: i64 = redis::cmd("XACK")
+                        .arg(&self.config.agent_replies)
+                        .arg(&self.config.group)
+                        .arg(&entry.id)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(crate::error::CacheError::from)?;
+                }
+                if from == ">" {
+                    break;
+                }
             }
         }
         Ok(())
@@ -259,6 +288,10 @@ impl Desk {
                 refused(AgentEntryError::NotActive).await?;
                 return Ok(());
             }
+            AgentStored::KeyReused => {
+                refused(AgentEntryError::KeyReused).await?;
+                return Ok(());
+            }
             AgentStored::Stored { row, to, duplicate } => (row, to, duplicate),
         };
         if let Err(c) = self
@@ -297,65 +330,85 @@ impl Desk {
 
     /// The handoffs past their business's `timeout_ms` that no agent answered get the
     /// timeout reply, once; a stored one not published yet (its desk stopped first) is
-    /// published.
+    /// published. One that fails is left for the next sweep, after the others.
     async fn timeouts(&self) -> Result<(), PipelineError> {
         let now = chrono::Utc::now().timestamp_millis();
-        for (business_id, conversation) in self.store.unanswered_handoffs(BATCH as i32, now).await?
-        {
-            let Some(business) = self.store.load_business(business_id).await? else {
-                continue;
-            };
-            let policy = &business.policy.handoff;
-            let Some((state, to, stored)) =
-                self.store.handoff_of(business_id, conversation).await?
-            else {
-                continue;
-            };
-            let (reply_id, text) = match (state.timeout_reply_id, stored) {
-                (Some(id), Some(text)) => (id, text),
-                _ => {
-                    if policy.timeout_ms == 0 {
-                        continue;
-                    }
-                    let before = now - i64::try_from(policy.timeout_ms).unwrap_or(i64::MAX);
-                    let Some((id, _)) = self
-                        .store
-                        .time_out_handoff(business_id, conversation, before, &policy.timeout_reply)
-                        .await?
-                    else {
-                        continue;
-                    };
-                    metrics::handoff("timeout");
-                    tracing::warn!(business.id = %business_id, conversation.id = %conversation, "a handoff nobody answered timed out");
-                    if let Err(c) = self
-                        .cache
-                        .invalidate_conversation(business_id, &to.user_id)
-                        .await
-                    {
-                        metrics::record_error(&c, "cache invalidation");
-                    }
-                    (id, policy.timeout_reply.clone())
-                }
-            };
-            to_user(
-                &self.cache.connection(),
-                &self.streams,
-                &ToUser {
-                    business_id,
-                    conversation_id: conversation,
-                    to: &to,
-                    reply_id,
-                    message_id: "",
-                    status: ReplyStatus::Handoff,
-                    content: &text,
-                    agent_id: "",
-                },
-            )
-            .await?;
-            self.store
-                .timeout_published(business_id, conversation)
-                .await?;
+        let due = self.store.unanswered_handoffs(BATCH as i32, now).await?;
+        for (business_id, conversation) in due {
+            if let Err(e) = self.time_out(business_id, conversation, now).await {
+                metrics::record_error(&e, "handoff");
+            }
         }
         Ok(())
+    }
+
+    /// One handoff's timeout reply, stored (unless it is) and published.
+    async fn time_out(
+        &self,
+        business_id: uuid::Uuid,
+        conversation: uuid::Uuid,
+        now: i64,
+    ) -> Result<(), PipelineError> {
+        let Some(business) = self.store.load_business(business_id).await? else {
+            return Ok(());
+        };
+        let policy = &business.policy.handoff;
+        let Some((state, to, stored)) = self.store.handoff_of(business_id, conversation).await?
+        else {
+            return Ok(());
+        };
+        let (reply_id, text) = match (state.timeout_reply_id, stored) {
+            (Some(id), Some(text)) => (id, text),
+            _ => {
+                let Some((id, _)) = self
+                    .store
+                    .time_out_handoff(business_id, conversation, now, &policy.timeout_reply)
+                    .await?
+                else {
+                    return Ok(());
+                };
+                metrics::handoff("timeout");
+                tracing::warn!(business.id = %business_id, conversation.id = %conversation, "a handoff nobody answered timed out");
+                if let Err(c) = self
+                    .cache
+                    .invalidate_conversation(business_id, &to.user_id)
+                    .await
+                {
+                    metrics::record_error(&c, "cache invalidation");
+                }
+                (id, policy.timeout_reply.clone())
+            }
+        };
+        to_user(
+            &self.cache.connection(),
+            &self.streams,
+            &ToUser {
+                business_id,
+                conversation_id: conversation,
+                to: &to,
+                reply_id,
+                message_id: "",
+                status: ReplyStatus::Handoff,
+                content: &text,
+                agent_id: "",
+            },
+        )
+        .await?;
+        self.store
+            .timeout_published(business_id, conversation)
+            .await?;
+        Ok(())
+    }
+}
+
+/// An error no retry can mend: data PostgreSQL refuses (SQLSTATE classes 22 and 23), a reply
+/// stream's key of another type.
+fn permanent(e: &PipelineError) -> bool {
+    match e {
+        PipelineError::Store(crate::error::StoreError::Db(db)) => db
+            .code()
+            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+        PipelineError::Cache(crate::error::CacheError::Decode(_)) => true,
+        _ => false,
     }
 }

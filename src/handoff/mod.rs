@@ -142,6 +142,10 @@ pub enum AgentEntryError {
     UnknownConversation,
     #[error("the conversation is not with a person (the handoff ended, or never started)")]
     NotActive,
+    #[error("this message_id answered another conversation of the user")]
+    KeyReused,
+    #[error("the answer cannot be stored or delivered: {0}")]
+    Refused(String),
 }
 
 impl AgentEntryError {
@@ -152,6 +156,8 @@ impl AgentEntryError {
             AgentEntryError::TooLong(_) => "handoff.text_too_long",
             AgentEntryError::UnknownConversation => "handoff.unknown_conversation",
             AgentEntryError::NotActive => "handoff.not_active",
+            AgentEntryError::KeyReused => "handoff.key_reused",
+            AgentEntryError::Refused(_) => "handoff.refused",
         }
     }
 }
@@ -173,12 +179,15 @@ pub fn decode(
             .ok_or(AgentEntryError::Invalid(k))
     };
     let text = fields.get("text").cloned().unwrap_or_default();
+    if text.contains('\0') {
+        return Err(AgentEntryError::Invalid("text"));
+    }
     let end = matches!(get("end"), Some("true" | "1"));
     let agent_id = get("agent_id")
-        .filter(|a| !a.is_empty() && a.chars().count() <= 128)
+        .filter(|a| !a.is_empty() && a.chars().count() <= 128 && !a.contains('\0'))
         .ok_or(AgentEntryError::Invalid("agent_id"))?;
     let message_id = get("message_id")
-        .filter(|m| !m.is_empty() && m.chars().count() <= 128)
+        .filter(|m| !m.is_empty() && m.chars().count() <= 128 && !m.contains('\0'))
         .ok_or(AgentEntryError::Invalid("message_id"))?;
     if text.trim().is_empty() && !end {
         return Err(AgentEntryError::Invalid("text"));
@@ -282,7 +291,11 @@ pub async fn start_by_operator(
     let Some(business_id) = store.business_of_conversation(conversation_id).await? else {
         return Ok(false);
     };
-    let state = crate::model::HandoffState::starting("operator".into(), None);
+    let timeout_ms = match store.load_business(business_id).await? {
+        Some(b) => b.policy.handoff.timeout_ms,
+        None => 0,
+    };
+    let state = crate::model::HandoffState::starting("operator".into(), None, timeout_ms);
     let Some(user) = store
         .start_handoff(business_id, conversation_id, &state)
         .await?

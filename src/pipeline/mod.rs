@@ -322,7 +322,14 @@ impl<L: LlmService> MessageHandler<L> {
             answer,
             followers,
             state,
-            summary: summary::due(business, &committed.state, &self.config.llm.default_model),
+            // While a person has the conversation no LLM is called, a summary's included.
+            summary: committed
+                .state
+                .conversation
+                .handoff
+                .is_none()
+                .then(|| summary::due(business, &committed.state, &self.config.llm.default_model))
+                .flatten(),
             fired_actions: !decisions.actions.is_empty(),
             to_agents,
         })
@@ -393,6 +400,7 @@ impl<L: LlmService> MessageHandler<L> {
             decisions.handoff = Some(crate::model::HandoffState::starting(
                 format!("stage:{}", decisions.stage.name),
                 turn.msg.reply_to.clone(),
+                business.policy.handoff.timeout_ms,
             ));
         }
         Ok(decisions)

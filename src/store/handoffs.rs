@@ -17,6 +17,8 @@ pub enum AgentStored {
     NotActive,
     /// No conversation of that business has this id.
     UnknownConversation,
+    /// The key answered another conversation of the user.
+    KeyReused,
     /// Stored now (or before, when `duplicate`): the message row (`None`: an `end` without
     /// text stores none) and where the answer goes.
     Stored {
@@ -82,10 +84,11 @@ SELECT c.handoff, u.external_id, c.user_id, c.current_stage_id, coalesce(s.name,
   LEFT JOIN stages s ON s.business_id = c.business_id AND s.id = c.current_stage_id
  WHERE c.business_id = $1 AND c.id = $2";
 
-/// An agent's answer already stored under key `$3`.
+/// An agent's answer already stored under key `$3` for the user (row `$2`), and its
+/// conversation (the key is unique per user).
 pub const AGENT_STORED: &str = "\
-SELECT id FROM messages
- WHERE business_id = $1 AND conversation_id = $2 AND role = 'agent' AND idempotency_key = $3";
+SELECT id, conversation_id FROM messages
+ WHERE business_id = $1 AND user_id = $2 AND role = 'agent' AND idempotency_key = $3";
 
 /// The conversation changed by an agent's answer: room for its message (`$3`: 1 or 0), the
 /// handoff answered or ended (`$4`); an ended handoff in a handoff stage (`$6`) goes back to
@@ -106,14 +109,14 @@ INSERT INTO messages (id, business_id, conversation_id, seq, role, content, idem
                       stage_id, status, log_id, user_id, metadata)
 VALUES ($3, $1, $2, $8, $4, $5, $6, $10, $7, $3, $9, $11)";
 
-/// A handoff nobody answered, timed out (`$3`: it started before this, in unix ms; `$4` the
+/// A handoff nobody answered, timed out (`$3`: now, in unix ms, past its `due_ms`; `$4` the
 /// timeout reply's message id).
 pub const TIMED_OUT: &str = "\
 UPDATE conversations
    SET handoff = handoff || jsonb_build_object('timed_out', true, 'timeout_reply_id', $4::text),
        version = version + 1, last_seq = last_seq + 1, updated_at = now()
  WHERE business_id = $1 AND id = $2 AND handoff IS NOT NULL AND (handoff ->> 'answered') IS NULL
-   AND (handoff ->> 'timed_out') IS NULL AND (handoff ->> 'since_ms')::bigint < $3
+   AND (handoff ->> 'timed_out') IS NULL AND (handoff ->> 'due_ms')::bigint < $3
 RETURNING last_seq, handoff ->> 'since_ms'";
 
 /// A handoff started (`$3`) when none is under way.
@@ -192,9 +195,12 @@ impl Store {
             return Ok(AgentStored::UnknownConversation);
         };
         if let Some(r) = tx
-            .query_opt(&stmts.1, &[&a.business_id, &a.conversation_id, &a.key])
+            .query_opt(&stmts.1, &[&a.business_id, &found.user_row, &a.key])
             .await?
         {
+            if r.get::<_, Uuid>(1) != a.conversation_id {
+                return Ok(AgentStored::KeyReused);
+            }
             return Ok(AgentStored::Stored {
                 row: Some(r.get(0)),
                 to: found.user,
@@ -287,7 +293,8 @@ impl Store {
         };
         let seq: i64 = r.get(0);
         let since: Option<String> = r.get(1);
-        let key = format!("handoff-timeout:{}", since.unwrap_or_default());
+        // A key no user message can take (the reply's id is made here).
+        let key = format!("handoff-timeout:{}:{id}", since.unwrap_or_default());
         let metadata: Option<Json<serde_json::Value>> = None;
         tx.execute(
             &stmts.2,

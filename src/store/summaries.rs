@@ -18,7 +18,7 @@ pub const UNSUMMARIZED: &str = "\
 SELECT c.summary, c.summarized_seq, m.seq, m.role, m.content
   FROM conversations AS c
   LEFT JOIN messages AS m ON m.business_id = c.business_id AND m.conversation_id = c.id
-                          AND m.seq > c.summarized_seq
+                          AND m.seq > c.summarized_seq AND m.status IS DISTINCT FROM 'handoff'
  WHERE c.business_id = $1 AND c.id = $2
  ORDER BY m.seq
  LIMIT $3";

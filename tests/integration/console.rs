@@ -23,6 +23,7 @@ pub async fn spawn_console(app: &TestApp, token: Option<&str>) -> String {
         app.store.clone(),
         app.config.redis.clone(),
         app.config.streams.clone(),
+        app.config.handoff.clone(),
         token.map(SecretString::from),
     )
     .expect("console");
@@ -270,6 +271,7 @@ async fn beyond_loopback_the_console_needs_a_token_for_every_page() {
             app.store.clone(),
             app.config.redis.clone(),
             app.config.streams.clone(),
+            app.config.handoff.clone(),
             token.map(SecretString::from),
         )
     };
@@ -496,6 +498,7 @@ async fn a_database_that_cannot_be_reached_is_a_503_page_with_its_code() {
         store,
         app.config.redis.clone(),
         app.config.streams.clone(),
+        app.config.handoff.clone(),
         None,
     )
     .expect("console");

@@ -24,32 +24,42 @@ async fn app() -> TestApp {
     .await
 }
 
-/// A demo copy with a `human` stage (handoff) the welcome stage may move to, and a handoff
-/// reply; `timeout_ms` 0: no timeout. Returns its id.
+/// The edits of the demo that add a `human` stage (handoff) the welcome stage may move to,
+/// with `reply` while a person has the conversation and no timeout.
+pub fn human_stage_edits(reply: &str) -> Vec<(&'static str, String)> {
+    human_stage_edits_with(reply, 0)
+}
+
+fn human_stage_edits_with(reply: &str, timeout_ms: u64) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "initial_stage = \"welcome\"\n",
+            format!(
+                "initial_stage = \"welcome\"\n\n[business.handoff]\nreply = \"{reply}\"\n\
+                 timeout_ms = {timeout_ms}\ntimeout_reply = \"{TIMED_OUT}\"\n"
+            ),
+        ),
+        (
+            "transitions = [\"booking\", \"farewell\"]",
+            "transitions = [\"booking\", \"farewell\", \"human\"]".to_owned(),
+        ),
+        (
+            "[[templates]]\nname = \"select_stage\"",
+            "[[stages]]\nname = \"human\"\ndescription = \"A person answers.\"\n\
+             response_template = \"welcome_reply\"\nhandoff = true\n\
+             transitions = [\"welcome\"]\n\n[[templates]]\nname = \"select_stage\""
+                .to_owned(),
+        ),
+    ]
+}
+
+/// A demo copy with the `human` stage and a handoff reply; `timeout_ms` 0: no timeout.
+/// Returns its id.
 async fn business(app: &TestApp, timeout_ms: u64) -> String {
     let id = Uuid::new_v4().to_string();
-    let policy = format!(
-        "initial_stage = \"welcome\"\n\n[business.handoff]\nreply = \"{WAITING}\"\n\
-         timeout_ms = {timeout_ms}\ntimeout_reply = \"{TIMED_OUT}\"\n"
-    );
-    helpers::import_demo_copy(
-        &app.config,
-        &id,
-        &[
-            ("initial_stage = \"welcome\"\n", &policy),
-            (
-                "transitions = [\"booking\", \"farewell\"]",
-                "transitions = [\"booking\", \"farewell\", \"human\"]",
-            ),
-            (
-                "[[templates]]\nname = \"select_stage\"",
-                "[[stages]]\nname = \"human\"\ndescription = \"A person answers.\"\n\
-                 response_template = \"welcome_reply\"\nhandoff = true\n\
-                 transitions = [\"welcome\"]\n\n[[templates]]\nname = \"select_stage\"",
-            ),
-        ],
-    )
-    .await;
+    let edits = human_stage_edits_with(WAITING, timeout_ms);
+    let edits: Vec<(&str, &str)> = edits.iter().map(|(f, t)| (*f, t.as_str())).collect();
+    helpers::import_demo_copy(&app.config, &id, &edits).await;
     id
 }
 
@@ -358,4 +368,137 @@ async fn an_operator_hands_a_conversation_over_and_gives_it_back() {
     let r = say(&app, &b, "di", "di-3", "Hello again").await;
     assert_eq!(r["status"], "ok", "the bot answers again: {r:?}");
     assert_eq!(wait_agents(&app, 2).await.len(), 2, "started, and di-2");
+}
+
+/// A signed-in operator hands a conversation over and gives it back from the console; without
+/// the token nothing changes; `/handoffs` lists it meanwhile.
+#[tokio::test]
+async fn a_signed_in_operator_hands_over_and_gives_back_from_the_console() {
+    use crate::console::{TOKEN, spawn_console};
+    let app = app().await;
+    let b = business(&app, 0).await;
+    let r = say(&app, &b, "eve", "eve-1", "Hello").await;
+    let conversation = r["conversation_id"].clone();
+    let base = spawn_console(&app, Some(TOKEN)).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let page = |auth: bool| {
+        let mut req = http.get(format!("{base}/conversations/{conversation}"));
+        if auth {
+            req = req.bearer_auth(TOKEN);
+        }
+        async move { req.send().await.expect("get").text().await.expect("body") }
+    };
+    assert!(
+        !page(false).await.contains(r#"id="hand-over""#),
+        "not signed in"
+    );
+    assert!(page(true).await.contains(r#"id="hand-over""#));
+    let post = |path: &'static str, auth: bool| {
+        let mut req = http.post(format!("{base}/conversations/{conversation}/{path}"));
+        if auth {
+            req = req.bearer_auth(TOKEN);
+        }
+        async move { req.send().await.expect("post") }
+    };
+    assert_eq!(post("handoff", false).await.status().as_u16(), 403);
+    assert_eq!(
+        say(&app, &b, "eve", "eve-2", "Still the bot?").await["status"],
+        "ok"
+    );
+    let r = post("handoff", true).await;
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        format!("/conversations/{conversation}").as_str()
+    );
+    let shown = page(true).await;
+    assert!(shown.contains("With a person since"), "{shown}");
+    assert!(shown.contains(r#"id="give-back""#), "{shown}");
+    let list = http
+        .get(format!("{base}/handoffs"))
+        .send()
+        .await
+        .expect("list")
+        .text()
+        .await
+        .expect("body");
+    assert!(list.contains("1 conversation(s) with a person"), "{list}");
+    assert!(list.contains(&conversation), "{list}");
+    assert_eq!(
+        say(&app, &b, "eve", "eve-3", "Hello?").await["status"],
+        "handoff"
+    );
+    assert_eq!(
+        post("handoff", true).await.status().as_u16(),
+        404,
+        "already with a person"
+    );
+    assert_eq!(post("give-back", true).await.status().as_u16(), 303);
+    assert_eq!(
+        say(&app, &b, "eve", "eve-4", "Hello again").await["status"],
+        "ok"
+    );
+    assert_eq!(wait_agents(&app, 2).await.len(), 2, "started, and eve-3");
+}
+
+/// An answer that can never be delivered (the user's reply stream is a key of another type)
+/// is refused and acknowledged: the answers behind it, to another user, still flow.
+#[tokio::test]
+async fn an_answer_that_cannot_be_delivered_is_refused_and_holds_up_nothing_behind_it() {
+    let app = app().await;
+    let b = business(&app, 0).await;
+    let first = handed_over(&app, &b, "fox").await;
+    let second = handed_over(&app, &b, "gil").await;
+    // fox's next message asks its reply on a stream of its own, which then holds a string.
+    let reply_to = format!("{}fox-private", app.config.streams.reply_prefix);
+    let inbound = app.config.streams.for_fields(&b, "fox").inbound;
+    app.xadd_on(
+        &inbound,
+        &[
+            ("business_id", b.as_bytes()),
+            ("user_id", b"fox"),
+            ("message_id", b"fox-h2"),
+            ("content", b"Anyone?"),
+            ("reply_to", reply_to.as_bytes()),
+        ],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.entries(&reply_to).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no reply to fox-h2");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _: () = redis::AsyncCommands::del(&mut app.redis.clone(), &reply_to)
+        .await
+        .expect("del");
+    let _: () = redis::AsyncCommands::set(&mut app.redis.clone(), &reply_to, "not a stream")
+        .await
+        .expect("set");
+    for (conversation, key) in [(&first, "f1"), (&second, "g1")] {
+        agent_says(
+            &app,
+            &[
+                ("business_id", b.as_str()),
+                ("conversation_id", conversation.as_str()),
+                ("agent_id", "ann"),
+                ("message_id", key),
+                ("text", "Ann here."),
+            ],
+        )
+        .await;
+    }
+    let delivered = wait_outbound(&app, "agent", 1).await;
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(delivered[0]["message_id"], "g1");
+    let refused: Vec<_> = agents(&app)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "error")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["error_code"], "handoff.refused");
+    assert_eq!(refused[0]["message_id"], "f1");
 }

@@ -11,7 +11,12 @@
 //! slots against an LLM of tens of milliseconds, so entries wait for slots all the time. At the
 //! end an operator replays what the dead-letter stream holds (and purges `stream.trimmed` dead
 //! letters, which have nothing to replay), and the soak takes an exact account: every entry one
-//! reply, on the stream it named, or one dead letter, never both, never two.
+//! reply, on the stream it named, or one dead letter, never both, never two. A third business
+//! books through a flaky webhook receiver and hands conversations to a person on request; the
+//! soak plays the agent (answers, repeated answers, ends), and the account covers the bookings
+//! (one per conversation that learned a name and a date, each processed once, one follow-up
+//! each) and the handoffs (each message to the agents once, each agent's answer to the user once
+//! and in order, or refused once because that handoff had ended).
 //!
 //! `ICMP_SOAK_SEED` and `ICMP_SOAK_SECONDS` choose the run (`scripts/soak` sets them); the test
 //! command runs a short one.
@@ -190,6 +195,18 @@ struct Soak {
     faults: BTreeMap<&'static str, usize>,
     /// The `reply_to` streams the producer named.
     reply_streams: std::collections::BTreeSet<String>,
+    /// The agent at work: what it read of the agents' stream, and what it answered.
+    agent: Agent,
+}
+
+/// The agent the soak plays: it reads the agents' stream and answers each conversation handed
+/// over, sometimes twice with the same key, sometimes ending the handoff.
+#[derive(Default)]
+struct Agent {
+    /// The last agents' entry read.
+    last: String,
+    /// Each answer sent: (key, conversation, end), in the order sent.
+    answers: Vec<(String, String, bool)>,
 }
 
 impl Soak {
@@ -206,6 +223,9 @@ impl Soak {
             ("ICMP__ACTIONS__RETRY_INITIAL_MS", "100"),
             ("ICMP__ACTIONS__RETRY_MAX_MS", "1000"),
             ("ICMP__ACTIONS__CLAIM_HOLD_MS", "3000"),
+            // The desk: a killed holder's lease passes on soon.
+            ("ICMP__HANDOFF__POLL_MS", "100"),
+            ("ICMP__HANDOFF__LEASE_MS", "2000"),
         ];
         if matches!(self.redis, Backend::Cluster(_)) {
             // A user's next message starts once a replica holds the finish before it.
@@ -479,7 +499,12 @@ impl Soak {
             let user = format!("soak-u{}", rng.random_range(0..30));
             for i in 0..burst {
                 let message_id = format!("{user}-{n}-{i}");
-                let text = content(rng, n + i);
+                // On the booking copy some ask for a person (its `human` stage hands over).
+                let text = if business_of(&user) == ACTING && rng.random_bool(0.06) {
+                    format!("I want to talk to a human please ({})", n + i)
+                } else {
+                    content(rng, n + i)
+                };
                 let business = business_spelling(rng, business_of(&user));
                 let mut fields = message_fields(&business, &user, &message_id, &text);
                 // On the coalescing business a third of the messages ask for their reply on a
@@ -639,6 +664,7 @@ async fn soak(
         "ICMP_DEMO_WEBHOOK_SECRET",
         "ICMP_TEST_WEBHOOK_SECRET".to_owned(),
     ));
+    edits.extend(crate::handoff::human_stage_edits(WAITING_FOR_AGENT));
     let edits: Vec<(&str, &str)> = edits.iter().map(|(f, t)| (*f, t.as_str())).collect();
     helpers::import_demo_copy(&config, ACTING, &edits).await;
     configure(&mut config);
@@ -660,6 +686,10 @@ async fn soak(
         sent: BTreeMap::new(),
         faults: BTreeMap::new(),
         reply_streams: std::collections::BTreeSet::new(),
+        agent: Agent {
+            last: "0".into(),
+            answers: Vec::new(),
+        },
     };
     for _ in 0..3 {
         soak.spawn_worker();
@@ -676,6 +706,7 @@ async fn soak(
             next_fault = started.elapsed() + Duration::from_secs(rng.random_range(3..7));
         }
         soak.produce(&mut rng, &mut history).await;
+        soak.answer_as_agent(&mut rng).await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
     }
     let produced = soak.sent.len();
@@ -754,13 +785,14 @@ async fn soak(
     // apart.
     let mut replies = Vec::new();
     let mut follow_ups = Vec::new();
+    let mut agent_replies = Vec::new();
     for stream in &reply_streams {
         for mut r in app.entries(stream).await {
             r.insert("__stream".into(), stream.clone());
-            if r["status"] == "follow_up" {
-                follow_ups.push(r);
-            } else {
-                replies.push(r);
+            match r["status"].as_str() {
+                "follow_up" => follow_ups.push(r),
+                "agent" => agent_replies.push(r),
+                _ => replies.push(r),
             }
         }
     }
@@ -963,6 +995,7 @@ async fn soak(
     }
     assert_eq!(stored, expected, "per-user order");
     let bookings = actions_account(&soak, &replies, &follow_ups).await;
+    let handoffs = handoff_account(&soak, &replies, &agent_replies).await;
     assert_eq!(app.pending().await, 0);
     let queues: Vec<String> = app
         .redis
@@ -987,7 +1020,7 @@ async fn soak(
          rejected, {} orphaned and replayed, {} trimmed and dead-lettered, {} unconfirmed and \
          lost at a failover of {} unconfirmed), {} replies \
          ({coalesced} coalesced, {dangling} referring to a trimmed first message, {} on \
-         reply_to streams), {bookings}, faults {:?}, drained {:.0} s after the producer stopped",
+         reply_to streams), {bookings}, {handoffs}, faults {:?}, drained {:.0} s after the producer stopped",
         replayed.len(),
         trimmed.len(),
         lost.len(),
@@ -1005,9 +1038,14 @@ async fn soak(
     }
 }
 
-/// A message row that is not an action's follow-up (`m`: the messages table).
-const NOT_FOLLOW_UP: &str = "NOT EXISTS (SELECT 1 FROM action_outbox o \
+/// A message row of a user's message and its answer: not an action's follow-up, an agent's
+/// answer or a handoff's timeout reply (`m`: the messages table).
+const NOT_FOLLOW_UP: &str = "m.role <> 'agent' AND m.status IS DISTINCT FROM 'handoff_timeout' \
+     AND NOT EXISTS (SELECT 1 FROM action_outbox o \
      WHERE o.business_id = m.business_id AND o.follow_up_id = m.id)";
+
+/// The booking copy's reply while a person has the conversation.
+const WAITING_FOR_AGENT: &str = "A colleague has your message.";
 
 /// The bookings' account, once every request has ended and its follow-up is out: one request
 /// per conversation that learned a name and a date (and none for the others), each processed
@@ -1137,6 +1175,174 @@ async fn actions_account(
         rows.len(),
         receiver.requests.load(std::sync::atomic::Ordering::Relaxed),
         follow_ups.len()
+    )
+}
+
+impl Soak {
+    /// Plays the agent: answers each new entry of the agents' stream (a handed-over
+    /// conversation's message) once, a tenth of the time twice under the same key, and ends
+    /// the handoff with a fifth of its answers.
+    async fn answer_as_agent(&mut self, rng: &mut StdRng) {
+        let config = self.app.config.handoff.clone();
+        let read: redis::RedisResult<Vec<(String, HashMap<String, String>)>> = redis::cmd("XRANGE")
+            .arg(&config.agents)
+            .arg(format!("({}", self.agent.last))
+            .arg("+")
+            .arg("COUNT")
+            .arg(32)
+            .query_async(&mut self.app.redis.clone())
+            .await;
+        let Ok(entries) = read else {
+            return; // Redis is being restarted: next round.
+        };
+        for (id, e) in entries {
+            self.agent.last = id;
+            if e.get("kind").map(String::as_str) == Some("error") {
+                continue;
+            }
+            let (Some(business), Some(conversation)) =
+                (e.get("business_id"), e.get("conversation_id"))
+            else {
+                continue;
+            };
+            let key = format!("ans-{}", self.agent.answers.len());
+            let end = rng.random_bool(0.2);
+            let text = format!("Agent answer {key}");
+            let mut fields: Vec<(&str, &[u8])> = vec![
+                ("business_id", business.as_bytes()),
+                ("conversation_id", conversation.as_bytes()),
+                ("agent_id", b"soak-agent"),
+                ("message_id", key.as_bytes()),
+                ("text", text.as_bytes()),
+            ];
+            if end {
+                fields.push(("end", b"true"));
+            }
+            let times = if rng.random_bool(0.1) { 2 } else { 1 };
+            let mut sent = false;
+            for _ in 0..times {
+                let added: redis::RedisResult<String> = self
+                    .app
+                    .redis
+                    .clone()
+                    .xadd(&config.agent_replies, "*", &fields)
+                    .await;
+                sent |= added.is_ok();
+            }
+            if sent {
+                self.agent.answers.push((key, conversation.clone(), end));
+            }
+        }
+    }
+}
+
+/// The handoffs' account, once the desk has handled every agent's answer: every message
+/// answered `handoff` reached the agents once; every agent's answer reached the user once (an
+/// `agent` reply) or was refused once (`handoff.not_active`: that handoff had ended), never
+/// both; a conversation's answers reached its user in the order the agent sent them.
+async fn handoff_account(
+    soak: &Soak,
+    replies: &[HashMap<String, String>],
+    agent_replies: &[HashMap<String, String>],
+) -> String {
+    let app = &soak.app;
+    let config = &app.config.handoff;
+    let sent: std::collections::HashSet<&str> = soak
+        .agent
+        .answers
+        .iter()
+        .map(|(k, _, _)| k.as_str())
+        .collect();
+    // Drained: every answer published or refused.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (published, refused) = loop {
+        let mut published: Vec<HashMap<String, String>> = agent_replies.to_vec();
+        let seen: std::collections::HashSet<String> =
+            published.iter().map(|r| r["__id"].clone()).collect();
+        for s in app.config.streams.all_shards() {
+            for mut e in app.entries(&s.outbound).await {
+                if e["status"] == "agent" && !seen.contains(&e["__id"]) {
+                    e.insert("__stream".into(), s.outbound.clone());
+                    published.push(e);
+                }
+            }
+        }
+        let refused: Vec<HashMap<String, String>> = app
+            .entries(&config.agents)
+            .await
+            .into_iter()
+            .filter(|e| e["kind"] == "error")
+            .collect();
+        let done: std::collections::HashSet<&str> = published
+            .iter()
+            .chain(&refused)
+            .map(|e| e["message_id"].as_str())
+            .collect();
+        if sent.iter().all(|k| done.contains(k)) {
+            break (published, refused);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents' answers not handled in a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut count: HashMap<&str, (usize, usize)> = HashMap::new();
+    for e in &published {
+        count.entry(e["message_id"].as_str()).or_default().0 += 1;
+    }
+    for e in &refused {
+        assert_eq!(e["error_code"], "handoff.not_active", "{e:?}");
+        count.entry(e["message_id"].as_str()).or_default().1 += 1;
+    }
+    for key in &sent {
+        let (p, r) = count.get(key).copied().unwrap_or_default();
+        assert_eq!(p + r, 1, "{key}: published {p}, refused {r}");
+    }
+    // In the agent's order, per conversation.
+    let mut order: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (key, conversation, _) in &soak.agent.answers {
+        if count.get(key.as_str()).is_some_and(|c| c.0 == 1) {
+            order
+                .entry(conversation.as_str())
+                .or_default()
+                .push(key.as_str());
+        }
+    }
+    for (conversation, keys) in &order {
+        let got: Vec<&str> = published
+            .iter()
+            .filter(|e| e["conversation_id"] == *conversation)
+            .map(|e| e["message_id"].as_str())
+            .collect();
+        assert_eq!(&got, keys, "{conversation}: the agent's order");
+    }
+    // Each message answered while handed over reached the agents once.
+    let entries = app.entries(&config.agents).await;
+    let mut passed: HashMap<&str, usize> = HashMap::new();
+    for e in entries.iter().filter(|e| e["kind"] == "message") {
+        *passed.entry(e["reply_id"].as_str()).or_default() += 1;
+    }
+    let waiting: std::collections::HashSet<&str> = replies
+        .iter()
+        .filter(|r| r["status"] == "handoff" && !r["message_id"].is_empty())
+        .map(|r| r["reply_id"].as_str())
+        .collect();
+    for reply_id in &waiting {
+        assert_eq!(
+            passed.get(reply_id),
+            Some(&1),
+            "{reply_id}: one agents' entry"
+        );
+    }
+    assert!(passed.values().all(|n| *n == 1), "no agents' entry twice");
+    let started = entries.iter().filter(|e| e["kind"] == "started").count();
+    format!(
+        "{started} handoffs ({} messages to the agents, {} answers: {} published, {} refused)",
+        waiting.len(),
+        sent.len(),
+        published.len(),
+        refused.len()
     )
 }
 
