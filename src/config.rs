@@ -670,7 +670,8 @@ impl std::fmt::Debug for RedactedUrl {
 
 impl Config {
     /// The `ICMP__…` variables that point a child `icmp` process at this configuration's
-    /// services, key prefix, streams and LLM endpoint (the rest it takes from its own files).
+    /// services, key prefix, streams (the agents' too) and LLM endpoint (the rest it takes from
+    /// its own files).
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
         let s = &self.streams;
         let mut env = vec![
@@ -693,6 +694,12 @@ impl Config {
                 "ICMP__STREAMS__PREVIOUS_SHARDS",
                 s.previous_shards.to_string(),
             ),
+            ("ICMP__HANDOFF__AGENTS", self.handoff.agents.clone()),
+            (
+                "ICMP__HANDOFF__AGENT_REPLIES",
+                self.handoff.agent_replies.clone(),
+            ),
+            ("ICMP__HANDOFF__GROUP", self.handoff.group.clone()),
         ];
         if !self.redis.urls.is_empty() {
             let quoted: Vec<String> = self

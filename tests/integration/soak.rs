@@ -1329,10 +1329,15 @@ async fn handoff_account(
         .map(|r| r["reply_id"].as_str())
         .collect();
     for reply_id in &waiting {
+        let reply = replies.iter().find(|r| r["reply_id"] == *reply_id);
+        let same: Vec<_> = entries
+            .iter()
+            .filter(|e| reply.is_some_and(|r| r["message_id"] == e["message_id"]))
+            .collect();
         assert_eq!(
             passed.get(reply_id),
             Some(&1),
-            "{reply_id}: one agents' entry"
+            "{reply_id}: one agents' entry; the reply {reply:?}, entries of its message {same:?}"
         );
     }
     assert!(passed.values().all(|n| *n == 1), "no agents' entry twice");
