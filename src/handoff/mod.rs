@@ -83,7 +83,8 @@ pub fn transcript(conversation_id: Uuid) -> String {
 }
 
 /// An error about an agent's entry, on the agents' stream (kind `error`), so that the desk
-/// that sent it sees why nothing happened.
+/// that sent it sees why nothing happened; once per answer (business, conversation, key), or
+/// per entry when those are missing.
 ///
 /// # Errors
 /// Redis failures.
@@ -108,14 +109,18 @@ pub async fn agent_error(
         maxlen: config.agents_maxlen,
         ttl_secs: 0,
     };
-    publish_once(
-        conn,
-        &config.agents,
-        &format!("error:{entry_id}"),
-        keep,
-        &out,
-    )
-    .await
+    // One report per answer: an answer sent twice (the same key) is refused once.
+    let id = match (
+        field("business_id"),
+        field("conversation_id"),
+        field("message_id"),
+    ) {
+        (b, c, m) if !b.is_empty() && !c.is_empty() && !m.is_empty() => {
+            format!("error:{b}:{c}:{m}")
+        }
+        _ => format!("error:{entry_id}"),
+    };
+    publish_once(conn, &config.agents, &id, keep, &out).await
 }
 
 /// An agent's entry, decoded.
