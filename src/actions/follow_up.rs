@@ -9,38 +9,10 @@ use redis::Value;
 
 use crate::config::StreamsConfig;
 use crate::error::CacheError;
-use crate::protocol::reply::{Reply, ReplyStatus};
+use crate::protocol::reply::{ReplyStatus, Unprompted};
 use crate::redis_connection::RedisConnection;
 use crate::store::outbox::FollowUp;
-use crate::stream::finish::REPLY_STREAM_TTL_SECS;
-use crate::stream::once::{Keep, Published, publish_once};
-
-/// The reply entry of a follow-up: status `follow_up`, the action's name, the firing message's
-/// key as `message_id`.
-pub fn reply(f: &FollowUp, streams: &StreamsConfig) -> Reply {
-    let shard = streams.for_user(&f.business_id, &f.user_id);
-    Reply {
-        destination: f.reply_to.clone().unwrap_or(shard.outbound),
-        reply_id: f.reply_id,
-        message_id: f.message_key.clone(),
-        inbound_id: String::new(),
-        business_id: f.business_id.to_string(),
-        user_id: f.user_id.clone(),
-        conversation_id: f.conversation_id.to_string(),
-        status: ReplyStatus::FollowUp,
-        content: f.text.clone(),
-        stage: f.stage.clone(),
-        error_code: String::new(),
-        error: String::new(),
-        status_code: 200,
-        log_id: f.outbox_id,
-        processed_at: chrono::Utc::now().to_rfc3339(),
-        supersedes: String::new(),
-        answered_by: String::new(),
-        model: String::new(),
-        endpoint: String::new(),
-    }
-}
+use crate::stream::once::{Published, publish_unprompted};
 
 /// Whether the entry of the message that fired the action is still pending in its group (its
 /// reply is not published yet: the follow-up must wait, so that it comes after the reply).
@@ -67,8 +39,9 @@ pub async fn firing_message_pending(
     Ok(!pending.is_empty())
 }
 
-/// Publishes the follow-up once per `reply_id`, to the firing message's `reply_to`, else to
-/// the user's outbound stream.
+/// Publishes the follow-up once per `reply_id` (status `follow_up`, the action's name, the
+/// firing message's key as `message_id`), to the firing message's `reply_to`, else to the
+/// user's outbound stream.
 ///
 /// # Errors
 /// Redis failures, or a destination key of another type (nothing published).
@@ -77,26 +50,17 @@ pub async fn publish(
     streams: &StreamsConfig,
     f: &FollowUp,
 ) -> Result<Published, CacheError> {
-    let reply = reply(f, streams);
-    let keep = if f.reply_to.is_none() {
-        Keep {
-            maxlen: streams.outbound_maxlen,
-            ttl_secs: 0,
-        }
-    } else {
-        Keep {
-            maxlen: 0,
-            ttl_secs: REPLY_STREAM_TTL_SECS,
-        }
+    let m = Unprompted {
+        business_id: f.business_id,
+        conversation_id: f.conversation_id,
+        user_id: &f.user_id,
+        reply_to: f.reply_to.as_deref(),
+        reply_id: f.reply_id,
+        message_id: &f.message_key,
+        status: ReplyStatus::FollowUp,
+        content: &f.text,
+        stage: &f.stage,
+        log_id: f.outbox_id,
     };
-    let mut fields = reply.fields();
-    fields.push(("action", f.action.clone()));
-    publish_once(
-        conn,
-        &reply.destination,
-        &reply.reply_id.to_string(),
-        keep,
-        &fields,
-    )
-    .await
+    publish_unprompted(conn, streams, &m, &[("action", f.action.clone())]).await
 }

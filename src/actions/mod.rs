@@ -123,23 +123,17 @@ pub fn render_follow_up(
     source: &str,
     ctx: &FollowUpContext<'_>,
 ) -> Result<Option<String>, BodyError> {
-    let template = engine
-        .compile(source)
-        .map_err(|e| BodyError::Compile(e.to_string()))?;
-    let text = template
-        .render(engine, ctx)
-        .to_string()
-        .map_err(|e| BodyError::Render(e.to_string()))?;
+    let text = render(engine, source, ctx)?;
     let text = text.trim();
     Ok((!text.is_empty()).then(|| text.to_owned()))
 }
 
-/// Why an action's body could not be made.
+/// Why an action's body (or follow-up) could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
-    #[error("the body does not compile: {0}")]
+    #[error("it does not compile: {0}")]
     Compile(String),
-    #[error("the body does not render: {0}")]
+    #[error("it does not render: {0}")]
     Render(String),
     #[error("the body does not render to JSON: {0}")]
     NotJson(String),
@@ -154,14 +148,23 @@ pub fn render_body(
     source: &str,
     ctx: &Context,
 ) -> Result<serde_json::Value, BodyError> {
+    let text = render(engine, source, ctx)?;
+    serde_json::from_str(&text).map_err(|e| BodyError::NotJson(e.to_string()))
+}
+
+/// Compiles and renders an action's template (its body, its follow-up).
+fn render(
+    engine: &upon::Engine<'static>,
+    source: &str,
+    ctx: &impl Serialize,
+) -> Result<String, BodyError> {
     let template = engine
         .compile(source)
         .map_err(|e| BodyError::Compile(e.to_string()))?;
-    let text = template
+    template
         .render(engine, ctx)
         .to_string()
-        .map_err(|e| BodyError::Render(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| BodyError::NotJson(e.to_string()))
+        .map_err(|e| BodyError::Render(e.to_string()))
 }
 
 /// The idempotency key of `action` fired by the message `message_key` (the producer's

@@ -511,6 +511,52 @@ impl Definition {
         }
     }
 
+    /// `[business.handoff]`: `reply` checked against the message context (every variable, in
+    /// every branch, and a render), `timeout_reply` against the timeout's; a timeout needs a
+    /// reply, and a handoff stage needs none of this (an empty reply is a choice).
+    fn handoff_problems(
+        &self,
+        engine: &upon::Engine<'static>,
+        sample: &Context,
+        problems: &mut Vec<String>,
+    ) {
+        let h = &self.business.handoff;
+        let business = crate::model::Business {
+            id: self.business.id,
+            name: self.business.name.clone(),
+            ..Default::default()
+        };
+        let state = crate::model::HandoffState::starting("sample".into(), None, h.timeout_ms);
+        let timeout =
+            crate::handoff::TimeoutContext::new(&business, "sample-user", Uuid::nil(), &state);
+        let checks: [(&str, &str, serde_json::Value); 2] = [
+            (
+                "reply",
+                &h.reply,
+                serde_json::to_value(sample).unwrap_or_default(),
+            ),
+            (
+                "timeout_reply",
+                &h.timeout_reply,
+                serde_json::to_value(&timeout).unwrap_or_default(),
+            ),
+        ];
+        for (key, source, shape) in checks {
+            for u in template::variables::unknown_variables(source, &shape) {
+                problems.push(format!(
+                    "[business.handoff] {key} line {}: unknown variable `{}`",
+                    u.line, u.path
+                ));
+            }
+            if let Err(e) = crate::handoff::render(engine, source, &shape) {
+                problems.push(format!("[business.handoff] {key}: {e}"));
+            }
+        }
+        if h.timeout_ms > 0 && h.timeout_reply.trim().is_empty() {
+            problems.push("[business.handoff] timeout_ms needs a timeout_reply".into());
+        }
+    }
+
     fn render_problems(&self, problems: &mut Vec<String>) {
         let stages: Vec<StageVars> = self
             .stages
@@ -544,6 +590,7 @@ impl Definition {
         }
         let engine = template::engine();
         self.action_problems(&engine, &sample, problems);
+        self.handoff_problems(&engine, &sample, problems);
         for t in &self.templates {
             let record = t.to_record(Uuid::nil(), self.business.id);
             match template::compile(&engine, record) {
@@ -646,6 +693,38 @@ mod tests {
     }
 
     #[test]
+    fn a_handoff_text_is_checked_at_import_against_what_it_sees() {
+        let with = |keys: &str| {
+            DEMO.replacen(
+                "initial_stage = \"welcome\"\n",
+                &format!("initial_stage = \"welcome\"\n\n[business.handoff]\n{keys}"),
+                1,
+            )
+        };
+        let good = "reply = \"{{ business.name }} has your message, {{ user.id }}.\"\n\
+                    timeout_ms = 60000\n\
+                    timeout_reply = \"Nobody at {{ business.name }} is free since {{ handoff.since }}.\"\n";
+        assert_eq!(problems(&with(good)), "");
+        for (keys, expected) in [
+            (
+                "reply = \"Hi {{ user.nmae }}\"\n",
+                "[business.handoff] reply line 1: unknown variable `user.nmae`",
+            ),
+            (
+                "timeout_ms = 1000\n",
+                "[business.handoff] timeout_ms needs a timeout_reply",
+            ),
+            (
+                "timeout_ms = 1000\ntimeout_reply = \"You said {{ message.content }}\"\n",
+                "[business.handoff] timeout_reply line 1: unknown variable `message.content`",
+            ),
+        ] {
+            let found = problems(&with(keys));
+            assert!(found.contains(expected), "{expected}: {found}");
+        }
+    }
+
+    #[test]
     fn an_action_is_checked_at_import_in_every_part() {
         let good = "on = \"fields_complete\"\nfields = [\"name\", \"date\"]\nurl = \"https://example.com/book\"\n\
                     body = \"\"\"{\"name\": {{ extracted.name | json }} }\"\"\"\n";
@@ -703,7 +782,7 @@ mod tests {
             ),
             (
                 format!("{good}follow_up = \"{{% if result.ok %}}x\"\n"),
-                "follow_up: the body does not compile",
+                "follow_up: it does not compile",
             ),
             (
                 format!("{good}handoff_on = [\"failed\"]\n"),

@@ -61,6 +61,8 @@ pub struct Desk {
     lease: String,
     /// The longest agent text (characters; `limits.max_content_bytes`).
     max_text: usize,
+    /// Renders the timeout replies.
+    engine: std::sync::Arc<upon::Engine<'static>>,
 }
 
 impl std::fmt::Debug for Desk {
@@ -82,6 +84,7 @@ impl Desk {
             config: config.handoff.clone(),
             name,
             max_text: config.limits.max_content_bytes,
+            engine: std::sync::Arc::new(crate::template::engine()),
         }
     }
 
@@ -360,9 +363,16 @@ impl Desk {
         let (reply_id, text) = match (state.timeout_reply_id, stored) {
             (Some(id), Some(text)) => (id, text),
             _ => {
+                let ctx = super::TimeoutContext::new(&business, &to.user_id, conversation, &state);
+                let text = super::render(&self.engine, &policy.timeout_reply, &ctx)
+                    .unwrap_or_else(|e| {
+                        metrics::handoff("reply_failed");
+                        tracing::error!(error = %e, "a timeout reply did not render; it is sent as written");
+                        policy.timeout_reply.clone()
+                    });
                 let Some((id, _)) = self
                     .store
-                    .time_out_handoff(business_id, conversation, now, &policy.timeout_reply)
+                    .time_out_handoff(business_id, conversation, now, &text)
                     .await?
                 else {
                     return Ok(());
@@ -376,7 +386,7 @@ impl Desk {
                 {
                     metrics::record_error(&c, "cache invalidation");
                 }
-                (id, policy.timeout_reply.clone())
+                (id, text)
             }
         };
         to_user(

@@ -18,11 +18,54 @@ use uuid::Uuid;
 
 use crate::config::{HandoffConfig, StreamsConfig};
 use crate::error::CacheError;
-use crate::protocol::reply::{Reply, ReplyStatus};
+use crate::protocol::reply::{ReplyStatus, Unprompted};
 use crate::redis_connection::RedisConnection;
 use crate::store::handoffs::UserAddress;
-use crate::stream::finish::REPLY_STREAM_TTL_SECS;
-use crate::stream::once::{Keep, Published, publish_once};
+use crate::stream::once::{Keep, Published, publish_once, publish_unprompted};
+
+/// What a handoff's timeout reply sees (`[business.handoff] timeout_reply` is an `upon`
+/// template of it): the business, the user, the conversation and the handoff.
+#[derive(Debug, serde::Serialize)]
+pub struct TimeoutContext<'a> {
+    pub business: serde_json::Value,
+    pub user: serde_json::Value,
+    pub conversation: serde_json::Value,
+    pub handoff: &'a crate::model::HandoffState,
+}
+
+impl<'a> TimeoutContext<'a> {
+    pub fn new(
+        business: &crate::model::Business,
+        user_id: &str,
+        conversation_id: Uuid,
+        handoff: &'a crate::model::HandoffState,
+    ) -> TimeoutContext<'a> {
+        TimeoutContext {
+            business: serde_json::json!({ "id": business.id, "name": business.name }),
+            user: serde_json::json!({ "id": user_id }),
+            conversation: serde_json::json!({ "id": conversation_id }),
+            handoff,
+        }
+    }
+}
+
+/// Renders a handoff text (`[business.handoff] reply` against the message's context,
+/// `timeout_reply` against [`TimeoutContext`]), trimmed.
+///
+/// # Errors
+/// A text that does not compile or render.
+pub fn render(
+    engine: &upon::Engine<'static>,
+    source: &str,
+    ctx: &impl serde::Serialize,
+) -> Result<String, String> {
+    let template = engine.compile(source).map_err(|e| e.to_string())?;
+    let text = template
+        .render(engine, ctx)
+        .to_string()
+        .map_err(|e| e.to_string())?;
+    Ok(text.trim().to_owned())
+}
 
 /// A user message passed to the agents.
 #[derive(Debug, Clone)]
@@ -234,51 +277,24 @@ pub async fn to_user(
     streams: &StreamsConfig,
     m: &ToUser<'_>,
 ) -> Result<Published, CacheError> {
-    let shard = streams.for_user(&m.business_id, &m.to.user_id);
-    let reply = Reply {
-        destination: m.to.reply_to.clone().unwrap_or(shard.outbound),
+    let message = Unprompted {
+        business_id: m.business_id,
+        conversation_id: m.conversation_id,
+        user_id: &m.to.user_id,
+        reply_to: m.to.reply_to.as_deref(),
         reply_id: m.reply_id,
-        message_id: m.message_id.to_owned(),
-        inbound_id: String::new(),
-        business_id: m.business_id.to_string(),
-        user_id: m.to.user_id.clone(),
-        conversation_id: m.conversation_id.to_string(),
+        message_id: m.message_id,
         status: m.status,
-        content: m.content.to_owned(),
-        stage: m.to.stage.clone(),
-        error_code: String::new(),
-        error: String::new(),
-        status_code: 200,
+        content: m.content,
+        stage: &m.to.stage,
         log_id: m.reply_id,
-        processed_at: chrono::Utc::now().to_rfc3339(),
-        supersedes: String::new(),
-        answered_by: String::new(),
-        model: String::new(),
-        endpoint: String::new(),
     };
-    let keep = if m.to.reply_to.is_none() {
-        Keep {
-            maxlen: streams.outbound_maxlen,
-            ttl_secs: 0,
-        }
+    let extra = if m.agent_id.is_empty() {
+        Vec::new()
     } else {
-        Keep {
-            maxlen: 0,
-            ttl_secs: REPLY_STREAM_TTL_SECS,
-        }
+        vec![("agent_id", m.agent_id.to_owned())]
     };
-    let mut fields = reply.fields();
-    if !m.agent_id.is_empty() {
-        fields.push(("agent_id", m.agent_id.to_owned()));
-    }
-    publish_once(
-        conn,
-        &reply.destination,
-        &reply.reply_id.to_string(),
-        keep,
-        &fields,
-    )
-    .await
+    publish_unprompted(conn, streams, &message, &extra).await
 }
 
 /// An operator hands a conversation to a person (`icmp handoff start`, the console): the

@@ -19,21 +19,29 @@ pub struct ToAgents {
 }
 
 /// The decisions for a message while a person has the conversation: the stage stays, nothing
-/// is extracted or fired, the reply is the business's handoff reply, and the handoff notes
-/// where the user's latest message asked its reply.
+/// is extracted or fired, the reply is the business's handoff reply (an `upon` template of the
+/// message's context), and the handoff notes where the user's latest message asked its reply.
 pub fn waiting<'b>(
+    engine: &upon::Engine<'static>,
     business: &Business,
     read: &Snapshot<'b>,
     state: &HandoffState,
     reply_to: Option<&str>,
 ) -> Decisions<'b> {
+    // Import rendered it against a sample: only data can break it (then the reply is empty).
+    let content = crate::handoff::render(engine, &business.policy.handoff.reply, &read.context)
+        .unwrap_or_else(|e| {
+            crate::telemetry::metrics::handoff("reply_failed");
+            tracing::error!(error = %e, "the handoff reply did not render; an empty one is sent");
+            String::new()
+        });
     Decisions {
         stage: read.stage,
         transition: None,
         learned: Extracted::new(),
         response: Response {
             reply_id: Uuid::now_v7(),
-            content: business.policy.handoff.reply.clone(),
+            content,
             status: AnswerStatus::Handoff,
             fallback_template: None,
             template: None,

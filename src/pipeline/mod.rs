@@ -344,6 +344,7 @@ impl<L: LlmService> MessageHandler<L> {
     ) -> Result<decide::Decisions<'b>, PipelineError> {
         if let Some(state) = &read.conversation.handoff {
             return Ok(handoff::waiting(
+                self.templates.engine(),
                 business,
                 read,
                 state,

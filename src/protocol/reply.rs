@@ -209,6 +209,55 @@ impl Reply {
     }
 }
 
+/// A message to a user that answers no inbound entry of theirs: an action's follow-up, an
+/// agent's answer, a handoff's timeout reply.
+#[derive(Debug, Clone)]
+pub struct Unprompted<'a> {
+    pub business_id: Uuid,
+    pub conversation_id: Uuid,
+    pub user_id: &'a str,
+    /// Where the user's message asked its reply (`None`: the user's outbound stream).
+    pub reply_to: Option<&'a str>,
+    /// The stored message's id.
+    pub reply_id: Uuid,
+    /// The key it relates to (the firing message's, the agent's; empty: none).
+    pub message_id: &'a str,
+    pub status: ReplyStatus,
+    pub content: &'a str,
+    pub stage: &'a str,
+    pub log_id: Uuid,
+}
+
+impl Reply {
+    /// The reply entry of an unprompted message, to its user's `reply_to` or outbound stream.
+    pub fn unprompted(m: &Unprompted<'_>, streams: &crate::config::StreamsConfig) -> Reply {
+        Reply {
+            destination: m.reply_to.map_or_else(
+                || streams.for_user(&m.business_id, m.user_id).outbound,
+                str::to_owned,
+            ),
+            reply_id: m.reply_id,
+            message_id: m.message_id.to_owned(),
+            inbound_id: String::new(),
+            business_id: m.business_id.to_string(),
+            user_id: m.user_id.to_owned(),
+            conversation_id: m.conversation_id.to_string(),
+            status: m.status,
+            content: m.content.to_owned(),
+            stage: m.stage.to_owned(),
+            error_code: String::new(),
+            error: String::new(),
+            status_code: 200,
+            log_id: m.log_id,
+            processed_at: Utc::now().to_rfc3339(),
+            supersedes: String::new(),
+            answered_by: String::new(),
+            model: String::new(),
+            endpoint: String::new(),
+        }
+    }
+}
+
 /// Why reply fields could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("reply field `{field}`: {problem}")]

@@ -71,6 +71,40 @@ pub async fn publish_once(
     }
 }
 
+/// Publishes an unprompted message to its user (with `extra` fields), once per `reply_id`: a
+/// `reply_to` stream expires an hour after it, the outbound stream is trimmed as configured.
+///
+/// # Errors
+/// Redis failures, or a destination key of another type (nothing published).
+pub async fn publish_unprompted(
+    conn: &RedisConnection,
+    streams: &crate::config::StreamsConfig,
+    m: &crate::protocol::reply::Unprompted<'_>,
+    extra: &[(&'static str, String)],
+) -> Result<Published, CacheError> {
+    let reply = crate::protocol::reply::Reply::unprompted(m, streams);
+    let keep = match m.reply_to {
+        None => Keep {
+            maxlen: streams.outbound_maxlen,
+            ttl_secs: 0,
+        },
+        Some(_) => Keep {
+            maxlen: 0,
+            ttl_secs: super::finish::REPLY_STREAM_TTL_SECS,
+        },
+    };
+    let mut fields = reply.fields();
+    fields.extend(extra.iter().cloned());
+    publish_once(
+        conn,
+        &reply.destination,
+        &reply.reply_id.to_string(),
+        keep,
+        &fields,
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -297,8 +297,12 @@ async fn beyond_loopback_the_console_needs_a_token_for_every_page() {
     assert_eq!(r.status().as_u16(), 200, "the sign-in page stays open");
 }
 
-// One thread, so that the subscriber set for this test sees the console's tasks.
+// One thread, so that the subscriber set for this test sees the console's tasks. Run alone
+// (`scripts/test` runs it in a process of its own): tracing caches which log lines are wanted
+// per line of code and process-wide, and other tests' console writes on other threads race
+// with this test's subscriber for that cache.
 #[tokio::test(flavor = "current_thread")]
+#[ignore = "captures the process-wide log: scripts/test runs it alone"]
 async fn replay_and_purge_need_the_token_act_on_one_dead_letter_and_are_logged() {
     let log = Captured::default();
     let writer = log.clone();
