@@ -17,8 +17,9 @@ CREATE INDEX conversations_open_handoff ON conversations (((handoff ->> 'due_ms'
 
 -- Every business's handoffs that no agent answered and whose timeout (`due_ms`, unix
 -- milliseconds, set when the handoff started; none when the business has no timeout) is before
--- `before_ms`, and those timed out whose reply is not published yet, for the process that
--- watches them to act on each scoped to its business (as icmp_due_actions).
+-- `before_ms`, those timed out whose reply is not published yet, and those started more than
+-- 2 s ago whose agents were not told yet (`told`), for the process that watches them to act on
+-- each scoped to its business (as icmp_due_actions).
 CREATE FUNCTION icmp_unanswered_handoffs(n integer, before_ms bigint)
 RETURNS TABLE (business_id uuid, id uuid)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -29,7 +30,9 @@ BEGIN
    WHERE c.handoff IS NOT NULL AND (c.handoff ->> 'timeout_published') IS NULL
      AND (((c.handoff ->> 'answered') IS NULL AND (c.handoff ->> 'timed_out') IS NULL
            AND (c.handoff ->> 'due_ms')::bigint < before_ms)
-          OR (c.handoff ->> 'timed_out') IS NOT NULL)
+          OR (c.handoff ->> 'timed_out') IS NOT NULL
+          OR ((c.handoff ->> 'told') IS NULL
+              AND (c.handoff ->> 'since_ms')::bigint < before_ms - 2000))
    ORDER BY (c.handoff ->> 'due_ms')::bigint LIMIT n;
 END
 $$;

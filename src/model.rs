@@ -412,6 +412,9 @@ pub struct HandoffState {
     pub timeout_reply_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_published: Option<bool>,
+    /// The agents were told it started (the `started` entry is on their stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub told: Option<bool>,
 }
 
 impl HandoffState {
@@ -431,6 +434,7 @@ impl HandoffState {
             timed_out: None,
             timeout_reply_id: None,
             timeout_published: None,
+            told: None,
         }
     }
 }

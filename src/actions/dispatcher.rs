@@ -199,7 +199,8 @@ impl Dispatcher {
     /// already, the result's transaction started the handoff; the entry is sent either way,
     /// once per request).
     async fn handed_over(&self, row: &Claimed, h: &crate::model::HandoffState, user: &str) {
-        let sent = crate::handoff::to_agents(
+        let sent = crate::handoff::tell_started(
+            &self.store,
             &self.cache.connection(),
             &self.handoff,
             &crate::handoff::ToAgents {
@@ -211,6 +212,7 @@ impl Dispatcher {
                 content: "",
                 reply_id: row.id,
                 by: &h.by,
+                since_ms: h.since_ms,
             },
         )
         .await;

@@ -360,6 +360,29 @@ impl Desk {
         else {
             return Ok(());
         };
+        // The agents were not told it started (the process that started it could not).
+        if state.told.is_none() && state.since_ms < now - 2_000 {
+            let sent = super::tell_started(
+                &self.store,
+                &self.cache.connection(),
+                &self.config,
+                &super::ToAgents {
+                    kind: "started",
+                    business_id,
+                    conversation_id: conversation,
+                    user_id: &to.user_id,
+                    message_id: "",
+                    content: "",
+                    reply_id: uuid::Uuid::now_v7(),
+                    by: &state.by,
+                    since_ms: state.since_ms,
+                },
+            )
+            .await?;
+            if sent == crate::stream::once::Published::Now {
+                metrics::handoff("started_swept");
+            }
+        }
         let (reply_id, text) = match (state.timeout_reply_id, stored) {
             (Some(id), Some(text)) => (id, text),
             _ => {

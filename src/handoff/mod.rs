@@ -80,11 +80,13 @@ pub struct ToAgents<'a> {
     pub content: &'a str,
     /// The id of the message's answer (the entry's dedupe id).
     pub reply_id: Uuid,
-    /// What started the handoff.
+    /// What started the handoff, and when (unix ms: a `started` entry's dedupe id).
     pub by: &'a str,
+    pub since_ms: i64,
 }
 
-/// Passes a user message to the agents' stream, once per `reply_id`.
+/// Passes a user message to the agents' stream, once per `reply_id` (a `started` entry once
+/// per handoff).
 ///
 /// # Errors
 /// Redis failures.
@@ -109,14 +111,30 @@ pub async fn to_agents(
         maxlen: config.agents_maxlen,
         ttl_secs: 0,
     };
-    publish_once(
-        conn,
-        &config.agents,
-        &format!("{}:{}", m.kind, m.reply_id),
-        keep,
-        &fields,
-    )
-    .await
+    let id = if m.kind == "started" {
+        format!("started:{}:{}", m.conversation_id, m.since_ms)
+    } else {
+        format!("{}:{}", m.kind, m.reply_id)
+    };
+    publish_once(conn, &config.agents, &id, keep, &fields).await
+}
+
+/// Tells the agents a handoff started (once per handoff) and notes it on the conversation, so
+/// that the desk's sweep tells them when this does not get through.
+///
+/// # Errors
+/// Redis or database failures.
+pub async fn tell_started(
+    store: &crate::store::Store,
+    conn: &RedisConnection,
+    config: &HandoffConfig,
+    m: &ToAgents<'_>,
+) -> Result<Published, crate::error::PipelineError> {
+    let sent = to_agents(conn, config, m).await?;
+    store
+        .handoff_told(m.business_id, m.conversation_id, m.since_ms)
+        .await?;
+    Ok(sent)
 }
 
 /// Where an agent reads the conversation: the console's page (`icmp conversation show ID`
@@ -323,9 +341,10 @@ pub async fn start_by_operator(
     else {
         return Ok(false);
     };
-    cache.invalidate_conversation(business_id, &user).await?;
     crate::telemetry::metrics::handoff("started_operator");
-    to_agents(
+    // Told by the desk's sweep when this does not get through.
+    let told = tell_started(
+        store,
         &cache.connection(),
         config,
         &ToAgents {
@@ -337,9 +356,12 @@ pub async fn start_by_operator(
             content: "",
             reply_id: Uuid::now_v7(),
             by: &state.by,
+            since_ms: state.since_ms,
         },
     )
-    .await?;
+    .await;
+    cache.invalidate_conversation(business_id, &user).await?;
+    told?;
     Ok(true)
 }
 

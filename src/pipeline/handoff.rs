@@ -16,6 +16,8 @@ use crate::model::{AnswerStatus, Business, Extracted, HandoffState};
 pub struct ToAgents {
     pub kind: &'static str,
     pub by: String,
+    /// When the handoff started (unix ms).
+    pub since_ms: i64,
 }
 
 /// The decisions for a message while a person has the conversation: the stage stays, nothing
@@ -68,5 +70,6 @@ pub fn to_agents(before: Option<&HandoffState>, d: &Decisions<'_>) -> Option<ToA
             "started"
         },
         by: state.by.clone(),
+        since_ms: state.since_ms,
     })
 }

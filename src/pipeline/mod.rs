@@ -81,7 +81,7 @@ pub enum Processed {
         fired_actions: bool,
         /// What the agents get of the turn (a person has the conversation, or it was just
         /// handed over): the worker passes it on before it publishes the answer.
-        to_agents: Option<handoff::ToAgents>,
+        to_agents: Option<Box<handoff::ToAgents>>,
     },
     /// The message was committed earlier (a redelivery or a repeated `message_id` of the same
     /// user): its stored answer, to publish again.
@@ -281,7 +281,8 @@ impl<L: LlmService> MessageHandler<L> {
         // Steps 6–9: the LLM phase (no database connection is held), the throttled reply, or
         // the handoff reply.
         let decisions = self.decide(turn, business, &mut read).await?;
-        let to_agents = handoff::to_agents(read.conversation.handoff.as_ref(), &decisions);
+        let to_agents =
+            handoff::to_agents(read.conversation.handoff.as_ref(), &decisions).map(Box::new);
 
         // Steps 10–12: the write phase, one transaction (14: cache keys dropped on failure).
         let t = Instant::now();

@@ -363,6 +363,31 @@ impl Store {
         Ok(Some((handoff, user, text)))
     }
 
+    /// Marks that the agents were told a handoff (the one that started at `since_ms`) started
+    /// (bookkeeping: the version stays).
+    pub async fn handoff_told(
+        &self,
+        business_id: Uuid,
+        conversation_id: Uuid,
+        since_ms: i64,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepared(
+                "UPDATE conversations SET handoff = handoff || '{\"told\": true}' \
+                 WHERE business_id = $1 AND id = $2 AND (handoff ->> 'since_ms')::bigint = $3",
+            )
+            .await?;
+        self.scoped(
+            &client,
+            business_id,
+            &stmt,
+            &[&business_id, &conversation_id, &since_ms],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Marks a handoff's timeout reply published (bookkeeping of the sweep: the version
     /// stays).
     pub async fn timeout_published(

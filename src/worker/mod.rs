@@ -863,37 +863,48 @@ impl<L: LlmService> Worker<L> {
 const AGAIN: crate::pipeline::handoff::ToAgents = crate::pipeline::handoff::ToAgents {
     kind: "message",
     by: String::new(),
+    since_ms: 0,
 };
 
 impl<L: LlmService> Worker<L> {
-    /// Passes a turn's messages to the agents' stream, once each.
+    /// Passes a turn's messages to the agents' stream, once each: the first as `started` when
+    /// the turn handed the conversation over (and the conversation notes the agents were told),
+    /// the others as messages.
     async fn pass_to_agents(
         &self,
         msg: &InboundMessage,
         answer: &crate::model::Answer,
         followers: &[(InboundMessage, crate::model::Answer)],
         t: &crate::pipeline::handoff::ToAgents,
-    ) -> Result<(), crate::error::CacheError> {
+    ) -> Result<(), crate::error::PipelineError> {
         let conn = self.handler.cache().connection();
         let all = std::iter::once((msg, answer)).chain(followers.iter().map(|(m, a)| (m, a)));
-        for (m, a) in all {
-            let sent = crate::handoff::to_agents(
-                &conn,
-                &self.config.handoff,
-                &crate::handoff::ToAgents {
-                    kind: t.kind,
-                    business_id: m.business_id,
-                    conversation_id: a.conversation_id,
-                    user_id: &m.user_id,
-                    message_id: m.idempotency_key(),
-                    content: &m.content,
-                    reply_id: a.reply_id,
-                    by: &t.by,
-                },
-            )
-            .await?;
+        for (i, (m, a)) in all.enumerate() {
+            let kind = if i == 0 { t.kind } else { "message" };
+            let entry = crate::handoff::ToAgents {
+                kind,
+                business_id: m.business_id,
+                conversation_id: a.conversation_id,
+                user_id: &m.user_id,
+                message_id: m.idempotency_key(),
+                content: &m.content,
+                reply_id: a.reply_id,
+                by: &t.by,
+                since_ms: t.since_ms,
+            };
+            let sent = if kind == "started" {
+                crate::handoff::tell_started(
+                    self.handler.store(),
+                    &conn,
+                    &self.config.handoff,
+                    &entry,
+                )
+                .await?
+            } else {
+                crate::handoff::to_agents(&conn, &self.config.handoff, &entry).await?
+            };
             if sent == crate::stream::once::Published::Now {
-                metrics::handoff(if t.kind == "started" {
+                metrics::handoff(if kind == "started" {
                     "started_stage"
                 } else {
                     "message"

@@ -502,3 +502,44 @@ async fn an_answer_that_cannot_be_delivered_is_refused_and_holds_up_nothing_behi
     assert_eq!(refused[0]["error_code"], "handoff.refused");
     assert_eq!(refused[0]["message_id"], "f1");
 }
+
+/// A handoff whose `started` entry did not get through (the process stopped, Redis failed):
+/// the desk's sweep tells the agents, once, and notes it.
+#[tokio::test]
+async fn a_handoff_the_agents_were_not_told_of_is_told_by_the_sweep_once() {
+    let app = app().await;
+    let b = business(&app, 0).await;
+    let r = say(&app, &b, "hal", "hal-1", "Hello").await;
+    let conversation: Uuid = r["conversation_id"].parse().expect("uuid");
+    let business: Uuid = b.parse().expect("uuid");
+    // Started as a process would, which then stopped before telling anyone.
+    let state = icmp::model::HandoffState::starting("operator".into(), None, 0);
+    app.store
+        .start_handoff(business, conversation, &state)
+        .await
+        .expect("start")
+        .expect("a conversation without a person");
+    app.cache
+        .invalidate_conversation(business, "hal")
+        .await
+        .expect("invalidate");
+    let told = wait_agents(&app, 1).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(agents(&app).await.len(), 1, "{told:?}");
+    assert_eq!(
+        (told[0]["kind"].as_str(), told[0]["by"].as_str()),
+        ("started", "operator")
+    );
+    let flag: serde_json::Value = app
+        .db()
+        .await
+        .query_one(
+            "SELECT handoff -> 'told' FROM conversations WHERE id = $1",
+            &[&conversation],
+        )
+        .await
+        .expect("row")
+        .get::<_, tokio_postgres::types::Json<serde_json::Value>>(0)
+        .0;
+    assert_eq!(flag, serde_json::json!(true));
+}
