@@ -474,6 +474,12 @@ pub struct WorkerConfig {
     /// One message's processing is given up after this long (retried by redelivery, then
     /// dead-lettered); 0: no deadline.
     pub message_deadline_ms: u64,
+    /// Write sets committed in one transaction at most (1: each message alone).
+    pub commit_batch_max: usize,
+    /// With other batches committing, how long a batch that is not full waits for more.
+    pub commit_batch_wait_us: u64,
+    /// Batches committing at once.
+    pub commit_batches_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -16,6 +16,9 @@ pub const COALESCED_WRITE: &str = "write.coalesced";
 /// After an action's result and follow-up are stored, before the follow-up is published: no
 /// dispatcher publishes it (as if the process that stored it died then) until it is off.
 pub const ACTION_SETTLED_STOP: &str = "actions.settled_stop";
+/// Inside a group-commit batch, the write set of a message whose text contains `poison` fails
+/// (a serialization failure); alone, it commits.
+pub const POISON_BATCHED: &str = "write.poison_batched";
 /// At the start of processing: panics (a poison message).
 pub const PANIC: &str = "pipeline.panic";
 

@@ -101,6 +101,8 @@ pub struct MessageHandler<L> {
     summarizing: summary::InProgress,
     /// Notified when a message that fired actions is answered (the dispatcher waits on it).
     actions_due: std::sync::Arc<tokio::sync::Notify>,
+    /// Group commit of the write sets (`None`: each message commits alone).
+    committer: Option<crate::store::group_commit::GroupCommit>,
 }
 
 impl<L> std::fmt::Debug for MessageHandler<L> {
@@ -111,6 +113,20 @@ impl<L> std::fmt::Debug for MessageHandler<L> {
 
 impl<L: LlmService> MessageHandler<L> {
     pub fn new(config: Config, store: Store, cache: Cache, llm: L, failpoints: Failpoints) -> Self {
+        let w = &config.worker;
+        // A committer task needs a runtime: without one (a handler built outside it), messages
+        // commit alone.
+        let committer = (w.commit_batch_max > 1 && tokio::runtime::Handle::try_current().is_ok())
+            .then(|| {
+                crate::store::group_commit::GroupCommit::start(
+                    store.clone(),
+                    crate::store::group_commit::Settings {
+                        max: w.commit_batch_max,
+                        wait: std::time::Duration::from_micros(w.commit_batch_wait_us),
+                        in_flight: w.commit_batches_in_flight,
+                    },
+                )
+            });
         MessageHandler {
             stages: StageService::new(store.clone(), cache.clone()),
             templates: TemplateService::new(store.clone(), cache.clone())
@@ -123,6 +139,7 @@ impl<L: LlmService> MessageHandler<L> {
             failpoints,
             summarizing: summary::InProgress::default(),
             actions_due: std::sync::Arc::default(),
+            committer,
         }
     }
 
@@ -443,6 +460,7 @@ impl<L: LlmService> MessageHandler<L> {
             retry: &self.retry,
             failpoints: &self.failpoints,
             history_turns: self.config.worker.history_turns,
+            committer: self.committer.as_ref(),
         }
     }
 }

@@ -4,6 +4,9 @@
 //! transaction; the committed state is written to the cache after COMMIT, and the
 //! conversation's keys are dropped when the transaction fails.
 
+use std::sync::Arc;
+
+use futures::future::Either;
 use uuid::Uuid;
 
 use super::decide::Decisions;
@@ -15,6 +18,7 @@ use crate::model::{Conversation, ConversationState, Role, Turn};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
+use crate::store::group_commit::GroupCommit;
 use crate::store::write_set::{FollowerRow, WriteSet};
 use crate::telemetry::metrics;
 
@@ -39,6 +43,8 @@ pub struct Sinks<'a> {
     pub failpoints: &'a Failpoints,
     /// Turns of history given to templates (the cached window's length).
     pub history_turns: usize,
+    /// Group commit; `None`: the message commits alone.
+    pub committer: Option<&'a GroupCommit>,
 }
 
 /// The write set of one message (and of the later messages of its coalesced turn).
@@ -111,21 +117,31 @@ pub async fn write(
     log_id: Uuid,
     read_ms: u64,
 ) -> Result<Committed, PipelineError> {
-    let ws = write_set(msg, followers, read, decisions, log_id, read_ms);
+    let ws = Arc::new(write_set(msg, followers, read, decisions, log_id, read_ms));
+    let injected = || {
+        if sinks.failpoints.is_on(failpoint::BEFORE_COMMIT) {
+            Err(StoreError::Injected(failpoint::BEFORE_COMMIT))
+        } else if !followers.is_empty() && sinks.failpoints.is_on(failpoint::COALESCED_WRITE) {
+            Err(StoreError::Injected(failpoint::COALESCED_WRITE))
+        } else {
+            Ok(())
+        }
+    };
+    // The first attempt goes with a batch; a retry (the batch refused this write set's own
+    // statements) and an injected fault commit alone.
+    let mut attempts = 0u32;
     let result = sinks
         .retry
         .run("db.write_set", || {
-            sinks.store.commit_write_set(&ws, || {
-                if sinks.failpoints.is_on(failpoint::BEFORE_COMMIT) {
-                    Err(StoreError::Injected(failpoint::BEFORE_COMMIT))
-                } else if !followers.is_empty()
-                    && sinks.failpoints.is_on(failpoint::COALESCED_WRITE)
-                {
-                    Err(StoreError::Injected(failpoint::COALESCED_WRITE))
-                } else {
-                    Ok(())
+            attempts += 1;
+            match sinks.committer {
+                Some(group) if attempts == 1 && injected().is_ok() => {
+                    let poisoned = sinks.failpoints.is_on(failpoint::POISON_BATCHED)
+                        && msg.content.contains("poison");
+                    Either::Left(group.commit(ws.clone(), poisoned))
                 }
-            })
+                _ => Either::Right(sinks.store.commit_write_set(&ws, injected)),
+            }
         })
         .await;
     let row = match result {

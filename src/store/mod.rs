@@ -6,6 +6,7 @@
 pub mod conversations;
 pub mod definitions;
 pub mod distribution;
+pub mod group_commit;
 pub mod handoffs;
 pub mod import;
 pub mod listen;
@@ -225,6 +226,20 @@ impl Store {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The `statement_timeout` that ends a transaction's statements before `deadline` (less a
+    /// margin), when that is sooner than the sessions' own.
+    pub(crate) fn timeout_until(&self, deadline: Option<std::time::Instant>) -> Option<u64> {
+        deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+            .map(|left| left.saturating_sub(DEADLINE_MARGIN).as_millis().max(1) as u64)
+            .filter(|ms| self.statement_timeout_ms == 0 || *ms < self.statement_timeout_ms)
+    }
+
+    /// The sessions' own `statement_timeout` (0: none).
+    pub(crate) fn statement_timeout_ms(&self) -> u64 {
+        self.statement_timeout_ms
+    }
+
     /// Runs one prepared statement in a transaction scoped to `business`: row-level security
     /// (migration V5) lets the worker's role see and write that business's rows only. `BEGIN`,
     /// the scope, the statement and `end` (`COMMIT`, or `ROLLBACK`) are pipelined: one round
@@ -252,12 +267,10 @@ impl Store {
         steps: &[(&Statement, &[&(dyn ToSql + Sync)])],
         end: &str,
     ) -> Result<Vec<Vec<Row>>, StoreError> {
-        let until = DEADLINE
-            .try_with(|d| d.saturating_duration_since(std::time::Instant::now()))
-            .ok()
-            .map(|left| left.saturating_sub(DEADLINE_MARGIN).as_millis().max(1) as u64)
-            .filter(|ms| self.statement_timeout_ms == 0 || *ms < self.statement_timeout_ms);
-        let scope = scope_sql(business_id, until);
+        let scope = scope_sql(
+            business_id,
+            self.timeout_until(DEADLINE.try_with(|d| *d).ok()),
+        );
         self.count_round_trip();
         // Each request is sent when its future is first polled: in this order.
         let (begin, scope, rows, end) = Box::pin(async {

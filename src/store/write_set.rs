@@ -431,6 +431,121 @@ fn message_rows(ws: &WriteSet) -> Vec<MessageRow<'_>> {
     rows
 }
 
+/// The values a write set binds to its statements (owned here, borrowed by the parameters).
+struct Values<'a> {
+    rows: Json<Vec<MessageRow<'a>>>,
+    count: i64,
+    extracted: Json<&'a Extracted>,
+    calls: Json<&'a [LlmCallRecord]>,
+    actions: Json<&'a [crate::actions::OutboxRow]>,
+    handoff: Option<Json<&'a serde_json::Value>>,
+    transition_from: Option<Uuid>,
+    transition_to: Option<Uuid>,
+}
+
+impl<'a> Values<'a> {
+    fn new(ws: &'a WriteSet) -> Values<'a> {
+        let rows = message_rows(ws);
+        let (transition_from, transition_to) = ws.transition.unzip();
+        Values {
+            count: rows.len() as i64,
+            rows: Json(rows),
+            extracted: Json(&ws.extracted),
+            calls: Json(&ws.llm_calls),
+            actions: Json(&ws.actions),
+            handoff: ws.handoff.as_ref().map(Json),
+            transition_from,
+            transition_to,
+        }
+    }
+
+    /// The write set's parameters, `$1` … `$15`.
+    fn params(&'a self, ws: &'a WriteSet) -> [&'a (dyn ToSql + Sync); PARAMETERS] {
+        [
+            &ws.business_id,
+            &ws.conversation_id,
+            &ws.stage_id,
+            &ws.user_external_id,
+            &ws.expected_version,
+            &self.rows,
+            &self.count,
+            &self.transition_from,
+            &self.transition_to,
+            &ws.user_message_id,
+            &ws.log_id,
+            &self.extracted,
+            &self.calls,
+            &self.actions,
+            &self.handoff,
+        ]
+    }
+}
+
+/// A write set's statements, prepared on `client`, each with the parameters it uses.
+pub(crate) struct Bound<'a> {
+    values: Values<'a>,
+    ws: &'a WriteSet,
+    statements: Vec<&'static Step>,
+    prepared: Vec<Statement>,
+}
+
+impl<'a> Bound<'a> {
+    /// Prepares (once per connection: cached) the statements of `ws`.
+    pub(crate) async fn prepare(
+        client: &deadpool_postgres::Client,
+        ws: &'a WriteSet,
+    ) -> Result<Bound<'a>, tokio_postgres::Error> {
+        let statements: Vec<&'static Step> = statements(
+            ws.expected_version.is_none(),
+            ws.transition.is_some(),
+            !ws.extracted.is_empty(),
+            !ws.llm_calls.is_empty(),
+            !ws.actions.is_empty(),
+            ws.handoff.is_some(),
+        )
+        .into_iter()
+        .map(step)
+        .collect();
+        let mut prepared = Vec::with_capacity(statements.len());
+        for step in &statements {
+            prepared.push(client.prepared(&step.sql).await?);
+        }
+        Ok(Bound {
+            values: Values::new(ws),
+            ws,
+            statements,
+            prepared,
+        })
+    }
+
+    /// Each statement with its parameters, in order.
+    pub(crate) fn steps(&self) -> Vec<(&Statement, Vec<&(dyn ToSql + Sync)>)> {
+        let params = self.values.params(self.ws);
+        self.statements
+            .iter()
+            .zip(&self.prepared)
+            .map(|(step, stmt)| (stmt, step.uses.iter().map(|&n| params[n - 1]).collect()))
+            .collect()
+    }
+}
+
+/// The committed conversation, from the rows of a write set's statements (the conversation
+/// statement's row; none: the conversation was not the one read, a version conflict).
+pub(crate) fn committed(
+    mut results: Vec<Vec<tokio_postgres::Row>>,
+) -> Result<CommittedConversation, StoreError> {
+    let rows = results
+        .get_mut(CONVERSATION_STEP)
+        .map(std::mem::take)
+        .unwrap_or_default();
+    let row = rows.into_iter().next().ok_or(StoreError::VersionConflict)?;
+    Ok(CommittedConversation {
+        version: row.try_get(0)?,
+        created_at: row.try_get(1)?,
+        updated_at: row.try_get(2)?,
+    })
+}
+
 impl Store {
     /// Commits a write set (its statements in a scoped transaction, one round trip) and returns the conversation as
     /// committed.
@@ -448,46 +563,8 @@ impl Store {
         before_commit: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<CommittedConversation, StoreError> {
         let client = self.client().await?;
-        let sqls = statements(
-            ws.expected_version.is_none(),
-            ws.transition.is_some(),
-            !ws.extracted.is_empty(),
-            !ws.llm_calls.is_empty(),
-            !ws.actions.is_empty(),
-            ws.handoff.is_some(),
-        );
-        let rows = message_rows(ws);
-        let count = rows.len() as i64;
-        let rows = Json(&rows);
-        let extracted = Json(&ws.extracted);
-        let calls = Json(&ws.llm_calls);
-        let actions = Json(&ws.actions);
-        let handoff = ws.handoff.as_ref().map(Json);
-        let (transition_from, transition_to) = ws.transition.unzip();
-        let params: [&(dyn ToSql + Sync); PARAMETERS] = [
-            &ws.business_id,
-            &ws.conversation_id,
-            &ws.stage_id,
-            &ws.user_external_id,
-            &ws.expected_version,
-            &rows,
-            &count,
-            &transition_from,
-            &transition_to,
-            &ws.user_message_id,
-            &ws.log_id,
-            &extracted,
-            &calls,
-            &actions,
-            &handoff,
-        ];
-        let mut steps = Vec::with_capacity(sqls.len());
-        for sql in sqls {
-            let step = step(sql);
-            let stmt = client.prepared(&step.sql).await?;
-            let used: Vec<&(dyn ToSql + Sync)> = step.uses.iter().map(|&n| params[n - 1]).collect();
-            steps.push((stmt, used));
-        }
+        let bound = Bound::prepare(&client, ws).await?;
+        let steps = bound.steps();
         // The fault-injection point decides the end: its error rolls the statements back.
         let (end, injected) = match before_commit() {
             Ok(()) => ("COMMIT", None),
@@ -495,29 +572,23 @@ impl Store {
         };
         let steps: Vec<(&Statement, &[&(dyn ToSql + Sync)])> = steps
             .iter()
-            .map(|(stmt, used)| (stmt, used.as_slice()))
+            .map(|(stmt, used)| (*stmt, used.as_slice()))
             .collect();
-        let mut results = self
+        let results = self
             .scoped_steps(&client, ws.business_id, &steps, end)
             .await
             .map_err(classify)?;
         if let Some(e) = injected {
             return Err(e);
         }
-        let rows = std::mem::take(&mut results[CONVERSATION_STEP]);
-        let row = rows.into_iter().next().ok_or(StoreError::VersionConflict)?;
-        Ok(CommittedConversation {
-            version: row.get(0),
-            created_at: row.get(1),
-            updated_at: row.get(2),
-        })
+        committed(results)
     }
 }
 
 /// A unique violation is a new conversation whose id exists (a version conflict) or a message
 /// whose idempotency key is committed (a duplicate); the version check's violation is a version
 /// conflict; any other stays a database error.
-fn classify(e: StoreError) -> StoreError {
+pub(crate) fn classify(e: StoreError) -> StoreError {
     let StoreError::Db(e) = e else {
         return e;
     };

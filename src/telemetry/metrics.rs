@@ -46,10 +46,13 @@ pub const ACTIONS_TOTAL: &str = "icmp_actions_total";
 pub const ACTION_ATTEMPTS_TOTAL: &str = "icmp_action_attempts_total";
 pub const ACTION_DURATION: &str = "icmp_action_duration_seconds";
 pub const HANDOFF_EVENTS_TOTAL: &str = "icmp_handoff_events_total";
+pub const COMMIT_BATCH_MESSAGES: &str = "icmp_commit_batch_messages";
+pub const COMMIT_BATCH_RERUNS_TOTAL: &str = "icmp_commit_batch_reruns_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
+const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 const STEP_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -62,6 +65,12 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(STEP_DURATION.into()), &STEP_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(COMMIT_BATCH_MESSAGES.into()),
+                        &BATCH_BUCKETS,
+                    )
+                })
                 .and_then(|b| b.set_buckets(&SLOW_BUCKETS));
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),
@@ -121,6 +130,16 @@ fn describe() {
         "Human handoff events: started_stage, started_action, started_operator, message (a user \
          message passed to the agents), agent_answer, ended_by_agent, ended_by_operator, \
          timeout, or a refused agent entry's error code."
+    );
+    describe_histogram!(
+        COMMIT_BATCH_MESSAGES,
+        "Write sets committed together by group commit, per batch."
+    );
+    describe_counter!(
+        COMMIT_BATCH_RERUNS_TOTAL,
+        "Group-commit batches run again or given up, by reason (member_failed: one member's \
+         statement was refused and the batch ran again without it; batch_failed: the batch \
+         failed for no member's fault and its members committed alone; gave_up)."
     );
     describe_counter!(
         ACTION_ATTEMPTS_TOTAL,
@@ -338,6 +357,16 @@ pub fn action_attempt(action: &str, outcome: &'static str, took: Duration) {
 
 /// A conversation summary: `saved`, `skipped` (nothing to fold, or another summariser won) or
 /// `failed`.
+/// A group-commit batch of `n` write sets started.
+pub fn commit_batch(n: usize) {
+    histogram!(COMMIT_BATCH_MESSAGES).record(n as f64);
+}
+
+/// A group-commit batch ran again without a member, or was given up (`reason`).
+pub fn commit_batch_rerun(reason: &'static str) {
+    counter!(COMMIT_BATCH_RERUNS_TOTAL, "reason" => reason).increment(1);
+}
+
 pub fn summary(outcome: &'static str) {
     counter!(SUMMARIES_TOTAL, "outcome" => outcome).increment(1);
 }

@@ -19,6 +19,7 @@ mod console;
 mod console_browser;
 mod edges;
 mod foundation;
+mod group_commit;
 mod handoff;
 mod helpers;
 mod history;

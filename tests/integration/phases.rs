@@ -147,6 +147,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         retry: &retry,
         failpoints: &failpoints,
         history_turns: 20,
+        committer: None,
     };
     let committed = persist::write(sinks, &msg, &[], &read, &decisions, Uuid::now_v7(), 1)
         .await

@@ -119,8 +119,10 @@ async fn kill_9_of_one_of_two_workers_loses_and_duplicates_nothing() {
     .await;
     let messages = workload("k", 200, 10);
     app.send_many(&messages).await;
-    let mut victim = WorkerProcess::spawn(&app.config, "victim", &[]);
-    let mut survivor = WorkerProcess::spawn(&app.config, "survivor", &[]);
+    // Batches that form readily: the kill lands in the middle of one.
+    let env = [("ICMP__WORKER__COMMIT_BATCH_WAIT_US", "2000")];
+    let mut victim = WorkerProcess::spawn(&app.config, "victim", &env);
+    let mut survivor = WorkerProcess::spawn(&app.config, "survivor", &env);
     // Let both take a share, then kill one mid-flight.
     wait_for_rows(&app, 400, &victim.log).await;
     victim.kill9();
@@ -137,6 +139,7 @@ async fn kill_9_of_one_of_two_workers_loses_and_duplicates_nothing() {
     );
     assert_exactly_once(&app, 2000).await;
     assert_stored_in_order(&app).await;
+    crate::group_commit::assert_batched(&app).await;
     survivor.terminate().await;
 }
 
@@ -494,7 +497,9 @@ async fn postgres_down_for_five_seconds_loses_nothing_and_needs_no_restart() {
     app.config = config;
     let messages = workload("pg", 40, 8);
     app.send_many(&messages).await;
-    let mut worker = WorkerProcess::spawn(&app.config, "pg", &[]);
+    // Batches that form readily: the outage lands in the middle of one.
+    let env = [("ICMP__WORKER__COMMIT_BATCH_WAIT_US", "2000")];
+    let mut worker = WorkerProcess::spawn(&app.config, "pg", &env);
     wait_for_rows(&app, 100, &worker.log).await;
     pg.stop();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -516,6 +521,7 @@ async fn postgres_down_for_five_seconds_loses_nothing_and_needs_no_restart() {
     );
     assert_exactly_once(&app, 320).await;
     assert_stored_in_order(&app).await;
+    crate::group_commit::assert_batched(&app).await;
     assert!(worker.is_running());
     assert_eq!(worker.terminate().await.code(), Some(0));
 }
