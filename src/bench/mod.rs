@@ -61,6 +61,10 @@ pub struct BenchOptions {
     /// master's share of the commands.
     #[arg(long, default_value_t = 0)]
     pub shards: u32,
+    /// Each user sends one message first, answered before the run starts and not measured,
+    /// so that every measured message continues a conversation.
+    #[arg(long)]
+    pub warm_up: bool,
     /// Run every scenario of the performance targets (flood with ceiling, 4,000 in flight at
     /// 300 ms, paced at half the flood's throughput, 1/2/4 processes) and print the targets
     /// table; the other options are ignored.
@@ -427,6 +431,7 @@ async fn send(
     run_id: String,
     business: String,
     sent: SentAt,
+    numbers: std::ops::Range<usize>,
 ) -> Result<(), BenchError> {
     let per_tick = if options.rate > 0.0 {
         (options.rate / 100.0).max(0.01)
@@ -434,15 +439,15 @@ async fn send(
         500.0
     };
     let started = Instant::now();
-    let mut i = 0;
+    let mut i = numbers.start;
     let mut tick = 0u64;
-    while i < options.messages {
+    while i < numbers.end {
         let due = if options.rate > 0.0 {
-            ((tick + 1) as f64 * per_tick).floor() as usize
+            numbers.start + ((tick + 1) as f64 * per_tick).floor() as usize
         } else {
             i + 500
         };
-        let end = due.min(options.messages);
+        let end = due.min(numbers.end);
         if end > i {
             // One pipeline per shard: on a cluster a pipeline serves one slot.
             let mut pipes: HashMap<u32, redis::Pipeline> = HashMap::new();
@@ -563,6 +568,26 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
 
     // A connection of its own: blocking reads would hold up the workers' commands.
     let mut c = operator.own_redis().await?;
+    if options.warm_up {
+        // Numbers after the measured ones: one message of each user, waited for.
+        let first = options.messages;
+        let users = options.users.max(1);
+        let warm = SentAt::default();
+        send(
+            operator.own_redis().await?,
+            config.clone(),
+            BenchOptions {
+                rate: 0.0,
+                ..options.clone()
+            },
+            run_id.clone(),
+            business.to_string(),
+            warm.clone(),
+            first..first + users,
+        )
+        .await?;
+        collect(&mut c, &config, users, &warm).await?;
+    }
     let before = Baseline::take(&c, &workers, &mock).await?;
     let started = Instant::now();
     let sent = SentAt::default();
@@ -573,6 +598,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         run_id.clone(),
         business.to_string(),
         sent.clone(),
+        0..options.messages,
     ));
     let (per_message, statuses, reads) = collect(&mut c, &config, options.messages, &sent).await?;
     let elapsed = started.elapsed();
