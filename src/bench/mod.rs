@@ -547,6 +547,39 @@ async fn collect(
     Ok((latencies, statuses, reads))
 }
 
+/// With `--warm-up`, one message of each user, answered before the measured run; their
+/// numbers come after the measured ones.
+async fn warm_up(
+    operator: &Operator,
+    c: &mut RedisConnection,
+    config: &Config,
+    options: &BenchOptions,
+    run_id: &str,
+    business: Uuid,
+) -> Result<(), BenchError> {
+    if !options.warm_up {
+        return Ok(());
+    }
+    let first = options.messages;
+    let users = options.users.max(1);
+    let warm = SentAt::default();
+    send(
+        operator.own_redis().await?,
+        config.clone(),
+        BenchOptions {
+            rate: 0.0,
+            ..options.clone()
+        },
+        run_id.to_owned(),
+        business.to_string(),
+        warm.clone(),
+        first..first + users,
+    )
+    .await?;
+    collect(c, config, users, &warm).await?;
+    Ok(())
+}
+
 /// Runs the benchmark: imports the definition, starts the workers and the mock LLM, sends
 /// `options.messages` messages and measures what they cost.
 ///
@@ -559,8 +592,8 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     isolate(&mut config, &run_id, mock.base_url(), options.shards).await?;
     let operator = Operator::new(&config);
     let store = operator.store().await?.clone();
-    let reports = crate::business::import_files(&store, None, &[&options.definition]).await?;
-    let business = reports
+    let business = crate::business::import_files(&store, None, &[&options.definition])
+        .await?
         .first()
         .map(|r| r.business_id)
         .ok_or(BenchError::NoBusiness)?;
@@ -568,26 +601,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
 
     // A connection of its own: blocking reads would hold up the workers' commands.
     let mut c = operator.own_redis().await?;
-    if options.warm_up {
-        // Numbers after the measured ones: one message of each user, waited for.
-        let first = options.messages;
-        let users = options.users.max(1);
-        let warm = SentAt::default();
-        send(
-            operator.own_redis().await?,
-            config.clone(),
-            BenchOptions {
-                rate: 0.0,
-                ..options.clone()
-            },
-            run_id.clone(),
-            business.to_string(),
-            warm.clone(),
-            first..first + users,
-        )
-        .await?;
-        collect(&mut c, &config, users, &warm).await?;
-    }
+    warm_up(&operator, &mut c, &config, options, &run_id, business).await?;
     let before = Baseline::take(&c, &workers, &mock).await?;
     let started = Instant::now();
     let sent = SentAt::default();
@@ -607,10 +621,10 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     let (postgres_cpu_secs, postgres_cpu_by_server) = before.postgres_usage();
     let mock_cpu_secs = mock.cpu_secs() - before.mock;
     let machine_busy = before.machine_busy();
-    match sender.await {
-        Ok(result) => result?,
-        Err(e) => tracing::warn!(error = %e, "the sender task failed"),
-    }
+    sender.await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the sender task failed");
+        Ok(())
+    })?;
     let latencies = sorted(per_message.iter().map(|(_, d)| *d).collect());
     let overheads = sorted(overheads(&store, business, &per_message).await?);
     let cpu_secs = before.cpu_since();

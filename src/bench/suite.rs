@@ -47,26 +47,29 @@ fn scenario(base: &BenchOptions) -> BenchOptions {
     }
 }
 
-/// Runs the suite.
-///
-/// # Errors
-/// Any scenario's failure.
-pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteReport, BenchError> {
-    let flood_options = BenchOptions {
-        messages: 6000,
-        users: 1200,
-        llm_latency_ms: 0,
-        pgbench_seconds: options.pgbench_seconds.max(1),
-        warm_up: true,
-        ..scenario(options)
-    };
+/// The group-commit scenarios' figures.
+struct Commits {
+    flood: BenchReport,
+    flood_alone: BenchReport,
+    new_users: BenchReport,
+    low_load: BenchReport,
+    low_load_alone: BenchReport,
+}
+
+/// The flood of continuing conversations with group commit as configured and off, a flood of
+/// new users, and low load with group commit on and off.
+async fn group_commit(
+    config: &Config,
+    options: &BenchOptions,
+    flood_options: &BenchOptions,
+) -> Result<Commits, BenchError> {
     let mut alone = config.clone();
     alone.worker.commit_batch_max = 1;
     eprintln!("suite: flood of continuing conversations, LLM 0 ms, with the pgbench ceiling");
-    let flood = run(config.clone(), &flood_options).await?;
+    let flood = run(config.clone(), flood_options).await?;
     settle().await;
     eprintln!("suite: the same, group commit off");
-    let flood_alone = run(alone.clone(), &flood_options).await?;
+    let flood_alone = run(alone.clone(), flood_options).await?;
     settle().await;
     eprintln!("suite: flood of new users, LLM 0 ms");
     let new_users = run(
@@ -93,6 +96,58 @@ pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteRe
     settle().await;
     let low_load_alone = run(alone, &low_options).await?;
     settle().await;
+    Ok(Commits {
+        flood,
+        flood_alone,
+        new_users,
+        low_load,
+        low_load_alone,
+    })
+}
+
+/// The flood with 1, 2 and 4 worker processes.
+async fn scale_out(
+    config: &Config,
+    flood_options: &BenchOptions,
+) -> Result<Vec<BenchReport>, BenchError> {
+    let mut scale = Vec::new();
+    for processes in [1, 2, 4] {
+        settle().await;
+        eprintln!("suite: {processes} worker process(es), LLM 0 ms");
+        scale.push(
+            run(
+                config.clone(),
+                &BenchOptions {
+                    processes,
+                    ..flood_options.clone()
+                },
+            )
+            .await
+            .map(|mut r| {
+                // The ceiling is the flood's; scale-out runs skip it.
+                r.ceiling_tps = None;
+                r
+            })?,
+        );
+    }
+    Ok(scale)
+}
+
+/// Runs the suite.
+///
+/// # Errors
+/// Any scenario's failure.
+pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteReport, BenchError> {
+    let flood_options = BenchOptions {
+        messages: 6000,
+        users: 1200,
+        llm_latency_ms: 0,
+        pgbench_seconds: options.pgbench_seconds.max(1),
+        warm_up: true,
+        ..scenario(options)
+    };
+    let commits = group_commit(&config, options, &flood_options).await?;
+    let flood = commits.flood;
     eprintln!("suite: 4,000 in flight, LLM 300 ms");
     let in_flight = run(
         config.clone(),
@@ -133,32 +188,13 @@ pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteRe
         },
     )
     .await?;
-    let mut scale = Vec::new();
-    for processes in [1, 2, 4] {
-        settle().await;
-        eprintln!("suite: {processes} worker process(es), LLM 0 ms");
-        scale.push(
-            run(
-                config.clone(),
-                &BenchOptions {
-                    processes,
-                    ..flood_options.clone()
-                },
-            )
-            .await
-            .map(|mut r| {
-                // The ceiling is the flood's; scale-out runs skip it.
-                r.ceiling_tps = None;
-                r
-            })?,
-        );
-    }
+    let scale = scale_out(&config, &flood_options).await?;
     Ok(SuiteReport {
         flood,
-        flood_alone,
-        new_users,
-        low_load,
-        low_load_alone,
+        flood_alone: commits.flood_alone,
+        new_users: commits.new_users,
+        low_load: commits.low_load,
+        low_load_alone: commits.low_load_alone,
         in_flight,
         in_flight_worker,
         in_flight_http1,
@@ -175,18 +211,10 @@ struct Row {
 }
 
 impl SuiteReport {
-    fn rows(&self) -> Vec<Row> {
+    /// The group-commit targets.
+    fn commit_rows(&self) -> Vec<Row> {
         let f = &self.flood;
         let ratio = f.ratio().unwrap_or(0.0);
-        let cpu = f.cpu_per_1000().unwrap_or(f64::INFINITY);
-        let held = self.in_flight.per_second / f.per_second.max(1e-9);
-        let worker_mb = |r: &BenchReport| {
-            r.process_peak_rss_kib
-                .first()
-                .map_or(f64::INFINITY, |k| *k as f64 * 1024.0 / 1e6)
-        };
-        let rss_mb = worker_mb(&self.in_flight_worker);
-        let overhead_p99 = self.paced.overhead_p99.as_secs_f64() * 1000.0;
         let a = &self.flood_alone;
         let ratio_alone = a.ratio().unwrap_or(0.0);
         let new_user = self.new_users.per_second / f.per_second.max(1e-9);
@@ -234,6 +262,22 @@ impl SuiteReport {
                 measured: "not run: no peer in this release".to_owned(),
                 met: false,
             },
+        ]
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        let f = &self.flood;
+        let cpu = f.cpu_per_1000().unwrap_or(f64::INFINITY);
+        let held = self.in_flight.per_second / f.per_second.max(1e-9);
+        let worker_mb = |r: &BenchReport| {
+            r.process_peak_rss_kib
+                .first()
+                .map_or(f64::INFINITY, |k| *k as f64 * 1024.0 / 1e6)
+        };
+        let rss_mb = worker_mb(&self.in_flight_worker);
+        let overhead_p99 = self.paced.overhead_p99.as_secs_f64() * 1000.0;
+        let mut rows = self.commit_rows();
+        rows.extend([
             Row {
                 target: "worker CPU <= 0.25 s per 1,000 messages",
                 measured: format!("{cpu:.3} s"),
@@ -287,7 +331,8 @@ impl SuiteReport {
                 ),
                 met: overhead_p99 <= 15.0,
             },
-        ]
+        ]);
+        rows
     }
 
     /// Every figure as one JSON object.
