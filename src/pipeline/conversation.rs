@@ -23,10 +23,31 @@ pub struct Resolved {
     pub recent_keys: Vec<String>,
 }
 
-/// Finds or starts the conversation. `state` is the user's cached state (`None` after a
-/// version conflict, or when none is cached): it serves a message that names no conversation,
-/// or names the one the state holds; a cached history window of another length than `window`
-/// is not used.
+/// What is known of the user's conversation before the read phase.
+#[derive(Debug, Default)]
+pub enum Known {
+    /// Nothing (after a version conflict, or no state is cached): it is read.
+    #[default]
+    Unknown,
+    /// The user's state as the last commit cached it.
+    Cached(ConversationState),
+    /// The user's latest conversation, just read from the store (`None`: they have none).
+    Stored(Option<Conversation>),
+}
+
+impl Known {
+    /// The cached state, if that is what is known.
+    pub fn cached(&self) -> Option<&ConversationState> {
+        match self {
+            Known::Cached(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Finds or starts the conversation. What is `known` serves a message that names no
+/// conversation (a cached state also one that names the conversation it holds); a cached
+/// history window of another length than `window` is not used.
 #[allow(clippy::too_many_arguments)]
 pub async fn resolve(
     store: &Store,
@@ -35,26 +56,27 @@ pub async fn resolve(
     user_id: &str,
     requested: Option<Uuid>,
     window: usize,
-    state: Option<ConversationState>,
+    known: Known,
 ) -> Result<Resolved, PipelineError> {
-    if let Some(state) = state.filter(|s| requested.is_none_or(|id| id == s.conversation.id)) {
-        let cached = (state.window == window).then_some((state.history, state.extracted));
-        return Ok(Resolved {
-            conversation: state.conversation,
-            is_new: false,
-            cached,
-            recent_keys: state.recent_keys,
-        });
-    }
-    let existing = match requested {
-        Some(id) => {
+    let existing = match (known, requested) {
+        (Known::Cached(state), _) if requested.is_none_or(|id| id == state.conversation.id) => {
+            let cached = (state.window == window).then_some((state.history, state.extracted));
+            return Ok(Resolved {
+                conversation: state.conversation,
+                is_new: false,
+                cached,
+                recent_keys: state.recent_keys,
+            });
+        }
+        (Known::Stored(latest), None) => latest,
+        (_, Some(id)) => {
             // Someone else's conversation is reported as unknown: its existence is not leaked.
             match store.load_conversation(business_id, id).await? {
                 Some(c) if c.business_id == business_id && c.user_external_id == user_id => Some(c),
                 _ => return Err(ValidationError::UnknownConversation.into()),
             }
         }
-        None => store.latest_conversation(business_id, user_id).await?,
+        (_, None) => store.latest_conversation(business_id, user_id).await?,
     };
     Ok(match existing {
         Some(conversation) => Resolved {

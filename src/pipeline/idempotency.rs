@@ -9,6 +9,7 @@
 //! messages most likely committed already (a crash between the commit and the cache write
 //! leaves the older state).
 
+use super::conversation::Known;
 use super::{Attempt, Processed};
 use crate::cache::Cache;
 use crate::error::PipelineError;
@@ -29,6 +30,18 @@ pub fn must_look_up(
     !attempt.is_first()
         || msg.supersedes.is_some()
         || state.is_none_or(|s| s.recent_keys.iter().any(|k| k == key))
+}
+
+/// Whether the user's latest conversation is read before the stored answer is looked up:
+/// without a cached state, for a first delivery naming no conversation (most often a new
+/// user's first message). A user with no conversation has no message stored, so for them the
+/// one query answers both; for the others the answer is looked up next, and the conversation
+/// read serves the read phase.
+pub fn latest_first(msg: &InboundMessage, attempt: Attempt, known: &Known) -> bool {
+    matches!(known, Known::Unknown)
+        && attempt.is_first()
+        && msg.supersedes.is_none()
+        && msg.conversation_id.is_none()
 }
 
 /// Where committed answers are found.

@@ -52,13 +52,14 @@ use crate::config::Config;
 use crate::definitions::{StageService, TemplateService};
 use crate::error::{Classify, PipelineError, StoreError};
 use crate::llm::LlmService;
-use crate::model::{Answer, Business, ConversationState};
+use crate::model::{Answer, Business};
 use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::telemetry::metrics;
 
 use coalesce::Turn;
+use conversation::Known;
 pub use failpoint::Failpoints;
 use llm_call::LlmCaller;
 
@@ -191,8 +192,31 @@ impl<L: LlmService> MessageHandler<L> {
         // Step 2, idempotency.
         let state = conversation::cached_state(&self.cache, msg.business_id, &msg.user_id).await;
         let looked_up = idempotency::must_look_up(msg, attempt, state.as_ref());
-        if looked_up && let Some(done) = self.ledger().answered(msg, state.is_none()).await? {
-            return Ok(done);
+        let mut known = state.map_or(Known::Unknown, Known::Cached);
+        if looked_up {
+            if idempotency::latest_first(msg, attempt, &known) {
+                // A user without a conversation has no message stored: for a new user the
+                // conversation's query answers the idempotency question too.
+                let latest = self
+                    .retry
+                    .run("db.latest_conversation", || {
+                        self.store
+                            .latest_conversation(msg.business_id, &msg.user_id)
+                    })
+                    .await?;
+                if latest.is_some()
+                    && let Some(done) = self.ledger().answered(msg, true).await?
+                {
+                    return Ok(done);
+                }
+                known = Known::Stored(latest);
+            } else if let Some(done) = self
+                .ledger()
+                .answered(msg, known.cached().is_none())
+                .await?
+            {
+                return Ok(done);
+            }
         }
         let business = self.stages.business(msg.business_id).await?;
         let (followers, new_followers) = gather(&business).await;
@@ -204,7 +228,7 @@ impl<L: LlmService> MessageHandler<L> {
             throttled: throttled.is_some(),
             outbound,
         };
-        self.run_until_settled(turn, &business, log_id, state, looked_up)
+        self.run_until_settled(turn, &business, log_id, known, looked_up)
             .await
     }
 
@@ -218,7 +242,7 @@ impl<L: LlmService> MessageHandler<L> {
         mut turn: Turn<'_>,
         business: &Business,
         log_id: Uuid,
-        mut state: Option<ConversationState>,
+        mut known: Known,
         looked_up: bool,
     ) -> Result<Processed, PipelineError> {
         let msg = turn.msg;
@@ -226,7 +250,10 @@ impl<L: LlmService> MessageHandler<L> {
         let mut conflicts = 0;
         loop {
             // A re-run reads the conversation from PostgreSQL, not the cache.
-            match self.run(&turn, business, log_id, state.take()).await {
+            match self
+                .run(&turn, business, log_id, std::mem::take(&mut known))
+                .await
+            {
                 Err(PipelineError::Store(StoreError::VersionConflict)) if conflicts < max => {
                     conflicts += 1;
                     metrics::retry("pipeline.version_conflict");
@@ -282,12 +309,12 @@ impl<L: LlmService> MessageHandler<L> {
         turn: &Turn<'_>,
         business: &Business,
         log_id: Uuid,
-        state: Option<ConversationState>,
+        known: Known,
     ) -> Result<Processed, PipelineError> {
         // Steps 3–5: the read phase.
         let t = Instant::now();
         let mut read =
-            read::read_from(self.read_sources(), &turn.as_one_message(), business, state).await?;
+            read::read_from(self.read_sources(), &turn.as_one_message(), business, known).await?;
         tracing::Span::current().record(
             "conversation.id",
             tracing::field::display(read.conversation.id),

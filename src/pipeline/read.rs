@@ -8,13 +8,11 @@
 use chrono::Utc;
 
 use super::context::{self, ContextInputs};
-use super::conversation;
+use super::conversation::{self, Known};
 use crate::cache::Cache;
 use crate::definitions::StageService;
 use crate::error::PipelineError;
-use crate::model::{
-    Business, Conversation, ConversationState, Extracted, StageInfo, StageTemplates,
-};
+use crate::model::{Business, Conversation, Extracted, StageInfo, StageTemplates};
 use crate::protocol::InboundMessage;
 use crate::store::Store;
 use crate::template::Context;
@@ -58,16 +56,17 @@ pub async fn read<'b>(
     business: &'b Business,
     fresh: bool,
 ) -> Result<Snapshot<'b>, PipelineError> {
-    let state = if fresh {
-        None
+    let known = if fresh {
+        Known::Unknown
     } else {
-        conversation::cached_state(src.cache, business.id, &msg.user_id).await
+        conversation::cached_state(src.cache, business.id, &msg.user_id)
+            .await
+            .map_or(Known::Unknown, Known::Cached)
     };
-    read_from(src, msg, business, state).await
+    read_from(src, msg, business, known).await
 }
 
-/// The read phase with the user's cached state already at hand (`None`: none is cached, or it
-/// must not be used).
+/// The read phase with what is `known` of the user's conversation already at hand.
 ///
 /// # Errors
 /// As [`read`].
@@ -75,7 +74,7 @@ pub async fn read_from<'b>(
     src: Sources<'_>,
     msg: &InboundMessage,
     business: &'b Business,
-    state: Option<ConversationState>,
+    known: Known,
 ) -> Result<Snapshot<'b>, PipelineError> {
     // Step 3: the conversation (with its history and extracted data when cached).
     let resolved = conversation::resolve(
@@ -85,7 +84,7 @@ pub async fn read_from<'b>(
         &msg.user_id,
         msg.conversation_id,
         src.history_turns,
-        state,
+        known,
     )
     .await?;
     let conv = resolved.conversation;
