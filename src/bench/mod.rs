@@ -61,13 +61,19 @@ pub struct BenchOptions {
     /// master's share of the commands.
     #[arg(long, default_value_t = 0)]
     pub shards: u32,
+    /// Run the peer of the seed's design (`scripts/seed-peer.py`: Python, one transaction
+    /// held across each message's LLM calls) instead of icmp's workers, for comparison.
+    #[arg(long)]
+    pub peer: bool,
     /// Each user sends one message first, answered before the run starts and not measured,
     /// so that every measured message continues a conversation.
     #[arg(long)]
     pub warm_up: bool,
-    /// Run every scenario of the performance targets (flood with ceiling, 4,000 in flight at
-    /// 300 ms, paced at half the flood's throughput, 1/2/4 processes) and print the targets
-    /// table; the other options are ignored.
+    /// Run every scenario of the performance targets (a flood of continuing conversations with
+    /// its ceiling, with group commit and without, a flood of new users, low load with group
+    /// commit and without, the seed's design's peer, 4,000 in flight at 300 ms, paced at half
+    /// the flood's throughput, 1/2/4 processes) and print the targets table; the other options
+    /// are ignored.
     #[arg(long)]
     pub suite: bool,
 }
@@ -729,8 +735,12 @@ impl Workers {
             stores: Vec::new(),
             children: None,
         };
-        if options.processes > 0 {
-            let mut procs = processes::WorkerProcesses::start(config, options.processes, run_id)?;
+        if options.peer || options.processes > 0 {
+            let mut procs = if options.peer {
+                processes::WorkerProcesses::start_peer(config, run_id)?
+            } else {
+                processes::WorkerProcesses::start(config, options.processes, run_id)?
+            };
             procs.wait_ready(operator.redis().await?, config).await?;
             workers.children = Some(procs);
             return Ok(workers);

@@ -38,6 +38,28 @@ impl WorkerProcesses {
         Ok(WorkerProcesses { children })
     }
 
+    /// Starts the peer of the seed's design (`scripts/seed-peer.py`, or `ICMP_SEED_PEER`) on
+    /// the benchmark's streams, database and mock LLM, in place of icmp's workers.
+    ///
+    /// # Errors
+    /// `python3` or the script cannot be started.
+    pub fn start_peer(config: &Config, run_id: &str) -> Result<WorkerProcesses, BenchError> {
+        let script = std::env::var_os("ICMP_SEED_PEER")
+            .map_or_else(|| "scripts/seed-peer.py".into(), std::path::PathBuf::from);
+        let child = Command::new("python3")
+            .arg(&script)
+            .envs(config.child_env())
+            .env("ICMP__STREAMS__CONSUMER", format!("bench-{run_id}-peer"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(BenchError::Mock)?;
+        Ok(WorkerProcesses {
+            children: vec![child],
+        })
+    }
+
     /// Waits until the workers are up: the consumer group exists (the first worker creates
     /// it) and every process has had a moment to connect (a consumer shows up in the group only
     /// at its first delivery).

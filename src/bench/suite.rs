@@ -14,6 +14,9 @@ pub struct SuiteReport {
     pub flood_alone: BenchReport,
     /// LLM latency 0, all messages at once, each from a new user.
     pub new_users: BenchReport,
+    /// The flood answered by the peer of the seed's design instead (the reason it could not
+    /// run otherwise).
+    pub peer: Result<BenchReport, String>,
     /// Low load (100 messages/s), group commit as configured, and off.
     pub low_load: BenchReport,
     pub low_load_alone: BenchReport,
@@ -148,6 +151,20 @@ pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteRe
     };
     let commits = group_commit(&config, options, &flood_options).await?;
     let flood = commits.flood;
+    eprintln!("suite: the same flood, answered by the peer of the seed's design");
+    let peer = run(
+        config.clone(),
+        &BenchOptions {
+            peer: true,
+            pgbench_seconds: 0,
+            ..flood_options.clone()
+        },
+    )
+    .await
+    .map_err(|e| {
+        format!("{e} (the peer needs python3 with asyncpg, aiohttp and redis: pip install them)")
+    });
+    settle().await;
     eprintln!("suite: 4,000 in flight, LLM 300 ms");
     let in_flight = run(
         config.clone(),
@@ -191,6 +208,7 @@ pub async fn run_suite(config: Config, options: &BenchOptions) -> Result<SuiteRe
     let scale = scale_out(&config, &flood_options).await?;
     Ok(SuiteReport {
         flood,
+        peer,
         flood_alone: commits.flood_alone,
         new_users: commits.new_users,
         low_load: commits.low_load,
@@ -257,10 +275,20 @@ impl SuiteReport {
                 ),
                 met: new_user >= 0.8,
             },
-            Row {
-                target: ">= 8x a peer of the seed's design (LLM 0 ms)",
-                measured: "not run: no peer in this release".to_owned(),
-                met: false,
+            match &self.peer {
+                Ok(p) => {
+                    let times = f.per_second / p.per_second.max(1e-9);
+                    Row {
+                        target: ">= 8x a peer of the seed's design (LLM 0 ms)",
+                        measured: format!("{times:.1}x its {:.0} msg/s", p.per_second),
+                        met: times >= 8.0,
+                    }
+                }
+                Err(e) => Row {
+                    target: ">= 8x a peer of the seed's design (LLM 0 ms)",
+                    measured: format!("not run: {e}"),
+                    met: false,
+                },
             },
         ]
     }
@@ -346,6 +374,7 @@ impl SuiteReport {
             "targets": targets,
             "flood": self.flood.json(),
             "flood_alone": self.flood_alone.json(),
+            "peer": self.peer.as_ref().map(BenchReport::json).unwrap_or_else(|e| serde_json::json!({"error": e})),
             "new_users": self.new_users.json(),
             "low_load": self.low_load.json(),
             "low_load_alone": self.low_load_alone.json(),
