@@ -75,6 +75,82 @@ pub struct MessageVars {
     pub metadata: Map<String, Value>,
 }
 
+/// The template value of the variable `path` names (`history` without its `older` first
+/// turns), with upon's own lookup rules: a missing key or index is an error, or nothing after
+/// `?.`.
+///
+/// # Errors
+/// An unknown variable, a missing member, a member of a value that has none.
+pub fn lookup(
+    ctx: &Context,
+    path: &[upon::ValueMember<'_>],
+    older: usize,
+) -> Result<upon::Value, String> {
+    let Some((first, rest)) = path.split_first() else {
+        return Err("not found in this scope".to_owned());
+    };
+    let upon::ValueAccess::Key(name) = first.access else {
+        return Err("not found in this scope".to_owned());
+    };
+    let top = match name {
+        "business" => upon::to_value(&ctx.business),
+        "user" => upon::to_value(&ctx.user),
+        "conversation" => upon::to_value(&ctx.conversation),
+        "stage" => upon::to_value(&ctx.stage),
+        "stages" => upon::to_value(&ctx.stages),
+        "message" => upon::to_value(&ctx.message),
+        "history" => upon::to_value(ctx.history.get(older..).unwrap_or_default()),
+        "summary" => Ok(upon::Value::String(ctx.summary.clone())),
+        "extracted" => upon::to_value(&ctx.extracted),
+        "now" => Ok(upon::Value::String(ctx.now.clone())),
+        "actions" => upon::to_value(&ctx.actions),
+        _ => return Err("not found in this scope".to_owned()),
+    };
+    let mut value = top.map_err(|e| e.to_string())?;
+    for member in rest {
+        let optional = member.op == upon::ValueAccessOp::Optional;
+        let found = match (value, member.access) {
+            (upon::Value::List(list), upon::ValueAccess::Index(i)) => {
+                let len = list.len();
+                match list.into_iter().nth(i) {
+                    Some(v) => v,
+                    None if optional => return Ok(upon::Value::None),
+                    None => return Err(format!("index out of bounds, the length is {len}")),
+                }
+            }
+            (upon::Value::Map(mut map), upon::ValueAccess::Key(key)) => match map.remove(key) {
+                Some(v) => v,
+                None if optional => return Ok(upon::Value::None),
+                None => return Err("not found in map".to_owned()),
+            },
+            (v, upon::ValueAccess::Index(_)) => {
+                return Err(format!(
+                    "{} does not support integer-based access",
+                    human(&v)
+                ));
+            }
+            (v, upon::ValueAccess::Key(_)) => {
+                return Err(format!("{} does not support key-based access", human(&v)));
+            }
+        };
+        value = found;
+    }
+    Ok(value)
+}
+
+/// A value's kind as upon names it in its errors.
+fn human(v: &upon::Value) -> &'static str {
+    match v {
+        upon::Value::None => "none",
+        upon::Value::Bool(_) => "bool",
+        upon::Value::Integer(_) => "integer",
+        upon::Value::Float(_) => "float",
+        upon::Value::String(_) => "string",
+        upon::Value::List(_) => "list",
+        upon::Value::Map(_) => "map",
+    }
+}
+
 impl Context {
     /// Points the context at another stage (after a stage change).
     pub fn set_stage(&mut self, stage: &StageInfo) {

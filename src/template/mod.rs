@@ -180,33 +180,19 @@ pub fn render_keeping(
     keep: Option<usize>,
 ) -> Result<Rendered, TemplateError> {
     let name = &t.record.name;
-    // The context becomes a template value once for both parts.
-    let mut value = upon::to_value(ctx).map_err(|e| TemplateError::Render {
-        name: name.clone(),
-        detail: pretty(&e, name, "context"),
-    })?;
-    if let (Some(keep), upon::Value::Map(vars)) = (keep, &mut value)
-        && let Some(upon::Value::List(history)) = vars.get_mut("history")
-    {
-        let older = history.len().saturating_sub(keep);
-        history.drain(..older);
-    }
-    let system = t
-        .system
-        .render_from(engine, &value)
-        .to_string()
-        .map_err(|e| TemplateError::Render {
-            name: name.clone(),
-            detail: pretty(&e, name, "system"),
-        })?;
-    let body = t
-        .body
-        .render_from(engine, &value)
-        .to_string()
-        .map_err(|e| TemplateError::Render {
-            name: name.clone(),
-            detail: pretty(&e, name, "body"),
-        })?;
+    // Each variable a template names is converted when it is looked up, from the context's own
+    // fields: not the whole context (the history, the stages, the actions) once per render.
+    let older = keep.map_or(0, |keep| ctx.history.len().saturating_sub(keep));
+    let render = |part: &upon::Template<'static>, which: &str| {
+        part.render_from_fn(engine, |path| context::lookup(ctx, path, older))
+            .to_string()
+            .map_err(|e| TemplateError::Render {
+                name: name.clone(),
+                detail: pretty(&e, name, which),
+            })
+    };
+    let system = render(&t.system, "system")?;
+    let body = render(&t.body, "body")?;
     Ok(Rendered {
         system: system.into(),
         body: body.into(),
@@ -217,6 +203,67 @@ pub fn render_keeping(
 mod tests {
     use super::*;
     use crate::model::TemplateKind;
+
+    #[test]
+    fn looking_variables_up_renders_as_the_whole_converted_context_did() {
+        let ctx = Context::sample(
+            "Clinic",
+            &[
+                context::StageVars {
+                    name: "welcome".into(),
+                    description: "hello".into(),
+                },
+                context::StageVars {
+                    name: "booking".into(),
+                    description: "book".into(),
+                },
+            ],
+            &["name".to_owned()],
+        );
+        let whole = upon::to_value(&ctx).expect("converts");
+        let sources = [
+            "{{ business.name }} {{ user.id }} {{ conversation.turns }} {{ stage.name }} {{ now }}",
+            "{% for s in stages %}{{ loop.index }}:{{ s.name }} {% endfor %}{{ stages.1.name }}",
+            "{% for turn in history %}[{{ turn.role }}: {{ turn.content }}]{% endfor %}",
+            "{{ extracted.name }} {{ extracted }} {{ summary }} {{ message.content }}",
+            "{% if extracted.name %}yes{% else %}no{% endif %} {{ actions }} {{ message.metadata }}",
+            "{{ extracted?.missing?.deeper }}|{{ stages?.9 }}|{{ history.0.content | json }}",
+            "{{ extracted.missing }}",
+            "{{ stages.9.name }}",
+            "{{ nothing }}",
+            "{{ business.name.first }}",
+            "{{ summary.0 }}",
+        ];
+        for source in sources {
+            let mut e = engine();
+            e.add_template("t", source).expect("compiles");
+            let template = e.get_template("t").expect("template");
+            let old = template.render_from(&whole).to_string();
+            let new = template
+                .render_from_fn(|path| context::lookup(&ctx, path, 0))
+                .to_string();
+            match (old, new) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{source}"),
+                (Err(_), Err(_)) => {}
+                (a, b) => panic!("{source}: {a:?} against {b:?}"),
+            }
+        }
+        // The oldest turns left out.
+        let mut e = engine();
+        e.add_template(
+            "h",
+            "{% for turn in history %}[{{ turn.content }}]{% endfor %}",
+        )
+        .expect("compiles");
+        let last = &ctx.history[ctx.history.len() - 1].content;
+        let out = e
+            .get_template("h")
+            .expect("template")
+            .render_from_fn(|path| context::lookup(&ctx, path, ctx.history.len() - 1))
+            .to_string()
+            .expect("renders");
+        assert_eq!(out, format!("[{last}]"));
+    }
 
     #[test]
     fn schema_violations_name_the_place_and_rule_but_not_the_value() {
