@@ -155,17 +155,12 @@ async fn run(store: Store, settings: Settings, mut rx: mpsc::UnboundedReceiver<M
         if one_business.is_none() {
             one_business = on_citus(&store).await;
         }
-        let same_business = one_business.unwrap_or(true);
-        let business = first.ws.business_id;
-        let fits = |m: &Member| !same_business || m.ws.business_id == business;
-        let mut batch = vec![first];
+        let mut forming = Forming::new(first, max, one_business.unwrap_or(true));
         let mut passed = VecDeque::new();
-        while batch.len() < max {
+        while !forming.is_full() {
             let Some(m) = deferred.pop_front() else { break };
-            if fits(&m) {
-                batch.push(m);
-            } else {
-                passed.push_back(m);
+            if let Some(refused) = forming.offer(m) {
+                passed.push_back(refused);
             }
         }
         passed.append(&mut deferred);
@@ -173,7 +168,7 @@ async fn run(store: Store, settings: Settings, mut rx: mpsc::UnboundedReceiver<M
         let busy = permits.available_permits() + 1 < settings.in_flight.max(1);
         let until =
             (busy && !settings.wait.is_zero()).then(|| tokio::time::Instant::now() + settings.wait);
-        while batch.len() < max {
+        while !forming.is_full() {
             let next = match rx.try_recv() {
                 Ok(m) => Some(m),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
@@ -186,12 +181,11 @@ async fn run(store: Store, settings: Settings, mut rx: mpsc::UnboundedReceiver<M
                 },
             };
             let Some(m) = next else { break };
-            if fits(&m) {
-                batch.push(m);
-            } else {
-                deferred.push_back(m);
+            if let Some(refused) = forming.offer(m) {
+                deferred.push_back(refused);
             }
         }
+        let mut batch = forming.batch;
         batch.retain(|m| !m.done.is_closed());
         if batch.is_empty() {
             continue;
@@ -201,6 +195,39 @@ async fn run(store: Store, settings: Settings, mut rx: mpsc::UnboundedReceiver<M
             commit_batch(&store, batch).await;
             drop(permit);
         });
+    }
+}
+
+/// A batch being formed: at most `max` members, of the first one's business only when
+/// `one_business` (Citus).
+struct Forming {
+    batch: Vec<Member>,
+    max: usize,
+    one_business: bool,
+}
+
+impl Forming {
+    fn new(first: Member, max: usize, one_business: bool) -> Forming {
+        Forming {
+            batch: vec![first],
+            max: max.max(1),
+            one_business,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.batch.len() >= self.max
+    }
+
+    /// Takes `m` into the batch, or gives it back (the batch is full, or `m` is of another
+    /// business where a batch holds one).
+    fn offer(&mut self, m: Member) -> Option<Member> {
+        let business = self.batch[0].ws.business_id;
+        if self.is_full() || (self.one_business && m.ws.business_id != business) {
+            return Some(m);
+        }
+        self.batch.push(m);
+        None
     }
 }
 
@@ -369,4 +396,74 @@ async fn attempt(store: &Store, batch: &[Member]) -> Attempt {
         rows.push(committed(own));
     }
     Attempt::Committed(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn member(business: u128) -> Member {
+        let ws = WriteSet {
+            business_id: Uuid::from_u128(business),
+            log_id: Uuid::nil(),
+            user_external_id: String::new(),
+            conversation_id: Uuid::nil(),
+            expected_version: None,
+            stage_id: Uuid::nil(),
+            transition: None,
+            extracted: Default::default(),
+            idempotency_key: String::new(),
+            inbound_id: String::new(),
+            user_message_id: Uuid::nil(),
+            user_content: String::new(),
+            metadata: None,
+            user_stage_id: Uuid::nil(),
+            assistant_message_id: Uuid::nil(),
+            assistant_content: String::new(),
+            assistant_status: "ok",
+            fallback_template: None,
+            reply_template: None,
+            reply_model: None,
+            timings: serde_json::Value::Null,
+            llm_calls: Vec::new(),
+            actions: Vec::new(),
+            handoff: None,
+            followers: Vec::new(),
+        };
+        Member {
+            ws: Arc::new(ws),
+            deadline: None,
+            poisoned: false,
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn businesses(f: &Forming) -> Vec<u128> {
+        f.batch.iter().map(|m| m.ws.business_id.as_u128()).collect()
+    }
+
+    #[test]
+    fn on_citus_a_batch_holds_its_first_members_business_only() {
+        let mut f = Forming::new(member(1), 3, true);
+        assert!(
+            f.offer(member(2)).is_some(),
+            "another business is given back"
+        );
+        assert!(f.offer(member(1)).is_none());
+        assert!(f.offer(member(3)).is_some());
+        assert!(f.offer(member(1)).is_none());
+        assert!(f.is_full());
+        assert!(f.offer(member(1)).is_some(), "a full batch takes no more");
+        assert_eq!(businesses(&f), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn on_postgresql_a_batch_mixes_businesses_up_to_its_size() {
+        let mut f = Forming::new(member(1), 3, false);
+        assert!(f.offer(member(2)).is_none());
+        assert!(f.offer(member(3)).is_none());
+        assert!(f.offer(member(4)).is_some());
+        assert_eq!(businesses(&f), vec![1, 2, 3]);
+    }
 }
