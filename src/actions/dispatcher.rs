@@ -289,7 +289,14 @@ impl Dispatcher {
             return Ok(());
         };
         let conn = self.cache.connection();
-        if super::follow_up::firing_message_pending(&conn, &self.streams, &f).await? {
+        if super::follow_up::firing_message_pending(
+            &conn,
+            &self.streams,
+            self.cache.key_prefix(),
+            &f,
+        )
+        .await?
+        {
             // Published by a later sweep, after the reply.
             return Ok(());
         }

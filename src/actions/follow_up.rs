@@ -14,14 +14,18 @@ use crate::redis_connection::RedisConnection;
 use crate::store::outbox::FollowUp;
 use crate::stream::once::{Published, publish_unprompted};
 
-/// Whether the entry of the message that fired the action is still pending in its group (its
-/// reply is not published yet: the follow-up must wait, so that it comes after the reply).
+/// Whether the message that fired the action is not finished yet (its reply is not published:
+/// the follow-up must wait, so that it comes after the reply). Its entry is unfinished while
+/// it is pending in its group, or still in its user's order queue: an operator's `XGROUP
+/// DELCONSUMER` takes an entry off the pending list but not out of the queue, where it stays
+/// until its finish publishes the reply (or the sweep answers it).
 ///
 /// # Errors
 /// Redis failures.
 pub async fn firing_message_pending(
     conn: &RedisConnection,
     streams: &StreamsConfig,
+    key_prefix: &str,
     f: &FollowUp,
 ) -> Result<bool, CacheError> {
     let Some(id) = &f.inbound_id else {
@@ -36,7 +40,22 @@ pub async fn firing_message_pending(
         .arg(1)
         .query_async(&mut conn.clone())
         .await?;
-    Ok(!pending.is_empty())
+    if !pending.is_empty() {
+        return Ok(true);
+    }
+    let keys = crate::stream::Keys::new(&shard, key_prefix);
+    let queue = format!(
+        "{}{}:{}",
+        keys.queue_prefix,
+        f.business_id,
+        f.user_id.trim()
+    );
+    let queued: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&queue)
+        .arg(crate::stream::order::member(id))
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(queued.is_some())
 }
 
 /// Publishes the follow-up once per `reply_id` (status `follow_up`, the action's name, the

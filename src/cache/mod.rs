@@ -79,6 +79,11 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
+    /// `redis.key_prefix`, which every key of this deployment carries.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The Redis connection (replies and partial replies go over it, in order).
     pub fn connection(&self) -> RedisConnection {
         self.conn.clone()

@@ -899,3 +899,60 @@ async fn a_result_its_action_names_hands_the_conversation_to_a_person() {
         "fay's booking went through"
     );
 }
+
+/// A follow-up waits while the message that fired its action is unfinished: pending in its
+/// group, or (after an operator's `XGROUP DELCONSUMER` took it off the pending list) still in
+/// its user's order queue, where the claim put it and where only its finish or the sweep takes
+/// it out.
+#[tokio::test]
+async fn a_follow_up_waits_for_its_message_even_when_its_consumer_was_deleted() {
+    async fn waits(app: &TestApp, f: &icmp::store::outbox::FollowUp) -> bool {
+        icmp::actions::follow_up::firing_message_pending(
+            &app.redis,
+            &app.config.streams,
+            &app.config.redis.key_prefix,
+            f,
+        )
+        .await
+        .expect("check")
+    }
+    let mut app = helpers::spawn_env(MockOptions::default(), |_| {}).await;
+    let streams = app.streams("held").await;
+    streams.ensure_group().await.expect("group");
+    let id = app.send("fu-user", "fu1", "I want to book").await;
+    let (_, claimed) = streams.claim_new(10).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let f = icmp::store::outbox::FollowUp {
+        business_id: helpers::DEMO_BUSINESS.parse().expect("uuid"),
+        outbox_id: uuid::Uuid::nil(),
+        conversation_id: uuid::Uuid::nil(),
+        action: "book".into(),
+        user_id: "fu-user".into(),
+        reply_to: None,
+        reply_id: uuid::Uuid::nil(),
+        text: String::new(),
+        stage: String::new(),
+        message_key: "fu1".into(),
+        inbound_id: Some(id.clone()),
+    };
+    assert!(waits(&app, &f).await, "pending: it waits");
+    let consumer = app.consumer_config("held").streams.consumer;
+    let shard = app.config.streams.shard(0);
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(&shard.inbound)
+        .arg(&shard.group)
+        .arg(&consumer)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("delconsumer");
+    assert_eq!(app.pending().await, 0, "off the pending list");
+    assert!(waits(&app, &f).await, "still in its queue: it waits");
+    // A worker's sweep settles the orphaned entry and empties its queue: the follow-up may go.
+    app.start_worker("w").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while waits(&app, &f).await {
+        assert!(tokio::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
