@@ -91,6 +91,9 @@ impl std::fmt::Debug for GroupCommit {
 /// commit alone.
 const RERUNS: usize = 8;
 
+/// A member with less time than this before its deadline is not batched.
+const LATE: Duration = Duration::from_millis(100);
+
 /// The statement a poisoned member adds to its batch (a serialization failure: retryable).
 const POISON: &str =
     "DO $$BEGIN RAISE EXCEPTION 'poisoned batch member' USING ERRCODE = '40001'; END$$";
@@ -252,6 +255,20 @@ async fn commit_batch(store: &Store, mut batch: Vec<Member>) {
             }
             return;
         }
+        // A member with less than the margin left would only fail its batch: it commits
+        // alone (and meets its own deadline there).
+        let now = Instant::now();
+        let (late, on_time): (Vec<Member>, Vec<Member>) = batch.into_iter().partition(|m| {
+            m.deadline
+                .is_some_and(|d| d.saturating_duration_since(now) < LATE)
+        });
+        batch = on_time;
+        for m in late {
+            let _ = m.done.send(Outcome::Alone);
+        }
+        if batch.is_empty() {
+            return;
+        }
         if batch.len() == 1 && !batch[0].poisoned {
             // Alone anyway: the single-message path (its own statements' errors classified).
             let m = batch.remove(0);
@@ -316,9 +333,56 @@ async fn attempt(store: &Store, batch: &[Member]) -> Attempt {
     let Ok(client) = store.client().await else {
         return Attempt::Failed;
     };
+    // A connection that stops answering must not hold a batch slot for ever: past the
+    // latest member's deadline (or the sessions' statement timeout) the batch is given up, its
+    // members commit alone, and the connection is dropped rather than pooled again.
+    match tokio::time::timeout(time_limit(store, batch), attempt_on(&client, store, batch)).await {
+        Ok(attempt) => attempt,
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            Attempt::Failed
+        }
+    }
+}
+
+/// How long a batch may take at most.
+fn time_limit(store: &Store, batch: &[Member]) -> Duration {
+    let now = Instant::now();
+    let latest = batch
+        .iter()
+        .map(|m| m.deadline.map(|d| d.saturating_duration_since(now)))
+        .collect::<Option<Vec<_>>>()
+        .and_then(|left| left.into_iter().max());
+    match latest {
+        Some(left) => left + Duration::from_secs(1),
+        None if store.statement_timeout_ms() > 0 => {
+            Duration::from_millis(store.statement_timeout_ms()) + Duration::from_secs(5)
+        }
+        None => Duration::from_secs(120),
+    }
+}
+
+/// The statement sent before `COMMIT` when members have deadlines: it fails the batch when the
+/// earliest of them is past (`ms` after the transaction's start, which is after the time left
+/// was measured), so that no member commits after its worker gave it up. A statement's
+/// `statement_timeout` bounds that statement only, and a member's statements may wait behind
+/// its batch-mates'.
+pub fn deadline_guard(ms: u64) -> String {
+    format!(
+        "DO $$BEGIN IF clock_timestamp() > now() + interval '{ms} milliseconds' THEN \
+         RAISE EXCEPTION 'a batch member''s deadline passed' USING ERRCODE = '57014'; \
+         END IF; END$$"
+    )
+}
+
+async fn attempt_on(
+    client: &deadpool_postgres::Client,
+    store: &Store,
+    batch: &[Member],
+) -> Attempt {
     let mut bound = Vec::with_capacity(batch.len());
     for m in batch {
-        match Bound::prepare(&client, &m.ws).await {
+        match Bound::prepare(client, &m.ws).await {
             Ok(b) => bound.push(b),
             Err(_) => return Attempt::Failed,
         }
@@ -334,6 +398,11 @@ async fn attempt(store: &Store, batch: &[Member]) -> Attempt {
         .collect();
     let steps: Vec<Vec<(&Statement, Vec<&(dyn ToSql + Sync)>)>> =
         bound.iter().map(Bound::steps).collect();
+    let guard = batch
+        .iter()
+        .filter_map(|m| store.timeout_until(m.deadline))
+        .min()
+        .map(deadline_guard);
     // Per member: the index of its first request and how many it sent.
     let mut spans = Vec::with_capacity(batch.len());
     let mut requests: Vec<Request<'_>> = Vec::new();
@@ -354,6 +423,12 @@ async fn attempt(store: &Store, batch: &[Member]) -> Attempt {
             }));
         }
         spans.push((start, requests.len() - start));
+    }
+    let guard_at = requests.len();
+    if let Some(guard) = &guard {
+        requests.push(Box::pin(async {
+            client.batch_execute(guard).await.map(|()| Vec::new())
+        }));
     }
     requests.push(Box::pin(async {
         client.batch_execute("COMMIT").await.map(|()| Vec::new())
@@ -383,7 +458,10 @@ async fn attempt(store: &Store, batch: &[Member]) -> Attempt {
             return Attempt::MemberFailed(i, classify(StoreError::Db(e)));
         }
     }
-    if !matches!(commit, Some(Ok(_))) {
+    // A passed deadline (the guard refused to commit), or a `COMMIT` that failed: nothing
+    // committed, for no one member's statement.
+    let guard_failed = guard.is_some() && results.get(guard_at).is_some_and(Result::is_err);
+    if guard_failed || !matches!(commit, Some(Ok(_))) {
         return Attempt::Failed;
     }
     let mut rows = Vec::with_capacity(spans.len());

@@ -200,3 +200,32 @@ async fn with_a_batch_of_one_every_message_commits_alone() {
     );
     app.stop().await;
 }
+
+/// The statement a batch sends before `COMMIT` refuses to commit once its earliest member's
+/// deadline is past (its statements may have waited behind their batch-mates'), and lets a
+/// batch within it commit.
+#[tokio::test]
+async fn the_deadline_guard_fails_a_batch_past_its_earliest_deadline_only() {
+    use icmp::store::group_commit::deadline_guard;
+    let app = spawn_env(MockOptions::default(), |_| {}).await;
+    let db = app.db().await;
+    let late = db
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_sleep(0.2); {}; COMMIT",
+            deadline_guard(50)
+        ))
+        .await
+        .expect_err("past the deadline");
+    assert_eq!(
+        late.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{late}"
+    );
+    db.batch_execute("ROLLBACK").await.expect("rollback");
+    db.batch_execute(&format!(
+        "BEGIN; SELECT pg_sleep(0.05); {}; COMMIT",
+        deadline_guard(60_000)
+    ))
+    .await
+    .expect("within the deadline");
+}
