@@ -435,14 +435,23 @@ async fn attempt_on(
     }));
     store.count_round_trip();
     // Each request is sent when it is first polled, and `join_all` polls them in order.
-    let mut results = futures::future::join_all(requests).await;
+    let results = futures::future::join_all(requests).await;
+    outcome_of(results, &spans, guard.is_some().then_some(guard_at))
+}
+
+/// What a batch's results say: the first refused statement names its member (the ones after
+/// it fail as "in a failed transaction"); else whether the guard and `COMMIT` let it commit.
+/// `spans` holds each member's first request and how many it sent; `guard_at` the guard's.
+fn outcome_of(
+    mut results: Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    spans: &[(usize, usize)],
+    guard_at: Option<usize>,
+) -> Attempt {
     let commit = results.pop();
     let begin = results.first().map(Result::is_ok).unwrap_or(false);
     if !begin {
         return Attempt::Failed;
     }
-    // The first refused statement names its member; the ones after it fail as "in a failed
-    // transaction".
     for (i, &(start, len)) in spans.iter().enumerate() {
         for r in &mut results[start..start + len] {
             let Err(e) = r else { continue };
@@ -460,12 +469,12 @@ async fn attempt_on(
     }
     // A passed deadline (the guard refused to commit), or a `COMMIT` that failed: nothing
     // committed, for no one member's statement.
-    let guard_failed = guard.is_some() && results.get(guard_at).is_some_and(Result::is_err);
+    let guard_failed = guard_at.is_some_and(|at| results.get(at).is_some_and(Result::is_err));
     if guard_failed || !matches!(commit, Some(Ok(_))) {
         return Attempt::Failed;
     }
     let mut rows = Vec::with_capacity(spans.len());
-    for &(start, len) in &spans {
+    for &(start, len) in spans {
         // The scope's result first, then the statements'.
         let own: Vec<Vec<tokio_postgres::Row>> = results[start + 1..start + len]
             .iter_mut()
