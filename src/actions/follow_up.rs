@@ -43,13 +43,7 @@ pub async fn firing_message_pending(
     if !pending.is_empty() {
         return Ok(true);
     }
-    let keys = crate::stream::Keys::new(&shard, key_prefix);
-    let queue = format!(
-        "{}{}:{}",
-        keys.queue_prefix,
-        f.business_id,
-        f.user_id.trim()
-    );
+    let queue = crate::stream::Keys::new(&shard, key_prefix).queue_key(f.business_id, &f.user_id);
     let queued: Option<f64> = redis::cmd("ZSCORE")
         .arg(&queue)
         .arg(crate::stream::order::member(id))

@@ -117,6 +117,12 @@ impl Keys {
 }
 
 impl Keys {
+    /// The order queue of `user` of `business` (both canonical, as the inbound decoding leaves
+    /// them): what the scripts' `queue_key` (lua/prelude.lua) computes from an entry's fields.
+    pub fn queue_key(&self, business: uuid::Uuid, user: &str) -> String {
+        format!("{}{business}:{}", self.queue_prefix, user.trim())
+    }
+
     /// Every key the streams' scripts and transactions touch together, named: the streams, a
     /// `reply_to` stream under `streams.reply_prefix`, a queue key (standing for all of them)
     /// and the group's other keys. On a Redis Cluster they must all be in one slot.
