@@ -41,7 +41,7 @@ pub trait Classify: std::error::Error {
     fn code(&self) -> &'static str;
     /// The seed's category.
     fn category(&self) -> Category;
-    /// HTTP-like status carried in error replies (400/404/409/422/429/500/502/503/504).
+    /// HTTP-like status carried in error replies (400/404/409/410/422/429/500/502/503/504).
     fn status_code(&self) -> u16;
     /// Whether trying the same operation again may succeed.
     fn is_retryable(&self) -> bool;
@@ -259,6 +259,10 @@ pub enum StoreError {
     VersionConflict,
     #[error("this message was already stored")]
     Duplicate,
+    /// The user was erased after this message arrived (`icmp user erase`): it is dropped,
+    /// acknowledged without a reply, and nothing of it is stored.
+    #[error("the user was erased after this message arrived")]
+    Erased,
     #[error("stored data is inconsistent: {0}")]
     Inconsistent(String),
     #[error("migration failed: {0}")]
@@ -291,6 +295,7 @@ impl StoreError {
             StoreError::Pool(_)
             | StoreError::VersionConflict
             | StoreError::Duplicate
+            | StoreError::Erased
             | StoreError::Inconsistent(_)
             | StoreError::Migration(_)
             | StoreError::Injected(_) => None,
@@ -323,6 +328,7 @@ impl Classify for StoreError {
             },
             StoreError::VersionConflict => "db.version_conflict",
             StoreError::Duplicate => "db.duplicate",
+            StoreError::Erased => "user.erased",
             StoreError::Inconsistent(_) => "db.inconsistent",
             StoreError::Migration(_) => "db.migration",
             StoreError::Injected(_) => "db.injected_fault",
@@ -337,14 +343,16 @@ impl Classify for StoreError {
             | StoreError::Inconsistent(_)
             | StoreError::Migration(_)
             | StoreError::Injected(_) => Category::System,
-            StoreError::Db(_) | StoreError::VersionConflict | StoreError::Duplicate => {
-                Category::Processing
-            }
+            StoreError::Db(_)
+            | StoreError::VersionConflict
+            | StoreError::Duplicate
+            | StoreError::Erased => Category::Processing,
         }
     }
     fn status_code(&self) -> u16 {
         match self {
             StoreError::VersionConflict | StoreError::Duplicate => 409,
+            StoreError::Erased => 410,
             StoreError::Pool(_) => 503,
             StoreError::Db(_) if self.is_retryable() => 503,
             StoreError::Db(_)
@@ -379,6 +387,7 @@ impl Classify for StoreError {
                 }
             }
             StoreError::Duplicate
+            | StoreError::Erased
             | StoreError::Inconsistent(_)
             | StoreError::Migration(_)
             | StoreError::Injected(_) => false,

@@ -36,6 +36,8 @@
 //! - [`producer`]: a producer's side: send a message to the workers and wait for its reply.
 //! - [`status`]: `icmp status`: lag, consumers, queues, dead letters, per-business ratios.
 //! - [`trace`]: `icmp trace`: everything known about one message.
+//! - [`personal_data`]: one user's data: export, erase, retention, and the operators' audit
+//!   trail.
 //! - [`console`]: `icmp console`: the web console over status, dead letters, conversations and
 //!   trace, with replay and purge behind a token.
 //! - [`transcript`]: golden transcripts, recorded and replayed (`icmp replay`).
@@ -57,6 +59,7 @@ pub mod error;
 pub mod handoff;
 pub mod llm;
 pub mod model;
+pub mod personal_data;
 pub mod pipeline;
 pub mod producer;
 pub mod protocol;

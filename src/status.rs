@@ -81,6 +81,39 @@ pub enum StatusError {
     Store(#[from] StoreError),
 }
 
+impl crate::error::Classify for StatusError {
+    fn code(&self) -> &'static str {
+        match self {
+            StatusError::Stream(e) => e.code(),
+            StatusError::Store(e) => e.code(),
+        }
+    }
+    fn category(&self) -> crate::error::Category {
+        match self {
+            StatusError::Stream(e) => e.category(),
+            StatusError::Store(e) => e.category(),
+        }
+    }
+    fn status_code(&self) -> u16 {
+        match self {
+            StatusError::Stream(e) => e.status_code(),
+            StatusError::Store(e) => e.status_code(),
+        }
+    }
+    fn is_retryable(&self) -> bool {
+        match self {
+            StatusError::Stream(e) => e.is_retryable(),
+            StatusError::Store(e) => e.is_retryable(),
+        }
+    }
+}
+
+impl From<redis::ParsingError> for StatusError {
+    fn from(e: redis::ParsingError) -> Self {
+        StatusError::Stream(StreamError::UnexpectedReply(e.to_string()))
+    }
+}
+
 impl From<redis::RedisError> for StatusError {
     fn from(e: redis::RedisError) -> Self {
         StatusError::Stream(e.into())

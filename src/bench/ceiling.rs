@@ -66,6 +66,8 @@ pub fn script(r: &Refs) -> String {
             11 => "md5('l' || :n)::uuid".into(),
             12 => "'{}'::jsonb".into(),
             13 => calls.clone(),
+            16 => "md5('k' || :n)".into(),
+            17 => "1795000000000::bigint".into(),
             n => unreachable!("the write set has no parameter ${n}"),
         });
         // pgbench reads one statement per line.

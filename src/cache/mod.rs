@@ -60,6 +60,12 @@ pub fn observed<T>(cache: &'static str, lookup: Result<Option<T>, CacheError>) -
     }
 }
 
+/// The key of user `user`'s current conversation state in business `business_id`, under
+/// `redis.key_prefix` `prefix`.
+pub fn state_key(prefix: &str, business_id: Uuid, user: &str) -> String {
+    format!("{prefix}conv:{business_id}:{user}")
+}
+
 /// A handle to the cache; cheap to clone.
 #[derive(Clone)]
 pub struct Cache {
@@ -223,7 +229,7 @@ impl Cache {
 
     /// The key of a user's current conversation state.
     pub fn state_key(&self, business_id: Uuid, user: &str) -> String {
-        format!("{}conv:{business_id}:{user}", self.prefix)
+        state_key(&self.prefix, business_id, user)
     }
 
     /// The user's current conversation state, as the last commit left it.

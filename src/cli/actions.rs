@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail};
 use uuid::Uuid;
 
+use icmp::personal_data::audit;
 use icmp::startup::Operator;
 
 #[derive(Debug, clap::Subcommand)]
@@ -77,12 +78,20 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
         Action::Retry { ids } => {
             let done = store.retry_actions(&ids).await.context("retry")?;
             println!("sent again: {} of {}: {done:?}", done.len(), ids.len());
-            Ok(())
+            let counts = [("action_requests".to_owned(), done.len() as u64)].into();
+            let record = audit::record(&audit::actor(), "actions.retry")
+                .target(super::audit_target(&ids))
+                .counts(&counts);
+            super::audit(operator, record).await
         }
         Action::Cancel { ids } => {
             let done = store.cancel_actions(&ids).await.context("cancel")?;
             println!("cancelled: {} of {}: {done:?}", done.len(), ids.len());
-            Ok(())
+            let counts = [("action_requests".to_owned(), done.len() as u64)].into();
+            let record = audit::record(&audit::actor(), "actions.cancel")
+                .target(super::audit_target(&ids))
+                .counts(&counts);
+            super::audit(operator, record).await
         }
     }
 }

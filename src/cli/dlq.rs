@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use icmp::config::StreamsConfig;
+use icmp::personal_data::audit;
 use icmp::redis_connection::RedisConnection;
 use icmp::startup::Operator;
 use icmp::stream::dlq;
@@ -79,11 +80,25 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
             json,
         } => list(conn, streams, &filter, count, json).await,
         Action::Show { id, json } => show(conn, streams, &id, json).await,
-        Action::Purge { ids, filter, yes } => purge(conn, streams, ids, &filter, yes).await,
+        Action::Purge { ids, filter, yes } => {
+            let removed = purge(conn, streams, ids, &filter, yes).await?;
+            if removed.is_empty() {
+                return Ok(());
+            }
+            let counts = BTreeMap::from([("dead_letters".to_owned(), removed.len() as u64)]);
+            let record = audit::record(&audit::actor(), "dlq.purge")
+                .target(super::audit_target(&removed))
+                .counts(&counts);
+            super::audit(operator, record).await
+        }
         Action::Replay { ids } => {
             let done = dlq::replay(conn, streams, &ids).await?;
             println!("replayed {} of {}: {done:?}", done.len(), ids.len());
-            Ok(())
+            let counts = BTreeMap::from([("dead_letters".to_owned(), done.len() as u64)]);
+            let record = audit::record(&audit::actor(), "dlq.replay")
+                .target(super::audit_target(&ids))
+                .counts(&counts);
+            super::audit(operator, record).await
         }
     }
 }
@@ -151,7 +166,7 @@ async fn purge(
     ids: Vec<String>,
     filter: &Filter,
     yes: bool,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let ids = if ids.is_empty() {
         let f = filter.filter();
         if f.business.is_none() && f.code.is_none() && f.older_than.is_none() {
@@ -167,11 +182,11 @@ async fn purge(
     };
     if ids.is_empty() {
         println!("nothing to purge");
-        return Ok(());
+        return Ok(Vec::new());
     }
     if !yes && !confirm(&format!("Delete {} dead letter(s)?", ids.len()))? {
         println!("nothing removed");
-        return Ok(());
+        return Ok(Vec::new());
     }
     let removed = dlq::purge(conn, streams, &ids).await?;
     for id in &removed {
@@ -179,7 +194,7 @@ async fn purge(
     }
     tracing::info!(count = removed.len(), "dead letters purged");
     println!("removed {} of {}", removed.len(), ids.len());
-    Ok(())
+    Ok(removed)
 }
 
 /// Asks `question [y/N]` on the terminal.

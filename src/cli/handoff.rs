@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use uuid::Uuid;
 
+use icmp::personal_data::audit;
 use icmp::startup::Operator;
 
 #[derive(Debug, clap::Subcommand)]
@@ -58,7 +59,9 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
                 bail!("no conversation {conversation} without a person");
             }
             println!("conversation {conversation} handed to a person");
-            Ok(())
+            let record =
+                audit::record(&audit::actor(), "handoff.start").target(conversation.to_string());
+            super::audit(operator, record).await
         }
         Action::End { conversation } => {
             let cache = operator.cache().await?;
@@ -66,7 +69,9 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
                 bail!("no conversation {conversation} with a person");
             }
             println!("conversation {conversation} given back to the bot");
-            Ok(())
+            let record =
+                audit::record(&audit::actor(), "handoff.end").target(conversation.to_string());
+            super::audit(operator, record).await
         }
     }
 }

@@ -4,6 +4,7 @@
 //! an [`Operator`].
 
 mod actions;
+mod audit;
 #[cfg(feature = "bench")]
 mod bench;
 mod console;
@@ -19,6 +20,7 @@ mod send;
 mod shard;
 mod status;
 mod trace;
+mod user;
 mod worker;
 
 use std::io::{BufRead, Write};
@@ -101,6 +103,13 @@ enum Command {
         #[command(subcommand)]
         action: handoff::Action,
     },
+    /// One user's personal data: export it, erase it (recorded in the audit trail).
+    User {
+        #[command(subcommand)]
+        action: user::Action,
+    },
+    /// The audit trail of operators' actions on user data, newest first.
+    Audit(audit::Args),
     /// Inspect or replay the dead-letter stream.
     Dlq {
         #[command(subcommand)]
@@ -109,6 +118,35 @@ enum Command {
     /// Measure throughput and latency of the whole pipeline (mock LLM, in-process workers).
     #[cfg(feature = "bench")]
     Bench(icmp::bench::BenchOptions),
+}
+
+/// Appends `record` to the audit trail (docs/security.md, "Audit"); the command fails when it
+/// cannot, after saying that what it did is done.
+async fn audit(operator: &Operator, record: icmp::personal_data::audit::AuditRecord) -> Result<()> {
+    operator
+        .store()
+        .await?
+        .audit(&record)
+        .await
+        .with_context(|| format!("{} done, but writing the audit trail failed", record.action))
+}
+
+/// Many ids as one audit target (at most 1,000 characters of them).
+fn audit_target(ids: &[impl ToString]) -> String {
+    let mut out = ids
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    if out.len() > 1000 {
+        let mut end = 1000;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
 }
 
 pub(crate) fn main() -> ExitCode {
@@ -148,6 +186,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => status::run(&operator(), args).await,
         Command::Console(args) => console::run(&operator(), args).await,
         Command::Dlq { action } => dlq::run(&operator(), action).await,
+        Command::User { action } => user::run(&operator(), action).await,
+        Command::Audit(args) => audit::run(&operator(), args).await,
         Command::Actions { action } => actions::run(&operator(), action).await,
         Command::Handoff { action } => handoff::run(&operator(), action).await,
         #[cfg(feature = "bench")]

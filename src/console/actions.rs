@@ -125,6 +125,10 @@ async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
         remote.addr = %ctx.remote,
         "console write"
     );
+    let result = match (result, audit(ctx, action, id, &outcome).await) {
+        (Ok(()), Err(e)) => Err(e),
+        (result, _) => result,
+    };
     let seq = ctx
         .console
         .record(action.as_str(), id, &outcome, &ctx.remote);
@@ -132,6 +136,26 @@ async fn write(ctx: &Ctx, action: Action, id: &str) -> Response {
         Ok(()) => see_other(&action.done_page(id, seq)),
         Err(e) => ctx.respond(Err(e)),
     }
+}
+
+/// Appends the write to the audit trail (docs/security.md, "Audit"); a write that cannot be
+/// audited is reported as failed, though it took effect.
+async fn audit(ctx: &Ctx, action: Action, id: &str, outcome: &str) -> Result<(), ConsoleError> {
+    let name = match action {
+        Action::Replay => "dlq.replay",
+        Action::Purge => "dlq.purge",
+        Action::Retry => "actions.retry",
+        Action::Cancel => "actions.cancel",
+        Action::HandOver => "handoff.start",
+        Action::GiveBack => "handoff.end",
+    };
+    let mut record =
+        crate::personal_data::audit::record(&format!("console:{}", ctx.remote), name).target(id);
+    if outcome.starts_with("failed") || outcome == "not_found" {
+        record = record.failed(outcome);
+    }
+    ctx.console.store.audit(&record).await?;
+    Ok(())
 }
 
 /// Why this request may not write, if it may not: no token configured, not signed in, or sent

@@ -11,11 +11,12 @@ use super::StoreError;
 
 /// The tenant tables in an order where each table's foreign keys point only at tables before
 /// it (Citus distributes a referencing table after the tables it references).
-pub const TENANT_TABLES: [&str; 10] = [
+pub const TENANT_TABLES: [&str; 11] = [
     "businesses",
     "templates",
     "stages",
     "users",
+    "user_erasures",
     "conversations",
     "messages",
     "extracted_data",

@@ -3,6 +3,7 @@
 //!
 //! Every query filters by `business_id`: a row of one business is never reachable from another.
 
+pub mod audit;
 pub mod conversations;
 pub mod definitions;
 pub mod distribution;
@@ -11,6 +12,7 @@ pub mod handoffs;
 pub mod import;
 pub mod listen;
 pub mod outbox;
+pub mod personal_data;
 pub mod summaries;
 pub mod write_set;
 

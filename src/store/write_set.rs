@@ -116,7 +116,8 @@ pub struct WriteSet {
 // `$6` the message rows (JSON array, see `MessageRow`), `$7` how many, `$8`/`$9` the stage
 // transition (from, to), `$10` the user message's id, `$11` the log id, `$12` the extracted
 // fields (JSON object), `$13` the LLM calls (JSON array of `LlmCallRecord`), `$14` the actions'
-// requests, `$15` the handoff (JSON object). Each is sent
+// requests, `$15` the handoff (JSON object), `$16` the user's key (`user_key`) and `$17` the
+// arrival of the message (milliseconds, its inbound entry id's time). Each is sent
 // renumbered to the parameters it uses ([`Step`]).
 //
 // Every one is a single-shard statement on Citus (all of it filters or writes one
@@ -131,11 +132,21 @@ INSERT INTO users (business_id, external_id) VALUES ($1, $4)
 ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = EXCLUDED.last_seen_at";
 
 /// A new conversation, of that user. An id that exists already is a unique violation of
-/// `conversations_pkey`: a version conflict. (The alias keeps Citus from naming the table in
-/// the `RETURNING` of the statement it sends to the shard, where it has another name.)
+/// `conversations_pkey`: a version conflict. A user erased at or after the arrival of this
+/// message (`$16` the user's key, `$17` the arrival on the Redis clock; migration V16) gets no
+/// conversation: its `user_id` becomes NULL, which the column refuses ([`StoreError::Erased`]).
+/// The check runs here, after the user statement: that one waits for an erase holding the
+/// user's row, so this one's snapshot sees the erase once it committed. (The alias keeps Citus
+/// from naming the table in the `RETURNING` of the statement it sends to the shard, where it
+/// has another name.)
 const CONVERSATION_NEW: &str = "\
 INSERT INTO conversations AS n (id, business_id, user_id, current_stage_id, last_seq)
-SELECT $2, u.business_id, u.id, $3, $7 FROM users AS u WHERE u.business_id = $1 AND u.external_id = $4
+SELECT $2, u.business_id,
+       CASE WHEN EXISTS (SELECT 1 FROM user_erasures AS e
+                          WHERE e.business_id = $1 AND e.user_key = $16 AND e.erased_ms >= $17)
+            THEN NULL ELSE u.id END,
+       $3, $7
+  FROM users AS u WHERE u.business_id = $1 AND u.external_id = $4
 RETURNING n.version, n.created_at, n.updated_at";
 
 /// A continuing conversation's user.
@@ -223,8 +234,8 @@ const HANDOFF: &str = "\
 UPDATE conversations SET handoff = coalesce(handoff, '{}'::jsonb) || $15::jsonb
  WHERE business_id = $1 AND id = $2";
 
-/// How many parameters the write set has (`$1` … `$15`).
-pub const PARAMETERS: usize = 15;
+/// How many parameters the write set has (`$1` … `$17`).
+pub const PARAMETERS: usize = 17;
 
 /// The statements of a write set, in order, with the write set's parameter numbers: the user,
 /// the conversation (whose rows are the result), the messages, then the transition, the
@@ -441,6 +452,9 @@ struct Values<'a> {
     handoff: Option<Json<&'a serde_json::Value>>,
     transition_from: Option<Uuid>,
     transition_to: Option<Uuid>,
+    /// The user's key, for a new conversation's erasure check (empty otherwise: unused).
+    user_key: String,
+    arrived_ms: i64,
 }
 
 impl<'a> Values<'a> {
@@ -456,10 +470,18 @@ impl<'a> Values<'a> {
             handoff: ws.handoff.as_ref().map(Json),
             transition_from,
             transition_to,
+            user_key: if ws.expected_version.is_none() {
+                user_key(&ws.user_external_id)
+            } else {
+                String::new()
+            },
+            arrived_ms: crate::stream::entry_time_ms(&ws.inbound_id)
+                .and_then(|ms| i64::try_from(ms).ok())
+                .unwrap_or(i64::MAX),
         }
     }
 
-    /// The write set's parameters, `$1` … `$15`.
+    /// The write set's parameters, `$1` … `$17`.
     fn params(&'a self, ws: &'a WriteSet) -> [&'a (dyn ToSql + Sync); PARAMETERS] {
         [
             &ws.business_id,
@@ -477,8 +499,19 @@ impl<'a> Values<'a> {
             &self.calls,
             &self.actions,
             &self.handoff,
+            &self.user_key,
+            &self.arrived_ms,
         ]
     }
+}
+
+/// How a user is named where their id must not be kept (`user_erasures`, `audit_log`): the
+/// SHA-256 of their canonical id, in hex. It proves an erase to whoever knows the id, and does
+/// not give the id back.
+pub fn user_key(external_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(external_id.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A write set's statements, prepared on `client`, each with the parameters it uses.
@@ -592,6 +625,9 @@ pub(crate) fn classify(e: StoreError) -> StoreError {
     let StoreError::Db(e) = e else {
         return e;
     };
+    if is_erasure(&e) {
+        return StoreError::Erased;
+    }
     let check = e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION);
     if !is_unique_violation(&e) && !check {
         return StoreError::Db(e);
@@ -600,6 +636,25 @@ pub(crate) fn classify(e: StoreError) -> StoreError {
         Some("conversations_pkey" | "conversations_version_check") => StoreError::VersionConflict,
         Some("messages_idempotency_key") => StoreError::Duplicate,
         _ => StoreError::Db(e),
+    }
+}
+
+/// Whether `e` is the refusal of a new conversation's user by [`CONVERSATION_NEW`]'s erasure
+/// check: the only NULL `conversations.user_id` a write set can write. (On Citus the worker
+/// node's error arrives with its message alone, naming the shard: `conversations_102008`.)
+fn is_erasure(e: &tokio_postgres::Error) -> bool {
+    let Some(db) = e.as_db_error() else {
+        return false;
+    };
+    if db.code() != &tokio_postgres::error::SqlState::NOT_NULL_VIOLATION {
+        return false;
+    }
+    match (db.table(), db.column()) {
+        (Some(table), Some(column)) => unsharded(table) == "conversations" && column == "user_id",
+        _ => {
+            db.message().contains("column \"user_id\"")
+                && db.message().contains("relation \"conversations")
+        }
     }
 }
 

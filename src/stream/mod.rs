@@ -10,6 +10,7 @@
 //! - [`finish`]: the fenced finish: ack, and only if that acked, publish;
 //! - [`retention`]: trimming the inbound stream behind every group, pruning idle consumers;
 //! - [`dlq`]: the dead-letter stream seen from the operator's side (`icmp dlq`);
+//! - [`removal`]: removing an entry from the inbound stream once no worker needs it;
 //! - [`resharding`]: moving from one shard layout to another without breaking any user's order.
 //!
 //! Every script receives the keys it writes in `KEYS`, except the claim scripts, whose queue
@@ -37,6 +38,7 @@ pub mod finish;
 pub mod heartbeat;
 pub mod once;
 pub mod order;
+pub mod removal;
 pub mod resharding;
 pub mod retention;
 

@@ -233,6 +233,8 @@ pub enum MessageOutcome {
     Duplicate,
     Retry,
     DeadLettered,
+    /// Dropped: its user was erased after it arrived.
+    Erased,
 }
 
 impl MessageOutcome {
@@ -245,6 +247,7 @@ impl MessageOutcome {
             MessageOutcome::Duplicate => "duplicate",
             MessageOutcome::Retry => "retry",
             MessageOutcome::DeadLettered => "dead_lettered",
+            MessageOutcome::Erased => "erased",
         }
     }
 }

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::cache::CacheWrite;
 use crate::config::Config;
-use crate::error::{Classify, PipelineError, StreamError, ValidationError};
+use crate::error::{Classify, PipelineError, StoreError, StreamError, ValidationError};
 use crate::llm::LlmService;
 use crate::model::{AnswerStatus, Business};
 use crate::pipeline::{Attempt, MessageHandler, Processed, failpoint};
@@ -67,6 +67,9 @@ pub enum EntryOutcome {
     /// It was removed from the stream while it waited for its turn: acked and dead-lettered
     /// as `stream.trimmed` (no reply: where it should go is gone with it).
     Vanished,
+    /// Its user was erased after it arrived (`icmp user erase`): acked without a reply, nothing
+    /// stored.
+    Erased,
 }
 
 /// Counters of one worker, for its own tests and for `icmp status`-like introspection; the
@@ -91,6 +94,8 @@ pub struct WorkerStats {
     /// Head checks run because of the slow safety-net poll.
     pub polled_checks: AtomicU64,
     pub vanished: AtomicU64,
+    /// Messages dropped because their user was erased after they arrived.
+    pub erased: AtomicU64,
     /// Messages answered by the reply of an earlier message of their user (coalesced turns).
     pub coalesced: AtomicU64,
     pub trimmed: AtomicU64,
@@ -230,6 +235,7 @@ impl<L: LlmService> Worker<L> {
                 EntryOutcome::RetryLater => Some(&self.stats.retries_later),
                 EntryOutcome::DeadLettered => Some(&self.stats.dead_lettered),
                 EntryOutcome::AlreadyDone => Some(&self.stats.fenced),
+                EntryOutcome::Erased => Some(&self.stats.erased),
                 EntryOutcome::Lost | EntryOutcome::Vanished => None,
             };
             if let Some(c) = counter {
@@ -453,6 +459,7 @@ impl<L: LlmService> Worker<L> {
                 .await
             }
             Err(err @ PipelineError::Validation(_)) => self.reject(entry, &err, log_id).await,
+            Err(PipelineError::Store(StoreError::Erased)) => self.drop_erased(entry).await,
             Err(err)
                 if err.is_retryable() && attempt.number < self.config.streams.max_deliveries =>
             {
@@ -462,6 +469,31 @@ impl<L: LlmService> Worker<L> {
             Err(err) => {
                 metrics::record_error(&err, "message");
                 self.dead_letter(entry, &err, log_id).await
+            }
+        }
+    }
+
+    /// A message of a user erased after it arrived: acked without a reply or a dead letter
+    /// (either would keep what the erase removed), nothing stored.
+    async fn drop_erased(&self, entry: &StreamEntry) -> (EntryOutcome, Option<MessageOutcome>) {
+        tracing::info!("the user was erased after this message arrived; dropped");
+        let finish = Finish {
+            reply: None,
+            dead_letter: None,
+        };
+        let result = self
+            .finish_retry
+            .run("redis.finish", || {
+                self.streams
+                    .finish(&entry.id, entry.slot.as_ref(), &finish, None)
+            })
+            .await;
+        match result {
+            Ok(true) => (EntryOutcome::Erased, Some(MessageOutcome::Erased)),
+            Ok(false) => (EntryOutcome::AlreadyDone, None),
+            Err(e) => {
+                metrics::record_error(&e, "finish");
+                (EntryOutcome::RetryLater, Some(MessageOutcome::Retry))
             }
         }
     }

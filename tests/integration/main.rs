@@ -29,6 +29,7 @@ mod llm_client;
 mod mock_llm;
 mod model_chain;
 mod operator;
+mod personal_data;
 mod phases;
 mod pipeline;
 mod processes;

@@ -1,0 +1,72 @@
+//! `icmp user export`: everything stored of one user as one JSON document (docs/operations.md,
+//! "Personal data": its shape). Read-only.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::Subject;
+use super::places::{self, Found, Streams};
+use crate::redis_connection::RedisConnection;
+use crate::status::StatusError;
+use crate::store::Store;
+
+/// One user's data, wherever icmp keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Export {
+    pub business_id: String,
+    pub user_id: String,
+    pub exported_at: String,
+    /// PostgreSQL's rows, per table (`users`, `conversations`, `messages`, `extracted_data`,
+    /// `stage_transitions`, `llm_calls` with their prompts and outputs, `action_outbox`).
+    pub database: BTreeMap<&'static str, Vec<serde_json::Value>>,
+    /// The cached conversation state (Redis), as stored.
+    pub cached_state: Option<serde_json::Value>,
+    /// Entries naming the user in the streams.
+    pub streams: Found,
+}
+
+impl Export {
+    /// Items per place: rows per table, entries per kind of stream, the cached state.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> = self
+            .database
+            .iter()
+            .map(|(t, rows)| ((*t).to_owned(), rows.len() as u64))
+            .collect();
+        out.extend(self.streams.counts());
+        out.insert(
+            "cached_state".to_owned(),
+            u64::from(self.cached_state.is_some()),
+        );
+        out
+    }
+
+    /// Whether nothing at all was found.
+    pub fn is_empty(&self) -> bool {
+        self.counts().values().all(|&n| n == 0)
+    }
+}
+
+/// Everything stored of `subject`.
+///
+/// # Errors
+/// Redis or PostgreSQL failures.
+pub async fn export(
+    store: &Store,
+    conn: &RedisConnection,
+    key_prefix: &str,
+    at: Streams<'_>,
+    subject: &Subject,
+) -> Result<Export, StatusError> {
+    let rows = store.user_rows(subject.business, &subject.user).await?;
+    let state_key = crate::cache::state_key(key_prefix, subject.business, &subject.user);
+    Ok(Export {
+        business_id: subject.business.to_string(),
+        user_id: subject.user.clone(),
+        exported_at: chrono::Utc::now().to_rfc3339(),
+        database: rows.tables,
+        cached_state: places::cached_state(conn, &state_key).await?,
+        streams: places::find(conn, at, subject, |_| true).await?,
+    })
+}

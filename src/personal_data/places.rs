@@ -1,0 +1,183 @@
+//! Where a user's data is in Redis: entries naming them (`business_id` and `user_id`) in every
+//! shard's inbound, outbound, `reply_to` and dead-letter streams and in the agents' stream, and
+//! their cached conversation state. Streams are read whole, in pages.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::Subject;
+use crate::config::{HandoffConfig, StreamsConfig};
+use crate::redis_connection::RedisConnection;
+use crate::status::StatusError;
+use crate::stream::scan_entries;
+use crate::trace::Entry;
+
+/// A stream entry and the stream it is in.
+#[derive(Debug, Clone, Serialize)]
+pub struct Placed {
+    pub stream: String,
+    #[serde(flatten)]
+    pub entry: Entry,
+}
+
+/// A user's entries, by kind of stream.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Found {
+    pub inbound: Vec<Placed>,
+    pub replies: Vec<Placed>,
+    pub dead_letters: Vec<Placed>,
+    pub agents: Vec<Placed>,
+}
+
+impl Found {
+    /// Entries per kind of stream.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        [
+            ("inbound", &self.inbound),
+            ("replies", &self.replies),
+            ("dead_letters", &self.dead_letters),
+            ("agents", &self.agents),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.len() as u64))
+        .collect()
+    }
+}
+
+/// The streams to look in.
+#[derive(Debug, Clone, Copy)]
+pub struct Streams<'a> {
+    pub streams: &'a StreamsConfig,
+    pub handoff: &'a HandoffConfig,
+}
+
+/// Every entry naming `subject` that `keep` accepts.
+///
+/// # Errors
+/// Redis failures.
+pub async fn find(
+    conn: &RedisConnection,
+    at: Streams<'_>,
+    subject: &Subject,
+    keep: impl Fn(&Entry) -> bool,
+) -> Result<Found, StatusError> {
+    let mut found = Found::default();
+    let wanted = |f: &BTreeMap<String, String>| subject.named_by(f);
+    let scan = async |stream: &str, into: &mut Vec<Placed>| -> Result<(), StatusError> {
+        for (id, fields) in scan_entries(conn, stream, "-", usize::MAX, wanted).await? {
+            let entry = Entry { id, fields };
+            if keep(&entry) {
+                into.push(Placed {
+                    stream: stream.to_owned(),
+                    entry,
+                });
+            }
+        }
+        Ok(())
+    };
+    for shard in at.streams.all_shards() {
+        scan(&shard.inbound, &mut found.inbound).await?;
+        for stream in reply_streams(conn, &shard).await? {
+            scan(&stream, &mut found.replies).await?;
+        }
+        scan(&shard.dead_letter, &mut found.dead_letters).await?;
+    }
+    scan(&at.handoff.agents, &mut found.agents).await?;
+    Ok(found)
+}
+
+/// A shard's outbound stream and every `reply_to` stream under its reply prefix (found with
+/// `SCAN` on the node of the shard's slot, where the prefix's hash tag puts them on a cluster).
+async fn reply_streams(
+    conn: &RedisConnection,
+    shard: &StreamsConfig,
+) -> Result<Vec<String>, StatusError> {
+    let mut out = vec![shard.outbound.clone()];
+    let pattern = format!("{}*", glob_escape(&shard.reply_prefix));
+    let mut cursor = 0u64;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .arg("TYPE")
+            .arg("stream");
+        let reply = conn
+            .clone()
+            .query_on_master_of(&shard.inbound, &cmd)
+            .await?;
+        let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+        out.extend(keys.into_iter().filter(|k| *k != shard.outbound));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// `s` with the glob pattern's special characters escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The user's cached conversation state, as stored (JSON), if any.
+///
+/// # Errors
+/// Redis failures.
+pub async fn cached_state(
+    conn: &RedisConnection,
+    key: &str,
+) -> Result<Option<serde_json::Value>, StatusError> {
+    let raw: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(raw.map(|bytes| {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()))
+    }))
+}
+
+/// Removes `ids` from `stream`; returns how many were there.
+///
+/// # Errors
+/// Redis failures.
+pub async fn remove(
+    conn: &RedisConnection,
+    stream: &str,
+    ids: &[&str],
+) -> Result<u64, StatusError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let n: u64 = redis::cmd("XDEL")
+        .arg(stream)
+        .arg(ids)
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_prefix_is_matched_literally() {
+        assert_eq!(glob_escape("icmp:reply:{s1}:"), "icmp:reply:{s1}:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}

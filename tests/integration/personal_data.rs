@@ -1,0 +1,483 @@
+//! Personal data: `icmp user export` and `icmp user erase` count exactly what they find and
+//! remove in every store (PostgreSQL tables, the cached state, the inbound, outbound,
+//! `reply_to`, dead-letter and agents' streams); an erase with the user's messages in flight
+//! drops those that arrived before it (acknowledged, no reply, nothing stored) and treats
+//! later ones as a new user; erases under load with a flaky LLM and a worker replaced mid-run
+//! leave every other user's account exact; and the audit trail records each command without
+//! the data.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use icmp::llm::mock::MockOptions;
+use icmp::personal_data::places::Streams;
+use icmp::personal_data::{Subject, erase, export};
+use icmp::store::audit::AuditFilter;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::helpers::{self, DEMO_BUSINESS, TestApp};
+
+fn at(app: &TestApp) -> Streams<'_> {
+    Streams {
+        streams: &app.config.streams,
+        handoff: &app.config.handoff,
+    }
+}
+
+fn subject(user: &str) -> Subject {
+    Subject::new(DEMO_BUSINESS, user).expect("subject")
+}
+
+async fn export_of(app: &TestApp, user: &str) -> export::Export {
+    export::export(
+        &app.store,
+        &app.redis,
+        &app.config.redis.key_prefix,
+        at(app),
+        &subject(user),
+    )
+    .await
+    .expect("export")
+}
+
+async fn erase_of(app: &TestApp, user: &str) -> erase::Erasure {
+    erase::erase(
+        &app.store,
+        &app.redis,
+        &app.config.redis.key_prefix,
+        at(app),
+        &subject(user),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("erase")
+}
+
+/// Rows per table of `user`'s data, counted straight from the tables.
+async fn rows_of(app: &TestApp, user: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let users = app
+        .count(
+            "SELECT count(*) FROM users WHERE business_id = $1::text::uuid AND external_id = $2",
+            &[&DEMO_BUSINESS, &user],
+        )
+        .await;
+    out.insert("users".to_owned(), users as u64);
+    let of_user = "conversation_id IN (SELECT c.id FROM conversations c JOIN users u \
+                   ON u.business_id = c.business_id AND u.id = c.user_id \
+                   WHERE u.business_id = $1::text::uuid AND u.external_id = $2)";
+    for table in [
+        "messages",
+        "extracted_data",
+        "stage_transitions",
+        "llm_calls",
+        "action_outbox",
+    ] {
+        let n = app
+            .count(
+                &format!("SELECT count(*) FROM {table} WHERE {of_user}"),
+                &[&DEMO_BUSINESS, &user],
+            )
+            .await;
+        out.insert(table.to_owned(), n as u64);
+    }
+    let n = app
+        .count(
+            "SELECT count(*) FROM conversations c JOIN users u \
+             ON u.business_id = c.business_id AND u.id = c.user_id \
+             WHERE u.business_id = $1::text::uuid AND u.external_id = $2",
+            &[&DEMO_BUSINESS, &user],
+        )
+        .await;
+    out.insert("conversations".to_owned(), n as u64);
+    out
+}
+
+#[tokio::test]
+async fn export_finds_every_place_and_erase_removes_exactly_that() {
+    let app = helpers::spawn_app(MockOptions::default()).await;
+    let reply_to = format!("{}ada-phone", app.config.streams.reply_prefix);
+    let inbound = app.config.streams.for_fields(DEMO_BUSINESS, "ada").inbound;
+    let mut ids = Vec::new();
+    for (i, text) in ["Hello, my name is Ada Lovelace", "I need a visit on Friday"]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("ada-{i}");
+        app.send("ada", &id, text).await;
+        app.reply(&id).await;
+        ids.push(id);
+    }
+    app.xadd_on(
+        &inbound,
+        &[
+            ("business_id", DEMO_BUSINESS.as_bytes()),
+            ("user_id", b"ada"),
+            ("message_id", b"ada-2"),
+            ("content", b"Please answer on my phone, Ada here"),
+            ("reply_to", reply_to.as_bytes()),
+        ],
+    )
+    .await;
+    app.reply_on(&reply_to, "ada-2").await;
+    for i in 0..2 {
+        let id = format!("bob-{i}");
+        app.send("bob", &id, "Bob Marley wants a visit").await;
+        app.reply(&id).await;
+    }
+    // A dead letter of each, as the worker writes one (the original fields, then its own).
+    let dead = app
+        .config
+        .streams
+        .for_fields(DEMO_BUSINESS, "ada")
+        .dead_letter;
+    for user in ["ada", "bob"] {
+        app.xadd_on(
+            &dead,
+            &[
+                ("business_id", DEMO_BUSINESS.as_bytes()),
+                ("user_id", user.as_bytes()),
+                ("content", b"something that failed"),
+                ("inbound_id", b"1700000000000-0"),
+                ("error_code", b"llm.unavailable"),
+            ],
+        )
+        .await;
+    }
+    app.settle(Duration::from_secs(10)).await;
+    let bob_before = rows_of(&app, "bob").await;
+    let ada_rows = rows_of(&app, "ada").await;
+    assert_eq!(ada_rows["messages"], 6, "{ada_rows:?}");
+    assert!(ada_rows["llm_calls"] >= 3, "{ada_rows:?}");
+
+    // The export finds every row, the cached state and every entry naming the user.
+    let found = export_of(&app, "ada").await;
+    let counts = found.counts();
+    for (table, n) in &ada_rows {
+        assert_eq!(counts[table], *n, "{table}: {counts:?}");
+    }
+    assert_eq!(counts["inbound"], 3, "{counts:?}");
+    assert_eq!(counts["replies"], 3, "{counts:?}");
+    assert_eq!(counts["dead_letters"], 1, "{counts:?}");
+    assert_eq!(counts["cached_state"], 1, "{counts:?}");
+    assert_eq!(counts["agents"], 0, "{counts:?}");
+    let prompts = &found.database["llm_calls"];
+    assert!(
+        prompts
+            .iter()
+            .any(|c| c["prompt"].as_str().is_some_and(|p| p.contains("Lovelace"))),
+        "the export holds the LLM calls' prompts"
+    );
+    let text = serde_json::to_string(&found).expect("json");
+    assert!(!text.contains("Bob Marley"), "another user's data leaked");
+
+    // The erase removes exactly what the export found, and nothing of anyone else.
+    let erased = erase_of(&app, "ada").await;
+    assert!(erased.in_flight.is_empty());
+    for (place, n) in &counts {
+        let removed = match place.as_str() {
+            "inbound" => erased.counts["inbound"] + erased.counts["inbound_undelivered"],
+            other => erased.counts[other],
+        };
+        assert_eq!(
+            removed, *n,
+            "{place}: found {counts:?}, erased {:?}",
+            erased.counts
+        );
+    }
+    assert!(export_of(&app, "ada").await.is_empty());
+    assert_eq!(rows_of(&app, "bob").await, bob_before);
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM llm_calls WHERE prompt LIKE '%Lovelace%' OR output LIKE '%Lovelace%'",
+            &[]
+        )
+        .await,
+        0
+    );
+    let bob = export_of(&app, "bob").await.counts();
+    assert_eq!(
+        (bob["replies"], bob["dead_letters"], bob["inbound"]),
+        (2, 1, 2)
+    );
+    assert!(
+        !app.key_exists(&format!(
+            "{}conv:{DEMO_BUSINESS}:ada",
+            app.config.redis.key_prefix
+        ))
+        .await
+    );
+
+    // Idempotent: a second erase finds nothing.
+    let again = erase_of(&app, "ada").await;
+    assert!(again.counts.values().all(|&n| n == 0), "{:?}", again.counts);
+    assert!(again.erased_ms >= erased.erased_ms);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_erase_drops_messages_in_flight_and_a_later_message_is_a_new_user() {
+    let mut app = helpers::spawn_env(
+        MockOptions {
+            latency_ms: 600,
+            ..MockOptions::default()
+        },
+        |_| {},
+    )
+    .await;
+    let worker = app.start_worker("w0").await;
+    app.send("ada", "m0", "Hello, I am Ada Lovelace").await;
+    app.reply("m0").await;
+    let first: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT c.id::text FROM conversations c JOIN users u ON u.id = c.user_id \
+             WHERE u.external_id = 'ada'",
+            &[],
+        )
+        .await
+        .expect("conversation")
+        .get(0);
+    // m1 continues the conversation, m2 waits behind it in the user's order queue: both are
+    // in flight (the LLM takes 600 ms a call) when the erase runs.
+    app.send("ada", "m1", "Lovelace again, any news?").await;
+    app.send("ada", "m2", "And a third line from Ada").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(app.pending().await >= 1, "m1 is being processed");
+    let erased = erase_of(&app, "ada").await;
+    assert!(erased.in_flight.is_empty(), "{erased:?}");
+    assert_eq!(erased.counts["conversations"], 1, "{:?}", erased.counts);
+    assert_eq!(erased.counts["messages"], 2, "m0 and its reply");
+    // m0 finished before; m1 and m2 were dropped by the worker (or, not yet delivered,
+    // removed by the erase): nothing of either is left.
+    assert_eq!(
+        erased.counts["inbound"] + erased.counts["inbound_undelivered"],
+        3,
+        "{:?}",
+        erased.counts
+    );
+    assert!(export_of(&app, "ada").await.is_empty());
+    for id in ["m0", "m1", "m2"] {
+        assert!(
+            app.replies_of(id).await.is_empty(),
+            "a reply of {id} is left"
+        );
+    }
+    let dropped = worker
+        .stats()
+        .erased
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped >= 1, "the worker dropped the message it held");
+
+    // A message after the erase is a new user's: answered, stored in a new conversation.
+    app.send("ada", "m3", "Hi, new here").await;
+    assert_eq!(app.reply("m3").await["status"], "ok");
+    let after = rows_of(&app, "ada").await;
+    assert_eq!(
+        (after["users"], after["conversations"], after["messages"]),
+        (1, 1, 2)
+    );
+    let second: String = app
+        .db()
+        .await
+        .query_one(
+            "SELECT c.id::text FROM conversations c JOIN users u ON u.id = c.user_id \
+             WHERE u.external_id = 'ada'",
+            &[],
+        )
+        .await
+        .expect("conversation")
+        .get(0);
+    assert_ne!(first, second);
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM messages WHERE content LIKE '%Lovelace%'",
+            &[]
+        )
+        .await,
+        0
+    );
+    app.stop().await;
+}
+
+/// Erases under load: 24 users write while the LLM is slow and fails now and then, one worker
+/// is replaced mid-run, and four users are erased while their messages are in flight (and
+/// again, with their later messages, at the end of the run). Every message is classified by its
+/// entry id against the erase's instant, and counted: a message of an erased user that arrived
+/// before the erase has no rows and no reply left; one that arrived later, and every message of
+/// the others, has exactly one reply and exactly its two rows.
+#[tokio::test]
+async fn erases_under_load_leave_an_exact_account() {
+    let seed = std::env::var("ICMP_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7u64);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut app = helpers::spawn_env(
+        MockOptions {
+            latency_ms: 20,
+            jitter_ms: 60,
+            error_rate: 0.05,
+            seed,
+            ..MockOptions::default()
+        },
+        |_| {},
+    )
+    .await;
+    app.start_worker("w0").await;
+    app.start_worker("w1").await;
+    let users: Vec<String> = (0..24).map(|u| format!("u{u}")).collect();
+    let erased_users: Vec<&String> = users.iter().take(4).collect();
+    // (user, message_id) per inbound entry id.
+    let mut sent: HashMap<String, (String, String)> = HashMap::new();
+    let mut instants: HashMap<String, i64> = HashMap::new();
+    for round in 0..10 {
+        for _ in 0..12 {
+            let user = &users[rng.random_range(0..users.len())];
+            let message_id = format!("{user}-{round}-{}", rng.random::<u32>());
+            let id = app
+                .send(user, &message_id, &format!("round {round} from {user}"))
+                .await;
+            sent.insert(id, (user.clone(), message_id));
+        }
+        if round == 4 {
+            // An operator replaces a worker while messages are in flight.
+            app.stop_workers().await;
+            app.start_worker("w2").await;
+            app.start_worker("w3").await;
+        }
+        if round == 5 {
+            for user in &erased_users {
+                let e = erase_of(&app, user).await;
+                assert!(e.in_flight.is_empty(), "{e:?}");
+                instants.insert((*user).clone(), e.erased_ms);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.settle(Duration::from_secs(60)).await;
+    let replies = app.outbound_entries().await;
+    let mut replies_per_message: HashMap<&str, usize> = HashMap::new();
+    for r in &replies {
+        *replies_per_message
+            .entry(r["message_id"].as_str())
+            .or_default() += 1;
+    }
+    let client = app.db().await;
+    let rows: HashMap<String, i64> = client
+        .query(
+            "SELECT idempotency_key, count(*) FROM messages WHERE role IN ('user', 'assistant') \
+             GROUP BY idempotency_key",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let (mut dropped, mut answered) = (0, 0);
+    for (id, (user, message_id)) in &sent {
+        let ms: i64 = id
+            .split('-')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .expect("id");
+        let before_erase = instants.get(user).is_some_and(|&at| ms <= at);
+        let n_replies = replies_per_message
+            .get(message_id.as_str())
+            .copied()
+            .unwrap_or(0);
+        let n_rows = rows.get(message_id).copied().unwrap_or(0);
+        if before_erase {
+            assert_eq!((n_replies, n_rows), (0, 0), "{message_id} of erased {user}");
+            dropped += 1;
+        } else {
+            assert_eq!((n_replies, n_rows), (1, 2), "{message_id} of {user}");
+            answered += 1;
+        }
+    }
+    assert!(
+        dropped > 0 && answered > 0,
+        "{dropped} dropped, {answered} answered"
+    );
+    // At the end, each erased user is erased again: nothing of them is left anywhere.
+    let others_before: HashSet<String> = rows.keys().cloned().collect();
+    for user in &erased_users {
+        erase_of(&app, user).await;
+        assert!(export_of(&app, user).await.is_empty(), "{user}");
+    }
+    let left: HashSet<String> = client
+        .query("SELECT DISTINCT idempotency_key FROM messages", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for key in others_before.difference(&left) {
+        let owner = sent
+            .values()
+            .find(|(_, m)| m == key)
+            .map(|(u, _)| u.as_str());
+        assert!(
+            owner.is_some_and(|u| erased_users.iter().any(|e| e.as_str() == u)),
+            "{key} of {owner:?} was removed"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_each_command_without_the_data_and_cannot_be_changed() {
+    let app = helpers::spawn_app(MockOptions::default()).await;
+    app.send("grace", "g0", "Grace Hopper would like an appointment")
+        .await;
+    app.reply("g0").await;
+    let record = |action: &str| {
+        icmp::personal_data::audit::record("tester", action)
+            .business(subject("grace").business)
+            .user(subject("grace").key())
+    };
+    let found = export_of(&app, "grace").await;
+    app.store
+        .audit(&record("user.export").counts(&found.counts()))
+        .await
+        .expect("audit");
+    let erased = erase_of(&app, "grace").await;
+    app.store
+        .audit(&record("user.erase").counts(&erased.counts))
+        .await
+        .expect("audit");
+    let log = app
+        .store
+        .audit_log(&AuditFilter {
+            business_id: Some(subject("grace").business),
+            user_key: Some(subject("grace").key()),
+            action: None,
+            limit: 10,
+        })
+        .await
+        .expect("audit log");
+    let actions: Vec<&str> = log.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions, ["user.erase", "user.export"]);
+    assert_eq!(log[0].counts["messages"], 2);
+    let text = serde_json::to_string(&log).expect("json");
+    assert!(
+        !text.contains("grace") && !text.contains("Hopper"),
+        "{text}"
+    );
+    let client = app.db().await;
+    for sql in [
+        "UPDATE audit_log SET actor = 'someone else'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        let e = client.batch_execute(sql).await.expect_err(sql);
+        assert!(
+            e.to_string().contains("append-only") || format!("{e:?}").contains("append-only"),
+            "{sql}: {e:?}"
+        );
+    }
+    app.stop().await;
+}
