@@ -81,6 +81,31 @@ pub struct Config {
     pub actions: ActionsConfig,
     #[serde(default)]
     pub handoff: HandoffConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: the sweep that applies each business's `[business.retention]`
+/// (`crate::personal_data::retention`), run by every worker process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How often a worker sweeps (0: never).
+    pub sweep_interval_ms: u64,
+    /// Rows per transaction: each batch holds its locks that briefly.
+    pub batch_rows: i64,
+    /// The pause between two batches, so that a sweep never takes the database for itself.
+    pub pause_ms: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            sweep_interval_ms: 600_000,
+            batch_rows: 500,
+            pause_ms: 20,
+        }
+    }
 }
 
 /// `[handoff]`: the agents' streams and the desk (`crate::handoff`).

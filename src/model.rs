@@ -95,6 +95,57 @@ pub struct Policy {
     /// `replies`.)
     #[serde(skip_serializing_if = "HandoffPolicy::is_default")]
     pub handoff: HandoffPolicy,
+    /// How long its users' data is kept. (Left out when default, as `replies`.)
+    #[serde(skip_serializing_if = "Retention::is_default")]
+    pub retention: Retention,
+}
+
+/// `[business.retention]`: how many days the business keeps its users' data (absent: for
+/// ever). The retention sweep deletes messages older than `messages_days` (with their LLM
+/// calls and stage transitions; a conversation and a user left without any go too), blanks
+/// LLM prompts and outputs older than `llm_prompts_days`, and deletes dead letters older than
+/// `dead_letters_days`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    pub messages_days: Option<u32>,
+    pub llm_prompts_days: Option<u32>,
+    pub dead_letters_days: Option<u32>,
+}
+
+impl Retention {
+    fn is_default(&self) -> bool {
+        *self == Retention::default()
+    }
+
+    /// Whether it limits anything.
+    pub fn limits_anything(&self) -> bool {
+        !self.is_default()
+    }
+
+    /// What is wrong with it: a period of 0 days, or prompts kept longer than their messages.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, days) in [
+            ("messages_days", self.messages_days),
+            ("llm_prompts_days", self.llm_prompts_days),
+            ("dead_letters_days", self.dead_letters_days),
+        ] {
+            if days == Some(0) {
+                out.push(format!("retention.{name} must be at least 1"));
+            }
+        }
+        if let (Some(prompts), Some(messages)) = (self.llm_prompts_days, self.messages_days)
+            && prompts > messages
+        {
+            out.push(
+                "retention.llm_prompts_days must not exceed messages_days (prompts go with \
+                 their messages)"
+                    .into(),
+            );
+        }
+        out
+    }
 }
 
 /// `[business.handoff]`: what users are told while their conversation is with a person.

@@ -207,6 +207,8 @@ pub struct Application {
     actions: crate::actions::dispatcher::Dispatcher,
     /// Agents' answers and handoff timeouts (while this process holds the desk's lease).
     desk: crate::handoff::desk::Desk,
+    /// Each business's retention periods.
+    retention: crate::personal_data::retention::Sweeper,
 }
 
 impl std::fmt::Debug for Application {
@@ -262,6 +264,13 @@ impl Application {
             config,
             config.streams.consumer_name(),
         );
+        let retention = crate::personal_data::retention::Sweeper {
+            store: deps.store.clone(),
+            conn: deps.redis.clone(),
+            streams: config.streams.clone(),
+            key_prefix: config.redis.key_prefix.clone(),
+            config: config.retention.clone(),
+        };
         Ok(Application {
             deps,
             workers,
@@ -269,6 +278,7 @@ impl Application {
             telemetry,
             actions,
             desk,
+            retention,
         })
     }
 
@@ -325,10 +335,12 @@ impl Application {
         }
         let actions = tokio::spawn(self.actions.run(stop.clone()));
         let desk = tokio::spawn(self.desk.run(stop.clone()));
+        let retention = tokio::spawn(self.retention.run(stop.clone()));
         let runs = self.workers.into_iter().map(|w| w.run(stop.clone()));
         futures::future::join_all(runs).await;
         let _ = actions.await;
         let _ = desk.await;
+        let _ = retention.await;
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
         }

@@ -9,6 +9,7 @@
 pub mod ceiling;
 pub mod probe;
 pub mod processes;
+pub mod retention;
 pub mod suite;
 
 use std::collections::HashMap;
@@ -76,6 +77,11 @@ pub struct BenchOptions {
     /// are ignored.
     #[arg(long)]
     pub suite: bool,
+    /// Measure the retention sweep's cost: the flood once as is, then again while the sweep
+    /// deletes this many old conversations of 10 messages (stored before the run), and print
+    /// the two throughputs (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub retention_backlog: usize,
 }
 
 /// One Redis master's part of a run.
@@ -137,6 +143,8 @@ pub struct BenchReport {
     /// The machine's busy share of all its cores during the run, and how many cores it has.
     pub machine_busy: Option<f64>,
     pub cores: usize,
+    /// What the retention sweep removed during the run (`--retention-backlog`).
+    pub retention_swept: Option<crate::personal_data::retention::Swept>,
 }
 
 impl BenchReport {
@@ -598,16 +606,13 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     isolate(&mut config, &run_id, mock.base_url(), options.shards).await?;
     let operator = Operator::new(&config);
     let store = operator.store().await?.clone();
-    let business = crate::business::import_files(&store, None, &[&options.definition])
-        .await?
-        .first()
-        .map(|r| r.business_id)
-        .ok_or(BenchError::NoBusiness)?;
+    let business = import_business(&store, options).await?;
     let workers = Workers::start(&config, options, &run_id, &operator).await?;
 
     // A connection of its own: blocking reads would hold up the workers' commands.
     let mut c = operator.own_redis().await?;
     warm_up(&operator, &mut c, &config, options, &run_id, business).await?;
+    let sweep = retention::SweepLoop::start_with(&config, options, &store, business).await?;
     let before = Baseline::take(&c, &workers, &mock).await?;
     let started = Instant::now();
     let sent = SentAt::default();
@@ -622,6 +627,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
     ));
     let (per_message, statuses, reads) = collect(&mut c, &config, options.messages, &sent).await?;
     let elapsed = started.elapsed();
+    let retention_swept = retention::SweepLoop::stop_any(sweep).await;
     let db_round_trips = workers.round_trips() - before.round_trips;
     let (process_cpu_secs, process_peak_rss_kib) = workers.children_usage(&before);
     let (postgres_cpu_secs, postgres_cpu_by_server) = before.postgres_usage();
@@ -671,7 +677,17 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> Result<BenchRepo
         mock_cpu_secs,
         machine_busy,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        retention_swept,
     })
+}
+
+/// Imports the run's business definition; returns its id.
+async fn import_business(store: &Store, options: &BenchOptions) -> Result<Uuid, BenchError> {
+    crate::business::import_files(store, None, &[&options.definition])
+        .await?
+        .first()
+        .map(|r| r.business_id)
+        .ok_or(BenchError::NoBusiness)
 }
 
 /// Removes the run's streams (best effort; one shard's streams share a slot).

@@ -16,6 +16,11 @@
 //! max_in_flight = 64
 //! throttled_template = "throttled"       # a fallback template
 //!
+//! [business.retention]                   # optional; absent: kept for ever
+//! messages_days = 365                    # messages, their LLM calls and transitions
+//! llm_prompts_days = 30                  # prompts and outputs blanked earlier
+//! dead_letters_days = 14
+//!
 //! [[stages]]
 //! name = "welcome"
 //! description = "…"
@@ -122,6 +127,9 @@ pub struct BusinessDef {
     /// `[business.actions]`: `secret_env`.
     #[serde(default)]
     pub actions: crate::model::Actions,
+    /// `[business.retention]`: `messages_days`, `llm_prompts_days`, `dead_letters_days`.
+    #[serde(default)]
+    pub retention: crate::model::Retention,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +209,7 @@ impl Definition {
                 history: self.business.history.clone(),
                 actions: self.business.actions.clone(),
                 handoff: self.business.handoff.clone(),
+                retention: self.business.retention,
             },
             stages: self
                 .stages
@@ -278,6 +287,7 @@ impl Definition {
         if budget.max_in_flight == Some(0) {
             problems.push("budget.max_in_flight must be at least 1".into());
         }
+        problems.extend(self.business.retention.problems());
         let history = &self.business.history;
         if let Some(name) = &history.summary_template {
             match templates.get(name.as_str()) {

@@ -25,7 +25,46 @@ pub(super) async fn run(config: Config, options: BenchOptions) -> Result<()> {
         options.llm_latency_ms,
         options.llm_jitter_ms
     );
+    if options.retention_backlog > 0 {
+        return retention(config, options).await;
+    }
     let report = icmp::bench::run(config, &options).await?;
     print!("{report}");
+    Ok(())
+}
+
+/// The flood without the retention sweep, then with it deleting a backlog.
+async fn retention(config: Config, options: BenchOptions) -> Result<()> {
+    let without = icmp::bench::run(
+        config.clone(),
+        &BenchOptions {
+            retention_backlog: 0,
+            ..options.clone()
+        },
+    )
+    .await?;
+    let with = icmp::bench::run(config, &options).await?;
+    let swept = with.retention_swept.clone().unwrap_or_default();
+    let secs = with.elapsed.as_secs_f64();
+    println!(
+        "without the sweep  {:.0} messages/s · overhead p99 {:.1} ms",
+        without.per_second,
+        without.overhead_p99.as_secs_f64() * 1000.0
+    );
+    println!(
+        "with the sweep     {:.0} messages/s · overhead p99 {:.1} ms ({:.2} of without)",
+        with.per_second,
+        with.overhead_p99.as_secs_f64() * 1000.0,
+        with.per_second / without.per_second.max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "swept meanwhile    {} messages, {} prompts blanked, {} conversations, {} users \
+         ({:.0} messages/s)",
+        swept.messages,
+        swept.llm_prompts,
+        swept.conversations,
+        swept.users,
+        swept.messages as f64 / secs
+    );
     Ok(())
 }

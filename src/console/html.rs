@@ -121,6 +121,7 @@ impl Pages {
             ("actions_list", include_str!("templates/actions_list.html")),
             ("action_show", include_str!("templates/action_show.html")),
             ("handoffs", include_str!("templates/handoffs.html")),
+            ("audit", include_str!("templates/audit.html")),
             ("login", include_str!("templates/login.html")),
             ("error", include_str!("templates/error.html")),
         ] {

@@ -209,6 +209,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/conversations", get(pages::conversations))
         .route("/conversations/{id}", get(pages::conversation))
         .route("/handoffs", get(pages::handoffs))
+        .route("/audit", get(pages::audit))
         .route("/conversations/{id}/handoff", post(actions::hand_over))
         .route("/conversations/{id}/give-back", post(actions::give_back))
         .route("/actions", get(pages::outbox))

@@ -460,6 +460,43 @@ async fn handoffs_page(ctx: &Ctx) -> Result<Response, ConsoleError> {
     )
 }
 
+/// `/audit`: the newest records of the operators' audit trail (`icmp audit`).
+pub(crate) async fn audit(ctx: Ctx) -> Response {
+    ctx.respond(audit_page(&ctx).await)
+}
+
+async fn audit_page(ctx: &Ctx) -> Result<Response, ConsoleError> {
+    let filter = crate::store::audit::AuditFilter {
+        limit: 200,
+        ..Default::default()
+    };
+    let rows = ctx.console.store.audit_log(&filter).await?;
+    let shown: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "at": r.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                "actor": r.actor,
+                "action": r.action,
+                "business_id": r.business_id.map(|b| b.to_string()).unwrap_or_default(),
+                "user_key": r.user_key.as_deref().map(|k| &k[..k.len().min(16)]).unwrap_or_default(),
+                "target": r.target.clone().unwrap_or_default(),
+                "counts": if r.counts.as_object().is_some_and(|m| !m.is_empty()) {
+                    r.counts.to_string()
+                } else {
+                    String::new()
+                },
+                "outcome": r.outcome,
+            })
+        })
+        .collect();
+    ctx.page(
+        "audit",
+        "Audit trail",
+        serde_json::json!({ "count": shown.len(), "rows": shown }),
+    )
+}
+
 #[derive(Debug, Deserialize)]
 pub(crate) struct TraceQuery {
     #[serde(default)]

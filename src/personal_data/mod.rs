@@ -12,7 +12,7 @@ pub mod audit;
 pub mod erase;
 pub mod export;
 pub mod places;
-// pub mod retention;
+pub mod retention;
 
 use uuid::Uuid;
 

@@ -89,14 +89,17 @@ pub async fn distribute(client: &Client) -> Result<Vec<&'static str>, StoreError
             .await?;
         done.push(table);
     }
-    // The dispatcher's scans of every business's due actions and unpublished follow-ups, and
-    // the desk's of unanswered handoffs, read every shard by design.
+    // The dispatcher's scans of every business's due actions and unpublished follow-ups, the
+    // desk's of unanswered handoffs and the retention sweep's of policies read every shard by
+    // design.
     client
         .batch_execute(
             "ALTER FUNCTION icmp_due_actions(integer) SET citus.multi_task_query_log_level = 'off'; \
              ALTER FUNCTION icmp_unpublished_follow_ups(integer, integer) \
                SET citus.multi_task_query_log_level = 'off'; \
              ALTER FUNCTION icmp_unanswered_handoffs(integer, bigint) \
+               SET citus.multi_task_query_log_level = 'off'; \
+             ALTER FUNCTION icmp_retention_policies() \
                SET citus.multi_task_query_log_level = 'off'",
         )
         .await?;

@@ -13,6 +13,7 @@ pub mod import;
 pub mod listen;
 pub mod outbox;
 pub mod personal_data;
+pub mod retention;
 pub mod summaries;
 pub mod write_set;
 

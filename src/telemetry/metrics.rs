@@ -48,6 +48,7 @@ pub const ACTION_DURATION: &str = "icmp_action_duration_seconds";
 pub const HANDOFF_EVENTS_TOTAL: &str = "icmp_handoff_events_total";
 pub const COMMIT_BATCH_MESSAGES: &str = "icmp_commit_batch_messages";
 pub const COMMIT_BATCH_RERUNS_TOTAL: &str = "icmp_commit_batch_reruns_total";
+pub const RETENTION_REMOVED_TOTAL: &str = "icmp_retention_removed_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -140,6 +141,11 @@ fn describe() {
         "Group-commit batches run again or given up, by reason (member_failed: one member's \
          statement was refused and the batch ran again without it; batch_failed: the batch \
          failed for no member's fault and its members committed alone; gave_up)."
+    );
+    describe_counter!(
+        RETENTION_REMOVED_TOTAL,
+        "What the retention sweep removed, by what: messages, conversations, users, \
+         llm_prompts (blanked), dead_letters."
     );
     describe_counter!(
         ACTION_ATTEMPTS_TOTAL,
@@ -358,11 +364,16 @@ pub fn action_attempt(action: &str, outcome: &'static str, took: Duration) {
     histogram!(ACTION_DURATION, "action" => action.to_owned()).record(took.as_secs_f64());
 }
 
-/// A conversation summary: `saved`, `skipped` (nothing to fold, or another summariser won) or
-/// `failed`.
 /// A group-commit batch of `n` write sets started.
 pub fn commit_batch(n: usize) {
     histogram!(COMMIT_BATCH_MESSAGES).record(n as f64);
+}
+
+/// The retention sweep removed `n` of `what`.
+pub fn retention_removed(what: &'static str, n: u64) {
+    if n > 0 {
+        counter!(RETENTION_REMOVED_TOTAL, "what" => what).increment(n);
+    }
 }
 
 /// A group-commit batch ran again without a member, or was given up (`reason`).
@@ -370,6 +381,8 @@ pub fn commit_batch_rerun(reason: &'static str) {
     counter!(COMMIT_BATCH_RERUNS_TOTAL, "reason" => reason).increment(1);
 }
 
+/// A conversation summary: `saved`, `skipped` (nothing to fold, or another summariser won) or
+/// `failed`.
 pub fn summary(outcome: &'static str) {
     counter!(SUMMARIES_TOTAL, "outcome" => outcome).increment(1);
 }

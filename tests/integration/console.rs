@@ -486,6 +486,48 @@ async fn replay_and_purge_need_the_token_act_on_one_dead_letter_and_are_logged()
     assert!(text.contains("remote.addr=127.0.0.1:"), "{text}");
     assert!(!text.contains(TOKEN), "the token is never logged");
     assert!(!page.contains(TOKEN));
+
+    // The audit trail holds each write that acted or failed (not the refused ones), by the
+    // console's client, and the console shows it.
+    let trail = app
+        .store
+        .audit_log(&icmp::store::audit::AuditFilter {
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .expect("audit trail");
+    let got: Vec<(&str, &str, &str)> = trail
+        .iter()
+        .rev()
+        .map(|r| {
+            (
+                r.action.as_str(),
+                r.target.as_deref().unwrap_or_default(),
+                r.outcome.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("dlq.replay", p1["__id"].as_str(), "ok"),
+            ("dlq.purge", p2["__id"].as_str(), "ok"),
+            ("dlq.purge", p2["__id"].as_str(), "not_found"),
+        ]
+    );
+    assert!(
+        trail
+            .iter()
+            .all(|r| r.actor.starts_with("console:127.0.0.1:")),
+        "{trail:?}"
+    );
+    let (_, page) = get(&format!("{base}/audit")).await;
+    assert!(
+        page.contains("dlq.replay") && page.contains(p1["__id"].as_str()),
+        "{page}"
+    );
+    assert!(!page.contains(TOKEN));
     app.stop().await;
 }
 

@@ -83,7 +83,7 @@ pub(crate) async fn run_icmp(config: &icmp::config::Config, args: &[&str], input
 }
 
 /// Runs `icmp ARGS` with `input` on stdin; returns (exit success, stdout, stderr).
-async fn run_icmp_status(
+pub(crate) async fn run_icmp_status(
     config: &icmp::config::Config,
     args: &[&str],
     input: &[u8],
@@ -266,6 +266,23 @@ async fn dlq_lists_shows_and_purges_by_filter_with_exit_codes_scripts_can_use() 
     let left = app.entries(&dead).await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["message_id"], "m2");
+    // The purge that removed something is in the audit trail; the one answered "n" is not.
+    let trail = app
+        .store
+        .audit_log(&icmp::store::audit::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("audit trail");
+    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(trail[0].action, "dlq.purge");
+    assert_eq!(
+        trail[0].target.as_deref(),
+        Some(format!("{},{}", ids[0], ids[2]).as_str())
+    );
+    assert_eq!(trail[0].counts["dead_letters"], 2);
+    assert!(!trail[0].actor.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

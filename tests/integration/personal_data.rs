@@ -481,3 +481,361 @@ async fn the_audit_trail_records_each_command_without_the_data_and_cannot_be_cha
     }
     app.stop().await;
 }
+
+/// A business whose definition keeps messages 30 days, LLM prompts 10 and dead letters 7.
+const RETAINING: &str = "5b0e8a7c-cccc-4c1d-8e2f-000000000016";
+
+/// Dates `table`'s rows of the messages stored under `keys` `days` ago.
+async fn backdate(app: &TestApp, table: &str, keys: &[&str], days: i32) {
+    let (column, of) = match table {
+        "messages" => ("created_at", "idempotency_key = ANY($1)"),
+        _ => (
+            "created_at",
+            "message_id IN (SELECT id FROM messages WHERE idempotency_key = ANY($1))",
+        ),
+    };
+    let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    app.db()
+        .await
+        .execute(
+            &format!("UPDATE {table} SET {column} = now() - make_interval(days => $2) WHERE {of}"),
+            &[&keys, &days],
+        )
+        .await
+        .expect("backdate");
+}
+
+#[tokio::test]
+async fn the_retention_sweep_removes_exactly_what_a_business_keeps_no_longer() {
+    let mut app = helpers::spawn_env(MockOptions::default(), |_| {}).await;
+    helpers::import_demo_copy(
+        &app.config,
+        RETAINING,
+        &[(
+            "initial_stage = \"welcome\"\n",
+            "initial_stage = \"welcome\"\n[business.retention]\nmessages_days = 30\n\
+             llm_prompts_days = 10\ndead_letters_days = 7\n",
+        )],
+    )
+    .await;
+    app.start_worker("w0").await;
+    for (user, id, text) in [
+        ("old", "o0", "Ada Lovelace, long ago"),
+        ("old", "o1", "Still Ada, long ago"),
+        ("mixed", "x0", "Grace Hopper, long ago"),
+        ("mixed", "x1", "Grace Hopper, last week"),
+        ("mixed", "x2", "Grace Hopper, today"),
+    ] {
+        app.send_to(RETAINING, user, id, text).await;
+        app.reply(id).await;
+    }
+    // The same, of the demo business, which keeps everything.
+    app.send("keeper", "k0", "Alan Turing, long ago").await;
+    app.reply("k0").await;
+    app.settle(Duration::from_secs(10)).await;
+    // 40 days ago: all of "old", the first of "mixed" (whose conversation goes on), and the
+    // demo's; 15 days ago: mixed's second, whose prompts are past 10 days but its rows not
+    // past 30.
+    for table in ["messages", "llm_calls", "stage_transitions"] {
+        backdate(&app, table, &["o0", "o1", "x0", "k0"], 40).await;
+        backdate(&app, table, &["x1"], 15).await;
+    }
+    let db = app.db().await;
+    db.execute(
+        "UPDATE conversations c SET updated_at = now() - interval '40 days', summary = 'Ada…' \
+           FROM users u WHERE u.business_id = c.business_id AND u.id = c.user_id \
+            AND u.external_id IN ('old', 'keeper')",
+        &[],
+    )
+    .await
+    .expect("backdate");
+    db.execute(
+        "UPDATE users SET last_seen_at = now() - interval '40 days' \
+          WHERE external_id IN ('old', 'keeper')",
+        &[],
+    )
+    .await
+    .expect("backdate");
+    db.execute(
+        "UPDATE conversations c SET summary = 'Grace…' FROM users u \
+          WHERE u.business_id = c.business_id AND u.id = c.user_id AND u.external_id = 'mixed'",
+        &[],
+    )
+    .await
+    .expect("summary");
+    let count = async |sql: &str| app.count(sql, &[]).await;
+    let calls_of = |keys: &str| {
+        format!(
+            "SELECT count(*) FROM llm_calls WHERE message_id IN \
+             (SELECT id FROM messages WHERE idempotency_key IN ({keys}))"
+        )
+    };
+    let old_calls = count(&calls_of("'o0', 'o1', 'x0'")).await;
+    let x1_calls = count(&calls_of("'x1'")).await;
+    assert!(old_calls >= 3 && x1_calls >= 1);
+    // Dead letters: one of each business 20 days old, one of the retaining business today.
+    let dead = app.config.streams.dead_letter.clone();
+    let day_ms = 86_400_000i64;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for (ms, business) in [
+        (now_ms - 20 * day_ms, RETAINING),
+        (now_ms - 20 * day_ms + 1, DEMO_BUSINESS),
+        (now_ms - 1000, RETAINING),
+    ] {
+        let _: String = redis::cmd("XADD")
+            .arg(&dead)
+            .arg(format!("{ms}-0"))
+            .arg("business_id")
+            .arg(business)
+            .arg("user_id")
+            .arg("old")
+            .query_async(&mut app.redis.clone())
+            .await
+            .expect("xadd");
+    }
+
+    // The sweep runs as a worker's does: under the worker role, row-level security on.
+    let sweeper = icmp::personal_data::retention::Sweeper {
+        store: icmp::store::Store::connect_worker(&app.config.database).expect("store"),
+        conn: app.redis.clone(),
+        streams: app.config.streams.clone(),
+        key_prefix: app.config.redis.key_prefix.clone(),
+        config: icmp::config::RetentionConfig {
+            sweep_interval_ms: 0,
+            batch_rows: 2,
+            pause_ms: 0,
+        },
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let swept = sweeper
+        .sweep(chrono::Utc::now(), &stop)
+        .await
+        .expect("sweep");
+    assert_eq!(swept.messages, 6, "o0, o1, x0 and their replies: {swept:?}");
+    assert_eq!(swept.conversations, 1, "old's: {swept:?}");
+    assert_eq!(swept.users, 1, "old: {swept:?}");
+    assert_eq!(
+        swept.llm_prompts,
+        (old_calls + x1_calls) as u64,
+        "{swept:?}"
+    );
+    assert_eq!(swept.dead_letters, 1, "{swept:?}");
+    assert_eq!(swept.cached_states, 2, "old's and mixed's: {swept:?}");
+    assert_eq!(count(&calls_of("'o0', 'o1', 'x0'")).await, 0);
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM llm_calls WHERE message_id IN (SELECT id FROM messages \
+             WHERE idempotency_key = 'x1') AND prompt = '' AND output IS NULL"
+        )
+        .await,
+        x1_calls,
+        "x1's calls are kept, blanked"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM messages WHERE idempotency_key IN ('x1', 'x2', 'k0')").await,
+        6
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM conversations WHERE summary = 'Grace…' OR summary = 'Ada…'")
+            .await,
+        1,
+        "mixed's summary is blanked with its first messages; the keeper's stays"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM users WHERE external_id = 'old'").await,
+        0
+    );
+    let left: Vec<String> = app
+        .entries(&dead)
+        .await
+        .into_iter()
+        .map(|e| e["business_id"].clone())
+        .collect();
+    assert_eq!(left, [DEMO_BUSINESS, RETAINING]);
+    // A second sweep finds nothing.
+    assert_eq!(
+        sweeper
+            .sweep(chrono::Utc::now(), &stop)
+            .await
+            .expect("sweep"),
+        icmp::personal_data::retention::Swept::default()
+    );
+    // The mixed conversation goes on, from what is left.
+    app.send_to(RETAINING, "mixed", "x3", "Grace again").await;
+    assert_eq!(app.reply("x3").await["status"], "ok");
+    // A worker process sweeps by itself.
+    backdate(&app, "messages", &["x3"], 40).await;
+    backdate(&app, "llm_calls", &["x3"], 40).await;
+    let mut config = app.consumer_config("sweeper");
+    config.retention.sweep_interval_ms = 200;
+    let worker = icmp::startup::Application::build(&config, Default::default())
+        .await
+        .expect("worker");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(worker.run_until_stopped(stop.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count("SELECT count(*) FROM messages WHERE idempotency_key = 'x3'").await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker did not sweep"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let _ = run.await;
+    app.stop().await;
+}
+
+/// A worker at `info`, then one at `debug`, answer messages full of personal data (names,
+/// dates, reasons for a visit, a phone number) through a flaky LLM, with bad input and a
+/// business whose replies fail; neither log carries any of it, nor the values the extraction
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_logs_carry_no_personal_data_at_info_or_debug() {
+    let app = helpers::spawn_env(
+        MockOptions {
+            latency_ms: 5,
+            error_rate: 0.2,
+            malformed_rate: 0.1,
+            ..Default::default()
+        },
+        |c| {
+            c.streams.claim_idle_ms = 1_000;
+            c.streams.max_deliveries = 2;
+            c.retry.max_elapsed_ms = 300;
+        },
+    )
+    .await;
+    let poison_business = "5b0e8a7c-2222-4c1d-8e2f-00000000001b";
+    helpers::import_poisoned_demo(&app, poison_business).await;
+    let texts = [
+        "I'd like to book an appointment, my name is Zephyrine Quillfeather",
+        "I would like a visit on 2031-02-17 for a cracked molar",
+        "Zephyrine Quillfeather again: my phone is 0612-998877",
+    ];
+    let mut logs = Vec::new();
+    for level in ["info", "debug"] {
+        let mut worker = crate::processes::WorkerProcess::spawn(
+            &app.config,
+            level,
+            &[("ICMP__TELEMETRY__LOG_FILTER", level)],
+        );
+        let mut ids = HashSet::new();
+        for u in 0..4 {
+            for (i, text) in texts.iter().enumerate() {
+                let id = format!("pii-{level}-{u}-{i}");
+                app.send(&format!("patient-{level}-{u}"), &id, text).await;
+                ids.insert(id);
+            }
+        }
+        let poison = format!("pii-{level}-poison");
+        app.send_to(poison_business, "patient-x", &poison, texts[0])
+            .await;
+        ids.insert(poison);
+        let bad = format!("pii-{level}-bad");
+        app.xadd(&[
+            ("business_id", b"not-a-uuid"),
+            ("user_id", b"patient-y"),
+            ("message_id", bad.as_bytes()),
+            ("content", texts[1].as_bytes()),
+        ])
+        .await;
+        ids.insert(bad);
+        let replies = app.wait_all(&ids, Duration::from_secs(90)).await;
+        for id in &ids {
+            assert_eq!(replies[id].len(), 1, "{id}");
+        }
+        worker.terminate().await;
+        logs.push(std::fs::read_to_string(&worker.log).expect("log"));
+    }
+    let extracted: Vec<String> = app
+        .db()
+        .await
+        .query("SELECT DISTINCT value #>> '{}' FROM extracted_data", &[])
+        .await
+        .expect("extracted")
+        .iter()
+        .filter_map(|r| r.get::<_, Option<String>>(0))
+        .filter(|v| v.len() >= 4)
+        .collect();
+    assert!(!extracted.is_empty(), "the extraction stored values");
+    assert!(logs[1].contains("DEBUG"), "the debug log has debug lines");
+    assert!(!logs[0].contains("DEBUG"), "the info log has none");
+    let needles = [
+        "Zephyrine",
+        "Quillfeather",
+        "2031-02-17",
+        "cracked molar",
+        "0612-998877",
+    ];
+    for (level, log) in ["info", "debug"].iter().zip(&logs) {
+        assert!(log.lines().count() > 1, "{level}: a log was written");
+        for needle in needles
+            .iter()
+            .copied()
+            .chain(extracted.iter().map(String::as_str))
+        {
+            assert!(
+                !log.contains(needle),
+                "the {level} log carries {needle:?}: {}",
+                log.lines().find(|l| l.contains(needle)).unwrap_or_default()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_commands_print_what_they_find_and_remove_and_are_audited() {
+    let app = helpers::spawn_app(MockOptions::default()).await;
+    app.send("lin", "l0", "Lin Wu would like a cleaning").await;
+    app.reply("l0").await;
+    app.settle(Duration::from_secs(10)).await;
+    let c = &app.config;
+    let who = ["--business", DEMO_BUSINESS, "--user", "lin"];
+    let args = |cmd: &[&'static str]| {
+        let mut a: Vec<&str> = cmd.to_vec();
+        a.extend(who);
+        a
+    };
+    let out = crate::operator::run_icmp(c, &args(&["user", "export", "--json"]), b"").await;
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON document");
+    assert_eq!(doc["user_id"], "lin");
+    assert_eq!(
+        doc["database"]["messages"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(doc["streams"]["replies"].as_array().map(Vec::len), Some(1));
+    let out = crate::operator::run_icmp(c, &args(&["user", "erase", "--json"]), b"").await;
+    let erased: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(erased["counts"]["messages"], 2);
+    assert_eq!(erased["counts"]["replies"], 1);
+    assert_eq!(erased["counts"]["users"], 1);
+    let (ok, _, stderr) =
+        crate::operator::run_icmp_status(c, &args(&["user", "export"]), b"").await;
+    assert!(!ok, "nothing left: exit 1");
+    assert!(stderr.contains("nothing stored"), "{stderr}");
+    let (ok, _, stderr) = crate::operator::run_icmp_status(
+        c,
+        &["user", "erase", "--business", "nope", "--user", "lin"],
+        b"",
+    )
+    .await;
+    assert!(
+        !ok && stderr.contains("--business must be a UUID"),
+        "{stderr}"
+    );
+    let out = crate::operator::run_icmp(c, &args(&["audit", "--json"]), b"").await;
+    let records: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let actions: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    assert_eq!(actions, ["user.export", "user.erase", "user.export"]);
+    assert_eq!(records[1]["counts"]["messages"], 2);
+    assert_eq!(records[0]["counts"]["messages"], 0);
+    assert!(!out.contains("Lin Wu") && !out.contains("\"lin\""), "{out}");
+    app.stop().await;
+}

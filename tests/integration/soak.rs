@@ -197,6 +197,8 @@ struct Soak {
     reply_streams: std::collections::BTreeSet<String>,
     /// The agent at work: what it read of the agents' stream, and what it answered.
     agent: Agent,
+    /// The users an operator erased during the run (`icmp user erase`, workers running).
+    erased: std::collections::BTreeSet<String>,
 }
 
 /// The agent the soak plays: it reads the agents' stream and answers each conversation handed
@@ -296,6 +298,38 @@ impl Soak {
             }
         }
         self.sent.insert(id, sent);
+    }
+
+    /// An operator erases a user of the demo business (`icmp user erase`), trying again while
+    /// a fault keeps PostgreSQL or Redis away; what is still in flight when its wait runs out
+    /// is left to the erase after the drain.
+    async fn erase_user(&mut self, rng: &mut StdRng) {
+        let demo_users = [
+            "soak-u2", "soak-u6", "soak-u12", "soak-u16", "soak-u22", "soak-u26",
+        ];
+        let user = demo_users[rng.random_range(0..demo_users.len())];
+        let subject = icmp::personal_data::Subject::new(DEMO_BUSINESS, user).expect("subject");
+        let at = icmp::personal_data::places::Streams {
+            streams: &self.app.config.streams,
+            handoff: &self.app.config.handoff,
+        };
+        for _ in 0..10 {
+            let done = icmp::personal_data::erase::erase(
+                &self.app.store,
+                &self.app.redis,
+                &self.app.config.redis.key_prefix,
+                at,
+                &subject,
+                Duration::from_secs(20),
+            )
+            .await;
+            if done.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.erased.insert(user.to_owned());
+        *self.faults.entry("icmp user erase").or_default() += 1;
     }
 
     /// A shard at random.
@@ -690,6 +724,7 @@ async fn soak(
             last: "0".into(),
             answers: Vec::new(),
         },
+        erased: std::collections::BTreeSet::new(),
     };
     for _ in 0..3 {
         soak.spawn_worker();
@@ -700,6 +735,13 @@ async fn soak(
     while started.elapsed() < Duration::from_secs(seconds) {
         if started.elapsed() >= Duration::from_secs(seconds / 2) && soak.rebalanced.is_none() {
             soak.rebalance().await;
+        }
+        // An operator erases a user of the demo business a third and two thirds of the way
+        // in, while the user's messages are in flight and the faults go on.
+        if started.elapsed() >= Duration::from_secs(seconds * (soak.erased.len() as u64 + 1) / 3)
+            && soak.erased.len() < 2
+        {
+            soak.erase_user(&mut rng).await;
         }
         if started.elapsed() >= next_fault {
             soak.fault(&mut rng).await;
@@ -779,6 +821,39 @@ async fn soak(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+
+    // The erased users are erased once more, now that nothing is in flight: afterwards
+    // nothing of them is left anywhere, and their messages leave the account.
+    for user in soak.erased.clone() {
+        let subject = icmp::personal_data::Subject::new(DEMO_BUSINESS, &user).expect("subject");
+        let at = icmp::personal_data::places::Streams {
+            streams: &app.config.streams,
+            handoff: &app.config.handoff,
+        };
+        let prefix = &app.config.redis.key_prefix;
+        let again = icmp::personal_data::erase::erase(
+            &app.store,
+            &app.redis,
+            prefix,
+            at,
+            &subject,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("erase");
+        assert!(again.in_flight.is_empty(), "{user}: {again:?}");
+        let left =
+            icmp::personal_data::export::export(&app.store, &app.redis, prefix, at, &subject)
+                .await
+                .expect("export");
+        assert!(left.is_empty(), "{user}: {:?}", left.counts());
+    }
+    let erased_users = soak.erased.clone();
+    let before_erased = soak.sent.len();
+    soak.sent
+        .retain(|_, s| !matches!(s, Sent::Valid { user, .. } if erased_users.contains(user)));
+    let erased_entries = before_erased - soak.sent.len();
+    let app = &soak.app;
 
     // The account.
     // Every reply, on whichever stream it went, with that stream; the bookings' follow-ups
@@ -1020,7 +1095,8 @@ async fn soak(
          rejected, {} orphaned and replayed, {} trimmed and dead-lettered, {} unconfirmed and \
          lost at a failover of {} unconfirmed), {} replies \
          ({coalesced} coalesced, {dangling} referring to a trimmed first message, {} on \
-         reply_to streams), {bookings}, {handoffs}, faults {:?}, drained {:.0} s after the producer stopped",
+         reply_to streams), {bookings}, {handoffs}, {erased_entries} entries of {} erased users \
+         (nothing of them left), faults {:?}, drained {:.0} s after the producer stopped",
         replayed.len(),
         trimmed.len(),
         lost.len(),
@@ -1030,6 +1106,7 @@ async fn soak(
             .iter()
             .filter(|r| !outbound.contains(&r["__stream"]))
             .count(),
+        soak.erased.len(),
         soak.faults,
         drain_started.elapsed().as_secs_f64()
     );

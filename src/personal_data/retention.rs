@@ -1,0 +1,192 @@
+//! The retention sweep (docs/operations.md, "Personal data"): every worker process, every
+//! `retention.sweep_interval_ms`, applies each business's `[business.retention]`. It blanks LLM
+//! prompts and outputs past `llm_prompts_days`, deletes messages past `messages_days` (with what
+//! points at them, the conversations and users they leave empty, and the users' cached
+//! states), and deletes dead letters past `dead_letters_days`. PostgreSQL is worked in batches
+//! of `retention.batch_rows`, each its own short transaction, with a pause between two; rows
+//! another process's sweep holds are skipped, so workers sweeping at once share the work.
+//! Counted in `icmp_retention_removed_total{what}`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::{RetentionConfig, StreamsConfig};
+use crate::model::Retention;
+use crate::protocol::inbound::canonical_business;
+use crate::redis_connection::RedisConnection;
+use crate::status::StatusError;
+use crate::store::Store;
+use crate::stream::{entry_time_ms, scan_entries};
+use crate::telemetry::metrics;
+
+/// What one sweep removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Swept {
+    pub llm_prompts: u64,
+    pub messages: u64,
+    pub conversations: u64,
+    pub users: u64,
+    pub cached_states: u64,
+    pub dead_letters: u64,
+}
+
+/// What the sweep works on.
+#[derive(Debug, Clone)]
+pub struct Sweeper {
+    pub store: Store,
+    pub conn: RedisConnection,
+    pub streams: StreamsConfig,
+    pub key_prefix: String,
+    pub config: RetentionConfig,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Sweeper {
+    /// Sweeps every `sweep_interval_ms` (the first time after a random part of it, so that
+    /// workers started together do not sweep together) until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let every = self.config.sweep_interval_ms;
+        if every == 0 {
+            return;
+        }
+        let mut wait = Duration::from_millis(rand::random_range(0..every.max(1)));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = Duration::from_millis(every);
+            let now = chrono::Utc::now();
+            if let Err(e) = self.sweep(now, &stop).await {
+                metrics::record_error(&e, "retention");
+                tracing::warn!(
+                    error.code = crate::error::Classify::code(&e),
+                    "retention sweep failed; trying again at the next"
+                );
+            }
+        }
+    }
+
+    /// One sweep as of `now`.
+    ///
+    /// # Errors
+    /// Redis or PostgreSQL failures (what was done stays done).
+    pub async fn sweep(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        stop: &CancellationToken,
+    ) -> Result<Swept, StatusError> {
+        let policies = self.store.retention_policies().await?;
+        let mut swept = Swept::default();
+        for (business, retention) in &policies {
+            if stop.is_cancelled() {
+                break;
+            }
+            self.sweep_business(*business, retention, now, stop, &mut swept)
+                .await?;
+        }
+        let dead: HashMap<Uuid, i64> = policies
+            .iter()
+            .filter_map(|(b, r)| Some((*b, before_ms(now, r.dead_letters_days?))))
+            .collect();
+        if !dead.is_empty() {
+            swept.dead_letters = self.sweep_dead_letters(&dead).await?;
+            metrics::retention_removed("dead_letters", swept.dead_letters);
+        }
+        Ok(swept)
+    }
+
+    async fn sweep_business(
+        &self,
+        business: Uuid,
+        retention: &Retention,
+        now: chrono::DateTime<chrono::Utc>,
+        stop: &CancellationToken,
+        swept: &mut Swept,
+    ) -> Result<(), StatusError> {
+        let batch = self.config.batch_rows.max(1);
+        let pause = Duration::from_millis(self.config.pause_ms);
+        if let Some(days) = retention.llm_prompts_days {
+            let before = now - chrono::Duration::days(i64::from(days));
+            loop {
+                let n = self.store.blank_prompts(business, before, batch).await?;
+                swept.llm_prompts += n;
+                metrics::retention_removed("llm_prompts", n);
+                if n < batch.unsigned_abs() || stop.is_cancelled() {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+        if let Some(days) = retention.messages_days {
+            let before = now - chrono::Duration::days(i64::from(days));
+            loop {
+                let expired = self.store.expire_messages(business, before, batch).await?;
+                swept.messages += expired.messages;
+                swept.conversations += expired.conversations;
+                swept.users += expired.users;
+                metrics::retention_removed("messages", expired.messages);
+                metrics::retention_removed("conversations", expired.conversations);
+                metrics::retention_removed("users", expired.users);
+                // Their cached states may hold the messages just deleted.
+                for user in &expired.touched_users {
+                    let key = crate::cache::state_key(&self.key_prefix, business, user);
+                    let n: u64 = redis::cmd("DEL")
+                        .arg(&key)
+                        .query_async(&mut self.conn.clone())
+                        .await?;
+                    swept.cached_states += n;
+                }
+                if expired.messages < batch.unsigned_abs() || stop.is_cancelled() {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the dead letters of each business in `before` (unix ms) written before it.
+    async fn sweep_dead_letters(&self, before: &HashMap<Uuid, i64>) -> Result<u64, StatusError> {
+        let mut removed = 0;
+        for shard in self.streams.all_shards() {
+            let old = |f: &std::collections::BTreeMap<String, String>| {
+                f.get("business_id")
+                    .and_then(|b| canonical_business(b))
+                    .and_then(|b| before.get(&b))
+                    .is_some()
+            };
+            let found = scan_entries(&self.conn, &shard.dead_letter, "-", usize::MAX, old).await?;
+            let due: Vec<&str> = found
+                .iter()
+                .filter(|(id, f)| {
+                    let at = entry_time_ms(id).and_then(|ms| i64::try_from(ms).ok());
+                    let cutoff = f
+                        .get("business_id")
+                        .and_then(|b| canonical_business(b))
+                        .and_then(|b| before.get(&b));
+                    matches!((at, cutoff), (Some(at), Some(c)) if at < *c)
+                })
+                .map(|(id, _)| id.as_str())
+                .collect();
+            for chunk in due.chunks(500) {
+                let n: u64 = redis::cmd("XDEL")
+                    .arg(&shard.dead_letter)
+                    .arg(chunk)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                removed += n;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// `now` less `days`, in unix ms.
+fn before_ms(now: chrono::DateTime<chrono::Utc>, days: u32) -> i64 {
+    now.timestamp_millis() - i64::from(days) * DAY_MS
+}
