@@ -20,3 +20,14 @@ BEGIN
   END IF;
 END
 $$;
+
+-- The rows that point at a message (its LLM calls, its stage transition, the extracted values
+-- it was the source of) no longer reference it by foreign key. Deleting a message (the
+-- retention sweep) had PostgreSQL look for such rows once per message, through indexes that do
+-- not lead with those columns: seconds per batch. The sweep deletes or unlinks those rows
+-- itself, in the same transaction, before the messages. The write set writes them with the
+-- message they point at, in one transaction, so they still always name a message that exists;
+-- and it no longer takes a lock on the message row to check it (as V15 did for definitions).
+ALTER TABLE extracted_data DROP CONSTRAINT IF EXISTS extracted_data_source_message_fkey;
+ALTER TABLE stage_transitions DROP CONSTRAINT IF EXISTS stage_transitions_message_fkey;
+ALTER TABLE llm_calls DROP CONSTRAINT IF EXISTS llm_calls_message_fkey;

@@ -103,7 +103,7 @@ impl Default for RetentionConfig {
         RetentionConfig {
             sweep_interval_ms: 600_000,
             batch_rows: 500,
-            pause_ms: 20,
+            pause_ms: 200,
         }
     }
 }

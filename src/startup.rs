@@ -264,13 +264,13 @@ impl Application {
             config,
             config.streams.consumer_name(),
         );
-        let retention = crate::personal_data::retention::Sweeper {
-            store: deps.store.clone(),
-            conn: deps.redis.clone(),
-            streams: config.streams.clone(),
-            key_prefix: config.redis.key_prefix.clone(),
-            config: config.retention.clone(),
-        };
+        let retention = crate::personal_data::retention::Sweeper::new(
+            deps.store.clone(),
+            deps.redis.clone(),
+            config.streams.clone(),
+            config.redis.key_prefix.clone(),
+            config.retention.clone(),
+        );
         Ok(Application {
             deps,
             workers,

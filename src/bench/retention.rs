@@ -12,7 +12,7 @@ use crate::personal_data::retention::{Sweeper, Swept};
 use crate::store::{Store, StoreError};
 
 /// Messages per seeded conversation.
-const MESSAGES_PER_CONVERSATION: i32 = 10;
+const MESSAGES_PER_CONVERSATION: i64 = 10;
 
 /// Stores `conversations` old conversations of `business` and gives it a retention policy
 /// that makes all of them due.
@@ -21,24 +21,28 @@ const MESSAGES_PER_CONVERSATION: i32 = 10;
 /// Database errors.
 pub async fn seed(store: &Store, business: Uuid, conversations: usize) -> Result<(), BenchError> {
     let client = store.client().await?;
-    let n = i32::try_from(conversations).unwrap_or(i32::MAX);
+    // The run's own users (the database keeps what earlier runs left).
+    let tag = format!("retention-{}-", Uuid::new_v4().simple());
+    let like = format!("{tag}%");
+    let n = i64::try_from(conversations).unwrap_or(i64::MAX);
     client
         .execute(
             "INSERT INTO users (business_id, external_id, last_seen_at) \
-             SELECT $1, 'retention-' || g, now() - interval '60 days' FROM generate_series(1, $2) g",
-            &[&business, &n],
+             SELECT $1, $3 || g, now() - interval '60 days' \
+               FROM generate_series(1::bigint, $2::bigint) g",
+            &[&business, &n, &tag],
         )
         .await
         .map_err(StoreError::from)?;
     client
         .execute(
-            "INSERT INTO conversations (id, business_id, user_id, current_stage_id, updated_at, \
-                                        last_seq) \
+            "INSERT INTO conversations (id, business_id, user_id, current_stage_id, created_at, \
+                                        updated_at, last_seq) \
              SELECT gen_random_uuid(), u.business_id, u.id, \
                     (SELECT id FROM stages WHERE business_id = $1 AND is_initial), \
-                    now() - interval '60 days', $2 \
-               FROM users u WHERE u.business_id = $1 AND u.external_id LIKE 'retention-%'",
-            &[&business, &MESSAGES_PER_CONVERSATION],
+                    now() - interval '60 days', now() - interval '60 days', $2::bigint \
+               FROM users u WHERE u.business_id = $1 AND u.external_id LIKE $3",
+            &[&business, &MESSAGES_PER_CONVERSATION, &like],
         )
         .await
         .map_err(StoreError::from)?;
@@ -51,9 +55,9 @@ pub async fn seed(store: &Store, business: Uuid, conversations: usize) -> Result
                     'retention-' || c.id || '-' || ((s + 1) / 2), gen_random_uuid(), c.user_id, \
                     now() - interval '60 days' \
                FROM conversations c JOIN users u ON u.business_id = c.business_id AND u.id = c.user_id, \
-                    generate_series(1, $2) s \
-              WHERE c.business_id = $1 AND u.external_id LIKE 'retention-%'",
-            &[&business, &MESSAGES_PER_CONVERSATION],
+                    generate_series(1::bigint, $2::bigint) s \
+              WHERE c.business_id = $1 AND u.external_id LIKE $3",
+            &[&business, &MESSAGES_PER_CONVERSATION, &like],
         )
         .await
         .map_err(StoreError::from)?;
@@ -64,7 +68,8 @@ pub async fn seed(store: &Store, business: Uuid, conversations: usize) -> Result
              SELECT gen_random_uuid(), m.business_id, m.conversation_id, m.id, 'response', 'm', \
                     repeat('p', 1000), repeat('o', 200), 1, 'ok', m.log_id, m.created_at \
                FROM messages m WHERE m.business_id = $1 AND m.role = 'user' \
-                AND m.idempotency_key LIKE 'retention-%'",
+                AND m.idempotency_key LIKE 'retention-%' \
+                AND m.created_at < now() - interval '59 days'",
             &[&business],
         )
         .await
@@ -122,13 +127,13 @@ impl SweepLoop {
     /// # Errors
     /// An invalid database or Redis configuration.
     pub async fn start(config: &Config) -> Result<SweepLoop, BenchError> {
-        let sweeper = Sweeper {
-            store: Store::connect_worker(&config.database)?,
-            conn: crate::redis_connection::connect(&config.redis).await?,
-            streams: config.streams.clone(),
-            key_prefix: config.redis.key_prefix.clone(),
-            config: config.retention.clone(),
-        };
+        let sweeper = Sweeper::new(
+            Store::connect_worker(&config.database)?,
+            crate::redis_connection::connect(&config.redis).await?,
+            config.streams.clone(),
+            config.redis.key_prefix.clone(),
+            config.retention.clone(),
+        );
         let stop = CancellationToken::new();
         let flag = stop.clone();
         let task = tokio::spawn(async move {

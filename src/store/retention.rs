@@ -7,6 +7,23 @@ use uuid::Uuid;
 use super::{Store, StoreError, scope_sql};
 use crate::model::Retention;
 
+/// The rows stored in `[from, to)`: the slice of time a batch works in, so that a batch reads
+/// only the pages of that slice (the BRIN indexes on `created_at`, migration V16), not every
+/// row before it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub from: chrono::DateTime<chrono::Utc>,
+    pub to: chrono::DateTime<chrono::Utc>,
+}
+
+/// What the sweep works through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Swept {
+    /// LLM calls whose prompt or output is not blanked yet.
+    Prompts,
+    Messages,
+}
+
 /// What one batch of expired messages removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Expired {
@@ -39,15 +56,39 @@ impl Store {
             .collect())
     }
 
-    /// Blanks the prompts and outputs of up to `limit` LLM calls of `business` made before
-    /// `before`; returns how many.
+    /// When the oldest conversation of `business` started (`None`: it has none): no message
+    /// or LLM call of it is older. (The conversations are a tenth of the rows of the messages
+    /// and LLM calls, which have no index that finds their oldest row.)
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn oldest_conversation(
+        &self,
+        business: Uuid,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(&scope_sql(business, None)).await?;
+        let oldest = tx
+            .query_one(
+                "SELECT min(created_at) FROM conversations WHERE business_id = $1",
+                &[&business],
+            )
+            .await?
+            .get(0);
+        tx.commit().await?;
+        Ok(oldest)
+    }
+
+    /// Blanks the prompts and outputs of up to `limit` LLM calls of `business` made in `span`;
+    /// returns how many.
     ///
     /// # Errors
     /// Database errors.
     pub async fn blank_prompts(
         &self,
         business: Uuid,
-        before: chrono::DateTime<chrono::Utc>,
+        span: Span,
         limit: i64,
     ) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
@@ -58,17 +99,17 @@ impl Store {
                 "UPDATE llm_calls SET prompt = '', output = NULL \
                   WHERE business_id = $1 AND id IN ( \
                         SELECT id FROM llm_calls \
-                         WHERE business_id = $1 AND created_at < $2 \
+                         WHERE business_id = $1 AND created_at >= $2 AND created_at < $3 \
                            AND (prompt <> '' OR output IS NOT NULL) \
-                         LIMIT $3 FOR UPDATE SKIP LOCKED)",
-                &[&business, &before, &limit],
+                         LIMIT $4 FOR UPDATE SKIP LOCKED)",
+                &[&business, &span.from, &span.to, &limit],
             )
             .await?;
         tx.commit().await?;
         Ok(n)
     }
 
-    /// Deletes up to `limit` messages of `business` stored before `before`, with what points at
+    /// Deletes up to `limit` messages of `business` stored in `span`, with what points at
     /// them (LLM calls, stage transitions, action requests; extracted values keep their value
     /// and lose their source), blanks the summaries of their conversations, and deletes the
     /// conversations left without messages and untouched since `before`, and their users when
@@ -79,6 +120,7 @@ impl Store {
     pub async fn expire_messages(
         &self,
         business: Uuid,
+        span: Span,
         before: chrono::DateTime<chrono::Utc>,
         limit: i64,
     ) -> Result<Expired, StoreError> {
@@ -88,9 +130,9 @@ impl Store {
         let batch = tx
             .query(
                 "SELECT id, conversation_id FROM messages \
-                  WHERE business_id = $1 AND created_at < $2 \
-                  LIMIT $3 FOR UPDATE SKIP LOCKED",
-                &[&business, &before, &limit],
+                  WHERE business_id = $1 AND created_at >= $2 AND created_at < $3 \
+                  LIMIT $4 FOR UPDATE SKIP LOCKED",
+                &[&business, &span.from, &span.to, &limit],
             )
             .await?;
         if batch.is_empty() {
@@ -108,7 +150,7 @@ impl Store {
             &[&business, &conversations],
         )
         .await?;
-        let messages = delete_messages(&tx, business, &ids).await?;
+        let messages = delete_messages(&tx, business, &conversations, &ids).await?;
         let touched_users = users_of(&tx, business, &conversations).await?;
         let (conversations, users) = drop_emptied(&tx, business, &conversations, before).await?;
         tx.commit().await?;
@@ -121,20 +163,29 @@ impl Store {
     }
 }
 
-/// Deletes messages `ids` with what points at them; returns how many messages.
+/// Deletes messages `ids` (of `conversations`) with what points at them; returns how many
+/// messages. Each statement finds its rows through its table's index by conversation (or, for
+/// LLM calls, by message).
 async fn delete_messages(
     tx: &deadpool_postgres::Transaction<'_>,
     business: Uuid,
+    conversations: &[Uuid],
     ids: &[Uuid],
 ) -> Result<u64, StoreError> {
-    for sql in [
+    tx.execute(
         "DELETE FROM llm_calls WHERE business_id = $1 AND message_id = ANY($2)",
-        "DELETE FROM stage_transitions WHERE business_id = $1 AND message_id = ANY($2)",
-        "DELETE FROM action_outbox WHERE business_id = $1 AND message_id = ANY($2)",
+        &[&business, &ids],
+    )
+    .await?;
+    for sql in [
+        "DELETE FROM stage_transitions \
+          WHERE business_id = $1 AND conversation_id = ANY($2) AND message_id = ANY($3)",
+        "DELETE FROM action_outbox \
+          WHERE business_id = $1 AND conversation_id = ANY($2) AND message_id = ANY($3)",
         "UPDATE extracted_data SET source_message_id = NULL \
-          WHERE business_id = $1 AND source_message_id = ANY($2)",
+          WHERE business_id = $1 AND conversation_id = ANY($2) AND source_message_id = ANY($3)",
     ] {
-        tx.execute(sql, &[&business, &ids]).await?;
+        tx.execute(sql, &[&business, &conversations, &ids]).await?;
     }
     Ok(tx
         .execute(
