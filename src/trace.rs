@@ -40,6 +40,18 @@ pub struct Entry {
 }
 
 impl Trace {
+    /// The business of the message traced, as stored or as its entry names it.
+    pub fn business_id(&self) -> Option<uuid::Uuid> {
+        let stored = self
+            .messages
+            .first()
+            .and_then(|m| m.get("business_id")?.as_str()?.parse().ok());
+        stored.or_else(|| {
+            let entry = self.inbound.as_ref()?;
+            crate::protocol::inbound::canonical_business(entry.fields.get("business_id")?)
+        })
+    }
+
     /// Whether anything at all was found.
     pub fn found(&self) -> bool {
         self.inbound.is_some()

@@ -3,6 +3,7 @@
 use anyhow::{Context as _, Result};
 
 use icmp::model::ConversationRecord;
+use icmp::personal_data::audit;
 use icmp::startup::Operator;
 use icmp::store::conversations::ConversationRef;
 
@@ -45,6 +46,14 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
     let Some(c) = operator.store().await?.conversation_record(which).await? else {
         anyhow::bail!("no such conversation");
     };
+    // Read access to user data is audited before anything is shown.
+    let counts = [("messages".to_owned(), c.messages.len() as u64)].into();
+    let record = audit::record(&audit::actor(), "conversation.read")
+        .business(c.business_id)
+        .user(icmp::store::write_set::user_key(&c.user_id))
+        .target(c.id.to_string())
+        .counts(&counts);
+    super::audit(operator, record).await?;
     if json {
         println!("{}", serde_json::to_string(&c)?);
     } else if jsonl {

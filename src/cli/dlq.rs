@@ -79,7 +79,21 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
             count,
             json,
         } => list(conn, streams, &filter, count, json).await,
-        Action::Show { id, json } => show(conn, streams, &id, json).await,
+        Action::Show { id, json } => {
+            let Some(d) = dlq::show(conn, streams, &id).await? else {
+                anyhow::bail!("no dead letter {id}");
+            };
+            // Read access to user data is audited before anything is shown.
+            let mut record = audit::record(&audit::actor(), "dlq.read").target(id.clone());
+            if let Some(subject) =
+                icmp::personal_data::Subject::new(&d.field("business_id"), &d.field("user_id"))
+            {
+                record = record.business(subject.business).user(subject.key());
+            }
+            super::audit(operator, record).await?;
+            show(&d, json);
+            Ok(())
+        }
         Action::Purge { ids, filter, yes } => {
             let removed = purge(conn, streams, ids, &filter, yes).await?;
             if removed.is_empty() {
@@ -141,10 +155,7 @@ async fn list(
     Ok(())
 }
 
-async fn show(conn: &RedisConnection, streams: &StreamsConfig, id: &str, json: bool) -> Result<()> {
-    let Some(d) = dlq::show(conn, streams, id).await? else {
-        anyhow::bail!("no dead letter {id}");
-    };
+fn show(d: &dlq::DeadLetter, json: bool) {
     if json {
         println!("{}", d.to_json());
     } else {
@@ -157,7 +168,6 @@ async fn show(conn: &RedisConnection, streams: &StreamsConfig, id: &str, json: b
             );
         }
     }
-    Ok(())
 }
 
 async fn purge(

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::html::{RenderError, url_component};
 use super::{ConsoleError, Ctx, see_other};
+use crate::personal_data::Subject;
 use crate::store::conversations::ConversationRef;
 use crate::stream::{dlq, is_entry_id};
 
@@ -205,6 +206,8 @@ async fn dead_letter_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError>
     let d = dlq::show(&c.conn, &c.streams, id)
         .await?
         .ok_or_else(missing)?;
+    let subject = Subject::new(&d.field("business_id"), &d.field("user_id"));
+    audited_read(ctx, "dlq.read", id, subject.as_ref()).await?;
     let fields: Vec<serde_json::Value> = d
         .fields
         .iter()
@@ -287,6 +290,11 @@ async fn conversation_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError
         .conversation_record(ConversationRef::Id(uuid))
         .await?
         .ok_or_else(missing)?;
+    let subject = Subject {
+        business: record.business_id,
+        user: record.user_id.clone(),
+    };
+    audited_read(ctx, "conversation.read", id, Some(&subject)).await?;
     let mut c = serde_json::to_value(&record).map_err(RenderError::from)?;
     // Times as the CLI prints them.
     if let Some(messages) = c.get_mut("messages").and_then(|m| m.as_array_mut()) {
@@ -523,12 +531,38 @@ async fn trace_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError> {
     if !t.found() {
         return Err(ConsoleError::NotFound(format!("nothing found for {id}")));
     }
+    let subject = t.business_id().map(|business| Subject {
+        business,
+        user: String::new(),
+    });
+    audited_read(ctx, "trace.read", id, subject.as_ref()).await?;
     let t = serde_json::to_value(&t).map_err(RenderError::from)?;
     ctx.page(
         "trace",
         &format!("Trace of {id}"),
         serde_json::json!({ "t": t }),
     )
+}
+
+/// Records that this request read user data of `subject` (docs/security.md, "Audit"); a page
+/// that cannot be audited is not shown.
+async fn audited_read(
+    ctx: &Ctx,
+    action: &str,
+    target: &str,
+    subject: Option<&Subject>,
+) -> Result<(), ConsoleError> {
+    let mut record =
+        crate::personal_data::audit::record(&format!("console:{}", ctx.remote), action)
+            .target(target);
+    if let Some(s) = subject {
+        record = record.business(s.business);
+        if !s.user.is_empty() {
+            record = record.user(s.key());
+        }
+    }
+    ctx.console.store.audit(&record).await?;
+    Ok(())
 }
 
 /// Any other path.

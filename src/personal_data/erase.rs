@@ -87,9 +87,7 @@ pub async fn erase(
                 .is_some_and(|c| conversations.contains(c))
     };
 
-    let inbound = places::find(conn, at, subject, &arrived_before)
-        .await?
-        .inbound;
+    let inbound = places::inbound(conn, at, subject, arrived_before).await?;
     let in_flight = settle_inbound(conn, at, key_prefix, inbound, wait, &mut counts).await?;
     cached += delete(conn, &state_key).await?;
     counts.insert("cached_state".to_owned(), cached);

@@ -76,8 +76,8 @@ pub async fn find(
         }
         Ok(())
     };
+    found.inbound = inbound(conn, at, subject, &keep).await?;
     for shard in at.streams.all_shards() {
-        scan(&shard.inbound, &mut found.inbound).await?;
         for stream in reply_streams(conn, &shard).await? {
             scan(&stream, &mut found.replies).await?;
         }
@@ -85,6 +85,36 @@ pub async fn find(
     }
     scan(&at.handoff.agents, &mut found.agents).await?;
     Ok(found)
+}
+
+/// The user's inbound entries that `keep` accepts, on every shard.
+///
+/// # Errors
+/// Redis failures.
+pub async fn inbound(
+    conn: &RedisConnection,
+    at: Streams<'_>,
+    subject: &Subject,
+    keep: impl Fn(&Entry) -> bool,
+) -> Result<Vec<Placed>, StatusError> {
+    let mut out = Vec::new();
+    for shard in at.streams.all_shards() {
+        let found = scan_entries(conn, &shard.inbound, "-", usize::MAX, |f| {
+            subject.named_by(f)
+        })
+        .await?;
+        out.extend(
+            found
+                .into_iter()
+                .map(|(id, fields)| Entry { id, fields })
+                .filter(|e| keep(e))
+                .map(|entry| Placed {
+                    stream: shard.inbound.clone(),
+                    entry,
+                }),
+        );
+    }
+    Ok(out)
 }
 
 /// A shard's outbound stream and every `reply_to` stream under its reply prefix (found with

@@ -500,6 +500,7 @@ async fn replay_and_purge_need_the_token_act_on_one_dead_letter_and_are_logged()
     let got: Vec<(&str, &str, &str)> = trail
         .iter()
         .rev()
+        .filter(|r| r.action != "dlq.read")
         .map(|r| {
             (
                 r.action.as_str(),
@@ -522,6 +523,14 @@ async fn replay_and_purge_need_the_token_act_on_one_dead_letter_and_are_logged()
             .all(|r| r.actor.starts_with("console:127.0.0.1:")),
         "{trail:?}"
     );
+    // And each dead letter shown: p1 before its replay, p2 signed in before its purge.
+    let reads: Vec<&str> = trail
+        .iter()
+        .rev()
+        .filter(|r| r.action == "dlq.read")
+        .filter_map(|r| r.target.as_deref())
+        .collect();
+    assert_eq!(reads, [p1["__id"].as_str(), p2["__id"].as_str()]);
     let (_, page) = get(&format!("{base}/audit")).await;
     assert!(
         page.contains("dlq.replay") && page.contains(p1["__id"].as_str()),

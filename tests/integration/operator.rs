@@ -266,7 +266,8 @@ async fn dlq_lists_shows_and_purges_by_filter_with_exit_codes_scripts_can_use() 
     let left = app.entries(&dead).await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["message_id"], "m2");
-    // The purge that removed something is in the audit trail; the one answered "n" is not.
+    // The dead letter shown and the purge that removed something are in the audit trail (newest
+    // first); the purge answered "n" and the unknown id shown are not.
     let trail = app
         .store
         .audit_log(&icmp::store::audit::AuditFilter {
@@ -275,7 +276,9 @@ async fn dlq_lists_shows_and_purges_by_filter_with_exit_codes_scripts_can_use() 
         })
         .await
         .expect("audit trail");
-    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(trail.len(), 2, "{trail:?}");
+    assert_eq!(trail[1].action, "dlq.read");
+    assert_eq!(trail[1].target.as_deref(), Some(ids[1].as_str()));
     assert_eq!(trail[0].action, "dlq.purge");
     assert_eq!(
         trail[0].target.as_deref(),

@@ -771,6 +771,11 @@ async fn a_workers_logs_carry_no_personal_data_at_info_or_debug() {
         "2031-02-17",
         "cracked molar",
         "0612-998877",
+        // The users' ids.
+        "patient-info-",
+        "patient-debug-",
+        "patient-x",
+        "patient-y",
     ];
     for (level, log) in ["info", "debug"].iter().zip(&logs) {
         assert!(log.lines().count() > 1, "{level}: a log was written");
@@ -801,6 +806,9 @@ async fn the_user_commands_print_what_they_find_and_remove_and_are_audited() {
         a.extend(who);
         a
     };
+    // An operator reads the conversation first: audited too.
+    let shown = crate::operator::run_icmp(c, &args(&["conversation", "show", "--json"]), b"").await;
+    assert!(shown.contains("Lin Wu"), "{shown}");
     let out = crate::operator::run_icmp(c, &args(&["user", "export", "--json"]), b"").await;
     let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON document");
     assert_eq!(doc["user_id"], "lin");
@@ -837,7 +845,16 @@ async fn the_user_commands_print_what_they_find_and_remove_and_are_audited() {
         .iter()
         .filter_map(|r| r["action"].as_str())
         .collect();
-    assert_eq!(actions, ["user.export", "user.erase", "user.export"]);
+    // Newest first.
+    assert_eq!(
+        actions,
+        [
+            "user.export",
+            "user.erase",
+            "user.export",
+            "conversation.read"
+        ]
+    );
     assert_eq!(records[1]["counts"]["messages"], 2);
     assert_eq!(records[0]["counts"]["messages"], 0);
     assert!(!out.contains("Lin Wu") && !out.contains("\"lin\""), "{out}");
