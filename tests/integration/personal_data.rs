@@ -244,8 +244,11 @@ async fn an_erase_drops_messages_in_flight_and_a_later_message_is_a_new_user() {
     // in flight (the LLM takes 600 ms a call) when the erase runs.
     app.send("ada", "m1", "Lovelace again, any news?").await;
     app.send("ada", "m2", "And a third line from Ada").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(app.pending().await >= 1, "m1 is being processed");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.pending().await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "m1 was not delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let erased = erase_of(&app, "ada").await;
     assert!(erased.in_flight.is_empty(), "{erased:?}");
     assert_eq!(erased.counts["conversations"], 1, "{:?}", erased.counts);
