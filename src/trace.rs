@@ -163,29 +163,10 @@ async fn inbound_state(
             break;
         }
     }
-    let pending: redis::RedisResult<Value> = redis::cmd("XPENDING")
-        .arg(&streams.inbound)
-        .arg(&streams.group)
-        .arg(inbound)
-        .arg(inbound)
-        .arg(1)
-        .query_async(&mut conn.clone())
-        .await;
-    if let Ok(Value::Array(items)) = pending
-        && let Some(Value::Array(p)) = items.into_iter().next()
-    {
-        let s = |v: &Value| match v {
-            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-            _ => String::new(),
-        };
-        let n = |v: &Value| match v {
-            Value::Int(n) => u64::try_from(*n).unwrap_or(0),
-            _ => 0,
-        };
-        if p.len() == 4 {
-            t.pending = Some((s(&p[1]), n(&p[2]), n(&p[3])));
-        }
-    }
+    t.pending = crate::stream::pending_entry(conn, &streams.inbound, &streams.group, inbound)
+        .await
+        .ok()
+        .flatten();
     Ok(())
 }
 

@@ -24,6 +24,18 @@ pub struct Export {
     pub cached_state: Option<serde_json::Value>,
     /// Entries naming the user in the streams.
     pub streams: Found,
+    /// Those of the inbound entries that a worker holds (delivered, not yet acknowledged).
+    pub pending: Vec<Pending>,
+}
+
+/// An inbound entry on the consumer group's pending list.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pending {
+    pub stream: String,
+    pub id: String,
+    pub consumer: String,
+    pub idle_ms: u64,
+    pub deliveries: u64,
 }
 
 impl Export {
@@ -61,12 +73,30 @@ pub async fn export(
 ) -> Result<Export, StatusError> {
     let rows = store.user_rows(subject.business, &subject.user).await?;
     let state_key = crate::cache::state_key(key_prefix, subject.business, &subject.user);
+    let streams = places::find(conn, at, subject, |_| true).await?;
+    let mut pending = Vec::new();
+    for p in &streams.inbound {
+        let held = crate::stream::pending_entry(conn, &p.stream, &at.streams.group, &p.entry.id)
+            .await
+            .ok()
+            .flatten();
+        if let Some((consumer, idle_ms, deliveries)) = held {
+            pending.push(Pending {
+                stream: p.stream.clone(),
+                id: p.entry.id.clone(),
+                consumer,
+                idle_ms,
+                deliveries,
+            });
+        }
+    }
     Ok(Export {
         business_id: subject.business.to_string(),
         user_id: subject.user.clone(),
         exported_at: chrono::Utc::now().to_rfc3339(),
         database: rows.tables,
         cached_state: places::cached_state(conn, &state_key).await?,
-        streams: places::find(conn, at, subject, |_| true).await?,
+        streams,
+        pending,
     })
 }

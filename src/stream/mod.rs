@@ -519,6 +519,42 @@ pub fn string_entries(v: Value) -> Vec<(String, std::collections::BTreeMap<Strin
         .collect()
 }
 
+/// Entry `id`'s place on `group`'s pending list: (consumer, idle ms, deliveries), `None` when
+/// it is not pending.
+///
+/// # Errors
+/// Redis failures (a missing group among them).
+pub async fn pending_entry(
+    conn: &RedisConnection,
+    stream: &str,
+    group: &str,
+    id: &str,
+) -> Result<Option<(String, u64, u64)>, StreamError> {
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg(id)
+        .arg(id)
+        .arg(1)
+        .query_async(&mut conn.clone())
+        .await?;
+    let Value::Array(items) = reply else {
+        return Ok(None);
+    };
+    let Some(Value::Array(p)) = items.into_iter().next() else {
+        return Ok(None);
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        _ => String::new(),
+    };
+    let number = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    };
+    Ok((p.len() == 4).then(|| (text(&p[1]), number(&p[2]), number(&p[3]))))
+}
+
 /// The entries of `stream` from `from` on (an `XRANGE` start: `-`, an id, or `(id`) that `keep`
 /// accepts, read in pages of 1,000, at most `limit` entries read; for reports.
 ///

@@ -246,9 +246,22 @@ async fn an_erase_drops_messages_in_flight_and_a_later_message_is_a_new_user() {
     app.send("ada", "m2", "And a third line from Ada").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while app.pending().await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "m1 was not delivered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "m1 was not delivered"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The export shows what a worker holds.
+    let held = export_of(&app, "ada").await;
+    assert!(!held.pending.is_empty(), "{:?}", held.pending);
+    assert!(
+        held.pending
+            .iter()
+            .all(|p| p.deliveries >= 1 && p.consumer.ends_with("w0")),
+        "{:?}",
+        held.pending
+    );
     let erased = erase_of(&app, "ada").await;
     assert!(erased.in_flight.is_empty(), "{erased:?}");
     assert_eq!(erased.counts["conversations"], 1, "{:?}", erased.counts);
