@@ -2,14 +2,16 @@
 -- undo, retention sweeps, and the operators' audit trail.
 
 -- One row per erased user: `user_key` is the SHA-256 (hex) of the user's id, never the id
--- itself; `erased_ms` is the instant of the erase on the Redis clock (the clock of inbound
--- entry ids). The write set refuses to start a conversation for a user erased at or after the
--- arrival of the message it stores, so that a message received before the erase and still in
+-- itself; (`erased_ms`, `erased_seq`) is the instant of the erase as an entry id of the user's
+-- inbound stream (its last id when the erase took the user's row). The write set refuses to
+-- start a conversation for a user erased at or after the arrival of the message it stores (its
+-- entry id no later than that), so that a message received before the erase and still in
 -- flight does not bring the user back; a message that arrived later is a new user's.
 CREATE TABLE user_erasures (
     business_id  uuid NOT NULL REFERENCES businesses (id) ON DELETE CASCADE,
     user_key     text NOT NULL,
     erased_ms    bigint NOT NULL,
+    erased_seq   bigint NOT NULL,
     erased_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (business_id, user_key)
 );

@@ -68,6 +68,7 @@ pub fn script(r: &Refs) -> String {
             13 => calls.clone(),
             16 => "md5('k' || :n)".into(),
             17 => "1795000000000::bigint".into(),
+            18 => "0::bigint".into(),
             n => unreachable!("the write set has no parameter ${n}"),
         });
         // pgbench reads one statement per line.

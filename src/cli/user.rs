@@ -106,14 +106,7 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
                 .await
                 .context("writing the audit trail")?;
             let done = done?;
-            if json {
-                println!("{}", serde_json::to_string(&done)?);
-            } else {
-                println!("erased at {} (Redis clock, unix ms)", done.erased_ms);
-                for (place, n) in &done.counts {
-                    println!("  {place:<20} {n}");
-                }
-            }
+            print_erasure(&done, json)?;
             if !done.in_flight.is_empty() {
                 anyhow::bail!(
                     "{} message(s) of the user are still being processed; run the erase again",
@@ -123,4 +116,19 @@ pub(super) async fn run(operator: &Operator, action: Action) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_erasure(done: &erase::Erasure, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(done)?);
+        return Ok(());
+    }
+    println!(
+        "erased at entry {} of the user's inbound stream (later messages are a new user's)",
+        done.erased_at
+    );
+    for (place, n) in &done.counts {
+        println!("  {place:<20} {n}");
+    }
+    Ok(())
 }

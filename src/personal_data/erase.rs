@@ -2,10 +2,11 @@
 //! run (docs/operations.md, "Personal data").
 //!
 //! 1. PostgreSQL, in one transaction ([`Store::erase_user`]): the user's row is taken (waiting
-//!    for a worker that is writing it), the instant of the erase is read from Redis's clock (the
-//!    clock of entry ids), the erase is noted under the user's key, and every row is deleted.
-//!    From then on a message that arrived until that instant cannot store anything (the write
-//!    set refuses it; the worker acknowledges it without a reply); a later one is a new user.
+//!    for a worker that is writing it), the instant of the erase is read from the user's
+//!    inbound stream (its last entry id), the erase is noted under the user's key, and every row
+//!    is deleted. From then on a message whose entry id is not later than that cannot store
+//!    anything (the write set refuses it; the worker acknowledges it without a reply); a later
+//!    one is a new user's.
 //! 2. The user's inbound entries up to that instant: removed at once when the group has not
 //!    delivered them, else once no worker needs them (finished: acknowledged and out of the
 //!    order queue), waiting up to `wait` for those in flight.
@@ -24,15 +25,16 @@ use super::places::{self, Placed, Streams};
 use crate::redis_connection::RedisConnection;
 use crate::status::StatusError;
 use crate::store::Store;
-use crate::stream::entry_time_ms;
 use crate::stream::removal::{Removal, remove_settled};
+use crate::stream::{entry_id_parts, is_entry_id};
 use crate::trace::Entry;
 
 /// What an erase removed, per place, and what it could not.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Erasure {
-    /// The instant of the erase (Redis clock, unix ms).
-    pub erased_ms: i64,
+    /// The instant of the erase: the last entry id of the user's inbound stream when the erase
+    /// took the user's row. Their messages up to it are dropped; later ones are a new user's.
+    pub erased_at: String,
     /// Items removed per place: PostgreSQL tables, `cached_state`, `inbound` (finished
     /// entries), `inbound_undelivered`, `replies`, `dead_letters`, `agents`.
     pub counts: BTreeMap<String, u64>,
@@ -59,28 +61,32 @@ pub async fn erase(
     let user_shard = at.streams.for_user(&subject.business, &subject.user);
     let rows = store
         .erase_user(subject.business, &subject.user, async || {
-            redis_time_ms(conn, &user_shard.inbound).await
+            last_id(conn, &user_shard.inbound).await
         })
         .await?;
-    let erased_ms = rows.erased_ms;
+    let erased = rows.erased;
     let mut counts = rows.counts;
     let state_key = crate::cache::state_key(key_prefix, subject.business, &subject.user);
     let mut cached = delete(conn, &state_key).await?;
 
     let conversations: HashSet<String> =
         rows.conversations.iter().map(ToString::to_string).collect();
-    let arrived_before = |entry: &Entry| {
-        entry_time_ms(&entry.id).is_some_and(|ms| i64::try_from(ms).is_ok_and(|ms| ms <= erased_ms))
-    };
+    let instant = (
+        u64::try_from(erased.0).unwrap_or(0),
+        u64::try_from(erased.1).unwrap_or(0),
+    );
+    let not_later = |id: &str| entry_id_parts(id).is_some_and(|id| id <= instant);
+    let arrived_before = |entry: &Entry| not_later(&entry.id);
     // A reply, dead letter or agents' entry is of the erased period when its message arrived
-    // until the instant or it names an erased conversation.
+    // until the instant or it names an erased conversation; one without a message (an agent's
+    // answer) when it was written before the instant's millisecond was over.
     let of_erased_period = |entry: &Entry| {
-        let message_ms = entry
-            .fields
-            .get("inbound_id")
-            .and_then(|i| entry_time_ms(i))
-            .or_else(|| entry_time_ms(&entry.id));
-        message_ms.is_some_and(|ms| i64::try_from(ms).is_ok_and(|ms| ms <= erased_ms))
+        let message = entry.fields.get("inbound_id").filter(|i| is_entry_id(i));
+        let before = match message {
+            Some(id) => not_later(id),
+            None => entry_id_parts(&entry.id).is_some_and(|(ms, _)| ms <= instant.0),
+        };
+        before
             || entry
                 .fields
                 .get("conversation_id")
@@ -103,7 +109,7 @@ pub async fn erase(
     counts.entry("inbound".to_owned()).or_default();
     counts.entry("inbound_undelivered".to_owned()).or_default();
     Ok(Erasure {
-        erased_ms,
+        erased_at: format!("{}-{}", erased.0, erased.1),
         counts,
         in_flight,
     })
@@ -167,14 +173,34 @@ async fn remove_all(conn: &RedisConnection, entries: &[Placed]) -> Result<u64, S
     Ok(n)
 }
 
-/// Redis's clock on the node of `key` (unix ms): the clock of that stream's entry ids.
-async fn redis_time_ms(conn: &RedisConnection, key: &str) -> Result<i64, StatusError> {
-    let reply = conn
-        .clone()
-        .query_on_master_of(key, &redis::cmd("TIME"))
+/// The last entry id stream `key` gave (`0-0` for a stream that does not exist): every entry
+/// added to it later has a greater id.
+async fn last_id(conn: &RedisConnection, key: &str) -> Result<(i64, i64), StatusError> {
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut conn.clone())
         .await?;
-    let (secs, micros): (i64, i64) = redis::from_redis_value(reply)?;
-    Ok(secs * 1000 + micros / 1000)
+    if !exists {
+        // No entry was ever added.
+        return Ok((0, 0));
+    }
+    let info: redis::Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(key)
+        .query_async(&mut conn.clone())
+        .await?;
+    let fields: std::collections::HashMap<String, redis::Value> = redis::from_redis_value(info)?;
+    let last: String = fields
+        .get("last-generated-id")
+        .cloned()
+        .map(redis::from_redis_value)
+        .transpose()?
+        .unwrap_or_else(|| "0-0".to_owned());
+    let (ms, seq) = entry_id_parts(&last).unwrap_or_default();
+    Ok((
+        i64::try_from(ms).unwrap_or(i64::MAX),
+        i64::try_from(seq).unwrap_or(i64::MAX),
+    ))
 }
 
 async fn delete(conn: &RedisConnection, key: &str) -> Result<u64, StatusError> {

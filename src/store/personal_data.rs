@@ -49,13 +49,26 @@ impl UserRows {
 /// What an erase removed from PostgreSQL.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErasedRows {
-    /// The instant of the erase (Redis clock, ms): messages that arrived until then are dropped.
-    pub erased_ms: i64,
+    /// The instant of the erase, as an entry id of the user's inbound stream (ms, seq):
+    /// messages whose entry id is not later are dropped.
+    pub erased: (i64, i64),
     /// The ids of the conversations removed.
     pub conversations: Vec<Uuid>,
     /// Rows removed per table.
     pub counts: BTreeMap<String, u64>,
 }
+
+/// Notes an erase (`$1` business, `$2` user key, `$3`/`$4` the instant), keeping the later
+/// of two instants. (No function here: Citus allows only immutable ones in an upsert's SET.)
+const NOTE_ERASURE: &str = "\
+INSERT INTO user_erasures AS e (business_id, user_key, erased_ms, erased_seq) VALUES ($1, $2, $3, $4)
+ON CONFLICT (business_id, user_key) DO UPDATE
+   SET (erased_ms, erased_seq) =
+         (CASE WHEN (EXCLUDED.erased_ms, EXCLUDED.erased_seq) > (e.erased_ms, e.erased_seq)
+               THEN EXCLUDED.erased_ms ELSE e.erased_ms END,
+          CASE WHEN (EXCLUDED.erased_ms, EXCLUDED.erased_seq) > (e.erased_ms, e.erased_seq)
+               THEN EXCLUDED.erased_seq ELSE e.erased_seq END),
+       erased_at = EXCLUDED.erased_at";
 
 impl Store {
     /// Every row of user `external_id` of `business`.
@@ -118,19 +131,20 @@ impl Store {
 
     /// Erases user `external_id` of `business`: their rows in every table, in one transaction
     /// that first takes their `users` row (waiting for a worker's transaction that writes it),
-    /// then asks `now_ms` for the instant of the erase, notes the erase (`user_erasures`, under
-    /// the user's key), and deletes. A worker's write set that comes later waits for this
-    /// transaction at its user statement and then sees the erase: a message that arrived until
-    /// `now_ms` is refused ([`StoreError::Erased`]); one that arrived later starts a new user.
-    /// Idempotent: a second erase finds nothing to delete and moves the instant forward.
+    /// then asks `instant` for the instant of the erase (the last entry id of the user's inbound
+    /// stream), notes the erase (`user_erasures`, under the user's key), and deletes. A worker's
+    /// write set that comes later waits for this transaction at its user statement and then sees
+    /// the erase: a message whose entry id is not later than the instant is refused
+    /// ([`StoreError::Erased`]); a later one starts a new user. Idempotent: a second erase finds
+    /// nothing to delete and moves the instant forward.
     ///
     /// # Errors
-    /// Database errors, or `now_ms`'s (the transaction is then rolled back).
+    /// Database errors, or `instant`'s (the transaction is then rolled back).
     pub async fn erase_user<E: From<StoreError>>(
         &self,
         business: Uuid,
         external_id: &str,
-        now_ms: impl AsyncFnOnce() -> Result<i64, E>,
+        instant: impl AsyncFnOnce() -> Result<(i64, i64), E>,
     ) -> Result<ErasedRows, E> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(StoreError::from)?;
@@ -153,16 +167,11 @@ impl Store {
             .await
             .map_err(StoreError::from)?
             .get(0);
-        let erased_ms = now_ms().await?;
+        let erased = instant().await?;
         let key = super::write_set::user_key(external_id);
-        tx.execute(
-            "INSERT INTO user_erasures AS e (business_id, user_key, erased_ms) VALUES ($1, $2, $3) \
-             ON CONFLICT (business_id, user_key) DO UPDATE \
-               SET erased_ms = greatest(e.erased_ms, EXCLUDED.erased_ms), erased_at = EXCLUDED.erased_at",
-            &[&business, &key, &erased_ms],
-        )
-        .await
-        .map_err(StoreError::from)?;
+        tx.execute(NOTE_ERASURE, &[&business, &key, &erased.0, &erased.1])
+            .await
+            .map_err(StoreError::from)?;
         let conversations: Vec<Uuid> = tx
             .query(
                 "SELECT id FROM conversations WHERE business_id = $1 AND user_id = $2 \
@@ -208,7 +217,7 @@ impl Store {
         counts.insert("users".to_owned(), u64::try_from(existed).unwrap_or(0));
         tx.commit().await.map_err(StoreError::from)?;
         Ok(ErasedRows {
-            erased_ms,
+            erased,
             conversations,
             counts,
         })

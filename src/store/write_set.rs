@@ -116,8 +116,8 @@ pub struct WriteSet {
 // `$6` the message rows (JSON array, see `MessageRow`), `$7` how many, `$8`/`$9` the stage
 // transition (from, to), `$10` the user message's id, `$11` the log id, `$12` the extracted
 // fields (JSON object), `$13` the LLM calls (JSON array of `LlmCallRecord`), `$14` the actions'
-// requests, `$15` the handoff (JSON object), `$16` the user's key (`user_key`) and `$17` the
-// arrival of the message (milliseconds, its inbound entry id's time). Each is sent
+// requests, `$15` the handoff (JSON object), `$16` the user's key (`user_key`), `$17`/`$18` the
+// two parts of the message's inbound entry id (its arrival). Each is sent
 // renumbered to the parameters it uses ([`Step`]).
 //
 // Every one is a single-shard statement on Citus (all of it filters or writes one
@@ -133,8 +133,8 @@ ON CONFLICT (business_id, external_id) DO UPDATE SET last_seen_at = EXCLUDED.las
 
 /// A new conversation, of that user. An id that exists already is a unique violation of
 /// `conversations_pkey`: a version conflict. A user erased at or after the arrival of this
-/// message (`$16` the user's key, `$17` the arrival on the Redis clock; migration V16) gets no
-/// conversation: its `user_id` becomes NULL, which the column refuses ([`StoreError::Erased`]).
+/// message (`$16` the user's key, `$17`/`$18` the message's inbound entry id; migration V16)
+/// gets no conversation: its `user_id` becomes NULL, which the column refuses ([`StoreError::Erased`]).
 /// The check runs here, after the user statement: that one waits for an erase holding the
 /// user's row, so this one's snapshot sees the erase once it committed. (The alias keeps Citus
 /// from naming the table in the `RETURNING` of the statement it sends to the shard, where it
@@ -143,7 +143,8 @@ const CONVERSATION_NEW: &str = "\
 INSERT INTO conversations AS n (id, business_id, user_id, current_stage_id, last_seq)
 SELECT $2, u.business_id,
        CASE WHEN EXISTS (SELECT 1 FROM user_erasures AS e
-                          WHERE e.business_id = $1 AND e.user_key = $16 AND e.erased_ms >= $17)
+                          WHERE e.business_id = $1 AND e.user_key = $16
+                            AND (e.erased_ms, e.erased_seq) >= ($17, $18))
             THEN NULL ELSE u.id END,
        $3, $7
   FROM users AS u WHERE u.business_id = $1 AND u.external_id = $4
@@ -234,8 +235,8 @@ const HANDOFF: &str = "\
 UPDATE conversations SET handoff = coalesce(handoff, '{}'::jsonb) || $15::jsonb
  WHERE business_id = $1 AND id = $2";
 
-/// How many parameters the write set has (`$1` … `$17`).
-pub const PARAMETERS: usize = 17;
+/// How many parameters the write set has (`$1` … `$18`).
+pub const PARAMETERS: usize = 18;
 
 /// The statements of a write set, in order, with the write set's parameter numbers: the user,
 /// the conversation (whose rows are the result), the messages, then the transition, the
@@ -454,13 +455,19 @@ struct Values<'a> {
     transition_to: Option<Uuid>,
     /// The user's key, for a new conversation's erasure check (empty otherwise: unused).
     user_key: String,
+    /// The message's inbound entry id (its arrival), in two parts.
     arrived_ms: i64,
+    arrived_seq: i64,
 }
 
 impl<'a> Values<'a> {
     fn new(ws: &'a WriteSet) -> Values<'a> {
         let rows = message_rows(ws);
         let (transition_from, transition_to) = ws.transition.unzip();
+        // Without an entry id (none today), after every erase.
+        let arrived = crate::stream::entry_id_parts(&ws.inbound_id)
+            .and_then(|(ms, seq)| Some((i64::try_from(ms).ok()?, i64::try_from(seq).ok()?)))
+            .unwrap_or((i64::MAX, i64::MAX));
         Values {
             count: rows.len() as i64,
             rows: Json(rows),
@@ -475,13 +482,12 @@ impl<'a> Values<'a> {
             } else {
                 String::new()
             },
-            arrived_ms: crate::stream::entry_time_ms(&ws.inbound_id)
-                .and_then(|ms| i64::try_from(ms).ok())
-                .unwrap_or(i64::MAX),
+            arrived_ms: arrived.0,
+            arrived_seq: arrived.1,
         }
     }
 
-    /// The write set's parameters, `$1` … `$17`.
+    /// The write set's parameters, `$1` … `$18`.
     fn params(&'a self, ws: &'a WriteSet) -> [&'a (dyn ToSql + Sync); PARAMETERS] {
         [
             &ws.business_id,
@@ -501,6 +507,7 @@ impl<'a> Values<'a> {
             &self.handoff,
             &self.user_key,
             &self.arrived_ms,
+            &self.arrived_seq,
         ]
     }
 }

@@ -186,6 +186,12 @@ pub fn entry_time_ms(id: &str) -> Option<u64> {
     id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
 }
 
+/// A stream entry id's two parts (`<ms>-<seq>`), which order entries as the stream does.
+pub fn entry_id_parts(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
 /// Whether `s` has the shape of a stream entry id (`<ms>-<seq>`), so that it can be given to
 /// `XRANGE` without Redis rejecting it.
 pub fn is_entry_id(s: &str) -> bool {

@@ -357,9 +357,10 @@ async fn every_hot_path_statement_is_one_task_on_the_node_of_its_business() {
             ),
             "'{\"since\": \"2026-12-05T00:00:00Z\", \"since_ms\": 1, \"by\": \"operator\"}'::jsonb"
                 .into(),
-            // The user's key and the message's arrival (the erasure check).
+            // The user's key and the message's entry id (the erasure check).
             "'0123abcd'".into(),
             "1795000000000::bigint".into(),
+            "0::bigint".into(),
         ];
         assert_eq!(values.len(), write_set::PARAMETERS);
         for sql in write_set::statements(new_conversation, true, true, true, true, true) {

@@ -212,7 +212,10 @@ async fn export_finds_every_place_and_erase_removes_exactly_that() {
     // Idempotent: a second erase finds nothing.
     let again = erase_of(&app, "ada").await;
     assert!(again.counts.values().all(|&n| n == 0), "{:?}", again.counts);
-    assert!(again.erased_ms >= erased.erased_ms);
+    assert!(
+        icmp::stream::entry_id_parts(&again.erased_at)
+            >= icmp::stream::entry_id_parts(&erased.erased_at)
+    );
     app.stop().await;
 }
 
@@ -348,7 +351,7 @@ async fn erases_under_load_leave_an_exact_account() {
     let erased_users: Vec<&String> = users.iter().take(4).collect();
     // (user, message_id) per inbound entry id.
     let mut sent: HashMap<String, (String, String)> = HashMap::new();
-    let mut instants: HashMap<String, i64> = HashMap::new();
+    let mut instants: HashMap<String, (u64, u64)> = HashMap::new();
     for round in 0..10 {
         for _ in 0..12 {
             let user = &users[rng.random_range(0..users.len())];
@@ -365,11 +368,35 @@ async fn erases_under_load_leave_an_exact_account() {
             app.start_worker("w3").await;
         }
         if round == 5 {
-            for user in &erased_users {
-                let e = erase_of(&app, user).await;
+            // The erases run while the erased users keep writing: each message falls on one
+            // side of its user's erase, by its entry id.
+            let erase_all = async {
+                let mut done = Vec::new();
+                for user in &erased_users {
+                    done.push(((*user).clone(), erase_of(&app, user).await));
+                }
+                done
+            };
+            let write_meanwhile = async {
+                let mut more = Vec::new();
+                for k in 0..24 {
+                    let user = erased_users[k % erased_users.len()];
+                    let message_id = format!("{user}-during-{k}");
+                    let id = app
+                        .send(user, &message_id, "written during the erase")
+                        .await;
+                    more.push((id, (user.clone(), message_id)));
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+                more
+            };
+            let (done, more) = tokio::join!(erase_all, write_meanwhile);
+            for (user, e) in done {
                 assert!(e.in_flight.is_empty(), "{e:?}");
-                instants.insert((*user).clone(), e.erased_ms);
+                let instant = icmp::stream::entry_id_parts(&e.erased_at).expect("an entry id");
+                instants.insert(user, instant);
             }
+            sent.extend(more);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -395,12 +422,8 @@ async fn erases_under_load_leave_an_exact_account() {
         .collect();
     let (mut dropped, mut answered) = (0, 0);
     for (id, (user, message_id)) in &sent {
-        let ms: i64 = id
-            .split('-')
-            .next()
-            .and_then(|m| m.parse().ok())
-            .expect("id");
-        let before_erase = instants.get(user).is_some_and(|&at| ms <= at);
+        let entry = icmp::stream::entry_id_parts(id).expect("an entry id");
+        let before_erase = instants.get(user).is_some_and(|&at| entry <= at);
         let n_replies = replies_per_message
             .get(message_id.as_str())
             .copied()
