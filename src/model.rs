@@ -108,8 +108,11 @@ pub struct Policy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
+    /// Messages (with their LLM calls, transitions and action requests) older than this.
     pub messages_days: Option<u32>,
+    /// LLM prompts and outputs older than this are blanked (at most `messages_days`).
     pub llm_prompts_days: Option<u32>,
+    /// Dead letters older than this.
     pub dead_letters_days: Option<u32>,
 }
 

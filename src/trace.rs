@@ -52,6 +52,21 @@ impl Trace {
         })
     }
 
+    /// How the audit trail names the message traced: its inbound entry id or its log id (not
+    /// the query, which may be a producer's `message_id`, made of anything).
+    pub fn reference(&self) -> String {
+        let stored = |k: &str| {
+            self.messages
+                .first()
+                .and_then(|m| m.get(k)?.as_str().map(str::to_owned))
+                .filter(|v| !v.is_empty())
+        };
+        stored("inbound_id")
+            .or_else(|| self.inbound.as_ref().map(|e| e.id.clone()))
+            .or_else(|| stored("log_id"))
+            .unwrap_or_default()
+    }
+
     /// Whether anything at all was found.
     pub fn found(&self) -> bool {
         self.inbound.is_some()

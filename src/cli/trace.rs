@@ -32,7 +32,7 @@ pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
         ]
         .into();
         let mut record = audit::record(&audit::actor(), "trace.read")
-            .target(args.id.clone())
+            .target(t.reference())
             .counts(&counts);
         if let Some(business) = t.business_id() {
             record = record.business(business);

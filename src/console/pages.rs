@@ -535,7 +535,7 @@ async fn trace_page(ctx: &Ctx, id: &str) -> Result<Response, ConsoleError> {
         business,
         user: String::new(),
     });
-    audited_read(ctx, "trace.read", id, subject.as_ref()).await?;
+    audited_read(ctx, "trace.read", &t.reference(), subject.as_ref()).await?;
     let t = serde_json::to_value(&t).map_err(RenderError::from)?;
     ctx.page(
         "trace",

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use super::Subject;
 use super::places::{self, Placed, Streams};
+use crate::error::Classify as _;
 use crate::redis_connection::RedisConnection;
 use crate::status::StatusError;
 use crate::store::Store;
@@ -45,6 +46,9 @@ pub struct Erasure {
 /// How often in-flight entries are looked at again while the erase waits for them.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How many times the database part is tried when it fails for a reason that may pass.
+const ATTEMPTS: u32 = 5;
+
 /// Erases `subject` (see the module's documentation).
 ///
 /// # Errors
@@ -59,11 +63,22 @@ pub async fn erase(
     wait: Duration,
 ) -> Result<Erasure, StatusError> {
     let user_shard = at.streams.for_user(&subject.business, &subject.user);
-    let rows = store
-        .erase_user(subject.business, &subject.user, async || {
-            last_id(conn, &user_shard.inbound).await
-        })
-        .await?;
+    // A deadlock with a retention sweep (or a worker) is broken by PostgreSQL: tried again.
+    let mut attempt = 0;
+    let rows = loop {
+        attempt += 1;
+        let done = store
+            .erase_user(subject.business, &subject.user, async || {
+                last_id(conn, &user_shard.inbound).await
+            })
+            .await;
+        match done {
+            Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
+                tokio::time::sleep(POLL * attempt).await;
+            }
+            other => break other?,
+        }
+    };
     let erased = rows.erased;
     let mut counts = rows.counts;
     let state_key = crate::cache::state_key(key_prefix, subject.business, &subject.user);

@@ -16,6 +16,7 @@ use crate::store::Store;
 pub struct Export {
     pub business_id: String,
     pub user_id: String,
+    /// When the document was made (RFC 3339).
     pub exported_at: String,
     /// PostgreSQL's rows, per table (`users`, `conversations`, `messages`, `extracted_data`,
     /// `stage_transitions`, `llm_calls` with their prompts and outputs, `action_outbox`).
@@ -31,8 +32,10 @@ pub struct Export {
 /// An inbound entry on the consumer group's pending list.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pending {
+    /// The inbound stream and the entry's id.
     pub stream: String,
     pub id: String,
+    /// The consumer (worker) holding it, for how long, and how many times it was delivered.
     pub consumer: String,
     pub idle_ms: u64,
     pub deliveries: u64,

@@ -21,7 +21,9 @@ use crate::protocol::inbound::{canonical_business, canonical_user};
 /// One user of one business, as the pipeline names them (canonical ids).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
+    /// The business's id.
     pub business: Uuid,
+    /// The user's id as producers send it, trimmed (`user_id`).
     pub user: String,
 }
 

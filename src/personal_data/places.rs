@@ -16,6 +16,7 @@ use crate::trace::Entry;
 /// A stream entry and the stream it is in.
 #[derive(Debug, Clone, Serialize)]
 pub struct Placed {
+    /// The stream's key.
     pub stream: String,
     #[serde(flatten)]
     pub entry: Entry,
@@ -24,9 +25,13 @@ pub struct Placed {
 /// A user's entries, by kind of stream.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Found {
+    /// Every shard's inbound stream.
     pub inbound: Vec<Placed>,
+    /// Every shard's outbound stream and `reply_to` streams.
     pub replies: Vec<Placed>,
+    /// Every shard's dead-letter stream.
     pub dead_letters: Vec<Placed>,
+    /// The agents' stream (messages passed to people).
     pub agents: Vec<Placed>,
 }
 
@@ -48,7 +53,9 @@ impl Found {
 /// The streams to look in.
 #[derive(Debug, Clone, Copy)]
 pub struct Streams<'a> {
+    /// The inbound, outbound, reply and dead-letter streams (every shard).
     pub streams: &'a StreamsConfig,
+    /// The agents' stream.
     pub handoff: &'a HandoffConfig,
 }
 

@@ -29,21 +29,30 @@ use crate::telemetry::metrics;
 /// What one sweep removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Swept {
+    /// LLM calls whose prompt and output were blanked.
     pub llm_prompts: u64,
+    /// Messages, conversations and users deleted.
     pub messages: u64,
     pub conversations: u64,
     pub users: u64,
+    /// Cached conversation states deleted.
     pub cached_states: u64,
+    /// Dead letters deleted.
     pub dead_letters: u64,
 }
 
 /// What the sweep works on.
 #[derive(Debug, Clone)]
 pub struct Sweeper {
+    /// The database, under the worker role.
     pub store: Store,
+    /// Redis: cached states and dead letters.
     pub conn: RedisConnection,
+    /// Where the dead letters are (every shard).
     pub streams: StreamsConfig,
+    /// `redis.key_prefix`.
     pub key_prefix: String,
+    /// `[retention]`.
     pub config: RetentionConfig,
     /// Where this process's sweep got to, per business and kind of row: it starts there next
     /// time (and from the oldest row after a day, in case another process's sweep gave up rows
@@ -123,8 +132,18 @@ impl Sweeper {
             if stop.is_cancelled() {
                 break;
             }
-            self.sweep_business(*business, retention, now, stop, &mut swept)
-                .await?;
+            // One business's failure (a deadlock with an erase, say) leaves the others' sweep.
+            if let Err(e) = self
+                .sweep_business(*business, retention, now, stop, &mut swept)
+                .await
+            {
+                metrics::record_error(&e, "retention");
+                tracing::warn!(
+                    business.id = %business,
+                    error.code = crate::error::Classify::code(&e),
+                    "retention sweep of a business failed; trying again at the next"
+                );
+            }
         }
         let dead: HashMap<Uuid, i64> = policies
             .iter()

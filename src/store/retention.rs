@@ -12,7 +12,9 @@ use crate::model::Retention;
 /// row before it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
+    /// Inclusive.
     pub from: chrono::DateTime<chrono::Utc>,
+    /// Exclusive.
     pub to: chrono::DateTime<chrono::Utc>,
 }
 
@@ -27,7 +29,9 @@ pub enum Swept {
 /// What one batch of expired messages removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Expired {
+    /// Messages deleted.
     pub messages: u64,
+    /// Conversations and users deleted because the batch left them empty.
     pub conversations: u64,
     pub users: u64,
     /// The users whose conversations lost messages: their cached state may hold them.
@@ -50,8 +54,16 @@ impl Store {
         Ok(rows
             .iter()
             .filter_map(|r| {
+                let business: Uuid = r.get(0);
                 let policy: serde_json::Value = r.get(1);
-                Some((r.get(0), serde_json::from_value(policy).ok()?))
+                match serde_json::from_value(policy) {
+                    Ok(retention) => Some((business, retention)),
+                    Err(e) => {
+                        tracing::warn!(business.id = %business, error = %e,
+                            "a business's retention policy cannot be read; not swept");
+                        None
+                    }
+                }
             })
             .collect())
     }
@@ -151,6 +163,13 @@ impl Store {
         )
         .await?;
         let messages = delete_messages(&tx, business, &conversations, &ids).await?;
+        // The conversations' calls of no message (summaries), which quote them, as old.
+        tx.execute(
+            "DELETE FROM llm_calls WHERE business_id = $1 AND conversation_id = ANY($2) \
+               AND message_id IS NULL AND created_at < $3",
+            &[&business, &conversations, &span.to],
+        )
+        .await?;
         let touched_users = users_of(&tx, business, &conversations).await?;
         let (conversations, users) = drop_emptied(&tx, business, &conversations, before).await?;
         tx.commit().await?;

@@ -184,7 +184,10 @@ SELECT r.id, c.business_id, c.id, c.last_seq - $7 + r.pos, r.role, r.content, r.
          endpoint text)
  WHERE c.business_id = $1 AND c.id = $2";
 
-/// The stage transition, when selection moved the stage.
+/// The stage transition, when selection moved the stage. (`VALUES`, not a read of the
+/// conversation row as the other inserts: its `id` comes from a sequence, which Citus draws on
+/// the coordinator after pulling an `INSERT … SELECT` there. A conversation that is gone, erased
+/// or swept by retention, breaks its foreign key instead: a version conflict, see [`classify`].)
 const TRANSITION: &str = "\
 INSERT INTO stage_transitions (business_id, conversation_id, from_stage_id, to_stage_id,
                                message_id, log_id)
@@ -627,7 +630,9 @@ impl Store {
 
 /// A unique violation is a new conversation whose id exists (a version conflict) or a message
 /// whose idempotency key is committed (a duplicate); the version check's violation is a version
-/// conflict; any other stays a database error.
+/// conflict, and so is the stage transition's reference to a conversation that is gone (erased
+/// or swept by retention while the message was processed: its re-run reads the database); the
+/// erasure check's refusal is [`StoreError::Erased`]; any other stays a database error.
 pub(crate) fn classify(e: StoreError) -> StoreError {
     let StoreError::Db(e) = e else {
         return e;
@@ -636,11 +641,16 @@ pub(crate) fn classify(e: StoreError) -> StoreError {
         return StoreError::Erased;
     }
     let check = e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION);
-    if !is_unique_violation(&e) && !check {
+    let reference = e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION);
+    if !is_unique_violation(&e) && !check && !reference {
         return StoreError::Db(e);
     }
     match e.as_db_error().and_then(constraint_of).map(unsharded) {
-        Some("conversations_pkey" | "conversations_version_check") => StoreError::VersionConflict,
+        Some(
+            "conversations_pkey"
+            | "conversations_version_check"
+            | "stage_transitions_business_id_conversation_id_fkey",
+        ) => StoreError::VersionConflict,
         Some("messages_idempotency_key") => StoreError::Duplicate,
         _ => StoreError::Db(e),
     }

@@ -245,7 +245,13 @@ async fn an_erase_drops_messages_in_flight_and_a_later_message_is_a_new_user() {
         .get(0);
     // m1 continues the conversation, m2 waits behind it in the user's order queue: both are
     // in flight (the LLM takes 600 ms a call) when the erase runs.
-    app.send("ada", "m1", "Lovelace again, any news?").await;
+    // m1 moves the stage (welcome → booking): its write set has a stage transition.
+    app.send(
+        "ada",
+        "m1",
+        "Lovelace again, I'd like to book an appointment",
+    )
+    .await;
     app.send("ada", "m2", "And a third line from Ada").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while app.pending().await == 0 {
@@ -289,6 +295,15 @@ async fn an_erase_drops_messages_in_flight_and_a_later_message_is_a_new_user() {
         .erased
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(dropped >= 1, "the worker dropped the message it held");
+    // Dropped, not failed: no dead letter, no error reply (the erase would have removed both).
+    let stats = worker.stats();
+    assert_eq!(
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(stats.rejected.load(std::sync::atomic::Ordering::Relaxed), 0);
 
     // A message after the erase is a new user's: answered, stored in a new conversation.
     app.send("ada", "m3", "Hi, new here").await;

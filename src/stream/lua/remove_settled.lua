@@ -16,9 +16,10 @@ if ok then
     if name == ARGV[1] then last = delivered end
   end
 end
+-- Queued: a worker holds it or will (also while the group is missing, recreated at its mark).
+if redis.call('ZSCORE', KEYS[2], member(ARGV[2])) then return 'in_flight' end
 if last and not older(last, ARGV[2]) then
   if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) > 0 then return 'in_flight' end
-  if redis.call('ZSCORE', KEYS[2], member(ARGV[2])) then return 'in_flight' end
   redis.call('XDEL', KEYS[1], ARGV[2])
   return 'settled'
 end
