@@ -113,7 +113,7 @@ pub async fn erase(
     cached += delete(conn, &state_key).await?;
     counts.insert("cached_state".to_owned(), cached);
 
-    let found = places::find(conn, at, subject, &of_erased_period).await?;
+    let found = places::outside_inbound(conn, at, subject, &of_erased_period).await?;
     for (place, entries) in [
         ("replies", &found.replies),
         ("dead_letters", &found.dead_letters),

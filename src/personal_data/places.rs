@@ -69,29 +69,10 @@ pub async fn find(
     subject: &Subject,
     keep: impl Fn(&Entry) -> bool,
 ) -> Result<Found, StatusError> {
-    let mut found = Found::default();
-    let wanted = |f: &BTreeMap<String, String>| subject.named_by(f);
-    let scan = async |stream: &str, into: &mut Vec<Placed>| -> Result<(), StatusError> {
-        for (id, fields) in scan_entries(conn, stream, "-", usize::MAX, wanted).await? {
-            let entry = Entry { id, fields };
-            if keep(&entry) {
-                into.push(Placed {
-                    stream: stream.to_owned(),
-                    entry,
-                });
-            }
-        }
-        Ok(())
-    };
-    found.inbound = inbound(conn, at, subject, &keep).await?;
-    for shard in at.streams.all_shards() {
-        for stream in reply_streams(conn, &shard).await? {
-            scan(&stream, &mut found.replies).await?;
-        }
-        scan(&shard.dead_letter, &mut found.dead_letters).await?;
-    }
-    scan(&at.handoff.agents, &mut found.agents).await?;
-    Ok(found)
+    Ok(Found {
+        inbound: inbound(conn, at, subject, &keep).await?,
+        ..outside_inbound(conn, at, subject, &keep).await?
+    })
 }
 
 /// The user's inbound entries that `keep` accepts, on every shard.
@@ -106,22 +87,53 @@ pub async fn inbound(
 ) -> Result<Vec<Placed>, StatusError> {
     let mut out = Vec::new();
     for shard in at.streams.all_shards() {
-        let found = scan_entries(conn, &shard.inbound, "-", usize::MAX, |f| {
-            subject.named_by(f)
-        })
-        .await?;
-        out.extend(
-            found
-                .into_iter()
-                .map(|(id, fields)| Entry { id, fields })
-                .filter(|e| keep(e))
-                .map(|entry| Placed {
-                    stream: shard.inbound.clone(),
-                    entry,
-                }),
-        );
+        out.extend(named(conn, &shard.inbound, subject, &keep).await?);
     }
     Ok(out)
+}
+
+/// [`find`] without the inbound streams (left empty): replies, dead letters, agents' entries.
+///
+/// # Errors
+/// Redis failures.
+pub async fn outside_inbound(
+    conn: &RedisConnection,
+    at: Streams<'_>,
+    subject: &Subject,
+    keep: impl Fn(&Entry) -> bool,
+) -> Result<Found, StatusError> {
+    let mut found = Found::default();
+    for shard in at.streams.all_shards() {
+        for stream in reply_streams(conn, &shard).await? {
+            found
+                .replies
+                .extend(named(conn, &stream, subject, &keep).await?);
+        }
+        found
+            .dead_letters
+            .extend(named(conn, &shard.dead_letter, subject, &keep).await?);
+    }
+    found.agents = named(conn, &at.handoff.agents, subject, &keep).await?;
+    Ok(found)
+}
+
+/// The entries of `stream` naming `subject` that `keep` accepts.
+async fn named(
+    conn: &RedisConnection,
+    stream: &str,
+    subject: &Subject,
+    keep: impl Fn(&Entry) -> bool,
+) -> Result<Vec<Placed>, StatusError> {
+    let found = scan_entries(conn, stream, "-", usize::MAX, |f| subject.named_by(f)).await?;
+    Ok(found
+        .into_iter()
+        .map(|(id, fields)| Entry { id, fields })
+        .filter(|e| keep(e))
+        .map(|entry| Placed {
+            stream: stream.to_owned(),
+            entry,
+        })
+        .collect())
 }
 
 /// A shard's outbound stream and every `reply_to` stream under its reply prefix (found with

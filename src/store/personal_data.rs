@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use super::{Prepared, Store, StoreError};
+use tokio_postgres::types::ToSql;
+
+use super::{Store, StoreError};
 
 /// The tables that hold a user's conversations' rows, each with the order its rows are read in
 /// (every one has `business_id` and `conversation_id`).
@@ -70,6 +72,20 @@ ON CONFLICT (business_id, user_key) DO UPDATE
                THEN EXCLUDED.erased_seq ELSE e.erased_seq END),
        erased_at = EXCLUDED.erased_at";
 
+/// The rows of `sql` (one JSON column).
+async fn json_rows(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<serde_json::Value>, StoreError> {
+    Ok(client
+        .query(sql, params)
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 impl Store {
     /// Every row of user `external_id` of `business`.
     ///
@@ -82,32 +98,16 @@ impl Store {
     ) -> Result<UserRows, StoreError> {
         let client = self.client().await?;
         let mut rows = UserRows::default();
-        let users = client
-            .prepared(
-                "SELECT to_jsonb(u) FROM users u WHERE u.business_id = $1 AND u.external_id = $2",
-            )
-            .await?;
-        let found: Vec<serde_json::Value> = client
-            .query(&users, &[&business, &external_id])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        rows.tables.insert("users", found);
-        let conversations = client
-            .prepared(
-                "SELECT to_jsonb(c) FROM conversations c JOIN users u \
-                   ON u.business_id = c.business_id AND u.id = c.user_id \
-                 WHERE c.business_id = $1 AND u.business_id = $1 AND u.external_id = $2 \
-                 ORDER BY c.created_at, c.id",
-            )
-            .await?;
-        let found: Vec<serde_json::Value> = client
-            .query(&conversations, &[&business, &external_id])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let who: [&(dyn ToSql + Sync); 2] = [&business, &external_id];
+        let users =
+            "SELECT to_jsonb(u) FROM users u WHERE u.business_id = $1 AND u.external_id = $2";
+        rows.tables
+            .insert("users", json_rows(&client, users, &who).await?);
+        let conversations = "SELECT to_jsonb(c) FROM conversations c JOIN users u \
+                               ON u.business_id = c.business_id AND u.id = c.user_id \
+                             WHERE c.business_id = $1 AND u.business_id = $1 AND u.external_id = $2 \
+                             ORDER BY c.created_at, c.id";
+        let found = json_rows(&client, conversations, &who).await?;
         let ids: Vec<Uuid> = found
             .iter()
             .filter_map(|c| c.get("id")?.as_str()?.parse().ok())
@@ -118,12 +118,7 @@ impl Store {
                 "SELECT to_jsonb(t) FROM {table} t \
                  WHERE t.business_id = $1 AND t.conversation_id = ANY($2) ORDER BY {order}"
             );
-            let found = client
-                .query(&sql, &[&business, &ids])
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let found = json_rows(&client, &sql, &[&business, &ids]).await?;
             rows.tables.insert(table, found);
         }
         Ok(rows)

@@ -54,6 +54,20 @@ async fn erase_of(app: &TestApp, user: &str) -> erase::Erasure {
     .expect("erase")
 }
 
+/// The id of `user`'s one conversation.
+async fn conversation_of(app: &TestApp, user: &str) -> String {
+    app.db()
+        .await
+        .query_one(
+            "SELECT c.id::text FROM conversations c JOIN users u \
+               ON u.business_id = c.business_id AND u.id = c.user_id WHERE u.external_id = $1",
+            &[&user],
+        )
+        .await
+        .expect("conversation")
+        .get(0)
+}
+
 /// Rows per table of `user`'s data, counted straight from the tables.
 async fn rows_of(app: &TestApp, user: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
@@ -232,17 +246,7 @@ async fn an_erase_drops_messages_in_flight_and_a_later_message_is_a_new_user() {
     let worker = app.start_worker("w0").await;
     app.send("ada", "m0", "Hello, I am Ada Lovelace").await;
     app.reply("m0").await;
-    let first: String = app
-        .db()
-        .await
-        .query_one(
-            "SELECT c.id::text FROM conversations c JOIN users u ON u.id = c.user_id \
-             WHERE u.external_id = 'ada'",
-            &[],
-        )
-        .await
-        .expect("conversation")
-        .get(0);
+    let first = conversation_of(&app, "ada").await;
     // m1 continues the conversation, m2 waits behind it in the user's order queue: both are
     // in flight (the LLM takes 600 ms a call) when the erase runs.
     // m1 moves the stage (welcome → booking): its write set has a stage transition.
@@ -313,17 +317,7 @@ async fn an_erase_drops_messages_in_flight_and_a_later_message_is_a_new_user() {
         (after["users"], after["conversations"], after["messages"]),
         (1, 1, 2)
     );
-    let second: String = app
-        .db()
-        .await
-        .query_one(
-            "SELECT c.id::text FROM conversations c JOIN users u ON u.id = c.user_id \
-             WHERE u.external_id = 'ada'",
-            &[],
-        )
-        .await
-        .expect("conversation")
-        .get(0);
+    let second = conversation_of(&app, "ada").await;
     assert_ne!(first, second);
     assert_eq!(
         app.count(
