@@ -13,7 +13,13 @@ use serde::Deserialize;
 const SECRET_KEYS: [&str; 2] = ["database.password", "llm.api_key"];
 
 /// Keys that hold URLs: a URL with a secret in it may come from the environment only.
-const URL_KEYS: [&str; 4] = ["database.url", "redis.url", "redis.urls", "llm.base_url"];
+const URL_KEYS: [&str; 5] = [
+    "database.url",
+    "redis.url",
+    "redis.urls",
+    "llm.base_url",
+    "telemetry.otlp_endpoint",
+];
 
 /// Every key with its default, compiled in.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -546,6 +552,42 @@ pub struct TelemetryConfig {
     pub listen: String,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// Where spans go over OTLP (`http://collector:4317` for gRPC, `http://collector:4318` for
+    /// HTTP); empty: no export, and no OpenTelemetry layer at all. Headers (an API key) come
+    /// from `OTEL_EXPORTER_OTLP_HEADERS` in the environment.
+    #[serde(default)]
+    pub otlp_endpoint: String,
+    #[serde(default)]
+    pub otlp_protocol: OtlpProtocol,
+    /// Share of the traces this process starts that are kept (a producer's sampled flag is
+    /// followed); 0.0–1.0.
+    #[serde(default = "one")]
+    pub sampling_ratio: f64,
+    /// Whether spans carry message content and LLM prompts and outputs (personal data).
+    #[serde(default)]
+    pub capture_content: bool,
+    /// The `service.name` resource attribute of exported spans.
+    #[serde(default = "service_name")]
+    pub service_name: String,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn service_name() -> String {
+    "icmp".to_owned()
+}
+
+/// How spans travel to `telemetry.otlp_endpoint`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (port 4317 by convention).
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318 by convention), posted to `/v1/traces`.
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -800,6 +842,12 @@ impl Config {
             .streams
             .check_layout()
             .map_err(ConfigError::Invalid)?;
+        let ratio = config.telemetry.sampling_ratio;
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry.sampling_ratio is {ratio}; it must be between 0.0 and 1.0"
+            )));
+        }
         Ok(config)
     }
 }

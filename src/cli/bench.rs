@@ -6,7 +6,7 @@ use icmp::bench::BenchOptions;
 use icmp::config::Config;
 
 pub(super) async fn run(config: Config, options: BenchOptions) -> Result<()> {
-    icmp::telemetry::init_logging(&config.telemetry, std::io::stderr);
+    let _traces = icmp::telemetry::init_logging(&config.telemetry, std::io::stderr);
     if options.suite {
         let report = icmp::bench::suite::run_suite(config, &options).await?;
         print!("{report}");

@@ -14,7 +14,7 @@ pub(super) struct Args {
 
 pub(super) async fn run(operator: &Operator, args: Args) -> Result<()> {
     let config = operator.config();
-    icmp::telemetry::init_logging(&config.telemetry, std::io::stderr);
+    let _traces = icmp::telemetry::init_logging(&config.telemetry, std::io::stderr);
     let token = std::env::var("ICMP_CONSOLE_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())

@@ -16,7 +16,7 @@ pub(super) struct Args {
 }
 
 pub(super) async fn run(config: &Config, args: Args) -> Result<()> {
-    icmp::telemetry::init_logging(&config.telemetry, std::io::stderr);
+    let _traces = icmp::telemetry::init_logging(&config.telemetry, std::io::stderr);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("mock LLM listening on http://{}/v1", listener.local_addr()?);
     mock::serve(listener, args.options, super::shutdown_signal()).await?;

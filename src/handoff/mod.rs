@@ -95,7 +95,7 @@ pub async fn to_agents(
     config: &HandoffConfig,
     m: &ToAgents<'_>,
 ) -> Result<Published, CacheError> {
-    let fields = [
+    let mut fields = vec![
         ("kind", m.kind.to_owned()),
         ("business_id", m.business_id.to_string()),
         ("conversation_id", m.conversation_id.to_string()),
@@ -107,6 +107,7 @@ pub async fn to_agents(
         ("transcript", transcript(m.conversation_id)),
         ("at", chrono::Utc::now().to_rfc3339()),
     ];
+    fields.extend(crate::telemetry::trace_context::current());
     let keep = Keep {
         maxlen: config.agents_maxlen,
         ttl_secs: 0,

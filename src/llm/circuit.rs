@@ -187,6 +187,7 @@ mod tests {
                     completion_tokens: None,
                     latency: Duration::ZERO,
                     format: None,
+                    finish_reason: None,
                 })
             } else {
                 Err(LlmError::Server {
@@ -286,6 +287,7 @@ mod tests {
                     completion_tokens: None,
                     latency: Duration::ZERO,
                     format: None,
+                    finish_reason: None,
                 })
             } else {
                 Err(LlmError::Timeout(1))

@@ -96,6 +96,7 @@ struct WireResponse {
 #[derive(Deserialize)]
 struct WireChoice {
     message: WireMessage,
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -262,7 +263,7 @@ impl OpenAiClient {
         let mut done = false;
         // Whether a chunk said why the answer ended: a stream that reaches `[DONE]` without one
         // was cut short (llama-cpp-python ends an interrupted stream that way).
-        let mut finished = false;
+        let mut finish_reason: Option<String> = None;
         while !done {
             let Some(chunk) = response
                 .chunk()
@@ -299,14 +300,16 @@ impl OpenAiClient {
                 let Some(choice) = chunk.choices.into_iter().next() else {
                     continue;
                 };
-                finished |= choice.finish_reason.is_some();
+                if choice.finish_reason.is_some() {
+                    finish_reason = choice.finish_reason;
+                }
                 if let Some(delta) = choice.delta.content.filter(|d| !d.is_empty()) {
                     content.push_str(&delta);
                     partial.send_modify(|text| text.push_str(&delta));
                 }
             }
         }
-        if !done || !finished {
+        if !done || finish_reason.is_none() {
             return Err(LlmError::MalformedResponse(
                 "the stream ended before the answer did".into(),
             ));
@@ -322,6 +325,7 @@ impl OpenAiClient {
             completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
             latency: started.elapsed(),
             format: None,
+            finish_reason,
         })
     }
 }
@@ -449,6 +453,7 @@ impl OpenAiClient {
             .into_iter()
             .next()
             .ok_or_else(|| LlmError::MalformedResponse("no choices".into()))?;
+        let finish_reason = choice.finish_reason;
         let content = choice
             .message
             .content
@@ -465,6 +470,7 @@ impl OpenAiClient {
             completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
             latency: started.elapsed(),
             format: level,
+            finish_reason,
         })
     }
 }

@@ -79,6 +79,8 @@ pub struct ChatResponse {
     pub latency: Duration,
     /// How JSON was asked for (`None`: a text request).
     pub format: Option<structured::Level>,
+    /// Why the model stopped (`stop`, `length` …), as the endpoint reports it.
+    pub finish_reason: Option<String>,
 }
 
 /// One entry of a call's model chain: a model on an endpoint.

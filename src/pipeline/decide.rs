@@ -18,6 +18,7 @@ use crate::llm::LlmService;
 use crate::model::{Business, Extracted, StageInfo};
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
+use tracing::Instrument;
 
 /// What the LLM phase decided.
 #[derive(Debug)]
@@ -86,6 +87,7 @@ pub async fn decide<'b, L: LlmService>(
             business,
             stage,
         )
+        .instrument(tracing::info_span!("select"))
         .await?;
         calls.extend(records);
         if let Some(next) = chosen {
@@ -100,24 +102,10 @@ pub async fn decide<'b, L: LlmService>(
     }
 
     // Step 8: data extraction, when the (new) stage has an extraction template.
-    let mut learned = Extracted::new();
-    if let Some(id) = templates.extraction {
-        let t = Instant::now();
-        let template = d.templates.get(business.id, id).await?;
-        let (fields, records) = extract::extract(
-            &d.caller,
-            d.templates,
-            &template,
-            &read.context,
-            &d.extraction_limits,
-        )
-        .await?;
-        calls.extend(records);
-        read.context.merge_extracted(&fields);
-        learned = fields;
-        metrics::step("extract", t.elapsed());
-        timings.push(("extract", t.elapsed().as_millis() as u64));
-    }
+    let learned = match templates.extraction {
+        Some(id) => extraction(d, business, read, id, &mut calls, &mut timings).await?,
+        None => Extracted::new(),
+    };
 
     // Step 9: the response, or the fallback template's text.
     let t = Instant::now();
@@ -138,6 +126,7 @@ pub async fn decide<'b, L: LlmService>(
         },
         &read.context,
     )
+    .instrument(tracing::info_span!("respond"))
     .await?;
     calls.extend(records);
     metrics::step("respond", t.elapsed());
@@ -153,4 +142,31 @@ pub async fn decide<'b, L: LlmService>(
         actions: Vec::new(),
         handoff: None,
     })
+}
+
+/// Step 8 with extraction template `id`: what it learned, merged into the context.
+async fn extraction<L: LlmService>(
+    d: &LlmPhase<'_, L>,
+    business: &Business,
+    read: &mut Snapshot<'_>,
+    id: Uuid,
+    calls: &mut Vec<LlmCallRecord>,
+    timings: &mut Vec<(&'static str, u64)>,
+) -> Result<Extracted, PipelineError> {
+    let t = Instant::now();
+    let template = d.templates.get(business.id, id).await?;
+    let (fields, records) = extract::extract(
+        &d.caller,
+        d.templates,
+        &template,
+        &read.context,
+        &d.extraction_limits,
+    )
+    .instrument(tracing::info_span!("extract"))
+    .await?;
+    calls.extend(records);
+    read.context.merge_extracted(&fields);
+    metrics::step("extract", t.elapsed());
+    timings.push(("extract", t.elapsed().as_millis() as u64));
+    Ok(fields)
 }

@@ -44,6 +44,8 @@ pub struct LlmCaller<'a, L> {
     /// The most one entry of a model chain may take, retries included (`None`: the retry
     /// policy's budget).
     pub fallback_after: Option<std::time::Duration>,
+    /// Whether the LLM spans carry the prompts and outputs (`telemetry.capture_content`).
+    pub capture_content: bool,
 }
 
 /// The start of the repair prompt (the mock LLM recognises it).
@@ -171,13 +173,36 @@ impl<L: LlmService> LlmCaller<'_, L> {
             Purpose::Response => "llm.response",
             Purpose::Summary => "llm.summary",
         };
+        // The OpenTelemetry semantic conventions for generative AI client spans.
         let span = tracing::info_span!(
             "llm",
+            otel.name = %format_args!("chat {}", target.model),
+            otel.kind = "client",
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = "openai",
+            gen_ai.request.model = %target.model,
+            gen_ai.request.temperature = request.temperature.map(f64::from),
+            gen_ai.request.max_tokens = request.max_tokens,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.input.messages = tracing::field::Empty,
+            gen_ai.output.messages = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
             purpose = purpose.as_str(),
             template,
             endpoint = %target.endpoint_name,
-            model = %target.model
         );
+        if self.capture_content {
+            span.record(
+                "gen_ai.input.messages",
+                serde_json::to_string(&request.messages)
+                    .unwrap_or_default()
+                    .as_str(),
+            );
+        }
         let attempts = self
             .retry
             .run(operation, || async {
@@ -186,7 +211,37 @@ impl<L: LlmService> LlmCaller<'_, L> {
                     None => self.llm.chat(request).await,
                 }
             })
-            .instrument(span);
+            .instrument(span.clone());
+        let result = self.within_budget(attempts).await;
+        match &result {
+            Ok(r) => {
+                span.record("gen_ai.response.model", r.model.as_str());
+                if let Some(reason) = &r.finish_reason {
+                    span.record("gen_ai.response.finish_reasons", reason.as_str());
+                }
+                if let Some(n) = r.prompt_tokens {
+                    span.record("gen_ai.usage.input_tokens", n);
+                }
+                if let Some(n) = r.completion_tokens {
+                    span.record("gen_ai.usage.output_tokens", n);
+                }
+                if self.capture_content {
+                    span.record("gen_ai.output.messages", r.content.as_str());
+                }
+            }
+            Err(e) => {
+                span.record("error.type", e.code());
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        result
+    }
+
+    /// The attempts of one chain entry, within `fallback_after`.
+    async fn within_budget(
+        &self,
+        attempts: impl std::future::Future<Output = Result<ChatResponse, LlmError>>,
+    ) -> Result<ChatResponse, LlmError> {
         match self.fallback_after {
             // The entry's budget spent: its retries (or a hung call) end here.
             Some(budget) => tokio::time::timeout(budget, attempts)

@@ -45,6 +45,7 @@ pub mod summary;
 
 use std::time::Instant;
 
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::cache::Cache;
@@ -314,7 +315,9 @@ impl<L: LlmService> MessageHandler<L> {
         // Steps 3–5: the read phase.
         let t = Instant::now();
         let mut read =
-            read::read_from(self.read_sources(), &turn.as_one_message(), business, known).await?;
+            read::read_from(self.read_sources(), &turn.as_one_message(), business, known)
+                .instrument(tracing::info_span!("read"))
+                .await?;
         tracing::Span::current().record(
             "conversation.id",
             tracing::field::display(read.conversation.id),
@@ -325,6 +328,7 @@ impl<L: LlmService> MessageHandler<L> {
         // Steps 6–9: the LLM phase (no database connection is held), the throttled reply, or
         // the handoff reply.
         let decisions = self.decide(turn, business, &mut read).await?;
+        tracing::Span::current().record("stage", decisions.stage.name.as_str());
         let to_agents =
             handoff::to_agents(read.conversation.handoff.as_ref(), &decisions).map(Box::new);
 
@@ -339,6 +343,7 @@ impl<L: LlmService> MessageHandler<L> {
             log_id,
             read_ms,
         )
+        .instrument(tracing::info_span!("persist"))
         .await?;
         metrics::step("persist", t.elapsed());
 
@@ -460,6 +465,7 @@ impl<L: LlmService> MessageHandler<L> {
             default_model: &self.config.llm.default_model,
             fallback_after: (self.config.llm.fallback_after_ms > 0)
                 .then(|| std::time::Duration::from_millis(self.config.llm.fallback_after_ms)),
+            capture_content: self.config.telemetry.capture_content,
         }
     }
 

@@ -2,6 +2,8 @@
 
 use uuid::Uuid;
 
+use crate::telemetry::trace_context::{TRACEPARENT, TRACESTATE};
+
 use super::RawFields;
 
 /// Fields the worker adds when it dead-letters an entry; everything else is the original.
@@ -26,11 +28,18 @@ pub struct Failure<'a> {
     pub error_reply_id: Option<Uuid>,
 }
 
-/// The dead-letter entry of inbound entry `inbound_id`.
-pub fn fields(inbound_id: &str, raw: &RawFields, failure: &Failure<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// The dead-letter entry of inbound entry `inbound_id`, carrying the trace context `trace` of
+/// the span that wrote it in place of the producer's (a replay continues that trace).
+pub fn fields(
+    inbound_id: &str,
+    raw: &RawFields,
+    failure: &Failure<'_>,
+    trace: &[(&'static str, String)],
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = raw
         .iter()
         .filter(|(k, _)| !ADDED_FIELDS.iter().any(|a| a.as_bytes() == k.as_slice()))
+        .filter(|(k, _)| k != TRACEPARENT.as_bytes() && k != TRACESTATE.as_bytes())
         .take(super::MAX_FIELDS)
         .cloned()
         .collect();
@@ -52,6 +61,7 @@ pub fn fields(inbound_id: &str, raw: &RawFields, failure: &Failure<'_>) -> Vec<(
     out.extend(
         added
             .into_iter()
+            .chain(trace.iter().cloned())
             .map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes())),
     );
     out
@@ -102,7 +112,7 @@ mod tests {
             log_id: Uuid::nil(),
             error_reply_id: Some(Uuid::from_u128(7)),
         };
-        let dead = fields("5-0", &original, &failure);
+        let dead = fields("5-0", &original, &failure, &[]);
         assert_eq!(&dead[..4], &original[..]);
         assert_eq!(
             super::super::raw_field(&dead, "deliveries"),

@@ -7,6 +7,7 @@ use super::inbound::{InboundMessage, check_reply_to};
 use super::{RawFields, raw_field};
 use crate::error::Classify;
 use crate::model::{Answer, AnswerStatus};
+use crate::telemetry::trace_context::{TRACEPARENT, TRACESTATE};
 
 /// `ok`, `fallback`, `throttled`, `coalesced`, `error`, `follow_up`, `handoff` or `agent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,12 +104,22 @@ pub struct Reply {
     /// throttled and error replies).
     pub model: String,
     pub endpoint: String,
+    /// The W3C trace context of the span that wrote the reply (`traceparent`, and `tracestate`
+    /// when there is one; docs/protocol.md): empty when the message had no trace.
+    pub trace: Vec<(&'static str, String)>,
 }
 
 impl Reply {
-    /// The stream fields, in protocol order.
+    /// The reply with the trace context `trace` ([`crate::telemetry::trace_context`]).
+    #[must_use]
+    pub fn traced(mut self, trace: Vec<(&'static str, String)>) -> Reply {
+        self.trace = trace;
+        self
+    }
+
+    /// The stream fields, in protocol order (the trace context last, when there is one).
     pub fn fields(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut fields = vec![
             ("message_id", self.message_id.clone()),
             ("reply_id", self.reply_id.to_string()),
             ("inbound_id", self.inbound_id.clone()),
@@ -127,7 +138,9 @@ impl Reply {
             ("answered_by", self.answered_by.clone()),
             ("model", self.model.clone()),
             ("endpoint", self.endpoint.clone()),
-        ]
+        ];
+        fields.extend(self.trace.iter().cloned());
+        fields
     }
 
     /// The reply carrying `answer` to `msg`, sent to its `reply_to` or to `outbound`.
@@ -155,6 +168,7 @@ impl Reply {
                 .unwrap_or_default(),
             model: answer.model.clone(),
             endpoint: answer.endpoint.clone(),
+            trace: Vec::new(),
         }
     }
 
@@ -205,6 +219,7 @@ impl Reply {
             answered_by: String::new(),
             model: String::new(),
             endpoint: String::new(),
+            trace: Vec::new(),
         }
     }
 }
@@ -254,6 +269,7 @@ impl Reply {
             answered_by: String::new(),
             model: String::new(),
             endpoint: String::new(),
+            trace: Vec::new(),
         }
     }
 }
@@ -316,6 +332,10 @@ impl Reply {
             answered_by: fields.get("answered_by").cloned().unwrap_or_default(),
             model: fields.get("model").cloned().unwrap_or_default(),
             endpoint: fields.get("endpoint").cloned().unwrap_or_default(),
+            trace: [TRACEPARENT, TRACESTATE]
+                .into_iter()
+                .filter_map(|k| fields.get(k).map(|v| (k, v.clone())))
+                .collect(),
         })
     }
 }
@@ -336,7 +356,7 @@ mod tests {
         ]);
         (
             (any::<u128>(), any::<u128>(), status, any::<u16>()),
-            proptest::collection::vec(any::<String>(), 14),
+            proptest::collection::vec(any::<String>(), 15),
         )
             .prop_map(|((reply_id, log_id, status, code), s)| Reply {
                 destination: "out".into(),
@@ -358,6 +378,11 @@ mod tests {
                 answered_by: s[11].clone(),
                 model: s[12].clone(),
                 endpoint: s[13].clone(),
+                trace: if s[14].is_empty() {
+                    Vec::new()
+                } else {
+                    vec![(TRACEPARENT, s[14].clone())]
+                },
             })
     }
 
@@ -371,7 +396,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect();
-            prop_assert_eq!(fields.len(), 18, "every field once");
+            prop_assert_eq!(fields.len(), 18 + r.trace.len(), "every field once");
             prop_assert_eq!(Reply::decode("out", &fields), Ok(r));
         }
     }

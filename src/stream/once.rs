@@ -82,7 +82,8 @@ pub async fn publish_unprompted(
     m: &crate::protocol::reply::Unprompted<'_>,
     extra: &[(&'static str, String)],
 ) -> Result<Published, CacheError> {
-    let reply = crate::protocol::reply::Reply::unprompted(m, streams);
+    let reply = crate::protocol::reply::Reply::unprompted(m, streams)
+        .traced(crate::telemetry::trace_context::current());
     let keep = match m.reply_to {
         None => Keep {
             maxlen: streams.outbound_maxlen,

@@ -1,16 +1,23 @@
-//! Logs (tracing, JSON or pretty), metrics (Prometheus) and the HTTP endpoint that serves
-//! `/metrics`, `/healthz` and `/readyz`.
+//! Logs (tracing, JSON or pretty), traces (OpenTelemetry over OTLP, [`traces`]), the trace
+//! context that travels on the streams ([`trace_context`]), metrics (Prometheus) and the HTTP
+//! endpoint that serves `/metrics`, `/healthz` and `/readyz`.
 
 pub mod metrics;
 pub mod server;
+pub mod trace_context;
+pub mod traces;
 
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{LogFormat, TelemetryConfig};
 
+pub use traces::Traces;
+
 /// Crates whose debug output carries data (SQL parameters, HTTP headers and bodies).
-const QUIET_CRATES: [&str; 7] = [
+const QUIET_CRATES: [&str; 9] = [
     "tokio_postgres",
     "postgres_protocol",
     "hyper",
@@ -18,14 +25,62 @@ const QUIET_CRATES: [&str; 7] = [
     "reqwest",
     "h2",
     "rustls",
+    "tonic",
+    "opentelemetry",
 ];
 
-/// Installs the global tracing subscriber writing to `sink`; `RUST_LOG` overrides the
-/// configured filter. A second call is a no-op (tests start many workers in one process).
-pub fn init_logging<W>(config: &TelemetryConfig, sink: W)
+/// The span export's layer (innermost).
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// What the log layer is stacked on.
+type Traced = tracing_subscriber::layer::Layered<Option<BoxedLayer>, Registry>;
+
+/// Installs the global tracing subscriber writing logs to `sink` (`RUST_LOG` overrides the
+/// configured filter) and, when `telemetry.otlp_endpoint` is set, exporting spans over OTLP.
+/// A second call is a no-op (tests start many workers in one process). Keep the returned
+/// [`Traces`] until the process ends: dropping it flushes the spans still queued.
+pub fn init_logging<W>(config: &TelemetryConfig, sink: W) -> Traces
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    let traces = Traces::start(config);
+    // The log layer outermost and not in a `Vec` or an `Option`, which do not pass the
+    // dispatcher on to it (it needs it to read the OpenTelemetry ids).
+    let subscriber = tracing_subscriber::registry()
+        .with(traces.layer())
+        .with(log_layer(config, sink));
+    // Already installed: keep the first one.
+    if subscriber.try_init().is_err() {
+        return Traces::disabled();
+    }
+    traces
+}
+
+/// The log lines: JSON (with the OpenTelemetry trace and span ids of the line's span when
+/// spans are exported) or compact text, filtered by `log_filter`.
+fn log_layer<W>(config: &TelemetryConfig, sink: W) -> Box<dyn Layer<Traced> + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = log_filter(config);
+    match config.log_format {
+        LogFormat::Json => json_subscriber::fmt::layer()
+            .with_writer(sink)
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_opentelemetry_ids(true)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_writer(sink)
+            .with_filter(filter)
+            .boxed(),
+    }
+}
+
+fn log_filter(config: &TelemetryConfig) -> EnvFilter {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_filter.clone());
     let mut filter = EnvFilter::new(&spec);
     // Dependencies that log query parameters, bodies or headers at debug level would put
@@ -37,18 +92,5 @@ where
             filter = filter.add_directive(directive);
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(sink);
-    let result = match config.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
-    };
-    // Already installed: keep the first one.
-    drop(result);
+    filter
 }

@@ -33,6 +33,7 @@ use crate::retry::RetryPolicy;
 use crate::stream::order::{self, QueueSlot};
 use crate::stream::{Finish, StreamEntry, Streams, resharding};
 use crate::telemetry::metrics::{self, MessageOutcome, StreamEvent};
+use crate::telemetry::trace_context;
 
 /// The dead-letter code of an entry gone from the stream before it was answered.
 pub const TRIMMED: &str = "stream.trimmed";
@@ -70,6 +71,52 @@ pub enum EntryOutcome {
     /// Its user was erased after it arrived (`icmp user erase`): acked without a reply, nothing
     /// stored.
     Erased,
+}
+
+/// The metric label of an answer's status.
+fn answered_as(status: AnswerStatus) -> MessageOutcome {
+    match status {
+        AnswerStatus::Fallback => MessageOutcome::Fallback,
+        AnswerStatus::Throttled => MessageOutcome::Throttled,
+        AnswerStatus::Ok | AnswerStatus::Coalesced | AnswerStatus::Handoff => MessageOutcome::Ok,
+    }
+}
+
+impl EntryOutcome {
+    /// The outcome's name in traces.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryOutcome::Replied => "replied",
+            EntryOutcome::Duplicate => "duplicate",
+            EntryOutcome::Rejected => "rejected",
+            EntryOutcome::RetryLater => "retry_later",
+            EntryOutcome::DeadLettered => "dead_lettered",
+            EntryOutcome::AlreadyDone => "already_done",
+            EntryOutcome::Lost => "lost",
+            EntryOutcome::Vanished => "vanished",
+            EntryOutcome::Erased => "erased",
+        }
+    }
+}
+
+/// When an entry came to this worker and when its turn came (the head of its user's queue),
+/// for the `wait for turn` and `wait for a slot` spans of its trace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Waits {
+    pub received: Option<std::time::SystemTime>,
+    pub turn: Option<std::time::SystemTime>,
+}
+
+impl Waits {
+    fn add_to(&self, trace: &trace_context::MessageSpan) {
+        let now = std::time::SystemTime::now();
+        if let Some(received) = self.received {
+            let turn = self.turn.unwrap_or(now);
+            trace.waited("wait for turn", received, turn);
+            trace.waited("wait for a slot", turn, now);
+        }
+    }
 }
 
 /// Counters of one worker, for its own tests and for `icmp status`-like introspection; the
@@ -210,7 +257,24 @@ impl<L: LlmService> Worker<L> {
     /// Processes one entry whose turn has come (or that has no queue) and carries out what its
     /// outcome requires.
     pub async fn handle_entry(&self, entry: &StreamEntry) -> EntryOutcome {
+        self.handle_entry_after(entry, &Waits::default()).await
+    }
+
+    /// [`Worker::handle_entry`] of an entry that waited in this worker before it started (the
+    /// waits become spans of its trace).
+    pub async fn handle_entry_after(&self, entry: &StreamEntry, waits: &Waits) -> EntryOutcome {
         let log_id = Uuid::now_v7();
+        let streams = self.streams.config();
+        let trace = trace_context::MessageSpan::start(
+            &entry.fields,
+            trace_context::Delivery {
+                stream: &streams.inbound,
+                group: &streams.group,
+                entry_id: &entry.id,
+                deliveries: entry.deliveries,
+            },
+        );
+        waits.add_to(&trace);
         let span = tracing::info_span!(
             "message",
             log_id = %log_id,
@@ -220,8 +284,11 @@ impl<L: LlmService> Worker<L> {
             message.id = tracing::field::Empty,
             business.id = tracing::field::Empty,
             conversation.id = tracing::field::Empty,
+            stage = tracing::field::Empty,
+            outcome = tracing::field::Empty,
         );
-        async {
+        trace.adopt(&span);
+        let outcome = async {
             let started = Instant::now();
             let (outcome, label) = self.handle_inner(entry, log_id).await;
             let took = started.elapsed();
@@ -241,6 +308,7 @@ impl<L: LlmService> Worker<L> {
             if let Some(c) = counter {
                 WorkerStats::add(c, 1);
             }
+            tracing::Span::current().record("outcome", outcome.as_str());
             tracing::debug!(
                 outcome = ?outcome,
                 duration_ms = took.as_millis() as u64,
@@ -249,7 +317,9 @@ impl<L: LlmService> Worker<L> {
             outcome
         }
         .instrument(span)
-        .await
+        .await;
+        trace.end(outcome.as_str());
+        outcome
     }
 
     async fn handle_inner(
@@ -418,14 +488,9 @@ impl<L: LlmService> Worker<L> {
                     metrics::record_error(&e, "handoff");
                     return (EntryOutcome::RetryLater, Some(MessageOutcome::Retry));
                 }
-                let label = match answer.status {
-                    AnswerStatus::Fallback => MessageOutcome::Fallback,
-                    AnswerStatus::Throttled => MessageOutcome::Throttled,
-                    AnswerStatus::Ok | AnswerStatus::Coalesced | AnswerStatus::Handoff => {
-                        MessageOutcome::Ok
-                    }
-                };
-                let reply = Reply::answer(msg, &answer, outbound);
+                let label = answered_as(answer.status);
+                let trace = trace_context::outgoing(&entry.fields);
+                let reply = Reply::answer(msg, &answer, outbound).traced(trace.clone());
                 let state = state.as_ref();
                 if answered.is_empty() {
                     return self
@@ -434,7 +499,7 @@ impl<L: LlmService> Worker<L> {
                 }
                 let replies: Vec<Reply> = answered
                     .iter()
-                    .map(|(m, a)| Reply::answer(m, a, outbound))
+                    .map(|(m, a)| Reply::answer(m, a, outbound).traced(trace.clone()))
                     .collect();
                 self.finish_coalesced(entry, &reply, &replies, state, label)
                     .await
@@ -448,7 +513,8 @@ impl<L: LlmService> Worker<L> {
                     metrics::record_error(&e, "handoff");
                     return (EntryOutcome::RetryLater, Some(MessageOutcome::Retry));
                 }
-                let reply = Reply::answer(msg, &answer, outbound);
+                let reply = Reply::answer(msg, &answer, outbound)
+                    .traced(trace_context::outgoing(&entry.fields));
                 self.finish(
                     entry,
                     &reply,
@@ -526,6 +592,7 @@ impl<L: LlmService> Worker<L> {
             &self.config.streams.outbound,
             &self.config.streams.reply_prefix,
         )
+        .traced(trace_context::outgoing(&entry.fields))
     }
 
     /// The fenced finish, retried on transient failures (safe: a finish that already took
@@ -569,6 +636,7 @@ impl<L: LlmService> Worker<L> {
                 self.streams
                     .finish(&entry.id, entry.slot.as_ref(), &finish, cache)
             })
+            .instrument(tracing::info_span!("finish"))
             .await;
         if attempts > 1
             && let Some(write) = cache
@@ -753,6 +821,7 @@ impl<L: LlmService> Worker<L> {
         let answered = self
             .finish_retry
             .run("redis.finish", || self.streams.finish_turn(&first, false))
+            .instrument(tracing::info_span!("finish"))
             .await?
             .first()
             == Some(&true);
@@ -784,6 +853,7 @@ impl<L: LlmService> Worker<L> {
         let later = self
             .finish_retry
             .run("redis.finish", || self.streams.finish_turn(&entries, true))
+            .instrument(tracing::info_span!("finish"))
             .await;
         Ok((answered, later))
     }
@@ -810,7 +880,8 @@ impl<L: LlmService> Worker<L> {
             log_id,
             error_reply_id: Some(reply.reply_id),
         };
-        let fields = protocol::dead_letter::fields(&entry.id, &entry.fields, &failure);
+        let fields =
+            protocol::dead_letter::fields(&entry.id, &entry.fields, &failure, &reply.trace);
         let (outcome, label) = self
             .finish(
                 entry,
@@ -857,7 +928,12 @@ impl<L: LlmService> Worker<L> {
         };
         let finish = Finish {
             reply: None,
-            dead_letter: Some(protocol::dead_letter::fields(&entry.id, &known, &failure)),
+            dead_letter: Some(protocol::dead_letter::fields(
+                &entry.id,
+                &known,
+                &failure,
+                &trace_context::outgoing(&known),
+            )),
         };
         match self
             .finish_retry

@@ -66,6 +66,8 @@ struct Held {
     /// Bytes of its fields counted in the room's kept bytes.
     kept: usize,
     state: State,
+    /// When it came here and when its turn came (for its trace).
+    waits: super::Waits,
 }
 
 /// What a head check decided for one entry.
@@ -199,6 +201,11 @@ impl Room {
                 State::Ready
             }
         };
+        let now = std::time::SystemTime::now();
+        let waits = super::Waits {
+            received: Some(now),
+            turn: matches!(state, State::Ready).then_some(now),
+        };
         let mut entry = entry;
         let kept = if has_fields { size } else { 0 };
         if !has_fields {
@@ -212,6 +219,7 @@ impl Room {
                 has_fields,
                 kept,
                 state,
+                waits,
             },
         );
         true
@@ -336,6 +344,7 @@ impl Room {
         match check.head {
             Head::Go => {
                 held.state = State::Ready;
+                held.waits.turn = Some(std::time::SystemTime::now());
                 let business = held.business;
                 self.dequeue(slot);
                 self.push_ready(business, id.to_owned());
@@ -396,7 +405,7 @@ impl Room {
         &mut self,
         token: &CancellationToken,
         cap: impl Fn(BusinessKey) -> usize,
-    ) -> Option<(StreamEntry, bool)> {
+    ) -> Option<(StreamEntry, bool, super::Waits)> {
         for _ in 0..self.turns.len() {
             let business = self.turns.pop_front()?;
             let running = self.running.get(&business).copied().unwrap_or(0);
@@ -439,7 +448,7 @@ impl Room {
                 fields,
                 ..held.entry.clone()
             };
-            return Some((entry, needs_fields));
+            return Some((entry, needs_fields, held.waits));
         }
         None
     }
@@ -534,7 +543,7 @@ mod tests {
             Checked::Ready
         );
         let token = CancellationToken::new();
-        let (started, fetch) = room
+        let (started, fetch, _) = room
             .start_next(&token, |_| usize::MAX)
             .expect("the quiet user's entry");
         assert_eq!(started.id, "5000-0");
@@ -550,7 +559,7 @@ mod tests {
             room.apply(&checks[0].0, "1-0", verdict(Head::Go)),
             Checked::Ready
         );
-        let (started, fetch) = room.start_next(&token, |_| usize::MAX).expect("head");
+        let (started, fetch, _) = room.start_next(&token, |_| usize::MAX).expect("head");
         assert_eq!(started.id, "1-0");
         assert!(!fetch);
     }
@@ -645,7 +654,7 @@ mod tests {
         assert_eq!(room.startable_len(cap), 4, "two of A's ten, both of B's");
         let token = CancellationToken::new();
         let mut started = Vec::new();
-        while let Some((e, _)) = room.start_next(&token, cap) {
+        while let Some((e, _, _)) = room.start_next(&token, cap) {
             started.push(e.id);
         }
         assert_eq!(
@@ -658,7 +667,7 @@ mod tests {
         // A finished entry frees a slot of A's.
         room.remove("1-0");
         assert_eq!(room.startable_len(cap), 1);
-        let (e, _) = room.start_next(&token, cap).expect("A's next");
+        let (e, _, _) = room.start_next(&token, cap).expect("A's next");
         assert_eq!(e.id, "3-0");
     }
 

@@ -247,7 +247,7 @@ impl<L: LlmService> Worker<L> {
             .try_take(self.place, || room.startable_len(&cap) > 0)
         {
             let token = CancellationToken::new();
-            let Some((entry, needs_fields)) = room.start_next(&token, &cap) else {
+            let Some((entry, needs_fields, waits)) = room.start_next(&token, &cap) else {
                 drop(permit);
                 self.slots.idle(self.place);
                 break;
@@ -259,7 +259,7 @@ impl<L: LlmService> Worker<L> {
                 let id = entry.id.clone();
                 // A panic outside the pipeline (decoding, finishing) must not leave the entry
                 // held forever: it is given up like a transient failure.
-                let work = AssertUnwindSafe(worker.run_entry(entry, needs_fields))
+                let work = AssertUnwindSafe(worker.run_entry(entry, needs_fields, waits))
                     .catch_unwind()
                     .map(|r| {
                         r.unwrap_or_else(|_| {
@@ -411,7 +411,12 @@ impl<L: LlmService> Worker<L> {
 
     /// One entry whose turn has come: its fields fetched if it waited without them, then
     /// processed.
-    async fn run_entry(&self, mut entry: StreamEntry, needs_fields: bool) -> EntryOutcome {
+    async fn run_entry(
+        &self,
+        mut entry: StreamEntry,
+        needs_fields: bool,
+        waits: super::Waits,
+    ) -> EntryOutcome {
         if needs_fields {
             match self.streams.fetch(&entry.id).await {
                 Ok(Some(fields)) => entry.fields = fields,
@@ -422,7 +427,7 @@ impl<L: LlmService> Worker<L> {
                 }
             }
         }
-        self.handle_entry(&entry).await
+        self.handle_entry_after(&entry, &waits).await
     }
 
     async fn read_loop(

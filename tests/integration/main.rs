@@ -41,5 +41,6 @@ mod soak;
 mod stream_guarantees;
 mod streamed_replies;
 mod tls;
+mod traces;
 mod transcripts;
 mod webdriver;

@@ -114,6 +114,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
             retry: &retry,
             default_model: &app.config.llm.default_model,
             fallback_after: None,
+            capture_content: false,
         },
         templates: &templates,
         stages: &stages,

@@ -1,0 +1,164 @@
+//! The OpenTelemetry span export: a tracer provider whose batch processor sends spans over OTLP
+//! (gRPC or HTTP/protobuf) from a thread of its own, and the `tracing` layer that turns the
+//! code's `tracing` spans into OpenTelemetry spans (one instrumentation, bridged).
+//!
+//! The pipeline never waits for the export: spans go to a bounded queue
+//! (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048) that drops what does not fit, and the batches leave every
+//! `OTEL_BSP_SCHEDULE_DELAY` ms (5000) from the processor's own thread. With no endpoint
+//! configured there is no layer at all: spans cost what they cost before.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::{Level, Metadata};
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::filter_fn;
+
+use super::BoxedLayer;
+use crate::config::{OtlpProtocol, TelemetryConfig};
+
+/// The instrumentation scope of icmp's spans.
+pub const SCOPE: &str = "icmp";
+
+/// The process's span export (or none). Dropping it flushes the queued spans and stops the
+/// export thread.
+#[derive(Debug, Default)]
+pub struct Traces {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Traces {
+    /// No export.
+    #[must_use]
+    pub fn disabled() -> Traces {
+        Traces::default()
+    }
+
+    /// Starts the export `config` asks for, and makes it the global tracer provider (the
+    /// message spans of [`super::trace_context`] come from it). A configuration the exporter
+    /// refuses is logged once and leaves the process without export: traces are not worth
+    /// refusing to answer users for.
+    pub fn start(config: &TelemetryConfig) -> Traces {
+        if config.otlp_endpoint.is_empty() {
+            return Traces::disabled();
+        }
+        let exporter = match config.otlp_protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(config.otlp_endpoint.clone())
+                .build(),
+            OtlpProtocol::Http => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(http_traces_url(&config.otlp_endpoint))
+                .build(),
+        };
+        let exporter = match exporter {
+            Ok(e) => e,
+            Err(e) => {
+                // Printed, not logged: the subscriber is not installed yet.
+                eprintln!(
+                    "telemetry.otlp_endpoint: the span exporter cannot start ({e}); no traces"
+                );
+                return Traces::disabled();
+            }
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                config.sampling_ratio,
+            ))))
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(config.service_name.clone())
+                    .build(),
+            )
+            .build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        Traces {
+            provider: Some(provider),
+        }
+    }
+
+    /// Whether spans are exported.
+    #[must_use]
+    pub fn enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// The `tracing` layer that bridges icmp's spans to the exporter: icmp's spans at info
+    /// level and up, and its warnings and errors as span events.
+    pub(super) fn layer(&self) -> Option<BoxedLayer> {
+        let tracer = self.provider.as_ref()?.tracer(SCOPE);
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_location(false)
+                .with_level(false)
+                .with_error_events_to_status(true)
+                .with_filter(filter_fn(exported))
+                .boxed(),
+        )
+    }
+
+    /// Sends the queued spans now (a worker that stops, a test that reads them).
+    pub fn flush(&self) {
+        if let Some(p) = &self.provider {
+            let _ = p.force_flush();
+        }
+    }
+}
+
+impl Drop for Traces {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown_with_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+/// What becomes part of a trace: icmp's spans at info and up (the message, its phases, its
+/// LLM calls), and its warnings and errors inside them.
+fn exported(meta: &Metadata<'_>) -> bool {
+    if !meta.target().starts_with(SCOPE) {
+        return false;
+    }
+    if meta.is_span() {
+        *meta.level() <= Level::INFO
+    } else {
+        *meta.level() <= Level::WARN
+    }
+}
+
+/// The OTLP/HTTP traces URL of a collector's base address: `/v1/traces` appended unless the
+/// address names a path already.
+fn http_traces_url(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(u) if u.path() != "/" && !u.path().is_empty() => endpoint.to_owned(),
+        _ => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http_url_gets_the_traces_path_unless_it_has_one() {
+        assert_eq!(
+            http_traces_url("http://collector:4318"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            http_traces_url("http://collector:4318/"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            http_traces_url("https://otlp.example/api/v1/traces"),
+            "https://otlp.example/api/v1/traces"
+        );
+    }
+}
