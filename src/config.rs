@@ -773,6 +773,18 @@ impl Config {
                 self.handoff.agent_replies.clone(),
             ),
             ("ICMP__HANDOFF__GROUP", self.handoff.group.clone()),
+            (
+                "ICMP__TELEMETRY__OTLP_ENDPOINT",
+                self.telemetry.otlp_endpoint.clone(),
+            ),
+            (
+                "ICMP__TELEMETRY__OTLP_PROTOCOL",
+                match self.telemetry.otlp_protocol {
+                    OtlpProtocol::Grpc => "grpc",
+                    OtlpProtocol::Http => "http",
+                }
+                .to_owned(),
+            ),
         ];
         if !self.redis.urls.is_empty() {
             let quoted: Vec<String> = self

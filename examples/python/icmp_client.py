@@ -13,6 +13,12 @@ entries with the text so far before the final reply; with `--partials` they are 
 stderr as they come (each replaces the last: the text so far, not a delta), the way a chat front
 end shows typing. Partials are best-effort: the final reply is the one to keep.
 
+The message carries the producer's W3C trace context (docs/protocol.md, "Trace context"): the
+current OpenTelemetry span's when the `opentelemetry` package is installed and a span is
+current, else a new sampled `traceparent` of our own, printed on stderr. The reply carries the
+`traceparent` of icmp's span; the consumer continues the trace from it (a span of its own under
+that parent when `opentelemetry` is installed).
+
 Prints the reply as JSON and exits 0 for `ok`/`fallback`, 1 for an `error` reply, 2 when no
 reply came in time.
 """
@@ -21,6 +27,7 @@ import argparse
 import binascii
 import hashlib
 import json
+import secrets
 import sys
 import time
 import uuid
@@ -63,12 +70,42 @@ def shard_names(s, n, inbound, outbound, reply_prefix):
     return f"{inbound}:{{{tag}}}", f"{outbound}:{{{tag}}}", f"{reply_prefix}{{{tag}}}:"
 
 
-def send(client, inbound, business, user, content, message_id=None, conversation_id=None):
+def producer_trace_context():
+    """The W3C trace context to send: OpenTelemetry's current span's when the package is installed
+    and a span is current, else a new sampled traceparent (version 00, random trace and span ids)."""
+    try:
+        from opentelemetry import propagate
+
+        carrier = {}
+        propagate.inject(carrier)
+        if "traceparent" in carrier:
+            return {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
+    except ImportError:
+        pass
+    return {"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}
+
+
+def continue_trace(reply):
+    """The consumer's side: a span under the reply's traceparent (with OpenTelemetry installed)."""
+    if "traceparent" not in reply:
+        return
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        return
+    parent = propagate.extract({k: reply[k] for k in ("traceparent", "tracestate") if k in reply})
+    with trace.get_tracer("icmp_client").start_as_current_span("receive reply", context=parent):
+        pass
+
+
+def send(client, inbound, business, user, content, message_id=None, conversation_id=None,
+         trace_context=None):
     """Puts one message on the inbound stream; returns its message_id."""
     message_id = message_id or str(uuid.uuid4())
     fields = {"business_id": business, "user_id": user, "message_id": message_id, "content": content}
     if conversation_id:
         fields["conversation_id"] = conversation_id
+    fields.update(trace_context or {})
     client.xadd(inbound, fields)
     return message_id
 
@@ -129,7 +166,10 @@ def main():
     # Replies published from now on: remember where the outbound stream ends before sending.
     newest = client.xrevrange(args.outbound, count=1)
     since = newest[0][0] if newest else "0"
-    message_id = send(client, args.inbound, args.business, args.user, args.content)
+    trace_context = producer_trace_context()
+    print(f"traceparent {trace_context['traceparent']}", file=sys.stderr, flush=True)
+    message_id = send(client, args.inbound, args.business, args.user, args.content,
+                      trace_context=trace_context)
     shown = []
 
     def show(text, n):
@@ -143,6 +183,7 @@ def main():
     if reply is None:
         print(f"no reply to {message_id} within {args.timeout} s", file=sys.stderr)
         return 2
+    continue_trace(reply)
     print(json.dumps(reply))
     return 1 if reply["status"] == "error" else 0
 

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{SIGNATURE_HEADER, signature};
 use crate::cache::Cache;
@@ -23,7 +25,7 @@ use crate::config::{ActionsConfig, StreamsConfig};
 use crate::pipeline::Failpoints;
 use crate::store::Store;
 use crate::store::outbox::{Claimed, Outcome, Settlement};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, trace_context};
 
 /// Delivers outbox rows.
 #[derive(Clone)]
@@ -141,6 +143,24 @@ impl Dispatcher {
     /// One attempt of a claimed row, and its outcome recorded; a final one with its result on
     /// the conversation and its follow-up, which is then published.
     async fn deliver(&self, row: Claimed) {
+        // A client span in the trace of the message that fired it (docs/operations.md,
+        // "Traces"); the request's `traceparent` header and the follow-up reply name it.
+        let span = tracing::info_span!(
+            "action",
+            otel.name = %format_args!("POST {}", row.action),
+            otel.kind = "client",
+            icmp.action = %row.action,
+            icmp.attempt = row.attempt,
+            http.response.status_code = tracing::field::Empty,
+        );
+        let _ = span.set_parent(trace_context::stored(
+            row.traceparent.as_deref(),
+            row.tracestate.as_deref(),
+        ));
+        self.deliver_in_span(row).instrument(span).await;
+    }
+
+    async fn deliver_in_span(&self, row: Claimed) {
         let started = Instant::now();
         let outcome = self.attempt(&row).await;
         let label = match &outcome {
@@ -347,9 +367,11 @@ impl Dispatcher {
             Err(e) => return failed(None, e.to_string()),
         };
         let now = chrono::Utc::now().timestamp();
-        let sent = self
-            .http
-            .post(&url)
+        let mut request = self.http.post(&url);
+        for (name, value) in trace_context::current() {
+            request = request.header(name, value);
+        }
+        let sent = request
             .timeout(Duration::from_millis(
                 u64::try_from(row.timeout_ms).unwrap_or(5_000),
             ))
@@ -367,6 +389,7 @@ impl Dispatcher {
             Err(e) => return failed(None, transport_error(&e)),
         };
         let code = response.status().as_u16();
+        tracing::Span::current().record("http.response.status_code", code);
         let text = bounded_text(response).await;
         match code {
             200..=299 | 400..=407 | 409..=428 | 430..=499 => Outcome::Done {

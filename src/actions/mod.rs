@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::model::{ActionDef, ActionTrigger, Extracted, StageInfo};
+use crate::telemetry::trace_context::{TRACEPARENT, TRACESTATE};
 use crate::template::Context;
 
 /// The header carrying the signature: `t=<unix seconds>,v1=<hex HMAC-SHA256>`.
@@ -42,6 +43,9 @@ pub struct OutboxRow {
     pub follow_up: Option<String>,
     /// The results that hand the conversation to a person.
     pub handoff_on: Vec<String>,
+    /// The trace context of the span that fired it (`None`: no span export).
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// An action's result as templates see it (`actions.<name>`): `status` (`none` until the
@@ -277,6 +281,9 @@ pub fn fired(engine: &upon::Engine<'static>, m: &Fired<'_>, ctx: &Context) -> Ve
 }
 
 fn row(a: &ActionDef, m: &Fired<'_>, body: serde_json::Value) -> OutboxRow {
+    let trace: std::collections::HashMap<&str, String> = crate::telemetry::trace_context::current()
+        .into_iter()
+        .collect();
     OutboxRow {
         id: Uuid::now_v7(),
         action: a.name.clone(),
@@ -292,6 +299,8 @@ fn row(a: &ActionDef, m: &Fired<'_>, body: serde_json::Value) -> OutboxRow {
         reply_to: m.reply_to.map(str::to_owned),
         follow_up: a.follow_up.clone(),
         handoff_on: a.handoff_on.clone(),
+        traceparent: trace.get(TRACEPARENT).cloned(),
+        tracestate: trace.get(TRACESTATE).cloned(),
     }
 }
 

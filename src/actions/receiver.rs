@@ -38,6 +38,8 @@ pub struct ReceiverStats {
     /// Slots booked, and requests refused because their slot was taken.
     pub bookings: AtomicU64,
     pub conflicts: AtomicU64,
+    /// The `traceparent` header of each request that had one, in arrival order.
+    pub traceparents: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -95,6 +97,13 @@ async fn receive(
     let stats = &state.stats;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(tp) = header("traceparent") {
+        stats
+            .traceparents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tp.to_owned());
+    }
     if let Some(secret) = &state.secret {
         let now = chrono::Utc::now().timestamp();
         let signed = header(super::SIGNATURE_HEADER)

@@ -11,6 +11,7 @@ pub mod probe;
 pub mod processes;
 pub mod retention;
 pub mod suite;
+pub mod trace_export;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -82,6 +83,11 @@ pub struct BenchOptions {
     /// the two throughputs (0: off).
     #[arg(long, default_value_t = 0)]
     pub retention_backlog: usize,
+    /// Measure the span export's cost: the flood with worker processes (`--processes`, at
+    /// least 1) exporting no spans, exporting to an OTLP receiver that is down, and exporting
+    /// to a live one (in this process), and print the three throughputs.
+    #[arg(long)]
+    pub trace_export: bool,
 }
 
 /// One Redis master's part of a run.

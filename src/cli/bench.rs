@@ -28,6 +28,13 @@ pub(super) async fn run(config: Config, options: BenchOptions) -> Result<()> {
     if options.retention_backlog > 0 {
         return retention(config, options).await;
     }
+    if options.trace_export {
+        print!(
+            "{}",
+            icmp::bench::trace_export::run(config, &options).await?
+        );
+        return Ok(());
+    }
     let report = icmp::bench::run(config, &options).await?;
     print!("{report}");
     Ok(())

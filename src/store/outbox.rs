@@ -27,6 +27,9 @@ pub struct Claimed {
     pub follow_up: Option<String>,
     /// The results that hand the conversation to a person.
     pub handoff_on: Vec<String>,
+    /// The trace context of the span that fired it.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// What a final outcome (`delivered`, `rejected`, `dead`) changes besides the outbox row: the
@@ -143,7 +146,7 @@ UPDATE action_outbox SET attempts = attempts + 1, updated_at = now(),
  WHERE business_id = $1 AND id = $2 AND status = 'pending' AND next_attempt_at <= now()
    AND (claimed_until IS NULL OR claimed_until < now())
 RETURNING conversation_id, action, idempotency_key, url, body, timeout_ms, max_attempts, attempts,
-          reply_to, follow_up, handoff_on";
+          reply_to, follow_up, handoff_on, traceparent, tracestate";
 
 /// A final answer (2xx or 4xx), with the follow-up's id and text (`$7`, `$8`; NULL: none).
 pub const DONE: &str = "\
@@ -245,6 +248,8 @@ impl Store {
                 .get::<_, Option<tokio_postgres::types::Json<Vec<String>>>>(10)
                 .map(|j| j.0)
                 .unwrap_or_default(),
+            traceparent: r.get(11),
+            tracestate: r.get(12),
         }))
     }
 

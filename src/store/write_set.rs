@@ -222,12 +222,14 @@ SELECT k.id, c.business_id, c.id, $10, k.purpose, k.template_id, k.template_vers
 /// not written.
 const ACTIONS: &str = "\
 INSERT INTO action_outbox (business_id, id, conversation_id, message_id, action, idempotency_key,
-                           url, body, timeout_ms, max_attempts, reply_to, follow_up, handoff_on)
+                           url, body, timeout_ms, max_attempts, reply_to, follow_up, handoff_on,
+                           traceparent, tracestate)
 SELECT c.business_id, a.id, c.id, $10, a.action, a.key, a.url, a.body, a.timeout_ms,
-       a.max_attempts, a.reply_to, a.follow_up, a.handoff_on
+       a.max_attempts, a.reply_to, a.follow_up, a.handoff_on, a.traceparent, a.tracestate
   FROM conversations AS c,
        jsonb_to_recordset($14::jsonb) AS a(id uuid, action text, key text, url text, body jsonb,
-         timeout_ms integer, max_attempts integer, reply_to text, follow_up text, handoff_on jsonb)
+         timeout_ms integer, max_attempts integer, reply_to text, follow_up text, handoff_on jsonb,
+         traceparent text, tracestate text)
  WHERE c.business_id = $1 AND c.id = $2
 ON CONFLICT (business_id, idempotency_key) DO NOTHING";
 

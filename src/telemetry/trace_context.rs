@@ -64,6 +64,16 @@ pub fn incoming(raw: &RawFields) -> Context {
     TraceContextPropagator::new().extract(&Carrier(raw))
 }
 
+/// The context a stored `traceparent` and `tracestate` name (empty when there is none).
+#[must_use]
+pub fn stored(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = [(TRACEPARENT, traceparent), (TRACESTATE, tracestate)]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.as_bytes().to_vec(), v?.as_bytes().to_vec())))
+        .collect();
+    incoming(&fields)
+}
+
 /// The XADD time of entry `id` (`<ms>-<seq>`).
 fn added_at(id: &str) -> Option<SystemTime> {
     let ms: u64 = id.split('-').next()?.parse().ok()?;
@@ -91,6 +101,9 @@ impl MessageSpan {
     /// Starts the span of a delivery of the entry with fields `raw`.
     #[must_use]
     pub fn start(raw: &RawFields, d: Delivery<'_>) -> MessageSpan {
+        if !super::traces::exporting() {
+            return MessageSpan { cx: Context::new() };
+        }
         let parent = incoming(raw);
         let tracer = opentelemetry::global::tracer(super::traces::SCOPE);
         let mut builder = tracer
@@ -140,6 +153,9 @@ impl MessageSpan {
     /// Ends the span with the delivery's outcome.
     pub fn end(self, outcome: &'static str) {
         let span = self.cx.span();
+        if !span.is_recording() {
+            return;
+        }
         span.set_attribute(KeyValue::new("icmp.outcome", outcome));
         span.end();
     }

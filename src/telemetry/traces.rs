@@ -21,6 +21,15 @@ use crate::config::{OtlpProtocol, TelemetryConfig};
 /// The instrumentation scope of icmp's spans.
 pub const SCOPE: &str = "icmp";
 
+/// Whether this process exports spans (set once, by [`Traces::start`]).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports spans: without export, no span of the OpenTelemetry API is
+/// made at all.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The process's span export (or none). Dropping it flushes the queued spans and stops the
 /// export thread.
 #[derive(Debug, Default)]
@@ -76,6 +85,7 @@ impl Traces {
             )
             .build();
         opentelemetry::global::set_tracer_provider(provider.clone());
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
         Traces {
             provider: Some(provider),
         }

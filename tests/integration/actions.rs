@@ -34,7 +34,7 @@ async fn app_with_receiver(secret: &str) -> TestApp {
 
 /// A demo copy whose booking stage books through the receiver once the name and the date are
 /// known (`query`: the receiver's faults; `limits`: extra action keys); returns its id.
-async fn booking_business(app: &TestApp, query: &str, limits: &str) -> String {
+pub(crate) async fn booking_business(app: &TestApp, query: &str, limits: &str) -> String {
     let id = uuid::Uuid::new_v4().to_string();
     let url = format!("http://{}/webhooks/book_appointment{query}", app.mock.addr);
     let action = format!(
@@ -463,13 +463,13 @@ async fn a_worker_killed_mid_request_leaves_it_to_another_and_the_slot_is_booked
 }
 
 /// An action's follow-up: a message of its own, rendered from the booking's answer.
-const FOLLOW_UP: &str = "follow_up = \"\"\"{% if result.ok %}Your cleaning is booked for \
+pub(crate) const FOLLOW_UP: &str = "follow_up = \"\"\"{% if result.ok %}Your cleaning is booked for \
     {{ request.date }} (booking {{ result.response?.booking_id }}).{% else %}We could not book \
     {{ request.date }}: our front desk will call you.{% endif %}\"\"\"\n";
 
 /// Waits until `n` follow-ups of message `id` are published, then a while longer (past the
 /// sweep that publishes left-over follow-ups) so that a second one would show; returns them.
-async fn follow_ups(
+pub(crate) async fn follow_ups(
     app: &TestApp,
     id: &str,
     n: usize,

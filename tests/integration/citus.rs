@@ -596,16 +596,26 @@ async fn assert_every_message_answered_once(
     replies: &HashMap<String, Vec<HashMap<String, String>>>,
     expected: usize,
 ) {
+    // A dead letter's `error_detail` names the SQLSTATE: shown with any failure below.
+    let dead: Vec<String> = app
+        .entries(&app.config.streams.dead_letter)
+        .await
+        .into_iter()
+        .map(|d| {
+            format!(
+                "{}: {} ({})",
+                d.get("message_id").cloned().unwrap_or_default(),
+                d.get("error_code").cloned().unwrap_or_default(),
+                d.get("error_detail").cloned().unwrap_or_default()
+            )
+        })
+        .collect();
     assert_eq!(replies.len(), expected);
     for (id, r) in replies {
-        assert_eq!(r.len(), 1, "{id}: {r:?}");
-        assert_eq!(r[0]["status"], "ok", "{id}: {r:?}");
+        assert_eq!(r.len(), 1, "{id}: {r:?}; dead letters: {dead:?}");
+        assert_eq!(r[0]["status"], "ok", "{id}: {r:?}; dead letters: {dead:?}");
     }
-    assert!(
-        app.entries(&app.config.streams.dead_letter)
-            .await
-            .is_empty()
-    );
+    assert!(dead.is_empty(), "{dead:?}");
     crate::reliability::assert_exactly_once(app, expected).await;
     crate::reliability::assert_stored_in_order(app).await;
 }

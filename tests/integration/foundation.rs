@@ -43,7 +43,7 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
     let mut config = helpers::base_config();
     config.database.url = RedactedUrl::new(helpers::empty_database().await);
     let first = store::migrate(&config.database).await.expect("first");
-    assert_eq!(first, (1..=17).collect::<Vec<_>>());
+    assert_eq!(first, (1..=18).collect::<Vec<_>>());
     let second = store::migrate(&config.database).await.expect("second");
     assert!(second.is_empty(), "{second:?}");
     let store = Store::connect(&config.database).expect("store");
@@ -481,7 +481,7 @@ async fn an_upgrade_keeps_every_row_and_continues_each_conversation_in_order() {
 
     assert_eq!(
         store::migrate(&config.database).await.expect("upgrade"),
-        vec![10, 11, 12, 13, 14, 15, 16, 17]
+        vec![10, 11, 12, 13, 14, 15, 16, 17, 18]
     );
     // This release's import of the demo keeps the stage the conversations are in.
     helpers::import(&config, &[&helpers::demo_file()]).await;

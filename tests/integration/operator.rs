@@ -192,6 +192,12 @@ async fn a_python_client_sends_a_message_and_reads_its_reply() {
             .is_some_and(|c| c.contains("Hello from Python")),
         "{reply}"
     );
+    // The client sent a traceparent; a worker that exports no spans passes it on unchanged.
+    let sent = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent "))
+        .expect("the client prints the traceparent it sent");
+    assert_eq!(reply["traceparent"], sent);
     app.stop().await;
 }
 

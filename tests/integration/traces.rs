@@ -549,3 +549,129 @@ async fn with_the_receiver_down_every_message_is_answered_once() {
     assert!(!tp.contains(&parent), "icmp's span, not the producer's");
     assert_eq!(worker.terminate().await.code(), Some(0), "a clean stop");
 }
+
+/// The Python example as a third-party producer and consumer: the trace it sends continues in
+/// the worker's spans, and the reply it reads names a span of that trace.
+#[tokio::test]
+async fn the_python_client_s_trace_goes_through_icmp_and_back() {
+    let app = helpers::spawn_env(MockOptions::default(), |_| {}).await;
+    let (received, endpoint) = grpc_receiver().await;
+    let mut worker = exporting_worker(&app, "otlp-python", "grpc", &endpoint);
+    let s = &app.config.streams;
+    let out = tokio::process::Command::new("python3")
+        .arg(helpers::root().join("examples/python/icmp_client.py"))
+        .args(["--redis", app.config.redis.url.expose()])
+        .args(["--inbound", &s.inbound, "--outbound", &s.outbound])
+        .args([
+            "--user",
+            "py-traced",
+            "--timeout",
+            "60",
+            "Hello from Python",
+        ])
+        .output()
+        .await
+        .expect("python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON reply");
+    let sent = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent "))
+        .expect("the client prints its traceparent");
+    let sent: Vec<&str> = sent.split('-').collect();
+    let got: Vec<&str> = reply["traceparent"]
+        .as_str()
+        .expect("the reply's traceparent")
+        .split('-')
+        .collect();
+    assert_eq!(got[1], sent[1], "the same trace");
+    assert_ne!(got[2], sent[2], "icmp's span, not the producer's");
+    let spans = wait_for_spans(&received, &unhex(sent[1]), &["message", "finish"]).await;
+    let root = spans
+        .iter()
+        .find(|s| s.name.starts_with("process "))
+        .expect("the message span");
+    assert_eq!(
+        root.parent_span_id,
+        unhex(sent[2]),
+        "the client's span is the parent"
+    );
+    assert!(spans.iter().any(|s| s.span_id == unhex(got[2])));
+    worker.terminate().await;
+}
+
+/// A stage action fired by a traced message: its webhook request carries a `traceparent` of the
+/// message's trace, its `POST <action>` client span is in that trace with the receiver's
+/// status, and its follow-up reply carries the trace on.
+#[tokio::test]
+async fn an_action_s_request_and_follow_up_continue_the_firing_message_s_trace() {
+    let app = helpers::spawn_env(
+        MockOptions {
+            webhook_secret: Some(crate::actions::secret()),
+            ..MockOptions::default()
+        },
+        |_| {},
+    )
+    .await;
+    let business = crate::actions::booking_business(&app, "", crate::actions::FOLLOW_UP).await;
+    let (received, endpoint) = grpc_receiver().await;
+    let mut worker = WorkerProcess::spawn(
+        &app.config,
+        "otlp-actions",
+        &[
+            ("ICMP__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("ICMP__ACTIONS__POLL_MS", "100"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let (trace, parent) = producer_span();
+    let inbound = app.config.streams.for_fields(&business, "ada").inbound;
+    app.xadd_on(
+        &inbound,
+        &[
+            ("business_id", business.as_bytes()),
+            ("user_id", b"ada"),
+            ("message_id", b"a1"),
+            (
+                "content",
+                b"I want to book a cleaning, my name is Ada Lovelace, on friday.",
+            ),
+            ("traceparent", format!("00-{trace}-{parent}-01").as_bytes()),
+        ],
+    )
+    .await;
+    let sent = crate::actions::follow_ups(&app, "a1", 1).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let follow_up_tp = sent[0]
+        .get("traceparent")
+        .expect("the follow-up's traceparent");
+    assert_eq!(follow_up_tp.split('-').nth(1), Some(trace.as_str()));
+    let headers = app.mock.receiver.traceparents.lock().expect("lock").clone();
+    assert_eq!(headers.len(), 1, "one request: {headers:?}");
+    let header: Vec<&str> = headers[0].split('-').collect();
+    assert_eq!(header[1], trace, "the request is in the message's trace");
+
+    let spans = wait_for_spans(&received, &unhex(&trace), &["POST book_appointment"]).await;
+    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+    let action = spans
+        .iter()
+        .find(|s| s.name == "POST book_appointment")
+        .expect("the action's span");
+    assert_eq!(action.kind, 3, "SPAN_KIND_CLIENT");
+    assert_eq!(
+        hex(&action.span_id),
+        header[2],
+        "the header names the action's span"
+    );
+    assert_eq!(
+        attribute(&action.attributes, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert!(
+        by_id.contains_key(&action.parent_span_id),
+        "its parent is a span of the message"
+    );
+    assert_eq!(follow_up_tp.split('-').nth(2), Some(header[2]));
+    worker.terminate().await;
+}
