@@ -24,7 +24,7 @@ use icmp::llm::mock::MockOptions;
 
 /// Every span a receiver got, with its resource's `service.name`.
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<(String, Span)>>>);
+struct Received(Arc<Mutex<Vec<(String, Span)>>>, Arc<Mutex<Vec<String>>>);
 
 impl Received {
     fn take_in(&self, request: ExportTraceServiceRequest) {
@@ -104,9 +104,12 @@ async fn http_receiver() -> (Received, String) {
     let sink = received.clone();
     let app = axum::Router::new().route(
         "/v1/traces",
-        axum::routing::post(move |body: Bytes| {
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: Bytes| {
             let sink = sink.clone();
             async move {
+                if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+                    sink.1.lock().expect("lock").push(key.to_owned());
+                }
                 match ExportTraceServiceRequest::decode(body) {
                     Ok(request) => {
                         sink.take_in(request);
@@ -422,7 +425,9 @@ async fn over_http_a_trace_without_a_producer_starts_in_icmp_and_content_is_capt
             ("ICMP__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
             ("ICMP__TELEMETRY__OTLP_PROTOCOL", "http"),
             ("ICMP__TELEMETRY__CAPTURE_CONTENT", "true"),
+            ("ICMP__TELEMETRY__LOG_FILTER", "debug"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=otlp-k3y-0451"),
         ],
     );
     let user = format!("traced-{}", uuid::Uuid::new_v4().simple());
@@ -473,7 +478,56 @@ async fn over_http_a_trace_without_a_producer_starts_in_icmp_and_content_is_capt
         assert!(root.parent_span_id.is_empty(), "{id}: a root span");
         assert_eq!(hex(&root.trace_id), own);
     }
+    // The exporter's headers came from the environment, and the key is not in the log.
+    let keys = received.1.lock().expect("lock").clone();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| k == "otlp-k3y-0451"),
+        "{keys:?}"
+    );
     worker.terminate().await;
+    let log = std::fs::read_to_string(&worker.log).expect("log");
+    assert!(!log.contains("otlp-k3y-0451"));
+}
+
+/// `telemetry.sampling_ratio = 0`: the traces icmp starts are not exported (their replies still
+/// carry a `traceparent`, unsampled), and a producer's sampled trace is followed.
+#[tokio::test]
+async fn the_sampling_ratio_drops_icmp_s_own_traces_and_follows_the_producer_s_decision() {
+    let app = helpers::spawn_env(MockOptions::default(), |_| {}).await;
+    let (received, endpoint) = grpc_receiver().await;
+    let mut worker = WorkerProcess::spawn(
+        &app.config,
+        "otlp-sampling",
+        &[
+            ("ICMP__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("ICMP__TELEMETRY__SAMPLING_RATIO", "0"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let (trace, parent) = producer_span();
+    send_traced(
+        &app,
+        "s-1",
+        "s-1",
+        "Hello",
+        &format!("00-{trace}-{parent}-01"),
+    )
+    .await;
+    app.send("s-2", "s-2", "Hello").await;
+    let ids = HashSet::from(["s-1".to_owned(), "s-2".to_owned()]);
+    let replies = app.wait_all(&ids, Duration::from_secs(60)).await;
+    wait_for_spans(&received, &unhex(&trace), &["message", "finish"]).await;
+    let own = replies["s-2"][0]
+        .get("traceparent")
+        .expect("a traceparent all the same")
+        .clone();
+    assert!(own.ends_with("-00"), "not sampled: {own}");
+    worker.terminate().await;
+    let own_trace = unhex(own.split('-').nth(1).expect("trace id"));
+    assert!(
+        received.of_trace(&own_trace).is_empty(),
+        "nothing of it exported"
+    );
 }
 
 /// With the receiver down (nothing listens on its port), every message is answered exactly
