@@ -271,6 +271,14 @@ pub enum StoreError {
     Injected(&'static str),
 }
 
+/// Whether an error is a Citus worker node's connection failing under a command: Citus relays a
+/// node's error that has no SQLSTATE (libpq's own, such as "server closed the connection
+/// unexpectedly" while the node restarts) as `XX000`, in the context "while executing command
+/// on <node>". A node's real internal error carries its own SQLSTATE.
+fn relayed_connection_failure(sqlstate: &str, context: Option<&str>) -> bool {
+    sqlstate == "XX000" && context.is_some_and(|w| w.contains("while executing command on"))
+}
+
 /// A PostgreSQL error with what its `Display` leaves out: the server's SQLSTATE and message
 /// (never its detail, which may quote row values), or the chain of causes (a TLS handshake's
 /// reason, an I/O error).
@@ -368,7 +376,9 @@ impl Classify for StoreError {
                 if e.is_closed() {
                     return true;
                 }
+                let context = e.as_db_error().and_then(|d| d.where_());
                 match e.code().map(|c| c.code()) {
+                    Some(c) if relayed_connection_failure(c, context) => true,
                     // serialization failure, deadlock, connection exceptions, admin shutdown,
                     // cannot connect now, too many connections
                     Some(c) => {
@@ -632,6 +642,18 @@ impl Classify for PipelineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_citus_node_s_broken_connection_is_transient_and_its_own_internal_error_is_not() {
+        let relayed = Some("while executing command on 127.0.0.1:25441");
+        assert!(relayed_connection_failure("XX000", relayed));
+        assert!(!relayed_connection_failure("XX000", None));
+        assert!(!relayed_connection_failure(
+            "XX000",
+            Some("PL/pgSQL function f() line 3 at RAISE")
+        ));
+        assert!(!relayed_connection_failure("23505", relayed));
+    }
 
     #[test]
     fn a_cluster_in_failover_is_transient() {
