@@ -64,19 +64,48 @@ where
 {
     let filter = log_filter(config);
     match config.log_format {
-        LogFormat::Json => json_subscriber::fmt::layer()
-            .with_writer(sink)
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_opentelemetry_ids(true)
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Json => {
+            let mut layer = json_subscriber::fmt::layer()
+                .with_writer(sink)
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false);
+            layer
+                .inner_layer_mut()
+                .add_multiple_dynamic_fields(trace_ids);
+            layer.with_filter(filter).boxed()
+        }
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .compact()
             .with_writer(sink)
             .with_filter(filter)
             .boxed(),
+    }
+}
+
+/// The `trace_id` and `span_id` of a log line's span, when spans are exported.
+fn trace_ids(
+    event: &tracing::Event<'_>,
+    ctx: &tracing_subscriber::layer::Context<'_, Traced>,
+    out: &mut json_subscriber::FieldWriter<'_>,
+) {
+    use opentelemetry::trace::TraceContextExt;
+    if !traces::exporting() {
+        return;
+    }
+    let Some(span) = ctx.event_span(event) else {
+        return;
+    };
+    let Some(cx) = tracing::dispatcher::get_default(|d| {
+        tracing_opentelemetry::get_otel_context(&span.id(), d)
+    }) else {
+        return;
+    };
+    let otel = cx.span();
+    let ids = otel.span_context();
+    if ids.is_valid() {
+        let _ = out.write_field("trace_id", ids.trace_id().to_string());
+        let _ = out.write_field("span_id", ids.span_id().to_string());
     }
 }
 

@@ -399,13 +399,23 @@ async fn a_message_s_trace_runs_from_the_producer_through_every_phase_to_the_rep
         Some("producer=1")
     );
 
-    // The log lines of the message carry its trace id and span ids.
+    // The log lines of the message carry its trace id and the id of their span.
     worker.terminate().await;
     let log = std::fs::read_to_string(&worker.log).expect("log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["trace_id"] == trace.as_str())
+        .collect();
+    assert!(!lines.is_empty(), "log lines with the trace id");
+    for line in &lines {
+        let span_id = line["span_id"].as_str().expect("span_id");
+        assert!(by_id.contains_key(&unhex(span_id)), "{line}");
+    }
     assert!(
-        log.lines()
-            .any(|l| l.contains(&trace) && l.contains("spanId")),
-        "a log line with the trace id"
+        lines.iter().any(|l| l["message"] == "message done"
+            && l["span_id"].as_str().map(unhex) == Some(message.span_id.clone())),
+        "the message's last line names its span"
     );
     assert!(!log.contains("Ada"));
 }
