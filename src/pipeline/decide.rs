@@ -18,6 +18,7 @@ use crate::llm::LlmService;
 use crate::model::{Business, Extracted, StageInfo};
 use crate::store::write_set::LlmCallRecord;
 use crate::telemetry::metrics;
+use crate::telemetry::traces::phase_span;
 use tracing::Instrument;
 
 /// What the LLM phase decided.
@@ -87,7 +88,7 @@ pub async fn decide<'b, L: LlmService>(
             business,
             stage,
         )
-        .instrument(tracing::info_span!("select"))
+        .instrument(phase_span!("select"))
         .await?;
         calls.extend(records);
         if let Some(next) = chosen {
@@ -126,7 +127,7 @@ pub async fn decide<'b, L: LlmService>(
         },
         &read.context,
     )
-    .instrument(tracing::info_span!("respond"))
+    .instrument(phase_span!("respond"))
     .await?;
     calls.extend(records);
     metrics::step("respond", t.elapsed());
@@ -162,7 +163,7 @@ async fn extraction<L: LlmService>(
         &read.context,
         &d.extraction_limits,
     )
-    .instrument(tracing::info_span!("extract"))
+    .instrument(phase_span!("extract"))
     .await?;
     calls.extend(records);
     read.context.merge_extracted(&fields);

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 use crate::error::{Classify, LlmError};
@@ -173,29 +173,8 @@ impl<L: LlmService> LlmCaller<'_, L> {
             Purpose::Response => "llm.response",
             Purpose::Summary => "llm.summary",
         };
-        // The OpenTelemetry semantic conventions for generative AI client spans.
-        let span = tracing::info_span!(
-            "llm",
-            otel.name = %format_args!("chat {}", target.model),
-            otel.kind = "client",
-            gen_ai.operation.name = "chat",
-            gen_ai.provider.name = "openai",
-            gen_ai.request.model = %target.model,
-            gen_ai.request.temperature = request.temperature.map(f64::from),
-            gen_ai.request.max_tokens = request.max_tokens,
-            gen_ai.response.model = tracing::field::Empty,
-            gen_ai.response.finish_reasons = tracing::field::Empty,
-            gen_ai.usage.input_tokens = tracing::field::Empty,
-            gen_ai.usage.output_tokens = tracing::field::Empty,
-            gen_ai.input.messages = tracing::field::Empty,
-            gen_ai.output.messages = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            purpose = purpose.as_str(),
-            template,
-            endpoint = %target.endpoint_name,
-        );
-        if self.capture_content {
+        let span = llm_span(purpose, template, target, request);
+        if self.capture_content && crate::telemetry::traces::exporting() {
             span.record(
                 "gen_ai.input.messages",
                 serde_json::to_string(&request.messages)
@@ -389,4 +368,40 @@ fn moved_on(purpose: Purpose, from: &Target, to: &Target, error: &LlmError) {
         to.model = %to.model,
         "the LLM call moves to the next model of its chain"
     );
+}
+
+/// The span of one LLM call. When spans are exported it carries the OpenTelemetry semantic
+/// conventions for generative AI client spans (recorded further as the call returns); without
+/// export, only what the log lines show, so that the logs do not format fields nobody reads.
+fn llm_span(purpose: Purpose, template: &str, target: &Target, request: &ChatRequest) -> Span {
+    if !crate::telemetry::traces::exporting() {
+        return tracing::info_span!(
+            "llm",
+            purpose = purpose.as_str(),
+            template,
+            endpoint = %target.endpoint_name,
+            model = %target.model,
+        );
+    }
+    tracing::info_span!(
+        "llm",
+        otel.name = %format_args!("chat {}", target.model),
+        otel.kind = "client",
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = "openai",
+        gen_ai.request.model = %target.model,
+        gen_ai.request.temperature = request.temperature.map(f64::from),
+        gen_ai.request.max_tokens = request.max_tokens,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.input.messages = tracing::field::Empty,
+        gen_ai.output.messages = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        purpose = purpose.as_str(),
+        template,
+        endpoint = %target.endpoint_name,
+    )
 }

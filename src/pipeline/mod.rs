@@ -58,6 +58,7 @@ use crate::protocol::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::telemetry::metrics;
+use crate::telemetry::traces::phase_span;
 
 use coalesce::Turn;
 use conversation::Known;
@@ -316,7 +317,7 @@ impl<L: LlmService> MessageHandler<L> {
         let t = Instant::now();
         let mut read =
             read::read_from(self.read_sources(), &turn.as_one_message(), business, known)
-                .instrument(tracing::info_span!("read"))
+                .instrument(phase_span!("read"))
                 .await?;
         tracing::Span::current().record(
             "conversation.id",
@@ -343,7 +344,7 @@ impl<L: LlmService> MessageHandler<L> {
             log_id,
             read_ms,
         )
-        .instrument(tracing::info_span!("persist"))
+        .instrument(phase_span!("persist"))
         .await?;
         metrics::step("persist", t.elapsed());
 

@@ -30,6 +30,20 @@ pub fn exporting() -> bool {
     EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A `tracing` span for one phase of the pipeline (`read`, `persist` …), made only when spans
+/// are exported: without export nobody reads it (log lines show the message's span), and a
+/// span costs a few microseconds.
+macro_rules! phase_span {
+    ($name:literal) => {
+        if $crate::telemetry::traces::exporting() {
+            ::tracing::info_span!($name)
+        } else {
+            ::tracing::Span::none()
+        }
+    };
+}
+pub(crate) use phase_span;
+
 /// The process's span export (or none). Dropping it flushes the queued spans and stops the
 /// export thread.
 #[derive(Debug, Default)]

@@ -34,6 +34,7 @@ use crate::stream::order::{self, QueueSlot};
 use crate::stream::{Finish, StreamEntry, Streams, resharding};
 use crate::telemetry::metrics::{self, MessageOutcome, StreamEvent};
 use crate::telemetry::trace_context;
+use crate::telemetry::traces::phase_span;
 
 /// The dead-letter code of an entry gone from the stream before it was answered.
 pub const TRIMMED: &str = "stream.trimmed";
@@ -636,7 +637,7 @@ impl<L: LlmService> Worker<L> {
                 self.streams
                     .finish(&entry.id, entry.slot.as_ref(), &finish, cache)
             })
-            .instrument(tracing::info_span!("finish"))
+            .instrument(phase_span!("finish"))
             .await;
         if attempts > 1
             && let Some(write) = cache
@@ -821,7 +822,7 @@ impl<L: LlmService> Worker<L> {
         let answered = self
             .finish_retry
             .run("redis.finish", || self.streams.finish_turn(&first, false))
-            .instrument(tracing::info_span!("finish"))
+            .instrument(phase_span!("finish"))
             .await?
             .first()
             == Some(&true);
@@ -853,7 +854,7 @@ impl<L: LlmService> Worker<L> {
         let later = self
             .finish_retry
             .run("redis.finish", || self.streams.finish_turn(&entries, true))
-            .instrument(tracing::info_span!("finish"))
+            .instrument(phase_span!("finish"))
             .await;
         Ok((answered, later))
     }
