@@ -43,6 +43,8 @@ enum Sent {
         repeat: bool,
         /// The stream it asked its reply on (`None`: the outbound stream).
         reply_to: Option<String>,
+        /// The trace id of the `traceparent` it carried (its reply must carry the same trace).
+        trace: Option<String>,
     },
     /// A hostile entry and the error code it must be answered with.
     Bad(&'static str),
@@ -229,6 +231,11 @@ impl Soak {
             ("ICMP__HANDOFF__POLL_MS", "100"),
             ("ICMP__HANDOFF__LEASE_MS", "2000"),
         ];
+        // Every other worker exports spans, to a collector that is down: spans are made and
+        // dropped, and nothing of it may change an answer.
+        if self.spawned.is_multiple_of(2) {
+            env.push(("ICMP__TELEMETRY__OTLP_ENDPOINT", "http://127.0.0.1:9"));
+        }
         if matches!(self.redis, Backend::Cluster(_)) {
             // A user's next message starts once a replica holds the finish before it.
             env.push(("ICMP__STREAMS__WAIT_REPLICAS", "1"));
@@ -522,6 +529,7 @@ impl Soak {
                     message_id,
                     repeat: true,
                     reply_to,
+                    trace: None,
                 },
             )
             .await;
@@ -556,6 +564,23 @@ impl Soak {
                     fields.push((b"reply_to".to_vec(), r.as_bytes().to_vec()));
                     self.reply_streams.insert(r.clone());
                 }
+                // Half of the messages carry a producer's trace context, a few a malformed one
+                // (ignored: answered as usual).
+                let trace = match rng.random_range(0..20) {
+                    0 => {
+                        fields.push((b"traceparent".to_vec(), b"00-not-a-trace".to_vec()));
+                        None
+                    }
+                    1..10 => {
+                        let trace: String = (0..32)
+                            .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
+                            .collect();
+                        let tp = format!("00-{trace}-00f067aa0ba902b7-01");
+                        fields.push((b"traceparent".to_vec(), tp.into_bytes()));
+                        Some(trace)
+                    }
+                    _ => None,
+                };
                 history.push((user.clone(), message_id.clone(), text, reply_to.clone()));
                 self.xadd(
                     &fields,
@@ -564,6 +589,7 @@ impl Soak {
                         message_id,
                         repeat: false,
                         reply_to,
+                        trace,
                     },
                 )
                 .await;
@@ -894,6 +920,7 @@ async fn soak(
         }
     }
     let mut valid = 0;
+    let mut traced = 0;
     let mut bad = 0;
     let mut dangling = 0;
     // Entries whose XADD no replica confirmed and that a master took with it when it died.
@@ -918,9 +945,25 @@ async fn soak(
         assert_eq!(got, 1, "{id} ({sent:?}) answered {got} times");
         let reply = &by_inbound[id.as_str()][0];
         match sent {
-            Sent::Valid { reply_to, .. } => {
+            Sent::Valid {
+                reply_to, trace, ..
+            } => {
                 valid += 1;
                 assert_ne!(reply["status"], "error", "{id}: {reply:?}");
+                // The trace goes on in the reply, whether its worker exported spans (its own
+                // span) or not (the producer's passed on); a `coalesced` reply is in its
+                // turn's trace.
+                if let Some(trace) = trace
+                    && reply["status"] != "coalesced"
+                {
+                    let tp = reply.get("traceparent").map(String::as_str);
+                    assert_eq!(
+                        tp.and_then(|t| t.split('-').nth(1)),
+                        Some(trace.as_str()),
+                        "{id}: {reply:?}"
+                    );
+                    traced += 1;
+                }
                 // Answered where its sender waits, and a reference to an answer there too.
                 let home = soak.shard_of(sent).outbound;
                 let wanted = reply_to.as_deref().unwrap_or(&home);
@@ -1091,8 +1134,8 @@ async fn soak(
         assert_eq!(nodes, 3, "the rebalance moved shards onto the third node");
     }
     println!(
-        "soak seed {seed}, {seconds} s: {produced} entries ({valid} valid answered, {bad} hostile \
-         rejected, {} orphaned and replayed, {} trimmed and dead-lettered, {} unconfirmed and \
+        "soak seed {seed}, {seconds} s: {produced} entries ({valid} valid answered, {traced} of \
+         them with their trace on the reply, {bad} hostile rejected, {} orphaned and replayed, {} trimmed and dead-lettered, {} unconfirmed and \
          lost at a failover of {} unconfirmed), {} replies \
          ({coalesced} coalesced, {dangling} referring to a trimmed first message, {} on \
          reply_to streams), {bookings}, {handoffs}, {erased_entries} entries of {} erased users \
@@ -1167,6 +1210,13 @@ async fn actions_account(
             }
         }
     }
+    let orphaned: std::collections::HashSet<(String, String)> = app
+        .entries(&app.config.streams.dead_letter)
+        .await
+        .into_iter()
+        .filter(|d| d.get("error_code").map(String::as_str) == Some("stream.orphaned"))
+        .filter_map(|d| Some((d.get("user_id")?.clone(), d.get("message_id")?.clone())))
+        .collect();
     let acting: uuid::Uuid = ACTING.parse().expect("uuid");
     let complete: std::collections::BTreeSet<uuid::Uuid> = app
         .db()
@@ -1237,6 +1287,12 @@ async fn actions_account(
             f["__stream"], home,
             "{reply_id}: where the message's reply went"
         );
+        // A firing message orphaned after its commit (its group destroyed, its consumer
+        // deleted) is answered by its replay, which an operator makes later than the follow-up
+        // (docs/reliability.md, known limits).
+        if orphaned.contains(&(user.clone(), key.clone())) {
+            continue;
+        }
         if let Some(reply) = replies
             .iter()
             .find(|e| e["__stream"] == home && e["message_id"] == key && e["user_id"] == user)
