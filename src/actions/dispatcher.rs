@@ -320,7 +320,15 @@ impl Dispatcher {
             // Published by a later sweep, after the reply.
             return Ok(());
         }
-        let published = super::follow_up::publish(&conn, &self.streams, &f).await?;
+        // In the trace of the message that fired the action, whichever sweep publishes it.
+        let span = tracing::info_span!("publish follow-up", icmp.action = %f.action);
+        let _ = span.set_parent(trace_context::stored(
+            f.traceparent.as_deref(),
+            f.tracestate.as_deref(),
+        ));
+        let published = super::follow_up::publish(&conn, &self.streams, &f)
+            .instrument(span)
+            .await?;
         if published == crate::stream::once::Published::Now {
             metrics::action(&f.action, "follow_up");
         }

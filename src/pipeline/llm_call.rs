@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::error::{Classify, LlmError};
@@ -174,12 +175,12 @@ impl<L: LlmService> LlmCaller<'_, L> {
             Purpose::Summary => "llm.summary",
         };
         let span = llm_span(purpose, template, target, request);
-        if self.capture_content && crate::telemetry::traces::exporting() {
-            span.record(
+        // Content goes on the OpenTelemetry span only, never into the span's log fields.
+        let capture = self.capture_content && crate::telemetry::traces::exporting();
+        if capture {
+            span.set_attribute(
                 "gen_ai.input.messages",
-                serde_json::to_string(&request.messages)
-                    .unwrap_or_default()
-                    .as_str(),
+                serde_json::to_string(&request.messages).unwrap_or_default(),
             );
         }
         let attempts = self
@@ -204,8 +205,8 @@ impl<L: LlmService> LlmCaller<'_, L> {
                 if let Some(n) = r.completion_tokens {
                     span.record("gen_ai.usage.output_tokens", n);
                 }
-                if self.capture_content {
-                    span.record("gen_ai.output.messages", r.content.as_str());
+                if capture {
+                    span.set_attribute("gen_ai.output.messages", r.content.clone());
                 }
             }
             Err(e) => {
@@ -396,8 +397,6 @@ fn llm_span(purpose: Purpose, template: &str, target: &Target, request: &ChatReq
         gen_ai.response.finish_reasons = tracing::field::Empty,
         gen_ai.usage.input_tokens = tracing::field::Empty,
         gen_ai.usage.output_tokens = tracing::field::Empty,
-        gen_ai.input.messages = tracing::field::Empty,
-        gen_ai.output.messages = tracing::field::Empty,
         error.type = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         purpose = purpose.as_str(),

@@ -29,7 +29,8 @@ pub struct Failure<'a> {
 }
 
 /// The dead-letter entry of inbound entry `inbound_id`, carrying the trace context `trace` of
-/// the span that wrote it in place of the producer's (a replay continues that trace).
+/// the span that wrote it in place of the producer's (a replay continues that trace); with no
+/// `trace`, the producer's fields stay as they came.
 pub fn fields(
     inbound_id: &str,
     raw: &RawFields,
@@ -39,7 +40,9 @@ pub fn fields(
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = raw
         .iter()
         .filter(|(k, _)| !ADDED_FIELDS.iter().any(|a| a.as_bytes() == k.as_slice()))
-        .filter(|(k, _)| k != TRACEPARENT.as_bytes() && k != TRACESTATE.as_bytes())
+        .filter(|(k, _)| {
+            trace.is_empty() || (k != TRACEPARENT.as_bytes() && k != TRACESTATE.as_bytes())
+        })
         .take(super::MAX_FIELDS)
         .cloned()
         .collect();

@@ -118,6 +118,9 @@ pub struct FollowUp {
     /// That message's inbound entry: the follow-up waits while it is pending (its reply not
     /// published yet).
     pub inbound_id: Option<String>,
+    /// The trace context the action was fired in (`None`: no span export then).
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// How an attempt ended.
@@ -189,7 +192,8 @@ VALUES ($3, $1, $2, $7, 'assistant', $4, $5, $9, 'ok', $6, $8)";
 /// A settled row's follow-up, with what its reply carries.
 pub const FOLLOW_UP: &str = "\
 SELECT o.conversation_id, o.action, u.external_id, o.reply_to, o.follow_up_id, o.follow_up_text,
-       coalesce(s.name, ''), coalesce(q.idempotency_key, ''), q.inbound_id
+       coalesce(s.name, ''), coalesce(q.idempotency_key, ''), q.inbound_id, o.traceparent,
+       o.tracestate
   FROM action_outbox o
   JOIN conversations c ON c.business_id = o.business_id AND c.id = o.conversation_id
   JOIN users u ON u.business_id = c.business_id AND u.id = c.user_id
@@ -371,6 +375,8 @@ impl Store {
             stage: r.get(6),
             message_key: r.get(7),
             inbound_id: r.get(8),
+            traceparent: r.get(9),
+            tracestate: r.get(10),
         }))
     }
 

@@ -48,28 +48,35 @@ where
     // dispatcher on to it (it needs it to read the OpenTelemetry ids).
     let subscriber = tracing_subscriber::registry()
         .with(traces.layer())
-        .with(log_layer(config, sink));
-    // Already installed: keep the first one.
+        .with(log_layer(config, sink, traces.enabled()));
+    // Already installed: keep the first one (this export is shut down unused).
     if subscriber.try_init().is_err() {
         return Traces::disabled();
     }
+    traces.install();
     traces
 }
 
 /// The log lines: JSON (with the OpenTelemetry trace and span ids of the line's span when
 /// spans are exported) or compact text, filtered by `log_filter`.
-fn log_layer<W>(config: &TelemetryConfig, sink: W) -> Box<dyn Layer<Traced> + Send + Sync>
+fn log_layer<W>(
+    config: &TelemetryConfig,
+    sink: W,
+    traced: bool,
+) -> Box<dyn Layer<Traced> + Send + Sync>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     let filter = log_filter(config);
     match config.log_format {
         LogFormat::Json => {
+            // With span export a line's span is often a phase's, which has no fields: the
+            // list of its spans carries the message's (`log_id`, `inbound.id` …).
             let mut layer = json_subscriber::fmt::layer()
                 .with_writer(sink)
                 .flatten_event(true)
                 .with_current_span(true)
-                .with_span_list(false);
+                .with_span_list(traced);
             layer
                 .inner_layer_mut()
                 .add_multiple_dynamic_fields(trace_ids);
@@ -86,18 +93,22 @@ where
 /// The `trace_id` and `span_id` of a log line's span, when spans are exported.
 fn trace_ids(
     event: &tracing::Event<'_>,
-    ctx: &tracing_subscriber::layer::Context<'_, Traced>,
+    _ctx: &tracing_subscriber::layer::Context<'_, Traced>,
     out: &mut json_subscriber::FieldWriter<'_>,
 ) {
     use opentelemetry::trace::TraceContextExt;
     if !traces::exporting() {
         return;
     }
-    let Some(span) = ctx.event_span(event) else {
-        return;
-    };
+    // The event's span as the whole subscriber sees it, not as the log filter does: a line
+    // logged at `warn` inside an `info` span still names it.
     let Some(cx) = tracing::dispatcher::get_default(|d| {
-        tracing_opentelemetry::get_otel_context(&span.id(), d)
+        let id = match event.parent() {
+            Some(id) => id.clone(),
+            None if event.is_contextual() => d.current_span().id()?.clone(),
+            None => return None,
+        };
+        tracing_opentelemetry::get_otel_context(&id, d)
     }) else {
         return;
     };

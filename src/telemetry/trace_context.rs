@@ -31,7 +31,10 @@ struct Carrier<'a>(&'a RawFields);
 
 impl Extractor for Carrier<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        raw_field(self.0, key).and_then(|v| std::str::from_utf8(v).ok())
+        let value = raw_field(self.0, key).and_then(|v| std::str::from_utf8(v).ok())?;
+        // The propagator's own parsing is lenient (short fields, a leading `+`): a value that
+        // is not a W3C traceparent is ignored here, as the standard says.
+        (key != TRACEPARENT || well_formed(value)).then_some(value)
     }
     fn keys(&self) -> Vec<&str> {
         self.0
@@ -39,6 +42,29 @@ impl Extractor for Carrier<'_> {
             .filter_map(|(k, _)| std::str::from_utf8(k).ok())
             .collect()
     }
+}
+
+/// Whether `v` is a W3C `traceparent`: `version-trace_id-parent_id-flags` in lower-case hex of 2,
+/// 32, 16 and 2 digits; exactly that for version `00`, more fields after a later version's
+/// flags; version `ff` is invalid.
+fn well_formed(v: &str) -> bool {
+    let b = v.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b.get(r)
+            .is_some_and(|s| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
+    };
+    let dash = |i: usize| b.get(i) == Some(&b'-');
+    let fields = hex(0..2) && dash(2) && hex(3..35) && dash(35) && hex(36..52) && dash(52);
+    let flags = hex(53..55);
+    let version = b.get(..2);
+    fields
+        && flags
+        && version != Some(b"ff")
+        && if version == Some(b"00") {
+            b.len() == 55
+        } else {
+            b.len() == 55 || dash(55)
+        }
 }
 
 /// What a propagator writes: at most `traceparent` and `tracestate`.
@@ -61,7 +87,7 @@ impl Injector for Written {
 /// The producer's context carried by an entry (empty when it carries none, or a malformed one).
 #[must_use]
 pub fn incoming(raw: &RawFields) -> Context {
-    TraceContextPropagator::new().extract(&Carrier(raw))
+    TraceContextPropagator::new().extract_with_context(&Context::new(), &Carrier(raw))
 }
 
 /// The context a stored `traceparent` and `tracestate` name (empty when there is none).
@@ -210,10 +236,26 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-1-2-01",
+            "00-+abc-+1-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             let cx = incoming(&raw(&[("traceparent", bad)]));
             assert!(!cx.span().span_context().is_valid(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_later_version_may_carry_more_fields() {
+        let tp = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-whatever";
+        assert!(well_formed(tp));
+        assert!(!well_formed(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x"
+        ));
+        assert!(!well_formed("€€"));
     }
 
     #[test]

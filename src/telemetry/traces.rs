@@ -58,10 +58,9 @@ impl Traces {
         Traces::default()
     }
 
-    /// Starts the export `config` asks for, and makes it the global tracer provider (the
-    /// message spans of [`super::trace_context`] come from it). A configuration the exporter
-    /// refuses is logged once and leaves the process without export: traces are not worth
-    /// refusing to answer users for.
+    /// Starts the export `config` asks for ([`Traces::install`] makes it the process's). A
+    /// configuration the exporter refuses is reported once and leaves the process without
+    /// export: traces are not worth refusing to answer users for.
     pub fn start(config: &TelemetryConfig) -> Traces {
         if config.otlp_endpoint.is_empty() {
             return Traces::disabled();
@@ -80,9 +79,14 @@ impl Traces {
         let exporter = match exporter {
             Ok(e) => e,
             Err(e) => {
-                // Printed, not logged: the subscriber is not installed yet.
+                // Printed, not logged: the subscriber is not installed yet. The endpoint may
+                // carry a secret: only its redacted form is shown.
+                let endpoint = crate::config::RedactedUrl::new(config.otlp_endpoint.clone());
+                let why = e
+                    .to_string()
+                    .replace(endpoint.expose(), &endpoint.redacted());
                 eprintln!(
-                    "telemetry.otlp_endpoint: the span exporter cannot start ({e}); no traces"
+                    "telemetry.otlp_endpoint: the span exporter cannot start ({why}); no traces"
                 );
                 return Traces::disabled();
             }
@@ -98,10 +102,18 @@ impl Traces {
                     .build(),
             )
             .build();
-        opentelemetry::global::set_tracer_provider(provider.clone());
-        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
         Traces {
             provider: Some(provider),
+        }
+    }
+
+    /// Makes this export the process's: the global tracer provider (the message spans of
+    /// [`super::trace_context`] come from it) and [`exporting`]. Called once its layer is
+    /// installed.
+    pub(super) fn install(&self) {
+        if let Some(p) = &self.provider {
+            opentelemetry::global::set_tracer_provider(p.clone());
+            EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -157,12 +169,14 @@ fn exported(meta: &Metadata<'_>) -> bool {
     }
 }
 
-/// The OTLP/HTTP traces URL of a collector's base address: `/v1/traces` appended unless the
-/// address names a path already.
+/// The OTLP/HTTP traces URL of a base address, as `OTEL_EXPORTER_OTLP_ENDPOINT` is read:
+/// `/v1/traces` appended to its path, unless it ends with it already.
 fn http_traces_url(endpoint: &str) -> String {
-    match url::Url::parse(endpoint) {
-        Ok(u) if u.path() != "/" && !u.path().is_empty() => endpoint.to_owned(),
-        _ => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/traces")
     }
 }
 
@@ -183,6 +197,10 @@ mod tests {
         assert_eq!(
             http_traces_url("https://otlp.example/api/v1/traces"),
             "https://otlp.example/api/v1/traces"
+        );
+        assert_eq!(
+            http_traces_url("https://otlp-gateway-prod-eu-west-2.grafana.net/otlp"),
+            "https://otlp-gateway-prod-eu-west-2.grafana.net/otlp/v1/traces"
         );
     }
 }

@@ -934,6 +934,8 @@ async fn a_follow_up_waits_for_its_message_even_when_its_consumer_was_deleted() 
         stage: String::new(),
         message_key: "fu1".into(),
         inbound_id: Some(id.clone()),
+        traceparent: None,
+        tracestate: None,
     };
     assert!(waits(&app, &f).await, "pending: it waits");
     let consumer = app.consumer_config("held").streams.consumer;
