@@ -49,6 +49,7 @@ pub const HANDOFF_EVENTS_TOTAL: &str = "icmp_handoff_events_total";
 pub const COMMIT_BATCH_MESSAGES: &str = "icmp_commit_batch_messages";
 pub const COMMIT_BATCH_RERUNS_TOTAL: &str = "icmp_commit_batch_reruns_total";
 pub const RETENTION_REMOVED_TOTAL: &str = "icmp_retention_removed_total";
+pub const TRACE_EXPORT_SPANS_TOTAL: &str = "icmp_trace_export_spans_total";
 
 const SLOW_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -146,6 +147,11 @@ fn describe() {
         RETENTION_REMOVED_TOTAL,
         "What the retention sweep removed, by what: messages, conversations, users, \
          llm_prompts (blanked), dead_letters."
+    );
+    describe_counter!(
+        TRACE_EXPORT_SPANS_TOTAL,
+        "Spans sent to the OTLP collector, by outcome: exported, failed (the batch was \
+         refused or the collector unreachable; the spans are dropped)."
     );
     describe_counter!(
         ACTION_ATTEMPTS_TOTAL,
@@ -374,6 +380,12 @@ pub fn retention_removed(what: &'static str, n: u64) {
     if n > 0 {
         counter!(RETENTION_REMOVED_TOTAL, "what" => what).increment(n);
     }
+}
+
+/// A batch of `n` spans went to the OTLP collector (`ok`) or did not.
+pub fn trace_export(ok: bool, n: u64) {
+    let outcome = if ok { "exported" } else { "failed" };
+    counter!(TRACE_EXPORT_SPANS_TOTAL, "outcome" => outcome).increment(n);
 }
 
 /// A group-commit batch ran again without a member, or was given up (`reason`).

@@ -10,7 +10,8 @@
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use tracing::{Level, Metadata};
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::filter_fn;
@@ -77,7 +78,7 @@ impl Traces {
                 .build(),
         };
         let exporter = match exporter {
-            Ok(e) => e,
+            Ok(e) => Counted(e),
             Err(e) => {
                 // Printed, not logged: the subscriber is not installed yet. The endpoint may
                 // carry a secret: only its redacted form is shown.
@@ -153,6 +154,32 @@ impl Drop for Traces {
         if let Some(p) = self.provider.take() {
             let _ = p.shutdown_with_timeout(std::time::Duration::from_secs(5));
         }
+    }
+}
+
+/// The OTLP exporter, with each batch's outcome counted (`icmp_trace_export_spans_total`): the
+/// one sign of a collector that is down or refuses the spans (the SDK's own logs stay off).
+#[derive(Debug)]
+struct Counted(opentelemetry_otlp::SpanExporter);
+
+impl SpanExporter for Counted {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = self.0.export(batch).await;
+        crate::telemetry::metrics::trace_export(result.is_ok(), n);
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
     }
 }
 

@@ -556,7 +556,16 @@ async fn with_the_receiver_down_every_message_is_answered_once() {
     let poisoned = "5b0e8a7c-2222-4c1d-8e2f-00000000002c";
     helpers::import_poisoned_demo(&app, poisoned).await;
     let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let mut worker = exporting_worker(&app, "otlp-down", "grpc", &endpoint);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut worker = WorkerProcess::spawn(
+        &app.config,
+        "otlp-down",
+        &[
+            ("ICMP__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("ICMP__TELEMETRY__LISTEN", listen.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
     let mut ids = HashSet::new();
     for u in 0..20 {
         for m in 0..3 {
@@ -615,6 +624,30 @@ async fn with_the_receiver_down_every_message_is_answered_once() {
         .expect("the dead letter's traceparent");
     assert!(tp.contains(&trace), "the producer's trace goes on");
     assert!(!tp.contains(&parent), "icmp's span, not the producer's");
+    // The failed exports are counted: the operator's one sign of a collector that is down.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = reqwest::get(format!("http://{listen}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let failed = metrics
+            .lines()
+            .find(|l| l.starts_with("icmp_trace_export_spans_total{outcome=\"failed\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if failed > 0.0 {
+            assert!(!metrics.contains("icmp_trace_export_spans_total{outcome=\"exported\"}"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed export counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(worker.terminate().await.code(), Some(0), "a clean stop");
 }
 
