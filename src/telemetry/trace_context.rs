@@ -14,7 +14,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -127,11 +127,10 @@ impl MessageSpan {
     /// Starts the span of a delivery of the entry with fields `raw`.
     #[must_use]
     pub fn start(raw: &RawFields, d: Delivery<'_>) -> MessageSpan {
-        if !super::traces::exporting() {
+        let Some(tracer) = super::traces::tracer() else {
             return MessageSpan { cx: Context::new() };
-        }
+        };
         let parent = incoming(raw);
-        let tracer = opentelemetry::global::tracer(super::traces::SCOPE);
         let mut builder = tracer
             .span_builder(format!("process {}", d.stream))
             .with_kind(SpanKind::Consumer)
@@ -150,7 +149,7 @@ impl MessageSpan {
         if let Some(at) = added_at(d.entry_id) {
             builder = builder.with_start_time(at);
         }
-        let span = builder.start_with_context(&tracer, &parent);
+        let span = builder.start_with_context(tracer, &parent);
         MessageSpan {
             cx: parent.with_span(span),
         }
@@ -164,16 +163,18 @@ impl MessageSpan {
 
     /// Adds a finished wait (for the user's turn, for a slot) as a child span.
     pub fn waited(&self, name: &'static str, from: SystemTime, to: SystemTime) {
+        let Some(tracer) = super::traces::tracer() else {
+            return;
+        };
         if !self.cx.span().is_recording() || to < from {
             return;
         }
-        let tracer = opentelemetry::global::tracer(super::traces::SCOPE);
-        let span = tracer
+        let mut span = tracer
             .span_builder(name)
             .with_kind(SpanKind::Internal)
             .with_start_time(from)
-            .start_with_context(&tracer, &self.cx);
-        opentelemetry::trace::Span::end_with_timestamp(&mut { span }, to);
+            .start_with_context(tracer, &self.cx);
+        span.end_with_timestamp(to);
     }
 
     /// Ends the span with the delivery's outcome.

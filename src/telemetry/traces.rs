@@ -22,13 +22,19 @@ use crate::config::{OtlpProtocol, TelemetryConfig};
 /// The instrumentation scope of icmp's spans.
 pub const SCOPE: &str = "icmp";
 
-/// Whether this process exports spans (set once, by [`Traces::start`]).
-static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The tracer of this process's export (set once, by [`Traces::install`]).
+static TRACER: std::sync::OnceLock<opentelemetry_sdk::trace::SdkTracer> =
+    std::sync::OnceLock::new();
+
+/// The tracer the message spans of [`super::trace_context`] come from; `None` without export.
+pub fn tracer() -> Option<&'static opentelemetry_sdk::trace::SdkTracer> {
+    TRACER.get()
+}
 
 /// Whether this process exports spans: without export, no span of the OpenTelemetry API is
 /// made at all.
 pub fn exporting() -> bool {
-    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+    tracer().is_some()
 }
 
 /// A `tracing` span for one phase of the pipeline (`read`, `persist` …), made only when spans
@@ -108,13 +114,11 @@ impl Traces {
         }
     }
 
-    /// Makes this export the process's: the global tracer provider (the message spans of
-    /// [`super::trace_context`] come from it) and [`exporting`]. Called once its layer is
+    /// Makes this export the process's ([`tracer`], [`exporting`]). Called once its layer is
     /// installed.
     pub(super) fn install(&self) {
         if let Some(p) = &self.provider {
-            opentelemetry::global::set_tracer_provider(p.clone());
-            EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = TRACER.set(p.tracer(SCOPE));
         }
     }
 
