@@ -31,25 +31,25 @@ pub fn script(r: &Refs) -> String {
     let (b, s, t) = (r.business_id, r.stage_id, r.template_id);
     let call = |purpose: &str| {
         format!(
-            "jsonb_build_object('id', gen_random_uuid(), 'purpose', '{purpose}', \
+            "json_build_object('id', gen_random_uuid(), 'purpose', '{purpose}', \
              'template_id', '{t}', 'template_version', 1, 'model', 'mock-1', 'prompt', '{prompt}', \
              'output', 'Thanks for your message, how else can I help?', 'prompt_tokens', 180, \
              'completion_tokens', 12, 'latency_ms', 50, 'outcome', 'ok')"
         )
     };
     let calls = format!(
-        "jsonb_build_array({}, {})",
+        "json_build_array({}, {})",
         call("selection"),
         call("response")
     );
     let rows = format!(
-        "jsonb_build_array(jsonb_build_object('pos', 1, 'id', md5('u' || :n)::uuid, \
+        "json_build_array(json_build_object('pos', 1, 'id', md5('u' || :n)::uuid, \
          'role', 'user', 'content', 'I would like to book an appointment, my name is Ada Lovelace', \
          'key', 'pgbench-' || :n, 'inbound', '1795000000000-0', 'stage', '{s}'), \
-         jsonb_build_object('pos', 2, 'id', md5('a' || :n)::uuid, 'role', 'assistant', \
+         json_build_object('pos', 2, 'id', md5('a' || :n)::uuid, 'role', 'assistant', \
          'content', 'Thanks for your message: how else can I help you with your booking today?', \
          'key', 'pgbench-' || :n, 'inbound', '1795000000000-0', 'stage', '{s}', 'status', 'ok', \
-         't_id', '{t}', 't_version', 1, 'timings', jsonb_build_object('read', 1, 'respond', 50)))"
+         't_id', '{t}', 't_version', 1, 'timings', json_build_object('read', 1, 'respond', 50)))"
     );
     let mut script = String::from("\\set n random(1, 9000000000000000)\n\\startpipeline\nBEGIN;\n");
     for sql in write_set::statements(true, false, false, true, false, false) {

@@ -17,7 +17,7 @@ use super::{Store, StoreError, is_unique_violation};
 use crate::model::Extracted;
 
 /// One LLM call, as logged in `llm_calls` (serialised as a row of the write set's
-/// `jsonb_to_recordset`: the field names are its columns).
+/// `json_to_recordset`: the field names are its columns).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LlmCallRecord {
     pub id: Uuid,
@@ -40,7 +40,7 @@ pub struct LlmCallRecord {
 }
 
 /// A later message of a coalesced turn: stored as a user row answered by the turn's reply
-/// (serialised as a row of the write set's `jsonb_to_recordset`).
+/// (serialised as a row of the write set's `json_to_recordset`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FollowerRow {
     /// Its place after the turn's first message (1, 2, …).
@@ -178,7 +178,7 @@ SELECT r.id, c.business_id, c.id, c.last_seq - $7 + r.pos, r.role, r.content, r.
        r.status, r.metadata, r.inbound, $11, c.user_id, r.fb_id, r.fb_version, r.t_id,
        r.t_version, r.timings, r.answered_by, r.model, r.endpoint
   FROM conversations AS c,
-       jsonb_to_recordset($6::jsonb) AS r(pos bigint, id uuid, role text, content text, key text,
+       json_to_recordset($6::json) AS r(pos bigint, id uuid, role text, content text, key text,
          inbound text, stage uuid, status text, metadata jsonb, fb_id uuid, fb_version integer,
          t_id uuid, t_version integer, timings jsonb, answered_by uuid, model text,
          endpoint text)
@@ -211,7 +211,7 @@ SELECT k.id, c.business_id, c.id, $10, k.purpose, k.template_id, k.template_vers
        k.prompt, k.output, k.prompt_tokens, k.completion_tokens, k.latency_ms, k.outcome, $11,
        k.endpoint, k.response_format
   FROM conversations AS c,
-       jsonb_to_recordset($13::jsonb) AS k(id uuid, purpose text, template_id uuid,
+       json_to_recordset($13::json) AS k(id uuid, purpose text, template_id uuid,
          template_version integer, model text, prompt text, output text, prompt_tokens integer,
          completion_tokens integer, latency_ms integer, outcome text, endpoint text,
          response_format text)
@@ -227,7 +227,7 @@ INSERT INTO action_outbox (business_id, id, conversation_id, message_id, action,
 SELECT c.business_id, a.id, c.id, $10, a.action, a.key, a.url, a.body, a.timeout_ms,
        a.max_attempts, a.reply_to, a.follow_up, a.handoff_on, a.traceparent, a.tracestate
   FROM conversations AS c,
-       jsonb_to_recordset($14::jsonb) AS a(id uuid, action text, key text, url text, body jsonb,
+       json_to_recordset($14::json) AS a(id uuid, action text, key text, url text, body jsonb,
          timeout_ms integer, max_attempts integer, reply_to text, follow_up text, handoff_on jsonb,
          traceparent text, tracestate text)
  WHERE c.business_id = $1 AND c.id = $2

@@ -21,9 +21,12 @@ use crate::error::StreamError;
 /// queue that is not empty is always indexed; the sweep removes empty ones).
 pub(crate) const CLAIM_SCRIPT: &str = script!("claim");
 
-/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries; `ARGV` =
-/// group, consumer, min idle ms, cursor, count, queue key prefix. Returns `{next_cursor, {{id, fields, deliveries, queue_key}, …},
-/// deleted_ids}`. A reclaimed entry is (re)queued: it is pending, so it belongs in its queue.
+/// `KEYS[1]` = inbound stream, `KEYS[2]` = queue index, `KEYS[3]` = queued entries, `KEYS[4]` =
+/// processing attempts; `ARGV` = group, consumer, min idle ms, cursor, count, queue key prefix.
+/// Returns `{next_cursor, {{id, fields, deliveries, queue_key}, …}, deleted_ids}`. A reclaimed
+/// entry is (re)queued: it is pending, so it belongs in its queue. An entry taken over after its
+/// first delivery that is its queue's head gets that delivery counted as an attempt (see
+/// [`Streams::start_attempts`]).
 pub(crate) const RECLAIM_SCRIPT: &str = script!("reclaim");
 
 /// What one reclaim pass found.
@@ -64,6 +67,7 @@ fn delivered(items: Option<Value>, script: &str) -> Vec<StreamEntry> {
             id,
             deliveries: u64::try_from(n).unwrap_or(1),
             at_head,
+            counted: n > 1,
         });
     }
     out
@@ -138,6 +142,7 @@ impl Streams {
             .key(&self.config.inbound)
             .key(&self.keys.queue_index)
             .key(&self.keys.queued)
+            .key(&self.keys.attempts)
             .arg(&self.config.group)
             .arg(&self.consumer)
             .arg(self.config.claim_idle_ms)
@@ -170,6 +175,13 @@ impl Streams {
 
     /// Counts a processing attempt of each entry (it starts the pipeline now, alone or in a
     /// coalesced turn); returns each one's attempts so far, this one included. One round trip.
+    ///
+    /// The start of an entry's first delivery as its turn's head is not counted here: it is
+    /// attempt 1 by construction, and counting it would cost two commands per message (this
+    /// and the finish's delete). Should that delivery's holder die, the takeover (the reclaim
+    /// script) counts it when the entry is its queue's head, the only place it can have
+    /// started; an entry that only waited behind another counts nothing. (The one overcount:
+    /// a head whose holder died before it started, while waiting for a processing slot.)
     pub async fn start_attempts(&self, ids: &[&str]) -> Result<Vec<u64>, StreamError> {
         let mut pipe = redis::pipe();
         for id in ids {

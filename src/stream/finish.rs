@@ -27,8 +27,9 @@ pub const REPLY_STREAM_TTL_SECS: u64 = 3600;
 /// `ARGV` = group, entry id, queue member, wake channel, reply max length (0: none), reply
 /// TTL secs (0: none), dead-letter max length, n reply items, n dead-letter items, `1` when the
 /// reply stream's type must be checked (a `reply_to` stream), `1` when the queue's next head is
-/// not announced (an entry finished together with later entries of its queue), then the reply's
-/// field/value items and the dead letter's. Returns 1 when this call acknowledged the entry (and published), 0
+/// not announced (an entry finished together with later entries of its queue), `1` when the
+/// entry's attempt count is to be deleted, then the reply's field/value items and the dead
+/// letter's. Returns 1 when this call acknowledged the entry (and published), 0
 /// when it was no longer pending (someone else had finished it, or it left the pending list),
 /// -1 (and does nothing) when the reply stream's key holds another type.
 ///
@@ -37,12 +38,16 @@ pub const REPLY_STREAM_TTL_SECS: u64 = 3600;
 pub(crate) const FINISH_SCRIPT: &str = script!("finish");
 
 /// What finishing one entry publishes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Finish<'a> {
     /// The reply and its stream; `None` publishes no reply (an entry that vanished).
     pub reply: Option<(&'a str, Vec<(&'static str, String)>)>,
     /// The dead-letter entry, if the entry is dead-lettered.
     pub dead_letter: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Whether the entry may have a processing-attempt count to delete: `false` only for an
+    /// entry on its first delivery that started as its turn's head, which counts none (see
+    /// [`Streams::start_attempts`]).
+    pub counted: bool,
 }
 
 impl Streams {
@@ -87,7 +92,8 @@ impl Streams {
             .arg(reply_items)
             .arg(dead_items)
             .arg(if reply_stream == outbound { "0" } else { "1" })
-            .arg(if quiet { "1" } else { "0" });
+            .arg(if quiet { "1" } else { "0" })
+            .arg(if finish.counted { "1" } else { "0" });
         if let Some((_, fields)) = &finish.reply {
             for (k, v) in fields {
                 inv.arg(*k).arg(v.as_str());

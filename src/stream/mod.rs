@@ -71,6 +71,11 @@ pub struct StreamEntry {
     /// to this consumer and may start without a head check), `Some(false)` behind an earlier
     /// entry (it waits for the wake-up naming it), `None` unknown (a reclaimed entry: checked).
     pub at_head: Option<bool>,
+    /// Whether its processing attempts are counted in the attempts hash: on a later delivery,
+    /// or when it may have been counted as a follower of a coalesced turn (the worker decides
+    /// that once it knows the business). A first delivery's start as its turn's head is
+    /// attempt 1 by construction and is not written (see [`Streams::start_attempts`]).
+    pub counted: bool,
 }
 
 /// Names derived from the configuration: queue keys, the wake-up channel.

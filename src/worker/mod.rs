@@ -332,6 +332,16 @@ impl<L: LlmService> Worker<L> {
             Ok(msg) => msg,
             Err(e) => return self.reject(entry, &PipelineError::from(e), log_id).await,
         };
+        let counted;
+        let entry = if self.may_have_followed(entry, &msg) {
+            counted = StreamEntry {
+                counted: true,
+                ..entry.clone()
+            };
+            &counted
+        } else {
+            entry
+        };
         let attempt = match self.count_attempt(entry).await {
             Ok(attempt) => attempt,
             Err(e) => {
@@ -369,9 +379,32 @@ impl<L: LlmService> Worker<L> {
         Ok(msg)
     }
 
+    /// Whether an entry on its first delivery may have been counted as a follower of a
+    /// coalesced turn (so its start must be counted too): not when it was its queue's head as it
+    /// was delivered (nothing was ahead of it to take it in), nor when its business is known
+    /// here not to coalesce.
+    fn may_have_followed(&self, entry: &StreamEntry, msg: &InboundMessage) -> bool {
+        if entry.counted || entry.at_head == Some(true) {
+            return false;
+        }
+        self.handler
+            .cache()
+            .local()
+            .business(msg.business_id)
+            .is_none_or(|b| b.policy.coalesce_window().is_some())
+    }
+
     /// Counts a processing attempt of the entry. Poison protection counts attempts, not
     /// deliveries: a takeover of an entry that only waited for its turn costs it nothing.
     async fn count_attempt(&self, entry: &StreamEntry) -> Result<Attempt, StreamError> {
+        if !entry.counted {
+            // A first delivery's start: attempt 1, counted by a takeover only should this
+            // worker die ([`Streams::start_attempts`]).
+            return Ok(Attempt {
+                number: 1,
+                deliveries: entry.deliveries,
+            });
+        }
         let ids = [entry.id.as_str()];
         let counts = self
             .finish_retry
@@ -547,6 +580,7 @@ impl<L: LlmService> Worker<L> {
         let finish = Finish {
             reply: None,
             dead_letter: None,
+            counted: entry.counted,
         };
         let result = self
             .finish_retry
@@ -627,6 +661,7 @@ impl<L: LlmService> Worker<L> {
         let finish = Finish {
             reply: Some((reply.destination.as_str(), reply.fields())),
             dead_letter,
+            counted: entry.counted,
         };
         let mut attempts = 0u32;
         let result = self
@@ -812,13 +847,18 @@ impl<L: LlmService> Worker<L> {
         reply: &Reply,
         replies: &[Reply],
     ) -> Result<(bool, Result<Vec<bool>, StreamError>), StreamError> {
-        fn finish(r: &Reply) -> Finish<'_> {
+        fn finish(r: &Reply, counted: bool) -> Finish<'_> {
             Finish {
                 reply: Some((r.destination.as_str(), r.fields())),
                 dead_letter: None,
+                counted,
             }
         }
-        let first = [(entry.id.as_str(), entry.slot.as_ref(), finish(reply))];
+        let first = [(
+            entry.id.as_str(),
+            entry.slot.as_ref(),
+            finish(reply, entry.counted),
+        )];
         let answered = self
             .finish_retry
             .run("redis.finish", || self.streams.finish_turn(&first, false))
@@ -849,7 +889,7 @@ impl<L: LlmService> Worker<L> {
         let entries: Vec<_> = references
             .iter()
             .zip(&slots)
-            .map(|(r, slot)| (r.inbound_id.as_str(), slot.as_ref(), finish(r)))
+            .map(|(r, slot)| (r.inbound_id.as_str(), slot.as_ref(), finish(r, true)))
             .collect();
         let later = self
             .finish_retry
@@ -929,6 +969,7 @@ impl<L: LlmService> Worker<L> {
         };
         let finish = Finish {
             reply: None,
+            counted: entry.counted,
             dead_letter: Some(protocol::dead_letter::fields(
                 &entry.id,
                 &known,

@@ -492,6 +492,7 @@ mod tests {
                 member: crate::stream::order::member(id),
             }),
             at_head: None,
+            counted: false,
         }
     }
 

@@ -311,6 +311,7 @@ async fn the_finish_publishes_once_whoever_finishes_and_however_often() {
             vec![("message_id", "f1".into()), ("who", who.into())],
         )),
         dead_letter: None,
+        counted: true,
     };
     assert!(
         second
@@ -767,6 +768,7 @@ async fn a_waiter_starts_on_another_workers_wake_up_not_on_a_poll() {
     let finish = Finish {
         reply: Some((out.as_str(), vec![("message_id", "w1".into())])),
         dead_letter: None,
+        counted: true,
     };
     assert!(
         other

@@ -8,7 +8,7 @@ local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   if nd > 0 then
     local args = {'XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*'}
-    for i = 12 + nr, 11 + nr + nd do args[#args + 1] = ARGV[i] end
+    for i = 13 + nr, 12 + nr + nd do args[#args + 1] = ARGV[i] end
     redis.call(unpack(args))
   end
   if nr > 0 then
@@ -19,12 +19,13 @@ if acked == 1 then
       args[#args + 1] = ARGV[5]
     end
     args[#args + 1] = '*'
-    for i = 12, 11 + nr do args[#args + 1] = ARGV[i] end
+    for i = 13, 12 + nr do args[#args + 1] = ARGV[i] end
     redis.call(unpack(args))
     if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
   end
 end
-redis.call('HDEL', KEYS[4], ARGV[2])
+-- A first delivery's start is not counted in the hash (see delivery.rs): nothing to delete.
+if ARGV[12] == '1' then redis.call('HDEL', KEYS[4], ARGV[2]) end
 -- Only the holder that acknowledged dequeues: an entry that left the pending list unanswered
 -- (its consumer deleted) stays at its queue's head, where the head check or the sweep finds it
 -- and dead-letters it as an orphan; one another holder finished was dequeued by that holder.
