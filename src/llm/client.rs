@@ -26,7 +26,8 @@ pub struct OpenAiClient {
     calls: std::sync::Arc<tokio::sync::Semaphore>,
     /// `llm.max_response_bytes`.
     max_response_bytes: usize,
-    url: String,
+    /// `…/chat/completions`, parsed once (not per call).
+    url: reqwest::Url,
     api_key: Option<SecretString>,
     timeout: Duration,
     /// What this endpoint's models accept as structured output.
@@ -36,7 +37,7 @@ pub struct OpenAiClient {
 impl std::fmt::Debug for OpenAiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenAiClient")
-            .field("url", &self.url)
+            .field("url", &self.url.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -50,7 +51,7 @@ struct WireRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    response_format: Option<serde_json::Value>,
+    response_format: Option<structured::ResponseFormat<'a>>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
     /// Asks a streaming endpoint for the token counts in its last chunk.
@@ -141,7 +142,10 @@ impl OpenAiClient {
             let b = reqwest::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(connect_timeout)
-                .pool_max_idle_per_host(1024);
+                .pool_max_idle_per_host(1024)
+                // An OpenAI-compatible API does not redirect its calls; a POST followed to
+                // another place would lose its body (and the policy costs every call).
+                .redirect(reqwest::redirect::Policy::none());
             match &ca {
                 Some(cert) => b.add_root_certificate(cert.clone()),
                 None => b,
@@ -154,6 +158,9 @@ impl OpenAiClient {
             builder,
         )
         .map_err(|e| LlmError::Connect(e.to_string()))?;
+        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| LlmError::Connect(format!("endpoint {name}: base_url: {e}")))?;
         let permits = match config.max_concurrent_calls {
             0 => tokio::sync::Semaphore::MAX_PERMITS,
             n => n,
@@ -162,7 +169,7 @@ impl OpenAiClient {
             max_response_bytes: config.max_response_bytes,
             calls: std::sync::Arc::new(tokio::sync::Semaphore::new(permits)),
             http,
-            url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
+            url,
             api_key: config.api_key.clone(),
             timeout,
             learned: std::sync::Arc::new(Learned::new(name.into(), config.structured_output)),
@@ -405,7 +412,7 @@ impl OpenAiClient {
                 include_usage: true,
             }),
         };
-        let mut builder = self.http.client().post(&self.url).json(&wire);
+        let mut builder = self.http.client().post(self.url.clone()).json(&wire);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// What a call wants back.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -125,21 +125,46 @@ impl Level {
     }
 }
 
+/// The `response_format` a request carries, borrowing the format's schema: it is serialized
+/// into the request's body, never copied into a value of its own.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat<'a> {
+    JsonSchema {
+        json_schema: NamedSchema<'a>,
+    },
+    JsonObject {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        schema: Option<&'a Value>,
+    },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct NamedSchema<'a> {
+    pub name: &'a str,
+    pub schema: &'a Value,
+    pub strict: bool,
+}
+
 /// The `response_format` a request carries at `level` (`None`: none).
-pub fn response_format(format: &OutputFormat, level: Option<Level>) -> Option<Value> {
+pub fn response_format(format: &OutputFormat, level: Option<Level>) -> Option<ResponseFormat<'_>> {
     let OutputFormat::Json { name, schema } = format else {
         return None;
     };
     match (level?, schema) {
-        (Level::JsonSchema, Some(schema)) => Some(json!({
-            "type": "json_schema",
-            "json_schema": {"name": &**name, "schema": &**schema, "strict": true}
-        })),
-        (Level::JsonObjectSchema, Some(schema)) => {
-            Some(json!({"type": "json_object", "schema": &**schema}))
-        }
+        (Level::JsonSchema, Some(schema)) => Some(ResponseFormat::JsonSchema {
+            json_schema: NamedSchema {
+                name,
+                schema,
+                strict: true,
+            },
+        }),
+        (Level::JsonObjectSchema, Some(schema)) => Some(ResponseFormat::JsonObject {
+            schema: Some(schema),
+        }),
         (Level::Prompt, _) => None,
-        _ => Some(json!({"type": "json_object"})),
+        _ => Some(ResponseFormat::JsonObject { schema: None }),
     }
 }
 
@@ -204,6 +229,12 @@ impl Learned {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The `response_format` as the request body carries it.
+    fn wire(f: &OutputFormat, level: Option<Level>) -> Value {
+        serde_json::to_value(response_format(f, level).expect("a format")).expect("serializes")
+    }
 
     fn schema() -> OutputFormat {
         OutputFormat::json("pick stage!", Some(Arc::new(json!({"type": "object"}))))
@@ -214,18 +245,18 @@ mod tests {
         let learned = Learned::new("e".into(), Level::Auto);
         let f = schema();
         assert_eq!(learned.level("m", &f), Some(Level::JsonSchema));
-        let wire = response_format(&f, learned.level("m", &f)).expect("a format");
-        assert_eq!(wire["type"], "json_schema");
-        assert_eq!(wire["json_schema"]["name"], "pick_stage_");
-        assert_eq!(wire["json_schema"]["strict"], true);
+        let first = wire(&f, learned.level("m", &f));
+        assert_eq!(first["type"], "json_schema");
+        assert_eq!(first["json_schema"]["name"], "pick_stage_");
+        assert_eq!(first["json_schema"]["strict"], true);
+        assert_eq!(first["json_schema"]["schema"], json!({"type": "object"}));
         assert_eq!(
             learned.refused("m", Level::JsonSchema),
             Some(Level::JsonObjectSchema)
         );
         assert_eq!(learned.level("m", &f), Some(Level::JsonObjectSchema));
-        let wire = response_format(&f, learned.level("m", &f)).expect("a format");
         assert_eq!(
-            wire,
+            wire(&f, learned.level("m", &f)),
             json!({"type": "json_object", "schema": {"type": "object"}})
         );
         // Another model of the endpoint is not affected.
@@ -250,8 +281,8 @@ mod tests {
         let plain = OutputFormat::json("x", None);
         assert_eq!(learned.level("m", &plain), Some(Level::JsonObject));
         assert_eq!(
-            response_format(&plain, Some(Level::JsonObject)),
-            Some(json!({"type": "json_object"}))
+            wire(&plain, Some(Level::JsonObject)),
+            json!({"type": "json_object"})
         );
         assert_eq!(learned.level("m", &OutputFormat::Text), None);
         assert_eq!(response_format(&OutputFormat::Text, None), None);

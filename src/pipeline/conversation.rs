@@ -29,10 +29,12 @@ pub enum Known {
     /// Nothing (after a version conflict, or no state is cached): it is read.
     #[default]
     Unknown,
-    /// The user's state as the last commit cached it.
-    Cached(ConversationState),
+    /// The user's state as the last commit cached it. (Boxed, as the other variant: a message's
+    /// task holds what is known in several of its phases' states, which would each keep a
+    /// whole state otherwise.)
+    Cached(Box<ConversationState>),
     /// The user's latest conversation, just read from the store (`None`: they have none).
-    Stored(Option<Conversation>),
+    Stored(Option<Box<Conversation>>),
 }
 
 impl Known {
@@ -68,7 +70,7 @@ pub async fn resolve(
                 recent_keys: state.recent_keys,
             });
         }
-        (Known::Stored(latest), None) => latest,
+        (Known::Stored(latest), None) => latest.map(|c| *c),
         (_, Some(id)) => {
             // Someone else's conversation is reported as unknown: its existence is not leaked.
             match store.load_conversation(business_id, id).await? {
@@ -114,8 +116,10 @@ pub async fn cached_state(
     cache: &Cache,
     business_id: Uuid,
     user_id: &str,
-) -> Option<ConversationState> {
-    cache::observed("conversation", cache.get_state(business_id, user_id).await).filter(|s| {
-        s.conversation.business_id == business_id && s.conversation.user_external_id == user_id
-    })
+) -> Option<Box<ConversationState>> {
+    cache::observed("conversation", cache.get_state(business_id, user_id).await)
+        .filter(|s| {
+            s.conversation.business_id == business_id && s.conversation.user_external_id == user_id
+        })
+        .map(Box::new)
 }

@@ -192,7 +192,7 @@ impl<L: LlmService> LlmCaller<'_, L> {
                 }
             })
             .instrument(span.clone());
-        let result = self.within_budget(attempts).await;
+        let result = within_budget(self.fallback_after, attempts).await;
         match &result {
             Ok(r) => {
                 span.record("gen_ai.response.model", r.model.as_str());
@@ -215,24 +215,6 @@ impl<L: LlmService> LlmCaller<'_, L> {
             }
         }
         result
-    }
-
-    /// The attempts of one chain entry, within `fallback_after`.
-    async fn within_budget(
-        &self,
-        attempts: impl std::future::Future<Output = Result<ChatResponse, LlmError>>,
-    ) -> Result<ChatResponse, LlmError> {
-        match self.fallback_after {
-            // The entry's budget spent: its retries (or a hung call) end here.
-            Some(budget) => tokio::time::timeout(budget, attempts)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(LlmError::Timeout(
-                        u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
-                    ))
-                }),
-            None => attempts.await,
-        }
     }
 
     /// Tries the chain's entries in order until one answers; a failure moves on when it is
@@ -330,6 +312,32 @@ fn conversation(rendered: &Rendered, repair: Option<&Repair<'_>>) -> (Vec<ChatMe
         ));
     }
     (messages, prompt)
+}
+
+/// The attempts of one chain entry, within `budget` (its `fallback_after`). (A combinator,
+/// not an `async fn`: an `async fn` would keep the moved-in `attempts` beside the timeout that
+/// holds it, a second copy of the largest future of every message's task.)
+fn within_budget<F>(
+    budget: Option<std::time::Duration>,
+    attempts: F,
+) -> futures::future::Either<impl std::future::Future<Output = Result<ChatResponse, LlmError>>, F>
+where
+    F: std::future::Future<Output = Result<ChatResponse, LlmError>>,
+{
+    use futures::FutureExt;
+    match budget {
+        // The entry's budget spent: its retries (or a hung call) end here.
+        Some(budget) => {
+            futures::future::Either::Left(tokio::time::timeout(budget, attempts).map(move |r| {
+                r.unwrap_or_else(|_| {
+                    Err(LlmError::Timeout(
+                        u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+                    ))
+                })
+            }))
+        }
+        None => futures::future::Either::Right(attempts),
+    }
 }
 
 /// Counts a call's outcome, latency and tokens; returns the outcome.

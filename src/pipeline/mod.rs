@@ -187,13 +187,10 @@ impl<L: LlmService> MessageHandler<L> {
         if self.failpoints.is_on(failpoint::PANIC) {
             panic!("failpoint {}", failpoint::PANIC);
         }
-        let span = tracing::Span::current();
-        span.record("business.id", tracing::field::display(msg.business_id));
-        span.record("message.id", msg.idempotency_key());
 
         // Step 2, idempotency.
         let state = conversation::cached_state(&self.cache, msg.business_id, &msg.user_id).await;
-        let looked_up = idempotency::must_look_up(msg, attempt, state.as_ref());
+        let looked_up = idempotency::must_look_up(msg, attempt, state.as_deref());
         let mut known = state.map_or(Known::Unknown, Known::Cached);
         if looked_up {
             if idempotency::latest_first(msg, attempt, &known) {
@@ -211,7 +208,7 @@ impl<L: LlmService> MessageHandler<L> {
                 {
                     return Ok(done);
                 }
-                known = Known::Stored(latest);
+                known = Known::Stored(latest.map(Box::new));
             } else if let Some(done) = self
                 .ledger()
                 .answered(msg, known.cached().is_none())
@@ -315,10 +312,13 @@ impl<L: LlmService> MessageHandler<L> {
     ) -> Result<Processed, PipelineError> {
         // Steps 3–5: the read phase.
         let t = Instant::now();
-        let mut read =
+        // Boxed: the snapshot lives through the LLM phase, the largest state of a message's
+        // task, which would otherwise hold it inline.
+        let mut read = Box::new(
             read::read_from(self.read_sources(), &turn.as_one_message(), business, known)
                 .instrument(phase_span!("read"))
-                .await?;
+                .await?,
+        );
         tracing::Span::current().record(
             "conversation.id",
             tracing::field::display(read.conversation.id),

@@ -276,14 +276,30 @@ impl<L: LlmService> Worker<L> {
             },
         );
         waits.add_to(&trace);
+        // Decoded before the span is made, so that the span starts with what the message says:
+        // the JSON log layer re-serializes all of a span's fields on every later `record`.
+        let decoded = self.decode(&entry.id, &entry.fields);
+        let msg = decoded.as_ref().ok();
+        let counted;
+        let entry = match msg {
+            Some(m) if self.may_have_followed(entry, m) => {
+                counted = StreamEntry {
+                    counted: true,
+                    ..entry.clone()
+                };
+                &counted
+            }
+            _ => entry,
+        };
         let span = tracing::info_span!(
             "message",
             log_id = %log_id,
             inbound.id = %entry.id,
             deliveries = entry.deliveries,
-            attempt = tracing::field::Empty,
-            message.id = tracing::field::Empty,
-            business.id = tracing::field::Empty,
+            // A first delivery's start is attempt 1 without a count ([`Worker::count_attempt`]).
+            attempt = msg.filter(|_| !entry.counted).map(|_| 1u64),
+            message.id = msg.map(InboundMessage::idempotency_key),
+            business.id = msg.map(|m| tracing::field::display(m.business_id)),
             conversation.id = tracing::field::Empty,
             stage = tracing::field::Empty,
             outcome = tracing::field::Empty,
@@ -291,7 +307,7 @@ impl<L: LlmService> Worker<L> {
         trace.adopt(&span);
         let outcome = async {
             let started = Instant::now();
-            let (outcome, label) = self.handle_inner(entry, log_id).await;
+            let (outcome, label) = self.handle_inner(entry, &decoded, log_id).await;
             let took = started.elapsed();
             if let Some(label) = label {
                 metrics::message(label, took);
@@ -326,21 +342,17 @@ impl<L: LlmService> Worker<L> {
     async fn handle_inner(
         &self,
         entry: &StreamEntry,
+        decoded: &Result<InboundMessage, ValidationError>,
         log_id: Uuid,
     ) -> (EntryOutcome, Option<MessageOutcome>) {
-        let msg = match self.decode(&entry.id, &entry.fields) {
+        // By reference: a message moved in would be kept twice in the task.
+        let msg = match decoded {
             Ok(msg) => msg,
-            Err(e) => return self.reject(entry, &PipelineError::from(e), log_id).await,
-        };
-        let counted;
-        let entry = if self.may_have_followed(entry, &msg) {
-            counted = StreamEntry {
-                counted: true,
-                ..entry.clone()
-            };
-            &counted
-        } else {
-            entry
+            Err(e) => {
+                return self
+                    .reject(entry, &PipelineError::from(e.clone()), log_id)
+                    .await;
+            }
         };
         let attempt = match self.count_attempt(entry).await {
             Ok(attempt) => attempt,
@@ -349,14 +361,16 @@ impl<L: LlmService> Worker<L> {
                 return (EntryOutcome::RetryLater, Some(MessageOutcome::Retry));
             }
         };
-        tracing::Span::current().record("attempt", attempt.number);
+        if entry.counted {
+            tracing::Span::current().record("attempt", attempt.number);
+        }
         if attempt.number > self.config.streams.max_deliveries {
             let err = PipelineError::TooManyDeliveries(attempt.number);
             metrics::record_error(&err, "message");
             return self.dead_letter(entry, &err, log_id).await;
         }
-        let processed = self.process(entry, &msg, log_id, attempt).await;
-        self.conclude(entry, &msg, processed, attempt, log_id).await
+        let processed = self.process(entry, msg, log_id, attempt).await;
+        self.conclude(entry, msg, processed, attempt, log_id).await
     }
 
     /// An entry's message, valid and on its user's shard.
