@@ -76,6 +76,31 @@ async fn a_200_returns_content_model_and_usage() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_an_answer_of_its_own_and_is_not_followed() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(307)
+                .insert_header("location", format!("{}/elsewhere", server.uri())),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    // Were it followed, the call (body and key with it) would get this answer.
+    Mock::given(path("/elsewhere"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion("moved")))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let err = client(&server, 2000)
+        .chat(&request(false))
+        .await
+        .expect_err("a 307 is not a completion");
+    assert!(err.to_string().contains("307"), "{err}");
+}
+
+#[tokio::test]
 async fn json_mode_sends_response_format_and_plain_mode_does_not() {
     let server = MockServer::start().await;
     Mock::given(body_partial_json(
