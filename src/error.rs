@@ -279,6 +279,21 @@ fn relayed_connection_failure(sqlstate: &str, context: Option<&str>) -> bool {
     sqlstate == "XX000" && context.is_some_and(|w| w.contains("while executing command on"))
 }
 
+/// Whether an error is Citus ending a transaction because a worker node's connection broke
+/// under it (the node stopped or restarted at that moment), raised as `XX000` with no context:
+/// under its `COMMIT` (after the warning "failed to commit transaction on <node>"), under a
+/// two-phase commit's `PREPARE`, or on a connection the transaction had written through. The
+/// node may have committed; retrying is safe because a message's idempotency key turns a
+/// committed write into its stored answer.
+fn node_transaction_failure(sqlstate: &str, message: &str) -> bool {
+    const BROKEN: [&str; 3] = [
+        "could not commit transaction for shard",
+        "failed to prepare transaction",
+        "failure on connection marked as essential",
+    ];
+    sqlstate == "XX000" && BROKEN.iter().any(|b| message.starts_with(b))
+}
+
 /// A PostgreSQL error with what its `Display` leaves out: the server's SQLSTATE and message
 /// (never its detail, which may quote row values), or the chain of causes (a TLS handshake's
 /// reason, an I/O error).
@@ -377,8 +392,10 @@ impl Classify for StoreError {
                     return true;
                 }
                 let context = e.as_db_error().and_then(|d| d.where_());
+                let message = e.as_db_error().map_or("", |d| d.message());
                 match e.code().map(|c| c.code()) {
                     Some(c) if relayed_connection_failure(c, context) => true,
+                    Some(c) if node_transaction_failure(c, message) => true,
                     // serialization failure, deadlock, connection exceptions, admin shutdown,
                     // cannot connect now, too many connections
                     Some(c) => {
@@ -653,6 +670,22 @@ mod tests {
             Some("PL/pgSQL function f() line 3 at RAISE")
         ));
         assert!(!relayed_connection_failure("23505", relayed));
+    }
+
+    #[test]
+    fn a_transaction_a_citus_node_could_not_finish_is_transient() {
+        for message in [
+            "could not commit transaction for shard 102035 on at least one active node",
+            "failed to prepare transaction 'citus_0_1_2_3' on host 127.0.0.1:25441",
+            "failure on connection marked as essential: 127.0.0.1:25441",
+        ] {
+            assert!(node_transaction_failure("XX000", message), "{message}");
+            assert!(!node_transaction_failure("23505", message), "{message}");
+        }
+        assert!(!node_transaction_failure(
+            "XX000",
+            "could not open relation"
+        ));
     }
 
     #[test]

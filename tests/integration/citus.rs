@@ -759,3 +759,81 @@ async fn a_rebalance_onto_a_new_node_and_an_isolated_tenant_under_load_lose_noth
     assert_every_message_answered_once(&app, &replies, all.len()).await;
     assert_eq!(worker.terminate().await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_node_connection_breaks_is_retried_and_answered_once() {
+    commits_broken_on_the_node(Some(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_and_then_a_commit_alone_whose_node_connection_breaks_are_retried() {
+    commits_broken_on_the_node(None).await;
+}
+
+/// A worker with `commit_batch_max` (else the default, batches) meets two commits whose connection to the demo's node
+/// breaks under `COMMIT` (a node stopping at that moment): with batches, a batch and then the
+/// commit alone it leads to; without, two commits alone. Every message is answered once.
+async fn commits_broken_on_the_node(commit_batch_max: Option<usize>) {
+    use crate::reliability::{ids, workload};
+    let url = citus_database().await;
+    let mut app = app_on(&url, 0).await;
+    if let Some(max) = commit_batch_max {
+        app.config.worker.commit_batch_max = max;
+    }
+    assert_eq!(
+        commit_batch_max.is_none(),
+        app.config.worker.commit_batch_max > 1
+    );
+    let db = connect(&url).await;
+    let demo: Uuid = helpers::DEMO_BUSINESS.parse().expect("uuid");
+    let port = node_of(&db, demo).await;
+    let shard: String = db
+        .query_one(
+            "SELECT shard_name('messages'::regclass, \
+             get_shard_id_for_distribution_column('messages', $1::uuid))",
+            &[&demo],
+        )
+        .await
+        .expect("shard name")
+        .get(0);
+    // On the node, the demo's shard of `messages` gets a deferred trigger that ends its own
+    // session at the first two COMMITs that wrote to it: the coordinator's connection breaks
+    // under its COMMIT. A sequence, which no rollback takes back, counts them. (Citus lets a
+    // shard be changed on its node when told to.)
+    let name = url.rsplit_once('/').expect("db").1;
+    let node = connect(&url_of(&cluster().admin_url, Some(port), name)).await;
+    node.batch_execute(&format!(
+        "SET citus.enable_ddl_propagation = off;
+         SET citus.enable_manual_changes_to_shards = on;
+         CREATE SEQUENCE commits_seen;
+         CREATE FUNCTION break_first_commits() RETURNS trigger LANGUAGE plpgsql
+           SECURITY DEFINER SET search_path = public AS $$
+         BEGIN
+           IF nextval('commits_seen') <= 2 THEN
+             PERFORM pg_terminate_backend(pg_backend_pid());
+             PERFORM pg_sleep(5);
+           END IF;
+           RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER break_first_commits AFTER INSERT ON {shard}
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION break_first_commits();"
+    ))
+    .await
+    .expect("trigger on the shard");
+
+    let messages = workload("cb", 3, 2);
+    app.send_many(&messages).await;
+    let mut worker = WorkerProcess::spawn(&app.config, "citus-commit", &[]);
+    let replies = app.wait_all(&ids(&messages), Duration::from_secs(60)).await;
+    let seen: i64 = node
+        .query_one("SELECT last_value FROM commits_seen", &[])
+        .await
+        .expect("sequence")
+        .get(0);
+    assert!(
+        seen > 2,
+        "two commits broke and later ones went on ({seen})"
+    );
+    assert_every_message_answered_once(&app, &replies, messages.len()).await;
+    assert_eq!(worker.terminate().await.code(), Some(0));
+}
