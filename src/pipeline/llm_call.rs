@@ -261,7 +261,9 @@ impl<L: LlmService> LlmCaller<'_, L> {
                 model: target.model.clone(),
                 endpoint: target.endpoint_name.to_string(),
                 response_format: None,
-                prompt: prompt.clone(),
+                // The prompt itself goes to the record the call ends with (below); a record
+                // the chain moves on from gets a copy.
+                prompt: String::new(),
                 output: None,
                 prompt_tokens: None,
                 completion_tokens: None,
@@ -280,8 +282,14 @@ impl<L: LlmService> LlmCaller<'_, L> {
                 && (e.is_retryable() || matches!(e, LlmError::CircuitOpen))
             {
                 moved_on(purpose, target, next, e);
+                if let Some(record) = records.last_mut() {
+                    record.prompt.clone_from(&prompt);
+                }
                 last = result;
                 continue;
+            }
+            if let Some(record) = records.last_mut() {
+                record.prompt = prompt;
             }
             return (result, records);
         }

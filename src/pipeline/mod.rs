@@ -328,7 +328,7 @@ impl<L: LlmService> MessageHandler<L> {
 
         // Steps 6–9: the LLM phase (no database connection is held), the throttled reply, or
         // the handoff reply.
-        let decisions = self.decide(turn, business, &mut read).await?;
+        let mut decisions = self.decide(turn, business, &mut read).await?;
         tracing::Span::current().record("stage", decisions.stage.name.as_str());
         let to_agents =
             handoff::to_agents(read.conversation.handoff.as_ref(), &decisions).map(Box::new);
@@ -340,7 +340,7 @@ impl<L: LlmService> MessageHandler<L> {
             turn.msg,
             turn.followers,
             &read,
-            &decisions,
+            &mut decisions,
             log_id,
             read_ms,
         )

@@ -47,12 +47,13 @@ pub struct Sinks<'a> {
     pub committer: Option<&'a GroupCommit>,
 }
 
-/// The write set of one message (and of the later messages of its coalesced turn).
+/// The write set of one message (and of the later messages of its coalesced turn). The LLM
+/// calls' records move from `decisions` into it (their prompts are most of a write set).
 pub fn write_set(
     msg: &InboundMessage,
     followers: &[InboundMessage],
     read: &Snapshot<'_>,
-    decisions: &Decisions<'_>,
+    decisions: &mut Decisions<'_>,
     log_id: Uuid,
     read_ms: u64,
 ) -> WriteSet {
@@ -84,7 +85,7 @@ pub fn write_set(
                 .map(|(k, v)| (k.to_owned(), v.into()))
                 .collect(),
         ),
-        llm_calls: decisions.calls.clone(),
+        llm_calls: std::mem::take(&mut decisions.calls),
         actions: decisions.actions.clone(),
         handoff: handoff_change(read, decisions),
         followers: followers
@@ -113,7 +114,7 @@ pub async fn write(
     msg: &InboundMessage,
     followers: &[InboundMessage],
     read: &Snapshot<'_>,
-    decisions: &Decisions<'_>,
+    decisions: &mut Decisions<'_>,
     log_id: Uuid,
     read_ms: u64,
 ) -> Result<Committed, PipelineError> {
@@ -311,7 +312,7 @@ mod tests {
         };
         let mut learned = Extracted::new();
         learned.insert("date".into(), serde_json::json!("2026-12-01"));
-        let decisions = Decisions {
+        let mut decisions = Decisions {
             stage: &booking,
             transition: Some((welcome.id, booking.id)),
             learned,
@@ -328,7 +329,7 @@ mod tests {
             actions: Vec::new(),
             handoff: None,
         };
-        let ws = write_set(&msg, &[], &read, &decisions, Uuid::from_u128(77), 5);
+        let ws = write_set(&msg, &[], &read, &mut decisions, Uuid::from_u128(77), 5);
         assert_eq!(ws.timings, serde_json::json!({"read": 5, "respond": 3}));
         assert_eq!(
             ws.expected_version,

@@ -225,6 +225,30 @@ async fn a_failing_endpoint_hands_each_call_to_the_next_model_of_the_chain() {
             );
             assert_eq!(pair[1].4, "ok");
         }
+        // Each record of a call carries its prompt, the one moved on from as the one that
+        // answered.
+        let prompts = app
+            .db()
+            .await
+            .query(
+                "SELECT c.purpose, count(*), count(DISTINCT c.prompt), min(length(c.prompt)) \
+                 FROM llm_calls c JOIN messages m ON m.business_id = c.business_id \
+                 AND m.id = c.message_id WHERE m.idempotency_key = $1 AND m.role = 'user' \
+                 GROUP BY c.purpose",
+                &[&key],
+            )
+            .await
+            .expect("prompts");
+        assert_eq!(prompts.len(), 3);
+        for row in prompts {
+            let (purpose, records, distinct, shortest): (String, i64, i64, i32) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            assert_eq!((records, distinct), (2, 1), "{purpose}");
+            assert!(
+                shortest > 20,
+                "{purpose}: a prompt of {shortest} characters"
+            );
+        }
     }
     assert_eq!(
         healthy.stats.requests.load(Ordering::Relaxed),

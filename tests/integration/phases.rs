@@ -123,7 +123,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         partials: None,
         extraction_limits: icmp::pipeline::extract::Limits::from_config(&app.config.limits),
     };
-    let decisions = decide::decide(&deciders, &business, &mut read)
+    let mut decisions = decide::decide(&deciders, &business, &mut read)
         .await
         .expect("decide");
     assert_eq!(decisions.stage.name, "booking");
@@ -150,7 +150,7 @@ async fn the_three_phases_run_alone_and_hand_over_typed_results() {
         history_turns: 20,
         committer: None,
     };
-    let committed = persist::write(sinks, &msg, &[], &read, &decisions, Uuid::now_v7(), 1)
+    let committed = persist::write(sinks, &msg, &[], &read, &mut decisions, Uuid::now_v7(), 1)
         .await
         .expect("write");
     assert_eq!(committed.state.conversation.version, 1);
