@@ -104,7 +104,8 @@ pub fn write_set(
 }
 
 /// Steps 10–12: commits everything the message changed in one transaction (retried in place
-/// on transient faults); on failure the conversation's cache keys are cleared (step 14).
+/// on transient faults); on failure the conversation's cache keys are cleared (step 14). The
+/// decisions' LLM call records move into the write set ([`write_set`]).
 ///
 /// # Errors
 /// [`StoreError::VersionConflict`] (the caller re-runs from the read phase),

@@ -770,9 +770,10 @@ async fn a_batch_and_then_a_commit_alone_whose_node_connection_breaks_are_retrie
     commits_broken_on_the_node(None).await;
 }
 
-/// A worker with `commit_batch_max` (else the default, batches) meets two commits whose connection to the demo's node
-/// breaks under `COMMIT` (a node stopping at that moment): with batches, a batch and then the
-/// commit alone it leads to; without, two commits alone. Every message is answered once.
+/// A worker with `commit_batch_max` (`None`: the default, batches) meets two commits whose
+/// connection to the demo's node breaks under `COMMIT` (a node stopping at that moment): with
+/// batches, a batch and then the commit alone it leads to; without, two commits alone. Every
+/// message is answered once.
 async fn commits_broken_on_the_node(commit_batch_max: Option<usize>) {
     use crate::reliability::{ids, workload};
     let url = citus_database().await;
