@@ -391,8 +391,9 @@ impl Classify for StoreError {
                 if e.is_closed() {
                     return true;
                 }
-                let context = e.as_db_error().and_then(|d| d.where_());
-                let message = e.as_db_error().map_or("", |d| d.message());
+                let db = e.as_db_error();
+                let context = db.and_then(|d| d.where_());
+                let message = db.map_or("", |d| d.message());
                 match e.code().map(|c| c.code()) {
                     Some(c) if relayed_connection_failure(c, context) => true,
                     Some(c) if node_transaction_failure(c, message) => true,
