@@ -143,6 +143,11 @@ cluster_ok() {
     if redis-cli -p "$p" info replication 2>/dev/null | grep -q '^role:slave'; then
       redis-cli -p "$p" info replication | grep -q '^master_link_status:up' || return 1
     fi
+    # Every node knows the three replicas, healthy and connected (what CLUSTER SLOTS lists for
+    # each master): a just-formed cluster's gossip may not have told them all yet.
+    [ "$(redis-cli -p "$p" cluster nodes 2>/dev/null \
+      | awk '$3 ~ /slave/ && $3 !~ /fail|handshake|noaddr/ && $8 == "connected"' | wc -l)" = 3 ] \
+      || return 1
   done
   [ "$(redis-cli -p "$cluster_port" cluster info | sed -n 's/^cluster_size:\([0-9]*\).*/\1/p')" = 3 ]
 }
